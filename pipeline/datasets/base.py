@@ -11,7 +11,8 @@ class Item:
 
     ``labels`` maps a label name to a number: 0/1 for binary findings, a class index for
     multi-class labels, and NaN where the dataset leaves the label unknown.
-    ``mask`` is the path of a single-channel PNG mask (nonzero = positive) or None.
+    ``masks`` maps a target name (e.g. "pneumothorax") to a single-channel PNG mask
+    (nonzero = positive); ``mask`` is the first of them, for single-target datasets.
     """
 
     id: str
@@ -20,4 +21,25 @@ class Item:
     patient_id: str | None = None
     split: str | None = None
     labels: dict[str, float] = field(default_factory=dict)
-    mask: Path | None = None
+    masks: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def mask(self) -> Path | None:
+        return next(iter(self.masks.values()), None)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A named list of items. ``name`` keys the dataset's index in the cache."""
+
+    name: str
+    spec: str
+    items: list[Item]
+    description: str = ""
+
+    @property
+    def label_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for it in self.items:
+            names.update(dict.fromkeys(it.labels))
+        return list(names)

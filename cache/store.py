@@ -1,0 +1,379 @@
+"""One embedding store per (modality, encoder fingerprint).
+
+Layout of a store directory::
+
+    zarr.json                 Zarr v3 group; attributes hold the encoder config, the
+                              fingerprint spec, shard sizes and library versions
+    tokens/ pooled/ length/   sharded Zarr arrays; rows grow one whole shard at a time
+    manifest/part-<shard>-<group>.parquet
+                              one file per committed shard: content key -> row.
+                              Written last, atomically: it IS the commit.
+    claims/<shard>-<group>.json
+                              a shard being written, by which host and process
+    failures/<run>.parquet    items that could not be embedded, with the reason
+    .lock                     flock() taken only to allocate or commit a shard
+
+Rows that no manifest part names are padding or belong to an interrupted write; readers
+must go through the manifest. Whole shards are written by exactly one claimant, so
+zarr-python's read-modify-write of partial shards never races.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from cache.keys import FORMAT_VERSION
+from cache.shards import ShardLayout
+
+PART_RE = re.compile(r"^part-(\d{6})-([0-9a-f]{16})\.parquet$")
+CLAIM_RE = re.compile(r"^(\d{6})-([0-9a-f]{16})\.json$")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("view", pa.int16()),
+        ("row", pa.int64()),
+        ("shard", pa.int32()),
+        ("source", pa.string()),
+        ("dataset", pa.string()),
+        ("status", pa.string()),
+    ]
+)
+FAILURE_SCHEMA = pa.schema(
+    [
+        ("item", pa.string()),
+        ("source", pa.string()),
+        ("key", pa.string()),
+        ("dataset", pa.string()),
+        ("reason", pa.string()),
+        ("run", pa.string()),
+    ]
+)
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ShardData:
+    """What one shard write carries: N rows of every array plus their manifest fields."""
+
+    keys: list[str]
+    views: list[int]
+    sources: list[str]
+    arrays: dict[str, np.ndarray]  # name -> [N, ...]
+
+
+@dataclass(frozen=True)
+class Claim:
+    shard: int
+    group: str
+    path: Path
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ["torch", "transformers", "timm", "zarr", "numcodecs", "pyarrow", "xxhash"]
+    out = {}
+    for n in names:
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[n] = md.version(n)
+    return out
+
+
+def store_dirname(name: str, fp: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-48:] or "encoder"
+    return f"{slug}-{fp[:16]}"
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a hidden temp file, fsync, then rename: readers see all or nothing."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def _proc_start(pid: int) -> str | None:
+    """Start time of a process, to tell a live claimant from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
+def _this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid())}
+
+
+def claim_is_live(info: dict) -> bool:
+    """A claim from another host is assumed live: we cannot see its processes."""
+    if info.get("host") != socket.gethostname():
+        return True
+    pid = int(info.get("pid", -1))
+    return pid > 0 and _proc_start(pid) is not None and _proc_start(pid) == info.get("start")
+
+
+class Store:
+    """A store directory. Open with :meth:`open` (read) or :meth:`create` (write)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.group = zarr.open_group(str(self.path), mode="r+" if os.access(self.path, os.W_OK) else "r")
+        self.attrs = dict(self.group.attrs)
+
+    # -- opening -----------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Store":
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise StoreError(f"{path} is not an embedding store (no zarr.json). List stores with `pipe cache ls`.")
+        store = cls(path)
+        if store.attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{path} has cache format {store.attrs.get('format_version')}, this version reads {FORMAT_VERSION}. "
+                "Re-run `pipe embed` to build a current store."
+            )
+        return store
+
+    @classmethod
+    def create(cls, root: Path, modality: str, name: str, fingerprint: str, spec: dict,
+               shard_rows: int, chunk_rows: int) -> "Store":
+        """Open the store for this fingerprint, creating it if it does not exist yet."""
+        path = Path(root) / "stores" / modality / store_dirname(name, fingerprint)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for sub in ("manifest", "claims", "failures"):
+                (path / sub).mkdir(exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the cache store {path}: {e.strerror}. "
+                             "Choose a writable cache with --cache DIR or $PIPE_CACHE.") from e
+        with _flock(path / ".lock"):
+            if not (path / "zarr.json").exists():
+                g = zarr.open_group(str(path), mode="w-", zarr_format=3)
+                g.attrs.update({
+                    "format_version": FORMAT_VERSION, "modality": modality, "encoder": name,
+                    "fingerprint": fingerprint, "spec": spec, "shard_rows": shard_rows,
+                    "chunk_rows": chunk_rows, "versions": library_versions(),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                })
+        store = cls.open(path)
+        if store.attrs["fingerprint"] != fingerprint:
+            raise StoreError(f"{path} holds fingerprint {store.attrs['fingerprint']}, expected {fingerprint}; "
+                             "the directory was tampered with. Remove it and re-run `pipe embed`.")
+        return store
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def modality(self) -> str:
+        return self.attrs["modality"]
+
+    @property
+    def shard_rows(self) -> int:
+        return int(self.attrs["shard_rows"])
+
+    @property
+    def array_names(self) -> list[str]:
+        return sorted(name for name, _ in self.group.arrays())
+
+    def array(self, name: str):
+        return zarr.open_array(str(self.path / name), mode="r")
+
+    def layout(self, name: str) -> ShardLayout:
+        return ShardLayout.from_zarr(self.array(name), self.path / name)
+
+    # -- manifest ------------------------------------------------------------------------
+    def parts(self) -> list[tuple[int, str, Path]]:
+        """Committed shards as (shard, group id, part path), in shard order."""
+        out = []
+        for p in (self.path / "manifest").iterdir():
+            m = PART_RE.match(p.name)
+            if m:
+                out.append((int(m[1]), m[2], p))
+        return sorted(out)
+
+    def manifest(self) -> pa.Table:
+        """Every committed row. Hidden temp files are never read (leading dot)."""
+        parts = self.parts()
+        if not parts:
+            return MANIFEST_SCHEMA.empty_table()
+        return pa.concat_tables([pq.read_table(p, schema=MANIFEST_SCHEMA) for _, _, p in parts])
+
+    def committed_units(self) -> set[tuple[str, int]]:
+        t = self.manifest()
+        return set(zip(t.column("key").to_pylist(), t.column("view").to_pylist()))
+
+    def row_index(self) -> dict[tuple[str, int], int]:
+        t = self.manifest()
+        return dict(zip(zip(t.column("key").to_pylist(), t.column("view").to_pylist()), t.column("row").to_pylist()))
+
+    def failures(self) -> pa.Table:
+        files = sorted(p for p in (self.path / "failures").glob("*.parquet") if not p.name.startswith("."))
+        if not files:
+            return FAILURE_SCHEMA.empty_table()
+        return pa.concat_tables([pq.read_table(p, schema=FAILURE_SCHEMA) for p in files])
+
+    def record_failures(self, rows: list[dict], run: str) -> None:
+        if rows:
+            table = pa.Table.from_pylist([{**r, "run": run} for r in rows], schema=FAILURE_SCHEMA)
+            write_parquet_atomic(table, self.path / "failures" / f"{run}.parquet")
+
+    # -- claims --------------------------------------------------------------------------
+    def claims(self) -> list[tuple[int, str, dict]]:
+        out = []
+        for p in (self.path / "claims").iterdir():
+            m = CLAIM_RE.match(p.name)
+            if m:
+                with contextlib.suppress(OSError, ValueError):
+                    out.append((int(m[1]), m[2], json.loads(p.read_text())))
+        return sorted(out, key=lambda c: c[0])
+
+    def claim(self, group: str) -> Claim | str:
+        """Take the shard for ``group``. Returns a Claim, "done" or "busy"."""
+        with _flock(self.path / ".lock"):
+            parts = self.parts()
+            if any(g == group for _, g, _ in parts):
+                return "done"
+            committed = {s for s, _, _ in parts}
+            claims = []
+            for s, g, info in self.claims():
+                if s in committed:  # killed between commit and release: the claim is stale
+                    (self.path / "claims" / f"{s:06d}-{g}.json").unlink(missing_ok=True)
+                else:
+                    claims.append((s, g, info))
+            shard = None
+            for s, g, info in claims:
+                if g == group:
+                    if claim_is_live(info):
+                        return "busy"
+                    shard = s  # an interrupted write of this very group: redo it in place
+            if shard is None:
+                used = [s for s, _, _ in parts] + [s for s, _, _ in claims]
+                shard = self._reusable_shard(claims) if claims else None
+                if shard is None:
+                    shard = max(used, default=-1) + 1
+            for s, g, _ in claims:
+                if s == shard:
+                    (self.path / "claims" / f"{s:06d}-{g}.json").unlink(missing_ok=True)
+            path = self.path / "claims" / f"{shard:06d}-{group}.json"
+            atomic_write_bytes(path, json.dumps({**_this_process(), "group": group, "shard": shard,
+                                                 "time": time.time()}).encode())
+        self._clear_shard(shard)
+        return Claim(shard, group, path)
+
+    def _reusable_shard(self, claims) -> int | None:
+        """A shard whose claimant died before committing can be written again."""
+        dead = [s for s, _, info in claims if not claim_is_live(info)]
+        return min(dead) if dead else None
+
+    def release(self, claim: Claim) -> None:
+        claim.path.unlink(missing_ok=True)
+
+    def _clear_shard(self, shard: int) -> None:
+        """Remove whatever an interrupted writer left in this shard's files."""
+        for name in ("tokens", "pooled", "length"):
+            c = self.path / name / "c" / str(shard)
+            if c.exists():
+                shutil.rmtree(c) if c.is_dir() else c.unlink()
+
+    # -- writing -------------------------------------------------------------------------
+    def _ensure_arrays(self, data: ShardData, rows_needed: int) -> None:
+        with _flock(self.path / ".lock"):
+            g = zarr.open_group(str(self.path), mode="r+")
+            have = {n for n, _ in g.arrays()}
+            chunk = int(self.attrs["chunk_rows"])
+            for name, arr in data.arrays.items():
+                if name not in have:
+                    g.create_array(
+                        name, shape=(0, *arr.shape[1:]), dtype=arr.dtype,
+                        chunks=(chunk, *arr.shape[1:]), shards=(self.shard_rows, *arr.shape[1:]),
+                        compressors=[Crc32cCodec()], fill_value=0,
+                    )
+                z = zarr.open_array(str(self.path / name), mode="r+")
+                if tuple(z.shape[1:]) != tuple(arr.shape[1:]) or np.dtype(z.dtype) != arr.dtype:
+                    raise StoreError(f"{self.path}/{name} holds rows of {z.shape[1:]} {z.dtype}, "
+                                     f"got {arr.shape[1:]} {arr.dtype}; the fingerprint should have differed. "
+                                     "Remove the store and re-run `pipe embed`.")
+                if z.shape[0] < rows_needed:
+                    z.resize((rows_needed, *z.shape[1:]))
+
+    def write_shard(self, claim: Claim, data: ShardData, dataset: str, fsync: bool = True) -> None:
+        """Write every array of one shard, then commit its manifest part."""
+        n = len(data.keys)
+        if not 0 < n <= self.shard_rows:
+            raise ValueError(f"a shard holds 1..{self.shard_rows} rows, got {n}")
+        start = claim.shard * self.shard_rows
+        self._ensure_arrays(data, start + self.shard_rows)
+        for name, arr in data.arrays.items():
+            zarr.open_array(str(self.path / name), mode="r+")[start : start + n] = arr
+        if fsync:
+            for name in data.arrays:
+                for f in (self.path / name / "c" / str(claim.shard)).rglob("*"):
+                    if f.is_file():
+                        fsync_path(f)
+        table = pa.Table.from_pydict({
+            "key": data.keys, "view": data.views, "row": list(range(start, start + n)),
+            "shard": [claim.shard] * n, "source": data.sources, "dataset": [dataset] * n,
+            "status": ["ok"] * n,
+        }, schema=MANIFEST_SCHEMA)
+        write_parquet_atomic(table, self.path / "manifest" / f"part-{claim.shard:06d}-{claim.group}.parquet")
+        self.release(claim)
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StoreError(f"cannot lock {path}: {e.strerror}. Is the cache directory writable?") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def find_stores(root: Path) -> list[Path]:
+    base = Path(root) / "stores"
+    if not base.exists():
+        return []
+    return sorted(p.parent for p in base.glob("*/*/zarr.json"))

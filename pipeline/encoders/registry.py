@@ -1,0 +1,136 @@
+"""Name -> (config, builder) registry, in the style of timm's ``register_model``."""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import autoconfig
+from .base import FrozenEncoder, ImageEncoder, TextEncoder
+from .config import EncoderConfig
+from .weights import WeightsNotFoundError, find_hub_snapshot, hub_download_hint, weights_available
+
+Builder = Callable[[EncoderConfig], FrozenEncoder]
+
+_REGISTRY: dict[str, tuple[EncoderConfig, Builder]] = {}
+_ALIASES: dict[str, str] = {}
+# Builders for configs made on the fly from a hub id or a local directory, by modality.
+_AUTO_BUILDERS: dict[str, Builder] = {}
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class UnknownEncoderError(ValueError):
+    """The name is neither registered, nor an alias, nor a hub id or local model directory."""
+
+
+def register_encoder(config: EncoderConfig, builder: Builder | None = None, *, aliases: tuple[str, ...] = ()):
+    """Register ``builder`` under ``config.name``. Without a builder, returns a decorator."""
+    if builder is None:
+        return lambda fn: register_encoder(config, fn, aliases=aliases) or fn
+    if config.name in _REGISTRY or config.name in _ALIASES:
+        raise ValueError(f"encoder {config.name!r} is already registered")
+    _REGISTRY[config.name] = (config, builder)
+    for alias in aliases:
+        register_alias(alias, config.name)
+    return None
+
+
+def register_alias(alias: str, target: str) -> None:
+    if alias in _REGISTRY or alias in _ALIASES:
+        raise ValueError(f"encoder name {alias!r} is already taken")
+    _ALIASES[alias] = target
+
+
+def register_auto_builder(modality: str, builder: Builder) -> None:
+    _AUTO_BUILDERS[modality] = builder
+
+
+def list_encoders(modality: str | None = None) -> list[EncoderConfig]:
+    return [cfg for cfg, _ in _REGISTRY.values() if modality in (None, cfg.modality)]
+
+
+def list_aliases() -> dict[str, str]:
+    return dict(_ALIASES)
+
+
+def _unknown(name: str) -> UnknownEncoderError:
+    names = sorted(_REGISTRY) + sorted(_ALIASES)
+    close = difflib.get_close_matches(name, names, n=3)
+    maybe = f" Did you mean {', '.join(close)}?" if close else ""
+    aliases = ", ".join(f"{a} -> {t}" for a, t in sorted(_ALIASES.items()))
+    return UnknownEncoderError(
+        f"unknown encoder {name!r}.{maybe} Valid names: {', '.join(sorted(_REGISTRY))} "
+        f"(aliases: {aliases}). A Hugging Face hub id (org/name, read from the local HF cache) "
+        f"or a local model directory (with config.json) is also accepted."
+    )
+
+
+def _registered_by_hub_id(hub_id: str) -> EncoderConfig | None:
+    return next((cfg for cfg, _ in _REGISTRY.values() if cfg.hub_id == hub_id), None)
+
+
+def resolve_encoder_name(name: str) -> EncoderConfig:
+    """The config for a registered name, an alias, a hub id or a local model directory."""
+    name = str(name)
+    if name in _REGISTRY:
+        return _REGISTRY[name][0]
+    if name in _ALIASES:
+        return _REGISTRY[_ALIASES[name]][0]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return autoconfig.config_from_local_dir(path)
+    if _HUB_ID.match(name):
+        registered = _registered_by_hub_id(name)
+        if registered is not None:
+            return registered
+        snapshot = find_hub_snapshot(name)
+        if snapshot is None:
+            raise WeightsNotFoundError(
+                f"encoder {name!r} looks like a Hugging Face hub id (revision main), but it is not in "
+                f"the local HF cache, and nothing is downloaded implicitly. To get it: "
+                f"{hub_download_hint(name, 'main')}."
+            )
+        return autoconfig.config_from_hub_snapshot(name, snapshot)
+    raise _unknown(name)
+
+
+def _builder_for(config: EncoderConfig) -> Builder:
+    if config.name in _REGISTRY:
+        return _REGISTRY[config.name][1]
+    return _AUTO_BUILDERS[config.modality]
+
+
+def create_encoder(name: str | EncoderConfig, device: str | torch.device = "cpu") -> ImageEncoder | TextEncoder:
+    """Build a frozen encoder (eval mode, no gradients) on ``device``.
+
+    Raises UnknownEncoderError for unknown names and WeightsNotFoundError, within
+    seconds and without networking, when the weights are not on this machine.
+    """
+    config = name if isinstance(name, EncoderConfig) else resolve_encoder_name(name)
+    encoder = _builder_for(config)(config)
+    return encoder.freeze().to(device)
+
+
+def describe_encoders() -> list[dict]:
+    """One row per registered encoder, for ``pipe encoders`` and ``pipe doctor``."""
+    rows = []
+    for cfg in list_encoders():
+        available, where = weights_available(cfg)
+        rows.append({
+            "name": cfg.name,
+            "modality": cfg.modality,
+            "dim": cfg.embed_dim,
+            "source": cfg.source,
+            "hub_id": cfg.hub_id,
+            "trained": cfg.trained,
+            "status": "UNTRAINED" if not cfg.trained else ("available" if available else "missing"),
+            "available": available,
+            "where": where,
+            "aliases": sorted(a for a, t in _ALIASES.items() if t == cfg.name),
+            "description": cfg.description,
+        })
+    return rows

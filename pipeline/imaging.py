@@ -1,0 +1,405 @@
+"""Shared image decoding and preprocessing for chest X-rays.
+
+Every reader (PNG/JPEG/TIFF exports, DICOM) goes through :func:`decode_image`,
+which always yields a float32 ``[H, W]`` array in ``[0, 1]`` with the X-ray
+convention *bright = dense*. :class:`Preprocess` turns that array into the
+normalised ``[3, S, S]`` tensor a frozen encoder expects, either as the plain
+deterministic view or as a seeded augmented view for the embedding cache.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+import xxhash
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+try:  # pydicom >= 3
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+except ImportError:  # pydicom 2.x
+    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+
+__all__ = [
+    "AugmentPolicy",
+    "ImageDecodeError",
+    "Preprocess",
+    "decode_image",
+    "read_and_decode",
+]
+
+_DEFAULT_HINT = "re-export the file, or remove it from the table or pass --allow-failures"
+
+# Bumped whenever the preprocessing maths changes, so cached embeddings made by
+# older code stop matching the cache fingerprint.
+_PREPROCESS_VERSION = 1
+
+# PIL modes holding more than 8 bits per pixel; these are min..max scaled
+# because X-rays are usually 10-14 bit data stored in 16-bit containers.
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+_DICOM_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+# ITU-R 601 luma, the same weights PIL uses for convert("L").
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be turned into pixels; names the file and what to do."""
+
+    def __init__(self, source: str, reason: str, hint: str = _DEFAULT_HINT):
+        # Keep all parts in ``args`` so the error survives pickling between
+        # worker processes.
+        super().__init__(source, reason, hint)
+        self.source = source
+        self.reason = reason
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"cannot decode image {self.source!r}: {self.reason}; {self.hint}"
+
+
+# --------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Decode image bytes to a float32 ``[H, W]`` array in ``[0, 1]`` (bright = dense)."""
+    if not data:
+        raise ImageDecodeError(source, "empty file")
+    if _has_dicom_preamble(data):
+        return _decode_dicom(data, source)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # DICOMs written without the 128-byte preamble are still common.
+        if _looks_like_bare_dicom(data):
+            return _decode_dicom(data, source, force=True)
+        raise ImageDecodeError(source, "not a recognised image format") from None
+    except Exception as exc:  # PIL raises many types on malformed headers
+        raise ImageDecodeError(source, f"unreadable image header ({exc})") from exc
+    return _decode_pil(img, source)
+
+
+def read_and_decode(path: str | os.PathLike) -> tuple[bytes, np.ndarray]:
+    """Read a file once (so callers can hash the same bytes) and decode it."""
+    source = os.fspath(path)
+    try:
+        data = Path(source).read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError(
+            source, "file not found",
+            "fix the path in the table, or remove the row or pass --allow-failures",
+        ) from None
+    except OSError as exc:
+        raise ImageDecodeError(source, f"cannot read file ({exc.strerror or exc})") from exc
+    return data, decode_image(data, source)
+
+
+def _has_dicom_preamble(data: bytes) -> bool:
+    return data[128:132] == b"DICM"
+
+
+def _looks_like_bare_dicom(data: bytes) -> bool:
+    # A preamble-less file starts with a little-endian group 0002 (file meta)
+    # or 0008 (identifying) tag; text or other binaries never do, which keeps
+    # pydicom's permissive force=True parser away from arbitrary junk.
+    return data[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _decode_pil(img: Image.Image, source: str) -> np.ndarray:
+    fmt = img.format or "image"
+    try:
+        # Image.open is lazy; a full load is the only way truncation surfaces.
+        img.load()
+        mode = img.mode
+        if mode == "L":
+            return _scale_uint8(np.asarray(img))
+        if mode in _HIGH_DEPTH_MODES:
+            return _minmax_scale(np.asarray(img), source)
+        if mode == "LA":
+            return _scale_uint8(np.asarray(img.getchannel("L")))
+        # RGB, RGBA, P, PA, CMYK, YCbCr, 1, ...: reduce to luminance.
+        return _scale_uint8(np.asarray(img.convert("L")))
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, ...
+        raise ImageDecodeError(source, f"truncated or corrupt {fmt} data ({exc})") from exc
+    finally:
+        img.close()
+
+
+def _scale_uint8(arr: np.ndarray) -> np.ndarray:
+    # Dividing (not multiplying by 1/255) keeps 255 at exactly 1.0.
+    return np.divide(arr, np.float32(255.0), dtype=np.float32)
+
+
+def _minmax_scale(arr: np.ndarray, source: str) -> np.ndarray:
+    """Stretch to [0, 1] by the image's own range; constant images become zeros."""
+    lo, hi = arr.min(), arr.max()
+    if arr.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ImageDecodeError(source, "pixel data contains NaN or infinite values")
+    out = np.subtract(arr, lo, dtype=np.float32)
+    # Computing the span in float32 exactly as the pixels were makes the
+    # maximum land on 1.0 without a clamp.
+    span = np.float32(hi) - np.float32(lo)
+    if span > 0:
+        out /= span
+    else:
+        out.fill(0.0)
+    return out
+
+
+def _decode_dicom(data: bytes, source: str, force: bool = False) -> np.ndarray:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=force)
+    except Exception as exc:
+        raise ImageDecodeError(source, f"unreadable DICOM ({exc})") from exc
+    if not any(tag in ds for tag in _DICOM_PIXEL_TAGS):
+        raise ImageDecodeError(
+            source, "DICOM has no pixel data (e.g. a structured report or presentation state)",
+            "remove it from the table or pass --allow-failures",
+        )
+    try:
+        arr = _first_frame(ds.pixel_array, ds)
+    except Exception as exc:  # missing codec plugins, bad lengths, ...
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise ImageDecodeError(
+            source, f"cannot decode DICOM pixel data (transfer syntax {syntax}: {exc})"
+        ) from exc
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3:
+        # Colour DICOM (secondary captures); pydicom already converted YBR to RGB.
+        return _minmax_scale(arr @ _LUMA, source)
+    try:
+        arr = _apply_dicom_luts(_mask_unused_bits(arr, ds), ds, photometric)
+    except Exception as exc:
+        raise ImageDecodeError(source, f"invalid rescale or VOI LUT / window ({exc})") from exc
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1 stores dense tissue as dark; negating before the min..max
+        # stretch maps it to MONOCHROME2 and keeps constant images at zero.
+        arr = np.negative(arr, dtype=np.result_type(arr.dtype, np.float32))
+    return _minmax_scale(arr, source)
+
+
+def _first_frame(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return arr[0] if frames > 1 else arr
+
+
+def _mask_unused_bits(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    # Some writers leave overlay bits above BitsStored; pydicom 3 masks them
+    # but 2.x does not, and they would wreck the min..max stretch.
+    bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or 0)
+    if arr.dtype.kind == "u" and 0 < bits < arr.dtype.itemsize * 8:
+        return arr & arr.dtype.type((1 << bits) - 1)
+    return arr
+
+
+def _apply_dicom_luts(arr: np.ndarray, ds: pydicom.Dataset, photometric: str) -> np.ndarray:
+    # Rescale slope/intercept (or a modality LUT) first, then the VOI LUT or
+    # window: the order the DICOM display pipeline defines.
+    arr = apply_modality_lut(arr, ds)
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        arr = apply_voi_lut(arr, ds, index=0)
+    return arr
+
+
+# --------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentPolicy:
+    """Parameter ranges for seeded augmented views."""
+
+    scale: tuple[float, float] = (0.6, 1.0)
+    ratio: tuple[float, float] = (0.8, 1.25)
+    rotation_deg: float = 10.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+    def __post_init__(self) -> None:
+        # Configs arrive from YAML/JSON as lists; tuples keep the policy hashable.
+        object.__setattr__(self, "scale", _float_pair(self.scale, "scale"))
+        object.__setattr__(self, "ratio", _float_pair(self.ratio, "ratio"))
+        # ``10`` and ``10.0`` must fingerprint identically.
+        for name in ("rotation_deg", "brightness", "contrast"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            raise ValueError(f"AugmentPolicy.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        if not 0.0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"AugmentPolicy.ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        if self.rotation_deg < 0:
+            raise ValueError(f"AugmentPolicy.rotation_deg must be >= 0, got {self.rotation_deg}")
+        for name in ("brightness", "contrast"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"AugmentPolicy.{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        return d
+
+
+def _float_pair(value, name: str) -> tuple[float, float]:
+    pair = tuple(float(v) for v in value)
+    if len(pair) != 2:
+        raise ValueError(f"AugmentPolicy.{name} needs two values, got {value!r}")
+    return pair
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Decoded image -> normalised ``[3, input_size, input_size]`` encoder input."""
+
+    resize_size: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    augment: AugmentPolicy = AugmentPolicy()
+
+    def __post_init__(self) -> None:
+        mean = tuple(float(m) for m in self.mean)
+        std = tuple(float(s) for s in self.std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("Preprocess.mean and .std need three values (one per channel)")
+        if min(std) <= 0:
+            raise ValueError(f"Preprocess.std must be positive, got {std}")
+        if not 0 < self.input_size <= self.resize_size:
+            raise ValueError(
+                f"need 0 < input_size <= resize_size, got {self.input_size} and {self.resize_size}"
+            )
+        if isinstance(self.augment, dict):
+            object.__setattr__(self, "augment", AugmentPolicy(**self.augment))
+        object.__setattr__(self, "resize_size", int(self.resize_size))
+        object.__setattr__(self, "input_size", int(self.input_size))
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        # Normalisation folded into one fused multiply-add. Plain attributes,
+        # not fields, so they stay out of eq/hash/repr and the fingerprint.
+        inv_std = torch.tensor([1.0 / s for s in std], dtype=torch.float32).view(3, 1, 1)
+        shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * inv_std
+        object.__setattr__(self, "_scale", inv_std)
+        object.__setattr__(self, "_shift", shift)
+
+    def __call__(self, img: np.ndarray, view: int = 0, seed_key: str = "") -> torch.Tensor:
+        x = _as_image_tensor(img)
+        if view == 0:
+            x = _center_crop(_resize_shorter_side(x, self.resize_size), self.input_size)
+        elif view > 0:
+            x = self._augmented(x, _view_rng(seed_key, view))
+        else:
+            raise ValueError(f"view must be >= 0, got {view}")
+        return self._normalise(x)
+
+    def to_dict(self) -> dict:
+        return {
+            "version": _PREPROCESS_VERSION,
+            "resize_size": self.resize_size,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "augment": self.augment.to_dict(),
+        }
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        # Broadcasting [H, W] against [3, 1, 1] replicates the grey channel and
+        # normalises in one pass, producing a fresh contiguous tensor.
+        return torch.addcmul(self._shift, x[0, 0], self._scale)
+
+    def _augmented(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        p = self.augment
+        # Draw every parameter up front in a fixed order so a view is a pure
+        # function of (seed_key, view, policy).
+        top, left, h, w = _random_crop_box(x.shape[-2], x.shape[-1], p, rng)
+        angle = float(rng.uniform(-p.rotation_deg, p.rotation_deg))
+        brightness = float(rng.uniform(1.0 - p.brightness, 1.0 + p.brightness))
+        contrast = float(rng.uniform(1.0 - p.contrast, 1.0 + p.contrast))
+
+        size = (self.input_size, self.input_size)
+        x = _resize(x[..., top : top + h, left : left + w], size)
+        if angle != 0.0:
+            x = TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
+        x = x * brightness
+        mean = x.mean()
+        x = (x - mean) * contrast + mean
+        return x.clamp_(0.0, 1.0)
+
+
+def _as_image_tensor(img: np.ndarray) -> torch.Tensor:
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image from decode_image, got shape {img.shape}")
+    # No copy for decode_image output (already contiguous, writable float32).
+    if img.dtype != np.float32 or not img.flags.c_contiguous or not img.flags.writeable:
+        img = np.array(img, dtype=np.float32, order="C")
+    return torch.from_numpy(img)[None, None]
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _resize_shorter_side(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    # Same rounding as torchvision's Resize(int), so results match reference
+    # pipelines that used it.
+    if h <= w:
+        new_hw = (size, int(size * w / h))
+    else:
+        new_hw = (int(size * h / w), size)
+    return _resize(x, new_hw)
+
+
+def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return x[..., top : top + size, left : left + size]
+
+
+def _view_rng(seed_key: str, view: int) -> np.random.Generator:
+    # A private generator per view: independent of the global RNG, worker
+    # scheduling and the order in which images are processed. Explicit UTF-8
+    # because newer xxhash releases no longer accept str.
+    seed = xxhash.xxh64_intdigest(f"{seed_key}:{view}".encode("utf-8"))
+    return np.random.default_rng(seed)
+
+
+def _random_crop_box(
+    height: int, width: int, policy: AugmentPolicy, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """Random-resized-crop box (top, left, h, w), as in torchvision's RandomResizedCrop."""
+    area = height * width
+    log_lo, log_hi = math.log(policy.ratio[0]), math.log(policy.ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(*policy.scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: the largest centred box whose aspect ratio is within range.
+    in_ratio = width / height
+    if in_ratio < policy.ratio[0]:
+        w, h = width, int(round(width / policy.ratio[0]))
+    elif in_ratio > policy.ratio[1]:
+        h, w = height, int(round(height * policy.ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w

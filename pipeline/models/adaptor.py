@@ -1,0 +1,208 @@
+"""The Adaptor: a small cross-modal module trained on cached frozen-encoder embeddings.
+
+Two modes share one set of weights and one parameter count:
+
+* ``pooled`` reproduces the paper. Each modality is one pooled vector, a length-1
+  sequence, so every attention has a single key and its softmax is exactly 1: the
+  query never matters, Q/K get no gradient, and no information crosses between
+  modalities (flaw 1 in PAPER.md). We keep it only to reproduce the published model.
+* ``tokens`` feeds full token sequences (image CLS + patches, report [CLS] + words),
+  so cross-attention really attends over many keys.
+
+Layer orientation. The authors' block adds the attention output to the key/value
+stream: ``img = block(residual=img, query=txt, kv=img)``. That only type-checks when
+both sequences have the same length, so ``tokens`` mode uses the usual cross-attention
+orientation (residual and query from the stream being updated, keys/values from the
+other one). The order is the authors': image stream first, then the text stream,
+which reads the *updated* image stream. The same block objects serve both streams.
+
+Image-only path (``encode_image``): each block runs as self-attention on the image
+sequence of one sample (query = key = value = image). In ``pooled`` mode this is
+*exactly* the image embedding of the paired forward, because a one-key attention
+ignores its query; in ``tokens`` mode it is the text-free use of the same weights.
+Inputs are always 3-D ``[B, T, d]`` with ``batch_first``, so samples never attend to
+each other (the authors passed ``[B, d]`` and the batch became one sequence: flaw 2).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class AdaptorConfig:
+    mode: Literal["pooled", "tokens"] = "pooled"
+    image_dim: int = 768
+    text_dim: int = 768
+    d_model: int = 768
+    n_heads: int = 12
+    ffn_dim: int = 2048
+    n_layers: int = 2
+    dropout: float = 0.1
+    grid_pool: int = 0  # tokens mode: >0 average-pools the patch grid to grid_pool x grid_pool
+    image_weight: float = 0.75  # weight of the image->text loss term (see loss.clip_loss)
+    logit_scale_init: float = 2.6592  # ln(1/0.07)
+    logit_scale_max: float = 100.0  # clamp of exp(logit_scale); the authors never clamped
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pooled", "tokens"):
+            raise ValueError(f"mode must be 'pooled' or 'tokens', got {self.mode!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not 0.0 <= self.image_weight <= 1.0:
+            raise ValueError(f"image_weight must lie in [0, 1], got {self.image_weight}")
+        if self.grid_pool < 0:
+            raise ValueError(f"grid_pool must be >= 0, got {self.grid_pool}")
+
+
+class FusionBlock(nn.Module):
+    """Post-norm block: attention -> add & LayerNorm -> ReLU FFN -> add & LayerNorm.
+
+    This is the layout that gives the paper's 5,513,984 parameters per layer at
+    d=768, 12 heads, FFN 2048 (an nn.TransformerEncoderLayer whose one attention is
+    used as cross-attention):
+        attn   in_proj 3*d*d + 3*d, out_proj d*d + d     2,362,368
+        ffn    d*f + f + f*d + d                        3,148,544
+        norm1, norm2  2*d each                              3,072
+    A decoder layer (self-attn + cross-attn + FFN + 3 norms) would be 7,877,888.
+    """
+
+    def __init__(self, d: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(
+            nn.Linear(d, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, d)
+        )
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(
+        self, x: Tensor, query: Tensor, kv: Tensor, kv_pad: Tensor | None = None
+    ) -> Tensor:
+        # x, query: [B, T, d]; kv: [B, S, d]; kv_pad: [B, S], True = ignore that key
+        attended, _ = self.attn(query, kv, kv, key_padding_mask=kv_pad, need_weights=False)
+        x = self.norm1(x + self.drop1(attended))
+        return self.norm2(x + self.drop2(self.ffn(x)))
+
+
+class Adaptor(nn.Module):
+    """Projections + shared fusion blocks + a learnable logit scale.
+
+    ``forward(batch)`` takes a dict:
+      pooled: ``image_pooled [B, Di]``, ``text_pooled [B, Dt]``
+      tokens: ``image_tokens [B, Ti, Di]``, ``text_tokens [B, Tt, Dt]``,
+              ``text_mask [B, Tt]`` (bool, True = real token; optional)
+    and returns ``(img_emb [B, d], txt_emb [B, d])``, token 0 of each stream,
+    L2-normalised. ``image_grid=(h, w)`` and ``n_prefix`` describe the image token
+    layout (prefix tokens first, then the patch grid row-major); the grid defaults to
+    the square that fits.
+    """
+
+    def __init__(self, cfg: AdaptorConfig = AdaptorConfig()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image_proj = nn.Linear(cfg.image_dim, cfg.d_model, bias=False)
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.d_model, bias=False)
+        self.blocks = nn.ModuleList(
+            FusionBlock(cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.dropout)
+            for _ in range(cfg.n_layers)
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+
+    def scale(self) -> Tensor:
+        """exp(logit_scale), clamped at ``logit_scale_max`` (100, as CLIP; the authors
+        left it unclamped). Past the clamp the scale gets no gradient."""
+        return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
+
+    def forward(
+        self,
+        batch: Mapping[str, Tensor],
+        *,
+        image_grid: tuple[int, int] | None = None,
+        n_prefix: int = 1,
+    ) -> tuple[Tensor, Tensor]:
+        if self.cfg.mode == "pooled":
+            img = self._image_in(batch["image_pooled"])  # [B, 1, d]
+            txt = self._text_in(batch["text_pooled"])  # [B, 1, d]
+            for block in self.blocks:  # the paper: one key, so the query is unused
+                img = block(img, query=txt, kv=img)
+                txt = block(txt, query=img, kv=txt)
+        else:
+            img = self._image_in(batch["image_tokens"], image_grid, n_prefix)  # [B, Ti', d]
+            txt = self._text_in(batch["text_tokens"])  # [B, Tt, d]
+            mask = batch.get("text_mask")
+            pad = None if mask is None else ~mask.to(torch.bool)  # [B, Tt], True = pad
+            for block in self.blocks:
+                img = block(img, query=img, kv=txt, kv_pad=pad)
+                txt = block(txt, query=txt, kv=img)
+        return F.normalize(img[:, 0], dim=-1), F.normalize(txt[:, 0], dim=-1)
+
+    def encode_image(
+        self,
+        image: Tensor,
+        *,
+        image_grid: tuple[int, int] | None = None,
+        n_prefix: int = 1,
+        return_tokens: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Per-sample image-only embedding: ``[B, Di]`` (pooled) or ``[B, Ti, Di]``
+        (tokens) -> ``[B, d]``; with ``return_tokens`` also the normalised per-token
+        outputs ``[B, Ti', d]`` (Ti' after grid pooling) for dense heads."""
+        x = self._image_in(image, image_grid, n_prefix)  # [B, T, d]
+        for block in self.blocks:
+            x = block(x, query=x, kv=x)
+        emb = F.normalize(x[:, 0], dim=-1)
+        return (emb, F.normalize(x, dim=-1)) if return_tokens else emb
+
+    def _image_in(
+        self, x: Tensor, grid: tuple[int, int] | None = None, n_prefix: int = 1
+    ) -> Tensor:
+        x = x.to(self.image_proj.weight.dtype)
+        if self.cfg.mode == "pooled":
+            _expect_ndim(x, 2, "image_pooled [B, Di]")
+            x = x[:, None]  # [B, 1, Di]: an explicit length-1 sequence per sample
+        else:
+            _expect_ndim(x, 3, "image_tokens [B, Ti, Di]")
+            if self.cfg.grid_pool:
+                x = pool_patch_grid(x, self.cfg.grid_pool, grid, n_prefix)
+        return F.normalize(self.image_proj(x), dim=-1)
+
+    def _text_in(self, x: Tensor) -> Tensor:
+        x = x.to(self.text_proj.weight.dtype)
+        if self.cfg.mode == "pooled":
+            _expect_ndim(x, 2, "text_pooled [B, Dt]")
+            x = x[:, None]
+        else:
+            _expect_ndim(x, 3, "text_tokens [B, Tt, Dt]")
+        return F.normalize(self.text_proj(x), dim=-1)
+
+
+def pool_patch_grid(
+    x: Tensor, size: int, grid: tuple[int, int] | None = None, n_prefix: int = 1
+) -> Tensor:
+    """Average-pool the patch grid to ``size x size``, keeping prefix tokens in front.
+
+    ``[B, n_prefix + h*w, D] -> [B, n_prefix + size*size, D]``.
+    """
+    prefix, patches = x[:, :n_prefix], x[:, n_prefix:]
+    n = patches.shape[1]
+    h, w = grid if grid is not None else (math.isqrt(n), math.isqrt(n))
+    if h * w != n:
+        raise ValueError(
+            f"{n} patch tokens do not form a {h}x{w} grid; pass image_grid=(h, w) and n_prefix"
+        )
+    b, _, d = patches.shape
+    maps = patches.transpose(1, 2).reshape(b, d, h, w)  # [B, D, h, w]
+    pooled = F.adaptive_avg_pool2d(maps, size).flatten(2).transpose(1, 2)  # [B, s*s, D]
+    return torch.cat([prefix, pooled], dim=1)
+
+
+def _expect_ndim(x: Tensor, ndim: int, what: str) -> None:
+    if x.ndim != ndim:
+        raise ValueError(f"expected {what}, got shape {tuple(x.shape)}")

@@ -1,0 +1,400 @@
+"""Stage one: run each frozen encoder once per distinct content and cache its outputs.
+
+The work list is every distinct (content key, view) of a modality, in order of first
+appearance, cut into shard-sized groups. A group is the unit of work: it is claimed,
+embedded, written as one whole shard and committed. Re-runs, resumed runs and concurrent
+runs all compute the same groups, so each skips what another has committed, and a
+resumed group is embedded with exactly the batches of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import numpy as np
+import torch
+import xxhash
+
+from cache.keys import fingerprint
+from cache.store import ShardData, Store, StoreError
+from pipeline.console import err, peak_memory_mb, progress, resolve_device
+from pipeline.datasets import Dataset, open_dataset
+from pipeline.datasets.index import DatasetIndex, build_index
+from pipeline.paths import cache_root
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    dataset: str
+    backbone: str | None = "tiny-vit"
+    text_encoder: str | None = "tiny-bert"
+    cache: str | None = None
+    batch_size: int = 32
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    allow_failures: bool = False
+    views: int = 0                 # extra seeded augmented views per image, besides the plain one
+    shard_mb: float = 64.0         # target shard size; a shard is the unit of work and of commit
+    chunk_rows: int = 16           # rows per inner chunk (the unit of checksums and of reads)
+    decode_threads: int = 2
+    fsync: bool = True
+
+
+@dataclass
+class ModalityResult:
+    modality: str
+    encoder: str
+    store: str
+    embedded: int = 0
+    reused: int = 0
+    failed: int = 0
+    waited: int = 0  # units another process was writing; we waited for its commit
+
+
+@dataclass
+class EmbedResult:
+    dataset: str
+    results: list[ModalityResult] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    memory: dict = field(default_factory=dict)
+
+    @property
+    def embedded(self) -> int:
+        return sum(r.embedded for r in self.results)
+
+    @property
+    def reused(self) -> int:
+        return sum(r.reused for r in self.results)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    def summary(self) -> dict:
+        return {"embedded": self.embedded, "reused": self.reused, "failed": self.failed,
+                "stores": [r.store for r in self.results], "dataset": self.dataset,
+                "seconds": round(self.seconds, 3), **{k: round(v, 1) for k, v in self.memory.items()},
+                "per_modality": [r.__dict__ for r in self.results]}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing to embed: a content key, its view, and where to read it."""
+
+    key: str
+    view: int
+    source: str          # image path, or "item <id>" for reports
+    payload: str | None = None  # the normalised report text
+
+
+def run(cfg: EmbedConfig, dataset: Dataset | None = None) -> EmbedResult:
+    t0 = time.perf_counter()
+    root = cache_root(cfg.cache)
+    device = resolve_device(cfg.device)
+    ds = dataset or open_dataset(cfg.dataset, root)
+    index = build_index(ds, root)
+    result = EmbedResult(dataset=ds.name, failures=list(index.failures))
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    for modality, name in (("image", cfg.backbone), ("text", cfg.text_encoder)):
+        if name and name.lower() != "none":
+            res, fails = embed_modality(modality, name, index, ds.name, cfg, root, device, run_id)
+            result.results.append(res)
+            result.failures.extend(fails)
+            index.record_store(modality, name, res.store)
+    result.seconds = time.perf_counter() - t0
+    result.memory = peak_memory_mb(device)
+    return result
+
+
+def embed_modality(modality: str, name: str, index: DatasetIndex, dataset: str, cfg: EmbedConfig,
+                   root: Path, device: torch.device, run_id: str) -> tuple[ModalityResult, list[dict]]:
+    from pipeline.encoders import resolve_encoder_name
+
+    enc_cfg = resolve_encoder_name(name)
+    if enc_cfg.modality != modality:
+        flag = "--backbone" if modality == "image" else "--text-encoder"
+        raise ValueError(f"{flag} {name!r} is a {enc_cfg.modality} encoder; `pipe encoders` lists the {modality} ones.")
+    spec = encoder_spec(enc_cfg, cfg)
+    fp = fingerprint(spec)
+    row_bytes = _row_bytes(enc_cfg)
+    shard_rows = max(cfg.chunk_rows, int(cfg.shard_mb * 2**20 / row_bytes) // cfg.chunk_rows * cfg.chunk_rows)
+    store = Store.create(root, modality, enc_cfg.name, fp, spec, shard_rows, cfg.chunk_rows)
+    units = index.image_units(cfg.views) if modality == "image" else index.text_units()
+    done = store.committed_units()
+    res = ModalityResult(modality, enc_cfg.name, str(store.path))
+    res.reused = sum((u.key, u.view) in done for u in units)
+    groups = plan_groups(units, done, shard_rows)
+    failures: list[dict] = []
+    if groups:
+        runner = _Runner(modality, enc_cfg, cfg, device, store, dataset, failures, res)
+        runner.run(groups)
+    store.record_failures(failures, run_id)
+    return res, failures
+
+
+def encoder_spec(enc_cfg, cfg: EmbedConfig) -> dict:
+    """Everything that changes what a store holds: the input of its fingerprint."""
+    from pipeline.encoders import weights_identity
+
+    spec = {"encoder": enc_cfg.to_dict(), "weights": weights_identity(enc_cfg),
+            "dtype": {"tokens": "float16", "pooled": "float32"}, "tokens": "prefix+patches"}
+    if enc_cfg.modality == "image":
+        spec["preprocess"] = _preprocess(enc_cfg).to_dict()
+    else:
+        spec["text"] = {"normalisation": "nfc-collapse-whitespace", "max_tokens": enc_cfg.max_tokens,
+                        "tokens": "all, padded to max_tokens"}
+    return spec
+
+
+def plan_groups(units: list[Unit], done: set, shard_rows: int) -> list[list[Unit]]:
+    """Cut the full work list into shard-sized groups, then drop what is committed.
+
+    Groups are cut from the *full* list, so every run, resumed or concurrent, sees the
+    same groups in the same order.
+    """
+    groups = []
+    for i in range(0, len(units), shard_rows):
+        pending = [u for u in units[i:i + shard_rows] if (u.key, u.view) not in done]
+        if pending:
+            groups.append(pending)
+    return groups
+
+
+def group_id(units: list[Unit]) -> str:
+    h = xxhash.xxh3_64()
+    for u in units:
+        h.update(f"{u.key}:{u.view},")
+    return h.hexdigest()
+
+
+def _row_bytes(enc_cfg) -> int:
+    d = enc_cfg.embed_dim
+    if enc_cfg.modality == "text":
+        return (enc_cfg.max_tokens or 128) * d * 2 + d * 4
+    if enc_cfg.patch_size:
+        n = (enc_cfg.input_size // enc_cfg.patch_size) ** 2 + enc_cfg.num_prefix_tokens
+    else:
+        n = 64
+    return n * d * 2 + d * 4
+
+
+def _preprocess(enc_cfg):
+    from pipeline.imaging import Preprocess
+
+    return Preprocess(resize_size=enc_cfg.resize_size or enc_cfg.input_size, input_size=enc_cfg.input_size,
+                      mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std))
+
+
+class _Runner:
+    """Embeds groups: decode ahead in threads, forward, and write shards behind."""
+
+    def __init__(self, modality, enc_cfg, cfg: EmbedConfig, device, store: Store, dataset, failures, res):
+        self.modality, self.enc_cfg, self.cfg, self.device = modality, enc_cfg, cfg, device
+        self.store, self.dataset, self.failures, self.res = store, dataset, failures, res
+        self.encoder = None
+        self.preprocess = _preprocess(enc_cfg) if modality == "image" else None
+
+    def run(self, groups: list[list[Unit]]) -> None:
+        from pipeline.encoders import create_encoder
+
+        total = sum(len(g) for g in groups)
+        with progress() as bar, _WriteBehind(depth=2) as writer, \
+                ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode") as pool:
+            task = bar.add_task(f"embed {self.modality} · {self.enc_cfg.name}", total=total)
+            waiting: list[list[Unit]] = []
+            for units in groups:
+                claim = self.store.claim(group_id(units))
+                if claim == "done":
+                    self.res.reused += len(units)
+                    bar.advance(task, len(units))
+                    continue
+                if claim == "busy":
+                    waiting.append(units)
+                    continue
+                if self.encoder is None:
+                    self.encoder = create_encoder(self.enc_cfg.name, device=str(self.device))
+                data = self._embed(units, pool, lambda n: bar.advance(task, n))
+                if data is None:
+                    self.store.release(claim)
+                else:
+                    writer.submit(self.store.write_shard, claim, data, self.dataset, self.cfg.fsync)
+            writer.drain()
+            self._wait_for_others(waiting, bar, task)
+
+    def _wait_for_others(self, waiting, bar, task) -> None:
+        """Groups another live process is writing: wait for its commit, or take over."""
+        if waiting:
+            err.print(f"[yellow]{sum(map(len, waiting))} items are being embedded by another process; waiting for it.")
+        while waiting:
+            still = []
+            for units in waiting:
+                claim = self.store.claim(group_id(units))
+                if claim == "busy":
+                    still.append(units)
+                    continue
+                if claim == "done":
+                    self.res.waited += len(units)
+                    self.res.reused += len(units)
+                else:
+                    if self.encoder is None:
+                        from pipeline.encoders import create_encoder
+                        self.encoder = create_encoder(self.enc_cfg.name, device=str(self.device))
+                    with ThreadPoolExecutor(self.cfg.decode_threads) as pool:
+                        data = self._embed(units, pool, lambda n: None)
+                    if data is None:
+                        self.store.release(claim)
+                    else:
+                        self.store.write_shard(claim, data, self.dataset, self.cfg.fsync)
+                bar.advance(task, len(units))
+            waiting = still
+            if waiting:
+                time.sleep(0.2)
+
+    def _embed(self, units: list[Unit], pool, advance: Callable[[int], None]) -> ShardData | None:
+        bs = self.cfg.batch_size
+        batches = [units[i:i + bs] for i in range(0, len(units), bs)]
+        load = self._load_images if self.modality == "image" else self._load_texts
+        outs: list[tuple[list[Unit], dict[str, np.ndarray]]] = []
+        for batch, loaded in _prefetch(batches, lambda b: load(b, pool), pool):
+            ok = [u for u, x in zip(batch, loaded) if not isinstance(x, Exception)]
+            for u, x in zip(batch, loaded):
+                if isinstance(x, Exception):
+                    self._fail(u, x)
+            if ok:
+                outs.append((ok, self._forward([x for x in loaded if not isinstance(x, Exception)])))
+            advance(len(batch))
+        if not outs:
+            return None
+        kept = [u for ok, _ in outs for u in ok]
+        arrays = {k: np.concatenate([o[k] for _, o in outs]) for k in outs[0][1]}
+        self.res.embedded += len(kept)
+        return ShardData(keys=[u.key for u in kept], views=[u.view for u in kept],
+                         sources=[u.source for u in kept], arrays=arrays)
+
+    def _fail(self, unit: Unit, exc: Exception) -> None:
+        self.res.failed += 1
+        self.failures.append({"item": "", "source": unit.source, "key": unit.key, "dataset": self.dataset,
+                              "reason": str(exc), "modality": self.modality})
+
+    def _load_images(self, batch: list[Unit], pool) -> list:
+        return list(pool.map(self._load_image, batch))
+
+    def _load_image(self, u: Unit):
+        from pipeline.imaging import read_and_decode
+
+        try:
+            data, img = read_and_decode(u.source)
+        except Exception as e:  # recorded per item; the rest of the batch goes on
+            return e
+        if xxhash.xxh3_128_hexdigest(data) != u.key:
+            return ValueError(f"{u.source} changed while embedding (its bytes no longer match the key); re-run `pipe embed`")
+        return self.preprocess(img, view=u.view, seed_key=u.key)
+
+    def _load_texts(self, batch: list[Unit], pool) -> list:
+        return [u.payload for u in batch]
+
+    @torch.inference_mode()
+    def _forward(self, loaded: list) -> dict[str, np.ndarray]:
+        dev = self.device
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+        with amp:
+            if self.modality == "image":
+                out = self.encoder(torch.stack(loaded).to(dev, non_blocking=True))
+                return {"tokens": _f16(out.tokens), "pooled": _f32(out.pooled)}
+            batch = {k: v.to(dev) for k, v in self.encoder.tokenize(loaded).items()}
+            out = self.encoder(**batch)
+        T = self.enc_cfg.max_tokens
+        tokens = np.zeros((out.tokens.shape[0], T, out.tokens.shape[2]), np.float16)
+        tokens[:, : out.tokens.shape[1]] = _f16(out.tokens)[:, :T]
+        return {"tokens": tokens, "pooled": _f32(out.pooled), "length": out.length.cpu().numpy().astype(np.int32)}
+
+
+def _f16(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float16).numpy()
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _prefetch(batches: list, load: Callable, pool) -> Iterator:
+    """Yield (batch, load(batch)) while the next batch already loads in the background."""
+    if not batches:
+        return
+    loader = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+    try:
+        nxt: Future = loader.submit(load, batches[0])
+        for i, b in enumerate(batches):
+            cur = nxt.result()
+            if i + 1 < len(batches):
+                nxt = loader.submit(load, batches[i + 1])
+            yield b, cur
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
+
+
+class _WriteBehind:
+    """A bounded queue of shard writes run by one thread, so forwards never wait on disk.
+
+    A failed write is re-raised in the caller at the next submit or at drain: committed
+    shards stay valid, the failed one is never committed.
+    """
+
+    def __init__(self, depth: int):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="shard-writer", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def _loop(self):
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            fn, args = job
+            try:
+                if self.error is None:
+                    fn(*args)
+            except BaseException as e:  # handed to the main thread
+                self.error = e
+            finally:
+                self.q.task_done()
+
+    def submit(self, fn, *args):
+        self._raise()
+        self.q.put((fn, args))
+
+    def drain(self):
+        self.q.join()
+        self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            e, self.error = self.error, None
+            if isinstance(e, OSError):
+                raise StoreError(f"writing the cache failed: {e}. Committed shards are intact; free space "
+                                 "or fix permissions, then re-run `pipe embed` to resume.") from e
+            raise e
+
+    def __exit__(self, *exc):
+        self.q.put(None)
+        self.thread.join()
+        return False
