@@ -2,9 +2,9 @@
 
 Layout of a store directory::
 
-    zarr.json                 Zarr v3 group; attributes hold the encoder config, the
+    embeddings.zarr/          a Zarr v3 group; its attributes hold the encoder config, the
                               fingerprint spec, shard sizes and library versions
-    tokens/ pooled/ length/   sharded Zarr arrays; rows grow one whole shard at a time
+      tokens/ pooled/ length/ sharded Zarr arrays; rows grow one whole shard at a time
     manifest/part-<shard>-<group>.parquet
                               one file per committed shard: content key -> row.
                               Written last, atomically: it IS the commit.
@@ -40,6 +40,7 @@ from zarr.codecs import Crc32cCodec
 from cache.keys import FORMAT_VERSION
 from cache.shards import ShardLayout
 
+ZARR_DIR = "embeddings.zarr"
 PART_RE = re.compile(r"^part-(\d{6})-([0-9a-f]{16})\.parquet$")
 CLAIM_RE = re.compile(r"^(\d{6})-([0-9a-f]{16})\.json$")
 
@@ -153,15 +154,16 @@ class Store:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.group = zarr.open_group(str(self.path), mode="r+" if os.access(self.path, os.W_OK) else "r")
+        self.zpath = self.path / ZARR_DIR
+        self.group = zarr.open_group(str(self.zpath), mode="r")
         self.attrs = dict(self.group.attrs)
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Store":
         path = Path(path)
-        if not (path / "zarr.json").exists():
-            raise StoreError(f"{path} is not an embedding store (no zarr.json). List stores with `pipe cache ls`.")
+        if not (path / ZARR_DIR / "zarr.json").exists():
+            raise StoreError(f"{path} is not an embedding store (no {ZARR_DIR}/zarr.json). List stores with `pipe cache ls`.")
         store = cls(path)
         if store.attrs.get("format_version") != FORMAT_VERSION:
             raise StoreError(
@@ -183,8 +185,8 @@ class Store:
             raise StoreError(f"cannot create the cache store {path}: {e.strerror}. "
                              "Choose a writable cache with --cache DIR or $PIPE_CACHE.") from e
         with _flock(path / ".lock"):
-            if not (path / "zarr.json").exists():
-                g = zarr.open_group(str(path), mode="w-", zarr_format=3)
+            if not (path / ZARR_DIR / "zarr.json").exists():
+                g = zarr.open_group(str(path / ZARR_DIR), mode="w", zarr_format=3)
                 g.attrs.update({
                     "format_version": FORMAT_VERSION, "modality": modality, "encoder": name,
                     "fingerprint": fingerprint, "spec": spec, "shard_rows": shard_rows,
@@ -215,10 +217,10 @@ class Store:
         return sorted(name for name, _ in self.group.arrays())
 
     def array(self, name: str):
-        return zarr.open_array(str(self.path / name), mode="r")
+        return zarr.open_array(str(self.zpath / name), mode="r")
 
     def layout(self, name: str) -> ShardLayout:
-        return ShardLayout.from_zarr(self.array(name), self.path / name)
+        return ShardLayout.from_zarr(self.array(name), self.zpath / name)
 
     # -- manifest ------------------------------------------------------------------------
     def parts(self) -> list[tuple[int, str, Path]]:
@@ -310,14 +312,14 @@ class Store:
     def _clear_shard(self, shard: int) -> None:
         """Remove whatever an interrupted writer left in this shard's files."""
         for name in ("tokens", "pooled", "length"):
-            c = self.path / name / "c" / str(shard)
+            c = self.zpath / name / "c" / str(shard)
             if c.exists():
                 shutil.rmtree(c) if c.is_dir() else c.unlink()
 
     # -- writing -------------------------------------------------------------------------
     def _ensure_arrays(self, data: ShardData, rows_needed: int) -> None:
         with _flock(self.path / ".lock"):
-            g = zarr.open_group(str(self.path), mode="r+")
+            g = zarr.open_group(str(self.zpath), mode="r+")
             have = {n for n, _ in g.arrays()}
             chunk = int(self.attrs["chunk_rows"])
             for name, arr in data.arrays.items():
@@ -327,7 +329,7 @@ class Store:
                         chunks=(chunk, *arr.shape[1:]), shards=(self.shard_rows, *arr.shape[1:]),
                         compressors=[Crc32cCodec()], fill_value=0,
                     )
-                z = zarr.open_array(str(self.path / name), mode="r+")
+                z = zarr.open_array(str(self.zpath / name), mode="r+")
                 if tuple(z.shape[1:]) != tuple(arr.shape[1:]) or np.dtype(z.dtype) != arr.dtype:
                     raise StoreError(f"{self.path}/{name} holds rows of {z.shape[1:]} {z.dtype}, "
                                      f"got {arr.shape[1:]} {arr.dtype}; the fingerprint should have differed. "
@@ -343,10 +345,10 @@ class Store:
         start = claim.shard * self.shard_rows
         self._ensure_arrays(data, start + self.shard_rows)
         for name, arr in data.arrays.items():
-            zarr.open_array(str(self.path / name), mode="r+")[start : start + n] = arr
+            zarr.open_array(str(self.zpath / name), mode="r+")[start : start + n] = arr
         if fsync:
             for name in data.arrays:
-                for f in (self.path / name / "c" / str(claim.shard)).rglob("*"):
+                for f in (self.zpath / name / "c" / str(claim.shard)).rglob("*"):
                     if f.is_file():
                         fsync_path(f)
         table = pa.Table.from_pydict({
@@ -376,4 +378,4 @@ def find_stores(root: Path) -> list[Path]:
     base = Path(root) / "stores"
     if not base.exists():
         return []
-    return sorted(p.parent for p in base.glob("*/*/zarr.json"))
+    return sorted(p.parent.parent for p in base.glob(f"*/*/{ZARR_DIR}/zarr.json"))

@@ -99,7 +99,7 @@ def _check_leftovers(store: Store, by_shard: dict[int, list[int]], rep: VerifyRe
     claimed = {s for s, _, _ in store.claims()}
     per_shard = defaultdict(set)
     for name in store.array_names:
-        cdir = store.path / name / "c"
+        cdir = store.zpath / name / "c"
         if cdir.exists():
             for d in cdir.iterdir():
                 if d.name.isdigit():

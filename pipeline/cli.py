@@ -57,13 +57,14 @@ def embed(
     views: int = typer.Option(0, "--views", min=0, help="Extra seeded augmented views cached per image."),
     allow_failures: bool = typer.Option(False, "--allow-failures", help="Exit 0 even when some items failed."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    shard_mb: float = typer.Option(64.0, "--shard-mb", min=0.01, help="Target shard size: the unit of work and commit."),
 ) -> None:
     """Run each frozen encoder once per distinct image and report, into the cache."""
     from stages.embed import EmbedConfig, run
 
     cfg = EmbedConfig(dataset=dataset, backbone=backbone, text_encoder=text_encoder,
                       cache=str(cache) if cache else None, batch_size=batch_size, device=device.value,
-                      allow_failures=allow_failures, views=views)
+                      allow_failures=allow_failures, views=views, shard_mb=shard_mb)
     try:
         result = run(cfg)
     except _user_errors() as e:

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_CACHE ?= $(CURDIR)/.pipe-cache
+DEMO_OUT ?= $(CURDIR)/demo-out
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test bench clean
+
+$(BIN)/pipe: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[assets,dev]'
+	@touch $@
+
+install: $(BIN)/pipe
+
+## The main job on the built-in demo data: embed once, train the Adaptor from the cache, evaluate.
+demo: install
+	PIPE_CACHE=$(DEMO_CACHE) $(BIN)/pipe demo --out $(DEMO_OUT)
+
+## The test suite (what CI runs).
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/embed_overhead.py
+
+clean:
+	rm -rf $(DEMO_CACHE) $(DEMO_OUT)

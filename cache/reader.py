@@ -1,0 +1,103 @@
+"""Fast reads of committed rows for training: straight from the shard bytes.
+
+zarr-python decodes a chunk through its codec pipeline on every read: about 0.25x the
+speed of ``np.memmap`` on the same bytes (DESIGN.md). Our chunks are raw little-endian
+bytes plus a crc32c, so each one is a zero-copy numpy view of a memory-mapped shard file,
+and gathering rows costs what a memmap gather costs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cache.shards import ShardFile, ShardLayout
+from cache.store import Store
+
+
+class RowReader:
+    """Gather rows of one array of a store by global row id."""
+
+    def __init__(self, store: Store, name: str, verify: bool = False):
+        if name not in store.array_names:
+            raise KeyError(f"{store.path} has no array {name!r} (it has {store.array_names})")
+        self.layout: ShardLayout = store.layout(name)
+        self.name = name
+        self.verify = verify
+        self._shards: dict[int, ShardFile] = {}
+        self._chunks: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.layout.row_shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.layout.dtype
+
+    def _chunk(self, chunk_id: int) -> np.ndarray:
+        """Global chunk id -> [chunk_rows, ...] view, mapped once and kept."""
+        arr = self._chunks.get(chunk_id)
+        if arr is None:
+            per = self.layout.chunks_per_shard
+            shard, c = divmod(chunk_id, per)
+            sf = self._shards.get(shard)
+            if sf is None:
+                sf = self._shards[shard] = ShardFile(self.layout, shard)
+            arr = self._chunks[chunk_id] = sf.chunk(c, verify=self.verify)
+        return arr
+
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows in the order given. Rows that share a chunk are gathered together."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(rows), *self.row_shape), dtype=self.dtype)
+        cr = self.layout.chunk_rows
+        chunk_of = rows // cr
+        order = np.argsort(chunk_of, kind="stable")
+        sorted_chunks = chunk_of[order]
+        bounds = np.flatnonzero(np.diff(sorted_chunks)) + 1
+        for sel in np.split(order, bounds):
+            if len(sel):
+                out[sel] = self._chunk(int(chunk_of[sel[0]]))[rows[sel] - chunk_of[sel[0]] * cr]
+        return out
+
+    def nbytes(self, n_rows: int) -> int:
+        return n_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def block_shuffled_order(rows: np.ndarray, chunk_rows: int, buffer_chunks: int, rng: np.random.Generator) -> np.ndarray:
+    """An epoch order that visits whole chunks, in random chunk order, shuffled within a buffer.
+
+    Positions (indices into ``rows``) are returned. Reading chunk by chunk keeps reads
+    sequential on cold storage; shuffling inside a buffer of several chunks keeps batches
+    mixed. With ``buffer_chunks`` >= the number of chunks this is a full shuffle.
+    """
+    rows = np.asarray(rows)
+    chunk_of = rows // chunk_rows
+    uniq, inverse = np.unique(chunk_of, return_inverse=True)
+    perm = rng.permutation(len(uniq))
+    rank = np.empty_like(perm)
+    rank[perm] = np.arange(len(perm))
+    order = np.argsort(rank[inverse], kind="stable")
+    block = np.maximum(1, buffer_chunks) * chunk_rows
+    for s in range(0, len(order), block):
+        rng.shuffle(order[s : s + block])
+    return order
+
+
+def available_ram() -> int:
+    """Bytes the kernel says can be allocated without swapping."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def store_path_for(path: str | Path) -> Store:
+    return Store.open(path)

@@ -1,0 +1,351 @@
+"""Configs for every stage: frozen dataclasses, YAML presets and dotted overrides.
+
+    cfg = load_config(PretrainConfig, "configs/pretrain.yaml",
+                      ["optim.lr=1e-4", "adaptor.mode=tokens", "fractions=[0.01,0.1]"])
+
+Later sources win: dataclass defaults < ``base`` < preset < overrides. Mappings merge
+key by key, so an override changes one leaf and keeps its siblings; a nested
+dataclass starts from its field's default instance. Override values are parsed with
+``yaml.safe_load`` (``lr=1e-4`` arrives as the string "1e-4", which a float field
+accepts). Every problem found is collected and raised as one :class:`ConfigError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import hashlib
+import json
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePath
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+_BAD = object()  # marks a value that failed validation
+
+
+class ConfigError(ValueError):
+    """Every problem with a config, one per line, each naming its dotted key."""
+
+    def __init__(self, problems: Sequence[str], what: str = "config") -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        lines = [f"{n} problem{'s' if n != 1 else ''} in {what}:"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- API
+def load_config(
+    cls: type[T],
+    preset: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | Any | None = None,
+) -> T:
+    """Build ``cls`` from defaults, ``base`` (a mapping or a ``cls`` instance), a YAML
+    ``preset`` (a path, or a name in ``configs/``) and ``key.sub=value`` overrides."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    problems: list[str] = []
+    merged: dict[str, Any] = {}
+    if base is not None:
+        _merge(merged, to_dict(base) if dataclasses.is_dataclass(base) else dict(base))
+    if preset is not None:
+        _merge(merged, _read_preset(preset, problems))
+    for item in overrides:
+        _apply_override(merged, item, problems)
+    cfg = _build(cls, merged, "", problems)
+    if problems:
+        raise ConfigError(problems, f"{cls.__name__} config")
+    return cfg
+
+
+def to_dict(cfg: Any) -> Any:
+    """Nested plain data (dicts, lists, str/int/float/bool/None), YAML- and JSON-able."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, Mapping):
+        return {str(k): to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    if isinstance(cfg, PurePath):
+        return str(cfg)
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML atomically: a temporary file beside it, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def config_hash(cfg: Any, length: int = 16) -> str:
+    """Short sha256 of the canonical JSON (sorted keys, no spaces) of ``to_dict(cfg)``."""
+    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+# ------------------------------------------------------------------- the sources
+def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+    return into
+
+
+def _read_preset(preset: str | Path, problems: list[str]) -> dict[str, Any]:
+    path = Path(preset)
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1:
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        problems.append(
+            f"preset {str(preset)!r}: no such file; give a YAML path or one of: "
+            f"{', '.join(list_presets()) or '(no presets in ' + str(PRESET_DIR) + ')'}"
+        )
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        problems.append(f"preset {str(path)!r}: not valid YAML: {e}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        problems.append(f"preset {str(path)!r}: expected a mapping at the top, got {_kind(data)}")
+        return {}
+    return dict(data)
+
+
+def _apply_override(merged: dict[str, Any], item: str, problems: list[str]) -> None:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not all(p.strip() for p in parts):
+        problems.append(f"override {item!r}: expected key=value, e.g. optim.lr=1e-4")
+        return
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problems.append(f"{key}: override value {raw!r} is not valid YAML ({e.__class__.__name__})")
+        return
+    node = merged
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            problems.append(f"{key}: cannot set it, {where} is {_kind(child)}, not a mapping")
+            return
+        node = child
+    if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+        _merge(node[parts[-1]], value)
+    else:
+        node[parts[-1]] = value
+
+
+# -------------------------------------------------------------------- validation
+def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    start = len(problems)
+    for key in data:
+        if key not in fields:
+            problems.append(_unknown_key(str(key), prefix, sorted(fields)))
+    kwargs: dict[str, Any] = {}
+    for name, field in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            if _default(field) is dataclasses.MISSING:
+                problems.append(f"{key}: missing required value (expected {_describe(hints[name])})")
+            continue
+        value = data[name]
+        if isinstance(value, Mapping):  # a nested dataclass starts from its field default
+            default = _default(field)
+            if dataclasses.is_dataclass(default):
+                value = _merge(to_dict(default), value)
+        converted = _convert(hints[name], value, key, problems)
+        if converted is not _BAD:
+            kwargs[name] = converted
+    if len(problems) > start:
+        return _BAD
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # __post_init__ checks across fields
+        problems.append(f"{prefix or cls.__name__}: {e}")
+        return _BAD
+
+
+def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin in (Union, types.UnionType):
+        return _convert_union(tp, args, value, key, problems)
+    if origin is Literal:
+        if any(value == c and type(value) is type(c) for c in args):
+            return value
+        return _fail(problems, key, tp, value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return _build(tp, value, key, problems)
+        return _fail(problems, key, tp, value)
+    if origin in (list, tuple, Sequence, typing.Sequence) or tp in (list, tuple):
+        return _convert_sequence(tp, origin or tp, args, value, key, problems)
+    if origin in (dict, Mapping, typing.Mapping) or tp is dict:
+        return _convert_mapping(args, value, key, problems)
+    return _convert_scalar(tp, value, key, problems)
+
+
+def _convert_union(tp: Any, args: tuple, value: Any, key: str, problems: list[str]) -> Any:
+    if value is None and type(None) in args:
+        return None
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # Optional[X]: report X's own, more precise, problem
+        return _convert(options[0], value, key, problems)
+    for option in options:
+        trial: list[str] = []
+        converted = _convert(option, value, key, trial)
+        if not trial:
+            return converted
+    return _fail(problems, key, tp, value)
+
+
+def _convert_sequence(tp, origin, args, value, key, problems) -> Any:
+    if not isinstance(value, (list, tuple)):
+        return _fail(problems, key, tp, value)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            problems.append(f"{key}: expected {_describe(tp)} ({len(args)} items), got {len(value)} items")
+            return _BAD
+        item_types = list(args)
+    else:
+        item_types = [args[0] if args else Any] * len(value)
+    items = [_convert(t, v, f"{key}[{i}]", problems) for i, (t, v) in enumerate(zip(item_types, value))]
+    if any(v is _BAD for v in items):
+        return _BAD
+    return tuple(items) if origin is tuple else list(items)
+
+
+def _convert_mapping(args: tuple, value: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(value, Mapping):
+        return _fail(problems, key, dict[args] if args else dict, value)
+    key_type, value_type = args if args else (Any, Any)
+    out = {}
+    for k, v in value.items():
+        ck = _convert(key_type, k, f"{key} (key {k!r})", problems)
+        cv = _convert(value_type, v, f"{key}.{k}", problems)
+        out[ck] = cv
+    return _BAD if any(v is _BAD for v in (*out, *out.values())) else out
+
+
+def _convert_scalar(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    if tp is type(None):
+        return None if value is None else _fail(problems, key, tp, value)
+    if tp is bool:
+        return value if isinstance(value, bool) else _fail(problems, key, tp, value)
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return value if ok else _fail(problems, key, tp, value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        return _fail(problems, key, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        hint = f' (quote it: {key.rsplit(".", 1)[-1]}="{value}")' if value is not None else ""
+        problems.append(f"{key}: expected str, got {_kind(value)}{hint}")
+        return _BAD
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if value == member.value or value == member.name or value is member:
+                return member
+        return _fail(problems, key, tp, value)
+    if isinstance(tp, type) and issubclass(tp, PurePath):
+        return tp(value) if isinstance(value, (str, PurePath)) else _fail(problems, key, tp, value)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    return _fail(problems, key, tp, value)
+
+
+# ----------------------------------------------------------------------- messages
+def _fail(problems: list[str], key: str, tp: Any, value: Any) -> Any:
+    problems.append(f"{key}: expected {_describe(tp)}, got {_kind(value)}")
+    return _BAD
+
+
+def _unknown_key(name: str, prefix: str, valid: list[str]) -> str:
+    dotted = (prefix + ".") if prefix else ""
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    guess = f"; did you mean {dotted + close[0]!r}?" if close else "."
+    where = f"under {prefix!r}" if prefix else "at the top level"
+    return f"{dotted}{name}: unknown key{guess} Valid keys {where}: {', '.join(valid)}"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _describe(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else _describe(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING

