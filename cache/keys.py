@@ -47,7 +47,7 @@ def canonical_json(obj: Any) -> str:
 
 def fingerprint(spec: dict) -> str:
     """Hash of the canonical JSON of everything that changes an encoder's output."""
-    return xxhash.xxh3_128_hexdigest(canonical_json({"format": FORMAT_VERSION, **spec}))
+    return xxhash.xxh3_128_hexdigest(canonical_json({"format": FORMAT_VERSION, **spec}).encode())
 
 
 def _jsonable(obj: Any) -> Any:

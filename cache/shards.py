@@ -95,7 +95,7 @@ class ShardFile:
         buf = memoryview(self._mm)[off : off + lay.chunk_nbytes]
         if verify:
             stored = int.from_bytes(self._mm[off + lay.chunk_nbytes : off + nbytes], "little")
-            if google_crc32c.value(buf) != stored:
+            if google_crc32c.value(bytes(buf)) != stored:
                 raise ShardCorruption(f"{self.path}: chunk {c} fails its crc32c checksum")
         return np.frombuffer(buf, dtype=lay.dtype.newbyteorder("<")).reshape(lay.chunk_rows, *lay.row_shape)
 

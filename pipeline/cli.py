@@ -32,8 +32,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.config import ConfigError
     from pipeline.datasets import DatasetError
     from pipeline.encoders import UnknownEncoderError, WeightsNotFoundError
+    from pipeline.training.checkpoint import CheckpointMismatchError
+    from pipeline.training.loader import ResidencyError
+    from pipeline.training.pairs import CacheMissError
 
     return (StoreError, ConfigError, DatasetError, UnknownEncoderError, WeightsNotFoundError,
+            CacheMissError, CheckpointMismatchError, ResidencyError,
             FileNotFoundError, ValueError, PermissionError)
 
 
@@ -95,6 +99,51 @@ def _print_embed_summary(result) -> None:
             err.print(f"... and {len(result.failures) - 50} more; all are in each store's failures/ table.")
     mem = ", ".join(f"{k} {v:,.0f} MiB" for k, v in result.memory.items())
     err.print(f"wall-clock {result.seconds:.1f} s · peak memory {mem}")
+
+
+class Resident(str, Enum):
+    auto = "auto"
+    ram = "ram"
+    gpu = "gpu"
+    none = "none"
+
+
+def _flag_overrides(**flags) -> list[str]:
+    """Explicit flags become overrides, so they win over the preset (quoted as YAML strings)."""
+    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in flags.items() if v is not None]
+
+
+@app.command("train-adaptor", epilog="Examples:\n\n"
+             "  pipe train-adaptor -d demo -b tiny-vit -t minilm epochs=20 adaptor.mode=tokens\n\n"
+             "  pipe train-adaptor -d mimic-cxr:/data/mimic -b dinov2-b -t bert --config configs/adaptor_paper.yaml")
+def train_adaptor(
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. optim.lr=1e-4 adaptor.mode=tokens."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="The DATASET given to `pipe embed`."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset (configs/*.yaml)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory [default: runs/adaptor-...]."),
+    cache: Optional[Path] = CACHE_OPT,
+    device: Optional[Device] = typer.Option(None, "--device"),
+    resident: Optional[Resident] = typer.Option(None, "--resident", help="Hold the needed arrays in RAM/GPU, or stream (none)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON on stdout."),
+) -> None:
+    """Train the Adaptor from the cache: no backbone forward passes, no image decoding."""
+    from pipeline.config import load_config
+    from stages.train_adaptor import TrainConfig, run
+
+    flags = _flag_overrides(dataset=dataset, backbone=backbone, text_encoder=text_encoder,
+                            out=str(out) if out else None, cache=str(cache) if cache else None,
+                            device=device.value if device else None, resident=resident.value if resident else None)
+    try:
+        cfg = load_config(TrainConfig, config, [*(overrides or []), *flags])
+        result = run(cfg)
+    except _user_errors() as e:
+        fail(str(e))
+    err.print(f"checkpoint: {result.checkpoint} · metrics: {result.out / 'metrics.csv'} · "
+              f"curves: {result.out / 'curves.png'}")
+    if as_json:
+        print(json.dumps({"out": str(result.out), "checkpoint": str(result.checkpoint), **result.final}))
 
 
 @app.command()

@@ -170,7 +170,7 @@ def plan_groups(units: list[Unit], done: set, shard_rows: int) -> list[list[Unit
 def group_id(units: list[Unit]) -> str:
     h = xxhash.xxh3_64()
     for u in units:
-        h.update(f"{u.key}:{u.view},")
+        h.update(f"{u.key}:{u.view},".encode())
     return h.hexdigest()
 
 

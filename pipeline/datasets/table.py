@@ -32,7 +32,7 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def table_name(path: Path) -> str:
     path = Path(path).resolve()
-    return f"{path.stem}-{xxhash.xxh64_hexdigest(str(path))[:8]}"
+    return f"{path.stem}-{xxhash.xxh64_hexdigest(str(path).encode())[:8]}"
 
 
 def items_from_table(path: Path) -> list[Item]:

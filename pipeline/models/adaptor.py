@@ -1,27 +1,24 @@
 """The Adaptor: a small cross-modal module trained on cached frozen-encoder embeddings.
 
-Two modes share one set of weights and one parameter count:
+* ``pooled`` reproduces the paper: one pooled vector per modality, a length-1
+  sequence, so each attention has a single key and its softmax is exactly 1. The
+  query never matters, Q/K get no gradient and nothing crosses between modalities
+  (flaw 1 in PAPER.md). Kept only to reproduce the published model.
+* ``tokens`` feeds whole token sequences (image prefix + patches, report [CLS] +
+  words), so cross-attention really attends over many keys.
 
-* ``pooled`` reproduces the paper. Each modality is one pooled vector, a length-1
-  sequence, so every attention has a single key and its softmax is exactly 1: the
-  query never matters, Q/K get no gradient, and no information crosses between
-  modalities (flaw 1 in PAPER.md). We keep it only to reproduce the published model.
-* ``tokens`` feeds full token sequences (image CLS + patches, report [CLS] + words),
-  so cross-attention really attends over many keys.
+Orientation. The authors' block adds the attention output to the key/value stream
+(``img = block(residual=img, query=txt, kv=img)``), which only works when both
+sequences have the same length. ``tokens`` mode therefore uses the usual orientation:
+residual and query from the stream being updated, keys/values from the other one. The
+order stays the authors': image stream first, then the text stream reading the
+*updated* image stream. The same block objects serve both streams.
 
-Layer orientation. The authors' block adds the attention output to the key/value
-stream: ``img = block(residual=img, query=txt, kv=img)``. That only type-checks when
-both sequences have the same length, so ``tokens`` mode uses the usual cross-attention
-orientation (residual and query from the stream being updated, keys/values from the
-other one). The order is the authors': image stream first, then the text stream,
-which reads the *updated* image stream. The same block objects serve both streams.
-
-Image-only path (``encode_image``): each block runs as self-attention on the image
-sequence of one sample (query = key = value = image). In ``pooled`` mode this is
-*exactly* the image embedding of the paired forward, because a one-key attention
-ignores its query; in ``tokens`` mode it is the text-free use of the same weights.
-Inputs are always 3-D ``[B, T, d]`` with ``batch_first``, so samples never attend to
-each other (the authors passed ``[B, d]`` and the batch became one sequence: flaw 2).
+Image-only path (``encode_image``): each block is self-attention within one sample's
+image sequence (query = key = value = image). In ``pooled`` mode this equals the paired
+forward's image embedding exactly, since a one-key attention ignores its query. Inputs
+are always 3-D ``[B, T, d]`` with ``batch_first``, so samples never attend to each
+other (the authors passed ``[B, d]``, making the batch one sequence: flaw 2).
 """
 from __future__ import annotations
 

@@ -1,0 +1,171 @@
+"""The training reader: only the arrays a mode needs, resident when they fit.
+
+``pooled`` mode needs the pooled vectors (a few KB per item), so they are always held in
+memory. ``tokens`` mode needs the token arrays: held in RAM or on the GPU when they fit
+(``resident``), otherwise streamed from the shard files in block-shuffled order, one batch
+ahead, into pinned memory.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from cache.reader import RowReader, available_ram, block_shuffled_order
+from pipeline.console import err
+from pipeline.training.pairs import PairData
+
+Resident = Literal["auto", "ram", "gpu", "none"]
+
+
+class ResidencyError(MemoryError):
+    pass
+
+
+@dataclass
+class _Source:
+    """One array, either resident (a tensor over compact rows) or a streaming reader."""
+
+    name: str
+    reader: RowReader
+    rows: np.ndarray            # store rows that this loader may ask for (sorted, unique)
+    resident: torch.Tensor | None = None
+
+    def gather(self, store_rows: np.ndarray, pin: bool) -> torch.Tensor:
+        if self.resident is not None:
+            pos = torch.from_numpy(np.searchsorted(self.rows, store_rows)).to(self.resident.device)
+            return self.resident.index_select(0, pos)
+        out = torch.empty((len(store_rows), *self.reader.row_shape),
+                          dtype=_torch_dtype(self.reader.dtype), pin_memory=pin)
+        self.reader.take(store_rows, out=out.numpy())
+        return out
+
+
+def _torch_dtype(dt: np.dtype) -> torch.dtype:
+    return {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32,
+            np.dtype("int32"): torch.int32}[np.dtype(dt)]
+
+
+class PairLoader:
+    """Batches of (image, text) arrays for a set of item positions."""
+
+    def __init__(self, data: PairData, positions: np.ndarray, mode: str, batch_size: int,
+                 device: torch.device, resident: Resident = "auto", views: bool = True,
+                 seed: int = 0, buffer_chunks: int = 8, drop_last: bool = False, text: bool = True):
+        self.data, self.positions, self.mode = data, np.asarray(positions), mode
+        self.batch_size, self.device, self.seed = batch_size, device, seed
+        self.views, self.buffer_chunks, self.drop_last = views, buffer_chunks, drop_last
+        self.wait_seconds = 0.0
+        img_rows = data.image_rows[self.positions]
+        if not views:
+            img_rows = img_rows[:, :1]
+        self.image_rows = img_rows
+        self.text_rows = data.text_rows[self.positions]
+        names = {"pooled": ("pooled",), "tokens": ("tokens",)}[mode]
+        self.sources: dict[str, _Source] = {}
+        used_img = np.unique(img_rows[img_rows >= 0])
+        for n in names:
+            self.sources[f"image_{n}"] = _Source(n, RowReader(data.image, n), used_img)
+        if text:
+            used_txt = np.unique(self.text_rows)
+            for n in names + (("length",) if mode == "tokens" else ()):
+                self.sources[f"text_{n}"] = _Source(n, RowReader(data.text, n), used_txt)
+        self.residency = self._make_resident(resident)
+
+    # -- residency -----------------------------------------------------------------------
+    def nbytes(self) -> int:
+        return sum(s.reader.nbytes(len(s.rows)) for s in self.sources.values())
+
+    def _make_resident(self, resident: Resident) -> str:
+        need = self.nbytes()
+        if resident == "none" or (resident == "auto" and self.mode == "tokens" and need > 0.5 * available_ram()):
+            if resident == "auto":
+                err.print(f"[yellow]token arrays need {need / 2**30:.1f} GiB, more than half the free RAM: "
+                          "streaming them from the cache instead")
+            return "stream"
+        where = "gpu" if resident == "gpu" or (resident == "auto" and self.device.type == "cuda") else "ram"
+        if where == "gpu":
+            if self.device.type != "cuda":
+                raise ResidencyError("--resident gpu needs a CUDA device; use --resident ram or --device cuda")
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > 0.8 * free:
+                raise ResidencyError(f"--resident gpu needs {need / 2**30:.2f} GiB but the GPU has "
+                                     f"{free / 2**30:.2f} GiB free; use --resident ram or none")
+        elif need > 0.8 * available_ram():
+            raise ResidencyError(f"--resident ram needs {need / 2**30:.2f} GiB but only "
+                                 f"{available_ram() / 2**30:.2f} GiB is available; use --resident none to stream")
+        for s in self.sources.values():
+            t = torch.from_numpy(s.reader.take(s.rows))
+            s.resident = t.to(self.device) if where == "gpu" else t
+        return where
+
+    # -- iteration -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        n = len(self.positions)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The items' order for an epoch, and the view each item uses in it.
+
+        Both come from a generator seeded by (seed, epoch) only, so a resumed run sees
+        exactly the epochs an uninterrupted run sees.
+        """
+        rng = np.random.default_rng([self.seed, epoch])
+        n_views = (self.image_rows >= 0).sum(1)
+        view = (rng.random(len(self.positions)) * n_views).astype(np.int64) if self.views else np.zeros(len(n_views), np.int64)
+        if self.residency == "stream":
+            lay = self.sources[next(iter(self.sources))].reader.layout
+            order = block_shuffled_order(self.image_rows[np.arange(len(view)), view], lay.chunk_rows,
+                                         self.buffer_chunks, rng)
+        else:
+            order = rng.permutation(len(self.positions))
+        return order, view
+
+    def fixed_order(self) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.positions)
+        return np.arange(n), np.zeros(n, np.int64)
+
+    def batches(self, epoch: int | None) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches for an epoch (shuffled, sampled views) or, with None, in order, plain views."""
+        order, view = self.epoch_order(epoch) if epoch is not None else self.fixed_order()
+        bs = self.batch_size
+        stops = range(0, len(order) - (len(order) % bs if self.drop_last else 0), bs)
+        idx = [order[s:s + bs] for s in stops]
+        idx = [i for i in idx if len(i)]
+        if self.residency == "stream":
+            yield from self._prefetched(idx, view)
+        else:
+            for sel in idx:
+                t = time.perf_counter()
+                batch = self._assemble(sel, view)
+                self.wait_seconds += time.perf_counter() - t
+                yield batch
+
+    def _assemble(self, sel: np.ndarray, view: np.ndarray) -> dict[str, torch.Tensor]:
+        pin = self.residency == "stream" and self.device.type == "cuda"
+        img_rows = self.image_rows[sel, view[sel]]
+        out = {"index": torch.from_numpy(self.positions[sel])}
+        for key, src in self.sources.items():
+            rows = img_rows if key.startswith("image_") else self.text_rows[sel]
+            out[key] = src.gather(rows, pin)
+        if "text_length" in out:
+            t = out.pop("text_length").long()
+            T = out["text_tokens"].shape[1]
+            out["text_mask"] = torch.arange(T, device=t.device)[None, :] < t[:, None]
+        return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+
+    def _prefetched(self, idx: list[np.ndarray], view: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+        """Read batch i+1 in a thread while the model trains on batch i."""
+        with ThreadPoolExecutor(1, thread_name_prefix="cache-read") as pool:
+            nxt = pool.submit(self._assemble, idx[0], view) if idx else None
+            for i in range(len(idx)):
+                t = time.perf_counter()
+                batch = nxt.result()
+                self.wait_seconds += time.perf_counter() - t
+                if i + 1 < len(idx):
+                    nxt = pool.submit(self._assemble, idx[i + 1], view)
+                yield batch

@@ -1,0 +1,243 @@
+"""Stage two: train the Adaptor straight from the cache.
+
+No encoder is built and no image is decoded: the loader reads cached arrays, and the
+checkpoint records the fingerprints of the caches it was trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError, config_hash, save_config, to_dict
+from pipeline.console import err, peak_memory_mb, progress, resolve_device
+from pipeline.models.adaptor import Adaptor, AdaptorConfig
+from pipeline.models.loss import clip_loss, retrieval_recall
+from pipeline.paths import cache_root
+from pipeline.training.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from pipeline.training.loader import PairLoader
+from pipeline.training.metrics import MetricsLog
+from pipeline.training.pairs import PairData, load_pairs
+
+CHECKPOINT = "last.safetensors"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_frac: float = 0.02      # linear warm-up over this share of all steps, then linear decay to 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = ""
+    backbone: str = ""
+    text_encoder: str = ""
+    cache: str | None = None
+    out: str | None = None
+    adaptor: AdaptorConfig = AdaptorConfig()
+    optim: OptimConfig = OptimConfig()
+    batch_size: int = 1024
+    epochs: int = 50
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resident: Literal["auto", "ram", "gpu", "none"] = "auto"
+    views: bool = True             # sample one cached view per image each epoch (when the cache has views)
+    train_split: str = "train"
+    val_split: str = "valid"
+    val_batch_size: int = 1024
+    checkpoint_every: int = 1      # epochs
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    checkpoint: Path
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
+    backbone_forwards: int = 0     # always 0: stage two never runs an encoder
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def default_out(cfg: TrainConfig, dataset_name: str) -> Path:
+    return Path("runs") / f"adaptor-{dataset_name}-{cfg.backbone}-{cfg.text_encoder}-{cfg.adaptor.mode}"
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    from pipeline.datasets import open_dataset
+
+    _require(cfg)
+    root = cache_root(cfg.cache)
+    device = resolve_device(cfg.device)
+    ds_name = open_dataset(cfg.dataset, root, materialise=False).name
+    data = load_pairs(root, ds_name, cfg.dataset, cfg.backbone, cfg.text_encoder)
+    cfg = _with_dims(cfg, data)
+    out = Path(cfg.out) if cfg.out else default_out(cfg, ds_name)
+    out.mkdir(parents=True, exist_ok=True)
+    train_pos, val_pos = data.split(cfg.train_split), data.split(cfg.val_split)
+    if len(train_pos) < 2:
+        raise ValueError(f"split {cfg.train_split!r} has {len(train_pos)} cached pairs; contrastive training needs "
+                         f"at least 2. Check the dataset's split column or set train_split=...")
+    return Trainer(cfg, data, device, out, train_pos, val_pos).fit()
+
+
+def _require(cfg: TrainConfig) -> None:
+    missing = [k for k in ("dataset", "backbone", "text_encoder") if not getattr(cfg, k)]
+    if missing:
+        raise ConfigError([f"{k}: a value is required (--{k.replace('_', '-')})" for k in missing], "train-adaptor")
+
+
+def _with_dims(cfg: TrainConfig, data: PairData) -> TrainConfig:
+    """The Adaptor's input widths are the cached encoders' widths."""
+    di = data.image.array("pooled").shape[1]
+    dt = data.text.array("pooled").shape[1]
+    return dataclasses.replace(cfg, adaptor=dataclasses.replace(cfg.adaptor, image_dim=di, text_dim=dt))
+
+
+def lr_lambda(total_steps: int, warmup_frac: float):
+    warm = max(1, round(total_steps * warmup_frac))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: PairData, device: torch.device, out: Path,
+                 train_pos: np.ndarray, val_pos: np.ndarray):
+        self.cfg, self.data, self.device, self.out = cfg, data, device, out
+        torch.manual_seed(cfg.seed)
+        self.model = Adaptor(cfg.adaptor).to(device)
+        self.grid, self.n_prefix = data.image_grid
+        bs = min(cfg.batch_size, len(train_pos))
+        self.train = PairLoader(data, train_pos, cfg.adaptor.mode, bs, device, cfg.resident, cfg.views,
+                                seed=cfg.seed, drop_last=True)
+        self.val = (PairLoader(data, val_pos, cfg.adaptor.mode, cfg.val_batch_size, device, cfg.resident,
+                               views=False) if len(val_pos) > 1 else None)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                     betas=cfg.optim.betas)
+        self.steps_per_epoch = len(self.train)
+        total = self.steps_per_epoch * cfg.epochs
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total, cfg.optim.warmup_frac))
+        self.log = None
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def meta(self, epoch: int) -> dict:
+        return {"kind": "adaptor", "config": to_dict(self.cfg), "config_hash": config_hash(self._resume_key()),
+                "fingerprints": self.data.fingerprints(), "epoch": epoch, "backbone": self.cfg.backbone,
+                "text_encoder": self.cfg.text_encoder, "image_grid": self.grid, "n_prefix": self.n_prefix,
+                "dataset": self.cfg.dataset}
+
+    def _resume_key(self) -> dict:
+        """What must match for a run to continue another: all but epochs/out/device."""
+        d = to_dict(self.cfg)
+        for k in ("epochs", "out", "device", "resident", "cache", "val_batch_size"):
+            d.pop(k, None)
+        return d
+
+    def _maybe_resume(self) -> int:
+        ckpt = self.out / CHECKPOINT
+        if not ckpt.exists():
+            return 0
+        meta = read_meta(ckpt)
+        if meta.get("config_hash") != config_hash(self._resume_key()):
+            raise ValueError(f"{self.out} holds a run with a different config; pass another --out, or delete "
+                             f"{ckpt} to start over")
+        if meta.get("fingerprints") != self.data.fingerprints():
+            raise ValueError(f"{ckpt} was trained on other caches ({meta.get('fingerprints')}); "
+                             "pass another --out to train on these")
+        load_checkpoint(ckpt, self.model, self.opt)
+        epoch = int(meta["epoch"])
+        self.sched.last_epoch = epoch * self.steps_per_epoch - 1
+        self.sched.step()
+        err.print(f"resuming {self.out} after epoch {epoch}")
+        return epoch
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        save_config(cfg, self.out / "config.yaml")
+        start = self._maybe_resume()
+        self.log = MetricsLog(self.out, resume=start > 0)
+        self.log.truncate(start)
+        err.print(f"training the Adaptor ({cfg.adaptor.mode} mode, "
+                  f"{sum(p.numel() for p in self.model.parameters() if p.requires_grad):,} trainable parameters) "
+                  f"on {len(self.train.positions):,} pairs · effective global batch {self.train.batch_size} "
+                  f"({self.steps_per_epoch} steps/epoch) · data {self.train.residency} "
+                  f"({self.train.nbytes() / 2**20:,.1f} MiB) · backbone forwards: 0")
+        with progress() as bar:
+            task = bar.add_task("train-adaptor", total=cfg.epochs * self.steps_per_epoch,
+                                completed=start * self.steps_per_epoch)
+            for epoch in range(start + 1, cfg.epochs + 1):
+                row = self._epoch(epoch, lambda: bar.advance(task))
+                self.log.log(row)
+                err.print(_epoch_line(row))
+                if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+                    save_checkpoint(self.out / CHECKPOINT, self.model, self.meta(epoch), self.opt)
+        self.log.plot(self.out / "curves.png", f"Adaptor · {cfg.backbone} + {cfg.text_encoder} · {cfg.adaptor.mode}")
+        return TrainResult(self.out, self.out / CHECKPOINT, self.log.rows, start)
+
+    def _epoch(self, epoch: int, tick) -> dict:
+        self.model.train()
+        torch.manual_seed(self.cfg.seed * 100003 + epoch)  # dropout: a resumed epoch replays exactly
+        t0, losses, self.train.wait_seconds = time.perf_counter(), [], 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for batch in self.train.batches(epoch):
+            loss = self._step(batch)
+            losses.append(loss)
+            tick()
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": self.sched.get_last_lr()[0],
+               "logit_scale": float(self.model.scale()), "epoch_seconds": round(seconds, 3),
+               "data_wait_share": round(self.train.wait_seconds / max(seconds, 1e-9), 4),
+               "samples_per_s": round(len(losses) * self.train.batch_size / seconds, 1),
+               **{k: round(v, 1) for k, v in peak_memory_mb(self.device).items()}}
+        row.update(self.validate())
+        return row
+
+    def _step(self, batch: dict) -> float:
+        img, txt = self.model(batch, image_grid=self.grid, n_prefix=self.n_prefix)
+        loss = clip_loss(img, txt, self.model.scale(), self.cfg.adaptor.image_weight)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        if self.val is None:
+            return {}
+        self.model.eval()
+        imgs, txts = [], []
+        for batch in self.val.batches(None):
+            i, t = self.model(batch, image_grid=self.grid, n_prefix=self.n_prefix)
+            imgs.append(i)
+            txts.append(t)
+        img, txt = torch.cat(imgs), torch.cat(txts)
+        out = {"val_loss": float(clip_loss(img, txt, self.model.scale(), self.cfg.adaptor.image_weight))}
+        for k, v in retrieval_recall(img, txt).items():
+            out["val_" + k.replace("R@", "r@")] = round(float(v), 4)
+        return out
+
+
+def _epoch_line(r: dict) -> str:
+    val = (f" · val loss {r['val_loss']:.4f} · i2t R@1/5/10 {r['val_i2t_r@1']:.3f}/{r['val_i2t_r@5']:.3f}/"
+           f"{r['val_i2t_r@10']:.3f}" if "val_loss" in r else "")
+    mem = f" · peak {r.get('gpu_peak_mb', r['cpu_peak_mb']):,.0f} MiB"
+    return (f"epoch {r['epoch']:>3} · loss {r['train_loss']:.4f}{val} · {r['epoch_seconds']:.2f} s"
+            f" · data wait {100 * r['data_wait_share']:.1f}%{mem}")
