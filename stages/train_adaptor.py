@@ -23,7 +23,7 @@ from pipeline.paths import cache_root
 from pipeline.training.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from pipeline.training.loader import PairLoader
 from pipeline.training.metrics import MetricsLog
-from pipeline.training.pairs import PairData, load_pairs
+from pipeline.training.pairs import CacheMissError, PairData, embed_command, load_pairs
 
 CHECKPOINT = "last.safetensors"
 
@@ -82,6 +82,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     device = resolve_device(cfg.device)
     ds_name = open_dataset(cfg.dataset, root, materialise=False).name
     data = load_pairs(root, ds_name, cfg.dataset, cfg.backbone, cfg.text_encoder)
+    check_index_current(open_dataset(cfg.dataset, root), data, cfg)
     cfg = _with_dims(cfg, data)
     out = Path(cfg.out) if cfg.out else default_out(cfg, ds_name)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +91,18 @@ def run(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"split {cfg.train_split!r} has {len(train_pos)} cached pairs; contrastive training needs "
                          f"at least 2. Check the dataset's split column or set train_split=...")
     return Trainer(cfg, data, device, out, train_pos, val_pos).fit()
+
+
+def check_index_current(ds, data: PairData, cfg: TrainConfig) -> None:
+    """Refuse to train on a cache that predates rows added to the dataset since."""
+    from pipeline.datasets.index import load_index
+
+    known = set(load_index(cache_root(cfg.cache), ds.name).table.id)
+    new = [it.id for it in ds.items if it.id not in known]
+    if new:
+        hint = embed_command(cfg.dataset, cfg.backbone, cfg.text_encoder, cache_root(cfg.cache))
+        raise CacheMissError(f"{len(new)} item(s) of {cfg.dataset!r} are not in the cache (e.g. item {new[0]!r}): "
+                             f"the dataset grew since it was embedded. Run:\n  {hint}")
 
 
 def _require(cfg: TrainConfig) -> None:
@@ -202,7 +215,7 @@ class Trainer:
             tick()
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": self.sched.get_last_lr()[0],
-               "logit_scale": float(self.model.scale()), "epoch_seconds": round(seconds, 3),
+               "logit_scale": float(self.model.scale().detach()), "epoch_seconds": round(seconds, 3),
                "data_wait_share": round(self.train.wait_seconds / max(seconds, 1e-9), 4),
                "samples_per_s": round(len(losses) * self.train.batch_size / seconds, 1),
                **{k: round(v, 1) for k, v in peak_memory_mb(self.device).items()}}

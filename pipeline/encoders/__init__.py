@@ -8,13 +8,12 @@ from .base import FrozenEncoder, ImageEncoder, ImageOutput, TextEncoder, TextOut
 from .config import EncoderConfig
 from .registry import (UnknownEncoderError, create_encoder, describe_encoders, list_aliases, list_encoders,
                        register_alias, register_encoder, resolve_encoder_name)
-from .weights import WeightsNotFoundError, locate_weights, weights_available
+from .weights import WeightsNotFoundError, locate_weights, weights_available, weights_identity
 from . import image as _image, text as _text  # noqa: E402,F401  (registers the built-in encoders)
-from .image import image_transform
 
 __all__ = [
     "EncoderConfig", "FrozenEncoder", "ImageEncoder", "ImageOutput", "TextEncoder", "TextOutput",
-    "UnknownEncoderError", "WeightsNotFoundError", "create_encoder", "describe_encoders", "image_transform",
+    "UnknownEncoderError", "WeightsNotFoundError", "create_encoder", "describe_encoders",
     "list_aliases", "list_encoders", "locate_weights", "register_alias", "register_encoder",
-    "resolve_encoder_name", "weights_available",
+    "resolve_encoder_name", "weights_available", "weights_identity",
 ]

@@ -5,12 +5,12 @@ The embed stage only ever sees these types, so it never branches on which encode
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .config import EncoderConfig
+from .weights import weights_identity
 
 
 @dataclass
@@ -27,10 +27,16 @@ class TextOutput:
     pooled: torch.Tensor       # [B, D]
 
 
+def check_embed_dim(config: EncoderConfig, actual: int) -> None:
+    """Loaded weights must have the width the registry promises the cache."""
+    if config.embed_dim and actual != config.embed_dim:
+        raise RuntimeError(f"{config.name}: the loaded model is {actual} wide, the registry says {config.embed_dim}")
+
+
 class FrozenEncoder(nn.Module):
     """Eval mode for good and no gradients: ``train()`` cannot switch it back."""
 
-    def __init__(self, config: EncoderConfig, weights_id: str | Callable[[], str]):
+    def __init__(self, config: EncoderConfig, weights_id: str | None = None):
         super().__init__()
         self.config = config
         self._weights_id = weights_id
@@ -44,15 +50,20 @@ class FrozenEncoder(nn.Module):
         return super().train(False)
 
     def weights_id(self) -> str:
-        """The weights' identity for the cache fingerprint (hub commit or file hash)."""
-        if callable(self._weights_id):
-            self._weights_id = self._weights_id()
+        """The weights' identity for the cache fingerprint (hub commit, file hash or seed)."""
+        if self._weights_id is None:
+            self._weights_id = weights_identity(self.config)
         return self._weights_id
 
     @property
     def device(self) -> torch.device:
         first = next(self.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        first = next(self.parameters(), None)
+        return first.dtype if first is not None else torch.float32
 
     def extra_repr(self) -> str:
         return f"name={self.config.name!r}, dim={self.config.embed_dim}"
@@ -64,7 +75,7 @@ class ImageEncoder(FrozenEncoder):
     def forward(self, pixels: torch.Tensor) -> ImageOutput:
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"{self.config.name}: expected pixels [B, 3, H, W], got {tuple(pixels.shape)}")
-        out = self.encode(pixels.to(self.device, torch.float32))
+        out = self.encode(pixels.to(self.device, self.dtype))
         n_expected = self.config.num_prefix_tokens + out.grid[0] * out.grid[1]
         if out.tokens.shape[1] != n_expected:
             raise RuntimeError(f"{self.config.name}: {out.tokens.shape[1]} tokens, expected {n_expected}")

@@ -14,7 +14,7 @@ class EncoderConfig:
     """Registry metadata for one frozen encoder (cf. timm's ``PretrainedCfg``).
 
     Images reach the encoder already resized (shorter side to ``resize_size``), centre
-    cropped to ``input_size`` and normalised with ``mean``/``std``; see ``image_transform``.
+    cropped to ``input_size`` and normalised with ``mean``/``std``.
     """
 
     name: str
@@ -60,5 +60,14 @@ class EncoderConfig:
         d = asdict(self)
         d["mean"] = list(self.mean) if self.mean else None
         d["std"] = list(self.std) if self.std else None
-        d["extra"] = {k: v for k, v in self.extra}
+        d["extra"] = {k: _jsonable(v) for k, v in self.extra}
         return d
+
+
+def _jsonable(value: Any) -> Any:
+    """Nested ``((key, value), ...)`` settings become dicts; other tuples become lists."""
+    if isinstance(value, tuple):
+        if value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value):
+            return {k: _jsonable(v) for k, v in value}
+        return [_jsonable(v) for v in value]
+    return value

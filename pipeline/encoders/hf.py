@@ -19,6 +19,20 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No "Loading weights" bars from transformers: the embed stage draws its own progress."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 def load_pretrained(auto_class, folder: Path, config: EncoderConfig, **kwargs):
     """``auto_class.from_pretrained`` from a local folder, never from the network.
 
@@ -27,7 +41,7 @@ def load_pretrained(auto_class, folder: Path, config: EncoderConfig, **kwargs):
     """
     if config.setting("trust_remote_code"):
         kwargs["trust_remote_code"] = True
-    with seeded(0):
+    with seeded(0), quiet_loading():
         model, info = auto_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True, **kwargs)
     missing = info.get("missing_keys") or []
     if missing:

@@ -1,40 +1,25 @@
 """Image encoders: builders and their registry entries.
 
-Every encoder takes pixels already resized, centre cropped and normalised with the
-registered mean/std (``image_transform`` does exactly that) and returns ``ImageOutput``.
+Every encoder takes pixels already resized (shorter side to ``resize_size``), centre
+cropped to ``input_size`` and normalised with the registered mean/std, and returns
+``ImageOutput``.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .base import ImageEncoder, ImageOutput
+from .base import ImageEncoder, ImageOutput, check_embed_dim
 from .config import EncoderConfig
-from .hf import load_pretrained, seeded
+from .hf import load_pretrained, quiet_loading, seeded
 from .registry import register_auto_builder, register_encoder
-from .weights import (WeightsNotFoundError, XRV_INSTALL_HINT, location_weights_id, random_weights_id,
-                      require_weights)
+from .weights import WeightsNotFoundError, XRV_INSTALL_HINT, require_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
-
-
-def image_transform(config: EncoderConfig) -> Callable:
-    """PIL image -> normalised [3, input_size, input_size] tensor, as the encoder expects."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.Lambda(lambda img: img.convert("RGB") if hasattr(img, "convert") else img),
-        v2.ToImage(),
-        v2.Resize(config.resize_size, antialias=True),
-        v2.CenterCrop(config.input_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(config.mean), list(config.std)),
-    ])
 
 
 def _pool(tokens: torch.Tensor, prefix: int, pooling: str) -> torch.Tensor:
@@ -46,7 +31,7 @@ def _pool(tokens: torch.Tensor, prefix: int, pooling: str) -> torch.Tensor:
 class HFViTEncoder(ImageEncoder):
     """``last_hidden_state`` (already layer-normed): prefix tokens then the patch grid."""
 
-    def __init__(self, config: EncoderConfig, model: nn.Module, weights_id):
+    def __init__(self, config: EncoderConfig, model: nn.Module, weights_id: str | None = None):
         super().__init__(config, weights_id)
         self.model = model
 
@@ -62,30 +47,34 @@ def build_hf_vit(config: EncoderConfig) -> HFViTEncoder:
 
     loc = require_weights(config)
     model = load_pretrained(AutoModel, loc.path, config)
-    return HFViTEncoder(config, model, lambda: location_weights_id(config, loc))
-
-
-def _dinov2_from_settings(config: EncoderConfig) -> tuple[nn.Module, dict]:
-    from transformers import Dinov2Config, Dinov2Model
-
-    arch = dict(config.setting("arch"))
-    with seeded(config.setting("seed", 0)):
-        return Dinov2Model(Dinov2Config(**arch)), arch
+    check_embed_dim(config, model.config.hidden_size)
+    return HFViTEncoder(config, model)
 
 
 def build_random_dinov2(config: EncoderConfig) -> HFViTEncoder:
-    model, arch = _dinov2_from_settings(config)
-    return HFViTEncoder(config, model, random_weights_id({"model": "Dinov2Model", **arch}, config.setting("seed", 0)))
+    from transformers import Dinov2Config, Dinov2Model
+
+    with seeded(config.setting("seed", 0)):
+        model = Dinov2Model(Dinov2Config(**dict(config.setting("arch"))))
+    return HFViTEncoder(config, model)
 
 
 def build_onnx_dinov2(config: EncoderConfig) -> HFViTEncoder:
+    from transformers import Dinov2Config, Dinov2Model
+
     from .dinov2_onnx import dinov2_state_dict_from_onnx
 
     loc = require_weights(config)
-    model, _ = _dinov2_from_settings(config)
     state = {k: torch.from_numpy(v.copy()) for k, v in dinov2_state_dict_from_onnx(loc.path).items()}
-    model.load_state_dict(state, strict=True)
-    return HFViTEncoder(config, model, lambda: location_weights_id(config, loc))
+    # from_pretrained (not load_state_dict) so transformers renames the exporter's older
+    # parameter names to whatever its current Dinov2Model calls them.
+    with quiet_loading():
+        model, info = Dinov2Model.from_pretrained(None, config=Dinov2Config(**dict(config.setting("arch"))),
+                                                  state_dict=state, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise RuntimeError(f"{config.name}: the ONNX weights do not fit Dinov2Model: {bad}")
+    return HFViTEncoder(config, model.float())
 
 
 # --- timm models ------------------------------------------------------------------------
@@ -107,7 +96,7 @@ FEATURE_LAYOUTS = {"NLC": _sequence, "NCHW": _nchw, "NHWC": _nhwc}
 
 
 class TimmEncoder(ImageEncoder):
-    def __init__(self, config: EncoderConfig, model: nn.Module, weights_id):
+    def __init__(self, config: EncoderConfig, model: nn.Module, weights_id: str | None = None):
         super().__init__(config, weights_id)
         self.model = model
         self._layout = FEATURE_LAYOUTS[config.setting("layout", "NLC")]
@@ -130,9 +119,11 @@ def build_timm(config: EncoderConfig) -> TimmEncoder:
 
     loc = require_weights(config)
     # pretrained=True with a file overlay runs timm's own checkpoint filter, offline.
-    model = timm.create_model(config.setting("timm_name"), pretrained=True,
-                              pretrained_cfg_overlay={"file": str(_weights_file(loc.path))})
-    return TimmEncoder(config, model.float(), lambda: location_weights_id(config, loc))
+    with seeded(0):  # the throwaway init before loading must not disturb the caller's RNG
+        model = timm.create_model(config.setting("timm_name"), pretrained=True,
+                                  pretrained_cfg_overlay={"file": str(_weights_file(loc.path))})
+    check_embed_dim(config, model.num_features)
+    return TimmEncoder(config, model.float())
 
 
 # --- torchxrayvision ResNet autoencoder ---------------------------------------------------
@@ -145,7 +136,7 @@ class XrvAEEncoder(ImageEncoder):
     (equal) channels gives the grey image back exactly.
     """
 
-    def __init__(self, config: EncoderConfig, model: nn.Module, weights_id):
+    def __init__(self, config: EncoderConfig, model: nn.Module, weights_id: str | None = None):
         super().__init__(config, weights_id)
         self.model = model
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
@@ -167,9 +158,10 @@ def build_xrv_ae(config: EncoderConfig) -> XrvAEEncoder:
         from torchxrayvision.autoencoders import ResNetAE101
     except ImportError as err:
         raise WeightsNotFoundError(f"torchxrayvision cannot be imported ({err}); {XRV_INSTALL_HINT}") from err
-    model = ResNetAE101()  # built here and loaded by hand so that xrv never tries to download
+    with seeded(0):
+        model = ResNetAE101()  # built here and loaded by hand so that xrv never tries to download
     model.load_state_dict(torch.load(loc.path, map_location="cpu", weights_only=True))
-    return XrvAEEncoder(config, model, lambda: location_weights_id(config, loc))
+    return XrvAEEncoder(config, model)
 
 
 # --- registry entries -------------------------------------------------------------------

