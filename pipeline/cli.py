@@ -227,6 +227,22 @@ def _human(n: int) -> str:
     return f"{n:,.1f} PiB"
 
 
+def _register_command_modules() -> None:
+    """Commands that live in their own modules add themselves here."""
+    import importlib
+
+    for name in ("evaluate", "data", "sweep"):
+        module = f"pipeline.commands.{name}"
+        try:
+            importlib.import_module(module).register(app)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+_register_command_modules()
+
+
 def main() -> None:
     app()
 

@@ -174,6 +174,20 @@ def group_id(units: list[Unit]) -> str:
     return h.hexdigest()
 
 
+_ENCODERS: dict[tuple[str, str], object] = {}
+
+
+def get_encoder(name: str, device: torch.device):
+    """Build an encoder once per process (a later run in the same process reuses it)."""
+    from pipeline.encoders import create_encoder
+
+    key = (name, str(device))
+    if key not in _ENCODERS:
+        _ENCODERS.clear()  # hold one model at a time: they can be large
+        _ENCODERS[key] = create_encoder(name, device=str(device))
+    return _ENCODERS[key]
+
+
 def _row_bytes(enc_cfg) -> int:
     d = enc_cfg.embed_dim
     if enc_cfg.modality == "text":
@@ -202,8 +216,6 @@ class _Runner:
         self.preprocess = _preprocess(enc_cfg) if modality == "image" else None
 
     def run(self, groups: list[list[Unit]]) -> None:
-        from pipeline.encoders import create_encoder
-
         total = sum(len(g) for g in groups)
         with progress() as bar, _WriteBehind(depth=2) as writer, \
                 ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode") as pool:
@@ -219,7 +231,7 @@ class _Runner:
                     waiting.append(units)
                     continue
                 if self.encoder is None:
-                    self.encoder = create_encoder(self.enc_cfg.name, device=str(self.device))
+                    self.encoder = get_encoder(self.enc_cfg.name, self.device)
                 data = self._embed(units, pool, lambda n: bar.advance(task, n))
                 if data is None:
                     self.store.release(claim)
@@ -244,8 +256,7 @@ class _Runner:
                     self.res.reused += len(units)
                 else:
                     if self.encoder is None:
-                        from pipeline.encoders import create_encoder
-                        self.encoder = create_encoder(self.enc_cfg.name, device=str(self.device))
+                        self.encoder = get_encoder(self.enc_cfg.name, self.device)
                     with ThreadPoolExecutor(self.cfg.decode_threads) as pool:
                         data = self._embed(units, pool, lambda n: None)
                     if data is None:

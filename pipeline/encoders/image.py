@@ -232,4 +232,17 @@ register_encoder(EncoderConfig(
                                   ("use_mask_token", False)))),
 ), build_random_dinov2)
 
+# Random-init networks the size of the real DINOv2s: for benchmarks, where only the
+# compute matters. Never use them for results.
+for _size, _dim, _layers, _heads in (("s", 384, 12, 6), ("b", 768, 12, 12)):
+    register_encoder(EncoderConfig(
+        name=f"random-dinov2-{_size}", modality="image", source="random", hub_id=None,
+        embed_dim=_dim, patch_size=14, num_prefix_tokens=1, mean=HALF, std=HALF, pooling="cls",
+        trained=False, **_PAPER_PREPROC,
+        description=f"UNTRAINED random-init network the size of DINOv2 ViT-{_size.upper()}/14; for benchmarks",
+        extra=(("seed", 0), ("arch", (("hidden_size", _dim), ("num_hidden_layers", _layers),
+                                      ("num_attention_heads", _heads), ("mlp_ratio", 4), ("patch_size", 14),
+                                      ("image_size", 224), ("use_mask_token", False)))),
+    ), build_random_dinov2)
+
 register_auto_builder("image", build_hf_vit)

@@ -146,4 +146,13 @@ register_encoder(EncoderConfig(
                      ("intermediate_size", 128), ("max_position_embeddings", 128)))),
 ), build_random_bert)
 
+register_encoder(EncoderConfig(
+    name="random-bert", modality="text", source="random", hub_id=None, embed_dim=768, max_tokens=112,
+    pooling="pooler", trained=False,
+    description="UNTRAINED random-init network the size of BERT-base (built-in small vocabulary); for benchmarks",
+    extra=(("seed", 0), ("vocab_xxh3", tiny_vocab_hash()),
+           ("arch", (("hidden_size", 768), ("num_hidden_layers", 12), ("num_attention_heads", 12),
+                     ("intermediate_size", 3072), ("max_position_embeddings", 512)))),
+), build_random_bert)
+
 register_auto_builder("text", build_hf_text)

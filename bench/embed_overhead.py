@@ -1,0 +1,116 @@
+"""What `pipe embed` costs on top of the encoder itself.
+
+Two runs over the same images, in one process:
+  bare:  read + decode + preprocess + forward, in a plain loop
+  embed: `pipe embed` (the stage's run()), which adds hashing, planning, shard writes,
+         fsync and manifest commits, into a fresh cache each time
+Both use the same encoder object (built once, before timing). Each pair is repeated and
+the median ratio reported. Target: embed / bare <= 1.10 on CPU.
+
+    python bench/embed_overhead.py [--images 160] [--reps 3]
+
+The last line of stdout is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PIPE_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipeline.imaging import read_and_decode  # noqa: E402
+from stages import embed  # noqa: E402
+
+
+def make_images(folder: Path, n: int, size: int) -> Path:
+    """Smooth, X-ray-like 8-bit PNGs (PNG decode cost is realistic for smooth images)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rows = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a, b = rng.uniform(2, 6, 2)
+        img = 0.5 + 0.25 * np.sin(a * np.pi * xx) * np.cos(b * np.pi * yy) + rng.normal(0, 0.03, (size, size))
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i:05d}.png")
+        rows.append({"image": f"{i:05d}.png", "report": f"report {i}", "split": "train"})
+    table = folder / "pairs.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    return table
+
+
+def bare_loop(encoder, preprocess, paths: list[Path], batch: int) -> float:
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(paths), batch):
+            pixels = torch.stack([preprocess(read_and_decode(p)[1]) for p in paths[s:s + batch]])
+            out = encoder(pixels)
+            out.tokens.to(torch.float16).numpy()  # the bare loop also brings results to host
+    return time.perf_counter() - t
+
+
+def embed_run(table: Path, name: str, batch: int) -> float:
+    with tempfile.TemporaryDirectory() as cache:
+        cfg = embed.EmbedConfig(dataset=str(table), backbone=name, text_encoder="none", cache=cache,
+                                batch_size=batch, device="cpu")
+        t = time.perf_counter()
+        res = embed.run(cfg)
+        elapsed = time.perf_counter() - t
+        assert res.embedded == len(pd.read_csv(table)) and res.failed == 0
+    return elapsed
+
+
+def measure(table: Path, name: str, batch: int, reps: int) -> dict:
+    from pipeline.encoders import resolve_encoder_name
+
+    device = torch.device("cpu")
+    encoder = embed.get_encoder(name, device)  # built once, shared by both loops
+    preprocess = embed._preprocess(resolve_encoder_name(name))
+    paths = [table.parent / p for p in pd.read_csv(table).image]
+    bare_loop(encoder, preprocess, paths[:batch], batch)  # warm-up: page cache, allocator, kernels
+    ratios, bares, embeds = [], [], []
+    for r in range(reps):
+        order = [("bare", None), ("embed", None)] if r % 2 == 0 else [("embed", None), ("bare", None)]
+        t = {}
+        for kind, _ in order:
+            t[kind] = bare_loop(encoder, preprocess, paths, batch) if kind == "bare" else embed_run(table, name, batch)
+        ratios.append(t["embed"] / t["bare"])
+        bares.append(t["bare"])
+        embeds.append(t["embed"])
+    n = len(paths)
+    return {"ratio": round(statistics.median(ratios), 3), "bare_img_s": round(n / statistics.median(bares), 1),
+            "embed_img_s": round(n / statistics.median(embeds), 1), "ratios": [round(x, 3) for x in ratios]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--size", type=int, default=512, help="side of the generated PNGs")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        table = make_images(Path(d) / "imgs", args.images, args.size)
+        tiny = measure(table, "tiny-vit", args.batch, args.reps)
+        print(f"tiny-vit: {tiny}", file=sys.stderr)
+        vits = measure(table, "random-dinov2-s", args.batch, max(1, args.reps - 1))
+        print(f"random-dinov2-s: {vits}", file=sys.stderr)
+    print(json.dumps({"bench": "embed_overhead", "ratio_tiny": tiny["ratio"], "ratio_vits": vits["ratio"],
+                      "tiny": tiny, "vits": vits, "images": args.images, "size": args.size,
+                      "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
