@@ -74,15 +74,24 @@ def default_out(cfg: TrainConfig, dataset_name: str) -> Path:
     return Path("runs") / f"adaptor-{dataset_name}-{cfg.backbone}-{cfg.text_encoder}-{cfg.adaptor.mode}"
 
 
-def run(cfg: TrainConfig) -> TrainResult:
+def load_training_data(cfg: TrainConfig) -> PairData:
+    """The cached pairs a config trains on (shared by every run of a sweep)."""
     from pipeline.datasets import open_dataset
 
     _require(cfg)
     root = cache_root(cfg.cache)
-    device = resolve_device(cfg.device)
     ds_name = open_dataset(cfg.dataset, root, materialise=False).name
     data = load_pairs(root, ds_name, cfg.dataset, cfg.backbone, cfg.text_encoder)
     check_index_current(open_dataset(cfg.dataset, root), data, cfg)
+    return data
+
+
+def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
+    from pipeline.datasets import open_dataset
+
+    data = data or load_training_data(cfg)
+    device = resolve_device(cfg.device)
+    ds_name = open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False).name
     cfg = _with_dims(cfg, data)
     out = Path(cfg.out) if cfg.out else default_out(cfg, ds_name)
     out.mkdir(parents=True, exist_ok=True)

@@ -155,3 +155,33 @@ def test_checkpoint_fingerprint_mismatch_is_refused():
     check_fingerprints(meta, {"image": "a" * 32, "text": "b" * 32}, "ckpt")
     with pytest.raises(CheckpointMismatchError, match="other embeddings"):
         check_fingerprints(meta, {"image": "c" * 32, "text": "b" * 32}, "ckpt")
+
+
+def test_sweep_runs_a_grid_from_the_cache(cached, tmp_path, monkeypatch):
+    import pipeline.encoders as encoders
+
+    monkeypatch.setattr(encoders, "create_encoder", lambda *a, **k: (_ for _ in ()).throw(AssertionError("encoder")))
+    table, cache = cached
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"""
+dataset: {table}
+backbone: tiny-vit
+text_encoder: tiny-bert
+overrides: [{", ".join(SMALL)}, epochs=1]
+grid:
+  optim.lr: [1.0e-3, 1.0e-4]
+  adaptor.mode: [pooled, tokens]
+out: {tmp_path / "sweep"}
+""")
+    r = pipe("sweep", str(spec), "--cache", str(cache))
+    assert "backbone forwards: 0" in r.output and "items read from cache: 160" in r.output
+    rows = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
+    assert len(rows) == 4 and set(rows["adaptor.mode"]) == {"pooled", "tokens"}
+    assert rows.val_loss.notna().all()
+
+
+def test_sweep_rejects_bad_keys_before_training(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("dataset: x\nbackbone: tiny-vit\ntext_encoder: tiny-bert\ngrid:\n  optim.lrr: [1]\n  epochs: 3\n")
+    r = pipe("sweep", str(spec), expect=2)
+    assert "grid.epochs: expected a list" in r.output

@@ -1,0 +1,171 @@
+"""Training from the cache against end-to-end training with the frozen encoders in the loop.
+
+Same Adaptor (the paper's size), same batch, same optimiser step. The only difference:
+  cached: the step reads cached embeddings through the training loader
+  e2e:    the step first runs the frozen image and text encoders (no grad) on
+          preprocessed pixels and tokenised reports held in memory, as the authors'
+          code does every step (image decoding is left out, which flatters e2e)
+Encoders are random-init networks the size of DINOv2-S and BERT-base (CPU) or DINOv2-B
+and BERT-base in bf16 (CUDA, when present). Reports pooled mode, tokens mode, tokens mode
+with the patch grid pooled to 8x8, and the share of a cached step spent waiting for data.
+Targets: pooled speedup >= 50x; data wait < 10%.
+
+    python bench/cached_vs_e2e.py [--items 64] [--batch 32]
+
+The last line of stdout is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PIPE_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipeline.models.adaptor import Adaptor, AdaptorConfig  # noqa: E402
+from pipeline.models.loss import clip_loss  # noqa: E402
+from pipeline.training.loader import PairLoader  # noqa: E402
+from pipeline.training.pairs import load_pairs  # noqa: E402
+from stages import embed  # noqa: E402
+
+REPORTS = ["No acute cardiopulmonary abnormality. Heart size is normal. Lungs are clear without focal "
+           "consolidation, effusion or pneumothorax.",
+           "Moderate left pleural effusion with adjacent atelectasis. Mild cardiomegaly. No pneumothorax.",
+           "Right upper lobe consolidation concerning for pneumonia. No effusion. Stable cardiomediastinal "
+           "silhouette."]
+
+
+def make_table(folder: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray((rng.random((256, 256)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+        rows.append({"image": f"{i}.png", "report": f"{REPORTS[i % 3]} Study {i}.", "split": "train"})
+    pd.DataFrame(rows).to_csv(folder / "pairs.csv", index=False)
+    return folder / "pairs.csv"
+
+
+def adaptor_for(mode: str, grid_pool: int, di: int, dt: int, device) -> tuple[Adaptor, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = Adaptor(AdaptorConfig(mode=mode, grid_pool=grid_pool, image_dim=di, text_dim=dt)).to(device)
+    return model, torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+
+
+def train_step(model, opt, batch, grid, amp) -> None:
+    with amp():
+        img, txt = model(batch, image_grid=grid, n_prefix=1)
+        loss = clip_loss(img.float(), txt.float(), model.scale(), 0.75)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cached_rate(data, mode, grid_pool, batch, device, amp, epochs) -> tuple[float, float]:
+    pos = data.split("train")
+    loader = PairLoader(data, pos, mode, batch, device, "auto", views=False, drop_last=True)
+    di, dt = data.image.array("pooled").shape[1], data.text.array("pooled").shape[1]
+    model, opt = adaptor_for(mode, grid_pool, di, dt, device)
+    grid = data.image_grid[0]
+    for b in loader.batches(0):  # warm-up
+        train_step(model, opt, b, grid, amp)
+    sync(device)
+    loader.wait_seconds, n, t = 0.0, 0, time.perf_counter()
+    for e in range(1, epochs + 1):
+        for b in loader.batches(e):
+            train_step(model, opt, b, grid, amp)
+            n += len(b["index"])
+    sync(device)
+    elapsed = time.perf_counter() - t
+    return n / elapsed, loader.wait_seconds / elapsed
+
+
+def e2e_rate(pixels, texts, img_enc, txt_enc, mode, grid_pool, batch, device, amp, steps) -> float:
+    model, opt = adaptor_for(mode, grid_pool, img_enc.config.embed_dim, txt_enc.config.embed_dim, device)
+    tok = txt_enc.tokenize(texts[:batch])
+    tok = {k: v.to(device) for k, v in tok.items()}
+    px = pixels[:batch].to(device)
+
+    def step():
+        with torch.no_grad(), amp():
+            io, to = img_enc(px), txt_enc(**tok)
+        if mode == "pooled":
+            b = {"image_pooled": io.pooled.float(), "text_pooled": to.pooled.float()}
+        else:
+            T = to.tokens.shape[1]
+            b = {"image_tokens": io.tokens.float(), "text_tokens": to.tokens.float(),
+                 "text_mask": torch.arange(T, device=device)[None] < to.length.to(device)[:, None]}
+        train_step(model, opt, b, io.grid, amp)
+
+    step()  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--items", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--e2e-steps", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=20)
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    backbone = "random-dinov2-b" if cuda else "random-dinov2-s"
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
+    with tempfile.TemporaryDirectory() as d:
+        table = make_table(Path(d) / "data", args.items)
+        res = embed.run(embed.EmbedConfig(dataset=str(table), backbone=backbone, text_encoder="random-bert",
+                                          cache=str(Path(d) / "cache"), batch_size=args.batch, device=device.type))
+        from pipeline.datasets import open_dataset
+
+        data = load_pairs(Path(d) / "cache", open_dataset(str(table), Path(d) / "cache").name, str(table),
+                          backbone, "random-bert")
+        img_enc = embed.get_encoder(backbone, device)
+        from pipeline.encoders import create_encoder, resolve_encoder_name
+
+        txt_enc = create_encoder("random-bert", device=str(device))
+        pre = embed._preprocess(resolve_encoder_name(backbone))
+        from pipeline.imaging import read_and_decode
+
+        pixels = torch.stack([pre(read_and_decode(Path(d) / "data" / f"{i}.png")[1]) for i in range(args.batch)])
+        texts = list(pd.read_csv(table).report)
+        out = {"bench": "cached_vs_e2e", "device": torch.cuda.get_device_name() if cuda else "cpu",
+               "backbone": backbone, "text_encoder": "random-bert", "batch": args.batch,
+               "embed_seconds": round(res.seconds, 1)}
+        for mode, gp, key in (("pooled", 0, "pooled"), ("tokens", 0, "tokens"), ("tokens", 8, "tokens_pooled_grid")):
+            c, wait = cached_rate(data, mode, gp, args.batch, device, amp, args.epochs if mode == "pooled" else 2)
+            e = e2e_rate(pixels, texts, img_enc, txt_enc, mode, gp, args.batch, device, amp, args.e2e_steps)
+            out[f"speedup_{key}"] = round(c / e, 1)
+            out[f"cached_samples_s_{key}"] = round(c, 1)
+            out[f"e2e_samples_s_{key}"] = round(e, 2)
+            out[f"data_wait_share_{key}"] = round(wait, 4)
+            print(f"{key}: cached {c:,.1f}/s (data wait {100 * wait:.1f}%), e2e {e:,.2f}/s, speedup {c / e:,.1f}x",
+                  file=sys.stderr)
+        out["data_wait_share"] = out["data_wait_share_pooled"]
+    order = ["bench", "speedup_pooled", "speedup_tokens", "speedup_tokens_pooled_grid", "data_wait_share"]
+    print(json.dumps({**{k: out[k] for k in order}, **{k: v for k, v in out.items() if k not in order}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Random-batch read throughput of the training reader, against np.memmap on the same bytes.
+
+A store holds token arrays the size of a ViT-S/14 encoder's ([257, 384] float16 per
+item), written through the normal shard writer. In one run we time random batches of
+256 rows read:
+  reader:   cache.reader.RowReader (chunk bytes mapped straight from the shard files)
+  memmap:   np.memmap over a flat copy of the same rows (the bound)
+  zarr:     zarr-python indexing of the same array (for reference)
+  stream:   the training loader's streaming path (block-shuffled chunks, one batch ahead)
+Target: reader >= 0.7x memmap.
+
+    python bench/loader.py [--items 4096] [--batches 40]
+
+The last line of stdout is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache.reader import RowReader, block_shuffled_order  # noqa: E402
+from cache.store import ShardData, Store  # noqa: E402
+
+ROW = (257, 384)
+
+
+def build_store(root: Path, n: int, shard_rows: int = 512, chunk_rows: int = 16) -> Store:
+    store = Store.create(root, "image", "bench-vits", "0" * 32, {"bench": True}, shard_rows, chunk_rows)
+    rng = np.random.default_rng(0)
+    for shard in range(-(-n // shard_rows)):
+        rows = min(shard_rows, n - shard * shard_rows)
+        claim = store.claim(f"{shard:016x}")
+        tokens = rng.standard_normal((rows, *ROW), dtype=np.float32).astype(np.float16)
+        store.write_shard(claim, ShardData([f"k{shard}-{i}" for i in range(rows)], [0] * rows, [""] * rows,
+                                           {"tokens": tokens}), "bench", fsync=False)
+    return Store.open(store.path)
+
+
+def rate(fn, batches: list[np.ndarray]) -> float:
+    t = time.perf_counter()
+    for b in batches:
+        fn(b)
+    return sum(len(b) for b in batches) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--items", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        store = build_store(Path(d), args.items)
+        reader = RowReader(store, "tokens")
+        flat = np.lib.format.open_memmap(Path(d) / "flat.npy", mode="w+", dtype=np.float16, shape=(args.items, *ROW))
+        for s in range(0, args.items, 1024):
+            flat[s:s + 1024] = reader.take(np.arange(s, min(s + 1024, args.items)))
+        flat.flush()
+        mm = np.load(Path(d) / "flat.npy", mmap_mode="r")
+        z = zarr.open_array(str(store.zpath / "tokens"), mode="r")
+        out = np.empty((args.batch, *ROW), np.float16)
+        rng = np.random.default_rng(1)
+        ratios, rd, mmr = [], [], []
+        for _ in range(args.reps):  # interleaved, so drift on a noisy machine hits both alike
+            batches = [rng.integers(0, args.items, args.batch) for _ in range(args.batches)]
+            r = rate(lambda b: reader.take(b, out=out), batches)
+            # the faster of two ways to gather from a memmap, so the bound is a fair one
+            m = max(rate(lambda b: np.take(mm, np.sort(b), axis=0, out=out), batches),
+                    rate(lambda b: mm[np.sort(b)], batches))
+            ratios.append(r / m)
+            rd.append(r)
+            mmr.append(m)
+        zr = rate(lambda b: z.get_orthogonal_selection((np.sort(b),)), batches[:5])
+        order = block_shuffled_order(np.arange(args.items), 16, 8, rng)
+        st = rate(lambda b: reader.take(b, out=out), [order[s:s + args.batch] for s in
+                                                       range(0, args.items - args.batch + 1, args.batch)])
+    res = {"bench": "loader", "ratio_vs_memmap": round(statistics.median(ratios), 3),
+           "reader_samples_s": round(statistics.median(rd)), "memmap_samples_s": round(statistics.median(mmr)),
+           "zarr_python_samples_s": round(zr), "block_shuffled_samples_s": round(st),
+           "row": list(ROW), "items": args.items, "batch": args.batch, "ratios": [round(x, 3) for x in ratios]}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
