@@ -339,21 +339,31 @@ class Store:
 
     def write_shard(self, claim: Claim, data: ShardData, dataset: str, fsync: bool = True) -> None:
         """Write every array of one shard, then commit its manifest part."""
+        self.write_arrays(claim.shard, data, fsync)
+        self.commit(claim, data.keys, data.views, data.sources, dataset)
+
+    def write_arrays(self, shard: int, data: ShardData, fsync: bool = True) -> None:
+        """The data half of a shard write; invisible to readers until :meth:`commit`."""
         n = len(data.keys)
         if not 0 < n <= self.shard_rows:
             raise ValueError(f"a shard holds 1..{self.shard_rows} rows, got {n}")
-        start = claim.shard * self.shard_rows
+        start = shard * self.shard_rows
         self._ensure_arrays(data, start + self.shard_rows)
         for name, arr in data.arrays.items():
             zarr.open_array(str(self.zpath / name), mode="r+")[start : start + n] = arr
         if fsync:
             for name in data.arrays:
-                for f in (self.zpath / name / "c" / str(claim.shard)).rglob("*"):
+                top = self.zpath / name / "c" / str(shard)
+                for f in [top] if top.is_file() else top.rglob("*"):
                     if f.is_file():
                         fsync_path(f)
+
+    def commit(self, claim: Claim, keys: list[str], views: list[int], sources: list[str], dataset: str) -> None:
+        """Publish a written shard: its manifest part appears atomically, then the claim goes."""
+        n, start = len(keys), claim.shard * self.shard_rows
         table = pa.Table.from_pydict({
-            "key": data.keys, "view": data.views, "row": list(range(start, start + n)),
-            "shard": [claim.shard] * n, "source": data.sources, "dataset": [dataset] * n,
+            "key": keys, "view": views, "row": list(range(start, start + n)),
+            "shard": [claim.shard] * n, "source": sources, "dataset": [dataset] * n,
             "status": ["ok"] * n,
         }, schema=MANIFEST_SCHEMA)
         write_parquet_atomic(table, self.path / "manifest" / f"part-{claim.shard:06d}-{claim.group}.parquet")

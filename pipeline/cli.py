@@ -62,13 +62,16 @@ def embed(
     allow_failures: bool = typer.Option(False, "--allow-failures", help="Exit 0 even when some items failed."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     shard_mb: float = typer.Option(64.0, "--shard-mb", min=0.01, help="Target shard size: the unit of work and commit."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Start a Dask LocalCluster with N worker processes."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Use an existing Dask cluster (tcp://host:port)."),
 ) -> None:
     """Run each frozen encoder once per distinct image and report, into the cache."""
     from stages.embed import EmbedConfig, run
 
     cfg = EmbedConfig(dataset=dataset, backbone=backbone, text_encoder=text_encoder,
                       cache=str(cache) if cache else None, batch_size=batch_size, device=device.value,
-                      allow_failures=allow_failures, views=views, shard_mb=shard_mb)
+                      allow_failures=allow_failures, views=views, shard_mb=shard_mb,
+                      workers=workers, scheduler=scheduler)
     try:
         result = run(cfg)
     except _user_errors() as e:
@@ -140,6 +143,8 @@ def train_adaptor(
         result = run(cfg)
     except _user_errors() as e:
         fail(str(e))
+    if not result.is_main:  # under torchrun, rank 0 reports for all
+        return
     err.print(f"checkpoint: {result.checkpoint} · metrics: {result.out / 'metrics.csv'} · "
               f"curves: {result.out / 'curves.png'}")
     if as_json:

@@ -8,6 +8,7 @@ resumed group is embedded with exactly the batches of an uninterrupted run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -44,6 +45,8 @@ class EmbedConfig:
     chunk_rows: int = 16           # rows per inner chunk (the unit of checksums and of reads)
     decode_threads: int = 2
     fsync: bool = True
+    workers: int = 0               # >0: start a Dask LocalCluster with this many worker processes
+    scheduler: str | None = None   # tcp://host:port of an existing Dask cluster (shared file system)
 
 
 @dataclass
@@ -133,7 +136,9 @@ def embed_modality(modality: str, name: str, index: DatasetIndex, dataset: str, 
     groups = plan_groups(units, done, shard_rows)
     failures: list[dict] = []
     if groups:
-        runner = _Runner(modality, enc_cfg, cfg, device, store, dataset, failures, res)
+        distributed = cfg.workers > 0 or cfg.scheduler
+        runner = (_DaskRunner if distributed else _Runner)(modality, enc_cfg, cfg, device, store, dataset,
+                                                          failures, res)
         runner.run(groups)
     store.record_failures(failures, run_id)
     return res, failures
@@ -206,96 +211,47 @@ def _preprocess(enc_cfg):
                       mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std))
 
 
-class _Runner:
-    """Embeds groups: decode ahead in threads, forward, and write shards behind."""
+class GroupEmbedder:
+    """Turns a group of units into one shard's arrays. Used in-process and on Dask workers."""
 
-    def __init__(self, modality, enc_cfg, cfg: EmbedConfig, device, store: Store, dataset, failures, res):
-        self.modality, self.enc_cfg, self.cfg, self.device = modality, enc_cfg, cfg, device
-        self.store, self.dataset, self.failures, self.res = store, dataset, failures, res
-        self.encoder = None
-        self.preprocess = _preprocess(enc_cfg) if modality == "image" else None
+    def __init__(self, modality: str, encoder_name: str, cfg: EmbedConfig, device: torch.device):
+        from pipeline.encoders import resolve_encoder_name
 
-    def run(self, groups: list[list[Unit]]) -> None:
-        total = sum(len(g) for g in groups)
-        with progress() as bar, _WriteBehind(depth=2) as writer, \
-                ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode") as pool:
-            task = bar.add_task(f"embed {self.modality} · {self.enc_cfg.name}", total=total)
-            waiting: list[list[Unit]] = []
-            for units in groups:
-                claim = self.store.claim(group_id(units))
-                if claim == "done":
-                    self.res.reused += len(units)
-                    bar.advance(task, len(units))
-                    continue
-                if claim == "busy":
-                    waiting.append(units)
-                    continue
-                if self.encoder is None:
-                    self.encoder = get_encoder(self.enc_cfg.name, self.device)
-                data = self._embed(units, pool, lambda n: bar.advance(task, n))
-                if data is None:
-                    self.store.release(claim)
-                else:
-                    writer.submit(self.store.write_shard, claim, data, self.dataset, self.cfg.fsync)
-            writer.drain()
-            self._wait_for_others(waiting, bar, task)
+        self.modality, self.cfg, self.device = modality, cfg, device
+        self.enc_cfg = resolve_encoder_name(encoder_name)
+        self.preprocess = _preprocess(self.enc_cfg) if modality == "image" else None
+        self.pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
+        self._encoder = None
 
-    def _wait_for_others(self, waiting, bar, task) -> None:
-        """Groups another live process is writing: wait for its commit, or take over."""
-        if waiting:
-            err.print(f"[yellow]{sum(map(len, waiting))} items are being embedded by another process; waiting for it.")
-        while waiting:
-            still = []
-            for units in waiting:
-                claim = self.store.claim(group_id(units))
-                if claim == "busy":
-                    still.append(units)
-                    continue
-                if claim == "done":
-                    self.res.waited += len(units)
-                    self.res.reused += len(units)
-                else:
-                    if self.encoder is None:
-                        self.encoder = get_encoder(self.enc_cfg.name, self.device)
-                    with ThreadPoolExecutor(self.cfg.decode_threads) as pool:
-                        data = self._embed(units, pool, lambda n: None)
-                    if data is None:
-                        self.store.release(claim)
-                    else:
-                        self.store.write_shard(claim, data, self.dataset, self.cfg.fsync)
-                bar.advance(task, len(units))
-            waiting = still
-            if waiting:
-                time.sleep(0.2)
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = get_encoder(self.enc_cfg.name, self.device)
+        return self._encoder
 
-    def _embed(self, units: list[Unit], pool, advance: Callable[[int], None]) -> ShardData | None:
+    def embed(self, units: list[Unit], dataset: str,
+              advance: Callable[[int], None] = lambda n: None) -> tuple[ShardData | None, list[dict]]:
+        """Embed units in fixed batches; items that fail are left out and reported."""
         bs = self.cfg.batch_size
         batches = [units[i:i + bs] for i in range(0, len(units), bs)]
         load = self._load_images if self.modality == "image" else self._load_texts
-        outs: list[tuple[list[Unit], dict[str, np.ndarray]]] = []
-        for batch, loaded in _prefetch(batches, lambda b: load(b, pool), pool):
-            ok = [u for u, x in zip(batch, loaded) if not isinstance(x, Exception)]
-            for u, x in zip(batch, loaded):
-                if isinstance(x, Exception):
-                    self._fail(u, x)
+        outs, failures = [], []
+        for batch, loaded in _prefetch(batches, load):
+            ok = [(u, x) for u, x in zip(batch, loaded) if not isinstance(x, Exception)]
+            failures += [{"item": "", "source": u.source, "key": u.key, "dataset": dataset, "reason": str(x),
+                          "modality": self.modality} for u, x in zip(batch, loaded) if isinstance(x, Exception)]
             if ok:
-                outs.append((ok, self._forward([x for x in loaded if not isinstance(x, Exception)])))
+                outs.append(([u for u, _ in ok], self._forward([x for _, x in ok])))
             advance(len(batch))
         if not outs:
-            return None
+            return None, failures
         kept = [u for ok, _ in outs for u in ok]
         arrays = {k: np.concatenate([o[k] for _, o in outs]) for k in outs[0][1]}
-        self.res.embedded += len(kept)
         return ShardData(keys=[u.key for u in kept], views=[u.view for u in kept],
-                         sources=[u.source for u in kept], arrays=arrays)
+                         sources=[u.source for u in kept], arrays=arrays), failures
 
-    def _fail(self, unit: Unit, exc: Exception) -> None:
-        self.res.failed += 1
-        self.failures.append({"item": "", "source": unit.source, "key": unit.key, "dataset": self.dataset,
-                              "reason": str(exc), "modality": self.modality})
-
-    def _load_images(self, batch: list[Unit], pool) -> list:
-        return list(pool.map(self._load_image, batch))
+    def _load_images(self, batch: list[Unit]) -> list:
+        return list(self.pool.map(self._load_image, batch))
 
     def _load_image(self, u: Unit):
         from pipeline.imaging import read_and_decode
@@ -305,10 +261,11 @@ class _Runner:
         except Exception as e:  # recorded per item; the rest of the batch goes on
             return e
         if xxhash.xxh3_128_hexdigest(data) != u.key:
-            return ValueError(f"{u.source} changed while embedding (its bytes no longer match the key); re-run `pipe embed`")
+            return ValueError(f"{u.source} changed while embedding (its bytes no longer match the key); "
+                              "re-run `pipe embed`")
         return self.preprocess(img, view=u.view, seed_key=u.key)
 
-    def _load_texts(self, batch: list[Unit], pool) -> list:
+    def _load_texts(self, batch: list[Unit]) -> list:
         return [u.payload for u in batch]
 
     @torch.inference_mode()
@@ -317,7 +274,10 @@ class _Runner:
         amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else _null()
         with amp:
             if self.modality == "image":
-                out = self.encoder(torch.stack(loaded).to(dev, non_blocking=True))
+                pixels = torch.stack(loaded)
+                if dev.type == "cuda":
+                    pixels = pixels.pin_memory()
+                out = self.encoder(pixels.to(dev, non_blocking=True))
                 return {"tokens": _f16(out.tokens), "pooled": _f32(out.pooled)}
             batch = {k: v.to(dev) for k, v in self.encoder.tokenize(loaded).items()}
             out = self.encoder(**batch)
@@ -325,6 +285,147 @@ class _Runner:
         tokens = np.zeros((out.tokens.shape[0], T, out.tokens.shape[2]), np.float16)
         tokens[:, : out.tokens.shape[1]] = _f16(out.tokens)[:, :T]
         return {"tokens": tokens, "pooled": _f32(out.pooled), "length": out.length.cpu().numpy().astype(np.int32)}
+
+
+class _Runner:
+    """Claims groups one by one, embeds them here, and writes shards behind the forwards."""
+
+    def __init__(self, modality, enc_cfg, cfg: EmbedConfig, device, store: Store, dataset, failures, res):
+        self.store, self.dataset, self.failures, self.res = store, dataset, failures, res
+        self.embedder = GroupEmbedder(modality, enc_cfg.name, cfg, device)
+        self.fsync = cfg.fsync
+        self.label = f"embed {modality} · {enc_cfg.name}"
+
+    def run(self, groups: list[list[Unit]]) -> None:
+        with progress() as bar, _WriteBehind(depth=2) as writer:
+            task = bar.add_task(self.label, total=sum(len(g) for g in groups))
+            waiting = self._pass(groups, bar, task, writer)
+            writer.drain()
+            if waiting:
+                err.print(f"[yellow]{sum(map(len, waiting))} items are being embedded by another process; "
+                          "waiting for its commits.")
+            while waiting:  # another live process holds these: wait for its commit, or take over
+                time.sleep(0.2)
+                waiting = self._pass(waiting, bar, task, writer, waited=True)
+                writer.drain()
+
+    def _pass(self, groups, bar, task, writer, waited: bool = False) -> list[list[Unit]]:
+        busy = []
+        for units in groups:
+            claim = self.store.claim(group_id(units))
+            if claim == "busy":
+                busy.append(units)
+                continue
+            if claim == "done":
+                self.res.reused += len(units)
+                self.res.waited += len(units) if waited else 0
+                bar.advance(task, len(units))
+                continue
+            data, fails = self.embedder.embed(units, self.dataset, lambda n: bar.advance(task, n))
+            self._account(data, fails)
+            if data is None:
+                self.store.release(claim)
+            else:
+                writer.submit(self.store.write_shard, claim, data, self.dataset, self.fsync)
+        return busy
+
+    def _account(self, data: ShardData | None, fails: list[dict]) -> None:
+        self.res.embedded += len(data.keys) if data is not None else 0
+        self.res.failed += len(fails)
+        self.failures.extend(fails)
+
+
+class _DaskRunner(_Runner):
+    """Each group is a Dask task: a worker embeds it and writes the whole shard's arrays,
+    and returns its manifest rows, which this process commits. Claims stay with this
+    process, so a crashed client's shards are redone by the next run, like any other."""
+
+    def __init__(self, modality, enc_cfg, cfg: EmbedConfig, device, store, dataset, failures, res):
+        self.store, self.dataset, self.failures, self.res = store, dataset, failures, res
+        self.modality, self.enc_name, self.cfg = modality, enc_cfg.name, cfg
+        self.label = f"embed {modality} · {enc_cfg.name} · dask"
+
+    def run(self, groups: list[list[Unit]]) -> None:
+        from distributed import as_completed
+
+        with _dask_client(self.cfg) as client, progress() as bar:
+            task = bar.add_task(self.label, total=sum(len(g) for g in groups))
+            waiting = groups
+            while waiting:
+                futures, busy = {}, []
+                for units in waiting:
+                    claim = self.store.claim(group_id(units))
+                    if claim == "busy":
+                        busy.append(units)
+                    elif claim == "done":
+                        self.res.reused += len(units)
+                        bar.advance(task, len(units))
+                    else:
+                        fut = client.submit(_remote_embed, str(self.store.path), self.modality, self.enc_name,
+                                            self.cfg, claim.shard, units, self.dataset, pure=False)
+                        futures[fut] = (claim, units)
+                for fut in as_completed(futures):
+                    claim, units = futures[fut]
+                    self._finish(claim, fut.result())
+                    bar.advance(task, len(units))
+                waiting = busy
+                if waiting:
+                    time.sleep(0.2)
+
+    def _finish(self, claim, out: dict) -> None:
+        self.res.failed += len(out["failures"])
+        self.failures.extend(out["failures"])
+        if out["keys"]:
+            self.store.commit(claim, out["keys"], out["views"], out["sources"], self.dataset)
+            self.res.embedded += len(out["keys"])
+        else:
+            self.store.release(claim)
+
+
+def _dask_client(cfg: EmbedConfig):
+    from distributed import Client, LocalCluster
+
+    if cfg.scheduler:
+        try:
+            return Client(cfg.scheduler, timeout="10s")
+        except (OSError, TimeoutError) as e:
+            raise ValueError(f"cannot reach the Dask scheduler at {cfg.scheduler} ({e}). Start one with "
+                             "`dask scheduler` and workers with `dask worker <address>`.") from e
+    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    return _ClusterClient(Client(cluster), cluster)
+
+
+class _ClusterClient:
+    """A client that also closes the LocalCluster it started."""
+
+    def __init__(self, client, cluster):
+        self.client, self.cluster = client, cluster
+
+    def __enter__(self):
+        return self.client
+
+    def __exit__(self, *exc):
+        self.client.close()
+        self.cluster.close()
+        return False
+
+
+_WORKER_EMBEDDERS: dict[tuple, GroupEmbedder] = {}
+
+
+def _remote_embed(store_path: str, modality: str, encoder: str, cfg: EmbedConfig, shard: int,
+                  units: list[Unit], dataset: str) -> dict:
+    """Runs on a Dask worker: the encoder is built once per worker and reused by every task."""
+    key = (modality, encoder, cfg.device, cfg.batch_size)
+    if key not in _WORKER_EMBEDDERS:
+        _WORKER_EMBEDDERS.clear()
+        _WORKER_EMBEDDERS[key] = GroupEmbedder(modality, encoder, cfg, resolve_device(cfg.device))
+    data, failures = _WORKER_EMBEDDERS[key].embed(units, dataset)
+    if data is None:
+        return {"keys": [], "views": [], "sources": [], "failures": failures}
+    Store.open(store_path).write_arrays(shard, data, cfg.fsync)
+    return {"keys": data.keys, "views": data.views, "sources": data.sources, "failures": failures}
 
 
 def _f16(t: torch.Tensor) -> np.ndarray:
@@ -343,7 +444,7 @@ class _null:
         return False
 
 
-def _prefetch(batches: list, load: Callable, pool) -> Iterator:
+def _prefetch(batches: list, load: Callable) -> Iterator:
     """Yield (batch, load(batch)) while the next batch already loads in the background."""
     if not batches:
         return

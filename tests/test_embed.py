@@ -243,3 +243,18 @@ def test_resume_after_sigkill_equals_clean_run(tmp_path):
             assert ra.keys() == rb.keys()
             assert all(np.array_equal(ra[k], rb[k]) for k in ra), f"{modality}/{name} differ after resume"
         assert b[modality].manifest().num_rows == len(set(b[modality].committed_units()))
+
+
+def test_dask_local_cluster_gives_the_same_cache(tmp_path):
+    table = make_table(tmp_path / "data", 24)
+    single = embed_json(table, tmp_path / "one", "--shard-mb", "0.5", "--batch-size", "4")
+    dist = embed_json(table, tmp_path / "two", "--shard-mb", "0.5", "--batch-size", "4", "--workers", "2")
+    assert dist["embedded"] == single["embedded"] == 48 and dist["failed"] == 0
+    pipe("cache", "verify", "--cache", str(tmp_path / "two"))
+    a, b = stores_by_modality(tmp_path / "one"), stores_by_modality(tmp_path / "two")
+    assert len(b["image"].parts()) > 1  # several shards, so several tasks ran
+    for modality in ("image", "text"):
+        for name in ("tokens", "pooled"):
+            ra, rb = read_rows(a[modality], name), read_rows(b[modality], name)
+            assert ra.keys() == rb.keys()
+            assert all(np.array_equal(ra[k], rb[k]) for k in ra), f"{modality}/{name} differ under Dask"
