@@ -8,6 +8,7 @@ resumed group is embedded with exactly the batches of an uninterrupted run.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -98,11 +99,28 @@ class Unit:
 
 
 def run(cfg: EmbedConfig, dataset: Dataset | None = None) -> EmbedResult:
-    t0 = time.perf_counter()
     root = cache_root(cfg.cache)
+    try:
+        return _run(cfg, root, dataset)
+    except StoreError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM):
+            raise
+        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+               errno.EROFS: "the cache is on a read-only file system"}.get(e.errno, "the cache is not writable")
+        raise StoreError(f"cannot write to the cache at {root}: {why} ({e.filename or e}). Committed shards "
+                         "are intact and the cache stays valid; free space or choose a writable cache "
+                         "(--cache DIR or $PIPE_CACHE), then re-run `pipe embed` to resume.") from e
+
+
+def _run(cfg: EmbedConfig, root: Path, dataset: Dataset | None) -> EmbedResult:
+    t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     ds = dataset or open_dataset(cfg.dataset, root)
-    index = build_index(ds, root)
+    active = tuple(m for m, name in (("image", cfg.backbone), ("text", cfg.text_encoder))
+                   if name and name.lower() != "none")
+    index = build_index(ds, root, active)
     result = EmbedResult(dataset=ds.name, failures=list(index.failures))
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     for modality, name in (("image", cfg.backbone), ("text", cfg.text_encoder)):
@@ -133,7 +151,7 @@ def embed_modality(modality: str, name: str, index: DatasetIndex, dataset: str, 
     done = store.committed_units()
     res = ModalityResult(modality, enc_cfg.name, str(store.path))
     res.reused = sum((u.key, u.view) in done for u in units)
-    groups = plan_groups(units, done, shard_rows)
+    groups = plan_groups(units, done, store.shard_rows)  # the store's own size: it may predate this --shard-mb
     failures: list[dict] = []
     if groups:
         distributed = cfg.workers > 0 or cfg.scheduler
@@ -501,9 +519,6 @@ class _WriteBehind:
     def _raise(self):
         if self.error is not None:
             e, self.error = self.error, None
-            if isinstance(e, OSError):
-                raise StoreError(f"writing the cache failed: {e}. Committed shards are intact; free space "
-                                 "or fix permissions, then re-run `pipe embed` to resume.") from e
             raise e
 
     def __exit__(self, *exc):

@@ -51,3 +51,6 @@ def _demo(options: str, cache_root: Path, materialise: bool = True) -> Dataset:
 
 
 __all__ = ["Dataset", "DatasetError", "Item", "open_dataset", "register_reader", "READERS"]
+
+from pipeline.datasets.masks import load_mask  # noqa: E402
+from pipeline.datasets import readers as _readers  # noqa: F401,E402

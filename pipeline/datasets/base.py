@@ -36,6 +36,23 @@ class Dataset:
     spec: str
     items: list[Item]
     description: str = ""
+    # Rows or studies a reader left out, one dict each: id, source, reason, kind
+    # ("no-report" for studies without usable text, "bad-row" for rows skipped under
+    # allow_failures). Never silent: readers also log a count.
+    skipped: list[dict] = field(default_factory=list)
+    # The label that label fractions (1%, 10%) are stratified by, where the dataset has one.
+    stratify_by: str | None = None
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __bool__(self) -> bool:
+        # A dataset is a thing, not a container test: `ds or default` must not depend on
+        # whether it happens to have items (readers with materialise=False have none).
+        return True
 
     @property
     def label_names(self) -> list[str]:

@@ -56,8 +56,12 @@ def index_folder(root: Path, name: str) -> Path:
     return Path(root) / "datasets" / name
 
 
-def build_index(ds: Dataset, root: Path) -> DatasetIndex:
-    """Key every item; reuse keys of files whose size and mtime did not change."""
+def build_index(ds: Dataset, root: Path, modalities: tuple[str, ...] = ("image", "text")) -> DatasetIndex:
+    """Key every item; reuse keys of files whose size and mtime did not change.
+
+    Only the modalities being embedded report failures: a dataset without reports is
+    fine for an image-only run.
+    """
     folder = index_folder(root, ds.name)
     folder.mkdir(parents=True, exist_ok=True)
     previous = _previous_keys(folder)
@@ -68,10 +72,10 @@ def build_index(ds: Dataset, root: Path) -> DatasetIndex:
         for it, (key, size, mtime, error) in zip(ds.items, pool.map(lambda it: _image_key(it.image, previous),
                                                                      ds.items)):
             report = normalise_report(it.report)
-            if error:
+            if error and "image" in modalities:
                 failures.append({"item": it.id, "source": str(it.image), "key": None, "dataset": ds.name,
                                  "reason": error, "modality": "image"})
-            if not report:
+            if not report and "text" in modalities:
                 failures.append({"item": it.id, "source": f"item {it.id}", "key": None, "dataset": ds.name,
                                  "reason": "empty report: the report text is missing or blank; fill it in "
                                            "or drop the row", "modality": "text"})

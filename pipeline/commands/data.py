@@ -1,0 +1,190 @@
+"""`pipe data`: look at a dataset, and write or check its split and fraction lists."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from pipeline.console import err
+
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets; write and verify their split lists.")
+
+DATASET_ARG = typer.Argument(..., help="A pairs table, `demo`, or <reader>:<root>[?key=value&...], e.g. "
+                                       "'siim-pneumothorax:/data/siim' or 'chexpert:/data/chexpert?uncertain=ones'.")
+CACHE = typer.Option(None, "--cache", help="Cache directory \\[default: $PIPE_CACHE, else ~/.cache/freeze-pipe].")
+ALLOW = typer.Option(False, "--allow-failures", help="Skip and count bad rows instead of stopping at the first.")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    from pipeline.cli import fail
+
+    fail(message, code)
+
+
+def with_option(spec: str, key: str, value: str) -> str:
+    """``spec`` with ``key=value`` appended to a reader's options (other specs unchanged)."""
+    from pipeline.datasets import READERS
+
+    reader, sep, arg = spec.partition(":")
+    if not sep or reader not in READERS or reader == "demo" or not arg:
+        return spec
+    return f"{spec}{'&' if '?' in arg else '?'}{key}={value}"
+
+
+def _open(dataset: str, cache: Optional[Path], allow_failures: bool):
+    from pipeline.cli import _user_errors
+    from pipeline.datasets import open_dataset
+    from pipeline.paths import cache_root
+
+    root = cache_root(cache)
+    spec = with_option(dataset, "allow_failures", "1") if allow_failures else dataset
+    try:
+        return open_dataset(spec, root), root
+    except _user_errors() as e:
+        _fail(str(e))
+
+
+@data_app.command("info", epilog="Examples:\n\n  pipe data info 'rsna-pneumonia:/data/rsna'\n\n"
+                                 "  pipe data info 'mimic-cxr:/data/mimic-cxr-jpg/2.0.0?sections=impression' --json")
+def info(dataset: str = DATASET_ARG, cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW,
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout.")) -> None:
+    """Items per split, patients, label prevalence and skipped rows of a dataset."""
+    ds, _ = _open(dataset, cache, allow_failures)
+    summary = summarise(ds)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    t = Table(title=f"{ds.name} · {ds.description}", title_justify="left")
+    for col in ("split", "items", "patients", "with report", "with masks"):
+        t.add_column(col, overflow="fold")
+    for split, row in summary["splits"].items():
+        t.add_row(split, f"{row['items']:,}", f"{row['patients']:,}", f"{row['reports']:,}", f"{row['masks']:,}")
+    err.print(t)
+    if summary["labels"]:
+        lt = Table(title="labels (positives / known)", title_justify="left")
+        for col in ("label", "positive", "known", "values"):
+            lt.add_column(col, overflow="fold")
+        for name, row in summary["labels"].items():
+            lt.add_row(name, f"{row['positive']:,}", f"{row['known']:,}", row["values"])
+        err.print(lt)
+    for kind, n in summary["skipped"].items():
+        err.print(f"[yellow]skipped {n:,} ({kind})[/]")
+
+
+def summarise(ds) -> dict:
+    import math
+
+    splits: dict[str, dict] = {}
+    patients: dict[str, set] = {}
+    for it in ds.items:
+        s = splits.setdefault(it.split or "-", {"items": 0, "patients": 0, "reports": 0, "masks": 0})
+        s["items"] += 1
+        s["reports"] += bool(it.report)
+        s["masks"] += bool(it.masks)
+        patients.setdefault(it.split or "-", set()).add(it.patient_id)
+    for split, ids in patients.items():
+        splits[split]["patients"] = len(ids - {None})
+    labels = {}
+    for name in ds.label_names:
+        values = [it.labels.get(name) for it in ds.items]
+        known = [v for v in values if v is not None and not math.isnan(v)]
+        counts = Counter(known)
+        labels[name] = {"positive": sum(1 for v in known if v == 1), "known": len(known),
+                        "values": ", ".join(f"{k:g}: {n:,}" for k, n in sorted(counts.items()))}
+    skipped = Counter(s.get("kind", "?") for s in ds.skipped)
+    return {"name": ds.name, "spec": ds.spec, "items": len(ds.items), "splits": splits, "labels": labels,
+            "skipped": dict(skipped)}
+
+
+@data_app.command("preview", epilog="Examples:\n\n  pipe data preview 'siim-pneumothorax:/data/siim' --out siim.png\n\n"
+                                    "  pipe data preview demo --out demo.png --n 9 --seed 3")
+def preview(dataset: str = DATASET_ARG,
+            out: Path = typer.Option(..., "--out", "-o", help="The PNG to write."),
+            n: int = typer.Option(16, "--n", min=1, help="How many items to show."),
+            seed: int = typer.Option(0, "--seed", help="Seed of the random choice of items."),
+            cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW) -> None:
+    """Render a grid of images with masks overlaid, labels and report snippets."""
+    from pipeline.datasets.preview import render_preview
+
+    ds, _ = _open(dataset, cache, allow_failures)
+    if not ds.items:
+        _fail(f"{ds.name} has no items to preview; check the dataset folder with `pipe data info`.")
+    width, height = render_preview(ds, out, n=n, seed=seed)
+    err.print(f"wrote {out} ({width}x{height} px, {min(n, len(ds.items))} of {len(ds.items):,} items)")
+
+
+@data_app.command("splits", epilog="Examples:\n\n  pipe data splits 'rsna-pneumonia:/data/rsna' --write\n\n"
+                                   "  pipe data splits 'rsna-pneumonia:/data/rsna' --verify\n\n"
+                                   "  pipe data splits 'covidx:/data/covidx' --verify --lists shared/covidx-lists")
+def splits(dataset: str = DATASET_ARG,
+           write: bool = typer.Option(False, "--write", help="Write the lists and manifest.json."),
+           verify: bool = typer.Option(False, "--verify", help="Check the dataset against written lists."),
+           lists: Optional[Path] = typer.Option(None, "--lists", help="Folder of lists to write to or verify "
+                                                "against \\[default: <cache>/splits/<dataset name>]."),
+           seed: int = typer.Option(0, "--seed", help="Seed of the 1%/10% training-fraction draw."),
+           cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW,
+           as_json: bool = typer.Option(False, "--json", help="Print counts and problems as JSON on stdout.")
+           ) -> None:
+    """Show the split and label-fraction lists; --write them (ids, counts, SHA-256) or --verify them."""
+    from pipeline.datasets.splits import (lists_folder, manifest_of, patients_in_several_splits, split_lists,
+                                          verify_lists, write_lists)
+
+    if write and verify:
+        _fail("give --write or --verify, not both: verify what was written in a second call.")
+    ds, root = _open(dataset, cache, allow_failures)
+    folder = lists or lists_folder(root, ds.name)
+    current = split_lists(ds, seed=seed)
+    manifest = manifest_of(current)
+    shared = patients_in_several_splits(ds)
+    _print_lists(ds.name, manifest, folder)
+    if shared:
+        example = next(iter(shared.items()))
+        err.print(f"[bold red]{len(shared):,} patient(s) are in more than one split[/] "
+                  f"(e.g. {example[0]}: {', '.join(sorted(example[1]))}).")
+    problems = []
+    if write:
+        write_lists(folder, current)
+        _write_about(folder, ds, seed)
+        err.print(f"[green]wrote {len(current)} list(s) and manifest.json to {folder}[/]")
+    if verify:
+        problems = verify_lists(folder, current)
+        if shared:
+            problems.append(f"{len(shared):,} patient(s) are in more than one split")
+        for p in problems:
+            err.print(f"  [red]✗[/] {p}")
+        if not problems:
+            err.print(f"[green]ok[/]: every list in {folder} matches {ds.name}")
+    if as_json:
+        print(json.dumps({"name": ds.name, "folder": str(folder), "lists": manifest, "problems": problems}))
+    if problems:
+        err.print(f"[red]{len(problems)} difference(s).[/] If the dataset changed on purpose, rewrite the lists "
+                  "with --write; otherwise restore the missing or changed files.")
+        raise typer.Exit(1)
+
+
+def _print_lists(name: str, manifest: dict, folder: Path) -> None:
+    t = Table(title=f"{name} · lists in {folder}", title_justify="left")
+    for col in ("list", "ids", "sha256"):
+        t.add_column(col, overflow="fold")
+    for file, row in manifest.items():
+        t.add_row(file, f"{row['count']:,}", row["sha256"][:16])
+    err.print(t if manifest else f"{name}: no item has a split, so there are no lists.")
+
+
+def _write_about(folder: Path, ds, seed: int) -> None:
+    """Record what made the lists, beside them (the manifest itself stays {file: {count, sha256}})."""
+    import time
+
+    from pipeline.datasets.splits import FRACTIONS, stratify_label
+
+    about = {"dataset": ds.name, "spec": ds.spec, "fraction_seed": seed, "fractions": list(FRACTIONS),
+             "stratified_by": stratify_label(ds), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (folder / "about.json").write_text(json.dumps(about, indent=1) + "\n")

@@ -1,0 +1,128 @@
+"""COVIDx CXR (the COVID-Net data set).
+
+Layout::
+
+    <root>/train.txt   <root>/val.txt (optional)   <root>/test.txt
+    <root>/train/<filename>   <root>/test/<filename>   (<root>/val/<filename> where shipped)
+
+Versioned file names (``train_COVIDx9A.txt``, ``train_split_v3.txt``...) are accepted when
+the plain name is absent and exactly one such file exists. Each line is space-separated:
+``patient_id filename class [data_source]``; the older releases have no data_source
+column. ``class`` is ``normal``, ``pneumonia`` or ``COVID-19`` in the 3-class releases and
+``positive`` / ``negative`` (COVID-19 or not) in the binary CXR-3/CXR-4 releases.
+
+Labels: ``label``, one multi-class label with COVID-Net's mapping normal = 0,
+pneumonia = 1, COVID-19 = 2 (``positive`` = 2; ``negative`` could be 0 or 1 and is NaN);
+and ``covid`` = 1 for COVID-19/positive, else 0, in every release.
+
+Items: one per line, id = the file name, patient = patient_id.
+
+Splits: official: train.txt -> train, test.txt -> test, val.txt -> valid. A release
+without a validation file gets one carved from train: 10% of the training patients, by a
+seeded hash of the patient id (``seed=``), so no patient is in both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from pipeline.datasets import register_reader
+from pipeline.datasets.base import Dataset, Item
+from pipeline.datasets.readers._common import (SEED, Problems, Spec, finish, open_text, parse_spec, require_root,
+                                               unmaterialised)
+from pipeline.datasets.splits import hash_split
+from pipeline.datasets.table import DatasetError
+
+READER = "covidx"
+CLASSES = {"normal": 0.0, "pneumonia": 1.0, "covid-19": 2.0, "covid19": 2.0, "positive": 2.0, "negative": math.nan}
+COVID = {"covid-19", "covid19", "positive"}
+CARVED_VALID = 0.1
+SPLIT_FILES = (("train", ("train",), ("train",)), ("valid", ("val", "valid"), ("val", "train")),
+               ("test", ("test",), ("test",)))
+DESCRIPTION = "COVIDx CXR: normal / pneumonia / COVID-19"
+
+
+@register_reader(READER)
+def open_covidx(arg: str, cache_root: Path, materialise: bool = True) -> Dataset:
+    spec = parse_spec(READER, arg, SEED)
+    if not materialise:
+        return unmaterialised(spec, DESCRIPTION, "label")
+    require_root(spec)
+    problems = Problems(READER, spec["allow_failures"])
+    items: list[Item] = []
+    found = {}
+    seen: dict[str, str] = {}
+    for split, stems, folders in SPLIT_FILES:
+        path = _split_file(spec.root, stems)
+        if path is None:
+            if split != "valid":
+                raise DatasetError(f"{READER}: {spec.root / (stems[0] + '.txt')} not found. Give the COVIDx folder "
+                                   "that holds train.txt, test.txt and the train/ and test/ image folders.")
+            continue
+        found[split] = path
+        items += _read(spec, path, split, folders, problems, seen)
+    if "valid" not in found:
+        items = [_carve(it, spec) for it in items]
+    return finish(spec, cache_root, items, problems, DESCRIPTION, stratify_by="label")
+
+
+def _split_file(root: Path, stems: tuple[str, ...]) -> Path | None:
+    for stem in stems:
+        if (root / f"{stem}.txt").is_file():
+            return root / f"{stem}.txt"
+    for stem in stems:
+        matches = sorted(root.glob(f"{stem}_*.txt"))
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise DatasetError(f"{READER}: several {stem} files in {root}: {', '.join(m.name for m in matches)}. "
+                               f"Keep one, or copy the one to use to {stem}.txt.")
+    return None
+
+
+def parse_line(text: str) -> tuple[str, str, str, str | None]:
+    """(patient_id, filename, class, data_source or None) of one split-file line.
+
+    Raises ValueError when no known class is in the third-last or last place.
+    """
+    tokens = text.split()
+    if len(tokens) >= 4 and tokens[-2].lower() in CLASSES:
+        return tokens[0], " ".join(tokens[1:-2]), tokens[-2], tokens[-1]
+    if len(tokens) >= 3 and tokens[-1].lower() in CLASSES:
+        return tokens[0], " ".join(tokens[1:-1]), tokens[-1], None
+    raise ValueError(f"expected 'patient_id filename class [data_source]' with class one of "
+                     f"normal, pneumonia, COVID-19, positive, negative; got {text.strip()[:80]!r}")
+
+
+def _read(spec: Spec, path: Path, split: str, folders: tuple[str, ...], problems: Problems,
+          seen: dict[str, str]) -> list[Item]:
+    items = []
+    with open_text(path) as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                patient, filename, cls, _ = parse_line(text)
+            except ValueError as e:
+                problems.bad(where, str(e))
+                continue
+            if filename in seen:
+                problems.bad(where, f"file {filename} is already listed at {seen[filename]}", filename)
+                continue
+            image = next((spec.root / d / filename for d in folders if (spec.root / d / filename).is_file()), None)
+            if image is None:
+                problems.bad(where, f"image file {spec.root / folders[0] / filename} is missing", filename)
+                continue
+            seen[filename] = where
+            items.append(Item(id=filename, image=image, patient_id=patient, split=split,
+                              labels={"label": CLASSES[cls.lower()], "covid": float(cls.lower() in COVID)}))
+    return items
+
+
+def _carve(item: Item, spec: Spec) -> Item:
+    if item.split != "train":
+        return item
+    split = hash_split(item.patient_id, (("train", 1 - CARVED_VALID), ("valid", CARVED_VALID)), spec["seed"])
+    return item if split == "train" else replace(item, split="valid")

@@ -1,0 +1,127 @@
+"""SIIM-ACR Pneumothorax Segmentation (Kaggle, 2019), stage-1 training set.
+
+Layout::
+
+    <root>/train-rle.csv       ImageId, EncodedPixels   (the header really is "ImageId, EncodedPixels")
+    <root>/dicom-images-train/<StudyInstanceUID>/<SeriesInstanceUID>/<ImageId>.dcm
+
+``EncodedPixels`` is the challenge's relative run-length code (pairs of offset and length,
+pixels numbered column by column, each offset counted from the end of the previous run)
+or ``-1`` for an empty mask. An image with several pneumothoraces has one row per region.
+(The stage-2 re-release ``stage_2_train.csv`` switched to a different, absolute encoding
+and is not read here.)
+
+Items: one per image listed in the CSV, id = patient = ``ImageId`` (the release gives no
+other patient grouping). Label ``pneumothorax`` = 1 when any row of the image has a
+region. Mask ``pneumothorax``: the union of the regions at the DICOM's Rows x Columns
+(1024 x 1024 in this release), written once to
+``<cache>/derived/<name>/masks/<ImageId>-<hash of the codes>.png``; all zero for negatives.
+
+Splits: no official labelled test set; images are split 70/15/15 (train/valid/test, as
+MGCA does) by a seeded hash of the ImageId (``seed=``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from pipeline.datasets import register_reader
+from pipeline.datasets.base import Dataset, Item
+from pipeline.datasets.masks import decode_relative_rle, parse_relative_rle
+from pipeline.datasets.readers._common import (SEED, Problems, csv_rows, derived_dir, find_file, finish, make_masks,
+                                               parse_spec, require_root, unmaterialised)
+from pipeline.datasets.splits import hash_split
+from pipeline.datasets.table import DatasetError
+
+READER = "siim-pneumothorax"
+PROPORTIONS = (("train", 0.7), ("valid", 0.15), ("test", 0.15))
+IMAGES = "dicom-images-train"
+RELEASE_SIZE = 1024  # every image of the release is 1024 x 1024
+DESCRIPTION = "SIIM-ACR pneumothorax: binary label and segmentation masks"
+
+
+@register_reader(READER)
+def open_siim(arg: str, cache_root: Path, materialise: bool = True) -> Dataset:
+    spec = parse_spec(READER, arg, SEED)
+    if not materialise:
+        return unmaterialised(spec, DESCRIPTION, "pneumothorax")
+    require_root(spec)
+    problems = Problems(READER, spec["allow_failures"])
+    rle_csv = find_file(spec.root, ["train-rle.csv"])
+    if rle_csv is None:
+        raise DatasetError(f"{READER}: {spec.root / 'train-rle.csv'} not found. Give the folder that holds "
+                           f"train-rle.csv and {IMAGES}/.")
+    codes = _read_codes(rle_csv, problems)
+    files = _dicom_files(spec.root / IMAGES)
+    masks = derived_dir(cache_root, spec.name) / "masks"
+    items, jobs = [], []
+    for image_id, (line, rles) in codes.items():
+        dicom = files.get(f"{image_id}.dcm")
+        if dicom is None:
+            problems.bad(f"{rle_csv}:{line}", f"image file {image_id}.dcm is missing under {spec.root / IMAGES}",
+                         image_id)
+            continue
+        mask = masks / f"{image_id}-{_codes_hash(rles)}.png"
+        jobs.append((mask, dicom, lambda rows, cols, r=rles, i=image_id: _union(r, rows, cols, i)))
+        items.append(Item(id=image_id, image=dicom, patient_id=image_id,
+                          split=hash_split(image_id, PROPORTIONS, spec["seed"]),
+                          labels={"pneumothorax": float(bool(rles))}, masks={"pneumothorax": mask}))
+    make_masks(jobs, f"{READER}: masks")
+    return finish(spec, cache_root, items, problems, DESCRIPTION, stratify_by="pneumothorax")
+
+
+def _read_codes(path: Path, problems: Problems) -> dict[str, tuple[int, list[str]]]:
+    """ImageId -> (first line, the non-empty run-length codes), in file order."""
+    out: dict[str, tuple[int, list[str]]] = {}
+    bad: set[str] = set()
+    for line, row in csv_rows(path, ("ImageId", "EncodedPixels"), problems):
+        image_id, rle = row["ImageId"], row["EncodedPixels"]
+        if not image_id:
+            problems.bad(f"{path}:{line}", "empty ImageId")
+            continue
+        if image_id in bad:
+            continue
+        if rle not in ("-1", ""):
+            try:
+                end = int(parse_relative_rle(rle).sum())
+                if end > RELEASE_SIZE * RELEASE_SIZE:
+                    raise ValueError(f"run-length code runs to pixel {end}, past a "
+                                     f"{RELEASE_SIZE}x{RELEASE_SIZE} image")
+            except ValueError as e:
+                problems.bad(f"{path}:{line}", str(e), image_id)
+                bad.add(image_id)
+                out.pop(image_id, None)
+                continue
+        first, codes = out.get(image_id, (line, []))
+        out[image_id] = (first, codes + ([rle] if rle not in ("-1", "") else []))
+    return out
+
+
+def _dicom_files(folder: Path) -> dict[str, Path]:
+    """File name -> path for every DICOM in the nested study/series tree."""
+    if not folder.is_dir():
+        raise DatasetError(f"{READER}: {folder} not found; unpack the training DICOMs there "
+                           f"({IMAGES}/<study>/<series>/<ImageId>.dcm)")
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            if name.endswith(".dcm"):
+                out[name] = Path(dirpath) / name
+    return out
+
+
+def _union(rles: list[str], rows: int, cols: int, image_id: str) -> np.ndarray:
+    mask = np.zeros((rows, cols), dtype=bool)
+    for rle in rles:
+        try:
+            mask |= decode_relative_rle(rle, rows, cols)
+        except ValueError as e:
+            raise DatasetError(f"{READER}: the mask of {image_id}: {e} (its DICOM is {rows}x{cols})") from e
+    return mask
+
+
+def _codes_hash(rles: list[str]) -> str:
+    return xxhash.xxh64_hexdigest(("v1|" + ";".join(sorted(rles))).encode())[:8]
