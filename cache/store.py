@@ -141,11 +141,27 @@ def _this_process() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid())}
 
 
+# Runs of this process that are writing now. A claim this process made in an earlier,
+# failed run (a library caller may retry in the same process) is dead, not live.
+LIVE_RUNS: set[str] = set()
+
+
+@contextlib.contextmanager
+def live_run(run: str) -> Iterator[str]:
+    LIVE_RUNS.add(run)
+    try:
+        yield run
+    finally:
+        LIVE_RUNS.discard(run)
+
+
 def claim_is_live(info: dict) -> bool:
     """A claim from another host is assumed live: we cannot see its processes."""
     if info.get("host") != socket.gethostname():
         return True
     pid = int(info.get("pid", -1))
+    if pid == os.getpid():
+        return info.get("run") in LIVE_RUNS
     return pid > 0 and _proc_start(pid) is not None and _proc_start(pid) == info.get("start")
 
 
@@ -268,7 +284,7 @@ class Store:
                     out.append((int(m[1]), m[2], json.loads(p.read_text())))
         return sorted(out, key=lambda c: c[0])
 
-    def claim(self, group: str) -> Claim | str:
+    def claim(self, group: str, run: str = "") -> Claim | str:
         """Take the shard for ``group``. Returns a Claim, "done" or "busy"."""
         with _flock(self.path / ".lock"):
             parts = self.parts()
@@ -297,7 +313,7 @@ class Store:
                     (self.path / "claims" / f"{s:06d}-{g}.json").unlink(missing_ok=True)
             path = self.path / "claims" / f"{shard:06d}-{group}.json"
             atomic_write_bytes(path, json.dumps({**_this_process(), "group": group, "shard": shard,
-                                                 "time": time.time()}).encode())
+                                                 "run": run, "time": time.time()}).encode())
         self._clear_shard(shard)
         return Claim(shard, group, path)
 

@@ -25,7 +25,7 @@ import torch
 import xxhash
 
 from cache.keys import fingerprint
-from cache.store import ShardData, Store, StoreError
+from cache.store import ShardData, Store, StoreError, live_run
 from pipeline.console import err, peak_memory_mb, progress, resolve_device
 from pipeline.datasets import Dataset, open_dataset
 from pipeline.datasets.index import DatasetIndex, build_index
@@ -123,8 +123,9 @@ def _run(cfg: EmbedConfig, root: Path, dataset: Dataset | None) -> EmbedResult:
     index = build_index(ds, root, active)
     result = EmbedResult(dataset=ds.name, failures=list(index.failures))
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    for modality, name in (("image", cfg.backbone), ("text", cfg.text_encoder)):
-        if name and name.lower() != "none":
+    with live_run(run_id):
+        for modality in active:
+            name = cfg.backbone if modality == "image" else cfg.text_encoder
             res, fails = embed_modality(modality, name, index, ds.name, cfg, root, device, run_id)
             result.results.append(res)
             result.failures.extend(fails)
@@ -157,6 +158,7 @@ def embed_modality(modality: str, name: str, index: DatasetIndex, dataset: str, 
         distributed = cfg.workers > 0 or cfg.scheduler
         runner = (_DaskRunner if distributed else _Runner)(modality, enc_cfg, cfg, device, store, dataset,
                                                           failures, res)
+        runner.run_id = run_id
         runner.run(groups)
     store.record_failures(failures, run_id)
     return res, failures
@@ -330,7 +332,7 @@ class _Runner:
     def _pass(self, groups, bar, task, writer, waited: bool = False) -> list[list[Unit]]:
         busy = []
         for units in groups:
-            claim = self.store.claim(group_id(units))
+            claim = self.store.claim(group_id(units), self.run_id)
             if claim == "busy":
                 busy.append(units)
                 continue
@@ -372,7 +374,7 @@ class _DaskRunner(_Runner):
             while waiting:
                 futures, busy = {}, []
                 for units in waiting:
-                    claim = self.store.claim(group_id(units))
+                    claim = self.store.claim(group_id(units), self.run_id)
                     if claim == "busy":
                         busy.append(units)
                     elif claim == "done":

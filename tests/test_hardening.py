@@ -1,0 +1,128 @@
+"""Stage one under stress: repeated SIGKILLs, concurrent writers, a full disk, a read-only cache.
+
+The file-system cases mount small tmpfs file systems, which needs root (CI and the
+development machines run as root).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import embed_json, make_table, pipe
+from tests.test_embed import ROOT, read_rows, stores_by_modality
+
+ENV = {**os.environ, "PIPE_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def embed_cmd(table: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "embed", "--dataset", str(table), "--backbone", "tiny-vit",
+            "--text-encoder", "tiny-bert", "--cache", str(cache), "--batch-size", "4", "--shard-mb", "0.3",
+            "--json", *extra]
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    sa, sb = stores_by_modality(a), stores_by_modality(b)
+    for modality in ("image", "text"):
+        units = sb[modality].manifest()
+        keys = list(zip(units.column("key").to_pylist(), units.column("view").to_pylist()))
+        assert len(keys) == len(set(keys)), "a unit is stored twice"
+        for name in ("tokens", "pooled"):
+            ra, rb = read_rows(sa[modality], name), read_rows(sb[modality], name)
+            assert ra.keys() == rb.keys()
+            assert all(np.array_equal(ra[k], rb[k]) for k in ra), f"{modality}/{name} differ"
+
+
+@pytest.fixture(scope="module")
+def table_and_clean(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hard")
+    table = make_table(root / "data", 40)
+    t = time.perf_counter()
+    done = subprocess.run(embed_cmd(table, root / "clean"), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return table, root / "clean", time.perf_counter() - t
+
+
+def test_sigkill_at_ten_random_points_then_resume(table_and_clean, tmp_path):
+    table, clean, seconds = table_and_clean
+    cache = tmp_path / "cache"
+    rng = random.Random(1234)
+    for _ in range(10):
+        proc = subprocess.Popen(embed_cmd(table, cache), env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, seconds))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = subprocess.run(embed_cmd(table, cache), env=ENV, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    out = json.loads(final.stdout.strip().splitlines()[-1])
+    assert out["embedded"] + out["reused"] == 80
+    pipe("cache", "verify", "--cache", str(cache))
+    assert_same_cache(clean, cache)
+
+
+def test_two_concurrent_writers_store_everything_once(table_and_clean, tmp_path):
+    table, clean, _ = table_and_clean
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen(embed_cmd(table, cache), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    summaries = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert sum(s["embedded"] for s in summaries) == 80  # split between them, none twice
+    pipe("cache", "verify", "--cache", str(cache))
+    assert_same_cache(clean, cache)
+
+
+@contextmanager
+def tmpfs(path: Path, size: str, *options: str):
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_disk_full_gives_a_clear_error_and_a_valid_cache(table_and_clean, tmp_path):
+    table, clean, _ = table_and_clean
+    with tmpfs(tmp_path / "small", "1500k") as cache:
+        full = subprocess.run(embed_cmd(table, cache), env=ENV, capture_output=True, text=True)
+        assert full.returncode == 2, full.stderr
+        assert "disk is full" in full.stderr and "re-run `pipe embed`" in full.stderr
+        assert "Traceback" not in full.stderr
+        pipe("cache", "verify", "--cache", str(cache))  # what was committed reads back intact
+        subprocess.run(["mount", "-o", "remount,size=64m", str(cache)], check=True)
+        again = subprocess.run(embed_cmd(table, cache), env=ENV, capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr  # resumes once there is room
+        out = json.loads(again.stdout.strip().splitlines()[-1])
+        assert out["reused"] > 0 and out["embedded"] + out["reused"] == 80
+        pipe("cache", "verify", "--cache", str(cache))
+        assert_same_cache(clean, cache)
+
+
+def test_read_only_cache(table_and_clean, tmp_path):
+    table, _, _ = table_and_clean
+    with tmpfs(tmp_path / "ro", "8m", "ro") as cache:
+        r = pipe("embed", "--dataset", str(table), "--backbone", "tiny-vit", "--text-encoder", "tiny-bert",
+                 "--cache", str(cache), expect=2)
+        assert "read-only" in r.output and "--cache" in r.output and "Traceback" not in r.output
+    with tmpfs(tmp_path / "later-ro", "64m") as cache:
+        embed_json(table, cache)
+        subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+        pipe("cache", "verify", "--cache", str(cache))  # reading a read-only cache works
+        out = tmp_path / "run"
+        pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
+             "--out", str(out), "epochs=1", "batch_size=8", "adaptor.d_model=32", "adaptor.n_heads=4",
+             "adaptor.ffn_dim=64")
+        assert (out / "last.safetensors").exists()
