@@ -157,8 +157,7 @@ def embed_modality(modality: str, name: str, index: DatasetIndex, dataset: str, 
     if groups:
         distributed = cfg.workers > 0 or cfg.scheduler
         runner = (_DaskRunner if distributed else _Runner)(modality, enc_cfg, cfg, device, store, dataset,
-                                                          failures, res)
-        runner.run_id = run_id
+                                                          failures, res, run_id)
         runner.run(groups)
     store.record_failures(failures, run_id)
     return res, failures
@@ -310,8 +309,8 @@ class GroupEmbedder:
 class _Runner:
     """Claims groups one by one, embeds them here, and writes shards behind the forwards."""
 
-    def __init__(self, modality, enc_cfg, cfg: EmbedConfig, device, store: Store, dataset, failures, res):
-        self.store, self.dataset, self.failures, self.res = store, dataset, failures, res
+    def __init__(self, modality, enc_cfg, cfg: EmbedConfig, device, store: Store, dataset, failures, res, run_id):
+        self.store, self.dataset, self.failures, self.res, self.run_id = store, dataset, failures, res, run_id
         self.embedder = GroupEmbedder(modality, enc_cfg.name, cfg, device)
         self.fsync = cfg.fsync
         self.label = f"embed {modality} · {enc_cfg.name}"
@@ -360,8 +359,8 @@ class _DaskRunner(_Runner):
     and returns its manifest rows, which this process commits. Claims stay with this
     process, so a crashed client's shards are redone by the next run, like any other."""
 
-    def __init__(self, modality, enc_cfg, cfg: EmbedConfig, device, store, dataset, failures, res):
-        self.store, self.dataset, self.failures, self.res = store, dataset, failures, res
+    def __init__(self, modality, enc_cfg, cfg: EmbedConfig, device, store, dataset, failures, res, run_id):
+        self.store, self.dataset, self.failures, self.res, self.run_id = store, dataset, failures, res, run_id
         self.modality, self.enc_name, self.cfg = modality, enc_cfg.name, cfg
         self.label = f"embed {modality} · {enc_cfg.name} · dask"
 
