@@ -44,7 +44,8 @@ class EmbedConfig:
     views: int = 0                 # extra seeded augmented views per image, besides the plain one
     shard_mb: float = 64.0         # target shard size; a shard is the unit of work and of commit
     chunk_rows: int = 16           # rows per inner chunk (the unit of checksums and of reads)
-    decode_threads: int = 2
+    decode_threads: int = 2        # decode + preprocess threads (PIL and torch release the GIL)
+    decode_processes: int = -1     # spawn processes for decoding instead; -1 = auto (on CUDA: up to 8)
     fsync: bool = True
     workers: int = 0               # >0: start a Dask LocalCluster with this many worker processes
     scheduler: str | None = None   # tcp://host:port of an existing Dask cluster (shared file system)
@@ -239,8 +240,9 @@ class GroupEmbedder:
         self.modality, self.cfg, self.device = modality, cfg, device
         self.enc_cfg = resolve_encoder_name(encoder_name)
         self.preprocess = _preprocess(self.enc_cfg) if modality == "image" else None
-        self.pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
+        self.pool = _decode_pool(cfg, device) if modality == "image" else None
         self._encoder = None
+        self._copy_stream = None
 
     @property
     def encoder(self):
@@ -265,30 +267,19 @@ class GroupEmbedder:
         if not outs:
             return None, failures
         kept = [u for ok, _ in outs for u in ok]
-        arrays = {k: np.concatenate([o[k] for _, o in outs]) for k in outs[0][1]}
+        arrays = self._gather([o for _, o in outs])
         return ShardData(keys=[u.key for u in kept], views=[u.view for u in kept],
                          sources=[u.source for u in kept], arrays=arrays), failures
 
     def _load_images(self, batch: list[Unit]) -> list:
-        return list(self.pool.map(self._load_image, batch))
-
-    def _load_image(self, u: Unit):
-        from pipeline.imaging import read_and_decode
-
-        try:
-            data, img = read_and_decode(u.source)
-        except Exception as e:  # recorded per item; the rest of the batch goes on
-            return e
-        if xxhash.xxh3_128_hexdigest(data) != u.key:
-            return ValueError(f"{u.source} changed while embedding (its bytes no longer match the key); "
-                              "re-run `pipe embed`")
-        return self.preprocess(img, view=u.view, seed_key=u.key)
+        return list(self.pool.map(_load_image, batch, [self.preprocess] * len(batch)))
 
     def _load_texts(self, batch: list[Unit]) -> list:
         return [u.payload for u in batch]
 
     @torch.inference_mode()
-    def _forward(self, loaded: list) -> dict[str, np.ndarray]:
+    def _forward(self, loaded: list) -> dict[str, torch.Tensor]:
+        """Launch one batch; results come back as host tensors, on GPU copied behind compute."""
         dev = self.device
         amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else _null()
         with amp:
@@ -297,13 +288,79 @@ class GroupEmbedder:
                 if dev.type == "cuda":
                     pixels = pixels.pin_memory()
                 out = self.encoder(pixels.to(dev, non_blocking=True))
-                return {"tokens": _f16(out.tokens), "pooled": _f32(out.pooled)}
+                return {"tokens": self._to_host(out.tokens, torch.float16),
+                        "pooled": self._to_host(out.pooled, torch.float32)}
             batch = {k: v.to(dev) for k, v in self.encoder.tokenize(loaded).items()}
             out = self.encoder(**batch)
-        T = self.enc_cfg.max_tokens
-        tokens = np.zeros((out.tokens.shape[0], T, out.tokens.shape[2]), np.float16)
-        tokens[:, : out.tokens.shape[1]] = _f16(out.tokens)[:, :T]
-        return {"tokens": tokens, "pooled": _f32(out.pooled), "length": out.length.cpu().numpy().astype(np.int32)}
+        return {"tokens": self._to_host(out.tokens, torch.float16), "pooled": self._to_host(out.pooled, torch.float32),
+                "length": self._to_host(out.length, torch.int32)}
+
+    def _to_host(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Device-to-host on a side stream into pinned memory, so the next forward starts at once."""
+        t = t.detach().to(dtype)
+        if t.device.type != "cuda":
+            return t
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(t.device)
+        host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(self._copy_stream):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self._copy_stream)
+        return host
+
+    def _gather(self, outs: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+        """Wait for pending copies, then lay the batches out as the shard's arrays."""
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        arrays = {k: np.concatenate([o[k].numpy() for o in outs]) for k in outs[0] if k != "tokens"}
+        if self.modality == "image":
+            arrays["tokens"] = np.concatenate([o["tokens"].numpy() for o in outs])
+            return arrays
+        T, D = self.enc_cfg.max_tokens, outs[0]["tokens"].shape[2]
+        tokens = np.zeros((len(arrays["pooled"]), T, D), np.float16)
+        row = 0
+        for o in outs:  # pad every batch to max_tokens: rows must not depend on their batch
+            n, t = o["tokens"].shape[:2]
+            tokens[row:row + n, : min(t, T)] = o["tokens"].numpy()[:, :T]
+            row += n
+        arrays["tokens"] = tokens
+        return arrays
+
+
+def _load_image(u: Unit, preprocess):
+    """Read, check, decode and preprocess one image; an exception is returned, not raised."""
+    from pipeline.imaging import read_and_decode
+
+    try:
+        data, img = read_and_decode(u.source)
+    except Exception as e:  # recorded per item; the rest of the batch goes on
+        return e
+    if xxhash.xxh3_128_hexdigest(data) != u.key:
+        return ValueError(f"{u.source} changed while embedding (its bytes no longer match the key); "
+                          "re-run `pipe embed`")
+    return preprocess(img, view=u.view, seed_key=u.key)
+
+
+def _decode_pool(cfg: EmbedConfig, device: torch.device):
+    """Threads on CPU (the forward needs the cores); spawned processes to feed a GPU.
+
+    Processes return tensors through shared memory (torch's multiprocessing reductions).
+    """
+    n = cfg.decode_processes
+    if n < 0:
+        n = min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    if n == 0:
+        return ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch.multiprocessing as tmp
+
+    return ProcessPoolExecutor(n, mp_context=tmp.get_context("spawn"), initializer=_quiet_worker)
+
+
+def _quiet_worker() -> None:
+    torch.set_num_threads(1)  # one core per decode process
 
 
 class _Runner:
@@ -445,14 +502,6 @@ def _remote_embed(store_path: str, modality: str, encoder: str, cfg: EmbedConfig
         return {"keys": [], "views": [], "sources": [], "failures": failures}
     Store.open(store_path).write_arrays(shard, data, cfg.fsync)
     return {"keys": data.keys, "views": data.views, "sources": data.sources, "failures": failures}
-
-
-def _f16(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float16).numpy()
-
-
-def _f32(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float32).numpy()
 
 
 class _null:

@@ -258,3 +258,15 @@ def test_dask_local_cluster_gives_the_same_cache(tmp_path):
             ra, rb = read_rows(a[modality], name), read_rows(b[modality], name)
             assert ra.keys() == rb.keys()
             assert all(np.array_equal(ra[k], rb[k]) for k in ra), f"{modality}/{name} differ under Dask"
+
+
+def test_decoding_in_spawned_processes_gives_the_same_cache(tmp_path, monkeypatch):
+    from stages.embed import EmbedConfig, run
+
+    table = make_table(tmp_path / "data", 8)
+    threads = run(EmbedConfig(dataset=str(table), cache=str(tmp_path / "a"), device="cpu", decode_processes=0))
+    procs = run(EmbedConfig(dataset=str(table), cache=str(tmp_path / "b"), device="cpu", decode_processes=2))
+    assert threads.embedded == procs.embedded == 16
+    ra = read_rows(stores_by_modality(tmp_path / "a")["image"], "tokens")
+    rb = read_rows(stores_by_modality(tmp_path / "b")["image"], "tokens")
+    assert ra.keys() == rb.keys() and all(np.array_equal(ra[k], rb[k]) for k in ra)

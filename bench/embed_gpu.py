@@ -1,0 +1,102 @@
+"""`pipe embed` on a GPU against the bare forward pass of the same network.
+
+  bare:  random pixels already on the GPU, bf16 autocast, inference mode: images/s of
+         the forward alone, the ceiling
+  embed: `pipe embed` over PNG files (decode in spawned processes, pinned non-blocking
+         copies, bf16, device-to-host copies and shard writes behind the forward)
+for random-init networks the size of DINOv2-S and DINOv2-B at 224 px.
+Target: embed >= 0.9x bare. Needs CUDA; without it, prints why and exits 0.
+
+    python bench/embed_gpu.py [--images 16384] [--batch 256]
+
+The last line of stdout is one JSON object with ratio_dinov2_s, ratio_dinov2_b and gpu.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PIPE_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from stages import embed  # noqa: E402
+
+
+def _write(args) -> None:
+    folder, start, stop = args
+    rng = np.random.default_rng(start)
+    for i in range(start, stop):
+        Image.fromarray((rng.random((256, 256)) * 255).astype(np.uint8)).save(Path(folder) / f"{i:06d}.png")
+
+
+def make_images(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    step = 512
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_write, [(str(folder), s, min(n, s + step)) for s in range(0, n, step)]))
+    pd.DataFrame({"image": [f"{i:06d}.png" for i in range(n)], "report": ["x"] * n}).to_csv(folder / "pairs.csv",
+                                                                                           index=False)
+    return folder / "pairs.csv"
+
+
+@torch.inference_mode()
+def bare_rate(name: str, batch: int, steps: int) -> float:
+    enc = embed.get_encoder(name, torch.device("cuda"))
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            enc(x)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            enc(x)
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t)
+
+
+def embed_rate(table: Path, name: str, batch: int, cache: Path) -> float:
+    cfg = embed.EmbedConfig(dataset=str(table), backbone=name, text_encoder="none", cache=str(cache),
+                            batch_size=batch, device="cuda", shard_mb=256)
+    t = time.perf_counter()
+    res = embed.run(cfg)
+    assert res.failed == 0, res.failures[:3]
+    return res.embedded / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=16384)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--workdir", default=None, help="where to put images and caches (needs ~20 GB)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs one", file=sys.stderr)
+        print(json.dumps({"bench": "embed_gpu", "gpu": None, "skipped": "no CUDA device"}))
+        return
+    out = {"bench": "embed_gpu", "gpu": torch.cuda.get_device_name(), "images": args.images, "batch": args.batch}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as d:
+        table = make_images(Path(d) / "imgs", args.images)
+        for name, key in (("random-dinov2-s", "dinov2_s"), ("random-dinov2-b", "dinov2_b")):
+            bare = bare_rate(name, args.batch, steps=max(10, args.images // args.batch))
+            emb = embed_rate(table, name, args.batch, Path(d) / f"cache-{key}")
+            out.update({f"ratio_{key}": round(emb / bare, 3), f"bare_img_s_{key}": round(bare),
+                        f"embed_img_s_{key}": round(emb)})
+            print(f"{name}: bare {bare:,.0f} img/s, pipe embed {emb:,.0f} img/s ({emb / bare:.2f}x)", file=sys.stderr)
+    print(json.dumps({"bench": out.pop("bench"), "ratio_dinov2_s": out.pop("ratio_dinov2_s"),
+                      "ratio_dinov2_b": out.pop("ratio_dinov2_b"), "gpu": out.pop("gpu"), **out}))
+
+
+if __name__ == "__main__":
+    main()
