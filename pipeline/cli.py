@@ -151,6 +151,24 @@ def train_adaptor(
         print(json.dumps({"out": str(result.out), "checkpoint": str(result.checkpoint), **result.final}))
 
 
+@app.command(epilog="Example:\n\n  pipe demo --out demo-out")
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where results and plots go."),
+    cache: Optional[Path] = CACHE_OPT,
+    device: Device = typer.Option(Device.auto, "--device"),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per label fraction."),
+    segmentation: bool = typer.Option(True, "--segmentation/--no-segmentation"),
+) -> None:
+    """The whole pipeline on the built-in phantom data: embed, train the Adaptor, evaluate."""
+    from stages.demo import DemoConfig, run
+
+    try:
+        run(DemoConfig(out=str(out), cache=str(cache) if cache else None, device=device.value, seeds=seeds,
+                       segmentation=segmentation))
+    except _user_errors() as e:
+        fail(str(e))
+
+
 @app.command()
 def encoders(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the registered frozen encoders, their dims, weight source and availability here."""

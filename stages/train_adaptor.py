@@ -2,12 +2,32 @@
 
 No encoder is built and no image is decoded: the loader reads cached arrays, and the
 checkpoint records the fingerprints of the caches it was trained on.
+
+Several GPUs (or CPU processes) train one Adaptor with DDP when launched by torchrun::
+
+    torchrun --nproc-per-node 4 -m pipeline.cli train-adaptor -d mimic-cxr:/data/mimic \
+        -b dinov2-b -t bert --config configs/adaptor_paper.yaml batch_size=1024
+
+- ``batch_size`` is the global batch: each of the N processes takes batch_size / N
+  items of every step (it must divide evenly), cut from the same seeded epoch order, so
+  a step sees the same items as a one-process run.
+- The contrastive loss gathers every rank's image and text embeddings (with gradients),
+  so each rank scores its rows against the whole global batch's negatives, as one
+  process would (the authors' 2-GPU runs did not: PAPER.md, flaw 4). The loss and DDP's
+  gradient averaging together give the gradient of the global-batch loss. Set
+  ``gather_negatives=false`` to reproduce the authors' per-rank negatives.
+- Rank 0 alone validates (on the whole split), writes metrics.csv, the curves, the
+  config and the checkpoints; the others print nothing. Resume works as for one
+  process: every rank loads the same checkpoint.
+- Each process uses the GPU of its LOCAL_RANK (nccl), or the CPU (gloo) with
+  ``--device cpu``. Multi-node: add ``--nnodes`` and ``--rdzv-endpoint`` as usual.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,11 +36,15 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError, config_hash, save_config, to_dict
-from pipeline.console import err, peak_memory_mb, progress, resolve_device
+from rich.progress import Progress
+
+from pipeline.console import err, peak_memory_mb, progress
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.loss import clip_loss, retrieval_recall
 from pipeline.paths import cache_root
+from pipeline.training import distributed
 from pipeline.training.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from pipeline.training.distributed import DistContext
 from pipeline.training.loader import PairLoader
 from pipeline.training.metrics import MetricsLog
 from pipeline.training.pairs import CacheMissError, PairData, embed_command, load_pairs
@@ -55,6 +79,7 @@ class TrainConfig:
     val_split: str = "valid"
     val_batch_size: int = 1024
     checkpoint_every: int = 1      # epochs
+    gather_negatives: bool = True  # DDP: score against every rank's embeddings (false: per-rank negatives, flaw 4)
 
 
 @dataclass
@@ -64,6 +89,11 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
     backbone_forwards: int = 0     # always 0: stage two never runs an encoder
+    rank: int = 0                  # under torchrun only rank 0 reports; history is empty elsewhere
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     @property
     def final(self) -> dict:
@@ -87,19 +117,35 @@ def load_training_data(cfg: TrainConfig) -> PairData:
 
 
 def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
+    """Train one Adaptor; under torchrun, this process's share of a DDP run."""
     from pipeline.datasets import open_dataset
 
-    data = data or load_training_data(cfg)
-    device = resolve_device(cfg.device)
-    ds_name = open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False).name
-    cfg = _with_dims(cfg, data)
-    out = Path(cfg.out) if cfg.out else default_out(cfg, ds_name)
-    out.mkdir(parents=True, exist_ok=True)
-    train_pos, val_pos = data.split(cfg.train_split), data.split(cfg.val_split)
-    if len(train_pos) < 2:
-        raise ValueError(f"split {cfg.train_split!r} has {len(train_pos)} cached pairs; contrastive training needs "
-                         f"at least 2. Check the dataset's split column or set train_split=...")
-    return Trainer(cfg, data, device, out, train_pos, val_pos).fit()
+    with distributed.session(cfg.device) as ctx:
+        with distributed.main_first(ctx):  # reading a dataset may write to the cache: one rank at a time
+            data = data or load_training_data(cfg)
+            ds_name = open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False).name
+        cfg = _with_dims(cfg, data)
+        out = Path(cfg.out) if cfg.out else default_out(cfg, ds_name)
+        out.mkdir(parents=True, exist_ok=True)
+        train_pos, val_pos = data.split(cfg.train_split), data.split(cfg.val_split)
+        if len(train_pos) < 2:
+            raise ValueError(f"split {cfg.train_split!r} has {len(train_pos)} cached pairs; contrastive training "
+                             f"needs at least 2. Check the dataset's split column or set train_split=...")
+        return Trainer(cfg, data, ctx, out, train_pos, val_pos).fit()
+
+
+def global_batch(requested: int, n_items: int, world: int) -> int:
+    """The global batch: ``batch_size``, cut to the split's size, split evenly over the ranks."""
+    if requested % world:
+        nearest = max(world, requested - requested % world)
+        raise ValueError(f"batch_size={requested} is the global batch and must divide evenly over the {world} "
+                         f"processes; use a multiple of {world}, e.g. batch_size={nearest}")
+    bs = min(requested, n_items)
+    bs -= bs % world
+    if bs < world:
+        raise ValueError(f"the training split has {n_items} pairs, fewer than the {world} processes; "
+                         "launch fewer processes")
+    return bs
 
 
 def check_index_current(ds, data: PairData, cfg: TrainConfig) -> None:
@@ -138,36 +184,44 @@ def lr_lambda(total_steps: int, warmup_frac: float):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: PairData, device: torch.device, out: Path,
+    def __init__(self, cfg: TrainConfig, data: PairData, ctx: DistContext, out: Path,
                  train_pos: np.ndarray, val_pos: np.ndarray):
-        self.cfg, self.data, self.device, self.out = cfg, data, device, out
+        self.cfg, self.data, self.ctx, self.device, self.out = cfg, data, ctx, ctx.device, out
         torch.manual_seed(cfg.seed)
-        self.model = Adaptor(cfg.adaptor).to(device)
+        self.net = Adaptor(cfg.adaptor).to(self.device)      # what checkpoints hold
+        self.model = distributed.wrap_model(self.net, ctx)   # what trains (DDP under torchrun)
         self.grid, self.n_prefix = data.image_grid
-        bs = min(cfg.batch_size, len(train_pos))
-        self.train = PairLoader(data, train_pos, cfg.adaptor.mode, bs, device, cfg.resident, cfg.views,
-                                seed=cfg.seed, drop_last=True)
-        self.val = (PairLoader(data, val_pos, cfg.adaptor.mode, cfg.val_batch_size, device, cfg.resident,
-                               views=False) if len(val_pos) > 1 else None)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        bs = global_batch(cfg.batch_size, len(train_pos), ctx.world_size)
+        self.train = PairLoader(data, train_pos, cfg.adaptor.mode, bs, self.device, cfg.resident, cfg.views,
+                                seed=cfg.seed, drop_last=True, rank=ctx.rank, world=ctx.world_size,
+                                ram_copies=ctx.local_world_size)
+        self.val = (PairLoader(data, val_pos, cfg.adaptor.mode, cfg.val_batch_size, self.device, cfg.resident,
+                               views=False) if len(val_pos) > 1 and ctx.is_main else None)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                      betas=cfg.optim.betas)
         self.steps_per_epoch = len(self.train)
         total = self.steps_per_epoch * cfg.epochs
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total, cfg.optim.warmup_frac))
         self.log = None
 
+    def say(self, message: str) -> None:
+        if self.ctx.is_main:
+            err.print(message)
+
     # -- bookkeeping ---------------------------------------------------------------------
     def meta(self, epoch: int) -> dict:
         return {"kind": "adaptor", "config": to_dict(self.cfg), "config_hash": config_hash(self._resume_key()),
                 "fingerprints": self.data.fingerprints(), "epoch": epoch, "backbone": self.cfg.backbone,
                 "text_encoder": self.cfg.text_encoder, "image_grid": self.grid, "n_prefix": self.n_prefix,
-                "dataset": self.cfg.dataset}
+                "dataset": self.cfg.dataset, "world_size": self.ctx.world_size}
 
     def _resume_key(self) -> dict:
         """What must match for a run to continue another: all but epochs/out/device."""
         d = to_dict(self.cfg)
         for k in ("epochs", "out", "device", "resident", "cache", "val_batch_size"):
             d.pop(k, None)
+        if d.get("gather_negatives") is True:  # the default: runs from before the key existed still resume
+            d.pop("gather_negatives")
         return d
 
     def _maybe_resume(self) -> int:
@@ -181,40 +235,62 @@ class Trainer:
         if meta.get("fingerprints") != self.data.fingerprints():
             raise ValueError(f"{ckpt} was trained on other caches ({meta.get('fingerprints')}); "
                              "pass another --out to train on these")
-        load_checkpoint(ckpt, self.model, self.opt)
+        load_checkpoint(ckpt, self.net, self.opt)  # every rank loads the same state
         epoch = int(meta["epoch"])
         self.sched.last_epoch = epoch * self.steps_per_epoch - 1
-        self.sched.step()
-        err.print(f"resuming {self.out} after epoch {epoch}")
+        with warnings.catch_warnings():  # stepping before any optimizer step is the point here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.sched.step()
+        self.say(f"resuming {self.out} after epoch {epoch}")
         return epoch
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        cfg = self.cfg
-        save_config(cfg, self.out / "config.yaml")
+        cfg, main = self.cfg, self.ctx.is_main
+        if main:
+            save_config(cfg, self.out / "config.yaml")
         start = self._maybe_resume()
-        self.log = MetricsLog(self.out, resume=start > 0)
-        self.log.truncate(start)
-        err.print(f"training the Adaptor ({cfg.adaptor.mode} mode, "
-                  f"{sum(p.numel() for p in self.model.parameters() if p.requires_grad):,} trainable parameters) "
-                  f"on {len(self.train.positions):,} pairs · effective global batch {self.train.batch_size} "
-                  f"({self.steps_per_epoch} steps/epoch) · data {self.train.residency} "
-                  f"({self.train.nbytes() / 2**20:,.1f} MiB) · backbone forwards: 0")
-        with progress() as bar:
+        distributed.barrier(self.ctx)  # all ranks have read the checkpoint before rank 0 may replace it
+        self.log = MetricsLog(self.out, resume=start > 0) if main else None
+        if main:
+            self.log.truncate(start)
+        self.say(self._banner())
+        with (progress() if main else Progress(disable=True)) as bar:
             task = bar.add_task("train-adaptor", total=cfg.epochs * self.steps_per_epoch,
                                 completed=start * self.steps_per_epoch)
             for epoch in range(start + 1, cfg.epochs + 1):
                 row = self._epoch(epoch, lambda: bar.advance(task))
-                self.log.log(row)
-                err.print(_epoch_line(row))
+                if main:
+                    self.log.log(row)
+                    err.print(_epoch_line(row))
                 if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-                    save_checkpoint(self.out / CHECKPOINT, self.model, self.meta(epoch), self.opt)
+                    self._save(epoch)
+        if not main:
+            return TrainResult(self.out, self.out / CHECKPOINT, [], start, rank=self.ctx.rank)
         self.log.plot(self.out / "curves.png", f"Adaptor · {cfg.backbone} + {cfg.text_encoder} · {cfg.adaptor.mode}")
         return TrainResult(self.out, self.out / CHECKPOINT, self.log.rows, start)
 
+    def _banner(self) -> str:
+        n_params = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+        world = self.ctx.world_size
+        ranks = (f" = {self.train.local_batch} per rank × {world} ranks, negatives "
+                 f"{'gathered across ranks' if self.cfg.gather_negatives else 'per rank only (flaw 4)'}"
+                 if world > 1 else "")
+        return (f"training the Adaptor ({self.cfg.adaptor.mode} mode, {n_params:,} trainable parameters) "
+                f"on {len(self.train.positions):,} pairs · world size {world} · effective global batch "
+                f"{self.train.batch_size}{ranks} ({self.steps_per_epoch} steps/epoch) · data {self.train.residency} "
+                f"({self.train.nbytes() / 2**20:,.1f} MiB) · backbone forwards: 0")
+
+    def _save(self, epoch: int) -> None:
+        """Rank 0 writes the unwrapped model; the others wait so that no rank runs ahead of it."""
+        if self.ctx.is_main:
+            save_checkpoint(self.out / CHECKPOINT, self.net, self.meta(epoch), self.opt)
+        distributed.barrier(self.ctx)
+
     def _epoch(self, epoch: int, tick) -> dict:
         self.model.train()
-        torch.manual_seed(self.cfg.seed * 100003 + epoch)  # dropout: a resumed epoch replays exactly
+        # dropout: a resumed epoch replays exactly; each rank draws its own masks
+        torch.manual_seed(self.cfg.seed * 100003 + epoch + self.ctx.rank * 1_000_003)
         t0, losses, self.train.wait_seconds = time.perf_counter(), [], 0.0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -223,8 +299,9 @@ class Trainer:
             losses.append(loss)
             tick()
         seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": self.sched.get_last_lr()[0],
-               "logit_scale": float(self.model.scale().detach()), "epoch_seconds": round(seconds, 3),
+        train_loss = distributed.mean_over_ranks(float(np.mean(losses)), self.ctx)  # = the global-batch loss
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": self.sched.get_last_lr()[0],
+               "logit_scale": float(self.net.scale().detach()), "epoch_seconds": round(seconds, 3),
                "data_wait_share": round(self.train.wait_seconds / max(seconds, 1e-9), 4),
                "samples_per_s": round(len(losses) * self.train.batch_size / seconds, 1),
                **{k: round(v, 1) for k, v in peak_memory_mb(self.device).items()}}
@@ -233,7 +310,10 @@ class Trainer:
 
     def _step(self, batch: dict) -> float:
         img, txt = self.model(batch, image_grid=self.grid, n_prefix=self.n_prefix)
-        loss = clip_loss(img, txt, self.model.scale(), self.cfg.adaptor.image_weight)
+        # Gathered, each rank's loss is scaled so that DDP's gradient averaging yields the
+        # gradient of the global-batch loss (see clip_loss); on one process it is the plain loss.
+        loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight,
+                         gather=self.cfg.gather_negatives)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -242,16 +322,17 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
+        """Whole-split metrics, on rank 0 alone (the unwrapped model: no collectives)."""
         if self.val is None:
             return {}
-        self.model.eval()
+        self.net.eval()
         imgs, txts = [], []
         for batch in self.val.batches(None):
-            i, t = self.model(batch, image_grid=self.grid, n_prefix=self.n_prefix)
+            i, t = self.net(batch, image_grid=self.grid, n_prefix=self.n_prefix)
             imgs.append(i)
             txts.append(t)
         img, txt = torch.cat(imgs), torch.cat(txts)
-        out = {"val_loss": float(clip_loss(img, txt, self.model.scale(), self.cfg.adaptor.image_weight))}
+        out = {"val_loss": float(clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight))}
         for k, v in retrieval_recall(img, txt).items():
             out["val_" + k.replace("R@", "r@")] = round(float(v), 4)
         return out

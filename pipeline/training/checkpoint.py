@@ -14,29 +14,75 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint used against caches (or a config) it was not trained on."""
 
 
+def optimizer_path(path: Path) -> Path:
+    """The sibling file that holds a checkpoint's optimizer state."""
+    path = Path(path)
+    return path.with_name(path.stem + ".optim.safetensors")
+
+
+def _staged(opt_path: Path) -> Path:
+    return opt_path.with_name(opt_path.name + ".next")
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (a kill cannot undo it; a power cut could without this)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temporary files of writers that were killed mid-write: never read, only wasted space."""
+    for p in (path, optimizer_path(path), _staged(optimizer_path(path))):
+        for tmp in p.parent.glob(f".{p.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _pair_tag(state: dict[str, torch.Tensor], epoch) -> str:
+    """Names one (weights, optimizer state) pair: a hash of the weights and the epoch."""
+    h = xxhash.xxh3_128(json.dumps(epoch).encode())
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Model weights (+ optimizer state in a sibling file), metadata as JSON strings.
+    """Model weights in ``path`` (+ optimizer state in a sibling file), metadata as JSON strings.
 
-    The optimizer file is written first and the model file last, so a checkpoint whose
-    model file exists is always complete.
+    Each file is written to a temporary name and renamed into place, so none is ever
+    half-written. The two files are paired by a tag (a hash of the weights and the epoch)
+    that both record, and the new optimizer state is staged beside the current one until
+    the weights file has been replaced. A kill between any two steps therefore leaves a
+    weights file whose own optimizer state is on disk, and ``load_checkpoint`` picks that
+    one: weights and optimizer state of different epochs are never paired.
     """
     path = Path(path)
-    if optimizer is not None:
-        opt_path = path.with_name(path.stem + ".optim.safetensors")
-        tensors, layout = _flatten_optimizer(optimizer)
-        _atomic(opt_path, lambda p: save_file(tensors, str(p), metadata={"layout": json.dumps(layout)}))
+    _remove_stale_temps(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {k: json.dumps(v) for k, v in meta.items()}
+    if optimizer is not None:
+        tag = _pair_tag(state, meta.get("epoch"))
+        tensors, layout = _flatten_optimizer(optimizer)
+        opt_meta = {"layout": json.dumps(layout), "pair": tag, "epoch": json.dumps(meta.get("epoch"))}
+        _atomic(_staged(optimizer_path(path)), lambda p: save_file(tensors, str(p), metadata=opt_meta))
+        metadata["optimizer_pair"] = json.dumps(tag)
     _atomic(path, lambda p: save_file(state, str(p), metadata=metadata))
+    if optimizer is not None:
+        os.replace(_staged(optimizer_path(path)), optimizer_path(path))
+        _fsync_dir(path.parent)
 
 
 def read_meta(path: Path) -> dict:
@@ -55,13 +101,32 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
     if model is not None:
         model.load_state_dict(load_file(str(path)))
     if optimizer is not None:
-        opt_path = path.with_name(path.stem + ".optim.safetensors")
-        from safetensors import safe_open
-
-        with safe_open(str(opt_path), framework="pt") as f:
-            layout = json.loads(f.metadata()["layout"])
+        opt_path = _paired_optimizer_file(path, meta)
+        layout = json.loads(_raw_meta(opt_path)["layout"])
         _unflatten_optimizer(optimizer, load_file(str(opt_path)), layout)
     return meta
+
+
+def _raw_meta(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _paired_optimizer_file(path: Path, meta: dict) -> Path:
+    """The optimizer file written with these weights: the current one, or the staged one
+    when a save was cut between replacing the weights and renaming the staged file."""
+    opt_path = optimizer_path(path)
+    tag = meta.get("optimizer_pair")
+    if tag is None:  # a checkpoint from before pairing was recorded
+        return opt_path
+    for candidate in (opt_path, _staged(opt_path)):
+        if candidate.exists() and _raw_meta(candidate).get("pair") == tag:
+            return candidate
+    raise CheckpointMismatchError(
+        f"{path} (epoch {meta.get('epoch')}) has no matching optimizer state beside it ({opt_path.name} is "
+        "missing or belongs to other weights). Delete the run folder to start over, or pass another --out.")
 
 
 def checkpoint_hash(path: Path) -> str:

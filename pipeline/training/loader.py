@@ -4,6 +4,12 @@
 memory. ``tokens`` mode needs the token arrays: held in RAM or on the GPU when they fit
 (``resident``), otherwise streamed from the shard files in block-shuffled order, one batch
 ahead, into pinned memory.
+
+Under DDP each rank builds its own loader with ``rank``/``world``. ``batch_size`` stays
+the global batch: every rank computes the same seeded epoch order and takes its own
+contiguous slice of each global batch, so the ranks' slices of a step, in rank order, are
+exactly the one-process step. A streaming rank reads only its own slices; a resident
+rank holds the split's rows (the epoch order reshuffles which rank needs which row).
 """
 from __future__ import annotations
 
@@ -55,9 +61,14 @@ class PairLoader:
 
     def __init__(self, data: PairData, positions: np.ndarray, mode: str, batch_size: int,
                  device: torch.device, resident: Resident = "auto", views: bool = True,
-                 seed: int = 0, buffer_chunks: int = 8, drop_last: bool = False, text: bool = True):
+                 seed: int = 0, buffer_chunks: int = 8, drop_last: bool = False, text: bool = True,
+                 rank: int = 0, world: int = 1, ram_copies: int = 1):
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} is the global batch and must split evenly over {world} "
+                             f"processes; use a multiple of {world}")
         self.data, self.positions, self.mode = data, np.asarray(positions), mode
         self.batch_size, self.device, self.seed = batch_size, device, seed
+        self.rank, self.world, self.ram_copies = rank, world, ram_copies
         self.views, self.buffer_chunks, self.drop_last = views, buffer_chunks, drop_last
         self.wait_seconds = 0.0
         img_rows = data.image_rows[self.positions]
@@ -76,14 +87,20 @@ class PairLoader:
                 self.sources[f"text_{n}"] = _Source(n, RowReader(data.text, n), used_txt)
         self.residency = self._make_resident(resident)
 
+    @property
+    def local_batch(self) -> int:
+        """Items per step on this rank: the global batch over the ranks."""
+        return self.batch_size // self.world
+
     # -- residency -----------------------------------------------------------------------
     def nbytes(self) -> int:
         return sum(s.reader.nbytes(len(s.rows)) for s in self.sources.values())
 
     def _make_resident(self, resident: Resident) -> str:
         need = self.nbytes()
-        if resident == "none" or (resident == "auto" and self.mode == "tokens" and need > 0.5 * available_ram()):
-            if resident == "auto":
+        ram_need = need * self.ram_copies  # every process on this machine holds its own copy
+        if resident == "none" or (resident == "auto" and self.mode == "tokens" and ram_need > 0.5 * available_ram()):
+            if resident == "auto" and self.rank == 0:
                 err.print(f"[yellow]token arrays need {need / 2**30:.1f} GiB, more than half the free RAM: "
                           "streaming them from the cache instead")
             return "stream"
@@ -95,9 +112,10 @@ class PairLoader:
             if need > 0.8 * free:
                 raise ResidencyError(f"--resident gpu needs {need / 2**30:.2f} GiB but the GPU has "
                                      f"{free / 2**30:.2f} GiB free; use --resident ram or none")
-        elif need > 0.8 * available_ram():
-            raise ResidencyError(f"--resident ram needs {need / 2**30:.2f} GiB but only "
-                                 f"{available_ram() / 2**30:.2f} GiB is available; use --resident none to stream")
+        elif ram_need > 0.8 * available_ram():
+            raise ResidencyError(f"--resident ram needs {ram_need / 2**30:.2f} GiB ({self.ram_copies} process(es) "
+                                 f"on this machine) but only {available_ram() / 2**30:.2f} GiB is available; "
+                                 "use --resident none to stream")
         for s in self.sources.values():
             t = torch.from_numpy(s.reader.take(s.rows))
             s.resident = t.to(self.device) if where == "gpu" else t
@@ -134,8 +152,8 @@ class PairLoader:
         order, view = self.epoch_order(epoch) if epoch is not None else self.fixed_order()
         bs = self.batch_size
         stops = range(0, len(order) - (len(order) % bs if self.drop_last else 0), bs)
-        idx = [order[s:s + bs] for s in stops]
-        idx = [i for i in idx if len(i)]
+        steps = [order[s:s + bs] for s in stops]
+        idx = [self._own_slice(i) for i in steps if len(i)]
         if self.residency == "stream":
             yield from self._prefetched(idx, view)
         else:
@@ -144,6 +162,10 @@ class PairLoader:
                 batch = self._assemble(sel, view)
                 self.wait_seconds += time.perf_counter() - t
                 yield batch
+
+    def _own_slice(self, step: np.ndarray) -> np.ndarray:
+        """This rank's contiguous part of a global batch (all of it on one process)."""
+        return np.array_split(step, self.world)[self.rank] if self.world > 1 else step
 
     def _assemble(self, sel: np.ndarray, view: np.ndarray) -> dict[str, torch.Tensor]:
         pin = self.residency == "stream" and self.device.type == "cuda"

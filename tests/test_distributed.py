@@ -1,0 +1,245 @@
+"""DDP training (torchrun, gloo on CPU): two processes train as one with the same global batch."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from pipeline.models.adaptor import Adaptor, AdaptorConfig
+from pipeline.models.loss import clip_loss
+from pipeline.training.loader import PairLoader
+from tests.helpers import embed_json, make_table, pipe
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tokens mode learns on this tiny data (pooled tiny-bert vectors are nearly identical);
+# no dropout, because each rank draws its own dropout masks.
+DDP = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "adaptor.mode=tokens",
+       "adaptor.dropout=0", "batch_size=8", "optim.lr=3e-3", "epochs=4", "--device", "cpu"]
+COMPARED = ["train_loss", "val_loss", "lr", "logit_scale", "val_i2t_r@1", "val_t2i_r@5"]
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    table = make_table(root / "data", 40)  # 20 train pairs: 2 steps of 8 per epoch
+    embed_json(table, root / "cache")
+    return table, root / "cache"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cli(cached, out: Path, *extra: str, nproc: int | None = None) -> subprocess.CompletedProcess:
+    """The real `train-adaptor` command in a fresh process, under torchrun when nproc is given."""
+    table, cache = cached
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                     "--master-port", str(_free_port())]
+    cmd = [*launcher, "-m", "pipeline.cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
+           "--cache", str(cache), "--out", str(out), *DDP, *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PIPE_NO_PROGRESS": "1", "COLUMNS": "400"}
+    r = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Final weights equal within rounding, except the attention key biases.
+
+    Softmax ignores a shift shared by all keys, so the key bias has zero gradient in
+    exact arithmetic; in floats it gets rounding noise that Adam rescales to lr-sized
+    steps, which differ with the summation order. They carry no signal, so they are
+    only checked to stay small.
+    """
+    wa, wb = load_file(str(a / "last.safetensors")), load_file(str(b / "last.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        x, y = wa[k], wb[k]
+        if k.endswith("attn.in_proj_bias"):
+            d = x.shape[0] // 3
+            assert_close(y[d:2 * d], x[d:2 * d], rtol=0, atol=0.05, msg=k)  # lr x steps bounds the noise
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        assert_close(y, x, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def metrics(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "metrics.csv")
+
+
+def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+@pytest.fixture(scope="module")
+def single(cached, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    train_cli(cached, out)
+    return out
+
+
+# ---------------------------------------------------------------- the real CLI under torchrun
+@pytest.mark.timeout(300)
+def test_two_processes_train_like_one_with_the_same_global_batch(cached, single, tmp_path):
+    r = train_cli(cached, tmp_path / "ddp", nproc=2)
+    one, two = metrics(single), metrics(tmp_path / "ddp")
+    assert list(two.epoch) == [1, 2, 3, 4] and one.train_loss.iloc[-1] < one.train_loss.iloc[0] - 0.1
+    for col in COMPARED:
+        assert_close(two[col].to_numpy(), one[col].to_numpy(), rtol=1e-4, atol=1e-6, msg=col)
+    assert_same_weights(single, tmp_path / "ddp")
+    # rank 0 alone reports, and says how the global batch is made
+    assert r.stderr.count("training the Adaptor") == 1 and r.stderr.count("checkpoint:") == 1
+    assert "world size 2" in r.stderr and "effective global batch 8 = 4 per rank × 2 ranks" in r.stderr
+    assert "gathered across ranks" in r.stderr
+
+
+@pytest.mark.timeout(300)
+def test_without_gathering_each_rank_sees_only_its_own_negatives(cached, single, tmp_path):
+    train_cli(cached, tmp_path / "local", "gather_negatives=false", nproc=2)
+    one, two = metrics(single), metrics(tmp_path / "local")
+    # flaw 4: half-batch negatives are a different objective, so a different trajectory
+    assert max_rel_diff(two.train_loss.to_numpy(), one.train_loss.to_numpy()) > 0.05
+    assert max_rel_diff(two.val_loss.to_numpy()[1:], one.val_loss.to_numpy()[1:]) > 1e-3
+    wa, wb = load_file(str(single / "last.safetensors")), load_file(str(tmp_path / "local" / "last.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) > 1e-3
+
+
+@pytest.mark.timeout(300)
+def test_a_ddp_run_resumes_a_checkpoint(cached, single, tmp_path, monkeypatch):
+    from stages import train_adaptor
+
+    real_epoch = train_adaptor.Trainer._epoch
+
+    def dies_in_epoch_3(self, epoch, tick):
+        if epoch == 3:
+            raise RuntimeError("simulated crash")
+        return real_epoch(self, epoch, tick)
+
+    monkeypatch.setattr(train_adaptor.Trainer, "_epoch", dies_in_epoch_3)
+    table, cache = cached
+    r = pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
+             "--out", str(tmp_path / "cut"), *DDP, expect=None)
+    assert "simulated crash" in str(r.exception)
+    monkeypatch.undo()
+    res = train_cli(cached, tmp_path / "cut", nproc=2)  # both ranks load the epoch-2 checkpoint
+    assert "resuming" in res.stderr and res.stderr.count("resuming") == 1
+    one, cut = metrics(single), metrics(tmp_path / "cut")
+    assert list(cut.epoch) == [1, 2, 3, 4]
+    assert_close(cut.train_loss.to_numpy(), one.train_loss.to_numpy(), rtol=1e-4, atol=1e-6)
+    assert_same_weights(single, tmp_path / "cut")
+
+
+# ---------------------------------------------------------------- sharding of the epoch order
+def _loader(cached, rank: int, world: int, resident: str) -> PairLoader:
+    from pipeline.datasets import open_dataset
+    from pipeline.paths import cache_root
+    from pipeline.training.pairs import load_pairs
+
+    table, cache = cached
+    data = load_pairs(cache_root(cache), open_dataset(str(table), cache_root(cache)).name, str(table),
+                      "tiny-vit", "tiny-bert")
+    return PairLoader(data, data.split("train"), "tokens", 8, torch.device("cpu"), resident, seed=3,
+                      drop_last=True, rank=rank, world=world)
+
+
+@pytest.mark.parametrize("resident", ["ram", "none"])
+def test_ranks_split_each_global_step_in_rank_order(cached, resident):
+    whole = [b["index"].tolist() for b in _loader(cached, 0, 1, resident).batches(2)]
+    parts = [_loader(cached, r, 2, resident) for r in range(2)]
+    per_rank = [[b["index"].tolist() for b in p.batches(2)] for p in parts]
+    assert len(whole) == 2 and all(len(steps) == 2 for steps in per_rank)
+    for step, items in enumerate(whole):
+        assert len(per_rank[0][step]) == len(per_rank[1][step]) == 4
+        assert per_rank[0][step] + per_rank[1][step] == items
+
+
+def test_a_streaming_rank_reads_only_its_own_rows(cached):
+    loader = _loader(cached, 1, 2, "none")
+    asked: list[int] = []
+    reader = loader.sources["image_tokens"].reader
+    real_take = reader.take
+
+    def spy(rows, out=None):
+        asked.extend(np.asarray(rows).tolist())
+        return real_take(rows, out=out)
+
+    reader.take = spy
+    order, view = loader.epoch_order(1)
+    own = np.concatenate([order[s + 4:s + 8] for s in (0, 8)])  # rank 1: the second half of each step
+    list(loader.batches(1))
+    assert sorted(asked) == sorted(loader.image_rows[own, view[own]].tolist())
+
+
+def test_the_global_batch_must_split_evenly_over_the_ranks(cached, tmp_path):
+    from stages.train_adaptor import global_batch
+
+    with pytest.raises(ValueError, match="multiple of 2"):
+        global_batch(7, 20, 2)
+    loader = _loader(cached, 0, 1, "ram")
+    with pytest.raises(ValueError, match="multiple of 2"):
+        PairLoader(loader.data, loader.positions, "pooled", 7, torch.device("cpu"), rank=0, world=2)
+    # a split smaller than the batch: the whole split, rounded down to a multiple of the ranks
+    assert global_batch(8, 20, 2) == 8 and global_batch(32, 21, 2) == 20 and global_batch(32, 21, 1) == 21
+
+
+# ---------------------------------------------------------------- gradients under DDP
+CFG = AdaptorConfig(mode="tokens", image_dim=12, text_dim=10, d_model=16, n_heads=4, ffn_dim=24, dropout=0.0)
+
+
+def _batch() -> dict:
+    g = torch.Generator().manual_seed(5)
+    return {"image_tokens": torch.randn(8, 5, 12, generator=g), "text_tokens": torch.randn(8, 6, 10, generator=g),
+            "text_mask": torch.arange(6)[None, :] < torch.tensor([6, 3, 4, 6, 2, 5, 6, 4])[:, None]}
+
+
+def _grads(model: torch.nn.Module, net: Adaptor, batch: dict, gather: bool) -> dict[str, torch.Tensor]:
+    net.zero_grad(set_to_none=True)
+    img, txt = model(batch, n_prefix=1)
+    clip_loss(img, txt, net.scale(), 0.75, gather=gather).backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        net = Adaptor(CFG)
+        model = DistributedDataParallel(net)
+        local = {k: v[4 * rank:4 * rank + 4] for k, v in _batch().items()}
+        grads = {g: _grads(model, net, local, gather=g) for g in (True, False)}
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_ddp_gradients_are_the_global_batch_gradients(tmp_path):
+    out = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    ddp = torch.load(out)
+    torch.manual_seed(0)
+    net = Adaptor(CFG)
+    full = _grads(net, net, _batch(), gather=False)
+    for name, g in full.items():  # every parameter, the logit scale (used outside forward) too
+        assert_close(ddp[True][name], g, rtol=1e-4, atol=1e-7, msg=name)
+    assert any((ddp[False][n] - g).abs().max() > 1e-3 * g.abs().max() for n, g in full.items())
