@@ -1,0 +1,159 @@
+"""`pipe evaluate` and `pipe report`: parsing only; the work is in stages/evaluate.py.
+
+No `from __future__ import annotations` here: typer reads the option types of the
+commands defined inside ``register``, whose names are local to it.
+"""
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+class Task(str, Enum):
+    classification = "classification"
+    segmentation = "segmentation"
+    retrieval = "retrieval"
+    zero_shot = "zero-shot"
+
+
+class HeadKind(str, Enum):
+    mlp = "mlp"
+    linear = "linear"
+
+
+EVALUATE_EPILOG = """Examples:
+
+  pipe evaluate --task classification -d demo --adaptor runs/adaptor-demo/last.safetensors --fraction 0.01 0.1 1.0
+
+  pipe evaluate --task classification -d demo --adaptor none -b tiny-vit --head linear --seeds 5
+
+  pipe evaluate --task classification -d demo -a runs/adaptor-demo heads.lrs=[1e-3,5e-4,1e-4] --baseline
+
+  pipe evaluate --task segmentation -d demo -a runs/adaptor-demo seg.target=pneumothorax
+
+  pipe evaluate --task retrieval -d demo -a runs/adaptor-demo
+
+  pipe evaluate --task zero-shot -d demo -a runs/adaptor-demo prompts=configs/prompts/chest_xray.yaml
+
+Bare numbers after the options are label fractions too, so `--fraction 0.01 0.1 1.0` works."""
+
+
+def split_fractions(fraction: list[str], args: list[str]) -> tuple[list[float] | None, list[str]]:
+    """Fractions from ``--fraction`` (repeated or comma-separated) and bare numbers among the
+    arguments; the remaining arguments are key=value overrides."""
+    values, overrides = [], []
+    for token in [t for f in fraction for t in f.split(",") if t.strip()]:
+        values.append(_fraction(token))
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        else:
+            values.append(_fraction(a, extra=True))
+    return (values or None), overrides
+
+
+def _fraction(token: str, extra: bool = False) -> float:
+    try:
+        return float(token)
+    except ValueError:
+        what = "argument" if extra else "--fraction value"
+        raise typer.BadParameter(f"{what} {token!r} is neither a label fraction (e.g. 0.1) nor a key=value "
+                                 "override (e.g. heads.lrs=[1e-3,5e-4])") from None
+
+
+def register(app: typer.Typer) -> None:
+    _register_evaluate(app)
+    app.command(epilog="Examples:\n\n  pipe report results/classification-*\n\n"
+                       "  pipe report results/run-a results/run-b --out table.md")(report)
+
+
+def _register_evaluate(app: typer.Typer) -> None:
+    from pipeline.cli import CACHE_OPT, Device
+
+    @app.command(epilog=EVALUATE_EPILOG)
+    def evaluate(
+        args: list[str] = typer.Argument(None, help="Dotted key=value overrides (e.g. heads.lrs=[1e-3,5e-4] "
+                                                    "seg.epochs=10), and further label fractions."),
+        task: Task = typer.Option(..., "--task", help="What to evaluate."),
+        dataset: str = typer.Option(..., "--dataset", "-d", help="The DATASET given to `pipe embed`."),
+        adaptor: str = typer.Option(..., "--adaptor", "-a",
+                                    help="An Adaptor checkpoint (or its run directory), or `none` for the "
+                                         "frozen backbone's own features."),
+        fraction: list[str] = typer.Option([], "--fraction", "-f", help="Label fractions of the training split "
+                                           "\\[default: 0.01 0.1 1.0]; nested 1% ⊂ 10% ⊂ 100%."),
+        head: list[HeadKind] = typer.Option([], "--head", help="Classification head(s): mlp (the paper's) "
+                                            "and/or linear \\[default: mlp]."),
+        seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per fraction \\[default: 3]."),
+        backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Needed with --adaptor none."),
+        text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t",
+                                                   help="Needed with --adaptor none for retrieval/zero-shot."),
+        baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the raw backbone features."),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset of evaluate settings."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory "
+                                           "\\[default: results/<task>-<dataset>-<method>-<time>]."),
+        cache: Optional[Path] = CACHE_OPT,
+        device: Optional[Device] = typer.Option(None, "--device"),
+        as_json: bool = typer.Option(False, "--json", help="Print the run directory and tables as JSON on stdout."),
+    ) -> None:
+        """Train and score downstream heads from the cache: classification, segmentation, retrieval, zero-shot."""
+        from pipeline.cli import _flag_overrides
+
+        fractions, overrides = split_fractions(fraction, args or [])
+        flags = _flag_overrides(task=task.value, dataset=dataset, adaptor=adaptor, backbone=backbone,
+                                text_encoder=text_encoder, seeds=seeds, out=str(out) if out else None,
+                                cache=str(cache) if cache else None, device=device.value if device else None)
+        if fractions:
+            flags.append(f"fractions={json.dumps(fractions)}")
+        if head:
+            flags.append(f"heads.kinds={json.dumps([h.value for h in head])}")
+        if baseline:
+            flags.append("baseline=true")
+        _run(config, [*overrides, *flags], as_json)
+
+
+def _run(config: Optional[Path], overrides: list[str], as_json: bool) -> None:
+    from pipeline.cli import _user_errors, fail
+    from pipeline.config import load_config
+    from pipeline.console import err
+    from pipeline.evaluation.tables import to_rich
+    from stages.evaluate import EvalConfig, run
+
+    try:
+        result = run(load_config(EvalConfig, config, overrides))
+    except _user_errors() as e:
+        fail(str(e))
+    for t in result.tables:
+        err.print(to_rich(t))
+    err.print(f"results: {result.out / 'results.json'} · table: {result.out / 'results.md'} · "
+              f"plots: {', '.join(result.results['plots'])}")
+    if as_json:
+        print(json.dumps({"out": str(result.out), "tables": result.tables}))
+
+
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories of `pipe evaluate` (each has results.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the tables as markdown here."),
+) -> None:
+    """Gather several evaluation runs into one table per metric (rows: methods; columns: fractions)."""
+    from pipeline.cli import fail
+    from pipeline.console import err
+    from pipeline.evaluation.tables import merge_tables, to_markdown, to_rich
+
+    loaded = []
+    for r in runs:
+        path = r / "results.json" if r.is_dir() else r
+        if not path.is_file():
+            fail(f"{r} has no results.json; give run directories written by `pipe evaluate`")
+        loaded.append(json.loads(path.read_text()))
+    tables = merge_tables(loaded, [str(r) for r in runs])
+    for t in tables:
+        err.print(to_rich(t))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sources = "\n".join(f"- `{r}`: {d['task']} · {d['dataset_name']} · "
+                            f"{(d.get('checkpoint') or {}).get('hash', 'no Adaptor')[:16]}"
+                            for r, d in zip(runs, loaded))
+        out.write_text("Runs:\n\n" + sources + "\n\n" + "\n".join(to_markdown(t) for t in tables))
+        err.print(f"wrote {out}")

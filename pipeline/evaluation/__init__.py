@@ -1,0 +1,1 @@
+"""Downstream evaluation from the cache: metrics, label fractions, features, tasks and reports."""

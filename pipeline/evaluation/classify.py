@@ -1,0 +1,319 @@
+"""Classification: heads on frozen image features, over label fractions and seeds.
+
+Features are the frozen Adaptor's per-sample ``encode_image`` outputs (cached) or the
+backbone's cached pooled outputs (``--adaptor none``). For every seed, nested stratified
+subsets of the training split are drawn (fractions.py); for every fraction all heads
+(kinds x learning rates) train in one pass, the validation split picks each kind's best
+learning rate and epoch, and the test split is scored once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from pipeline.console import err, progress
+from pipeline.datasets.index import LABEL_PREFIX
+from pipeline.evaluation import metrics as M
+from pipeline.evaluation.context import EvalContext, TaskResult
+from pipeline.evaluation.fractions import check_subset, stratified_order, subset_size
+from pipeline.evaluation.plots import roc_grid
+from pipeline.evaluation.tables import add_row, fraction_label, make_table, summary_cell
+from pipeline.evaluation.trainer import FitSettings, Head, HeadBank, predict
+from pipeline.models.heads import make_head
+
+PRIMARY = {"binary": "auroc", "multilabel": "macro_auroc", "multiclass": "accuracy"}
+METRIC_TITLE = {"auroc": "AUROC", "macro_auroc": "macro AUROC", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+
+
+class NoLabelsError(ValueError):
+    """A dataset without the labels a task needs."""
+
+
+@dataclass
+class Labels:
+    type: str                 # binary | multilabel | multiclass
+    names: list[str]          # labels, or classes ("<label>=<value>") for multiclass
+    y: np.ndarray             # [N, L]: 0/1 with NaN unknown; one-hot rows for multiclass
+    keep: np.ndarray          # [N] bool: items with a usable label
+
+    @property
+    def primary(self) -> str:
+        return PRIMARY[self.type]
+
+    @property
+    def need_negatives(self) -> bool:
+        return self.type != "multiclass"
+
+
+# ----------------------------------------------------------------------------- labels
+def resolve_labels(items: pd.DataFrame, requested: list[str], label_type: str, dataset: str) -> Labels:
+    have = [c[len(LABEL_PREFIX):] for c in items.columns if c.startswith(LABEL_PREFIX)]
+    if not have:
+        raise NoLabelsError(
+            f"dataset {dataset!r} has no labels, so there is nothing to classify. Add numeric label columns to the "
+            "pairs table (e.g. `effusion` with 0/1, empty where unknown; or one column of class indices 0..K-1) "
+            "and re-run `pipe embed` on it to re-index (its embeddings are reused).")
+    unknown = [n for n in requested if n not in have]
+    if unknown:
+        raise NoLabelsError(f"labels {unknown} are not in dataset {dataset!r}; it has: {', '.join(have)}. "
+                            "Fix labels=[...].")
+    names = list(requested) or _default_labels(items, have)
+    values = items[[LABEL_PREFIX + n for n in names]].to_numpy(np.float64)
+    kind = _label_type(values, names, label_type)
+    if kind == "multiclass":
+        return _multiclass(values[:, 0], names[0])
+    keep = ~np.isnan(values).all(1) if kind == "multilabel" else ~np.isnan(values[:, 0])
+    return Labels(kind, names, values, keep)
+
+
+def _default_labels(items: pd.DataFrame, have: list[str]) -> list[str]:
+    """Every 0/1 label (a multi-label task); else a lone multi-class label."""
+    binary = [n for n in have if np.isin(items[LABEL_PREFIX + n].dropna().to_numpy(), (0.0, 1.0)).all()]
+    if binary or len(have) > 1:
+        return binary or have
+    return have
+
+
+def _label_type(values: np.ndarray, names: list[str], asked: str) -> str:
+    known = values[~np.isnan(values)]
+    binary = bool(np.isin(known, (0.0, 1.0)).all())
+    if asked == "multiclass" or (asked == "auto" and not binary):
+        integer = bool(np.all(known == np.round(known)) and (known >= 0).all())
+        if len(names) != 1 or not integer:
+            raise NoLabelsError(
+                f"labels {names} are not all 0/1. A multi-class label is ONE column of class indices 0..K-1 "
+                "(choose it alone with labels=[NAME]); binary and multi-label tasks need 0/1 values.")
+        return "multiclass"
+    if not binary:
+        raise NoLabelsError(f"label_type={asked} needs 0/1 labels, but {names} hold other values")
+    return "binary" if len(names) == 1 else "multilabel"
+
+
+def _multiclass(col: np.ndarray, name: str) -> Labels:
+    keep = ~np.isnan(col)
+    classes = np.unique(col[keep])
+    y = np.zeros((len(col), len(classes)), np.float64)
+    y[np.flatnonzero(keep), np.searchsorted(classes, col[keep])] = 1.0
+    return Labels("multiclass", [f"{name}={c:g}" for c in classes], y, keep)
+
+
+def check_train_split(labels: Labels, y_train: np.ndarray) -> None:
+    for j, name in enumerate(labels.names):
+        col = y_train[:, j][~np.isnan(y_train[:, j])]
+        for value, what in ((1, "positive"), (0, "negative"))[: 2 if labels.need_negatives else 1]:
+            if not np.any((col > 0.5) == bool(value)):
+                raise NoLabelsError(f"label {name!r} has no {what} example in the training split, so no head can "
+                                    "learn it. Leave it out with labels=[...] or fix the split column.")
+
+
+# ---------------------------------------------------------------------------- metrics
+def scores_from_logits(logits: np.ndarray, kind: str) -> np.ndarray:
+    t = torch.from_numpy(logits)
+    return (torch.softmax(t, 1) if kind == "multiclass" else torch.sigmoid(t)).numpy()
+
+
+def classification_metrics(labels: Labels, y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict:
+    """The task's metrics: floats, or ``[B]`` arrays over bootstrap multiplicities ``w``."""
+    if labels.type == "binary":
+        return {"auroc": M.auroc(y[:, 0], p[:, 0], w)}
+    if labels.type == "multilabel":
+        macro, per = M.macro_auroc(y, p, w)
+        return {"macro_auroc": macro, **{f"auroc/{n}": v if w is not None else float(v)
+                                         for n, v in zip(labels.names, per)}}
+    true, pred = y.argmax(1), p.argmax(1)
+    return {"accuracy": M.accuracy(true, pred, w), "macro_f1": M.macro_f1(true, pred, w)}
+
+
+def _loss(labels: Labels):
+    if labels.type == "multiclass":
+        return lambda logits, y: F.cross_entropy(logits, y.argmax(1))
+
+    def masked_bce(logits, y):
+        known = ~torch.isnan(y)
+        return F.binary_cross_entropy_with_logits(logits[known], y[known])
+    return masked_bce
+
+
+# --------------------------------------------------------------------------- training
+def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
+                y_va: np.ndarray, seed: int) -> tuple[dict[str, Head], dict]:
+    """All heads (kinds x lrs) on one training subset: the best per kind by validation, and the sweep."""
+    h, dev = ctx.cfg.heads, ctx.device
+    torch.manual_seed(seed)
+    heads = [Head(kind, lr, make_head(kind, x_tr.shape[1], y_tr.shape[1], h.hidden, h.dropout).to(dev))
+             for kind in h.kinds for lr in h.lrs]
+    xv, yv = torch.from_numpy(x_va).to(dev), torch.from_numpy(y_va).to(dev)
+    loss = _loss(labels)
+
+    def score(module) -> tuple[float, float]:
+        logits = predict(module, xv)
+        val_loss = float(loss(torch.from_numpy(logits).to(dev), yv))
+        return classification_metrics(labels, y_va, scores_from_logits(logits, labels.type))[labels.primary], val_loss
+
+    settings = FitSettings(h.epochs, h.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, h.min_steps)
+    bank = HeadBank(heads, loss, score, settings)
+    best = bank.fit(torch.from_numpy(x_tr).to(dev), torch.from_numpy(y_tr).to(dev), has_val=len(x_va) > 0)
+    return best, bank.sweep()
+
+
+def plan_subsets(ctx: EvalContext, labels: Labels, y_train: np.ndarray) -> dict[int, dict[float, np.ndarray]]:
+    """{seed: {fraction: local indices into the training split}}, all checked before any training."""
+    plan = {}
+    for seed in ctx.seeds:
+        order, front = stratified_order(y_train, seed, labels.need_negatives)
+        plan[seed] = {}
+        for f in ctx.cfg.fractions:
+            sub = np.sort(order[:subset_size(f, len(order))])
+            check_subset(y_train[sub], labels.names, f, len(order), front, labels.need_negatives)
+            plan[seed][f] = sub
+    return plan
+
+
+def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels, pos: dict,
+                      plan: dict, tick) -> dict:
+    """Every (seed, fraction) for one feature set: per-run figures and their summaries."""
+    y = labels.y.astype(np.float32)
+    x_tr, y_tr = x[pos["train"]], y[pos["train"]]
+    x_va, y_va, x_te, y_te = x[pos["valid"]], y[pos["valid"]], x[pos["test"]], y[pos["test"]]
+    runs: dict[str, dict[float, list]] = {k: {f: [] for f in ctx.cfg.fractions} for k in ctx.cfg.heads.kinds}
+    for seed in ctx.seeds:
+        for f, sub in plan[seed].items():
+            best, sweep = train_heads(ctx, labels, x_tr[sub], y_tr[sub], x_va, y_va, seed)
+            for kind, head in best.items():
+                p = scores_from_logits(predict(head.module, torch.from_numpy(x_te).to(ctx.device)), labels.type)
+                runs[kind][f].append({
+                    "seed": seed, "n_train": int(len(sub)), **head.record(),
+                    "val_" + labels.primary: head.best_metric, "test": classification_metrics(labels, y_te, p),
+                    "sweep": {k: v for k, v in sweep.items() if k.startswith(kind + "@")},
+                    "scores": p})
+            tick()
+    heads = {kind: {fraction_label(f): _summarise(ctx, labels, y_te, f, rs) for f, rs in by_f.items()}
+             for kind, by_f in runs.items()}
+    return {"name": name, "feature_dim": int(x.shape[1]), "heads": heads}
+
+
+def _summarise(ctx: EvalContext, labels: Labels, y_te: np.ndarray, f: float, rs: list[dict]) -> dict:
+    """Mean and std over seeds, and a bootstrap CI of the seed-averaged metric on the test set."""
+    keys = list(rs[0]["test"])
+    summary = {}
+    for k in keys:
+        v = np.array([r["test"][k] for r in rs], dtype=np.float64)
+        summary[k] = {"mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
+                      "std": float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0,
+                      "n_seeds": len(rs)}
+
+    def seed_mean(w: np.ndarray) -> dict[str, np.ndarray]:
+        per = [classification_metrics(labels, y_te, r["scores"], w) for r in rs]
+        return {k: np.mean([m[k] for m in per], axis=0) for k in keys}
+
+    for k, ci in M.bootstrap_cis(seed_mean, len(y_te), ctx.cfg.bootstrap, ctx.cfg.seed, ctx.cfg.ci).items():
+        summary[k]["ci"] = list(ci)
+    return {"fraction": f, "runs": rs, "summary": summary}
+
+
+# ------------------------------------------------------------------------------- task
+def run(ctx: EvalContext) -> TaskResult:
+    labels = resolve_labels(ctx.data.items, ctx.cfg.labels, ctx.cfg.label_type, ctx.dataset_name)
+    _label_note(ctx, labels)
+    pos = ctx.positions(labels.keep)
+    if not len(pos["train"]) or not len(pos["test"]):
+        raise NoLabelsError(f"classification needs labelled items in the {ctx.cfg.train_split!r} and "
+                            f"{ctx.cfg.test_split!r} splits; found {len(pos['train'])} and {len(pos['test'])}. "
+                            "Check the split column (train/valid/test) or set train_split=/test_split=.")
+    if not len(pos["valid"]):
+        ctx.note(f"no labelled items in the {ctx.cfg.val_split!r} split: each head keeps its last epoch and the "
+                 "first learning rate; nothing is selected on validation")
+    y_train = labels.y[pos["train"]]
+    check_train_split(labels, y_train)
+    plan = plan_subsets(ctx, labels, y_train)
+    ctx.save_subsets(plan, pos["train"])
+    sets = ctx.feature_sets()
+    methods = []
+    with progress() as bar:
+        task = bar.add_task("train heads", total=len(sets) * len(ctx.seeds) * len(ctx.cfg.fractions))
+        for name, kind in sets:
+            x = ctx.pooled_features(kind, np.arange(len(ctx.data.items)))
+            methods.append({**evaluate_features(ctx, name, x, labels, pos, plan, lambda: bar.advance(task)),
+                            "features": kind})
+    result = TaskResult(methods=methods, tables=_tables(labels, methods, ctx.cfg.fractions))
+    result.plots.append(str(_roc_plot(ctx, labels, methods, pos)))
+    result.data = _data_summary(ctx, labels, pos, plan)
+    _save_predictions(ctx, labels, methods, pos)
+    for m in methods:  # scores went to predictions.npz; results.json keeps the figures
+        for by_f in m["heads"].values():
+            for cell in by_f.values():
+                for r in cell["runs"]:
+                    r.pop("scores")
+    return result
+
+
+def _label_note(ctx: EvalContext, labels: Labels) -> None:
+    if ctx.cfg.labels:
+        return
+    if labels.type == "multiclass":
+        ctx.note(f"multi-class task on {labels.names[0].split('=')[0]!r} ({len(labels.names)} classes)")
+        return
+    msg = f"{labels.type} task over every 0/1 label: {', '.join(labels.names)} (choose with labels=[...])"
+    others = [n for n in ctx.data.label_names if n not in labels.names]
+    if others:
+        msg += f"; left out as not 0/1: {', '.join(others)} (a multi-class label runs alone: labels=[NAME])"
+    ctx.note(msg)
+
+
+def _tables(labels: Labels, methods: list[dict], fractions: list[float]) -> list[dict]:
+    keys = [labels.primary] + (["macro_f1"] if labels.type == "multiclass" else []) + \
+        ([f"auroc/{n}" for n in labels.names] if labels.type == "multilabel" else [])
+    cols = [fraction_label(f) for f in fractions]
+    tables = []
+    for key in keys:
+        title = METRIC_TITLE.get(key, f"AUROC · {key.split('/', 1)[-1]}")
+        t = make_table(f"classification · {title} (%)", key, cols)
+        for m in methods:
+            for kind, by_f in m["heads"].items():
+                cells = {c: summary_cell(by_f[c]["summary"][key]) for c in cols}
+                add_row(t, f"{m['name']} ({kind})", cells, {c: by_f[c]["summary"][key] for c in cols})
+        tables.append(t)
+    return tables
+
+
+def _roc_plot(ctx: EvalContext, labels: Labels, methods: list[dict], pos: dict):
+    """ROC curves on the test split, one panel per label: colour = fraction, line style = method
+    (seed 0, the first head kind)."""
+    y_te = labels.y[pos["test"]]
+    kind = ctx.cfg.heads.kinds[0]
+    curves: dict[str, list] = {}
+    for j, name in enumerate(labels.names):
+        for mi, m in enumerate(methods):
+            for fi, (fl, cell) in enumerate(m["heads"][kind].items()):
+                p = cell["runs"][0]["scores"][:, j]
+                fpr, tpr = M.roc_curve(y_te[:, j], p)
+                style = {"color": f"C{fi}", "linestyle": ("-", "--", ":")[mi % 3]}
+                legend = f"{m['name']} · {fl} ({M.auroc(y_te[:, j], p):.3f})"
+                curves.setdefault(name, []).append((legend, fpr, tpr, style))
+    title = f"ROC on the test split · {ctx.dataset_name} · {kind} head, seed {ctx.seeds[0]} · legend: AUROC"
+    return roc_grid(curves, ctx.out / "roc.png", title)
+
+
+def _data_summary(ctx: EvalContext, labels: Labels, pos: dict, plan: dict) -> dict:
+    prevalence = {s: {n: float(np.nanmean(labels.y[p, j])) if len(p) else None for j, n in enumerate(labels.names)}
+                  for s, p in pos.items()}
+    return {"label_type": labels.type, "labels": labels.names, "splits": {s: int(len(p)) for s, p in pos.items()},
+            "prevalence": prevalence,
+            "fractions": {fraction_label(f): {str(s): int(len(plan[s][f])) for s in plan} for f in ctx.cfg.fractions}}
+
+
+def _save_predictions(ctx: EvalContext, labels: Labels, methods: list[dict], pos: dict) -> None:
+    """Test-set scores of every run, for analyses beyond the tables."""
+    arrays = {"ids": ctx.data.items.id.to_numpy()[pos["test"]].astype(str), "y": labels.y[pos["test"]],
+              "label_names": np.array(labels.names)}
+    for mi, m in enumerate(methods):
+        for kind, by_f in m["heads"].items():
+            for fl, cell in by_f.items():
+                for r in cell["runs"]:
+                    arrays[f"m{mi}/{kind}/{fl}/seed{r['seed']}"] = r["scores"]
+    np.savez_compressed(ctx.out / "predictions.npz", **arrays)
+    err.print(f"test-set scores: {ctx.out / 'predictions.npz'}")

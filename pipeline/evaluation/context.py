@@ -1,0 +1,86 @@
+"""What every evaluation task gets (the resolved inputs) and gives back (figures, tables, plots)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.console import err
+from pipeline.evaluation.features import FrozenAdaptor, raw_features
+from pipeline.training.pairs import PairData
+
+
+@dataclass
+class EvalContext:
+    cfg: Any                      # stages.evaluate.EvalConfig
+    root: Path                    # the cache
+    device: torch.device
+    data: PairData
+    dataset_name: str
+    adaptor: FrozenAdaptor | None
+    backbone: str
+    text_encoder: str | None
+    out: Path
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+            err.print(f"[yellow]note:[/] {message}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.cfg.seed, self.cfg.seed + self.cfg.seeds))
+
+    @property
+    def image_rows(self) -> np.ndarray:
+        """Store rows of each item's plain (un-augmented) view."""
+        return self.data.image_rows[:, 0]
+
+    def positions(self, keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Item positions of the train / valid / test splits (only where ``keep``)."""
+        split = self.data.items["split"].to_numpy()
+        names = {"train": self.cfg.train_split, "valid": self.cfg.val_split, "test": self.cfg.test_split}
+        ok = np.ones(len(split), bool) if keep is None else keep
+        return {k: np.flatnonzero((split == v) & ok) for k, v in names.items()}
+
+    def save_subsets(self, plan: dict[int, dict[float, np.ndarray]], train_positions: np.ndarray) -> None:
+        """The item ids of every training subset below 100%, so a run can be re-created or audited."""
+        ids = self.data.items.id.astype(str).to_numpy()[train_positions]
+        subsets = {str(seed): {f"{f:g}": ids[sub].tolist() for f, sub in by_f.items() if f < 1.0}
+                   for seed, by_f in plan.items()}
+        (self.out / "subsets.json").write_text(json.dumps(subsets))
+
+    def adaptor_name(self) -> str:
+        return f"Adaptor {self.backbone} + {self.text_encoder}"
+
+    def baseline_name(self, with_text: bool = False) -> str:
+        return f"no Adaptor {self.backbone}" + (f" + {self.text_encoder}" if with_text else "")
+
+    def feature_sets(self) -> list[tuple[str, str]]:
+        """(row name, kind) of the image-feature methods this run evaluates."""
+        sets = []
+        if self.adaptor is not None:
+            sets.append((self.adaptor_name(), "adaptor"))
+        if self.adaptor is None or self.cfg.baseline:
+            sets.append((self.baseline_name(), "backbone"))
+        return sets
+
+    def pooled_features(self, kind: str, positions: np.ndarray) -> np.ndarray:
+        """``[n, d]`` image features: the frozen Adaptor's ``encode_image`` or the cached pooled output."""
+        rows = self.image_rows[positions]
+        if kind == "adaptor":
+            return self.adaptor.image_embeddings(self.data.image, rows)
+        return raw_features(self.data.image, rows, "pooled").astype(np.float32)
+
+
+@dataclass
+class TaskResult:
+    methods: list[dict] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+    data: dict = field(default_factory=dict)

@@ -1,0 +1,201 @@
+"""Features for downstream heads: the frozen Adaptor's outputs (cached) or raw backbone features.
+
+The Adaptor's outputs are a pure function of (checkpoint bytes, cached embeddings), so
+they are cached too, under ``<cache>/adaptor-outputs/<checkpoint hash[:16]>-<store
+fingerprint[:16]>/``: one ``.npz`` per output kind with the store rows it holds and
+their values, rewritten atomically when rows are added. A second evaluation of the same
+checkpoint on the same cache runs the Adaptor zero times.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cache.reader import RowReader
+from cache.store import Store, atomic_write_bytes
+from pipeline.console import err
+from pipeline.models.adaptor import Adaptor, AdaptorConfig
+from pipeline.training.checkpoint import checkpoint_hash, load_checkpoint, read_meta
+
+BATCH = {"pooled": 512, "tokens": 64}
+PAIRS_PER_FORWARD = 256
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory holding ``last.safetensors``."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "last.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give a .safetensors file or a "
+                                "`pipe train-adaptor` run directory, or --adaptor none for the no-Adaptor baseline")
+    return p
+
+
+class OutputCache:
+    """Rows -> values for one output kind, in one ``.npz`` written with tmp + os.replace."""
+
+    def __init__(self, folder: Path, kind: str):
+        self.path = Path(folder) / f"{kind}.npz"
+
+    def load(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self.path.exists():
+            return np.zeros(0, np.int64), None
+        with np.load(self.path) as z:
+            return z["rows"], z["values"]
+
+    def get(self, rows: np.ndarray, compute: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, int]:
+        """Values for ``rows`` (in that order) and how many rows had to be computed."""
+        have_rows, have = self.load()
+        want = np.unique(rows)
+        missing = want[~np.isin(want, have_rows)]
+        if len(missing):
+            new = compute(missing)
+            have_rows = np.concatenate([have_rows, missing])
+            have = new if have is None else np.concatenate([have, new.astype(have.dtype)])
+            order = np.argsort(have_rows)
+            have_rows, have = have_rows[order], have[order]
+            self._write(have_rows, have)
+        return have[np.searchsorted(have_rows, rows)], len(missing)
+
+    def _write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, rows=rows, values=values)
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class FrozenAdaptor:
+    """A trained Adaptor in eval mode, with its outputs cached per store."""
+
+    path: Path
+    meta: dict
+    model: Adaptor
+    hash: str
+    device: torch.device
+    cache_root: Path
+    forwards: dict[str, int] = field(default_factory=dict)   # output kind -> rows computed this run
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device, cache_root: Path) -> "FrozenAdaptor":
+        path = resolve_checkpoint(path)
+        meta = read_meta(path)
+        if meta.get("kind") != "adaptor" or "config" not in meta:
+            raise ValueError(f"{path} is not an Adaptor checkpoint from `pipe train-adaptor` (no adaptor metadata)")
+        model = Adaptor(AdaptorConfig(**meta["config"]["adaptor"]))
+        load_checkpoint(path, model)
+        return cls(path, meta, model.to(device).eval(), checkpoint_hash(path), device, cache_root)
+
+    @property
+    def mode(self) -> str:
+        return self.model.cfg.mode
+
+    @property
+    def grid(self) -> tuple[tuple[int, int] | None, int]:
+        g = self.meta.get("image_grid")
+        return (tuple(g) if g else None), int(self.meta.get("n_prefix", 1))
+
+    def token_grid(self) -> tuple[int, int] | None:
+        """The patch grid of ``encode_image(return_tokens=True)`` (after grid pooling)."""
+        gp = self.model.cfg.grid_pool
+        return (gp, gp) if gp else self.grid[0]
+
+    def folder(self, store: Store) -> Path:
+        return self.cache_root / "adaptor-outputs" / f"{self.hash[:16]}-{store.fingerprint[:16]}"
+
+    def _cached(self, store: Store, kind: str, rows: np.ndarray, compute) -> np.ndarray:
+        folder = self.folder(store)
+        meta = folder / "meta.json"
+        if not meta.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(meta, json.dumps({
+                "checkpoint": str(self.path), "checkpoint_hash": self.hash, "fingerprint": store.fingerprint,
+                "modality": store.modality, "mode": self.mode, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }).encode())
+        values, computed = OutputCache(folder, kind).get(rows, compute)
+        self.forwards[kind] = self.forwards.get(kind, 0) + computed
+        return values
+
+    # -- image-only, per sample --------------------------------------------------------
+    def image_embeddings(self, store: Store, rows: np.ndarray) -> np.ndarray:
+        """``encode_image`` of each row: ``[n, d]`` float32."""
+        return self._cached(store, "image_pooled", rows, lambda r: self._encode(store, r, tokens=False))
+
+    def image_tokens(self, store: Store, rows: np.ndarray) -> np.ndarray:
+        """Per-token outputs of ``encode_image(return_tokens=True)``: ``[n, T', d]`` float16 (tokens mode)."""
+        if self.mode != "tokens":
+            raise ValueError("a pooled-mode Adaptor has no per-token image path")
+        return self._cached(store, "image_tokens", rows, lambda r: self._encode(store, r, tokens=True))
+
+    @torch.no_grad()
+    def _encode(self, store: Store, rows: np.ndarray, tokens: bool) -> np.ndarray:
+        reader = RowReader(store, self.mode)
+        grid, n_prefix = self.grid
+        out = []
+        for s in range(0, len(rows), BATCH[self.mode]):
+            x = torch.from_numpy(reader.take(rows[s:s + BATCH[self.mode]])).to(self.device)
+            res = self.model.encode_image(x, image_grid=grid, n_prefix=n_prefix, return_tokens=tokens)
+            out.append(res[1].half().cpu().numpy() if tokens else res.float().cpu().numpy())
+        return np.concatenate(out)
+
+    # -- text and pairs ----------------------------------------------------------------
+    def text_embeddings(self, store: Store, rows: np.ndarray) -> np.ndarray:
+        """The text stream's output per text row (pooled mode: it depends on the text alone,
+        because each attention in the paired forward has a single key)."""
+        if self.mode != "pooled":
+            raise ValueError("a tokens-mode Adaptor's text output depends on the image; score pairs instead")
+        return self._cached(store, "text_pooled", rows, lambda r: self._encode_text(store, r))
+
+    @torch.no_grad()
+    def _encode_text(self, store: Store, rows: np.ndarray) -> np.ndarray:
+        reader = RowReader(store, "pooled")
+        out = []
+        for s in range(0, len(rows), BATCH["pooled"]):
+            t = torch.from_numpy(reader.take(rows[s:s + BATCH["pooled"]])).to(self.device)
+            placeholder = torch.zeros(len(t), self.model.cfg.image_dim, device=self.device)
+            _, txt = self.model({"image_pooled": placeholder, "text_pooled": t})
+            out.append(txt.float().cpu().numpy())
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def pair_scores(self, image: Store, image_rows: np.ndarray, text: Store, text_rows: np.ndarray,
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Tokens mode: cosine of the paired forward's outputs for every (image, text): ``[n_img, n_txt]``."""
+        img_r, txt_r, len_r = RowReader(image, "tokens"), RowReader(text, "tokens"), RowReader(text, "length")
+        txt = torch.from_numpy(txt_r.take(text_rows)).to(self.device)
+        length = torch.from_numpy(len_r.take(text_rows)).long().to(self.device)
+        mask = torch.arange(txt.shape[1], device=self.device)[None] < length[:, None]
+        grid, n_prefix = self.grid
+        scores = np.empty((len(image_rows), len(text_rows)), np.float32)
+        block = max(1, PAIRS_PER_FORWARD // len(text_rows))
+        for s in range(0, len(image_rows), block):
+            img = torch.from_numpy(img_r.take(image_rows[s:s + block])).to(self.device)  # [b, Ti, Di]
+            b, n = len(img), len(text_rows)
+            batch = {"image_tokens": img.repeat_interleave(n, 0), "text_tokens": txt.repeat(b, 1, 1),
+                     "text_mask": mask.repeat(b, 1)}
+            i, t = self.model(batch, image_grid=grid, n_prefix=n_prefix)
+            scores[s:s + b] = (i * t).sum(-1).reshape(b, n).float().cpu().numpy()
+            if progress:
+                progress(b)
+        self.forwards["pairs"] = self.forwards.get("pairs", 0) + scores.size
+        return scores
+
+    def log_forwards(self) -> str:
+        n = sum(self.forwards.values())
+        line = f"adaptor forwards: {n:,}" + (" (cached)" if n == 0 else
+                                                 " (" + ", ".join(f"{k} {v:,}" for k, v in self.forwards.items()) + ")")
+        err.print(line)
+        return line
+
+
+def raw_features(store: Store, rows: np.ndarray, kind: str = "pooled") -> np.ndarray:
+    """Cached backbone (or text encoder) outputs, straight from the store."""
+    return RowReader(store, kind).take(np.asarray(rows, dtype=np.int64))

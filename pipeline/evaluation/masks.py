@@ -1,0 +1,138 @@
+"""Segmentation masks on the encoder's input grid, read once and cached.
+
+A mask PNG has the size of its image (nonzero = positive). It gets the geometry of the
+encoder's preprocessing, read from the image store's spec: shorter side resized to
+``resize_size`` (nearest neighbour, so it stays binary) and a centre crop of
+``input_size``, with the same rounding as ``pipeline.imaging.Preprocess``. The result is
+cached bit-packed under ``<cache>/masks/<dataset>/``, keyed by the geometry and by each
+mask file's path, size and modification time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.datasets.index import MASK_PREFIX
+
+
+class MaskError(ValueError):
+    """A mask that cannot be used; the message names the item and the fix."""
+
+
+def geometry(spec: dict) -> tuple[int, int]:
+    pre = spec.get("preprocess") or {}
+    if "resize_size" not in pre:
+        raise MaskError("the image store records no preprocessing geometry (resize/crop), so masks cannot be "
+                        "aligned with its patch tokens; re-run `pipe embed` with a current version")
+    return int(pre["resize_size"]), int(pre["input_size"])
+
+
+def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """The resized (h, w), rounded as ``pipeline.imaging`` (and torchvision's Resize(int)) do."""
+    return (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+
+
+def align_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """``[H, W]`` bool -> ``[crop, crop]`` bool: resize the shorter side (nearest), centre crop."""
+    h, w = mask.shape
+    nh, nw = shorter_side_size(h, w, resize)
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
+    if (nh, nw) != (h, w):
+        t = F.interpolate(t, size=(nh, nw), mode="nearest-exact")
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    return t[0, 0, top:top + crop, left:left + crop].numpy() > 0.5
+
+
+def image_size(path: str) -> tuple[int, int] | None:
+    """(height, width) from the image header, without decoding pixels; None if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except Exception:
+        pass
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.Rows), int(ds.Columns)
+    except Exception:
+        return None
+
+
+def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: int) -> np.ndarray:
+    try:
+        with Image.open(mask_path) as im:
+            mask = np.asarray(im.convert("L")) > 0
+    except FileNotFoundError:
+        raise MaskError(f"item {item_id!r}: mask file {mask_path} does not exist. Fix its path in the table's "
+                        "mask column (relative to the table) and re-run `pipe embed` to re-index.") from None
+    except Exception as e:
+        raise MaskError(f"item {item_id!r}: cannot read mask {mask_path} ({e}); masks are single-channel "
+                        "PNGs, nonzero = positive") from None
+    size = image_size(image_path)
+    if size is not None and size != mask.shape:
+        raise MaskError(f"item {item_id!r}: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (w x h) but its "
+                        f"image {image_path} is {size[1]}x{size[0]}. A mask must have its image's size; "
+                        "re-export the mask at the image's resolution.")
+    return align_mask(mask, resize, crop)
+
+
+def _stamp(path: str) -> str:
+    try:
+        st = os.stat(path)
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        return f"{path}|missing"
+
+
+def cache_path(cache_root: Path, dataset: str, target: str, resize: int, crop: int) -> Path:
+    geo = hashlib.sha256(json.dumps([resize, crop, 1]).encode()).hexdigest()[:12]
+    return Path(cache_root) / "masks" / dataset / f"{target}-{geo}.npz"
+
+
+def load_masks(items, target: str, spec: dict, cache_root: Path, dataset: str) -> tuple[np.ndarray, int]:
+    """Aligned boolean masks ``[n, S, S]`` of ``items`` (rows with a mask path), and how many
+    mask files had to be read (0 when the cache had them all)."""
+    resize, crop = geometry(spec)
+    path = cache_path(cache_root, dataset, target, resize, crop)
+    ids = items.id.astype(str).to_numpy()
+    mask_paths = items[MASK_PREFIX + target].astype(str).to_numpy()
+    stamps = np.array([_stamp(p) for p in mask_paths])
+    cached = _load_cache(path, crop)
+    out = np.zeros((len(ids), crop, crop), bool)
+    todo = [i for i, (k, s) in enumerate(zip(ids, stamps)) if cached.get(k, (None,))[0] != s]
+    for i in sorted(set(range(len(ids))) - set(todo)):
+        out[i] = cached[ids[i]][1]
+    with ThreadPoolExecutor(4) as pool:
+        for i, m in zip(todo, pool.map(lambda i: _read_one(ids[i], mask_paths[i], items.image.iloc[i], resize, crop),
+                                       todo)):
+            out[i] = m
+    if todo:
+        merged = {**cached, **{ids[i]: (stamps[i], out[i]) for i in todo}}
+        _write_cache(path, merged, crop)
+    return out, len(todo)
+
+
+def _load_cache(path: Path, crop: int) -> dict[str, tuple[str, np.ndarray]]:
+    if not path.exists():
+        return {}
+    with np.load(path) as z:
+        bits = np.unpackbits(z["bits"], axis=1, count=crop * crop).reshape(-1, crop, crop).astype(bool)
+        return {k: (s, b) for k, s, b in zip(z["ids"], z["stamps"], bits)}
+
+
+def _write_cache(path: Path, entries: dict[str, tuple[str, np.ndarray]], crop: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = sorted(entries)
+    bits = np.packbits(np.stack([entries[k][1].reshape(-1) for k in keys]), axis=1)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, ids=np.array(keys), stamps=np.array([entries[k][0] for k in keys]), bits=bits)
+    os.replace(tmp, path)

@@ -1,0 +1,256 @@
+"""Segmentation: a convolutional decoder on cached patch tokens, over label fractions and seeds.
+
+Input tokens are the frozen Adaptor's per-token image outputs (tokens mode:
+``encode_image(return_tokens=True)``) or the backbone's cached patch tokens (no Adaptor,
+and pooled mode, whose Adaptor has no per-token path). Loss: alpha * focal + dice. Dice
+is reported three ways (PAPER.md, flaw 3) and as pooled pixels, IoU two ways; all from
+per-image counts over the whole test split.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from pipeline.console import err, progress
+from pipeline.evaluation import metrics as M
+from pipeline.evaluation.context import EvalContext, TaskResult
+from pipeline.evaluation.features import raw_features
+from pipeline.evaluation.fractions import check_subset, stratified_order, subset_size
+from pipeline.evaluation.masks import geometry, load_masks
+from pipeline.evaluation.plots import overlays
+from pipeline.evaluation.tables import add_row, fraction_label, make_table, summary_cell, value_cell
+from pipeline.evaluation.trainer import FitSettings, Head, HeadBank, iter_predict
+from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
+
+TABLES = (("dice_positive", "Dice on images with a non-empty true mask"),
+          ("dice_empty_is_one", "Dice over all images, empty prediction on empty mask = 1 (the authors')"),
+          ("dice_global", "Dice of all test pixels pooled"),
+          ("iou_positive", "IoU on images with a non-empty true mask"),
+          ("iou_empty_is_one", "IoU over all images, empty on empty = 1"))
+
+
+class NoMasksError(ValueError):
+    """A dataset without masks for segmentation."""
+
+
+def resolve_target(ctx: EvalContext) -> str:
+    names = ctx.data.mask_names
+    if not names:
+        raise NoMasksError(
+            f"dataset {ctx.dataset_name!r} has no masks, so it cannot be evaluated for segmentation. Add a mask "
+            "column to the pairs table (`mask_<finding>`: a single-channel PNG per image, same size as the image, "
+            "nonzero = positive, all zero when absent) and re-run `pipe embed` to re-index it.")
+    target = ctx.cfg.seg.target or names[0]
+    if target not in names:
+        raise NoMasksError(f"seg.target={target!r} is not a mask of {ctx.dataset_name!r}; it has: {', '.join(names)}")
+    if not ctx.cfg.seg.target and len(names) > 1:
+        ctx.note(f"segmenting {target!r} (the first mask column); others: {', '.join(names[1:])} (seg.target=...)")
+    return target
+
+
+def token_sets(ctx: EvalContext) -> list[tuple[str, str]]:
+    """(row name, source) of the token features to decode."""
+    a = ctx.adaptor
+    if a is not None and a.mode == "pooled":
+        ctx.note("the checkpoint is a pooled-mode Adaptor, which has no per-token path: its segmentation row "
+                 "decodes the backbone's raw cached patch tokens (the same input as the no-Adaptor baseline)")
+        return [(f"{ctx.adaptor_name()} [pooled mode: raw patch tokens]", "backbone")]
+    return ctx.feature_sets()
+
+
+def token_grid_features(ctx: EvalContext, source: str, positions: np.ndarray) -> torch.Tensor:
+    """``[n, D, h, w]`` patch features of the items at ``positions``, in the cache's float16
+    (batches are cast to float32 as they are used)."""
+    rows = ctx.image_rows[positions]
+    if source == "adaptor":
+        tokens = ctx.adaptor.image_tokens(ctx.data.image, rows)
+        grid, n_prefix = ctx.adaptor.token_grid(), ctx.adaptor.grid[1]
+    else:
+        tokens = raw_features(ctx.data.image, rows, "tokens")
+        grid, n_prefix = ctx.data.image_grid
+    if grid is None:
+        side = math.isqrt(tokens.shape[1] - n_prefix)
+        grid = (side, side)
+    return tokens_to_grid(torch.from_numpy(np.ascontiguousarray(tokens)), n_prefix, tuple(grid))
+
+
+def _evaluate(module, x: torch.Tensor, y: torch.Tensor, threshold: float, loss=None,
+              keep: dict | None = None) -> tuple[np.ndarray, float]:
+    """Per-image overlap counts of thresholded predictions (and the mean loss, given one);
+    ``keep`` collects the predicted masks of chosen images."""
+    logit_t = math.log(threshold / (1 - threshold))
+    counts, losses = [], []
+    for sl, logits in iter_predict(module, x, 16):
+        if loss is not None:
+            losses.append(float(loss(logits, y[sl])) * len(logits))
+        pred = (logits > logit_t).cpu().numpy()
+        counts.append(M.overlap_counts(pred, y[sl].cpu().numpy() > 0))
+        for i in range(*sl.indices(len(x))):
+            if keep is not None and i in keep:
+                keep[i] = pred[i - sl.start]
+    return np.concatenate(counts), (sum(losses) / len(x) if losses else float("nan"))
+
+
+def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int) -> tuple[Head, dict]:
+    s, h = ctx.cfg.seg, ctx.cfg.heads
+    torch.manual_seed(seed)
+    grid, size = x_tr.shape[-1], y_tr.shape[-1]
+    heads = [Head("decoder", lr, SegDecoder(x_tr.shape[1], grid, size, s.channels).to(ctx.device)) for lr in h.lrs]
+
+    def loss(logits, target):
+        return segmentation_loss(logits, target.float(), s.alpha, s.gamma)
+
+    def score(module) -> tuple[float, float]:
+        counts, val_loss = _evaluate(module, x_va, y_va, s.threshold, loss)
+        return M.dice_global(counts), val_loss
+
+    settings = FitSettings(s.epochs, s.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, s.min_steps)
+    bank = HeadBank(heads, loss, score, settings)
+    return bank.fit(x_tr, y_tr, has_val=len(x_va) > 0)["decoder"], bank.sweep()
+
+
+def plan_subsets(ctx: EvalContext, target: str, positive: np.ndarray) -> dict[int, dict[float, np.ndarray]]:
+    y = positive.astype(np.float64)[:, None]
+    plan = {}
+    for seed in ctx.seeds:
+        order, front = stratified_order(y, seed)
+        plan[seed] = {}
+        for f in ctx.cfg.fractions:
+            sub = np.sort(order[:subset_size(f, len(order))])
+            check_subset(y[sub], [f"mask {target} (non-empty)"], f, len(order), front)
+            plan[seed][f] = sub
+    return plan
+
+
+def evaluate_tokens(ctx, name, x, masks, pos, plan, show: list[int], tick) -> tuple[dict, dict]:
+    dev = ctx.device
+    x_tr, y_tr = x[pos["train"]].to(dev), masks[pos["train"]].to(dev)
+    x_va, y_va = x[pos["valid"]].to(dev), masks[pos["valid"]].to(dev)
+    x_te, y_te = x[pos["test"]].to(dev), masks[pos["test"]].to(dev)
+    runs, shown = {f: [] for f in ctx.cfg.fractions}, {}
+    for seed in ctx.seeds:
+        for f, sub in plan[seed].items():
+            head, sweep = train_decoders(ctx, x_tr[sub], y_tr[sub], x_va, y_va, seed)
+            keep = dict.fromkeys(show)
+            counts, _ = _evaluate(head.module, x_te, y_te, ctx.cfg.seg.threshold, keep=keep)
+            if seed == ctx.seeds[0] and f == max(ctx.cfg.fractions):
+                shown = keep
+            runs[f].append({"seed": seed, "n_train": int(len(sub)), **head.record(),
+                            "val_dice_global": head.best_metric, "sweep": sweep,
+                            "test": {k: fn(counts) for k, fn in M.SEGMENTATION_METRICS.items()}, "counts": counts})
+            tick()
+    cells = {fraction_label(f): _summarise(ctx, rs) for f, rs in runs.items()}
+    return {"name": name, "feature_shape": list(x.shape[1:]), "heads": {"decoder": cells}}, shown
+
+
+def _summarise(ctx: EvalContext, rs: list[dict]) -> dict:
+    summary = {}
+    for k in M.SEGMENTATION_METRICS:
+        v = np.array([r["test"][k] for r in rs], dtype=np.float64)
+        summary[k] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                      "n_seeds": len(rs)}
+
+    def seed_mean(w):
+        return {k: np.mean([fn(r["counts"], w) for r in rs], axis=0) for k, fn in M.SEGMENTATION_METRICS.items()}
+
+    for k, ci in M.bootstrap_cis(seed_mean, len(rs[0]["counts"]), ctx.cfg.bootstrap, ctx.cfg.seed,
+                                 ctx.cfg.ci).items():
+        summary[k]["ci"] = list(ci)
+    for r in rs:
+        r.pop("counts")
+    return {"runs": rs, "summary": summary}
+
+
+def _masked_items(ctx: EvalContext, target: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Positions of the items that have a ``target`` mask, and each split's indices into them."""
+    col = ctx.data.items["mask." + target]
+    kept = np.flatnonzero(col.notna().to_numpy() & (col.astype(str) != "None").to_numpy())
+    split_pos = ctx.positions(np.isin(np.arange(len(col)), kept))
+    pos = {k: np.searchsorted(kept, v) for k, v in split_pos.items()}
+    if not len(pos["train"]) or not len(pos["test"]):
+        raise NoMasksError(f"segmentation needs items with a {target!r} mask in the train and test splits; found "
+                           f"{len(pos['train'])} and {len(pos['test'])}. Check the split column and the mask paths.")
+    if not len(pos["valid"]):
+        ctx.note(f"no {target!r} masks in the {ctx.cfg.val_split!r} split: each decoder keeps its last epoch "
+                 "and the first learning rate")
+    return kept, pos
+
+
+def run(ctx: EvalContext) -> TaskResult:
+    target = resolve_target(ctx)
+    kept, pos = _masked_items(ctx, target)
+    spec = ctx.data.image.attrs["spec"]
+    masks_np, read = load_masks(ctx.data.items.iloc[kept], target, spec, ctx.root, ctx.dataset_name)
+    err.print(f"masks: {len(kept):,} {target!r} masks on the {masks_np.shape[-1]}px input grid "
+              f"({'read ' + str(read) + ' mask files' if read else 'all from the mask cache'})")
+    positive = masks_np.reshape(len(kept), -1).any(1)
+    plan = plan_subsets(ctx, target, positive[pos["train"]])
+    ctx.save_subsets(plan, kept[pos["train"]])
+    masks = torch.from_numpy(masks_np.astype(np.uint8))
+    show = _pick_overlays(positive[pos["test"]], ctx.cfg.seg.overlays)
+    sets = token_sets(ctx)
+    methods, shown = [], {}
+    with progress() as bar:
+        task = bar.add_task("train decoders", total=len(sets) * len(ctx.seeds) * len(ctx.cfg.fractions))
+        for name, source in sets:
+            x = token_grid_features(ctx, source, kept)
+            m, preds = evaluate_tokens(ctx, name, x, masks, pos, plan, show, lambda: bar.advance(task))
+            methods.append({**m, "features": source})
+            shown = shown or preds
+    result = TaskResult(methods=methods, tables=_tables(ctx, methods))
+    result.data = {"target": target, "mask_size": int(masks_np.shape[-1]), "geometry": list(geometry(spec)),
+                   "splits": {k: int(len(v)) for k, v in pos.items()},
+                   "positive_masks": {k: int(positive[v].sum()) for k, v in pos.items()}, "mask_files_read": read,
+                   "fractions": {fraction_label(f): {str(s): int(len(plan[s][f])) for s in plan}
+                                 for f in ctx.cfg.fractions}}
+    picture = _overlay_picture(ctx, kept[pos["test"]], masks_np[pos["test"]], shown, methods[0]["name"], target)
+    result.plots += [str(picture)] if picture else []
+    return result
+
+
+def _pick_overlays(positive: np.ndarray, n: int) -> list[int]:
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    n_pos = min(len(pos), max(1, math.ceil(2 * n / 3)))
+    return [int(i) for i in list(pos[:n_pos]) + list(neg[:n - n_pos])]
+
+
+def _tables(ctx: EvalContext, methods: list[dict]) -> list[dict]:
+    cols = [fraction_label(f) for f in ctx.cfg.fractions]
+    tables = []
+    for key, title in TABLES:
+        t = make_table(f"segmentation · {title} (%)", key, cols)
+        for m in methods:
+            cells = m["heads"]["decoder"]
+            add_row(t, f"{m['name']} (decoder)", {c: summary_cell(cells[c]["summary"][key]) for c in cols},
+                    {c: cells[c]["summary"][key] for c in cols})
+        if key == "dice_empty_is_one":
+            ref = methods[0]["heads"]["decoder"][cols[0]]["summary"]["dice_all_empty_baseline"]
+            add_row(t, "all-empty predictor (reference)",
+                    {c: value_cell(ref["mean"], ref.get("ci")) for c in cols}, {c: ref for c in cols})
+        tables.append(t)
+    return tables
+
+
+def _overlay_picture(ctx, test_items: np.ndarray, true: np.ndarray, shown: dict, method: str, target: str):
+    """Image, true and predicted mask of a few test images; reads those original image files only."""
+    from pipeline.imaging import Preprocess, read_and_decode
+
+    pre = ctx.data.image.attrs["spec"]["preprocess"]
+    p = Preprocess(pre["resize_size"], pre["input_size"], tuple(pre["mean"]), tuple(pre["std"]))
+    rows = []
+    for i, pred in shown.items():
+        item = ctx.data.items.iloc[test_items[i]]
+        try:
+            _, img = read_and_decode(item.image)
+        except Exception as e:  # the picture is optional; the figures are not affected
+            ctx.note(f"overlay skipped for item {item.id!r}: {e}")
+            continue
+        shown_img = (p(img)[0] * p.std[0] + p.mean[0]).clamp(0, 1).numpy()
+        rows.append((f"item {item.id}", shown_img, true[i], pred))
+    if not rows:
+        return None
+    title = (f"{target} · {method} · {fraction_label(max(ctx.cfg.fractions))} labels, seed {ctx.seeds[0]} · "
+             f"threshold {ctx.cfg.seg.threshold}")
+    return overlays(rows, ctx.out / "overlays.png", title)

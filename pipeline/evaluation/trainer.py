@@ -1,0 +1,154 @@
+"""Several heads trained in one pass over the data, as dinov2's linear evaluation does.
+
+Every batch goes to every head (e.g. one per learning rate and head kind); each head has
+its own AdamW and its own cosine schedule with warm restarts. Every head is scored on the
+validation split ``epochs`` times; a head keeps the weights of its best validation and
+stops after ``patience`` validations without improvement. Per head kind, the learning
+rate whose best validation score is highest wins.
+
+Small label fractions have few batches per epoch, so a run trains for at least
+``min_steps`` optimiser steps (more epochs, validated every few epochs): a 1% head is then
+limited by its labels, not by having taken 50 steps.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Head:
+    kind: str
+    lr: float
+    module: nn.Module
+    opt: torch.optim.Optimizer | None = None
+    sched: object = None
+    best_key: tuple = (-math.inf, -math.inf)
+    best_state: dict | None = None
+    best_epoch: int = 0
+    best_metric: float = float("nan")
+    stale: int = 0
+    steps: int = 0
+    best_steps: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}@lr={self.lr:g}"
+
+    @property
+    def active(self) -> bool:
+        return self.opt is not None
+
+    def record(self) -> dict:
+        """What a results file keeps of the chosen head."""
+        return {"lr": self.lr, "best_epoch": self.best_epoch, "steps": self.best_steps}
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    epochs: int
+    batch_size: int
+    weight_decay: float
+    patience: int
+    restart_epochs: int
+    seed: int
+    min_steps: int = 0
+
+    def schedule(self, n: int) -> tuple[int, int, int]:
+        """(steps per epoch, epochs, validate every k epochs) for n training items."""
+        steps = max(1, n // self.batch_size + (n % self.batch_size > 1))
+        epochs = max(self.epochs, math.ceil(self.min_steps / steps))
+        return steps, epochs, math.ceil(epochs / self.epochs)
+
+
+def iter_predict(module: nn.Module, x: Tensor, batch: int = 512) -> Iterator[tuple[slice, Tensor]]:
+    """Eval-mode outputs batch by batch: (the rows, the output)."""
+    module.eval()
+    with torch.no_grad():
+        for s in range(0, len(x), batch):
+            yield slice(s, s + batch), module(x[s:s + batch].float())
+
+
+def predict(module: nn.Module, x: Tensor, batch: int = 512) -> np.ndarray:
+    return np.concatenate([o.float().cpu().numpy() for _, o in iter_predict(module, x, batch)])
+
+
+class HeadBank:
+    """Heads of several kinds and learning rates fed the same batches."""
+
+    def __init__(self, heads: list[Head], loss: Callable[[Tensor, Tensor], Tensor],
+                 score: Callable[[nn.Module], tuple[float, float]], settings: FitSettings):
+        self.heads, self.loss, self.score, self.s = heads, loss, score, settings
+
+    def fit(self, x: Tensor, y: Tensor, has_val: bool) -> dict[str, Head]:
+        s = self.s
+        steps, epochs, every = s.schedule(len(x))
+        for h in self.heads:
+            h.opt = torch.optim.AdamW(h.module.parameters(), lr=h.lr, weight_decay=s.weight_decay)
+            h.sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+                h.opt, T_0=max(1, s.restart_epochs * every * steps))
+        gen = torch.Generator().manual_seed(s.seed)
+        for epoch in range(1, epochs + 1):
+            for idx in self._batches(len(x), gen):
+                xb, yb = x[idx].float(), y[idx]
+                for h in self.heads:
+                    if h.active:
+                        self._step(h, xb, yb)
+                        h.steps += 1
+            if epoch % every == 0 or epoch == epochs:
+                self._validate(epoch, has_val)
+            if not any(h.active for h in self.heads):
+                break
+        return self._select()
+
+    def _batches(self, n: int, gen: torch.Generator) -> list[Tensor]:
+        order = torch.randperm(n, generator=gen)
+        out = list(order.split(self.s.batch_size))
+        if n > 1 and len(out[-1]) == 1:  # BatchNorm cannot train on a single sample
+            out = out[:-1]
+        return out
+
+    def _step(self, h: Head, xb: Tensor, yb: Tensor) -> None:
+        h.module.train()
+        loss = self.loss(h.module(xb), yb)
+        h.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        h.opt.step()
+        h.sched.step()
+
+    def _validate(self, epoch: int, has_val: bool) -> None:
+        for h in self.heads:
+            if not h.active:
+                continue
+            metric, val_loss = self.score(h.module) if has_val else (float("nan"), float("nan"))
+            key = (metric if np.isfinite(metric) else -math.inf, -val_loss if np.isfinite(val_loss) else -math.inf)
+            if not has_val or key > h.best_key:
+                h.best_key, h.best_epoch, h.best_metric, h.best_steps = key, epoch, metric, h.steps
+                h.best_state = copy.deepcopy(h.module.state_dict())
+                h.stale = 0
+            else:
+                h.stale += 1
+                if h.stale >= self.s.patience:
+                    h.opt = None  # stopped early: its best epoch is kept
+
+    def sweep(self) -> dict[str, dict]:
+        """Every head's best validation score and epoch: the record of the learning-rate sweep."""
+        return {h.name: {"val": h.best_metric, "epoch": h.best_epoch} for h in self.heads}
+
+    def _select(self) -> dict[str, Head]:
+        best: dict[str, Head] = {}
+        for h in self.heads:
+            h.opt = h.sched = None
+            if h.best_state is not None:
+                h.module.load_state_dict(h.best_state)
+            if h.kind not in best or h.best_key > best[h.kind].best_key:
+                best[h.kind] = h
+        for h in best.values():
+            h.module.eval()
+        return best

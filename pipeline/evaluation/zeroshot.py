@@ -1,0 +1,111 @@
+"""Zero-shot classification: prompt pairs per finding, scored through the Adaptor's text path.
+
+Each image's score for a finding is its mean cosine similarity to the finding's positive
+prompts minus its mean similarity to the negative prompts; AUROC per finding on the test
+split. Prompts are texts, so they are embedded into (and read from) the text cache.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.evaluation import metrics as M
+from pipeline.evaluation.context import EvalContext, TaskResult
+from pipeline.evaluation.plots import roc_grid
+from pipeline.evaluation.prompts import PromptError, embed_texts_store, load_prompts, prompt_path
+from pipeline.evaluation.retrieve import adaptor_similarity, raw_similarity
+from pipeline.evaluation.tables import add_row, make_table, value_cell
+
+
+def _findings(ctx: EvalContext, prompts: dict) -> list[str]:
+    labels = ctx.data.label_names
+    if not labels:
+        raise PromptError(f"dataset {ctx.dataset_name!r} has no labels, so zero-shot predictions cannot be scored. "
+                          "Add 0/1 label columns named like the findings in the prompt file and re-run `pipe embed`.")
+    found = [f for f in prompts if f in labels]
+    if not found:
+        raise PromptError(f"none of the prompt file's findings ({', '.join(prompts)}) is a label of "
+                          f"{ctx.dataset_name!r} ({', '.join(labels)}). Add prompts for its labels to a YAML file "
+                          "and pass prompts=PATH.")
+    missing = [f for f in labels if f not in prompts]
+    if missing:
+        ctx.note(f"labels without prompts are not scored: {', '.join(missing)}")
+    return found
+
+
+def prompt_rows(ctx: EvalContext, prompts: dict, findings: list[str]) -> tuple[np.ndarray, dict]:
+    """Text-store rows of every prompt, and per finding the positions of its positive/negative prompts."""
+    texts, where = [], {}
+    for f in findings:
+        where[f] = {}
+        for side in ("positive", "negative"):
+            where[f][side] = np.arange(len(texts), len(texts) + len(prompts[f][side]))
+            texts += prompts[f][side]
+    store, rows = embed_texts_store(texts, ctx.text_encoder, ctx.root)
+    if store.fingerprint != ctx.data.text.fingerprint:
+        raise PromptError(f"the prompts were embedded with a {ctx.text_encoder} configuration (fingerprint "
+                          f"{store.fingerprint[:16]}) other than the dataset's reports' "
+                          f"({ctx.data.text.fingerprint[:16]}); re-run `pipe embed` for the dataset with this version")
+    return rows, where
+
+
+def finding_scores(sim: np.ndarray, where: dict) -> dict[str, np.ndarray]:
+    return {f: sim[:, w["positive"]].mean(1) - sim[:, w["negative"]].mean(1) for f, w in where.items()}
+
+
+def figures(ctx: EvalContext, scores: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict:
+    values = {f: M.auroc(y[f], s) for f, s in scores.items()}
+    values["macro"] = float(np.nanmean(list(values.values()))) if np.isfinite(list(values.values())).any() else np.nan
+
+    def resampled(w):
+        per = {f: M.auroc(y[f], s, w) for f, s in scores.items()}
+        return {**per, "macro": np.nanmean(np.stack(list(per.values())), axis=0)}
+
+    cis = M.bootstrap_cis(resampled, len(next(iter(scores.values()))), ctx.cfg.bootstrap, ctx.cfg.seed, ctx.cfg.ci)
+    return {"auroc": values, "ci": {k: list(v) for k, v in cis.items()}}
+
+
+def run(ctx: EvalContext) -> TaskResult:
+    prompts = load_prompts(ctx.cfg.prompts)
+    findings = _findings(ctx, prompts)
+    test = ctx.positions()["test"]
+    if not len(test):
+        raise ValueError(f"no items in the {ctx.cfg.test_split!r} split; check the split column or set test_split=...")
+    rows, where = prompt_rows(ctx, prompts, findings)
+    y = {f: ctx.data.items[f"label.{f}"].to_numpy(np.float64)[test] for f in findings}
+    img_rows = ctx.image_rows[test]
+    methods, curves = [], {}
+    sims = []
+    if ctx.adaptor is not None:
+        sims.append((ctx.adaptor_name(), "adaptor", adaptor_similarity(ctx, img_rows, ctx.data.text, rows), None))
+    sim, why = raw_similarity(ctx, img_rows, ctx.data.text, rows)
+    sims.append((ctx.baseline_name(with_text=True), "backbone", sim, why))
+    for name, kind, sim, why in sims:
+        m = {"name": name, "features": kind, **({"note": why} if why else {})}
+        if why:
+            ctx.note(f"{name}: {why}")
+        if sim is not None:
+            scores = finding_scores(sim, where)
+            m.update(figures(ctx, scores, y))
+            for f, s in scores.items():
+                fpr, tpr = M.roc_curve(y[f], s)
+                curves.setdefault(f, []).append((f"{name} (AUROC {m['auroc'][f]:.3f})", fpr, tpr))
+        methods.append(m)
+    result = TaskResult(methods=methods, tables=[_table(methods, findings)])
+    result.data = {"splits": {"test": int(len(test))}, "prompts": str(prompt_path(ctx.cfg.prompts)),
+                   "findings": findings, "n_prompts": {f: {k: len(v) for k, v in prompts[f].items()} for f in findings},
+                   "positives": {f: int(np.nansum(y[f])) for f in findings}}
+    title = f"zero-shot ROC · {ctx.dataset_name} · test split"
+    result.plots.append(str(roc_grid(curves, ctx.out / "roc.png", title)))
+    return result
+
+
+def _table(methods: list[dict], findings: list[str]) -> dict:
+    cols = findings + ["macro"]
+    t = make_table("zero-shot · AUROC on the test split (%)", "auroc", cols)
+    for m in methods:
+        if "auroc" in m:
+            add_row(t, m["name"], {c: value_cell(m["auroc"][c], m["ci"].get(c)) for c in cols},
+                    {c: {"value": m["auroc"][c], "ci": m["ci"].get(c)} for c in cols})
+        else:
+            add_row(t, m["name"], {c: "n/a" for c in cols})
+    return t

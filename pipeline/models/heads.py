@@ -1,0 +1,96 @@
+"""Downstream heads trained on frozen features: classifiers and a segmentation decoder.
+
+* ``mlp`` is the paper's classifier: Dropout -> Linear(in -> 512, no bias) -> BatchNorm1d
+  -> ReLU -> Dropout -> Linear. ``linear`` is a linear probe as MAE runs it: a BatchNorm1d
+  without affine parameters (feature standardisation, learned from the training batches
+  and frozen at eval) in front of one Linear layer, so one learning rate suits features of
+  any scale (the Adaptor's are unit-norm, a backbone's are not).
+* ``SegDecoder`` upsamples a patch-token grid ``[B, D, h, w]`` to a mask logit map at the
+  input resolution: stages of conv3x3 + BN + ReLU + 2x upsampling, a 1x1 conv, and a
+  final bilinear resize when the grid is not a power-of-two fraction of the input.
+* ``segmentation_loss`` is MGCA's mixed loss, which the paper uses: alpha * focal + dice
+  term, alpha = 10, where MGCA's dice term is -log(soft Dice) of the batch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HEAD_KINDS = ("mlp", "linear")
+
+
+class MLPHead(nn.Sequential):
+    def __init__(self, in_dim: int, n_out: int, hidden: int = 512, dropout: float = 0.1) -> None:
+        super().__init__(
+            nn.Dropout(dropout), nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(hidden, n_out),
+        )
+
+
+class LinearHead(nn.Sequential):
+    def __init__(self, in_dim: int, n_out: int) -> None:
+        super().__init__(nn.BatchNorm1d(in_dim, affine=False), nn.Linear(in_dim, n_out))
+
+
+def make_head(kind: str, in_dim: int, n_out: int, hidden: int = 512, dropout: float = 0.1) -> nn.Module:
+    if kind == "mlp":
+        return MLPHead(in_dim, n_out, hidden, dropout)
+    if kind == "linear":
+        return LinearHead(in_dim, n_out)
+    raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
+
+
+class SegDecoder(nn.Module):
+    """``[B, D, h, w]`` patch features -> ``[B, out_size, out_size]`` mask logits."""
+
+    def __init__(self, in_dim: int, grid: int, out_size: int, channels: Sequence[int] = (256, 128, 64, 32)):
+        super().__init__()
+        n_stages = max(1, math.ceil(math.log2(out_size / grid)))
+        widths = [channels[min(i, len(channels) - 1)] for i in range(n_stages)]
+        stages, c_in = [], in_dim
+        for c in widths:
+            stages += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)]
+            c_in = c
+        self.stages = nn.Sequential(*stages)
+        self.out = nn.Conv2d(c_in, 1, 1)
+        self.out_size = out_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.out(self.stages(x))  # [B, 1, h * 2^n, w * 2^n]
+        if y.shape[-1] != self.out_size or y.shape[-2] != self.out_size:
+            y = F.interpolate(y, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        return y[:, 0]
+
+
+def tokens_to_grid(tokens: Tensor, n_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """``[B, n_prefix + h*w, D]`` -> ``[B, D, h, w]`` (prefix tokens dropped)."""
+    patches = tokens[:, n_prefix:]
+    h, w = grid
+    if patches.shape[1] != h * w:
+        raise ValueError(f"{patches.shape[1]} patch tokens do not form the {h}x{w} grid")
+    return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], h, w)
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
+    """Binary focal loss, mean over pixels (MGCA's FocalLoss)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = torch.exp(-bce)
+    return ((1.0 - p_t) ** gamma * bce).mean()
+
+
+def soft_dice(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
+    """Soft Dice over the whole batch's pixels (smoothed, so an all-empty batch is defined)."""
+    p = torch.sigmoid(logits).flatten()
+    t = target.flatten()
+    return (2.0 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+
+
+def segmentation_loss(logits: Tensor, target: Tensor, alpha: float = 10.0, gamma: float = 2.0) -> Tensor:
+    """MGCA's MixedLoss: ``alpha * focal - log(soft Dice)``. The log keeps a strong gradient
+    while the Dice is small, which stops the decoder from settling on empty masks."""
+    return alpha * focal_loss(logits, target, gamma) - torch.log(soft_dice(logits, target))

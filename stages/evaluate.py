@@ -1,0 +1,277 @@
+"""Stage three: downstream evaluation, trained and scored from the cache.
+
+    pipe evaluate --task classification --dataset demo --adaptor runs/adaptor-demo/last.safetensors
+
+Nothing here runs a backbone or decodes an image, except the few test images drawn in
+the segmentation overlay picture (and the text encoder, once, for zero-shot prompts not
+yet in the cache). The checkpoint's metadata names its encoders and the fingerprints of
+the caches it was trained on; those must match the caches evaluated here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from pipeline.config import ConfigError, config_hash, save_config, to_dict
+from pipeline.console import err, peak_memory_mb, resolve_device
+from pipeline.evaluation.context import EvalContext, TaskResult
+from pipeline.evaluation.features import FrozenAdaptor
+from pipeline.evaluation.tables import to_markdown
+from pipeline.paths import cache_root
+from pipeline.training.checkpoint import CheckpointMismatchError, check_fingerprints
+from pipeline.training.pairs import CacheMissError, embed_command, load_pairs
+
+TASKS = ("classification", "segmentation", "retrieval", "zero-shot")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    kinds: list[str] = field(default_factory=lambda: ["mlp"])   # mlp (the paper's) and/or linear
+    lrs: list[float] = field(default_factory=lambda: [5e-4])    # several: one pass trains them all
+    weight_decay: float = 1e-4     # the paper: 1e-4 (RSNA), 0.05 (COVIDx)
+    hidden: int = 512
+    dropout: float = 0.1
+    batch_size: int = 128
+    epochs: int = 50               # validations; more epochs when min_steps needs them
+    min_steps: int = 500           # optimiser steps at least, however few labels a fraction keeps
+    patience: int = 10             # validations without a better score before a head stops
+    restart_epochs: int = 10       # period of the cosine schedule's warm restarts, in validations
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.kinds if k not in ("mlp", "linear")]
+        if bad or not self.kinds:
+            raise ValueError(f"heads.kinds must be a non-empty list of mlp/linear, got {self.kinds}")
+        if not self.lrs or min(self.lrs) <= 0:
+            raise ValueError(f"heads.lrs must be positive learning rates, got {self.lrs}")
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    target: str = ""               # which mask; "" = the dataset's first mask column
+    channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32])   # decoder width per stage
+    alpha: float = 10.0            # loss = alpha * focal + dice (MGCA, the paper)
+    gamma: float = 2.0             # focal loss exponent
+    threshold: float = 0.5         # on the sigmoid, for the reported masks
+    batch_size: int = 16
+    epochs: int = 30               # validations; more epochs when min_steps needs them
+    min_steps: int = 500
+    overlays: int = 6              # test images drawn in overlays.png
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    task: Literal["classification", "segmentation", "retrieval", "zero-shot"] = "classification"
+    dataset: str = ""
+    adaptor: str = ""              # a checkpoint (or its run directory), or "none"
+    backbone: str = ""             # with a checkpoint: taken from it
+    text_encoder: str = ""
+    cache: str | None = None
+    out: str | None = None
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    seeds: int = 3
+    seed: int = 0                  # seeds are seed, seed+1, ...; each draws its own nested subsets
+    labels: list[str] = field(default_factory=list)   # classification labels; [] = all
+    label_type: Literal["auto", "binary", "multilabel", "multiclass"] = "auto"
+    baseline: bool = False         # also evaluate the raw backbone features in this run
+    prompts: str = "chest_xray"    # zero-shot prompts: a name in configs/prompts/ or a YAML path
+    heads: HeadsConfig = HeadsConfig()
+    seg: SegConfig = SegConfig()
+    bootstrap: int = 1000          # test-set resamples for the CIs
+    ci: float = 0.95
+    pairwise_max_items: int = 1000  # tokens-mode retrieval scores all pairs: at most this many test items
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    train_split: str = "train"
+    val_split: str = "valid"
+    test_split: str = "test"
+
+    def __post_init__(self) -> None:
+        if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
+            raise ValueError(f"fractions must lie in (0, 1], got {self.fractions}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if not 0.0 < self.ci < 1.0:
+            raise ValueError(f"ci must lie in (0, 1), got {self.ci}")
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    results: dict
+    tables: list[dict]
+
+
+# ------------------------------------------------------------------------------ setup
+def _require(cfg: EvalConfig) -> None:
+    problems = [f"{k}: a value is required (--{k.replace('_', '-')})" for k in ("dataset", "adaptor")
+                if not getattr(cfg, k)]
+    if cfg.adaptor.lower() == "none":
+        if not cfg.backbone:
+            problems.append("backbone: --adaptor none evaluates a backbone's own features; name it with --backbone")
+        if cfg.task in ("retrieval", "zero-shot") and not cfg.text_encoder:
+            problems.append(f"text_encoder: --adaptor none with --task {cfg.task} needs --text-encoder")
+    if problems:
+        raise ConfigError(problems, "evaluate")
+
+
+def _same_encoder(flag: str, given: str, trained: str | None) -> str:
+    """A flag may restate the checkpoint's encoder (by any alias), not change it."""
+    from pipeline.encoders import resolve_encoder_name
+
+    if not given:
+        return trained or ""
+    if trained and resolve_encoder_name(given).name != resolve_encoder_name(trained).name:
+        raise CheckpointMismatchError(
+            f"{flag} {given} differs from the checkpoint's encoder {trained}: an Adaptor only reads the "
+            f"embeddings it was trained on. Drop {flag}, or pass --adaptor none to evaluate {given} alone.")
+    return trained or given
+
+
+def _encoders(cfg: EvalConfig, adaptor: FrozenAdaptor | None) -> tuple[str, str | None]:
+    if adaptor is None:
+        return cfg.backbone, cfg.text_encoder or None
+    meta = adaptor.meta
+    return (_same_encoder("--backbone", cfg.backbone, meta.get("backbone")),
+            _same_encoder("--text-encoder", cfg.text_encoder, meta.get("text_encoder")))
+
+
+def check_index_current(cfg: EvalConfig, root: Path, name: str, items, backbone: str, text: str | None) -> None:
+    """Labels, masks and items come from the index `pipe embed` wrote: refuse a stale one."""
+    from pipeline.datasets import open_dataset
+
+    ds = open_dataset(cfg.dataset, root)
+    hint = embed_command(cfg.dataset, backbone, text or "none", root)
+    indexed = {i: r for i, r in zip(items.id, items.to_dict("records"))}
+    for it in ds.items:
+        row = indexed.get(it.id)
+        if row is None:
+            continue  # new (or failed) items are simply not evaluated
+        for k, v in it.labels.items():
+            old = row.get(f"label.{k}")
+            if old is None or not (old == v or (np.isnan(old) and np.isnan(v))):
+                raise CacheMissError(f"labels of {cfg.dataset!r} changed since it was embedded (item {it.id!r}, "
+                                     f"label {k!r}). Re-index it (embeddings are reused):\n  {hint}")
+
+
+def _context(cfg: EvalConfig) -> EvalContext:
+    from pipeline.datasets import open_dataset
+
+    _require(cfg)
+    root = cache_root(cfg.cache)
+    device = resolve_device(cfg.device)
+    adaptor = None if cfg.adaptor.lower() == "none" else FrozenAdaptor.load(cfg.adaptor, device, root)
+    backbone, text = _encoders(cfg, adaptor)
+    need_text = cfg.task in ("retrieval", "zero-shot")
+    name = open_dataset(cfg.dataset, root, materialise=False).name
+    data = load_pairs(root, name, cfg.dataset, backbone, text or "none", need_text=need_text)
+    if adaptor is not None:
+        fps = data.fingerprints() if need_text else {"image": data.image.fingerprint}
+        check_fingerprints(adaptor.meta, fps, f"checkpoint {adaptor.path}")
+    check_index_current(cfg, root, name, data.items, backbone, text)
+    out = Path(cfg.out) if cfg.out else default_out(cfg, name, adaptor, backbone)
+    return EvalContext(cfg, root, device, data, name, adaptor, backbone, text, out)
+
+
+def default_out(cfg: EvalConfig, dataset: str, adaptor: FrozenAdaptor | None, backbone: str) -> Path:
+    method = f"adaptor-{adaptor.hash[:8]}" if adaptor is not None else f"none-{backbone}"
+    return Path("results") / f"{cfg.task}-{dataset}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# -------------------------------------------------------------------------------- run
+def run(cfg: EvalConfig) -> EvalResult:
+    t0 = time.perf_counter()
+    ctx = _context(cfg)
+    fresh = not ctx.out.exists()
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    what = f"Adaptor {ctx.adaptor.hash[:16]} ({ctx.adaptor.mode} mode)" if ctx.adaptor else "no Adaptor"
+    err.print(f"evaluating {cfg.task} on {ctx.dataset_name} ({len(ctx.data.items):,} cached items) · {what} · "
+              f"backbone forwards: 0 · out {ctx.out}")
+    try:
+        result = _task(cfg.task).run(ctx)
+    except BaseException:
+        if fresh and not any(ctx.out.iterdir()):
+            ctx.out.rmdir()  # a run refused for its input leaves no empty run directory behind
+        raise
+    save_config(cfg, ctx.out / "config.yaml")
+    forwards = ctx.adaptor.log_forwards() if ctx.adaptor else None
+    results = _results_json(ctx, result, forwards, time.perf_counter() - t0)
+    _write(ctx.out, results, result)
+    return EvalResult(ctx.out, results, result.tables)
+
+
+def _task(name: str):
+    import importlib
+
+    module = {"classification": "classify", "segmentation": "segment", "retrieval": "retrieve",
+              "zero-shot": "zeroshot"}[name]
+    return importlib.import_module(f"pipeline.evaluation.{module}")
+
+
+def _results_json(ctx: EvalContext, result: TaskResult, forwards: str | None, seconds: float) -> dict:
+    a = ctx.adaptor
+    checkpoint = None if a is None else {
+        "path": str(a.path), "hash": a.hash, "mode": a.mode, "epoch": a.meta.get("epoch"),
+        "trained_on": a.meta.get("dataset"), "fingerprints": a.meta.get("fingerprints"),
+        "adaptor_outputs": str(a.folder(ctx.data.image)), "adaptor_forwards": dict(a.forwards),
+        "adaptor_forwards_line": forwards}
+    fps = {"image": ctx.data.image.fingerprint}
+    if ctx.cfg.task in ("retrieval", "zero-shot"):
+        fps["text"] = ctx.data.text.fingerprint
+    return {
+        "task": ctx.cfg.task, "dataset": ctx.cfg.dataset, "dataset_name": ctx.dataset_name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backbone": ctx.backbone, "text_encoder": ctx.text_encoder,
+        "config": to_dict(ctx.cfg), "config_hash": config_hash(ctx.cfg), "checkpoint": checkpoint,
+        "fingerprints": fps, "data": result.data, "methods": result.methods, "tables": result.tables,
+        "plots": [os.path.relpath(p, ctx.out) for p in result.plots], "notes": ctx.notes,
+        "seconds": round(seconds, 2), **{k: round(v, 1) for k, v in peak_memory_mb(ctx.device).items()},
+    }
+
+
+def _write(out: Path, results: dict, result: TaskResult) -> None:
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(results), indent=1, allow_nan=True))
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(results_markdown(results))
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def results_markdown(results: dict) -> str:
+    ck = results.get("checkpoint")
+    lines = [f"# {results['task']} · {results['dataset_name']}", "",
+             f"- dataset: `{results['dataset']}`",
+             f"- backbone: {results['backbone']}" + (f" · text encoder: {results['text_encoder']}"
+                                                     if results.get("text_encoder") else ""),
+             f"- checkpoint: `{ck['path']}` (hash {ck['hash'][:16]}, {ck['mode']} mode)" if ck else
+             "- checkpoint: none (frozen backbone features)",
+             "- cache fingerprints: " + ", ".join(f"{k} {v[:16]}" for k, v in results["fingerprints"].items()),
+             f"- items: {json.dumps(results['data'].get('splits', {}))}", ""]
+    if results["data"].get("fractions"):
+        lines += ["- training items per fraction and seed: " + json.dumps(results["data"]["fractions"]), ""]
+    level = f"{100 * results['config']['ci']:g}%"
+    lines += [f"Cells: mean ± std over seeds [bootstrap {level} CI of the seed mean on the test split], in %."
+              if results["task"] in ("classification", "segmentation") else
+              f"Cells: value [bootstrap {level} CI over the test items], in %.", ""]
+    for t in results["tables"]:
+        lines += [to_markdown(t), ""]
+    if results["notes"]:
+        lines += ["Notes:", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    lines += [f"Plots: {', '.join(results['plots'])}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,483 @@
+"""Stage three: downstream evaluation from the cache, through the real CLI, plus its metrics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.evaluation import metrics as M
+from pipeline.evaluation.fractions import FractionTooSmallError, check_subset, nested_subsets, stratified_order
+from pipeline.models.adaptor import Adaptor, AdaptorConfig
+from pipeline.models.heads import MLPHead, SegDecoder, make_head, segmentation_loss
+from tests.helpers import FINDINGS, embed_json, pipe
+
+SMALL = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "batch_size=8", "optim.lr=1e-3", "epochs=1"]
+FAST = ["heads.epochs=4", "heads.min_steps=20", "heads.patience=2", "bootstrap=200"]
+FAST_SEG = ["seg.channels=[8,8,8,8]", "seg.epochs=2", "seg.min_steps=4", "seg.batch_size=8", "bootstrap=100",
+            "seg.overlays=3"]
+
+
+# ----------------------------------------------------------------------------- fixtures
+def make_eval_table(folder: Path, n: int = 48, mask_shape: tuple[int, int] | None = None,
+                    with_labels: bool = True) -> Path:
+    """Images (72 wide, 64 high), reports, splits, two 0/1 labels, a 3-class grade and effusion masks."""
+    rows = []
+    for i in range(n):
+        img = np.random.default_rng(1000 + i).integers(0, 255, (64, 72)).astype(np.uint8)
+        effusion = int(i % 3 == 0)
+        if effusion:
+            img[36:56, 8:30] = 250
+        (folder / "img").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / "img" / f"{i:04d}.png")
+        mask = np.zeros(mask_shape or img.shape, np.uint8)
+        if effusion:
+            mask[36:56, 8:30] = 255
+        (folder / "mask").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(folder / "mask" / f"{i:04d}.png")
+        row = {"id": f"e{i}", "image": f"img/{i:04d}.png", "report": f"{FINDINGS[i % 6]} Study {i}.",
+               "split": ["train", "train", "valid", "test"][i % 4], "mask_effusion": f"mask/{i:04d}.png"}
+        if with_labels:
+            row |= {"effusion": effusion, "nodule": int(i % 5 == 0), "grade": i % 3}
+        rows.append(row)
+    path = folder / "pairs.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The heads here are tiny: one intra-op thread is as fast, and far faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, one_thread):
+    """One small table embedded once, with a pooled and a tokens-mode Adaptor trained on it."""
+    root = tmp_path_factory.mktemp("evaluate")
+    table = make_eval_table(root / "data")
+    cache = root / "cache"
+    embed_json(table, cache)
+    ckpts = {}
+    for mode in ("pooled", "tokens"):
+        pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
+             "--out", str(root / mode), *SMALL, f"adaptor.mode={mode}", "adaptor.grid_pool=4")
+        ckpts[mode] = root / mode / "last.safetensors"
+    return {"table": table, "cache": cache, "root": root, **ckpts}
+
+
+def evaluate(w, task: str, adaptor: str, out: Path, *extra: str, expect: int | None = 0):
+    r = pipe("evaluate", "--task", task, "-d", str(w["table"]), "--adaptor", adaptor, "--cache", str(w["cache"]),
+             "--out", str(out), *extra, expect=expect)
+    return r, (json.loads((out / "results.json").read_text()) if expect == 0 else None)
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_auroc_against_hand_computed_cases_with_ties():
+    assert M.auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    # pos {0.5, 0.9} vs neg {0.5, 0.2}: the tie counts 1/2 -> (0.5 + 1 + 1 + 1) / 4
+    assert M.auroc([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == pytest.approx(0.875)
+    assert M.auroc([1, 0, 1, 0], [3, 3, 3, 3]) == pytest.approx(0.5)
+    assert M.auroc([0, 1, np.nan, 1], [0.1, 0.9, 0.0, 0.8]) == pytest.approx(1.0)  # NaN label ignored
+    assert np.isnan(M.auroc([1, 1, 1], [0.1, 0.2, 0.3]))
+    np.testing.assert_allclose(M.average_ranks([10, 20, 20, 30]), [1, 2.5, 2.5, 4])
+    fpr, tpr = M.roc_curve([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9])
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1.0])
+    np.testing.assert_allclose(tpr, [0, 0.5, 1.0, 1.0])
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    y, p = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0]
+    assert M.accuracy(y, p) == pytest.approx(4 / 6)
+    # F1: class 0 2/(2+1+1) = .5, class 1 4/(4+1+0) = .8, class 2 2/(2+0+1) = 2/3
+    assert M.macro_f1(y, p) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert M.macro_f1([0, 0], [0, 1]) == pytest.approx((2 / 3 + 0) / 2)  # a class only predicted counts
+
+
+def test_three_dice_conventions_the_all_empty_baseline_and_iou():
+    true, pred = np.zeros((4, 4, 4), bool), np.zeros((4, 4, 4), bool)
+    true[0, 0, :4] = True                      # A: 4 true px, 2 of them predicted + 2 extra px
+    pred[0, 0, :2] = pred[0, 1, :2] = True
+    pred[2, 3, :3] = True                      # C: empty truth, 3 px predicted
+    true[3, 2, :2] = True                      # D: 2 true px, nothing predicted; B: empty and empty
+    c = M.overlap_counts(pred, true)
+    np.testing.assert_array_equal(c, [[2, 4, 4], [0, 0, 0], [0, 3, 0], [0, 0, 2]])
+    assert M.dice_positive(c) == pytest.approx((0.5 + 0) / 2)              # A and D only
+    assert M.dice_empty_is_one(c) == pytest.approx((0.5 + 1 + 0 + 0) / 4)   # B counts 1, C counts 0
+    assert M.dice_all_empty_baseline(c) == pytest.approx(2 / 4)              # B and C are empty
+    assert M.dice_global(c) == pytest.approx(2 * 2 / (7 + 6))
+    assert M.iou_positive(c) == pytest.approx((2 / 6 + 0) / 2)
+    assert M.iou_empty_is_one(c) == pytest.approx((2 / 6 + 1 + 0 + 0) / 4)
+    # an all-empty predictor scores exactly the baseline under convention 2, and 0 on positives
+    empty = M.overlap_counts(np.zeros_like(true), true)
+    assert M.dice_empty_is_one(empty) == M.dice_all_empty_baseline(c) and M.dice_positive(empty) == 0
+
+
+def test_bootstrap_ci_contains_the_estimate_is_seeded_and_matches_explicit_resampling():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 80).astype(float)
+    s = y * 0.8 + rng.normal(0, 0.6, 80)
+    point = M.auroc(y, s)
+    ci = M.bootstrap_ci(lambda w: M.auroc(y, s, w), 80, 500, seed=7)
+    assert ci[0] <= point <= ci[1] and ci[1] - ci[0] > 0.01
+    assert M.bootstrap_ci(lambda w: M.auroc(y, s, w), 80, 500, seed=7) == ci
+    assert M.bootstrap_ci(lambda w: M.auroc(y, s, w), 80, 500, seed=8) != ci
+    # a row of multiplicities is the same as the resampled data set
+    idx = rng.integers(0, 80, 80)
+    w = np.bincount(idx, minlength=80)[None].astype(float)
+    assert M.auroc(y, s, w)[0] == pytest.approx(M.auroc(y[idx], s[idx]))
+    t, p = rng.integers(0, 3, 80), rng.integers(0, 3, 80)
+    assert M.macro_f1(t, p, w)[0] == pytest.approx(M.macro_f1(t[idx], p[idx]))
+
+
+def test_recall_ranks_by_hand_and_against_the_training_code():
+    from pipeline.models.loss import retrieval_recall
+
+    sim = np.array([[0.9, 0.1, 0.5], [0.8, 0.2, 0.9], [0.1, 0.3, 0.7]])
+    np.testing.assert_array_equal(M.match_ranks(sim), [0, 2, 0])
+    np.testing.assert_array_equal(M.match_ranks(sim.T), [0, 1, 1])
+    assert M.recall_at(M.match_ranks(sim), 1) == pytest.approx(2 / 3)
+    assert M.recall_at(M.match_ranks(sim.T), 2) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    img, txt = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
+    ref = retrieval_recall(torch.from_numpy(img), torch.from_numpy(txt))
+    s = img @ txt.T
+    for k in (1, 5, 10):
+        assert M.recall_at(M.match_ranks(s), k) == pytest.approx(ref[f"i2t_R@{k}"])
+        assert M.recall_at(M.match_ranks(s.T), k) == pytest.approx(ref[f"t2i_R@{k}"])
+
+
+# ---------------------------------------------------------------------------- fractions
+def _multilabel(n=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, 3)) < [0.3, 0.1, 0.02]).astype(float)
+
+
+def test_fractions_are_nested_deterministic_and_stratified():
+    y = _multilabel()
+    subsets = nested_subsets(y, [0.01, 0.1, 1.0], seed=5)
+    a, b, c = (set(subsets[f]) for f in (0.01, 0.1, 1.0))
+    assert a <= b <= c and len(c) == 1000 and (len(a), len(b)) == (10, 100)
+    again = nested_subsets(y, [0.01, 0.1, 1.0], seed=5)
+    assert all(np.array_equal(subsets[f], again[f]) for f in subsets)
+    assert not np.array_equal(nested_subsets(y, [0.1], seed=6)[0.1], subsets[0.1])
+    assert (y[subsets[0.01]].sum(0) >= 1).all()            # even the rare (2%) label has a positive at 1%
+    assert (y[subsets[0.01]] == 0).any(0).all()             # and every label a negative
+    np.testing.assert_allclose(y[subsets[0.1]].mean(0), y.mean(0), atol=0.03)  # about the full prevalence
+
+
+def test_a_fraction_too_small_for_a_label_names_it_and_a_larger_fraction():
+    y = _multilabel()
+    order, front = stratified_order(y, seed=0)
+    with pytest.raises(FractionTooSmallError) as e:
+        check_subset(y[order[:2]], ["a", "b", "rare"], 0.002, 1000, front)
+    msg = str(e.value)
+    assert "'b'" in msg or "'rare'" in msg
+    assert "larger fraction" in msg and f"{front / 1000:.3g}" in msg
+
+
+# ------------------------------------------------------------------------ heads, adaptor
+def test_the_paper_mlp_head_and_the_decoder_shapes():
+    head = make_head("mlp", 96, 3)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Dropout", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
+    assert head[1].bias is None and head[1].out_features == 512 and isinstance(head, MLPHead)
+    probe = make_head("linear", 96, 3)  # MAE's linear probe: parameter-free BatchNorm, then Linear
+    assert [type(m).__name__ for m in probe] == ["BatchNorm1d", "Linear"] and not probe[0].affine
+    for grid in (14, 16, 4):
+        dec = SegDecoder(32, grid, 224, (16, 8))
+        out = dec(torch.randn(2, 32, grid, grid))
+        assert out.shape == (2, 224, 224)
+    target = torch.zeros(2, 224, 224)
+    target[0, :20, :20] = 1
+    assert torch.isfinite(segmentation_loss(out, target))
+
+
+@pytest.mark.parametrize("mode", ["pooled", "tokens"])
+def test_adaptor_and_head_predictions_do_not_depend_on_the_batch(mode):
+    torch.manual_seed(0)
+    adaptor = Adaptor(AdaptorConfig(mode=mode, image_dim=24, text_dim=16, d_model=32, n_heads=4, ffn_dim=64)).eval()
+    head = make_head("mlp", 32, 2).eval()
+    x = torch.randn(12, 24) if mode == "pooled" else torch.randn(12, 1 + 16, 24)
+
+    def predict(batch):
+        with torch.no_grad():
+            return head(adaptor.encode_image(batch, image_grid=(4, 4), n_prefix=1))
+
+    full = predict(x)
+    perm = torch.randperm(12)
+    torch.testing.assert_close(predict(x[perm]), full[perm], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([predict(x[:5]), predict(x[5:])]), full, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_text_output_depends_on_the_text_alone():
+    """Why a pooled Adaptor's text embeddings can be cached per report (retrieval, prompts)."""
+    torch.manual_seed(0)
+    a = Adaptor(AdaptorConfig(image_dim=24, text_dim=16, d_model=32, n_heads=4, ffn_dim=64)).eval()
+    txt = torch.randn(5, 16)
+    with torch.no_grad():
+        i1, t1 = a({"image_pooled": torch.randn(5, 24), "text_pooled": txt})
+        i2, t2 = a({"image_pooled": torch.zeros(5, 24), "text_pooled": txt})
+        img = torch.randn(5, 24)
+        i3, _ = a({"image_pooled": img, "text_pooled": txt})
+        torch.testing.assert_close(t1, t2)
+        torch.testing.assert_close(i3, a.encode_image(img))
+
+
+def test_masks_get_the_encoders_geometry():
+    """A mask aligned with align_mask covers the same pixels as its image after Preprocess."""
+    from pipeline.evaluation.masks import align_mask
+    from pipeline.imaging import Preprocess
+
+    img = np.zeros((120, 90), np.float32)
+    img[70:100, 10:40] = 1.0
+    pre = Preprocess(resize_size=256, input_size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    seen = (pre(img)[0] * 0.5 + 0.5).numpy() > 0.5
+    aligned = align_mask(img > 0.5, 256, 224)
+    assert aligned.shape == (224, 224)
+    iou = (seen & aligned).sum() / (seen | aligned).sum()
+    assert iou > 0.95
+
+
+# ----------------------------------------------------------------------- end to end (CLI)
+def test_classification_end_to_end_with_heads_lrs_seeds_and_baseline(world, tmp_path):
+    out = tmp_path / "cls"
+    r, res = evaluate(world, "classification", str(world["pooled"]), out, "--fraction", "0.25", "0.5", "1.0",
+                      "--head", "mlp", "--head", "linear", "--seeds", "2", "--baseline",
+                      "labels=[effusion,nodule]", "heads.lrs=[1e-3,1e-4]", *FAST)
+    assert res["task"] == "classification" and res["checkpoint"]["hash"] and len(res["checkpoint"]["hash"]) == 32
+    assert res["fingerprints"]["image"] and res["config"]["heads"]["lrs"] == [1e-3, 1e-4]
+    assert res["data"]["label_type"] == "multilabel" and res["data"]["splits"] == {"train": 24, "valid": 12, "test": 12}
+    assert res["data"]["fractions"] == {"25%": {"0": 6, "1": 6}, "50%": {"0": 12, "1": 12}, "100%": {"0": 24, "1": 24}}
+    names = [m["name"] for m in res["methods"]]
+    assert names == ["Adaptor tiny-vit + tiny-bert", "no Adaptor tiny-vit"]
+    cell = res["methods"][0]["heads"]["linear"]["50%"]
+    assert [r_["seed"] for r_ in cell["runs"]] == [0, 1] and all(r_["lr"] in (1e-3, 1e-4) for r_ in cell["runs"])
+    s = cell["summary"]["macro_auroc"]
+    vals = [r_["test"]["macro_auroc"] for r_ in cell["runs"]]
+    assert s["mean"] == pytest.approx(np.mean(vals)) and s["std"] == pytest.approx(np.std(vals, ddof=1))
+    assert set(cell["summary"]) == {"macro_auroc", "auroc/effusion", "auroc/nodule"}
+    macro = next(t for t in res["tables"] if t["metric"] == "macro_auroc")
+    assert macro["columns"] == ["25%", "50%", "100%"]
+    assert [row["method"] for row in macro["rows"]] == [
+        "Adaptor tiny-vit + tiny-bert (mlp)", "Adaptor tiny-vit + tiny-bert (linear)",
+        "no Adaptor tiny-vit (mlp)", "no Adaptor tiny-vit (linear)"]
+    assert "±" in macro["rows"][0]["cells"]["100%"] and "[" in macro["rows"][0]["cells"]["100%"]
+    md = (out / "results.md").read_text()
+    assert "| Adaptor tiny-vit + tiny-bert (mlp) |" in md and "| method | 25% | 50% | 100% |" in md
+    for f in ("roc.png", "predictions.npz", "config.yaml"):
+        assert (out / f).stat().st_size > 0, f
+    subsets = json.loads((out / "subsets.json").read_text())
+    assert set(subsets["0"]["0.25"]) <= set(subsets["0"]["0.5"]) and len(subsets["1"]["0.25"]) == 6
+    preds = np.load(out / "predictions.npz")
+    assert preds["m0/mlp/100%/seed1"].shape == (12, 2)
+
+
+def test_second_run_reads_adaptor_outputs_from_the_cache(world, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.rmtree(world["cache"] / "adaptor-outputs", ignore_errors=True)
+    args = ("--fraction", "1.0", "--seeds", "1", "labels=[effusion]", *FAST)
+    r1, res1 = evaluate(world, "classification", str(world["pooled"]), tmp_path / "a", *args)
+    assert res1["checkpoint"]["adaptor_forwards"] == {"image_pooled": 48} and "(cached)" not in r1.output
+
+    def boom(*a, **k):
+        raise AssertionError("the Adaptor ran although its outputs are cached")
+
+    monkeypatch.setattr(Adaptor, "encode_image", boom)
+    r2, res2 = evaluate(world, "classification", str(world["pooled"]), tmp_path / "b", "--head", "linear", *args)
+    assert "adaptor forwards: 0 (cached)" in r2.output
+    assert res2["checkpoint"]["adaptor_forwards"] == {"image_pooled": 0}
+    folder = Path(res2["checkpoint"]["adaptor_outputs"])
+    assert folder.name == f"{res2['checkpoint']['hash'][:16]}-{res2['fingerprints']['image'][:16]}"
+    assert (folder / "image_pooled.npz").exists()
+
+
+def test_multiclass_label_reports_accuracy_and_macro_f1(world, tmp_path):
+    _, res = evaluate(world, "classification", "none", tmp_path / "mc", "-b", "tiny-vit", "--fraction", "1.0",
+                      "--seeds", "1", "labels=[grade]", *FAST)
+    assert res["data"]["label_type"] == "multiclass" and res["data"]["labels"] == ["grade=0", "grade=1", "grade=2"]
+    assert [t["metric"] for t in res["tables"]] == ["accuracy", "macro_f1"]
+    assert res["checkpoint"] is None and res["methods"][0]["name"] == "no Adaptor tiny-vit"
+    assert 0 <= res["methods"][0]["heads"]["mlp"]["100%"]["summary"]["accuracy"]["mean"] <= 1
+
+
+def test_segmentation_end_to_end_reports_the_dice_conventions(world, tmp_path):
+    out = tmp_path / "seg"
+    r, res = evaluate(world, "segmentation", str(world["tokens"]), out, "--fraction", "0.5", "1.0",
+                      "--seeds", "1", *FAST_SEG)
+    assert res["data"]["target"] == "effusion" and res["data"]["mask_size"] == 224
+    assert res["data"]["positive_masks"] == {"train": 8, "valid": 4, "test": 4}
+    summary = res["methods"][0]["heads"]["decoder"]["100%"]["summary"]
+    assert set(summary) == set(M.SEGMENTATION_METRICS)
+    assert summary["dice_all_empty_baseline"]["mean"] == pytest.approx(8 / 12)  # 8 of 12 test masks are empty
+    assert res["methods"][0]["feature_shape"] == [32, 4, 4]  # tokens-mode Adaptor, grid pooled to 4x4
+    conv2 = next(t for t in res["tables"] if t["metric"] == "dice_empty_is_one")
+    assert conv2["rows"][-1]["method"] == "all-empty predictor (reference)"
+    assert conv2["rows"][-1]["cells"]["100%"].startswith("66.7")
+    assert {t["metric"] for t in res["tables"]} >= {"dice_positive", "dice_empty_is_one", "iou_positive"}
+    assert (out / "overlays.png").stat().st_size > 0 and res["data"]["mask_files_read"] == 48
+    r2, res2 = evaluate(world, "segmentation", "none", tmp_path / "seg2", "-b", "tiny-vit", "--fraction", "1.0",
+                        "--seeds", "1", *FAST_SEG)
+    assert res2["data"]["mask_files_read"] == 0 and "all from the mask cache" in r2.output
+    assert res2["methods"][0]["feature_shape"] == [96, 14, 14]  # raw tiny-vit patch grid
+
+
+def test_pooled_adaptor_segmentation_says_it_uses_raw_patch_tokens(world, tmp_path):
+    _, res = evaluate(world, "segmentation", str(world["pooled"]), tmp_path / "seg", "--fraction", "1.0",
+                      "--seeds", "1", *FAST_SEG)
+    assert "raw patch tokens" in res["methods"][0]["name"]
+    assert any("no per-token path" in n for n in res["notes"])
+
+
+@pytest.mark.parametrize("mode", ["pooled", "tokens"])
+def test_retrieval_with_and_without_the_adaptor(world, tmp_path, mode):
+    _, res = evaluate(world, "retrieval", str(world[mode]), tmp_path / "ret", "bootstrap=100")
+    table = res["tables"][0]
+    assert table["columns"][0] == "image→text R@1" and len(table["columns"]) == 6
+    adaptor, baseline = res["methods"]
+    assert set(adaptor["recall"]) == {f"{d} R@{k}" for d in ("image→text", "text→image") for k in (1, 5, 10)}
+    assert 1 >= adaptor["recall"]["image→text R@10"] >= adaptor["recall"]["image→text R@5"] >= 0
+    assert baseline["applicable"] is False and "96-d" in baseline["note"] and "64-d" in baseline["note"]
+    assert table["rows"][1]["cells"]["image→text R@1"] == "n/a"
+    assert table["rows"][2]["method"] == "chance (12 candidates)"
+    assert (tmp_path / "ret" / "recall.png").exists()
+
+
+def test_no_adaptor_similarity_is_the_cosine_of_raw_features_when_widths_agree(world, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.evaluation.features import raw_features
+    from pipeline.evaluation.retrieve import raw_similarity
+    from stages.evaluate import EvalConfig, _context
+
+    cfg = load_config(EvalConfig, None, ["task=retrieval", f"dataset={world['table']}", "adaptor=none",
+                                         "backbone=tiny-vit", "text_encoder=tiny-bert", f"cache={world['cache']}",
+                                         f"out={tmp_path}"])
+    ctx = _context(cfg)
+    rows = ctx.image_rows[:5]
+    sim, why = raw_similarity(ctx, rows, ctx.data.image, rows)  # the image store as "text": same width
+    feats = raw_features(ctx.data.image, rows).astype(np.float64)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    np.testing.assert_allclose(sim, feats @ feats.T, atol=1e-9)
+    assert "chance-level reference" in why
+    sim, why = raw_similarity(ctx, rows, ctx.data.text, ctx.data.text_rows[:5])
+    assert sim is None and "not applicable" in why
+
+
+def test_zero_shot_prompts_are_embedded_into_the_text_cache_once(world, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("effusion:\n  positive: [There is a pleural effusion.]\n  negative: [No pleural effusion.]\n"
+                       "nodule:\n  positive: [A lung nodule.]\n  negative: [No nodules.]\n"
+                       "pneumothorax:\n  positive: [Pneumothorax.]\n  negative: [No pneumothorax.]\n")
+    _, res = evaluate(world, "zero-shot", str(world["pooled"]), tmp_path / "zs", f"prompts={prompts}",
+                      "bootstrap=100")
+    assert res["data"]["findings"] == ["effusion", "nodule"]
+    table = res["tables"][0]
+    assert table["columns"] == ["effusion", "nodule", "macro"]
+    auroc = res["methods"][0]["auroc"]
+    assert all(0 <= auroc[k] <= 1 for k in ("effusion", "nodule")) and auroc["macro"] == pytest.approx(
+        (auroc["effusion"] + auroc["nodule"]) / 2)
+    from cache.keys import text_key
+    from cache.store import Store
+
+    keys = set(Store.open(next((world["cache"] / "stores" / "text").iterdir())).manifest().column("key").to_pylist())
+    assert text_key("There is a pleural effusion.") in keys
+    import pipeline.encoders as encoders
+
+    monkeypatch.setattr(encoders, "create_encoder", lambda *a, **k: pytest.fail("prompts were embedded twice"))
+    _, again = evaluate(world, "zero-shot", str(world["tokens"]), tmp_path / "zs2", f"prompts={prompts}",
+                        "bootstrap=100")
+    assert again["methods"][0]["auroc"]["effusion"] >= 0 and (tmp_path / "zs2" / "roc.png").exists()
+
+
+def test_tokens_mode_pair_scores_are_one_paired_forward_each(world):
+    """Tokens mode mixes the pair inside the forward, so retrieval scores every pair separately."""
+    from pipeline.evaluation.features import FrozenAdaptor
+    from pipeline.training.loader import PairLoader
+    from pipeline.training.pairs import load_pairs
+
+    a = FrozenAdaptor.load(world["tokens"], torch.device("cpu"), world["cache"])
+    name = json.loads((next((world["cache"] / "datasets").iterdir()) / "dataset.json").read_text())["name"]
+    data = load_pairs(world["cache"], name, str(world["table"]), "tiny-vit", "tiny-bert")
+    scores = a.pair_scores(data.image, data.image_rows[:3, 0], data.text, data.text_rows[:4])
+    batch = next(PairLoader(data, np.arange(4), "tokens", 4, torch.device("cpu"), views=False).batches(None))
+    grid, n_prefix = a.grid
+    for i in range(3):
+        with torch.no_grad():
+            img, txt = a.model({"image_tokens": batch["image_tokens"][[i] * 4], "text_tokens": batch["text_tokens"],
+                                "text_mask": batch["text_mask"]}, image_grid=grid, n_prefix=n_prefix)
+        np.testing.assert_allclose(scores[i], (img * txt).sum(-1).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_report_gathers_runs_into_one_table(world, tmp_path):
+    args = ("--fraction", "0.5", "1.0", "--seeds", "1", "labels=[effusion]", *FAST)
+    evaluate(world, "classification", str(world["pooled"]), tmp_path / "a", *args)
+    evaluate(world, "classification", "none", tmp_path / "b", "-b", "tiny-vit", *args)
+    r = pipe("report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.md"))
+    md = (tmp_path / "t.md").read_text()
+    assert "| method | 50% | 100% |" in md
+    assert "| Adaptor tiny-vit + tiny-bert (mlp) |" in md and "| no Adaptor tiny-vit (mlp) |" in md
+    assert "AUROC" in r.output
+
+
+# -------------------------------------------------------------------------------- errors
+def test_a_dataset_without_labels_or_masks_is_refused_with_the_fix(tmp_path):
+    table = make_eval_table(tmp_path / "d", n=8, with_labels=False)
+    df = pd.read_csv(table).drop(columns=["mask_effusion"])
+    df.to_csv(table, index=False)
+    cache = tmp_path / "c"
+    embed_json(table, cache)
+    for task, words in (("classification", "has no labels"), ("segmentation", "has no masks"),
+                        ("zero-shot", "has no labels")):
+        r = pipe("evaluate", "--task", task, "-d", str(table), "-a", "none", "-b", "tiny-vit", "-t", "tiny-bert",
+                 "--cache", str(cache), "--out", str(tmp_path / task), expect=2)
+        assert words in r.output and "pipe embed" in r.output, r.output
+        assert not (tmp_path / task).exists()  # a refused run leaves no directory behind
+
+
+def test_a_fraction_too_small_is_refused_naming_the_label(world, tmp_path):
+    r, _ = evaluate(world, "classification", "none", tmp_path / "x", "-b", "tiny-vit", "--fraction", "0.05",
+                    "labels=[effusion,nodule]", expect=2)
+    assert "label fraction 0.05" in r.output and "has no" in r.output and "larger fraction" in r.output
+
+
+def test_a_checkpoint_from_other_embeddings_is_refused(world, tmp_path):
+    from pipeline.training.checkpoint import read_meta, save_checkpoint
+    from safetensors.torch import load_file
+
+    meta = read_meta(world["pooled"])
+    meta["fingerprints"] = {**meta["fingerprints"], "image": "0" * 32}
+    model = Adaptor(AdaptorConfig(**meta["config"]["adaptor"]))
+    model.load_state_dict(load_file(str(world["pooled"])))
+    bad = tmp_path / "other.safetensors"
+    save_checkpoint(bad, model, meta)
+    r, _ = evaluate(world, "classification", str(bad), tmp_path / "x", expect=2)
+    assert "trained on other embeddings" in r.output and "00000000" in r.output
+    r, _ = evaluate(world, "classification", str(world["pooled"]), tmp_path / "y", "-b", "tiny-bert", expect=2)
+    assert "differs from the checkpoint's encoder" in r.output
+
+
+def test_masks_of_the_wrong_size_are_refused_naming_the_item(tmp_path):
+    table = make_eval_table(tmp_path / "d", n=8, mask_shape=(32, 32))
+    cache = tmp_path / "c"
+    embed_json(table, cache)
+    r = pipe("evaluate", "--task", "segmentation", "-d", str(table), "-a", "none", "-b", "tiny-vit",
+             "--cache", str(cache), "--out", str(tmp_path / "x"), expect=2)
+    assert "item 'e0'" in r.output and "32x32" in r.output and "72x64" in r.output
+    assert "re-export the mask" in r.output
+
+
+def test_bare_numbers_are_fractions_and_anything_else_is_refused(world, tmp_path):
+    r = pipe("evaluate", "--task", "classification", "-d", str(world["table"]), "-a", "none", "-b", "tiny-vit",
+             "--cache", str(world["cache"]), "--fraction", "1.0", "oops", expect=2)
+    assert "neither a label fraction" in r.output
+    from pipeline.commands.evaluate import split_fractions
+
+    assert split_fractions(["0.01,0.1"], ["1.0", "seeds=2"]) == ([0.01, 0.1, 1.0], ["seeds=2"])
