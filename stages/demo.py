@@ -59,7 +59,9 @@ def run(cfg: DemoConfig) -> Path:
     runs = []
     tasks = [("retrieval", []), ("zero-shot", []), ("classification", [f"seeds={cfg.seeds}"])]
     if cfg.segmentation:
-        tasks.append(("segmentation", ["seeds=1", "fractions=[0.1,1.0]"]))
+        # a small decoder and few steps: the GPU-sized defaults take tens of minutes on 2 cores
+        tasks.append(("segmentation", ["seeds=1", "fractions=[0.1,1.0]", "seg.target=effusion",
+                                       "seg.channels=[32,16,16,8]", "seg.min_steps=200", "seg.epochs=10"]))
     for task, extra in tasks:
         ecfg = load_config(evaluate.EvalConfig, None, [
             f"task={task}", f"dataset={json.dumps(cfg.dataset)}", f"adaptor={json.dumps(ckpt)}", "baseline=true",
