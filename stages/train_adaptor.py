@@ -198,7 +198,7 @@ class Trainer:
         self.val = (PairLoader(data, val_pos, cfg.adaptor.mode, cfg.val_batch_size, self.device, cfg.resident,
                                views=False) if len(val_pos) > 1 and ctx.is_main else None)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                     betas=cfg.optim.betas)
+                                     betas=cfg.optim.betas, fused=True)
         self.steps_per_epoch = len(self.train)
         total = self.steps_per_epoch * cfg.epochs
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total, cfg.optim.warmup_frac))
