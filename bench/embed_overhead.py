@@ -9,7 +9,7 @@ Runs over the same images, in one process:
 All use the same encoder object (built once, before timing). Runs are repeated in
 alternating order and the median ratio reported. Target: embed / bare <= 1.10 on CPU.
 
-    python bench/embed_overhead.py [--images 160] [--reps 3]
+    python bench/embed_overhead.py [--images 1000] [--vits-images 64] [--reps 3]
 
 The last line of stdout is one JSON object.
 """
@@ -121,7 +121,7 @@ def measure(table: Path, name: str, batch: int, reps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=160, help="images for tiny-vit")
+    ap.add_argument("--images", type=int, default=1000, help="images for tiny-vit")
     ap.add_argument("--vits-images", type=int, default=64, help="images for the DINOv2-S-sized network")
     ap.add_argument("--size", type=int, default=512, help="side of the generated PNGs")
     ap.add_argument("--batch", type=int, default=32)

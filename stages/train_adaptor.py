@@ -34,13 +34,15 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import ConfigError, config_hash, save_config, to_dict
 from rich.progress import Progress
 
 from pipeline.console import err, peak_memory_mb, progress
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
-from pipeline.models.loss import clip_loss, retrieval_recall
+from pipeline.models.loss import (clip_loss, pairwise_clip_loss, retrieval_recall, retrieval_recall_from_sim,
+                                  shifted_pair_logits)
 from pipeline.paths import cache_root
 from pipeline.training import distributed
 from pipeline.training.checkpoint import load_checkpoint, read_meta, save_checkpoint
@@ -79,6 +81,8 @@ class TrainConfig:
     val_split: str = "valid"
     val_batch_size: int = 1024
     checkpoint_every: int = 1      # epochs
+    tokens_negatives: int = 7      # tokens mode: reports scored per image by their own paired forward (0: in-batch CLIP logits, which leak the pair)
+    val_pairwise_items: int = 128  # tokens mode: validation items scored all-pairs
     gather_negatives: bool = True  # DDP: score against every rank's embeddings (false: per-rank negatives, flaw 4)
 
 
@@ -308,12 +312,21 @@ class Trainer:
         row.update(self.validate())
         return row
 
+    @property
+    def pairwise(self) -> bool:
+        return self.cfg.adaptor.mode == "tokens" and self.cfg.tokens_negatives > 0
+
     def _step(self, batch: dict) -> float:
-        img, txt = self.model(batch, image_grid=self.grid, n_prefix=self.n_prefix)
-        # Gathered, each rank's loss is scaled so that DDP's gradient averaging yields the
-        # gradient of the global-batch loss (see clip_loss); on one process it is the plain loss.
-        loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight,
-                         gather=self.cfg.gather_negatives)
+        if self.pairwise:  # rank-local negatives: each score needs both pair members' tokens
+            scores = shifted_pair_logits(self.model, batch, self.cfg.tokens_negatives, image_grid=self.grid,
+                                         n_prefix=self.n_prefix)
+            loss = pairwise_clip_loss(scores, self.net.scale(), self.cfg.adaptor.image_weight)
+        else:
+            img, txt = self.model(batch, image_grid=self.grid, n_prefix=self.n_prefix)
+            # Gathered, each rank's loss is scaled so that DDP's gradient averaging yields the
+            # gradient of the global-batch loss (see clip_loss); on one process it is the plain loss.
+            loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight,
+                             gather=self.cfg.gather_negatives)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -326,6 +339,8 @@ class Trainer:
         if self.val is None:
             return {}
         self.net.eval()
+        if self.pairwise:
+            return self._validate_pairwise()
         imgs, txts = [], []
         for batch in self.val.batches(None):
             i, t = self.net(batch, image_grid=self.grid, n_prefix=self.n_prefix)
@@ -334,6 +349,33 @@ class Trainer:
         img, txt = torch.cat(imgs), torch.cat(txts)
         out = {"val_loss": float(clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight))}
         for k, v in retrieval_recall(img, txt).items():
+            out["val_" + k.replace("R@", "r@")] = round(float(v), 4)
+        return out
+
+
+    def _validate_pairwise(self) -> dict:
+        """Tokens mode: score every (image, report) pair of the first validation items by its
+        own forward, so no embedding has seen its true partner (an honest recall)."""
+        n_max, parts = self.cfg.val_pairwise_items, []
+        for batch in self.val.batches(None):
+            parts.append(batch)
+            if sum(len(p["index"]) for p in parts) >= n_max:
+                break
+        val = {k: torch.cat([p[k] for p in parts])[:n_max] for k in parts[0]}
+        n = len(val["index"])
+        sim = torch.empty(n, n, device=self.device)
+        block = max(1, 2048 // n)
+        for s in range(0, n, block):
+            b = min(block, n - s)
+            pairs = {"image_tokens": val["image_tokens"][s:s + b].repeat_interleave(n, 0),
+                     "text_tokens": val["text_tokens"].repeat(b, 1, 1), "text_mask": val["text_mask"].repeat(b, 1)}
+            i, t = self.net(pairs, image_grid=self.grid, n_prefix=self.n_prefix)
+            sim[s:s + b] = (i * t).sum(-1).view(b, n)
+        logits, target = self.net.scale() * sim, torch.arange(n, device=sim.device)
+        w = self.cfg.adaptor.image_weight
+        loss = w * F.cross_entropy(logits, target) + (1 - w) * F.cross_entropy(logits.T, target)
+        out = {"val_loss": float(loss), "val_pairs_scored": n}
+        for k, v in retrieval_recall_from_sim(sim).items():
             out["val_" + k.replace("R@", "r@")] = round(float(v), 4)
         return out
 

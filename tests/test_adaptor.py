@@ -247,3 +247,28 @@ def test_gathered_loss_matches_the_full_batch(sizes):
     local = sum(clip_loss(img[a:b], txt[a:b], 5.0).item()
                 for a, b in ((0, sizes[0]), (sizes[0], 10))) / 2
     assert abs(local - full.item()) > 1e-3
+
+
+def test_pairwise_tokens_loss_scores_each_pair_by_its_own_forward():
+    """The shifted-pair scores equal separate paired forwards, and both directions use them."""
+    from pipeline.models.loss import pairwise_clip_loss, shifted_pair_logits
+
+    torch.manual_seed(0)
+    model = Adaptor(AdaptorConfig(mode="tokens", image_dim=8, text_dim=12, d_model=16, n_heads=2, ffn_dim=32,
+                                  dropout=0.0)).eval()
+    b = {"image_tokens": torch.randn(5, 5, 8), "text_tokens": torch.randn(5, 3, 12),
+         "text_mask": torch.tensor([[1, 1, 0]] * 5, dtype=torch.bool)}
+    scores = shifted_pair_logits(model, b, k=2, image_grid=(2, 2), n_prefix=1)
+    assert scores.shape == (5, 3)
+    for i in range(5):
+        for s in range(3):
+            j = (i + s) % 5
+            one = {"image_tokens": b["image_tokens"][i:i + 1], "text_tokens": b["text_tokens"][j:j + 1],
+                   "text_mask": b["text_mask"][j:j + 1]}
+            im, tx = model(one, image_grid=(2, 2), n_prefix=1)
+            torch.testing.assert_close(scores[i, s], (im * tx).sum(), atol=1e-5, rtol=1e-5)
+    loss = pairwise_clip_loss(scores, 10.0, 0.75)
+    i2t = torch.nn.functional.cross_entropy(10 * scores, torch.zeros(5, dtype=torch.long))
+    t2i_rows = torch.stack([torch.stack([10 * scores[(j - s) % 5, s] for s in range(3)]) for j in range(5)])
+    t2i = torch.nn.functional.cross_entropy(t2i_rows, torch.zeros(5, dtype=torch.long))
+    torch.testing.assert_close(loss, 0.75 * i2t + 0.25 * t2i)

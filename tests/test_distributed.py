@@ -24,7 +24,8 @@ from tests.helpers import embed_json, make_table, pipe
 ROOT = Path(__file__).resolve().parents[1]
 # Tokens mode learns on this tiny data (pooled tiny-bert vectors are nearly identical);
 # no dropout, because each rank draws its own dropout masks.
-DDP = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "adaptor.mode=tokens",
+# In-batch CLIP logits (tokens_negatives=0) are what gathering across ranks applies to.
+DDP = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "adaptor.mode=tokens", "tokens_negatives=0",
        "adaptor.dropout=0", "batch_size=8", "optim.lr=3e-3", "epochs=4", "--device", "cpu"]
 COMPARED = ["train_loss", "val_loss", "lr", "logit_scale", "val_i2t_r@1", "val_t2i_r@5"]
 

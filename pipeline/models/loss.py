@@ -92,10 +92,47 @@ def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5, 10)) -
     of the match is the number of candidates scoring strictly higher, so ties (e.g.
     identical normal reports) count in the match's favour.
     """
-    sim = img.float() @ txt.float().T  # [N, N]
+    return retrieval_recall_from_sim(img.float() @ txt.float().T, ks)
+
+
+def retrieval_recall_from_sim(sim: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k from a similarity matrix ``[N, N]`` whose diagonal holds the true pairs."""
     out: dict[str, float] = {}
     for name, s in (("i2t", sim), ("t2i", sim.T)):
         rank = (s > s.diagonal()[:, None]).sum(dim=1)  # [N]
         for k in ks:
             out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
     return out
+
+
+def shifted_pair_logits(model, batch: dict, k: int, **fwd) -> Tensor:
+    """Tokens mode: scores of each image with its report and the next ``k`` reports of the batch.
+
+    ``[B, k+1]``; column 0 is the true pair. Every score comes from its own paired forward
+    (image i cross-attends to report i+s and back), so no embedding that is scored against a
+    negative has seen its true partner. CLIP's in-batch logits on paired forwards would let
+    the fused image embedding copy its own report and solve the task without the image.
+    The batch order is shuffled every epoch, so the shifted reports are random negatives.
+    """
+    b = batch["image_tokens"].shape[0]
+    k = min(k, b - 1)
+    partner = (torch.arange(b)[:, None] + torch.arange(k + 1)[None]) % b  # [B, k+1] report index
+    flat = partner.flatten().to(batch["text_tokens"].device)
+    pairs = {"image_tokens": batch["image_tokens"].repeat_interleave(k + 1, 0),
+             "text_tokens": batch["text_tokens"][flat]}
+    if batch.get("text_mask") is not None:
+        pairs["text_mask"] = batch["text_mask"][flat]
+    img, txt = model(pairs, **fwd)
+    return (img * txt).sum(-1).view(b, k + 1)
+
+
+def pairwise_clip_loss(scores: Tensor, logit_scale: Tensor | float, image_weight: float = 0.75) -> Tensor:
+    """InfoNCE over :func:`shifted_pair_logits`: image→report over each row, and
+    report→image over the images that were paired with each report (the same forwards)."""
+    b, k1 = scores.shape
+    logits = logit_scale * scores
+    target = torch.zeros(b, dtype=torch.long, device=scores.device)
+    i2t = F.cross_entropy(logits, target)
+    rows = (torch.arange(b)[:, None] - torch.arange(k1)[None]) % b  # image paired with report j at shift s
+    t2i = F.cross_entropy(logits[rows.to(scores.device), torch.arange(k1, device=scores.device)[None]], target)
+    return image_weight * i2t + (1.0 - image_weight) * t2i
