@@ -244,6 +244,12 @@ class GroupEmbedder:
         self._encoder = None
         self._copy_stream = None
 
+    def close(self) -> None:
+        """Stop the decode workers (idle threads that ran torch ops keep OpenMP teams alive)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
     @property
     def encoder(self):
         if self._encoder is None:
@@ -373,6 +379,12 @@ class _Runner:
         self.label = f"embed {modality} · {enc_cfg.name}"
 
     def run(self, groups: list[list[Unit]]) -> None:
+        try:
+            self._run(groups)
+        finally:
+            self.embedder.close()
+
+    def _run(self, groups: list[list[Unit]]) -> None:
         with progress() as bar, _WriteBehind(depth=2) as writer:
             task = bar.add_task(self.label, total=sum(len(g) for g in groups))
             waiting = self._pass(groups, bar, task, writer)
