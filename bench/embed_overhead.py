@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,16 +127,26 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="side of the generated PNGs")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", choices=["tiny", "vits"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        table = make_images(Path(d) / "imgs", args.images, args.size)
-        tiny = measure(table, "tiny-vit", args.batch, args.reps)
-        print(f"tiny-vit: {tiny}", file=sys.stderr)
-        vits = measure(table, "random-dinov2-s", args.batch, max(1, args.reps - 1))
-        print(f"random-dinov2-s: {vits}", file=sys.stderr)
-    print(json.dumps({"bench": "embed_overhead", "ratio_tiny": tiny["ratio"], "ratio_vits": vits["ratio"],
-                      "tiny": tiny, "vits": vits, "images": [args.images, args.vits_images], "size": args.size,
-                      "threads": torch.get_num_threads()}))
+    if args.only:  # one encoder, in a process of its own
+        n = args.images if args.only == "tiny" else args.vits_images
+        name = "tiny-vit" if args.only == "tiny" else "random-dinov2-s"
+        reps = args.reps if args.only == "tiny" else max(2, args.reps - 1)
+        with tempfile.TemporaryDirectory() as d:
+            print(json.dumps(measure(make_images(Path(d) / "imgs", n, args.size), name, args.batch, reps)))
+        return
+    # Each encoder is measured in a fresh process: in one long process, the second
+    # encoder's forward was seen to slow down ~15x after the first one's runs.
+    res = {}
+    for which in ("tiny", "vits"):
+        cmd = [sys.executable, __file__, "--only", which, "--images", str(args.images), "--vits-images",
+               str(args.vits_images), "--size", str(args.size), "--batch", str(args.batch), "--reps", str(args.reps)]
+        res[which] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        print(f"{which}: {res[which]}", file=sys.stderr)
+    print(json.dumps({"bench": "embed_overhead", "ratio_tiny": res["tiny"]["ratio"], "ratio_vits": res["vits"]["ratio"],
+                      "tiny": res["tiny"], "vits": res["vits"], "images": [args.images, args.vits_images],
+                      "size": args.size, "threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":
