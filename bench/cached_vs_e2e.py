@@ -34,7 +34,10 @@ os.environ.setdefault("PIPE_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.models.adaptor import Adaptor, AdaptorConfig  # noqa: E402
-from pipeline.models.loss import clip_loss  # noqa: E402
+from pipeline.models.loss import clip_loss, pairwise_clip_loss, shifted_pair_logits  # noqa: E402
+from stages.train_adaptor import TrainConfig  # noqa: E402
+
+TOKENS_NEGATIVES = TrainConfig().tokens_negatives
 from pipeline.training.loader import PairLoader  # noqa: E402
 from pipeline.training.pairs import load_pairs  # noqa: E402
 from stages import embed  # noqa: E402
@@ -65,9 +68,14 @@ def adaptor_for(mode: str, grid_pool: int, di: int, dt: int, device) -> tuple[Ad
 
 
 def train_step(model, opt, batch, grid, amp) -> None:
+    """The step train-adaptor takes: in tokens mode, 7 shifted negatives scored pairwise."""
     with amp():
-        img, txt = model(batch, image_grid=grid, n_prefix=1)
-        loss = clip_loss(img.float(), txt.float(), model.scale(), 0.75)
+        if model.cfg.mode == "tokens":
+            scores = shifted_pair_logits(model, batch, TOKENS_NEGATIVES, image_grid=grid, n_prefix=1)
+            loss = pairwise_clip_loss(scores.float(), model.scale(), 0.75)
+        else:
+            img, txt = model(batch, image_grid=grid, n_prefix=1)
+            loss = clip_loss(img.float(), txt.float(), model.scale(), 0.75)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
