@@ -120,6 +120,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)  # make the rename itself durable, not only the bytes
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:

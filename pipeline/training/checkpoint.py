@@ -9,6 +9,8 @@ import torch
 import xxhash
 from safetensors.torch import load_file, save_file
 
+from cache.store import fsync_path
+
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint used against caches (or a config) it was not trained on."""
@@ -30,16 +32,7 @@ def _atomic(path: Path, write) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (a kill cannot undo it; a power cut could without this)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)  # make the rename durable (a power cut could undo it without this)
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -82,7 +75,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict,
     _atomic(path, lambda p: save_file(state, str(p), metadata=metadata))
     if optimizer is not None:
         os.replace(_staged(optimizer_path(path)), optimizer_path(path))
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def read_meta(path: Path) -> dict:
