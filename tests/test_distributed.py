@@ -229,6 +229,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         grads = {g: _grads(model, net, local, gather=g) for g in (True, False)}
         if rank == 0:
             torch.save(grads, out)
+        dist.barrier()  # no rank tears gloo down while a peer still uses it
     finally:
         dist.destroy_process_group()
 

@@ -70,9 +70,15 @@ def session(requested_device: str = "auto") -> Iterator[DistContext]:
         dist.init_process_group(backend, rank=ctx.rank, world_size=world, **kwargs)
     try:
         yield ctx
-    finally:
-        if owned:
+    except BaseException:
+        if owned:  # no barrier: a peer that is still running would wait forever
             dist.destroy_process_group()
+        raise
+    if owned:
+        # gloo aborts a process that tears its group down while a peer still talks
+        # to it ("terminate called without an active exception"): leave together.
+        barrier(ctx)
+        dist.destroy_process_group()
 
 
 def barrier(ctx: DistContext) -> None:
