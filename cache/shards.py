@@ -20,6 +20,15 @@ EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ShardCorruption(ValueError):
     """A shard file whose bytes do not match their checksums."""
 
@@ -102,3 +111,80 @@ class ShardFile:
     def verify(self, chunks: list[int]) -> None:
         for c in chunks:
             self.chunk(c, verify=True)
+
+
+class ShardWriter:
+    """Writes one shard file of one array, chunk by chunk as rows arrive.
+
+    The bytes are those zarr-python writes for our layout (each inner chunk, then its
+    crc32c; the checksummed index at the end), so plain zarr reads the result. Rows go
+    to a hidden ``.partial`` file beside the shard; :meth:`close` adds the index, fsyncs
+    and renames it into place, so a shard file is either complete or absent. A partial
+    last chunk is padded with zeros (the array's fill value), as zarr pads it.
+    """
+
+    def __init__(self, layout: ShardLayout, shard: int, fsync: bool = True):
+        self.layout, self.shard, self.fsync = layout, shard, fsync
+        self.path = layout.shard_path(shard)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        self._f = open(self.tmp, "wb")
+        self._index = np.full((layout.chunks_per_shard, 2), EMPTY, dtype="<u8")
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+        self._chunks = 0
+        self._offset = 0
+        self.rows = 0
+        self._dtype = layout.dtype.newbyteorder("<")
+
+    def append(self, rows: np.ndarray) -> None:
+        lay = self.layout
+        if tuple(rows.shape[1:]) != lay.row_shape:
+            raise ValueError(f"{self.path}: rows of shape {tuple(rows.shape[1:])}, the array holds {lay.row_shape}")
+        if np.dtype(rows.dtype) != lay.dtype:  # never cast silently: the fingerprint names the dtype
+            raise ValueError(f"{self.path}: rows of dtype {rows.dtype}, the array holds {lay.dtype}")
+        if self.rows + len(rows) > lay.shard_rows:
+            raise ValueError(f"{self.path}: a shard holds {lay.shard_rows} rows, got {self.rows + len(rows)}")
+        self.rows += len(rows)
+        self._pending.append(np.asarray(rows, dtype=self._dtype))
+        self._pending_rows += len(rows)
+        while self._pending_rows >= lay.chunk_rows:
+            block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._write_chunk(block[: lay.chunk_rows])
+            rest = block[lay.chunk_rows:]
+            self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
+
+    def _write_chunk(self, block: np.ndarray) -> None:
+        data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+        crc = google_crc32c.value(data)  # accepts numpy arrays, not memoryviews
+        self._f.write(data)
+        self._f.write(crc.to_bytes(_CRC, "little"))
+        self._index[self._chunks] = (self._offset, len(data) + _CRC)
+        self._offset += len(data) + _CRC
+        self._chunks += 1
+
+    def close(self) -> Path:
+        """Finish the file (pad, index, fsync) and move it into place."""
+        lay = self.layout
+        if self._pending_rows:
+            block = np.zeros((lay.chunk_rows, *lay.row_shape), self._dtype)
+            block[: self._pending_rows] = np.concatenate(self._pending)
+            self._write_chunk(block)
+            self._pending, self._pending_rows = [], 0
+        raw = self._index.reshape(-1).view(np.uint8)
+        self._f.write(raw)
+        self._f.write(google_crc32c.value(raw).to_bytes(_CRC, "little"))
+        self._f.flush()
+        if self.fsync:
+            os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        if self.fsync:
+            fsync_path(self.path.parent)  # the rename too
+        return self.path
+
+    def abort(self) -> None:
+        """Drop what was written; the shard is left as if never started."""
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)

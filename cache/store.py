@@ -14,8 +14,9 @@ Layout of a store directory::
     .lock                     flock() taken only to allocate or commit a shard
 
 Rows that no manifest part names are padding or belong to an interrupted write; readers
-must go through the manifest. Whole shards are written by exactly one claimant, so
-zarr-python's read-modify-write of partial shards never races.
+must go through the manifest. Each shard file is written by exactly one claimant,
+streamed chunk by chunk in the bytes zarr-python itself writes (cache/shards.py), under
+a hidden temp name that is renamed into place when the shard is complete.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from cache.keys import FORMAT_VERSION
-from cache.shards import ShardLayout
+from cache.shards import ShardLayout, ShardWriter, fsync_path
 
 ZARR_DIR = "embeddings.zarr"
 PART_RE = re.compile(r"^part-(\d{6})-([0-9a-f]{16})\.parquet$")
@@ -102,14 +103,6 @@ def library_versions() -> dict[str, str]:
 def store_dirname(name: str, fp: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-48:] or "encoder"
     return f"{slug}-{fp[:16]}"
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -334,12 +327,12 @@ class Store:
                 shutil.rmtree(c) if c.is_dir() else c.unlink()
 
     # -- writing -------------------------------------------------------------------------
-    def _ensure_arrays(self, data: ShardData, rows_needed: int) -> None:
+    def _ensure_arrays(self, arrays: dict[str, np.ndarray], rows_needed: int) -> None:
         with _flock(self.path / ".lock"):
             g = zarr.open_group(str(self.zpath), mode="r+")
             have = {n for n, _ in g.arrays()}
             chunk = int(self.attrs["chunk_rows"])
-            for name, arr in data.arrays.items():
+            for name, arr in arrays.items():
                 if name not in have:
                     g.create_array(
                         name, shape=(0, *arr.shape[1:]), dtype=arr.dtype,
@@ -354,6 +347,10 @@ class Store:
                 if z.shape[0] < rows_needed:
                     z.resize((rows_needed, *z.shape[1:]))
 
+    def shard_sink(self, shard: int, fsync: bool = True) -> "ShardSink":
+        """Stream rows into one claimed shard; see :class:`ShardSink`."""
+        return ShardSink(self, shard, fsync)
+
     def write_shard(self, claim: Claim, data: ShardData, dataset: str, fsync: bool = True) -> None:
         """Write every array of one shard, then commit its manifest part."""
         self.write_arrays(claim.shard, data, fsync)
@@ -364,16 +361,13 @@ class Store:
         n = len(data.keys)
         if not 0 < n <= self.shard_rows:
             raise ValueError(f"a shard holds 1..{self.shard_rows} rows, got {n}")
-        start = shard * self.shard_rows
-        self._ensure_arrays(data, start + self.shard_rows)
-        for name, arr in data.arrays.items():
-            zarr.open_array(str(self.zpath / name), mode="r+")[start : start + n] = arr
-        if fsync:
-            for name in data.arrays:
-                top = self.zpath / name / "c" / str(shard)
-                for f in [top] if top.is_file() else top.rglob("*"):
-                    if f.is_file():
-                        fsync_path(f)
+        sink = self.shard_sink(shard, fsync)
+        try:
+            sink.append(data.arrays)
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
 
     def commit(self, claim: Claim, keys: list[str], views: list[int], sources: list[str], dataset: str) -> None:
         """Publish a written shard: its manifest part appears atomically, then the claim goes."""
@@ -385,6 +379,41 @@ class Store:
         }, schema=MANIFEST_SCHEMA)
         write_parquet_atomic(table, self.path / "manifest" / f"part-{claim.shard:06d}-{claim.group}.parquet")
         self.release(claim)
+
+
+class ShardSink:
+    """One shard's rows, streamed into every array's shard file as batches arrive.
+
+    The first batch fixes the arrays (names, row shapes, dtypes). Each array's file is
+    written under a hidden temp name and renamed into place by :meth:`close`; nothing
+    is visible to readers before :meth:`Store.commit`. :meth:`abort` drops it all.
+    """
+
+    def __init__(self, store: Store, shard: int, fsync: bool = True):
+        self.store, self.shard, self.fsync = store, shard, fsync
+        self.writers: dict[str, ShardWriter] = {}
+        self.rows = 0
+
+    def append(self, arrays: dict[str, np.ndarray]) -> None:
+        sizes = {len(a) for a in arrays.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"arrays of one batch must have the same number of rows, got {sorted(sizes)}")
+        if not self.writers:
+            self.store._ensure_arrays(arrays, (self.shard + 1) * self.store.shard_rows)
+            self.writers = {n: ShardWriter(self.store.layout(n), self.shard, self.fsync) for n in arrays}
+        elif arrays.keys() != self.writers.keys():
+            raise ValueError(f"this shard holds arrays {sorted(self.writers)}, got {sorted(arrays)}")
+        for name, a in arrays.items():
+            self.writers[name].append(a)
+        self.rows += sizes.pop()
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
 
 
 @contextlib.contextmanager

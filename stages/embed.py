@@ -25,7 +25,7 @@ import torch
 import xxhash
 
 from cache.keys import fingerprint
-from cache.store import ShardData, Store, StoreError, live_run
+from cache.store import Claim, ShardSink, Store, StoreError, live_run
 from pipeline.console import err, peak_memory_mb, progress, resolve_device
 from pipeline.datasets import Dataset, open_dataset
 from pipeline.datasets.index import DatasetIndex, build_index
@@ -231,6 +231,10 @@ def _preprocess(enc_cfg):
                       mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std))
 
 
+def _call(fn: Callable, *args) -> None:
+    fn(*args)
+
+
 class GroupEmbedder:
     """Turns a group of units into one shard's arrays. Used in-process and on Dask workers."""
 
@@ -256,26 +260,27 @@ class GroupEmbedder:
             self._encoder = get_encoder(self.enc_cfg.name, self.device)
         return self._encoder
 
-    def embed(self, units: list[Unit], dataset: str,
-              advance: Callable[[int], None] = lambda n: None) -> tuple[ShardData | None, list[dict]]:
-        """Embed units in fixed batches; items that fail are left out and reported."""
+    def embed(self, units: list[Unit], dataset: str, sink: ShardSink, write: Callable = _call,
+              advance: Callable[[int], None] = lambda n: None) -> tuple[list[Unit], list[dict]]:
+        """Embed units in fixed batches into ``sink``; items that fail are left out and reported.
+
+        Each batch's host outputs go to ``write(fn, *args)``: a write-behind queue streams
+        them into the shard while the next batch runs (the default writes inline).
+        Returns the units written, in row order, and the failures.
+        """
         bs = self.cfg.batch_size
         batches = [units[i:i + bs] for i in range(0, len(units), bs)]
         load = self._load_images if self.modality == "image" else self._load_texts
-        outs, failures = [], []
+        kept, failures = [], []
         for batch, loaded in _prefetch(batches, load):
             ok = [(u, x) for u, x in zip(batch, loaded) if not isinstance(x, Exception)]
             failures += [{"item": "", "source": u.source, "key": u.key, "dataset": dataset, "reason": str(x),
                           "modality": self.modality} for u, x in zip(batch, loaded) if isinstance(x, Exception)]
             if ok:
-                outs.append(([u for u, _ in ok], self._forward([x for _, x in ok])))
+                kept += [u for u, _ in ok]
+                write(_append, sink, self._forward([x for _, x in ok]))
             advance(len(batch))
-        if not outs:
-            return None, failures
-        kept = [u for ok, _ in outs for u in ok]
-        arrays = self._gather([o for _, o in outs])
-        return ShardData(keys=[u.key for u in kept], views=[u.view for u in kept],
-                         sources=[u.source for u in kept], arrays=arrays), failures
+        return kept, failures
 
     def _load_images(self, batch: list[Unit]) -> list:
         return list(self.pool.map(_load_image, batch, [self.preprocess] * len(batch)))
@@ -284,7 +289,7 @@ class GroupEmbedder:
         return [u.payload for u in batch]
 
     @torch.inference_mode()
-    def _forward(self, loaded: list) -> dict[str, torch.Tensor]:
+    def _forward(self, loaded: list) -> "HostBatch":
         """Launch one batch; results come back as host tensors, on GPU copied behind compute."""
         dev = self.device
         amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else _null()
@@ -294,12 +299,19 @@ class GroupEmbedder:
                 if dev.type == "cuda":
                     pixels = pixels.pin_memory()
                 out = self.encoder(pixels.to(dev, non_blocking=True))
-                return {"tokens": self._to_host(out.tokens, torch.float16),
+                host = {"tokens": self._to_host(out.tokens, torch.float16),
                         "pooled": self._to_host(out.pooled, torch.float32)}
-            batch = {k: v.to(dev) for k, v in self.encoder.tokenize(loaded).items()}
-            out = self.encoder(**batch)
-        return {"tokens": self._to_host(out.tokens, torch.float16), "pooled": self._to_host(out.pooled, torch.float32),
-                "length": self._to_host(out.length, torch.int32)}
+            else:
+                batch = {k: v.to(dev) for k, v in self.encoder.tokenize(loaded).items()}
+                out = self.encoder(**batch)
+                host = {"tokens": self._to_host(out.tokens, torch.float16),
+                        "pooled": self._to_host(out.pooled, torch.float32),
+                        "length": self._to_host(out.length, torch.int32)}
+        done = None
+        if self._copy_stream is not None:
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        return HostBatch(host, done, self.enc_cfg.max_tokens if self.modality == "text" else None)
 
     def _to_host(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Device-to-host on a side stream into pinned memory, so the next forward starts at once."""
@@ -315,23 +327,29 @@ class GroupEmbedder:
         t.record_stream(self._copy_stream)
         return host
 
-    def _gather(self, outs: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-        """Wait for pending copies, then lay the batches out as the shard's arrays."""
-        if self._copy_stream is not None:
-            self._copy_stream.synchronize()
-        arrays = {k: np.concatenate([o[k].numpy() for o in outs]) for k in outs[0] if k != "tokens"}
-        if self.modality == "image":
-            arrays["tokens"] = np.concatenate([o["tokens"].numpy() for o in outs])
-            return arrays
-        T, D = self.enc_cfg.max_tokens, outs[0]["tokens"].shape[2]
-        tokens = np.zeros((len(arrays["pooled"]), T, D), np.float16)
-        row = 0
-        for o in outs:  # pad every batch to max_tokens: rows must not depend on their batch
-            n, t = o["tokens"].shape[:2]
-            tokens[row:row + n, : min(t, T)] = o["tokens"].numpy()[:, :T]
-            row += n
-        arrays["tokens"] = tokens
+
+@dataclass
+class HostBatch:
+    """One batch of outputs in host memory, maybe still being copied from the GPU."""
+
+    tensors: dict[str, torch.Tensor]
+    done: object = None           # a CUDA event recorded after the copies
+    max_tokens: int | None = None  # text: pad token states to this length
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.done is not None:
+            self.done.synchronize()
+        arrays = {k: t.numpy() for k, t in self.tensors.items()}
+        if self.max_tokens is not None:  # pad to max_tokens: a row must not depend on its batch
+            tok, T = arrays["tokens"], self.max_tokens
+            padded = np.zeros((tok.shape[0], T, tok.shape[2]), np.float16)
+            padded[:, : min(tok.shape[1], T)] = tok[:, :T]
+            arrays["tokens"] = padded
         return arrays
+
+
+def _append(sink: ShardSink, batch: HostBatch) -> None:
+    sink.append(batch.arrays())
 
 
 def _load_image(u: Unit, preprocess):
@@ -379,13 +397,17 @@ class _Runner:
         self.label = f"embed {modality} · {enc_cfg.name}"
 
     def run(self, groups: list[list[Unit]]) -> None:
+        self._open: dict[int, tuple[Claim, ShardSink]] = {}  # shards claimed and not yet committed
         try:
             self._run(groups)
         finally:
             self.embedder.close()
+            for claim, sink in self._open.values():  # interrupted (the writer has stopped): drop them
+                sink.abort()
+                self.store.release(claim)
 
     def _run(self, groups: list[list[Unit]]) -> None:
-        with progress() as bar, _WriteBehind(depth=2) as writer:
+        with progress() as bar, _WriteBehind(depth=4) as writer:
             task = bar.add_task(self.label, total=sum(len(g) for g in groups))
             waiting = self._pass(groups, bar, task, writer)
             writer.drain()
@@ -409,18 +431,26 @@ class _Runner:
                 self.res.waited += len(units) if waited else 0
                 bar.advance(task, len(units))
                 continue
-            data, fails = self.embedder.embed(units, self.dataset, lambda n: bar.advance(task, n))
-            self._account(data, fails)
-            if data is None:
-                self.store.release(claim)
-            else:
-                writer.submit(self.store.write_shard, claim, data, self.dataset, self.fsync)
+            sink = self.store.shard_sink(claim.shard, self.fsync)
+            self._open[claim.shard] = (claim, sink)
+            kept, fails = self.embedder.embed(units, self.dataset, sink, writer.submit,
+                                              lambda n: bar.advance(task, n))
+            self.res.embedded += len(kept)
+            self.res.failed += len(fails)
+            self.failures.extend(fails)
+            writer.submit(self._finish, claim, sink, kept)
         return busy
 
-    def _account(self, data: ShardData | None, fails: list[dict]) -> None:
-        self.res.embedded += len(data.keys) if data is not None else 0
-        self.res.failed += len(fails)
-        self.failures.extend(fails)
+    def _finish(self, claim: Claim, sink: ShardSink, kept: list[Unit]) -> None:
+        """Runs on the writer thread, after the shard's last rows: publish it, or give it up."""
+        if kept:
+            sink.close()
+            self.store.commit(claim, [u.key for u in kept], [u.view for u in kept], [u.source for u in kept],
+                              self.dataset)
+        else:  # every item failed
+            sink.abort()
+            self.store.release(claim)
+        del self._open[claim.shard]
 
 
 class _DaskRunner(_Runner):
@@ -509,11 +539,15 @@ def _remote_embed(store_path: str, modality: str, encoder: str, cfg: EmbedConfig
     if key not in _WORKER_EMBEDDERS:
         _WORKER_EMBEDDERS.clear()
         _WORKER_EMBEDDERS[key] = GroupEmbedder(modality, encoder, cfg, resolve_device(cfg.device))
-    data, failures = _WORKER_EMBEDDERS[key].embed(units, dataset)
-    if data is None:
-        return {"keys": [], "views": [], "sources": [], "failures": failures}
-    Store.open(store_path).write_arrays(shard, data, cfg.fsync)
-    return {"keys": data.keys, "views": data.views, "sources": data.sources, "failures": failures}
+    sink = Store.open(store_path).shard_sink(shard, cfg.fsync)
+    try:
+        kept, failures = _WORKER_EMBEDDERS[key].embed(units, dataset, sink)
+        sink.close() if kept else sink.abort()
+    except BaseException:
+        sink.abort()
+        raise
+    return {"keys": [u.key for u in kept], "views": [u.view for u in kept], "sources": [u.source for u in kept],
+            "failures": failures}
 
 
 class _null:

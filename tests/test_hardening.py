@@ -101,6 +101,8 @@ def test_disk_full_gives_a_clear_error_and_a_valid_cache(table_and_clean, tmp_pa
         assert full.returncode == 2, full.stderr
         assert "disk is full" in full.stderr and "re-run `pipe embed`" in full.stderr
         assert "Traceback" not in full.stderr
+        # the shard being written was dropped: no half-written file, no claim left behind
+        assert list(cache.rglob(".*partial*")) == [] and list(cache.glob("stores/*/*/claims/*")) == []
         pipe("cache", "verify", "--cache", str(cache))  # what was committed reads back intact
         subprocess.run(["mount", "-o", "remount,size=64m", str(cache)], check=True)
         again = subprocess.run(embed_cmd(table, cache), env=ENV, capture_output=True, text=True)
