@@ -9,7 +9,7 @@ Runs over the same images, in one process:
 All use the same encoder object (built once, before timing). Runs are repeated in
 alternating order and the median ratio reported. Target: embed / bare <= 1.10 on CPU.
 
-    python bench/embed_overhead.py [--images 1000] [--vits-images 64] [--reps 3]
+    python bench/embed_overhead.py [--images 1000] [--vits-images 64] [--reps 5]
 
 The last line of stdout is one JSON object.
 """
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--vits-images", type=int, default=64, help="images for the DINOv2-S-sized network")
     ap.add_argument("--size", type=int, default=512, help="side of the generated PNGs")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--only", choices=["tiny", "vits"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:  # one encoder, in a process of its own

@@ -19,7 +19,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from cache.keys import bytes_key, normalise_report, text_key
+import xxhash
+
+from cache.keys import normalise_report, text_key
 from cache.store import atomic_write_bytes, write_parquet_atomic
 from pipeline.console import progress
 from pipeline.datasets.base import Dataset
@@ -67,10 +69,10 @@ def build_index(ds: Dataset, root: Path, modalities: tuple[str, ...] = ("image",
     previous = _previous_keys(folder)
     failures: list[dict] = []
     rows = []
-    with progress(transient=True) as bar, ThreadPoolExecutor(4) as pool:
+    with progress(transient=True) as bar:
         task = bar.add_task(f"hash {ds.name}", total=len(ds.items))
-        for it, (key, size, mtime, error) in zip(ds.items, pool.map(lambda it: _image_key(it.image, previous),
-                                                                     ds.items)):
+        keys = _image_keys([it.image for it in ds.items], previous, lambda n: bar.advance(task, n))
+        for it, (key, size, mtime, error) in zip(ds.items, keys):
             report = normalise_report(it.report)
             if error and "image" in modalities:
                 failures.append({"item": it.id, "source": str(it.image), "key": None, "dataset": ds.name,
@@ -86,7 +88,6 @@ def build_index(ds: Dataset, root: Path, modalities: tuple[str, ...] = ("image",
                 **{LABEL_PREFIX + k: v for k, v in it.labels.items()},
                 **{MASK_PREFIX + k: str(v) for k, v in it.masks.items()},
             })
-            bar.advance(task)
     table = pd.DataFrame(rows)
     write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), folder / "items.parquet")
     meta = {"name": ds.name, "spec": ds.spec, "description": ds.description, "items": len(rows),
@@ -112,7 +113,26 @@ def _previous_keys(folder: Path) -> dict[str, tuple[int, int, str]]:
     return {}
 
 
-def _image_key(path: Path, previous: dict) -> tuple[str | None, int | None, int | None, str | None]:
+def _image_keys(paths: list[Path], previous: dict, advance, threads: int = 4) -> list[tuple]:
+    """Key many files: each thread takes a contiguous slice and reuses one read buffer."""
+    out: list[tuple] = [()] * len(paths)
+
+    def work(lo: int, hi: int) -> None:
+        buf = memoryview(bytearray(1 << 20))
+        for i in range(lo, hi):
+            out[i] = _image_key(paths[i], previous, buf)
+            if (i - lo) % 64 == 63 or i == hi - 1:
+                advance((i - lo) % 64 + 1)
+
+    step = max(1, -(-len(paths) // threads))
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(work, lo, min(lo + step, len(paths))) for lo in range(0, len(paths), step)]:
+            f.result()
+    return out
+
+
+def _image_key(path: Path, previous: dict, buf: memoryview) -> tuple:
+    """(key, size, mtime_ns, error) of one file; unchanged files (size, mtime) keep their key."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -123,11 +143,14 @@ def _image_key(path: Path, previous: dict) -> tuple[str | None, int | None, int 
     prev = previous.get(str(path))
     if prev and prev[0] == st.st_size and prev[1] == st.st_mtime_ns:
         return prev[2], st.st_size, st.st_mtime_ns, None
+    h = xxhash.xxh3_128()  # streamed: the same digest as hashing the whole file at once
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb", buffering=0) as f:
+            while (n := f.readinto(buf)) > 0:
+                h.update(buf[:n])
     except OSError as e:
         return None, None, None, f"cannot read {path}: {e.strerror}"
-    return bytes_key(data), st.st_size, st.st_mtime_ns, None
+    return h.hexdigest(), st.st_size, st.st_mtime_ns, None
 
 
 def record_store(folder: Path, modality: str, encoder: str, store: str) -> None:
