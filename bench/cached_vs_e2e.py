@@ -8,7 +8,10 @@ Same Adaptor (the paper's size), same batch, same optimiser step. The only diffe
 Encoders are random-init networks the size of DINOv2-S and BERT-base (CPU) or DINOv2-B
 and BERT-base in bf16 (CUDA, when present). Reports pooled mode, tokens mode, tokens mode
 with the patch grid pooled to 8x8, and the share of a cached step spent waiting for data.
-Targets: pooled speedup >= 50x; data wait < 10%.
+The cached step is train-adaptor's own (pipeline/training/step.py). On CUDA the cache is
+GPU-resident and each step mode is timed (eager, compile, cuda-graph); the headline
+speedup is the fastest, named in `step_<mode>`. Targets: pooled speedup >= 50x (CPU and
+GPU); data wait < 10%.
 
     python bench/cached_vs_e2e.py [--items 64] [--batch 32]
 
@@ -40,6 +43,7 @@ from stages.train_adaptor import TrainConfig  # noqa: E402
 TOKENS_NEGATIVES = TrainConfig().tokens_negatives
 from pipeline.training.loader import PairLoader  # noqa: E402
 from pipeline.training.pairs import load_pairs  # noqa: E402
+from pipeline.training.step import WARMUP_STEPS, StepRunner, optimizer_for  # noqa: E402
 from stages import embed  # noqa: E402
 
 REPORTS = ["No acute cardiopulmonary abnormality. Heart size is normal. Lungs are clear without focal "
@@ -60,22 +64,28 @@ def make_table(folder: Path, n: int) -> Path:
     return folder / "pairs.csv"
 
 
-def adaptor_for(mode: str, grid_pool: int, di: int, dt: int, device) -> tuple[Adaptor, torch.optim.Optimizer]:
+def adaptor_for(mode: str, grid_pool: int, di: int, dt: int, device,
+                step: str = "eager") -> tuple[Adaptor, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = Adaptor(AdaptorConfig(mode=mode, grid_pool=grid_pool, image_dim=di, text_dim=dt)).to(device)
-    # fused AdamW, as train-adaptor uses: one vectorised kernel instead of a loop over tensors
-    return model, torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=True)
+    # the optimizer train-adaptor builds: fused AdamW (capturable, with a device lr, for CUDA graphs)
+    return model, optimizer_for(model.parameters(), step, device, lr=2e-5, weight_decay=0.01, betas=(0.9, 0.999))
+
+
+def loss_of(model, grid, amp):
+    """The loss train-adaptor trains on: in tokens mode, 7 shifted negatives scored pairwise."""
+    def loss(batch):
+        with amp():
+            if model.cfg.mode == "tokens":
+                scores = shifted_pair_logits(model, batch, TOKENS_NEGATIVES, image_grid=grid, n_prefix=1)
+                return pairwise_clip_loss(scores.float(), model.scale(), 0.75)
+            img, txt = model(batch, image_grid=grid, n_prefix=1)
+            return clip_loss(img.float(), txt.float(), model.scale(), 0.75)
+    return loss
 
 
 def train_step(model, opt, batch, grid, amp) -> None:
-    """The step train-adaptor takes: in tokens mode, 7 shifted negatives scored pairwise."""
-    with amp():
-        if model.cfg.mode == "tokens":
-            scores = shifted_pair_logits(model, batch, TOKENS_NEGATIVES, image_grid=grid, n_prefix=1)
-            loss = pairwise_clip_loss(scores.float(), model.scale(), 0.75)
-        else:
-            img, txt = model(batch, image_grid=grid, n_prefix=1)
-            loss = clip_loss(img.float(), txt.float(), model.scale(), 0.75)
+    loss = loss_of(model, grid, amp)(batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -86,24 +96,35 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def cached_rate(data, mode, grid_pool, batch, device, amp, epochs, max_steps=0) -> tuple[float, float]:
+def cached_rate(data, mode, grid_pool, batch, device, amp, epochs, max_steps=0,
+                step: str = "eager") -> tuple[float, float]:
+    """Samples/s of train-adaptor's step over the cache (GPU-resident on CUDA), and the data wait."""
     pos = data.split("train")
     loader = PairLoader(data, pos, mode, batch, device, "auto", views=False, drop_last=True)
     di, dt = data.image.array("pooled").shape[1], data.text.array("pooled").shape[1]
-    model, opt = adaptor_for(mode, grid_pool, di, dt, device)
-    grid = data.image_grid[0]
-    train_step(model, opt, next(iter(loader.batches(0))), grid, amp)  # warm-up: one step
+    model, opt = adaptor_for(mode, grid_pool, di, dt, device, step)
+    runner = StepRunner(loss_of(model, data.image_grid[0], amp), opt, step, device)
+    warm = [b for _, b in zip(range(WARMUP_STEPS + 2), _cycle(loader))]
+    for b in warm:  # warm-up: compilation, or the eager steps before capture, the capture and a replay
+        runner(b)
     sync(device)
     loader.wait_seconds, n, t = 0.0, 0, time.perf_counter()
     for e in range(1, epochs + 1):
         for b in loader.batches(e):
-            train_step(model, opt, b, grid, amp)
+            runner(b)
             n += len(b["index"])
             if max_steps and n >= max_steps * batch:
                 break
-    sync(device)
+    runner.take_mean_loss()  # waits for the device
     elapsed = time.perf_counter() - t
     return n / elapsed, loader.wait_seconds / elapsed
+
+
+def _cycle(loader):
+    e = 0
+    while True:
+        yield from loader.batches(e)
+        e += 1
 
 
 def e2e_rate(pixels, texts, img_enc, txt_enc, mode, grid_pool, batch, device, amp, steps) -> float:
@@ -145,7 +166,9 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     backbone = "random-dinov2-b" if cuda else "random-dinov2-s"
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
+    # no autocast weight cache: CUDA graph capture needs it off
+    amp = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if cuda
+           else (lambda: torch.autocast("cpu", enabled=False)))
     with tempfile.TemporaryDirectory() as d:
         table = make_table(Path(d) / "data", args.items)
         res = embed.run(embed.EmbedConfig(dataset=str(table), backbone=backbone, text_encoder="random-bert",
@@ -168,19 +191,28 @@ def main() -> None:
                "embed_seconds": round(res.seconds, 1)}
         tb = args.tokens_batch or (args.batch if cuda else 8)
         out["tokens_batch"] = tb
+        # on CUDA every step mode of train-adaptor is timed; the headline is the fastest
+        steps = ("eager", "compile", "cuda-graph") if cuda else ("eager",)
         for mode, gp, key in (("pooled", 0, "pooled"), ("tokens", 0, "tokens"), ("tokens", 8, "tokens_pooled_grid")):
             bs = args.batch if mode == "pooled" else tb
-            # tokens mode scores 8 pairs per image: a CPU manages a step or two in the time budget
-            c, wait = cached_rate(data, mode, gp, bs, device, amp, args.epochs if mode == "pooled" else 1,
-                                  max_steps=0 if mode == "pooled" or cuda else 2)
             e = e2e_rate(pixels, texts, img_enc, txt_enc, mode, gp, bs, device, amp,
                          args.e2e_steps if mode == "pooled" else 1)
+            best = None
+            for step in steps:
+                # tokens mode scores 8 pairs per image: a CPU manages a step or two in the time budget
+                c, wait = cached_rate(data, mode, gp, bs, device, amp, args.epochs if mode == "pooled" else 1,
+                                      max_steps=0 if mode == "pooled" or cuda else 2, step=step)
+                out[f"cached_samples_s_{key}_{step}"] = round(c, 1)
+                print(f"{key} [{step}]: cached {c:,.1f}/s (data wait {100 * wait:.1f}%), e2e {e:,.2f}/s, "
+                      f"speedup {c / e:,.1f}x", file=sys.stderr)
+                if best is None or c > best[0]:
+                    best = (c, wait, step)
+            c, wait, step = best
             out[f"speedup_{key}"] = round(c / e, 1)
+            out[f"step_{key}"] = step
             out[f"cached_samples_s_{key}"] = round(c, 1)
             out[f"e2e_samples_s_{key}"] = round(e, 2)
             out[f"data_wait_share_{key}"] = round(wait, 4)
-            print(f"{key}: cached {c:,.1f}/s (data wait {100 * wait:.1f}%), e2e {e:,.2f}/s, speedup {c / e:,.1f}x",
-                  file=sys.stderr)
         out["data_wait_share"] = out["data_wait_share_pooled"]
     order = ["bench", "speedup_pooled", "speedup_tokens", "speedup_tokens_pooled_grid", "data_wait_share"]
     print(json.dumps({**{k: out[k] for k in order}, **{k: v for k, v in out.items() if k not in order}}))

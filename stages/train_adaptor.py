@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from pipeline.training.distributed import DistContext
 from pipeline.training.loader import PairLoader
 from pipeline.training.metrics import MetricsLog
 from pipeline.training.pairs import CacheMissError, PairData, embed_command, load_pairs
+from pipeline.training.step import StepRunner, check_step_mode, optimizer_for, restore_lr_tensors
 
 CHECKPOINT = "last.safetensors"
 
@@ -84,6 +86,7 @@ class TrainConfig:
     tokens_negatives: int = 7      # tokens mode: reports scored per image by their own paired forward (0: in-batch CLIP logits, which leak the pair)
     val_pairwise_items: int = 128  # tokens mode: validation items scored all-pairs
     gather_negatives: bool = True  # DDP: score against every rank's embeddings (false: per-rank negatives, flaw 4)
+    step: Literal["eager", "compile", "cuda-graph"] = "eager"  # how a step runs (pipeline/training/step.py)
 
 
 @dataclass
@@ -201,11 +204,14 @@ class Trainer:
                                 ram_copies=ctx.local_world_size)
         self.val = (PairLoader(data, val_pos, cfg.adaptor.mode, cfg.val_batch_size, self.device, cfg.resident,
                                views=False) if len(val_pos) > 1 and ctx.is_main else None)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                     betas=cfg.optim.betas, fused=True)
+        check_step_mode(cfg.step, self.device, ctx.world_size)
+        self.opt = optimizer_for(self.net.parameters(), cfg.step, self.device, lr=cfg.optim.lr,
+                                 weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
         self.steps_per_epoch = len(self.train)
         total = self.steps_per_epoch * cfg.epochs
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total, cfg.optim.warmup_frac))
+        self.sched.base_lrs = [float(lr) for lr in self.sched.base_lrs]  # rates filled in place: no device sync
+        self.runner = StepRunner(self._loss, self.opt, cfg.step, self.device)
         self.log = None
 
     def say(self, message: str) -> None:
@@ -222,7 +228,7 @@ class Trainer:
     def _resume_key(self) -> dict:
         """What must match for a run to continue another: all but epochs/out/device."""
         d = to_dict(self.cfg)
-        for k in ("epochs", "out", "device", "resident", "cache", "val_batch_size"):
+        for k in ("epochs", "out", "device", "resident", "cache", "val_batch_size", "step"):
             d.pop(k, None)
         if d.get("gather_negatives") is True:  # the default: runs from before the key existed still resume
             d.pop("gather_negatives")
@@ -240,10 +246,11 @@ class Trainer:
             raise ValueError(f"{ckpt} was trained on other caches ({meta.get('fingerprints')}); "
                              "pass another --out to train on these")
         load_checkpoint(ckpt, self.net, self.opt)  # every rank loads the same state
+        restore_lr_tensors(self.opt, self.cfg.step, self.device)
         epoch = int(meta["epoch"])
         self.sched.last_epoch = epoch * self.steps_per_epoch - 1
         with warnings.catch_warnings():  # stepping before any optimizer step is the point here
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.sched.step()
         self.say(f"resuming {self.out} after epoch {epoch}")
         return epoch
@@ -295,19 +302,21 @@ class Trainer:
         self.model.train()
         # dropout: a resumed epoch replays exactly; each rank draws its own masks
         torch.manual_seed(self.cfg.seed * 100003 + epoch + self.ctx.rank * 1_000_003)
-        t0, losses, self.train.wait_seconds = time.perf_counter(), [], 0.0
+        t0, steps, self.train.wait_seconds = time.perf_counter(), 0, 0.0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for batch in self.train.batches(epoch):
-            loss = self._step(batch)
-            losses.append(loss)
+            self.runner(batch)
+            self.sched.step()
+            steps += 1
             tick()
+        loss = self.runner.take_mean_loss()  # the one device sync of the epoch
         seconds = time.perf_counter() - t0
-        train_loss = distributed.mean_over_ranks(float(np.mean(losses)), self.ctx)  # = the global-batch loss
-        row = {"epoch": epoch, "train_loss": train_loss, "lr": self.sched.get_last_lr()[0],
+        train_loss = distributed.mean_over_ranks(loss, self.ctx)  # = the global-batch loss
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": float(self.sched.get_last_lr()[0]),
                "logit_scale": float(self.net.scale().detach()), "epoch_seconds": round(seconds, 3),
                "data_wait_share": round(self.train.wait_seconds / max(seconds, 1e-9), 4),
-               "samples_per_s": round(len(losses) * self.train.batch_size / seconds, 1),
+               "samples_per_s": round(steps * self.train.batch_size / seconds, 1),
                **{k: round(v, 1) for k, v in peak_memory_mb(self.device).items()}}
         row.update(self.validate())
         return row
@@ -316,7 +325,8 @@ class Trainer:
     def pairwise(self) -> bool:
         return self.cfg.adaptor.mode == "tokens" and self.cfg.tokens_negatives > 0
 
-    def _step(self, batch: dict) -> float:
+    def _loss(self, batch: dict) -> torch.Tensor:
+        """The training loss of one batch (the step runner adds backward and the update)."""
         if self.pairwise:  # rank-local negatives: each score needs both pair members' tokens
             scores = shifted_pair_logits(self.model, batch, self.cfg.tokens_negatives, image_grid=self.grid,
                                          n_prefix=self.n_prefix)
@@ -327,11 +337,7 @@ class Trainer:
             # gradient of the global-batch loss (see clip_loss); on one process it is the plain loss.
             loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight,
                              gather=self.cfg.gather_negatives)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        return float(loss.detach())
+        return loss
 
     @torch.no_grad()
     def validate(self) -> dict:

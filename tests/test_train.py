@@ -185,3 +185,30 @@ def test_sweep_rejects_bad_keys_before_training(tmp_path):
     spec.write_text("dataset: x\nbackbone: tiny-vit\ntext_encoder: tiny-bert\ngrid:\n  optim.lrr: [1]\n  epochs: 3\n")
     r = pipe("sweep", str(spec), expect=2)
     assert "grid.epochs: expected a list" in r.output
+
+
+# ---------------------------------------------------------------- how a step runs
+def test_a_compiled_step_trains_like_the_eager_step(cached, tmp_path):
+    table, cache = cached
+    from torch._dynamo.utils import counters
+
+    eager = pd.read_csv(_run(table, cache, tmp_path / "eager", "adaptor.dropout=0") / "metrics.csv")
+    counters.clear()
+    compiled = pd.read_csv(_run(table, cache, tmp_path / "compiled", "adaptor.dropout=0", "step=compile")
+                           / "metrics.csv")
+    assert counters["stats"]["unique_graphs"] >= 1  # the step really went through torch.compile
+    for col in ("train_loss", "val_loss", "lr", "logit_scale"):  # inductor may reorder float sums
+        torch.testing.assert_close(torch.tensor(compiled[col].values), torch.tensor(eager[col].values),
+                                   rtol=1e-4, atol=1e-5, msg=col)
+    assert eager.train_loss.iloc[-1] < eager.train_loss.iloc[0]
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["step=cuda-graph", "--device", "cpu"], "step=cuda-graph needs a CUDA device"),
+    (["step=graph"], "step"),
+])
+def test_a_step_mode_that_cannot_run_here_is_refused(cached, tmp_path, overrides, needle):
+    table, cache = cached
+    r = train(table, cache, tmp_path / "run", "epochs=1", *overrides, expect=2)
+    assert needle in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "run" / "last.safetensors").exists()

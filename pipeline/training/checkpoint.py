@@ -144,7 +144,9 @@ def check_fingerprints(meta: dict, actual: dict[str, str], what: str) -> None:
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
-    tensors, layout = {}, {"param_groups": sd["param_groups"], "state": {}}
+    # learning rates are device tensors under CUDA graphs; the layout is JSON, so store numbers
+    groups = [{k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    tensors, layout = {}, {"param_groups": groups, "state": {}}
     for pid, st in sd["state"].items():
         layout["state"][str(pid)] = {}
         for k, v in st.items():

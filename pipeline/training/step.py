@@ -1,0 +1,148 @@
+"""How one optimisation step runs: eagerly, compiled, or replayed from a CUDA graph.
+
+A cached training step is tiny (an Adaptor over a batch of vectors), so on a GPU it is
+bound by kernel launches and host work, not by FLOPs. Three ways to run it:
+
+``eager``
+    forward, loss, backward and a fused AdamW step, launched op by op.
+``compile``
+    the forward and the loss go through ``torch.compile`` (TorchInductor fuses the
+    element-wise work; the backward is compiled with it). Works on CPU and GPU, and
+    under DDP.
+``cuda-graph``
+    the whole step — forward, loss, backward, optimizer update and the running loss sum —
+    is captured once into a CUDA graph and then replayed: one launch per step. It needs a
+    single process on a CUDA device and a fixed batch shape (training drops the last
+    short batch). The first ``WARMUP_STEPS`` batches run eagerly on a side stream (as
+    capture requires), and are real training steps.
+
+Every mode keeps the running loss on the device and reads it once per epoch, so the
+host never waits for the GPU inside an epoch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+StepMode = Literal["eager", "compile", "cuda-graph"]
+STEP_MODES: tuple[str, ...] = ("eager", "compile", "cuda-graph")
+WARMUP_STEPS = 3
+
+
+class StepError(ValueError):
+    """A step mode that cannot run here; the message says what to use instead."""
+
+
+def check_step_mode(mode: str, device: torch.device, world_size: int) -> None:
+    if mode not in STEP_MODES:
+        raise StepError(f"step={mode!r} is not a step mode; use one of {', '.join(STEP_MODES)}")
+    if mode == "cuda-graph":
+        if device.type != "cuda":
+            raise StepError(f"step=cuda-graph needs a CUDA device, and this run is on {device.type}; "
+                            "use step=compile or step=eager")
+        if world_size > 1:
+            raise StepError("step=cuda-graph runs one process only (DDP's gradient all-reduce is not captured); "
+                            "under torchrun use step=compile")
+
+
+def optimizer_for(params, mode: str, device: torch.device, *, lr: float, weight_decay: float,
+                  betas: tuple[float, float]) -> torch.optim.AdamW:
+    """Fused AdamW (one kernel for all parameters where the device has one).
+
+    For CUDA graphs it is also ``capturable`` (its step counters live on the device) and
+    its learning rate is a device tensor, which the schedule updates in place, so the
+    replayed update reads the current rate.
+    """
+    if mode == "cuda-graph":
+        return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device), weight_decay=weight_decay,
+                                 betas=betas, fused=True, capturable=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
+
+
+def restore_lr_tensors(opt: torch.optim.Optimizer, mode: str, device: torch.device) -> None:
+    """Loading a state dict puts plain floats back as learning rates; graphs need tensors."""
+    if mode != "cuda-graph":
+        return
+    for group in opt.param_groups:
+        if not torch.is_tensor(group["lr"]):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+
+class StepRunner:
+    """Runs training steps of ``loss_fn(batch) -> scalar loss`` and sums their losses."""
+
+    def __init__(self, loss_fn: Callable[[dict], Tensor], opt: torch.optim.Optimizer, mode: str,
+                 device: torch.device):
+        self.opt, self.mode, self.device = opt, mode, device
+        self.loss_fn = torch.compile(loss_fn, dynamic=False) if mode == "compile" else loss_fn
+        self._sum = torch.zeros((), device=device)
+        self._steps = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: dict[str, Tensor] = {}
+        self._warm = 0
+        self.captured_at: int | None = None  # the step at which the graph was captured
+
+    # -- running -------------------------------------------------------------------------
+    def __call__(self, batch: dict) -> None:
+        if self.mode != "cuda-graph":
+            self._eager(batch)
+        elif self._graph is not None:
+            self._replay(batch)
+        elif self._warm < WARMUP_STEPS:
+            self._warm_up(batch)
+        else:
+            self._capture(batch)
+            self._replay(batch)
+        self._steps += 1
+
+    def _eager(self, batch: dict) -> None:
+        loss = self.loss_fn(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self._sum += loss.detach()
+
+    def _warm_up(self, batch: dict) -> None:
+        """Eager steps on a side stream: capture needs allocator and library state settled."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._eager(batch)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._warm += 1
+
+    def _capture(self, batch: dict) -> None:
+        self._static = {k: v.detach().clone() for k, v in _tensors(batch).items()}
+        self.opt.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = self.loss_fn({**batch, **self._static})
+            loss.backward()
+            self.opt.step()
+            self._sum += loss.detach()
+        self._graph = graph
+        self.captured_at = self._steps + 1
+
+    def _replay(self, batch: dict) -> None:
+        for k, v in _tensors(batch).items():
+            static = self._static.get(k)
+            if static is None or static.shape != v.shape:
+                raise StepError(f"step=cuda-graph replays fixed shapes: batch tensor {k!r} is {tuple(v.shape)}, "
+                                f"the graph was captured with {None if static is None else tuple(static.shape)}")
+            static.copy_(v, non_blocking=True)
+        self._graph.replay()
+
+    # -- reading -------------------------------------------------------------------------
+    def take_mean_loss(self) -> float:
+        """The mean loss of the steps since the last call (one device sync), then reset."""
+        mean = float(self._sum) / max(1, self._steps)
+        self._sum.zero_()
+        self._steps = 0
+        return mean
+
+
+def _tensors(batch: dict) -> dict[str, Tensor]:
+    """The batch entries the loss reads from the device (the item index stays out)."""
+    return {k: v for k, v in batch.items() if torch.is_tensor(v) and k != "index"}
