@@ -101,7 +101,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(cached, single,
     one, two = metrics(single), metrics(tmp_path / "ddp")
     assert list(two.epoch) == [1, 2, 3, 4] and one.train_loss.iloc[-1] < one.train_loss.iloc[0] - 0.1
     for col in COMPARED:
-        assert_close(two[col].to_numpy(), one[col].to_numpy(), rtol=1e-4, atol=1e-6, msg=col)
+        assert_close(two[col].to_numpy(copy=True), one[col].to_numpy(copy=True), rtol=1e-4, atol=1e-6, msg=col)
     assert_same_weights(single, tmp_path / "ddp")
     # rank 0 alone reports, and says how the global batch is made
     assert r.stderr.count("training the Adaptor") == 1 and r.stderr.count("checkpoint:") == 1
@@ -141,7 +141,7 @@ def test_a_ddp_run_resumes_a_checkpoint(cached, single, tmp_path, monkeypatch):
     assert "resuming" in res.stderr and res.stderr.count("resuming") == 1
     one, cut = metrics(single), metrics(tmp_path / "cut")
     assert list(cut.epoch) == [1, 2, 3, 4]
-    assert_close(cut.train_loss.to_numpy(), one.train_loss.to_numpy(), rtol=1e-4, atol=1e-6)
+    assert_close(cut.train_loss.to_numpy(copy=True), one.train_loss.to_numpy(copy=True), rtol=1e-4, atol=1e-6)
     assert_same_weights(single, tmp_path / "cut")
 
 
