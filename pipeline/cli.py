@@ -118,7 +118,9 @@ def _flag_overrides(**flags) -> list[str]:
 
 @app.command("train-adaptor", epilog="Examples:\n\n"
              "  pipe train-adaptor -d demo -b tiny-vit -t minilm epochs=20 adaptor.mode=tokens\n\n"
-             "  pipe train-adaptor -d mimic-cxr:/data/mimic -b dinov2-b -t bert --config configs/adaptor_paper.yaml")
+             "  pipe train-adaptor -d mimic-cxr:/data/mimic -b dinov2-b -t bert --config configs/adaptor_paper.yaml\n\n"
+             "A step runs as step=eager (default), step=compile (torch.compile) or step=cuda-graph (one GPU: the "
+             "whole step captured and replayed).")
 def train_adaptor(
     overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. optim.lr=1e-4 adaptor.mode=tokens."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="The DATASET given to `pipe embed`."),
