@@ -9,6 +9,7 @@ resumed group is embedded with exactly the batches of an uninterrupted run.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -18,7 +19,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from cache.keys import fingerprint
 from cache.store import Claim, ShardSink, Store, StoreError, live_run
 from pipeline.console import err, peak_memory_mb, progress, resolve_device
 from pipeline.datasets import Dataset, open_dataset
-from pipeline.datasets.index import DatasetIndex, build_index
+from pipeline.datasets.index import DatasetIndex, IndexBuilder
 from pipeline.paths import cache_root
 
 
@@ -47,6 +48,7 @@ class EmbedConfig:
     decode_threads: int = 2        # decode + preprocess threads (PIL and torch release the GIL)
     decode_processes: int = -1     # spawn processes for decoding instead; -1 = auto (on CUDA: up to 8)
     fsync: bool = True
+    hash_ahead: int = 2048         # image files keyed ahead of the planner (in the background)
     workers: int = 0               # >0: start a Dask LocalCluster with this many worker processes
     scheduler: str | None = None   # tcp://host:port of an existing Dask cluster (shared file system)
 
@@ -121,22 +123,26 @@ def _run(cfg: EmbedConfig, root: Path, dataset: Dataset | None) -> EmbedResult:
     ds = dataset or open_dataset(cfg.dataset, root)
     active = tuple(m for m, name in (("image", cfg.backbone), ("text", cfg.text_encoder))
                    if name and name.lower() != "none")
-    index = build_index(ds, root, active)
-    result = EmbedResult(dataset=ds.name, failures=list(index.failures))
+    index = IndexBuilder(ds, root, active, ahead=cfg.hash_ahead)  # image keys stream in, just ahead of need
+    result = EmbedResult(dataset=ds.name)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    with live_run(run_id):
-        for modality in active:
-            name = cfg.backbone if modality == "image" else cfg.text_encoder
-            res, fails = embed_modality(modality, name, index, ds.name, cfg, root, device, run_id)
-            result.results.append(res)
-            result.failures.extend(fails)
-            index.record_store(modality, name, res.store)
+    try:
+        with live_run(run_id):
+            for modality in active:
+                name = cfg.backbone if modality == "image" else cfg.text_encoder
+                res, fails = embed_modality(modality, name, index, ds.name, cfg, root, device, run_id)
+                result.results.append(res)
+                result.failures.extend(fails)
+                index.record_store(modality, name, res.store)
+        index.finish()
+    finally:
+        index.close()
     result.seconds = time.perf_counter() - t0
     result.memory = peak_memory_mb(device)
     return result
 
 
-def embed_modality(modality: str, name: str, index: DatasetIndex, dataset: str, cfg: EmbedConfig,
+def embed_modality(modality: str, name: str, index: IndexBuilder | DatasetIndex, dataset: str, cfg: EmbedConfig,
                    root: Path, device: torch.device, run_id: str) -> tuple[ModalityResult, list[dict]]:
     from pipeline.encoders import resolve_encoder_name
 
@@ -149,17 +155,25 @@ def embed_modality(modality: str, name: str, index: DatasetIndex, dataset: str, 
     row_bytes = _row_bytes(enc_cfg)
     shard_rows = max(cfg.chunk_rows, int(cfg.shard_mb * 2**20 / row_bytes) // cfg.chunk_rows * cfg.chunk_rows)
     store = Store.create(root, modality, enc_cfg.name, fp, spec, shard_rows, cfg.chunk_rows)
-    units = index.image_units(cfg.views) if modality == "image" else index.text_units()
-    done = store.committed_units()
+    if modality == "image":
+        units, expected = index.image_units(cfg.views), len(index) * (cfg.views + 1)
+    else:
+        units = index.text_units()
+        expected = len(units)
     res = ModalityResult(modality, enc_cfg.name, str(store.path))
-    res.reused = sum((u.key, u.view) in done for u in units)
-    groups = plan_groups(units, done, store.shard_rows)  # the store's own size: it may predate this --shard-mb
+    # the store's own shard size: the store may predate this --shard-mb
+    plan = Plan(units, store.committed_units(), store.shard_rows, expected)
+    groups = iter(plan)
+    first = next(groups, None)  # plans up to the first pending shard (keying only its files)
     failures: list[dict] = []
-    if groups:
+    if first is not None:
         distributed = cfg.workers > 0 or cfg.scheduler
         runner = (_DaskRunner if distributed else _Runner)(modality, enc_cfg, cfg, device, store, dataset,
                                                           failures, res, run_id)
-        runner.run(groups)
+        runner.run(itertools.chain([first], groups), plan)
+    res.reused += plan.reused
+    # items that could not be keyed (missing file, empty report) go to the failure table too
+    failures = index.failures_of(modality) + failures
     store.record_failures(failures, run_id)
     return res, failures
 
@@ -178,18 +192,43 @@ def encoder_spec(enc_cfg, cfg: EmbedConfig) -> dict:
     return spec
 
 
-def plan_groups(units: list[Unit], done: set, shard_rows: int) -> list[list[Unit]]:
-    """Cut the full work list into shard-sized groups, then drop what is committed.
+class Plan:
+    """The full work list cut into shard-sized groups, minus what is committed, as units stream in.
 
     Groups are cut from the *full* list, so every run, resumed or concurrent, sees the
-    same groups in the same order.
+    same groups in the same order. Iterating yields each group as soon as its units are
+    known; ``reused`` counts committed units passed over so far.
     """
-    groups = []
-    for i in range(0, len(units), shard_rows):
-        pending = [u for u in units[i:i + shard_rows] if (u.key, u.view) not in done]
-        if pending:
-            groups.append(pending)
-    return groups
+
+    def __init__(self, units: Iterable[Unit], done: set, shard_rows: int, expected: int = 0):
+        self.units, self.done, self.shard_rows, self.expected = units, done, shard_rows, expected
+        self.seen = self.reused = self.pending = 0
+
+    def __iter__(self) -> Iterator[list[Unit]]:
+        window: list[Unit] = []
+        for u in self.units:
+            window.append(u)
+            if len(window) == self.shard_rows:
+                if group := self._cut(window):
+                    yield group
+                window = []
+        if window and (group := self._cut(window)):
+            yield group
+
+    def _cut(self, window: list[Unit]) -> list[Unit]:
+        pending = [u for u in window if (u.key, u.view) not in self.done]
+        self.seen += len(window)
+        self.reused += len(window) - len(pending)
+        self.pending += len(pending)
+        return pending
+
+    def estimate(self) -> int:
+        """Pending units: those planned so far plus the rest, before dedup and reuse are known."""
+        return self.pending + max(0, self.expected - self.seen)
+
+
+def plan_groups(units: list[Unit], done: set, shard_rows: int) -> list[list[Unit]]:
+    return list(Plan(units, done, shard_rows))
 
 
 def group_id(units: list[Unit]) -> str:
@@ -396,20 +435,20 @@ class _Runner:
         self.fsync = cfg.fsync
         self.label = f"embed {modality} · {enc_cfg.name}"
 
-    def run(self, groups: list[list[Unit]]) -> None:
+    def run(self, groups: Iterable[list[Unit]], plan: Plan) -> None:
         self._open: dict[int, tuple[Claim, ShardSink]] = {}  # shards claimed and not yet committed
         try:
-            self._run(groups)
+            self._run(groups, plan)
         finally:
             self.embedder.close()
             for claim, sink in self._open.values():  # interrupted (the writer has stopped): drop them
                 sink.abort()
                 self.store.release(claim)
 
-    def _run(self, groups: list[list[Unit]]) -> None:
+    def _run(self, groups: Iterable[list[Unit]], plan: Plan) -> None:
         with progress() as bar, _WriteBehind(depth=4) as writer:
-            task = bar.add_task(self.label, total=sum(len(g) for g in groups))
-            waiting = self._pass(groups, bar, task, writer)
+            task = bar.add_task(self.label, total=plan.estimate())
+            waiting = self._pass(groups, bar, task, writer, plan=plan)
             writer.drain()
             if waiting:
                 err.print(f"[yellow]{sum(map(len, waiting))} items are being embedded by another process; "
@@ -419,9 +458,11 @@ class _Runner:
                 waiting = self._pass(waiting, bar, task, writer, waited=True)
                 writer.drain()
 
-    def _pass(self, groups, bar, task, writer, waited: bool = False) -> list[list[Unit]]:
+    def _pass(self, groups, bar, task, writer, waited: bool = False, plan: Plan | None = None) -> list[list[Unit]]:
         busy = []
         for units in groups:
+            if plan is not None:
+                bar.update(task, total=plan.estimate())
             claim = self.store.claim(group_id(units), self.run_id)
             if claim == "busy":
                 busy.append(units)
@@ -463,15 +504,16 @@ class _DaskRunner(_Runner):
         self.modality, self.enc_name, self.cfg = modality, enc_cfg.name, cfg
         self.label = f"embed {modality} · {enc_cfg.name} · dask"
 
-    def run(self, groups: list[list[Unit]]) -> None:
+    def run(self, groups: Iterable[list[Unit]], plan: Plan) -> None:
         from distributed import as_completed
 
         with _dask_client(self.cfg) as client, progress() as bar:
-            task = bar.add_task(self.label, total=sum(len(g) for g in groups))
+            task = bar.add_task(self.label, total=plan.estimate())
             waiting = groups
             while waiting:
                 futures, busy = {}, []
                 for units in waiting:
+                    bar.update(task, total=plan.estimate())
                     claim = self.store.claim(group_id(units), self.run_id)
                     if claim == "busy":
                         busy.append(units)

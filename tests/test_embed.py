@@ -94,10 +94,14 @@ def test_bad_items_are_recorded_and_the_rest_embedded(tmp_path):
     assert out["failed"] == 6
     # 4 good images; 4 + 5 distinct non-empty reports
     assert out["embedded"] == 4 + 9
-    fails = stores_by_modality(tmp_path / "cache")["image"].failures().to_pandas()
+    stores = stores_by_modality(tmp_path / "cache")
+    fails = stores["image"].failures().to_pandas()
     reasons = dict(zip(fails.source.map(lambda s: Path(s).name), fails.reason))
-    assert set(reasons) == {"zero.png", "trunc.png", "notimage.png", "corrupt.png"}
-    assert all("png" in r for r in reasons.values())
+    # every bad item is in its store's failure table, the unkeyable ones (no bytes) included
+    assert set(reasons) == {"zero.png", "trunc.png", "notimage.png", "corrupt.png", "missing.png"}
+    assert all("png" in r for r in reasons.values()) and "file not found" in reasons["missing.png"]
+    text_fails = stores["text"].failures().to_pandas()
+    assert list(text_fails.item) == ["noreport"] and "empty report" in text_fails.reason[0]
     r = pipe("embed", "--dataset", str(table), "--backbone", "tiny-vit", "--text-encoder", "tiny-bert",
              "--cache", str(tmp_path / "cache"), "--allow-failures", expect=0)
     assert "missing.png" in r.output and "empty report" in r.output
@@ -270,3 +274,62 @@ def test_decoding_in_spawned_processes_gives_the_same_cache(tmp_path, monkeypatc
     ra = read_rows(stores_by_modality(tmp_path / "a")["image"], "tokens")
     rb = read_rows(stores_by_modality(tmp_path / "b")["image"], "tokens")
     assert ra.keys() == rb.keys() and all(np.array_equal(ra[k], rb[k]) for k in ra)
+
+
+# ---------------------------------------------------------------- keys stream in ahead of the work
+def test_the_first_shard_starts_before_the_whole_dataset_is_keyed(tmp_path, monkeypatch):
+    import pipeline.datasets.index as index
+    from stages import embed
+
+    table = make_table(tmp_path / "data", 64)
+    hashed, at_first_forward = [], []
+    real_key, real_forward = index._image_key, embed.GroupEmbedder._forward
+
+    def counting_key(path, previous, buf):
+        hashed.append(path)
+        return real_key(path, previous, buf)
+
+    def first_forward(self, loaded):
+        at_first_forward.append(len(hashed))
+        return real_forward(self, loaded)
+
+    monkeypatch.setattr(index, "_image_key", counting_key)
+    monkeypatch.setattr(embed.GroupEmbedder, "_forward", first_forward)
+    cfg = embed.EmbedConfig(dataset=str(table), backbone="tiny-vit", text_encoder="none", cache=str(tmp_path / "c"),
+                            batch_size=8, shard_mb=0.01, chunk_rows=16, hash_ahead=4, device="cpu")
+    res = embed.run(cfg)
+    assert res.embedded == 64 and len(hashed) == 64
+    # shards of 16 rows: the first forward needed 16 keys, plus at most 4 (+ a thread's item) ahead
+    assert at_first_forward[0] <= 16 + 4 + 1
+    index_rows = pd.read_parquet(tmp_path / "c" / "datasets" / res.dataset / "items.parquet")
+    assert index_rows.image_key.notna().all() and len(index_rows) == 64  # written once every key was known
+
+
+def test_the_hasher_stays_a_bounded_distance_ahead_and_hands_errors_over(tmp_path, monkeypatch):
+    import pipeline.datasets.index as index
+
+    paths = []
+    for i in range(40):
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(bytes([i]) * 100)
+    h = index._Hasher(paths, {}, threads=3, ahead=5)
+    try:
+        assert h.get(10)[0] is not None
+        time.sleep(0.3)  # let the threads run as far as they may
+        assert sum(r is not None for r in h.out) <= 10 + 5 + 1
+    finally:
+        h.close()
+
+    def broken(path, previous, buf):
+        if path.name == "7.bin":
+            raise RuntimeError("disk controller on fire")
+        return ("k", 1, 1, None)
+
+    monkeypatch.setattr(index, "_image_key", broken)
+    h = index._Hasher(paths, {}, threads=2, ahead=100)
+    try:
+        assert h.get(6) == ("k", 1, 1, None)
+        with pytest.raises(RuntimeError, match="on fire"):  # raised to the caller, never a hang
+            h.get(7)
+    finally:
+        h.close()

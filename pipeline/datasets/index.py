@@ -11,10 +11,11 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -23,7 +24,6 @@ import xxhash
 
 from cache.keys import normalise_report, text_key
 from cache.store import atomic_write_bytes, write_parquet_atomic
-from pipeline.console import progress
 from pipeline.datasets.base import Dataset
 
 LABEL_PREFIX = "label."
@@ -37,18 +37,24 @@ class DatasetIndex:
     table: pd.DataFrame
     failures: list[dict] = field(default_factory=list)
 
-    def image_units(self, views: int = 0):
+    # the interface embed_modality reads (shared with IndexBuilder)
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def image_units(self, views: int = 0) -> list:
         from stages.embed import Unit
 
-        ok = self.table[self.table.image_key.notna()]
-        first = ok.drop_duplicates("image_key")
+        first = self.table[self.table.image_key.notna()].drop_duplicates("image_key")
         return [Unit(k, v, src) for k, src in zip(first.image_key, first.image) for v in range(views + 1)]
 
-    def text_units(self):
+    def text_units(self) -> list:
         from stages.embed import Unit
 
         ok = self.table[self.table.report_key.notna()].drop_duplicates("report_key")
         return [Unit(k, 0, f"item {i}", txt) for k, i, txt in zip(ok.report_key, ok.id, ok.report)]
+
+    def failures_of(self, modality: str) -> list[dict]:
+        return [f for f in self.failures if f["modality"] == modality]
 
     def record_store(self, modality: str, encoder: str, store: str) -> None:
         record_store(self.folder, modality, encoder, store)
@@ -59,41 +65,156 @@ def index_folder(root: Path, name: str) -> Path:
 
 
 def build_index(ds: Dataset, root: Path, modalities: tuple[str, ...] = ("image", "text")) -> DatasetIndex:
-    """Key every item; reuse keys of files whose size and mtime did not change.
+    """Key every item and write the index (see :class:`IndexBuilder`, which streams it)."""
+    builder = IndexBuilder(ds, root, modalities)
+    try:
+        return builder.finish()
+    finally:
+        builder.close()
 
-    Only the modalities being embedded report failures: a dataset without reports is
-    fine for an image-only run.
+
+class IndexBuilder:
+    """A dataset's index as ``pipe embed`` builds it: report keys at once, image keys streamed.
+
+    Image files are hashed in table order by background threads, at most ``ahead`` items
+    past the last item asked for. So the first shard starts once its own files are keyed,
+    not the whole dataset's, and each file is hashed shortly before the decoder reads it
+    again (from the page cache, on a dataset larger than memory). Files whose size and
+    mtime match the previous index keep their key without being read.
+
+    Only the modalities being embedded report failures: a dataset without reports is fine
+    for an image-only run. :meth:`finish` waits for every key and writes ``items.parquet``.
     """
-    folder = index_folder(root, ds.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    previous = _previous_keys(folder)
-    failures: list[dict] = []
-    rows = []
-    with progress(transient=True) as bar:
-        task = bar.add_task(f"hash {ds.name}", total=len(ds.items))
-        keys = _image_keys([it.image for it in ds.items], previous, lambda n: bar.advance(task, n))
-        for it, (key, size, mtime, error) in zip(ds.items, keys):
-            report = normalise_report(it.report)
-            if error and "image" in modalities:
-                failures.append({"item": it.id, "source": str(it.image), "key": None, "dataset": ds.name,
-                                 "reason": error, "modality": "image"})
-            if not report and "text" in modalities:
-                failures.append({"item": it.id, "source": f"item {it.id}", "key": None, "dataset": ds.name,
-                                 "reason": "empty report: the report text is missing or blank; fill it in "
-                                           "or drop the row", "modality": "text"})
+
+    def __init__(self, ds: Dataset, root: Path, modalities: tuple[str, ...] = ("image", "text"),
+                 threads: int = 4, ahead: int = 2048):
+        self.ds, self.modalities = ds, modalities
+        self.folder = index_folder(root, ds.name)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.reports = [normalise_report(it.report) for it in ds.items]
+        self._report_keys = [text_key(r) if r else None for r in self.reports]
+        self._hasher = _Hasher([it.image for it in ds.items], _previous_keys(self.folder), threads, ahead)
+
+    @property
+    def name(self) -> str:
+        return self.ds.name
+
+    def __len__(self) -> int:
+        return len(self.ds.items)
+
+    def image_units(self, views: int = 0) -> Iterator:
+        """(key, view) units of each distinct image, in order of first appearance, as keys arrive."""
+        from stages.embed import Unit
+
+        seen: set[str] = set()
+        for i, it in enumerate(self.ds.items):
+            key = self._hasher.get(i)[0]
+            if key is not None and key not in seen:
+                seen.add(key)
+                yield from (Unit(key, v, str(it.image)) for v in range(views + 1))
+
+    def text_units(self) -> list:
+        from stages.embed import Unit
+
+        seen: set[str] = set()
+        units = []
+        for it, report, key in zip(self.ds.items, self.reports, self._report_keys):
+            if key is not None and key not in seen:
+                seen.add(key)
+                units.append(Unit(key, 0, f"item {it.id}", report))
+        return units
+
+    def failures_of(self, modality: str | None = None) -> list[dict]:
+        """Items that cannot be keyed: missing or unreadable files, empty reports (waits for all keys)."""
+        out = []
+        wanted = [m for m in ("image", "text") if m in self.modalities and modality in (None, m)]
+        for i, (it, report) in enumerate(zip(self.ds.items, self.reports)):
+            error = self._hasher.get(i)[3] if "image" in wanted else None
+            if error:
+                out.append({"item": it.id, "source": str(it.image), "key": None, "dataset": self.ds.name,
+                            "reason": error, "modality": "image"})
+            if not report and "text" in wanted:
+                out.append({"item": it.id, "source": f"item {it.id}", "key": None, "dataset": self.ds.name,
+                            "reason": "empty report: the report text is missing or blank; fill it in "
+                                      "or drop the row", "modality": "text"})
+        return out
+
+    def record_store(self, modality: str, encoder: str, store: str) -> None:
+        record_store(self.folder, modality, encoder, store)
+
+    def finish(self) -> DatasetIndex:
+        """Wait for every image key, then write the index atomically."""
+        rows = []
+        for i, (it, report, rkey) in enumerate(zip(self.ds.items, self.reports, self._report_keys)):
+            key, size, mtime, _ = self._hasher.get(i)
             rows.append({
                 "id": it.id, "split": it.split, "patient_id": it.patient_id, "image": str(it.image),
                 "image_key": key, "image_size": size, "image_mtime_ns": mtime,
-                "report": report or None, "report_key": text_key(report) if report else None,
+                "report": report or None, "report_key": rkey,
                 **{LABEL_PREFIX + k: v for k, v in it.labels.items()},
                 **{MASK_PREFIX + k: str(v) for k, v in it.masks.items()},
             })
-    table = pd.DataFrame(rows)
-    write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), folder / "items.parquet")
-    meta = {"name": ds.name, "spec": ds.spec, "description": ds.description, "items": len(rows),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_bytes(folder / "dataset.json", json.dumps(meta, indent=1).encode())
-    return DatasetIndex(ds.name, folder, table, failures)
+        table = pd.DataFrame(rows)
+        write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), self.folder / "items.parquet")
+        meta = {"name": self.ds.name, "spec": self.ds.spec, "description": self.ds.description, "items": len(rows),
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_bytes(self.folder / "dataset.json", json.dumps(meta, indent=1).encode())
+        return DatasetIndex(self.ds.name, self.folder, table, self.failures_of())
+
+    def close(self) -> None:
+        self._hasher.close()
+
+
+class _Hasher:
+    """Keys files in list order on a few threads, running at most ``ahead`` past the last one asked for."""
+
+    def __init__(self, paths: list[Path], previous: dict, threads: int, ahead: int):
+        self.paths, self.previous, self.ahead = paths, previous, ahead
+        self.out: list[tuple | None] = [None] * len(paths)
+        self.cond = threading.Condition()
+        self.next, self.wanted, self.stopped = 0, -1, False
+        self.threads = [threading.Thread(target=self._work, name="hash", daemon=True)
+                        for _ in range(min(threads, len(paths)))]
+        for t in self.threads:
+            t.start()
+
+    def _work(self) -> None:
+        buf = memoryview(bytearray(1 << 20))
+        while True:
+            with self.cond:
+                while not self.stopped and self.next < len(self.paths) and self.next > self.wanted + self.ahead:
+                    self.cond.wait()
+                if self.stopped or self.next >= len(self.paths):
+                    return
+                i, self.next = self.next, self.next + 1
+            try:
+                result = _image_key(self.paths[i], self.previous, buf)
+            except BaseException as e:  # handed to whoever asks for this item
+                result = e
+            with self.cond:
+                self.out[i] = result
+                self.cond.notify_all()
+
+    def get(self, i: int) -> tuple:
+        with self.cond:
+            if i > self.wanted:
+                self.wanted = i
+                self.cond.notify_all()
+            while self.out[i] is None:
+                if self.stopped:
+                    raise RuntimeError("the index builder was closed")
+                self.cond.wait()
+            result = self.out[i]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        for t in self.threads:
+            t.join()
 
 
 def load_index(root: Path, name: str) -> DatasetIndex:
@@ -111,24 +232,6 @@ def _previous_keys(folder: Path) -> dict[str, tuple[int, int, str]]:
         t = pd.read_parquet(path, columns=["image", "image_size", "image_mtime_ns", "image_key"]).dropna()
         return {p: (int(s), int(m), k) for p, s, m, k in zip(t.image, t.image_size, t.image_mtime_ns, t.image_key)}
     return {}
-
-
-def _image_keys(paths: list[Path], previous: dict, advance, threads: int = 4) -> list[tuple]:
-    """Key many files: each thread takes a contiguous slice and reuses one read buffer."""
-    out: list[tuple] = [()] * len(paths)
-
-    def work(lo: int, hi: int) -> None:
-        buf = memoryview(bytearray(1 << 20))
-        for i in range(lo, hi):
-            out[i] = _image_key(paths[i], previous, buf)
-            if (i - lo) % 64 == 63 or i == hi - 1:
-                advance((i - lo) % 64 + 1)
-
-    step = max(1, -(-len(paths) // threads))
-    with ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(work, lo, min(lo + step, len(paths))) for lo in range(0, len(paths), step)]:
-            f.result()
-    return out
 
 
 def _image_key(path: Path, previous: dict, buf: memoryview) -> tuple:
