@@ -286,6 +286,7 @@ class GroupEmbedder:
         self.pool = _decode_pool(cfg, device) if modality == "image" else None
         self._encoder = None
         self._copy_stream = None
+        self._held = None
 
     def close(self) -> None:
         """Stop the decode workers (idle threads that ran torch ops keep OpenMP teams alive)."""
@@ -317,8 +318,14 @@ class GroupEmbedder:
                           "modality": self.modality} for u, x in zip(batch, loaded) if isinstance(x, Exception)]
             if ok:
                 kept += [u for u, _ in ok]
-                write(_append, sink, self._forward([x for _, x in ok]))
+                out = self._forward([x for _, x in ok])
+                write(_append, sink, out)
+                # Held until the next forward has run: freeing a batch's outputs first lets
+                # glibc trim the heap top, and the next forward then page-faults its
+                # activations back in (tiny-vit on CPU ran ~35% slower that way).
+                self._held = out
             advance(len(batch))
+        self._held = None
         return kept, failures
 
     def _load_images(self, batch: list[Unit]) -> list:
