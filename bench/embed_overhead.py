@@ -6,8 +6,9 @@ Runs over the same images, in one process:
   naive: the same work in a plain sequential loop (what a script would do), for context
   embed: `pipe embed` (the stage's run()), which adds hashing, planning, shard writes,
          fsync and manifest commits, into a fresh cache each time
-All use the same encoder object (built once, before timing). Runs are repeated in
-alternating order and the median ratio reported. Target: embed / bare <= 1.10 on CPU.
+All use the same encoder object (built once, before timing) and the allocator setting
+that `pipe embed` applies (pipeline/allocator.py). Runs are repeated in alternating
+order and the median ratio reported. Target: embed / bare <= 1.10 on CPU.
 
     python bench/embed_overhead.py [--images 1000] [--vits-images 64] [--reps 5]
 
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PIPE_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.imaging import read_and_decode  # noqa: E402
 from stages import embed  # noqa: E402
 
@@ -100,6 +102,7 @@ def embed_run(table: Path, name: str, batch: int) -> float:
 def measure(table: Path, name: str, batch: int, reps: int) -> dict:
     from pipeline.encoders import resolve_encoder_name
 
+    keep_freed_memory()  # the allocator setting `pipe embed` applies, for every loop alike
     device = torch.device("cpu")
     encoder = embed.get_encoder(name, device)  # built once, shared by both loops
     preprocess = embed._preprocess(resolve_encoder_name(name))

@@ -27,6 +27,7 @@ import xxhash
 
 from cache.keys import fingerprint
 from cache.store import Claim, ShardSink, Store, StoreError, live_run
+from pipeline.allocator import keep_freed_memory
 from pipeline.console import err, peak_memory_mb, progress, resolve_device
 from pipeline.datasets import Dataset, open_dataset
 from pipeline.datasets.index import DatasetIndex, IndexBuilder
@@ -102,6 +103,7 @@ class Unit:
 
 
 def run(cfg: EmbedConfig, dataset: Dataset | None = None) -> EmbedResult:
+    keep_freed_memory()  # batch after batch reuses the same heap (see pipeline/allocator.py)
     root = cache_root(cfg.cache)
     try:
         return _run(cfg, root, dataset)
