@@ -53,3 +53,10 @@ def embed_json(table: Path, cache: Path, *extra: str, expect: int | None = 0) ->
     r = pipe("embed", "--dataset", str(table), "--backbone", "tiny-vit", "--text-encoder", "tiny-bert",
              "--cache", str(cache), "--json", *extra, expect=expect)
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def embedded_table(root: Path, n: int, *extra: str) -> tuple[Path, Path]:
+    """A table of n items under root/data, embedded into root/cache: what training tests share."""
+    table = make_table(root / "data", n)
+    embed_json(table, root / "cache", *extra)
+    return table, root / "cache"

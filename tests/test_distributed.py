@@ -19,7 +19,7 @@ from torch.testing import assert_close
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.loss import clip_loss
 from pipeline.training.loader import PairLoader
-from tests.helpers import embed_json, make_table, pipe
+from tests.helpers import embedded_table, pipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tokens mode learns on this tiny data (pooled tiny-bert vectors are nearly identical);
@@ -32,10 +32,7 @@ COMPARED = ["train_loss", "val_loss", "lr", "logit_scale", "val_i2t_r@1", "val_t
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    table = make_table(root / "data", 40)  # 20 train pairs: 2 steps of 8 per epoch
-    embed_json(table, root / "cache")
-    return table, root / "cache"
+    return embedded_table(tmp_path_factory.mktemp("ddp"), 40)  # 20 train pairs: 2 steps of 8 per epoch
 
 
 def _free_port() -> int:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.training import checkpoint
 from pipeline.training.checkpoint import CheckpointMismatchError, load_checkpoint, read_meta, save_checkpoint
-from tests.helpers import embed_json, make_table
+from tests.helpers import embedded_table
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, STEPS_PER_EPOCH = 40, 3  # 12 train pairs, batch 4
@@ -32,10 +32,7 @@ UNSTABLE = {"epoch_seconds", "data_wait_share", "samples_per_s", "cpu_peak_mb", 
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill")
-    table = make_table(root / "data", 24)
-    embed_json(table, root / "cache", "--views", "2")
-    return table, root / "cache"
+    return embedded_table(tmp_path_factory.mktemp("kill"), 24, "--views", "2")
 
 
 def start(cached, out: Path) -> subprocess.Popen:

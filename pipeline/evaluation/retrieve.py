@@ -16,7 +16,7 @@ from pipeline.evaluation import metrics as M
 from pipeline.evaluation.context import EvalContext, TaskResult
 from pipeline.evaluation.features import raw_features
 from pipeline.evaluation.plots import recall_bars
-from pipeline.evaluation.tables import add_row, make_table, value_cell
+from pipeline.evaluation.tables import add_estimates_row, add_row, make_table, value_cell
 
 KS = (1, 5, 10)
 
@@ -101,10 +101,6 @@ def _table(methods: list[dict], n: int) -> dict:
     cols = [f"{d} R@{k}" for d in ("image→text", "text→image") for k in KS]
     t = make_table("retrieval · recall@K on the test split (%)", "recall", cols)
     for m in methods:
-        if "recall" in m:
-            add_row(t, m["name"], {c: value_cell(m["recall"][c], m["ci"].get(c)) for c in cols},
-                    {c: {"value": m["recall"][c], "ci": m["ci"].get(c)} for c in cols})
-        else:
-            add_row(t, m["name"], {c: "n/a" for c in cols})
+        add_estimates_row(t, m["name"], m.get("recall"), m.get("ci"))
     add_row(t, f"chance ({n} candidates)", {c: value_cell(min(1.0, int(c.rsplit('@', 1)[1]) / n)) for c in cols})
     return t

@@ -43,6 +43,17 @@ def add_row(table: dict, method: str, cells: dict[str, str], values: dict | None
     table["rows"].append({"method": method, "cells": cells, "values": values or {}})
 
 
+def add_estimates_row(table: dict, method: str, estimates: dict | None, cis: dict | None = None) -> None:
+    """One method's point estimates (with CIs) in every column, or n/a throughout when it has none."""
+    cols = table["columns"]
+    if estimates is None:
+        add_row(table, method, {c: "n/a" for c in cols})
+        return
+    cis = cis or {}
+    add_row(table, method, {c: value_cell(estimates[c], cis.get(c)) for c in cols},
+            {c: {"value": estimates[c], "ci": cis.get(c)} for c in cols})
+
+
 def to_markdown(table: dict) -> str:
     cols = table["columns"]
     lines = [f"**{table['title']}**", "", "| method | " + " | ".join(cols) + " |",

@@ -13,7 +13,7 @@ from pipeline.evaluation.context import EvalContext, TaskResult
 from pipeline.evaluation.plots import roc_grid
 from pipeline.evaluation.prompts import PromptError, embed_texts_store, load_prompts, prompt_path
 from pipeline.evaluation.retrieve import adaptor_similarity, raw_similarity
-from pipeline.evaluation.tables import add_row, make_table, value_cell
+from pipeline.evaluation.tables import add_estimates_row, make_table
 
 
 def _findings(ctx: EvalContext, prompts: dict) -> list[str]:
@@ -103,9 +103,5 @@ def _table(methods: list[dict], findings: list[str]) -> dict:
     cols = findings + ["macro"]
     t = make_table("zero-shot · AUROC on the test split (%)", "auroc", cols)
     for m in methods:
-        if "auroc" in m:
-            add_row(t, m["name"], {c: value_cell(m["auroc"][c], m["ci"].get(c)) for c in cols},
-                    {c: {"value": m["auroc"][c], "ci": m["ci"].get(c)} for c in cols})
-        else:
-            add_row(t, m["name"], {c: "n/a" for c in cols})
+        add_estimates_row(t, m["name"], m.get("auroc"), m.get("ci"))
     return t
