@@ -352,22 +352,18 @@ class Store:
         return ShardSink(self, shard, fsync)
 
     def write_shard(self, claim: Claim, data: ShardData, dataset: str, fsync: bool = True) -> None:
-        """Write every array of one shard, then commit its manifest part."""
-        self.write_arrays(claim.shard, data, fsync)
-        self.commit(claim, data.keys, data.views, data.sources, dataset)
-
-    def write_arrays(self, shard: int, data: ShardData, fsync: bool = True) -> None:
-        """The data half of a shard write; invisible to readers until :meth:`commit`."""
+        """Write every array of one shard at once, then commit its manifest part."""
         n = len(data.keys)
         if not 0 < n <= self.shard_rows:
             raise ValueError(f"a shard holds 1..{self.shard_rows} rows, got {n}")
-        sink = self.shard_sink(shard, fsync)
+        sink = self.shard_sink(claim.shard, fsync)
         try:
             sink.append(data.arrays)
             sink.close()
         except BaseException:
             sink.abort()
             raise
+        self.commit(claim, data.keys, data.views, data.sources, dataset)
 
     def commit(self, claim: Claim, keys: list[str], views: list[int], sources: list[str], dataset: str) -> None:
         """Publish a written shard: its manifest part appears atomically, then the claim goes."""

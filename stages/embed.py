@@ -229,10 +229,6 @@ class Plan:
         return self.pending + max(0, self.expected - self.seen)
 
 
-def plan_groups(units: list[Unit], done: set, shard_rows: int) -> list[list[Unit]]:
-    return list(Plan(units, done, shard_rows))
-
-
 def group_id(units: list[Unit]) -> str:
     h = xxhash.xxh3_64()
     for u in units:
@@ -488,10 +484,10 @@ class _Runner:
             self.res.embedded += len(kept)
             self.res.failed += len(fails)
             self.failures.extend(fails)
-            writer.submit(self._finish, claim, sink, kept)
+            writer.submit(self._publish, claim, sink, kept)
         return busy
 
-    def _finish(self, claim: Claim, sink: ShardSink, kept: list[Unit]) -> None:
+    def _publish(self, claim: Claim, sink: ShardSink, kept: list[Unit]) -> None:
         """Runs on the writer thread, after the shard's last rows: publish it, or give it up."""
         if kept:
             sink.close()

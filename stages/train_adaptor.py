@@ -51,7 +51,7 @@ from pipeline.training.distributed import DistContext
 from pipeline.training.loader import PairLoader
 from pipeline.training.metrics import MetricsLog
 from pipeline.training.pairs import CacheMissError, PairData, embed_command, load_pairs
-from pipeline.training.step import StepRunner, check_step_mode, optimizer_for, restore_lr_tensors
+from pipeline.training.step import StepMode, StepRunner, check_step_mode, optimizer_for, restore_lr_tensors
 
 CHECKPOINT = "last.safetensors"
 
@@ -86,7 +86,7 @@ class TrainConfig:
     tokens_negatives: int = 7      # tokens mode: reports scored per image by their own paired forward (0: in-batch CLIP logits, which leak the pair)
     val_pairwise_items: int = 128  # tokens mode: validation items scored all-pairs
     gather_negatives: bool = True  # DDP: score against every rank's embeddings (false: per-rank negatives, flaw 4)
-    step: Literal["eager", "compile", "cuda-graph"] = "eager"  # how a step runs (pipeline/training/step.py)
+    step: StepMode = "eager"  # how a step runs (pipeline/training/step.py)
 
 
 @dataclass

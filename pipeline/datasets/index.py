@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -35,42 +35,33 @@ class DatasetIndex:
     name: str
     folder: Path
     table: pd.DataFrame
-    failures: list[dict] = field(default_factory=list)
 
-    # the interface embed_modality reads (shared with IndexBuilder)
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def image_units(self, views: int = 0) -> list:
-        from stages.embed import Unit
-
-        first = self.table[self.table.image_key.notna()].drop_duplicates("image_key")
-        return [Unit(k, v, src) for k, src in zip(first.image_key, first.image) for v in range(views + 1)]
-
+    # what embed_modality reads of a text-only index (the prompts'; IndexBuilder has the same)
     def text_units(self) -> list:
-        from stages.embed import Unit
-
-        ok = self.table[self.table.report_key.notna()].drop_duplicates("report_key")
-        return [Unit(k, 0, f"item {i}", txt) for k, i, txt in zip(ok.report_key, ok.id, ok.report)]
+        return _text_units(self.table.id, self.table.report, self.table.report_key)
 
     def failures_of(self, modality: str) -> list[dict]:
-        return [f for f in self.failures if f["modality"] == modality]
+        return []  # a built table: its unkeyable items were reported when it was built
 
     def record_store(self, modality: str, encoder: str, store: str) -> None:
         record_store(self.folder, modality, encoder, store)
 
 
+def _text_units(ids, reports, keys) -> list:
+    """One unit per distinct report key, in order of first appearance (items without a key skipped)."""
+    from stages.embed import Unit
+
+    seen: set[str] = set()
+    units = []
+    for i, report, key in zip(ids, reports, keys):
+        if isinstance(key, str) and key not in seen:
+            seen.add(key)
+            units.append(Unit(key, 0, f"item {i}", report))
+    return units
+
+
 def index_folder(root: Path, name: str) -> Path:
     return Path(root) / "datasets" / name
-
-
-def build_index(ds: Dataset, root: Path, modalities: tuple[str, ...] = ("image", "text")) -> DatasetIndex:
-    """Key every item and write the index (see :class:`IndexBuilder`, which streams it)."""
-    builder = IndexBuilder(ds, root, modalities)
-    try:
-        return builder.finish()
-    finally:
-        builder.close()
 
 
 class IndexBuilder:
@@ -95,10 +86,6 @@ class IndexBuilder:
         self._report_keys = [text_key(r) if r else None for r in self.reports]
         self._hasher = _Hasher([it.image for it in ds.items], _previous_keys(self.folder), threads, ahead)
 
-    @property
-    def name(self) -> str:
-        return self.ds.name
-
     def __len__(self) -> int:
         return len(self.ds.items)
 
@@ -114,15 +101,7 @@ class IndexBuilder:
                 yield from (Unit(key, v, str(it.image)) for v in range(views + 1))
 
     def text_units(self) -> list:
-        from stages.embed import Unit
-
-        seen: set[str] = set()
-        units = []
-        for it, report, key in zip(self.ds.items, self.reports, self._report_keys):
-            if key is not None and key not in seen:
-                seen.add(key)
-                units.append(Unit(key, 0, f"item {it.id}", report))
-        return units
+        return _text_units([it.id for it in self.ds.items], self.reports, self._report_keys)
 
     def failures_of(self, modality: str | None = None) -> list[dict]:
         """Items that cannot be keyed: missing or unreadable files, empty reports (waits for all keys)."""
@@ -142,7 +121,7 @@ class IndexBuilder:
     def record_store(self, modality: str, encoder: str, store: str) -> None:
         record_store(self.folder, modality, encoder, store)
 
-    def finish(self) -> DatasetIndex:
+    def finish(self) -> None:
         """Wait for every image key, then write the index atomically."""
         rows = []
         for i, (it, report, rkey) in enumerate(zip(self.ds.items, self.reports, self._report_keys)):
@@ -159,7 +138,6 @@ class IndexBuilder:
         meta = {"name": self.ds.name, "spec": self.ds.spec, "description": self.ds.description, "items": len(rows),
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_bytes(self.folder / "dataset.json", json.dumps(meta, indent=1).encode())
-        return DatasetIndex(self.ds.name, self.folder, table, self.failures_of())
 
     def close(self) -> None:
         self._hasher.close()

@@ -21,13 +21,13 @@ host never waits for the GPU inside an epoch.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 from torch import Tensor
 
 StepMode = Literal["eager", "compile", "cuda-graph"]
-STEP_MODES: tuple[str, ...] = ("eager", "compile", "cuda-graph")
+STEP_MODES: tuple[str, ...] = get_args(StepMode)
 WARMUP_STEPS = 3
 
 
