@@ -38,12 +38,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.models.adaptor import Adaptor, AdaptorConfig  # noqa: E402
 from pipeline.models.loss import clip_loss, pairwise_clip_loss, shifted_pair_logits  # noqa: E402
-from stages.train_adaptor import TrainConfig  # noqa: E402
+from stages.train.trainer import TrainConfig  # noqa: E402
 
 TOKENS_NEGATIVES = TrainConfig().tokens_negatives
-from pipeline.training.loader import PairLoader  # noqa: E402
-from pipeline.training.pairs import load_pairs  # noqa: E402
-from pipeline.training.step import WARMUP_STEPS, StepRunner, optimizer_for  # noqa: E402
+from stages.train.loader import PairLoader  # noqa: E402
+from cache.pairs import load_pairs  # noqa: E402
+from stages.train.step import WARMUP_STEPS, StepRunner, optimizer_for  # noqa: E402
 from stages import embed  # noqa: E402
 
 REPORTS = ["No acute cardiopulmonary abnormality. Heart size is normal. Lungs are clear without focal "

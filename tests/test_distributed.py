@@ -18,7 +18,7 @@ from torch.testing import assert_close
 
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.loss import clip_loss
-from pipeline.training.loader import PairLoader
+from stages.train.loader import PairLoader
 from tests.helpers import embedded_table, pipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_without_gathering_each_rank_sees_only_its_own_negatives(cached, single,
 
 @pytest.mark.timeout(300)
 def test_a_ddp_run_resumes_a_checkpoint(cached, single, tmp_path, monkeypatch):
-    from stages import train_adaptor
+    from stages.train import trainer as train_adaptor
 
     real_epoch = train_adaptor.Trainer._epoch
 
@@ -145,8 +145,8 @@ def test_a_ddp_run_resumes_a_checkpoint(cached, single, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- sharding of the epoch order
 def _loader(cached, rank: int, world: int, resident: str) -> PairLoader:
     from pipeline.datasets import open_dataset
-    from pipeline.paths import cache_root
-    from pipeline.training.pairs import load_pairs
+    from cache.paths import cache_root
+    from cache.pairs import load_pairs
 
     table, cache = cached
     data = load_pairs(cache_root(cache), open_dataset(str(table), cache_root(cache)).name, str(table),
@@ -184,7 +184,7 @@ def test_a_streaming_rank_reads_only_its_own_rows(cached):
 
 
 def test_the_global_batch_must_split_evenly_over_the_ranks(cached, tmp_path):
-    from stages.train_adaptor import global_batch
+    from stages.train.trainer import global_batch
 
     with pytest.raises(ValueError, match="multiple of 2"):
         global_batch(7, 20, 2)

@@ -129,7 +129,7 @@ def test_bad_arguments_get_one_clear_error(tmp_path, args, needle):
 def test_fingerprint_changes_with_preprocessing_weights_and_dtype():
     from cache.keys import fingerprint
     from pipeline.encoders import resolve_encoder_name
-    from stages.embed import EmbedConfig, encoder_spec
+    from stages.embed.stage import EmbedConfig, encoder_spec
 
     cfg = resolve_encoder_name("tiny-vit")
     base = encoder_spec(cfg, EmbedConfig(dataset="x"))
@@ -265,7 +265,7 @@ def test_dask_local_cluster_gives_the_same_cache(tmp_path):
 
 
 def test_decoding_in_spawned_processes_gives_the_same_cache(tmp_path, monkeypatch):
-    from stages.embed import EmbedConfig, run
+    from stages.embed.stage import EmbedConfig, run
 
     table = make_table(tmp_path / "data", 8)
     threads = run(EmbedConfig(dataset=str(table), cache=str(tmp_path / "a"), device="cpu", decode_processes=0))
@@ -278,8 +278,8 @@ def test_decoding_in_spawned_processes_gives_the_same_cache(tmp_path, monkeypatc
 
 # ---------------------------------------------------------------- keys stream in ahead of the work
 def test_the_first_shard_starts_before_the_whole_dataset_is_keyed(tmp_path, monkeypatch):
-    import pipeline.datasets.index as index
-    from stages import embed
+    import cache.index as index
+    from stages.embed import stage as embed
 
     table = make_table(tmp_path / "data", 64)
     hashed, at_first_forward = [], []
@@ -306,7 +306,7 @@ def test_the_first_shard_starts_before_the_whole_dataset_is_keyed(tmp_path, monk
 
 
 def test_the_hasher_stays_a_bounded_distance_ahead_and_hands_errors_over(tmp_path, monkeypatch):
-    import pipeline.datasets.index as index
+    import cache.index as index
 
     paths = []
     for i in range(40):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluation import metrics as M
-from pipeline.evaluation.fractions import FractionTooSmallError, check_subset, nested_subsets, stratified_order
+from stages.evaluate import metrics as M
+from stages.evaluate.fractions import FractionTooSmallError, check_subset, nested_subsets, stratified_order
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.heads import MLPHead, SegDecoder, make_head, segmentation_loss
 from tests.helpers import FINDINGS, embed_json, pipe
@@ -233,7 +233,7 @@ def test_pooled_text_output_depends_on_the_text_alone():
 
 def test_masks_get_the_encoders_geometry():
     """A mask aligned with align_mask covers the same pixels as its image after Preprocess."""
-    from pipeline.evaluation.masks import align_mask
+    from cache.masks import align_mask
     from pipeline.imaging import Preprocess
 
     img = np.zeros((120, 90), np.float32)
@@ -353,9 +353,9 @@ def test_retrieval_with_and_without_the_adaptor(world, tmp_path, mode):
 
 def test_no_adaptor_similarity_is_the_cosine_of_raw_features_when_widths_agree(world, tmp_path):
     from pipeline.config import load_config
-    from pipeline.evaluation.features import raw_features
-    from pipeline.evaluation.retrieve import raw_similarity
-    from stages.evaluate import EvalConfig, _context
+    from stages.evaluate.features import raw_features
+    from stages.evaluate.retrieve import raw_similarity
+    from stages.evaluate.stage import EvalConfig, _context
 
     cfg = load_config(EvalConfig, None, ["task=retrieval", f"dataset={world['table']}", "adaptor=none",
                                          "backbone=tiny-vit", "text_encoder=tiny-bert", f"cache={world['cache']}",
@@ -399,9 +399,9 @@ def test_zero_shot_prompts_are_embedded_into_the_text_cache_once(world, tmp_path
 
 def test_tokens_mode_pair_scores_are_one_paired_forward_each(world):
     """Tokens mode mixes the pair inside the forward, so retrieval scores every pair separately."""
-    from pipeline.evaluation.features import FrozenAdaptor
-    from pipeline.training.loader import PairLoader
-    from pipeline.training.pairs import load_pairs
+    from stages.evaluate.features import FrozenAdaptor
+    from stages.train.loader import PairLoader
+    from cache.pairs import load_pairs
 
     a = FrozenAdaptor.load(world["tokens"], torch.device("cpu"), world["cache"])
     name = json.loads((next((world["cache"] / "datasets").iterdir()) / "dataset.json").read_text())["name"]
@@ -449,7 +449,7 @@ def test_a_fraction_too_small_is_refused_naming_the_label(world, tmp_path):
 
 
 def test_a_checkpoint_from_other_embeddings_is_refused(world, tmp_path):
-    from pipeline.training.checkpoint import read_meta, save_checkpoint
+    from pipeline.models.checkpoint import read_meta, save_checkpoint
     from safetensors.torch import load_file
 
     meta = read_meta(world["pooled"])
@@ -478,6 +478,6 @@ def test_bare_numbers_are_fractions_and_anything_else_is_refused(world, tmp_path
     r = pipe("evaluate", "--task", "classification", "-d", str(world["table"]), "-a", "none", "-b", "tiny-vit",
              "--cache", str(world["cache"]), "--fraction", "1.0", "oops", expect=2)
     assert "neither a label fraction" in r.output
-    from pipeline.commands.evaluate import split_fractions
+    from pipeline.cli.evaluate import split_fractions
 
     assert split_fractions(["0.01,0.1"], ["1.0", "seeds=2"]) == ([0.01, 0.1, 1.0], ["seeds=2"])

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.training.checkpoint import CheckpointMismatchError, check_fingerprints, read_meta
+from pipeline.models.checkpoint import CheckpointMismatchError, check_fingerprints, read_meta
 from tests.helpers import append_rows, embed_json, embedded_table, make_table, pipe
 
 SMALL = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "batch_size=8", "optim.lr=1e-3"]
@@ -68,7 +68,7 @@ def _run(table, cache, out, *extra):
 
 
 def test_resume_reaches_the_same_state_as_an_uninterrupted_run(cached, tmp_path, monkeypatch):
-    from stages import train_adaptor
+    from stages.train import trainer as train_adaptor
 
     table, cache = cached
     full = _run(table, cache, tmp_path / "full", "epochs=4")
@@ -105,9 +105,9 @@ def test_tokens_mode_with_grid_pooling_trains(cached, tmp_path):
 
 
 def test_views_are_sampled_per_epoch(cached):
-    from pipeline.paths import cache_root
-    from pipeline.training.loader import PairLoader
-    from pipeline.training.pairs import load_pairs
+    from cache.paths import cache_root
+    from stages.train.loader import PairLoader
+    from cache.pairs import load_pairs
 
     table, cache = cached
     from pipeline.datasets import open_dataset

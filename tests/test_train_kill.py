@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
-from pipeline.training import checkpoint
-from pipeline.training.checkpoint import CheckpointMismatchError, load_checkpoint, read_meta, save_checkpoint
+from pipeline.models import checkpoint
+from pipeline.models.checkpoint import CheckpointMismatchError, load_checkpoint, read_meta, save_checkpoint
 from tests.helpers import embedded_table
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ def open_dataset(spec: str, cache_root: Path | None = None, materialise: bool = 
     With ``materialise=False`` a reader may skip work that only the items need (the demo
     is not generated): enough to learn the dataset's name, as stage two does.
     """
-    from pipeline.paths import cache_root as default_root
+    from cache.paths import cache_root as default_root
 
     root = Path(cache_root) if cache_root else default_root()
     name, _, arg = spec.partition(":")

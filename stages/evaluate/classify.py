@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.console import err, progress
-from pipeline.datasets.index import LABEL_PREFIX
-from pipeline.evaluation import metrics as M
-from pipeline.evaluation.context import EvalContext, TaskResult
-from pipeline.evaluation.fractions import check_subset, stratified_order, subset_size
-from pipeline.evaluation.plots import roc_grid
-from pipeline.evaluation.tables import add_row, fraction_label, make_table, summary_cell
-from pipeline.evaluation.trainer import FitSettings, Head, HeadBank, predict
+from cache.index import LABEL_PREFIX
+from stages.evaluate import metrics as M
+from stages.evaluate.context import EvalContext, TaskResult
+from stages.evaluate.fractions import check_subset, stratified_order, subset_size
+from stages.evaluate.plots import roc_grid
+from stages.evaluate.tables import add_row, fraction_label, make_table, summary_cell
+from stages.evaluate.head_bank import FitSettings, Head, HeadBank, predict
 from pipeline.models.heads import make_head
 
 PRIMARY = {"binary": "auroc", "multilabel": "macro_auroc", "multiclass": "accuracy"}

@@ -30,8 +30,8 @@ from cache.store import Claim, ShardSink, Store, StoreError, live_run
 from pipeline.allocator import keep_freed_memory
 from pipeline.console import err, peak_memory_mb, progress, resolve_device
 from pipeline.datasets import Dataset, open_dataset
-from pipeline.datasets.index import DatasetIndex, IndexBuilder
-from pipeline.paths import cache_root
+from cache.index import DatasetIndex, IndexBuilder
+from cache.paths import cache_root
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from pipeline.console import err
-from pipeline.evaluation.features import FrozenAdaptor, raw_features
-from pipeline.training.pairs import PairData
+from stages.evaluate.features import FrozenAdaptor, raw_features
+from cache.pairs import PairData
 
 
 @dataclass

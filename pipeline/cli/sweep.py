@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         """Train a grid of Adaptors (e.g. lr x layers x mode x batch) against the same caches."""
         from pipeline.cli import _user_errors, fail
         from pipeline.console import err
-        from stages.sweep import load_sweep, run_sweep
+        from stages.sweep.stage import load_sweep, run_sweep
 
         try:
             s = load_sweep(spec, overrides or [])

@@ -72,7 +72,7 @@ def _override(key: str, value) -> str:
 
 
 def run_sweep(spec: SweepSpec, cache_override: str | None = None, on_row=None) -> SweepResult:
-    from stages.train_adaptor import TrainConfig, load_training_data, run
+    from stages.train.trainer import TrainConfig, load_training_data, run
 
     cache = cache_override or spec.cache
     base = [_override("dataset", spec.dataset), _override("backbone", spec.backbone),

@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.console import err, progress
-from pipeline.evaluation import metrics as M
-from pipeline.evaluation.context import EvalContext, TaskResult
-from pipeline.evaluation.features import raw_features
-from pipeline.evaluation.plots import recall_bars
-from pipeline.evaluation.tables import add_estimates_row, add_row, make_table, value_cell
+from stages.evaluate import metrics as M
+from stages.evaluate.context import EvalContext, TaskResult
+from stages.evaluate.features import raw_features
+from stages.evaluate.plots import recall_bars
+from stages.evaluate.tables import add_estimates_row, add_row, make_table, value_cell
 
 KS = (1, 5, 10)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.datasets.index import MASK_PREFIX
+from cache.index import MASK_PREFIX
 
 
 class MaskError(ValueError):

@@ -38,7 +38,7 @@ def _step(title: str):
 
 
 def run(cfg: DemoConfig) -> Path:
-    from stages import embed, evaluate, train_adaptor
+    from stages import embed, evaluate, train as train_adaptor
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def run(cfg: DemoConfig) -> Path:
 
 
 def write_report(runs: list[Path], path: Path) -> Path:
-    from pipeline.evaluation.tables import merge_tables, to_markdown, to_rich
+    from stages.evaluate.tables import merge_tables, to_markdown, to_rich
 
     loaded = [json.loads((r / "results.json").read_text()) for r in runs]
     tables = merge_tables(loaded, [str(r) for r in runs])

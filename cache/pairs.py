@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cache.store import Store, StoreError
-from pipeline.datasets.index import LABEL_PREFIX, MASK_PREFIX, DatasetIndex, load_index
+from cache.index import LABEL_PREFIX, MASK_PREFIX, DatasetIndex, load_index
 
 
 class CacheMissError(RuntimeError):

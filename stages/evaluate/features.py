@@ -22,7 +22,7 @@ from cache.reader import RowReader
 from cache.store import Store, atomic_write_bytes
 from pipeline.console import err
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
-from pipeline.training.checkpoint import checkpoint_hash, load_checkpoint, read_meta
+from pipeline.models.checkpoint import checkpoint_hash, load_checkpoint, read_meta
 
 BATCH = {"pooled": 512, "tokens": 64}
 PAIRS_PER_FORWARD = 256

@@ -20,12 +20,12 @@ import numpy as np
 
 from pipeline.config import ConfigError, config_hash, save_config, to_dict
 from pipeline.console import err, peak_memory_mb, resolve_device
-from pipeline.evaluation.context import EvalContext, TaskResult
-from pipeline.evaluation.features import FrozenAdaptor
-from pipeline.evaluation.tables import to_markdown
-from pipeline.paths import cache_root
-from pipeline.training.checkpoint import CheckpointMismatchError, check_fingerprints
-from pipeline.training.pairs import CacheMissError, embed_command, load_pairs
+from stages.evaluate.context import EvalContext, TaskResult
+from stages.evaluate.features import FrozenAdaptor
+from stages.evaluate.tables import to_markdown
+from cache.paths import cache_root
+from pipeline.models.checkpoint import CheckpointMismatchError, check_fingerprints
+from cache.pairs import CacheMissError, embed_command, load_pairs
 
 TASKS = ("classification", "segmentation", "retrieval", "zero-shot")
 
@@ -209,7 +209,7 @@ def _task(name: str):
 
     module = {"classification": "classify", "segmentation": "segment", "retrieval": "retrieve",
               "zero-shot": "zeroshot"}[name]
-    return importlib.import_module(f"pipeline.evaluation.{module}")
+    return importlib.import_module(f"stages.evaluate.{module}")
 
 
 def _results_json(ctx: EvalContext, result: TaskResult, forwards: str | None, seconds: float) -> dict:

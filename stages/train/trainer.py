@@ -44,14 +44,14 @@ from pipeline.console import err, peak_memory_mb, progress
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.loss import (clip_loss, pairwise_clip_loss, retrieval_recall, retrieval_recall_from_sim,
                                   shifted_pair_logits)
-from pipeline.paths import cache_root
-from pipeline.training import distributed
-from pipeline.training.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from pipeline.training.distributed import DistContext
-from pipeline.training.loader import PairLoader
-from pipeline.training.metrics import MetricsLog
-from pipeline.training.pairs import CacheMissError, PairData, embed_command, load_pairs
-from pipeline.training.step import StepMode, StepRunner, check_step_mode, optimizer_for, restore_lr_tensors
+from cache.paths import cache_root
+from stages.train import distributed
+from pipeline.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from stages.train.distributed import DistContext
+from stages.train.loader import PairLoader
+from stages.train.metrics import MetricsLog
+from cache.pairs import CacheMissError, PairData, embed_command, load_pairs
+from stages.train.step import StepMode, StepRunner, check_step_mode, optimizer_for, restore_lr_tensors
 
 CHECKPOINT = "last.safetensors"
 
@@ -157,7 +157,7 @@ def global_batch(requested: int, n_items: int, world: int) -> int:
 
 def check_index_current(ds, data: PairData, cfg: TrainConfig) -> None:
     """Refuse to train on a cache that predates rows added to the dataset since."""
-    from pipeline.datasets.index import load_index
+    from cache.index import load_index
 
     known = set(load_index(cache_root(cfg.cache), ds.name).table.id)
     new = [it.id for it in ds.items if it.id not in known]

@@ -23,7 +23,7 @@ import torch
 
 from cache.reader import RowReader, available_ram, block_shuffled_order
 from pipeline.console import err
-from pipeline.training.pairs import PairData
+from cache.pairs import PairData
 
 Resident = Literal["auto", "ram", "gpu", "none"]
 

@@ -63,8 +63,8 @@ def embed_texts(texts: list[str], encoder_name: str, cache_root: Path) -> np.nda
 
 def embed_texts_store(texts: list[str], encoder_name: str, cache_root: Path) -> tuple[Store, np.ndarray]:
     from pipeline.console import resolve_device
-    from pipeline.datasets.index import DatasetIndex
-    from stages.embed import EmbedConfig, embed_modality
+    from cache.index import DatasetIndex
+    from stages.embed.stage import EmbedConfig, embed_modality
 
     norm = [normalise_report(t) for t in texts]
     if not all(norm):

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.evaluation import metrics as M
-from pipeline.evaluation.context import EvalContext, TaskResult
-from pipeline.evaluation.plots import roc_grid
-from pipeline.evaluation.prompts import PromptError, embed_texts_store, load_prompts, prompt_path
-from pipeline.evaluation.retrieve import adaptor_similarity, raw_similarity
-from pipeline.evaluation.tables import add_estimates_row, make_table
+from stages.evaluate import metrics as M
+from stages.evaluate.context import EvalContext, TaskResult
+from stages.evaluate.plots import roc_grid
+from stages.evaluate.prompts import PromptError, embed_texts_store, load_prompts, prompt_path
+from stages.evaluate.retrieve import adaptor_similarity, raw_similarity
+from stages.evaluate.tables import add_estimates_row, make_table
 
 
 def _findings(ctx: EvalContext, prompts: dict) -> list[str]:

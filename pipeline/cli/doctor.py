@@ -11,7 +11,7 @@ import torch
 from rich.table import Table
 
 from pipeline.console import err
-from pipeline.paths import cache_root
+from cache.paths import cache_root
 
 PACKAGES = ["torch", "torchvision", "transformers", "timm", "huggingface_hub", "zarr", "numcodecs",
             "dask", "distributed", "pyarrow", "typer", "rich", "xxhash", "pydicom", "pillow",

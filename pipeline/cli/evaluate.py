@@ -117,8 +117,8 @@ def _run(config: Optional[Path], overrides: list[str], as_json: bool) -> None:
     from pipeline.cli import _user_errors, fail
     from pipeline.config import load_config
     from pipeline.console import err
-    from pipeline.evaluation.tables import to_rich
-    from stages.evaluate import EvalConfig, run
+    from stages.evaluate.tables import to_rich
+    from stages.evaluate.stage import EvalConfig, run
 
     try:
         result = run(load_config(EvalConfig, config, overrides))
@@ -139,7 +139,7 @@ def report(
     """Gather several evaluation runs into one table per metric (rows: methods; columns: fractions)."""
     from pipeline.cli import fail
     from pipeline.console import err
-    from pipeline.evaluation.tables import merge_tables, to_markdown, to_rich
+    from stages.evaluate.tables import merge_tables, to_markdown, to_rich
 
     loaded = []
     for r in runs:

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from pipeline.console import err, progress
-from pipeline.evaluation import metrics as M
-from pipeline.evaluation.context import EvalContext, TaskResult
-from pipeline.evaluation.features import raw_features
-from pipeline.evaluation.fractions import check_subset, stratified_order, subset_size
-from pipeline.evaluation.masks import geometry, load_masks
-from pipeline.evaluation.plots import overlays
-from pipeline.evaluation.tables import add_row, fraction_label, make_table, summary_cell, value_cell
-from pipeline.evaluation.trainer import FitSettings, Head, HeadBank, iter_predict
+from stages.evaluate import metrics as M
+from stages.evaluate.context import EvalContext, TaskResult
+from stages.evaluate.features import raw_features
+from stages.evaluate.fractions import check_subset, stratified_order, subset_size
+from cache.masks import geometry, load_masks
+from stages.evaluate.plots import overlays
+from stages.evaluate.tables import add_row, fraction_label, make_table, summary_cell, value_cell
+from stages.evaluate.head_bank import FitSettings, Head, HeadBank, iter_predict
 from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
 
 TABLES = (("dice_positive", "Dice on images with a non-empty true mask"),

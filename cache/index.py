@@ -49,7 +49,7 @@ class DatasetIndex:
 
 def _text_units(ids, reports, keys) -> list:
     """One unit per distinct report key, in order of first appearance (items without a key skipped)."""
-    from stages.embed import Unit
+    from stages.embed.stage import Unit
 
     seen: set[str] = set()
     units = []
@@ -91,7 +91,7 @@ class IndexBuilder:
 
     def image_units(self, views: int = 0) -> Iterator:
         """(key, view) units of each distinct image, in order of first appearance, as keys arrive."""
-        from stages.embed import Unit
+        from stages.embed.stage import Unit
 
         seen: set[str] = set()
         for i, it in enumerate(self.ds.items):

@@ -32,9 +32,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.config import ConfigError
     from pipeline.datasets import DatasetError
     from pipeline.encoders import UnknownEncoderError, WeightsNotFoundError
-    from pipeline.training.checkpoint import CheckpointMismatchError
-    from pipeline.training.loader import ResidencyError
-    from pipeline.training.pairs import CacheMissError
+    from pipeline.models.checkpoint import CheckpointMismatchError
+    from stages.train.loader import ResidencyError
+    from cache.pairs import CacheMissError
 
     return (StoreError, ConfigError, DatasetError, UnknownEncoderError, WeightsNotFoundError,
             CacheMissError, CheckpointMismatchError, ResidencyError,
@@ -66,7 +66,7 @@ def embed(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Use an existing Dask cluster (tcp://host:port)."),
 ) -> None:
     """Run each frozen encoder once per distinct image and report, into the cache."""
-    from stages.embed import EmbedConfig, run
+    from stages.embed.stage import EmbedConfig, run
 
     cfg = EmbedConfig(dataset=dataset, backbone=backbone, text_encoder=text_encoder,
                       cache=str(cache) if cache else None, batch_size=batch_size, device=device.value,
@@ -135,7 +135,7 @@ def train_adaptor(
 ) -> None:
     """Train the Adaptor from the cache: no backbone forward passes, no image decoding."""
     from pipeline.config import load_config
-    from stages.train_adaptor import TrainConfig, run
+    from stages.train.trainer import TrainConfig, run
 
     flags = _flag_overrides(dataset=dataset, backbone=backbone, text_encoder=text_encoder,
                             out=str(out) if out else None, cache=str(cache) if cache else None,
@@ -162,7 +162,7 @@ def demo(
     segmentation: bool = typer.Option(True, "--segmentation/--no-segmentation"),
 ) -> None:
     """The whole pipeline on the built-in phantom data: embed, train the Adaptor, evaluate."""
-    from stages.demo import DemoConfig, run
+    from stages.demo.stage import DemoConfig, run
 
     try:
         run(DemoConfig(out=str(out), cache=str(cache) if cache else None, device=device.value, seeds=seeds,
@@ -193,7 +193,7 @@ def encoders(as_json: bool = typer.Option(False, "--json")) -> None:
 @app.command()
 def doctor(cache: Optional[Path] = CACHE_OPT) -> None:
     """Report versions, the device, which encoder weights are present, and the cache location."""
-    from pipeline.doctor import run_doctor
+    from pipeline.cli.doctor import run_doctor
 
     run_doctor(str(cache) if cache else None)
 
@@ -202,7 +202,7 @@ def doctor(cache: Optional[Path] = CACHE_OPT) -> None:
 def cache_ls(cache: Optional[Path] = CACHE_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
     """List each store: modality, encoder, fingerprint, items, bytes, path."""
     from cache.inspect import list_stores
-    from pipeline.paths import cache_root
+    from cache.paths import cache_root
 
     rows = list_stores(cache_root(cache))
     if as_json:
@@ -223,7 +223,7 @@ def cache_verify(cache: Optional[Path] = CACHE_OPT,
     """Check every committed chunk's checksum and the manifest's consistency."""
     from cache.store import find_stores
     from cache.verify import verify_store
-    from pipeline.paths import cache_root
+    from cache.paths import cache_root
 
     stores = [store] if store else find_stores(cache_root(cache))
     if not stores:
@@ -257,7 +257,7 @@ def _register_command_modules() -> None:
     import importlib
 
     for name in ("evaluate", "data", "sweep"):
-        module = f"pipeline.commands.{name}"
+        module = f"pipeline.cli.{name}"
         try:
             importlib.import_module(module).register(app)
         except ModuleNotFoundError as e:

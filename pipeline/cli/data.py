@@ -42,7 +42,7 @@ def with_option(spec: str, key: str, value: str) -> str:
 def _open(dataset: str, cache: Optional[Path], allow_failures: bool):
     from pipeline.cli import _user_errors
     from pipeline.datasets import open_dataset
-    from pipeline.paths import cache_root
+    from cache.paths import cache_root
 
     root = cache_root(cache)
     spec = with_option(dataset, "allow_failures", "1") if allow_failures else dataset

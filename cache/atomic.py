@@ -1,0 +1,162 @@
+"""Writes that are all or nothing, locks, and process liveness: the cache's file discipline.
+
+Every file the project writes for later reading goes through :func:`atomic_path`:
+the bytes go to a hidden temporary name in the same directory (so the rename cannot
+cross file systems), the file is fsynced, renamed over its final name, and the directory
+is fsynced so the rename itself survives a power cut. A reader therefore sees the old
+file or the new one, never half of one. Temporary names start with a dot and end in
+``.tmp``; :func:`is_temp_name` recognises them so verify/gc can remove the leftovers of
+killed writers.
+
+Files are created with mode 0666 and the process umask applied, like any other file a
+tool writes (``tempfile.mkstemp`` would force 0600, which a team on a shared file
+system cannot read).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path, suffix: str = "") -> Path:
+    """The hidden temporary sibling this process writes ``path`` under."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+
+
+def is_temp_name(name: str) -> bool:
+    return bool(_TEMP.match(name))
+
+
+def temp_owner(name: str) -> int | None:
+    """The pid that wrote a temporary file, from its name (None if it is not one)."""
+    m = _TEMP.match(name)
+    return int(m[1]) if m else None
+
+
+def _create(path: Path):
+    # O_EXCL: a stale file of a reused pid is replaced, never appended to
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s content to; on success it replaces ``path``.
+
+    For writers that want a file name (``np.savez``, safetensors' ``save_file``): the
+    temporary file exists (empty, mode from the umask) when the block starts. ``suffix``
+    keeps an extension some writers insist on (``.npz``). On an exception the temporary
+    file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp = temp_name(path, suffix)
+    os.close(_create(tmp))
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], object], suffix: str = "") -> None:
+    """Call ``write(tmp_path)``, then move the result into place all or nothing."""
+    with atomic_path(path, suffix) as tmp:
+        write(tmp)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+class LockError(OSError):
+    """A lock file that cannot be created (the directory is not writable)."""
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise LockError(e.errno, f"cannot lock {path}: {e.strerror}. Is the cache directory writable?") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- process liveness
+def process_start(pid: int) -> str | None:
+    """Start time of a process (clock ticks since boot), to tell a live one from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def this_process() -> dict:
+    """Who we are, as recorded in claims and lock files: host, pid and start time."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+
+
+def same_host(info: dict) -> bool:
+    return info.get("host") == socket.gethostname()
+
+
+def process_alive(info: dict) -> bool:
+    """Is the process that wrote ``info`` (see :func:`this_process`) still running?
+
+    A process on another host cannot be seen from here and counts as alive. On this host
+    the pid must exist and have the recorded start time, so a pid reused by another
+    program does not keep a dead writer's claim alive.
+    """
+    if not same_host(info):
+        return True
+    try:
+        pid = int(info.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    start = process_start(pid)
+    return start is not None and start == info.get("start")

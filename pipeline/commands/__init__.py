@@ -1,1 +1,0 @@
-"""CLI commands kept in their own modules; each exposes register(app)."""

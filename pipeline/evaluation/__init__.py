@@ -1,1 +1,0 @@
-"""Downstream evaluation from the cache: metrics, label fractions, features, tasks and reports."""
