@@ -45,6 +45,8 @@ from stages.train.loader import PairLoader  # noqa: E402
 from cache.pairs import load_pairs  # noqa: E402
 from stages.train.step import WARMUP_STEPS, StepRunner, optimizer_for  # noqa: E402
 from stages import embed  # noqa: E402
+from stages.embed.embedder import get_encoder  # noqa: E402
+from stages.embed.modality import preprocess_of  # noqa: E402
 
 REPORTS = ["No acute cardiopulmonary abnormality. Heart size is normal. Lungs are clear without focal "
            "consolidation, effusion or pneumothorax.",
@@ -177,11 +179,11 @@ def main() -> None:
 
         data = load_pairs(Path(d) / "cache", open_dataset(str(table), Path(d) / "cache").name, str(table),
                           backbone, "random-bert")
-        img_enc = embed.get_encoder(backbone, device)
+        img_enc = get_encoder(backbone, device)
         from pipeline.encoders import create_encoder, resolve_encoder_name
 
         txt_enc = create_encoder("random-bert", device=str(device))
-        pre = embed._preprocess(resolve_encoder_name(backbone))
+        pre = preprocess_of(resolve_encoder_name(backbone))
         from pipeline.imaging import read_and_decode
 
         pixels = torch.stack([pre(read_and_decode(Path(d) / "data" / f"{i}.png")[1]) for i in range(args.batch)])

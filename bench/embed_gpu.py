@@ -32,6 +32,8 @@ os.environ.setdefault("PIPE_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from stages import embed  # noqa: E402
+from stages.embed.embedder import get_encoder  # noqa: E402
+from stages.embed.modality import preprocess_of  # noqa: E402
 
 
 def _write(args) -> None:
@@ -53,7 +55,7 @@ def make_images(folder: Path, n: int) -> Path:
 
 @torch.inference_mode()
 def bare_rate(name: str, batch: int, steps: int) -> float:
-    enc = embed.get_encoder(name, torch.device("cuda"))
+    enc = get_encoder(name, torch.device("cuda"))
     x = torch.randn(batch, 3, 224, 224, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(3):

@@ -39,6 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.imaging import read_and_decode  # noqa: E402
 from stages import embed  # noqa: E402
+from stages.embed.embedder import get_encoder  # noqa: E402
+from stages.embed.modality import preprocess_of  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: int) -> Path:
@@ -104,8 +106,8 @@ def measure(table: Path, name: str, batch: int, reps: int) -> dict:
 
     keep_freed_memory()  # the allocator setting `pipe embed` applies, for every loop alike
     device = torch.device("cpu")
-    encoder = embed.get_encoder(name, device)  # built once, shared by both loops
-    preprocess = embed._preprocess(resolve_encoder_name(name))
+    encoder = get_encoder(name, device)  # built once, shared by both loops
+    preprocess = preprocess_of(resolve_encoder_name(name))
     paths = [table.parent / p for p in pd.read_csv(table).image]
     bare_loop(encoder, preprocess, paths[:batch], batch)  # warm-up: page cache, allocator, kernels
     runners = {"bare": lambda: bare_loop(encoder, preprocess, paths, batch),

@@ -19,13 +19,14 @@ import fcntl
 import os
 import re
 import socket
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-_TEMP = re.compile(r"^\..+\.(\d+)\.tmp(\.[A-Za-z0-9]+)?$")
+_TEMP = re.compile(r"^\..+\.(\d+)(?:-\d+)?\.tmp(\.[A-Za-z0-9]+)?$")
 
 
 def fsync_path(path: Path) -> None:
@@ -38,9 +39,9 @@ def fsync_path(path: Path) -> None:
 
 
 def temp_name(path: Path, suffix: str = "") -> Path:
-    """The hidden temporary sibling this process writes ``path`` under."""
+    """The hidden temporary sibling this process (and thread) writes ``path`` under."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp{suffix}")
 
 
 def is_temp_name(name: str) -> bool:

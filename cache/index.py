@@ -8,26 +8,42 @@ labels, image path and key, report key, and why an item could not be keyed.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Protocol, Sequence
 
 import pandas as pd
 import pyarrow as pa
-
 import xxhash
 
+from cache.atomic import atomic_write_bytes, locked, write_parquet_atomic
 from cache.keys import normalise_report, text_key
-from cache.store import atomic_write_bytes, write_parquet_atomic
-from pipeline.datasets.base import Dataset
 
 LABEL_PREFIX = "label."
 MASK_PREFIX = "mask."
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing to embed: a content key, its view, and where to read it."""
+
+    key: str
+    view: int
+    source: str          # image path, or "item <id>" for reports
+    payload: str | None = None  # the normalised report text
+
+
+class Items(Protocol):
+    """What the index needs of a dataset (``pipeline.datasets.Dataset`` is one)."""
+
+    name: str
+    spec: str
+    description: str
+    items: Sequence[Any]  # each with id, image, report, patient_id, split, labels, masks
 
 
 @dataclass
@@ -49,8 +65,6 @@ class DatasetIndex:
 
 def _text_units(ids, reports, keys) -> list:
     """One unit per distinct report key, in order of first appearance (items without a key skipped)."""
-    from stages.embed.stage import Unit
-
     seen: set[str] = set()
     units = []
     for i, report, key in zip(ids, reports, keys):
@@ -77,7 +91,7 @@ class IndexBuilder:
     for an image-only run. :meth:`finish` waits for every key and writes ``items.parquet``.
     """
 
-    def __init__(self, ds: Dataset, root: Path, modalities: tuple[str, ...] = ("image", "text"),
+    def __init__(self, ds: Items, root: Path, modalities: tuple[str, ...] = ("image", "text"),
                  threads: int = 4, ahead: int = 2048):
         self.ds, self.modalities = ds, modalities
         self.folder = index_folder(root, ds.name)
@@ -91,8 +105,6 @@ class IndexBuilder:
 
     def image_units(self, views: int = 0) -> Iterator:
         """(key, view) units of each distinct image, in order of first appearance, as keys arrive."""
-        from stages.embed.stage import Unit
-
         seen: set[str] = set()
         for i, it in enumerate(self.ds.items):
             key = self._hasher.get(i)[0]
@@ -236,12 +248,8 @@ def _image_key(path: Path, previous: dict, buf: memoryview) -> tuple:
 
 def record_store(folder: Path, modality: str, encoder: str, store: str) -> None:
     """Remember which store holds this dataset's embeddings for an encoder (under a lock)."""
-    lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(folder / ".lock"):
         path = folder / "stores.json"
         stores = json.loads(path.read_text()) if path.exists() else {}
         stores.setdefault(modality, {})[encoder] = {"store": store, "updated": time.time()}
         atomic_write_bytes(path, json.dumps(stores, indent=1).encode())
-    finally:
-        os.close(lock)

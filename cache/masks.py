@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cache.atomic import atomic_write_with
 from cache.index import MASK_PREFIX
+from pipeline.errors import InputError
 
 
-class MaskError(ValueError):
+class MaskError(InputError):
     """A mask that cannot be used; the message names the item and the fix."""
 
 
@@ -133,6 +135,6 @@ def _write_cache(path: Path, entries: dict[str, tuple[str, np.ndarray]], crop: i
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted(entries)
     bits = np.packbits(np.stack([entries[k][1].reshape(-1) for k in keys]), axis=1)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, ids=np.array(keys), stamps=np.array([entries[k][0] for k in keys]), bits=bits)
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: np.savez(tmp, ids=np.array(keys),
+                                                 stamps=np.array([entries[k][0] for k in keys]), bits=bits),
+                      suffix=".npz")

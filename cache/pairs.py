@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cache.store import Store, StoreError
+from typing import Callable
+
 from cache.index import LABEL_PREFIX, MASK_PREFIX, DatasetIndex, load_index
+from cache.store import Store, StoreError
+from pipeline.errors import PipeError
 
 
-class CacheMissError(RuntimeError):
+class CacheMissError(PipeError):
     """Items or stores that stage one has not produced; the message names the command."""
 
 
@@ -24,13 +27,10 @@ def embed_command(dataset: str, backbone: str, text_encoder: str, cache: Path) -
     return f"pipe embed --dataset {dataset} --backbone {backbone} --text-encoder {text_encoder} --cache {cache}"
 
 
-def find_store(index: DatasetIndex, modality: str, encoder: str, hint: str) -> Store:
-    """The store that ``pipe embed`` recorded for this dataset, modality and encoder."""
-    from pipeline.encoders import resolve_encoder_name
-
+def find_store(index: DatasetIndex, modality: str, name: str, hint: str) -> Store:
+    """The store that ``pipe embed`` recorded for this dataset, modality and (canonical) encoder name."""
     path = index.folder / "stores.json"
     stores = json.loads(path.read_text()) if path.exists() else {}
-    name = resolve_encoder_name(encoder).name
     entry = stores.get(modality, {}).get(name)
     if entry is None:
         have = ", ".join(stores.get(modality, {})) or "none"
@@ -80,14 +80,19 @@ class PairData:
 
 
 def load_pairs(cache: Path, dataset_name: str, dataset_arg: str, backbone: str, text_encoder: str,
-               need_text: bool = True) -> PairData:
+               need_text: bool = True, canonical: Callable[[str], str] = str) -> PairData:
+    """The dataset's items with the store rows of their embeddings.
+
+    ``canonical`` maps an encoder name as the user gave it (an alias, say) to the name the
+    stores are recorded under (``pipe embed`` records canonical names).
+    """
     hint = embed_command(dataset_arg, backbone, text_encoder, cache)
     try:
         index = load_index(cache, dataset_name)
     except FileNotFoundError:
         raise CacheMissError(f"dataset {dataset_arg!r} is not in the cache at {cache}. Run:\n  {hint}") from None
-    image = find_store(index, "image", backbone, hint)
-    text = find_store(index, "text", text_encoder, hint) if need_text else image
+    image = find_store(index, "image", canonical(backbone), hint)
+    text = find_store(index, "text", canonical(text_encoder), hint) if need_text else image
     table = index.table
     image_rows, img_missing = _image_rows(image, table)
     text_rows, txt_missing = _rows(text, table.report_key) if need_text else (np.zeros(len(table), np.int64), None)

@@ -16,17 +16,11 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
+from cache.atomic import fsync_path
+
 EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
 
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardCorruption(ValueError):

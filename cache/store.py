@@ -21,12 +21,11 @@ a hidden temp name that is renamed into place when the shard is complete.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import enum
 import json
 import os
 import re
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +37,11 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from cache.atomic import (atomic_write_bytes, locked, process_alive, same_host, this_process,
+                          write_parquet_atomic)
 from cache.keys import FORMAT_VERSION
-from cache.shards import ShardLayout, ShardWriter, fsync_path
+from cache.shards import ShardLayout, ShardWriter
+from pipeline.errors import PipeError
 
 ZARR_DIR = "embeddings.zarr"
 PART_RE = re.compile(r"^part-(\d{6})-([0-9a-f]{16})\.parquet$")
@@ -68,7 +70,7 @@ FAILURE_SCHEMA = pa.schema(
 )
 
 
-class StoreError(RuntimeError):
+class StoreError(PipeError):
     """A store that cannot be used as asked; the message says what to do."""
 
 
@@ -82,11 +84,20 @@ class ShardData:
     arrays: dict[str, np.ndarray]  # name -> [N, ...]
 
 
+class ClaimState(enum.Enum):
+    """What :meth:`Store.claim` found for a group of work."""
+
+    TAKEN = "taken"   # this process now owns the shard: write it, then commit or release
+    DONE = "done"     # another run committed this group already
+    BUSY = "busy"     # a live process is writing this group now
+
+
 @dataclass(frozen=True)
 class Claim:
-    shard: int
-    group: str
-    path: Path
+    state: ClaimState
+    shard: int = -1
+    group: str = ""
+    path: Path | None = None
 
 
 def library_versions() -> dict[str, str]:
@@ -105,36 +116,6 @@ def store_dirname(name: str, fp: str) -> str:
     return f"{slug}-{fp[:16]}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a hidden temp file, fsync, then rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)  # make the rename itself durable, not only the bytes
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
-def _proc_start(pid: int) -> str | None:
-    """Start time of a process, to tell a live claimant from a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
-
-
-def _this_process() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid())}
-
-
 # Runs of this process that are writing now. A claim this process made in an earlier,
 # failed run (a library caller may retry in the same process) is dead, not live.
 LIVE_RUNS: set[str] = set()
@@ -151,12 +132,9 @@ def live_run(run: str) -> Iterator[str]:
 
 def claim_is_live(info: dict) -> bool:
     """A claim from another host is assumed live: we cannot see its processes."""
-    if info.get("host") != socket.gethostname():
-        return True
-    pid = int(info.get("pid", -1))
-    if pid == os.getpid():
+    if same_host(info) and info.get("pid") == os.getpid():
         return info.get("run") in LIVE_RUNS
-    return pid > 0 and _proc_start(pid) is not None and _proc_start(pid) == info.get("start")
+    return process_alive(info)
 
 
 class Store:
@@ -194,7 +172,7 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot create the cache store {path}: {e.strerror}. "
                              "Choose a writable cache with --cache DIR or $PIPE_CACHE.") from e
-        with _flock(path / ".lock"):
+        with locked(path / ".lock"):
             if not (path / ZARR_DIR / "zarr.json").exists():
                 g = zarr.open_group(str(path / ZARR_DIR), mode="w", zarr_format=3)
                 g.attrs.update({
@@ -278,12 +256,12 @@ class Store:
                     out.append((int(m[1]), m[2], json.loads(p.read_text())))
         return sorted(out, key=lambda c: c[0])
 
-    def claim(self, group: str, run: str = "") -> Claim | str:
-        """Take the shard for ``group``. Returns a Claim, "done" or "busy"."""
-        with _flock(self.path / ".lock"):
+    def claim(self, group: str, run: str = "") -> Claim:
+        """Try to take the shard for ``group``; the claim's state says whether we got it."""
+        with locked(self.path / ".lock"):
             parts = self.parts()
             if any(g == group for _, g, _ in parts):
-                return "done"
+                return Claim(ClaimState.DONE, group=group)
             committed = {s for s, _, _ in parts}
             claims = []
             for s, g, info in self.claims():
@@ -295,7 +273,7 @@ class Store:
             for s, g, info in claims:
                 if g == group:
                     if claim_is_live(info):
-                        return "busy"
+                        return Claim(ClaimState.BUSY, group=group)
                     shard = s  # an interrupted write of this very group: redo it in place
             if shard is None:
                 used = [s for s, _, _ in parts] + [s for s, _, _ in claims]
@@ -306,10 +284,10 @@ class Store:
                 if s == shard:
                     (self.path / "claims" / f"{s:06d}-{g}.json").unlink(missing_ok=True)
             path = self.path / "claims" / f"{shard:06d}-{group}.json"
-            atomic_write_bytes(path, json.dumps({**_this_process(), "group": group, "shard": shard,
+            atomic_write_bytes(path, json.dumps({**this_process(), "group": group, "shard": shard,
                                                  "run": run, "time": time.time()}).encode())
         self._clear_shard(shard)
-        return Claim(shard, group, path)
+        return Claim(ClaimState.TAKEN, shard, group, path)
 
     def _reusable_shard(self, claims) -> int | None:
         """A shard whose claimant died before committing can be written again."""
@@ -328,7 +306,7 @@ class Store:
 
     # -- writing -------------------------------------------------------------------------
     def _ensure_arrays(self, arrays: dict[str, np.ndarray], rows_needed: int) -> None:
-        with _flock(self.path / ".lock"):
+        with locked(self.path / ".lock"):
             g = zarr.open_group(str(self.zpath), mode="r+")
             have = {n for n, _ in g.arrays()}
             chunk = int(self.attrs["chunk_rows"])
@@ -411,19 +389,6 @@ class ShardSink:
         for w in self.writers.values():
             w.abort()
 
-
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise StoreError(f"cannot lock {path}: {e.strerror}. Is the cache directory writable?") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def find_stores(root: Path) -> list[Path]:

@@ -16,8 +16,6 @@ import difflib
 import enum
 import hashlib
 import json
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -26,12 +24,15 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from cache.atomic import atomic_write_text
+from pipeline.errors import InputError
+
 T = TypeVar("T")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 _BAD = object()  # marks a value that failed validation
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """Every problem with a config, one per line, each naming its dotted key."""
 
     def __init__(self, problems: Sequence[str], what: str = "config") -> None:
@@ -83,20 +84,10 @@ def to_dict(cfg: Any) -> Any:
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write ``cfg`` as YAML atomically: a temporary file beside it, then os.replace."""
+    """Write ``cfg`` as YAML, all or nothing (see :mod:`cache.atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
     return path
 
 

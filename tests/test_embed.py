@@ -279,11 +279,12 @@ def test_decoding_in_spawned_processes_gives_the_same_cache(tmp_path, monkeypatc
 # ---------------------------------------------------------------- keys stream in ahead of the work
 def test_the_first_shard_starts_before_the_whole_dataset_is_keyed(tmp_path, monkeypatch):
     import cache.index as index
-    from stages.embed import stage as embed
+    from stages import embed
+    from stages.embed.embedder import GroupEmbedder
 
     table = make_table(tmp_path / "data", 64)
     hashed, at_first_forward = [], []
-    real_key, real_forward = index._image_key, embed.GroupEmbedder._forward
+    real_key, real_forward = index._image_key, GroupEmbedder._forward
 
     def counting_key(path, previous, buf):
         hashed.append(path)
@@ -294,7 +295,7 @@ def test_the_first_shard_starts_before_the_whole_dataset_is_keyed(tmp_path, monk
         return real_forward(self, loaded)
 
     monkeypatch.setattr(index, "_image_key", counting_key)
-    monkeypatch.setattr(embed.GroupEmbedder, "_forward", first_forward)
+    monkeypatch.setattr(GroupEmbedder, "_forward", first_forward)
     cfg = embed.EmbedConfig(dataset=str(table), backbone="tiny-vit", text_encoder="none", cache=str(tmp_path / "c"),
                             batch_size=8, shard_mb=0.01, chunk_rows=16, hash_ahead=4, device="cpu")
     res = embed.run(cfg)

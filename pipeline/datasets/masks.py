@@ -6,12 +6,13 @@ image's own resolution.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from PIL import Image
+
+from cache.atomic import atomic_write_with
 
 from pipeline.datasets.table import DatasetError
 
@@ -34,12 +35,8 @@ def save_mask(path: Path, mask: np.ndarray) -> None:
     """Write a bool mask as a 0/255 PNG, atomically (a temp file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    atomic_write_with(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def parse_relative_rle(rle: str) -> np.ndarray:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Hashable, Sequence
 
 import xxhash
 
+from cache.atomic import atomic_write_bytes
 from pipeline.datasets.base import Dataset
 
 SPLITS = ("train", "valid", "test")
@@ -158,20 +158,14 @@ def lists_folder(cache_root: Path, dataset_name: str) -> Path:
     return Path(cache_root) / "splits" / dataset_name
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_lists(folder: Path, lists: dict[str, list[str]]) -> dict[str, dict]:
     """Write every list, then the manifest (so a manifest only ever describes whole files)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, ids in lists.items():
-        _atomic_write(folder / f"{name}.txt", list_bytes(ids))
+        atomic_write_bytes(folder / f"{name}.txt", list_bytes(ids))
     manifest = manifest_of(lists)
-    _atomic_write(folder / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
 
 

@@ -6,14 +6,14 @@
 """
 from .base import FrozenEncoder, ImageEncoder, ImageOutput, TextEncoder, TextOutput
 from .config import EncoderConfig
-from .registry import (UnknownEncoderError, create_encoder, describe_encoders, list_aliases, list_encoders,
+from .registry import (UnknownEncoderError, canonical_name, create_encoder, describe_encoders, list_aliases, list_encoders,
                        register_alias, register_encoder, resolve_encoder_name)
 from .weights import WeightsNotFoundError, locate_weights, weights_available, weights_identity
 from . import image as _image, text as _text  # noqa: E402,F401  (registers the built-in encoders)
 
 __all__ = [
     "EncoderConfig", "FrozenEncoder", "ImageEncoder", "ImageOutput", "TextEncoder", "TextOutput",
-    "UnknownEncoderError", "WeightsNotFoundError", "create_encoder", "describe_encoders",
+    "UnknownEncoderError", "WeightsNotFoundError", "canonical_name", "create_encoder", "describe_encoders",
     "list_aliases", "list_encoders", "locate_weights", "register_alias", "register_encoder",
     "resolve_encoder_name", "weights_available", "weights_identity",
 ]

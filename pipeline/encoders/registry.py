@@ -1,6 +1,7 @@
 """Name -> (config, builder) registry, in the style of timm's ``register_model``."""
 from __future__ import annotations
 
+from pipeline.errors import InputError
 import difflib
 import re
 from pathlib import Path
@@ -23,7 +24,7 @@ _AUTO_BUILDERS: dict[str, Builder] = {}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class UnknownEncoderError(ValueError):
+class UnknownEncoderError(InputError):
     """The name is neither registered, nor an alias, nor a hub id or local model directory."""
 
 
@@ -71,6 +72,11 @@ def _unknown(name: str) -> UnknownEncoderError:
 
 def _registered_by_hub_id(hub_id: str) -> EncoderConfig | None:
     return next((cfg for cfg, _ in _REGISTRY.values() if cfg.hub_id == hub_id), None)
+
+
+def canonical_name(name: str) -> str:
+    """The registered name of an encoder given by any alias, hub id or directory."""
+    return resolve_encoder_name(name).name
 
 
 def resolve_encoder_name(name: str) -> EncoderConfig:

@@ -6,6 +6,7 @@ Every check is a few ``stat`` calls, so ``weights_available`` answers in millise
 """
 from __future__ import annotations
 
+from pipeline.errors import PipeError
 import importlib
 import importlib.util
 import json
@@ -22,7 +23,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx")
 XRV_INSTALL_HINT = "install the xrv extra: pip install 'freeze-pipe[xrv]'"
 
 
-class WeightsNotFoundError(RuntimeError):
+class WeightsNotFoundError(PipeError):
     """The encoder's weights are not on this machine (and nothing is downloaded implicitly)."""
 
 

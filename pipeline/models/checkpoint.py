@@ -9,10 +9,11 @@ import torch
 import xxhash
 from safetensors.torch import load_file, save_file
 
-from cache.store import fsync_path
+from cache.atomic import atomic_write_with, fsync_path, is_temp_name
+from pipeline.errors import PipeError
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(PipeError):
     """A checkpoint used against caches (or a config) it was not trained on."""
 
 
@@ -26,20 +27,12 @@ def _staged(opt_path: Path) -> Path:
     return opt_path.with_name(opt_path.name + ".next")
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)  # make the rename durable (a power cut could undo it without this)
-
-
 def _remove_stale_temps(path: Path) -> None:
     """Temporary files of writers that were killed mid-write: never read, only wasted space."""
     for p in (path, optimizer_path(path), _staged(optimizer_path(path))):
         for tmp in p.parent.glob(f".{p.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+            if is_temp_name(tmp.name):
+                tmp.unlink(missing_ok=True)
 
 
 def _pair_tag(state: dict[str, torch.Tensor], epoch) -> str:
@@ -70,9 +63,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict,
         tag = _pair_tag(state, meta.get("epoch"))
         tensors, layout = _flatten_optimizer(optimizer)
         opt_meta = {"layout": json.dumps(layout), "pair": tag, "epoch": json.dumps(meta.get("epoch"))}
-        _atomic(_staged(optimizer_path(path)), lambda p: save_file(tensors, str(p), metadata=opt_meta))
+        atomic_write_with(_staged(optimizer_path(path)), lambda p: save_file(tensors, str(p), metadata=opt_meta))
         metadata["optimizer_pair"] = json.dumps(tag)
-    _atomic(path, lambda p: save_file(state, str(p), metadata=metadata))
+    atomic_write_with(path, lambda p: save_file(state, str(p), metadata=metadata))
     if optimizer is not None:
         os.replace(_staged(optimizer_path(path)), optimizer_path(path))
         fsync_path(path.parent)

@@ -1,16 +1,10 @@
 """Features for downstream heads: the frozen Adaptor's outputs (cached) or raw backbone features.
 
-The Adaptor's outputs are a pure function of (checkpoint bytes, cached embeddings), so
-they are cached too, under ``<cache>/adaptor-outputs/<checkpoint hash[:16]>-<store
-fingerprint[:16]>/``: one ``.npz`` per output kind with the store rows it holds and
-their values, rewritten atomically when rows are added. A second evaluation of the same
-checkpoint on the same cache runs the Adaptor zero times.
+The Adaptor's outputs are cached per (checkpoint, store) by :mod:`cache.outputs`, so a
+second evaluation of the same checkpoint on the same cache runs the Adaptor zero times.
 """
 from __future__ import annotations
 
-import json
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,8 +12,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cache.outputs import OutputCache, ensure_outputs_meta, outputs_folder
 from cache.reader import RowReader
-from cache.store import Store, atomic_write_bytes
+from cache.store import Store
 from pipeline.console import err
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.checkpoint import checkpoint_hash, load_checkpoint, read_meta
@@ -39,37 +34,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-class OutputCache:
-    """Rows -> values for one output kind, in one ``.npz`` written with tmp + os.replace."""
-
-    def __init__(self, folder: Path, kind: str):
-        self.path = Path(folder) / f"{kind}.npz"
-
-    def load(self) -> tuple[np.ndarray, np.ndarray | None]:
-        if not self.path.exists():
-            return np.zeros(0, np.int64), None
-        with np.load(self.path) as z:
-            return z["rows"], z["values"]
-
-    def get(self, rows: np.ndarray, compute: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, int]:
-        """Values for ``rows`` (in that order) and how many rows had to be computed."""
-        have_rows, have = self.load()
-        want = np.unique(rows)
-        missing = want[~np.isin(want, have_rows)]
-        if len(missing):
-            new = compute(missing)
-            have_rows = np.concatenate([have_rows, missing])
-            have = new if have is None else np.concatenate([have, new.astype(have.dtype)])
-            order = np.argsort(have_rows)
-            have_rows, have = have_rows[order], have[order]
-            self._write(have_rows, have)
-        return have[np.searchsorted(have_rows, rows)], len(missing)
-
-    def _write(self, rows: np.ndarray, values: np.ndarray) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, rows=rows, values=values)
-        os.replace(tmp, self.path)
 
 
 @dataclass
@@ -109,17 +73,12 @@ class FrozenAdaptor:
         return (gp, gp) if gp else self.grid[0]
 
     def folder(self, store: Store) -> Path:
-        return self.cache_root / "adaptor-outputs" / f"{self.hash[:16]}-{store.fingerprint[:16]}"
+        return outputs_folder(self.cache_root, self.hash, store.fingerprint)
 
     def _cached(self, store: Store, kind: str, rows: np.ndarray, compute) -> np.ndarray:
         folder = self.folder(store)
-        meta = folder / "meta.json"
-        if not meta.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(meta, json.dumps({
-                "checkpoint": str(self.path), "checkpoint_hash": self.hash, "fingerprint": store.fingerprint,
-                "modality": store.modality, "mode": self.mode, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }).encode())
+        ensure_outputs_meta(folder, {"checkpoint": str(self.path), "checkpoint_hash": self.hash,
+                                     "fingerprint": store.fingerprint, "modality": store.modality, "mode": self.mode})
         values, computed = OutputCache(folder, kind).get(rows, compute)
         self.forwards[kind] = self.forwards.get(kind, 0) + computed
         return values

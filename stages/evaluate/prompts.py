@@ -62,7 +62,7 @@ def embed_texts(texts: list[str], encoder_name: str, cache_root: Path) -> np.nda
 
 
 def embed_texts_store(texts: list[str], encoder_name: str, cache_root: Path) -> tuple[Store, np.ndarray]:
-    from pipeline.console import resolve_device
+    from pipeline.devices import resolve_device
     from cache.index import DatasetIndex
     from stages.embed.stage import EmbedConfig, embed_modality
 

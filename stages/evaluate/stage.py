@@ -18,8 +18,11 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline.encoders import canonical_name
+from cache.atomic import atomic_write_text
 from pipeline.config import ConfigError, config_hash, save_config, to_dict
-from pipeline.console import err, peak_memory_mb, resolve_device
+from pipeline.console import err
+from pipeline.devices import peak_memory_mb, resolve_device
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import FrozenAdaptor
 from stages.evaluate.tables import to_markdown
@@ -168,7 +171,8 @@ def _context(cfg: EvalConfig) -> EvalContext:
     backbone, text = _encoders(cfg, adaptor)
     need_text = cfg.task in ("retrieval", "zero-shot")
     name = open_dataset(cfg.dataset, root, materialise=False).name
-    data = load_pairs(root, name, cfg.dataset, backbone, text or "none", need_text=need_text)
+    data = load_pairs(root, name, cfg.dataset, backbone, text or "none", need_text=need_text,
+                      canonical=canonical_name)
     if adaptor is not None:
         fps = data.fingerprints() if need_text else {"image": data.image.fingerprint}
         check_fingerprints(adaptor.meta, fps, f"checkpoint {adaptor.path}")
@@ -233,10 +237,8 @@ def _results_json(ctx: EvalContext, result: TaskResult, forwards: str | None, se
 
 
 def _write(out: Path, results: dict, result: TaskResult) -> None:
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(results), indent=1, allow_nan=True))
-    os.replace(tmp, out / "results.json")
-    (out / "results.md").write_text(results_markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=1, allow_nan=True))
+    atomic_write_text(out / "results.md", results_markdown(results))
 
 
 def _jsonable(x):

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from pipeline.console import resolve_device
+from pipeline.devices import resolve_device
 
 
 @dataclass(frozen=True)

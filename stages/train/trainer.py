@@ -25,7 +25,6 @@ Several GPUs (or CPU processes) train one Adaptor with DDP when launched by torc
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
 import warnings
@@ -37,10 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.encoders import canonical_name
 from pipeline.config import ConfigError, config_hash, save_config, to_dict
 from rich.progress import Progress
 
-from pipeline.console import err, peak_memory_mb, progress
+from pipeline.console import err, progress
+from pipeline.devices import peak_memory_mb
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.loss import (clip_loss, pairwise_clip_loss, retrieval_recall, retrieval_recall_from_sim,
                                   shifted_pair_logits)
@@ -118,7 +119,7 @@ def load_training_data(cfg: TrainConfig) -> PairData:
     _require(cfg)
     root = cache_root(cfg.cache)
     ds_name = open_dataset(cfg.dataset, root, materialise=False).name
-    data = load_pairs(root, ds_name, cfg.dataset, cfg.backbone, cfg.text_encoder)
+    data = load_pairs(root, ds_name, cfg.dataset, cfg.backbone, cfg.text_encoder, canonical=canonical_name)
     check_index_current(open_dataset(cfg.dataset, root), data, cfg)
     return data
 

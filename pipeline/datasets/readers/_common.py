@@ -16,7 +16,6 @@ import csv
 import gzip
 import io
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 import xxhash
 
+from cache.atomic import atomic_write_text
 from pipeline.console import err, progress
 from pipeline.datasets.base import Dataset
 from pipeline.datasets.masks import save_mask
@@ -241,9 +241,7 @@ def record_skipped(cache_root: Path, name: str, skipped: list[dict], what: str) 
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     pd.DataFrame(skipped, columns=["id", "source", "reason", "kind"]).to_csv(buf, index=False)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())
     kinds: dict[str, int] = {}
     for s in skipped:
         kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1

@@ -1,0 +1,163 @@
+"""The two modalities of stage one, each one object that carries what differs between them.
+
+Everything the embed stage does per modality goes through :data:`MODALITIES`: which
+option names the encoder, which units the dataset index yields, what the fingerprint
+records about preprocessing, how a batch is loaded and how it goes through the encoder.
+Adding a modality is one new entry here; the stage, the runners and the store never ask
+which modality they hold.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.multiprocessing as torch_mp
+import xxhash
+
+from cache.index import Unit
+from pipeline.imaging import Preprocess, read_and_decode
+
+ToHost = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
+
+
+def preprocess_of(enc_cfg) -> Preprocess:
+    """The image preprocessing an encoder's config asks for."""
+    return Preprocess(resize_size=enc_cfg.resize_size or enc_cfg.input_size, input_size=enc_cfg.input_size,
+                      mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std))
+
+
+def load_image(u: Unit, preprocess: Preprocess):
+    """Read, check, decode and preprocess one image; an exception is returned, not raised."""
+    try:
+        data, img = read_and_decode(u.source)
+    except Exception as e:  # recorded per item; the rest of the batch goes on
+        return e
+    if xxhash.xxh3_128_hexdigest(data) != u.key:
+        return ValueError(f"{u.source} changed while embedding (its bytes no longer match the key); "
+                          "re-run `pipe embed`")
+    return preprocess(img, view=u.view, seed_key=u.key)
+
+
+def _one_thread_per_process() -> None:
+    torch.set_num_threads(1)  # one core per decode process
+
+
+def decode_pool(threads: int, processes: int, device: torch.device) -> Executor:
+    """Threads on CPU (the forward needs the cores); spawned processes to feed a GPU.
+
+    Processes return tensors through shared memory (torch's multiprocessing reductions).
+    """
+    n = processes
+    if n < 0:
+        n = min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    if n == 0:
+        return ThreadPoolExecutor(threads, thread_name_prefix="decode")
+    return ProcessPoolExecutor(n, mp_context=torch_mp.get_context("spawn"), initializer=_one_thread_per_process)
+
+
+class Loader:
+    """Turns a batch of units into encoder inputs (or an exception per failed unit)."""
+
+    def load(self, batch: list[Unit]) -> list:
+        return [u.payload for u in batch]
+
+    def close(self) -> None:
+        pass
+
+
+class ImageLoader(Loader):
+    def __init__(self, preprocess: Preprocess, pool: Executor):
+        self.preprocess, self.pool = preprocess, pool
+
+    def load(self, batch: list[Unit]) -> list:
+        return list(self.pool.map(load_image, batch, [self.preprocess] * len(batch)))
+
+    def close(self) -> None:
+        """Stop the decode workers (idle threads that ran torch ops keep OpenMP teams alive)."""
+        self.pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str          # the store's modality, as written on disk
+    flag: str          # the option that names this modality's encoder
+    field: str         # the EmbedConfig field holding that name
+
+    def encoder_name(self, cfg) -> str | None:
+        name = getattr(cfg, self.field)
+        return name if name and name.lower() != "none" else None
+
+    def units(self, index, views: int) -> tuple[Iterable[Unit], int]:
+        """The index's units of this modality, and how many there are at most."""
+        raise NotImplementedError
+
+    def spec(self, enc_cfg) -> dict:
+        """What this modality adds to a store's fingerprint."""
+        raise NotImplementedError
+
+    def row_bytes(self, enc_cfg) -> int:
+        raise NotImplementedError
+
+    def loader(self, enc_cfg, cfg, device: torch.device) -> Loader:
+        return Loader()
+
+    def forward(self, encoder, loaded: list, device: torch.device, to_host: ToHost) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def pad_tokens_to(self, enc_cfg) -> int | None:
+        """Token rows are padded to this length, so a row never depends on its batch."""
+        return None
+
+
+class ImageModality(Modality):
+    def units(self, index, views: int):
+        return index.image_units(views), len(index) * (views + 1)
+
+    def spec(self, enc_cfg) -> dict:
+        return {"preprocess": preprocess_of(enc_cfg).to_dict()}
+
+    def row_bytes(self, enc_cfg) -> int:
+        d = enc_cfg.embed_dim
+        n = (enc_cfg.input_size // enc_cfg.patch_size) ** 2 + enc_cfg.num_prefix_tokens if enc_cfg.patch_size else 64
+        return n * d * 2 + d * 4
+
+    def loader(self, enc_cfg, cfg, device):
+        return ImageLoader(preprocess_of(enc_cfg), decode_pool(cfg.decode_threads, cfg.decode_processes, device))
+
+    def forward(self, encoder, loaded, device, to_host):
+        pixels = torch.stack(loaded)
+        if device.type == "cuda":
+            pixels = pixels.pin_memory()
+        out = encoder(pixels.to(device, non_blocking=True))
+        return {"tokens": to_host(out.tokens, torch.float16), "pooled": to_host(out.pooled, torch.float32)}
+
+
+class TextModality(Modality):
+    def units(self, index, views: int):
+        units = index.text_units()
+        return units, len(units)
+
+    def spec(self, enc_cfg) -> dict:
+        return {"text": {"normalisation": "nfc-collapse-whitespace", "max_tokens": enc_cfg.max_tokens,
+                         "tokens": "all, padded to max_tokens"}}
+
+    def row_bytes(self, enc_cfg) -> int:
+        d = enc_cfg.embed_dim
+        return (enc_cfg.max_tokens or 128) * d * 2 + d * 4
+
+    def forward(self, encoder, loaded, device, to_host):
+        batch = {k: v.to(device) for k, v in encoder.tokenize(loaded).items()}
+        out = encoder(**batch)
+        return {"tokens": to_host(out.tokens, torch.float16), "pooled": to_host(out.pooled, torch.float32),
+                "length": to_host(out.length, torch.int32)}
+
+    def pad_tokens_to(self, enc_cfg) -> int | None:
+        return enc_cfg.max_tokens
+
+
+IMAGE = ImageModality("image", "--backbone", "backbone")
+TEXT = TextModality("text", "--text-encoder", "text_encoder")
+MODALITIES: dict[str, Modality] = {m.name: m for m in (IMAGE, TEXT)}
