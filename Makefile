@@ -6,7 +6,7 @@ DEMO_CACHE ?= $(CURDIR)/.pipe-cache
 DEMO_OUT ?= $(CURDIR)/demo-out
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(BIN)/pipe: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: install
 ## The test suite (what CI runs).
 test: install
 	$(BIN)/python -m pytest -q
+
+## The inner loop: everything but the tests marked slow (kills, subprocesses, clusters, compilation).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python bench/embed_overhead.py

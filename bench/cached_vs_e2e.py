@@ -78,7 +78,7 @@ def loss_of(model, grid, amp):
     """The loss train-adaptor trains on: in tokens mode, 7 shifted negatives scored pairwise."""
     def loss(batch):
         with amp():
-            if model.cfg.mode == "tokens":
+            if model.mode.joint_pairs:
                 scores = shifted_pair_logits(model, batch, TOKENS_NEGATIVES, image_grid=grid, n_prefix=1)
                 return pairwise_clip_loss(scores.float(), model.scale(), 0.75)
             img, txt = model(batch, image_grid=grid, n_prefix=1)

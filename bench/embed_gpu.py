@@ -33,7 +33,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from stages import embed  # noqa: E402
 from stages.embed.embedder import get_encoder  # noqa: E402
-from stages.embed.modality import preprocess_of  # noqa: E402
 
 
 def _write(args) -> None:

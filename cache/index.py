@@ -22,6 +22,7 @@ import xxhash
 
 from cache.atomic import atomic_write_bytes, locked, write_parquet_atomic
 from cache.keys import normalise_report, text_key
+from pipeline.errors import MissingFileError
 
 LABEL_PREFIX = "label."
 MASK_PREFIX = "mask."
@@ -210,7 +211,7 @@ class _Hasher:
 def load_index(root: Path, name: str) -> DatasetIndex:
     folder = index_folder(root, name)
     if not (folder / "items.parquet").exists():
-        raise FileNotFoundError(f"dataset {name!r} has not been embedded into {root} yet")
+        raise MissingFileError(f"dataset {name!r} has not been embedded into {root} yet; run `pipe embed` on it")
     return DatasetIndex(name, folder, pd.read_parquet(folder / "items.parquet"))
 
 

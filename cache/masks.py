@@ -61,7 +61,7 @@ def image_size(path: str) -> tuple[int, int] | None:
     except Exception:
         pass
     try:
-        import pydicom
+        import pydicom  # lazy: pydicom is needed only for DICOM headers
 
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         return int(ds.Rows), int(ds.Columns)

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
-
-from typing import Callable
 
 from cache.index import LABEL_PREFIX, MASK_PREFIX, DatasetIndex, load_index
 from cache.store import Store, StoreError

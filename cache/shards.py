@@ -17,13 +17,14 @@ import google_crc32c
 import numpy as np
 
 from cache.atomic import fsync_path
+from pipeline.errors import PipeError
 
 EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
 
 
 
-class ShardCorruption(ValueError):
+class ShardCorruption(PipeError, ValueError):
     """A shard file whose bytes do not match their checksums."""
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import importlib.metadata as md
 import json
 import os
 import re
@@ -37,8 +38,7 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from cache.atomic import (atomic_write_bytes, locked, process_alive, same_host, this_process,
-                          write_parquet_atomic)
+from cache.atomic import atomic_write_bytes, locked, process_alive, same_host, this_process, write_parquet_atomic
 from cache.keys import FORMAT_VERSION
 from cache.shards import ShardLayout, ShardWriter
 from pipeline.errors import PipeError
@@ -101,7 +101,6 @@ class Claim:
 
 
 def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
 
     names = ["torch", "transformers", "timm", "zarr", "numcodecs", "pyarrow", "xxhash"]
     out = {}

@@ -20,7 +20,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -30,6 +30,17 @@ from pipeline.errors import InputError
 T = TypeVar("T")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 _BAD = object()  # marks a value that failed validation
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """``Annotated[str, OneOf(REGISTRY)]``: a name that must be a key of a registry.
+
+    Like ``Literal``, but the choices live in the registry (the Adaptor's modes, the
+    evaluation tasks), so adding an entry there is all it takes.
+    """
+
+    choices: Mapping[str, Any]
 
 
 class ConfigError(InputError):
@@ -162,7 +173,7 @@ def _apply_override(merged: dict[str, Any], item: str, problems: list[str]) -> N
 
 # -------------------------------------------------------------------- validation
 def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     start = len(problems)
     for key in data:
@@ -196,6 +207,12 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any or tp is object:
         return value
+    if origin is Annotated:
+        converted = _convert(args[0], value, key, problems)
+        for rule in args[1:]:
+            if isinstance(rule, OneOf) and converted is not _BAD and converted not in rule.choices:
+                return _fail(problems, key, tp, value)
+        return converted
     if origin in (Union, types.UnionType):
         return _convert_union(tp, args, value, key, problems)
     if origin is Literal:
@@ -318,6 +335,9 @@ def _kind(value: Any) -> str:
 
 def _describe(tp: Any) -> str:
     origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        rules = [r for r in args[1:] if isinstance(r, OneOf)]
+        return "one of " + ", ".join(repr(c) for c in rules[0].choices) if rules else _describe(args[0])
     if origin in (Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in args)
     if origin is Literal:

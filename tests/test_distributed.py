@@ -21,6 +21,8 @@ from pipeline.models.loss import clip_loss
 from stages.train.loader import PairLoader
 from tests.helpers import embedded_table, pipe
 
+pytestmark = pytest.mark.slow  # subprocesses, kills and process groups: minutes, not seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 # Tokens mode learns on this tiny data (pooled tiny-bert vectors are nearly identical);
 # no dropout, because each rank draws its own dropout masks.

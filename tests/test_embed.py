@@ -19,7 +19,7 @@ import pytest
 import zarr
 
 from cache.store import Store, find_stores
-from tests.helpers import append_rows, embed_json, make_table, pipe, write_png
+from tests.helpers import append_rows, embed_json, make_table, pipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,6 +219,7 @@ def _embed_cmd(table: Path, cache: Path) -> list[str]:
             "--json"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_clean_run(tmp_path):
     table = make_table(tmp_path / "data", 48)
     env = {**os.environ, "PIPE_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
@@ -249,6 +250,7 @@ def test_resume_after_sigkill_equals_clean_run(tmp_path):
         assert b[modality].manifest().num_rows == len(set(b[modality].committed_units()))
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_gives_the_same_cache(tmp_path):
     table = make_table(tmp_path / "data", 24)
     single = embed_json(table, tmp_path / "one", "--shard-mb", "0.5", "--batch-size", "4")
@@ -264,6 +266,7 @@ def test_dask_local_cluster_gives_the_same_cache(tmp_path):
             assert all(np.array_equal(ra[k], rb[k]) for k in ra), f"{modality}/{name} differ under Dask"
 
 
+@pytest.mark.slow
 def test_decoding_in_spawned_processes_gives_the_same_cache(tmp_path, monkeypatch):
     from stages.embed.stage import EmbedConfig, run
 

@@ -154,6 +154,7 @@ def test_checkpoint_fingerprint_mismatch_is_refused():
         check_fingerprints(meta, {"image": "c" * 32, "text": "b" * 32}, "ckpt")
 
 
+@pytest.mark.slow
 def test_sweep_runs_a_grid_from_the_cache(cached, tmp_path, monkeypatch):
     import pipeline.encoders as encoders
 
@@ -185,6 +186,7 @@ def test_sweep_rejects_bad_keys_before_training(tmp_path):
 
 
 # ---------------------------------------------------------------- how a step runs
+@pytest.mark.slow
 def test_a_compiled_step_trains_like_the_eager_step(cached, tmp_path):
     table, cache = cached
     from torch._dynamo.utils import counters

@@ -21,6 +21,8 @@ from pipeline.models import checkpoint
 from pipeline.models.checkpoint import CheckpointMismatchError, load_checkpoint, read_meta, save_checkpoint
 from tests.helpers import embedded_table
 
+pytestmark = pytest.mark.slow  # subprocesses, kills and process groups: minutes, not seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, STEPS_PER_EPOCH = 40, 3  # 12 train pairs, batch 4
 # Dropout stays on and views are sampled: a resumed epoch must replay both exactly.
@@ -64,7 +66,7 @@ def checkpoint_epoch(out: Path) -> int:
         return 0
 
 
-def wait_until(proc: subprocess.Popen, done, timeout: float = 60) -> None:
+def wait_until(proc: subprocess.Popen, done, timeout: float = 120) -> None:
     t0 = time.monotonic()
     while not done():
         assert proc.poll() is None, "the run ended before the kill point"

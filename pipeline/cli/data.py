@@ -9,47 +9,35 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from pipeline.cli.app import data_app
+from pipeline.cli.common import fail, user_errors
 from pipeline.console import err
-
-data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets; write and verify their split lists.")
 
 DATASET_ARG = typer.Argument(..., help="A pairs table, `demo`, or <reader>:<root>[?key=value&...], e.g. "
                                        "'siim-pneumothorax:/data/siim' or 'chexpert:/data/chexpert?uncertain=ones'.")
-CACHE = typer.Option(None, "--cache", help="Cache directory \\[default: $PIPE_CACHE, else ~/.cache/freeze-pipe].")
+import math
+import time
+
+from pipeline.cli.common import CACHE_OPT as CACHE  # noqa: E402
+from pipeline.datasets import READERS, open_dataset
+from pipeline.datasets.spec import with_option
+from pipeline.datasets.splits import (FRACTIONS, lists_folder, manifest_of, patients_in_several_splits, split_lists,
+                                      stratify_label, verify_lists, write_lists)
+
 ALLOW = typer.Option(False, "--allow-failures", help="Skip and count bad rows instead of stopping at the first.")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")
-
-
 def _fail(message: str, code: int = 2) -> None:
-    from pipeline.cli import fail
-
     fail(message, code)
 
 
-def with_option(spec: str, key: str, value: str) -> str:
-    """``spec`` with ``key=value`` appended to a reader's options (other specs unchanged)."""
-    from pipeline.datasets import READERS
-
-    reader, sep, arg = spec.partition(":")
-    if not sep or reader not in READERS or reader == "demo" or not arg:
-        return spec
-    return f"{spec}{'&' if '?' in arg else '?'}{key}={value}"
-
-
 def _open(dataset: str, cache: Optional[Path], allow_failures: bool):
-    from pipeline.cli import _user_errors
-    from pipeline.datasets import open_dataset
-    from cache.paths import cache_root
+    from cache.paths import cache_root  # lazy: keeps `pipe --help` fast
 
     root = cache_root(cache)
-    spec = with_option(dataset, "allow_failures", "1") if allow_failures else dataset
-    try:
+    spec = with_option(dataset, "allow_failures", "1", READERS) if allow_failures else dataset
+    with user_errors():
         return open_dataset(spec, root), root
-    except _user_errors() as e:
-        _fail(str(e))
 
 
 @data_app.command("info", epilog="Examples:\n\n  pipe data info 'rsna-pneumonia:/data/rsna'\n\n"
@@ -80,7 +68,6 @@ def info(dataset: str = DATASET_ARG, cache: Optional[Path] = CACHE, allow_failur
 
 
 def summarise(ds) -> dict:
-    import math
 
     splits: dict[str, dict] = {}
     patients: dict[str, set] = {}
@@ -112,7 +99,7 @@ def preview(dataset: str = DATASET_ARG,
             seed: int = typer.Option(0, "--seed", help="Seed of the random choice of items."),
             cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW) -> None:
     """Render a grid of images with masks overlaid, labels and report snippets."""
-    from pipeline.datasets.preview import render_preview
+    from pipeline.datasets.preview import render_preview  # lazy: keeps `pipe --help` fast
 
     ds, _ = _open(dataset, cache, allow_failures)
     if not ds.items:
@@ -134,8 +121,6 @@ def splits(dataset: str = DATASET_ARG,
            as_json: bool = typer.Option(False, "--json", help="Print counts and problems as JSON on stdout.")
            ) -> None:
     """Show the split and label-fraction lists; --write them (ids, counts, SHA-256) or --verify them."""
-    from pipeline.datasets.splits import (lists_folder, manifest_of, patients_in_several_splits, split_lists,
-                                          verify_lists, write_lists)
 
     if write and verify:
         _fail("give --write or --verify, not both: verify what was written in a second call.")
@@ -181,9 +166,7 @@ def _print_lists(name: str, manifest: dict, folder: Path) -> None:
 
 def _write_about(folder: Path, ds, seed: int) -> None:
     """Record what made the lists, beside them (the manifest itself stays {file: {count, sha256}})."""
-    import time
 
-    from pipeline.datasets.splits import FRACTIONS, stratify_label
 
     about = {"dataset": ds.name, "spec": ds.spec, "fraction_seed": seed, "fractions": list(FRACTIONS),
              "stratified_by": stratify_label(ds), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

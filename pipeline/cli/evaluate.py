@@ -1,8 +1,6 @@
-"""`pipe evaluate` and `pipe report`: parsing only; the work is in stages/evaluate.py.
+"""`pipe evaluate` and `pipe report`: parsing only; the work is in stages/evaluate/."""
+from __future__ import annotations
 
-No `from __future__ import annotations` here: typer reads the option types of the
-commands defined inside ``register``, whose names are local to it.
-"""
 import json
 from enum import Enum
 from pathlib import Path
@@ -10,17 +8,12 @@ from typing import Optional
 
 import typer
 
+from pipeline.cli.app import app
+from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, flag_overrides, print_json, user_errors
+from pipeline.console import err
+from stages.evaluate.tasks import TASKS
 
-class Task(str, Enum):
-    classification = "classification"
-    segmentation = "segmentation"
-    retrieval = "retrieval"
-    zero_shot = "zero-shot"
-
-
-class HeadKind(str, Enum):
-    mlp = "mlp"
-    linear = "linear"
+Task = Enum("Task", {name: name for name in TASKS}, type=str)  # the choices of --task, from the registry
 
 
 EVALUATE_EPILOG = """Examples:
@@ -63,83 +56,68 @@ def _fraction(token: str, extra: bool = False) -> float:
                                  "override (e.g. heads.lrs=[1e-3,5e-4])") from None
 
 
-def register(app: typer.Typer) -> None:
-    _register_evaluate(app)
-    app.command(epilog="Examples:\n\n  pipe report results/classification-*\n\n"
-                       "  pipe report results/run-a results/run-b --out table.md")(report)
-
-
-def _register_evaluate(app: typer.Typer) -> None:
-    from pipeline.cli import CACHE_OPT, Device
-
-    @app.command(epilog=EVALUATE_EPILOG)
-    def evaluate(
-        args: list[str] = typer.Argument(None, help="Dotted key=value overrides (e.g. heads.lrs=[1e-3,5e-4] "
-                                                    "seg.epochs=10), and further label fractions."),
-        task: Task = typer.Option(..., "--task", help="What to evaluate."),
-        dataset: str = typer.Option(..., "--dataset", "-d", help="The DATASET given to `pipe embed`."),
-        adaptor: str = typer.Option(..., "--adaptor", "-a",
-                                    help="An Adaptor checkpoint (or its run directory), or `none` for the "
-                                         "frozen backbone's own features."),
-        fraction: list[str] = typer.Option([], "--fraction", "-f", help="Label fractions of the training split "
-                                           "\\[default: 0.01 0.1 1.0]; nested 1% ⊂ 10% ⊂ 100%."),
-        head: list[HeadKind] = typer.Option([], "--head", help="Classification head(s): mlp (the paper's) "
-                                            "and/or linear \\[default: mlp]."),
-        seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per fraction \\[default: 3]."),
-        backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Needed with --adaptor none."),
-        text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t",
-                                                   help="Needed with --adaptor none for retrieval/zero-shot."),
-        baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the raw backbone features."),
-        config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset of evaluate settings."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory "
-                                           "\\[default: results/<task>-<dataset>-<method>-<time>]."),
-        cache: Optional[Path] = CACHE_OPT,
-        device: Optional[Device] = typer.Option(None, "--device"),
-        as_json: bool = typer.Option(False, "--json", help="Print the run directory and tables as JSON on stdout."),
-    ) -> None:
-        """Train and score downstream heads from the cache: classification, segmentation, retrieval, zero-shot."""
-        from pipeline.cli import _flag_overrides
-
-        fractions, overrides = split_fractions(fraction, args or [])
-        flags = _flag_overrides(task=task.value, dataset=dataset, adaptor=adaptor, backbone=backbone,
-                                text_encoder=text_encoder, seeds=seeds, out=str(out) if out else None,
-                                cache=str(cache) if cache else None, device=device.value if device else None)
-        if fractions:
-            flags.append(f"fractions={json.dumps(fractions)}")
-        if head:
-            flags.append(f"heads.kinds={json.dumps([h.value for h in head])}")
-        if baseline:
-            flags.append("baseline=true")
-        _run(config, [*overrides, *flags], as_json)
+@app.command(epilog=EVALUATE_EPILOG)
+def evaluate(
+    args: list[str] = typer.Argument(None, help="Dotted key=value overrides (e.g. heads.lrs=[1e-3,5e-4] "
+                                                "seg.epochs=10), and further label fractions."),
+    task: Task = typer.Option(..., "--task", help="What to evaluate."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="The DATASET given to `pipe embed`."),
+    adaptor: str = typer.Option(..., "--adaptor", "-a",
+                                help="An Adaptor checkpoint (or its run directory), or `none` for the "
+                                     "frozen backbone's own features."),
+    fraction: list[str] = typer.Option([], "--fraction", "-f", help="Label fractions of the training split "
+                                       "\\[default: 0.01 0.1 1.0]; nested 1% ⊂ 10% ⊂ 100%."),
+    head: list[str] = typer.Option([], "--head", help="Classification head(s): mlp (the paper's) "
+                                        "and/or linear \\[default: mlp]."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per fraction \\[default: 3]."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Needed with --adaptor none."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t",
+                                               help="Needed with --adaptor none for retrieval/zero-shot."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the raw backbone features."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset of evaluate settings."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory "
+                                       "\\[default: results/<task>-<dataset>-<method>-<time>]."),
+    cache: Optional[Path] = CACHE_OPT,
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Train and score downstream heads from the cache: classification, segmentation, retrieval, zero-shot."""
+    fractions, overrides = split_fractions(fraction, args or [])
+    flags = flag_overrides(task=task.value, dataset=dataset, adaptor=adaptor, backbone=backbone,
+                            text_encoder=text_encoder, seeds=seeds, out=str(out) if out else None,
+                            cache=str(cache) if cache else None, device=device)
+    if fractions:
+        flags.append(f"fractions={json.dumps(fractions)}")
+    if head:
+        flags.append(f"heads.kinds={json.dumps(head)}")
+    if baseline:
+        flags.append("baseline=true")
+    _run(config, [*overrides, *flags], as_json)
 
 
 def _run(config: Optional[Path], overrides: list[str], as_json: bool) -> None:
-    from pipeline.cli import _user_errors, fail
-    from pipeline.config import load_config
-    from pipeline.console import err
-    from stages.evaluate.tables import to_rich
-    from stages.evaluate.stage import EvalConfig, run
+    from pipeline.config import load_config  # lazy: keeps `pipe --help` fast
+    from stages.evaluate import EvalConfig, run  # lazy: keeps `pipe --help` fast
+    from stages.evaluate.tables import to_rich  # lazy: keeps `pipe --help` fast
 
-    try:
+    with user_errors():
         result = run(load_config(EvalConfig, config, overrides))
-    except _user_errors() as e:
-        fail(str(e))
     for t in result.tables:
         err.print(to_rich(t))
     err.print(f"results: {result.out / 'results.json'} · table: {result.out / 'results.md'} · "
               f"plots: {', '.join(result.results['plots'])}")
     if as_json:
-        print(json.dumps({"out": str(result.out), "tables": result.tables}))
+        print_json({"out": str(result.out), "tables": result.tables})
 
 
+@app.command(epilog="Examples:\n\n  pipe report results/classification-*\n\n"
+                    "  pipe report results/run-a results/run-b --out table.md")
 def report(
     runs: list[Path] = typer.Argument(..., help="Run directories of `pipe evaluate` (each has results.json)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the tables as markdown here."),
 ) -> None:
     """Gather several evaluation runs into one table per metric (rows: methods; columns: fractions)."""
-    from pipeline.cli import fail
-    from pipeline.console import err
-    from stages.evaluate.tables import merge_tables, to_markdown, to_rich
+    from stages.evaluate.tables import merge_tables, to_markdown, to_rich  # lazy: keeps `pipe --help` fast
 
     loaded = []
     for r in runs:

@@ -7,33 +7,30 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from pipeline.cli.app import app
+from pipeline.cli.common import CACHE_OPT, user_errors
+from pipeline.console import err
 
-def register(app: typer.Typer) -> None:
-    from pipeline.cli import CACHE_OPT
 
-    @app.command(epilog="Example:\n\n  pipe sweep configs/sweep_demo.yaml epochs=5")
-    def sweep(
-        spec: Path = typer.Argument(..., help="A sweep YAML (configs/sweep_*.yaml)."),
-        overrides: list[str] = typer.Argument(None, help="key=value applied to every run of the grid."),
-        cache: Optional[Path] = CACHE_OPT,
-    ) -> None:
-        """Train a grid of Adaptors (e.g. lr x layers x mode x batch) against the same caches."""
-        from pipeline.cli import _user_errors, fail
-        from pipeline.console import err
-        from stages.sweep.stage import load_sweep, run_sweep
+@app.command(epilog="Example:\n\n  pipe sweep configs/sweep_demo.yaml epochs=5")
+def sweep(
+    spec: Path = typer.Argument(..., help="A sweep YAML (configs/sweep_*.yaml)."),
+    overrides: list[str] = typer.Argument(None, help="key=value applied to every run of the grid."),
+    cache: Optional[Path] = CACHE_OPT,
+) -> None:
+    """Train a grid of Adaptors (e.g. lr x layers x mode x batch) against the same caches."""
+    from stages.sweep import load_sweep, run_sweep  # lazy: keeps `pipe --help` fast
 
-        try:
-            s = load_sweep(spec, overrides or [])
-            err.print(f"sweep {spec}: {len(s.combos())} runs over {', '.join(s.grid)}; backbone forwards: 0 "
-                      "(every run reads the cache)")
-            result = run_sweep(s, str(cache) if cache else None)
-        except _user_errors() as e:
-            fail(str(e))
-        t = Table(title=f"sweep {spec} · sorted by {s.metric}", title_justify="left")
-        cols = [*s.grid, "train_loss", "val_loss", s.metric, "epoch_seconds", "out"]
-        for c in cols:
-            t.add_column(c, overflow="fold")
-        for r in sorted(result.rows, key=lambda r: -float(r.get(s.metric, float("-inf")))):
-            t.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
-        err.print(t)
-        err.print(f"backbone forwards: 0 · items read from cache: {result.items_read:,} · results: {result.csv}")
+    with user_errors():
+        s = load_sweep(spec, overrides or [])
+        err.print(f"sweep {spec}: {len(s.combos())} runs over {', '.join(s.grid)}; backbone forwards: 0 "
+                  "(every run reads the cache)")
+        result = run_sweep(s, str(cache) if cache else None)
+    t = Table(title=f"sweep {spec} · sorted by {s.metric}", title_justify="left")
+    cols = [*s.grid, "train_loss", "val_loss", s.metric, "epoch_seconds", "out"]
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for r in sorted(result.rows, key=lambda r: -float(r.get(s.metric, float("-inf")))):
+        t.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
+    err.print(t)
+    err.print(f"backbone forwards: 0 · items read from cache: {result.items_read:,} · results: {result.csv}")

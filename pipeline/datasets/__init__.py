@@ -1,21 +1,13 @@
-"""Datasets by name: a pairs table path, `demo[:opt=value,...]`, or `<reader>:<root>`."""
+"""Datasets by name: a pairs table path, `demo[?key=value&...]`, or `<reader>:<root>[?key=value&...]`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
+from cache.paths import cache_root as default_root
 from pipeline.datasets.base import Dataset, Item
+from pipeline.datasets.registry import READERS, register_reader
+from pipeline.datasets.spec import DatasetSpec, parse_dataset_spec, warn_legacy
 from pipeline.datasets.table import DatasetError, items_from_table, table_name
-
-# reader name -> function(root or options string, cache_root, materialise) -> Dataset
-READERS: dict[str, Callable[[str, Path, bool], Dataset]] = {}
-
-
-def register_reader(name: str):
-    def deco(fn):
-        READERS[name] = fn
-        return fn
-    return deco
 
 
 def open_dataset(spec: str, cache_root: Path | None = None, materialise: bool = True) -> Dataset:
@@ -24,12 +16,11 @@ def open_dataset(spec: str, cache_root: Path | None = None, materialise: bool = 
     With ``materialise=False`` a reader may skip work that only the items need (the demo
     is not generated): enough to learn the dataset's name, as stage two does.
     """
-    from cache.paths import cache_root as default_root
-
     root = Path(cache_root) if cache_root else default_root()
-    name, _, arg = spec.partition(":")
-    if name in READERS and (arg or name == "demo"):
-        return READERS[name](arg, root, materialise)
+    parsed = parse_dataset_spec(spec, READERS)
+    if parsed is not None:
+        warn_legacy(parsed, spec)
+        return READERS[parsed.reader](parsed, root, materialise)
     path = Path(spec).expanduser()
     if path.suffix.lower() in (".csv", ".parquet", ".pq", ".tsv") or path.exists():
         return Dataset(name=table_name(path), spec=str(path.resolve()), items=items_from_table(path),
@@ -40,17 +31,19 @@ def open_dataset(spec: str, cache_root: Path | None = None, materialise: bool = 
 
 
 @register_reader("demo")
-def _demo(options: str, cache_root: Path, materialise: bool = True) -> Dataset:
-    from pipeline.datasets import demo
+def _demo(parsed: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
+    from pipeline.datasets import demo  # lazy: the demo generator is loaded when the demo is asked for
 
-    spec = demo.parse_spec(options)
+    spec = demo.parse_spec("&".join(f"{k}={v}" for k, v in parsed.options.items()))
     folder = cache_root / "demo" / spec.slug()
     items = items_from_table(demo.ensure_demo(folder, spec)) if materialise else []
-    return Dataset(name=f"demo-{spec.slug()}", spec=f"demo:{options}", items=items,
+    return Dataset(name=f"demo-{spec.slug()}", spec=parsed.text(), items=items,
                    description=f"built-in phantom chest X-rays ({spec.n} pairs, seed {spec.seed})")
 
 
-__all__ = ["Dataset", "DatasetError", "Item", "open_dataset", "register_reader", "READERS"]
+__all__ = ["Dataset", "DatasetError", "Item", "load_mask", "open_dataset", "register_reader", "READERS"]
 
+# isort: off
 from pipeline.datasets.masks import load_mask  # noqa: E402
-from pipeline.datasets import readers as _readers  # noqa: F401,E402
+from pipeline.datasets import readers as _readers  # noqa: F401,E402  (registers the readers)
+# isort: on

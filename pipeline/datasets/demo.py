@@ -1455,7 +1455,7 @@ def generate(
     called with the number of studies written so far. ``workers`` threads render in
     parallel (default: the usable CPUs, at most 8); the output does not depend on it.
     """
-    import pandas as pd
+    import pandas as pd  # lazy: only for writing the table
 
     root = Path(root)
     if _is_complete(root, spec):

@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image
 
 from cache.atomic import atomic_write_with
-
 from pipeline.datasets.table import DatasetError
 
 

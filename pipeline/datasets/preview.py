@@ -41,8 +41,8 @@ def grid_shape(n: int) -> tuple[int, int]:
 
 def render_preview(ds: Dataset, out: Path, n: int = 16, seed: int = 0) -> tuple[int, int]:
     """Write the grid PNG to ``out``; returns its (width, height) in pixels."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib takes a second to import
+    from matplotlib.figure import Figure  # lazy: matplotlib takes a second to import
 
     items = pick(ds, n, seed)
     rows, cols = grid_shape(max(len(items), 1))

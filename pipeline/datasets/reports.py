@@ -38,6 +38,8 @@ import difflib
 import re
 import unicodedata
 
+from pipeline.errors import InputError
+
 SECTION_CHOICES = ("impression", "findings", "both")
 MIN_SENTENCE_TOKENS = 2
 MIN_REPORT_TOKENS = 3
@@ -137,7 +139,7 @@ def extract_sections(text: str) -> dict[str, str]:
 def select_text(text: str, sections: str = "both") -> str:
     """The raw text of the chosen sections (see the module docstring); "" when none."""
     if sections not in SECTION_CHOICES:
-        raise ValueError(f"sections must be one of {', '.join(SECTION_CHOICES)}, not {sections!r}")
+        raise InputError(f"sections must be one of {', '.join(SECTION_CHOICES)}, not {sections!r}")
     return choose_sections(extract_sections(text), sections)
 
 

@@ -8,11 +8,12 @@ import pandas as pd
 import xxhash
 
 from pipeline.datasets.base import Item
+from pipeline.errors import InputError
 
 KNOWN = {"id", "image", "report", "split", "patient_id", "mask"}
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset that cannot be read; the message names the file, the row and the fix."""
 
 

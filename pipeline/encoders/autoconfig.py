@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import InputError
+
 from .config import EncoderConfig
 
 # Transformers model types the generic builders handle, by modality.
@@ -57,7 +59,7 @@ def _image_fields(model_cfg: dict, pre: dict) -> dict:
 def _has_pooler(folder: Path, model_cfg: dict) -> bool:
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
-        from safetensors import safe_open
+        from safetensors import safe_open  # lazy: loaded with the encoder that needs it
 
         for shard in shards:
             with safe_open(str(shard), framework="pt") as f:
@@ -82,7 +84,7 @@ def config_from_folder(folder: Path, *, name: str, source: str, hub_id: str | No
     model_type = model_cfg.get("model_type")
     modality = MODEL_TYPE_MODALITY.get(model_type)
     if modality is None:
-        raise ValueError(
+        raise InputError(
             f"{name}: config.json has model_type {model_type!r}; supported image types are "
             f"{sorted(k for k, v in MODEL_TYPE_MODALITY.items() if v == 'image')} and text types "
             f"{sorted(k for k, v in MODEL_TYPE_MODALITY.items() if v == 'text')}"
@@ -98,7 +100,7 @@ def config_from_folder(folder: Path, *, name: str, source: str, hub_id: str | No
 def config_from_local_dir(path: Path) -> EncoderConfig:
     path = Path(path).expanduser().resolve()
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path} is a directory but has no config.json; write the model with save_pretrained")
+        raise InputError(f"{path} is a directory but has no config.json; write the model with save_pretrained")
     return config_from_folder(path, name=str(path), source="local", extra=(("path", str(path)),))
 
 

@@ -17,13 +17,13 @@ FINAL_NORM_BIAS = PREFIX + "layernorm.bias"
 
 
 def _load_graph(path: Path):
-    import onnx
+    import onnx  # lazy: onnx is an optional dependency (the assets extra)
 
     return onnx.load(str(path)).graph
 
 
 def _initialisers(graph) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # lazy: onnx is an optional dependency (the assets extra)
 
     return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
 
@@ -80,8 +80,8 @@ def backbone_output_name(graph) -> str:
 
 def run_onnx_backbone(path: Path, pixels: np.ndarray) -> np.ndarray:
     """Reference output: the ONNX graph itself, cut at the backbone, run by onnxruntime."""
-    import onnx
-    import onnxruntime as ort
+    import onnx  # lazy: onnx is an optional dependency (the assets extra)
+    import onnxruntime as ort  # lazy: onnx is an optional dependency (the assets extra)
 
     model = onnx.load(str(path))
     name = backbone_output_name(model.graph)

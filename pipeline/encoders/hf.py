@@ -22,7 +22,7 @@ def seeded(seed: int) -> Iterator[None]:
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """No "Loading weights" bars from transformers: the embed stage draws its own progress."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # lazy: transformers takes seconds to import
 
     was_enabled = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()

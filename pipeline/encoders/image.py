@@ -15,7 +15,7 @@ from .base import ImageEncoder, ImageOutput, check_embed_dim
 from .config import EncoderConfig
 from .hf import load_pretrained, quiet_loading, seeded
 from .registry import register_auto_builder, register_encoder
-from .weights import WeightsNotFoundError, XRV_INSTALL_HINT, require_weights
+from .weights import XRV_INSTALL_HINT, WeightsNotFoundError, require_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,7 +43,7 @@ class HFViTEncoder(ImageEncoder):
 
 
 def build_hf_vit(config: EncoderConfig) -> HFViTEncoder:
-    from transformers import AutoModel
+    from transformers import AutoModel  # lazy: heavy or optional, loaded with the encoder that needs it
 
     loc = require_weights(config)
     model = load_pretrained(AutoModel, loc.path, config)
@@ -52,7 +52,7 @@ def build_hf_vit(config: EncoderConfig) -> HFViTEncoder:
 
 
 def build_random_dinov2(config: EncoderConfig) -> HFViTEncoder:
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model  # lazy: heavy or optional, loaded with the encoder that needs it
 
     with seeded(config.setting("seed", 0)):
         model = Dinov2Model(Dinov2Config(**dict(config.setting("arch"))))
@@ -60,9 +60,9 @@ def build_random_dinov2(config: EncoderConfig) -> HFViTEncoder:
 
 
 def build_onnx_dinov2(config: EncoderConfig) -> HFViTEncoder:
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model  # lazy: heavy or optional, loaded with the encoder that needs it
 
-    from .dinov2_onnx import dinov2_state_dict_from_onnx
+    from .dinov2_onnx import dinov2_state_dict_from_onnx  # lazy: onnx is optional (the assets extra)
 
     loc = require_weights(config)
     state = {k: torch.from_numpy(v.copy()) for k, v in dinov2_state_dict_from_onnx(loc.path).items()}
@@ -115,7 +115,7 @@ def _weights_file(folder: Path) -> Path:
 
 
 def build_timm(config: EncoderConfig) -> TimmEncoder:
-    import timm
+    import timm  # lazy: heavy or optional, loaded with the encoder that needs it
 
     loc = require_weights(config)
     # pretrained=True with a file overlay runs timm's own checkpoint filter, offline.
@@ -155,7 +155,7 @@ class XrvAEEncoder(ImageEncoder):
 def build_xrv_ae(config: EncoderConfig) -> XrvAEEncoder:
     loc = require_weights(config)
     try:
-        from torchxrayvision.autoencoders import ResNetAE101
+        from torchxrayvision.autoencoders import ResNetAE101  # lazy: torchxrayvision is optional (the xrv extra)
     except ImportError as err:
         raise WeightsNotFoundError(f"torchxrayvision cannot be imported ({err}); {XRV_INSTALL_HINT}") from err
     with seeded(0):

@@ -1,13 +1,14 @@
 """Name -> (config, builder) registry, in the style of timm's ``register_model``."""
 from __future__ import annotations
 
-from pipeline.errors import InputError
 import difflib
 import re
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from pipeline.errors import InputError
 
 from . import autoconfig
 from .base import FrozenEncoder, ImageEncoder, TextEncoder

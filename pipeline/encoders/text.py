@@ -62,7 +62,7 @@ class HFTextEncoder(TextEncoder):
 
 
 def build_hf_text(config: EncoderConfig) -> HFTextEncoder:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # lazy: transformers takes seconds to import
 
     loc = require_weights(config)
     remote = {"trust_remote_code": True} if config.setting("trust_remote_code") else {}
@@ -74,9 +74,15 @@ def build_hf_text(config: EncoderConfig) -> HFTextEncoder:
 
 def tiny_tokenizer(max_tokens: int):
     """A deterministic BERT-style WordPiece tokenizer over ``tiny_vocab``, built in memory."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordPiece
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import (  # lazy: transformers takes seconds to import
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )  # lazy: transformers takes seconds to import
+    from tokenizers.models import WordPiece  # lazy: transformers takes seconds to import
+    from transformers import PreTrainedTokenizerFast  # lazy: transformers takes seconds to import
 
     vocab = tiny_vocab()
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
@@ -95,7 +101,7 @@ def tiny_tokenizer(max_tokens: int):
 
 
 def build_random_bert(config: EncoderConfig) -> HFTextEncoder:
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel  # lazy: transformers takes seconds to import
 
     if config.setting("vocab_xxh3") != tiny_vocab_hash():
         raise RuntimeError(f"{config.name}: the built-in vocabulary changed since the config was made")

@@ -6,7 +6,6 @@ Every check is a few ``stat`` calls, so ``weights_available`` answers in millise
 """
 from __future__ import annotations
 
-from pipeline.errors import PipeError
 import importlib
 import importlib.util
 import json
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import xxhash
+
+from pipeline.errors import PipeError
 
 from .config import EncoderConfig
 
@@ -57,7 +58,7 @@ def hf_cache_dir() -> Path:
 
 def find_hub_snapshot(hub_id: str, revision: str = "main", filename: str = "config.json") -> Path | None:
     """The cached snapshot folder of ``hub_id`` holding ``filename``, or None. Never networks."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # lazy: huggingface_hub is needed only to look in its cache
 
     cache = hf_cache_dir()
     found = try_to_load_from_cache(hub_id, filename, cache_dir=cache, revision=revision)

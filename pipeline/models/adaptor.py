@@ -25,16 +25,45 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.config import OneOf
+
+
+@dataclass(frozen=True)
+class AdaptorMode:
+    """One of the Adaptor's modes, with everything the rest of the project asks of it.
+
+    The loader reads the arrays it names, evaluation asks whether a pair must be scored
+    jointly and whether a per-token image path exists, the output cache sizes its batches
+    by it. Adding a mode is one entry in :data:`MODES` (and its forward here).
+    """
+
+    name: str
+    image_array: str               # the cached image array it reads: pooled [N, D] or tokens [N, T, D]
+    text_arrays: tuple[str, ...]   # the cached text arrays it reads
+    sequences: bool                # token sequences in, so cross-attention has many keys
+    per_token_image: bool          # encode_image can return per-token outputs (for dense heads)
+    joint_pairs: bool              # a pair's embeddings see each other: score (image, text) pairs jointly
+    eval_batch: int                # rows per forward when its outputs are cached
+    summary: str
+
+
+POOLED = AdaptorMode("pooled", "pooled", ("pooled",), sequences=False, per_token_image=False, joint_pairs=False,
+                     eval_batch=512, summary="the paper's model: one pooled vector per modality")
+TOKENS = AdaptorMode("tokens", "tokens", ("tokens", "length"), sequences=True, per_token_image=True,
+                     joint_pairs=True, eval_batch=64,
+                     summary="cross-attention over the cached token sequences (our fix of flaw 1)")
+MODES: dict[str, AdaptorMode] = {m.name: m for m in (POOLED, TOKENS)}
+
 
 @dataclass(frozen=True)
 class AdaptorConfig:
-    mode: Literal["pooled", "tokens"] = "pooled"
+    mode: Annotated[str, OneOf(MODES)] = "pooled"
     image_dim: int = 768
     text_dim: int = 768
     d_model: int = 768
@@ -48,8 +77,8 @@ class AdaptorConfig:
     logit_scale_max: float = 100.0  # clamp of exp(logit_scale); the authors never clamped
 
     def __post_init__(self) -> None:
-        if self.mode not in ("pooled", "tokens"):
-            raise ValueError(f"mode must be 'pooled' or 'tokens', got {self.mode!r}")
+        if self.mode not in MODES:  # also checked by load_config, which names the key
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.image_weight <= 1.0:
@@ -104,6 +133,7 @@ class Adaptor(nn.Module):
     def __init__(self, cfg: AdaptorConfig = AdaptorConfig()) -> None:
         super().__init__()
         self.cfg = cfg
+        self.mode = MODES[cfg.mode]
         self.image_proj = nn.Linear(cfg.image_dim, cfg.d_model, bias=False)
         self.text_proj = nn.Linear(cfg.text_dim, cfg.d_model, bias=False)
         self.blocks = nn.ModuleList(
@@ -124,7 +154,7 @@ class Adaptor(nn.Module):
         image_grid: tuple[int, int] | None = None,
         n_prefix: int = 1,
     ) -> tuple[Tensor, Tensor]:
-        if self.cfg.mode == "pooled":
+        if not self.mode.sequences:
             img = self._image_in(batch["image_pooled"])  # [B, 1, d]
             txt = self._text_in(batch["text_pooled"])  # [B, 1, d]
             for block in self.blocks:  # the paper: one key, so the query is unused
@@ -161,7 +191,7 @@ class Adaptor(nn.Module):
         self, x: Tensor, grid: tuple[int, int] | None = None, n_prefix: int = 1
     ) -> Tensor:
         x = x.to(self.image_proj.weight.dtype)
-        if self.cfg.mode == "pooled":
+        if not self.mode.sequences:
             _expect_ndim(x, 2, "image_pooled [B, Di]")
             x = x[:, None]  # [B, 1, Di]: an explicit length-1 sequence per sample
         else:
@@ -172,12 +202,42 @@ class Adaptor(nn.Module):
 
     def _text_in(self, x: Tensor) -> Tensor:
         x = x.to(self.text_proj.weight.dtype)
-        if self.cfg.mode == "pooled":
+        if not self.mode.sequences:
             _expect_ndim(x, 2, "text_pooled [B, Dt]")
             x = x[:, None]
         else:
             _expect_ndim(x, 3, "text_tokens [B, Tt, Dt]")
         return F.normalize(self.text_proj(x), dim=-1)
+
+
+def pair_scores(model, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor | None, partners: Tensor,
+                **fwd) -> Tensor:
+    """Score image ``i`` against the texts ``partners[i, j]``, each pair by its own joint forward.
+
+    ``image_tokens [B, Ti, Di]``, ``text_tokens [N, Tt, Dt]``, ``text_mask [N, Tt]``,
+    ``partners [B, K]`` (indices into the texts) -> cosine of the pair's outputs ``[B, K]``.
+    For modes whose pair embeddings see each other (``joint_pairs``), so that no embedding
+    scored against a text has seen another one. Every all-pairs and shifted-pairs scoring
+    in the project goes through here.
+    """
+    b, k = partners.shape
+    flat = partners.reshape(-1).to(text_tokens.device)
+    pairs = {"image_tokens": image_tokens.repeat_interleave(k, 0), "text_tokens": text_tokens[flat]}
+    if text_mask is not None:
+        pairs["text_mask"] = text_mask[flat]
+    img, txt = model(pairs, **fwd)
+    return (img * txt).sum(-1).view(b, k)
+
+
+def all_pair_scores(model, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor | None,
+                    block_pairs: int = 2048, **fwd) -> Tensor:
+    """``[n_img, n_txt]`` scores of every (image, text) pair, ``block_pairs`` pairs per forward."""
+    n_img, n_txt = image_tokens.shape[0], text_tokens.shape[0]
+    block = max(1, block_pairs // n_txt)
+    every = torch.arange(n_txt, device=text_tokens.device)
+    return torch.cat([pair_scores(model, image_tokens[s:s + block], text_tokens, text_mask,
+                                  every.expand(min(block, n_img - s), n_txt), **fwd)
+                      for s in range(0, n_img, block)])
 
 
 def pool_patch_grid(

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 import xxhash
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cache.atomic import atomic_write_with, fsync_path, is_temp_name
-from pipeline.errors import PipeError
+from pipeline.errors import MissingFileError, PipeError
 
 
 class CheckpointMismatchError(PipeError):
@@ -72,7 +73,6 @@ def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict,
 
 
 def read_meta(path: Path) -> dict:
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
@@ -82,7 +82,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None) -> dict:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `pipe train-adaptor`")
+        raise MissingFileError(f"checkpoint {path} does not exist; train one with `pipe train-adaptor`")
     meta = read_meta(path)
     if model is not None:
         model.load_state_dict(load_file(str(path)))
@@ -94,7 +94,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
 
 
 def _raw_meta(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})

@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HEAD_KINDS = ("mlp", "linear")
-
 
 class MLPHead(nn.Sequential):
     def __init__(self, in_dim: int, n_out: int, hidden: int = 512, dropout: float = 0.1) -> None:
@@ -36,12 +34,18 @@ class LinearHead(nn.Sequential):
         super().__init__(nn.BatchNorm1d(in_dim, affine=False), nn.Linear(in_dim, n_out))
 
 
+# Classifier heads by name: (in_dim, n_out, hidden, dropout) -> module. One entry per kind.
+HEADS = {
+    "mlp": lambda in_dim, n_out, hidden, dropout: MLPHead(in_dim, n_out, hidden, dropout),
+    "linear": lambda in_dim, n_out, hidden, dropout: LinearHead(in_dim, n_out),
+}
+HEAD_KINDS = tuple(HEADS)
+
+
 def make_head(kind: str, in_dim: int, n_out: int, hidden: int = 512, dropout: float = 0.1) -> nn.Module:
-    if kind == "mlp":
-        return MLPHead(in_dim, n_out, hidden, dropout)
-    if kind == "linear":
-        return LinearHead(in_dim, n_out)
-    raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
+    if kind not in HEADS:
+        raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
+    return HEADS[kind](in_dim, n_out, hidden, dropout)
 
 
 class SegDecoder(nn.Module):

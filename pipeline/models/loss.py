@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.models.adaptor import pair_scores
+
 
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather rows from every rank; backward sums each slice's gradient over ranks.
@@ -117,13 +119,7 @@ def shifted_pair_logits(model, batch: dict, k: int, **fwd) -> Tensor:
     b = batch["image_tokens"].shape[0]
     k = min(k, b - 1)
     partner = (torch.arange(b)[:, None] + torch.arange(k + 1)[None]) % b  # [B, k+1] report index
-    flat = partner.flatten().to(batch["text_tokens"].device)
-    pairs = {"image_tokens": batch["image_tokens"].repeat_interleave(k + 1, 0),
-             "text_tokens": batch["text_tokens"][flat]}
-    if batch.get("text_mask") is not None:
-        pairs["text_mask"] = batch["text_mask"][flat]
-    img, txt = model(pairs, **fwd)
-    return (img * txt).sum(-1).view(b, k + 1)
+    return pair_scores(model, batch["image_tokens"], batch["text_tokens"], batch.get("text_mask"), partner, **fwd)
 
 
 def pairwise_clip_loss(scores: Tensor, logit_scale: Tensor | float, image_weight: float = 0.75) -> Tensor:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.console import err
+from stages import embed, evaluate
+from stages import train as train_adaptor
+from stages.evaluate.tables import merge_tables, to_markdown, to_rich
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -38,7 +41,6 @@ def _step(title: str):
 
 
 def run(cfg: DemoConfig) -> Path:
-    from stages import embed, evaluate, train as train_adaptor
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,6 @@ def run(cfg: DemoConfig) -> Path:
 
 
 def write_report(runs: list[Path], path: Path) -> Path:
-    from stages.evaluate.tables import merge_tables, to_markdown, to_rich
 
     loaded = [json.loads((r / "results.json").read_text()) for r in runs]
     tables = merge_tables(loaded, [str(r) for r in runs])

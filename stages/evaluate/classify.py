@@ -15,21 +15,22 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.console import err, progress
 from cache.index import LABEL_PREFIX
+from pipeline.console import err, progress
+from pipeline.errors import InputError
+from pipeline.models.heads import make_head
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.fractions import check_subset, stratified_order, subset_size
+from stages.evaluate.head_bank import FitSettings, Head, HeadBank, predict
 from stages.evaluate.plots import roc_grid
 from stages.evaluate.tables import add_row, fraction_label, make_table, summary_cell
-from stages.evaluate.head_bank import FitSettings, Head, HeadBank, predict
-from pipeline.models.heads import make_head
 
 PRIMARY = {"binary": "auroc", "multilabel": "macro_auroc", "multiclass": "accuracy"}
 METRIC_TITLE = {"auroc": "AUROC", "macro_auroc": "macro AUROC", "accuracy": "accuracy", "macro_f1": "macro-F1"}
 
 
-class NoLabelsError(ValueError):
+class NoLabelsError(InputError):
     """A dataset without the labels a task needs."""
 
 

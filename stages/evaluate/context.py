@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cache.pairs import PairData
 from pipeline.console import err
 from stages.evaluate.features import FrozenAdaptor, raw_features
-from cache.pairs import PairData
 
 
 @dataclass

@@ -16,10 +16,10 @@ from cache.outputs import OutputCache, ensure_outputs_meta, outputs_folder
 from cache.reader import RowReader
 from cache.store import Store
 from pipeline.console import err
-from pipeline.models.adaptor import Adaptor, AdaptorConfig
+from pipeline.errors import InputError, MissingFileError
+from pipeline.models.adaptor import Adaptor, AdaptorConfig, AdaptorMode, all_pair_scores
 from pipeline.models.checkpoint import checkpoint_hash, load_checkpoint, read_meta
 
-BATCH = {"pooled": 512, "tokens": 64}
 PAIRS_PER_FORWARD = 256
 
 
@@ -29,7 +29,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_dir():
         p = p / "last.safetensors"
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give a .safetensors file or a "
+        raise MissingFileError(f"checkpoint {path} does not exist; give a .safetensors file or a "
                                 "`pipe train-adaptor` run directory, or --adaptor none for the no-Adaptor baseline")
     return p
 
@@ -53,14 +53,14 @@ class FrozenAdaptor:
         path = resolve_checkpoint(path)
         meta = read_meta(path)
         if meta.get("kind") != "adaptor" or "config" not in meta:
-            raise ValueError(f"{path} is not an Adaptor checkpoint from `pipe train-adaptor` (no adaptor metadata)")
+            raise InputError(f"{path} is not an Adaptor checkpoint from `pipe train-adaptor` (no adaptor metadata)")
         model = Adaptor(AdaptorConfig(**meta["config"]["adaptor"]))
         load_checkpoint(path, model)
         return cls(path, meta, model.to(device).eval(), checkpoint_hash(path), device, cache_root)
 
     @property
-    def mode(self) -> str:
-        return self.model.cfg.mode
+    def mode(self) -> AdaptorMode:
+        return self.model.mode
 
     @property
     def grid(self) -> tuple[tuple[int, int] | None, int]:
@@ -78,7 +78,7 @@ class FrozenAdaptor:
     def _cached(self, store: Store, kind: str, rows: np.ndarray, compute) -> np.ndarray:
         folder = self.folder(store)
         ensure_outputs_meta(folder, {"checkpoint": str(self.path), "checkpoint_hash": self.hash,
-                                     "fingerprint": store.fingerprint, "modality": store.modality, "mode": self.mode})
+                                     "fingerprint": store.fingerprint, "modality": store.modality, "mode": self.mode.name})
         values, computed = OutputCache(folder, kind).get(rows, compute)
         self.forwards[kind] = self.forwards.get(kind, 0) + computed
         return values
@@ -90,17 +90,17 @@ class FrozenAdaptor:
 
     def image_tokens(self, store: Store, rows: np.ndarray) -> np.ndarray:
         """Per-token outputs of ``encode_image(return_tokens=True)``: ``[n, T', d]`` float16 (tokens mode)."""
-        if self.mode != "tokens":
-            raise ValueError("a pooled-mode Adaptor has no per-token image path")
+        if not self.mode.per_token_image:
+            raise ValueError(f"a {self.mode.name}-mode Adaptor has no per-token image path")
         return self._cached(store, "image_tokens", rows, lambda r: self._encode(store, r, tokens=True))
 
     @torch.no_grad()
     def _encode(self, store: Store, rows: np.ndarray, tokens: bool) -> np.ndarray:
-        reader = RowReader(store, self.mode)
+        reader, batch = RowReader(store, self.mode.image_array), self.mode.eval_batch
         grid, n_prefix = self.grid
         out = []
-        for s in range(0, len(rows), BATCH[self.mode]):
-            x = torch.from_numpy(reader.take(rows[s:s + BATCH[self.mode]])).to(self.device)
+        for s in range(0, len(rows), batch):
+            x = torch.from_numpy(reader.take(rows[s:s + batch])).to(self.device)
             res = self.model.encode_image(x, image_grid=grid, n_prefix=n_prefix, return_tokens=tokens)
             out.append(res[1].half().cpu().numpy() if tokens else res.float().cpu().numpy())
         return np.concatenate(out)
@@ -109,16 +109,16 @@ class FrozenAdaptor:
     def text_embeddings(self, store: Store, rows: np.ndarray) -> np.ndarray:
         """The text stream's output per text row (pooled mode: it depends on the text alone,
         because each attention in the paired forward has a single key)."""
-        if self.mode != "pooled":
-            raise ValueError("a tokens-mode Adaptor's text output depends on the image; score pairs instead")
+        if self.mode.joint_pairs:
+            raise ValueError(f"a {self.mode.name}-mode Adaptor's text output depends on the image; score pairs instead")
         return self._cached(store, "text_pooled", rows, lambda r: self._encode_text(store, r))
 
     @torch.no_grad()
     def _encode_text(self, store: Store, rows: np.ndarray) -> np.ndarray:
-        reader = RowReader(store, "pooled")
+        reader, batch = RowReader(store, "pooled"), self.mode.eval_batch
         out = []
-        for s in range(0, len(rows), BATCH["pooled"]):
-            t = torch.from_numpy(reader.take(rows[s:s + BATCH["pooled"]])).to(self.device)
+        for s in range(0, len(rows), batch):
+            t = torch.from_numpy(reader.take(rows[s:s + batch])).to(self.device)
             placeholder = torch.zeros(len(t), self.model.cfg.image_dim, device=self.device)
             _, txt = self.model({"image_pooled": placeholder, "text_pooled": t})
             out.append(txt.float().cpu().numpy())
@@ -137,13 +137,10 @@ class FrozenAdaptor:
         block = max(1, PAIRS_PER_FORWARD // len(text_rows))
         for s in range(0, len(image_rows), block):
             img = torch.from_numpy(img_r.take(image_rows[s:s + block])).to(self.device)  # [b, Ti, Di]
-            b, n = len(img), len(text_rows)
-            batch = {"image_tokens": img.repeat_interleave(n, 0), "text_tokens": txt.repeat(b, 1, 1),
-                     "text_mask": mask.repeat(b, 1)}
-            i, t = self.model(batch, image_grid=grid, n_prefix=n_prefix)
-            scores[s:s + b] = (i * t).sum(-1).reshape(b, n).float().cpu().numpy()
+            scores[s:s + len(img)] = all_pair_scores(self.model, img, txt, mask, PAIRS_PER_FORWARD,
+                                                     image_grid=grid, n_prefix=n_prefix).float().cpu().numpy()
             if progress:
-                progress(b)
+                progress(len(img))
         self.forwards["pairs"] = self.forwards.get("pairs", 0) + scores.size
         return scores
 

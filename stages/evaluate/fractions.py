@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import InputError
 
-class FractionTooSmallError(ValueError):
+
+class FractionTooSmallError(InputError):
     """A label fraction whose training subset lacks a class; the message names the fix."""
 
 
 def subset_size(fraction: float, n: int) -> int:
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label fraction {fraction} is outside (0, 1]; use e.g. --fraction 0.01 0.1 1.0")
+        raise InputError(f"label fraction {fraction} is outside (0, 1]; use e.g. --fraction 0.01 0.1 1.0")
     return max(1, min(n, int(round(fraction * n))))
 
 

@@ -8,10 +8,10 @@ import numpy as np
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib takes a second to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib takes a second to import
 
     return plt
 

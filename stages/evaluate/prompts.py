@@ -14,14 +14,18 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from cache.index import DatasetIndex
 from cache.keys import normalise_report, text_key
 from cache.store import Store
 from pipeline.config import PRESET_DIR
+from pipeline.devices import resolve_device
+from pipeline.errors import InputError
+from stages.embed.stage import EmbedConfig, embed_modality
 
 PROMPT_DIR = PRESET_DIR / "prompts"
 
 
-class PromptError(ValueError):
+class PromptError(InputError):
     """A prompt file that cannot be used; the message names the file and the fix."""
 
 
@@ -62,9 +66,6 @@ def embed_texts(texts: list[str], encoder_name: str, cache_root: Path) -> np.nda
 
 
 def embed_texts_store(texts: list[str], encoder_name: str, cache_root: Path) -> tuple[Store, np.ndarray]:
-    from pipeline.devices import resolve_device
-    from cache.index import DatasetIndex
-    from stages.embed.stage import EmbedConfig, embed_modality
 
     norm = [normalise_report(t) for t in texts]
     if not all(norm):

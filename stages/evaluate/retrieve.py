@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.console import err, progress
+from pipeline.errors import InputError
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
@@ -37,7 +38,7 @@ def raw_similarity(ctx: EvalContext, img_rows: np.ndarray, text_store,
 
 def adaptor_similarity(ctx: EvalContext, img_rows: np.ndarray, text_store, txt_rows: np.ndarray) -> np.ndarray:
     a = ctx.adaptor
-    if a.mode == "pooled":
+    if not a.mode.joint_pairs:
         img = a.image_embeddings(ctx.data.image, img_rows)
         txt = a.text_embeddings(text_store, txt_rows)
         return img.astype(np.float64) @ txt.astype(np.float64).T
@@ -61,11 +62,11 @@ def recall_figures(sim: np.ndarray, ctx: EvalContext) -> dict:
 def _test_items(ctx: EvalContext) -> np.ndarray:
     test = ctx.positions()["test"]
     if len(test) < 2:
-        raise ValueError(f"retrieval needs at least 2 items in the {ctx.cfg.test_split!r} split, found {len(test)}; "
+        raise InputError(f"retrieval needs at least 2 items in the {ctx.cfg.test_split!r} split, found {len(test)}; "
                          "check the split column or set test_split=...")
     limit = ctx.cfg.pairwise_max_items
-    if ctx.adaptor is not None and ctx.adaptor.mode == "tokens" and len(test) > limit:
-        ctx.note(f"tokens mode scores all {len(test)}² pairs one forward each; evaluating a seeded random "
+    if ctx.adaptor is not None and ctx.adaptor.mode.joint_pairs and len(test) > limit:
+        ctx.note(f"{ctx.adaptor.mode.name} mode scores all {len(test)}² pairs one forward each; evaluating a seeded random "
                  f"{limit} of the {len(test)} test items (pairwise_max_items=...)")
         test = np.sort(np.random.default_rng(ctx.cfg.seed).choice(test, limit, replace=False))
     return test

@@ -13,16 +13,18 @@ import math
 import numpy as np
 import torch
 
+from cache.masks import geometry, load_masks
 from pipeline.console import err, progress
+from pipeline.errors import InputError
+from pipeline.imaging import Preprocess, read_and_decode
+from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
 from stages.evaluate.fractions import check_subset, stratified_order, subset_size
-from cache.masks import geometry, load_masks
+from stages.evaluate.head_bank import FitSettings, Head, HeadBank, iter_predict
 from stages.evaluate.plots import overlays
 from stages.evaluate.tables import add_row, fraction_label, make_table, summary_cell, value_cell
-from stages.evaluate.head_bank import FitSettings, Head, HeadBank, iter_predict
-from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
 
 TABLES = (("dice_positive", "Dice on images with a non-empty true mask"),
           ("dice_empty_is_one", "Dice over all images, empty prediction on empty mask = 1 (the authors')"),
@@ -31,7 +33,7 @@ TABLES = (("dice_positive", "Dice on images with a non-empty true mask"),
           ("iou_empty_is_one", "IoU over all images, empty on empty = 1"))
 
 
-class NoMasksError(ValueError):
+class NoMasksError(InputError):
     """A dataset without masks for segmentation."""
 
 
@@ -53,10 +55,10 @@ def resolve_target(ctx: EvalContext) -> str:
 def token_sets(ctx: EvalContext) -> list[tuple[str, str]]:
     """(row name, source) of the token features to decode."""
     a = ctx.adaptor
-    if a is not None and a.mode == "pooled":
-        ctx.note("the checkpoint is a pooled-mode Adaptor, which has no per-token path: its segmentation row "
-                 "decodes the backbone's raw cached patch tokens (the same input as the no-Adaptor baseline)")
-        return [(f"{ctx.adaptor_name()} [pooled mode: raw patch tokens]", "backbone")]
+    if a is not None and not a.mode.per_token_image:
+        ctx.note(f"the checkpoint is a {a.mode.name}-mode Adaptor, which has no per-token path: its segmentation "
+                 "row decodes the backbone's raw cached patch tokens (the same input as the no-Adaptor baseline)")
+        return [(f"{ctx.adaptor_name()} [{a.mode.name} mode: raw patch tokens]", "backbone")]
     return ctx.feature_sets()
 
 
@@ -235,7 +237,6 @@ def _tables(ctx: EvalContext, methods: list[dict]) -> list[dict]:
 
 def _overlay_picture(ctx, test_items: np.ndarray, true: np.ndarray, shown: dict, method: str, target: str):
     """Image, true and predicted mask of a few test images; reads those original image files only."""
-    from pipeline.imaging import Preprocess, read_and_decode
 
     pre = ctx.data.image.attrs["spec"]["preprocess"]
     p = Preprocess(pre["resize_size"], pre["input_size"], tuple(pre["mean"]), tuple(pre["std"]))

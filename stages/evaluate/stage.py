@@ -14,23 +14,24 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
-from pipeline.encoders import canonical_name
 from cache.atomic import atomic_write_text
-from pipeline.config import ConfigError, config_hash, save_config, to_dict
+from cache.pairs import CacheMissError, embed_command, load_pairs
+from cache.paths import cache_root
+from pipeline.config import OneOf, ConfigError, config_hash, save_config, to_dict
 from pipeline.console import err
+from pipeline.datasets import open_dataset
 from pipeline.devices import peak_memory_mb, resolve_device
+from pipeline.encoders import canonical_name, resolve_encoder_name
+from pipeline.models.checkpoint import CheckpointMismatchError, check_fingerprints
+from pipeline.models.heads import HEAD_KINDS
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import FrozenAdaptor
 from stages.evaluate.tables import to_markdown
-from cache.paths import cache_root
-from pipeline.models.checkpoint import CheckpointMismatchError, check_fingerprints
-from cache.pairs import CacheMissError, embed_command, load_pairs
-
-TASKS = ("classification", "segmentation", "retrieval", "zero-shot")
+from stages.evaluate.tasks import TASKS, get_task
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,9 @@ class HeadsConfig:
     restart_epochs: int = 10       # period of the cosine schedule's warm restarts, in validations
 
     def __post_init__(self) -> None:
-        bad = [k for k in self.kinds if k not in ("mlp", "linear")]
+        bad = [k for k in self.kinds if k not in HEAD_KINDS]
         if bad or not self.kinds:
-            raise ValueError(f"heads.kinds must be a non-empty list of mlp/linear, got {self.kinds}")
+            raise ValueError(f"heads.kinds must be a non-empty list of {'/'.join(HEAD_KINDS)}, got {self.kinds}")
         if not self.lrs or min(self.lrs) <= 0:
             raise ValueError(f"heads.lrs must be positive learning rates, got {self.lrs}")
 
@@ -69,7 +70,7 @@ class SegConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    task: Literal["classification", "segmentation", "retrieval", "zero-shot"] = "classification"
+    task: Annotated[str, OneOf(TASKS)] = "classification"
     dataset: str = ""
     adaptor: str = ""              # a checkpoint (or its run directory), or "none"
     backbone: str = ""             # with a checkpoint: taken from it
@@ -94,6 +95,7 @@ class EvalConfig:
     test_split: str = "test"
 
     def __post_init__(self) -> None:
+        get_task(self.task)
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise ValueError(f"fractions must lie in (0, 1], got {self.fractions}")
         if self.seeds < 1:
@@ -116,7 +118,7 @@ def _require(cfg: EvalConfig) -> None:
     if cfg.adaptor.lower() == "none":
         if not cfg.backbone:
             problems.append("backbone: --adaptor none evaluates a backbone's own features; name it with --backbone")
-        if cfg.task in ("retrieval", "zero-shot") and not cfg.text_encoder:
+        if get_task(cfg.task).needs_text and not cfg.text_encoder:
             problems.append(f"text_encoder: --adaptor none with --task {cfg.task} needs --text-encoder")
     if problems:
         raise ConfigError(problems, "evaluate")
@@ -124,7 +126,6 @@ def _require(cfg: EvalConfig) -> None:
 
 def _same_encoder(flag: str, given: str, trained: str | None) -> str:
     """A flag may restate the checkpoint's encoder (by any alias), not change it."""
-    from pipeline.encoders import resolve_encoder_name
 
     if not given:
         return trained or ""
@@ -145,7 +146,6 @@ def _encoders(cfg: EvalConfig, adaptor: FrozenAdaptor | None) -> tuple[str, str 
 
 def check_index_current(cfg: EvalConfig, root: Path, name: str, items, backbone: str, text: str | None) -> None:
     """Labels, masks and items come from the index `pipe embed` wrote: refuse a stale one."""
-    from pipeline.datasets import open_dataset
 
     ds = open_dataset(cfg.dataset, root)
     hint = embed_command(cfg.dataset, backbone, text or "none", root)
@@ -162,14 +162,13 @@ def check_index_current(cfg: EvalConfig, root: Path, name: str, items, backbone:
 
 
 def _context(cfg: EvalConfig) -> EvalContext:
-    from pipeline.datasets import open_dataset
 
     _require(cfg)
     root = cache_root(cfg.cache)
     device = resolve_device(cfg.device)
     adaptor = None if cfg.adaptor.lower() == "none" else FrozenAdaptor.load(cfg.adaptor, device, root)
     backbone, text = _encoders(cfg, adaptor)
-    need_text = cfg.task in ("retrieval", "zero-shot")
+    need_text = get_task(cfg.task).needs_text
     name = open_dataset(cfg.dataset, root, materialise=False).name
     data = load_pairs(root, name, cfg.dataset, backbone, text or "none", need_text=need_text,
                       canonical=canonical_name)
@@ -192,11 +191,11 @@ def run(cfg: EvalConfig) -> EvalResult:
     ctx = _context(cfg)
     fresh = not ctx.out.exists()
     ctx.out.mkdir(parents=True, exist_ok=True)
-    what = f"Adaptor {ctx.adaptor.hash[:16]} ({ctx.adaptor.mode} mode)" if ctx.adaptor else "no Adaptor"
+    what = f"Adaptor {ctx.adaptor.hash[:16]} ({ctx.adaptor.mode.name} mode)" if ctx.adaptor else "no Adaptor"
     err.print(f"evaluating {cfg.task} on {ctx.dataset_name} ({len(ctx.data.items):,} cached items) · {what} · "
               f"backbone forwards: 0 · out {ctx.out}")
     try:
-        result = _task(cfg.task).run(ctx)
+        result = get_task(cfg.task).run(ctx)
     except BaseException:
         if fresh and not any(ctx.out.iterdir()):
             ctx.out.rmdir()  # a run refused for its input leaves no empty run directory behind
@@ -208,23 +207,15 @@ def run(cfg: EvalConfig) -> EvalResult:
     return EvalResult(ctx.out, results, result.tables)
 
 
-def _task(name: str):
-    import importlib
-
-    module = {"classification": "classify", "segmentation": "segment", "retrieval": "retrieve",
-              "zero-shot": "zeroshot"}[name]
-    return importlib.import_module(f"stages.evaluate.{module}")
-
-
 def _results_json(ctx: EvalContext, result: TaskResult, forwards: str | None, seconds: float) -> dict:
     a = ctx.adaptor
     checkpoint = None if a is None else {
-        "path": str(a.path), "hash": a.hash, "mode": a.mode, "epoch": a.meta.get("epoch"),
+        "path": str(a.path), "hash": a.hash, "mode": a.mode.name, "epoch": a.meta.get("epoch"),
         "trained_on": a.meta.get("dataset"), "fingerprints": a.meta.get("fingerprints"),
         "adaptor_outputs": str(a.folder(ctx.data.image)), "adaptor_forwards": dict(a.forwards),
         "adaptor_forwards_line": forwards}
     fps = {"image": ctx.data.image.fingerprint}
-    if ctx.cfg.task in ("retrieval", "zero-shot"):
+    if get_task(ctx.cfg.task).needs_text:
         fps["text"] = ctx.data.text.fingerprint
     return {
         "task": ctx.cfg.task, "dataset": ctx.cfg.dataset, "dataset_name": ctx.dataset_name,
@@ -268,9 +259,7 @@ def results_markdown(results: dict) -> str:
     if results["data"].get("fractions"):
         lines += ["- training items per fraction and seed: " + json.dumps(results["data"]["fractions"]), ""]
     level = f"{100 * results['config']['ci']:g}%"
-    lines += [f"Cells: mean ± std over seeds [bootstrap {level} CI of the seed mean on the test split], in %."
-              if results["task"] in ("classification", "segmentation") else
-              f"Cells: value [bootstrap {level} CI over the test items], in %.", ""]
+    lines += ["Cells: " + get_task(results["task"]).cells.format(level=level) + ", in %.", ""]
     for t in results["tables"]:
         lines += [to_markdown(t), ""]
     if results["notes"]:

@@ -7,6 +7,7 @@ A table is plain data (so it lives in results.json and ``pipe report`` can merge
 from __future__ import annotations
 
 import numpy as np
+from rich.table import Table
 
 
 def fraction_label(f: float) -> str:
@@ -64,7 +65,6 @@ def to_markdown(table: dict) -> str:
 
 
 def to_rich(table: dict):
-    from rich.table import Table
 
     t = Table(title=table["title"], title_justify="left")
     t.add_column("method", overflow="fold")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import InputError
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.plots import roc_grid
@@ -69,7 +70,7 @@ def run(ctx: EvalContext) -> TaskResult:
     findings = _findings(ctx, prompts)
     test = ctx.positions()["test"]
     if not len(test):
-        raise ValueError(f"no items in the {ctx.cfg.test_split!r} split; check the split column or set test_split=...")
+        raise InputError(f"no items in the {ctx.cfg.test_split!r} split; check the split column or set test_split=...")
     rows, where = prompt_rows(ctx, prompts, findings)
     y = {f: ctx.data.items[f"label.{f}"].to_numpy(np.float64)[test] for f in findings}
     img_rows = ctx.image_rows[test]

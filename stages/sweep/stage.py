@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ConfigError, load_config
+from pipeline.errors import MissingFileError
+from stages.train.trainer import TrainConfig, load_training_data, run
 
 KEYS = {"dataset", "backbone", "text_encoder", "cache", "preset", "overrides", "grid", "out", "metric"}
 
@@ -46,7 +48,7 @@ class SweepResult:
 def load_sweep(path: Path, extra: list[str] = ()) -> SweepSpec:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"sweep file {path} does not exist; see configs/sweep_demo.yaml for the format")
+        raise MissingFileError(f"sweep file {path} does not exist; see configs/sweep_demo.yaml for the format")
     raw = yaml.safe_load(path.read_text()) or {}
     problems = [f"{k}: unknown sweep key (valid: {', '.join(sorted(KEYS))})" for k in raw if k not in KEYS]
     problems += [f"{k}: required" for k in ("dataset", "backbone", "text_encoder", "grid") if k not in raw]
@@ -72,7 +74,6 @@ def _override(key: str, value) -> str:
 
 
 def run_sweep(spec: SweepSpec, cache_override: str | None = None, on_row=None) -> SweepResult:
-    from stages.train.trainer import TrainConfig, load_training_data, run
 
     cache = cache_override or spec.cache
     base = [_override("dataset", spec.dataset), _override("backbone", spec.backbone),

@@ -14,8 +14,10 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.devices import resolve_device
+from pipeline.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def _device_for(requested: str, local_rank: int, world: int) -> torch.device:
     device = resolve_device(requested)
     if device.type == "cuda" and world > 1:
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+            raise InputError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
                              "launch at most one process per GPU (torchrun --nproc-per-node <GPUs>)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -114,7 +116,6 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     """DistributedDataParallel over the ranks (the model itself on one process)."""
     if not ctx.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)

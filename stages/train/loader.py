@@ -21,14 +21,16 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
+from cache.pairs import PairData
 from cache.reader import RowReader, available_ram, block_shuffled_order
 from pipeline.console import err
-from cache.pairs import PairData
+from pipeline.errors import InputError, PipeError
+from pipeline.models.adaptor import MODES, AdaptorMode
 
 Resident = Literal["auto", "ram", "gpu", "none"]
 
 
-class ResidencyError(MemoryError):
+class ResidencyError(PipeError):
     pass
 
 
@@ -59,13 +61,14 @@ def _torch_dtype(dt: np.dtype) -> torch.dtype:
 class PairLoader:
     """Batches of (image, text) arrays for a set of item positions."""
 
-    def __init__(self, data: PairData, positions: np.ndarray, mode: str, batch_size: int,
+    def __init__(self, data: PairData, positions: np.ndarray, mode: AdaptorMode | str, batch_size: int,
                  device: torch.device, resident: Resident = "auto", views: bool = True,
                  seed: int = 0, buffer_chunks: int = 8, drop_last: bool = False, text: bool = True,
                  rank: int = 0, world: int = 1, ram_copies: int = 1):
         if batch_size % world:
-            raise ValueError(f"batch_size={batch_size} is the global batch and must split evenly over {world} "
+            raise InputError(f"batch_size={batch_size} is the global batch and must split evenly over {world} "
                              f"processes; use a multiple of {world}")
+        mode = MODES[mode] if isinstance(mode, str) else mode
         self.data, self.positions, self.mode = data, np.asarray(positions), mode
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self.rank, self.world, self.ram_copies = rank, world, ram_copies
@@ -76,14 +79,13 @@ class PairLoader:
             img_rows = img_rows[:, :1]
         self.image_rows = img_rows
         self.text_rows = data.text_rows[self.positions]
-        names = {"pooled": ("pooled",), "tokens": ("tokens",)}[mode]
         self.sources: dict[str, _Source] = {}
         used_img = np.unique(img_rows[img_rows >= 0])
-        for n in names:
-            self.sources[f"image_{n}"] = _Source(n, RowReader(data.image, n), used_img)
+        n = mode.image_array
+        self.sources[f"image_{n}"] = _Source(n, RowReader(data.image, n), used_img)
         if text:
             used_txt = np.unique(self.text_rows)
-            for n in names + (("length",) if mode == "tokens" else ()):
+            for n in mode.text_arrays:
                 self.sources[f"text_{n}"] = _Source(n, RowReader(data.text, n), used_txt)
         self.residency = self._make_resident(resident)
 
@@ -99,7 +101,7 @@ class PairLoader:
     def _make_resident(self, resident: Resident) -> str:
         need = self.nbytes()
         ram_need = need * self.ram_copies  # every process on this machine holds its own copy
-        if resident == "none" or (resident == "auto" and self.mode == "tokens" and ram_need > 0.5 * available_ram()):
+        if resident == "none" or (resident == "auto" and self.mode.sequences and ram_need > 0.5 * available_ram()):
             if resident == "auto" and self.rank == 0:
                 err.print(f"[yellow]token arrays need {need / 2**30:.1f} GiB, more than half the free RAM: "
                           "streaming them from the cache instead")

@@ -14,7 +14,7 @@ class MetricsLog:
                 self.rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
         self.tb = None
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is optional
 
             self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
         except Exception:  # tensorboard is optional
@@ -42,10 +42,10 @@ class MetricsLog:
             self.tb.flush()
 
     def plot(self, path: Path, title: str) -> None:
-        import matplotlib
+        import matplotlib  # lazy: matplotlib takes a second to import
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: matplotlib takes a second to import
 
         if not self.rows:
             return

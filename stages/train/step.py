@@ -26,12 +26,14 @@ from typing import Callable, Literal, get_args
 import torch
 from torch import Tensor
 
+from pipeline.errors import InputError
+
 StepMode = Literal["eager", "compile", "cuda-graph"]
 STEP_MODES: tuple[str, ...] = get_args(StepMode)
 WARMUP_STEPS = 3
 
 
-class StepError(ValueError):
+class StepError(InputError):
     """A step mode that cannot run here; the message says what to use instead."""
 
 

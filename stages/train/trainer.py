@@ -35,23 +35,30 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from pipeline.encoders import canonical_name
-from pipeline.config import ConfigError, config_hash, save_config, to_dict
 from rich.progress import Progress
 
-from pipeline.console import err, progress
-from pipeline.devices import peak_memory_mb
-from pipeline.models.adaptor import Adaptor, AdaptorConfig
-from pipeline.models.loss import (clip_loss, pairwise_clip_loss, retrieval_recall, retrieval_recall_from_sim,
-                                  shifted_pair_logits)
+from cache.index import load_index
+from cache.pairs import CacheMissError, PairData, embed_command, load_pairs
 from cache.paths import cache_root
-from stages.train import distributed
+from pipeline.config import ConfigError, config_hash, save_config, to_dict
+from pipeline.console import err, progress
+from pipeline.datasets import open_dataset
+from pipeline.devices import peak_memory_mb
+from pipeline.encoders import canonical_name
+from pipeline.errors import InputError
+from pipeline.models.adaptor import Adaptor, AdaptorConfig, all_pair_scores
 from pipeline.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from pipeline.models.loss import (
+    clip_loss,
+    pairwise_clip_loss,
+    retrieval_recall,
+    retrieval_recall_from_sim,
+    shifted_pair_logits,
+)
+from stages.train import distributed
 from stages.train.distributed import DistContext
 from stages.train.loader import PairLoader
 from stages.train.metrics import MetricsLog
-from cache.pairs import CacheMissError, PairData, embed_command, load_pairs
 from stages.train.step import StepMode, StepRunner, check_step_mode, optimizer_for, restore_lr_tensors
 
 CHECKPOINT = "last.safetensors"
@@ -114,7 +121,6 @@ def default_out(cfg: TrainConfig, dataset_name: str) -> Path:
 
 def load_training_data(cfg: TrainConfig) -> PairData:
     """The cached pairs a config trains on (shared by every run of a sweep)."""
-    from pipeline.datasets import open_dataset
 
     _require(cfg)
     root = cache_root(cfg.cache)
@@ -126,7 +132,6 @@ def load_training_data(cfg: TrainConfig) -> PairData:
 
 def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
     """Train one Adaptor; under torchrun, this process's share of a DDP run."""
-    from pipeline.datasets import open_dataset
 
     with distributed.session(cfg.device) as ctx:
         with distributed.main_first(ctx):  # reading a dataset may write to the cache: one rank at a time
@@ -137,7 +142,7 @@ def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         train_pos, val_pos = data.split(cfg.train_split), data.split(cfg.val_split)
         if len(train_pos) < 2:
-            raise ValueError(f"split {cfg.train_split!r} has {len(train_pos)} cached pairs; contrastive training "
+            raise InputError(f"split {cfg.train_split!r} has {len(train_pos)} cached pairs; contrastive training "
                              f"needs at least 2. Check the dataset's split column or set train_split=...")
         return Trainer(cfg, data, ctx, out, train_pos, val_pos).fit()
 
@@ -146,19 +151,18 @@ def global_batch(requested: int, n_items: int, world: int) -> int:
     """The global batch: ``batch_size``, cut to the split's size, split evenly over the ranks."""
     if requested % world:
         nearest = max(world, requested - requested % world)
-        raise ValueError(f"batch_size={requested} is the global batch and must divide evenly over the {world} "
+        raise InputError(f"batch_size={requested} is the global batch and must divide evenly over the {world} "
                          f"processes; use a multiple of {world}, e.g. batch_size={nearest}")
     bs = min(requested, n_items)
     bs -= bs % world
     if bs < world:
-        raise ValueError(f"the training split has {n_items} pairs, fewer than the {world} processes; "
+        raise InputError(f"the training split has {n_items} pairs, fewer than the {world} processes; "
                          "launch fewer processes")
     return bs
 
 
 def check_index_current(ds, data: PairData, cfg: TrainConfig) -> None:
     """Refuse to train on a cache that predates rows added to the dataset since."""
-    from cache.index import load_index
 
     known = set(load_index(cache_root(cfg.cache), ds.name).table.id)
     new = [it.id for it in ds.items if it.id not in known]
@@ -200,10 +204,10 @@ class Trainer:
         self.model = distributed.wrap_model(self.net, ctx)   # what trains (DDP under torchrun)
         self.grid, self.n_prefix = data.image_grid
         bs = global_batch(cfg.batch_size, len(train_pos), ctx.world_size)
-        self.train = PairLoader(data, train_pos, cfg.adaptor.mode, bs, self.device, cfg.resident, cfg.views,
+        self.train = PairLoader(data, train_pos, self.net.mode, bs, self.device, cfg.resident, cfg.views,
                                 seed=cfg.seed, drop_last=True, rank=ctx.rank, world=ctx.world_size,
                                 ram_copies=ctx.local_world_size)
-        self.val = (PairLoader(data, val_pos, cfg.adaptor.mode, cfg.val_batch_size, self.device, cfg.resident,
+        self.val = (PairLoader(data, val_pos, self.net.mode, cfg.val_batch_size, self.device, cfg.resident,
                                views=False) if len(val_pos) > 1 and ctx.is_main else None)
         check_step_mode(cfg.step, self.device, ctx.world_size)
         self.opt = optimizer_for(self.net.parameters(), cfg.step, self.device, lr=cfg.optim.lr,
@@ -241,10 +245,10 @@ class Trainer:
             return 0
         meta = read_meta(ckpt)
         if meta.get("config_hash") != config_hash(self._resume_key()):
-            raise ValueError(f"{self.out} holds a run with a different config; pass another --out, or delete "
+            raise InputError(f"{self.out} holds a run with a different config; pass another --out, or delete "
                              f"{ckpt} to start over")
         if meta.get("fingerprints") != self.data.fingerprints():
-            raise ValueError(f"{ckpt} was trained on other caches ({meta.get('fingerprints')}); "
+            raise InputError(f"{ckpt} was trained on other caches ({meta.get('fingerprints')}); "
                              "pass another --out to train on these")
         load_checkpoint(ckpt, self.net, self.opt)  # every rank loads the same state
         restore_lr_tensors(self.opt, self.cfg.step, self.device)
@@ -324,7 +328,7 @@ class Trainer:
 
     @property
     def pairwise(self) -> bool:
-        return self.cfg.adaptor.mode == "tokens" and self.cfg.tokens_negatives > 0
+        return self.net.mode.joint_pairs and self.cfg.tokens_negatives > 0
 
     def _loss(self, batch: dict) -> torch.Tensor:
         """The training loss of one batch (the step runner adds backward and the update)."""
@@ -370,14 +374,8 @@ class Trainer:
                 break
         val = {k: torch.cat([p[k] for p in parts])[:n_max] for k in parts[0]}
         n = len(val["index"])
-        sim = torch.empty(n, n, device=self.device)
-        block = max(1, 2048 // n)
-        for s in range(0, n, block):
-            b = min(block, n - s)
-            pairs = {"image_tokens": val["image_tokens"][s:s + b].repeat_interleave(n, 0),
-                     "text_tokens": val["text_tokens"].repeat(b, 1, 1), "text_mask": val["text_mask"].repeat(b, 1)}
-            i, t = self.net(pairs, image_grid=self.grid, n_prefix=self.n_prefix)
-            sim[s:s + b] = (i * t).sum(-1).view(b, n)
+        sim = all_pair_scores(self.net, val["image_tokens"], val["text_tokens"], val["text_mask"],
+                              image_grid=self.grid, n_prefix=self.n_prefix)
         logits, target = self.net.scale() * sim, torch.arange(n, device=sim.device)
         w = self.cfg.adaptor.image_weight
         loss = w * F.cross_entropy(logits, target) + (1 - w) * F.cross_entropy(logits.T, target)

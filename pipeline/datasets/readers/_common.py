@@ -30,6 +30,7 @@ from pipeline.console import err, progress
 from pipeline.datasets.base import Dataset
 from pipeline.datasets.masks import save_mask
 from pipeline.datasets.reports import SECTION_CHOICES
+from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.table import DatasetError
 
 TRUE = ("1", "true", "yes", "on")
@@ -118,20 +119,18 @@ class Spec:
         return "-".join([base, *parts])
 
 
-def parse_spec(reader: str, arg: str, schema: dict[str, Opt]) -> Spec:
+def parse_spec(reader: str, parsed: DatasetSpec, schema: dict[str, Opt]) -> Spec:
     schema = {**COMMON, **schema}
-    root_text, _, query = arg.partition("?")
+    root_text = parsed.root
     if not root_text:
         raise DatasetError(f"{reader}: give the dataset folder, e.g. {reader}:/data/{reader}")
     raw: dict[str, str] = {}
-    for pair in filter(None, query.split("&")):
-        key, eq, value = pair.partition("=")
-        key = key.strip()
+    for key, value in parsed.options.items():
         if key not in schema:
             raise DatasetError(f"{reader}: unknown option {key!r}. Known options: "
                                + "; ".join(f"{k} ({o.help}, default {o.default or 'none'})"
                                            for k, o in schema.items()))
-        raw[key] = value.strip() if eq else "1"
+        raw[key] = value
     options = {}
     for key, opt in schema.items():
         try:
@@ -271,7 +270,7 @@ def make_masks(jobs: list[tuple[Path, Path, Callable[[int, int], np.ndarray]]], 
 
 def dicom_size(path: Path) -> tuple[int, int]:
     """(Rows, Columns) from a DICOM header, without reading the pixels."""
-    import pydicom
+    import pydicom  # lazy: pydicom is needed only for DICOM files
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"], force=True)

@@ -28,7 +28,8 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from pipeline.datasets import register_reader
+from pipeline.datasets.registry import register_reader
+from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
 from pipeline.datasets.readers._common import (LABELS, Problems, Spec, chexpert_value, csv_rows, find_file, finish,
                                                flag, parse_spec, require_root, unmaterialised)
@@ -46,7 +47,7 @@ _PATIENT = re.compile(r"patient\d+")
 
 
 @register_reader(READER)
-def open_chexpert(arg: str, cache_root: Path, materialise: bool = True) -> Dataset:
+def open_chexpert(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SCHEMA)
     if not materialise:
         return unmaterialised(spec, DESCRIPTION, "No Finding")

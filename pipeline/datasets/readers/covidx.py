@@ -27,7 +27,8 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.datasets import register_reader
+from pipeline.datasets.registry import register_reader
+from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
 from pipeline.datasets.readers._common import (SEED, Problems, Spec, finish, open_text, parse_spec, require_root,
                                                unmaterialised)
@@ -44,7 +45,7 @@ DESCRIPTION = "COVIDx CXR: normal / pneumonia / COVID-19"
 
 
 @register_reader(READER)
-def open_covidx(arg: str, cache_root: Path, materialise: bool = True) -> Dataset:
+def open_covidx(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SEED)
     if not materialise:
         return unmaterialised(spec, DESCRIPTION, "label")

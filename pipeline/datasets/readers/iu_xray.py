@@ -37,7 +37,8 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from pipeline.datasets import register_reader
+from pipeline.datasets.registry import register_reader
+from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
 from pipeline.datasets.readers._common import (SECTIONS, SEED, Problems, Spec, finish, parse_spec, require_root,
                                                unmaterialised)
@@ -59,7 +60,7 @@ DESCRIPTION = "IU X-ray (Open-i) images with findings/impression and MeSH-derive
 
 
 @register_reader(READER)
-def open_iu_xray(arg: str, cache_root: Path, materialise: bool = True) -> Dataset:
+def open_iu_xray(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, {**SECTIONS, **SEED})
     if not materialise:
         return unmaterialised(spec, DESCRIPTION, "normal")

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.datasets import register_reader
+from pipeline.datasets.registry import register_reader
+from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
 from pipeline.datasets.readers._common import (LABELS, SECTIONS, Problems, Spec, chexpert_value, choice,
                                                csv_rows, find_file, finish, flag, parse_spec, path_opt,
@@ -54,7 +55,7 @@ DESCRIPTION = "MIMIC-CXR-JPG frontal images with report findings/impression"
 
 
 @register_reader(READER)
-def open_mimic_cxr(arg: str, cache_root: Path, materialise: bool = True) -> Dataset:
+def open_mimic_cxr(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SCHEMA)
     if not materialise:
         return unmaterialised(spec, DESCRIPTION, "No Finding")

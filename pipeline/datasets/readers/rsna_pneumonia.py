@@ -26,7 +26,8 @@ from pathlib import Path
 
 import xxhash
 
-from pipeline.datasets import register_reader
+from pipeline.datasets.registry import register_reader
+from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
 from pipeline.datasets.masks import boxes_to_mask
 from pipeline.datasets.readers._common import (SEED, Problems, csv_rows, derived_dir, find_file, finish, make_masks,
@@ -40,7 +41,7 @@ DESCRIPTION = "RSNA Pneumonia Detection: binary label and box masks"
 
 
 @register_reader(READER)
-def open_rsna(arg: str, cache_root: Path, materialise: bool = True) -> Dataset:
+def open_rsna(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SEED)
     if not materialise:
         return unmaterialised(spec, DESCRIPTION, "pneumonia")

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from pipeline.datasets import register_reader
+from pipeline.datasets.registry import register_reader
+from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
 from pipeline.datasets.masks import decode_relative_rle, parse_relative_rle
 from pipeline.datasets.readers._common import (SEED, Problems, csv_rows, derived_dir, find_file, finish, make_masks,
@@ -44,7 +45,7 @@ DESCRIPTION = "SIIM-ACR pneumothorax: binary label and segmentation masks"
 
 
 @register_reader(READER)
-def open_siim(arg: str, cache_root: Path, materialise: bool = True) -> Dataset:
+def open_siim(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SEED)
     if not materialise:
         return unmaterialised(spec, DESCRIPTION, "pneumothorax")

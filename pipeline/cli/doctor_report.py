@@ -1,4 +1,6 @@
-"""`pipe doctor`: what this machine has, for the first minute of a bug report."""
+"""What `pipe doctor` reports: what this machine has, for the first minute of a bug report.
+
+Imported by the command only (it imports torch)."""
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -10,8 +12,9 @@ import tempfile
 import torch
 from rich.table import Table
 
-from pipeline.console import err
 from cache.paths import cache_root
+from pipeline.console import err
+from pipeline.encoders import describe_encoders
 
 PACKAGES = ["torch", "torchvision", "transformers", "timm", "huggingface_hub", "zarr", "numcodecs",
             "dask", "distributed", "pyarrow", "typer", "rich", "xxhash", "pydicom", "pillow",
@@ -47,8 +50,6 @@ def _cache_state(root) -> str:
 
 
 def run_doctor(cache: str | None) -> None:
-    from pipeline.encoders import describe_encoders
-
     t = Table(title="pipe doctor", title_justify="left", show_header=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")

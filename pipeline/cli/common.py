@@ -1,0 +1,69 @@
+"""What every command shares: the common options, error handling and output helpers."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from pipeline.console import err, escape
+from pipeline.errors import PipeError
+
+CACHE_OPT = typer.Option(None, "--cache", help="Cache directory \\[default: $PIPE_CACHE, else ~/.cache/freeze-pipe].")
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one error message (not a traceback) and exit."""
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+_ENVIRONMENT = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn errors the user can fix into one message and exit code 2.
+
+    A :class:`PipeError` is caused by input and says what to do. An OS error about the
+    machine (disk full, permission denied) names the path. Anything else is a bug and
+    keeps its traceback.
+    """
+    try:
+        yield
+    except PipeError as e:
+        fail(str(e), e.exit_code)
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT:
+            raise
+        fail(f"{_ENVIRONMENT[e.errno]}: {e.filename or e}. Check the path, free space or choose another "
+             "location (--cache DIR, --out DIR).")
+
+
+def flag_overrides(**flags) -> list[str]:
+    """Explicit flags become config overrides, so they win over a preset (strings as JSON)."""
+    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in flags.items() if v is not None]
+
+
+def path_or_none(p: Optional[Path]) -> Optional[str]:
+    return str(p) if p else None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} PiB"
+
+
+def print_json(obj) -> None:
+    """Results on stdout, as one line of JSON."""
+    print(json.dumps(obj, default=str))

@@ -1,0 +1,65 @@
+"""`pipe embed`: parsing and printing only; the work is in stages/embed/."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from pipeline.cli.app import app
+from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, path_or_none, print_json, user_errors
+from pipeline.console import err, escape
+
+
+@app.command(epilog="Examples:\n\n  pipe embed --dataset demo --backbone tiny-vit --text-encoder minilm\n\n"
+                    "  pipe embed --dataset pairs.csv --backbone dinov2-b --text-encoder cxr-bert --views 4 --json")
+def embed(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Pairs table (CSV/Parquet), `demo`, or <reader>:<root>."),
+    backbone: str = typer.Option(..., "--backbone", "-b", help="Image encoder name (`pipe encoders`), hub id, local dir, or none."),
+    text_encoder: str = typer.Option(..., "--text-encoder", "-t", help="Text encoder name, hub id, local dir, or none."),
+    cache: Optional[Path] = CACHE_OPT,
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    views: int = typer.Option(0, "--views", min=0, help="Extra seeded augmented views cached per image."),
+    allow_failures: bool = typer.Option(False, "--allow-failures", help="Exit 0 even when some items failed."),
+    as_json: bool = JSON_OPT,
+    shard_mb: float = typer.Option(64.0, "--shard-mb", min=0.01, help="Target shard size: the unit of work and commit."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Start a Dask LocalCluster with N worker processes."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Use an existing Dask cluster (tcp://host:port)."),
+) -> None:
+    """Run each frozen encoder once per distinct image and report, into the cache."""
+    from stages.embed import EmbedConfig, run  # lazy: keeps `pipe --help` fast
+
+    cfg = EmbedConfig(dataset=dataset, backbone=backbone, text_encoder=text_encoder, cache=path_or_none(cache),
+                      batch_size=batch_size, device=device, allow_failures=allow_failures, views=views,
+                      shard_mb=shard_mb, workers=workers, scheduler=scheduler)
+    with user_errors():
+        result = run(cfg)
+    print_summary(result)
+    if as_json:
+        print_json(result.summary())
+    if result.failed and not allow_failures:
+        err.print(f"[red]{result.failed} item(s) failed.[/] Fix them, or pass --allow-failures to accept the rest.")
+        raise typer.Exit(1)
+
+
+def print_summary(result) -> None:
+    t = Table(title=f"pipe embed · {escape(result.dataset)}", title_justify="left")
+    for col in ("modality", "encoder", "embedded", "reused", "failed", "store"):
+        t.add_column(col, overflow="fold")
+    for r in result.results:
+        t.add_row(r.modality, escape(r.encoder), str(r.embedded), str(r.reused), str(r.failed), escape(r.store))
+    err.print(t)
+    if result.failures:
+        ft = Table(title=f"{len(result.failures)} failed item(s)", title_justify="left", title_style="red")
+        for col in ("modality", "item", "source", "reason"):
+            ft.add_column(col, overflow="fold")
+        for f in result.failures[:50]:
+            ft.add_row(f.get("modality", ""), escape(f.get("item") or ""), escape(f.get("source") or ""),
+                       escape(f.get("reason", "")))
+        err.print(ft)
+        if len(result.failures) > 50:
+            err.print(f"... and {len(result.failures) - 50} more; all are in each store's failures/ table.")
+    mem = ", ".join(f"{k} {v:,.0f} MiB" for k, v in result.memory.items())
+    err.print(f"wall-clock {result.seconds:.1f} s · peak memory {mem}")

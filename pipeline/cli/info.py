@@ -1,0 +1,39 @@
+"""`pipe encoders` and `pipe doctor`: what is registered, and what this machine has."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from rich.table import Table
+
+from pipeline.cli.app import app
+from pipeline.cli.common import CACHE_OPT, JSON_OPT, path_or_none, print_json
+from pipeline.console import err, escape
+
+
+@app.command()
+def encoders(as_json: bool = JSON_OPT) -> None:
+    """List the registered frozen encoders, their dims, weight source and availability here."""
+    from pipeline.encoders import describe_encoders  # lazy: imports torch
+
+    rows = describe_encoders()
+    if as_json:
+        print_json(rows)
+        return
+    t = Table(title="frozen encoders", title_justify="left")
+    for col in ("name", "modality", "dim", "source", "weights", "available here"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        name = escape(r["name"]) + ("" if r["trained"] else " [yellow](untrained)")
+        avail = "[green]yes[/]" if r["available"] else "[red]no[/]"
+        t.add_row(name, r["modality"], str(r["dim"]), escape(r["source"]), escape(r.get("hub_id") or "-"),
+                  f"{avail} {escape(r['where'])}")
+    err.print(t)
+
+
+@app.command()
+def doctor(cache: Optional[Path] = CACHE_OPT) -> None:
+    """Report versions, the device, which encoder weights are present, and the cache location."""
+    from pipeline.cli.doctor_report import run_doctor  # lazy: imports torch
+
+    run_doctor(path_or_none(cache))

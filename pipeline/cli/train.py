@@ -1,0 +1,53 @@
+"""`pipe train-adaptor`: parsing and printing only; the work is in stages/train/."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.cli.app import app
+from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, flag_overrides, path_or_none, print_json, user_errors
+from pipeline.console import err
+
+
+class Resident(str, Enum):
+    auto = "auto"
+    ram = "ram"
+    gpu = "gpu"
+    none = "none"
+
+
+@app.command("train-adaptor", epilog="Examples:\n\n"
+             "  pipe train-adaptor -d demo -b tiny-vit -t minilm epochs=20 adaptor.mode=tokens\n\n"
+             "  pipe train-adaptor -d mimic-cxr:/data/mimic -b dinov2-b -t bert --config configs/adaptor_paper.yaml\n\n"
+             "A step runs as step=eager (default), step=compile (torch.compile) or step=cuda-graph (one GPU: the "
+             "whole step captured and replayed).")
+def train_adaptor(
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. optim.lr=1e-4 adaptor.mode=tokens."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="The DATASET given to `pipe embed`."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset (configs/*.yaml)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory \\[default: runs/adaptor-...]."),
+    cache: Optional[Path] = CACHE_OPT,
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    resident: Optional[Resident] = typer.Option(None, "--resident", help="Hold the needed arrays in RAM/GPU, or stream (none)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Train the Adaptor from the cache: no backbone forward passes, no image decoding."""
+    from pipeline.config import load_config  # lazy: keeps `pipe --help` fast
+    from stages.train import TrainConfig, run  # lazy: keeps `pipe --help` fast
+
+    flags = flag_overrides(dataset=dataset, backbone=backbone, text_encoder=text_encoder, out=path_or_none(out),
+                           cache=path_or_none(cache), device=device, resident=resident.value if resident else None)
+    with user_errors():
+        cfg = load_config(TrainConfig, config, [*(overrides or []), *flags])
+        result = run(cfg)
+    if not result.is_main:  # under torchrun, rank 0 reports for all
+        return
+    err.print(f"checkpoint: {result.checkpoint} · metrics: {result.out / 'metrics.csv'} · "
+              f"curves: {result.out / 'curves.png'}", soft_wrap=True)
+    if as_json:
+        print_json({"out": str(result.out), "checkpoint": str(result.checkpoint), **result.final})

@@ -1,0 +1,48 @@
+"""The evaluation tasks, one registry entry each.
+
+An entry names the task, the module that runs it (``run(ctx) -> TaskResult``), whether it
+needs the text side of the cache, and how its table cells are read. Adding a task is one
+new module and one entry here: the config, the CLI's choices, the stage and the report
+all read this registry. It is kept free of heavy imports, so `pipe --help` can list the
+tasks; a task's module is imported when the task runs.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    module: str           # the module under stages/evaluate/ whose run(ctx) evaluates it
+    needs_text: bool      # reads the text store (retrieval, zero-shot) or the image store alone
+    per_seed: bool        # cells are mean ± std over seeds (heads trained per seed), else one value
+    summary: str
+
+    def run(self, ctx):
+        return importlib.import_module(f"stages.evaluate.{self.module}").run(ctx)
+
+    @property
+    def cells(self) -> str:
+        return ("mean ± std over seeds [bootstrap {level} CI of the seed mean on the test split]" if self.per_seed
+                else "value [bootstrap {level} CI over the test items]")
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("classification", "classify", needs_text=False, per_seed=True,
+         summary="heads on frozen image features, at label fractions"),
+    Task("segmentation", "segment", needs_text=False, per_seed=True,
+         summary="a convolutional decoder on cached patch tokens, Dice three ways"),
+    Task("retrieval", "retrieve", needs_text=True, per_seed=False,
+         summary="image→text and text→image recall@1/5/10 on the test split"),
+    Task("zero-shot", "zeroshot", needs_text=True, per_seed=False,
+         summary="prompt pairs per finding scored through the Adaptor, AUROC"),
+)}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}") from None
