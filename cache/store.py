@@ -101,7 +101,6 @@ class Claim:
 
 
 def library_versions() -> dict[str, str]:
-
     names = ["torch", "transformers", "timm", "zarr", "numcodecs", "pyarrow", "xxhash"]
     out = {}
     for n in names:

@@ -43,6 +43,25 @@ class OneOf:
     choices: Mapping[str, Any]
 
 
+class Validated:
+    """A config dataclass whose values are checked, not only their types.
+
+    ``checks(values)`` returns ``[(field, problem), ...]`` for a mapping of the fields'
+    values. :func:`load_config` runs it together with every other check, so a bad value
+    is reported beside the rest of the config's problems, under its dotted key; direct
+    construction runs it too (``__post_init__``) and raises ``ValueError``.
+    """
+
+    @staticmethod
+    def checks(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return []
+
+    def __post_init__(self) -> None:
+        found = self.checks({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if found:
+            raise ValueError("; ".join(f"{k}: {m}" for k, m in found))
+
+
 class ConfigError(InputError):
     """Every problem with a config, one per line, each naming its dotted key."""
 
@@ -123,9 +142,11 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_preset(preset: str | Path, problems: list[str]) -> dict[str, Any]:
-    path = Path(preset)
-    if not path.exists() and path.suffix == "" and len(path.parts) == 1:
-        path = PRESET_DIR / f"{preset}.yaml"
+    path = Path(preset).expanduser()
+    if not path.exists() and len(path.parts) == 1:  # a name of the project's own presets: demo, demo.yaml
+        path = PRESET_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    elif not path.exists() and not path.is_absolute() and (PRESET_DIR.parent / path).is_file():
+        path = PRESET_DIR.parent / path  # configs/demo.yaml, from any working directory
     if not path.is_file():
         problems.append(
             f"preset {str(preset)!r}: no such file; give a YAML path or one of: "
@@ -194,6 +215,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str])
         converted = _convert(hints[name], value, key, problems)
         if converted is not _BAD:
             kwargs[name] = converted
+    if issubclass(cls, Validated):
+        values = {n: kwargs.get(n, _default(f)) for n, f in fields.items()}
+        if all(v is not dataclasses.MISSING for v in values.values()):
+            problems += [f"{prefix + '.' if prefix else ''}{k}: {m}" for k, m in cls.checks(values)]
     if len(problems) > start:
         return _BAD
     try:

@@ -12,17 +12,37 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
-# Not a terminal (a log file, CI): no wrapping, so paths and table rows stay whole.
-err = Console(stderr=True, highlight=False, soft_wrap=not os.isatty(2))
-out = Console(highlight=False, soft_wrap=True)
 
-__all__ = ["err", "out", "escape", "progress"]
+def _console(stderr: bool) -> Console:
+    """Not a terminal (a log file, a pipe, CI): no wrapping and an unbounded page, so paths,
+    log lines, table cells and headers stay whole (a terminal wraps at its own width)."""
+    tty = os.isatty(2 if stderr else 1)
+    return Console(stderr=stderr, highlight=False, soft_wrap=not tty, width=None if tty else 10_000)
+
+
+err = _console(stderr=True)   # progress, logs, warnings, errors
+out = _console(stderr=False)  # results: tables, listings (or JSON, printed plainly)
+
+__all__ = ["err", "out", "escape", "plain", "progress"]
+
+
+def plain(value) -> Text:
+    """A table cell or title shown as written: square brackets are text, not markup."""
+    return Text(str(value))
 
 
 class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed:,.1f} it/s" if speed else "– it/s", style="cyan")
+
+
+def section(title: str) -> None:
+    """A heading in the log: a rule across a terminal, a plain line elsewhere."""
+    if err.is_terminal:
+        err.rule(f"[bold]{escape(title)}")
+    else:
+        err.print(f"── {title} ──", markup=False)
 
 
 def progress(transient: bool = False) -> Progress:

@@ -4,5 +4,5 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Wide enough that rich tables do not fold the paths and reasons that tests look for.
-os.environ["COLUMNS"] = "240"
+# Help pages are rendered at a fixed width (logs and tables off a terminal are never wrapped).
+os.environ["COLUMNS"] = "160"

@@ -9,10 +9,10 @@ from rich.table import Table
 
 from pipeline.cli.app import cache_app
 from pipeline.cli.common import CACHE_OPT, JSON_OPT, fail, human_bytes, print_json
-from pipeline.console import err, escape
+from pipeline.console import err, escape, out
 
 
-@cache_app.command("ls")
+@cache_app.command("ls", epilog="Examples:\n\n  pipe cache ls\n\n  pipe cache ls --cache /data/pipe-cache --json")
 def cache_ls(cache: Optional[Path] = CACHE_OPT, as_json: bool = JSON_OPT) -> None:
     """List each store: modality, encoder, fingerprint, items, bytes, path."""
     from cache.inspect import list_stores  # lazy: zarr and pyarrow take a moment to import
@@ -28,10 +28,13 @@ def cache_ls(cache: Optional[Path] = CACHE_OPT, as_json: bool = JSON_OPT) -> Non
     for r in rows:
         t.add_row(r["modality"], escape(r["encoder"]), r["fingerprint"][:16], f"{r['items']:,}", str(r["failed"]),
                   human_bytes(r["bytes"]), escape(r["path"]))
-    err.print(t if rows else "no stores yet: run `pipe embed` first.")
+    if rows:
+        out.print(t)
+    else:
+        err.print("no stores yet: run `pipe embed` first.")
 
 
-@cache_app.command("verify")
+@cache_app.command("verify", epilog="Examples:\n\n  pipe cache verify\n\n  pipe cache verify --store ~/.cache/freeze-pipe/stores/image/dinov2-s-0123456789abcdef")
 def cache_verify(cache: Optional[Path] = CACHE_OPT,
                  store: Optional[Path] = typer.Option(None, "--store", help="Verify only this store directory.")) -> None:
     """Check every committed chunk's checksum and the manifest's consistency."""
@@ -46,7 +49,7 @@ def cache_verify(cache: Optional[Path] = CACHE_OPT,
     for path in stores:
         rep = verify_store(path)
         status = "[green]ok[/]" if rep.ok else "[bold red]CORRUPT[/]"
-        err.print(f"{status} {escape(str(path))}: {rep.rows:,} rows in {rep.shards} shards", soft_wrap=True)
+        err.print(f"{escape(str(status))} {escape(str(path))}: {rep.rows:,} rows in {escape(str(rep.shards))} shards", soft_wrap=True)
         for p in rep.problems:
             err.print(f"  [red]✗[/] {escape(p)}", soft_wrap=True)
         for w in rep.warnings:

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from pipeline.console import err, escape
+from pipeline.console import err, escape, out
 from pipeline.errors import PipeError
 
 CACHE_OPT = typer.Option(None, "--cache", help="Cache directory \\[default: $PIPE_CACHE, else ~/.cache/freeze-pipe].")
@@ -62,6 +62,11 @@ def human_bytes(n: float) -> str:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1024
     return f"{n:,.1f} PiB"
+
+
+def results_to(as_json: bool):
+    """Where a command's human-readable results go: stdout, or stderr when stdout carries the JSON."""
+    return err if as_json else out
 
 
 def print_json(obj) -> None:

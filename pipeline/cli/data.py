@@ -10,19 +10,18 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.app import data_app
-from pipeline.cli.common import fail, user_errors
-from pipeline.console import err
+from pipeline.cli.common import fail, results_to, user_errors
+from pipeline.console import err, escape, out, plain
 
-DATASET_ARG = typer.Argument(..., help="A pairs table, `demo`, or <reader>:<root>[?key=value&...], e.g. "
-                                       "'siim-pneumothorax:/data/siim' or 'chexpert:/data/chexpert?uncertain=ones'.")
+DATASET_OPT = typer.Option(None, "--dataset", "-d", help="A pairs table, `demo`, or <reader>:<root>[?key=value&...], "
+                           "e.g. 'siim-pneumothorax:/data/siim' or 'chexpert:/data/chexpert?uncertain=ones'. "
+                           "\\[required]")
+# The dataset as a bare argument, as these commands took it before -d/--dataset: still accepted.
+DATASET_ARG = typer.Argument(None, hidden=True)
 import math
 import time
 
 from pipeline.cli.common import CACHE_OPT as CACHE  # noqa: E402
-from pipeline.datasets import READERS, open_dataset
-from pipeline.datasets.spec import with_option
-from pipeline.datasets.splits import (FRACTIONS, lists_folder, manifest_of, patients_in_several_splits, split_lists,
-                                      stratify_label, verify_lists, write_lists)
 
 ALLOW = typer.Option(False, "--allow-failures", help="Skip and count bad rows instead of stopping at the first.")
 
@@ -31,8 +30,18 @@ def _fail(message: str, code: int = 2) -> None:
     fail(message, code)
 
 
+def _dataset(option: Optional[str], positional: Optional[str]) -> str:
+    if option and positional and option != positional:
+        fail(f"two datasets given ({option!r} and {positional!r}); give one, with -d/--dataset")
+    if not (option or positional):
+        fail("no dataset: give one with -d/--dataset, e.g. `-d demo`, `-d pairs.csv` or `-d 'chexpert:/data/chexpert'`")
+    return option or positional
+
+
 def _open(dataset: str, cache: Optional[Path], allow_failures: bool):
     from cache.paths import cache_root  # lazy: keeps `pipe --help` fast
+    from pipeline.datasets import READERS, open_dataset  # lazy: keeps `pipe --help` fast (pandas)
+    from pipeline.datasets.spec import with_option  # lazy: keeps `pipe --help` fast
 
     root = cache_root(cache)
     spec = with_option(dataset, "allow_failures", "1", READERS) if allow_failures else dataset
@@ -40,35 +49,34 @@ def _open(dataset: str, cache: Optional[Path], allow_failures: bool):
         return open_dataset(spec, root), root
 
 
-@data_app.command("info", epilog="Examples:\n\n  pipe data info 'rsna-pneumonia:/data/rsna'\n\n"
-                                 "  pipe data info 'mimic-cxr:/data/mimic-cxr-jpg/2.0.0?sections=impression' --json")
-def info(dataset: str = DATASET_ARG, cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW,
+@data_app.command("info", epilog="Examples:\n\n  pipe data info -d 'rsna-pneumonia:/data/rsna'\n\n"
+                                 "  pipe data info -d 'mimic-cxr:/data/mimic-cxr-jpg/2.0.0?sections=impression' --json")
+def info(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DATASET_ARG, cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW,
          as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout.")) -> None:
     """Items per split, patients, label prevalence and skipped rows of a dataset."""
-    ds, _ = _open(dataset, cache, allow_failures)
+    ds, _ = _open(_dataset(dataset_opt, dataset), cache, allow_failures)
     summary = summarise(ds)
     if as_json:
         print(json.dumps(summary))
         return
-    t = Table(title=f"{ds.name} · {ds.description}", title_justify="left")
+    t = Table(title=plain(f"{ds.name} · {ds.description}"), title_justify="left")
     for col in ("split", "items", "patients", "with report", "with masks"):
         t.add_column(col, overflow="fold")
     for split, row in summary["splits"].items():
-        t.add_row(split, f"{row['items']:,}", f"{row['patients']:,}", f"{row['reports']:,}", f"{row['masks']:,}")
-    err.print(t)
+        t.add_row(plain(split), f"{row['items']:,}", f"{row['patients']:,}", f"{row['reports']:,}", f"{row['masks']:,}")
+    out.print(t)
     if summary["labels"]:
         lt = Table(title="labels (positives / known)", title_justify="left")
         for col in ("label", "positive", "known", "values"):
             lt.add_column(col, overflow="fold")
         for name, row in summary["labels"].items():
-            lt.add_row(name, f"{row['positive']:,}", f"{row['known']:,}", row["values"])
-        err.print(lt)
+            lt.add_row(plain(name), f"{row['positive']:,}", f"{row['known']:,}", plain(row["values"]))
+        out.print(lt)
     for kind, n in summary["skipped"].items():
-        err.print(f"[yellow]skipped {n:,} ({kind})[/]")
+        err.print(f"[yellow]skipped {n:,} ({escape(str(kind))})[/]")
 
 
 def summarise(ds) -> dict:
-
     splits: dict[str, dict] = {}
     patients: dict[str, set] = {}
     for it in ds.items:
@@ -91,9 +99,9 @@ def summarise(ds) -> dict:
             "skipped": dict(skipped)}
 
 
-@data_app.command("preview", epilog="Examples:\n\n  pipe data preview 'siim-pneumothorax:/data/siim' --out siim.png\n\n"
-                                    "  pipe data preview demo --out demo.png --n 9 --seed 3")
-def preview(dataset: str = DATASET_ARG,
+@data_app.command("preview", epilog="Examples:\n\n  pipe data preview -d 'siim-pneumothorax:/data/siim' --out siim.png\n\n"
+                                    "  pipe data preview -d demo --out demo.png --n 9 --seed 3")
+def preview(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DATASET_ARG,
             out: Path = typer.Option(..., "--out", "-o", help="The PNG to write."),
             n: int = typer.Option(16, "--n", min=1, help="How many items to show."),
             seed: int = typer.Option(0, "--seed", help="Seed of the random choice of items."),
@@ -101,17 +109,17 @@ def preview(dataset: str = DATASET_ARG,
     """Render a grid of images with masks overlaid, labels and report snippets."""
     from pipeline.datasets.preview import render_preview  # lazy: keeps `pipe --help` fast
 
-    ds, _ = _open(dataset, cache, allow_failures)
+    ds, _ = _open(_dataset(dataset_opt, dataset), cache, allow_failures)
     if not ds.items:
         _fail(f"{ds.name} has no items to preview; check the dataset folder with `pipe data info`.")
     width, height = render_preview(ds, out, n=n, seed=seed)
-    err.print(f"wrote {out} ({width}x{height} px, {min(n, len(ds.items))} of {len(ds.items):,} items)")
+    err.print(f"wrote {escape(str(out))} ({width}x{height} px, {min(n, len(ds.items))} of {len(ds.items):,} items)")
 
 
-@data_app.command("splits", epilog="Examples:\n\n  pipe data splits 'rsna-pneumonia:/data/rsna' --write\n\n"
-                                   "  pipe data splits 'rsna-pneumonia:/data/rsna' --verify\n\n"
-                                   "  pipe data splits 'covidx:/data/covidx' --verify --lists shared/covidx-lists")
-def splits(dataset: str = DATASET_ARG,
+@data_app.command("splits", epilog="Examples:\n\n  pipe data splits -d 'rsna-pneumonia:/data/rsna' --write\n\n"
+                                   "  pipe data splits -d 'rsna-pneumonia:/data/rsna' --verify\n\n"
+                                   "  pipe data splits -d 'covidx:/data/covidx' --verify --lists shared/covidx-lists")
+def splits(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DATASET_ARG,
            write: bool = typer.Option(False, "--write", help="Write the lists and manifest.json."),
            verify: bool = typer.Option(False, "--verify", help="Check the dataset against written lists."),
            lists: Optional[Path] = typer.Option(None, "--lists", help="Folder of lists to write to or verify "
@@ -124,29 +132,32 @@ def splits(dataset: str = DATASET_ARG,
 
     if write and verify:
         _fail("give --write or --verify, not both: verify what was written in a second call.")
-    ds, root = _open(dataset, cache, allow_failures)
+    from pipeline.datasets.splits import (lists_folder, manifest_of,  # lazy: keeps `pipe --help` fast
+                                          patients_in_several_splits, split_lists, verify_lists, write_lists)
+
+    ds, root = _open(_dataset(dataset_opt, dataset), cache, allow_failures)
     folder = lists or lists_folder(root, ds.name)
     current = split_lists(ds, seed=seed)
     manifest = manifest_of(current)
     shared = patients_in_several_splits(ds)
-    _print_lists(ds.name, manifest, folder)
+    _print_lists(ds.name, manifest, folder, results_to(as_json))
     if shared:
         example = next(iter(shared.items()))
         err.print(f"[bold red]{len(shared):,} patient(s) are in more than one split[/] "
-                  f"(e.g. {example[0]}: {', '.join(sorted(example[1]))}).")
+                  f"(e.g. {escape(str(example[0]))}: {escape(', '.join(sorted(example[1])))}).")
     problems = []
     if write:
         write_lists(folder, current)
         _write_about(folder, ds, seed)
-        err.print(f"[green]wrote {len(current)} list(s) and manifest.json to {folder}[/]")
+        err.print(f"[green]wrote {len(current)} list(s) and manifest.json to {escape(str(folder))}[/]")
     if verify:
         problems = verify_lists(folder, current)
         if shared:
             problems.append(f"{len(shared):,} patient(s) are in more than one split")
         for p in problems:
-            err.print(f"  [red]✗[/] {p}")
+            err.print(f"  [red]✗[/] {escape(str(p))}")
         if not problems:
-            err.print(f"[green]ok[/]: every list in {folder} matches {ds.name}")
+            err.print(f"[green]ok[/]: every list in {escape(str(folder))} matches {escape(str(ds.name))}")
     if as_json:
         print(json.dumps({"name": ds.name, "folder": str(folder), "lists": manifest, "problems": problems}))
     if problems:
@@ -155,18 +166,23 @@ def splits(dataset: str = DATASET_ARG,
         raise typer.Exit(1)
 
 
-def _print_lists(name: str, manifest: dict, folder: Path) -> None:
-    t = Table(title=f"{name} · lists in {folder}", title_justify="left")
+def _print_lists(name: str, manifest: dict, folder: Path, show) -> None:
+    t = Table(title=plain(f"{name} · lists in {folder}"), title_justify="left")
     for col in ("list", "ids", "sha256"):
         t.add_column(col, overflow="fold")
     for file, row in manifest.items():
-        t.add_row(file, f"{row['count']:,}", row["sha256"][:16])
-    err.print(t if manifest else f"{name}: no item has a split, so there are no lists.")
+        t.add_row(plain(file), f"{row['count']:,}", row["sha256"][:16])
+    if manifest:
+        show.print(t)
+    else:
+        err.print(f"{escape(str(name))}: no item has a split, so there are no lists.")
 
 
 def _write_about(folder: Path, ds, seed: int) -> None:
     """Record what made the lists, beside them (the manifest itself stays {file: {count, sha256}})."""
 
+
+    from pipeline.datasets.splits import FRACTIONS, stratify_label  # lazy: keeps `pipe --help` fast
 
     about = {"dataset": ds.name, "spec": ds.spec, "fraction_seed": seed, "fractions": list(FRACTIONS),
              "stratified_by": stratify_label(ds), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

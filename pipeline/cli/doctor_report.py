@@ -13,7 +13,7 @@ import torch
 from rich.table import Table
 
 from cache.paths import cache_root
-from pipeline.console import err
+from pipeline.console import escape, plain
 from pipeline.encoders import describe_encoders
 
 PACKAGES = ["torch", "torchvision", "transformers", "timm", "huggingface_hub", "zarr", "numcodecs",
@@ -35,34 +35,49 @@ def _device() -> str:
     return f"cpu ({os.cpu_count()} cores); no CUDA device visible"
 
 
-def _cache_state(root) -> str:
+def _cache_state(root) -> dict:
     probe = root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    free = shutil.disk_usage(probe).free / 2**30
+    state = {"cache_free_gib": round(shutil.disk_usage(probe).free / 2**30, 1), "cache_writable": True,
+             "cache_error": None}
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root):
-            writable = "writable"
+            pass
     except OSError as e:
-        writable = f"[red]NOT writable ({e.strerror})[/]: choose another with --cache or $PIPE_CACHE"
-    return f"{root} · {free:,.1f} GiB free · {writable}"
+        state.update(cache_writable=False, cache_error=e.strerror)
+    return state
 
 
-def run_doctor(cache: str | None) -> None:
+def doctor_report(cache: str | None) -> dict:
+    """What `pipe doctor` reports, as data."""
+    root = cache_root(cache)
+    return {
+        "freeze_pipe": _version("freeze-pipe"), "python": platform.python_version(), "platform": platform.platform(),
+        "device": _device(), "packages": {p: _version(p) for p in PACKAGES},
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "unset"), "cache": str(root), **_cache_state(root),
+        "encoders": [{"name": r["name"], "available": r["available"], "where": r["where"]} for r in describe_encoders()],
+    }
+
+
+def print_doctor(report: dict, show) -> None:
     t = Table(title="pipe doctor", title_justify="left", show_header=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
-    t.add_row("python", f"{platform.python_version()} on {platform.platform()}")
-    t.add_row("device", _device())
-    for p in PACKAGES:
-        t.add_row(p, _version(p))
-    t.add_row("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "unset"))
-    t.add_row("cache", _cache_state(cache_root(cache)))
-    err.print(t)
+    t.add_row("freeze-pipe", report["freeze_pipe"])
+    t.add_row("python", f"{report['python']} on {report['platform']}")
+    t.add_row("device", report["device"])
+    for p, v in report["packages"].items():
+        t.add_row(p, v)
+    t.add_row("HF_HUB_OFFLINE", report["HF_HUB_OFFLINE"])
+    writable = "writable" if report["cache_writable"] else (f"[red]NOT writable ({escape(report['cache_error'])})[/]: "
+                                                           "choose another with --cache or $PIPE_CACHE")
+    t.add_row("cache", f"{escape(report['cache'])} · {report['cache_free_gib']:,.1f} GiB free · {writable}")
+    show.print(t)
     enc = Table(title="encoder weights", title_justify="left")
     for col in ("name", "present", "where"):
         enc.add_column(col, overflow="fold")
-    for r in describe_encoders():
-        enc.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", r["where"])
-    err.print(enc)
+    for r in report["encoders"]:
+        enc.add_row(plain(r["name"]), "[green]yes[/]" if r["available"] else "[red]no[/]", plain(r["where"]))
+    show.print(enc)

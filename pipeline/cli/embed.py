@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, path_or_none, print_json, user_errors
+from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, path_or_none, print_json, results_to, user_errors
 from pipeline.console import err, escape
 
 
@@ -36,21 +36,21 @@ def embed(
                       shard_mb=shard_mb, workers=workers, scheduler=scheduler)
     with user_errors():
         result = run(cfg)
-    print_summary(result)
+    print_summary(result, results_to(as_json))
     if as_json:
         print_json(result.summary())
     if result.failed and not allow_failures:
-        err.print(f"[red]{result.failed} item(s) failed.[/] Fix them, or pass --allow-failures to accept the rest.")
+        err.print(f"[red]{escape(str(result.failed))} item(s) failed.[/] Fix them, or pass --allow-failures to accept the rest.")
         raise typer.Exit(1)
 
 
-def print_summary(result) -> None:
+def print_summary(result, show) -> None:
     t = Table(title=f"pipe embed · {escape(result.dataset)}", title_justify="left")
     for col in ("modality", "encoder", "embedded", "reused", "failed", "store"):
         t.add_column(col, overflow="fold")
     for r in result.results:
         t.add_row(r.modality, escape(r.encoder), str(r.embedded), str(r.reused), str(r.failed), escape(r.store))
-    err.print(t)
+    show.print(t)
     if result.failures:
         ft = Table(title=f"{len(result.failures)} failed item(s)", title_justify="left", title_style="red")
         for col in ("modality", "item", "source", "reason"):
@@ -58,8 +58,8 @@ def print_summary(result) -> None:
         for f in result.failures[:50]:
             ft.add_row(f.get("modality", ""), escape(f.get("item") or ""), escape(f.get("source") or ""),
                        escape(f.get("reason", "")))
-        err.print(ft)
+        show.print(ft)
         if len(result.failures) > 50:
             err.print(f"... and {len(result.failures) - 50} more; all are in each store's failures/ table.")
     mem = ", ".join(f"{k} {v:,.0f} MiB" for k, v in result.memory.items())
-    err.print(f"wall-clock {result.seconds:.1f} s · peak memory {mem}")
+    err.print(f"wall-clock {result.seconds:.1f} s · peak memory {escape(str(mem))}")

@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 
 from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, flag_overrides, print_json, user_errors
-from pipeline.console import err
+from pipeline.cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, flag_overrides, print_json, results_to,
+                                 user_errors)
+from pipeline.console import err, escape
 from stages.evaluate.tasks import TASKS
 
 Task = Enum("Task", {name: name for name in TASKS}, type=str)  # the choices of --task, from the registry
@@ -102,10 +103,11 @@ def _run(config: Optional[Path], overrides: list[str], as_json: bool) -> None:
 
     with user_errors():
         result = run(load_config(EvalConfig, config, overrides))
+    show = results_to(as_json)
     for t in result.tables:
-        err.print(to_rich(t))
+        show.print(to_rich(t))
     err.print(f"results: {result.out / 'results.json'} · table: {result.out / 'results.md'} · "
-              f"plots: {', '.join(result.results['plots'])}")
+              f"plots: {', '.join(result.results['plots'])}", markup=False, soft_wrap=True)
     if as_json:
         print_json({"out": str(result.out), "tables": result.tables})
 
@@ -115,8 +117,10 @@ def _run(config: Optional[Path], overrides: list[str], as_json: bool) -> None:
 def report(
     runs: list[Path] = typer.Argument(..., help="Run directories of `pipe evaluate` (each has results.json)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the tables as markdown here."),
+    as_json: bool = JSON_OPT,
 ) -> None:
     """Gather several evaluation runs into one table per metric (rows: methods; columns: fractions)."""
+    from cache.atomic import atomic_write_text  # lazy: keeps `pipe --help` fast
     from stages.evaluate.tables import merge_tables, to_markdown, to_rich  # lazy: keeps `pipe --help` fast
 
     loaded = []
@@ -126,12 +130,15 @@ def report(
             fail(f"{r} has no results.json; give run directories written by `pipe evaluate`")
         loaded.append(json.loads(path.read_text()))
     tables = merge_tables(loaded, [str(r) for r in runs])
+    show = results_to(as_json)
     for t in tables:
-        err.print(to_rich(t))
+        show.print(to_rich(t))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         sources = "\n".join(f"- `{r}`: {d['task']} · {d['dataset_name']} · "
                             f"{(d.get('checkpoint') or {}).get('hash', 'no Adaptor')[:16]}"
                             for r, d in zip(runs, loaded))
-        out.write_text("Runs:\n\n" + sources + "\n\n" + "\n".join(to_markdown(t) for t in tables))
-        err.print(f"wrote {out}")
+        atomic_write_text(out, "Runs:\n\n" + sources + "\n\n" + "\n".join(to_markdown(t) for t in tables))
+        err.print(f"wrote {escape(str(out))}")
+    if as_json:
+        print_json({"runs": [str(r) for r in runs], "tables": tables})

@@ -7,11 +7,11 @@ from typing import Optional
 from rich.table import Table
 
 from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, JSON_OPT, path_or_none, print_json
-from pipeline.console import err, escape
+from pipeline.cli.common import CACHE_OPT, JSON_OPT, path_or_none, print_json, results_to
+from pipeline.console import escape, out
 
 
-@app.command()
+@app.command(epilog="Examples:\n\n  pipe encoders\n\n  pipe encoders | grep dinov2\n\n  pipe encoders --json")
 def encoders(as_json: bool = JSON_OPT) -> None:
     """List the registered frozen encoders, their dims, weight source and availability here."""
     from pipeline.encoders import describe_encoders  # lazy: imports torch
@@ -28,12 +28,15 @@ def encoders(as_json: bool = JSON_OPT) -> None:
         avail = "[green]yes[/]" if r["available"] else "[red]no[/]"
         t.add_row(name, r["modality"], str(r["dim"]), escape(r["source"]), escape(r.get("hub_id") or "-"),
                   f"{avail} {escape(r['where'])}")
-    err.print(t)
+    out.print(t)
 
 
-@app.command()
-def doctor(cache: Optional[Path] = CACHE_OPT) -> None:
+@app.command(epilog="Examples:\n\n  pipe doctor\n\n  pipe doctor --cache /data/pipe-cache --json")
+def doctor(cache: Optional[Path] = CACHE_OPT, as_json: bool = JSON_OPT) -> None:
     """Report versions, the device, which encoder weights are present, and the cache location."""
-    from pipeline.cli.doctor_report import run_doctor  # lazy: imports torch
+    from pipeline.cli.doctor_report import doctor_report, print_doctor  # lazy: imports torch
 
-    run_doctor(path_or_none(cache))
+    report = doctor_report(path_or_none(cache))
+    print_doctor(report, results_to(as_json))
+    if as_json:
+        print_json(report)

@@ -8,8 +8,8 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, user_errors
-from pipeline.console import err
+from pipeline.cli.common import CACHE_OPT, JSON_OPT, print_json, results_to, user_errors
+from pipeline.console import err, escape, plain
 
 
 @app.command(epilog="Example:\n\n  pipe sweep configs/sweep_demo.yaml epochs=5")
@@ -17,20 +17,24 @@ def sweep(
     spec: Path = typer.Argument(..., help="A sweep YAML (configs/sweep_*.yaml)."),
     overrides: list[str] = typer.Argument(None, help="key=value applied to every run of the grid."),
     cache: Optional[Path] = CACHE_OPT,
+    as_json: bool = JSON_OPT,
 ) -> None:
     """Train a grid of Adaptors (e.g. lr x layers x mode x batch) against the same caches."""
     from stages.sweep import load_sweep, run_sweep  # lazy: keeps `pipe --help` fast
 
     with user_errors():
         s = load_sweep(spec, overrides or [])
-        err.print(f"sweep {spec}: {len(s.combos())} runs over {', '.join(s.grid)}; backbone forwards: 0 "
+        err.print(f"sweep {escape(str(spec))}: {len(s.combos())} runs over {escape(', '.join(s.grid))}; backbone forwards: 0 "
                   "(every run reads the cache)")
         result = run_sweep(s, str(cache) if cache else None)
-    t = Table(title=f"sweep {spec} · sorted by {s.metric}", title_justify="left")
+    t = Table(title=plain(f"sweep {spec} · sorted by {s.metric}"), title_justify="left")
     cols = [*s.grid, "train_loss", "val_loss", s.metric, "epoch_seconds", "out"]
     for c in cols:
         t.add_column(c, overflow="fold")
     for r in sorted(result.rows, key=lambda r: -float(r.get(s.metric, float("-inf")))):
-        t.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
-    err.print(t)
-    err.print(f"backbone forwards: 0 · items read from cache: {result.items_read:,} · results: {result.csv}")
+        t.add_row(*[plain(f"{r[c]:.4g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols])
+    results_to(as_json).print(t)
+    if as_json:
+        print_json({"spec": str(spec), "metric": s.metric, "csv": str(result.csv), "items_read": result.items_read,
+                    "rows": result.rows})
+    err.print(f"backbone forwards: 0 · items read from cache: {result.items_read:,} · results: {escape(str(result.csv))}")

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, flag_overrides, path_or_none, print_json, user_errors
-from pipeline.console import err
+from pipeline.cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, flag_overrides, path_or_none, print_json, results_to,
+                                 user_errors)
 
 
 class Resident(str, Enum):
@@ -26,9 +26,12 @@ class Resident(str, Enum):
              "whole step captured and replayed).")
 def train_adaptor(
     overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. optim.lr=1e-4 adaptor.mode=tokens."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="The DATASET given to `pipe embed`."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b"),
-    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="The DATASET given to `pipe embed`. "
+                                          "\\[required, unless the --config preset names it]"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="The image encoder given to `pipe embed`. "
+                                           "\\[required, unless the --config preset names it]"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t", help="The text encoder given to `pipe "
+                                               "embed`. \\[required, unless the --config preset names it]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset (configs/*.yaml)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory \\[default: runs/adaptor-...]."),
     cache: Optional[Path] = CACHE_OPT,
@@ -47,7 +50,7 @@ def train_adaptor(
         result = run(cfg)
     if not result.is_main:  # under torchrun, rank 0 reports for all
         return
-    err.print(f"checkpoint: {result.checkpoint} · metrics: {result.out / 'metrics.csv'} · "
-              f"curves: {result.out / 'curves.png'}", soft_wrap=True)
+    results_to(as_json).print(f"checkpoint: {result.checkpoint} · metrics: {result.out / 'metrics.csv'} · "
+                              f"curves: {result.out / 'curves.png'}", soft_wrap=True, markup=False)
     if as_json:
         print_json({"out": str(result.out), "checkpoint": str(result.checkpoint), **result.final})

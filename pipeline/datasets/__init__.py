@@ -6,25 +6,30 @@ from pathlib import Path
 from cache.paths import cache_root as default_root
 from pipeline.datasets.base import Dataset, Item
 from pipeline.datasets.registry import READERS, register_reader
-from pipeline.datasets.spec import DatasetSpec, parse_dataset_spec, warn_legacy
-from pipeline.datasets.table import DatasetError, items_from_table, table_name
+from pipeline.datasets.spec import DatasetSpec, parse_dataset_spec, warn_legacy, with_option
+from pipeline.datasets.table import DatasetError, items_from_table, table_dataset
 
 
-def open_dataset(spec: str, cache_root: Path | None = None, materialise: bool = True) -> Dataset:
+def open_dataset(spec: str, cache_root: Path | None = None, materialise: bool = True,
+                 skip_bad_rows: bool = False) -> Dataset:
     """Resolve a DATASET argument to its items.
 
     With ``materialise=False`` a reader may skip work that only the items need (the demo
-    is not generated): enough to learn the dataset's name, as stage two does.
+    is not generated): enough to learn the dataset's name, as stage two does. With
+    ``skip_bad_rows`` a reader's bad rows are skipped and listed in ``Dataset.skipped``
+    (kind ``bad-row``) instead of stopping at the first: `pipe embed` reports them as
+    failures, and the later stages read what was embedded.
     """
     root = Path(cache_root) if cache_root else default_root()
+    if skip_bad_rows:
+        spec = with_option(spec, "allow_failures", "1", READERS)
     parsed = parse_dataset_spec(spec, READERS)
     if parsed is not None:
         warn_legacy(parsed, spec)
         return READERS[parsed.reader](parsed, root, materialise)
     path = Path(spec).expanduser()
     if path.suffix.lower() in (".csv", ".parquet", ".pq", ".tsv") or path.exists():
-        return Dataset(name=table_name(path), spec=str(path.resolve()), items=items_from_table(path),
-                       description=f"pairs table {path}")
+        return table_dataset(path)
     known = ", ".join(sorted(READERS))
     raise DatasetError(f"unknown dataset {spec!r}. Give a CSV/Parquet pairs table path, "
                        f"or one of: {known} (as <reader>:<root>, or `demo`).")

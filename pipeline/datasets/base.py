@@ -4,6 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import InputError
+
+
+class DatasetError(InputError):
+    """A dataset that cannot be read; the message names the file, the row and the fix."""
+
 
 @dataclass(frozen=True)
 class Item:
@@ -42,6 +48,9 @@ class Dataset:
     skipped: list[dict] = field(default_factory=list)
     # The label that label fractions (1%, 10%) are stratified by, where the dataset has one.
     stratify_by: str | None = None
+    # How the items got their splits, when the dataset did not say (e.g. a table without
+    # a split column); recorded with the dataset index.
+    split_rule: str | None = None
 
     def __iter__(self):
         return iter(self.items)

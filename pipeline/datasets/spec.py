@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.console import err
+from pipeline.console import err, escape
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ _warned: set[str] = set()
 def warn_legacy(spec: DatasetSpec, given: str) -> None:
     if spec.legacy and given not in _warned:
         _warned.add(given)
-        err.print(f"[yellow]note:[/] the spelling {given!r} is deprecated; write {spec.text()!r} "
+        err.print(f"[yellow]note:[/] the spelling {escape(repr(given))} is deprecated; write {escape(repr(spec.text()))} "
                   "(options follow a `?`, separated by `&`).", soft_wrap=True)
 
 

@@ -23,7 +23,7 @@ from typing import Hashable, Sequence
 import xxhash
 
 from cache.atomic import atomic_write_bytes
-from pipeline.datasets.base import Dataset
+from pipeline.datasets.base import Dataset, DatasetError
 
 SPLITS = ("train", "valid", "test")
 FRACTIONS = (0.01, 0.1)
@@ -45,6 +45,37 @@ def hash_split(key: str, proportions: Sequence[tuple[str, float]], seed: int = 0
         if u < edge:
             return name
     return proportions[-1][0]
+
+
+# How a split column may spell each split; anything else is an error that lists what was found.
+SPLIT_SPELLINGS = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid",
+                   "validate": "valid", "dev": "valid", "test": "test", "testing": "test", "eval": "test"}
+DEFAULT_PROPORTIONS = (("train", 0.7), ("valid", 0.1), ("test", 0.2))
+
+
+def canonical_splits(values: Sequence[str | None], where: str) -> list[str | None]:
+    """Split names mapped to train/valid/test (``val``, ``validation``, ``dev`` -> valid, ...).
+
+    An unknown name is an error naming every distinct value found, so a typo never
+    silently drops items from training or validation.
+    """
+    unknown = sorted({str(v) for v in values if v is not None and str(v).strip().lower() not in SPLIT_SPELLINGS})
+    if unknown:
+        raise DatasetError(f"{where}: unknown split name(s) {', '.join(map(repr, unknown))}. Use train, valid "
+                           f"(or val/validation/dev) and test; the split column holds: "
+                           f"{', '.join(sorted({str(v) for v in values if v is not None}))}")
+    return [None if v is None else SPLIT_SPELLINGS[str(v).strip().lower()] for v in values]
+
+
+def assign_splits(keys: Sequence[str], seed: int = 0,
+                  proportions: Sequence[tuple[str, float]] = DEFAULT_PROPORTIONS) -> list[str]:
+    """A deterministic, seeded split per key (a patient id, else the item id): see :func:`hash_split`."""
+    return [hash_split(k, proportions, seed) for k in keys]
+
+
+def split_rule(by: str, seed: int = 0, proportions: Sequence[tuple[str, float]] = DEFAULT_PROPORTIONS) -> str:
+    parts = " / ".join(f"{name} {100 * p:g}%" for name, p in proportions)
+    return f"assigned: seeded hash of {by} (seed {seed}), {parts}"
 
 
 def _stratum(label) -> Hashable:

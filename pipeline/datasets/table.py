@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import xxhash
 
-from pipeline.datasets.base import Item
-from pipeline.errors import InputError
+from pipeline.console import err, escape
+from pipeline.datasets.base import Dataset, DatasetError, Item
+from pipeline.datasets.splits import assign_splits, canonical_splits, split_rule
 
 KNOWN = {"id", "image", "report", "split", "patient_id", "mask"}
-
-
-class DatasetError(InputError):
-    """A dataset that cannot be read; the message names the file, the row and the fix."""
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -60,6 +58,44 @@ def items_from_table(path: Path) -> list[Item]:
             masks={_mask_name(c): base / str(row[c]) for c in masks if _present(row.get(c))},
         ))
     return items
+
+
+def table_dataset(path: Path) -> Dataset:
+    """A pairs table as a dataset, with a split for every item.
+
+    The ``split`` column may spell valid as val/validation/dev; without the column, each
+    patient (or item, without ``patient_id``) gets a seeded, deterministic split, logged
+    here and recorded with the dataset index (``dataset.json``: ``split_rule``).
+    """
+    path = Path(path)
+    items = items_from_table(path)
+    has_column = any(it.split is not None for it in items)
+    if has_column:
+        missing = [it.id for it in items if it.split is None]
+        if missing:
+            raise DatasetError(f"table {path}: {len(missing)} row(s) have an empty split (e.g. item {missing[0]!r}). "
+                               "Fill them in, or drop the split column to have splits assigned by patient.")
+        splits, rule = canonical_splits([it.split for it in items], f"table {path}"), "the table's split column"
+    else:
+        by_patient = any(it.patient_id for it in items)
+        splits = assign_splits([it.patient_id or f"item:{it.id}" for it in items])
+        rule = split_rule("patient_id" if by_patient else "the item id")
+        counts = {s: splits.count(s) for s in ("train", "valid", "test")}
+        _note_once(str(path), f"[yellow]note:[/] {escape(str(path))} has no split column: {escape(rule)} "
+                              f"(train {counts['train']:,}, valid {counts['valid']:,}, test {counts['test']:,} items)")
+    items = [replace(it, split=s) for it, s in zip(items, splits)]
+    return Dataset(name=table_name(path), spec=str(path.resolve()), items=items,
+                   description=f"pairs table {path}", split_rule=rule)
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(key: str, message: str) -> None:
+    """Every stage opens the table; say it once per process."""
+    if key not in _NOTED:
+        _NOTED.add(key)
+        err.print(message, soft_wrap=True)
 
 
 def _mask_name(column: str) -> str:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import OneOf
+from pipeline.config import OneOf, Validated
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ MODES: dict[str, AdaptorMode] = {m.name: m for m in (POOLED, TOKENS)}
 
 
 @dataclass(frozen=True)
-class AdaptorConfig:
+class AdaptorConfig(Validated):
     mode: Annotated[str, OneOf(MODES)] = "pooled"
     image_dim: int = 768
     text_dim: int = 768
@@ -76,15 +76,18 @@ class AdaptorConfig:
     logit_scale_init: float = 2.6592  # ln(1/0.07)
     logit_scale_max: float = 100.0  # clamp of exp(logit_scale); the authors never clamped
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:  # also checked by load_config, which names the key
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if not 0.0 <= self.image_weight <= 1.0:
-            raise ValueError(f"image_weight must lie in [0, 1], got {self.image_weight}")
-        if self.grid_pool < 0:
-            raise ValueError(f"grid_pool must be >= 0, got {self.grid_pool}")
+    @staticmethod
+    def checks(v) -> list[tuple[str, str]]:
+        found = [(k, f"must be >= 1, got {v[k]}") for k in ("d_model", "n_heads", "ffn_dim", "n_layers") if v[k] < 1]
+        if not found and v["d_model"] % v["n_heads"]:
+            found.append(("d_model", f"{v['d_model']} is not divisible by n_heads={v['n_heads']}"))
+        return found + [(k, m) for k, ok, m in (
+            ("mode", v["mode"] in MODES, f"must be one of {', '.join(MODES)}, got {v['mode']!r}"),
+            ("dropout", 0.0 <= v["dropout"] < 1.0, f"must lie in [0, 1), got {v['dropout']}"),
+            ("image_weight", 0.0 <= v["image_weight"] <= 1.0, f"must lie in [0, 1], got {v['image_weight']}"),
+            ("grid_pool", v["grid_pool"] >= 0, f"must be >= 0, got {v['grid_pool']}"),
+            ("logit_scale_max", v["logit_scale_max"] > 0, f"must be > 0, got {v['logit_scale_max']}"),
+        ) if not ok]
 
 
 class FusionBlock(nn.Module):

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cache.atomic import atomic_write_with, fsync_path, is_temp_name
-from pipeline.errors import MissingFileError, PipeError
+from pipeline.errors import InputError, MissingFileError, PipeError
 
 
 class CheckpointMismatchError(PipeError):
@@ -73,9 +73,18 @@ def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict,
 
 
 def read_meta(path: Path) -> dict:
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    """The metadata of a checkpoint; a file that is not one is a clear error, not a traceback."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except FileNotFoundError:
+        raise MissingFileError(f"checkpoint {path} does not exist; train one with `pipe train-adaptor`") from None
+    except Exception as e:  # safetensors raises its own error types for a file that is not one
+        if isinstance(e, PipeError):
+            raise
+        raise InputError(f"{path} is not a checkpoint written by `pipe train-adaptor` (safetensors could not read "
+                         f"it: {str(e).splitlines()[0][:120]}). Give the last.safetensors (or best.safetensors) of "
+                         "a run, or its run directory.") from None
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
@@ -94,7 +103,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
 
 
 def _raw_meta(path: Path) -> dict[str, str]:
-
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 

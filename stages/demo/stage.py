@@ -14,11 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cache.atomic import atomic_write_text
 from pipeline.config import load_config
-from pipeline.console import err
+from pipeline.console import err, escape, section
 from stages import embed, evaluate
 from stages import train as train_adaptor
-from stages.evaluate.tables import merge_tables, to_markdown, to_rich
+from stages.evaluate.tables import merge_tables, to_markdown
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -35,19 +36,31 @@ class DemoConfig:
     segmentation: bool = True
 
 
+@dataclass
+class DemoResult:
+    report: Path                  # results.md
+    tables: list[dict]            # every results table, as `pipe report` merges them
+    runs: list[Path]              # the evaluation run directories
+    checkpoint: Path
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"report": str(self.report), "checkpoint": str(self.checkpoint), "runs": [str(r) for r in self.runs],
+                "seconds": round(self.seconds, 1), "tables": self.tables}
+
+
 def _step(title: str):
-    err.rule(f"[bold]{title}")
+    section(title)
     return time.perf_counter()
 
 
-def run(cfg: DemoConfig) -> Path:
-
+def run(cfg: DemoConfig) -> DemoResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = _step("1/4 pipe embed: each frozen encoder once over the demo")
     res = embed.run(embed.EmbedConfig(dataset=cfg.dataset, backbone=cfg.backbone, text_encoder=cfg.text_encoder,
                                       cache=cfg.cache, device=cfg.device))
-    err.print(f"embedded {res.embedded:,}, reused {res.reused:,}, failed {res.failed} in {res.seconds:.1f} s")
+    err.print(f"embedded {res.embedded:,}, reused {res.reused:,}, failed {escape(str(res.failed))} in {res.seconds:.1f} s")
 
     _step("2/4 pipe train-adaptor: from the cache only")
     tcfg = load_config(train_adaptor.TrainConfig, PRESET, [
@@ -72,16 +85,14 @@ def run(cfg: DemoConfig) -> Path:
         runs.append(evaluate.run(ecfg).out)
 
     _step("4/4 results")
-    report = write_report(runs, out / "results.md")
-    err.print(f"done in {time.perf_counter() - t0:.0f} s · results: {report} · plots: {out}/*/*.png")
-    return report
+    report, tables = write_report(runs, out / "results.md")
+    seconds = time.perf_counter() - t0
+    err.print(f"done in {seconds:.0f} s · results: {escape(str(report))} · plots: {escape(str(out))}/*/*.png")
+    return DemoResult(report, tables, runs, trained.checkpoint, seconds)
 
 
-def write_report(runs: list[Path], path: Path) -> Path:
-
+def write_report(runs: list[Path], path: Path) -> tuple[Path, list[dict]]:
     loaded = [json.loads((r / "results.json").read_text()) for r in runs]
     tables = merge_tables(loaded, [str(r) for r in runs])
-    for t in tables:
-        err.print(to_rich(t))
-    path.write_text("# Demo results\n\n" + "\n".join(to_markdown(t) for t in tables))
-    return path
+    atomic_write_text(path, "# Demo results\n\n" + "\n".join(to_markdown(t) for t in tables))
+    return path, tables

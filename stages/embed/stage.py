@@ -27,7 +27,7 @@ from pipeline.datasets import Dataset, open_dataset
 from pipeline.devices import peak_memory_mb, resolve_device
 from pipeline.encoders import resolve_encoder_name, weights_identity
 from pipeline.errors import InputError
-from stages.embed.modality import MODALITIES, Modality
+from stages.embed.modality import MODALITIES, TEXT, Modality
 from stages.embed.plan import Plan
 from stages.embed.runners import DaskRunner, Runner
 
@@ -116,16 +116,24 @@ def run(cfg: EmbedConfig, dataset: Dataset | None = None) -> EmbedResult:
 def _run(cfg: EmbedConfig, root: Path, dataset: Dataset | None) -> EmbedResult:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    ds = dataset or open_dataset(cfg.dataset, root)
     active = cfg.modalities
+    if not active:
+        raise InputError("nothing to do: --backbone and --text-encoder are both `none`. Name an image encoder, "
+                         "a text encoder or both (`pipe encoders` lists them).")
+    ds = dataset or open_dataset(cfg.dataset, root, skip_bad_rows=True)
+    _check_reports(ds, active)
+    bad_rows = [{"item": s.get("id") or "", "source": s.get("source") or "", "key": None, "dataset": ds.name,
+                 "reason": f"bad row: {s.get('reason')}", "modality": "row"}
+                for s in ds.skipped if s.get("kind") == "bad-row"]
     index = IndexBuilder(ds, root, tuple(m.name for m in active), ahead=cfg.hash_ahead)  # keys stream in
-    result = EmbedResult(dataset=ds.name)
+    result = EmbedResult(dataset=ds.name, failures=list(bad_rows))
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
         with live_run(run_id):
             for modality in active:
                 name = modality.encoder_name(cfg)
-                res, fails = embed_modality(modality, name, index, ds.name, cfg, root, device, run_id)
+                res, fails = embed_modality(modality, name, index, ds.name, cfg, root, device, run_id,
+                                            also_record=bad_rows)
                 result.results.append(res)
                 result.failures.extend(fails)
                 index.record_store(modality.name, res.encoder, res.store)
@@ -138,8 +146,12 @@ def _run(cfg: EmbedConfig, root: Path, dataset: Dataset | None) -> EmbedResult:
 
 
 def embed_modality(modality: Modality | str, name: str, index, dataset: str, cfg: EmbedConfig, root: Path,
-                   device: torch.device, run_id: str) -> tuple[ModalityResult, list[dict]]:
-    """Embed one modality of an index (an :class:`IndexBuilder` or a built ``DatasetIndex``)."""
+                   device: torch.device, run_id: str, also_record: list[dict] = ()) -> tuple[ModalityResult, list[dict]]:
+    """Embed one modality of an index (an :class:`IndexBuilder` or a built ``DatasetIndex``).
+
+    Returns the result and this modality's failures; ``also_record`` (the dataset's bad
+    rows) goes into the store's failure table too, but is not returned again.
+    """
     modality = MODALITIES[modality] if isinstance(modality, str) else modality
     enc_cfg = resolve_encoder_name(name)
     if enc_cfg.modality != modality.name:
@@ -163,8 +175,17 @@ def embed_modality(modality: Modality | str, name: str, index, dataset: str, cfg
     res.reused += plan.reused
     # items that could not be keyed (missing file, empty report) go to the failure table too
     failures = index.failures_of(modality.name) + failures
-    store.record_failures(failures, run_id)
+    res.failed = len(failures)
+    store.record_failures([*also_record, *failures], run_id)
     return res, failures
+
+
+def _check_reports(ds, active: list[Modality]) -> None:
+    """Stop before any work when the text encoder has no report to read at all."""
+    if TEXT in active and ds.items and not any(it.report for it in ds.items):
+        raise InputError(f"dataset {ds.name!r} has no reports (no `report` column, or every report is empty), "
+                         "so there is nothing for the text encoder. Add a `report` column, or pass "
+                         "--text-encoder none to embed the images only.")
 
 
 def encoder_spec(enc_cfg, cfg: EmbedConfig) -> dict:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.index import LABEL_PREFIX
-from pipeline.console import err, progress
+from pipeline.console import err, progress, escape
 from pipeline.errors import InputError
 from pipeline.models.heads import make_head
 from stages.evaluate import metrics as M
@@ -317,4 +317,4 @@ def _save_predictions(ctx: EvalContext, labels: Labels, methods: list[dict], pos
                 for r in cell["runs"]:
                     arrays[f"m{mi}/{kind}/{fl}/seed{r['seed']}"] = r["scores"]
     np.savez_compressed(ctx.out / "predictions.npz", **arrays)
-    err.print(f"test-set scores: {ctx.out / 'predictions.npz'}")
+    err.print(f"test-set scores: {escape(str(ctx.out / 'predictions.npz'))}")

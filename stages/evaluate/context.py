@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cache.pairs import PairData
-from pipeline.console import err
+from pipeline.console import err, escape
 from stages.evaluate.features import FrozenAdaptor, raw_features
 
 
@@ -30,7 +30,7 @@ class EvalContext:
     def note(self, message: str) -> None:
         if message not in self.notes:
             self.notes.append(message)
-            err.print(f"[yellow]note:[/] {message}")
+            err.print(f"[yellow]note:[/] {escape(str(message))}")
 
     @property
     def seeds(self) -> list[int]:

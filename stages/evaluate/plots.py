@@ -83,7 +83,8 @@ def recall_bars(values: dict[str, dict[str, float]], path: Path, title: str,
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -66,7 +66,6 @@ def embed_texts(texts: list[str], encoder_name: str, cache_root: Path) -> np.nda
 
 
 def embed_texts_store(texts: list[str], encoder_name: str, cache_root: Path) -> tuple[Store, np.ndarray]:
-
     norm = [normalise_report(t) for t in texts]
     if not all(norm):
         raise PromptError("an empty prompt cannot be embedded; remove it from the prompt file")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.console import err, progress
+from pipeline.console import err, progress, escape
 from pipeline.errors import InputError
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
@@ -94,7 +94,7 @@ def run(ctx: EvalContext) -> TaskResult:
     chance = {f"{d} R@{k}": min(1.0, k / len(test)) for d in ("image→text", "text→image") for k in KS}
     title = f"retrieval · {ctx.dataset_name} · {len(test)} test pairs"
     result.plots.append(str(recall_bars(ok, ctx.out / "recall.png", title, chance)))
-    err.print(f"retrieval over {len(test)} test pairs ({distinct} distinct reports)")
+    err.print(f"retrieval over {len(test)} test pairs ({escape(str(distinct))} distinct reports)")
     return result
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cache.masks import geometry, load_masks
-from pipeline.console import err, progress
+from pipeline.console import err, progress, escape
 from pipeline.errors import InputError
 from pipeline.imaging import Preprocess, read_and_decode
 from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
@@ -185,7 +185,7 @@ def run(ctx: EvalContext) -> TaskResult:
     kept, pos = _masked_items(ctx, target)
     spec = ctx.data.image.attrs["spec"]
     masks_np, read = load_masks(ctx.data.items.iloc[kept], target, spec, ctx.root, ctx.dataset_name)
-    err.print(f"masks: {len(kept):,} {target!r} masks on the {masks_np.shape[-1]}px input grid "
+    err.print(f"masks: {len(kept):,} {escape(repr(target))} masks on the {escape(str(masks_np.shape[-1]))}px input grid "
               f"({'read ' + str(read) + ' mask files' if read else 'all from the mask cache'})")
     positive = masks_np.reshape(len(kept), -1).any(1)
     plan = plan_subsets(ctx, target, positive[pos["train"]])

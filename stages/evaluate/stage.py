@@ -21,8 +21,8 @@ import numpy as np
 from cache.atomic import atomic_write_text
 from cache.pairs import CacheMissError, embed_command, load_pairs
 from cache.paths import cache_root
-from pipeline.config import OneOf, ConfigError, config_hash, save_config, to_dict
-from pipeline.console import err
+from pipeline.config import ConfigError, OneOf, Validated, config_hash, save_config, to_dict
+from pipeline.console import err, escape
 from pipeline.datasets import open_dataset
 from pipeline.devices import peak_memory_mb, resolve_device
 from pipeline.encoders import canonical_name, resolve_encoder_name
@@ -35,7 +35,7 @@ from stages.evaluate.tasks import TASKS, get_task
 
 
 @dataclass(frozen=True)
-class HeadsConfig:
+class HeadsConfig(Validated):
     kinds: list[str] = field(default_factory=lambda: ["mlp"])   # mlp (the paper's) and/or linear
     lrs: list[float] = field(default_factory=lambda: [5e-4])    # several: one pass trains them all
     weight_decay: float = 1e-4     # the paper: 1e-4 (RSNA), 0.05 (COVIDx)
@@ -47,16 +47,20 @@ class HeadsConfig:
     patience: int = 10             # validations without a better score before a head stops
     restart_epochs: int = 10       # period of the cosine schedule's warm restarts, in validations
 
-    def __post_init__(self) -> None:
-        bad = [k for k in self.kinds if k not in HEAD_KINDS]
-        if bad or not self.kinds:
-            raise ValueError(f"heads.kinds must be a non-empty list of {'/'.join(HEAD_KINDS)}, got {self.kinds}")
-        if not self.lrs or min(self.lrs) <= 0:
-            raise ValueError(f"heads.lrs must be positive learning rates, got {self.lrs}")
+    @staticmethod
+    def checks(v) -> list[tuple[str, str]]:
+        positive = ("hidden", "batch_size", "epochs", "min_steps", "patience", "restart_epochs")
+        return [(k, m) for k, ok, m in (
+            ("kinds", bool(v["kinds"]) and all(k in HEAD_KINDS for k in v["kinds"]),
+             f"must be a non-empty list of {'/'.join(HEAD_KINDS)}, got {v['kinds']}"),
+            ("lrs", bool(v["lrs"]) and min(v["lrs"]) > 0, f"must be positive learning rates, got {v['lrs']}"),
+            ("weight_decay", v["weight_decay"] >= 0, f"must be >= 0, got {v['weight_decay']}"),
+            ("dropout", 0 <= v["dropout"] < 1, f"must lie in [0, 1), got {v['dropout']}"),
+        ) if not ok] + [(k, f"must be >= 1, got {v[k]}") for k in positive if v[k] < 1]
 
 
 @dataclass(frozen=True)
-class SegConfig:
+class SegConfig(Validated):
     target: str = ""               # which mask; "" = the dataset's first mask column
     channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32])   # decoder width per stage
     alpha: float = 10.0            # loss = alpha * focal + dice (MGCA, the paper)
@@ -67,9 +71,18 @@ class SegConfig:
     min_steps: int = 500
     overlays: int = 6              # test images drawn in overlays.png
 
+    @staticmethod
+    def checks(v) -> list[tuple[str, str]]:
+        found = [(k, f"must be >= 1, got {v[k]}") for k in ("batch_size", "epochs", "min_steps") if v[k] < 1]
+        if not v["channels"] or min(v["channels"]) < 1:
+            found.append(("channels", f"must be a non-empty list of positive widths, got {v['channels']}"))
+        if not 0 < v["threshold"] < 1:
+            found.append(("threshold", f"must lie in (0, 1), got {v['threshold']}"))
+        return found
+
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Validated):
     task: Annotated[str, OneOf(TASKS)] = "classification"
     dataset: str = ""
     adaptor: str = ""              # a checkpoint (or its run directory), or "none"
@@ -94,14 +107,17 @@ class EvalConfig:
     val_split: str = "valid"
     test_split: str = "test"
 
-    def __post_init__(self) -> None:
-        get_task(self.task)
-        if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
-            raise ValueError(f"fractions must lie in (0, 1], got {self.fractions}")
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
-        if not 0.0 < self.ci < 1.0:
-            raise ValueError(f"ci must lie in (0, 1), got {self.ci}")
+    @staticmethod
+    def checks(v) -> list[tuple[str, str]]:
+        return [(k, m) for k, ok, m in (
+            ("task", v["task"] in TASKS, f"must be one of {', '.join(TASKS)}, got {v['task']!r}"),
+            ("fractions", bool(v["fractions"]) and all(0.0 < f <= 1.0 for f in v["fractions"]),
+             f"must lie in (0, 1], got {v['fractions']}"),
+            ("seeds", v["seeds"] >= 1, f"must be >= 1, got {v['seeds']}"),
+            ("ci", 0.0 < v["ci"] < 1.0, f"must lie in (0, 1), got {v['ci']}"),
+            ("bootstrap", v["bootstrap"] >= 0, f"must be >= 0, got {v['bootstrap']}"),
+            ("pairwise_max_items", v["pairwise_max_items"] >= 2, f"must be >= 2, got {v['pairwise_max_items']}"),
+        ) if not ok]
 
 
 @dataclass
@@ -147,7 +163,7 @@ def _encoders(cfg: EvalConfig, adaptor: FrozenAdaptor | None) -> tuple[str, str 
 def check_index_current(cfg: EvalConfig, root: Path, name: str, items, backbone: str, text: str | None) -> None:
     """Labels, masks and items come from the index `pipe embed` wrote: refuse a stale one."""
 
-    ds = open_dataset(cfg.dataset, root)
+    ds = open_dataset(cfg.dataset, root, skip_bad_rows=True)
     hint = embed_command(cfg.dataset, backbone, text or "none", root)
     indexed = {i: r for i, r in zip(items.id, items.to_dict("records"))}
     for it in ds.items:
@@ -162,14 +178,13 @@ def check_index_current(cfg: EvalConfig, root: Path, name: str, items, backbone:
 
 
 def _context(cfg: EvalConfig) -> EvalContext:
-
     _require(cfg)
     root = cache_root(cfg.cache)
     device = resolve_device(cfg.device)
     adaptor = None if cfg.adaptor.lower() == "none" else FrozenAdaptor.load(cfg.adaptor, device, root)
     backbone, text = _encoders(cfg, adaptor)
     need_text = get_task(cfg.task).needs_text
-    name = open_dataset(cfg.dataset, root, materialise=False).name
+    name = open_dataset(cfg.dataset, root, materialise=False, skip_bad_rows=True).name
     data = load_pairs(root, name, cfg.dataset, backbone, text or "none", need_text=need_text,
                       canonical=canonical_name)
     if adaptor is not None:
@@ -192,8 +207,8 @@ def run(cfg: EvalConfig) -> EvalResult:
     fresh = not ctx.out.exists()
     ctx.out.mkdir(parents=True, exist_ok=True)
     what = f"Adaptor {ctx.adaptor.hash[:16]} ({ctx.adaptor.mode.name} mode)" if ctx.adaptor else "no Adaptor"
-    err.print(f"evaluating {cfg.task} on {ctx.dataset_name} ({len(ctx.data.items):,} cached items) · {what} · "
-              f"backbone forwards: 0 · out {ctx.out}")
+    err.print(f"evaluating {escape(str(cfg.task))} on {escape(str(ctx.dataset_name))} ({len(ctx.data.items):,} cached items) · {escape(str(what))} · "
+              f"backbone forwards: 0 · out {escape(str(ctx.out))}")
     try:
         result = get_task(cfg.task).run(ctx)
     except BaseException:

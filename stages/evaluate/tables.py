@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from rich.table import Table
 
+from pipeline.console import plain
+
 
 def fraction_label(f: float) -> str:
     return f"{f * 100:g}%"
@@ -65,13 +67,12 @@ def to_markdown(table: dict) -> str:
 
 
 def to_rich(table: dict):
-
-    t = Table(title=table["title"], title_justify="left")
+    t = Table(title=plain(table["title"]), title_justify="left")
     t.add_column("method", overflow="fold")
     for c in table["columns"]:
-        t.add_column(c, justify="right")
+        t.add_column(plain(c), justify="right")
     for r in table["rows"]:
-        t.add_row(r["method"], *(r["cells"].get(c, "") for c in table["columns"]))
+        t.add_row(plain(r["method"]), *(plain(r["cells"].get(c, "")) for c in table["columns"]))
     return t
 
 

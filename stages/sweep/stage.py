@@ -74,7 +74,6 @@ def _override(key: str, value) -> str:
 
 
 def run_sweep(spec: SweepSpec, cache_override: str | None = None, on_row=None) -> SweepResult:
-
     cache = cache_override or spec.cache
     base = [_override("dataset", spec.dataset), _override("backbone", spec.backbone),
             _override("text_encoder", spec.text_encoder)] + ([_override("cache", cache)] if cache else [])

@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from cache.atomic import atomic_write_with
+
 
 class MetricsLog:
     def __init__(self, out: Path, resume: bool):
@@ -61,16 +63,19 @@ class MetricsLog:
                 if key in self.rows[0]:
                     axes[1].plot(ep, [r[key] for r in self.rows], ls, label=f"{d} R@{k}")
         axes[1].set_title("validation retrieval recall")
+        if not axes[1].lines:
+            axes[1].text(0.5, 0.5, "no validation split", ha="center", va="center", transform=axes[1].transAxes)
         axes[2].plot(ep, [r["logit_scale"] for r in self.rows])
         axes[2].set_title("logit scale (exp, clamped at 100)")
         for ax in axes:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
         axes[0].legend()
-        axes[1].legend(fontsize=7, ncol=2)
+        if axes[1].lines:
+            axes[1].legend(fontsize=7, ncol=2)
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
 
 

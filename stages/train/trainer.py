@@ -40,8 +40,8 @@ from rich.progress import Progress
 from cache.index import load_index
 from cache.pairs import CacheMissError, PairData, embed_command, load_pairs
 from cache.paths import cache_root
-from pipeline.config import ConfigError, config_hash, save_config, to_dict
-from pipeline.console import err, progress
+from pipeline.config import ConfigError, Validated, config_hash, save_config, to_dict
+from pipeline.console import err, escape, progress
 from pipeline.datasets import open_dataset
 from pipeline.devices import peak_memory_mb
 from pipeline.encoders import canonical_name
@@ -65,18 +65,27 @@ CHECKPOINT = "last.safetensors"
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Validated):
     lr: float = 2e-5
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_frac: float = 0.02      # linear warm-up over this share of all steps, then linear decay to 0
 
+    @staticmethod
+    def checks(v) -> list[tuple[str, str]]:
+        return [(k, m) for k, ok, m in (
+            ("lr", v["lr"] > 0, f"must be a positive learning rate, got {v['lr']}"),
+            ("weight_decay", v["weight_decay"] >= 0, f"must be >= 0, got {v['weight_decay']}"),
+            ("betas", all(0 <= b < 1 for b in v["betas"]), f"must lie in [0, 1), got {list(v['betas'])}"),
+            ("warmup_frac", 0 <= v["warmup_frac"] <= 1, f"must lie in [0, 1], got {v['warmup_frac']}"),
+        ) if not ok]
+
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Validated):
     dataset: str = ""
-    backbone: str = ""
-    text_encoder: str = ""
+    backbone: str = ""             # required (-b), here or in the preset
+    text_encoder: str = ""         # required (-t), here or in the preset
     cache: str | None = None
     out: str | None = None
     adaptor: AdaptorConfig = AdaptorConfig()
@@ -94,7 +103,15 @@ class TrainConfig:
     tokens_negatives: int = 7      # tokens mode: reports scored per image by their own paired forward (0: in-batch CLIP logits, which leak the pair)
     val_pairwise_items: int = 128  # tokens mode: validation items scored all-pairs
     gather_negatives: bool = True  # DDP: score against every rank's embeddings (false: per-rank negatives, flaw 4)
-    step: StepMode = "eager"  # how a step runs (pipeline/training/step.py)
+    step: StepMode = "eager"  # how a step runs (stages/train/step.py)
+
+    @staticmethod
+    def checks(v) -> list[tuple[str, str]]:
+        positive = ("batch_size", "epochs", "val_batch_size", "checkpoint_every", "val_pairwise_items")
+        found = [(k, f"must be >= 1, got {v[k]}") for k in positive if v[k] < 1]
+        if v["tokens_negatives"] < 0:
+            found.append(("tokens_negatives", f"must be >= 0, got {v['tokens_negatives']}"))
+        return found
 
 
 @dataclass
@@ -124,27 +141,39 @@ def load_training_data(cfg: TrainConfig) -> PairData:
 
     _require(cfg)
     root = cache_root(cfg.cache)
-    ds_name = open_dataset(cfg.dataset, root, materialise=False).name
+    ds_name = open_dataset(cfg.dataset, root, materialise=False, skip_bad_rows=True).name
     data = load_pairs(root, ds_name, cfg.dataset, cfg.backbone, cfg.text_encoder, canonical=canonical_name)
-    check_index_current(open_dataset(cfg.dataset, root), data, cfg)
+    check_index_current(open_dataset(cfg.dataset, root, skip_bad_rows=True), data, cfg)
     return data
 
 
 def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
     """Train one Adaptor; under torchrun, this process's share of a DDP run."""
-
     with distributed.session(cfg.device) as ctx:
         with distributed.main_first(ctx):  # reading a dataset may write to the cache: one rank at a time
             data = data or load_training_data(cfg)
-            ds_name = open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False).name
+            ds_name = open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False, skip_bad_rows=True).name
         cfg = _with_dims(cfg, data)
+        train_pos, val_pos = _split_positions(cfg, data, ctx.is_main)
         out = Path(cfg.out) if cfg.out else default_out(cfg, ds_name)
         out.mkdir(parents=True, exist_ok=True)
-        train_pos, val_pos = data.split(cfg.train_split), data.split(cfg.val_split)
-        if len(train_pos) < 2:
-            raise InputError(f"split {cfg.train_split!r} has {len(train_pos)} cached pairs; contrastive training "
-                             f"needs at least 2. Check the dataset's split column or set train_split=...")
         return Trainer(cfg, data, ctx, out, train_pos, val_pos).fit()
+
+
+def _split_positions(cfg: TrainConfig, data: PairData, say: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The training and validation items; a split name the dataset lacks is an error that lists its splits."""
+    names = sorted({str(s) for s in data.items["split"].dropna()})
+    if cfg.train_split not in names:
+        raise InputError(f"train_split={cfg.train_split!r} is not a split of {cfg.dataset!r}; its cached items are "
+                         f"in: {', '.join(names) or 'no split at all'}. Set train_split=... (and val_split=...).")
+    train_pos, val_pos = data.split(cfg.train_split), data.split(cfg.val_split)
+    if len(train_pos) < 2:
+        raise InputError(f"split {cfg.train_split!r} has {len(train_pos)} cached pairs; contrastive training "
+                         f"needs at least 2. Check the dataset's split column or set train_split=...")
+    if len(val_pos) < 2 and say:
+        err.print(f"[yellow]note:[/] no validation: split {escape(repr(cfg.val_split))} has {len(val_pos)} cached "
+                  f"pair(s) (the dataset's splits: {escape(', '.join(names))}); set val_split=... to validate.")
+    return train_pos, val_pos
 
 
 def global_batch(requested: int, n_items: int, world: int) -> int:

@@ -26,7 +26,7 @@ import pandas as pd
 import xxhash
 
 from cache.atomic import atomic_write_text
-from pipeline.console import err, progress
+from pipeline.console import err, progress, escape
 from pipeline.datasets.base import Dataset
 from pipeline.datasets.masks import save_mask
 from pipeline.datasets.reports import SECTION_CHOICES
@@ -245,7 +245,7 @@ def record_skipped(cache_root: Path, name: str, skipped: list[dict], what: str) 
     for s in skipped:
         kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
     text = ", ".join(f"{n:,} {SKIP_KINDS.get(k, k)}" for k, n in kinds.items())
-    err.print(f"[yellow]{what}: skipped {text}[/]; listed in {path}", soft_wrap=True)
+    err.print(f"[yellow]{escape(str(what))}: skipped {escape(str(text))}[/]; listed in {escape(str(path))}", soft_wrap=True)
 
 
 def make_masks(jobs: list[tuple[Path, Path, Callable[[int, int], np.ndarray]]], desc: str) -> None:

@@ -36,7 +36,7 @@ from pipeline.datasets.readers._common import (LABELS, SECTIONS, Problems, Spec,
                                                require_root, unmaterialised)
 from pipeline.datasets.reports import report_text
 from pipeline.datasets.table import DatasetError
-from pipeline.console import err
+from pipeline.console import err, escape
 
 READER = "mimic-cxr"
 PREFIX = "mimic-cxr-2.0.0"
@@ -99,7 +99,7 @@ def _read_splits(path: Path, problems: Problems) -> dict[str, str]:
 def _read_labels(spec: Spec, problems: Problems) -> dict[tuple[str, str], dict[str, float]]:
     path = find_file(spec.root, [f"{PREFIX}-{spec['labels']}.csv"])
     if path is None:
-        err.print(f"[yellow]{READER}: {PREFIX}-{spec['labels']}.csv not found in {spec.root}; "
+        err.print(f"[yellow]{READER}: {PREFIX}-{spec['labels']}.csv not found in {escape(str(spec.root))}; "
                   "items get no labels[/]")
         return {}
     out = {}
