@@ -140,7 +140,7 @@ def test_all_problems_are_collected_in_one_message(tmp_path):
         "seed: expected int, got str 'abc'",
         "override 'nokeyvalue': expected key=value",
         "data: missing required value (expected a mapping (Data))",
-        "adaptor: d_model=768 is not divisible by n_heads=5",
+        "adaptor.d_model: 768 is not divisible by n_heads=5",
     ]
     for line in expected:
         assert line in msg, line
