@@ -342,12 +342,14 @@ def test_retrieval_with_and_without_the_adaptor(world, tmp_path, mode):
     _, res = evaluate(world, "retrieval", str(world[mode]), tmp_path / "ret", "bootstrap=100")
     table = res["tables"][0]
     assert table["columns"][0] == "image→text R@1" and len(table["columns"]) == 6
-    adaptor, baseline = res["methods"]
+    adaptor, linear, baseline = res["methods"]
     assert set(adaptor["recall"]) == {f"{d} R@{k}" for d in ("image→text", "text→image") for k in (1, 5, 10)}
     assert 1 >= adaptor["recall"]["image→text R@10"] >= adaptor["recall"]["image→text R@5"] >= 0
+    assert linear["features"] == "linear-map" and set(linear["recall"]) == set(adaptor["recall"])
     assert baseline["applicable"] is False and "96-d" in baseline["note"] and "64-d" in baseline["note"]
-    assert table["rows"][1]["cells"]["image→text R@1"] == "n/a"
-    assert table["rows"][2]["method"] == "chance (12 candidates)"
+    assert table["rows"][1]["method"].startswith("linear map, least squares")
+    assert table["rows"][2]["cells"]["image→text R@1"] == "n/a"
+    assert table["rows"][3]["method"] == "chance (12 candidates)"
     assert (tmp_path / "ret" / "recall.png").exists()
 
 
@@ -366,7 +368,7 @@ def test_no_adaptor_similarity_is_the_cosine_of_raw_features_when_widths_agree(w
     feats = raw_features(ctx.data.image, rows).astype(np.float64)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     np.testing.assert_allclose(sim, feats @ feats.T, atol=1e-9)
-    assert "chance-level reference" in why
+    assert "measure no alignment" in why
     sim, why = raw_similarity(ctx, rows, ctx.data.text, ctx.data.text_rows[:5])
     assert sim is None and "not applicable" in why
 
@@ -481,3 +483,70 @@ def test_bare_numbers_are_fractions_and_anything_else_is_refused(world, tmp_path
     from pipeline.cli.evaluate import split_fractions
 
     assert split_fractions(["0.01,0.1"], ["1.0", "seeds=2"]) == ([0.01, 0.1, 1.0], ["seeds=2"])
+
+
+# ------------------------------------------------------------------------------- beyond the paper
+def test_expected_calibration_error_by_hand():
+    # two bins used (15 bins): confidences 0.2 (2 items, 1 positive) and 0.9 (2 items, 2 positive)
+    y, p = np.array([0.0, 1.0, 1.0, 1.0]), np.array([0.2, 0.2, 0.9, 0.9])
+    # bin 0.2: |0.2 - 0.5| * 2/4 = 0.15; bin 0.9: |0.9 - 1.0| * 2/4 = 0.05
+    assert M.calibration_error(y, p) == pytest.approx(0.20)
+    assert M.binary_ece(y[:, None], p[:, None]) == pytest.approx(0.20)
+    w = np.array([[1, 1, 1, 1], [0, 2, 2, 0]], float)  # the second resample: one item per bin, twice
+    np.testing.assert_allclose(M.calibration_error(y, p, w), [0.20, 0.5 * 0.8 + 0.5 * 0.1])
+    onehot = np.eye(3)[[0, 1, 2, 2]]
+    probs = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.1, 0.1, 0.8]])
+    # top-class confidences 0.7 (right), 0.6 (wrong), 0.8, 0.8 (both right)
+    assert M.top_class_ece(onehot, probs) == pytest.approx((0.3 + 0.6 + 2 * 0.2) / 4)
+    assert np.isnan(M.calibration_error(np.array([np.nan]), np.array([0.5])))
+
+
+def test_classification_reports_calibration_beside_auroc(world, tmp_path):
+    _, res = evaluate(world, "classification", str(world["pooled"]), tmp_path / "cls", "seeds=1",
+                      "fractions=[1.0]", "heads.min_steps=20", "bootstrap=50")
+    titles = [t["title"] for t in res["tables"]]
+    assert any("expected calibration error" in t for t in titles)
+    ece = res["methods"][0]["heads"]["mlp"]["100%"]["summary"]["ece"]
+    assert 0.0 <= ece["mean"] <= 1.0 and len(ece["ci"]) == 2
+
+
+def test_the_linear_map_baseline_recovers_a_linear_relation(monkeypatch):
+    """On features where text = image @ A (plus a little noise), the least-squares map
+    retrieves every pair, and λ is chosen on the validation pairs."""
+    from types import SimpleNamespace
+
+    from stages.evaluate import retrieve
+
+    rng = np.random.default_rng(0)
+    n, di, dt = 120, 16, 12
+    img = rng.normal(size=(n, di))
+    txt = img @ rng.normal(size=(di, dt)) + 0.01 * rng.normal(size=(n, dt))
+    stores = {"image": img, "text": txt}
+    monkeypatch.setattr(retrieve, "raw_features", lambda store, rows, kind="pooled": stores[store][rows])
+    split = np.array(["train"] * 80 + ["valid"] * 20 + ["test"] * 20)
+    ctx = SimpleNamespace(data=SimpleNamespace(image="image", text="text", text_rows=np.arange(n)),
+                          image_rows=np.arange(n), note=lambda m: None,
+                          positions=lambda: {s: np.flatnonzero(split == s) for s in ("train", "valid", "test")})
+    w, lam = retrieve.fit_linear_map(ctx)
+    assert w.shape == (di, dt) and lam in retrieve.RIDGES
+    test = np.flatnonzero(split == "test")
+    sim = retrieve.linear_map_similarity(ctx, test, "text", test)
+    assert (sim.argmax(1) == np.arange(len(test))).all()
+
+
+def test_the_run_keeps_the_checkpoint_with_the_lowest_validation_loss(world, tmp_path):
+    import pandas as pd
+
+    from pipeline.models.checkpoint import read_meta
+    from stages.evaluate.features import resolve_checkpoint
+
+    run = tmp_path / "run"
+    pipe("train-adaptor", "-d", str(world["table"]), "-b", "tiny-vit", "-t", "tiny-bert", "--cache",
+         str(world["cache"]), "--out", str(run), "epochs=6", "batch_size=8", "adaptor.d_model=32", "adaptor.n_heads=2",
+         "adaptor.ffn_dim=32", "optim.lr=3e-3")
+    metrics = pd.read_csv(run / "metrics.csv")
+    meta = read_meta(run / "best.safetensors")
+    assert meta["val_loss"] == pytest.approx(metrics.val_loss.min(), rel=1e-6)
+    assert meta["epoch"] == int(metrics.epoch[metrics.val_loss.idxmin()])
+    assert resolve_checkpoint(run) == run / "best.safetensors"
+    assert resolve_checkpoint(run / "last.safetensors") == run / "last.safetensors"

@@ -50,7 +50,9 @@ def train_adaptor(
         result = run(cfg)
     if not result.is_main:  # under torchrun, rank 0 reports for all
         return
-    results_to(as_json).print(f"checkpoint: {result.checkpoint} · metrics: {result.out / 'metrics.csv'} · "
+    best = f" · best (validation loss): {result.best}" if result.best else ""
+    results_to(as_json).print(f"checkpoint: {result.checkpoint}{best} · metrics: {result.out / 'metrics.csv'} · "
                               f"curves: {result.out / 'curves.png'}", soft_wrap=True, markup=False)
     if as_json:
-        print_json({"out": str(result.out), "checkpoint": str(result.checkpoint), **result.final})
+        print_json({"out": str(result.out), "checkpoint": str(result.checkpoint),
+                    "best": str(result.best) if result.best else None, **result.final})

@@ -68,7 +68,7 @@ def run(cfg: DemoConfig) -> DemoResult:
         f"text_encoder={json.dumps(cfg.text_encoder)}", f"out={json.dumps(str(out / 'adaptor'))}",
         f"device={cfg.device}", *([f"cache={json.dumps(cfg.cache)}"] if cfg.cache else [])])
     trained = train_adaptor.run(tcfg)
-    ckpt = str(trained.checkpoint)
+    ckpt = str(trained.best or trained.checkpoint)  # chosen on validation loss, when there is a validation split
 
     _step("3/4 pipe evaluate: heads trained from the cache, with and without the Adaptor")
     runs = []

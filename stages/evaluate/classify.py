@@ -27,7 +27,8 @@ from stages.evaluate.plots import roc_grid
 from stages.evaluate.tables import add_row, fraction_label, make_table, summary_cell
 
 PRIMARY = {"binary": "auroc", "multilabel": "macro_auroc", "multiclass": "accuracy"}
-METRIC_TITLE = {"auroc": "AUROC", "macro_auroc": "macro AUROC", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+METRIC_TITLE = {"auroc": "AUROC", "macro_auroc": "macro AUROC", "accuracy": "accuracy", "macro_f1": "macro-F1",
+                "ece": "expected calibration error, 15 bins, lower is better"}
 
 
 class NoLabelsError(InputError):
@@ -120,13 +121,14 @@ def scores_from_logits(logits: np.ndarray, kind: str) -> np.ndarray:
 def classification_metrics(labels: Labels, y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict:
     """The task's metrics: floats, or ``[B]`` arrays over bootstrap multiplicities ``w``."""
     if labels.type == "binary":
-        return {"auroc": M.auroc(y[:, 0], p[:, 0], w)}
+        return {"auroc": M.auroc(y[:, 0], p[:, 0], w), "ece": M.binary_ece(y, p, w)}
     if labels.type == "multilabel":
         macro, per = M.macro_auroc(y, p, w)
-        return {"macro_auroc": macro, **{f"auroc/{n}": v if w is not None else float(v)
-                                         for n, v in zip(labels.names, per)}}
+        return {"macro_auroc": macro, "ece": M.binary_ece(y, p, w),
+                **{f"auroc/{n}": v if w is not None else float(v) for n, v in zip(labels.names, per)}}
     true, pred = y.argmax(1), p.argmax(1)
-    return {"accuracy": M.accuracy(true, pred, w), "macro_f1": M.macro_f1(true, pred, w)}
+    return {"accuracy": M.accuracy(true, pred, w), "macro_f1": M.macro_f1(true, pred, w),
+            "ece": M.top_class_ece(y, p, w)}
 
 
 def _loss(labels: Labels):
@@ -266,7 +268,7 @@ def _label_note(ctx: EvalContext, labels: Labels) -> None:
 
 
 def _tables(labels: Labels, methods: list[dict], fractions: list[float]) -> list[dict]:
-    keys = [labels.primary] + (["macro_f1"] if labels.type == "multiclass" else []) + \
+    keys = [labels.primary] + (["macro_f1"] if labels.type == "multiclass" else []) + ["ece"] + \
         ([f"auroc/{n}" for n in labels.names] if labels.type == "multilabel" else [])
     cols = [fraction_label(f) for f in fractions]
     tables = []

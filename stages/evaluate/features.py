@@ -24,10 +24,11 @@ PAIRS_PER_FORWARD = 256
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory holding ``last.safetensors``."""
+    """A checkpoint file, or a run directory: its ``best.safetensors`` (chosen on validation
+    loss) when training had a validation split, else its ``last.safetensors``."""
     p = Path(path).expanduser()
     if p.is_dir():
-        p = p / "last.safetensors"
+        p = p / "best.safetensors" if (p / "best.safetensors").is_file() else p / "last.safetensors"
     if not p.is_file():
         raise MissingFileError(f"checkpoint {path} does not exist; give a .safetensors file or a "
                                 "`pipe train-adaptor` run directory, or --adaptor none for the no-Adaptor baseline")

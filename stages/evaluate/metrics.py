@@ -77,6 +77,34 @@ def macro_auroc(y_true: np.ndarray, scores: np.ndarray, w: np.ndarray | None = N
     return (_out(mean, w is None), per[:, 0] if w is None else per)
 
 
+def calibration_error(correct: np.ndarray, confidence: np.ndarray, w: np.ndarray | None = None, bins: int = 15):
+    """Expected calibration error: over equal-width confidence bins, the mass-weighted gap
+    between mean confidence and observed frequency, ``sum_b |conf_b - freq_b| * n_b / n``.
+
+    ``correct`` is 1 where the predicted event happened (a positive label for a binary
+    probability; the true class for a top-class confidence). NaN entries are ignored.
+    """
+    y, c = np.asarray(correct, dtype=np.float64), np.asarray(confidence, dtype=np.float64)
+    w, single = _weights(w, len(y))
+    known = ~np.isnan(y)
+    y, c, w = y[known], c[known], w[:, known]
+    onehot = np.eye(bins)[np.clip((c * bins).astype(int), 0, bins - 1)]  # [n, bins]
+    mass, conf, freq = w @ onehot, (w * c) @ onehot, (w * y) @ onehot     # [B, bins]
+    return _out(_ratio(np.abs(conf - freq).sum(1), mass.sum(1)), single)
+
+
+def binary_ece(y_true: np.ndarray, prob: np.ndarray, w: np.ndarray | None = None):
+    """ECE of P(positive): the mean over the label columns (a multi-label task's average)."""
+    y, p = np.atleast_2d(np.asarray(y_true, dtype=np.float64).T).T, np.atleast_2d(np.asarray(prob).T).T
+    per = np.array([np.atleast_1d(calibration_error(y[:, j], p[:, j], w)) for j in range(y.shape[1])])
+    return _out(np.nanmean(per, axis=0), w is None) if np.isfinite(per).any() else _out(per[0], w is None)
+
+
+def top_class_ece(y_onehot: np.ndarray, prob: np.ndarray, w: np.ndarray | None = None):
+    """ECE of the top class's probability (multi-class)."""
+    return calibration_error((prob.argmax(1) == y_onehot.argmax(1)).astype(np.float64), prob.max(1), w)
+
+
 def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) at every distinct threshold, from (0, 0) to (1, 1)."""
     y, s = np.asarray(y_true, dtype=np.float64), np.asarray(score, dtype=np.float64)

@@ -13,7 +13,7 @@ from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.plots import roc_grid
 from stages.evaluate.prompts import PromptError, embed_texts_store, load_prompts, prompt_path
-from stages.evaluate.retrieve import adaptor_similarity, raw_similarity
+from stages.evaluate.retrieve import LINEAR_MAP, adaptor_similarity, linear_map_similarity, raw_similarity
 from stages.evaluate.tables import add_estimates_row, make_table
 
 
@@ -78,6 +78,8 @@ def run(ctx: EvalContext) -> TaskResult:
     sims = []
     if ctx.adaptor is not None:
         sims.append((ctx.adaptor_name(), "adaptor", adaptor_similarity(ctx, img_rows, ctx.data.text, rows), None))
+    sims.append((f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "linear-map",
+                 linear_map_similarity(ctx, img_rows, ctx.data.text, rows), None))
     sim, why = raw_similarity(ctx, img_rows, ctx.data.text, rows)
     sims.append((ctx.baseline_name(with_text=True), "backbone", sim, why))
     for name, kind, sim, why in sims:

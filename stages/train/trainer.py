@@ -25,6 +25,7 @@ Several GPUs (or CPU processes) train one Adaptor with DDP when launched by torc
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 import warnings
@@ -62,6 +63,7 @@ from stages.train.metrics import MetricsLog
 from stages.train.step import StepMode, StepRunner, check_step_mode, optimizer_for, restore_lr_tensors
 
 CHECKPOINT = "last.safetensors"
+BEST = "best.safetensors"  # the epoch with the lowest validation loss (weights only)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class TrainResult:
     resumed_from: int = 0
     backbone_forwards: int = 0     # always 0: stage two never runs an encoder
     rank: int = 0                  # under torchrun only rank 0 reports; history is empty elsewhere
+    best: Path | None = None       # best.safetensors, chosen on validation loss (None without validation)
 
     @property
     def is_main(self) -> bool:
@@ -247,6 +250,7 @@ class Trainer:
         self.sched.base_lrs = [float(lr) for lr in self.sched.base_lrs]  # rates filled in place: no device sync
         self.runner = StepRunner(self._loss, self.opt, cfg.step, self.device)
         self.log = None
+        self.best_val = float("inf")
 
     def say(self, message: str) -> None:
         if self.ctx.is_main:
@@ -286,6 +290,8 @@ class Trainer:
         with warnings.catch_warnings():  # stepping before any optimizer step is the point here
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.sched.step()
+        if (self.out / BEST).exists():
+            self.best_val = float(read_meta(self.out / BEST).get("val_loss", float("inf")))
         self.say(f"resuming {self.out} after epoch {epoch}")
         return epoch
 
@@ -308,12 +314,14 @@ class Trainer:
                 if main:
                     self.log.log(row)
                     err.print(_epoch_line(row))
+                    self._keep_if_best(row)
                 if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
                     self._save(epoch)
         if not main:
             return TrainResult(self.out, self.out / CHECKPOINT, [], start, rank=self.ctx.rank)
         self.log.plot(self.out / "curves.png", f"Adaptor · {cfg.backbone} + {cfg.text_encoder} · {cfg.adaptor.mode}")
-        return TrainResult(self.out, self.out / CHECKPOINT, self.log.rows, start)
+        best = self.out / BEST if (self.out / BEST).exists() else None
+        return TrainResult(self.out, self.out / CHECKPOINT, self.log.rows, start, best=best)
 
     def _banner(self) -> str:
         n_params = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
@@ -325,6 +333,15 @@ class Trainer:
                 f"on {len(self.train.positions):,} pairs · world size {world} · effective global batch "
                 f"{self.train.batch_size}{ranks} ({self.steps_per_epoch} steps/epoch) · data {self.train.residency} "
                 f"({self.train.nbytes() / 2**20:,.1f} MiB) · backbone forwards: 0")
+
+    def _keep_if_best(self, row: dict) -> None:
+        """best.safetensors: the weights of the epoch with the lowest validation loss so far."""
+        val = row.get("val_loss")
+        if val is None or not math.isfinite(val) or val >= self.best_val:
+            return
+        self.best_val = val
+        save_checkpoint(self.out / BEST, self.net, {**self.meta(row["epoch"]), "val_loss": val,
+                                                     "chosen_on": "validation loss"})
 
     def _save(self, epoch: int) -> None:
         """Rank 0 writes the unwrapped model; the others wait so that no rank runs ahead of it."""
