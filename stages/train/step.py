@@ -37,16 +37,17 @@ class StepError(InputError):
     """A step mode that cannot run here; the message says what to use instead."""
 
 
-def check_step_mode(mode: str, device: torch.device, world_size: int) -> None:
+def check_step_mode(mode: str, device: torch.device, ddp: bool) -> None:
+    """Refuse a step mode that cannot run here (``ddp``: the model is wrapped for torchrun)."""
     if mode not in STEP_MODES:
         raise StepError(f"step={mode!r} is not a step mode; use one of {', '.join(STEP_MODES)}")
     if mode == "cuda-graph":
         if device.type != "cuda":
             raise StepError(f"step=cuda-graph needs a CUDA device, and this run is on {device.type}; "
                             "use step=compile or step=eager")
-        if world_size > 1:
-            raise StepError("step=cuda-graph runs one process only (DDP's gradient all-reduce is not captured); "
-                            "under torchrun use step=compile")
+        if ddp:
+            raise StepError("step=cuda-graph runs one process, outside torchrun (DDP's gradient all-reduce is "
+                            "not captured); under torchrun use step=compile")
 
 
 def optimizer_for(params, mode: str, device: torch.device, *, lr: float, weight_decay: float,

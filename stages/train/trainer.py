@@ -209,7 +209,7 @@ class Trainer:
                                 ram_copies=ctx.local_world_size)
         self.val = (PairLoader(data, val_pos, self.net.mode, cfg.val_batch_size, self.device, cfg.resident,
                                views=False) if len(val_pos) > 1 and ctx.is_main else None)
-        check_step_mode(cfg.step, self.device, ctx.world_size)
+        check_step_mode(cfg.step, self.device, ddp=ctx.enabled)
         self.opt = optimizer_for(self.net.parameters(), cfg.step, self.device, lr=cfg.optim.lr,
                                  weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
         self.steps_per_epoch = len(self.train)
