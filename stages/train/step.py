@@ -120,7 +120,10 @@ class StepRunner:
         self._static = {k: v.detach().clone() for k, v in _tensors(batch).items()}
         self.opt.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # "thread_local": the streaming loader's prefetch thread keeps allocating pinned memory
+        # and copying the next batch while we capture; under the default "global" mode any such
+        # call from another thread invalidates the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             loss = self.loss_fn({**batch, **self._static})
             loss.backward()
             self.opt.step()
