@@ -64,12 +64,18 @@ def optimizer_for(params, mode: str, device: torch.device, *, lr: float, weight_
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
 
 
-def restore_lr_tensors(opt: torch.optim.Optimizer, mode: str, device: torch.device) -> None:
-    """Loading a state dict puts plain floats back as learning rates; graphs need tensors."""
-    if mode != "cuda-graph":
-        return
+def restore_step_settings(opt: torch.optim.Optimizer, mode: str, device: torch.device) -> None:
+    """After loading a state dict: this run's step mode's optimizer settings, not the saved run's.
+
+    Loading brings back the saved param groups whole, and a run may resume another run's
+    checkpoint in a different step mode. Learning rates come back as plain floats, and
+    ``capturable`` as the saved run had it (an eager run's checkpoint resumed with
+    step=cuda-graph would otherwise fail at capture); graphs need both set.
+    """
+    graph = mode == "cuda-graph"
     for group in opt.param_groups:
-        if not torch.is_tensor(group["lr"]):
+        group["capturable"] = graph
+        if graph and not torch.is_tensor(group["lr"]):
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
 

@@ -59,7 +59,7 @@ from stages.train import distributed
 from stages.train.distributed import DistContext
 from stages.train.loader import PairLoader
 from stages.train.metrics import MetricsLog
-from stages.train.step import StepMode, StepRunner, check_step_mode, optimizer_for, restore_lr_tensors
+from stages.train.step import StepMode, StepRunner, check_step_mode, optimizer_for, restore_step_settings
 
 CHECKPOINT = "last.safetensors"
 
@@ -251,7 +251,7 @@ class Trainer:
             raise InputError(f"{ckpt} was trained on other caches ({meta.get('fingerprints')}); "
                              "pass another --out to train on these")
         load_checkpoint(ckpt, self.net, self.opt)  # every rank loads the same state
-        restore_lr_tensors(self.opt, self.cfg.step, self.device)
+        restore_step_settings(self.opt, self.cfg.step, self.device)
         epoch = int(meta["epoch"])
         self.sched.last_epoch = epoch * self.steps_per_epoch - 1
         with warnings.catch_warnings():  # stepping before any optimizer step is the point here
