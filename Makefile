@@ -6,7 +6,7 @@ DEMO_CACHE ?= $(CURDIR)/.pipe-cache
 DEMO_OUT ?= $(CURDIR)/demo-out
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench gpu-check clean
 
 $(BIN)/pipe: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/embed_overhead.py
+
+## On a GPU machine: the GPU tests and both GPU benchmarks (under 8 minutes), one JSON object
+## on stdout and in gpu-check.json. Without CUDA it says that nothing was measured and exits 0.
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py --out gpu-check.json
 
 clean:
 	rm -rf $(DEMO_CACHE) $(DEMO_OUT)

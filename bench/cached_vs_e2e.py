@@ -13,18 +13,23 @@ GPU-resident and each step mode is timed (eager, compile, cuda-graph); the headl
 speedup is the fastest, named in `step_<mode>`. Targets: pooled speedup >= 50x (CPU and
 GPU); data wait < 10%.
 
-    python bench/cached_vs_e2e.py [--items 64] [--batch 32]
+    python bench/cached_vs_e2e.py [--items 64] [--batch 32] [--modes pooled,tokens,tokens_pooled_grid]
+                                  [--steps eager,compile,cuda-graph] [--workdir DIR] [--out FILE]
 
-The last line of stdout is one JSON object.
+The last line of stdout is one JSON object; ``--out`` also writes it to a file, rewritten
+after every measurement, so a run that is cut short keeps what it measured. A step mode
+that fails is reported as ``error_<mode>_<step>`` and the others still run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +60,28 @@ REPORTS = ["No acute cardiopulmonary abnormality. Heart size is normal. Lungs ar
            "silhouette."]
 
 
+def _write_pngs(args) -> None:
+    folder, start, stop = args
+    for i in range(start, stop):
+        rng = np.random.default_rng([0, i])
+        Image.fromarray((rng.random((256, 256)) * 255).astype(np.uint8)).save(Path(folder) / f"{i}.png")
+
+
 def make_table(folder: Path, n: int) -> Path:
-    rng = np.random.default_rng(0)
+    """n random 256 px PNGs and reports; kept when ``folder`` already holds this table."""
+    table = folder / "pairs.csv"
+    if table.exists() and len(pd.read_csv(table)) == n:
+        return table
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        Image.fromarray((rng.random((256, 256)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-        rows.append({"image": f"{i}.png", "report": f"{REPORTS[i % 3]} Study {i}.", "split": "train"})
-    pd.DataFrame(rows).to_csv(folder / "pairs.csv", index=False)
-    return folder / "pairs.csv"
+    spans = [(str(folder), s, min(n, s + 256)) for s in range(0, n, 256)]
+    if len(spans) > 1:  # thousands of images for a GPU run: write them in parallel
+        with ProcessPoolExecutor(min(len(spans), os.cpu_count() or 1)) as pool:
+            list(pool.map(_write_pngs, spans))
+    else:
+        _write_pngs(spans[0])
+    rows = [{"image": f"{i}.png", "report": f"{REPORTS[i % 3]} Study {i}.", "split": "train"} for i in range(n)]
+    pd.DataFrame(rows).to_csv(table, index=False)
+    return table
 
 
 def adaptor_for(mode: str, grid_pool: int, di: int, dt: int, device,
@@ -99,8 +117,9 @@ def sync(device):
 
 
 def cached_rate(data, mode, grid_pool, batch, device, amp, epochs, max_steps=0,
-                step: str = "eager") -> tuple[float, float]:
-    """Samples/s of train-adaptor's step over the cache (GPU-resident on CUDA), and the data wait."""
+                step: str = "eager") -> tuple[float, float, str]:
+    """Samples/s of train-adaptor's step over the cache (GPU-resident on CUDA), the data wait,
+    and where the loader held the arrays (gpu, ram or stream)."""
     pos = data.split("train")
     loader = PairLoader(data, pos, mode, batch, device, "auto", views=False, drop_last=True)
     di, dt = data.image.array("pooled").shape[1], data.text.array("pooled").shape[1]
@@ -119,7 +138,7 @@ def cached_rate(data, mode, grid_pool, batch, device, amp, epochs, max_steps=0,
                 break
     runner.take_mean_loss()  # waits for the device
     elapsed = time.perf_counter() - t
-    return n / elapsed, loader.wait_seconds / elapsed
+    return n / elapsed, loader.wait_seconds / elapsed, loader.residency
 
 
 def _cycle(loader):
@@ -155,7 +174,11 @@ def e2e_rate(pixels, texts, img_enc, txt_enc, mode, grid_pool, batch, device, am
     return steps * batch / (time.perf_counter() - t)
 
 
-def main() -> None:
+MODES = {"pooled": ("pooled", 0), "tokens": ("tokens", 0), "tokens_pooled_grid": ("tokens", 8)}
+STEPS = ("eager", "compile", "cuda-graph")
+
+
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
@@ -163,61 +186,119 @@ def main() -> None:
     ap.add_argument("--tokens-batch", type=int, default=0,
                     help="batch for tokens mode (default: --batch on CUDA, 8 on CPU, where each image's 8 scored "
                          "pairs make a step slow)")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--tokens-steps", type=int, default=0,
+                    help="cached tokens-mode steps timed per step mode (default: one epoch on CUDA, 2 on CPU)")
+    ap.add_argument("--epochs", type=int, default=20, help="epochs of cached pooled steps timed per step mode")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
+    ap.add_argument("--steps", default=None,
+                    help="comma-separated step modes to time (default: all three on CUDA, eager on CPU)")
+    ap.add_argument("--workdir", default=None,
+                    help="keep the table and the cache here (a second run with the same --items reuses them)")
+    ap.add_argument("--out", default=None, help="also write the JSON object to this file, after every measurement")
     args = ap.parse_args()
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown mode(s) {unknown}; use {', '.join(MODES)}")
+    return args
+
+
+def ordered(out: dict) -> dict:
+    order = ["bench", "speedup_pooled", "speedup_tokens", "speedup_tokens_pooled_grid", "data_wait_share"]
+    return {**{k: out[k] for k in order if k in out}, **{k: v for k, v in out.items() if k not in order}}
+
+
+def report(out: dict, path: str | None) -> None:
+    """Write the figures so far to ``--out`` (atomically: a reader never sees half a file)."""
+    if path:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(ordered(out)) + "\n")
+        os.replace(tmp, path)
+
+
+def measure_mode(key, inputs, args, device, amp, steps, out) -> None:
+    """One Adaptor mode: the end-to-end step, then the cached step in each step mode."""
+    mode, gp = MODES[key]
+    cuda = device.type == "cuda"
+    bs = args.batch if mode == "pooled" else out["tokens_batch"]
+    pixels, texts, img_enc, txt_enc, data = inputs
+    try:
+        e = e2e_rate(pixels, texts, img_enc, txt_enc, mode, gp, bs, device, amp,
+                     args.e2e_steps if mode == "pooled" else 1)
+    except Exception as exc:  # without the end-to-end figure there is no speedup to report
+        out[f"error_{key}_e2e"] = f"{type(exc).__name__}: {str(exc).strip()[:400]}"
+        print(f"{key} [e2e]: failed: {out[f'error_{key}_e2e']}", file=sys.stderr)
+        report(out, args.out)
+        return
+    out[f"e2e_samples_s_{key}"] = round(e, 2)
+    tokens_steps = args.tokens_steps or (0 if cuda else 2)  # a CPU manages a step or two in the time budget
+    best = None
+    for step in steps:
+        try:
+            c, wait, where = cached_rate(data, mode, gp, bs, device, amp, args.epochs if mode == "pooled" else 1,
+                                         max_steps=0 if mode == "pooled" else tokens_steps, step=step)
+        except Exception as exc:  # one failing step mode must not cost the others' figures
+            out[f"error_{key}_{step}"] = f"{type(exc).__name__}: {str(exc).strip()[:400]}"
+            print(f"{key} [{step}]: failed: {out[f'error_{key}_{step}']}", file=sys.stderr)
+            report(out, args.out)
+            continue
+        out[f"cached_samples_s_{key}_{step}"] = round(c, 1)
+        out[f"residency_{key}"] = where
+        print(f"{key} [{step}]: cached {c:,.1f}/s ({where}, data wait {100 * wait:.1f}%), e2e {e:,.2f}/s, "
+              f"speedup {c / e:,.1f}x", file=sys.stderr)
+        if best is None or c > best[0]:
+            best = (c, wait, step)
+        report(out, args.out)
+    if best is not None:
+        c, wait, step = best
+        out.update({f"speedup_{key}": round(c / e, 1), f"step_{key}": step, f"cached_samples_s_{key}": round(c, 1),
+                    f"data_wait_share_{key}": round(wait, 4)})
+        if key == "pooled":
+            out["data_wait_share"] = out["data_wait_share_pooled"]
+    report(out, args.out)
+
+
+def prepare(args, root: Path, device, backbone: str, n_pixels: int):
+    """The table, its cache (embedded by `pipe embed`), the encoders and the e2e inputs."""
+    table = make_table(root / "data", args.items)
+    res = embed.run(embed.EmbedConfig(dataset=str(table), backbone=backbone, text_encoder="random-bert",
+                                      cache=str(root / "cache"), batch_size=args.batch, device=device.type))
+    from pipeline.datasets import open_dataset
+    from pipeline.encoders import create_encoder, resolve_encoder_name
+    from pipeline.imaging import read_and_decode
+
+    data = load_pairs(root / "cache", open_dataset(str(table), root / "cache").name, str(table),
+                      backbone, "random-bert")
+    img_enc = get_encoder(backbone, device)
+    txt_enc = create_encoder("random-bert", device=str(device))
+    pre = preprocess_of(resolve_encoder_name(backbone))
+    pixels = torch.stack([pre(read_and_decode(root / "data" / f"{i}.png")[1]) for i in range(n_pixels)])
+    texts = list(pd.read_csv(table).report)
+    return res, (pixels, texts, img_enc, txt_enc, data)
+
+
+def main() -> None:
+    args = parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     backbone = "random-dinov2-b" if cuda else "random-dinov2-s"
     # no autocast weight cache: CUDA graph capture needs it off
     amp = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if cuda
            else (lambda: torch.autocast("cpu", enabled=False)))
-    with tempfile.TemporaryDirectory() as d:
-        table = make_table(Path(d) / "data", args.items)
-        res = embed.run(embed.EmbedConfig(dataset=str(table), backbone=backbone, text_encoder="random-bert",
-                                          cache=str(Path(d) / "cache"), batch_size=args.batch, device=device.type))
-        from pipeline.datasets import open_dataset
-
-        data = load_pairs(Path(d) / "cache", open_dataset(str(table), Path(d) / "cache").name, str(table),
-                          backbone, "random-bert")
-        img_enc = get_encoder(backbone, device)
-        from pipeline.encoders import create_encoder, resolve_encoder_name
-
-        txt_enc = create_encoder("random-bert", device=str(device))
-        pre = preprocess_of(resolve_encoder_name(backbone))
-        from pipeline.imaging import read_and_decode
-
-        pixels = torch.stack([pre(read_and_decode(Path(d) / "data" / f"{i}.png")[1]) for i in range(args.batch)])
-        texts = list(pd.read_csv(table).report)
-        out = {"bench": "cached_vs_e2e", "device": torch.cuda.get_device_name() if cuda else "cpu",
-               "backbone": backbone, "text_encoder": "random-bert", "batch": args.batch,
-               "embed_seconds": round(res.seconds, 1)}
-        tb = args.tokens_batch or (args.batch if cuda else 8)
-        out["tokens_batch"] = tb
-        # on CUDA every step mode of train-adaptor is timed; the headline is the fastest
-        steps = ("eager", "compile", "cuda-graph") if cuda else ("eager",)
-        for mode, gp, key in (("pooled", 0, "pooled"), ("tokens", 0, "tokens"), ("tokens", 8, "tokens_pooled_grid")):
-            bs = args.batch if mode == "pooled" else tb
-            e = e2e_rate(pixels, texts, img_enc, txt_enc, mode, gp, bs, device, amp,
-                         args.e2e_steps if mode == "pooled" else 1)
-            best = None
-            for step in steps:
-                # tokens mode scores 8 pairs per image: a CPU manages a step or two in the time budget
-                c, wait = cached_rate(data, mode, gp, bs, device, amp, args.epochs if mode == "pooled" else 1,
-                                      max_steps=0 if mode == "pooled" or cuda else 2, step=step)
-                out[f"cached_samples_s_{key}_{step}"] = round(c, 1)
-                print(f"{key} [{step}]: cached {c:,.1f}/s (data wait {100 * wait:.1f}%), e2e {e:,.2f}/s, "
-                      f"speedup {c / e:,.1f}x", file=sys.stderr)
-                if best is None or c > best[0]:
-                    best = (c, wait, step)
-            c, wait, step = best
-            out[f"speedup_{key}"] = round(c / e, 1)
-            out[f"step_{key}"] = step
-            out[f"cached_samples_s_{key}"] = round(c, 1)
-            out[f"e2e_samples_s_{key}"] = round(e, 2)
-            out[f"data_wait_share_{key}"] = round(wait, 4)
-        out["data_wait_share"] = out["data_wait_share_pooled"]
-    order = ["bench", "speedup_pooled", "speedup_tokens", "speedup_tokens_pooled_grid", "data_wait_share"]
-    print(json.dumps({**{k: out[k] for k in order}, **{k: v for k, v in out.items() if k not in order}}))
+    steps = args.steps.split(",") if args.steps else (STEPS if cuda else ("eager",))
+    tb = args.tokens_batch or (args.batch if cuda else 8)
+    n_pixels = max([args.batch if MODES[k][0] == "pooled" else tb for k in args.modes] or [1])
+    out = {"bench": "cached_vs_e2e", "device": torch.cuda.get_device_name() if cuda else "cpu",
+           "backbone": backbone, "text_encoder": "random-bert", "batch": args.batch, "tokens_batch": tb,
+           "items": args.items, "modes": args.modes, "steps": list(steps)}
+    with contextlib.ExitStack() as stack:
+        root = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        res, inputs = prepare(args, root, device, backbone, n_pixels)
+        out["embed_seconds"] = round(res.seconds, 1)
+        report(out, args.out)
+        for key in args.modes:
+            measure_mode(key, inputs, args, device, amp, steps, out)
+    print(json.dumps(ordered(out)))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@
 for random-init networks the size of DINOv2-S and DINOv2-B at 224 px.
 Target: embed >= 0.9x bare. Needs CUDA; without it, prints why and exits 0.
 
-    python bench/embed_gpu.py [--images 16384] [--batch 256]
+    python bench/embed_gpu.py [--images 16384] [--batch 256] [--workdir DIR] [--out FILE]
 
-The last line of stdout is one JSON object with ratio_dinov2_s, ratio_dinov2_b and gpu.
+The last line of stdout is one JSON object with ratio_dinov2_s, ratio_dinov2_b and gpu
+(``--out`` also writes it to a file after each encoder). An encoder whose run fails is
+reported as ``error_<encoder>`` and the other is still measured.
 """
 from __future__ import annotations
 
@@ -76,27 +78,43 @@ def embed_rate(table: Path, name: str, batch: int, cache: Path) -> float:
     return res.embedded / (time.perf_counter() - t)
 
 
+def report(out: dict, path: str | None) -> dict:
+    first = ["bench", "ratio_dinov2_s", "ratio_dinov2_b", "gpu"]
+    out = {**{k: out[k] for k in first if k in out}, **{k: v for k, v in out.items() if k not in first}}
+    if path:
+        Path(f"{path}.tmp").write_text(json.dumps(out) + "\n")
+        os.replace(f"{path}.tmp", path)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=16384)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--workdir", default=None, help="where to put images and caches (needs ~20 GB)")
+    ap.add_argument("--workdir", default=None, help="where to put images and caches (needs ~10 GB)")
+    ap.add_argument("--out", default=None, help="also write the JSON object to this file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs one", file=sys.stderr)
-        print(json.dumps({"bench": "embed_gpu", "gpu": None, "skipped": "no CUDA device"}))
+        print(json.dumps(report({"bench": "embed_gpu", "gpu": None, "skipped": "no CUDA device"}, args.out)))
         return
     out = {"bench": "embed_gpu", "gpu": torch.cuda.get_device_name(), "images": args.images, "batch": args.batch}
     with tempfile.TemporaryDirectory(dir=args.workdir) as d:
         table = make_images(Path(d) / "imgs", args.images)
         for name, key in (("random-dinov2-s", "dinov2_s"), ("random-dinov2-b", "dinov2_b")):
-            bare = bare_rate(name, args.batch, steps=max(10, args.images // args.batch))
-            emb = embed_rate(table, name, args.batch, Path(d) / f"cache-{key}")
+            try:
+                bare = bare_rate(name, args.batch, steps=max(10, args.images // args.batch))
+                emb = embed_rate(table, name, args.batch, Path(d) / f"cache-{key}")
+            except Exception as exc:  # the other encoder is still measured
+                out[f"error_{key}"] = f"{type(exc).__name__}: {str(exc).strip()[:400]}"
+                print(f"{name}: failed: {out[f'error_{key}']}", file=sys.stderr)
+                report(out, args.out)
+                continue
             out.update({f"ratio_{key}": round(emb / bare, 3), f"bare_img_s_{key}": round(bare),
                         f"embed_img_s_{key}": round(emb)})
             print(f"{name}: bare {bare:,.0f} img/s, pipe embed {emb:,.0f} img/s ({emb / bare:.2f}x)", file=sys.stderr)
-    print(json.dumps({"bench": out.pop("bench"), "ratio_dinov2_s": out.pop("ratio_dinov2_s"),
-                      "ratio_dinov2_b": out.pop("ratio_dinov2_b"), "gpu": out.pop("gpu"), **out}))
+            report(out, args.out)
+    print(json.dumps(report(out, args.out)))
 
 
 if __name__ == "__main__":

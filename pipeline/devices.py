@@ -1,4 +1,4 @@
-"""Which device a command runs on, and how much memory it used."""
+"""Which device a command runs on, how host tensors get there, and how much memory it used."""
 from __future__ import annotations
 
 import resource
@@ -26,6 +26,21 @@ def resolve_device(device: str) -> torch.device:
     elif dev.type != "cpu":
         raise InputError(f"--device {device!r}: only cpu and cuda devices are supported")
     return dev
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait for the GPU.
+
+    A blocking copy (``.to(device)``) synchronises with the whole stream, so the host could
+    not queue the next step while this one runs; a non-blocking copy from pageable memory
+    may wait too. Host tensors therefore go through pinned memory, whose caching allocator
+    keeps each block until its copy has finished.
+    """
+    if device.type == "cuda" and t.device.type == "cpu":
+        if not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+    return t.to(device)
 
 
 def peak_memory_mb(device: torch.device | str | None = None) -> dict[str, float]:

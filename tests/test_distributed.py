@@ -244,3 +244,38 @@ def test_ddp_gradients_are_the_global_batch_gradients(tmp_path):
     for name, g in full.items():  # every parameter, the logit scale (used outside forward) too
         assert_close(ddp[True][name], g, rtol=1e-4, atol=1e-7, msg=name)
     assert any((ddp[False][n] - g).abs().max() > 1e-3 * g.abs().max() for n, g in full.items())
+
+
+# ---------------------------------------------------------------- one process under torchrun
+def test_a_one_process_torchrun_launch_joins_the_group(monkeypatch):
+    """torchrun with one process runs the DDP code (a group, a wrapped model), as N processes do;
+    a plain run does not."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stages.train import distributed
+    from stages.train.step import StepError, check_step_mode
+
+    launch = {"TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
+              "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    for k, v in launch.items():
+        monkeypatch.setenv(k, v)
+    with distributed.session("cpu") as ctx:
+        assert ctx.enabled and ctx.world_size == 1 and dist.is_initialized() and dist.get_backend() == "gloo"
+        assert isinstance(distributed.wrap_model(torch.nn.Linear(2, 2), ctx), DistributedDataParallel)
+        assert distributed.mean_over_ranks(3.0, ctx) == 3.0
+    assert not dist.is_initialized()
+    with pytest.raises(StepError, match="under torchrun use step=compile"):
+        check_step_mode("cuda-graph", torch.device("cuda"), ddp=True)
+    for k in launch:
+        monkeypatch.delenv(k)
+    with distributed.session("cpu") as ctx:
+        assert not ctx.enabled and not dist.is_initialized()
+
+
+@pytest.mark.timeout(300)
+def test_one_torchrun_process_trains_like_a_plain_run(cached, single, tmp_path):
+    r = train_cli(cached, tmp_path / "one", nproc=1)
+    assert "world size 1" in r.stderr
+    one, plain = metrics(tmp_path / "one"), metrics(single)
+    for col in COMPARED:
+        assert_close(one[col].to_numpy(copy=True), plain[col].to_numpy(copy=True), rtol=1e-5, atol=1e-7, msg=col)

@@ -116,9 +116,11 @@ def shifted_pair_logits(model, batch: dict, k: int, **fwd) -> Tensor:
     the fused image embedding copy its own report and solve the task without the image.
     The batch order is shuffled every epoch, so the shifted reports are random negatives.
     """
-    b = batch["image_tokens"].shape[0]
+    b, dev = batch["image_tokens"].shape[0], batch["image_tokens"].device
     k = min(k, b - 1)
-    partner = (torch.arange(b)[:, None] + torch.arange(k + 1)[None]) % b  # [B, k+1] report index
+    # built on the device: a copy from the host inside a step would wait for the GPU, and
+    # cannot be captured into a CUDA graph at all
+    partner = (torch.arange(b, device=dev)[:, None] + torch.arange(k + 1, device=dev)[None]) % b  # [B, k+1]
     return pair_scores(model, batch["image_tokens"], batch["text_tokens"], batch.get("text_mask"), partner, **fwd)
 
 
@@ -129,6 +131,8 @@ def pairwise_clip_loss(scores: Tensor, logit_scale: Tensor | float, image_weight
     logits = logit_scale * scores
     target = torch.zeros(b, dtype=torch.long, device=scores.device)
     i2t = F.cross_entropy(logits, target)
-    rows = (torch.arange(b)[:, None] - torch.arange(k1)[None]) % b  # image paired with report j at shift s
-    t2i = F.cross_entropy(logits[rows.to(scores.device), torch.arange(k1, device=scores.device)[None]], target)
+    dev = scores.device
+    # the image paired with report j at shift s (indices built on the device, as above)
+    rows = (torch.arange(b, device=dev)[:, None] - torch.arange(k1, device=dev)[None]) % b
+    t2i = F.cross_entropy(logits[rows, torch.arange(k1, device=dev)[None]], target)
     return image_weight * i2t + (1.0 - image_weight) * t2i

@@ -18,6 +18,7 @@ import torch.multiprocessing as torch_mp
 import xxhash
 
 from cache.index import Unit
+from pipeline.devices import to_device
 from pipeline.imaging import Preprocess, read_and_decode
 
 ToHost = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
@@ -149,7 +150,7 @@ class TextModality(Modality):
         return (enc_cfg.max_tokens or 128) * d * 2 + d * 4
 
     def forward(self, encoder, loaded, device, to_host):
-        batch = {k: v.to(device) for k, v in encoder.tokenize(loaded).items()}
+        batch = {k: to_device(v, device) for k, v in encoder.tokenize(loaded).items()}
         out = encoder(**batch)
         return {"tokens": to_host(out.tokens, torch.float16), "pooled": to_host(out.pooled, torch.float32),
                 "length": to_host(out.length, torch.int32)}

@@ -1,9 +1,11 @@
 """Process-group helpers for ``torchrun`` launches (DDP over ranks), a no-op otherwise.
 
-torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE for each worker. With
-WORLD_SIZE > 1 we join the group (nccl on CUDA, gloo on CPU), pin each worker to the GPU
-of its LOCAL_RANK, and leave the group at the end. A plain ``python`` or ``pipe`` run
-sees no such variables and behaves as one process, exactly as before.
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE for each worker (and
+TORCHELASTIC_RUN_ID). Under torchrun, or with WORLD_SIZE > 1, we join the group (nccl on
+CUDA, gloo on CPU), pin each worker to the GPU of its LOCAL_RANK, and leave the group at
+the end. ``torchrun --nproc-per-node 1`` therefore runs the same DDP code as N processes
+(one GPU is enough to check it). A plain ``python`` or ``pipe`` run sees no such
+variables and behaves as one process, exactly as before.
 """
 from __future__ import annotations
 
@@ -29,10 +31,12 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    launched: bool = False  # started by torchrun: join the group even with one process
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether this process is part of a DDP job (collectives, a wrapped model)."""
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -44,9 +48,13 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.strip() else default
 
 
-def _device_for(requested: str, local_rank: int, world: int) -> torch.device:
+def _launched_by_torchrun() -> bool:
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and "WORLD_SIZE" in os.environ
+
+
+def _device_for(requested: str, local_rank: int, joins: bool) -> torch.device:
     device = resolve_device(requested)
-    if device.type == "cuda" and world > 1:
+    if device.type == "cuda" and joins:  # nccl and DDP need the device's index
         if local_rank >= torch.cuda.device_count():
             raise InputError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
                              "launch at most one process per GPU (torchrun --nproc-per-node <GPUs>)")
@@ -63,8 +71,9 @@ def session(requested_device: str = "auto") -> Iterator[DistContext]:
     """
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    device = _device_for(requested_device, local_rank, world)
-    ctx = DistContext(device, _env_int("RANK", 0), world, local_rank, _env_int("LOCAL_WORLD_SIZE", 1))
+    launched = _launched_by_torchrun()
+    device = _device_for(requested_device, local_rank, world > 1 or launched)
+    ctx = DistContext(device, _env_int("RANK", 0), world, local_rank, _env_int("LOCAL_WORLD_SIZE", 1), launched)
     owned = ctx.enabled and not dist.is_initialized()
     if owned:
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -24,6 +24,7 @@ import torch
 from cache.pairs import PairData
 from cache.reader import RowReader, available_ram, block_shuffled_order
 from pipeline.console import err
+from pipeline.devices import to_device
 from pipeline.errors import InputError, PipeError
 from pipeline.models.adaptor import MODES, AdaptorMode
 
@@ -45,8 +46,8 @@ class _Source:
 
     def gather(self, store_rows: np.ndarray, pin: bool) -> torch.Tensor:
         if self.resident is not None:
-            pos = torch.from_numpy(np.searchsorted(self.rows, store_rows)).to(self.resident.device)
-            return self.resident.index_select(0, pos)
+            pos = torch.from_numpy(np.searchsorted(self.rows, store_rows))
+            return self.resident.index_select(0, to_device(pos, self.resident.device))
         out = torch.empty((len(store_rows), *self.reader.row_shape),
                           dtype=_torch_dtype(self.reader.dtype), pin_memory=pin)
         self.reader.take(store_rows, out=out.numpy())
@@ -180,7 +181,7 @@ class PairLoader:
             t = out.pop("text_length").long()
             T = out["text_tokens"].shape[1]
             out["text_mask"] = torch.arange(T, device=t.device)[None, :] < t[:, None]
-        return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+        return {k: to_device(v, self.device) for k, v in out.items()}
 
     def _prefetched(self, idx: list[np.ndarray], view: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
         """Read batch i+1 in a thread while the model trains on batch i."""

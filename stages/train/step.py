@@ -37,16 +37,17 @@ class StepError(InputError):
     """A step mode that cannot run here; the message says what to use instead."""
 
 
-def check_step_mode(mode: str, device: torch.device, world_size: int) -> None:
+def check_step_mode(mode: str, device: torch.device, ddp: bool) -> None:
+    """Refuse a step mode that cannot run here (``ddp``: the model is wrapped for torchrun)."""
     if mode not in STEP_MODES:
         raise StepError(f"step={mode!r} is not a step mode; use one of {', '.join(STEP_MODES)}")
     if mode == "cuda-graph":
         if device.type != "cuda":
             raise StepError(f"step=cuda-graph needs a CUDA device, and this run is on {device.type}; "
                             "use step=compile or step=eager")
-        if world_size > 1:
-            raise StepError("step=cuda-graph runs one process only (DDP's gradient all-reduce is not captured); "
-                            "under torchrun use step=compile")
+        if ddp:
+            raise StepError("step=cuda-graph runs one process, outside torchrun (DDP's gradient all-reduce is "
+                            "not captured); under torchrun use step=compile")
 
 
 def optimizer_for(params, mode: str, device: torch.device, *, lr: float, weight_decay: float,
@@ -63,12 +64,18 @@ def optimizer_for(params, mode: str, device: torch.device, *, lr: float, weight_
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
 
 
-def restore_lr_tensors(opt: torch.optim.Optimizer, mode: str, device: torch.device) -> None:
-    """Loading a state dict puts plain floats back as learning rates; graphs need tensors."""
-    if mode != "cuda-graph":
-        return
+def restore_step_settings(opt: torch.optim.Optimizer, mode: str, device: torch.device) -> None:
+    """After loading a state dict: this run's step mode's optimizer settings, not the saved run's.
+
+    Loading brings back the saved param groups whole, and a run may resume another run's
+    checkpoint in a different step mode. Learning rates come back as plain floats, and
+    ``capturable`` as the saved run had it (an eager run's checkpoint resumed with
+    step=cuda-graph would otherwise fail at capture); graphs need both set.
+    """
+    graph = mode == "cuda-graph"
     for group in opt.param_groups:
-        if not torch.is_tensor(group["lr"]):
+        group["capturable"] = graph
+        if graph and not torch.is_tensor(group["lr"]):
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
 
@@ -119,7 +126,10 @@ class StepRunner:
         self._static = {k: v.detach().clone() for k, v in _tensors(batch).items()}
         self.opt.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # "thread_local": the streaming loader's prefetch thread keeps allocating pinned memory
+        # and copying the next batch while we capture; under the default "global" mode any such
+        # call from another thread invalidates the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             loss = self.loss_fn({**batch, **self._static})
             loss.backward()
             self.opt.step()

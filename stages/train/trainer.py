@@ -60,7 +60,7 @@ from stages.train import distributed
 from stages.train.distributed import DistContext
 from stages.train.loader import PairLoader
 from stages.train.metrics import MetricsLog
-from stages.train.step import StepMode, StepRunner, check_step_mode, optimizer_for, restore_lr_tensors
+from stages.train.step import StepMode, StepRunner, check_step_mode, optimizer_for, restore_step_settings
 
 CHECKPOINT = "last.safetensors"
 BEST = "best.safetensors"  # the epoch with the lowest validation loss (weights only)
@@ -241,7 +241,7 @@ class Trainer:
                                 ram_copies=ctx.local_world_size)
         self.val = (PairLoader(data, val_pos, self.net.mode, cfg.val_batch_size, self.device, cfg.resident,
                                views=False) if len(val_pos) > 1 and ctx.is_main else None)
-        check_step_mode(cfg.step, self.device, ctx.world_size)
+        check_step_mode(cfg.step, self.device, ddp=ctx.enabled)
         self.opt = optimizer_for(self.net.parameters(), cfg.step, self.device, lr=cfg.optim.lr,
                                  weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
         self.steps_per_epoch = len(self.train)
@@ -284,7 +284,7 @@ class Trainer:
             raise InputError(f"{ckpt} was trained on other caches ({meta.get('fingerprints')}); "
                              "pass another --out to train on these")
         load_checkpoint(ckpt, self.net, self.opt)  # every rank loads the same state
-        restore_lr_tensors(self.opt, self.cfg.step, self.device)
+        restore_step_settings(self.opt, self.cfg.step, self.device)
         epoch = int(meta["epoch"])
         self.sched.last_epoch = epoch * self.steps_per_epoch - 1
         with warnings.catch_warnings():  # stepping before any optimizer step is the point here

@@ -1,0 +1,145 @@
+"""The plumbing of `make gpu-check`, on any machine (no test here needs a GPU).
+
+With CUDA hidden, the check says at once that nothing was measured; the parts that only
+run on a GPU machine (timeouts, reading pytest's and the benchmarks' output, the targets)
+are checked here on made-up results; and the GPU benchmarks' CPU modes still run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load_check()
+
+
+def run_hidden(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A script run with every CUDA device hidden, as on a machine without one."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "PIPE_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_without_cuda_the_check_says_nothing_was_measured_and_exits_0(tmp_path):
+    out = tmp_path / "gpu-check.json"
+    r = run_hidden("bench/gpu_check.py", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1  # one JSON object, nothing else on stdout
+    result = json.loads(lines[0])
+    assert result["measured"] is False and result["reason"].startswith("no CUDA device visible")
+    assert result["torch"] and "cuda" in result and result["gpu"] is None and result["passed"] is None
+    assert set(result["targets"]) == {t[0] for t in gpu_check.TARGETS}
+    assert all(t["value"] is None and t["pass"] is None for t in result["targets"].values())
+    assert json.loads(out.read_text()) == result
+    assert "nothing was measured" in r.stderr
+    assert not list(ROOT.glob(".gpu-check-*"))  # no work folder is made when nothing runs
+
+
+def test_a_step_that_hangs_is_stopped_and_reported(tmp_path):
+    t0 = time.monotonic()
+    res = gpu_check.run_step([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                             timeout=2, log=tmp_path / "hang")
+    assert time.monotonic() - t0 < 20
+    assert res["ok"] is False and res["timed_out"] and res["error"] == "timed out after 2 s"
+    assert "started" in res["stdout"]
+    bad = gpu_check.run_step([sys.executable, "-c", "import sys; sys.exit('boom')"], timeout=30, log=tmp_path / "bad")
+    assert bad["ok"] is False and bad["error"] == "exit code 1" and "boom" in bad["stderr_tail"]
+    missing = gpu_check.run_step([str(tmp_path / "no-such-program")], timeout=5, log=tmp_path / "missing")
+    assert missing["ok"] is False and "could not start" in missing["error"]
+
+
+def test_test_results_are_read_from_junit_xml_or_the_summary_line(tmp_path):
+    xml = tmp_path / "t.xml"
+    xml.write_text("""<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_gpu" name="test_a" time="1.0"/>
+<testcase classname="tests.test_gpu" name="test_b" time="1.0"><failure message="AssertionError: off by 2">trace</failure></testcase>
+<testcase classname="tests.test_gpu" name="test_c" time="0.0"><skipped type="pytest.skip" message="no C compiler">x</skipped></testcase>
+</testsuite></testsuites>""")
+    parsed = gpu_check.parse_junit(xml)
+    assert {k: parsed[k] for k in ("passed", "failed", "errors", "skipped", "total")} == \
+        {"passed": 1, "failed": 1, "errors": 0, "skipped": 1, "total": 3}
+    assert parsed["cases"] == {"test_a": "passed", "test_b": "failed: AssertionError: off by 2",
+                               "test_c": "skipped: no C compiler"}
+    summary = gpu_check.test_summary({"ok": False, "seconds": 3.0, "stdout": "", "error": "exit code 1"}, xml)
+    assert summary["ok"] is False and summary["failed"] == 1
+    assert gpu_check.parse_junit(tmp_path / "missing.xml") is None
+    cut = gpu_check.test_summary({"ok": False, "seconds": 200.0, "error": "timed out after 200 s",
+                                  "stdout": "..F.s\n1 failed, 3 passed, 1 skipped in 190.00s"}, tmp_path / "none.xml")
+    assert (cut["passed"], cut["failed"], cut["skipped"], cut["ok"]) == (3, 1, 1, False)
+
+
+def test_figures_and_targets_come_from_the_benchmarks_json(tmp_path):
+    partial = tmp_path / "grid.json"  # a run cut short leaves its figures in --out
+    partial.write_text(json.dumps({"bench": "cached_vs_e2e", "speedup_tokens_pooled_grid": 4.2,
+                                   "residency_tokens_pooled_grid": "gpu"}))
+    benches = {
+        "embed_gpu": gpu_check.bench_result({"ok": True, "seconds": 40.0, "stdout": "log\n" + json.dumps(
+            {"bench": "embed_gpu", "ratio_dinov2_s": 0.95, "ratio_dinov2_b": 0.85})}, None),
+        "cached_vs_e2e_pooled_b32": gpu_check.bench_result({"ok": True, "seconds": 50.0, "stdout": json.dumps(
+            {"speedup_pooled": 61.0, "cached_samples_s_pooled": 90000.0, "residency_pooled": "gpu",
+             "cached_samples_s_pooled_cuda-graph": 90000.0})}, None),
+        "cached_vs_e2e_pooled_b1024": gpu_check.bench_result({"ok": True, "seconds": 50.0, "stdout": json.dumps(
+            {"speedup_pooled": 80.0, "cached_samples_s_pooled": 650000.0, "residency_pooled": "gpu"})}, None),
+        "cached_vs_e2e_tokens_pooled_grid": gpu_check.bench_result(
+            {"ok": False, "seconds": 75.0, "stdout": "", "error": "timed out after 75 s"}, partial),
+    }
+    assert benches["cached_vs_e2e_tokens_pooled_grid"]["result"]["speedup_tokens_pooled_grid"] == 4.2
+    fig = gpu_check.figures(benches)
+    assert fig["embed_ratio_dinov2_s"] == 0.95 and fig["speedup_pooled_b32"] == 61.0
+    assert fig["cached_samples_s_pooled_b1024"] == 650000.0 and fig["cached_samples_s_pooled_cuda-graph_b32"] == 90000.0
+    got = {name: t["pass"] for name, t in gpu_check.targets(fig).items()}
+    assert got == {"embed_dinov2_s": True, "embed_dinov2_b": False, "pooled_speedup": True,
+                   "pooled_gpu_resident_samples_s": True, "tokens_8x8_speedup": False}
+    fig["residency_pooled_b1024"] = "ram"  # fast, but not from a GPU-resident cache: not the target
+    assert gpu_check.targets(fig)["pooled_gpu_resident_samples_s"]["pass"] is False
+    assert gpu_check.targets({})["embed_dinov2_s"]["pass"] is None
+    assert gpu_check.last_json("x\n{\"a\": 1}\nnot json {\n") == {"a": 1} and gpu_check.last_json("") is None
+
+
+def test_every_step_of_the_check_has_its_own_limit_within_the_budget(tmp_path):
+    steps = gpu_check.steps(sys.executable, tmp_path)
+    assert [s.name for s in steps][:2] == ["tests", "embed_gpu"]
+    assert all(0 < s.cap_s <= gpu_check.BUDGET_S for s in steps)
+    assert gpu_check.BUDGET_S + 20 < 8 * 60  # the whole check: under 8 minutes
+    tests = steps[0].cmd
+    assert tests[tests.index("-m", 2) + 1] == "gpu" and "tests/test_gpu.py" in tests and "--timeout" in tests
+    for s in steps[1:]:
+        assert (ROOT / s.cmd[1]).exists() and "--out" in s.cmd and s.out_file is not None
+
+
+def test_the_embed_benchmark_without_cuda_says_so_in_its_json(tmp_path):
+    r = run_hidden("bench/embed_gpu.py", "--out", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["bench"] == "embed_gpu" and last["gpu"] is None and "no CUDA" in last["skipped"]
+    assert json.loads((tmp_path / "e.json").read_text()) == last
+
+
+@pytest.mark.slow
+def test_the_cached_vs_e2e_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "c.json"
+    r = run_hidden("bench/cached_vs_e2e.py", "--items", "12", "--batch", "4", "--epochs", "1", "--e2e-steps", "1",
+                   "--modes", "pooled", "--workdir", str(tmp_path / "work"), "--out", str(out), timeout=500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["bench"] == "cached_vs_e2e" and last["device"] == "cpu" and last["steps"] == ["eager"]
+    assert last["speedup_pooled"] > 0 and last["residency_pooled"] == "ram" and "speedup_tokens" not in last
+    assert json.loads(out.read_text()) == last
