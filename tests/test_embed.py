@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 import zarr
 
 from cache.store import Store, find_stores
@@ -134,6 +135,8 @@ def test_fingerprint_changes_with_preprocessing_weights_and_dtype():
     cfg = resolve_encoder_name("tiny-vit")
     base = encoder_spec(cfg, EmbedConfig(dataset="x"))
     assert fingerprint(base) == fingerprint(encoder_spec(cfg, EmbedConfig(dataset="x")))
+    assert fingerprint(base) == fingerprint(encoder_spec(cfg, EmbedConfig(dataset="x"), torch.device("cpu")))
+    assert fingerprint(base) != fingerprint(encoder_spec(cfg, EmbedConfig(dataset="x"), torch.device("cuda")))
     changed = [
         encoder_spec(dataclasses.replace(cfg, resize_size=240), EmbedConfig(dataset="x")),
         encoder_spec(dataclasses.replace(cfg, mean=(0.4, 0.4, 0.4)), EmbedConfig(dataset="x")),

@@ -157,7 +157,7 @@ def embed_modality(modality: Modality | str, name: str, index, dataset: str, cfg
     if enc_cfg.modality != modality.name:
         raise InputError(f"{modality.flag} {name!r} is a {enc_cfg.modality} encoder; "
                          f"`pipe encoders` lists the {modality.name} ones.")
-    spec = encoder_spec(enc_cfg, cfg)
+    spec = encoder_spec(enc_cfg, cfg, device)
     row_bytes = modality.row_bytes(enc_cfg)
     shard_rows = max(cfg.chunk_rows, int(cfg.shard_mb * 2**20 / row_bytes) // cfg.chunk_rows * cfg.chunk_rows)
     store = Store.create(root, modality.name, enc_cfg.name, fingerprint(spec), spec, shard_rows, cfg.chunk_rows)
@@ -188,8 +188,15 @@ def _check_reports(ds, active: list[Modality]) -> None:
                          "--text-encoder none to embed the images only.")
 
 
-def encoder_spec(enc_cfg, cfg: EmbedConfig) -> dict:
-    """Everything that changes what a store holds: the input of its fingerprint."""
+def encoder_spec(enc_cfg, cfg: EmbedConfig, device: torch.device | None = None) -> dict:
+    """Everything that changes what a store holds: the input of its fingerprint.
+
+    The arithmetic is part of it: on CUDA the encoders run under bf16 autocast, whose
+    outputs differ from the CPU's float32 ones, so the two never share a store. (The key
+    is only added on CUDA, so stores written on CPU keep their fingerprints.)
+    """
     spec = {"encoder": enc_cfg.to_dict(), "weights": weights_identity(enc_cfg),
             "dtype": {"tokens": "float16", "pooled": "float32"}, "tokens": "prefix+patches"}
+    if device is not None and torch.device(device).type == "cuda":
+        spec["compute"] = "cuda, bf16 autocast"
     return {**spec, **MODALITIES[enc_cfg.modality].spec(enc_cfg)}
