@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import threading
 import time
 from dataclasses import dataclass
@@ -294,6 +295,16 @@ def record_store(folder: Path, modality: str, encoder: str, store: str) -> None:
         atomic_write_bytes(Path(folder) / STORES_FILE, json.dumps(stores, indent=1).encode())
 
 
+def forget_store(folder: Path, store: Path) -> None:
+    """Remove a dataset's entries that name ``store`` (it is being deleted), under the index's lock."""
+    with locked(Path(folder) / ".lock"):
+        stores = read_stores(folder)
+        for entries in stores.values():
+            for encoder in [e for e, entry in entries.items() if resolve_store(folder, entry["store"]) == Path(store)]:
+                del entries[encoder]
+        atomic_write_bytes(Path(folder) / STORES_FILE, json.dumps(stores, indent=1).encode())
+
+
 def legacy_root(folder: Path) -> Path | None:
     """Where a cache lived when an older version wrote this index with absolute store paths
     (``<root>/stores/<modality>/<name>``); None for a relocatable index."""
@@ -330,3 +341,28 @@ def referenced_stores(root: Path) -> dict[Path, list[str]]:
                 for entry in entries.values():
                     out.setdefault(resolve_store(folder, entry["store"]), []).append(folder.name)
     return out
+
+
+def embed_commands(root: Path, stores: list[Path]) -> list[str]:
+    """The `pipe embed` commands that complete ``stores`` again: one per dataset that uses them."""
+    wanted = {Path(s) for s in stores}
+    base = Path(root) / "datasets"
+    out = []
+    for folder in sorted(p for p in (base.iterdir() if base.is_dir() else []) if p.is_dir()):
+        encoders: dict[str, str] = {}
+        with contextlib.suppress(OSError, ValueError):
+            for modality, entries in read_stores(folder).items():
+                for encoder, entry in entries.items():
+                    if resolve_store(folder, entry["store"]) in wanted:
+                        encoders[modality] = encoder
+        spec = _dataset_spec(folder)
+        if encoders and spec:
+            out.append(f"pipe embed --dataset {shlex.quote(spec)} --backbone {encoders.get('image', 'none')} "
+                       f"--text-encoder {encoders.get('text', 'none')} --cache {shlex.quote(str(root))}")
+    return out
+
+
+def _dataset_spec(folder: Path) -> str | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((Path(folder) / "dataset.json").read_text()).get("spec")
+    return None

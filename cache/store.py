@@ -88,6 +88,14 @@ class StoreError(PipeError):
     """A store that cannot be used as asked; the message says what to do."""
 
 
+class UnreadablePart(StoreError):
+    """A manifest part that cannot be read; ``reason`` is the reader's complaint."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class ShardData:
     """What one shard write carries: N rows of every array plus their manifest fields."""
@@ -305,9 +313,10 @@ class Store:
         try:
             return pq.read_table(path, schema=MANIFEST_SCHEMA)
         except (OSError, pa.ArrowException) as e:
-            raise StoreError(f"store {self.path}: manifest part {path.name} is unreadable ({type(e).__name__}: {e}). "
-                             f"Run `{repair_command(self.path)}` to move it aside; the next `pipe embed` then "
-                             "re-embeds its items.") from None
+            reason = f"{type(e).__name__}: {e}"
+            raise UnreadablePart(f"store {self.path}: manifest part {path.name} is unreadable ({reason}). "
+                                 f"Run `{repair_command(self.path)}` to move it aside; the next `pipe embed` then "
+                                 "re-embeds its items.", reason) from None
 
     def manifest(self) -> pa.Table:
         """Every committed row. Hidden temp files are never read (leading dot)."""
