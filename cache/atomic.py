@@ -74,9 +74,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     tmp = temp_name(path, suffix)
-    os.close(_create(tmp))
+    fd = _create(tmp)
+    mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask
+    os.close(fd)
     try:
         yield tmp
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that replaced the file (safetensors writes 0600)
+            os.chmod(tmp, mode)
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -13,8 +13,10 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import zarr
@@ -304,18 +306,20 @@ def _no_forward(monkeypatch) -> None:
     import pipeline.encoders as encoders
     import pipeline.encoders.registry as registry
     import pipeline.imaging as imaging
-    from pipeline.models.adaptor import Adaptor
 
     def boom(*a, **k):
-        raise AssertionError("an encoder, an image decode, a file hash or an Adaptor forward ran")
+        raise AssertionError("an encoder ran, an image was decoded or a file hashed")
 
-    for mod, name in [(encoders, "create_encoder"), (registry, "create_encoder"), (imaging, "read_and_decode"),
-                      (Adaptor, "encode_image")]:
+    for mod, name in [(encoders, "create_encoder"), (registry, "create_encoder"), (imaging, "read_and_decode")]:
         monkeypatch.setattr(mod, name, boom)
-    monkeypatch.setattr(cache.index.xxhash, "xxh3_128", boom)
+    monkeypatch.setattr(cache.index, "xxhash", SimpleNamespace(xxh3_128=boom))  # the index's file hashing
 
 
-def _retrieval(table: Path, cache: Path, ckpt: Path, out: Path) -> str:
+def _retrieval(table: Path, cache: Path, ckpt: Path, out: Path, cached: bool = False, monkeypatch=None) -> str:
+    if cached:  # the frozen Adaptor's outputs must come from the (copied) cache
+        from pipeline.models.adaptor import Adaptor
+
+        monkeypatch.setattr(Adaptor, "encode_image", lambda *a, **k: 1 / 0)
     return pipe("evaluate", "--task", "retrieval", "-d", str(table), "--adaptor", str(ckpt), "--cache", str(cache),
                 "--out", str(out), "bootstrap=50").output
 
@@ -333,9 +337,10 @@ def test_a_copied_cache_works_without_its_original(clean, tmp_path, monkeypatch)
     assert all(not Path(e["store"]).is_absolute() for m in stored.values() for e in m.values())
     _no_forward(monkeypatch)
     copy = tmp_path / "copy"
-    assert embed(table, copy) == {**embed(table, copy), "embedded": 0, "reused": 80}
+    again = embed(table, copy)  # nothing re-hashed, nothing embedded
+    assert (again["embedded"], again["reused"], again["failed"]) == (0, 80, 0)
     train(table, copy, tmp_path / "run2")
-    assert "adaptor forwards: 0 (cached)" in _retrieval(table, copy, ckpt, tmp_path / "eval2")
+    assert "adaptor forwards: 0 (cached)" in _retrieval(table, copy, ckpt, tmp_path / "eval2", True, monkeypatch)
     assert "✗" not in verify(copy)
 
 
@@ -352,7 +357,7 @@ def test_a_moved_cache_works_where_it_now_is(clean, tmp_path, monkeypatch):
     _no_forward(monkeypatch)
     assert embed(table, moved)["embedded"] == 0
     train(table, moved, tmp_path / "run2")
-    assert "adaptor forwards: 0 (cached)" in _retrieval(table, moved, ckpt, tmp_path / "eval2")
+    assert "adaptor forwards: 0 (cached)" in _retrieval(table, moved, ckpt, tmp_path / "eval2", True, monkeypatch)
 
 
 def test_absolute_store_paths_of_older_caches_resolve_inside_the_cache(clean, tmp_path):
@@ -477,3 +482,36 @@ def test_verify_repair_leaves_a_healthy_store_untouched(clean, tmp_path):
     before = store_files(cache)
     rep = verify_store(stores(cache)["image"].path, repair=True)
     assert rep.ok and rep.repairs == [] and store_files(cache) == before
+
+
+# ------------------------------------------------------------------------------ ids and permissions
+def test_csv_ids_keep_their_leading_zeros(tmp_path):
+    table = make_table(tmp_path / "data", 3)
+    df = pd.read_csv(table)
+    df["id"] = ["000000", "000001", "0100"]
+    df["patient_id"] = ["007", "007", "010"]
+    df.to_csv(table, index=False)
+    pipe("embed", "-d", str(table), "-b", "none", "-t", "tiny-bert", "--cache", str(tmp_path / "cache"), "--json")
+    items = pq.read_table(next((tmp_path / "cache" / "datasets").glob("*/items.parquet"))).to_pandas()
+    assert items.id.tolist() == ["000000", "000001", "0100"] and items.patient_id.tolist() == ["007", "007", "010"]
+    assert "effusion" in [c.split(".", 1)[-1] for c in items.columns]  # numeric labels stay labels
+
+
+@pytest.mark.slow
+def test_every_file_follows_the_umask(tmp_path):
+    table = make_table(tmp_path / "data", 8)
+    cache, run, res = tmp_path / "cache", tmp_path / "run", tmp_path / "eval"
+    old = os.umask(0o002)  # group-writable: a team sharing a file system
+    try:
+        embed_json(table, cache, *EMBED)
+        train(table, cache, run)
+        pipe("evaluate", "--task", "retrieval", "-d", str(table), "--adaptor", str(run), "--cache", str(cache),
+             "--out", str(res), "bootstrap=20")
+    finally:
+        os.umask(old)
+    files = [run / "config.yaml", run / "last.safetensors", run / "last.optim.safetensors", run / "metrics.csv",
+             res / "results.json", *cache.glob("stores/*/*/manifest/part-*.parquet"),
+             *cache.glob("stores/*/*/embeddings.zarr/*/c/**/*"), *cache.glob("datasets/*/*.json"),
+             *cache.glob("datasets/*/items.parquet"), *cache.glob("adaptor-outputs/*/*")]
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files if p.is_file()}
+    assert len(modes) > 10 and set(modes.values()) == {oct(0o664)}, modes
