@@ -62,11 +62,21 @@ class RowReader:
         bounds = np.flatnonzero(np.diff(sorted_chunks)) + 1
         for sel in np.split(order, bounds):
             if len(sel):
-                out[sel] = self._chunk(int(chunk_of[sel[0]]))[rows[sel] - chunk_of[sel[0]] * cr]
+                chunk = self._chunk(int(chunk_of[sel[0]]))
+                local = rows[sel] - chunk_of[sel[0]] * cr
+                if _is_run(sel) and _is_run(local):  # a run of rows into a run of outputs: one block copy
+                    out[sel[0]:sel[0] + len(sel)] = chunk[local[0]:local[0] + len(sel)]
+                else:
+                    out[sel] = chunk[local]
         return out
 
     def nbytes(self, n_rows: int) -> int:
         return n_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _is_run(a: np.ndarray) -> bool:
+    """Is ``a`` consecutive integers (k, k+1, ...)?"""
+    return int(a[-1]) - int(a[0]) == len(a) - 1 and (len(a) < 3 or bool((np.diff(a) == 1).all()))
 
 
 def block_shuffled_order(rows: np.ndarray, chunk_rows: int, buffer_chunks: int, rng: np.random.Generator) -> np.ndarray:
