@@ -124,6 +124,10 @@ def test_a_flipped_byte_in_a_pooled_chunk_stops_training_and_is_repaired(clean, 
 
 def test_streaming_and_resident_reads_both_check_every_chunk(tmp_path):
     store = _bench_store(tmp_path, n=64)
+    whole = zarr.open_array(str(store.zpath / "tokens"), mode="r")[:]
+    rows = np.array([5, 6, 7, 40, 3, 41, 42, 0, 63, 17, 16])  # runs and jumps, across chunks and shards
+    np.testing.assert_array_equal(RowReader(store, "tokens").take(rows), whole[rows])
+    np.testing.assert_array_equal(RowReader(store, "tokens").take(np.arange(64)), whole)
     lay = store.layout("tokens")
     flip(lay.shard_path(1), (lay.chunk_nbytes + 4) + 7)  # chunk 1 of shard 1
     reader = RowReader(store, "tokens")
