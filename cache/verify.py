@@ -153,9 +153,8 @@ def _check_manifest(store: Store, rep: VerifyReport) -> dict[int, Part]:
 def _check_metadata(store: Store, parts: dict[int, Part], rep: VerifyReport) -> dict[str, ShardLayout]:
     """Compare each array's zarr.json with what the attributes record; return the recorded layouts."""
     expected = store.expected_arrays()
-    if "arrays" not in store.attrs and expected:
-        rep.warning("the store's attributes do not record its arrays (an older version wrote it); "
-                    "--repair records them", Repair("attrs", expected))
+    if "arrays" not in store.attrs:
+        _check_legacy_arrays(store, expected, parts, rep)
     if parts and not expected:
         for part in parts.values():
             rep.problem(f"shard {part.shard}: the manifest commits rows but the store records no arrays",
@@ -173,6 +172,23 @@ def _check_metadata(store: Store, parts: dict[int, Part], rep: VerifyReport) -> 
             (rep.problem if severe else rep.warning)(f"array {name}: {message}", Repair("meta", name, rows=rows))
         layouts[name] = ShardLayout(store.zpath / name, tuple(entry["row_shape"]), np.dtype(entry["dtype"]), S, C)
     return layouts
+
+
+LEGACY_ARRAYS = {"image": ("pooled", "tokens"), "text": ("length", "pooled", "tokens")}
+
+
+def _check_legacy_arrays(store: Store, expected: dict, parts: dict[int, Part], rep: VerifyReport) -> None:
+    """A store an older version wrote records no arrays: its modality says which it must have."""
+    lost = [n for n in LEGACY_ARRAYS.get(store.modality, ()) if n not in expected]
+    for name in lost:
+        rep.problem(f"array {name}: {ZARR_DIR}/{name}/zarr.json is missing, and this store (written by an older "
+                    "version) does not record the array's shape to rebuild it from; --repair drops every manifest "
+                    "part, so that `pipe embed` rebuilds the store")
+    if lost:
+        rep.plan += [Repair("drop", p.path, p.shard, len(p.offsets)) for p in parts.values()]
+    elif expected:
+        rep.warning("the store's attributes do not record its arrays (an older version wrote it); "
+                    "--repair records them", Repair("attrs", expected))
 
 
 def _shape0(meta: Path) -> int:

@@ -189,6 +189,25 @@ def test_array_metadata_that_disagrees_with_the_store_attributes_fails_verify(cl
     repair_then_embed(table, cache, clean_cache, reembedded=0)
 
 
+def test_a_store_from_an_older_version_reads_and_repair_adds_what_it_lacks(clean, tmp_path):
+    table, clean_cache = clean
+    cache = copy_of(clean_cache, tmp_path / "cache")
+    for store in stores(cache).values():  # no recorded arrays, no dimension names: as written before
+        group = json.loads((store.zpath / "zarr.json").read_text())
+        del group["attributes"]["arrays"]
+        (store.zpath / "zarr.json").write_text(json.dumps(group))
+        for meta in store.zpath.glob("*/zarr.json"):
+            m = json.loads(meta.read_text())
+            del m["dimension_names"]
+            meta.write_text(json.dumps(m))
+    train(table, cache, tmp_path / "run")  # it reads as before
+    out = verify(cache)  # and verify says what is missing, without failing
+    assert "do not record its arrays" in out and "dimension names None" in out and "✗" not in out
+    verify(cache, "--repair")
+    assert "dimension names" not in verify(cache)
+    assert_same_cache(clean_cache, cache)
+
+
 # ------------------------------------------------------------------------------ manifest parts
 def test_a_deleted_manifest_part_fails_verify_and_its_shard_is_rewritten(clean, tmp_path):
     table, clean_cache = clean
