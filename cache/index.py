@@ -74,7 +74,8 @@ class DatasetIndex:
         return []  # a built table: its unkeyable items were reported when it was built
 
     def record_store(self, modality: str, encoder: str, store: str) -> None:
-        record_store(self.folder, modality, encoder, store)
+        """Nothing: a built table (the zero-shot prompts) is embedded into a dataset's store,
+        not recorded as a dataset of its own (``datasets/`` holds the real ones)."""
 
 
 def _text_units(ids, reports, keys) -> list:
