@@ -297,8 +297,11 @@ def _check_claims(store: Store, rep: VerifyReport) -> set[int]:
         if claim_is_live(info):
             rep.warnings.append(f"shard {shard} is claimed by {who} (in progress)")
         else:
-            rep.warning(f"shard {shard} is claimed by {who}, left by an interrupted run; the next `pipe embed` "
-                        "redoes it (--repair clears it now)", Repair("unclaim", p, shard))
+            files = [f for f in store.shard_files(shard) if partial_of(f.name)]
+            left = (f", with {len(files)} temporary file(s) such as {files[0].relative_to(store.path)}"
+                    if files else "")
+            rep.warning(f"shard {shard} is claimed by {who}, left by an interrupted run{left}; the next "
+                        "`pipe embed` redoes it (--repair clears it now)", Repair("unclaim", p, shard))
     return claimed
 
 

@@ -280,7 +280,7 @@ def test_a_killed_text_shard_leaves_no_temp_file_behind(clean, tmp_path):
     txt = stores(again)["text"]
     shard, pid = _kill_mid_write(txt)
     out = verify(again)  # an interrupted run is not damage: named, exit 0
-    assert f"shard {shard} is claimed by pid {pid}" in out and "interrupted run" in out
+    assert f"shard {shard} is claimed by pid {pid}" in out and "interrupted run, with 3 temporary file(s)" in out
     assert "removed the dead claim" in verify(again, "--repair")
     assert not list(txt.zpath.rglob("*.partial-*")) and not list((txt.path / "claims").iterdir())
     embed(table, again)
@@ -431,15 +431,25 @@ def test_gc_removes_only_what_no_dataset_references(clean, tmp_path):
         shutil.rmtree(folder)
     other = make_table(tmp_path / "other", 3)
     pipe("embed", "-d", str(other), "-b", "none", "-t", "tiny-bert", "--cache", str(cache), "--json")
+    orphan = cache / "adaptor-outputs" / f"{'c' * 16}-{before['image'].fingerprint[:16]}"
+    kept = cache / "adaptor-outputs" / f"{'c' * 16}-{before['text'].fingerprint[:16]}"
+    for d in (orphan, kept):
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text("{}")
+    temp = next((cache / "datasets").iterdir()) / f".items.parquet.{_dead_pid()}-1.tmp"
+    temp.write_bytes(b"x" * 100)
+    os.utime(temp, (0, os.stat(temp).st_mtime - TEMP_GRACE_S - 5))
     dry = json.loads(pipe("cache", "gc", "--cache", str(cache), "--dry-run", "--json").stdout)
-    assert [r["path"] for r in dry["would_remove"]] == [str(before["image"].path)]
-    assert dry["bytes"] > 0 and before["image"].path.exists()
+    assert [r["path"] for r in dry["would_remove"]] == [str(before["image"].path), str(orphan), str(temp)]
+    assert dry["bytes"] > 100 and before["image"].path.exists() and temp.exists()
     with before["text"].in_use(), before["image"].in_use():  # a running `pipe embed` holds them
         busy = json.loads(pipe("cache", "gc", "--cache", str(cache), "--json").stdout)
-    assert busy["removed"] == [] and "held by a running" in busy["skipped"][0]["why"]
+    assert [r["path"] for r in busy["removed"]] == [str(temp)]  # the store and its outputs stay
+    assert "held by a running" in busy["skipped"][0]["why"] and orphan.exists()
     done = json.loads(pipe("cache", "gc", "--cache", str(cache), "--json").stdout)
-    assert [r["path"] for r in done["removed"]] == [str(before["image"].path)]
-    assert not before["image"].path.exists() and before["text"].path.exists()
+    assert [r["path"] for r in done["removed"]] == [str(before["image"].path), str(orphan)]
+    assert not before["image"].path.exists() and before["text"].path.exists() and kept.exists()
+    assert not orphan.exists() and not temp.exists()
     assert "✗" not in verify(cache)
 
 
