@@ -26,6 +26,8 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipeError
+
 _TEMP = re.compile(r"^\..+\.(\d+)(?:-\d+)?\.tmp(\.[A-Za-z0-9]+)?$")
 
 
@@ -72,9 +74,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     tmp = temp_name(path, suffix)
-    os.close(_create(tmp))
+    fd = _create(tmp)
+    mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask
+    os.close(fd)
     try:
         yield tmp
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that replaced the file (safetensors writes 0600)
+            os.chmod(tmp, mode)
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -120,6 +126,53 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def shared_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold a shared ``flock`` on ``path`` (created if needed): "in use", for :func:`try_exclusive`.
+
+    The lock file must still be the one at ``path`` once the lock is held: one that was
+    renamed away meanwhile (its directory being removed) is an error, not a silent write
+    into a directory on its way out.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise LockError(e.errno, f"cannot lock {path}: {e.strerror}. Is the cache directory writable?") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise PipeError(f"{Path(path).parent} was removed while it was being opened (by `pipe cache gc` or "
+                            "`pipe cache rm`?); run the command again")
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def try_exclusive(path: str | os.PathLike) -> Iterator[bool]:
+    """Try to take an exclusive ``flock`` on ``path`` without waiting; yields whether we got it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

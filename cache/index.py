@@ -4,12 +4,19 @@
 labels, image path and key, report key, and why an item could not be keyed.
 ``stores.json`` records, per modality and encoder name, the store that the latest
 ``pipe embed`` of this dataset wrote. Stage two finds its inputs through these two files.
+
+Both are relocatable: store paths, and image and mask paths inside the cache (the demo's
+phantoms, masks derived from annotations), are recorded relative to the cache root, and
+read back under the root the reader was given (:mod:`cache.paths`). Files written by an
+older version held absolute paths; those under the root they were written in (known
+from their store entries) are read under the current root instead, never the original.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shlex
 import threading
 import time
 from dataclasses import dataclass
@@ -22,10 +29,12 @@ import xxhash
 
 from cache.atomic import atomic_write_bytes, locked, write_parquet_atomic
 from cache.keys import normalise_report, text_key
+from cache.paths import localise, portable, store_tail
 from pipeline.errors import MissingFileError
 
 LABEL_PREFIX = "label."
 MASK_PREFIX = "mask."
+STORES_FILE = "stores.json"
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,10 @@ class DatasetIndex:
     folder: Path
     table: pd.DataFrame
 
+    @property
+    def root(self) -> Path:
+        return root_of_index(self.folder)
+
     # what embed_modality reads of a text-only index (the prompts'; IndexBuilder has the same)
     def text_units(self) -> list:
         return _text_units(self.table.id, self.table.report, self.table.report_key)
@@ -61,7 +74,8 @@ class DatasetIndex:
         return []  # a built table: its unkeyable items were reported when it was built
 
     def record_store(self, modality: str, encoder: str, store: str) -> None:
-        record_store(self.folder, modality, encoder, store)
+        """Nothing: a built table (the zero-shot prompts) is embedded into a dataset's store,
+        not recorded as a dataset of its own (``datasets/`` holds the real ones)."""
 
 
 def _text_units(ids, reports, keys) -> list:
@@ -77,6 +91,11 @@ def _text_units(ids, reports, keys) -> list:
 
 def index_folder(root: Path, name: str) -> Path:
     return Path(root) / "datasets" / name
+
+
+def root_of_index(folder: Path) -> Path:
+    """The cache root of ``<root>/datasets/<name>``."""
+    return Path(folder).parent.parent
 
 
 class IndexBuilder:
@@ -95,6 +114,7 @@ class IndexBuilder:
     def __init__(self, ds: Items, root: Path, modalities: tuple[str, ...] = ("image", "text"),
                  threads: int = 4, ahead: int = 2048):
         self.ds, self.modalities = ds, modalities
+        self.root = Path(root)
         self.folder = index_folder(root, ds.name)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.reports = [normalise_report(it.report) for it in ds.items]
@@ -140,11 +160,11 @@ class IndexBuilder:
         for i, (it, report, rkey) in enumerate(zip(self.ds.items, self.reports, self._report_keys)):
             key, size, mtime, _ = self._hasher.get(i)
             rows.append({
-                "id": it.id, "split": it.split, "patient_id": it.patient_id, "image": str(it.image),
+                "id": it.id, "split": it.split, "patient_id": it.patient_id, "image": portable(it.image, self.root),
                 "image_key": key, "image_size": size, "image_mtime_ns": mtime,
                 "report": report or None, "report_key": rkey,
                 **{LABEL_PREFIX + k: v for k, v in it.labels.items()},
-                **{MASK_PREFIX + k: str(v) for k, v in it.masks.items()},
+                **{MASK_PREFIX + k: portable(v, self.root) for k, v in it.masks.items()},
             })
         table = pd.DataFrame(rows)
         write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), self.folder / "items.parquet")
@@ -210,19 +230,27 @@ class _Hasher:
 
 
 def load_index(root: Path, name: str) -> DatasetIndex:
+    """A dataset's index, with its image and mask paths as paths under ``root``."""
     folder = index_folder(root, name)
     if not (folder / "items.parquet").exists():
         raise MissingFileError(f"dataset {name!r} has not been embedded into {root} yet; run `pipe embed` on it")
-    return DatasetIndex(name, folder, pd.read_parquet(folder / "items.parquet"))
+    table = pd.read_parquet(folder / "items.parquet")
+    old = legacy_root(folder)
+    for col in [c for c in table.columns if c == "image" or c.startswith(MASK_PREFIX)]:
+        table[col] = [localise(p, Path(root), old) if isinstance(p, str) else p for p in table[col]]
+    return DatasetIndex(name, folder, table)
 
 
 def _previous_keys(folder: Path) -> dict[str, tuple[int, int, str]]:
+    """Keys of the last index by image path (under the current root), to reuse for unchanged files."""
     path = folder / "items.parquet"
     if not path.exists():
         return {}
+    root, old = root_of_index(folder), legacy_root(folder)
     with contextlib.suppress(Exception):
         t = pd.read_parquet(path, columns=["image", "image_size", "image_mtime_ns", "image_key"]).dropna()
-        return {p: (int(s), int(m), k) for p, s, m, k in zip(t.image, t.image_size, t.image_mtime_ns, t.image_key)}
+        return {localise(p, root, old): (int(s), int(m), k)
+                for p, s, m, k in zip(t.image, t.image_size, t.image_mtime_ns, t.image_key)}
     return {}
 
 
@@ -248,10 +276,95 @@ def _image_key(path: Path, previous: dict, buf: memoryview) -> tuple:
     return h.hexdigest(), st.st_size, st.st_mtime_ns, None
 
 
+def read_stores(folder: Path) -> dict:
+    """``stores.json`` as recorded: {modality: {encoder: {"store": path, "updated": time}}}."""
+    path = Path(folder) / STORES_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def record_store(folder: Path, modality: str, encoder: str, store: str) -> None:
-    """Remember which store holds this dataset's embeddings for an encoder (under a lock)."""
-    with locked(folder / ".lock"):
-        path = folder / "stores.json"
-        stores = json.loads(path.read_text()) if path.exists() else {}
-        stores.setdefault(modality, {})[encoder] = {"store": store, "updated": time.time()}
-        atomic_write_bytes(path, json.dumps(stores, indent=1).encode())
+    """Remember which store holds this dataset's embeddings for an encoder (under a lock).
+
+    The path is recorded relative to the cache root, so a copied or moved cache reads
+    its own stores. (Other entries are left as they are: an older version's absolute
+    entries are how :func:`legacy_root` knows where that version's paths pointed.)
+    """
+    root = root_of_index(folder)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with locked(Path(folder) / ".lock"):
+        stores = read_stores(folder)
+        stores.setdefault(modality, {})[encoder] = {"store": portable(store, root), "updated": time.time()}
+        atomic_write_bytes(Path(folder) / STORES_FILE, json.dumps(stores, indent=1).encode())
+
+
+def forget_store(folder: Path, store: Path) -> None:
+    """Remove a dataset's entries that name ``store`` (it is being deleted), under the index's lock."""
+    with locked(Path(folder) / ".lock"):
+        stores = read_stores(folder)
+        for entries in stores.values():
+            for encoder in [e for e, entry in entries.items() if resolve_store(folder, entry["store"]) == Path(store)]:
+                del entries[encoder]
+        atomic_write_bytes(Path(folder) / STORES_FILE, json.dumps(stores, indent=1).encode())
+
+
+def legacy_root(folder: Path) -> Path | None:
+    """Where a cache lived when an older version wrote this index with absolute store paths
+    (``<root>/stores/<modality>/<name>``); None for a relocatable index."""
+    for entries in read_stores(folder).values():
+        for entry in entries.values():
+            p = Path(entry.get("store", ""))
+            if p.is_absolute() and store_tail(p) is not None:
+                return p.parents[2]
+    return None
+
+
+def resolve_store(folder: Path, recorded: str) -> Path:
+    """The store a ``stores.json`` entry names, under the cache root of ``folder``.
+
+    A relative entry is relative to the root. An absolute one (an older version wrote
+    those) is read as the store with the same ``stores/<modality>/<name>`` under this
+    root: a copied cache never reads its original, and a store that is not in this
+    cache is missing, not borrowed from another one.
+    """
+    root, p = root_of_index(folder), Path(recorded)
+    if not p.is_absolute():
+        return root / p
+    tail = store_tail(p)
+    return root / tail if tail is not None else p
+
+
+def referenced_stores(root: Path) -> dict[Path, list[str]]:
+    """Every store some dataset index records, with the names of those datasets."""
+    out: dict[Path, list[str]] = {}
+    base = Path(root) / "datasets"
+    for folder in sorted(p for p in (base.iterdir() if base.is_dir() else []) if p.is_dir()):
+        with contextlib.suppress(OSError, ValueError):
+            for entries in read_stores(folder).values():
+                for entry in entries.values():
+                    out.setdefault(resolve_store(folder, entry["store"]), []).append(folder.name)
+    return out
+
+
+def embed_commands(root: Path, stores: list[Path]) -> list[str]:
+    """The `pipe embed` commands that complete ``stores`` again: one per dataset that uses them."""
+    wanted = {Path(s) for s in stores}
+    base = Path(root) / "datasets"
+    out = []
+    for folder in sorted(p for p in (base.iterdir() if base.is_dir() else []) if p.is_dir()):
+        encoders: dict[str, str] = {}
+        with contextlib.suppress(OSError, ValueError):
+            for modality, entries in read_stores(folder).items():
+                for encoder, entry in entries.items():
+                    if resolve_store(folder, entry["store"]) in wanted:
+                        encoders[modality] = encoder
+        spec = _dataset_spec(folder)
+        if encoders and spec:
+            out.append(f"pipe embed --dataset {shlex.quote(spec)} --backbone {encoders.get('image', 'none')} "
+                       f"--text-encoder {encoders.get('text', 'none')} --cache {shlex.quote(str(root))}")
+    return out
+
+
+def _dataset_spec(folder: Path) -> str | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((Path(folder) / "dataset.json").read_text()).get("spec")
+    return None

@@ -5,7 +5,9 @@ encoder's preprocessing, read from the image store's spec: shorter side resized 
 ``resize_size`` (nearest neighbour, so it stays binary) and a centre crop of
 ``input_size``, with the same rounding as ``pipeline.imaging.Preprocess``. The result is
 cached bit-packed under ``<cache>/masks/<dataset>/``, keyed by the geometry and by each
-mask file's path, size and modification time.
+mask file's path (relative to the cache root for masks inside it, so a moved cache keeps
+its entries), size and modification time. The file carries a crc32c per array
+(:mod:`cache.npz`), checked whenever it is read.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cache.atomic import atomic_write_with
 from cache.index import MASK_PREFIX
+from cache.npz import load_checked, save_checked
+from cache.paths import portable
 from pipeline.errors import InputError
 
 
@@ -87,12 +90,13 @@ def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: 
     return align_mask(mask, resize, crop)
 
 
-def _stamp(path: str) -> str:
+def _stamp(path: str, root: Path) -> str:
+    name = portable(path, Path(root))
     try:
         st = os.stat(path)
-        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        return f"{name}|{st.st_size}|{st.st_mtime_ns}"
     except OSError:
-        return f"{path}|missing"
+        return f"{name}|missing"
 
 
 def cache_path(cache_root: Path, dataset: str, target: str, resize: int, crop: int) -> Path:
@@ -107,7 +111,7 @@ def load_masks(items, target: str, spec: dict, cache_root: Path, dataset: str) -
     path = cache_path(cache_root, dataset, target, resize, crop)
     ids = items.id.astype(str).to_numpy()
     mask_paths = items[MASK_PREFIX + target].astype(str).to_numpy()
-    stamps = np.array([_stamp(p) for p in mask_paths])
+    stamps = np.array([_stamp(p, cache_root) for p in mask_paths])
     cached = _load_cache(path, crop)
     out = np.zeros((len(ids), crop, crop), bool)
     todo = [i for i, (k, s) in enumerate(zip(ids, stamps)) if cached.get(k, (None,))[0] != s]
@@ -126,15 +130,16 @@ def load_masks(items, target: str, spec: dict, cache_root: Path, dataset: str) -
 def _load_cache(path: Path, crop: int) -> dict[str, tuple[str, np.ndarray]]:
     if not path.exists():
         return {}
-    with np.load(path) as z:
-        bits = np.unpackbits(z["bits"], axis=1, count=crop * crop).reshape(-1, crop, crop).astype(bool)
-        return {k: (s, b) for k, s, b in zip(z["ids"], z["stamps"], bits)}
+    root = path.parents[2]  # <root>/masks/<dataset>/<file>
+    z = load_checked(path, f"Run `pipe cache verify --repair --cache {root}` to remove it; the masks are then "
+                           "read again from their files.")
+    if z is None:  # written before the cache carried checksums: read the masks again
+        return {}
+    bits = np.unpackbits(z["bits"], axis=1, count=crop * crop).reshape(-1, crop, crop).astype(bool)
+    return {k: (s, b) for k, s, b in zip(z["ids"], z["stamps"], bits)}
 
 
 def _write_cache(path: Path, entries: dict[str, tuple[str, np.ndarray]], crop: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted(entries)
     bits = np.packbits(np.stack([entries[k][1].reshape(-1) for k in keys]), axis=1)
-    atomic_write_with(path, lambda tmp: np.savez(tmp, ids=np.array(keys),
-                                                 stamps=np.array([entries[k][0] for k in keys]), bits=bits),
-                      suffix=".npz")
+    save_checked(path, {"ids": np.array(keys), "stamps": np.array([entries[k][0] for k in keys]), "bits": bits})

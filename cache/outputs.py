@@ -5,6 +5,9 @@ they are cached too, under ``<cache>/adaptor-outputs/<checkpoint hash[:16]>-<sto
 fingerprint[:16]>/``: ``meta.json`` naming both, and one ``.npz`` per output kind with the
 store rows it holds and their values, rewritten atomically when rows are added. A second
 evaluation of the same checkpoint on the same cache runs the Adaptor zero times.
+
+Each ``.npz`` carries a crc32c per array (:mod:`cache.npz`) checked whenever it is read;
+a damaged file stops the evaluation with the command that removes it.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from cache.atomic import atomic_write_bytes, atomic_write_with
+from cache.atomic import atomic_write_bytes
+from cache.npz import load_checked, save_checked
 
 OUTPUTS_DIR = "adaptor-outputs"
 
@@ -39,10 +43,15 @@ class OutputCache:
         self.path = Path(folder) / f"{kind}.npz"
 
     def load(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows held and their values, checksum-checked (nothing, for a file without checksums)."""
         if not self.path.exists():
             return np.zeros(0, np.int64), None
-        with np.load(self.path) as z:
-            return z["rows"], z["values"]
+        root = self.path.parent.parent.parent
+        arrays = load_checked(self.path, f"Run `pipe cache verify --repair --cache {root}` to remove it; the next "
+                                         "evaluation computes these outputs again.")
+        if arrays is None:  # written before outputs carried checksums: computed again
+            return np.zeros(0, np.int64), None
+        return arrays["rows"], arrays["values"]
 
     def get(self, rows: np.ndarray, compute: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, int]:
         """Values for ``rows`` (in that order) and how many rows had to be computed."""
@@ -59,5 +68,4 @@ class OutputCache:
         return have[np.searchsorted(have_rows, rows)], len(missing)
 
     def _write(self, rows: np.ndarray, values: np.ndarray) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_with(self.path, lambda tmp: np.savez(tmp, rows=rows, values=values), suffix=".npz")
+        save_checked(self.path, {"rows": rows, "values": values})

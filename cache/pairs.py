@@ -5,7 +5,6 @@ content keys, the stores' manifests give the rows that hold them.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cache.index import LABEL_PREFIX, MASK_PREFIX, DatasetIndex, load_index
+from cache.index import LABEL_PREFIX, MASK_PREFIX, DatasetIndex, load_index, read_stores, resolve_store
 from cache.store import Store, StoreError
 from pipeline.errors import PipeError
 
@@ -27,16 +26,16 @@ def embed_command(dataset: str, backbone: str, text_encoder: str, cache: Path) -
 
 
 def find_store(index: DatasetIndex, modality: str, name: str, hint: str) -> Store:
-    """The store that ``pipe embed`` recorded for this dataset, modality and (canonical) encoder name."""
-    path = index.folder / "stores.json"
-    stores = json.loads(path.read_text()) if path.exists() else {}
+    """The store that ``pipe embed`` recorded for this dataset, modality and (canonical) encoder name,
+    always inside the cache being read (see :func:`cache.index.resolve_store`)."""
+    stores = read_stores(index.folder)
     entry = stores.get(modality, {}).get(name)
     if entry is None:
         have = ", ".join(stores.get(modality, {})) or "none"
         raise CacheMissError(f"dataset {index.name!r} has no cached {modality} embeddings from {name!r} "
                              f"(cached {modality} encoders: {have}). Run:\n  {hint}")
     try:
-        return Store.open(entry["store"])
+        return Store.open(resolve_store(index.folder, entry["store"]))
     except StoreError as e:
         raise CacheMissError(f"{e}\nRebuild it with:\n  {hint}") from e
 

@@ -1,10 +1,18 @@
-"""Where the cache lives: --cache, else $PIPE_CACHE, else ~/.cache/freeze-pipe."""
+"""Where the cache lives (--cache, else $PIPE_CACHE, else ~/.cache/freeze-pipe), and how
+paths are recorded inside it.
+
+A cache can be copied (``cp -a``) or moved as a whole, so every path it records about
+itself is relative to its root: :func:`portable` turns a path inside the root into a
+relative one (paths outside it, such as a user's images, stay absolute) and
+:func:`localise` turns a recorded path back into one under the root a reader was given.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 DEFAULT_CACHE = Path("~/.cache/freeze-pipe")
+STORES_DIR = "stores"
 
 
 def cache_root(explicit: str | os.PathLike | None = None) -> Path:
@@ -15,3 +23,46 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
         return Path(env).expanduser().resolve()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) / "freeze-pipe" if xdg else DEFAULT_CACHE.expanduser()).resolve()
+
+
+def portable(path: str | os.PathLike, root: Path) -> str:
+    """``path`` as the cache records it: relative to ``root`` when inside it, else unchanged."""
+    p = Path(path)
+    if p.is_absolute() and p.is_relative_to(root):
+        return p.relative_to(root).as_posix()
+    return str(path)
+
+
+def localise(recorded: str, root: Path, old_root: Path | None = None) -> str:
+    """A recorded path as a path under ``root``.
+
+    Relative paths are relative to the root. An absolute path under ``old_root`` (where
+    a cache written by an older version lived, see :func:`old_root_of`) is moved to the
+    same place under ``root``, so a copied cache never reads its original.
+    """
+    p = Path(recorded)
+    if not p.is_absolute():
+        return str(Path(root) / p)
+    if old_root is not None and p.is_relative_to(old_root) and not p.is_relative_to(root):
+        return str(Path(root) / p.relative_to(old_root))
+    return recorded
+
+
+def store_tail(path: str | os.PathLike) -> Path | None:
+    """``stores/<modality>/<name>`` of a store path, or None when it does not look like one."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-3] == STORES_DIR:
+        return Path(*parts[-3:])
+    return None
+
+
+def root_of_store(store: str | os.PathLike) -> Path | None:
+    """The cache root that holds a store directory (``<root>/stores/<modality>/<name>``)."""
+    p = Path(store)
+    return p.parents[2] if store_tail(p) is not None else None
+
+
+def repair_command(store: str | os.PathLike | None) -> str:
+    """The command that repairs a damaged store (and tells which datasets to re-embed)."""
+    root = root_of_store(store) if store is not None else None
+    return f"pipe cache verify --repair --cache {root}" if root else f"pipe cache verify --repair --store {store}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +18,46 @@ import google_crc32c
 import numpy as np
 
 from cache.atomic import fsync_path
+from cache.paths import repair_command
 from pipeline.errors import PipeError
 
 EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
+PARTIAL = re.compile(r"^\.(.+)\.partial-(\d+)$")  # a shard file being written: .<name>.partial-<pid>
 
+
+def partial_of(name: str) -> tuple[str, int] | None:
+    """(final file name, writer pid) of a shard writer's temporary file, else None."""
+    m = PARTIAL.match(name)
+    return (m[1], int(m[2])) if m else None
 
 
 class ShardCorruption(PipeError, ValueError):
-    """A shard file whose bytes do not match their checksums."""
+    """Bytes of a store that are missing or do not match their checksums.
+
+    ``detail`` says what is wrong and ``where`` which store, array, shard and chunk; the
+    message adds the command that repairs the store.
+    """
+
+    def __init__(self, detail: str, layout: "ShardLayout | None" = None, shard: int | None = None,
+                 chunk: int | None = None):
+        self.detail, self.shard, self.chunk = detail, shard, chunk
+        self.store = layout.store_path if layout is not None else None
+        self.array = layout.array_dir.name if layout is not None else None
+        super().__init__(self._message())
+
+    @property
+    def where(self) -> str:
+        parts = [f"array {self.array}" if self.array else "",
+                 f"shard {self.shard}" if self.shard is not None else "",
+                 f"chunk {self.chunk}" if self.chunk is not None else ""]
+        return ", ".join(p for p in parts if p)
+
+    def _message(self) -> str:
+        if self.store is None:
+            return self.detail
+        return (f"store {self.store}: {self.where} {self.detail}. Run `{repair_command(self.store)}`, then "
+                "`pipe embed` on the datasets it names, to re-embed the damaged items.")
 
 
 @dataclass(frozen=True)
@@ -46,6 +78,11 @@ class ShardLayout:
     def chunk_nbytes(self) -> int:
         return self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 
+    @property
+    def store_path(self) -> Path:
+        """The store directory (the array lives in ``<store>/embeddings.zarr/<name>``)."""
+        return self.array_dir.parent.parent
+
     def shard_path(self, shard: int) -> Path:
         # default chunk key encoding with "/" separator: c/<i>/0/0... for the other axes
         return self.array_dir.joinpath("c", str(shard), *(["0"] * len(self.row_shape)))
@@ -62,50 +99,59 @@ class ShardLayout:
         )
 
 
-def read_index(data: memoryview | bytes, n_chunks: int, where: str = "shard") -> np.ndarray:
+def read_index(data: memoryview | bytes, n_chunks: int, layout: ShardLayout | None = None,
+               shard: int | None = None) -> np.ndarray:
     """Return the shard index as [n_chunks, 2] uint64 (offset, nbytes), checksum-verified."""
     size = n_chunks * 16
     if len(data) < size + _CRC:
-        raise ShardCorruption(f"{where}: file is {len(data)} bytes, too short for its index")
+        raise ShardCorruption(f"is {len(data)} bytes, too short for its index (the file is truncated)", layout, shard)
     raw = bytes(data[len(data) - size - _CRC : len(data) - _CRC])
     stored = int.from_bytes(data[len(data) - _CRC :], "little")
     if google_crc32c.value(raw) != stored:
-        raise ShardCorruption(f"{where}: the shard index fails its crc32c checksum")
+        raise ShardCorruption("has a shard index that fails its crc32c checksum", layout, shard)
     return np.frombuffer(raw, dtype="<u8").reshape(n_chunks, 2)
 
 
 class ShardFile:
-    """A memory-mapped shard: verified index, zero-copy chunk views."""
+    """A memory-mapped shard: verified index, checksum-verified zero-copy chunk views.
+
+    Every chunk handed out has passed its crc32c check: callers that keep the views
+    (the training reader does) check each chunk once, the first time they map it.
+    """
 
     def __init__(self, layout: ShardLayout, shard: int):
         self.layout, self.shard = layout, shard
         self.path = layout.shard_path(shard)
-        with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        self.index = read_index(memoryview(self._mm), layout.chunks_per_shard, str(self.path))
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        except FileNotFoundError:
+            raise ShardCorruption(f"is missing its shard file {self.path}", layout, shard) from None
+        self.index = read_index(memoryview(self._mm), layout.chunks_per_shard, layout, shard)
 
     def has_chunk(self, c: int) -> bool:
         return self.index[c, 0] != EMPTY
 
-    def chunk(self, c: int, verify: bool = False) -> np.ndarray:
-        """Rows [c*chunk_rows, (c+1)*chunk_rows) of this shard, as a read-only array."""
+    def chunk(self, c: int) -> np.ndarray:
+        """Rows [c*chunk_rows, (c+1)*chunk_rows) of this shard, as a read-only array, after
+        checking the chunk's crc32c (several GB/s: the bytes are read once either way)."""
         lay = self.layout
-        off, nbytes = (int(v) for v in self.index[c])
         if self.index[c, 0] == EMPTY:
-            raise ShardCorruption(f"{self.path}: chunk {c} was never written")
+            raise ShardCorruption("was never written", lay, self.shard, c)
+        off, nbytes = (int(v) for v in self.index[c])
         if nbytes != lay.chunk_nbytes + _CRC or off + nbytes > len(self._mm):
-            raise ShardCorruption(f"{self.path}: chunk {c} has {nbytes} bytes, expected {lay.chunk_nbytes + _CRC}")
-        buf = memoryview(self._mm)[off : off + lay.chunk_nbytes]
-        if verify:
-            stored = int.from_bytes(self._mm[off + lay.chunk_nbytes : off + nbytes], "little")
-            if google_crc32c.value(bytes(buf)) != stored:
-                raise ShardCorruption(f"{self.path}: chunk {c} fails its crc32c checksum")
-        return np.frombuffer(buf, dtype=lay.dtype.newbyteorder("<")).reshape(lay.chunk_rows, *lay.row_shape)
+            raise ShardCorruption(f"has {nbytes} bytes at offset {off}, expected {lay.chunk_nbytes + _CRC} "
+                                  f"inside the {len(self._mm)}-byte file", lay, self.shard, c)
+        data = np.frombuffer(self._mm, dtype=np.uint8, count=lay.chunk_nbytes, offset=off)
+        stored = int.from_bytes(self._mm[off + lay.chunk_nbytes : off + nbytes], "little")
+        if google_crc32c.value(data) != stored:  # a numpy view: no copy of the chunk
+            raise ShardCorruption("fails its crc32c checksum", lay, self.shard, c)
+        return data.view(lay.dtype.newbyteorder("<")).reshape(lay.chunk_rows, *lay.row_shape)
 
     def verify(self, chunks: list[int]) -> None:
         for c in chunks:
-            self.chunk(c, verify=True)
+            self.chunk(c)
 
 
 class ShardWriter:

@@ -37,13 +37,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.storage import MemoryStore
 
-from cache.atomic import atomic_write_bytes, locked, process_alive, same_host, this_process, write_parquet_atomic
+from cache.atomic import (
+    atomic_write_bytes,
+    locked,
+    process_alive,
+    same_host,
+    shared_lock,
+    this_process,
+    write_parquet_atomic,
+)
 from cache.keys import FORMAT_VERSION
-from cache.shards import ShardLayout, ShardWriter
+from cache.paths import portable, repair_command, root_of_store
+from cache.shards import PARTIAL, ShardLayout, ShardWriter
 from pipeline.errors import PipeError
 
 ZARR_DIR = "embeddings.zarr"
+IN_USE = ".inuse"  # a writer holds a shared flock on it: `pipe cache gc`/`rm` leave the store alone
+QUARANTINE = "quarantine"  # manifest parts that could not be read, moved aside by `verify --repair`
+# Zarr v3 dimension names (xarray opens the group by them): the row axis is shared by every array
+DIMENSION_NAMES = {"tokens": ("row", "token", "dim"), "pooled": ("row", "dim"), "length": ("row",)}
 PART_RE = re.compile(r"^part-(\d{6})-([0-9a-f]{16})\.parquet$")
 CLAIM_RE = re.compile(r"^(\d{6})-([0-9a-f]{16})\.json$")
 
@@ -72,6 +86,14 @@ FAILURE_SCHEMA = pa.schema(
 
 class StoreError(PipeError):
     """A store that cannot be used as asked; the message says what to do."""
+
+
+class UnreadablePart(StoreError):
+    """A manifest part that cannot be read; ``reason`` is the reader's complaint."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -112,6 +134,40 @@ def library_versions() -> dict[str, str]:
 def store_dirname(name: str, fp: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-48:] or "encoder"
     return f"{slug}-{fp[:16]}"
+
+
+def array_entries(arrays: dict[str, np.ndarray]) -> dict[str, dict]:
+    """What the store's attributes record about each array: row shape, dtype, dimension names.
+
+    ``pooled`` shares the ``dim`` axis with ``tokens`` only when their widths agree (xarray
+    requires one size per dimension name).
+    """
+    token_width = arrays["tokens"].shape[-1] if "tokens" in arrays and arrays["tokens"].ndim > 1 else None
+    out = {}
+    for name, arr in arrays.items():
+        row = tuple(int(d) for d in arr.shape[1:])
+        dims = list(DIMENSION_NAMES.get(name, ()))
+        if len(dims) != len(row) + 1:
+            dims = ["row"] + [f"{name}_{i}" for i in range(1, len(row) + 1)]
+        elif name != "tokens" and dims[-1] == "dim" and row[-1] != token_width:
+            dims[-1] = f"{name}_dim"
+        out[name] = {"row_shape": list(row), "dtype": np.dtype(arr.dtype).name, "dimension_names": dims}
+    return out
+
+
+def create_kwargs(entry: dict, shard_rows: int, chunk_rows: int, rows: int) -> dict:
+    """The arguments of ``zarr.create_array`` for one of our arrays: the one layout we write."""
+    row = tuple(entry["row_shape"])
+    return dict(shape=(rows, *row), dtype=entry["dtype"], chunks=(chunk_rows, *row), shards=(shard_rows, *row),
+                compressors=[Crc32cCodec()], fill_value=0, dimension_names=tuple(entry["dimension_names"]))
+
+
+def array_metadata(entry: dict, shard_rows: int, chunk_rows: int, rows: int) -> bytes:
+    """The ``zarr.json`` that zarr-python writes for this array with ``rows`` rows."""
+    files: dict = {}
+    zarr.create_array(store=MemoryStore(store_dict=files), zarr_format=3,
+                      **create_kwargs(entry, shard_rows, chunk_rows, rows))
+    return files["zarr.json"].to_bytes()
 
 
 # Runs of this process that are writing now. A claim this process made in an earlier,
@@ -200,13 +256,46 @@ class Store:
 
     @property
     def array_names(self) -> list[str]:
-        return sorted(name for name, _ in self.group.arrays())
+        """The arrays with metadata on disk (see :meth:`expected_arrays` for those there should be)."""
+        return sorted(p.parent.name for p in self.zpath.glob("*/zarr.json"))
+
+    def expected_arrays(self) -> dict[str, dict]:
+        """Row shape, dtype and dimension names of every array, as the attributes record them.
+
+        Stores written before these were recorded describe the arrays they have, from their
+        own metadata.
+        """
+        recorded = self.attrs.get("arrays")
+        if recorded is None:
+            recorded = dict(zarr.open_group(str(self.zpath), mode="r").attrs).get("arrays")
+        if recorded is not None:
+            return recorded
+        arrays = {name: self.array(name) for name in self.array_names}
+        out = array_entries({n: np.zeros((0, *a.shape[1:]), a.dtype) for n, a in arrays.items()})
+        for name, a in arrays.items():  # names an older version wrote win over the ones we would give
+            if a.metadata.dimension_names:
+                out[name]["dimension_names"] = list(a.metadata.dimension_names)
+        return out
 
     def array(self, name: str):
         return zarr.open_array(str(self.zpath / name), mode="r")
 
     def layout(self, name: str) -> ShardLayout:
-        return ShardLayout.from_zarr(self.array(name), self.zpath / name)
+        """The byte layout of an array, from its metadata, checked against the store's attributes."""
+        try:
+            lay = ShardLayout.from_zarr(self.array(name), self.zpath / name)
+        except FileNotFoundError:
+            raise StoreError(f"store {self.path}: array {name} has no metadata ({ZARR_DIR}/{name}/zarr.json is "
+                             f"missing). Run `{repair_command(self.path)}` to rebuild it.") from None
+        entry = self.expected_arrays().get(name)
+        if entry is not None:
+            want = (tuple(entry["row_shape"]), np.dtype(entry["dtype"]), self.shard_rows, int(self.attrs["chunk_rows"]))
+            have = (lay.row_shape, lay.dtype, lay.shard_rows, lay.chunk_rows)
+            if have != want:
+                raise StoreError(f"store {self.path}: array {name}'s metadata says rows {have[0]} {have[1]} in shards of "
+                                 f"{have[2]} and chunks of {have[3]}, the store's attributes say {want[0]} {want[1]}, "
+                                 f"{want[2]} and {want[3]}. Run `{repair_command(self.path)}` to rewrite it.")
+        return lay
 
     # -- manifest ------------------------------------------------------------------------
     def parts(self) -> list[tuple[int, str, Path]]:
@@ -218,12 +307,22 @@ class Store:
                 out.append((int(m[1]), m[2], p))
         return sorted(out)
 
+    def read_part(self, path: Path) -> pa.Table:
+        """One manifest part; an unreadable one stops with the command that moves it aside."""
+        try:
+            return pq.read_table(path, schema=MANIFEST_SCHEMA)
+        except (OSError, pa.ArrowException) as e:
+            reason = f"{type(e).__name__}: {e}"
+            raise UnreadablePart(f"store {self.path}: manifest part {path.name} is unreadable ({reason}). "
+                                 f"Run `{repair_command(self.path)}` to move it aside; the next `pipe embed` then "
+                                 "re-embeds its items.", reason) from None
+
     def manifest(self) -> pa.Table:
         """Every committed row. Hidden temp files are never read (leading dot)."""
         parts = self.parts()
         if not parts:
             return MANIFEST_SCHEMA.empty_table()
-        return pa.concat_tables([pq.read_table(p, schema=MANIFEST_SCHEMA) for _, _, p in parts])
+        return pa.concat_tables([self.read_part(p) for _, _, p in parts])
 
     def committed_units(self) -> set[tuple[str, int]]:
         t = self.manifest()
@@ -241,7 +340,8 @@ class Store:
 
     def record_failures(self, rows: list[dict], run: str) -> None:
         if rows:
-            table = pa.Table.from_pylist([{**r, "run": run} for r in rows], schema=FAILURE_SCHEMA)
+            table = pa.Table.from_pylist([{**r, "source": self.portable(r.get("source")), "run": run} for r in rows],
+                                         schema=FAILURE_SCHEMA)
             write_parquet_atomic(table, self.path / "failures" / f"{run}.parquet")
 
     # -- claims --------------------------------------------------------------------------
@@ -255,7 +355,13 @@ class Store:
         return sorted(out, key=lambda c: c[0])
 
     def claim(self, group: str, run: str = "") -> Claim:
-        """Try to take the shard for ``group``; the claim's state says whether we got it."""
+        """Try to take the shard for ``group``; the claim's state says whether we got it.
+
+        A new group takes the lowest shard that no part commits and no live process
+        claims: the shard of a dead writer, of a part that `verify --repair` dropped, or
+        the next one at the end. So a group re-embedded after a repair lands in the shard
+        it had, and the repaired store equals a clean one file for file.
+        """
         with locked(self.path / ".lock"):
             parts = self.parts()
             if any(g == group for _, g, _ in parts):
@@ -266,62 +372,96 @@ class Store:
                 if s in committed:  # killed between commit and release: the claim is stale
                     (self.path / "claims" / f"{s:06d}-{g}.json").unlink(missing_ok=True)
                 else:
-                    claims.append((s, g, info))
+                    claims.append((s, g, info, claim_is_live(info)))
             shard = None
-            for s, g, info in claims:
+            for s, g, _, live in claims:
                 if g == group:
-                    if claim_is_live(info):
+                    if live:
                         return Claim(ClaimState.BUSY, group=group)
                     shard = s  # an interrupted write of this very group: redo it in place
             if shard is None:
-                used = [s for s, _, _ in parts] + [s for s, _, _ in claims]
-                shard = self._reusable_shard(claims) if claims else None
-                if shard is None:
-                    shard = max(used, default=-1) + 1
-            for s, g, _ in claims:
+                taken = committed | {s for s, _, _, live in claims if live}
+                shard = next(i for i in range(len(taken) + 1) if i not in taken)
+            for s, g, _, _ in claims:
                 if s == shard:
                     (self.path / "claims" / f"{s:06d}-{g}.json").unlink(missing_ok=True)
             path = self.path / "claims" / f"{shard:06d}-{group}.json"
             atomic_write_bytes(path, json.dumps({**this_process(), "group": group, "shard": shard,
                                                  "run": run, "time": time.time()}).encode())
-        self._clear_shard(shard)
+        self.clear_shard(shard)
         return Claim(ClaimState.TAKEN, shard, group, path)
-
-    def _reusable_shard(self, claims) -> int | None:
-        """A shard whose claimant died before committing can be written again."""
-        dead = [s for s, _, info in claims if not claim_is_live(info)]
-        return min(dead) if dead else None
 
     def release(self, claim: Claim) -> None:
         claim.path.unlink(missing_ok=True)
 
-    def _clear_shard(self, shard: int) -> None:
-        """Remove whatever an interrupted writer left in this shard's files."""
-        for name in ("tokens", "pooled", "length"):
-            c = self.zpath / name / "c" / str(shard)
-            if c.exists():
-                shutil.rmtree(c) if c.is_dir() else c.unlink()
+    def shard_files(self, shard: int) -> list[Path]:
+        """Everything on disk for one shard of every array: its files, and writers' temporary files."""
+        out = []
+        for cdir in self.zpath.glob("*/c"):
+            c = cdir / str(shard)
+            if c.is_dir():
+                out += [p for p in c.rglob("*") if not p.is_dir()]
+            elif c.exists():
+                out.append(c)
+            # a 1-D array's shard is the file c/<shard>, so its writer's temp file is c/.<shard>.partial-<pid>
+            out += [p for p in cdir.glob(f".{shard}.partial-*") if PARTIAL.match(p.name)]
+        return out
+
+    def clear_shard(self, shard: int) -> None:
+        """Remove whatever an interrupted writer (or a dropped commit) left in this shard's files."""
+        for cdir in self.zpath.glob("*/c"):
+            c = cdir / str(shard)
+            if c.is_dir():
+                shutil.rmtree(c)
+            elif c.exists():
+                c.unlink()
+            for p in cdir.glob(f".{shard}.partial-*"):
+                if PARTIAL.match(p.name):
+                    p.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator["Store"]:
+        """Mark the store as being written for the block (``pipe cache gc`` and ``rm`` skip it)."""
+        with shared_lock(self.path / IN_USE):
+            yield self
+
+    def portable(self, source: str | None) -> str | None:
+        """A source path as the store records it: relative to the cache root when inside it."""
+        root = root_of_store(self.path)
+        return portable(source, root) if source and root is not None else source
 
     # -- writing -------------------------------------------------------------------------
     def _ensure_arrays(self, arrays: dict[str, np.ndarray], rows_needed: int) -> None:
+        """Create the arrays on first use (recording them in the attributes) and grow them to ``rows_needed``."""
         with locked(self.path / ".lock"):
             g = zarr.open_group(str(self.zpath), mode="r+")
-            have = {n for n, _ in g.arrays()}
-            chunk = int(self.attrs["chunk_rows"])
+            recorded = dict(g.attrs).get("arrays") or self.expected_arrays()
+            have = set(self.array_names)
+            entries = array_entries(arrays)
+            for name, entry in entries.items():
+                if name in have:
+                    continue
+                if name in recorded and self.parts():
+                    raise StoreError(f"store {self.path}: array {name} has no metadata ({ZARR_DIR}/{name}/zarr.json is "
+                                     f"missing) but the store holds committed rows. Run "
+                                     f"`{repair_command(self.path)}`, then `pipe embed` again.")
+                g.create_array(name, **create_kwargs(recorded.get(name, entry), self.shard_rows,
+                                                     int(self.attrs["chunk_rows"]), 0))
+            merged = {**entries, **recorded}
+            if dict(g.attrs).get("arrays") != merged:
+                g.attrs.update({"arrays": merged})
+            self.attrs = dict(g.attrs)
             for name, arr in arrays.items():
-                if name not in have:
-                    g.create_array(
-                        name, shape=(0, *arr.shape[1:]), dtype=arr.dtype,
-                        chunks=(chunk, *arr.shape[1:]), shards=(self.shard_rows, *arr.shape[1:]),
-                        compressors=[Crc32cCodec()], fill_value=0,
-                    )
-                z = zarr.open_array(str(self.zpath / name), mode="r+")
-                if tuple(z.shape[1:]) != tuple(arr.shape[1:]) or np.dtype(z.dtype) != arr.dtype:
-                    raise StoreError(f"{self.path}/{name} holds rows of {z.shape[1:]} {z.dtype}, "
-                                     f"got {arr.shape[1:]} {arr.dtype}; the fingerprint should have differed. "
-                                     "Remove the store and re-run `pipe embed`.")
-                if z.shape[0] < rows_needed:
-                    z.resize((rows_needed, *z.shape[1:]))
+                self._grow(name, arr, rows_needed)
+
+    def _grow(self, name: str, arr: np.ndarray, rows_needed: int) -> None:
+        z = zarr.open_array(str(self.zpath / name), mode="r+")
+        if tuple(z.shape[1:]) != tuple(arr.shape[1:]) or np.dtype(z.dtype) != arr.dtype:
+            raise StoreError(f"{self.path}/{name} holds rows of {z.shape[1:]} {z.dtype}, "
+                             f"got {arr.shape[1:]} {arr.dtype}; the fingerprint should have differed. "
+                             "Remove the store and re-run `pipe embed`.")
+        if z.shape[0] < rows_needed:
+            z.resize((rows_needed, *z.shape[1:]))
 
     def shard_sink(self, shard: int, fsync: bool = True) -> "ShardSink":
         """Stream rows into one claimed shard; see :class:`ShardSink`."""
@@ -346,7 +486,7 @@ class Store:
         n, start = len(keys), claim.shard * self.shard_rows
         table = pa.Table.from_pydict({
             "key": keys, "view": views, "row": list(range(start, start + n)),
-            "shard": [claim.shard] * n, "source": sources, "dataset": [dataset] * n,
+            "shard": [claim.shard] * n, "source": [self.portable(s) for s in sources], "dataset": [dataset] * n,
             "status": ["ok"] * n,
         }, schema=MANIFEST_SCHEMA)
         write_parquet_atomic(table, self.path / "manifest" / f"part-{claim.shard:06d}-{claim.group}.parquet")
@@ -390,7 +530,8 @@ class ShardSink:
 
 
 def find_stores(root: Path) -> list[Path]:
+    """Store directories under a cache root (hidden ones, such as a store being removed, are not)."""
     base = Path(root) / "stores"
     if not base.exists():
         return []
-    return sorted(p.parent.parent for p in base.glob(f"*/*/{ZARR_DIR}/zarr.json"))
+    return sorted(p.parent.parent for p in base.glob(f"*/*/{ZARR_DIR}/zarr.json") if not p.parents[1].name.startswith("."))

@@ -190,13 +190,13 @@ def test_verify_catches_flipped_byte_deleted_shard_and_dangling_row(tmp_path):
     raw[100] ^= 0xFF
     shard.write_bytes(bytes(raw))
     r = pipe("cache", "verify", "--cache", str(cache), expect=1)
-    assert "crc32c" in r.output and "tokens shard 0" in r.output
+    assert "crc32c" in r.output and "array tokens, shard 0" in r.output
 
     shutil.rmtree(cache)
     shutil.copytree(snapshot, cache)
     shard.unlink()
     r = pipe("cache", "verify", "--cache", str(cache), expect=1)
-    assert "missing" in r.output and "tokens shard 0" in r.output
+    assert "missing" in r.output and "array tokens, shard 0" in r.output
 
     shutil.rmtree(cache)
     shutil.copytree(snapshot, cache)

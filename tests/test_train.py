@@ -97,6 +97,20 @@ def test_resume_reaches_the_same_state_as_an_uninterrupted_run(cached, tmp_path,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_refused_run_leaves_every_file_of_the_existing_run_untouched(cached, tmp_path):
+    table, cache = cached
+    out = tmp_path / "run"
+    train(table, cache, out, "epochs=1")
+
+    def snapshot():
+        return {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    r = train(table, cache, out, "epochs=1", "optim.lr=5e-4", expect=2)
+    assert "holds a run with a different config" in r.output
+    assert snapshot() == before  # config.yaml included: same bytes, same mtime, no new file
+
+
 def test_tokens_mode_with_grid_pooling_trains(cached, tmp_path):
     table, cache = cached
     final = train(table, cache, tmp_path / "tok", "epochs=2", "adaptor.mode=tokens", "adaptor.grid_pool=7",

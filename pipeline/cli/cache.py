@@ -1,4 +1,4 @@
-"""`pipe cache ...`: list and verify the stores; the work is in cache/."""
+"""`pipe cache ...`: list, verify and repair, collect and remove stores; the work is in cache/."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.app import cache_app
-from pipeline.cli.common import CACHE_OPT, JSON_OPT, fail, human_bytes, print_json
+from pipeline.cli.common import CACHE_OPT, JSON_OPT, fail, human_bytes, print_json, results_to, user_errors
 from pipeline.console import err, escape, out
 
 
@@ -34,28 +34,112 @@ def cache_ls(cache: Optional[Path] = CACHE_OPT, as_json: bool = JSON_OPT) -> Non
         err.print("no stores yet: run `pipe embed` first.")
 
 
-@cache_app.command("verify", epilog="Examples:\n\n  pipe cache verify\n\n  pipe cache verify --store ~/.cache/freeze-pipe/stores/image/dinov2-s-0123456789abcdef")
+@cache_app.command("verify", epilog="Examples:\n\n  pipe cache verify --cache /data/cache\n\n"
+                                    "  pipe cache verify --repair --json")
 def cache_verify(cache: Optional[Path] = CACHE_OPT,
-                 store: Optional[Path] = typer.Option(None, "--store", help="Verify only this store directory.")) -> None:
-    """Check every committed chunk's checksum and the manifest's consistency."""
-    from cache.paths import cache_root  # lazy: zarr and pyarrow take a moment to import
-    from cache.store import find_stores  # lazy: keeps `pipe --help` fast
-    from cache.verify import verify_store  # lazy: keeps `pipe --help` fast
+                 store: Optional[Path] = typer.Option(None, "--store", help="Verify only this store directory."),
+                 repair: bool = typer.Option(False, "--repair", help="Turn every problem found into a clean state: "
+                                             "damaged units are dropped (the next `pipe embed` re-embeds them), "
+                                             "unreadable manifest parts moved aside, leftovers removed."),
+                 as_json: bool = JSON_OPT) -> None:
+    """Check every committed chunk's checksum, the array metadata and the manifests (exit 1 on a problem)."""
+    from cache.index import embed_commands  # lazy: keeps `pipe --help` fast
+    from cache.paths import cache_root, root_of_store  # lazy: keeps `pipe --help` fast
+    from cache.store import find_stores  # lazy: zarr and pyarrow take a moment to import
+    from cache.verify import verify_derived, verify_store  # lazy: keeps `pipe --help` fast
 
-    stores = [store] if store else find_stores(cache_root(cache))
-    if not stores:
-        fail(f"no stores under {cache_root(cache)}; run `pipe embed` first or pass --cache.")
-    bad = 0
-    for path in stores:
-        rep = verify_store(path)
-        status = "[green]ok[/]" if rep.ok else "[bold red]CORRUPT[/]"
-        err.print(f"{escape(str(status))} {escape(str(path))}: {rep.rows:,} rows in {escape(str(rep.shards))} shards", soft_wrap=True)
-        for p in rep.problems:
-            err.print(f"  [red]✗[/] {escape(p)}", soft_wrap=True)
-        for w in rep.warnings:
-            err.print(f"  [yellow]![/] {escape(w)}", soft_wrap=True)
-        bad += not rep.ok
+    root = root_of_store(store.resolve()) if store else cache_root(cache)
+    paths = [store.resolve()] if store else find_stores(root)
+    if not paths:
+        fail(f"no stores under {root}; run `pipe embed` first or pass --cache.")
+    reports = [verify_store(p, repair) for p in paths]
+    if not store:
+        reports.append(verify_derived(root, repair))
+    show = results_to(as_json)
+    for rep in reports:
+        _print_report(rep, show)
+    touched = [r.store for r in reports if r.repairs and r.modality != "cache"]
+    commands = embed_commands(root, touched) if root is not None and touched else []
+    bad = [r for r in reports if not r.ok]
+    _print_verdict(reports, bad, repair, commands)
+    if as_json:
+        print_json({"cache": str(root), "ok": not bad, "repaired": repair, "stores": [r.to_json() for r in reports],
+                    "reembed": commands})
     if bad:
-        err.print(f"[red]{bad} store(s) failed verification.[/] Remove the damaged store (or the named shard's "
-                  "manifest part) and re-run `pipe embed` to rebuild what is missing.")
         raise typer.Exit(1)
+
+
+def _print_report(rep, show) -> None:
+    final = rep.after or rep
+    status = "[green]ok[/]" if rep.ok else "[bold red]CORRUPT[/]"
+    if rep.after is not None and rep.problems and rep.ok:
+        status = "[green]repaired[/]"
+    what = "cache files" if rep.modality == "cache" else f"{final.rows:,} rows in {final.shards} shards"
+    show.print(f"{status} {escape(str(rep.store))}: {what}", soft_wrap=True)
+    for p in rep.problems:
+        show.print(f"  [red]✗[/] {escape(p)}", soft_wrap=True)
+    for w in rep.warnings:
+        show.print(f"  [yellow]![/] {escape(w)}", soft_wrap=True)
+    for r in rep.repairs:
+        show.print(f"  [green]✓[/] {escape(r)}", soft_wrap=True)
+    if rep.after is not None:
+        for p in rep.after.problems:
+            show.print(f"  [red]✗ still:[/] {escape(p)}", soft_wrap=True)
+
+
+def _print_verdict(reports, bad, repair: bool, commands: list[str]) -> None:
+    if bad:
+        err.print(f"[red]{len(bad)} store(s) failed verification.[/] "
+                  + ("Some problems could not be repaired (see above)." if repair else
+                     "Run `pipe cache verify --repair` to drop what is damaged (and move unreadable parts aside), "
+                     "then `pipe embed` to re-embed it."))
+    elif repair and any(r.repairs for r in reports):
+        dropped = sum(r.dropped for r in reports)
+        err.print(f"[green]repaired.[/] {dropped} unit(s) dropped." if dropped else "[green]repaired.[/]")
+    if commands:
+        err.print("Re-embed what the repair removed with:\n" + "\n".join(f"  {escape(c)}" for c in commands),
+                  soft_wrap=True)
+
+
+@cache_app.command("gc", epilog="Examples:\n\n  pipe cache gc --dry-run\n\n  pipe cache gc --cache /data/cache --json")
+def cache_gc(cache: Optional[Path] = CACHE_OPT,
+             dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed, and its size."),
+             as_json: bool = JSON_OPT) -> None:
+    """Remove stores no dataset index references, their Adaptor outputs, and leftover temporary files."""
+    from cache.gc import gc  # lazy: keeps `pipe --help` fast
+    from cache.paths import cache_root  # lazy: keeps `pipe --help` fast
+
+    with user_errors():
+        rep = gc(cache_root(cache), dry_run)
+    _print_removals(rep)
+    if as_json:
+        print_json(rep.to_json())
+
+
+@cache_app.command("rm", epilog="Examples:\n\n  pipe cache rm stores/image/tiny-vit-0123456789abcdef\n\n"
+                                "  pipe cache rm 0123456789ab --force")
+def cache_rm(store: str = typer.Argument(..., help="A store: its path, folder name or fingerprint prefix."),
+             cache: Optional[Path] = CACHE_OPT,
+             force: bool = typer.Option(False, "--force", help="Remove it even though datasets use it (their "
+                                        "index forgets it; `pipe embed` rebuilds it)."),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed."),
+             as_json: bool = JSON_OPT) -> None:
+    """Remove one store (refused while a dataset uses it, unless --force)."""
+    from cache.gc import remove_store  # lazy: keeps `pipe --help` fast
+    from cache.paths import cache_root  # lazy: keeps `pipe --help` fast
+
+    with user_errors():
+        rep = remove_store(cache_root(cache), store, force, dry_run)
+    _print_removals(rep)
+    if as_json:
+        print_json(rep.to_json())
+
+
+def _print_removals(rep) -> None:
+    verb = "would remove" if rep.dry_run else "removed"
+    for r in rep.removed:
+        err.print(f"{verb} {escape(str(r.path))} ({human_bytes(r.bytes)}): {escape(r.why)}", soft_wrap=True)
+    for r in rep.skipped:
+        err.print(f"[yellow]skipped[/] {escape(str(r.path))} ({human_bytes(r.bytes)}): {escape(r.why)}",
+                  soft_wrap=True)
+    err.print(f"{verb} {len(rep.removed)} item(s), {human_bytes(rep.bytes)}" if rep.removed else "nothing to remove")

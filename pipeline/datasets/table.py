@@ -15,6 +15,12 @@ from pipeline.datasets.splits import assign_splits, canonical_splits, split_rule
 KNOWN = {"id", "image", "report", "split", "patient_id", "mask"}
 
 
+def is_text_column(name) -> bool:
+    """Columns read as text, never numbers: ids keep their leading zeros (``000123``), paths stay paths."""
+    name = str(name)
+    return name in KNOWN or name.startswith("mask_") or name.endswith("_id")
+
+
 def read_table(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
@@ -23,7 +29,8 @@ def read_table(path: Path) -> pd.DataFrame:
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(path)
-        return pd.read_csv(path, keep_default_na=True)
+        header = pd.read_csv(path, nrows=0).columns
+        return pd.read_csv(path, keep_default_na=True, dtype={c: str for c in header if is_text_column(c)})
     except Exception as e:
         raise DatasetError(f"cannot read table {path}: {type(e).__name__}: {e}. "
                            "Expected a CSV (comma-separated, header row) or a Parquet file.") from e

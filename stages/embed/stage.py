@@ -136,7 +136,6 @@ def _run(cfg: EmbedConfig, root: Path, dataset: Dataset | None) -> EmbedResult:
                                             also_record=bad_rows)
                 result.results.append(res)
                 result.failures.extend(fails)
-                index.record_store(modality.name, res.encoder, res.store)
         index.finish()
     finally:
         index.close()
@@ -161,6 +160,14 @@ def embed_modality(modality: Modality | str, name: str, index, dataset: str, cfg
     row_bytes = modality.row_bytes(enc_cfg)
     shard_rows = max(cfg.chunk_rows, int(cfg.shard_mb * 2**20 / row_bytes) // cfg.chunk_rows * cfg.chunk_rows)
     store = Store.create(root, modality.name, enc_cfg.name, fingerprint(spec), spec, shard_rows, cfg.chunk_rows)
+    with store.in_use():  # `pipe cache gc` leaves the store alone until the index records it
+        res, failures = _embed_into(store, modality, enc_cfg, index, dataset, cfg, device, run_id, also_record)
+        index.record_store(modality.name, res.encoder, res.store)
+    return res, failures
+
+
+def _embed_into(store: Store, modality: Modality, enc_cfg, index, dataset: str, cfg: EmbedConfig,
+                device: torch.device, run_id: str, also_record: list[dict]) -> tuple[ModalityResult, list[dict]]:
     units, expected = modality.units(index, cfg.views)
     res = ModalityResult(modality.name, enc_cfg.name, str(store.path))
     # the store's own shard size: the store may predate this --shard-mb

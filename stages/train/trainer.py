@@ -212,8 +212,8 @@ def _require(cfg: TrainConfig) -> None:
 
 def _with_dims(cfg: TrainConfig, data: PairData) -> TrainConfig:
     """The Adaptor's input widths are the cached encoders' widths."""
-    di = data.image.array("pooled").shape[1]
-    dt = data.text.array("pooled").shape[1]
+    di = data.image.layout("pooled").row_shape[0]
+    dt = data.text.layout("pooled").row_shape[0]
     return dataclasses.replace(cfg, adaptor=dataclasses.replace(cfg.adaptor, image_dim=di, text_dim=dt))
 
 
@@ -298,9 +298,9 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, main = self.cfg, self.ctx.is_main
+        start = self._maybe_resume()  # first: a refused run (another config, other caches) writes nothing
         if main:
             save_config(cfg, self.out / "config.yaml")
-        start = self._maybe_resume()
         distributed.barrier(self.ctx)  # all ranks have read the checkpoint before rank 0 may replace it
         self.log = MetricsLog(self.out, resume=start > 0) if main else None
         if main:
