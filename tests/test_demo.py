@@ -307,7 +307,7 @@ def test_iu_reports_need_torchxrayvision(tmp_path, monkeypatch):
     def find_spec(name, *args, **kwargs):
         return None if name == "torchxrayvision" else real(name, *args, **kwargs)
 
-    monkeypatch.setattr(demo.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ImportError) as err:
         generate(tmp_path / "demo", DemoSpec(n=4, size=48, reports="iu"))
     assert str(err.value) == (
@@ -367,7 +367,7 @@ def _fake_iu_archive(path: Path) -> Path:
 def test_iu_reports_from_an_nlmcxr_archive(tmp_path, monkeypatch):
     archive = _fake_iu_archive(tmp_path / "NLMCXR_reports.tgz")
     assert demo.read_iu_reports(archive)[1] == FAKE_REPORTS[1]
-    monkeypatch.setattr(demo, "_iu_archive", lambda: archive)
+    monkeypatch.setattr(demo.iu, "_iu_archive", lambda: archive)
     root = tmp_path / "demo"
     df = pd.read_csv(generate(root, DemoSpec(n=120, size=40, seed=4, reports="iu")), dtype={"id": str})
     meta = json.loads((root / "demo.json").read_text())
