@@ -46,6 +46,11 @@ def run(cfg: DemoConfig) -> Path:
     res = embed.run(embed.EmbedConfig(dataset=cfg.dataset, backbone=cfg.backbone, text_encoder=cfg.text_encoder,
                                       cache=cfg.cache, device=cfg.device))
     err.print(f"embedded {res.embedded:,}, reused {res.reused:,}, failed {res.failed} in {res.seconds:.1f} s")
+    if cfg.dataset.partition(":")[0] == "demo":  # how far the phantom reports agree with the labels
+        from pipeline.datasets import open_dataset
+        from pipeline.paths import cache_root
+
+        err.print(open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False).description)
 
     _step("2/4 pipe train-adaptor: from the cache only")
     tcfg = load_config(train_adaptor.TrainConfig, PRESET, [

@@ -46,8 +46,10 @@ def _demo(options: str, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = demo.parse_spec(options)
     folder = cache_root / "demo" / spec.slug()
     items = items_from_table(demo.ensure_demo(folder, spec)) if materialise else []
+    agreement = demo.read_agreement(folder)
+    note = f"; {demo.agreement_line(agreement)}" if agreement else ""
     return Dataset(name=f"demo-{spec.slug()}", spec=f"demo:{options}", items=items,
-                   description=f"built-in phantom chest X-rays ({spec.n} pairs, seed {spec.seed})")
+                   description=f"built-in phantom chest X-rays ({spec.n} pairs, seed {spec.seed}{note})")
 
 
 __all__ = ["Dataset", "DatasetError", "Item", "open_dataset", "register_reader", "READERS"]

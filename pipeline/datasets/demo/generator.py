@@ -20,7 +20,7 @@ from pipeline.datasets.demo.findings import FINDINGS, MASKED_FINDINGS
 from pipeline.datasets.demo.iu import load_iu_bank
 from pipeline.datasets.demo.plan import Case, plan
 from pipeline.datasets.demo.render import render_case
-from pipeline.datasets.demo.reports import write_report
+from pipeline.datasets.demo.reports import Report, agreement_line, compose_report, measure_agreement
 from pipeline.datasets.demo.spec import FORMAT_VERSION, DemoSpec
 
 
@@ -37,7 +37,7 @@ def _is_complete(root: Path, spec: DemoSpec) -> bool:
     want = _expected_meta(spec)
     if any(meta.get(k) != v for k, v in want.items()):
         return False
-    if not (root / "pairs.csv").is_file():
+    if not (root / "pairs.csv").is_file() or not (root / "mentions.csv").is_file():
         return False
     for i in range(spec.n):
         name = f"{i:06d}.png"
@@ -99,22 +99,30 @@ def _install(tmp: Path, root: Path, spec: DemoSpec) -> None:
         raise
 
 
-def _write_case(tmp: Path, spec: DemoSpec, patients: list[PatientAnatomy], bank, case: Case) -> dict:
+def case_report(spec: DemoSpec, case: Case, bank=None) -> Report:
+    """The report of one study: wording from the stream (seed, 3, i), noise decisions
+    from the stream (seed, 5, i), so turning the noise off leaves the wording stream alone."""
+    return compose_report(np.random.default_rng([spec.seed, 3, case.index]), case.findings, bank,
+                          spec.report_noise(), np.random.default_rng([spec.seed, 5, case.index]))
+
+
+def _write_case(tmp: Path, spec: DemoSpec, patients: list[PatientAnatomy], bank, case: Case) -> tuple[dict, dict]:
+    """Write one study's files; return its pairs.csv row and what its report mentions."""
     rng = np.random.default_rng([spec.seed, 2, case.index])
     img, masks = render_case(rng, spec.size, patients[case.patient], case.findings)
-    report = write_report(np.random.default_rng([spec.seed, 3, case.index]), case.findings, bank)
+    report = case_report(spec, case, bank)
     name = f"{case.id}.png"
     _save_png(img, tmp / "images" / name)
     for f in MASKED_FINDINGS:
         _save_png(masks[f].astype(np.uint8) * 255, tmp / "masks" / f / name)
-    row = {"id": case.id, "image": f"images/{name}", "report": report,
+    row = {"id": case.id, "image": f"images/{name}", "report": report.text,
            "patient_id": case.patient_id, "split": case.split}
     for f in FINDINGS:
         row[f] = int(f in case.findings)
     row["normal"] = int(not case.findings)
     for f in MASKED_FINDINGS:
         row[f"mask_{f}"] = f"masks/{f}/{name}"
-    return row
+    return row, {"id": case.id, **report.mentions}
 
 
 def _default_workers() -> int:
@@ -130,10 +138,10 @@ def _check_target(root: Path) -> None:
         raise FileExistsError(f"demo: {root} exists and is not a demo dataset; refusing to replace it")
 
 
-def _write_all(work: Callable[[Case], dict], cases: list[Case], workers: int,
-               progress: Callable[[int], None] | None) -> list[dict]:
-    """Rows of pairs.csv in case order, written by ``workers`` threads."""
-    rows: list[dict] = []
+def _write_all(work: Callable[[Case], tuple[dict, dict]], cases: list[Case], workers: int,
+               progress: Callable[[int], None] | None) -> list[tuple[dict, dict]]:
+    """(pairs.csv row, report mentions) of every case in case order, written by ``workers`` threads."""
+    rows: list[tuple[dict, dict]] = []
     if workers <= 1 or len(cases) < 32:
         for case in cases:
             rows.append(work(case))
@@ -153,11 +161,15 @@ def _write_all(work: Callable[[Case], dict], cases: list[Case], workers: int,
     return rows
 
 
-def _write_tables(tmp: Path, spec: DemoSpec, rows: list[dict], n_patients: int) -> None:
+def _write_tables(tmp: Path, spec: DemoSpec, rows: list[tuple[dict, dict]], n_patients: int) -> dict:
+    """Write pairs.csv, mentions.csv and demo.json; return the label-report agreement."""
     import pandas as pd
 
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame([row for row, _ in rows])
     df.to_csv(tmp / "pairs.csv", index=False)
+    mentions = pd.DataFrame([m for _, m in rows], columns=["id", *FINDINGS])
+    mentions.to_csv(tmp / "mentions.csv", index=False)
+    agreement = measure_agreement(df[list(FINDINGS)].to_dict("records"), mentions.fillna("").to_dict("records"))
     meta = _expected_meta(spec) | {
         "generator": "pipeline.datasets.demo",
         "findings": list(FINDINGS),
@@ -167,8 +179,18 @@ def _write_tables(tmp: Path, spec: DemoSpec, rows: list[dict], n_patients: int) 
         "orientation": "PA view: the patient's left is on the image right",
         "reports_license": "CC BY-NC-ND 4.0 (Indiana University chest X-ray reports)"
         if spec.reports == "iu" else "synthetic",
+        "report_agreement": agreement,
     }
     (tmp / "demo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return agreement
+
+
+def read_agreement(root: Path) -> dict | None:
+    """The label-report agreement recorded in ``root``/demo.json (None when absent)."""
+    try:
+        return json.loads((Path(root) / "demo.json").read_text()).get("report_agreement")
+    except (OSError, ValueError):
+        return None
 
 
 def generate(
@@ -221,5 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=DemoSpec.size)
     ap.add_argument("--seed", type=int, default=DemoSpec.seed)
     ap.add_argument("--reports", choices=("synthetic", "iu"), default=DemoSpec.reports)
+    ap.add_argument("--noise", type=int, choices=(0, 1), default=DemoSpec.noise,
+                    help="1: reports disagree with the labels as real ones do; 0: they agree exactly")
+    ap.add_argument("--omit", type=float, default=DemoSpec.omit)
+    ap.add_argument("--uncertain", type=float, default=DemoSpec.uncertain)
+    ap.add_argument("--spurious", type=float, default=DemoSpec.spurious)
     a = ap.parse_args(argv)
-    print(generate(a.root, DemoSpec(a.n, a.size, a.seed, a.reports)))
+    spec = DemoSpec(a.n, a.size, a.seed, a.reports, a.noise, a.omit, a.uncertain, a.spurious)
+    csv = generate(a.root, spec)
+    print(csv)
+    agreement = read_agreement(csv.parent)
+    if agreement:
+        print(agreement_line(agreement))

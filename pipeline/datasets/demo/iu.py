@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets.demo.findings import FINDINGS, _zone_of
-from pipeline.datasets.demo.reports import (_IMPRESSION_NORMAL, _LUNG_FINDINGS, _LUNGS_CLEAR, _NEG_PROB,
-                                            _NEGATIVE, _POSITIVE, _join, _pick)
+from pipeline.datasets.demo.phrases import (IMPRESSION_NORMAL, IMPRESSION_NORMAL_WIDE, LUNG_FINDINGS, LUNGS_CLEAR,
+                                            LUNGS_CLEAR_WIDE, NEG_PROB, NEGATIVE, NEGATIVE_WIDE, _pick,
+                                            hedged_sentence, pool, positive_sentence)
+from pipeline.datasets.demo.reports import HEDGED, NEGATED, POSITIVE, Intent, Tagged
 
 IU_MISSING = (
     "demo:reports=iu needs the IU reports from the torchxrayvision package: "
@@ -81,6 +83,9 @@ _ZONE_WORDS = {
     "mid": re.compile(r"middle|\bmid|lingula|perihilar", re.I),
     "lower": re.compile(r"lower|\bbases?\b|basilar|basal|retrocardiac|infrahilar", re.I),
 }
+# words that make a real sentence's positive mention uncertain
+_HEDGE = re.compile(r"possibl|cannot (?:be )?exclud|not (?:be )?excluded|may represent|question|suspect|probabl|"
+                    r"likely|suggest|concern|equivocal|could|borderline|\bvs\b", re.I)
 _PLURAL_NODULE = re.compile(r"nodules|masses|granulomas|nodular densities|nodular opacities", re.I)
 
 
@@ -259,71 +264,78 @@ class SentenceBank:
             pool = [s for s in self.index[other].get(key, ()) if ok(s)]
         return pool
 
-    def _consistent(self, s: _Sentence, findings: dict) -> bool:
-        present = set(findings)
-        if not s.pos <= present or s.neg & present:
+    def _consistent(self, s: _Sentence, asserted: dict, shown: dict) -> bool:
+        """Does ``s`` say only what the report asserts, and negate nothing it mentions?"""
+        if not s.pos <= set(asserted) or s.neg & set(shown):
             return False
         if len(s.pos) > 1 and s.sides:
             return False
-        return all(_fits_positive(s, f, findings[f]) for f in s.pos)
+        return all(_fits_positive(s, f, asserted[f]) for f in s.pos)
 
-    def report(self, rng: np.random.Generator, findings: dict) -> str:
-        """A report for ``findings`` from real sentences; a synthetic sentence stands in
-        wherever no real one fits the case."""
+    def sections(self, rng: np.random.Generator, intent: Intent, wide: bool) -> tuple[list[Tagged], list[Tagged]]:
+        """Findings and impression sentences for ``intent`` from real sentences; a synthetic
+        sentence stands in wherever no real one fits the case, and for hedged mentions."""
         draw = _Draw(self, rng)
-        body = self._body(draw, findings)
-        impression = self._impression(draw, findings)
-        return _join(body, impression, rng)
+        body = self._body(draw, intent, wide)
+        present = list(intent.shown)
+        if not present:
+            s = draw.take("impression", ("kind", "global"))
+            return body, [(s.text if s else _pick(rng, pool(IMPRESSION_NORMAL, IMPRESSION_NORMAL_WIDE, wide)), {})]
+        order = [present[int(i)] for i in rng.permutation(len(present))]
+        return body, self._positives(draw, intent, order, True, wide)
 
-    def _body(self, draw: "_Draw", findings: dict) -> list[str]:
-        rng = draw.rng
-        present = [f for f in FINDINGS if f in findings]
-        absent = set(FINDINGS) - set(present)
-        lung_free = not any(f in findings for f in _LUNG_FINDINGS)
-        body: list[str] = []
+    def _positives(self, draw: "_Draw", intent: Intent, order: list[str], impression: bool,
+                   wide: bool) -> list[Tagged]:
+        rng, shown = draw.rng, intent.shown
+        asserted = {f: p for f, p in shown.items() if f not in intent.hedge}
+        section = "impression" if impression else "findings"
+        out: list[Tagged] = []
         covered: set[str] = set()
-        for f in present:
+        for f in order:
             if f in covered:
                 continue
-            s = draw.take("findings", ("pos", f), lambda s: self._consistent(s, findings))
-            body.append(s.text if s else _POSITIVE[f](rng, findings[f], False))
+            if f in intent.hedge:
+                out.append((hedged_sentence(rng, f, shown[f], impression), {f: HEDGED}))
+                covered.add(f)
+                continue
+            s = draw.take(section, ("pos", f), lambda s: self._consistent(s, asserted, shown))
+            if s:
+                kind = HEDGED if _HEDGE.search(s.text) else POSITIVE
+                out.append((s.text, {g: kind for g in s.pos}))
+            else:
+                text = positive_sentence(rng, f, shown[f], impression, wide)
+                out.append((text, {f: HEDGED if shown[f]["subtle"] else POSITIVE}))
             covered |= s.pos if s else {f}
+        return out
+
+    def _body(self, draw: "_Draw", intent: Intent, wide: bool) -> list[Tagged]:
+        rng, shown = draw.rng, intent.shown
+        absent = set(FINDINGS) - set(shown)
+        lung_free = not any(f in shown for f in LUNG_FINDINGS)
+        body = self._positives(draw, intent, list(shown), False, wide)
         negated: set[str] = set()
         for f in sorted(absent, key=FINDINGS.index):
-            if f in negated or rng.random() >= _NEG_PROB[f]:
+            if f in negated or rng.random() >= NEG_PROB[f]:
                 continue
             s = draw.take("findings", ("neg", f), lambda s: s.neg <= absent and not s.pos
                           and (lung_free or not s.says_clear))
-            body.append(s.text if s else _pick(rng, _NEGATIVE[f]))
+            if s:
+                body.append((s.text, {g: NEGATED for g in s.neg}))
+            else:
+                body.append((_pick(rng, pool(NEGATIVE[f], NEGATIVE_WIDE[f], wide)), {f: NEGATED}))
             negated |= s.neg if s else {f}
         if lung_free and rng.random() < 0.7:
             s = draw.take("findings", ("kind", "lungs"))
             if s:
-                body.append(s.text)
+                body.append((s.text, {}))
         for _ in range(int(rng.integers(0, 3))):
             s = draw.take("findings", ("kind", "other"))
             if s:
-                body.append(s.text)
+                body.append((s.text, {}))
         if not body:
-            body.append(_pick(rng, _LUNGS_CLEAR) if lung_free else "No acute osseous abnormality.")
+            body.append((_pick(rng, pool(LUNGS_CLEAR, LUNGS_CLEAR_WIDE, wide)) if lung_free
+                         else "No acute osseous abnormality.", {}))
         return [body[int(i)] for i in rng.permutation(len(body))]
-
-    def _impression(self, draw: "_Draw", findings: dict) -> list[str]:
-        rng = draw.rng
-        present = [f for f in FINDINGS if f in findings]
-        if not present:
-            s = draw.take("impression", ("kind", "global"))
-            return [s.text if s else _pick(rng, _IMPRESSION_NORMAL)]
-        impression: list[str] = []
-        covered: set[str] = set()
-        for i in rng.permutation(len(present)):
-            f = present[int(i)]
-            if f in covered:
-                continue
-            s = draw.take("impression", ("pos", f), lambda s: self._consistent(s, findings))
-            impression.append(s.text if s else _POSITIVE[f](rng, findings[f], True))
-            covered |= s.pos if s else {f}
-        return impression
 
 
 class _Draw:

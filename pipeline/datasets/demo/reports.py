@@ -1,241 +1,158 @@
-"""The report writer: a 'FINDINGS: ... IMPRESSION: ...' report from a study's findings."""
+"""The report writer: a 'FINDINGS: ... IMPRESSION: ...' report from a study's findings.
+
+Without noise (``noise=None``) every present finding is reported (subtle ones with a
+hedge), absent ones are negated or left unmentioned, and nothing else is said about the
+five findings: the report agrees with the labels.
+
+With a :class:`ReportNoise`, the reports disagree with the labels the way real ones do.
+Per study, from the noise stream:
+
+- ``omit``: a present finding is left out of the report, as if missed (twice the chance
+  for a subtle one). The report is then written as the reader saw the study, so it may
+  even say "No pneumothorax.". The label stays positive.
+- ``uncertain``: a clearly visible finding is reported with a hedge ("Cannot exclude ...",
+  "..., which may represent ..."). Subtle findings are always hedged.
+- ``spurious``: an absent finding gets a hedged mention ("Possible small left pleural
+  effusion."). The label stays negative.
+- paraphrases: every sentence is drawn from a wider phrase bank (several wordings per
+  finding, negation and normal statement), in varied order, with optional technique and
+  comparison sentences (``extras``).
+
+The writer records what it emitted about each finding (:class:`Report.mentions`), and
+:func:`measure_agreement` turns those records into the label-report agreement figures.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
-from pipeline.datasets.demo.findings import FINDINGS, _zone_of
+from pipeline.datasets.demo.findings import FINDINGS, sample_finding
+from pipeline.datasets.demo.phrases import (BACKGROUND, BACKGROUND_WIDE, COMPARISON, IMPRESSION_NORMAL,
+                                            IMPRESSION_NORMAL_WIDE, LUNG_FINDINGS, LUNGS_CLEAR, LUNGS_CLEAR_WIDE,
+                                            NEG_PAIR, NEG_PAIR_WIDE, NEG_PROB, NEGATIVE, NEGATIVE_WIDE, OTHERWISE,
+                                            TECHNIQUE, _pick, hedged_sentence, pool, positive_sentence)
+
+POSITIVE, HEDGED, NEGATED = "positive", "hedged", "negated"  # what a report says about a finding
+_RANK = {POSITIVE: 3, HEDGED: 2, NEGATED: 1}
+
+Tagged = tuple[str, dict]  # a sentence and {finding: POSITIVE | HEDGED | NEGATED} of what it says
 
 
-def _cap(s: str) -> str:
-    return s[:1].upper() + s[1:]
+@dataclass(frozen=True)
+class ReportNoise:
+    omit: float = 0.15  # chance that a present finding is left out (doubled when subtle)
+    uncertain: float = 0.10  # chance that a clearly visible finding is reported with a hedge
+    spurious: float = 0.05  # chance that an absent finding gets a hedged mention
+    extras: float = 0.3  # chance of a technique sentence, and of a comparison sentence
 
 
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
+@dataclass(frozen=True)
+class Intent:
+    """What a report will say: the findings it mentions (``shown``, with the parameters
+    the reader saw), which of them with a hedge, which are not in the image, which are
+    in the image but missed."""
+
+    shown: dict
+    hedge: frozenset = frozenset()
+    spurious: frozenset = frozenset()
+    missed: frozenset = frozenset()
 
 
-_LOBE_PHRASES = {
-    ("right", "upper"): ("right upper lobe", "right upper zone", "right upper lung"),
-    ("right", "middle"): ("right middle lobe",),
-    ("right", "lower"): ("right lower lobe", "right lung base", "right base"),
-    ("left", "upper"): ("left upper lobe", "left upper zone", "left upper lung"),
-    ("left", "middle"): ("lingula", "lingular segment"),
-    ("left", "lower"): ("left lower lobe", "left lung base", "left base"),
-}
-_ZONE_PHRASES = {
-    "upper": ("{side} upper lung zone", "{side} upper lobe", "{side} upper lung"),
-    "mid": ("{side} mid lung zone", "{side} midlung", "{side} mid lung"),
-    "lower": ("{side} lung base", "{side} lower lobe", "{side} lower lung zone"),
-}
-_COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+@dataclass(frozen=True)
+class Report:
+    text: str
+    mentions: dict  # finding -> POSITIVE, HEDGED, NEGATED or "" (not mentioned)
+    intent: Intent
 
 
-def _effusion_sentence(rng, p: dict, impression: bool) -> str:
-    side, size = p["side"], p["size"]
-    bil = side == "bilateral"
-    eff = "pleural effusions" if bil else "pleural effusion"
-    angle = "costophrenic angles" if bil else f"{side} costophrenic angle"
-    if p["subtle"]:
-        opts = [
-            f"Possible small {side} {eff}.",
-            f"Blunting of the {angle} may represent a small {eff}.",
-            f"Trace {side} {eff} is suspected.",
-            f"Minimal blunting of the {angle}, possibly a small {eff}.",
-        ]
-        if impression:
-            opts = [f"Possible small {side} {eff}.", f"Probable trace {side} {eff}."]
-        return _pick(rng, opts)
-    article = "" if bil else "a "
-    be = "are" if bil else "is"
-    opts = [
-        f"{_cap(size)} {side} {eff}.",
-        f"There {be} {article}{size} {side} {eff}.",
-        f"{_cap(size)} {side} {eff} with blunting of the {angle}.",
-        f"Fluid layering at {'both bases' if bil else 'the ' + side + ' base'} consistent with {article}{size} {side} {eff}.",
-    ]
-    if size == "moderate":
-        opts.append(f"{_cap(size)} {side} {eff} obscuring the {'hemidiaphragms' if bil else side + ' hemidiaphragm'}.")
-    if size == "large":
-        opts.append(f"Large {side} {eff} occupying the lower {'hemithoraces' if bil else side + ' hemithorax'}.")
-    if impression:
-        opts = [f"{_cap(size)} {side} {eff}.", f"{_cap(size)} {side} {eff}, layering at the {'bases' if bil else 'base'}."]
-    return _pick(rng, opts)
+def report_intent(findings: dict, noise: ReportNoise | None, rng: np.random.Generator) -> Intent:
+    """Decide, from ``rng``, what a report on ``findings`` will mention and how."""
+    shown = {f: findings[f] for f in FINDINGS if f in findings}
+    if noise is None:
+        return Intent(shown)
+    hedge, spurious, missed = set(), set(), set()
+    for f in FINDINGS:
+        u_omit, u_hedge, u_spurious = rng.random(3)  # three draws per finding, whatever the rates
+        if f in findings:
+            subtle = findings[f]["subtle"]
+            if u_omit < min(1.0, noise.omit * (2.0 if subtle else 1.0)):
+                missed.add(f)
+                del shown[f]
+            elif u_hedge < noise.uncertain and not subtle:
+                hedge.add(f)
+        elif u_spurious < noise.spurious:
+            spurious.add(f)
+    for f in FINDINGS:
+        if f in spurious:  # what the reader thought was there
+            shown[f] = sample_finding(rng, f)
+    shown = {f: shown[f] for f in FINDINGS if f in shown}
+    return Intent(shown, frozenset(hedge | spurious), frozenset(spurious), frozenset(missed))
 
 
-def _pneumothorax_sentence(rng, p: dict, impression: bool) -> str:
-    side, size = p["side"], p["size"]
-    if p["subtle"]:
-        opts = [
-            f"Possible small {side} apical pneumothorax.",
-            f"A tiny {side} apical pneumothorax cannot be excluded.",
-            f"Questionable thin pleural line at the {side} apex, which may represent a small pneumothorax.",
-        ]
-        if impression:
-            opts = [f"Possible small {side} apical pneumothorax.", f"Small {side} apical pneumothorax cannot be excluded."]
-        return _pick(rng, opts)
-    where = {"small": "apex", "moderate": "upper hemithorax", "large": "hemithorax"}[size]
-    opts = [
-        f"{_cap(size)} {side} pneumothorax.",
-        f"There is a {size} {side} pneumothorax with a visible pleural line.",
-        f"A visceral pleural line is seen in the {side} {where}, consistent with a {size} pneumothorax.",
-    ]
-    if size == "small":
-        opts.append(f"Small {side} apical pneumothorax.")
-    if size == "large":
-        opts.append(f"Large {side} pneumothorax with partial collapse of the {side} lung.")
-    if impression:
-        opts = [f"{_cap(size)} {side} pneumothorax.", f"{_cap(size)} {side} pneumothorax; clinical correlation recommended."]
-    return _pick(rng, opts)
+def _positive(rng: np.random.Generator, f: str, p: dict, intent: Intent, impression: bool, wide: bool) -> Tagged:
+    if f in intent.hedge:
+        return hedged_sentence(rng, f, p, impression), {f: HEDGED}
+    return positive_sentence(rng, f, p, impression, wide), {f: HEDGED if p["subtle"] else POSITIVE}
 
 
-def _consolidation_sentence(rng, p: dict, impression: bool) -> str:
-    loc = _pick(rng, _LOBE_PHRASES[(p["side"], p["lobe"])])
-    if p["subtle"]:
-        opts = [
-            f"Cannot exclude early consolidation in the {loc}.",
-            f"Subtle patchy airspace opacity in the {loc}, possibly early pneumonia.",
-            f"Questionable faint consolidation in the {loc}.",
-        ]
-        if impression:
-            opts = [f"Cannot exclude early pneumonia in the {loc}.", f"Possible early consolidation in the {loc}."]
-        return _pick(rng, opts)
-    opts = [
-        f"Patchy airspace consolidation in the {loc}.",
-        f"Focal consolidation in the {loc}, consistent with pneumonia.",
-        f"There is patchy airspace disease within the {loc}.",
-        f"Airspace opacity in the {loc} concerning for pneumonia.",
-        f"{_cap(loc)} consolidation.",
-    ]
-    if impression:
-        opts = [f"{_cap(loc)} pneumonia.", f"{_cap(loc)} consolidation, likely pneumonia.",
-                f"Consolidation in the {loc} compatible with pneumonia."]
-    return _pick(rng, opts)
-
-
-def _nodule_sentence(rng, p: dict, impression: bool) -> str:
-    nods = p["nodules"]
-    d = max(n["diameter_mm"] for n in nods)
-    size = f"{d} mm" if d < 10 or rng.random() < 0.6 else f"{d / 10:.1f} cm"
-    if len(nods) == 1:
-        n = nods[0]
-        loc = _pick(rng, _ZONE_PHRASES[_zone_of(n["v"])]).format(side=n["side"])
-        if p["subtle"]:
-            opts = [f"Possible small nodule in the {loc}.", f"Questionable {size} nodular density in the {loc}."]
-            if impression:
-                opts = [f"Possible {loc} nodule; consider CT for further evaluation."]
-            return _pick(rng, opts)
-        opts = [
-            f"A {size} nodule in the {loc}.",
-            f"There is a {size} pulmonary nodule projecting over the {loc}.",
-            f"Rounded {size} nodular density in the {loc}.",
-            f"{_cap(size)} well-circumscribed nodule in the {loc}.",
-        ]
-        if impression:
-            opts = [f"{_cap(loc)} pulmonary nodule; CT recommended for further characterization.",
-                    f"{size} {loc} nodule; recommend follow-up CT."]
-        return _cap(_pick(rng, opts))
-    sides = {n["side"] for n in nods}
-    cw = _COUNT_WORDS[len(nods)]
-    where = f"the {next(iter(sides))} lung" if len(sides) == 1 else "both lungs"
-    if p["subtle"]:
-        opts = [f"Possible {cw} small nodules in {where}.", f"Questionable small nodular densities in {where}."]
-        if impression:
-            opts = [f"Possible small pulmonary nodules in {where}; consider CT."]
-        return _pick(rng, opts)
-    opts = [
-        f"{_cap(cw)} pulmonary nodules in {where}, the largest measuring {size}.",
-        f"There are {cw} nodules in {where}, up to {size}.",
-        f"Multiple ({cw}) rounded nodules in {where}, the largest {size}.",
-    ]
-    if impression:
-        opts = [f"Pulmonary nodules in {where}, largest {size}; recommend follow-up CT.",
-                f"{_cap(cw)} pulmonary nodules; CT recommended."]
-    return _pick(rng, opts)
-
-
-def _cardiomegaly_sentence(rng, p: dict, impression: bool) -> str:
-    sev = p["severity"]
-    if p["subtle"]:
-        opts = ["Possible mild cardiomegaly.", "The cardiac silhouette appears mildly enlarged."]
-        if impression:
-            opts = ["Possible mild cardiomegaly."]
-        return _pick(rng, opts)
-    adv = {"mild": "mildly", "moderate": "moderately", "marked": "markedly"}[sev]
-    adj = {"mild": "Mild", "moderate": "Moderate", "marked": _pick(rng, ("Marked", "Severe"))}[sev]
-    opts = [
-        f"{adj} cardiomegaly.",
-        f"The heart is {adv} enlarged.",
-        f"{adj} enlargement of the cardiac silhouette.",
-        f"The cardiac silhouette is {adv} enlarged.",
-        f"The heart is enlarged, with a cardiothoracic ratio of about {p['ctr']:.2f}.",
-    ]
-    if impression:
-        opts = [f"{adj} cardiomegaly.", "Cardiomegaly.", f"{adj} cardiomegaly without pulmonary edema."]
-    return _pick(rng, opts)
-
-
-_POSITIVE = {
-    "cardiomegaly": _cardiomegaly_sentence,
-    "effusion": _effusion_sentence,
-    "consolidation": _consolidation_sentence,
-    "pneumothorax": _pneumothorax_sentence,
-    "nodule": _nodule_sentence,
-}
-_NEGATIVE = {
-    "cardiomegaly": ("Heart size is normal.", "The heart is normal in size.", "Normal heart size.",
-                     "The cardiac silhouette is within normal limits.", "No cardiomegaly.",
-                     "The cardiomediastinal silhouette is within normal limits."),
-    "effusion": ("No pleural effusion.", "No effusion.", "There is no pleural effusion.",
-                 "No pleural effusions are seen.", "The costophrenic angles are sharp."),
-    "consolidation": ("No focal consolidation.", "No focal airspace consolidation.",
-                      "There is no focal airspace disease.", "No consolidation."),
-    "pneumothorax": ("No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."),
-    "nodule": ("No suspicious pulmonary nodules.", "No pulmonary nodules or masses.", "No focal nodule."),
-}
-_NEG_PROB = {"cardiomegaly": 0.75, "effusion": 0.85, "consolidation": 0.7, "pneumothorax": 0.85, "nodule": 0.3}
-_NEG_PAIR = ("No pleural effusion or pneumothorax.", "No pneumothorax or pleural effusion.",
-             "There is no pneumothorax or effusion.")
-_BACKGROUND = ("The mediastinal contours are unremarkable.", "No acute osseous abnormality.",
-               "The visualized osseous structures are intact.", "The trachea is midline.",
-               "Pulmonary vascularity is within normal limits.")
-_LUNGS_CLEAR = ("The lungs are clear.", "Lungs are clear bilaterally.", "The lungs are well expanded and clear.")
-_OTHERWISE = "The lungs are otherwise clear."
-_IMPRESSION_NORMAL = ("No acute cardiopulmonary abnormality.", "Normal chest radiograph.",
-                      "No acute cardiopulmonary process.", "No active disease in the chest.")
-_LUNG_FINDINGS = ("effusion", "consolidation", "pneumothorax", "nodule")
-
-
-def _synthetic_sections(rng, findings: dict) -> tuple[list[str], list[str]]:
-    present = [f for f in FINDINGS if f in findings]
-    absent = [f for f in FINDINGS if f not in findings]
-    positives = [_POSITIVE[f](rng, findings[f], False) for f in present]
-    body: list[str] = list(positives)
-    negs = set(absent)
+def _negations(rng: np.random.Generator, negs: set[str], wide: bool) -> list[Tagged]:
+    out: list[Tagged] = []
     if "effusion" in negs and "pneumothorax" in negs and rng.random() < 0.4:
-        body.append(_pick(rng, _NEG_PAIR))
-        negs -= {"effusion", "pneumothorax"}
+        out.append((_pick(rng, pool(NEG_PAIR, NEG_PAIR_WIDE, wide)), {"effusion": NEGATED, "pneumothorax": NEGATED}))
+        negs = negs - {"effusion", "pneumothorax"}
     for f in sorted(negs, key=FINDINGS.index):
-        if rng.random() < _NEG_PROB[f]:
-            body.append(_pick(rng, _NEGATIVE[f]))
-    if not any(f in findings for f in _LUNG_FINDINGS) and rng.random() < 0.8:
-        body.append(_pick(rng, _LUNGS_CLEAR))
-    elif any(f in findings for f in ("consolidation", "nodule")) and "effusion" not in findings \
-            and "pneumothorax" not in findings and rng.random() < 0.3:
-        body.append(_OTHERWISE)
-    for i in rng.permutation(len(_BACKGROUND))[: int(rng.integers(0, 3))]:
-        body.append(_BACKGROUND[int(i)])
-    order = rng.permutation(len(body))
-    body = [body[int(i)] for i in order]
-    if _OTHERWISE in body:  # "otherwise clear" reads only after the positive findings
-        body.remove(_OTHERWISE)
-        last = max(i for i, s in enumerate(body) if s in positives)
-        body.insert(last + 1, _OTHERWISE)
-    if not present:
-        impression = [_pick(rng, _IMPRESSION_NORMAL)]
-    else:
-        order = [present[int(i)] for i in rng.permutation(len(present))]
-        impression = [_POSITIVE[f](rng, findings[f], True) for f in order]
-    return body, impression
+        if rng.random() < NEG_PROB[f]:
+            out.append((_pick(rng, pool(NEGATIVE[f], NEGATIVE_WIDE[f], wide)), {f: NEGATED}))
+    return out
+
+
+def _lungs(rng: np.random.Generator, shown: dict, wide: bool) -> list[Tagged]:
+    """"The lungs are clear." when no lung finding is reported; "otherwise clear" after some."""
+    if not any(f in shown for f in LUNG_FINDINGS) and rng.random() < 0.8:
+        return [(_pick(rng, pool(LUNGS_CLEAR, LUNGS_CLEAR_WIDE, wide)), {})]
+    if any(f in shown for f in ("consolidation", "nodule")) and "effusion" not in shown \
+            and "pneumothorax" not in shown and rng.random() < 0.3:
+        return [(OTHERWISE, {})]
+    return []
+
+
+def _impression(rng: np.random.Generator, intent: Intent, wide: bool) -> list[Tagged]:
+    if not intent.shown:
+        return [(_pick(rng, pool(IMPRESSION_NORMAL, IMPRESSION_NORMAL_WIDE, wide)), {})]
+    present = list(intent.shown)
+    order = [present[int(i)] for i in rng.permutation(len(present))]
+    return [_positive(rng, f, intent.shown[f], intent, True, wide) for f in order]
+
+
+def _synthetic_sections(rng: np.random.Generator, intent: Intent, wide: bool) -> tuple[list[Tagged], list[Tagged]]:
+    shown = intent.shown
+    positives = [_positive(rng, f, p, intent, False, wide) for f, p in shown.items()]
+    body = list(positives)
+    body += _negations(rng, set(FINDINGS) - set(shown), wide)
+    body += _lungs(rng, shown, wide)
+    background = pool(BACKGROUND, BACKGROUND_WIDE, wide)
+    for i in rng.permutation(len(background))[: int(rng.integers(0, 3))]:
+        body.append((background[int(i)], {}))
+    body = [body[int(i)] for i in rng.permutation(len(body))]
+    texts = [t for t, _ in body]
+    if OTHERWISE in texts:  # "otherwise clear" reads only after the positive findings
+        del body[texts.index(OTHERWISE)]
+        said = {t for t, _ in positives}
+        last = max(i for i, (t, _) in enumerate(body) if t in said)
+        body.insert(last + 1, (OTHERWISE, {}))
+    return body, _impression(rng, intent, wide)
+
+
+def _with_extras(rng: np.random.Generator, body: list[Tagged], rate: float) -> list[Tagged]:
+    """Technique and comparison sentences at the start of the findings, sometimes."""
+    head = []
+    if rng.random() < rate:
+        head.append((_pick(rng, TECHNIQUE), {}))
+    if rng.random() < rate:
+        head.append((_pick(rng, COMPARISON), {}))
+    return head + body
 
 
 def _join(body: list[str], impression: list[str], rng) -> str:
@@ -246,13 +163,85 @@ def _join(body: list[str], impression: list[str], rng) -> str:
     return f"FINDINGS: {' '.join(body)} IMPRESSION: {imp}"
 
 
-def write_report(rng: np.random.Generator, findings: dict, bank=None) -> str:
-    """Write a 'FINDINGS: ... IMPRESSION: ...' report that agrees with ``findings``.
+def _mentions(sentences: Iterable[Tagged]) -> dict[str, str]:
+    out = {f: "" for f in FINDINGS}
+    for _, tags in sentences:
+        for f, kind in tags.items():
+            if _RANK[kind] > _RANK.get(out[f], 0):
+                out[f] = kind
+    return out
 
-    With a :class:`SentenceBank` (see :func:`load_iu_bank`), real report sentences are used
-    wherever one fits the case; otherwise the synthetic templates are used.
+
+def compose_report(rng: np.random.Generator, findings: dict, bank=None, noise: ReportNoise | None = None,
+                   noise_rng: np.random.Generator | None = None) -> Report:
+    """A report on ``findings`` and the record of what it says about each finding.
+
+    The wording comes from ``rng``; the noise decisions from ``noise_rng`` (default:
+    ``rng``). With a :class:`SentenceBank` (see :func:`load_iu_bank`), real report
+    sentences are used wherever one fits; otherwise the synthetic phrase bank.
     """
+    intent = report_intent(findings, noise, rng if noise_rng is None else noise_rng)
+    wide = noise is not None
     if bank is not None:
-        return bank.report(rng, findings)
-    body, impression = _synthetic_sections(rng, findings)
-    return _join(body, impression, rng)
+        body, impression = bank.sections(rng, intent, wide)
+    else:
+        body, impression = _synthetic_sections(rng, intent, wide)
+    if noise is not None:
+        body = _with_extras(rng, body, noise.extras)
+    text = _join([t for t, _ in body], [t for t, _ in impression], rng)
+    return Report(text, _mentions(body + impression), intent)
+
+
+def write_report(rng: np.random.Generator, findings: dict, bank=None, noise: ReportNoise | None = None) -> str:
+    """Write a 'FINDINGS: ... IMPRESSION: ...' report on ``findings`` (see
+    :func:`compose_report`); without ``noise`` it agrees with ``findings``."""
+    return compose_report(rng, findings, bank, noise).text
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def _share(k: int, n: int) -> float | None:
+    return round(k / n, 4) if n else None
+
+
+def measure_agreement(labels: Iterable[dict], mentions: Iterable[dict]) -> dict:
+    """Label-report agreement over a dataset, per finding and pooled ("all").
+
+    ``mentioned``: positives whose report mentions them (asserted or hedged);
+    ``hedged``: positives mentioned only with a hedge; ``contradicted``: positives the
+    report negates; ``false_mention``: negatives the report mentions (asserted or
+    hedged); ``negated``: negatives the report negates. ``positives``/``negatives``: counts.
+    """
+    count = {(f, lab, kind): 0 for f in FINDINGS for lab in (0, 1) for kind in ("", POSITIVE, HEDGED, NEGATED)}
+    for lab, men in zip(labels, mentions):
+        for f in FINDINGS:
+            count[(f, int(bool(lab[f])), men.get(f, ""))] += 1
+
+    def n(f, lab, kinds=("", POSITIVE, HEDGED, NEGATED)):
+        fs = FINDINGS if f == "all" else (f,)
+        return sum(count[(g, lab, k)] for g in fs for k in kinds)
+
+    keys = ("all", *FINDINGS)
+    return {
+        "mentioned": {f: _share(n(f, 1, (POSITIVE, HEDGED)), n(f, 1)) for f in keys},
+        "hedged": {f: _share(n(f, 1, (HEDGED,)), n(f, 1)) for f in keys},
+        "contradicted": {f: _share(n(f, 1, (NEGATED,)), n(f, 1)) for f in keys},
+        "false_mention": {f: _share(n(f, 0, (POSITIVE, HEDGED)), n(f, 0)) for f in keys},
+        "negated": {f: _share(n(f, 0, (NEGATED,)), n(f, 0)) for f in keys},
+        "positives": {f: n(f, 1) for f in keys},
+        "negatives": {f: n(f, 0) for f in keys},
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def agreement_line(agreement: dict) -> str:
+    """One line for people: "reports mention 82% of findings (cardiomegaly 85%, ...) ..."."""
+    m = agreement["mentioned"]
+    per = ", ".join(f"{f} {_pct(m[f])}" for f in FINDINGS)
+    return (f"reports mention {_pct(m['all'])} of findings ({per}); {_pct(agreement['hedged']['all'])} only "
+            f"hedged, {_pct(agreement['contradicted']['all'])} negated; "
+            f"{_pct(agreement['false_mention']['all'])} of absent findings get a false mention")
