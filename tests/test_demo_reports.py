@@ -1,6 +1,8 @@
-"""The demo's report noise and the label-report agreement it measures."""
+"""The demo's report noise, the label-report agreement it measures, and the zero-shot
+prompts' independence from the report writer's phrase bank."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -8,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline.datasets import demo
 from pipeline.datasets.demo import FINDINGS, DemoSpec, ReportNoise, generate, parse_spec
 from pipeline.datasets.demo import phrases
 
+PROMPTS = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "chest_xray.yaml"
 HEDGE_CUE = re.compile(r"possibl|cannot (?:be )?exclud|not excluded|may represent|questionable|suspect|"
                        r"probable|could reflect|borderline|suspicious for|upper limit of normal|appears", re.I)
 
@@ -190,3 +194,50 @@ def test_phrase_bank_is_wide(bank_sentences):
         assert len(bank_sentences[f]["negative"]) >= 7, f
         assert len(bank_sentences[f]["positive"]) >= 50, f
         assert wide <= bank_sentences[f]["positive"] and hedged <= bank_sentences[f]["hedged"], f
+
+
+# --------------------------------------------------------------------------- zero-shot prompts
+
+
+def _norm(s: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", s.lower()).split())
+
+
+def _prompts() -> list[tuple[str, str, str]]:
+    data = yaml.safe_load(PROMPTS.read_text())
+    return [(f, kind, p) for f, entry in data.items() for kind, ps in entry.items() for p in ps]
+
+
+def _overlaps(prompt: str, sentences: list[tuple[str, str, set]]) -> list[str]:
+    """Sentences that contain the prompt, are contained in it, or share most of its words."""
+    q = _norm(prompt)
+    words = set(q.split())
+    return [s for s, n, sw in sentences
+            if f" {q} " in f" {n} " or f" {n} " in f" {q} " or len(words & sw) / len(words | sw) >= 0.7]
+
+
+def _normalised(sentences) -> list[tuple[str, str, set]]:
+    out = []
+    for s in sentences:
+        n = _norm(s)
+        out.append((s, n, set(n.split())))
+    return out
+
+
+def test_prompts_are_not_report_sentences():
+    """No zero-shot prompt is (a trivial variant of) a sentence the report writer can emit."""
+    sentences = _normalised(phrases.all_sentences())
+    assert len(sentences) > 2000
+    prompts = _prompts()
+    assert {f for f, _, _ in prompts} == set(FINDINGS)
+    for f, kind, p in prompts:
+        assert not _overlaps(p, sentences), (f, kind, p, _overlaps(p, sentences)[:3])
+    assert len({_norm(p) for _, _, p in prompts}) == len(prompts)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchxrayvision") is None, reason="needs the IU reports")
+def test_prompts_are_not_iu_sentences():
+    bank = demo.load_iu_bank()
+    sentences = _normalised({s.text for items in bank.sentences.values() for s in items})
+    for f, kind, p in _prompts():
+        assert not _overlaps(p, sentences), (f, kind, p, _overlaps(p, sentences)[:3])
