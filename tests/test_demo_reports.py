@@ -196,6 +196,12 @@ def test_phrase_bank_is_wide(bank_sentences):
         assert wide <= bank_sentences[f]["positive"] and hedged <= bank_sentences[f]["hedged"], f
 
 
+def test_phrase_bank_agrees_in_number():
+    """Plural findings (bilateral effusions, several nodules) never get a singular verb or article."""
+    bad = re.compile(r"\b(?:effusions|nodules) (?:is|was)\b|\ban? (?:\w+ ){0,3}(?:effusions|nodules)\b")
+    assert not [s for s in phrases.all_sentences() if bad.search(s)]
+
+
 # --------------------------------------------------------------------------- zero-shot prompts
 
 
