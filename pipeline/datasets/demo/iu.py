@@ -3,7 +3,10 @@
 The reports ship inside the optional ``torchxrayvision`` package (licensed CC BY-NC-ND
 4.0). They are read from the installed package at run time; nothing of them is copied
 into this repository. Each sentence is classified by what it says about the five
-findings, and a report for a study is assembled from sentences that fit it.
+findings, and a report for a study is assembled from sentences that fit it. Under the
+report noise model (see ``reports``) the bank writes what the noisy reader saw: real
+sentences only assert findings that are in the image, and hedged mentions (uncertain or
+spurious) are written from the synthetic phrase bank.
 """
 from __future__ import annotations
 
