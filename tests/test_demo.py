@@ -1,6 +1,9 @@
 """The built-in phantom chest X-ray demo dataset (pipeline.datasets.demo)."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import hashlib
 import importlib.util
 import io
@@ -67,8 +70,12 @@ def ds200(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def ds400(tmp_path_factory) -> pd.DataFrame:
+    """Reports without noise: they agree with the labels (the noisy default is tested in
+    test_demo_reports.py)."""
     root = tmp_path_factory.mktemp("d400") / "demo"
-    return pd.read_csv(generate(root, DemoSpec(n=400, size=40, seed=11)), dtype={"id": str})
+    df = pd.read_csv(generate(root, DemoSpec(n=400, size=40, seed=11, noise=0)), dtype={"id": str})
+    df.attrs["root"] = root
+    return df
 
 
 # --------------------------------------------------------------------------- determinism
@@ -105,7 +112,12 @@ def test_layout_and_columns(ds200):
     assert df["id"].iloc[0] == "000000" and df["image"].iloc[123] == "images/000123.png"
     meta = json.loads((root / "demo.json").read_text())
     assert meta["format_version"] == demo.FORMAT_VERSION
-    assert meta["spec"] == {"n": 200, "size": 64, "seed": 3, "reports": "synthetic"}
+    assert meta["spec"] == {"n": 200, "size": 64, "seed": 3, "reports": "synthetic", "noise": 1,
+                            "omit": 0.15, "uncertain": 0.1, "spurious": 0.05}
+    mentions = pd.read_csv(root / "mentions.csv", dtype={"id": str}, keep_default_na=False)
+    assert list(mentions.columns) == ["id", *FINDINGS] and (mentions["id"] == df["id"]).all()
+    assert set(mentions[list(FINDINGS)].stack()) <= {"", "positive", "hedged", "negated"}
+    assert set(meta["report_agreement"]) >= {"mentioned", "hedged", "contradicted", "false_mention", "negated"}
     for col in (*FINDINGS, "normal"):
         assert set(df[col].unique()) <= {0, 1}
     assert (df["normal"] == (df[list(FINDINGS)].sum(axis=1) == 0)).all()
@@ -142,6 +154,8 @@ def test_render_case_masks_for_every_finding():
 
 
 def test_reports_agree_with_labels(ds400):
+    """With noise=0 every positive is reported, nothing absent is asserted, and the
+    agreement measured at generation time says so."""
     for _, row in ds400.iterrows():
         report = row["report"]
         low = report.lower()
@@ -157,6 +171,16 @@ def test_reports_agree_with_labels(ds400):
                         assert re.search(NEGATION, s), (f, s, report)
         if row["normal"]:
             assert re.search(NEGATION + r"|normal|clear", low), report
+    agreement = json.loads((ds400.attrs["root"] / "demo.json").read_text())["report_agreement"]
+    for f in ("all", *FINDINGS):
+        assert agreement["mentioned"][f] == 1.0 and agreement["false_mention"][f] == 0.0, f
+        assert agreement["contradicted"][f] == 0.0, f
+    assert agreement["positives"]["all"] == int(ds400[list(FINDINGS)].to_numpy().sum())
+    assert 0.0 < agreement["hedged"]["all"] < 0.3  # subtle findings are reported with a hedge
+    mentions = pd.read_csv(ds400.attrs["root"] / "mentions.csv", dtype={"id": str}, keep_default_na=False)
+    for f in FINDINGS:
+        said = mentions[f].isin(["positive", "hedged"])
+        assert (said == (ds400[f] == 1)).all(), f
 
 
 def test_report_wording_matches_laterality_and_size():
@@ -247,10 +271,17 @@ def test_interrupted_generation_leaves_nothing(tmp_path, workers):
 
 
 def test_stale_partial_output_is_cleaned_and_foreign_dirs_kept(tmp_path):
-    stale = tmp_path / ".demo.partial-999999999-abc"  # no such process
-    (stale / "images").mkdir(parents=True)
+    from cache.atomic import process_start
+
+    parent = os.getppid()
+    stale = tmp_path / ".demo.partial-999999999-1-abc"  # no such process
+    reused = tmp_path / f".demo.partial-{parent}-1-abc"  # a live pid, but another process's start time
+    live = tmp_path / f".demo.partial-{parent}-{process_start(parent)}-abc"  # a generation still running
+    for d in (stale, reused, live):
+        (d / "images").mkdir(parents=True)
     generate(tmp_path / "demo", DemoSpec(n=4, size=48))
-    assert not stale.exists()
+    assert not stale.exists() and not reused.exists() and live.exists()
+    shutil.rmtree(live)
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -307,7 +338,7 @@ def test_iu_reports_need_torchxrayvision(tmp_path, monkeypatch):
     def find_spec(name, *args, **kwargs):
         return None if name == "torchxrayvision" else real(name, *args, **kwargs)
 
-    monkeypatch.setattr(demo.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ImportError) as err:
         generate(tmp_path / "demo", DemoSpec(n=4, size=48, reports="iu"))
     assert str(err.value) == (
@@ -367,11 +398,13 @@ def _fake_iu_archive(path: Path) -> Path:
 def test_iu_reports_from_an_nlmcxr_archive(tmp_path, monkeypatch):
     archive = _fake_iu_archive(tmp_path / "NLMCXR_reports.tgz")
     assert demo.read_iu_reports(archive)[1] == FAKE_REPORTS[1]
-    monkeypatch.setattr(demo, "_iu_archive", lambda: archive)
+    monkeypatch.setattr(demo.iu, "_iu_archive", lambda: archive)
     root = tmp_path / "demo"
-    df = pd.read_csv(generate(root, DemoSpec(n=120, size=40, seed=4, reports="iu")), dtype={"id": str})
+    df = pd.read_csv(generate(root, DemoSpec(n=120, size=40, seed=4, reports="iu", noise=0)), dtype={"id": str})
     meta = json.loads((root / "demo.json").read_text())
     assert meta["spec"]["reports"] == "iu" and "CC BY-NC-ND" in meta["reports_license"]
+    assert meta["report_agreement"]["mentioned"]["all"] == 1.0
+    assert meta["report_agreement"]["false_mention"]["all"] == 0.0
 
     real = {s.lower() for f, i in FAKE_REPORTS for s in demo._split_sentences(f + " " + i)}
     used = [s for r in df["report"] for s in sentences(r) if s in real]
@@ -393,3 +426,27 @@ def test_iu_reports_from_an_nlmcxr_archive(tmp_path, monkeypatch):
             assert row["effusion"] == 1
         if "moderate right pneumothorax." in sentences(row["report"]):
             assert row["pneumothorax"] == 1
+
+
+def test_iu_reports_with_noise(tmp_path, monkeypatch):
+    """The default (noisy) reports=iu still draws on the archive, never asserts a real
+    sentence about a finding the image lacks, and records what it said."""
+    archive = _fake_iu_archive(tmp_path / "NLMCXR_reports.tgz")
+    monkeypatch.setattr(demo.iu, "_iu_archive", lambda: archive)
+    root = tmp_path / "demo"
+    df = pd.read_csv(generate(root, DemoSpec(n=300, size=32, seed=4, reports="iu")), dtype={"id": str})
+    mentions = pd.read_csv(root / "mentions.csv", dtype={"id": str}, keep_default_na=False)
+    agreement = json.loads((root / "demo.json").read_text())["report_agreement"]
+    assert 0.6 <= agreement["mentioned"]["all"] <= 0.95
+    assert 0.0 < agreement["false_mention"]["all"] <= 0.15
+    real = {s.lower() for f, i in FAKE_REPORTS for s in demo._split_sentences(f + " " + i)}
+    assert sum(s in real for r in df["report"] for s in sentences(r)) > len(df)
+    for (_, row), (_, said) in zip(df.iterrows(), mentions.iterrows()):
+        low = row["report"].lower()
+        for f in FINDINGS:
+            if said[f] in ("positive", "hedged"):
+                assert any(k in low for k in KEYWORDS[f]), (f, row["report"])
+            if said[f] == "positive":
+                assert row[f] == 1, (f, row["report"])  # only hedged mentions of what is not there
+        if "small left pleural effusion." in sentences(row["report"]):
+            assert row["effusion"] == 1

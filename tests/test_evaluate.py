@@ -263,7 +263,7 @@ def test_classification_end_to_end_with_heads_lrs_seeds_and_baseline(world, tmp_
     s = cell["summary"]["macro_auroc"]
     vals = [r_["test"]["macro_auroc"] for r_ in cell["runs"]]
     assert s["mean"] == pytest.approx(np.mean(vals)) and s["std"] == pytest.approx(np.std(vals, ddof=1))
-    assert set(cell["summary"]) == {"macro_auroc", "auroc/effusion", "auroc/nodule"}
+    assert set(cell["summary"]) == {"macro_auroc", "ece", "auroc/effusion", "auroc/nodule"}
     macro = next(t for t in res["tables"] if t["metric"] == "macro_auroc")
     assert macro["columns"] == ["25%", "50%", "100%"]
     assert [row["method"] for row in macro["rows"]] == [
@@ -304,7 +304,7 @@ def test_multiclass_label_reports_accuracy_and_macro_f1(world, tmp_path):
     _, res = evaluate(world, "classification", "none", tmp_path / "mc", "-b", "tiny-vit", "--fraction", "1.0",
                       "--seeds", "1", "labels=[grade]", *FAST)
     assert res["data"]["label_type"] == "multiclass" and res["data"]["labels"] == ["grade=0", "grade=1", "grade=2"]
-    assert [t["metric"] for t in res["tables"]] == ["accuracy", "macro_f1"]
+    assert [t["metric"] for t in res["tables"]] == ["accuracy", "macro_f1", "ece"]
     assert res["checkpoint"] is None and res["methods"][0]["name"] == "no Adaptor tiny-vit"
     assert 0 <= res["methods"][0]["heads"]["mlp"]["100%"]["summary"]["accuracy"]["mean"] <= 1
 

@@ -352,7 +352,7 @@ def test_rsna_bad_rows(tmp_path):
     root = build_rsna(tmp_path / "rsna")
     labels = root / "stage_2_train_labels.csv"
     labels.write_text(labels.read_text().replace("0.0,0.0,1.0,1.0,1", "0.0,0.0,1.0,1.0,2"))
-    with pytest.raises(DatasetError, match=rf"stage_2_train_labels\.csv:5: Target '2' is out of range"):
+    with pytest.raises(DatasetError, match=r"stage_2_train_labels\.csv:5: Target '2' is out of range"):
         open_dataset(f"rsna-pneumonia:{root}", tmp_path / "c")
     (root / "stage_2_train_images/0004cfab-0000-0000-0000-000000000001.dcm").unlink()
     ds = open_dataset(f"rsna-pneumonia:{root}?allow_failures=1", tmp_path / "c")

@@ -42,8 +42,10 @@ def _demo(parsed: DatasetSpec, cache_root: Path, materialise: bool = True) -> Da
     spec = demo.parse_spec("&".join(f"{k}={v}" for k, v in parsed.options.items()))
     folder = cache_root / "demo" / spec.slug()
     items = items_from_table(demo.ensure_demo(folder, spec)) if materialise else []
+    agreement = demo.read_agreement(folder)
+    note = f"; {demo.agreement_line(agreement)}" if agreement else ""
     return Dataset(name=f"demo-{spec.slug()}", spec=parsed.text(), items=items,
-                   description=f"built-in phantom chest X-rays ({spec.n} pairs, seed {spec.seed})")
+                   description=f"built-in phantom chest X-rays ({spec.n} pairs, seed {spec.seed}{note})")
 
 
 __all__ = ["Dataset", "DatasetError", "Item", "load_mask", "open_dataset", "register_reader", "READERS"]

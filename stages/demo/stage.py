@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache.atomic import atomic_write_text
+from cache.paths import cache_root
 from pipeline.config import load_config
+from pipeline.datasets import open_dataset
 from pipeline.console import err, escape, section
 from stages import embed, evaluate
 from stages import train as train_adaptor
@@ -60,7 +62,9 @@ def run(cfg: DemoConfig) -> DemoResult:
     t0 = _step("1/4 pipe embed: each frozen encoder once over the demo")
     res = embed.run(embed.EmbedConfig(dataset=cfg.dataset, backbone=cfg.backbone, text_encoder=cfg.text_encoder,
                                       cache=cfg.cache, device=cfg.device))
-    err.print(f"embedded {res.embedded:,}, reused {res.reused:,}, failed {escape(str(res.failed))} in {res.seconds:.1f} s")
+    err.print(f"embedded {res.embedded:,}, reused {res.reused:,}, failed {res.failed} in {res.seconds:.1f} s")
+    if cfg.dataset.split("?")[0].split(":")[0] == "demo":  # how far the phantom reports agree with the labels
+        err.print(open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False).description, markup=False)
 
     _step("2/4 pipe train-adaptor: from the cache only")
     tcfg = load_config(train_adaptor.TrainConfig, PRESET, [
