@@ -103,7 +103,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(cached, single,
         assert_close(two[col].to_numpy(copy=True), one[col].to_numpy(copy=True), rtol=1e-4, atol=1e-6, msg=col)
     assert_same_weights(single, tmp_path / "ddp")
     # rank 0 alone reports, and says how the global batch is made
-    assert r.stderr.count("training the Adaptor") == 1 and r.stderr.count("checkpoint:") == 1
+    assert r.stderr.count("training the Adaptor") == 1 and r.stdout.count("checkpoint:") == 1  # the result: stdout
     assert "world size 2" in r.stderr and "effective global batch 8 = 4 per rank × 2 ranks" in r.stderr
     assert "gathered across ranks" in r.stderr
 
