@@ -225,6 +225,7 @@ def _rank_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> N
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes per case
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sizes", [[5, 5], [6, 4]])
 def test_gathered_loss_matches_the_full_batch(sizes):
