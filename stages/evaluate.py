@@ -84,7 +84,7 @@ class EvalConfig:
     seg: SegConfig = SegConfig()
     bootstrap: int = 1000          # test-set resamples for the CIs
     ci: float = 0.95
-    pairwise_max_items: int = 1000  # tokens-mode retrieval scores all pairs: at most this many test items
+    rerank_k: int = 10             # tokens-mode retrieval: candidates per query re-ranked by the matching head
     device: Literal["auto", "cpu", "cuda"] = "auto"
     train_split: str = "train"
     val_split: str = "valid"
