@@ -16,8 +16,9 @@
     unimodal token sequences of a pair, shared by both streams in the authors' order
     (image stream first, queries from the image and keys/values from the report; then
     the report stream reading the *updated* image), and a linear image-text matching
-    (ITM) logit on both streams' readouts. It is trained on hard negatives drawn from
-    the contrastive similarities, so cross-attention carries gradient and information.
+    (ITM) logit on both streams' readouts and their elementwise product. It is trained
+    on hard negatives drawn from the contrastive similarities, so cross-attention
+    carries gradient and information.
 
 Pooled-mode orientation. The authors' block adds the attention output to the key/value
 stream (``img = block(residual=img, query=txt, kv=img)``), which only works when both
@@ -141,7 +142,7 @@ class Adaptor(nn.Module):
                 FusionBlock(cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.dropout)
                 for _ in range(cfg.fusion_layers)
             )
-            self.match_head = nn.Linear(2 * cfg.d_model, 1)
+            self.match_head = nn.Linear(3 * cfg.d_model, 1)
 
     @property
     def has_match_head(self) -> bool:
@@ -228,7 +229,10 @@ class Adaptor(nn.Module):
             if n == last and self.cfg.readout == "cls":
                 t = t[:, :1]  # only token 0 is read out: its row alone is computed (the same values)
             t = block(t, query=t, kv=i)
-        return self.match_head(torch.cat([self.pool_tokens(i), self.pool_tokens(t, keep)], dim=-1)).squeeze(-1)
+        # the product gives the linear head the pair's interaction directly: with the two
+        # readouts alone it generalised barely above chance (held-out AUROC 0.52 on the demo)
+        i, t = self.pool_tokens(i), self.pool_tokens(t, keep)
+        return self.match_head(torch.cat([i, t, i * t], dim=-1)).squeeze(-1)
 
     def pool_tokens(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         """``[B, T, d] -> [B, d]``: token 0, or the mean over real tokens (``readout``)."""
