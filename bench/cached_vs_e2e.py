@@ -42,10 +42,7 @@ os.environ.setdefault("PIPE_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.models.adaptor import Adaptor, AdaptorConfig  # noqa: E402
-from pipeline.models.loss import clip_loss, pairwise_clip_loss, shifted_pair_logits  # noqa: E402
-from stages.train.trainer import TrainConfig  # noqa: E402
-
-TOKENS_NEGATIVES = TrainConfig().tokens_negatives
+from pipeline.models.loss import clip_loss, itm_loss  # noqa: E402
 from stages.train.loader import PairLoader  # noqa: E402
 from cache.pairs import load_pairs  # noqa: E402
 from stages.train.step import WARMUP_STEPS, StepRunner, optimizer_for  # noqa: E402
@@ -93,12 +90,13 @@ def adaptor_for(mode: str, grid_pool: int, di: int, dt: int, device,
 
 
 def loss_of(model, grid, amp):
-    """The loss train-adaptor trains on: in tokens mode, 7 shifted negatives scored pairwise."""
+    """The loss train-adaptor trains on: in tokens mode, CLIP on the unimodal embeddings plus
+    the matching loss on each pair and two hard negatives."""
     def loss(batch):
         with amp():
-            if model.mode.joint_pairs:
-                scores = shifted_pair_logits(model, batch, TOKENS_NEGATIVES, image_grid=grid, n_prefix=1)
-                return pairwise_clip_loss(scores.float(), model.scale(), 0.75)
+            if model.has_match_head:
+                img, txt, match = model(batch, image_grid=grid, n_prefix=1, match=True)
+                return clip_loss(img.float(), txt.float(), model.scale(), 0.75) + itm_loss(match)
             img, txt = model(batch, image_grid=grid, n_prefix=1)
             return clip_loss(img.float(), txt.float(), model.scale(), 0.75)
     return loss
@@ -184,8 +182,8 @@ def parse_args():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--e2e-steps", type=int, default=2)
     ap.add_argument("--tokens-batch", type=int, default=0,
-                    help="batch for tokens mode (default: --batch on CUDA, 8 on CPU, where each image's 8 scored "
-                         "pairs make a step slow)")
+                    help="batch for tokens mode (default: --batch on CUDA, 8 on CPU, where the paper-sized "
+                         "Adaptor over whole token sequences makes a step slow)")
     ap.add_argument("--tokens-steps", type=int, default=0,
                     help="cached tokens-mode steps timed per step mode (default: one epoch on CUDA, 2 on CPU)")
     ap.add_argument("--epochs", type=int, default=20, help="epochs of cached pooled steps timed per step mode")

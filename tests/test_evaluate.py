@@ -339,17 +339,26 @@ def test_pooled_adaptor_segmentation_says_it_uses_raw_patch_tokens(world, tmp_pa
 
 @pytest.mark.parametrize("mode", ["pooled", "tokens"])
 def test_retrieval_with_and_without_the_adaptor(world, tmp_path, mode):
-    _, res = evaluate(world, "retrieval", str(world[mode]), tmp_path / "ret", "bootstrap=100")
+    _, res = evaluate(world, "retrieval", str(world[mode]), tmp_path / "ret", "bootstrap=100", "rerank_k=5")
     table = res["tables"][0]
     assert table["columns"][0] == "image→text R@1" and len(table["columns"]) == 6
-    adaptor, linear, baseline = res["methods"]
+    adaptor, *reranked, linear, baseline = res["methods"]
     assert set(adaptor["recall"]) == {f"{d} R@{k}" for d in ("image→text", "text→image") for k in (1, 5, 10)}
     assert 1 >= adaptor["recall"]["image→text R@10"] >= adaptor["recall"]["image→text R@5"] >= 0
     assert linear["features"] == "linear-map" and set(linear["recall"]) == set(adaptor["recall"])
     assert baseline["applicable"] is False and "96-d" in baseline["note"] and "64-d" in baseline["note"]
-    assert table["rows"][1]["method"].startswith("linear map, least squares")
-    assert table["rows"][2]["cells"]["image→text R@1"] == "n/a"
-    assert table["rows"][3]["method"] == "chance (12 candidates)"
+    n = len(res["methods"])
+    assert table["rows"][n - 2]["method"].startswith("linear map, least squares")
+    assert table["rows"][n - 1]["cells"]["image→text R@1"] == "n/a"
+    assert table["rows"][n]["method"] == "chance (12 candidates)"
+    if mode == "tokens":  # the matching head re-ranks each query's top 5: recall@K for K >= 5 is unchanged
+        (rr,) = reranked
+        assert "ITM re-rank of top 5" in rr["name"]
+        for d in ("image→text", "text→image"):
+            for k in (5, 10):
+                assert rr["recall"][f"{d} R@{k}"] == adaptor["recall"][f"{d} R@{k}"]
+    else:
+        assert reranked == []
     assert (tmp_path / "ret" / "recall.png").exists()
 
 
@@ -399,8 +408,9 @@ def test_zero_shot_prompts_are_embedded_into_the_text_cache_once(world, tmp_path
     assert again["methods"][0]["auroc"]["effusion"] >= 0 and (tmp_path / "zs2" / "roc.png").exists()
 
 
-def test_tokens_mode_pair_scores_are_one_paired_forward_each(world):
-    """Tokens mode mixes the pair inside the forward, so retrieval scores every pair separately."""
+def test_tokens_mode_text_embeddings_and_match_scores_are_the_models(world):
+    """Retrieval's tokens-mode figures come from the model's own unimodal text path and
+    matching head, fed the cached tokens with their real-token masks."""
     from stages.evaluate.features import FrozenAdaptor
     from stages.train.loader import PairLoader
     from cache.pairs import load_pairs
@@ -408,14 +418,21 @@ def test_tokens_mode_pair_scores_are_one_paired_forward_each(world):
     a = FrozenAdaptor.load(world["tokens"], torch.device("cpu"), world["cache"])
     name = json.loads((next((world["cache"] / "datasets").iterdir()) / "dataset.json").read_text())["name"]
     data = load_pairs(world["cache"], name, str(world["table"]), "tiny-vit", "tiny-bert")
-    scores = a.pair_scores(data.image, data.image_rows[:3, 0], data.text, data.text_rows[:4])
+    img_rows, txt_rows = data.image_rows[:4, 0], data.text_rows[:4]
+    pairs = np.array([[0, 1], [2, 2], [3, 0], [1, 3], [0, 1]])
+    scores = a.match_scores(data.image, img_rows, data.text, txt_rows, pairs)
+    txt = a.text_embeddings(data.text, txt_rows)
     batch = next(PairLoader(data, np.arange(4), "tokens", 4, torch.device("cpu"), views=False).batches(None))
     grid, n_prefix = a.grid
-    for i in range(3):
-        with torch.no_grad():
-            img, txt = a.model({"image_tokens": batch["image_tokens"][[i] * 4], "text_tokens": batch["text_tokens"],
-                                "text_mask": batch["text_mask"]}, image_grid=grid, n_prefix=n_prefix)
-        np.testing.assert_allclose(scores[i], (img * txt).sum(-1).numpy(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        img_emb, txt_emb = a.model(batch, image_grid=grid, n_prefix=n_prefix)
+        it = a.model.image_token_states(batch["image_tokens"], grid, n_prefix)
+        tt = a.model.text_token_states(batch["text_tokens"], batch["text_mask"])
+        ref = a.model.match_logits(it[pairs[:, 0]], tt[pairs[:, 1]], batch["text_mask"][pairs[:, 1]])
+    np.testing.assert_allclose(txt, txt_emb.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.image_embeddings(data.image, img_rows), img_emb.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scores, ref.numpy(), rtol=1e-4, atol=1e-5)
+    assert scores[0] == scores[4]
 
 
 def test_report_gathers_runs_into_one_table(world, tmp_path):

@@ -7,14 +7,13 @@ image->text term (each image picks its report among the batch's reports) and
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.models.adaptor import pair_scores
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -97,42 +96,75 @@ def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5, 10)) -
     return retrieval_recall_from_sim(img.float() @ txt.float().T, ks)
 
 
-def retrieval_recall_from_sim(sim: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@k from a similarity matrix ``[N, N]`` whose diagonal holds the true pairs."""
+def retrieval_recall_from_sim(sim: Tensor, ks: Sequence[int] = (1, 5, 10),
+                              t2i: Tensor | None = None) -> dict[str, float]:
+    """Recall@k from a similarity matrix ``[N, N]`` whose diagonal holds the true pairs
+    (rows: images); ``t2i`` (rows: reports) replaces ``sim.T`` for text->image."""
     out: dict[str, float] = {}
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
+    for name, s in (("i2t", sim), ("t2i", sim.T if t2i is None else t2i)):
         rank = (s > s.diagonal()[:, None]).sum(dim=1)  # [N]
         for k in ks:
             out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
     return out
 
 
-def shifted_pair_logits(model, batch: dict, k: int, **fwd) -> Tensor:
-    """Tokens mode: scores of each image with its report and the next ``k`` reports of the batch.
+@torch.no_grad()
+def sample_hard_negatives(img: Tensor, txt: Tensor, logit_scale: Tensor | float,
+                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Tokens mode: hard negatives for the matching head, drawn from the contrastive similarities.
 
-    ``[B, k+1]``; column 0 is the true pair. Every score comes from its own paired forward
-    (image i cross-attends to report i+s and back), so no embedding that is scored against a
-    negative has seen its true partner. CLIP's in-batch logits on paired forwards would let
-    the fused image embedding copy its own report and solve the task without the image.
-    The batch order is shuffled every epoch, so the shifted reports are random negatives.
+    ``img``, ``txt``: ``[B, d]`` unimodal embeddings of B pairs (pair i matches i). Returns
+    (``neg_txt [B]``: a report for each image, ``neg_img [B]``: an image for each report),
+    each drawn with probability softmax(``logit_scale`` * similarity) over the batch's
+    other items, as ALBEF does: mostly the confusable ones, but not always the single
+    most similar, which in radiology is often a report saying the same thing. Reports
+    (images) whose embedding equals the true one's, e.g. a word-for-word repeat, are
+    drawn only when nothing else is left. Sampled by the Gumbel-max trick, from the
+    global generator unless one is given (seeded either way, so runs repeat).
     """
-    b, dev = batch["image_tokens"].shape[0], batch["image_tokens"].device
-    k = min(k, b - 1)
-    # built on the device: a copy from the host inside a step would wait for the GPU, and
-    # cannot be captured into a CUDA graph at all
-    partner = (torch.arange(b, device=dev)[:, None] + torch.arange(k + 1, device=dev)[None]) % b  # [B, k+1]
-    return pair_scores(model, batch["image_tokens"], batch["text_tokens"], batch.get("text_mask"), partner, **fwd)
+    b = img.shape[0]
+    if b < 2:
+        raise ValueError("hard negatives need at least 2 pairs in a batch")
+    img, txt = img.float(), txt.float()
+    sim = logit_scale * img @ txt.T  # [B, B]
+    eye = torch.eye(b, dtype=torch.bool, device=img.device)
+
+    def draw(s: Tensor, same: Tensor) -> Tensor:
+        s = s.masked_fill(same & ~eye, -1e4).masked_fill(eye, float("-inf"))
+        u = torch.rand(s.shape, generator=generator, device=s.device).clamp_(1e-20, 1.0)
+        return (s - torch.log(-torch.log(u))).argmax(dim=1)
+
+    same_txt = txt @ txt.T > 1 - 1e-6  # [B, B]: reports with identical embeddings
+    same_img = img @ img.T > 1 - 1e-6
+    return draw(sim, same_txt), draw(sim.T, same_img)
 
 
-def pairwise_clip_loss(scores: Tensor, logit_scale: Tensor | float, image_weight: float = 0.75) -> Tensor:
-    """InfoNCE over :func:`shifted_pair_logits`: image→report over each row, and
-    report→image over the images that were paired with each report (the same forwards)."""
-    b, k1 = scores.shape
-    logits = logit_scale * scores
-    target = torch.zeros(b, dtype=torch.long, device=scores.device)
-    i2t = F.cross_entropy(logits, target)
-    dev = scores.device
-    # the image paired with report j at shift s (indices built on the device, as above)
-    rows = (torch.arange(b, device=dev)[:, None] - torch.arange(k1, device=dev)[None]) % b
-    t2i = F.cross_entropy(logits[rows, torch.arange(k1, device=dev)[None]], target)
-    return image_weight * i2t + (1.0 - image_weight) * t2i
+def itm_loss(logits: Tensor) -> Tensor:
+    """Binary cross-entropy of the matching logits ``[3B]`` that ``Adaptor.forward(...,
+    match=True)`` returns: the first B are true pairs, the other 2B hard negatives."""
+    b = logits.shape[0] // 3
+    target = torch.zeros_like(logits)
+    target[:b] = 1.0
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+@torch.no_grad()
+def rerank_top_k(sim: Tensor, score: Callable[[Tensor, Tensor], Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Re-rank each query's top-``k`` candidates by a pair score (the matching head).
+
+    ``sim [n_img, n_txt]``: contrastive similarities. ``score(img_idx, txt_idx) -> [P]``
+    scores P pairs. Returns ``(i2t [n_img, n_txt], t2i [n_txt, n_img])``: the
+    similarities with each query's k best candidates lifted above all others and
+    ordered by ``score``; the rest keep their contrastive order, so recall@K for K >= k
+    is unchanged and only the order inside the top k moves.
+    """
+    def one(s: Tensor, pair: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        s = s.float().clone()
+        kk = min(k, s.shape[1])
+        top = s.topk(kk, dim=1).indices  # [n, kk]
+        q = torch.arange(s.shape[0], device=s.device)[:, None].expand(-1, kk)
+        new = pair(q.reshape(-1), top.reshape(-1)).float().view(s.shape[0], kk)
+        s.scatter_(1, top, s.max() + 1.0 + (new - new.min()))
+        return s
+
+    return one(sim, score), one(sim.T, lambda t, i: score(i, t))

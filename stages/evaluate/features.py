@@ -17,7 +17,7 @@ from cache.reader import RowReader
 from cache.store import Store
 from pipeline.console import err
 from pipeline.errors import InputError, MissingFileError
-from pipeline.models.adaptor import Adaptor, AdaptorConfig, AdaptorMode, all_pair_scores
+from pipeline.models.adaptor import Adaptor, AdaptorConfig, AdaptorMode
 from pipeline.models.checkpoint import checkpoint_hash, load_checkpoint, read_meta
 
 PAIRS_PER_FORWARD = 256
@@ -108,42 +108,63 @@ class FrozenAdaptor:
 
     # -- text and pairs ----------------------------------------------------------------
     def text_embeddings(self, store: Store, rows: np.ndarray) -> np.ndarray:
-        """The text stream's output per text row (pooled mode: it depends on the text alone,
-        because each attention in the paired forward has a single key)."""
-        if self.mode.joint_pairs:
-            raise ValueError(f"a {self.mode.name}-mode Adaptor's text output depends on the image; score pairs instead")
+        """The text embedding per text row: ``[n, d]`` float32. It depends on the text alone
+        in both modes (pooled: each attention of the paired forward has a single key;
+        tokens: the unimodal text encoder), so it is cached per report."""
         return self._cached(store, "text_pooled", rows, lambda r: self._encode_text(store, r))
 
     @torch.no_grad()
     def _encode_text(self, store: Store, rows: np.ndarray) -> np.ndarray:
-        reader, batch = RowReader(store, "pooled"), self.mode.eval_batch
         out = []
-        for s in range(0, len(rows), batch):
-            t = torch.from_numpy(reader.take(rows[s:s + batch])).to(self.device)
+        if self.mode.sequences:
+            tok_r, len_r = RowReader(store, "tokens"), RowReader(store, "length")
+            for s in range(0, len(rows), self.mode.eval_batch):
+                t, keep = _text_batch(tok_r, len_r, rows[s:s + self.mode.eval_batch], self.device)
+                out.append(self.model.encode_text(t, keep).float().cpu().numpy())
+            return np.concatenate(out)
+        reader = RowReader(store, "pooled")
+        for s in range(0, len(rows), self.mode.eval_batch):
+            t = torch.from_numpy(reader.take(rows[s:s + self.mode.eval_batch])).to(self.device)
             placeholder = torch.zeros(len(t), self.model.cfg.image_dim, device=self.device)
             _, txt = self.model({"image_pooled": placeholder, "text_pooled": t})
             out.append(txt.float().cpu().numpy())
         return np.concatenate(out)
 
+    @property
+    def has_match_head(self) -> bool:
+        return self.model.has_match_head
+
     @torch.no_grad()
-    def pair_scores(self, image: Store, image_rows: np.ndarray, text: Store, text_rows: np.ndarray,
-                    progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Tokens mode: cosine of the paired forward's outputs for every (image, text): ``[n_img, n_txt]``."""
-        img_r, txt_r, len_r = RowReader(image, "tokens"), RowReader(text, "tokens"), RowReader(text, "length")
-        txt = torch.from_numpy(txt_r.take(text_rows)).to(self.device)
-        length = torch.from_numpy(len_r.take(text_rows)).long().to(self.device)
-        mask = torch.arange(txt.shape[1], device=self.device)[None] < length[:, None]
+    def match_scores(self, image: Store, image_rows: np.ndarray, text: Store, text_rows: np.ndarray,
+                     pairs: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Tokens mode: the matching head's logit for each pair ``(a, b)`` of ``pairs [P, 2]``,
+        image ``image_rows[a]`` with report ``text_rows[b]``: ``[P]`` float32. Each image and
+        report runs through its unimodal encoder once; each pair through the fusion blocks."""
+        if not self.has_match_head:
+            raise ValueError("this Adaptor has no matching head (pooled mode, or fusion_layers=0)")
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        ui, inv_i = np.unique(pairs[:, 0], return_inverse=True)
+        ut, inv_t = np.unique(pairs[:, 1], return_inverse=True)
         grid, n_prefix = self.grid
-        scores = np.empty((len(image_rows), len(text_rows)), np.float32)
-        block = max(1, PAIRS_PER_FORWARD // len(text_rows))
-        for s in range(0, len(image_rows), block):
-            img = torch.from_numpy(img_r.take(image_rows[s:s + block])).to(self.device)  # [b, Ti, Di]
-            scores[s:s + len(img)] = all_pair_scores(self.model, img, txt, mask, PAIRS_PER_FORWARD,
-                                                     image_grid=grid, n_prefix=n_prefix).float().cpu().numpy()
+        img_r, tok_r, len_r = RowReader(image, "tokens"), RowReader(text, "tokens"), RowReader(text, "length")
+        img_tok = torch.cat([self.model.image_token_states(
+            torch.from_numpy(img_r.take(image_rows[ui[s:s + self.mode.eval_batch]])).to(self.device), grid, n_prefix)
+            for s in range(0, len(ui), self.mode.eval_batch)])
+        txt_tok, keep = [], []
+        for s in range(0, len(ut), self.mode.eval_batch):
+            t, k = _text_batch(tok_r, len_r, text_rows[ut[s:s + self.mode.eval_batch]], self.device)
+            txt_tok.append(self.model.text_token_states(t, k))
+            keep.append(k)
+        txt_tok, keep = torch.cat(txt_tok), torch.cat(keep)
+        inv_i, inv_t = torch.from_numpy(inv_i).to(self.device), torch.from_numpy(inv_t).to(self.device)
+        out = np.empty(len(pairs), np.float32)
+        for s in range(0, len(pairs), PAIRS_PER_FORWARD):
+            i, t = inv_i[s:s + PAIRS_PER_FORWARD], inv_t[s:s + PAIRS_PER_FORWARD]
+            out[s:s + len(i)] = self.model.match_logits(img_tok[i], txt_tok[t], keep[t]).float().cpu().numpy()
             if progress:
-                progress(len(img))
-        self.forwards["pairs"] = self.forwards.get("pairs", 0) + scores.size
-        return scores
+                progress(len(i))
+        self.forwards["pairs"] = self.forwards.get("pairs", 0) + len(pairs)
+        return out
 
     def log_forwards(self) -> str:
         n = sum(self.forwards.values())
@@ -151,6 +172,14 @@ class FrozenAdaptor:
                                                  " (" + ", ".join(f"{k} {v:,}" for k, v in self.forwards.items()) + ")")
         err.print(line)
         return line
+
+
+def _text_batch(tokens: RowReader, length: RowReader, rows: np.ndarray,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached report tokens ``[b, Tt, Dt]`` and their real-token mask ``[b, Tt]``."""
+    t = torch.from_numpy(tokens.take(rows)).to(device)
+    n = torch.from_numpy(length.take(rows)).long().to(device)
+    return t, torch.arange(t.shape[1], device=device)[None] < n[:, None]
 
 
 def raw_features(store: Store, rows: np.ndarray, kind: str = "pooled") -> np.ndarray:

@@ -1,18 +1,22 @@
 """Image-text retrieval on the test split: recall@1/5/10 in both directions.
 
-With a pooled-mode Adaptor each modality's output depends on that modality alone (every
-attention in the paired forward has a single key), so one embedding per image and per
-report gives the whole similarity matrix. A tokens-mode Adaptor mixes the pair inside
-the forward, so every (image, report) pair is scored by its own forward pass. Without
-an Adaptor the raw pooled features are compared, which is only defined when both
-encoders have the same width (and even then they share no trained space).
+Each modality's Adaptor embedding depends on that modality alone (pooled mode: every
+attention in the paired forward has a single key; tokens mode: the unimodal encoders),
+so one embedding per image and per report gives the whole similarity matrix. A
+tokens-mode Adaptor with a matching head adds a second row: each query's top
+``rerank_k`` candidates re-ranked by the matching head's logit (the rest keep their
+order, so recall@K for K >= rerank_k is unchanged). Without an Adaptor the raw pooled
+features are compared, which is only defined when both encoders have the same width
+(and even then they share no trained space).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipeline.console import err, progress, escape
 from pipeline.errors import InputError
+from pipeline.models.loss import rerank_top_k
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
@@ -78,17 +82,31 @@ def linear_map_similarity(ctx: EvalContext, img_rows: np.ndarray, text_store, tx
 
 def adaptor_similarity(ctx: EvalContext, img_rows: np.ndarray, text_store, txt_rows: np.ndarray) -> np.ndarray:
     a = ctx.adaptor
-    if not a.mode.joint_pairs:
-        img = a.image_embeddings(ctx.data.image, img_rows)
-        txt = a.text_embeddings(text_store, txt_rows)
-        return img.astype(np.float64) @ txt.astype(np.float64).T
+    img = a.image_embeddings(ctx.data.image, img_rows)
+    txt = a.text_embeddings(text_store, txt_rows)
+    return img.astype(np.float64) @ txt.astype(np.float64).T
+
+
+def reranked_similarity(ctx: EvalContext, sim: np.ndarray, img_rows: np.ndarray,
+                        txt_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image→text, text→image) similarities after the matching head re-ranks each query's
+    top ``rerank_k`` candidates (:func:`pipeline.models.loss.rerank_top_k`, as validation does)."""
+    k = min(ctx.cfg.rerank_k, *sim.shape)
     with progress() as bar:
-        task = bar.add_task("score pairs", total=len(img_rows))
-        return a.pair_scores(ctx.data.image, img_rows, text_store, txt_rows, lambda n: bar.advance(task, n))
+        task = bar.add_task("re-rank pairs", total=k * sum(sim.shape))
+
+        def score(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            pairs = np.stack([i.numpy(), t.numpy()], 1)
+            return torch.from_numpy(ctx.adaptor.match_scores(ctx.data.image, img_rows, ctx.data.text, txt_rows,
+                                                             pairs, lambda n: bar.advance(task, n)))
+
+        i2t, t2i = rerank_top_k(torch.from_numpy(sim), score, k)
+    return i2t.double().numpy(), t2i.double().numpy()
 
 
-def recall_figures(sim: np.ndarray, ctx: EvalContext) -> dict:
-    ranks = {"image→text": M.match_ranks(sim), "text→image": M.match_ranks(sim.T)}
+def recall_figures(sim: np.ndarray, ctx: EvalContext, t2i: np.ndarray | None = None) -> dict:
+    """Recall@K both ways from ``sim [n_img, n_txt]`` (``t2i [n_txt, n_img]`` replaces ``sim.T``)."""
+    ranks = {"image→text": M.match_ranks(sim), "text→image": M.match_ranks(sim.T if t2i is None else t2i)}
     values = {f"{d} R@{k}": M.recall_at(r, k) for d, r in ranks.items() for k in KS}
 
     def resampled(w):
@@ -104,11 +122,6 @@ def _test_items(ctx: EvalContext) -> np.ndarray:
     if len(test) < 2:
         raise InputError(f"retrieval needs at least 2 items in the {ctx.cfg.test_split!r} split, found {len(test)}; "
                          "check the split column or set test_split=...")
-    limit = ctx.cfg.pairwise_max_items
-    if ctx.adaptor is not None and ctx.adaptor.mode.joint_pairs and len(test) > limit:
-        ctx.note(f"{ctx.adaptor.mode.name} mode scores all {len(test)}² pairs one forward each; evaluating a seeded random "
-                 f"{limit} of the {len(test)} test items (pairwise_max_items=...)")
-        test = np.sort(np.random.default_rng(ctx.cfg.seed).choice(test, limit, replace=False))
     return test
 
 
@@ -123,6 +136,10 @@ def run(ctx: EvalContext) -> TaskResult:
     if ctx.adaptor is not None:
         sim = adaptor_similarity(ctx, img_rows, ctx.data.text, txt_rows)
         methods.append({"name": ctx.adaptor_name(), "features": "adaptor", **recall_figures(sim, ctx)})
+        if ctx.adaptor.has_match_head and ctx.cfg.rerank_k > 1:
+            i2t, t2i = reranked_similarity(ctx, sim, img_rows, txt_rows)
+            methods.append({"name": f"{ctx.adaptor_name()} + ITM re-rank of top {ctx.cfg.rerank_k}",
+                            "features": "adaptor", **recall_figures(i2t, ctx, t2i)})
     sim = linear_map_similarity(ctx, img_rows, ctx.data.text, txt_rows)
     methods.append({"name": f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "features": "linear-map",
                     **recall_figures(sim, ctx)})

@@ -101,7 +101,7 @@ class EvalConfig(Validated):
     seg: SegConfig = SegConfig()
     bootstrap: int = 1000          # test-set resamples for the CIs
     ci: float = 0.95
-    pairwise_max_items: int = 1000  # tokens-mode retrieval scores all pairs: at most this many test items
+    rerank_k: int = 10             # tokens-mode retrieval: candidates per query re-ranked by the matching head
     device: Literal["auto", "cpu", "cuda"] = "auto"
     train_split: str = "train"
     val_split: str = "valid"
@@ -116,7 +116,7 @@ class EvalConfig(Validated):
             ("seeds", v["seeds"] >= 1, f"must be >= 1, got {v['seeds']}"),
             ("ci", 0.0 < v["ci"] < 1.0, f"must lie in (0, 1), got {v['ci']}"),
             ("bootstrap", v["bootstrap"] >= 0, f"must be >= 0, got {v['bootstrap']}"),
-            ("pairwise_max_items", v["pairwise_max_items"] >= 2, f"must be >= 2, got {v['pairwise_max_items']}"),
+            ("rerank_k", v["rerank_k"] >= 0, f"must be >= 0, got {v['rerank_k']}"),
         ) if not ok]
 
 

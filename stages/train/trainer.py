@@ -47,15 +47,9 @@ from pipeline.datasets import open_dataset
 from pipeline.devices import peak_memory_mb
 from pipeline.encoders import canonical_name
 from pipeline.errors import InputError
-from pipeline.models.adaptor import Adaptor, AdaptorConfig, all_pair_scores
+from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from pipeline.models.loss import (
-    clip_loss,
-    pairwise_clip_loss,
-    retrieval_recall,
-    retrieval_recall_from_sim,
-    shifted_pair_logits,
-)
+from pipeline.models.loss import clip_loss, itm_loss, rerank_top_k, retrieval_recall, retrieval_recall_from_sim
 from stages.train import distributed
 from stages.train.distributed import DistContext
 from stages.train.loader import PairLoader
@@ -102,17 +96,20 @@ class TrainConfig(Validated):
     val_split: str = "valid"
     val_batch_size: int = 1024
     checkpoint_every: int = 1      # epochs
-    tokens_negatives: int = 7      # tokens mode: reports scored per image by their own paired forward (0: in-batch CLIP logits, which leak the pair)
-    val_pairwise_items: int = 128  # tokens mode: validation items scored all-pairs
+    itm_weight: float = 1.0        # tokens mode: weight of the matching (ITM) loss beside the contrastive loss
+    val_rerank_items: int = 256    # tokens mode: validation items whose top-k are re-ranked by the matching head
+    rerank_k: int = 10             # tokens mode: candidates per query that the matching head re-ranks
     gather_negatives: bool = True  # DDP: score against every rank's embeddings (false: per-rank negatives, flaw 4)
     step: StepMode = "eager"  # how a step runs (stages/train/step.py)
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
-        positive = ("batch_size", "epochs", "val_batch_size", "checkpoint_every", "val_pairwise_items")
+        positive = ("batch_size", "epochs", "val_batch_size", "checkpoint_every", "val_rerank_items")
         found = [(k, f"must be >= 1, got {v[k]}") for k in positive if v[k] < 1]
-        if v["tokens_negatives"] < 0:
-            found.append(("tokens_negatives", f"must be >= 0, got {v['tokens_negatives']}"))
+        if v["itm_weight"] < 0:
+            found.append(("itm_weight", f"must be >= 0, got {v['itm_weight']}"))
+        if v["rerank_k"] < 0:
+            found.append(("rerank_k", f"must be >= 0, got {v['rerank_k']}"))
         return found
 
 
@@ -242,6 +239,9 @@ class Trainer:
         self.val = (PairLoader(data, val_pos, self.net.mode, cfg.val_batch_size, self.device, cfg.resident,
                                views=False) if len(val_pos) > 1 and ctx.is_main else None)
         check_step_mode(cfg.step, self.device, ddp=ctx.enabled)
+        if self.net.has_match_head and cfg.itm_weight <= 0:
+            raise InputError(f"itm_weight={cfg.itm_weight} would leave the matching head untrained; to train "
+                             "tokens mode on the contrastive loss alone, set adaptor.fusion_layers=0 as well")
         self.opt = optimizer_for(self.net.parameters(), cfg.step, self.device, lr=cfg.optim.lr,
                                  weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
         self.steps_per_epoch = len(self.train)
@@ -373,21 +373,27 @@ class Trainer:
         return row
 
     @property
-    def pairwise(self) -> bool:
-        return self.net.mode.joint_pairs and self.cfg.tokens_negatives > 0
+    def matching(self) -> bool:
+        """Tokens mode with a matching head: the ITM loss trains it beside the contrastive loss."""
+        return self.net.has_match_head
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        """The training loss of one batch (the step runner adds backward and the update)."""
-        if self.pairwise:  # rank-local negatives: each score needs both pair members' tokens
-            scores = shifted_pair_logits(self.model, batch, self.cfg.tokens_negatives, image_grid=self.grid,
-                                         n_prefix=self.n_prefix)
-            loss = pairwise_clip_loss(scores, self.net.scale(), self.cfg.adaptor.image_weight)
+        """The training loss of one batch (the step runner adds backward and the update).
+
+        Both modes: CLIP InfoNCE on the embeddings ``forward`` returns; in tokens mode these
+        are the unimodal embeddings (neither has seen the other modality), so in-batch
+        negatives are honest and are gathered across ranks. Tokens mode adds the matching
+        loss on each pair and two hard negatives drawn from this rank's similarities."""
+        fwd = dict(image_grid=self.grid, n_prefix=self.n_prefix)
+        if self.matching:
+            img, txt, match = self.model(batch, match=True, **fwd)
         else:
-            img, txt = self.model(batch, image_grid=self.grid, n_prefix=self.n_prefix)
-            # Gathered, each rank's loss is scaled so that DDP's gradient averaging yields the
-            # gradient of the global-batch loss (see clip_loss); on one process it is the plain loss.
-            loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight,
-                             gather=self.cfg.gather_negatives)
+            img, txt = self.model(batch, **fwd)
+        # Gathered, each rank's loss is scaled so that DDP's gradient averaging yields the
+        # gradient of the global-batch loss (see clip_loss); on one process it is the plain loss.
+        loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight, gather=self.cfg.gather_negatives)
+        if self.matching:
+            loss = loss + self.cfg.itm_weight * itm_loss(match)
         return loss
 
     @torch.no_grad()
@@ -396,8 +402,6 @@ class Trainer:
         if self.val is None:
             return {}
         self.net.eval()
-        if self.pairwise:
-            return self._validate_pairwise()
         imgs, txts = [], []
         for batch in self.val.batches(None):
             i, t = self.net(batch, image_grid=self.grid, n_prefix=self.n_prefix)
@@ -407,27 +411,33 @@ class Trainer:
         out = {"val_loss": float(clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight))}
         for k, v in retrieval_recall(img, txt).items():
             out["val_" + k.replace("R@", "r@")] = round(float(v), 4)
+        if self.matching and self.cfg.val_rerank_items > 1:
+            out.update(self._validate_rerank())
         return out
 
-
-    def _validate_pairwise(self) -> dict:
-        """Tokens mode: score every (image, report) pair of the first validation items by its
-        own forward, so no embedding has seen its true partner (an honest recall)."""
-        n_max, parts = self.cfg.val_pairwise_items, []
+    def _validate_rerank(self) -> dict:
+        """Tokens mode: recall after the matching head re-ranks each query's top ``rerank_k``
+        candidates, on the first ``val_rerank_items`` validation items."""
+        n_max, parts = self.cfg.val_rerank_items, []
         for batch in self.val.batches(None):
             parts.append(batch)
             if sum(len(p["index"]) for p in parts) >= n_max:
                 break
-        val = {k: torch.cat([p[k] for p in parts])[:n_max] for k in parts[0]}
-        n = len(val["index"])
-        sim = all_pair_scores(self.net, val["image_tokens"], val["text_tokens"], val["text_mask"],
-                              image_grid=self.grid, n_prefix=self.n_prefix)
-        logits, target = self.net.scale() * sim, torch.arange(n, device=sim.device)
-        w = self.cfg.adaptor.image_weight
-        loss = w * F.cross_entropy(logits, target) + (1 - w) * F.cross_entropy(logits.T, target)
-        out = {"val_loss": float(loss), "val_pairs_scored": n}
-        for k, v in retrieval_recall_from_sim(sim).items():
-            out["val_" + k.replace("R@", "r@")] = round(float(v), 4)
+        val = {k: torch.cat([p[k] for p in parts])[:n_max] for k in ("image_tokens", "text_tokens", "text_mask")}
+        img_tok = self.net.image_token_states(val["image_tokens"], self.grid, self.n_prefix)
+        keep = val["text_mask"].to(torch.bool)
+        txt_tok = self.net.text_token_states(val["text_tokens"], keep)
+        sim = (F.normalize(self.net.pool_tokens(img_tok), dim=-1).float()
+               @ F.normalize(self.net.pool_tokens(txt_tok, keep), dim=-1).float().T)
+
+        def score(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.net.match_logits(img_tok[i[s:s + 512]], txt_tok[t[s:s + 512]], keep[t[s:s + 512]])
+                              for s in range(0, len(i), 512)])
+
+        i2t, t2i = rerank_top_k(sim, score, self.cfg.rerank_k)
+        out = {"val_rerank_items": int(sim.shape[0])}
+        for k, v in retrieval_recall_from_sim(i2t, t2i=t2i).items():
+            out["val_itm_" + k.replace("R@", "r@")] = round(float(v), 4)
         return out
 
 
