@@ -450,3 +450,22 @@ def test_iu_reports_with_noise(tmp_path, monkeypatch):
                 assert row[f] == 1, (f, row["report"])  # only hedged mentions of what is not there
         if "small left pleural effusion." in sentences(row["report"]):
             assert row["effusion"] == 1
+
+
+@pytest.mark.slow
+def test_pipe_demo_runs_every_step_and_reports_every_method(tmp_path):
+    """The demo's own steps end to end, on a small phantom set and the tiny test encoders:
+    both Adaptor modes, the no-Adaptor rows and the least-squares map, in one results.md."""
+    import json
+
+    from tests.helpers import pipe
+
+    r = pipe("demo", "--n", "120", "-b", "tiny-vit", "-t", "tiny-bert", "--seeds", "1", "--no-segmentation",
+             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--json")
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(summary["checkpoints"]) == {"pooled", "tokens"} and summary["timings"]["embed"] >= 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    for row in ("Adaptor (pooled) tiny-vit + tiny-bert", "Adaptor (tokens) tiny-vit + tiny-bert",
+                "no Adaptor tiny-vit", "linear map, least squares"):
+        assert row in md, row
+    assert "reports mention" in r.output  # the phantom reports' agreement with their labels

@@ -257,7 +257,7 @@ def test_classification_end_to_end_with_heads_lrs_seeds_and_baseline(world, tmp_
     assert res["data"]["label_type"] == "multilabel" and res["data"]["splits"] == {"train": 24, "valid": 12, "test": 12}
     assert res["data"]["fractions"] == {"25%": {"0": 6, "1": 6}, "50%": {"0": 12, "1": 12}, "100%": {"0": 24, "1": 24}}
     names = [m["name"] for m in res["methods"]]
-    assert names == ["Adaptor tiny-vit + tiny-bert", "no Adaptor tiny-vit"]
+    assert names == ["Adaptor (pooled) tiny-vit + tiny-bert", "no Adaptor tiny-vit"]
     cell = res["methods"][0]["heads"]["linear"]["50%"]
     assert [r_["seed"] for r_ in cell["runs"]] == [0, 1] and all(r_["lr"] in (1e-3, 1e-4) for r_ in cell["runs"])
     s = cell["summary"]["macro_auroc"]
@@ -267,11 +267,11 @@ def test_classification_end_to_end_with_heads_lrs_seeds_and_baseline(world, tmp_
     macro = next(t for t in res["tables"] if t["metric"] == "macro_auroc")
     assert macro["columns"] == ["25%", "50%", "100%"]
     assert [row["method"] for row in macro["rows"]] == [
-        "Adaptor tiny-vit + tiny-bert (mlp)", "Adaptor tiny-vit + tiny-bert (linear)",
+        "Adaptor (pooled) tiny-vit + tiny-bert (mlp)", "Adaptor (pooled) tiny-vit + tiny-bert (linear)",
         "no Adaptor tiny-vit (mlp)", "no Adaptor tiny-vit (linear)"]
     assert "±" in macro["rows"][0]["cells"]["100%"] and "[" in macro["rows"][0]["cells"]["100%"]
     md = (out / "results.md").read_text()
-    assert "| Adaptor tiny-vit + tiny-bert (mlp) |" in md and "| method | 25% | 50% | 100% |" in md
+    assert "| Adaptor (pooled) tiny-vit + tiny-bert (mlp) |" in md and "| method | 25% | 50% | 100% |" in md
     for f in ("roc.png", "predictions.npz", "config.yaml"):
         assert (out / f).stat().st_size > 0, f
     subsets = json.loads((out / "subsets.json").read_text())
@@ -442,7 +442,7 @@ def test_report_gathers_runs_into_one_table(world, tmp_path):
     r = pipe("report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.md"))
     md = (tmp_path / "t.md").read_text()
     assert "| method | 50% | 100% |" in md
-    assert "| Adaptor tiny-vit + tiny-bert (mlp) |" in md and "| no Adaptor tiny-vit (mlp) |" in md
+    assert "| Adaptor (pooled) tiny-vit + tiny-bert (mlp) |" in md and "| no Adaptor tiny-vit (mlp) |" in md
     assert "AUROC" in r.output
 
 

@@ -56,7 +56,7 @@ class EvalContext:
         (self.out / "subsets.json").write_text(json.dumps(subsets))
 
     def adaptor_name(self) -> str:
-        return f"Adaptor {self.backbone} + {self.text_encoder}"
+        return f"Adaptor ({self.adaptor.mode.name}) {self.backbone} + {self.text_encoder}"
 
     def baseline_name(self, with_text: bool = False) -> str:
         return f"no Adaptor {self.backbone}" + (f" + {self.text_encoder}" if with_text else "")
