@@ -201,3 +201,15 @@ def test_an_optimizer_file_from_another_epoch_is_refused(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="no matching optimizer state"):
         load_checkpoint(path, *_model())
     load_checkpoint(path, _model()[0])  # the weights alone still load (e.g. for evaluation)
+
+
+def test_weights_of_another_adaptor_layout_are_one_message(tmp_path):
+    """A checkpoint whose tensors do not fit the Adaptor (for example a tokens-mode run from
+    before the matching head) is refused with the fix, not torch's key listing."""
+    path = tmp_path / "last.safetensors"
+    net, _ = _model()
+    save_checkpoint(path, net, {"epoch": 1})
+    tokens = Adaptor(AdaptorConfig(mode="tokens", image_dim=6, text_dim=5, d_model=8, n_heads=2, ffn_dim=8,
+                                   dropout=0.0, fusion_layers=1))
+    with pytest.raises(CheckpointMismatchError, match=r"missing \d+ tensors .*retrain it with `pipe train-adaptor`"):
+        load_checkpoint(path, tokens)

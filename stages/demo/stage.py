@@ -33,7 +33,7 @@ from stages.evaluate.tables import merge_tables, to_markdown
 PRESETS = {"pooled": "demo", "tokens": "demo_tokens"}  # configs/<name>.yaml
 # A small decoder and few steps: the GPU-sized segmentation defaults take tens of minutes on 2 cores.
 SEGMENTATION = ["seeds=1", "fractions=[0.1,1.0]", "seg.target=effusion", "seg.channels=[32,16,16,8]",
-                "seg.min_steps=200", "seg.epochs=10"]
+                "seg.min_steps=150", "seg.epochs=6"]
 
 
 @dataclass(frozen=True)
