@@ -407,7 +407,7 @@ def test_absolute_store_paths_of_older_caches_resolve_inside_the_cache(clean, tm
 
 @pytest.mark.slow
 def test_the_demo_cache_with_images_inside_it_moves_without_rehashing(tmp_path, monkeypatch):
-    spec = "demo:n=24"
+    spec = "demo?n=24"
     first = tmp_path / "first"
     pipe("embed", "-d", spec, "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(first), "--json")
     items = pq.read_table(next((first / "datasets").glob("demo-*/items.parquet"))).to_pandas()

@@ -342,7 +342,7 @@ def test_iu_reports_need_torchxrayvision(tmp_path, monkeypatch):
     with pytest.raises(ImportError) as err:
         generate(tmp_path / "demo", DemoSpec(n=4, size=48, reports="iu"))
     assert str(err.value) == (
-        "demo:reports=iu needs the IU reports from the torchxrayvision package: "
+        "demo?reports=iu needs the IU reports from the torchxrayvision package: "
         "pip install 'freeze-pipe[xrv]'"
     )
     assert list(tmp_path.iterdir()) == []

@@ -115,7 +115,7 @@ def test_agreement_is_written_and_printable(noisy):
 
     from pipeline.datasets import open_dataset
 
-    ds = open_dataset("demo:n=40,size=32", root.parent / "cache")
+    ds = open_dataset("demo?n=40&size=32", root.parent / "cache")
     assert "reports mention" in ds.description
 
 

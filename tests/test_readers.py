@@ -652,3 +652,23 @@ def test_data_info_cli(tmp_path):
     assert summary["items"] == 8 and summary["labels"]["pneumonia"]["positive"] == 2
     bad = pipe("data", "info", f"rsna-pneumonia:{tmp_path / 'none'}", "--cache", str(tmp_path / "c"), expect=2)
     assert "does not exist" in bad.output
+
+
+def test_one_dataset_spec_grammar_and_the_old_demo_spelling(capsys):
+    """`reader:root?k=v&k=v` everywhere; the old `demo:n=..,..` still parses to the same spec
+    and says once how to write it now."""
+    from pipeline.datasets import READERS
+    from pipeline.datasets.spec import parse_dataset_spec, warn_legacy
+
+    new = parse_dataset_spec("demo?n=500&seed=1", READERS)
+    old = parse_dataset_spec("demo:n=500,seed=1", READERS)
+    assert (new.reader, new.root, new.options, new.legacy) == ("demo", "", {"n": "500", "seed": "1"}, False)
+    assert (old.reader, old.root, old.options, old.legacy) == ("demo", "", {"n": "500", "seed": "1"}, True)
+    assert old.text() == "demo?n=500&seed=1"
+    chex = parse_dataset_spec("chexpert:/data/chexpert?uncertain=ones", READERS)
+    assert (chex.root, chex.options) == ("/data/chexpert", {"uncertain": "ones"})
+    assert parse_dataset_spec("pairs.csv", READERS) is None
+    warn_legacy(old, "demo:n=500,seed=1")
+    warn_legacy(old, "demo:n=500,seed=1")
+    printed = capsys.readouterr().err
+    assert printed.count("deprecated") == 1 and "'demo?n=500&seed=1'" in printed

@@ -28,7 +28,7 @@ from pipeline.datasets.demo.phrases import (IMPRESSION_NORMAL, IMPRESSION_NORMAL
 from pipeline.datasets.demo.reports import HEDGED, NEGATED, POSITIVE, Intent, Tagged
 
 IU_MISSING = (
-    "demo:reports=iu needs the IU reports from the torchxrayvision package: "
+    "demo?reports=iu needs the IU reports from the torchxrayvision package: "
     "pip install 'freeze-pipe[xrv]'"
 )
 

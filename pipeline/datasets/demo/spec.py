@@ -1,4 +1,4 @@
-"""What a demo dataset is made of: the spec (``demo:n=...,seed=...``) and its parser."""
+"""What a demo dataset is made of: the spec (``demo?n=...&seed=...``) and its parser."""
 from __future__ import annotations
 
 import re
@@ -79,7 +79,7 @@ def parse_spec(options: str) -> DemoSpec:
         key = key.strip()
         if not sep or key not in _OPTIONS:
             raise ValueError(f"demo option {part!r} not understood; use demo:key=value,... with keys "
-                             f"{', '.join(_OPTIONS)} (e.g. demo:n=200,reports=iu or demo:noise=0)")
+                             f"{', '.join(_OPTIONS)} (e.g. demo?n=200&reports=iu or demo?noise=0)")
         parser, expected = _OPTIONS[key]
         try:
             values[key] = parser(value.strip())
