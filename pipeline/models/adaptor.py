@@ -36,7 +36,7 @@ making the batch one sequence: flaw 2).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -207,8 +207,7 @@ class Adaptor(nn.Module):
         keep = batch.get("text_mask")
         keep = None if keep is None else keep.to(torch.bool)  # [B, Tt], True = real token
         txt_tok = self.text_token_states(batch["text_tokens"], keep)  # [B, Tt, d]
-        img = F.normalize(self.pool_tokens(img_tok), dim=-1)
-        txt = F.normalize(self.pool_tokens(txt_tok, keep), dim=-1)
+        img, txt = self.embedding(img_tok), self.embedding(txt_tok, keep)
         if not match:
             return img, txt
         if not self.has_match_head:
@@ -245,7 +244,7 @@ class Adaptor(nn.Module):
             raise ValueError("encode_text is the tokens-mode text path; a pooled Adaptor's text output "
                              "comes from forward()")
         keep = None if keep is None else keep.to(torch.bool)
-        return F.normalize(self.pool_tokens(self.text_token_states(text, keep), keep), dim=-1)
+        return self.embedding(self.text_token_states(text, keep), keep)
 
     def match_logits(self, img_tok: Tensor, txt_tok: Tensor, keep: Tensor | None = None) -> Tensor:
         """Image-text matching logits ``[P]`` of P pairs of unimodal token states
@@ -264,6 +263,24 @@ class Adaptor(nn.Module):
         # readouts alone it generalised barely above chance (held-out AUROC 0.52 on the demo)
         i, t = self.pool_tokens(i), self.pool_tokens(t, keep)
         return self.match_head(torch.cat([i, t, i * t], dim=-1)).squeeze(-1)
+
+    def match_pairs(self, img_tok: Tensor, txt_tok: Tensor, keep: Tensor | None, i: Tensor, t: Tensor,
+                    chunk: int = 256, progress: Callable[[int], None] | None = None) -> Tensor:
+        """Matching logits ``[P]`` of the pairs (``img_tok[i[p]]``, ``txt_tok[t[p]]``), ``chunk``
+        pairs per forward: the token states of each image and report are computed once, by
+        the caller, however many pairs they are in."""
+        out = []
+        for s in range(0, len(i), chunk):
+            a, b = i[s:s + chunk], t[s:s + chunk]
+            out.append(self.match_logits(img_tok[a], txt_tok[b], None if keep is None else keep[b]))
+            if progress is not None:
+                progress(len(a))
+        return torch.cat(out) if out else img_tok.new_zeros(0)
+
+    def embedding(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Tokens mode: the contrastive embedding ``[B, d]`` of unimodal token states
+        ``[B, T, d]``: their readout, L2-normalised."""
+        return F.normalize(self.pool_tokens(x, keep), dim=-1)
 
     def pool_tokens(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         """``[B, T, d] -> [B, d]``: token 0, or the mean over real tokens (``readout``)."""
@@ -289,7 +306,7 @@ class Adaptor(nn.Module):
         image embedding)."""
         if self.mode.sequences:
             x = self.image_token_states(image, image_grid, n_prefix)
-            emb = F.normalize(self.pool_tokens(x), dim=-1)
+            emb = self.embedding(x)
         else:
             x = self._image_in(image, image_grid, n_prefix)  # [B, 1, d]
             for block in self.blocks:

@@ -134,37 +134,47 @@ class FrozenAdaptor:
     def has_match_head(self) -> bool:
         return self.model.has_match_head
 
-    @torch.no_grad()
     def match_scores(self, image: Store, image_rows: np.ndarray, text: Store, text_rows: np.ndarray,
                      pairs: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Tokens mode: the matching head's logit for each pair ``(a, b)`` of ``pairs [P, 2]``,
         image ``image_rows[a]`` with report ``text_rows[b]``: ``[P]`` float32. Each image and
-        report runs through its unimodal encoder once; each pair through the fusion blocks."""
-        if not self.has_match_head:
-            raise ValueError("this Adaptor has no matching head (pooled mode, or fusion_layers=0)")
+        report in a pair runs through its unimodal encoder once; each pair through the fusion blocks."""
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         ui, inv_i = np.unique(pairs[:, 0], return_inverse=True)
         ut, inv_t = np.unique(pairs[:, 1], return_inverse=True)
-        grid, n_prefix = self.grid
+        score = self.match_scorer(image, image_rows[ui], text, text_rows[ut], progress)
+        return score(np.stack([inv_i.reshape(-1), inv_t.reshape(-1)], 1))
+
+    @torch.no_grad()
+    def match_scorer(self, image: Store, image_rows: np.ndarray, text: Store, text_rows: np.ndarray,
+                     progress: Callable[[int], None] | None = None) -> Callable[[np.ndarray], np.ndarray]:
+        """Tokens mode: run every image and report of these rows through its unimodal encoder
+        once, and return ``score(pairs [P, 2]) -> [P]`` float32, the matching logits of pairs
+        of indices into ``image_rows`` and ``text_rows``. Scoring many pair sets (both
+        directions of a re-rank) thus encodes each item once."""
+        if not self.has_match_head:
+            raise ValueError("this Adaptor has no matching head (pooled mode, or fusion_layers=0)")
+        grid, n_prefix, batch = *self.grid, self.mode.eval_batch
         img_r, tok_r, len_r = RowReader(image, "tokens"), RowReader(text, "tokens"), RowReader(text, "length")
         img_tok = torch.cat([self.model.image_token_states(
-            torch.from_numpy(img_r.take(image_rows[ui[s:s + self.mode.eval_batch]])).to(self.device), grid, n_prefix)
-            for s in range(0, len(ui), self.mode.eval_batch)])
+            torch.from_numpy(img_r.take(image_rows[s:s + batch])).to(self.device), grid, n_prefix)
+            for s in range(0, len(image_rows), batch)])
         txt_tok, keep = [], []
-        for s in range(0, len(ut), self.mode.eval_batch):
-            t, k = _text_batch(tok_r, len_r, text_rows[ut[s:s + self.mode.eval_batch]], self.device)
+        for s in range(0, len(text_rows), batch):
+            t, k = _text_batch(tok_r, len_r, text_rows[s:s + batch], self.device)
             txt_tok.append(self.model.text_token_states(t, k))
             keep.append(k)
         txt_tok, keep = torch.cat(txt_tok), torch.cat(keep)
-        inv_i, inv_t = torch.from_numpy(inv_i).to(self.device), torch.from_numpy(inv_t).to(self.device)
-        out = np.empty(len(pairs), np.float32)
-        for s in range(0, len(pairs), PAIRS_PER_FORWARD):
-            i, t = inv_i[s:s + PAIRS_PER_FORWARD], inv_t[s:s + PAIRS_PER_FORWARD]
-            out[s:s + len(i)] = self.model.match_logits(img_tok[i], txt_tok[t], keep[t]).float().cpu().numpy()
-            if progress:
-                progress(len(i))
-        self.forwards["pairs"] = self.forwards.get("pairs", 0) + len(pairs)
-        return out
+
+        @torch.no_grad()
+        def score(pairs: np.ndarray) -> np.ndarray:
+            pairs = torch.from_numpy(np.asarray(pairs, dtype=np.int64).reshape(-1, 2)).to(self.device)
+            logits = self.model.match_pairs(img_tok, txt_tok, keep, pairs[:, 0], pairs[:, 1],
+                                            chunk=PAIRS_PER_FORWARD, progress=progress)
+            self.forwards["pairs"] = self.forwards.get("pairs", 0) + len(pairs)
+            return logits.float().cpu().numpy()
+
+        return score
 
     def log_forwards(self) -> str:
         n = sum(self.forwards.values())

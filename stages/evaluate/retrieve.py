@@ -95,10 +95,12 @@ def reranked_similarity(ctx: EvalContext, sim: np.ndarray, img_rows: np.ndarray,
     with progress() as bar:
         task = bar.add_task("re-rank pairs", total=k * sum(sim.shape))
 
+        # every test image and report through its unimodal encoder once, for both directions
+        scorer = ctx.adaptor.match_scorer(ctx.data.image, img_rows, ctx.data.text, txt_rows,
+                                          lambda n: bar.advance(task, n))
+
         def score(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            pairs = np.stack([i.numpy(), t.numpy()], 1)
-            return torch.from_numpy(ctx.adaptor.match_scores(ctx.data.image, img_rows, ctx.data.text, txt_rows,
-                                                             pairs, lambda n: bar.advance(task, n)))
+            return torch.from_numpy(scorer(np.stack([i.numpy(), t.numpy()], 1)))
 
         i2t, t2i = rerank_top_k(torch.from_numpy(sim), score, k)
     return i2t.double().numpy(), t2i.double().numpy()

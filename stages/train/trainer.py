@@ -35,7 +35,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.progress import Progress
 
 from cache.index import load_index
@@ -427,12 +426,10 @@ class Trainer:
         img_tok = self.net.image_token_states(val["image_tokens"], self.grid, self.n_prefix)
         keep = val["text_mask"].to(torch.bool)
         txt_tok = self.net.text_token_states(val["text_tokens"], keep)
-        sim = (F.normalize(self.net.pool_tokens(img_tok), dim=-1).float()
-               @ F.normalize(self.net.pool_tokens(txt_tok, keep), dim=-1).float().T)
+        sim = self.net.embedding(img_tok).float() @ self.net.embedding(txt_tok, keep).float().T
 
         def score(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self.net.match_logits(img_tok[i[s:s + 512]], txt_tok[t[s:s + 512]], keep[t[s:s + 512]])
-                              for s in range(0, len(i), 512)])
+            return self.net.match_pairs(img_tok, txt_tok, keep, i, t, chunk=512)
 
         i2t, t2i = rerank_top_k(sim, score, self.cfg.rerank_k)
         out = {"val_rerank_items": int(sim.shape[0])}
