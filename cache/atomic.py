@@ -116,13 +116,18 @@ class LockError(OSError):
     """A lock file that cannot be created (the directory is not writable)."""
 
 
+def _open_lock(path: str | os.PathLike) -> int:
+    """The lock file's descriptor (created if needed), or a :class:`LockError` that says why not."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise LockError(e.errno, f"cannot lock {path}: {e.strerror}. Is the cache directory writable?") from e
+
+
 @contextlib.contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise LockError(e.errno, f"cannot lock {path}: {e.strerror}. Is the cache directory writable?") from e
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -139,10 +144,7 @@ def shared_lock(path: str | os.PathLike) -> Iterator[None]:
     renamed away meanwhile (its directory being removed) is an error, not a silent write
     into a directory on its way out.
     """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise LockError(e.errno, f"cannot lock {path}: {e.strerror}. Is the cache directory writable?") from e
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         try:
@@ -162,8 +164,8 @@ def shared_lock(path: str | os.PathLike) -> Iterator[None]:
 def try_exclusive(path: str | os.PathLike) -> Iterator[bool]:
     """Try to take an exclusive ``flock`` on ``path`` without waiting; yields whether we got it."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
+        fd = _open_lock(path)
+    except LockError:
         yield False
         return
     try:

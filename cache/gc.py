@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from cache.atomic import try_exclusive
 from cache.index import forget_store, referenced_stores
@@ -157,17 +158,26 @@ def _remove(root: Path, r: Removal, rep: GcReport) -> bool:
     """Remove one thing; a store only under its exclusive lock and while still unreferenced."""
     p = r.path
     if p.parent.parent == root / "stores" and not p.name.startswith("."):
-        with try_exclusive(p / IN_USE) as free:
-            if not free or p in referenced_stores(root):
-                rep.skipped.append(Removal(p, r.bytes, "came into use while collecting"))
-                return False
-            hidden = p.with_name(f"{REMOVING}{p.name}-{os.getpid()}")
-            os.replace(p, hidden)
-        shutil.rmtree(hidden, ignore_errors=True)
+        if not _delete_store(p, still_unused=lambda: p not in referenced_stores(root)):
+            rep.skipped.append(Removal(p, r.bytes, "came into use while collecting"))
+            return False
     elif p.is_dir():
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
+    return True
+
+
+def _delete_store(path: Path, still_unused: Callable[[], bool] = lambda: True) -> bool:
+    """Delete a store unless a writer holds it (or ``still_unused()`` says no, asked under the
+    lock): it is renamed to a hidden ``.removing-*`` folder under its exclusive lock, so no
+    reader or writer sees half of it, then removed. Returns whether it was deleted."""
+    with try_exclusive(path / IN_USE) as free:
+        if not free or not still_unused():
+            return False
+        hidden = path.with_name(f"{REMOVING}{path.name}-{os.getpid()}")
+        os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
     return True
 
 
@@ -209,12 +219,8 @@ def remove_store(root: Path, name: str, force: bool = False, dry_run: bool = Fal
     if not dry_run:
         for dataset in users:
             forget_store(root / "datasets" / dataset, path)
-        with try_exclusive(path / IN_USE) as free:
-            if not free:
-                raise CacheRemoveError(f"store {path} came into use; run `pipe cache rm` again when it has finished")
-            hidden = path.with_name(f"{REMOVING}{path.name}-{os.getpid()}")
-            os.replace(path, hidden)
-        shutil.rmtree(hidden, ignore_errors=True)
+        if not _delete_store(path):
+            raise CacheRemoveError(f"store {path} came into use; run `pipe cache rm` again when it has finished")
         for r in rep.removed[1:]:
             shutil.rmtree(r.path, ignore_errors=True)
     return rep

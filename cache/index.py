@@ -333,30 +333,36 @@ def resolve_store(folder: Path, recorded: str) -> Path:
     return root / tail if tail is not None else p
 
 
+def dataset_folders(root: Path) -> list[Path]:
+    """Every dataset index folder of a cache (``<root>/datasets/<name>``)."""
+    base = Path(root) / "datasets"
+    return sorted(p for p in (base.iterdir() if base.is_dir() else []) if p.is_dir())
+
+
+def store_entries(folder: Path) -> list[tuple[str, str, str, Path]]:
+    """(modality, encoder, recorded path, store under this cache) of every ``stores.json`` entry of a dataset."""
+    return [(modality, encoder, entry["store"], resolve_store(folder, entry["store"]))
+            for modality, entries in read_stores(folder).items() for encoder, entry in entries.items()]
+
+
 def referenced_stores(root: Path) -> dict[Path, list[str]]:
     """Every store some dataset index records, with the names of those datasets."""
     out: dict[Path, list[str]] = {}
-    base = Path(root) / "datasets"
-    for folder in sorted(p for p in (base.iterdir() if base.is_dir() else []) if p.is_dir()):
+    for folder in dataset_folders(root):
         with contextlib.suppress(OSError, ValueError):
-            for entries in read_stores(folder).values():
-                for entry in entries.values():
-                    out.setdefault(resolve_store(folder, entry["store"]), []).append(folder.name)
+            for _, _, _, store in store_entries(folder):
+                out.setdefault(store, []).append(folder.name)
     return out
 
 
 def embed_commands(root: Path, stores: list[Path]) -> list[str]:
     """The `pipe embed` commands that complete ``stores`` again: one per dataset that uses them."""
     wanted = {Path(s) for s in stores}
-    base = Path(root) / "datasets"
     out = []
-    for folder in sorted(p for p in (base.iterdir() if base.is_dir() else []) if p.is_dir()):
+    for folder in dataset_folders(root):
         encoders: dict[str, str] = {}
         with contextlib.suppress(OSError, ValueError):
-            for modality, entries in read_stores(folder).items():
-                for encoder, entry in entries.items():
-                    if resolve_store(folder, entry["store"]) in wanted:
-                        encoders[modality] = encoder
+            encoders = {modality: encoder for modality, encoder, _, store in store_entries(folder) if store in wanted}
         spec = _dataset_spec(folder)
         if encoders and spec:
             out.append(f"pipe embed --dataset {shlex.quote(spec)} --backbone {encoders.get('image', 'none')} "

@@ -394,30 +394,31 @@ class Store:
     def release(self, claim: Claim) -> None:
         claim.path.unlink(missing_ok=True)
 
-    def shard_files(self, shard: int) -> list[Path]:
-        """Everything on disk for one shard of every array: its files, and writers' temporary files."""
+    def _shard_entries(self, shard: int) -> list[Path]:
+        """What one shard occupies in every array: ``c/<shard>`` (a folder, or for a 1-D array
+        the file itself) and writers' temporary files beside it (``c/.<shard>.partial-<pid>``)."""
         out = []
         for cdir in self.zpath.glob("*/c"):
             c = cdir / str(shard)
-            if c.is_dir():
-                out += [p for p in c.rglob("*") if not p.is_dir()]
-            elif c.exists():
+            if c.exists():
                 out.append(c)
-            # a 1-D array's shard is the file c/<shard>, so its writer's temp file is c/.<shard>.partial-<pid>
             out += [p for p in cdir.glob(f".{shard}.partial-*") if PARTIAL.match(p.name)]
+        return out
+
+    def shard_files(self, shard: int) -> list[Path]:
+        """Everything on disk for one shard of every array: its files, and writers' temporary files."""
+        out = []
+        for e in self._shard_entries(shard):
+            out += [p for p in e.rglob("*") if not p.is_dir()] if e.is_dir() else [e]
         return out
 
     def clear_shard(self, shard: int) -> None:
         """Remove whatever an interrupted writer (or a dropped commit) left in this shard's files."""
-        for cdir in self.zpath.glob("*/c"):
-            c = cdir / str(shard)
-            if c.is_dir():
-                shutil.rmtree(c)
-            elif c.exists():
-                c.unlink()
-            for p in cdir.glob(f".{shard}.partial-*"):
-                if PARTIAL.match(p.name):
-                    p.unlink(missing_ok=True)
+        for e in self._shard_entries(shard):
+            if e.is_dir():
+                shutil.rmtree(e)
+            else:
+                e.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator["Store"]:

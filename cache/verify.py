@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.atomic import atomic_write_bytes, is_temp_name, locked, temp_owner
-from cache.index import read_stores, resolve_store
+from cache.index import dataset_folders, store_entries
 from cache.npz import NpzCorruption, load_checked
 from cache.shards import ShardCorruption, ShardFile, ShardLayout, partial_of
 from cache.store import CLAIM_RE, QUARANTINE, ZARR_DIR, Store, UnreadablePart, array_metadata, claim_is_live
@@ -457,13 +457,11 @@ def verify_derived(root: Path, repair: bool = False) -> VerifyReport:
     checksums (Adaptor outputs, aligned masks) and temporary files of writers that are gone."""
     root = Path(root)
     rep = VerifyReport(root, modality="cache")
-    base = root / "datasets"
-    for folder in sorted(p for p in (base.iterdir() if base.is_dir() else []) if p.is_dir()):
-        for modality, entries in read_stores(folder).items():
-            for encoder, entry in entries.items():
-                if not (resolve_store(folder, entry["store"]) / ZARR_DIR / "zarr.json").exists():
-                    rep.warnings.append(f"dataset {folder.name} records the {modality} store {entry['store']} of "
-                                        f"{encoder}, which is not in this cache; `pipe embed` rebuilds it")
+    for folder in dataset_folders(root):
+        for modality, encoder, recorded, store in store_entries(folder):
+            if not (store / ZARR_DIR / "zarr.json").exists():
+                rep.warnings.append(f"dataset {folder.name} records the {modality} store {recorded} of "
+                                    f"{encoder}, which is not in this cache; `pipe embed` rebuilds it")
     for sub in DERIVED:
         for p in sorted((root / sub).rglob("*.npz")) if (root / sub).is_dir() else []:
             if not p.name.startswith("."):
