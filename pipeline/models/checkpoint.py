@@ -94,7 +94,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
         raise MissingFileError(f"checkpoint {path} does not exist; train one with `pipe train-adaptor`")
     meta = read_meta(path)
     if model is not None:
-        _load_weights(path, meta, model)
+        _load_weights(path, model)
     if optimizer is not None:
         opt_path = _paired_optimizer_file(path, meta)
         layout = json.loads(_raw_meta(opt_path)["layout"])
@@ -102,13 +102,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
     return meta
 
 
-def _load_weights(path: Path, meta: dict, model: torch.nn.Module) -> None:
+def _load_weights(path: Path, model: torch.nn.Module) -> None:
     """Load the weights, or say in one message why this model cannot take them."""
+    weights = load_file(str(path))
     try:
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(weights)
     except RuntimeError as e:
-        missing = sorted(set(model.state_dict()) - set(_raw_keys(path)))
-        extra = sorted(set(_raw_keys(path)) - set(model.state_dict()))
+        want, have = set(model.state_dict()), set(weights)
+        missing, extra = sorted(want - have), sorted(have - want)
         detail = "; ".join(x for x in (
             f"missing {len(missing)} tensors (e.g. {missing[0]})" if missing else "",
             f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "") if x) or str(e).splitlines()[0][:160]
@@ -116,11 +117,6 @@ def _load_weights(path: Path, meta: dict, model: torch.nn.Module) -> None:
             f"{path} does not fit the Adaptor its own config describes ({detail}). It was most likely written by "
             "an earlier version of this Adaptor (tokens-mode checkpoints from before the matching-head design do "
             "not load); retrain it with `pipe train-adaptor` and the run's config.yaml.") from None
-
-
-def _raw_keys(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
 
 
 def _raw_meta(path: Path) -> dict[str, str]:
