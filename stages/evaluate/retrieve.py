@@ -16,7 +16,7 @@ import torch
 
 from pipeline.console import err, progress, escape
 from pipeline.errors import InputError
-from pipeline.models.loss import rerank_top_k
+from pipeline.models.ranking import match_ranks, reranked_ranks
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
@@ -26,9 +26,9 @@ from stages.evaluate.tables import add_estimates_row, add_row, make_table, value
 KS = (1, 5, 10)
 
 
-def raw_similarity(ctx: EvalContext, img_rows: np.ndarray, text_store,
-                   txt_rows: np.ndarray) -> tuple[np.ndarray | None, str]:
-    """Cosine similarity of the raw pooled features, or (None, why it is undefined)."""
+def raw_pair(ctx: EvalContext, img_rows: np.ndarray, text_store,
+             txt_rows: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+    """Unit raw pooled features (images, texts), or (None, why comparing them is undefined)."""
     img = raw_features(ctx.data.image, img_rows).astype(np.float64)
     txt = raw_features(text_store, txt_rows).astype(np.float64)
     if img.shape[1] != txt.shape[1]:
@@ -36,9 +36,16 @@ def raw_similarity(ctx: EvalContext, img_rows: np.ndarray, text_store,
                       f"features are {txt.shape[1]}-d, so without an Adaptor there is no shared space to compare in")
     img /= np.linalg.norm(img, axis=1, keepdims=True) + 1e-12
     txt /= np.linalg.norm(txt, axis=1, keepdims=True) + 1e-12
-    return img @ txt.T, ("raw pooled features of two separately trained encoders compared directly: no shared "
-                         "space was learned, so the scores measure no alignment; a figure away from chance, in "
-                         "either direction, reflects incidental structure of the two feature spaces")
+    return (img, txt), ("raw pooled features of two separately trained encoders compared directly: no shared "
+                        "space was learned, so the scores measure no alignment; a figure away from chance, in "
+                        "either direction, reflects incidental structure of the two feature spaces")
+
+
+def raw_similarity(ctx: EvalContext, img_rows: np.ndarray, text_store,
+                   txt_rows: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """Cosine similarity of the raw pooled features, or (None, why it is undefined)."""
+    pair, why = raw_pair(ctx, img_rows, text_store, txt_rows)
+    return (None if pair is None else pair[0] @ pair[1].T), why
 
 
 LINEAR_MAP = "linear map, least squares (no training loop)"
@@ -68,32 +75,45 @@ def fit_linear_map(ctx: EvalContext) -> tuple[np.ndarray, float]:
         return maps[RIDGES[len(RIDGES) // 2]], RIDGES[len(RIDGES) // 2]
     xv = _unit(raw_features(ctx.data.image, ctx.image_rows[val]))
     yv = _unit(raw_features(ctx.data.text, ctx.data.text_rows[val]))
-    best = min(RIDGES, key=lambda lam: np.median(M.match_ranks(_unit(xv @ maps[lam]) @ yv.T)))
+    best = min(RIDGES, key=lambda lam: np.median(match_ranks(_unit(xv @ maps[lam]), yv)))
     return maps[best], best
+
+
+def linear_map_pair(ctx: EvalContext, img_rows: np.ndarray, text_store,
+                    txt_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit (mapped images, texts) after the least-squares map of :func:`fit_linear_map`."""
+    w, lam = fit_linear_map(ctx)
+    ctx.note(f"{LINEAR_MAP}: ridge λ = {lam:g} × mean eigenvalue, chosen on the validation pairs")
+    return _unit(_unit(raw_features(ctx.data.image, img_rows)) @ w), _unit(raw_features(text_store, txt_rows))
 
 
 def linear_map_similarity(ctx: EvalContext, img_rows: np.ndarray, text_store, txt_rows: np.ndarray) -> np.ndarray:
     """Cosine similarity after the least-squares map of :func:`fit_linear_map`."""
-    w, lam = fit_linear_map(ctx)
-    ctx.note(f"{LINEAR_MAP}: ridge λ = {lam:g} × mean eigenvalue, chosen on the validation pairs")
-    img = _unit(_unit(raw_features(ctx.data.image, img_rows)) @ w)
-    return img @ _unit(raw_features(text_store, txt_rows)).T
+    img, txt = linear_map_pair(ctx, img_rows, text_store, txt_rows)
+    return img @ txt.T
+
+
+def adaptor_pair(ctx: EvalContext, img_rows: np.ndarray, text_store,
+                 txt_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Adaptor's unit (image, text) embeddings, in float64."""
+    a = ctx.adaptor
+    return (a.image_embeddings(ctx.data.image, img_rows).astype(np.float64),
+            a.text_embeddings(text_store, txt_rows).astype(np.float64))
 
 
 def adaptor_similarity(ctx: EvalContext, img_rows: np.ndarray, text_store, txt_rows: np.ndarray) -> np.ndarray:
-    a = ctx.adaptor
-    img = a.image_embeddings(ctx.data.image, img_rows)
-    txt = a.text_embeddings(text_store, txt_rows)
-    return img.astype(np.float64) @ txt.astype(np.float64).T
+    img, txt = adaptor_pair(ctx, img_rows, text_store, txt_rows)
+    return img @ txt.T
 
 
-def reranked_similarity(ctx: EvalContext, sim: np.ndarray, img_rows: np.ndarray,
-                        txt_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(image→text, text→image) similarities after the matching head re-ranks each query's
-    top ``rerank_k`` candidates (:func:`pipeline.models.loss.rerank_top_k`, as validation does)."""
-    k = min(ctx.cfg.rerank_k, *sim.shape)
+def itm_reranked_ranks(ctx: EvalContext, img: np.ndarray, txt: np.ndarray, img_rows: np.ndarray,
+                   txt_rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Each direction's ranks after the matching head re-orders each query's top
+    ``rerank_k`` candidates (:func:`pipeline.models.ranking.reranked_ranks`, the figures of
+    :func:`pipeline.models.loss.rerank_top_k` as validation computes them, in blocks)."""
+    k = min(ctx.cfg.rerank_k, len(img))
     with progress() as bar:
-        task = bar.add_task("re-rank pairs", total=k * sum(sim.shape))
+        task = bar.add_task("re-rank pairs", total=2 * k * len(img))
 
         # every test image and report through its unimodal encoder once, for both directions
         scorer = ctx.adaptor.match_scorer(ctx.data.image, img_rows, ctx.data.text, txt_rows,
@@ -102,19 +122,24 @@ def reranked_similarity(ctx: EvalContext, sim: np.ndarray, img_rows: np.ndarray,
         def score(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(scorer(np.stack([i.numpy(), t.numpy()], 1)))
 
-        i2t, t2i = rerank_top_k(torch.from_numpy(sim), score, k)
-    return i2t.double().numpy(), t2i.double().numpy()
+        return {"image→text": reranked_ranks(img, txt, score, k),
+                "text→image": reranked_ranks(txt, img, lambda t, i: score(i, t), k)}
 
 
-def recall_figures(sim: np.ndarray, ctx: EvalContext, t2i: np.ndarray | None = None) -> dict:
-    """Recall@K both ways from ``sim [n_img, n_txt]`` (``t2i [n_txt, n_img]`` replaces ``sim.T``)."""
-    ranks = {"image→text": M.match_ranks(sim), "text→image": M.match_ranks(sim.T if t2i is None else t2i)}
+def plain_ranks(img: np.ndarray, txt: np.ndarray) -> dict[str, np.ndarray]:
+    """Both directions' ranks of the true match, computed in blocks of queries (never N × N)."""
+    return {"image→text": match_ranks(img, txt), "text→image": match_ranks(txt, img)}
+
+
+def recall_figures(ranks: dict[str, np.ndarray], ctx: EvalContext) -> dict:
+    """Recall@K, their bootstrap CIs and the median rank, from each direction's ranks."""
     values = {f"{d} R@{k}": M.recall_at(r, k) for d, r in ranks.items() for k in KS}
 
     def resampled(w):
         return {f"{d} R@{k}": M.recall_at(r, k, w) for d, r in ranks.items() for k in KS}
 
-    cis = M.bootstrap_cis(resampled, len(sim), ctx.cfg.bootstrap, ctx.cfg.seed, ctx.cfg.ci)
+    n = len(next(iter(ranks.values())))
+    cis = M.bootstrap_cis(resampled, n, ctx.cfg.bootstrap, ctx.cfg.seed, ctx.cfg.ci)
     return {"recall": values, "ci": {k: list(v) for k, v in cis.items()},
             "median_rank": {d: float(np.median(r) + 1) for d, r in ranks.items()}}
 
@@ -136,19 +161,21 @@ def run(ctx: EvalContext) -> TaskResult:
                  "with the true match counts as a hit (candidates must score strictly higher to outrank it)")
     methods = []
     if ctx.adaptor is not None:
-        sim = adaptor_similarity(ctx, img_rows, ctx.data.text, txt_rows)
-        methods.append({"name": ctx.adaptor_name(), "features": "adaptor", **recall_figures(sim, ctx)})
+        img, txt = adaptor_pair(ctx, img_rows, ctx.data.text, txt_rows)
+        methods.append({"name": ctx.adaptor_name(), "features": "adaptor", **recall_figures(plain_ranks(img, txt), ctx)})
         if ctx.adaptor.has_match_head and ctx.cfg.rerank_k > 1:
-            i2t, t2i = reranked_similarity(ctx, sim, img_rows, txt_rows)
+            ranks = itm_reranked_ranks(ctx, img, txt, img_rows, txt_rows)
             methods.append({"name": f"{ctx.adaptor_name()} + ITM re-rank of top {ctx.cfg.rerank_k}",
-                            "features": "adaptor", **recall_figures(i2t, ctx, t2i)})
-    sim = linear_map_similarity(ctx, img_rows, ctx.data.text, txt_rows)
+                            "features": "adaptor", **recall_figures(ranks, ctx)})
+        del img, txt
+    img, txt = linear_map_pair(ctx, img_rows, ctx.data.text, txt_rows)
     methods.append({"name": f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "features": "linear-map",
-                    **recall_figures(sim, ctx)})
-    sim, why = raw_similarity(ctx, img_rows, ctx.data.text, txt_rows)
+                    **recall_figures(plain_ranks(img, txt), ctx)})
+    pair, why = raw_pair(ctx, img_rows, ctx.data.text, txt_rows)
     base = {"name": ctx.baseline_name(with_text=True), "features": "backbone", "note": why}
     ctx.note(f"{base['name']}: {why}")
-    methods.append({**base, **recall_figures(sim, ctx)} if sim is not None else {**base, "applicable": False})
+    methods.append({**base, **recall_figures(plain_ranks(*pair), ctx)} if pair is not None
+                   else {**base, "applicable": False})
     result = TaskResult(methods=methods, tables=[_table(methods, len(test))])
     result.data = {"splits": {"test": int(len(test))}, "distinct_reports": distinct,
                    "chance": {f"R@{k}": min(1.0, k / len(test)) for k in KS}}

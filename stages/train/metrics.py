@@ -54,8 +54,10 @@ class MetricsLog:
         ep = [r["epoch"] for r in self.rows]
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
         axes[0].plot(ep, [r["train_loss"] for r in self.rows], label="train")
-        if "val_loss" in self.rows[0]:
-            axes[0].plot(ep, [r["val_loss"] for r in self.rows], label="validation")
+        for key, label in (("val_loss_batch", "validation, in training-size batches"),
+                           ("val_loss", "validation, whole split (grows like ln N)")):
+            if key in self.rows[0]:
+                axes[0].plot(ep, [r[key] for r in self.rows], label=label)
         axes[0].set_title("contrastive loss")
         for k in (1, 5, 10):
             for d, ls in (("i2t", "-"), ("t2i", "--")):

@@ -48,7 +48,8 @@ from pipeline.encoders import canonical_name
 from pipeline.errors import InputError
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from pipeline.models.loss import clip_loss, itm_loss, rerank_top_k, retrieval_recall, retrieval_recall_from_sim
+from pipeline.models.loss import clip_loss, itm_loss, rerank_top_k, retrieval_recall_from_sim
+from pipeline.models.ranking import batched_clip_loss, recall_both_ways, split_clip_loss
 from stages.train import distributed
 from stages.train.distributed import DistContext
 from stages.train.loader import PairLoader
@@ -406,9 +407,12 @@ class Trainer:
             i, t = self.net(batch, image_grid=self.grid, n_prefix=self.n_prefix)
             imgs.append(i)
             txts.append(t)
-        img, txt = torch.cat(imgs), torch.cat(txts)
-        out = {"val_loss": float(clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight))}
-        for k, v in retrieval_recall(img, txt).items():
+        img, txt = torch.cat(imgs).float(), torch.cat(txts).float()
+        weights, scale = (self.cfg.adaptor.image_weight, 1.0 - self.cfg.adaptor.image_weight), self.net.scale()
+        # in blocks of rows: memory grows with the split, never with its square
+        out = {"val_loss": split_clip_loss(img, txt, scale, weights),
+               "val_loss_batch": batched_clip_loss(img, txt, scale, weights, self.train.batch_size)}
+        for k, v in recall_both_ways(img, txt).items():
             out["val_" + k.replace("R@", "r@")] = round(float(v), 4)
         if self.matching and self.cfg.val_rerank_items > 1:
             out.update(self._validate_rerank())
@@ -439,7 +443,8 @@ class Trainer:
 
 
 def _epoch_line(r: dict) -> str:
-    val = (f" · val loss {r['val_loss']:.4f} · i2t R@1/5/10 {r['val_i2t_r@1']:.3f}/{r['val_i2t_r@5']:.3f}/"
+    batch = f"{r['val_loss_batch']:.4f} in batches, " if "val_loss_batch" in r else ""
+    val = (f" · val loss {batch}{r['val_loss']:.4f} whole split · i2t R@1/5/10 {r['val_i2t_r@1']:.3f}/{r['val_i2t_r@5']:.3f}/"
            f"{r['val_i2t_r@10']:.3f}" if "val_loss" in r else "")
     mem = f" · peak {r.get('gpu_peak_mb', r['cpu_peak_mb']):,.0f} MiB"
     return (f"epoch {r['epoch']:>3} · loss {r['train_loss']:.4f}{val} · {r['epoch_seconds']:.2f} s"
