@@ -9,6 +9,8 @@ torch) are imported inside each command, so `pipe --help` and tab completion sta
 from __future__ import annotations
 
 import importlib.metadata
+import os
+from typing import Optional
 
 import typer
 import typer.core
@@ -38,8 +40,14 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(show_version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
-                                            help="Print the version and exit.")) -> None:
+                                            help="Print the version and exit."),
+          threads: Optional[int] = typer.Option(
+              None, "--threads", min=1, envvar="PIPE_THREADS",
+              help="Math threads per process \\[default: the CPUs this process may use (affinity, cgroup quota), "
+                   "shared among the job's processes].")) -> None:
     """Parameter-efficient vision-language pre-training on cached frozen-encoder embeddings."""
+    if threads:
+        os.environ["PIPE_THREADS"] = str(threads)  # read where torch starts, here and in child processes
 
 
 _display_type = typer.core.TyperOption.display_type_rich

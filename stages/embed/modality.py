@@ -19,6 +19,7 @@ import xxhash
 
 from cache.index import Unit
 from pipeline.devices import to_device
+from pipeline.threads import available_cpus
 from pipeline.imaging import Preprocess, read_and_decode
 
 ToHost = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
@@ -53,7 +54,7 @@ def decode_pool(threads: int, processes: int, device: torch.device) -> Executor:
     """
     n = processes
     if n < 0:
-        n = min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+        n = min(8, max(1, available_cpus()[0] - 1)) if device.type == "cuda" else 0
     if n == 0:
         return ThreadPoolExecutor(threads, thread_name_prefix="decode")
     return ProcessPoolExecutor(n, mp_context=torch_mp.get_context("spawn"), initializer=_one_thread_per_process)

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 from cache.index import Unit
 from cache.store import Claim, ClaimState, ShardSink, Store
+from pipeline import threads
 from pipeline.console import err, progress
 from pipeline.devices import resolve_device
 from pipeline.errors import PipeError
@@ -167,8 +168,10 @@ def _dask_client(cfg):
         except (OSError, TimeoutError) as e:
             raise PipeError(f"cannot reach the Dask scheduler at {cfg.scheduler} ({e}). Start one with "
                             "`dask scheduler` and workers with `dask worker <address>`.") from e
-    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.ERROR)
+    per = threads.plan(processes=cfg.workers)  # the cores split among the workers, not all of them each
+    err.print(f"Dask: {cfg.workers} local workers, {per.line()}")
+    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
     return _ClusterClient(Client(cluster), cluster)
 
 
@@ -195,6 +198,7 @@ def _remote_embed(store_path: str, modality: str, encoder: str, cfg, shard: int,
     """Runs on a Dask worker: the encoder is built once per worker and reused by every task."""
     key = (modality, encoder, cfg.device, cfg.batch_size)
     if key not in _WORKER_EMBEDDERS:
+        threads.apply()  # $PIPE_THREADS from the cluster that started this worker, else this node's CPUs
         _WORKER_EMBEDDERS.clear()
         _WORKER_EMBEDDERS[key] = GroupEmbedder(MODALITIES[modality], encoder, cfg, resolve_device(cfg.device))
     sink = Store.open(store_path).shard_sink(shard, cfg.fsync)

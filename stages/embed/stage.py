@@ -22,7 +22,9 @@ from cache.index import IndexBuilder
 from cache.keys import fingerprint
 from cache.paths import cache_root
 from cache.store import Store, StoreError, live_run
+from pipeline import threads
 from pipeline.allocator import keep_freed_memory
+from pipeline.console import err
 from pipeline.datasets import Dataset, open_dataset
 from pipeline.devices import peak_memory_mb, resolve_device
 from pipeline.encoders import resolve_encoder_name, weights_identity
@@ -101,6 +103,7 @@ _WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota
 
 def run(cfg: EmbedConfig, dataset: Dataset | None = None) -> EmbedResult:
     keep_freed_memory()  # batch after batch reuses the same heap (see pipeline/allocator.py)
+    err.print(threads.apply().line())
     root = cache_root(cfg.cache)
     try:
         return _run(cfg, root, dataset)

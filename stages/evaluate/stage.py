@@ -22,6 +22,7 @@ from cache.atomic import atomic_write_text
 from cache.pairs import CacheMissError, embed_command, load_pairs
 from cache.paths import cache_root
 from pipeline.config import ConfigError, OneOf, Validated, config_hash, save_config, to_dict
+from pipeline import threads
 from pipeline.console import err, escape
 from pipeline.datasets import open_dataset
 from pipeline.devices import peak_memory_mb, resolve_device
@@ -203,6 +204,7 @@ def default_out(cfg: EvalConfig, dataset: str, adaptor: FrozenAdaptor | None, ba
 # -------------------------------------------------------------------------------- run
 def run(cfg: EvalConfig) -> EvalResult:
     t0 = time.perf_counter()
+    err.print(threads.apply().line())
     ctx = _context(cfg)
     fresh = not ctx.out.exists()
     ctx.out.mkdir(parents=True, exist_ok=True)

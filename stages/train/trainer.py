@@ -41,6 +41,7 @@ from cache.index import load_index
 from cache.pairs import CacheMissError, PairData, embed_command, load_pairs
 from cache.paths import cache_root
 from pipeline.config import ConfigError, Validated, config_hash, save_config, to_dict
+from pipeline import threads
 from pipeline.console import err, escape, progress
 from pipeline.datasets import open_dataset
 from pipeline.devices import peak_memory_mb
@@ -150,6 +151,9 @@ def load_training_data(cfg: TrainConfig) -> PairData:
 def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
     """Train one Adaptor; under torchrun, this process's share of a DDP run."""
     with distributed.session(cfg.device) as ctx:
+        plan = threads.apply(processes=ctx.local_world_size)
+        if ctx.is_main:
+            err.print(plan.line())
         with distributed.main_first(ctx):  # reading a dataset may write to the cache: one rank at a time
             data = data or load_training_data(cfg)
             ds_name = open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False, skip_bad_rows=True).name
