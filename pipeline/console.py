@@ -46,9 +46,88 @@ def section(title: str) -> None:
 
 
 def progress(transient: bool = False) -> Progress:
-    """A progress display with items/s and ETA, drawn on stderr."""
+    """A progress display with items/s and ETA on stderr: a live bar on a terminal; elsewhere
+    (a batch job's log, CI) a plain line every ``$PIPE_PROGRESS_SECONDS`` (30 s) and one at
+    the end of each task, so a log shows the job is alive and how long it has left."""
+    disable = bool(os.environ.get("PIPE_NO_PROGRESS"))
+    if not err.is_terminal and not disable:
+        return LogProgress(float(os.environ.get("PIPE_PROGRESS_SECONDS") or 30.0))
     return Progress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         RateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=err, transient=transient, disable=bool(os.environ.get("PIPE_NO_PROGRESS")),
+        console=err, transient=transient, disable=disable,
     )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class LogProgress:
+    """Progress as log lines: ``task: done/total (pct) · rate/s · elapsed · eta``.
+
+    The same calls as rich's :class:`~rich.progress.Progress` that the stages use
+    (``add_task``, ``advance``, ``update``, a context manager). A line is printed when a
+    task ends and, from a heartbeat thread, every ``every`` seconds for each running task,
+    even while one long unit of work (a segmentation decoder) has not ticked yet.
+    """
+
+    def __init__(self, every: float = 30.0):
+        import threading  # lazy: only off a terminal
+
+        self.every, self._lock, self._tasks = every, threading.Lock(), []
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="progress-log", daemon=True)
+
+    def __enter__(self) -> "LogProgress":
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._beat.join()
+        with self._lock:
+            for t in range(len(self._tasks)):
+                if not self._tasks[t]["ended"] and self._tasks[t]["done"]:
+                    self._line(t)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.every):
+            with self._lock:
+                for t in range(len(self._tasks)):
+                    if not self._tasks[t]["ended"]:
+                        self._line(t)
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        import time  # lazy: only off a terminal
+
+        with self._lock:
+            self._tasks.append({"desc": description, "total": total, "done": 0.0, "start": time.monotonic(),
+                                "ended": False})
+            return len(self._tasks) - 1
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    def update(self, task: int, *, total: float | None = None, completed: float | None = None,
+               advance: float | None = None, description: str | None = None, **_) -> None:
+        with self._lock:
+            t = self._tasks[task]
+            t["total"] = t["total"] if total is None else total
+            t["desc"] = description or t["desc"]
+            t["done"] = completed if completed is not None else t["done"] + (advance or 0)
+            if t["total"] is not None and t["done"] >= t["total"] and not t["ended"]:
+                t["ended"] = True
+                self._line(task)
+
+    def _line(self, task: int) -> None:
+        import time  # lazy: only off a terminal
+
+        t = self._tasks[task]
+        spent = time.monotonic() - t["start"]
+        rate = t["done"] / spent if spent > 0 else 0.0
+        total = t["total"]
+        of = f"/{total:,.0f} ({100 * t['done'] / total:.0f}%)" if total else ""
+        eta = f" · eta {_clock((total - t['done']) / rate)}" if total and rate > 0 and t["done"] < total else ""
+        err.print(f"{t['desc']}: {t['done']:,.0f}{of} · {rate:,.2f}/s · {_clock(spent)}{eta}", markup=False)

@@ -67,3 +67,26 @@ def test_threads_option_reaches_the_commands_and_the_log(tmp_path, monkeypatch):
     finally:
         os.environ.pop(threads.ENV, None)
         torch.set_num_threads(n)
+
+
+def test_progress_off_a_terminal_is_log_lines_with_a_heartbeat(monkeypatch, capsys):
+    """A batch job's log shows each long step alive: a line every few seconds and one at the end."""
+    import time
+
+    from pipeline import console
+
+    monkeypatch.delenv("PIPE_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("PIPE_PROGRESS_SECONDS", "0.2")
+    monkeypatch.setattr(console.err, "file", __import__("sys").stderr)
+    bar = console.progress()
+    assert isinstance(bar, console.LogProgress)  # stderr is not a terminal under pytest
+    with bar:
+        task = bar.add_task("train decoders", total=4)
+        bar.advance(task)
+        time.sleep(0.7)  # one slow unit: the heartbeat still reports
+        for _ in range(3):
+            bar.advance(task)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("train decoders:")]
+    assert len(lines) >= 3, lines
+    assert "1/4 (25%)" in lines[0] and "eta" in lines[0]
+    assert lines[-1].startswith("train decoders: 4/4 (100%)") and "eta" not in lines[-1]
