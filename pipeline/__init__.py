@@ -1,0 +1,10 @@
+"""The parts the stages share: configs, devices, imaging, encoders, datasets, models, and the CLI.
+
+Importing it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already chooses a
+policy, before torch loads its OpenMP runtime: idle OpenMP threads then sleep instead of
+spinning, which on a machine shared with other jobs made small training steps 10-20x
+faster with two threads (see ``pipeline/threads.py`` and ``bench/threads.py``).
+"""
+import os as _os
+
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -8,6 +8,11 @@ the CPUs a process gets make every intra-op parallel region wait for a deschedul
 thread: measured here, a 10k-item epoch on a 2-core machine shared with one other job
 took 42.4 s with torch's default threads against 1.65 s with one thread.
 
+Spinning makes it worse: OpenMP threads that finish a parallel region wait for the next
+one by spinning on a core, so on a busy machine they steal the cores the others need.
+``pipeline/__init__.py`` therefore sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set already)
+before torch starts its OpenMP runtime.
+
 Order of precedence: ``--threads N`` (``pipe --threads N CMD``, exported to child
 processes as ``PIPE_THREADS``), then the CPUs this process may use, shared evenly among
 the processes of one job (Dask workers, torchrun ranks on one node).

@@ -1,0 +1,217 @@
+"""What each command costs per item, and its peak memory, as a table grows.
+
+For each N it writes a synthetic table of N small images with distinct reports (20%
+repeat an earlier one word for word), about two studies per patient, a patient-level
+split, two binary findings that the images show (so heads have something to learn) and
+a lesion mask per image, then runs every command a user runs, each in its own process,
+one at a time:
+
+    data info · embed · embed again (all reused) · train-adaptor pooled and tokens
+    (1 epoch each) · evaluate classification, retrieval, zero-shot, segmentation ·
+    cache verify · cache gc --dry-run
+
+and prints per step the seconds per 1k items and the peak RSS of that process (from
+``wait4``). The tiny random-init encoders keep the forward passes small, so what is
+measured is the pipeline's own cost: hashing, planning, shard writes, reading, heads.
+
+Targets, checked between the smallest N ≥ 10k and the largest (``targets`` in the JSON):
+every step's seconds per item grows less than 1.3×, and every step's peak RSS stays under
+2 GB plus the arrays it holds resident (the cache arrays that the step loads: pooled
+vectors for the pooled Adaptor and the heads, token arrays for tokens mode and
+segmentation).
+
+    python bench/scale.py --n 10000 50000 [--workdir DIR] [--keep] [--threads T] [--out scale.json]
+
+The last line of stdout is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FINDINGS = {"effusion": ("Small left pleural effusion.", "No pleural effusion."),
+            "cardiomegaly": ("The heart is enlarged.", "Heart size is normal.")}
+EXTRA = ["Lungs are otherwise clear.", "No pneumothorax.", "Stable mediastinal contours.", "Degenerative spine.",
+         "Low lung volumes.", "No focal consolidation.", "Sternotomy wires.", "Old rib fracture on the right."]
+SIZE = 24  # pixels: decode cost is not what this benchmark measures
+RSS_BUDGET_MB = 2048
+
+
+# ------------------------------------------------------------------------------- the table
+def _report(i: int, rng: np.random.Generator, labels: dict[str, int]) -> str:
+    words = [FINDINGS[k][0 if v else 1] for k, v in labels.items()]
+    words += list(rng.choice(EXTRA, 2, replace=False))
+    return " ".join(words) + f" Study {i}."  # distinct unless repeated on purpose
+
+
+def write_table(folder: Path, n: int, seed: int = 0) -> Path:
+    """N images, reports, patients, splits, two findings and a mask each; returns the CSV."""
+    rng = np.random.default_rng(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    (folder / "mask").mkdir(exist_ok=True)
+    rows, reports = [], []
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    for i in range(n):
+        labels = {"effusion": int(rng.random() < 0.3), "cardiomegaly": int(rng.random() < 0.2)}
+        img = rng.normal(0.45, 0.08, (SIZE, SIZE))
+        if labels["effusion"]:
+            img[SIZE * 2 // 3:, : SIZE // 2] += 0.35      # a bright left base
+        if labels["cardiomegaly"]:
+            img[SIZE // 3: SIZE * 2 // 3, SIZE // 4: SIZE * 3 // 4] += 0.25
+        name = f"img/{i:07d}.png"
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(folder / name)
+        cy, cx, r = rng.integers(4, SIZE - 4, 2).tolist() + [int(rng.integers(2, 5))]
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & (rng.random() < 0.5)
+        Image.fromarray((mask * 255).astype(np.uint8)).save(folder / f"mask/{i:07d}.png")
+        report = reports[int(rng.integers(len(reports)))] if reports and rng.random() < 0.2 else _report(i, rng, labels)
+        reports.append(report)
+        rows.append({"id": f"s{i:07d}", "patient_id": f"p{i // 2:07d}", "image": name, "report": report,
+                     "mask_lesion": f"mask/{i:07d}.png", **labels})
+    df = pd.DataFrame(rows)
+    patient = df["patient_id"].str[1:].astype(int).to_numpy()
+    draw = np.random.default_rng(seed + 1).random(patient.max() + 1)[patient]
+    df["split"] = np.where(draw < 0.7, "train", np.where(draw < 0.8, "valid", "test"))
+    path = folder / "pairs.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+# ------------------------------------------------------------------------------- the steps
+def steps(table: Path, cache: Path, runs: Path) -> list[tuple[str, list[str], str]]:
+    """(name, pipe arguments, which cache arrays it holds resident) in the order a user runs them."""
+    d = ["-d", str(table)]
+    enc = ["-b", "tiny-vit", "-t", "tiny-bert"]
+    c = ["--cache", str(cache)]
+    ev = ["evaluate", *d, *c, "--seeds", "1"]
+    return [
+        ("data info", ["data", "info", *d, *c], ""),
+        ("embed", ["embed", *d, *enc, *c], ""),
+        ("embed again (all reused)", ["embed", *d, *enc, *c], ""),
+        ("train-adaptor pooled (1 epoch)", ["train-adaptor", *d, *enc, *c, "--config", str(ROOT / "configs/demo.yaml"),
+                                            "--out", str(runs / "pooled"), "epochs=1"], "pooled"),
+        ("train-adaptor tokens (1 epoch)", ["train-adaptor", *d, *enc, *c, "--config",
+                                            str(ROOT / "configs/demo_tokens.yaml"), "--out", str(runs / "tokens"),
+                                            "epochs=1"], "tokens"),
+        ("evaluate classification", [*ev, "--task", "classification", "--adaptor", str(runs / "pooled"),
+                                     "--out", str(runs / "classification")], "pooled"),
+        ("evaluate retrieval", [*ev, "--task", "retrieval", "--adaptor", str(runs / "pooled"),
+                                "--out", str(runs / "retrieval")], "pooled"),
+        ("evaluate zero-shot", [*ev, "--task", "zero-shot", "--adaptor", str(runs / "pooled"),
+                                "--out", str(runs / "zero-shot")], "pooled"),
+        ("evaluate segmentation", [*ev, "--task", "segmentation", "--adaptor", "none", "-b", "tiny-vit",
+                                   "--fraction", "1.0", "seg.min_steps=50", "seg.epochs=2",
+                                   "--out", str(runs / "segmentation")], "tokens"),
+        ("cache verify", ["cache", "verify", *c], ""),
+        ("cache gc --dry-run", ["cache", "gc", "--dry-run", *c], ""),
+    ]
+
+
+def array_bytes(cache: Path, kind: str) -> int:
+    """Bytes of the cache's arrays of one kind (``pooled`` or ``tokens``, with masks and lengths)."""
+    if not kind:
+        return 0
+    names = {"pooled": ("pooled",), "tokens": ("pooled", "tokens", "length")}[kind]
+    total = 0
+    for store in (cache / "stores").glob("*/*/embeddings.zarr"):
+        for name in names:
+            total += sum(f.stat().st_size for f in (store / name).rglob("*") if f.is_file())
+    return total
+
+
+def run_step(args: list[str], log: Path, threads: int | None, env: dict | None = None) -> tuple[float, float, int]:
+    """(seconds, peak RSS in MB, exit code) of one `pipe` process (``env`` replaces os.environ)."""
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "PIPE_NO_PROGRESS": "1"}
+    if threads:
+        env["PIPE_THREADS"] = str(threads)
+    with open(log, "ab") as f:
+        f.write(f"\n$ pipe {' '.join(args)}\n".encode())
+        f.flush()
+        t0 = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=f, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return seconds, usage.ru_maxrss / 1024, p.returncode
+
+
+def measure(n: int, work: Path, threads: int | None) -> dict:
+    t0 = time.perf_counter()
+    table = write_table(work / "data", n)
+    print(f"n={n:,}: table written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    cache, runs, log = work / "cache", work / "runs", work / "log.txt"
+    rows = []
+    for name, args, resident in steps(table, cache, runs):
+        seconds, rss, code = run_step(args, log, threads)
+        rows.append({"step": name, "seconds": round(seconds, 2), "s_per_1k": round(1000 * seconds / n, 3),
+                     "peak_rss_mb": round(rss), "resident_mb": round(array_bytes(cache, resident) / 2**20, 1),
+                     "exit": code})
+        print(f"n={n:,} · {name}: {seconds:.1f} s · {rss:,.0f} MB · exit {code}", file=sys.stderr, flush=True)
+        if code not in (0, 1):
+            raise SystemExit(f"`pipe {' '.join(args)}` failed with exit code {code}; see {log}")
+    size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    return {"n": n, "steps": rows, "cache_mb": round(size / 2**20, 1), "log": str(log)}
+
+
+def targets(results: list[dict]) -> dict:
+    """Growth of seconds per item from the smallest N >= 10k to the largest, and the RSS bound."""
+    big = [r for r in results if r["n"] >= 10_000] or results
+    lo, hi = min(big, key=lambda r: r["n"]), max(big, key=lambda r: r["n"])
+    growth = {}
+    for a, b in zip(lo["steps"], hi["steps"]):
+        growth[a["step"]] = round(b["s_per_1k"] / a["s_per_1k"], 2) if a["s_per_1k"] > 0 else None
+    rss = {s["step"]: s["peak_rss_mb"] <= RSS_BUDGET_MB + s["resident_mb"] for s in hi["steps"]}
+    return {"from_n": lo["n"], "to_n": hi["n"], "time_per_item_growth": growth,
+            "time_ok": all(g is not None and g < 1.3 for g in growth.values()) if lo is not hi else None,
+            "rss_budget_mb": RSS_BUDGET_MB, "rss_ok": all(rss.values()), "rss_by_step": rss}
+
+
+def table(results: list[dict]) -> str:
+    ns = [r["n"] for r in results]
+    lines = ["| step | " + " | ".join(f"{n:,}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for i, s in enumerate(results[0]["steps"]):
+        cells = [f"{r['steps'][i]['s_per_1k']:.2f} · {r['steps'][i]['peak_rss_mb']:,} MB" for r in results]
+        lines.append(f"| `{s['step']}` | " + " | ".join(cells) + " |")
+    lines.append("| cache size | " + " | ".join(f"{r['cache_mb']:,.0f} MB" for r in results) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[2000, 10000])
+    ap.add_argument("--workdir", type=Path, default=None, help="where tables and caches go (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the tables and caches")
+    ap.add_argument("--threads", type=int, default=None, help="PIPE_THREADS for every step (default: automatic)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    a = ap.parse_args()
+    base = a.workdir or Path(tempfile.mkdtemp(prefix="pipe-scale-"))
+    results = []
+    try:
+        for n in sorted(a.n):
+            results.append(measure(n, base / f"n{n}", a.threads))
+            if not a.keep:
+                shutil.rmtree(base / f"n{n}")
+    finally:
+        if not a.keep and a.workdir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    summary = {"bench": "scale", "results": results, "targets": targets(results), "cpus": os.cpu_count()}
+    print(table(results))
+    if a.out:
+        a.out.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
