@@ -80,3 +80,37 @@ def test_blocked_rerank_equals_the_full_matrix_rerank(block):
 def test_block_rows_bounds_the_block():
     assert block_rows(75_000) * 75_000 * 8 <= 64 << 20
     assert block_rows(10**12) == 1
+
+
+def test_the_head_step_cap_spreads_the_validations_and_leaves_small_splits_alone():
+    from stages.evaluate.head_bank import FitSettings
+
+    s = FitSettings(epochs=50, batch_size=128, weight_decay=0.0, patience=10, restart_epochs=10, seed=0,
+                    min_steps=500, max_steps=3000)
+    assert s.plan(35_000) == (3000, 60, 274)            # 13,700 steps uncapped; 50 validations over 3,000
+    assert s.plan(1_400) == (550, 11, 11)               # the demo's 100% split: 11 steps x 50 epochs, as before
+    assert s.plan(100) == (500, 10, 1)                  # min_steps still wins for a 1% split
+    uncapped = FitSettings(50, 128, 0.0, 10, 10, 0, 500, 0)
+    assert uncapped.plan(35_000) == (274 * 50, 274, 274)
+
+
+def test_a_cap_that_does_not_bite_trains_the_same_heads():
+    from torch import nn
+
+    from stages.evaluate.head_bank import FitSettings, Head, HeadBank
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 8, generator=g), (torch.rand(300, 1, generator=g) > 0.5).float()
+
+    def fit(max_steps):
+        torch.manual_seed(0)
+        head = Head("linear", 1e-2, nn.Linear(8, 1))
+        bank = HeadBank([head], nn.functional.binary_cross_entropy_with_logits,
+                        lambda m: (-nn.functional.binary_cross_entropy_with_logits(m(x[:50]), y[:50]).item(), 0.0),
+                        FitSettings(5, 32, 0.0, 3, 2, 0, 20, max_steps))
+        return bank.fit(x, y, has_val=True)["linear"]
+
+    a, b, c = fit(0), fit(10_000), fit(12)
+    assert a.best_steps == b.best_steps and all(torch.equal(p, q) for p, q in zip(a.module.parameters(),
+                                                                                 b.module.parameters()))
+    assert c.steps <= 20 < a.steps  # capped (min_steps=20 still holds)

@@ -157,7 +157,8 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
         val_loss = float(loss(torch.from_numpy(logits).to(dev), yv))
         return classification_metrics(labels, y_va, scores_from_logits(logits, labels.type))[labels.primary], val_loss
 
-    settings = FitSettings(h.epochs, h.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, h.min_steps)
+    settings = FitSettings(h.epochs, h.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, h.min_steps,
+                           h.max_steps)
     bank = HeadBank(heads, loss, score, settings)
     best = bank.fit(torch.from_numpy(x_tr).to(dev), torch.from_numpy(y_tr).to(dev), has_val=len(x_va) > 0)
     return best, bank.sweep()

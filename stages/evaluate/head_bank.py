@@ -59,12 +59,29 @@ class FitSettings:
     restart_epochs: int
     seed: int
     min_steps: int = 0
+    max_steps: int = 0             # 0: no cap
 
     def schedule(self, n: int) -> tuple[int, int, int]:
         """(steps per epoch, epochs, validate every k epochs) for n training items."""
         steps = max(1, n // self.batch_size + (n % self.batch_size > 1))
         epochs = max(self.epochs, math.ceil(self.min_steps / steps))
         return steps, epochs, math.ceil(epochs / self.epochs)
+
+    def plan(self, n: int) -> tuple[int, int, int]:
+        """(optimiser steps, validate every k steps, steps per epoch) for n training items.
+
+        Without a cap: ``epochs`` validations, each after whole epochs (at least
+        ``min_steps`` steps in all). A large split would take ``epochs`` full passes (13k
+        steps for 35k items at batch 128); ``max_steps`` caps the steps, and the
+        ``epochs`` validations are then spread over them, each after ``max_steps /
+        epochs`` steps of a stream of shuffled epochs.
+        """
+        steps, epochs, every = self.schedule(n)
+        total = steps * epochs
+        if self.max_steps and total > max(self.max_steps, self.min_steps):
+            total = max(self.max_steps, self.min_steps)
+            return total, max(1, total // self.epochs), steps
+        return total, steps * every, steps
 
 
 def iter_predict(module: nn.Module, x: Tensor, batch: int = 512) -> Iterator[tuple[slice, Tensor]]:
@@ -88,24 +105,29 @@ class HeadBank:
 
     def fit(self, x: Tensor, y: Tensor, has_val: bool) -> dict[str, Head]:
         s = self.s
-        steps, epochs, every = s.schedule(len(x))
+        total, every, per_epoch = s.plan(len(x))
         for h in self.heads:
             h.opt = torch.optim.AdamW(h.module.parameters(), lr=h.lr, weight_decay=s.weight_decay)
-            h.sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-                h.opt, T_0=max(1, s.restart_epochs * every * steps))
+            h.sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(h.opt, T_0=max(1, s.restart_epochs * every))
         gen = torch.Generator().manual_seed(s.seed)
-        for epoch in range(1, epochs + 1):
-            for idx in self._batches(len(x), gen):
-                xb, yb = x[idx].float(), y[idx]
-                for h in self.heads:
-                    if h.active:
-                        self._step(h, xb, yb)
-                        h.steps += 1
-            if epoch % every == 0 or epoch == epochs:
-                self._validate(epoch, has_val)
-            if not any(h.active for h in self.heads):
-                break
+        batches = self._stream(len(x), gen)
+        for step in range(1, total + 1):
+            idx = next(batches)
+            xb, yb = x[idx].float(), y[idx]
+            for h in self.heads:
+                if h.active:
+                    self._step(h, xb, yb)
+                    h.steps += 1
+            if step % every == 0 or step == total:
+                self._validate(math.ceil(step / per_epoch), has_val)
+                if not any(h.active for h in self.heads):
+                    break
         return self._select()
+
+    def _stream(self, n: int, gen: torch.Generator) -> Iterator[Tensor]:
+        """Batches of one shuffled epoch after another."""
+        while True:
+            yield from self._batches(n, gen)
 
     def _batches(self, n: int, gen: torch.Generator) -> list[Tensor]:
         order = torch.randperm(n, generator=gen)

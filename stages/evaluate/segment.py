@@ -108,7 +108,8 @@ def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int) -> tuple
         counts, val_loss = _evaluate(module, x_va, y_va, s.threshold, loss)
         return M.dice_global(counts), val_loss
 
-    settings = FitSettings(s.epochs, s.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, s.min_steps)
+    settings = FitSettings(s.epochs, s.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, s.min_steps,
+                           s.max_steps)
     bank = HeadBank(heads, loss, score, settings)
     return bank.fit(x_tr, y_tr, has_val=len(x_va) > 0)["decoder"], bank.sweep()
 

@@ -45,19 +45,21 @@ class HeadsConfig(Validated):
     batch_size: int = 128
     epochs: int = 50               # validations; more epochs when min_steps needs them
     min_steps: int = 500           # optimiser steps at least, however few labels a fraction keeps
+    max_steps: int = 3000          # optimiser steps at most (0: no cap): a large split's validations come sooner
     patience: int = 10             # validations without a better score before a head stops
     restart_epochs: int = 10       # period of the cosine schedule's warm restarts, in validations
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
         positive = ("hidden", "batch_size", "epochs", "min_steps", "patience", "restart_epochs")
+        cap = [] if v["max_steps"] >= 0 else [("max_steps", f"must be >= 0 (0: no cap), got {v['max_steps']}")]
         return [(k, m) for k, ok, m in (
             ("kinds", bool(v["kinds"]) and all(k in HEAD_KINDS for k in v["kinds"]),
              f"must be a non-empty list of {'/'.join(HEAD_KINDS)}, got {v['kinds']}"),
             ("lrs", bool(v["lrs"]) and min(v["lrs"]) > 0, f"must be positive learning rates, got {v['lrs']}"),
             ("weight_decay", v["weight_decay"] >= 0, f"must be >= 0, got {v['weight_decay']}"),
             ("dropout", 0 <= v["dropout"] < 1, f"must lie in [0, 1), got {v['dropout']}"),
-        ) if not ok] + [(k, f"must be >= 1, got {v[k]}") for k in positive if v[k] < 1]
+        ) if not ok] + [(k, f"must be >= 1, got {v[k]}") for k in positive if v[k] < 1] + cap
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,14 @@ class SegConfig(Validated):
     batch_size: int = 16
     epochs: int = 30               # validations; more epochs when min_steps needs them
     min_steps: int = 500
+    max_steps: int = 3000          # optimiser steps at most (0: no cap)
     overlays: int = 6              # test images drawn in overlays.png
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
         found = [(k, f"must be >= 1, got {v[k]}") for k in ("batch_size", "epochs", "min_steps") if v[k] < 1]
+        if v["max_steps"] < 0:
+            found.append(("max_steps", f"must be >= 0 (0: no cap), got {v['max_steps']}"))
         if not v["channels"] or min(v["channels"]) < 1:
             found.append(("channels", f"must be a non-empty list of positive widths, got {v['channels']}"))
         if not 0 < v["threshold"] < 1:
