@@ -94,7 +94,10 @@ def steps(table: Path, cache: Path, runs: Path) -> list[tuple[str, list[str], st
     d = ["-d", str(table)]
     enc = ["-b", "tiny-vit", "-t", "tiny-bert"]
     c = ["--cache", str(cache)]
-    ev = ["evaluate", *d, *c, "--seeds", "1"]
+    n = sum(1 for _ in open(table)) - 1
+    # label fractions whose subsets keep 50+ training items (1% of a small table is a handful)
+    fractions = [f"{f:g}" for f in (0.01, 0.1, 1.0) if f * 0.7 * n >= 50]
+    ev = ["evaluate", *d, *c, "--seeds", "1", *[a for f in fractions for a in ("--fraction", f)]]
     return [
         ("data info", ["data", "info", *d, *c], ""),
         ("embed", ["embed", *d, *enc, *c], ""),
@@ -110,8 +113,8 @@ def steps(table: Path, cache: Path, runs: Path) -> list[tuple[str, list[str], st
                                 "--out", str(runs / "retrieval")], "pooled"),
         ("evaluate zero-shot", [*ev, "--task", "zero-shot", "--adaptor", str(runs / "pooled"),
                                 "--out", str(runs / "zero-shot")], "pooled"),
-        ("evaluate segmentation", [*ev, "--task", "segmentation", "--adaptor", "none", "-b", "tiny-vit",
-                                   "--fraction", "1.0", "seg.min_steps=50", "seg.epochs=2",
+        ("evaluate segmentation", ["evaluate", *d, *c, "--seeds", "1", "--task", "segmentation", "--adaptor", "none",
+                                   "-b", "tiny-vit", "--fraction", "1.0", "seg.min_steps=50", "seg.epochs=2",
                                    "--out", str(runs / "segmentation")], "tokens"),
         ("cache verify", ["cache", "verify", *c], ""),
         ("cache gc --dry-run", ["cache", "gc", "--dry-run", *c], ""),

@@ -1,0 +1,58 @@
+"""bench/scale.py runs every user-facing command at a small N and reports its figures."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scale():
+    spec = importlib.util.spec_from_file_location("scale", ROOT / "bench" / "scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_synthetic_table_has_what_the_commands_need(tmp_path):
+    df = pd.read_csv(_scale().write_table(tmp_path, 200), dtype=str)
+    assert len(df) == 200 and df["id"].is_unique
+    assert 0.1 < 1 - df["report"].nunique() / len(df) < 0.3          # about 20% repeated reports
+    assert df.groupby("patient_id")["split"].nunique().max() == 1     # no patient in two splits
+    assert set(df["split"]) == {"train", "valid", "test"}
+    assert {"effusion", "cardiomegaly", "mask_lesion"} <= set(df.columns)
+    assert all((tmp_path / p).is_file() for p in df["image"].head(5)) and (tmp_path / df["mask_lesion"][0]).is_file()
+
+
+def test_targets_compare_the_smallest_big_table_with_the_largest():
+    steps = lambda s_per_1k, rss, res: [{"step": "embed", "s_per_1k": s_per_1k, "peak_rss_mb": rss, "resident_mb": res}]
+    results = [{"n": 2000, "steps": steps(9.0, 900, 0)}, {"n": 10_000, "steps": steps(7.0, 1000, 0)},
+               {"n": 50_000, "steps": steps(8.4, 2100, 100)}]
+    t = _scale().targets(results)
+    assert (t["from_n"], t["to_n"]) == (10_000, 50_000)
+    assert t["time_per_item_growth"] == {"embed": 1.2} and t["time_ok"] is True
+    assert t["rss_ok"] is True                                         # 2,100 MB <= 2,048 + 100 resident
+    results[2]["steps"] = steps(9.5, 2200, 100)
+    t = _scale().targets(results)
+    assert t["time_ok"] is False and t["rss_ok"] is False
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_every_command_at_a_small_n(tmp_path):
+    out = tmp_path / "scale.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--n", "150", "--out", str(out),
+                        "--workdir", str(tmp_path / "w")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary == json.loads(out.read_text())
+    steps = summary["results"][0]["steps"]
+    assert [s["step"] for s in steps][:3] == ["data info", "embed", "embed again (all reused)"]
+    assert len(steps) == 11 and all(s["exit"] == 0 for s in steps), steps
+    assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 50 for s in steps)
+    assert "| `evaluate retrieval` |" in r.stdout
