@@ -390,7 +390,8 @@ class Trainer:
             img, txt = self.model(batch, **fwd)
         # Gathered, each rank's loss is scaled so that DDP's gradient averaging yields the
         # gradient of the global-batch loss (see clip_loss); on one process it is the plain loss.
-        loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight, gather=self.cfg.gather_negatives)
+        loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.text_to_image_weight,
+                         gather=self.cfg.gather_negatives)
         if self.matching:
             loss = loss + self.cfg.itm_weight * itm_loss(match)
         return loss
@@ -407,7 +408,7 @@ class Trainer:
             imgs.append(i)
             txts.append(t)
         img, txt = torch.cat(imgs), torch.cat(txts)
-        out = {"val_loss": float(clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight))}
+        out = {"val_loss": float(clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.text_to_image_weight))}
         for k, v in retrieval_recall(img, txt).items():
             out["val_" + k.replace("R@", "r@")] = round(float(v), 4)
         if self.matching and self.cfg.val_rerank_items > 1:
