@@ -37,6 +37,11 @@ class EvalContext:
         return list(range(self.cfg.seed, self.cfg.seed + self.cfg.seeds))
 
     @property
+    def subsets_note(self) -> str:
+        """How the labelled subsets of the label fractions vary over the seeds (for the tables' notes)."""
+        return "each seed draws its own labelled subset"
+
+    @property
     def image_rows(self) -> np.ndarray:
         """Store rows of each item's plain (un-augmented) view."""
         return self.data.image_rows[:, 0]

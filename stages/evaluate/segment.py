@@ -24,7 +24,7 @@ from stages.evaluate.features import raw_features
 from stages.evaluate.fractions import check_subset, stratified_order, subset_size
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, iter_predict
 from stages.evaluate.plots import overlays
-from stages.evaluate.tables import add_row, fraction_label, make_table, summary_cell, value_cell
+from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell, value_cell
 
 TABLES = (("dice_positive", "Dice on images with a non-empty true mask"),
           ("dice_empty_is_one", "Dice over all images, empty prediction on empty mask = 1 (the authors')"),
@@ -201,7 +201,7 @@ def run(ctx: EvalContext) -> TaskResult:
             m, preds = evaluate_tokens(ctx, name, x, masks, pos, plan, show, lambda: bar.advance(task))
             methods.append({**m, "features": source})
             shown = shown or preds
-    result = TaskResult(methods=methods, tables=_tables(ctx, methods))
+    result = TaskResult(methods=methods, tables=_tables(ctx, methods, len(pos["test"])))
     result.data = {"target": target, "mask_size": int(masks_np.shape[-1]), "geometry": list(geometry(spec)),
                    "splits": {k: int(len(v)) for k, v in pos.items()},
                    "positive_masks": {k: int(positive[v].sum()) for k, v in pos.items()}, "mask_files_read": read,
@@ -218,11 +218,12 @@ def _pick_overlays(positive: np.ndarray, n: int) -> list[int]:
     return [int(i) for i in list(pos[:n_pos]) + list(neg[:n - n_pos])]
 
 
-def _tables(ctx: EvalContext, methods: list[dict]) -> list[dict]:
+def _tables(ctx: EvalContext, methods: list[dict], n_test: int) -> list[dict]:
     cols = [fraction_label(f) for f in ctx.cfg.fractions]
+    note = interval_note(ctx.cfg.ci, n_test, ctx.cfg.bootstrap, len(ctx.seeds), ctx.subsets_note)
     tables = []
     for key, title in TABLES:
-        t = make_table(f"segmentation · {title} (%)", key, cols)
+        t = make_table(f"segmentation · {title} (%)", key, cols, note)
         for m in methods:
             cells = m["heads"]["decoder"]
             add_row(t, f"{m['name']} (decoder)", {c: summary_cell(cells[c]["summary"][key]) for c in cols},

@@ -273,8 +273,6 @@ def results_markdown(results: dict) -> str:
              f"- items: {json.dumps(results['data'].get('splits', {}))}", ""]
     if results["data"].get("fractions"):
         lines += ["- training items per fraction and seed: " + json.dumps(results["data"]["fractions"]), ""]
-    level = f"{100 * results['config']['ci']:g}%"
-    lines += ["Cells: " + get_task(results["task"]).cells.format(level=level) + ", in %.", ""]
     for t in results["tables"]:
         lines += [to_markdown(t), ""]
     if results["notes"]:
