@@ -21,7 +21,7 @@ from pipeline.errors import InputError
 from pipeline.models.heads import make_head
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
-from stages.evaluate.fractions import check_subset, stratified_order, subset_size
+from stages.evaluate.fractions import plan_subsets
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, predict
 from stages.evaluate.plots import roc_grid
 from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell
@@ -163,19 +163,6 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
     return best, bank.sweep()
 
 
-def plan_subsets(ctx: EvalContext, labels: Labels, y_train: np.ndarray) -> dict[int, dict[float, np.ndarray]]:
-    """{seed: {fraction: local indices into the training split}}, all checked before any training."""
-    plan = {}
-    for seed in ctx.seeds:
-        order, front = stratified_order(y_train, seed, labels.need_negatives)
-        plan[seed] = {}
-        for f in ctx.cfg.fractions:
-            sub = np.sort(order[:subset_size(f, len(order))])
-            check_subset(y_train[sub], labels.names, f, len(order), front, labels.need_negatives)
-            plan[seed][f] = sub
-    return plan
-
-
 def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels, pos: dict,
                       plan: dict, tick) -> dict:
     """Every (seed, fraction) for one feature set: per-run figures and their summaries."""
@@ -232,7 +219,8 @@ def run(ctx: EvalContext) -> TaskResult:
                  "first learning rate; nothing is selected on validation")
     y_train = labels.y[pos["train"]]
     check_train_split(labels, y_train)
-    plan = plan_subsets(ctx, labels, y_train)
+    plan = plan_subsets(y_train, labels.names, ctx.cfg.fractions, ctx.seeds, labels.need_negatives,
+                        ctx.fixed_subsets(pos["train"]))
     ctx.save_subsets(plan, pos["train"])
     sets = ctx.feature_sets()
     methods = []
