@@ -45,8 +45,8 @@ class EvalContext:
         fixed = [f"{100 * f:g}%" for f in sorted(self.published) if f in self.cfg.fractions]
         if not fixed:
             return "each seed draws its own labelled subset"
-        return (f"the {' and '.join(fixed)} subsets are {self.split_source}'s, the same for every seed; "
-                "other fractions are drawn per seed")
+        return (f"the {' and '.join(fixed)} subsets are the published ones of {self.split_source}, the same "
+                "for every seed; other fractions are drawn per seed")
 
     def fixed_subsets(self, train_positions: np.ndarray) -> dict[float, np.ndarray]:
         """The published training subsets as indices into ``train_positions`` (items without a usable
