@@ -169,7 +169,8 @@ class IndexBuilder:
         table = pd.DataFrame(rows)
         write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), self.folder / "items.parquet")
         meta = {"name": self.ds.name, "spec": self.ds.spec, "description": self.ds.description, "items": len(rows),
-                "split_rule": getattr(self.ds, "split_rule", None),
+                "split_rule": getattr(self.ds, "split_rule", None), "version": getattr(self.ds, "version", None),
+                "split_source": getattr(self.ds, "split_source", None),
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_bytes(self.folder / "dataset.json", json.dumps(meta, indent=1).encode())
 

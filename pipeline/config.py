@@ -18,9 +18,9 @@ import hashlib
 import json
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePath
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -50,7 +50,13 @@ class Validated:
     values. :func:`load_config` runs it together with every other check, so a bad value
     is reported beside the rest of the config's problems, under its dotted key; direct
     construction runs it too (``__post_init__``) and raises ``ValueError``.
+
+    ``RENAMED`` maps a key that no longer exists to ``fn(value) -> message``: a config
+    that still uses it is refused with that message (what the key is called now, and how
+    to write the old value), never read under another meaning.
     """
+
+    RENAMED: ClassVar[Mapping[str, Callable[[Any], str]]] = {}
 
     @staticmethod
     def checks(v: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -197,8 +203,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str])
     hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     start = len(problems)
+    renamed = getattr(cls, "RENAMED", {})
     for key in data:
-        if key not in fields:
+        if key in renamed and key not in fields:
+            problems.append(f"{prefix + '.' if prefix else ''}{key}: {renamed[key](data[key])}")
+        elif key not in fields:
             problems.append(_unknown_key(str(key), prefix, sorted(fields)))
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():

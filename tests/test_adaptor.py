@@ -12,9 +12,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from pipeline.models.adaptor import Adaptor, AdaptorConfig
+from pipeline.config import ConfigError, load_config
+from pipeline.models.adaptor import Adaptor, AdaptorConfig, adaptor_config_from_saved
 from pipeline.models.loss import (clip_loss, itm_loss, rerank_top_k, retrieval_recall, retrieval_recall_from_sim,
                                   sample_hard_negatives)
+from stages.train.trainer import TrainConfig
 
 TINY = dict(image_dim=12, text_dim=10, d_model=16, n_heads=4, ffn_dim=24, dropout=0.0)
 
@@ -228,11 +230,72 @@ def test_clip_loss_matches_a_hand_computation():
 
     i2t = ce(logits)
     t2i = ce([list(col) for col in zip(*logits)])
-    expected = 0.75 * i2t + 0.25 * t2i
+    expected = 0.75 * t2i + 0.25 * i2t  # the default is the paper's: text->image weighted 0.75
     assert_close(clip_loss(img, txt, s).item(), expected, rtol=1e-6, atol=1e-6)
-    assert_close(clip_loss(img, txt, s, image_weight=1.0).item(), i2t, rtol=1e-6, atol=1e-6)
-    assert_close(clip_loss(img, txt, torch.tensor(s), image_weight=0.5).item(),
+    assert_close(clip_loss(img, txt, s, text_to_image_weight=1.0).item(), t2i, rtol=1e-6, atol=1e-6)
+    assert_close(clip_loss(img, txt, torch.tensor(s), text_to_image_weight=0.5).item(),
                  0.5 * (i2t + t2i), rtol=1e-6, atol=1e-6)
+
+
+def _authors_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                  image_weight: float = 0.75) -> torch.Tensor:
+    """The authors' loss, transcribed from holajoa/Adaptor-VL-SSL models/adaptor.py (2414548):
+    ``AdaptorModule.forward`` builds ``logits_per_text = text_embeds @ image_embeds.T * logit_scale.exp()``
+    and calls ``CLIPLossFromSimilarities(image_weight)`` on it; that loss takes
+    ``contrastive_loss(s, dim) = -diag(log_softmax(s, dim)).mean()``, ``caption_loss`` over dim 0,
+    ``image_loss`` over dim 1, and returns ``(1 - image_weight) * caption_loss + image_weight * image_loss``."""
+    similarity = torch.matmul(txt, img.t()) * logit_scale.exp()  # logits_per_text [texts, images]
+
+    def contrastive_loss(logits: torch.Tensor, dim: int) -> torch.Tensor:
+        return -torch.diag(F.log_softmax(logits, dim=dim)).mean()
+
+    caption_loss = contrastive_loss(similarity, dim=0)
+    image_loss = contrastive_loss(similarity, dim=1)
+    return (1 - image_weight) * caption_loss + image_weight * image_loss
+
+
+def test_the_paper_preset_reproduces_the_authors_loss_and_gradients():
+    """On a batch where the two directions differ, the paper preset's loss and its gradients (the
+    embeddings', the logit scale's, and a pooled Adaptor's parameters') equal the authors' to 1e-6;
+    the old weighting (image->text 0.75) does not."""
+
+    preset = load_config(TrainConfig, "adaptor_paper").adaptor
+    assert preset.text_to_image_weight == 0.75
+    torch.manual_seed(3)
+    model = Adaptor(AdaptorConfig(**{**TINY, "mode": "pooled"})).double()
+    batch = {k: v.double() for k, v in pooled_batch(8).items()}
+    batch["text_pooled"][:4] = batch["text_pooled"][0]  # four near-identical reports: the directions differ
+
+    def run(loss_fn):
+        model.zero_grad()
+        img, txt = model(batch)
+        img.retain_grad()
+        txt.retain_grad()
+        loss = loss_fn(img, txt)
+        loss.backward()
+        return loss.detach(), img.grad.clone(), txt.grad.clone(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ours = run(lambda i, t: clip_loss(i, t, model.logit_scale.exp(), preset.text_to_image_weight))
+    theirs = run(lambda i, t: _authors_loss(i, t, model.logit_scale, image_weight=0.75))
+    for a, b in zip(ours[:3], theirs[:3]):
+        assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert ours[3].keys() == theirs[3].keys()
+    for name in ours[3]:
+        assert_close(ours[3][name], theirs[3][name], rtol=1e-6, atol=1e-6, msg=name)
+    swapped = run(lambda i, t: clip_loss(i, t, model.logit_scale.exp(), 1 - preset.text_to_image_weight))
+    assert abs(float(swapped[0] - theirs[0])) > 1e-3  # the batch tells the two weightings apart
+
+
+def test_the_old_weight_key_is_refused_with_the_new_one():
+    """``adaptor.image_weight`` weighted image->text: a config that still says it is refused, with the
+    new key and the value that keeps its meaning, never read as the other direction. Checkpoints
+    written under the old key load with the same loss, translated."""
+
+    with pytest.raises(ConfigError, match=r"adaptor\.image_weight: renamed: write adaptor\.text_to_image_weight"
+                                          r".*image_weight: 0\.75 means text_to_image_weight: 0\.25"):
+        load_config(TrainConfig, None, ["adaptor.image_weight=0.75"])
+    saved = {**TINY, "mode": "pooled", "image_weight": 0.75}
+    assert adaptor_config_from_saved(saved).text_to_image_weight == 0.25
 
 
 def test_logit_scale_starts_at_1_over_007_and_is_clamped():

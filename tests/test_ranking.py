@@ -37,13 +37,13 @@ def test_blocked_recall_and_losses_on_torch_equal_the_full_batch():
     img, txt = (torch.from_numpy(a) for a in _pairs(97, dtype=np.float32))
     assert recall_both_ways(img, txt, block=10) == pytest.approx(retrieval_recall_from_sim(img @ txt.T))
     scale = torch.tensor(14.3)
-    for w in (0.75, 0.25, 0.5, 1.0):
+    for w in (0.75, 0.25, 0.5, 1.0):  # clip_loss takes the text→image weight; ours (image→text, text→image)
         ref = float(clip_loss(img, txt, scale, w))
-        assert split_clip_loss(img, txt, scale, (w, 1 - w), block=9) == pytest.approx(ref, rel=1e-5)
+        assert split_clip_loss(img, txt, scale, (1 - w, w), block=9) == pytest.approx(ref, rel=1e-5)
     # in batches: the mean over batches of the in-batch loss, a batch of one (no negative) left out
     parts = [(float(clip_loss(img[s:s + 32], txt[s:s + 32], scale, 0.75)), len(img[s:s + 32])) for s in (0, 32, 64)]
     want = sum(v * n for v, n in parts) / 96
-    assert batched_clip_loss(img, txt, scale, (0.75, 0.25), 32) == pytest.approx(want, rel=1e-5)
+    assert batched_clip_loss(img, txt, scale, (0.25, 0.75), 32) == pytest.approx(want, rel=1e-5)
 
 
 def test_the_batched_validation_loss_does_not_grow_with_the_split():

@@ -51,6 +51,14 @@ class Dataset:
     # How the items got their splits, when the dataset did not say (e.g. a table without
     # a split column); recorded with the dataset index.
     split_rule: str | None = None
+    # Which release of the dataset the folder holds ("COVIDx v5 (...)"), where the reader can
+    # tell or was told; recorded with the index and in every results file.
+    version: str | None = None
+    # Split files another project published, read onto the items ("benchx:/path/RSNA"): they
+    # gave the splits and, in ``fractions``, the training subsets of some label fractions
+    # (``{0.01: [ids], 0.1: [ids]}``), the same for every seed.
+    split_source: str | None = None
+    fractions: dict[float, list[str]] = field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.items)

@@ -167,8 +167,8 @@ def split_lists(ds: Dataset, fractions: Sequence[float] = FRACTIONS, seed: int =
         label = stratify_label(ds)
         labels = [it.labels.get(label) for it in train] if label else None
         subsets = nested_fractions([it.id for it in train], labels, tuple(fractions), seed)
-        for f in fractions:
-            lists[fraction_name(f)] = subsets[f]
+        for f in fractions:  # a published source's fixed subset, where it has one
+            lists[fraction_name(f)] = sorted(ds.fractions[f]) if f in ds.fractions else subsets[f]
     return lists
 
 

@@ -76,6 +76,13 @@ TOKENS = AdaptorMode("tokens", "tokens", ("tokens", "length"), sequences=True, p
 MODES: dict[str, AdaptorMode] = {m.name: m for m in (POOLED, TOKENS)}
 
 
+def _renamed_image_weight(w) -> str:
+    keep = f"text_to_image_weight: {1 - float(w):g}" if isinstance(w, (int, float)) else "text_to_image_weight: 1 - w"
+    return ("renamed: write adaptor.text_to_image_weight, the weight of the text->image term. The old key "
+            f"weighted the other direction (image->text), so image_weight: {w} means {keep}. The paper weights "
+            "text->image 0.75 (its code's image_weight=0.75 is applied to logits_per_text: PAPER.md, Loss).")
+
+
 @dataclass(frozen=True)
 class AdaptorConfig(Validated):
     mode: Annotated[str, OneOf(MODES)] = "pooled"
@@ -89,9 +96,11 @@ class AdaptorConfig(Validated):
     grid_pool: int = 0  # tokens mode: >0 average-pools the patch grid to grid_pool x grid_pool
     readout: Literal["cls", "mean"] = "cls"  # tokens mode: token 0, or the mean over (real) tokens
     fusion_layers: int = 1  # tokens mode: cross-attention blocks under the matching head (0: no head)
-    image_weight: float = 0.75  # weight of the image->text loss term (see loss.clip_loss)
+    text_to_image_weight: float = 0.75  # the text->image loss term's weight, the paper's 0.75 (loss.clip_loss)
     logit_scale_init: float = 2.6592  # ln(1/0.07)
     logit_scale_max: float = 100.0  # clamp of exp(logit_scale); the authors never clamped
+
+    RENAMED = {"image_weight": _renamed_image_weight}
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
@@ -101,12 +110,23 @@ class AdaptorConfig(Validated):
         return found + [(k, m) for k, ok, m in (
             ("mode", v["mode"] in MODES, f"must be one of {', '.join(MODES)}, got {v['mode']!r}"),
             ("dropout", 0.0 <= v["dropout"] < 1.0, f"must lie in [0, 1), got {v['dropout']}"),
-            ("image_weight", 0.0 <= v["image_weight"] <= 1.0, f"must lie in [0, 1], got {v['image_weight']}"),
+            ("text_to_image_weight", 0.0 <= v["text_to_image_weight"] <= 1.0,
+             f"must lie in [0, 1], got {v['text_to_image_weight']}"),
             ("grid_pool", v["grid_pool"] >= 0, f"must be >= 0, got {v['grid_pool']}"),
             ("logit_scale_max", v["logit_scale_max"] > 0, f"must be > 0, got {v['logit_scale_max']}"),
             ("readout", v["readout"] in ("cls", "mean"), f"must be 'cls' or 'mean', got {v['readout']!r}"),
             ("fusion_layers", v["fusion_layers"] >= 0, f"must be >= 0, got {v['fusion_layers']}"),
         ) if not ok]
+
+
+def adaptor_config_from_saved(saved: Mapping) -> AdaptorConfig:
+    """The Adaptor config a checkpoint recorded. One written before the loss weight was renamed
+    holds ``image_weight: w`` (the image->text weight): the same loss is ``text_to_image_weight: 1 - w``.
+    The weight does not change the model, only how it was trained, so the translation is exact."""
+    saved = dict(saved)
+    if "image_weight" in saved:
+        saved["text_to_image_weight"] = 1.0 - float(saved.pop("image_weight"))
+    return AdaptorConfig(**saved)
 
 
 class FusionBlock(nn.Module):

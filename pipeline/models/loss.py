@@ -1,9 +1,15 @@
 """Contrastive loss with cross-rank negatives, and retrieval recall.
 
-Direction weights follow the authors' naming (HF ``clip_loss``: ``image_loss`` is the
-cross-entropy over ``logits_per_image``): ``image_weight`` multiplies the
-image->text term (each image picks its report among the batch's reports) and
-``1 - image_weight`` the text->image term. The paper uses image_weight = 0.75.
+Direction weights are named by the direction they weight: ``text_to_image_weight``
+multiplies the text->image term (each report picks its image among the batch's images)
+and ``1 - text_to_image_weight`` the image->text term (each image picks its report).
+
+The paper weights text->image 0.75. Its code reads otherwise at first sight: the
+authors' ``CLIPLossFromSimilarities(image_weight=0.75)`` puts 0.75 on a term it calls
+``image_loss``, which in Hugging Face's ``clip_loss`` would be the image->text term. But
+they call it on ``logits_per_text`` ([texts x images]), and their ``image_loss`` is the
+cross-entropy over dim 1 of that matrix: each *text* choosing among the images
+(text->image). Their ``caption_loss`` (dim 0) is image->text, weight 0.25.
 """
 from __future__ import annotations
 
@@ -54,10 +60,11 @@ def clip_loss(
     img: Tensor,
     txt: Tensor,
     logit_scale: Tensor | float,
-    image_weight: float = 0.75,
+    text_to_image_weight: float = 0.75,
     gather: bool = False,
 ) -> Tensor:
-    """CLIP InfoNCE on ``logits = logit_scale * img @ txt.T`` (pair i matches i).
+    """CLIP InfoNCE on ``logits = logit_scale * img @ txt.T`` (pair i matches i):
+    ``text_to_image_weight * L(text->image) + (1 - text_to_image_weight) * L(image->text)``.
 
     ``img``, ``txt``: ``[b, d]`` L2-normalised. ``logit_scale`` is the multiplier
     itself, i.e. ``Adaptor.scale()`` (already exponentiated and clamped).
@@ -81,7 +88,7 @@ def clip_loss(
     logits_t2i = logit_scale * txt @ all_img.T  # [b, N]: report -> images
     loss_i2t = F.cross_entropy(logits_i2t, labels, reduction="sum")
     loss_t2i = F.cross_entropy(logits_t2i, labels, reduction="sum")
-    total = image_weight * loss_i2t + (1.0 - image_weight) * loss_t2i
+    total = text_to_image_weight * loss_t2i + (1.0 - text_to_image_weight) * loss_i2t
     return total * world / all_img.shape[0]
 
 

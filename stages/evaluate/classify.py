@@ -21,10 +21,10 @@ from pipeline.errors import InputError
 from pipeline.models.heads import make_head
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
-from stages.evaluate.fractions import check_subset, stratified_order, subset_size
+from stages.evaluate.fractions import plan_subsets
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, predict
 from stages.evaluate.plots import roc_grid
-from stages.evaluate.tables import add_row, fraction_label, make_table, summary_cell
+from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell
 
 PRIMARY = {"binary": "auroc", "multilabel": "macro_auroc", "multiclass": "accuracy"}
 METRIC_TITLE = {"auroc": "AUROC", "macro_auroc": "macro AUROC", "accuracy": "accuracy", "macro_f1": "macro-F1",
@@ -164,19 +164,6 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
     return best, bank.sweep()
 
 
-def plan_subsets(ctx: EvalContext, labels: Labels, y_train: np.ndarray) -> dict[int, dict[float, np.ndarray]]:
-    """{seed: {fraction: local indices into the training split}}, all checked before any training."""
-    plan = {}
-    for seed in ctx.seeds:
-        order, front = stratified_order(y_train, seed, labels.need_negatives)
-        plan[seed] = {}
-        for f in ctx.cfg.fractions:
-            sub = np.sort(order[:subset_size(f, len(order))])
-            check_subset(y_train[sub], labels.names, f, len(order), front, labels.need_negatives)
-            plan[seed][f] = sub
-    return plan
-
-
 def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels, pos: dict,
                       plan: dict, tick) -> dict:
     """Every (seed, fraction) for one feature set: per-run figures and their summaries."""
@@ -233,7 +220,8 @@ def run(ctx: EvalContext) -> TaskResult:
                  "first learning rate; nothing is selected on validation")
     y_train = labels.y[pos["train"]]
     check_train_split(labels, y_train)
-    plan = plan_subsets(ctx, labels, y_train)
+    plan = plan_subsets(y_train, labels.names, ctx.cfg.fractions, ctx.seeds, labels.need_negatives,
+                        ctx.fixed_subsets(pos["train"]))
     ctx.save_subsets(plan, pos["train"])
     sets = ctx.feature_sets()
     methods = []
@@ -243,7 +231,7 @@ def run(ctx: EvalContext) -> TaskResult:
             x = ctx.pooled_features(kind, np.arange(len(ctx.data.items)))
             methods.append({**evaluate_features(ctx, name, x, labels, pos, plan, lambda: bar.advance(task)),
                             "features": kind})
-    result = TaskResult(methods=methods, tables=_tables(labels, methods, ctx.cfg.fractions))
+    result = TaskResult(methods=methods, tables=_tables(ctx, labels, methods, len(pos["test"])))
     result.plots.append(str(_roc_plot(ctx, labels, methods, pos)))
     result.data = _data_summary(ctx, labels, pos, plan)
     _save_predictions(ctx, labels, methods, pos)
@@ -268,14 +256,16 @@ def _label_note(ctx: EvalContext, labels: Labels) -> None:
     ctx.note(msg)
 
 
-def _tables(labels: Labels, methods: list[dict], fractions: list[float]) -> list[dict]:
+def _tables(ctx: EvalContext, labels: Labels, methods: list[dict], n_test: int) -> list[dict]:
     keys = [labels.primary] + (["macro_f1"] if labels.type == "multiclass" else []) + ["ece"] + \
         ([f"auroc/{n}" for n in labels.names] if labels.type == "multilabel" else [])
-    cols = [fraction_label(f) for f in fractions]
+    cols = [fraction_label(f) for f in ctx.cfg.fractions]
     tables = []
     for key in keys:
         title = METRIC_TITLE.get(key, f"AUROC · {key.split('/', 1)[-1]}")
-        t = make_table(f"classification · {title} (%)", key, cols)
+        note = interval_note(ctx.cfg.ci, n_test, ctx.cfg.bootstrap, len(ctx.seeds), ctx.subsets_note,
+                             centred=key in M.BIASED)
+        t = make_table(f"classification · {title} (%)", key, cols, note)
         for m in methods:
             for kind, by_f in m["heads"].items():
                 cells = {c: summary_cell(by_f[c]["summary"][key]) for c in cols}

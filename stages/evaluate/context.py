@@ -26,6 +26,9 @@ class EvalContext:
     text_encoder: str | None
     out: Path
     notes: list[str] = field(default_factory=list)
+    dataset_version: str | None = None                         # the release the reader found (Dataset.version)
+    split_source: str | None = None                            # published split files the splits came from
+    published: dict[float, list[str]] = field(default_factory=dict)   # their fixed training subsets, by fraction
 
     def note(self, message: str) -> None:
         if message not in self.notes:
@@ -35,6 +38,22 @@ class EvalContext:
     @property
     def seeds(self) -> list[int]:
         return list(range(self.cfg.seed, self.cfg.seed + self.cfg.seeds))
+
+    @property
+    def subsets_note(self) -> str:
+        """How the labelled subsets of the label fractions vary over the seeds (for the tables' notes)."""
+        fixed = [f"{100 * f:g}%" for f in sorted(self.published) if f in self.cfg.fractions]
+        if not fixed:
+            return "each seed draws its own labelled subset"
+        return (f"the {' and '.join(fixed)} subsets are the published ones of {self.split_source}, the same "
+                "for every seed; other fractions are drawn per seed")
+
+    def fixed_subsets(self, train_positions: np.ndarray) -> dict[float, np.ndarray]:
+        """The published training subsets as indices into ``train_positions`` (items without a usable
+        label or mask for this task are not among them), by fraction."""
+        local = {i: k for k, i in enumerate(self.data.items.id.astype(str).to_numpy()[train_positions])}
+        return {f: np.array(sorted(local[i] for i in ids if i in local), dtype=np.int64)
+                for f, ids in self.published.items() if f in self.cfg.fractions}
 
     @property
     def image_rows(self) -> np.ndarray:

@@ -17,7 +17,7 @@ from cache.reader import RowReader
 from cache.store import Store
 from pipeline.console import err
 from pipeline.errors import InputError, MissingFileError
-from pipeline.models.adaptor import Adaptor, AdaptorConfig, AdaptorMode
+from pipeline.models.adaptor import Adaptor, AdaptorMode, adaptor_config_from_saved
 from pipeline.models.checkpoint import checkpoint_hash, load_checkpoint, read_meta
 
 PAIRS_PER_FORWARD = 256
@@ -55,7 +55,7 @@ class FrozenAdaptor:
         meta = read_meta(path)
         if meta.get("kind") != "adaptor" or "config" not in meta:
             raise InputError(f"{path} is not an Adaptor checkpoint from `pipe train-adaptor` (no adaptor metadata)")
-        model = Adaptor(AdaptorConfig(**meta["config"]["adaptor"]))
+        model = Adaptor(adaptor_config_from_saved(meta["config"]["adaptor"]))
         load_checkpoint(path, model)
         return cls(path, meta, model.to(device).eval(), checkpoint_hash(path), device, cache_root)
 

@@ -57,6 +57,26 @@ def nested_subsets(y: np.ndarray, fractions: list[float], seed: int,
     return {f: np.sort(order[:subset_size(f, len(order))]) for f in fractions}
 
 
+def plan_subsets(y: np.ndarray, names: list[str], fractions: list[float], seeds: list[int],
+                 need_negatives: bool = True, fixed: dict[float, np.ndarray] | None = None
+                 ) -> dict[int, dict[float, np.ndarray]]:
+    """``{seed: {fraction: row indices of y}}``, every subset checked before any training.
+
+    A fraction in ``fixed`` (published split files) takes that subset for every seed; the
+    others are prefixes of each seed's stratified order, so they nest."""
+    fixed = fixed or {}
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    plan: dict[int, dict[float, np.ndarray]] = {}
+    for seed in seeds:
+        order, front = stratified_order(y, seed, need_negatives)
+        plan[seed] = {}
+        for f in fractions:
+            sub = fixed[f] if f in fixed else np.sort(order[:subset_size(f, len(order))])
+            check_subset(y[sub], names, f, len(order), front, need_negatives)
+            plan[seed][f] = sub
+    return plan
+
+
 def check_subset(y: np.ndarray, names: list[str], fraction: float, n_split: int, order_front: int,
                  need_negatives: bool = True) -> None:
     """Refuse a training subset in which some label has no positive (or, binary, no negative)."""

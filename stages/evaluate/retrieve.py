@@ -21,7 +21,7 @@ from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
 from stages.evaluate.plots import recall_bars
-from stages.evaluate.tables import add_estimates_row, add_row, make_table, value_cell
+from stages.evaluate.tables import add_estimates_row, add_row, interval_note, make_table, value_cell
 
 KS = (1, 5, 10)
 
@@ -176,7 +176,7 @@ def run(ctx: EvalContext) -> TaskResult:
     ctx.note(f"{base['name']}: {why}")
     methods.append({**base, **recall_figures(plain_ranks(*pair), ctx)} if pair is not None
                    else {**base, "applicable": False})
-    result = TaskResult(methods=methods, tables=[_table(methods, len(test))])
+    result = TaskResult(methods=methods, tables=[_table(ctx, methods, len(test))])
     result.data = {"splits": {"test": int(len(test))}, "distinct_reports": distinct,
                    "chance": {f"R@{k}": min(1.0, k / len(test)) for k in KS}}
     ok = {m["name"]: m["recall"] for m in methods if "recall" in m}
@@ -187,9 +187,10 @@ def run(ctx: EvalContext) -> TaskResult:
     return result
 
 
-def _table(methods: list[dict], n: int) -> dict:
+def _table(ctx: EvalContext, methods: list[dict], n: int) -> dict:
     cols = [f"{d} R@{k}" for d in ("image→text", "text→image") for k in KS]
-    t = make_table("retrieval · recall@K on the test split (%)", "recall", cols)
+    t = make_table("retrieval · recall@K on the test split (%)", "recall", cols,
+                   interval_note(ctx.cfg.ci, n, ctx.cfg.bootstrap))
     for m in methods:
         add_estimates_row(t, m["name"], m.get("recall"), m.get("ci"))
     add_row(t, f"chance ({n} candidates)", {c: value_cell(min(1.0, int(c.rsplit('@', 1)[1]) / n)) for c in cols})

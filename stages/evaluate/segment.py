@@ -21,10 +21,10 @@ from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
-from stages.evaluate.fractions import check_subset, stratified_order, subset_size
+from stages.evaluate.fractions import plan_subsets
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, iter_predict
 from stages.evaluate.plots import overlays
-from stages.evaluate.tables import add_row, fraction_label, make_table, summary_cell, value_cell
+from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell, value_cell
 
 TABLES = (("dice_positive", "Dice on images with a non-empty true mask"),
           ("dice_empty_is_one", "Dice over all images, empty prediction on empty mask = 1 (the authors')"),
@@ -114,19 +114,6 @@ def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int) -> tuple
     return bank.fit(x_tr, y_tr, has_val=len(x_va) > 0)["decoder"], bank.sweep()
 
 
-def plan_subsets(ctx: EvalContext, target: str, positive: np.ndarray) -> dict[int, dict[float, np.ndarray]]:
-    y = positive.astype(np.float64)[:, None]
-    plan = {}
-    for seed in ctx.seeds:
-        order, front = stratified_order(y, seed)
-        plan[seed] = {}
-        for f in ctx.cfg.fractions:
-            sub = np.sort(order[:subset_size(f, len(order))])
-            check_subset(y[sub], [f"mask {target} (non-empty)"], f, len(order), front)
-            plan[seed][f] = sub
-    return plan
-
-
 def evaluate_tokens(ctx, name, x, masks, pos, plan, show: list[int], tick) -> tuple[dict, dict]:
     dev = ctx.device
     x_tr, y_tr = x[pos["train"]].to(dev), masks[pos["train"]].to(dev)
@@ -189,7 +176,8 @@ def run(ctx: EvalContext) -> TaskResult:
     err.print(f"masks: {len(kept):,} {escape(repr(target))} masks on the {escape(str(masks_np.shape[-1]))}px input grid "
               f"({'read ' + str(read) + ' mask files' if read else 'all from the mask cache'})")
     positive = masks_np.reshape(len(kept), -1).any(1)
-    plan = plan_subsets(ctx, target, positive[pos["train"]])
+    plan = plan_subsets(positive[pos["train"]], [f"mask {target} (non-empty)"], ctx.cfg.fractions, ctx.seeds,
+                        fixed=ctx.fixed_subsets(kept[pos["train"]]))
     ctx.save_subsets(plan, kept[pos["train"]])
     masks = torch.from_numpy(masks_np.astype(np.uint8))
     show = _pick_overlays(positive[pos["test"]], ctx.cfg.seg.overlays)
@@ -202,7 +190,7 @@ def run(ctx: EvalContext) -> TaskResult:
             m, preds = evaluate_tokens(ctx, name, x, masks, pos, plan, show, lambda: bar.advance(task))
             methods.append({**m, "features": source})
             shown = shown or preds
-    result = TaskResult(methods=methods, tables=_tables(ctx, methods))
+    result = TaskResult(methods=methods, tables=_tables(ctx, methods, len(pos["test"])))
     result.data = {"target": target, "mask_size": int(masks_np.shape[-1]), "geometry": list(geometry(spec)),
                    "splits": {k: int(len(v)) for k, v in pos.items()},
                    "positive_masks": {k: int(positive[v].sum()) for k, v in pos.items()}, "mask_files_read": read,
@@ -219,11 +207,12 @@ def _pick_overlays(positive: np.ndarray, n: int) -> list[int]:
     return [int(i) for i in list(pos[:n_pos]) + list(neg[:n - n_pos])]
 
 
-def _tables(ctx: EvalContext, methods: list[dict]) -> list[dict]:
+def _tables(ctx: EvalContext, methods: list[dict], n_test: int) -> list[dict]:
     cols = [fraction_label(f) for f in ctx.cfg.fractions]
+    note = interval_note(ctx.cfg.ci, n_test, ctx.cfg.bootstrap, len(ctx.seeds), ctx.subsets_note)
     tables = []
     for key, title in TABLES:
-        t = make_table(f"segmentation · {title} (%)", key, cols)
+        t = make_table(f"segmentation · {title} (%)", key, cols, note)
         for m in methods:
             cells = m["heads"]["decoder"]
             add_row(t, f"{m['name']} (decoder)", {c: summary_cell(cells[c]["summary"][key]) for c in cols},

@@ -166,10 +166,9 @@ def _encoders(cfg: EvalConfig, adaptor: FrozenAdaptor | None) -> tuple[str, str 
             _same_encoder("--text-encoder", cfg.text_encoder, meta.get("text_encoder")))
 
 
-def check_index_current(cfg: EvalConfig, root: Path, name: str, items, backbone: str, text: str | None) -> None:
+def check_index_current(cfg: EvalConfig, root: Path, ds, items, backbone: str, text: str | None) -> None:
     """Labels, masks and items come from the index `pipe embed` wrote: refuse a stale one."""
 
-    ds = open_dataset(cfg.dataset, root, skip_bad_rows=True)
     hint = embed_command(cfg.dataset, backbone, text or "none", root)
     indexed = {i: r for i, r in zip(items.id, items.to_dict("records"))}
     for it in ds.items:
@@ -196,9 +195,11 @@ def _context(cfg: EvalConfig) -> EvalContext:
     if adaptor is not None:
         fps = data.fingerprints() if need_text else {"image": data.image.fingerprint}
         check_fingerprints(adaptor.meta, fps, f"checkpoint {adaptor.path}")
-    check_index_current(cfg, root, name, data.items, backbone, text)
+    ds = open_dataset(cfg.dataset, root, skip_bad_rows=True)
+    check_index_current(cfg, root, ds, data.items, backbone, text)
     out = Path(cfg.out) if cfg.out else default_out(cfg, name, adaptor, backbone)
-    return EvalContext(cfg, root, device, data, name, adaptor, backbone, text, out)
+    return EvalContext(cfg, root, device, data, name, adaptor, backbone, text, out, dataset_version=ds.version,
+                       split_source=ds.split_source, published=ds.fractions)
 
 
 def default_out(cfg: EvalConfig, dataset: str, adaptor: FrozenAdaptor | None, backbone: str) -> Path:
@@ -241,6 +242,7 @@ def _results_json(ctx: EvalContext, result: TaskResult, forwards: str | None, se
         fps["text"] = ctx.data.text.fingerprint
     return {
         "task": ctx.cfg.task, "dataset": ctx.cfg.dataset, "dataset_name": ctx.dataset_name,
+        "dataset_version": ctx.dataset_version, "split_source": ctx.split_source or "the reader's own splits",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backbone": ctx.backbone, "text_encoder": ctx.text_encoder,
         "config": to_dict(ctx.cfg), "config_hash": config_hash(ctx.cfg), "checkpoint": checkpoint,
         "fingerprints": fps, "data": result.data, "methods": result.methods, "tables": result.tables,
@@ -271,7 +273,8 @@ def _jsonable(x):
 def results_markdown(results: dict) -> str:
     ck = results.get("checkpoint")
     lines = [f"# {results['task']} · {results['dataset_name']}", "",
-             f"- dataset: `{results['dataset']}`",
+             f"- dataset: `{results['dataset']}` · version: {results.get('dataset_version') or 'not known'}"
+             f" · splits: {results.get('split_source') or 'the reader’s own'}",
              f"- backbone: {results['backbone']}" + (f" · text encoder: {results['text_encoder']}"
                                                      if results.get("text_encoder") else ""),
              f"- checkpoint: `{ck['path']}` (hash {ck['hash'][:16]}, {ck['mode']} mode)" if ck else
@@ -280,8 +283,6 @@ def results_markdown(results: dict) -> str:
              f"- items: {json.dumps(results['data'].get('splits', {}))}", ""]
     if results["data"].get("fractions"):
         lines += ["- training items per fraction and seed: " + json.dumps(results["data"]["fractions"]), ""]
-    level = f"{100 * results['config']['ci']:g}%"
-    lines += ["Cells: " + get_task(results["task"]).cells.format(level=level) + ", in %.", ""]
     for t in results["tables"]:
         lines += [to_markdown(t), ""]
     if results["notes"]:

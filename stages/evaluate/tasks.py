@@ -17,26 +17,20 @@ class Task:
     name: str
     module: str           # the module under stages/evaluate/ whose run(ctx) evaluates it
     needs_text: bool      # reads the text store (retrieval, zero-shot) or the image store alone
-    per_seed: bool        # cells are mean ± std over seeds (heads trained per seed), else one value
     summary: str
 
     def run(self, ctx):
         return importlib.import_module(f"stages.evaluate.{self.module}").run(ctx)
 
-    @property
-    def cells(self) -> str:
-        return ("mean ± std over seeds [bootstrap {level} CI of the seed mean on the test split]" if self.per_seed
-                else "value [bootstrap {level} CI over the test items]")
-
 
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("classification", "classify", needs_text=False, per_seed=True,
+    Task("classification", "classify", needs_text=False,
          summary="heads on frozen image features, at label fractions"),
-    Task("segmentation", "segment", needs_text=False, per_seed=True,
+    Task("segmentation", "segment", needs_text=False,
          summary="a convolutional decoder on cached patch tokens, Dice three ways"),
-    Task("retrieval", "retrieve", needs_text=True, per_seed=False,
+    Task("retrieval", "retrieve", needs_text=True,
          summary="image→text and text→image recall@1/5/10 on the test split"),
-    Task("zero-shot", "zeroshot", needs_text=True, per_seed=False,
+    Task("zero-shot", "zeroshot", needs_text=True,
          summary="prompt pairs per finding scored through the Adaptor, AUROC"),
 )}
 

@@ -14,7 +14,7 @@ from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.plots import roc_grid
 from stages.evaluate.prompts import PromptError, embed_texts_store, load_prompts, prompt_path
 from stages.evaluate.retrieve import LINEAR_MAP, adaptor_similarity, linear_map_similarity, raw_similarity
-from stages.evaluate.tables import add_estimates_row, make_table
+from stages.evaluate.tables import add_estimates_row, interval_note, make_table
 
 
 def _findings(ctx: EvalContext, prompts: dict) -> list[str]:
@@ -93,7 +93,7 @@ def run(ctx: EvalContext) -> TaskResult:
                 fpr, tpr = M.roc_curve(y[f], s)
                 curves.setdefault(f, []).append((f"{name} (AUROC {m['auroc'][f]:.3f})", fpr, tpr))
         methods.append(m)
-    result = TaskResult(methods=methods, tables=[_table(methods, findings)])
+    result = TaskResult(methods=methods, tables=[_table(ctx, methods, findings, len(test))])
     result.data = {"splits": {"test": int(len(test))}, "prompts": str(prompt_path(ctx.cfg.prompts)),
                    "findings": findings, "n_prompts": {f: {k: len(v) for k, v in prompts[f].items()} for f in findings},
                    "positives": {f: int(np.nansum(y[f])) for f in findings}}
@@ -102,9 +102,10 @@ def run(ctx: EvalContext) -> TaskResult:
     return result
 
 
-def _table(methods: list[dict], findings: list[str]) -> dict:
+def _table(ctx: EvalContext, methods: list[dict], findings: list[str], n_test: int) -> dict:
     cols = findings + ["macro"]
-    t = make_table("zero-shot · AUROC on the test split (%)", "auroc", cols)
+    t = make_table("zero-shot · AUROC on the test split (%)", "auroc", cols,
+                   interval_note(ctx.cfg.ci, n_test, ctx.cfg.bootstrap))
     for m in methods:
         add_estimates_row(t, m["name"], m.get("auroc"), m.get("ci"))
     return t

@@ -395,7 +395,8 @@ class Trainer:
             img, txt = self.model(batch, **fwd)
         # Gathered, each rank's loss is scaled so that DDP's gradient averaging yields the
         # gradient of the global-batch loss (see clip_loss); on one process it is the plain loss.
-        loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.image_weight, gather=self.cfg.gather_negatives)
+        loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.text_to_image_weight,
+                         gather=self.cfg.gather_negatives)
         if self.matching:
             loss = loss + self.cfg.itm_weight * itm_loss(match)
         return loss
@@ -412,7 +413,8 @@ class Trainer:
             imgs.append(i)
             txts.append(t)
         img, txt = torch.cat(imgs).float(), torch.cat(txts).float()
-        weights, scale = (self.cfg.adaptor.image_weight, 1.0 - self.cfg.adaptor.image_weight), self.net.scale()
+        t2i = self.cfg.adaptor.text_to_image_weight
+        weights, scale = (1.0 - t2i, t2i), self.net.scale()  # (image→text, text→image)
         # in blocks of rows: memory grows with the split, never with its square
         out = {"val_loss": split_clip_loss(img, txt, scale, weights),
                "val_loss_batch": batched_clip_loss(img, txt, scale, weights, self.train.batch_size)}

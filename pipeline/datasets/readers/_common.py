@@ -17,7 +17,7 @@ import gzip
 import io
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -30,6 +30,7 @@ from pipeline.console import err, progress, escape
 from pipeline.datasets.base import Dataset
 from pipeline.datasets.masks import save_mask
 from pipeline.datasets.reports import SECTION_CHOICES
+from pipeline.datasets.shared_splits import SplitRef, import_splits, parse_split_ref
 from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.table import DatasetError
 
@@ -74,7 +75,9 @@ def path_opt(help: str = "") -> Opt:
     return Opt("", lambda v: Path(v).expanduser().resolve() if v else None, help)
 
 
-COMMON = {"allow_failures": flag(False, "skip and count bad rows instead of stopping")}
+COMMON = {"allow_failures": flag(False, "skip and count bad rows instead of stopping"),
+          "splits": Opt("", parse_split_ref, "split files another project published, read onto the items: "
+                        "benchx:FOLDER or mgca[:FOLDER] (pipeline/datasets/shared_splits.py)")}
 SEED = {"seed": integer(0, "seed of the patient-level hash split")}
 SECTIONS = {"sections": choice("both", SECTION_CHOICES, "report sections: impression, findings or both"),
             "clean": flag(True, "MGCA sentence cleaning of the report text")}
@@ -109,7 +112,7 @@ class Spec:
             value = self.options[key]
             if key in NAMELESS or value == self.schema[key].parse(self.schema[key].default):
                 continue
-            if isinstance(value, Path):
+            if isinstance(value, (Path, SplitRef)):
                 text = xxhash.xxh64_hexdigest(str(value).encode())[:8]
             elif isinstance(value, bool):
                 text = "1" if value else "0"
@@ -281,7 +284,9 @@ def dicom_size(path: Path) -> tuple[int, int]:
 
 
 def finish(spec: Spec, cache_root: Path, items: list, problems: Problems, description: str,
-           stratify_by: str | None = None) -> Dataset:
+           stratify_by: str | None = None, version: str | None = None) -> Dataset:
+    """The dataset of a reader's items; with ``splits=``, the splits (and label fractions) a
+    published source gives them instead of the reader's own."""
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         seen, dup = set(), None
@@ -291,10 +296,24 @@ def finish(spec: Spec, cache_root: Path, items: list, problems: Problems, descri
                 break
             seen.add(i)
         raise DatasetError(f"{spec.reader}: item id {dup!r} occurs twice in {spec.root}")
+    fractions = {}
+    if spec["splits"] is not None:
+        imported = import_splits(spec["splits"], spec.reader, spec.root, items)
+        items = [replace(it, split=imported.splits.get(it.id)) for it in items]
+        fractions = imported.fractions
+        for note in imported.notes:
+            err.print(f"[yellow]note:[/] {escape(spec.reader)} splits from {escape(imported.source)}: {escape(note)}",
+                      soft_wrap=True)
     record_skipped(cache_root, spec.name, problems.skipped, spec.reader)
     return Dataset(name=spec.name, spec=spec.spec, items=items, description=description,
-                   skipped=problems.skipped, stratify_by=stratify_by)
+                   skipped=problems.skipped, stratify_by=stratify_by, version=version,
+                   split_source=_source(spec), fractions=fractions)
+
+
+def _source(spec: Spec) -> str | None:
+    return None if spec["splits"] is None else str(spec["splits"])
 
 
 def unmaterialised(spec: Spec, description: str, stratify_by: str | None = None) -> Dataset:
-    return Dataset(name=spec.name, spec=spec.spec, items=[], description=description, stratify_by=stratify_by)
+    return Dataset(name=spec.name, spec=spec.spec, items=[], description=description, stratify_by=stratify_by,
+                   split_source=_source(spec))

@@ -20,18 +20,25 @@ Items: one per line, id = the file name, patient = patient_id.
 Splits: official: train.txt -> train, test.txt -> test, val.txt -> valid. A release
 without a validation file gets one carved from train: 10% of the training patients, by a
 seeded hash of the patient id (``seed=``), so no patient is in both.
+
+Release: papers used different ones (the Adaptor paper v5, MGCA's paper v6 and its code
+COVIDx9A, BenchX CXR-4), so the reader says which the folder holds: from a versioned file
+name (``train_COVIDx5.txt`` is v5), else from the files' line counts where they are a known
+release's (v5 13,958 / 300; v6 14,311 / 200; CXR-4 67,863 / 8,473 / 8,482), else only if
+stated (``version=v5``). A stated version that the files contradict is an error.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
 from pipeline.datasets.registry import register_reader
 from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
-from pipeline.datasets.readers._common import (SEED, Problems, Spec, finish, open_text, parse_spec, require_root,
-                                               unmaterialised)
+from pipeline.datasets.readers._common import (SEED, Opt, Problems, Spec, finish, open_text, parse_spec,
+                                               require_root, unmaterialised)
 from pipeline.datasets.splits import hash_split
 from pipeline.datasets.table import DatasetError
 
@@ -42,11 +49,16 @@ CARVED_VALID = 0.1
 SPLIT_FILES = (("train", ("train",), ("train",)), ("valid", ("val", "valid"), ("val", "train")),
                ("test", ("test",), ("test",)))
 DESCRIPTION = "COVIDx CXR: normal / pneumonia / COVID-19"
+# Line counts of each release's train, val (None: no val file) and test files (COVID-Net's docs;
+# CXR-4: BenchX's lists plus the one line each that pandas read as their header).
+RELEASES = {"v5": (13_958, None, 300), "v6": (14_311, None, 200), "CXR-4": (67_863, 8_473, 8_482)}
+SCHEMA = {**SEED, "version": Opt("", str, "the COVIDx release the folder holds (v5, v6, CXR-4, ...), where "
+                                          "its files do not say")}
 
 
 @register_reader(READER)
 def open_covidx(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
-    spec = parse_spec(READER, arg, SEED)
+    spec = parse_spec(READER, arg, SCHEMA)
     if not materialise:
         return unmaterialised(spec, DESCRIPTION, "label")
     require_root(spec)
@@ -65,7 +77,39 @@ def open_covidx(arg: DatasetSpec, cache_root: Path, materialise: bool = True) ->
         items += _read(spec, path, split, folders, problems, seen)
     if "valid" not in found:
         items = [_carve(it, spec) for it in items]
-    return finish(spec, cache_root, items, problems, DESCRIPTION, stratify_by="label")
+    version = release(found, spec["version"])
+    return finish(spec, cache_root, items, problems, f"{DESCRIPTION} ({version or 'release not known'})",
+                  stratify_by="label", version=version)
+
+
+def release(files: dict[str, Path], stated: str = "") -> str | None:
+    """``"COVIDx v5 (from train_COVIDx5.txt)"``: the release the split files show, else the stated one.
+
+    Raises DatasetError when a stated release contradicts the files."""
+    detected, evidence = _detect(files)
+    if stated and detected and stated.lower().removeprefix("v") != detected.lower().removeprefix("v"):
+        raise DatasetError(f"{READER}: version={stated} was stated, but the folder holds COVIDx {detected} "
+                           f"({evidence}). Drop the option, or point at the {stated} folder.")
+    if detected:
+        return f"COVIDx {detected} ({evidence})"
+    return f"COVIDx {stated} (stated)" if stated else None
+
+
+def _detect(files: dict[str, Path]) -> tuple[str | None, str]:
+    for path in files.values():
+        m = re.search(r"_COVIDx(\d+[A-Za-z]?)\.txt$", path.name) or re.search(r"_split_v(\d+)\.txt$", path.name)
+        if m:
+            return f"v{m.group(1)}", f"from the file name {path.name}"
+    counts = tuple(_count_lines(files[s]) if s in files else None for s in ("train", "valid", "test"))
+    for name, expected in RELEASES.items():
+        if counts == expected:
+            return name, "from the split files' line counts " + " / ".join(f"{c:,}" for c in counts if c)
+    return None, ""
+
+
+def _count_lines(path: Path) -> int:
+    with open_text(path) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _split_file(root: Path, stems: tuple[str, ...]) -> Path | None:

@@ -26,6 +26,7 @@ Labels: the 14 CheXpert-labeller findings per study: 1, 0, -1 (uncertain, under 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipeline.datasets.registry import register_reader
@@ -73,7 +74,9 @@ def open_mimic_cxr(arg: DatasetSpec, cache_root: Path, materialise: bool = True)
         if item is not None:
             items.append(item)
     reports.check_any_found()
-    return finish(spec, cache_root, items, problems, DESCRIPTION, stratify_by="No Finding")
+    release = spec.root.name if re.fullmatch(r"\d+\.\d+\.\d+", spec.root.name) else "release not known"
+    return finish(spec, cache_root, items, problems, DESCRIPTION, stratify_by="No Finding",
+                  version=f"MIMIC-CXR-JPG {release} ({'frontal' if spec['frontal'] else 'all'} views)")
 
 
 def _need(root: Path, what: str) -> Path:

@@ -61,7 +61,8 @@ def open_rsna(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> D
         items.append(Item(id=pid, image=dicom, patient_id=pid, split=hash_split(pid, PROPORTIONS, spec["seed"]),
                           labels={"pneumonia": float(target)}, masks={"pneumonia": mask}))
     make_masks(jobs, f"{READER}: masks")
-    return finish(spec, cache_root, items, problems, DESCRIPTION, stratify_by="pneumonia")
+    return finish(spec, cache_root, items, problems, DESCRIPTION, stratify_by="pneumonia",
+                  version=f"RSNA Pneumonia {labels_csv.name.split('_train')[0].replace('_', ' ')} labels")
 
 
 def _locate(root: Path) -> tuple[Path, Path]:

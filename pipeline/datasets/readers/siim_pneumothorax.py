@@ -19,6 +19,17 @@ region. Mask ``pneumothorax``: the union of the regions at the DICOM's Rows x Co
 
 Splits: no official labelled test set; images are split 70/15/15 (train/valid/test, as
 MGCA does) by a seeded hash of the ImageId (``seed=``).
+
+**The PNG release** that BenchX used (Kaggle ``vbookshelf/pneumothorax-chest-xray-images-and-masks``)
+is read when the folder (or its ``siim-acr-pneumothorax/``) holds it::
+
+    <root>/png_images/<n>_<train|test>_<0|1>_.png   <root>/png_masks/<same name>   (0/255 masks)
+    <root>/stage_1_train_images.csv   <root>/stage_1_test_images.csv   new_filename, has_pneumo[, ImageId]
+
+It holds the stage-1 training images and the stage-1 test images with their masks. Items:
+id = the file stem (``1898_train_0_``, the name BenchX's split lists use), patient = the
+``ImageId`` where the CSV has one. Splits: the stage-1 test images are the test split; the
+training images are split 85/15 (train/valid) by a seeded hash of the stem.
 """
 from __future__ import annotations
 
@@ -44,6 +55,11 @@ RELEASE_SIZE = 1024  # every image of the release is 1024 x 1024
 DESCRIPTION = "SIIM-ACR pneumothorax: binary label and segmentation masks"
 
 
+PNG_FOLDER = "siim-acr-pneumothorax"
+PNG_SPLITS = (("stage_1_train_images.csv", "train"), ("stage_1_test_images.csv", "test"))
+PNG_VALID = 0.15
+
+
 @register_reader(READER)
 def open_siim(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SEED)
@@ -51,6 +67,9 @@ def open_siim(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> D
         return unmaterialised(spec, DESCRIPTION, "pneumothorax")
     require_root(spec)
     problems = Problems(READER, spec["allow_failures"])
+    png = _png_root(spec.root)
+    if png is not None:
+        return _open_png(spec, cache_root, png, problems)
     rle_csv = find_file(spec.root, ["train-rle.csv"])
     if rle_csv is None:
         raise DatasetError(f"{READER}: {spec.root / 'train-rle.csv'} not found. Give the folder that holds "
@@ -71,7 +90,46 @@ def open_siim(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> D
                           split=hash_split(image_id, PROPORTIONS, spec["seed"]),
                           labels={"pneumothorax": float(bool(rles))}, masks={"pneumothorax": mask}))
     make_masks(jobs, f"{READER}: masks")
-    return finish(spec, cache_root, items, problems, DESCRIPTION, stratify_by="pneumothorax")
+    return finish(spec, cache_root, items, problems, DESCRIPTION, stratify_by="pneumothorax",
+                  version="SIIM-ACR stage 1, DICOM release (train-rle.csv)")
+
+
+def _png_root(root: Path) -> Path | None:
+    for candidate in (root, root / PNG_FOLDER):
+        if (candidate / "png_images").is_dir() and (candidate / "png_masks").is_dir():
+            return candidate
+    return None
+
+
+def _open_png(spec, cache_root: Path, root: Path, problems: Problems) -> Dataset:
+    """The PNG release: images and masks as files, labels and names in the two stage-1 CSVs."""
+    items = []
+    for name, split in PNG_SPLITS:
+        path = find_file(root, [name])
+        if path is None:
+            raise DatasetError(f"{READER}: {root / name} not found; the PNG release has stage_1_train_images.csv "
+                               "and stage_1_test_images.csv beside png_images/ and png_masks/")
+        for line, row in csv_rows(path, ("new_filename", "has_pneumo"), problems):
+            item = _png_item(spec, root, row, split, f"{path}:{line}", problems)
+            if item is not None:
+                items.append(item)
+    return finish(spec, cache_root, items, problems, DESCRIPTION + " (PNG release)", stratify_by="pneumothorax",
+                  version="SIIM-ACR stage 1, PNG release (Kaggle vbookshelf, as BenchX used)")
+
+
+def _png_item(spec, root: Path, row: dict, split: str, where: str, problems: Problems) -> Item | None:
+    name = row["new_filename"]
+    stem = Path(name).stem
+    image, mask = root / "png_images" / name, root / "png_masks" / name
+    missing = next((p for p in (image, mask) if not p.is_file()), None)
+    if missing is not None or row["has_pneumo"] not in ("0", "1"):
+        reason = f"file {missing} is missing" if missing else f"has_pneumo {row['has_pneumo']!r} is not 0 or 1"
+        problems.bad(where, reason, stem or None)
+        return None
+    if split == "train":
+        split = hash_split(stem, (("train", 1 - PNG_VALID), ("valid", PNG_VALID)), spec["seed"])
+    return Item(id=stem, image=image, patient_id=row.get("ImageId") or stem, split=split,
+                labels={"pneumothorax": float(row["has_pneumo"])}, masks={"pneumothorax": mask})
 
 
 def _read_codes(path: Path, problems: Problems) -> dict[str, tuple[int, list[str]]]:

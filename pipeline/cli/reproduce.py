@@ -1,0 +1,117 @@
+"""`pipe reproduce`: parsing and printing only; the work is in stages/reproduce/."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.cli.app import app
+from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, human_bytes, path_or_none, print_json, \
+    results_to, user_errors
+from pipeline.console import err
+
+EPILOG = """Examples:
+
+  pipe reproduce classification --plan
+
+  pipe reproduce classification --data mimic=/data/mimic-cxr-jpg/2.0.0,rsna=/data/rsna,covidx='/data/covidx?version=v5'
+
+  pipe reproduce segmentation --data siim=/data/siim-png,rsna=/data/rsna --splits benchx:/src/BenchX/preprocess/datasets
+
+  pipe reproduce classification --only dinov2-b+bert/rsna --report"""
+
+
+def _pairs(values: list[str] | None, what: str, bare: str | None = None) -> dict[str, str]:
+    """``a=x,b=y`` (repeatable) as a dict; with ``bare``, an item without ``key=`` is stored under it."""
+    out = {}
+    for item in (v for value in values or [] for v in value.split(",") if v.strip()):
+        key, eq, val = item.partition("=")
+        if not eq or ":" in key:
+            if bare is None:
+                fail(f"{what} {item!r}: expected NAME=VALUE, e.g. {what} rsna=/data/rsna")
+            key, val = bare, item
+        out[key.strip()] = val.strip()
+    return out
+
+
+@app.command(epilog=EPILOG)
+def reproduce(
+    table: str = typer.Argument(..., help="A table of the paper: classification or segmentation "
+                                "(configs/paper/), or a table spec's path."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Where each dataset is, NAME=FOLDER, "
+                                             "comma-separated or repeated: mimic, rsna, siim, covidx. A reader spec "
+                                             "with options works too (covidx='/data/covidx?version=v5')."),
+    splits: Optional[list[str]] = typer.Option(None, "--splits", help="Split files others published: "
+                                               "benchx:DIR (every dataset BenchX covers; DIR holds RSNA/, SIIM/, "
+                                               "COVIDx/), or NAME=benchx:DIR, NAME=mgca[:DIR]."),
+    out: Path = typer.Option(Path("runs/paper"), "--out", "-o", help="Where the runs, cells and table go."),
+    plan: bool = typer.Option(False, "--plan", help="List every step with its command, state, stores, disk and "
+                              "time; run nothing."),
+    report: bool = typer.Option(False, "--report", help="Print the table from the finished cells; run nothing."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Only these cells (ids or prefixes such as "
+                                             "dinov2-b+bert/rsna), with the steps they need."),
+    substitute: Optional[list[str]] = typer.Option(None, "--substitute", help="ENC=OTHER: run OTHER where the "
+                                                   "table names ENC (the tests: dinov2-s=tiny-vit,bert=tiny-bert)."),
+    pretrain_set: Optional[list[str]] = typer.Option(None, "--pretrain-set", help="key=value for every "
+                                                     "pre-training (e.g. epochs=1)."),
+    eval_set: Optional[list[str]] = typer.Option(None, "--eval-set", help="key=value for every evaluation "
+                                                 "(e.g. seeds=1)."),
+    cache: Optional[Path] = CACHE_OPT,
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Reproduce a table of the paper: embed, pre-train each row's Adaptor, evaluate each cell; resumable."""
+    from stages.reproduce import stage  # lazy: keeps `pipe --help` fast
+    from stages.evaluate.tables import to_rich  # lazy: keeps `pipe --help` fast
+
+    cfg = stage.ReproduceConfig(table=table, data=_pairs(data, "--data"), splits=_pairs(splits, "--splits", "*"),
+                                out=str(out), cache=path_or_none(cache), device=device, only=tuple(only or ()),
+                                substitute=_pairs(substitute, "--substitute"),
+                                pretrain_overrides=tuple(pretrain_set or ()), eval_overrides=tuple(eval_set or ()))
+    with user_errors():
+        result = stage.plan(cfg) if plan or report else stage.run(cfg)
+    show = results_to(as_json)
+    if plan:
+        _print_plan(show, result.steps)
+        _totals(result.steps, stage.throughput_note())
+    else:
+        for t in result.tables:
+            show.print(to_rich(t))
+    if as_json:
+        print_json(result.summary())
+
+
+def _print_plan(show, steps) -> None:
+    """Every step in run order: its id (what --only takes), state, disk and time, then its command and
+    the stores or folder it writes."""
+    show.print("plan, in order (an id, or a prefix such as dinov2-b+bert/rsna, is what --only takes):",
+               markup=False)
+    for s in steps:
+        cost = " · ".join(x for x in (human_bytes(s.disk) if s.disk else "", _duration(s.seconds)
+                                      if s.seconds is not None else "") if x)
+        show.print(f"\n{s.id}  [{s.status}]" + (f"  {cost}" if cost else ""), markup=False, soft_wrap=True)
+        show.print(f"  {s.command}", markup=False, soft_wrap=True)
+        where = "; ".join(s.stores) if s.stores else (f"-> {s.out}" if s.out else "")
+        if where:
+            show.print(f"  {where}", markup=False, soft_wrap=True)
+
+
+def _totals(steps, note: str) -> None:
+    todo = [s for s in steps if not s.done]
+    seconds = sum(s.seconds or 0 for s in todo)
+    unknown = sum(s.seconds is None for s in todo)
+    err.print(f"{len(todo)} of {len(steps)} steps to run · disk to add {human_bytes(sum(s.disk for s in todo))} · "
+              f"time about {_duration(seconds)}" + (f" plus {unknown} step(s) not estimated" if unknown else ""),
+              markup=False, soft_wrap=True)
+    err.print(note, markup=False, soft_wrap=True)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,123 @@
+"""`pipe reproduce TABLE`: a whole table of the paper, from the datasets on disk to the paper's layout.
+
+    pipe reproduce classification --data mimic=/data/mimic-cxr-jpg/2.0.0,rsna=/data/rsna,covidx=/data/covidx \\
+        --splits benchx:/src/BenchX/preprocess/datasets
+    pipe reproduce classification --plan        # every command, the stores, the disk and the time it needs
+
+It orchestrates the other stages, as the sweep and the demo do: ``pipe embed`` once per
+dataset and encoder, ``pipe train-adaptor`` once per row (the table's pre-training
+recipe), ``pipe evaluate`` once per cell. Everything goes under ``--out``
+(``pretrain/<row>/``, ``cells/<row>/<dataset>/<percent>/``, ``table.md``, ``table.json``),
+and a re-run skips what is finished (see :mod:`stages.reproduce.steps`), so an
+interrupted table resumes where it stopped. The table is written after every cell.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cache.atomic import atomic_write_text
+from cache.paths import cache_root
+from pipeline.console import err, escape, section
+from pipeline.errors import InputError
+from stages.evaluate.tables import to_markdown
+from stages.reproduce import render
+from stages.reproduce.spec import DATASETS, Substitutions, load_table
+from stages.reproduce.steps import (EMBED_DINOV2S_PER_S, GMACS, TRAIN_POOLED_PER_S, Context, Step, build_steps,
+                                    cell_dir, dataset_specs)
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    table: str                                          # a name in configs/paper/, or a table spec's path
+    data: dict[str, str] = field(default_factory=dict)  # mimic / rsna / siim / covidx -> folder or reader spec
+    splits: dict[str, str] = field(default_factory=dict)  # dataset (or "*") -> benchx:DIR, mgca[:DIR]
+    out: str = "runs/paper"
+    cache: str | None = None
+    device: str = "auto"
+    only: tuple[str, ...] = ()                          # cell ids or id prefixes (with what they need)
+    substitute: dict[str, str] = field(default_factory=dict)   # encoder -> the encoder that runs instead
+    pretrain_overrides: tuple[str, ...] = ()
+    eval_overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class ReproduceResult:
+    out: Path
+    steps: list[Step]
+    tables: list[dict]
+    ran: list[str] = field(default_factory=list)        # ids of the steps run now
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {"out": str(self.out), "ran": self.ran, "steps": [s.summary() for s in self.steps],
+                "tables": self.tables, "seconds": round(self.seconds, 1)}
+
+
+def context(cfg: ReproduceConfig) -> Context:
+    spec = load_table(cfg.table)
+    unknown = sorted(set(cfg.data) - set(DATASETS)) + sorted(set(cfg.splits) - set(DATASETS) - {"*"})
+    if unknown:
+        raise InputError(f"--data/--splits name {', '.join(unknown)}; the datasets are {', '.join(DATASETS)}")
+    return Context(spec=spec, root=cache_root(cfg.cache), out=Path(cfg.out),
+                   data=dataset_specs(spec, cfg.data, cfg.splits), device=cfg.device, cache_arg=cfg.cache,
+                   substitute=Substitutions(dict(cfg.substitute)), pretrain_overrides=list(cfg.pretrain_overrides),
+                   eval_overrides=list(cfg.eval_overrides), only=list(cfg.only))
+
+
+def plan(cfg: ReproduceConfig) -> ReproduceResult:
+    """The steps, their state and cost; nothing is run."""
+    ctx = context(cfg)
+    steps = build_steps(ctx)
+    return ReproduceResult(ctx.out, steps, report_tables(ctx))
+
+
+def run(cfg: ReproduceConfig) -> ReproduceResult:
+    t0 = time.perf_counter()
+    ctx = context(cfg)
+    steps = build_steps(ctx)
+    blocked = [s for s in steps if not s.done and s.run is None]
+    if blocked:
+        raise InputError(f"{len(blocked)} step(s) cannot run, e.g. {blocked[0].id}: {blocked[0].status}. Give "
+                         "--data for every dataset they read, or --only the cells you have data for "
+                         "(`--plan` lists each step's state)")
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in steps if not s.done]
+    err.print(f"reproduce {escape(ctx.spec.name)}: {len(steps)} steps, {len(steps) - len(todo)} done already, "
+              f"{len(todo)} to run · out {escape(str(ctx.out))}")
+    ran = []
+    for i, step in enumerate(todo, 1):
+        section(f"{i}/{len(todo)} {step.id} ({step.status})")
+        step.run()
+        ran.append(step.id)
+        if step.kind == "evaluate":
+            write_table(ctx)
+    tables = write_table(ctx)
+    return ReproduceResult(ctx.out, steps, tables, ran, time.perf_counter() - t0)
+
+
+def report_tables(ctx: Context) -> list[dict]:
+    dirs = {c.id: cell_dir(ctx, c) for c in ctx.spec.cells()}
+    return render.tables(ctx.spec, render.load_results(ctx.spec, dirs), ctx.substitute.label)
+
+
+def write_table(ctx: Context) -> list[dict]:
+    """table.md and table.json from the cells finished so far."""
+    tables = report_tables(ctx)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(ctx.out / "table.md", f"# {ctx.spec.title}\n\n" + "\n".join(to_markdown(t) for t in tables))
+    atomic_write_text(ctx.out / "table.json", json.dumps({"table": ctx.spec.name, "tables": tables}, indent=1))
+    return tables
+
+
+def throughput_note() -> str:
+    """Where --plan's times come from (README, Benchmarks), said with the plan."""
+    rates = ", ".join(f"{k} {EMBED_DINOV2S_PER_S * GMACS['dinov2-s'] / v:.1f}/s" for k, v in GMACS.items()
+                      if k in ("dinov2-s", "dinov2-b", "resnet-ae", "bert"))
+    return (f"Times: from the figures measured here on a 2-core CPU (README, Benchmarks): `pipe embed` of a "
+            f"DINOv2-S-sized ViT {EMBED_DINOV2S_PER_S} img/s, other encoders scaled by multiply-adds per item "
+            f"({rates}; BERT's holds for every BERT-base); pooled Adaptor training {TRAIN_POOLED_PER_S:.0f} "
+            "samples/s per epoch. No GPU figure has been measured yet, so on a GPU these are upper bounds. "
+            "Evaluation cells are not estimated (no benchmark of head training).")

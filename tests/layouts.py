@@ -1,0 +1,130 @@
+"""Miniature copies of the paper's datasets in their published layouts, and of the split files
+others publish for them (BenchX's lists, MGCA's CSVs): built by the tests, never copied from
+those projects. Small enough to embed with the tiny encoders in seconds, large enough that
+every split of every fraction holds both classes."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.test_readers import MIMIC_LABELS, META_COLS, write_csv, write_dicom, write_jpg
+
+REPORTS = ["Small right pleural effusion. No pneumothorax.", "Heart size is normal. Lungs are clear.",
+           "Patchy left basal consolidation, likely pneumonia.", "Mild cardiomegaly without edema.",
+           "Right apical pneumothorax, small.", "No acute cardiopulmonary process."]
+
+
+def build_mimic(root: Path, n: int = 48) -> Path:
+    """n frontal studies (one image each), with reports and the official split file; a few laterals."""
+    meta, split, chex = [], [], []
+    for i in range(n):
+        subject, study, dicom = f"1{i:07d}", f"5{i:07d}", f"d-{i:04d}"
+        folder = root / "files" / f"p{subject[:2]}" / f"p{subject}"
+        write_jpg(folder / f"s{study}" / f"{dicom}.jpg", seed=i, size=(32, 32))
+        (folder / f"s{study}.txt").write_text(f"FINAL REPORT\n\n FINDINGS: {REPORTS[i % 6]} Study {i}.\n\n"
+                                              f" IMPRESSION: {REPORTS[(i + 1) % 6]}\n")
+        view = "LATERAL" if i % 16 == 15 else ("PA" if i % 2 else "AP")
+        meta.append([dicom, subject, study, "CHEST", view, 32, 32, 21800506, 1.0, "CHEST", "pa", "Erect"])
+        split.append([dicom, study, subject, "train" if i % 8 < 6 else ("validate" if i % 8 == 6 else "test")])
+        chex.append([subject, study, *["1.0" if j == i % 14 else "" for j in range(len(MIMIC_LABELS))]])
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv", META_COLS, meta)
+    write_csv(root / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"], split, gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id", *MIMIC_LABELS], chex, gz=True)
+    return root
+
+
+def build_rsna(root: Path, n: int = 40) -> tuple[Path, list[str]]:
+    """n patients, every third with a box; returns the root and the patient ids in file order."""
+    rows, ids = [], []
+    for i in range(n):
+        pid = f"{i:08d}-0000-0000-0000-{i:012d}"
+        ids.append(pid)
+        rows.append([pid, 4.0, 4.0, 8.0, 6.0, 1] if i % 3 == 0 else [pid, "", "", "", "", 0])
+        write_dicom(root / "stage_2_train_images" / f"{pid}.dcm", rows=24, cols=24, seed=i)
+    write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows)
+    return root, ids
+
+
+def _png(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def build_siim_png(root: Path, n_train: int = 32, n_test: int = 8) -> tuple[Path, list[str]]:
+    """The PNG release: png_images/, png_masks/ and the two stage-1 CSVs; returns the stems."""
+    rng = np.random.default_rng(0)
+    stems = []
+    for split, count in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(count):
+            positive = i % 3 == 0
+            stem = f"{i}_{split}_{int(positive)}_"
+            stems.append(stem)
+            _png(root / "png_images" / f"{stem}.png", (rng.random((32, 32)) * 255).astype(np.uint8))
+            mask = np.zeros((32, 32), np.uint8)
+            if positive:
+                mask[8:20, 6:14] = 255
+            _png(root / "png_masks" / f"{stem}.png", mask)
+            rows.append([f"{stem}.png", int(positive), f"1.2.276.{split}.{i}"])
+        write_csv(root / f"stage_1_{split}_images.csv", ["new_filename", "has_pneumo", "ImageId"], rows)
+    return root, stems
+
+
+def build_covidx_cxr4(root: Path, n_train: int = 40, n_val: int = 10, n_test: int = 10) -> Path:
+    """A CXR-4-like release: train/val/test.txt (4 columns, binary classes) and folders; some file
+    names carry dots (``DX.1.2.png``), as the release's do."""
+    for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
+        lines = []
+        for i in range(count):
+            name = f"DX.{split}.{i}.png" if i % 5 == 4 else f"sub-{split}-{i:03d}.png"
+            cls = "positive" if i % 2 == 0 else "negative"
+            lines.append(f"{1000 + i} {name} {cls} {'rsna' if i % 2 else 'bimcv'}")
+            write_jpg(root / split / name, seed=i, size=(24, 24))
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def release_names(root: Path, split: str) -> list[str]:
+    """The file names of a COVIDx split file, in file order."""
+    return [line.split()[1] for line in (root / f"{split}.txt").read_text().splitlines() if line.strip()]
+
+
+def write_benchx(folder: Path, train: list[str], val: list[str], test: list[str],
+                 train_1: list[str], train_10: list[str]) -> dict[str, int]:
+    """BenchX's five lists, one name a line; returns the line count per file stem."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lists = {"train": train, "val": val, "test": test, "train_1": train_1, "train_10": train_10}
+    for stem, names in lists.items():
+        (folder / f"{stem}.txt").write_text("".join(f"{n}\n" for n in names))
+    return {stem: len(names) for stem, names in lists.items()}
+
+
+def benchx_covidx_name(split: str, filename: str) -> str:
+    """How BenchX names a COVIDx image: its folder, and the file name cut at the first dot, as .png."""
+    return f"{split}/{filename.split('.')[0]}.png"
+
+
+def write_mgca_csv(path: Path, column: str, values: list[str], extra: dict[str, list] | None = None) -> Path:
+    """An MGCA split CSV: the id column and whatever else its preprocess script writes."""
+    extra = extra or {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([column, *extra])
+        for i, v in enumerate(values):
+            w.writerow([v, *(col[i] for col in extra.values())])
+    return path
+
+
+def split_benchx_style(ids: list[str], labels: list[int]) -> dict[str, list[str]]:
+    """A 60/20/20 split with 1% and 10% subsets that each hold both classes (a miniature's 1% is 2 items)."""
+    n = len(ids)
+    train, val, test = ids[: int(0.6 * n)], ids[int(0.6 * n): int(0.8 * n)], ids[int(0.8 * n):]
+    lab = dict(zip(ids, labels))
+    pos = [i for i in train if lab[i]]
+    neg = [i for i in train if not lab[i]]
+    return {"train": train, "val": val, "test": test, "train_1": [pos[0], neg[0]],
+            "train_10": [*pos[:2], *neg[:3]]}
