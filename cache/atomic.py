@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -216,3 +218,82 @@ def process_alive(info: dict) -> bool:
         return False
     start = process_start(pid)
     return start is not None and start == info.get("start")
+
+
+# ---------------------------------------------------------------------- run folders
+OWNER_LOCK = ".owner.lock"   # a run folder's lock: an exclusive flock held by the run that owns it
+OWNER_NOTE = ".owner.json"   # who holds it (host, pid, start time, command), for the refusal's message
+
+
+class FolderBusyError(PipeError):
+    """A run folder that another live process owns."""
+
+
+def _owner_note(folder: Path) -> dict:
+    try:
+        note = json.loads((folder / OWNER_NOTE).read_text())
+        return note if isinstance(note, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def owned_folder(folder: str | os.PathLike, command: str) -> Iterator[dict]:
+    """Own a run folder (``--out``) for the block: one `train-adaptor` or `evaluate` at a time.
+
+    The owner holds an exclusive ``flock`` on ``<folder>/.owner.lock`` and records who it is
+    in ``<folder>/.owner.json``. A second process is refused at once with the owner's host,
+    pid and start time. The kernel drops the lock when its holder dies (even by SIGKILL), so
+    a run killed at any point leaves a folder the next run takes over and resumes.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = _open_lock(folder / OWNER_LOCK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            note = _owner_note(folder)
+            for _ in range(20):  # the owner writes its note just after taking the lock
+                if note:
+                    break
+                time.sleep(0.05)
+                note = _owner_note(folder)
+            who = (f"pid {note.get('pid')} on host {note.get('host')}, started {note.get('started')}"
+                   if note else "another process (its note is not written yet)")
+            raise FolderBusyError(
+                f"{folder} is in use by `pipe {note.get('command', command)}` ({who}); one run owns a run folder "
+                "at a time. Wait for it to finish (or stop it: the next run then resumes from its last "
+                "checkpoint), or give another --out.") from None
+        try:  # the lock file must still be the one at that path (not unlinked by an owner leaving)
+            same = os.path.samestat(os.fstat(fd), os.stat(folder / OWNER_LOCK))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    try:
+        me = {**this_process(), "command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_bytes(folder / OWNER_NOTE, json.dumps(me).encode())
+        yield me
+    finally:
+        with contextlib.suppress(OSError):
+            (folder / OWNER_NOTE).unlink()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def release_empty_folder(folder: str | os.PathLike) -> None:
+    """Remove a run folder that holds nothing but its owner's lock (a refused run leaves no folder).
+
+    Call it while still owning the folder: the lock file is unlinked under the lock, which the
+    next owner's check of the path notices.
+    """
+    folder = Path(folder)
+    with contextlib.suppress(OSError):
+        if {p.name for p in folder.iterdir()} <= {OWNER_LOCK, OWNER_NOTE}:
+            for name in (OWNER_NOTE, OWNER_LOCK):
+                (folder / name).unlink(missing_ok=True)
+            folder.rmdir()

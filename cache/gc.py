@@ -6,11 +6,24 @@ It never removes a referenced store, and skips (and names) a store that a runnin
 ``pipe embed`` holds (``Store.in_use``) or claims. A store is first renamed to a hidden
 ``.removing-*`` folder under its lock, then deleted, so no reader or writer ever sees
 half of one; a removal that was cut short is finished by the next ``gc``.
+
+Both delete only what the cache owns. They require the cache marker
+(:mod:`cache.marker`); ``gc`` stops, naming the file, when a dataset's ``stores.json``
+cannot be read (its stores would otherwise look unreferenced); and a folder is removed
+only when it is identified as the cache's own: a store (a real folder directly under
+``stores/<modality>/`` whose ``embeddings.zarr/zarr.json`` is a store group of that
+modality and fingerprint), a store removal cut short (``.removing-<store>-<pid>``), a
+folder of Adaptor outputs (``<16 hex>-<16 hex>`` holding only ``meta.json`` and ``.npz``
+files), or a temporary file of a writer that is gone. Anything else is listed as skipped,
+never removed. ``rm`` takes only a store, by path, folder name or fingerprint prefix; a
+path that resolves to anything but a store (``stores/image/..``, a symlink out of the
+cache) is refused.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -18,8 +31,10 @@ from pathlib import Path
 from typing import Callable
 
 from cache.atomic import try_exclusive
+from cache.atomic import is_temp_name
 from cache.index import forget_store, referenced_stores
 from cache.inspect import dir_bytes
+from cache.marker import require_marker
 from cache.outputs import OUTPUTS_DIR
 from cache.shards import partial_of
 from cache.store import IN_USE, ZARR_DIR, claim_is_live
@@ -27,6 +42,8 @@ from cache.verify import dead_temp, temp_files
 from pipeline.errors import PipeError
 
 REMOVING = ".removing-"
+REMOVING_RE = re.compile(r"^\.removing-.+-[0-9a-f]{16}-\d+$")  # what _delete_store renames a store to
+OUTPUTS_RE = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{16}$")  # <checkpoint hash[:16]>-<store fingerprint[:16]>
 
 
 class CacheRemoveError(PipeError):
@@ -61,9 +78,63 @@ class GcReport:
 
 
 def store_dirs(root: Path) -> list[Path]:
-    """Every store folder under the root, whether or not it opens (hidden ones excluded)."""
+    """Every folder two levels under ``stores/``, whether or not it is a store (hidden ones excluded)."""
     base = Path(root) / "stores"
     return sorted(d for d in base.glob("*/*") if d.is_dir() and not d.name.startswith(".")) if base.is_dir() else []
+
+
+def _group_attrs(store: Path) -> dict | None:
+    meta = store / ZARR_DIR / "zarr.json"
+    if meta.is_symlink() or not meta.is_file():
+        return None
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("node_type") != "group" or not isinstance(doc.get("attributes"), dict):
+        return None
+    return doc["attributes"]
+
+
+def not_a_store(d: Path, root: Path) -> str | None:
+    """Why ``d`` is not identified as one of the cache's stores (None when it is one).
+
+    A store is a real folder (not a symlink) directly under ``stores/<modality>/``, whose
+    ``embeddings.zarr/zarr.json`` is a group recording that modality and a fingerprint that
+    the folder's name ends with, as :meth:`cache.store.Store.create` makes them.
+    """
+    if d.parent.parent != Path(root) / "stores" or d.name.startswith("."):
+        return "not a folder directly under stores/<modality>/"
+    if d.is_symlink() or d.parent.is_symlink() or not d.is_dir():
+        return "a symbolic link, not a folder of the cache"
+    attrs = _group_attrs(d)
+    if attrs is None:
+        return f"no readable store group metadata ({ZARR_DIR}/zarr.json)"
+    fp = attrs.get("fingerprint")
+    if attrs.get("modality") != d.parent.name or not isinstance(fp, str) or not d.name.endswith(f"-{fp[:16]}"):
+        return "its metadata does not match the folder (modality or fingerprint)"
+    return None
+
+
+def holds_group_metadata(d: Path, root: Path) -> bool:
+    """What `pipe cache rm` accepts: a real folder directly under ``stores/<modality>/`` that
+    holds a store's group metadata file (readable or not: a store whose metadata is damaged
+    is removed with `rm`)."""
+    return (d.parent.parent == Path(root) / "stores" and not d.name.startswith(".") and not d.is_symlink()
+            and not d.parent.is_symlink() and d.is_dir() and (d / ZARR_DIR / "zarr.json").is_file()
+            and not (d / ZARR_DIR / "zarr.json").is_symlink())
+
+
+def outputs_owned(d: Path) -> bool:
+    """Is ``d`` a folder of Adaptor outputs as :mod:`cache.outputs` writes them?"""
+    if d.is_symlink() or not d.is_dir() or not OUTPUTS_RE.match(d.name):
+        return False
+    for p in d.iterdir():
+        if p.is_symlink() or not p.is_file():
+            return False
+        if not (p.name == "meta.json" or (p.suffix == ".npz" and not p.name.startswith(".")) or is_temp_name(p.name)):
+            return False
+    return True
 
 
 def in_use(store: Path) -> str | None:
@@ -81,43 +152,56 @@ def in_use(store: Path) -> str | None:
 
 
 def gc(root: Path, dry_run: bool = False) -> GcReport:
-    """Remove (or, with ``dry_run``, list) what no dataset needs."""
+    """Remove (or, with ``dry_run``, list) what no dataset needs; skip (and list) what is not identified."""
     root = Path(root)
+    require_marker(root, "pipe cache gc")
     rep = GcReport(root, dry_run)
-    refs = referenced_stores(root)
+    refs = referenced_stores(root, strict=True)  # an unreadable index stops gc here, before anything goes
     kept = []
     for d in store_dirs(root):
+        kept.append(d)
         if d in refs:
-            kept.append(d)
+            continue
+        why_not = not_a_store(d, root)
+        if why_not:
+            rep.skipped.append(Removal(d, dir_bytes(d), f"not removed: not identified as a store ({why_not}); "
+                                       "remove it yourself if it is yours, or `pipe cache rm` it if it is a damaged store"))
             continue
         busy = in_use(d)
         if busy:
             rep.skipped.append(Removal(d, dir_bytes(d), f"not referenced by any dataset, but {busy}"))
-            kept.append(d)
         else:
+            kept.pop()
             rep.removed.append(Removal(d, dir_bytes(d), "no dataset index references this store"))
     for d in sorted((root / "stores").glob(f"*/{REMOVING}*")) if (root / "stores").is_dir() else []:
-        rep.removed.append(Removal(d, dir_bytes(d), "left by a removal that was cut short"))
-    rep.removed += _orphan_outputs(root, kept)
-    rep.removed += _leftover_temps(root, kept)
+        if REMOVING_RE.match(d.name) and d.is_dir() and not d.is_symlink() and not d.parent.is_symlink():
+            rep.removed.append(Removal(d, dir_bytes(d), "left by a removal that was cut short"))
+    rep.removed += _orphan_outputs(root, kept, rep)
+    rep.removed += _leftover_temps(root, [d for d in kept if not_a_store(d, root) is None])
     if not dry_run:
         rep.removed = [r for r in rep.removed if _remove(root, r, rep)]
     return rep
 
 
-def _orphan_outputs(root: Path, kept: list[Path]) -> list[Removal]:
+def _orphan_outputs(root: Path, kept: list[Path], rep: GcReport | None = None) -> list[Removal]:
     """Adaptor outputs (``<checkpoint>-<fingerprint[:16]>``) of stores that will be gone."""
     prints = {d.name.rsplit("-", 1)[-1] for d in kept}
     base = root / OUTPUTS_DIR
     out = []
-    for d in sorted(base.iterdir()) if base.is_dir() else []:
-        if d.is_dir() and not d.name.startswith(".") and d.name.rsplit("-", 1)[-1] not in prints:
+    for d in sorted(base.iterdir()) if base.is_dir() and not base.is_symlink() else []:
+        if not d.is_dir() or d.name.startswith(".") or d.name.rsplit("-", 1)[-1] in prints:
+            continue
+        if outputs_owned(d):
             out.append(Removal(d, dir_bytes(d), "Adaptor outputs of a store that is not in the cache"))
+        elif rep is not None:
+            rep.skipped.append(Removal(d, dir_bytes(d), "not removed: not identified as Adaptor outputs (a folder "
+                                       "<16 hex>-<16 hex> holding only meta.json and .npz files)"))
     return out
 
 
 def _leftover_temps(root: Path, kept: list[Path]) -> list[Removal]:
-    """Temporary files of writers that are gone, outside shards that a live writer claims."""
+    """Temporary files of writers that are gone (in the cache's own folders and the ``kept``
+    stores), outside shards that a live writer claims."""
     now, out = time.time(), []
     for sub in ("datasets", OUTPUTS_DIR, "masks"):
         out += [Removal(p, _size(p), "temporary file of a writer that is gone") for p in temp_files(root / sub, now)]
@@ -158,7 +242,7 @@ def _remove(root: Path, r: Removal, rep: GcReport) -> bool:
     """Remove one thing; a store only under its exclusive lock and while still unreferenced."""
     p = r.path
     if p.parent.parent == root / "stores" and not p.name.startswith("."):
-        if not _delete_store(p, still_unused=lambda: p not in referenced_stores(root)):
+        if not _delete_store(p, still_unused=lambda: p not in referenced_stores(root, strict=True)):
             rep.skipped.append(Removal(p, r.bytes, "came into use while collecting"))
             return False
     elif p.is_dir():
@@ -183,19 +267,35 @@ def _delete_store(path: Path, still_unused: Callable[[], bool] = lambda: True) -
 
 # ------------------------------------------------------------------------------ rm
 def find_store_dir(root: Path, name: str) -> Path:
-    """A store given as a path, a folder name (``tiny-vit-0123…``) or a fingerprint prefix."""
+    """A store given as a path, a folder name (``tiny-vit-0123…``) or a fingerprint prefix.
+
+    Only a store is ever returned: a real folder directly under ``stores/<modality>/``
+    that holds a store's group metadata. A path is resolved first, so ``stores/image/..``
+    (the stores folder itself), ``.`` or a symlink that leads elsewhere is refused.
+    """
+    root = Path(root)
+    dirs = [d for d in store_dirs(root) if holds_group_metadata(d, root)]
     p = Path(name).expanduser()
-    if (p / ZARR_DIR).is_dir() or (p.is_dir() and p.parent.parent.name == "stores"):
-        return p.resolve()
-    dirs = store_dirs(root)
-    hits = [d for d in dirs if d.name == name or d.relative_to(root).as_posix() == name]
-    if not hits and len(name) >= 6:
+    if os.sep in name or name in (".", "..") or p.is_absolute():
+        candidates = [p] if p.is_absolute() else [p, root / p]  # relative to here, or to the cache root
+        by_real = {d.resolve(): d for d in dirs}
+        for c in candidates:
+            if c.exists() and c.resolve() in by_real:
+                return by_real[c.resolve()]
+        where = next((c.resolve() for c in candidates if c.exists()), None)
+        raise CacheRemoveError(
+            f"{name!r} is not a store of the cache at {root}" + (f" (it is {where})" if where is not None else "")
+            + ": `pipe cache rm` removes only a store, a folder directly under "
+            f"{root / 'stores'}/<modality>/ that holds {ZARR_DIR}/zarr.json, given by its path, folder name or "
+            f"fingerprint prefix. Nothing was removed; `pipe cache ls --cache {root}` lists the stores.")
+    hits = [d for d in dirs if d.name == name]
+    if not hits and len(name) >= 6 and re.fullmatch(r"[0-9a-f]+", name):
         hits = [d for d in dirs if d.name.rsplit("-", 1)[-1].startswith(name[:16])]
     if len(hits) == 1:
         return hits[0]
     if not hits:
         raise CacheRemoveError(f"no store {name!r} in {root}; `pipe cache ls --cache {root}` lists them "
-                               "(give a path, a folder name or a fingerprint prefix)")
+                               "(give a path, a folder name or a fingerprint prefix of at least 6 hex digits)")
     raise CacheRemoveError(f"{name!r} matches {len(hits)} stores ({', '.join(d.name for d in hits)}); "
                            "give more of the fingerprint or the path")
 
@@ -203,10 +303,9 @@ def find_store_dir(root: Path, name: str) -> Path:
 def remove_store(root: Path, name: str, force: bool = False, dry_run: bool = False) -> GcReport:
     """Remove one store (and its Adaptor outputs); refused while a dataset uses it, unless ``force``."""
     root = Path(root)
+    require_marker(root, "pipe cache rm")
     path = find_store_dir(root, name)
-    if not path.is_relative_to(root / "stores"):
-        raise CacheRemoveError(f"{path} is not a store of the cache at {root}; pass --cache for its cache")
-    users = referenced_stores(root).get(path, [])
+    users = referenced_stores(root, strict=True).get(path, [])
     if users and not force:
         raise CacheRemoveError(f"store {path} holds the embeddings of dataset(s) {', '.join(users)}; removing it "
                                "means re-embedding them. Pass --force to remove it anyway.")
@@ -215,7 +314,7 @@ def remove_store(root: Path, name: str, force: bool = False, dry_run: bool = Fal
         raise CacheRemoveError(f"store {path} is {busy}; run `pipe cache rm` again when it has finished")
     rep = GcReport(root, dry_run, [Removal(path, dir_bytes(path), "removed on request" + (
         f" (used by {', '.join(users)}; their index no longer names it)" if users else ""))])
-    rep.removed += _orphan_outputs(root, [d for d in store_dirs(root) if d != path])
+    rep.removed += _orphan_outputs(root, [d for d in store_dirs(root) if d != path])  # only identified ones
     if not dry_run:
         for dataset in users:
             forget_store(root / "datasets" / dataset, path)

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shlex
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -28,9 +29,11 @@ import pyarrow as pa
 import xxhash
 
 from cache.atomic import atomic_write_bytes, locked, write_parquet_atomic
+from cache.files import not_regular_reason
 from cache.keys import normalise_report, text_key
+from cache.marker import ensure_marker
 from cache.paths import localise, portable, store_tail
-from pipeline.errors import MissingFileError
+from pipeline.errors import MissingFileError, PipeError
 
 LABEL_PREFIX = "label."
 MASK_PREFIX = "mask."
@@ -116,6 +119,7 @@ class IndexBuilder:
         self.ds, self.modalities = ds, modalities
         self.root = Path(root)
         self.folder = index_folder(root, ds.name)
+        ensure_marker(self.root)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.reports = [normalise_report(it.report) for it in ds.items]
         self._report_keys = [text_key(r) if r else None for r in self.reports]
@@ -264,17 +268,28 @@ def _image_key(path: Path, previous: dict, buf: memoryview) -> tuple:
                                   "to the table's folder) or remove the row")
     except OSError as e:
         return None, None, None, f"cannot read {path}: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block and /dev/zero never end: only regular files are read
+        return None, None, None, _not_regular(path, st.st_mode)
     prev = previous.get(str(path))
     if prev and prev[0] == st.st_size and prev[1] == st.st_mtime_ns:
         return prev[2], st.st_size, st.st_mtime_ns, None
     h = xxhash.xxh3_128()  # streamed: the same digest as hashing the whole file at once
     try:
-        with open(path, "rb", buffering=0) as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, whatever replaced the file since the stat
+        with open(fd, "rb", buffering=0) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                return None, None, None, _not_regular(path, mode)
+            os.set_blocking(f.fileno(), True)
             while (n := f.readinto(buf)) > 0:
                 h.update(buf[:n])
     except OSError as e:
         return None, None, None, f"cannot read {path}: {e.strerror}"
     return h.hexdigest(), st.st_size, st.st_mtime_ns, None
+
+
+def _not_regular(path: Path, mode: int) -> str:
+    return f"{path} is {not_regular_reason(mode)}. Fix the path in the table or remove the row"
 
 
 def read_stores(folder: Path) -> dict:
@@ -346,13 +361,55 @@ def store_entries(folder: Path) -> list[tuple[str, str, str, Path]]:
             for modality, entries in read_stores(folder).items() for encoder, entry in entries.items()]
 
 
-def referenced_stores(root: Path) -> dict[Path, list[str]]:
-    """Every store some dataset index records, with the names of those datasets."""
+class UnreadableIndexError(PipeError):
+    """A dataset's ``stores.json`` that cannot be read: a deleting command stops on it."""
+
+
+def checked_store_entries(folder: Path) -> list[tuple[str, str, str, Path]]:
+    """:func:`store_entries`, but a ``stores.json`` that cannot be read or is not shaped as
+    this project writes it (a truncated or hand-edited file) is an :class:`UnreadableIndexError`
+    that names the file and the fix, never an empty list: a deleting command must not
+    take "cannot read which stores this dataset uses" for "it uses none"."""
+    path = Path(folder) / STORES_FILE
+    try:
+        stores = json.loads(path.read_text()) if path.exists() or path.is_symlink() else {}
+        if not isinstance(stores, dict):
+            raise ValueError(f"expected an object of modalities, found {type(stores).__name__}")
+        for modality, entries in stores.items():
+            if not isinstance(entries, dict):
+                raise ValueError(f"entry {modality!r} is not an object of encoders")
+            for encoder, entry in entries.items():
+                if not isinstance(entry, dict) or not isinstance(entry.get("store"), str) or not entry["store"]:
+                    raise ValueError(f"entry {modality}.{encoder} has no store path")
+        return store_entries(folder)
+    except (OSError, ValueError, TypeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        spec = _dataset_spec(folder)
+        again = (f"`pipe embed --dataset {shlex.quote(spec)} ...` with its encoders" if spec else
+                 "`pipe embed` on that dataset")
+        raise UnreadableIndexError(
+            f"the dataset index {path} cannot be read ({reason}), so which stores dataset {Path(folder).name!r} "
+            f"uses is unknown; nothing was removed. Restore the file from a backup, or delete it (`rm {path}`) and "
+            f"run {again} to record its stores again (its embeddings are reused), then run this command again."
+        ) from None
+
+
+def referenced_stores(root: Path, strict: bool = False) -> dict[Path, list[str]]:
+    """Every store some dataset index records, with the names of those datasets.
+
+    ``strict`` (what gc and rm use): an unreadable index stops with
+    :class:`UnreadableIndexError` instead of being skipped.
+    """
     out: dict[Path, list[str]] = {}
     for folder in dataset_folders(root):
-        with contextlib.suppress(OSError, ValueError):
-            for _, _, _, store in store_entries(folder):
-                out.setdefault(store, []).append(folder.name)
+        if strict:
+            entries = checked_store_entries(folder)
+        else:
+            entries = []
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
+                entries = store_entries(folder)
+        for _, _, _, store in entries:
+            out.setdefault(store, []).append(folder.name)
     return out
 
 

@@ -12,8 +12,10 @@ its entries), size and modification time. The file carries a crc32c per array
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cache.files import UnreadableFile, read_regular_file
 from cache.index import MASK_PREFIX
+from cache.marker import ensure_marker
 from cache.npz import load_checked, save_checked
-from cache.paths import portable
+from cache.paths import plain_name, portable
 from pipeline.errors import InputError
 
 
@@ -56,8 +60,18 @@ def align_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
     return t[0, 0, top:top + crop, left:left + crop].numpy() > 0.5
 
 
+def _regular(path: str) -> bool:
+    """Only regular files are opened: a FIFO would block, a device never end."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def image_size(path: str) -> tuple[int, int] | None:
     """(height, width) from the image header, without decoding pixels; None if unreadable."""
+    if not _regular(path):
+        return None
     try:
         with Image.open(path) as im:
             return im.size[1], im.size[0]
@@ -72,10 +86,34 @@ def image_size(path: str) -> tuple[int, int] | None:
         return None
 
 
+MAX_MASK_BYTES = 2 * 2**30  # a mask's decoded and resized pixels, at most (as an image's default budget)
+
+
+def _check_size(item_id: str, path: str, h: int, w: int, resize: int) -> None:
+    """Refuse a mask whose pixel count or aspect ratio would need more memory than
+    :data:`MAX_MASK_BYTES`, from its header (a 1 x 2,000,000 PNG resized to a short side
+    of 256 would ask for ~0.5 TB)."""
+    nh, nw = shorter_side_size(max(h, 1), max(w, 1), resize)
+    need = max(h * w * 8, nh * nw * 8)
+    if need > MAX_MASK_BYTES:
+        raise MaskError(f"item {item_id!r}: mask {path} is {w:,}x{h:,} pixels; decoding and aligning it would need "
+                        f"{need / 2**30:,.1f} GiB, over the {MAX_MASK_BYTES / 2**30:,.0f} GiB a mask may take. "
+                        "Check the file, or re-export it at its image's size.")
+
+
 def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: int) -> np.ndarray:
     try:
-        with Image.open(mask_path) as im:
+        data = read_regular_file(mask_path)  # a FIFO or a device is refused, never read
+        with Image.open(io.BytesIO(data)) as im:
+            _check_size(item_id, mask_path, im.size[1], im.size[0], resize)  # before decoding a pixel
             mask = np.asarray(im.convert("L")) > 0
+    except UnreadableFile as e:
+        if e.reason == "file not found":
+            raise MaskError(f"item {item_id!r}: mask file {mask_path} does not exist. Fix its path in the table's "
+                            "mask column (relative to the table) and re-run `pipe embed` to re-index.") from None
+        raise MaskError(f"item {item_id!r}: cannot use mask {mask_path}: {e.reason}") from None
+    except MaskError:
+        raise
     except FileNotFoundError:
         raise MaskError(f"item {item_id!r}: mask file {mask_path} does not exist. Fix its path in the table's "
                         "mask column (relative to the table) and re-run `pipe embed` to re-index.") from None
@@ -100,7 +138,13 @@ def _stamp(path: str, root: Path) -> str:
 
 
 def cache_path(cache_root: Path, dataset: str, target: str, resize: int, crop: int) -> Path:
+    """Where a target's aligned masks are cached; a dataset or mask name that is not a plain file
+    name (a table column ``mask_../../x``) is refused, never a path out of ``<cache>/masks/``."""
     geo = hashlib.sha256(json.dumps([resize, crop, 1]).encode()).hexdigest()[:12]
+    for what, name in (("dataset", dataset), ("mask", target)):
+        if not plain_name(name):
+            raise MaskError(f"{what} name {name!r} cannot be used as a file name in the mask cache (no '/', '\\', "
+                            "'..', leading '.' or control character); rename the table's mask column (mask_<name>)")
     return Path(cache_root) / "masks" / dataset / f"{target}-{geo}.npz"
 
 
@@ -140,6 +184,7 @@ def _load_cache(path: Path, crop: int) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def _write_cache(path: Path, entries: dict[str, tuple[str, np.ndarray]], crop: int) -> None:
+    ensure_marker(path.parents[2])  # <root>/masks/<dataset>/<file>
     keys = sorted(entries)
     bits = np.packbits(np.stack([entries[k][1].reshape(-1) for k in keys]), axis=1)
     save_checked(path, {"ids": np.array(keys), "stamps": np.array([entries[k][0] for k in keys]), "bits": bits})

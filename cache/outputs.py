@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from cache.atomic import atomic_write_bytes
+from cache.marker import ensure_marker
 from cache.npz import load_checked, save_checked
 
 OUTPUTS_DIR = "adaptor-outputs"
@@ -32,6 +33,7 @@ def ensure_outputs_meta(folder: Path, meta: dict) -> None:
     """Write ``meta.json`` the first time a folder is used (what made these outputs)."""
     path = folder / "meta.json"
     if not path.exists():
+        ensure_marker(Path(folder).parent.parent)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps({**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
 

@@ -9,6 +9,7 @@ relative one (paths outside it, such as a user's images, stay absolute) and
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 DEFAULT_CACHE = Path("~/.cache/freeze-pipe")
@@ -66,3 +67,27 @@ def repair_command(store: str | os.PathLike | None) -> str:
     """The command that repairs a damaged store (and tells which datasets to re-embed)."""
     root = root_of_store(store) if store is not None else None
     return f"pipe cache verify --repair --cache {root}" if root else f"pipe cache verify --repair --store {store}"
+
+
+_NOT_PLAIN = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def plain_name(name: object) -> bool:
+    """Is ``name`` usable as one file name inside a folder: no ``/`` or ``\\``, no control
+    character, not empty and not starting with a dot (so never ``.``, ``..``, an absolute
+    path or a hidden name), at most 255 characters?
+
+    Every name that comes from data (a dataset's ids, a table's mask columns, the array
+    names in a store's attributes) and becomes part of a path is checked with this, so a
+    hostile value is that item's failure, never a write elsewhere.
+    """
+    return (isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".")
+            and not _NOT_PLAIN.search(name))
+
+
+def child(folder: str | os.PathLike, name: str, what: str = "name") -> Path:
+    """``folder / name``, or a ValueError when ``name`` is not a plain file name."""
+    if not plain_name(name):
+        raise ValueError(f"{what} {name!r} cannot be used as a file name (no '/', '\\', '..', leading '.', "
+                         "control character or absolute path)")
+    return Path(folder) / name

@@ -49,6 +49,7 @@ from cache.atomic import (
     write_parquet_atomic,
 )
 from cache.keys import FORMAT_VERSION
+from cache.marker import ensure_marker
 from cache.paths import portable, repair_command, root_of_store
 from cache.shards import PARTIAL, ShardLayout, ShardWriter
 from pipeline.errors import PipeError
@@ -220,6 +221,7 @@ class Store:
         """Open the store for this fingerprint, creating it if it does not exist yet."""
         path = Path(root) / "stores" / modality / store_dirname(name, fingerprint)
         try:
+            ensure_marker(root)  # the cache is ours: `pipe cache gc`/`rm`/`verify --repair` require the marker
             path.mkdir(parents=True, exist_ok=True)
             for sub in ("manifest", "claims", "failures"):
                 (path / sub).mkdir(exist_ok=True)

@@ -35,6 +35,7 @@ import numpy as np
 from cache.atomic import atomic_write_bytes, is_temp_name, locked, temp_owner
 from cache.index import dataset_folders, store_entries
 from cache.npz import NpzCorruption, load_checked
+from cache.paths import plain_name
 from cache.shards import ShardCorruption, ShardFile, ShardLayout, partial_of
 from cache.store import CLAIM_RE, QUARANTINE, ZARR_DIR, Store, UnreadablePart, array_metadata, claim_is_live
 
@@ -153,6 +154,19 @@ def _check_manifest(store: Store, rep: VerifyReport) -> dict[int, Part]:
 def _check_metadata(store: Store, parts: dict[int, Part], rep: VerifyReport) -> dict[str, ShardLayout]:
     """Compare each array's zarr.json with what the attributes record; return the recorded layouts."""
     expected = store.expected_arrays()
+    if not isinstance(expected, dict):
+        rep.problems.append(f"the store's attributes record its arrays as {type(expected).__name__}, not as an "
+                            f"object; remove the store with `pipe cache rm {store.path}` and re-run `pipe embed`")
+        return {}
+    hostile = [n for n, e in expected.items() if not plain_name(n) or not isinstance(e, dict)]
+    for name in hostile:  # never a path: --repair writes <store>/embeddings.zarr/<name>/zarr.json
+        rep.problems.append(f"the store's attributes name an array {name!r}, which is not a plain name (no '/', '\\', "
+                            "'..', leading '.' or absolute path): the attributes were edited by hand or "
+                            f"damaged. --repair leaves it alone; remove the store with `pipe cache rm {store.path}` "
+                            "and re-run `pipe embed`")
+    expected = {n: e for n, e in expected.items() if n not in hostile}
+    if hostile:
+        return {}
     if "arrays" not in store.attrs:
         _check_legacy_arrays(store, expected, parts, rep)
     if parts and not expected:
@@ -189,6 +203,12 @@ def _check_legacy_arrays(store: Store, expected: dict, parts: dict[int, Part], r
     elif expected:
         rep.warning("the store's attributes do not record its arrays (an older version wrote it); "
                     "--repair records them", Repair("attrs", expected))
+
+
+def _inside(store: Store, path: Path) -> bool:
+    """Does ``path`` (which need not exist yet) stay inside the store's group folder?"""
+    base = store.zpath.resolve()
+    return Path(os.path.realpath(path)).is_relative_to(base) and not store.zpath.is_symlink()
 
 
 def _shape0(meta: Path) -> int:
@@ -370,6 +390,9 @@ def apply_repairs(store: Store, rep: VerifyReport) -> None:
 def _repair_attrs(store: Store, r: Repair, rep: VerifyReport) -> str:
     import zarr  # lazy: only a repair of an old store writes attributes
 
+    if not all(plain_name(n) for n in r.target):
+        return ""
+
     zarr.open_group(str(store.zpath), mode="r+").attrs.update({"arrays": r.target})
     store.attrs["arrays"] = r.target
     return "recorded the arrays' row shapes, dtypes and dimension names in the store's attributes"
@@ -378,6 +401,9 @@ def _repair_attrs(store: Store, r: Repair, rep: VerifyReport) -> str:
 def _repair_meta(store: Store, r: Repair, rep: VerifyReport) -> str:
     entry = store.expected_arrays()[r.target]
     meta = store.zpath / r.target / "zarr.json"
+    if not plain_name(r.target) or not _inside(store, meta):  # checked when planned; checked again before writing
+        rep.problems.append(f"array {r.target!r}: not rewritten, its metadata would land outside {store.zpath}")
+        return ""
     meta.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(meta, array_metadata(entry, store.shard_rows, int(store.attrs["chunk_rows"]), r.rows))
     return f"rewrote {ZARR_DIR}/{r.target}/zarr.json from the store's attributes ({r.rows} rows)"

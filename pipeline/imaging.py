@@ -13,7 +13,6 @@ import io
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -24,18 +23,32 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from cache import files
+
 try:  # pydicom >= 3
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import pixel_array as _pixel_array
+
+    _ONE_FRAME = True  # pydicom 3 decodes a single frame of a multi-frame file
 except ImportError:  # pydicom 2.x
     from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
 
+    _pixel_array = None
+    _ONE_FRAME = False
+
 __all__ = [
     "AugmentPolicy",
+    "DEFAULT_IMAGE_MEMORY_MB",
+    "ImageBudget",
     "ImageDecodeError",
     "Preprocess",
     "decode_image",
     "read_and_decode",
+    "read_regular_file",
 ]
+
+# What decoding and preprocessing one image may take, by default (`pipe embed --image-memory-mb`).
+DEFAULT_IMAGE_MEMORY_MB = 2048
 
 _DEFAULT_HINT = "re-export the file, or remove it from the table or pass --allow-failures"
 
@@ -69,41 +82,121 @@ class ImageDecodeError(ValueError):
 
 
 # --------------------------------------------------------------------------
+# The memory budget of one image
+# --------------------------------------------------------------------------
+
+# Bytes per decoded pixel, at most: the decoder's own buffer (up to 4 bytes per pixel),
+# a greyscale copy, the float32 result and the float32/float64 temporaries of scaling
+# and the DICOM lookup tables.
+_DECODE_BYTES_PER_PIXEL = 16
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """How much memory decoding and preprocessing one image may take.
+
+    Checked from the header, before any pixel is decoded: an image whose pixel count, or
+    whose aspect ratio once its shorter side is resized to ``resize_size``, would need more
+    than ``max_mb`` is refused with the reason (a valid 1 x 2,000,000 PNG passes PIL's
+    decompression-bomb limit, but resizing its short side to 256 would ask for ~0.5 TB).
+    """
+
+    max_mb: float = DEFAULT_IMAGE_MEMORY_MB
+    resize_size: int | None = None  # the encoder's shorter-side resize (None: decoding only)
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 2**20)
+
+    def need(self, height: int, width: int, frames: int = 1) -> tuple[int, str]:
+        """(bytes, what for) of the larger of decoding and resizing an image of this size."""
+        h, w = max(int(height), 1), max(int(width), 1)
+        decode = h * w * max(int(frames), 1) * _DECODE_BYTES_PER_PIXEL
+        what = f"decoding {w:,}x{h:,} pixels" + (f" x {frames} frames" if frames > 1 else "")
+        if self.resize_size:
+            s = self.resize_size
+            nh, nw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+            resize = nh * nw * 4 * 2  # the float32 result and the antialiasing pass's buffer
+            if resize > decode:
+                ratio = max(h, w) / min(h, w)
+                return resize, (f"resizing {w:,}x{h:,} pixels (aspect ratio {ratio:,.0f}:1) to a shorter side of "
+                                f"{s} ({nw:,}x{nh:,})")
+        return decode, what
+
+    def check(self, source: str, height: int, width: int, frames: int = 1) -> None:
+        need, what = self.need(height, width, frames)
+        if need > self.max_bytes:
+            raise ImageDecodeError(
+                source, f"image too large: {what} would need {_human(need)}, over the memory budget of one image "
+                f"({self.max_mb:,.0f} MiB)",
+                "check the file (a corrupt or hostile header?); if it is a real image, raise the budget with "
+                "--image-memory-mb, or remove it from the table or pass --allow-failures")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} PiB"
+
+
+# --------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
-    """Decode image bytes to a float32 ``[H, W]`` array in ``[0, 1]`` (bright = dense)."""
+def decode_image(data: bytes, source: str = "<bytes>", budget: ImageBudget | None = None) -> np.ndarray:
+    """Decode image bytes to a float32 ``[H, W]`` array in ``[0, 1]`` (bright = dense).
+
+    The image's size is checked against ``budget`` (default: :class:`ImageBudget`'s)
+    from its header, before its pixels are decoded.
+    """
+    budget = budget or ImageBudget()
     if not data:
         raise ImageDecodeError(source, "empty file")
     if _has_dicom_preamble(data):
-        return _decode_dicom(data, source)
+        return _decode_dicom(data, source, budget=budget)
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         # DICOMs written without the 128-byte preamble are still common.
         if _looks_like_bare_dicom(data):
-            return _decode_dicom(data, source, force=True)
+            return _decode_dicom(data, source, force=True, budget=budget)
         raise ImageDecodeError(source, "not a recognised image format") from None
     except Exception as exc:  # PIL raises many types on malformed headers
         raise ImageDecodeError(source, f"unreadable image header ({exc})") from exc
+    try:
+        budget.check(source, img.size[1], img.size[0])  # PIL decodes the first frame only
+    except BaseException:
+        img.close()
+        raise
     return _decode_pil(img, source)
 
 
-def read_and_decode(path: str | os.PathLike) -> tuple[bytes, np.ndarray]:
-    """Read a file once (so callers can hash the same bytes) and decode it."""
+def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """A regular file's bytes; anything else (a FIFO, a device such as ``/dev/zero``, a
+    directory, a socket) is an :class:`ImageDecodeError` at once, never a read that blocks
+    or never ends (see :mod:`cache.files`)."""
     source = os.fspath(path)
     try:
-        data = Path(source).read_bytes()
-    except FileNotFoundError:
-        raise ImageDecodeError(
-            source, "file not found",
-            "fix the path in the table, or remove the row or pass --allow-failures",
-        ) from None
-    except OSError as exc:
-        raise ImageDecodeError(source, f"cannot read file ({exc.strerror or exc})") from exc
-    return data, decode_image(data, source)
+        return files.read_regular_file(source, max_bytes)
+    except files.UnreadableFile as e:
+        if e.reason == "file not found":
+            hint = "fix the path in the table, or remove the row or pass --allow-failures"
+        elif "memory budget" in e.reason:
+            hint = "raise it with --image-memory-mb, or remove the row"
+        else:
+            hint = "fix the path in the table, or remove the row"
+        raise ImageDecodeError(source, e.reason, hint) from None
+
+
+def read_and_decode(path: str | os.PathLike, budget: ImageBudget | None = None) -> tuple[bytes, np.ndarray]:
+    """Read a regular file once (so callers can hash the same bytes) and decode it."""
+    source = os.fspath(path)
+    budget = budget or ImageBudget()
+    data = read_regular_file(source, budget.max_bytes)
+    return data, decode_image(data, source, budget)
 
 
 def _has_dicom_preamble(data: bytes) -> bool:
@@ -160,7 +253,8 @@ def _minmax_scale(arr: np.ndarray, source: str) -> np.ndarray:
     return out
 
 
-def _decode_dicom(data: bytes, source: str, force: bool = False) -> np.ndarray:
+def _decode_dicom(data: bytes, source: str, force: bool = False, budget: ImageBudget | None = None) -> np.ndarray:
+    budget = budget or ImageBudget()
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
     except Exception as exc:
@@ -171,7 +265,16 @@ def _decode_dicom(data: bytes, source: str, force: bool = False) -> np.ndarray:
             "remove it from the table or pass --allow-failures",
         )
     try:
-        arr = _first_frame(ds.pixel_array, ds)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise ImageDecodeError(source, f"unreadable DICOM image size ({exc})") from exc
+    if rows <= 0 or cols <= 0:
+        raise ImageDecodeError(source, f"DICOM image size {cols}x{rows} is not an image size")
+    # one frame is decoded (pydicom 3); pydicom 2 can only decode them all, so all count
+    budget.check(source, rows, cols * samples, 1 if _ONE_FRAME else _frames(ds))
+    try:
+        arr = _first_frame(ds)
     except Exception as exc:  # missing codec plugins, bad lengths, ...
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise ImageDecodeError(
@@ -192,8 +295,20 @@ def _decode_dicom(data: bytes, source: str, force: bool = False) -> np.ndarray:
     return _minmax_scale(arr, source)
 
 
-def _first_frame(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+def _frames(ds: pydicom.Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _first_frame(ds: pydicom.Dataset) -> np.ndarray:
+    """The first frame's pixels; with pydicom 3 only that frame is decoded (a multi-frame
+    DICOM's other frames are never read into memory)."""
+    frames = _frames(ds)
+    if _ONE_FRAME and frames > 1:
+        return _pixel_array(ds, index=0)
+    arr = ds.pixel_array
     return arr[0] if frames > 1 else arr
 
 

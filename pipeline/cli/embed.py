@@ -27,13 +27,20 @@ def embed(
     shard_mb: float = typer.Option(64.0, "--shard-mb", min=0.01, help="Target shard size: the unit of work and commit."),
     workers: int = typer.Option(0, "--workers", min=0, help="Start a Dask LocalCluster with N worker processes."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Use an existing Dask cluster (tcp://host:port)."),
+    image_memory_mb: float = typer.Option(2048, "--image-memory-mb", min=1, help="Memory one image may take to decode "
+                                          "and resize; larger images (by pixel count or aspect ratio) fail, with the reason."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow an encoder that runs code from its "
+                                           "hub repository (cxr-bert); also $PIPE_TRUST_REMOTE_CODE=1."),
 ) -> None:
     """Run each frozen encoder once per distinct image and report, into the cache."""
+    from pipeline.encoders.remote import allow_remote_code  # lazy: keeps `pipe --help` fast
     from stages.embed import EmbedConfig, run  # lazy: keeps `pipe --help` fast
 
     cfg = EmbedConfig(dataset=dataset, backbone=backbone, text_encoder=text_encoder, cache=path_or_none(cache),
                       batch_size=batch_size, device=device, allow_failures=allow_failures, views=views,
-                      shard_mb=shard_mb, workers=workers, scheduler=scheduler)
+                      shard_mb=shard_mb, workers=workers, scheduler=scheduler, image_memory_mb=image_memory_mb)
+    if trust_remote_code:
+        allow_remote_code()
     with user_errors():
         result = run(cfg)
     print_summary(result, results_to(as_json))

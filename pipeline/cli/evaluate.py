@@ -81,8 +81,15 @@ def evaluate(
     cache: Optional[Path] = CACHE_OPT,
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     as_json: bool = JSON_OPT,
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a text encoder that runs code "
+                                           "from its hub repository (cxr-bert) for the prompts; also "
+                                           "$PIPE_TRUST_REMOTE_CODE=1."),
 ) -> None:
     """Train and score downstream heads from the cache: classification, segmentation, retrieval, zero-shot."""
+    if trust_remote_code:
+        from pipeline.encoders.remote import allow_remote_code  # lazy: keeps `pipe --help` fast
+
+        allow_remote_code()
     fractions, overrides = split_fractions(fraction, args or [])
     flags = flag_overrides(task=task.value, dataset=dataset, adaptor=adaptor, backbone=backbone,
                             text_encoder=text_encoder, seeds=seeds, out=str(out) if out else None,

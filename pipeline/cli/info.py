@@ -25,10 +25,19 @@ def encoders(as_json: bool = JSON_OPT) -> None:
         t.add_column(col, overflow="fold")
     for r in rows:
         name = escape(r["name"]) + ("" if r["trained"] else " [yellow](untrained)")
+        if r.get("runs_remote_code"):
+            name += " [red](runs remote code)"
         avail = "[green]yes[/]" if r["available"] else "[red]no[/]"
         t.add_row(name, r["modality"], str(r["dim"]), escape(r["source"]), escape(r.get("hub_id") or "-"),
                   f"{avail} {escape(r['where'])}")
     out.print(t)
+    remote = [r["name"] for r in rows if r.get("runs_remote_code")]
+    if remote:
+        from pipeline.encoders.remote import ENV, FLAG  # lazy: keeps `pipe --help` fast
+
+        out.print(f"[red]runs remote code:[/] {escape(', '.join(remote))} run(s) Python code from the hub repository "
+                  f"(trust_remote_code) at an unpinned revision; they are used only with {FLAG} (pipe embed, "
+                  f"pipe evaluate) or {ENV}=1.", soft_wrap=True)
 
 
 @app.command(epilog="Examples:\n\n  pipe doctor\n\n  pipe doctor --cache /data/pipe-cache --json")

@@ -5,6 +5,7 @@ image's own resolution.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Iterable
@@ -13,14 +14,27 @@ import numpy as np
 from PIL import Image
 
 from cache.atomic import atomic_write_with
+from cache.files import UnreadableFile, read_regular_file
 from pipeline.datasets.table import DatasetError
+
+
+MAX_MASK_PIXELS = 2**28  # 268M pixels (16k x 16k): far beyond any X-ray, far below a decompression bomb
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask file as a bool ``[H, W]`` array (nonzero pixels are True)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(read_regular_file(path))) as img:  # a FIFO or a device is refused, not read
+            if img.size[0] * img.size[1] > MAX_MASK_PIXELS:
+                raise DatasetError(f"mask {path} is {img.size[0]:,}x{img.size[1]:,} pixels, more than a mask may "
+                                   f"have ({MAX_MASK_PIXELS:,}); check the file")
             arr = np.asarray(img)
+    except UnreadableFile as e:
+        if e.reason == "file not found":
+            raise DatasetError(f"mask {path} does not exist; re-open the dataset to regenerate its masks") from None
+        raise DatasetError(f"cannot read mask {path}: {e.reason}") from None
+    except DatasetError:
+        raise
     except FileNotFoundError:
         raise DatasetError(f"mask {path} does not exist; re-open the dataset to regenerate its masks") from None
     except Exception as e:

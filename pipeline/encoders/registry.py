@@ -13,6 +13,7 @@ from pipeline.errors import InputError
 from . import autoconfig
 from .base import FrozenEncoder, ImageEncoder, TextEncoder
 from .config import EncoderConfig
+from .remote import require_consent, runs_remote_code
 from .weights import WeightsNotFoundError, find_hub_snapshot, hub_download_hint, weights_available
 
 Builder = Callable[[EncoderConfig], FrozenEncoder]
@@ -118,6 +119,7 @@ def create_encoder(name: str | EncoderConfig, device: str | torch.device = "cpu"
     seconds and without networking, when the weights are not on this machine.
     """
     config = name if isinstance(name, EncoderConfig) else resolve_encoder_name(name)
+    require_consent(config)  # an encoder that runs its repository's code needs the user's opt-in
     encoder = _builder_for(config)(config)
     return encoder.freeze().to(device)
 
@@ -139,5 +141,6 @@ def describe_encoders() -> list[dict]:
             "where": where,
             "aliases": sorted(a for a, t in _ALIASES.items() if t == cfg.name),
             "description": cfg.description,
+            "runs_remote_code": runs_remote_code(cfg),
         })
     return rows

@@ -10,7 +10,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cache.atomic import atomic_write_with, fsync_path, is_temp_name
+from cache.atomic import atomic_write_with, fsync_path, temp_owner
 from pipeline.errors import InputError, MissingFileError, PipeError
 
 
@@ -29,11 +29,27 @@ def _staged(opt_path: Path) -> Path:
 
 
 def _remove_stale_temps(path: Path) -> None:
-    """Temporary files of writers that were killed mid-write: never read, only wasted space."""
+    """Temporary files of writers that were killed mid-write: never read, only wasted space.
+
+    Only those of processes that are gone (or of this one): a live writer's temp file is
+    never pulled from under it. (The run folder's lock, :func:`cache.atomic.owned_folder`,
+    already keeps a second run out of the folder; this holds for library callers too.)
+    """
     for p in (path, optimizer_path(path), _staged(optimizer_path(path))):
         for tmp in p.parent.glob(f".{p.name}.*.tmp"):
-            if is_temp_name(tmp.name):
+            pid = temp_owner(tmp.name)
+            if pid is not None and (pid == os.getpid() or not _pid_running(pid)):
                 tmp.unlink(missing_ok=True)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _pair_tag(state: dict[str, torch.Tensor], epoch) -> str:

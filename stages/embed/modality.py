@@ -19,8 +19,8 @@ import xxhash
 
 from cache.index import Unit
 from pipeline.devices import to_device
+from pipeline.imaging import DEFAULT_IMAGE_MEMORY_MB, ImageBudget, ImageDecodeError, Preprocess, read_and_decode
 from pipeline.threads import available_cpus
-from pipeline.imaging import Preprocess, read_and_decode
 
 ToHost = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
 
@@ -31,16 +31,27 @@ def preprocess_of(enc_cfg) -> Preprocess:
                       mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std))
 
 
-def load_image(u: Unit, preprocess: Preprocess):
-    """Read, check, decode and preprocess one image; an exception is returned, not raised."""
+def load_image(u: Unit, preprocess: Preprocess, budget: ImageBudget | None = None):
+    """Read, check, decode and preprocess one image; an exception is returned, not raised.
+
+    Everything that touches the item's bytes or pixels runs inside the guard: reading
+    (regular files only), the memory budget (checked from the header before decoding),
+    decoding and the resize/crop. Whatever one item raises is that item's failure.
+    """
+    budget = budget or ImageBudget(resize_size=preprocess.resize_size)
     try:
-        data, img = read_and_decode(u.source)
+        data, img = read_and_decode(u.source, budget)
+        if xxhash.xxh3_128_hexdigest(data) != u.key:
+            return ValueError(f"{u.source} changed while embedding (its bytes no longer match the key); "
+                              "re-run `pipe embed`")
+        return preprocess(img, view=u.view, seed_key=u.key)
+    except MemoryError:  # an allocation the budget did not foresee: this item's, not the run's
+        return ValueError(f"{u.source}: out of memory while decoding or resizing it; lower --image-memory-mb "
+                          "or remove the row")
     except Exception as e:  # recorded per item; the rest of the batch goes on
-        return e
-    if xxhash.xxh3_128_hexdigest(data) != u.key:
-        return ValueError(f"{u.source} changed while embedding (its bytes no longer match the key); "
-                          "re-run `pipe embed`")
-    return preprocess(img, view=u.view, seed_key=u.key)
+        if isinstance(e, ImageDecodeError):
+            return e
+        return ValueError(f"{u.source}: cannot preprocess the image ({type(e).__name__}: {e})")
 
 
 def _one_thread_per_process() -> None:
@@ -71,11 +82,12 @@ class Loader:
 
 
 class ImageLoader(Loader):
-    def __init__(self, preprocess: Preprocess, pool: Executor):
+    def __init__(self, preprocess: Preprocess, pool: Executor, budget: ImageBudget | None = None):
         self.preprocess, self.pool = preprocess, pool
+        self.budget = budget or ImageBudget(resize_size=preprocess.resize_size)
 
     def load(self, batch: list[Unit]) -> list:
-        return list(self.pool.map(load_image, batch, [self.preprocess] * len(batch)))
+        return list(self.pool.map(load_image, batch, [self.preprocess] * len(batch), [self.budget] * len(batch)))
 
     def close(self) -> None:
         """Stop the decode workers (idle threads that ran torch ops keep OpenMP teams alive)."""
@@ -127,7 +139,9 @@ class ImageModality(Modality):
         return n * d * 2 + d * 4
 
     def loader(self, enc_cfg, cfg, device):
-        return ImageLoader(preprocess_of(enc_cfg), decode_pool(cfg.decode_threads, cfg.decode_processes, device))
+        pre = preprocess_of(enc_cfg)
+        budget = ImageBudget(getattr(cfg, "image_memory_mb", DEFAULT_IMAGE_MEMORY_MB), pre.resize_size)
+        return ImageLoader(pre, decode_pool(cfg.decode_threads, cfg.decode_processes, device), budget)
 
     def forward(self, encoder, loaded, device, to_host):
         pixels = torch.stack(loaded)

@@ -28,7 +28,9 @@ from pipeline.console import err
 from pipeline.datasets import Dataset, open_dataset
 from pipeline.devices import peak_memory_mb, resolve_device
 from pipeline.encoders import resolve_encoder_name, weights_identity
+from pipeline.encoders.remote import require_consent
 from pipeline.errors import InputError
+from pipeline.imaging import DEFAULT_IMAGE_MEMORY_MB
 from stages.embed.modality import MODALITIES, TEXT, Modality
 from stages.embed.plan import Plan
 from stages.embed.runners import DaskRunner, Runner
@@ -48,6 +50,7 @@ class EmbedConfig:
     chunk_rows: int = 16           # rows per inner chunk (the unit of checksums and of reads)
     decode_threads: int = 2        # decode + preprocess threads (PIL and torch release the GIL)
     decode_processes: int = -1     # spawn processes for decoding instead; -1 = auto (on CUDA: up to 8)
+    image_memory_mb: float = DEFAULT_IMAGE_MEMORY_MB  # one image's decode + resize budget; larger ones fail
     fsync: bool = True
     hash_ahead: int = 2048         # image files keyed ahead of the planner (in the background)
     workers: int = 0               # >0: start a Dask LocalCluster with this many worker processes
@@ -159,6 +162,7 @@ def embed_modality(modality: Modality | str, name: str, index, dataset: str, cfg
     if enc_cfg.modality != modality.name:
         raise InputError(f"{modality.flag} {name!r} is a {enc_cfg.modality} encoder; "
                          f"`pipe encoders` lists the {modality.name} ones.")
+    require_consent(enc_cfg)  # before any work: an encoder that runs repository code needs the opt-in
     spec = encoder_spec(enc_cfg, cfg, device)
     row_bytes = modality.row_bytes(enc_cfg)
     shard_rows = max(cfg.chunk_rows, int(cfg.shard_mb * 2**20 / row_bytes) // cfg.chunk_rows * cfg.chunk_rows)

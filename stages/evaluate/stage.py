@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 
-from cache.atomic import atomic_write_text
+from cache.atomic import atomic_write_text, owned_folder, release_empty_folder
 from cache.pairs import CacheMissError, embed_command, load_pairs
 from cache.paths import cache_root
 from pipeline.config import ConfigError, OneOf, Validated, config_hash, save_config, to_dict
@@ -214,15 +214,20 @@ def run(cfg: EvalConfig) -> EvalResult:
     ctx = _context(cfg)
     fresh = not ctx.out.exists()
     ctx.out.mkdir(parents=True, exist_ok=True)
+    with owned_folder(ctx.out, "evaluate"):  # one evaluation writes a run folder at a time
+        try:
+            return _run_owned(cfg, ctx, t0)
+        except BaseException:
+            if fresh:
+                release_empty_folder(ctx.out)  # a run refused for its input leaves no empty run directory behind
+            raise
+
+
+def _run_owned(cfg: EvalConfig, ctx: EvalContext, t0: float) -> EvalResult:
     what = f"Adaptor {ctx.adaptor.hash[:16]} ({ctx.adaptor.mode.name} mode)" if ctx.adaptor else "no Adaptor"
     err.print(f"evaluating {escape(str(cfg.task))} on {escape(str(ctx.dataset_name))} ({len(ctx.data.items):,} cached items) · {escape(str(what))} · "
               f"backbone forwards: 0 · out {escape(str(ctx.out))}")
-    try:
-        result = get_task(cfg.task).run(ctx)
-    except BaseException:
-        if fresh and not any(ctx.out.iterdir()):
-            ctx.out.rmdir()  # a run refused for its input leaves no empty run directory behind
-        raise
+    result = get_task(cfg.task).run(ctx)
     save_config(cfg, ctx.out / "config.yaml")
     forwards = ctx.adaptor.log_forwards() if ctx.adaptor else None
     results = _results_json(ctx, result, forwards, time.perf_counter() - t0)

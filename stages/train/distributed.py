@@ -112,6 +112,13 @@ def main_first(ctx: DistContext) -> Iterator[None]:
             barrier(ctx)
 
 
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """Is ``flag`` true on any rank? (every rank gets the same answer, so all stop together)"""
+    if not ctx.enabled:
+        return flag
+    return mean_over_ranks(1.0 if flag else 0.0, ctx) > 0
+
+
 def mean_over_ranks(value: float, ctx: DistContext) -> float:
     """The mean of a per-rank number over all ranks (the number itself on one process)."""
     if not ctx.enabled:

@@ -24,6 +24,7 @@ Several GPUs (or CPU processes) train one Adaptor with DDP when launched by torc
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from cache.atomic import FolderBusyError, owned_folder
 from cache.index import load_index
 from cache.pairs import CacheMissError, PairData, embed_command, load_pairs
 from cache.paths import cache_root
@@ -161,7 +163,16 @@ def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
         train_pos, val_pos = _split_positions(cfg, data, ctx.is_main)
         out = Path(cfg.out) if cfg.out else default_out(cfg, ds_name)
         out.mkdir(parents=True, exist_ok=True)
-        return Trainer(cfg, data, ctx, out, train_pos, val_pos).fit()
+        with contextlib.ExitStack() as owner:
+            refused = None
+            if ctx.is_main:  # rank 0 owns the run folder for the whole run; a second run is refused
+                try:
+                    owner.enter_context(owned_folder(out, "train-adaptor"))
+                except FolderBusyError as e:
+                    refused = e
+            if distributed.any_rank(refused is not None, ctx):
+                raise refused or FolderBusyError(f"{out} is in use by another run (rank 0 was refused)")
+            return Trainer(cfg, data, ctx, out, train_pos, val_pos).fit()
 
 
 def _split_positions(cfg: TrainConfig, data: PairData, say: bool) -> tuple[np.ndarray, np.ndarray]:

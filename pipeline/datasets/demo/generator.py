@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -24,6 +25,7 @@ from pipeline.datasets.demo.plan import Case, plan
 from pipeline.datasets.demo.render import render_case
 from pipeline.datasets.demo.reports import Report, agreement_line, compose_report, measure_agreement
 from pipeline.datasets.demo.spec import FORMAT_VERSION, DemoSpec
+from pipeline.errors import PipeError
 
 
 def _expected_meta(spec: DemoSpec) -> dict:
@@ -73,9 +75,67 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr).save(path, format="PNG", compress_level=3)
 
 
+class DemoTargetError(PipeError, FileExistsError):
+    """The demo's folder holds something the generator did not write: it is never replaced."""
+
+
+_GENERATOR = "pipeline.datasets.demo"
+_STUDY_PNG = re.compile(r"^\d{6}\.png$")
+_TOP = {"demo.json", "pairs.csv", "mentions.csv", "images", "masks"}
+
+
+def _foreign(root: Path) -> list[str]:
+    """What in ``root`` the generator did not write (relative paths; [] for a folder it generated).
+
+    A generated folder holds its ``demo.json`` (naming this generator), ``pairs.csv``,
+    ``mentions.csv``, ``images/<6 digits>.png`` and ``masks/<finding>/<6 digits>.png``, as
+    plain files and folders (no symbolic links), and nothing else.
+    """
+    try:
+        meta = json.loads((root / "demo.json").read_text())
+        ours = isinstance(meta, dict) and (meta.get("generator") == _GENERATOR or {"format_version", "spec"} <= meta.keys())
+    except (OSError, ValueError):
+        ours = False
+    out = [] if ours else ["demo.json (not one this generator wrote)"]
+    for p in sorted(root.iterdir()):
+        if p.is_symlink() or p.name not in _TOP or p.is_dir() != (p.name in ("images", "masks")):
+            out.append(p.name)
+        elif p.name == "images":
+            out += [f"images/{q.name}" for q in sorted(p.iterdir())
+                    if q.is_symlink() or not q.is_file() or not _STUDY_PNG.match(q.name)]
+        elif p.name == "masks":
+            for d in sorted(p.iterdir()):
+                if d.is_symlink() or not d.is_dir() or not re.fullmatch(r"[a-z_]+", d.name):
+                    out.append(f"masks/{d.name}")
+                    continue
+                out += [f"masks/{d.name}/{q.name}" for q in sorted(d.iterdir())
+                        if q.is_symlink() or not q.is_file() or not _STUDY_PNG.match(q.name)]
+    return out
+
+
+def _refuse_unless_generated(root: Path) -> None:
+    """Stop unless ``root`` is missing, empty, or a folder this generator wrote that holds nothing else."""
+    if not root.exists() and not root.is_symlink():
+        return
+    if root.is_symlink() or not root.is_dir():
+        raise DemoTargetError(f"demo: {root} exists and is not a folder; refusing to replace it. Choose another "
+                              "folder or remove it.")
+    if not any(root.iterdir()):
+        return
+    if not (root / "demo.json").is_file():
+        raise DemoTargetError(f"demo: {root} exists and is not a demo dataset; refusing to replace it")
+    foreign = _foreign(root)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise DemoTargetError(f"demo: {root} holds a demo.json but also files the demo generator did not write "
+                              f"({', '.join(foreign[:3])}{more}); refusing to replace it, so nothing in it was "
+                              "changed. Move your files elsewhere, or generate the demo into another folder.")
+
+
 def _install(tmp: Path, root: Path, spec: DemoSpec) -> None:
     """Move a finished dataset from ``tmp`` to ``root``."""
     if root.exists():
+        _refuse_unless_generated(root)  # checked again: the folder may have changed while generating
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
         elif (root / "demo.json").is_file():
@@ -87,7 +147,7 @@ def _install(tmp: Path, root: Path, spec: DemoSpec) -> None:
                 shutil.rmtree(old, ignore_errors=True)
             return
         else:
-            raise FileExistsError(f"demo: {root} exists and is not a demo dataset; refusing to replace it")
+            raise DemoTargetError(f"demo: {root} exists and is not a demo dataset; refusing to replace it")
     try:
         os.rename(tmp, root)
     except OSError:
@@ -132,8 +192,7 @@ def _default_workers() -> int:
 
 
 def _check_target(root: Path) -> None:
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / "demo.json").is_file())):
-        raise FileExistsError(f"demo: {root} exists and is not a demo dataset; refusing to replace it")
+    _refuse_unless_generated(root)
 
 
 def _write_all(work: Callable[[Case], tuple[dict, dict]], cases: list[Case], workers: int,
@@ -248,7 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spurious", type=float, default=DemoSpec.spurious)
     a = ap.parse_args(argv)
     spec = DemoSpec(a.n, a.size, a.seed, a.reports, a.noise, a.omit, a.uncertain, a.spurious)
-    csv = generate(a.root, spec)
+    try:
+        csv = generate(a.root, spec)
+    except PipeError as e:
+        raise SystemExit(f"error: {e}") from None
     print(csv)
     agreement = read_agreement(csv.parent)
     if agreement:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
+from cache.paths import plain_name
 from pipeline.datasets.registry import register_reader
 from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
@@ -106,7 +107,7 @@ def _relative(path_text: str) -> PurePosixPath | None:
     if parts and parts[0].startswith("CheXpert-v1.0"):
         parts = parts[1:]
     rel = PurePosixPath(*parts) if parts else None
-    if rel is None or ".." in parts or not _PATIENT.search(str(rel)):
+    if rel is None or rel.is_absolute() or not all(plain_name(p) for p in parts) or not _PATIENT.search(str(rel)):
         return None
     return rel
 

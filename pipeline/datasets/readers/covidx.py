@@ -34,6 +34,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+from cache.paths import plain_name
 from pipeline.datasets.registry import register_reader
 from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
@@ -152,6 +153,10 @@ def _read(spec: Spec, path: Path, split: str, folders: tuple[str, ...], problems
                 patient, filename, cls, _ = parse_line(text)
             except ValueError as e:
                 problems.bad(where, str(e))
+                continue
+            if not all(plain_name(part) for part in filename.split("/")) or filename.startswith("/"):
+                problems.bad(where, f"file name {filename!r} leads out of the image folders (it holds '..', a "
+                             "leading '/' or '.', or a control character)", filename)
                 continue
             if filename in seen:
                 problems.bad(where, f"file {filename} is already listed at {seen[filename]}", filename)

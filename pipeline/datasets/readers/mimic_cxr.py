@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from cache.paths import plain_name
 from pipeline.datasets.registry import register_reader
 from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
@@ -118,7 +119,7 @@ def _read_labels(spec: Spec, problems: Problems) -> dict[tuple[str, str], dict[s
 def _item(spec: Spec, row: dict, where: str, splits: dict, labels: dict, reports: "_ReportFinder",
           problems: Problems) -> Item | None:
     dicom_id, subject, study = row["dicom_id"], row["subject_id"], row["study_id"]
-    if not (subject.isdigit() and study.isdigit() and len(subject) >= 2 and dicom_id):
+    if not (subject.isdigit() and study.isdigit() and len(subject) >= 2 and plain_name(dicom_id)):
         problems.bad(where, f"unparseable ids (subject_id={subject!r}, study_id={study!r}, dicom_id={dicom_id!r})",
                      dicom_id or None)
         return None

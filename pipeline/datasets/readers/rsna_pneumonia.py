@@ -26,6 +26,7 @@ from pathlib import Path
 
 import xxhash
 
+from cache.paths import plain_name
 from pipeline.datasets.registry import register_reader
 from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
@@ -52,6 +53,11 @@ def open_rsna(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> D
     masks = derived_dir(cache_root, spec.name) / "masks"
     items, jobs = [], []
     for pid, (line, target, bxs) in boxes.items():
+        if not plain_name(pid):  # the id becomes file names (its DICOM, its mask): never a path out of the folder
+            problems.bad(f"{labels_csv}:{line}", f"patientId {pid!r} is not a file name (it holds '/', '\\', a "
+                         "leading '.' or a control character); it would name files outside the dataset's folders",
+                         pid)
+            continue
         dicom = images / f"{pid}.dcm"
         if not dicom.is_file():
             problems.bad(f"{labels_csv}:{line}", f"image file {dicom} is missing", pid)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from cache.paths import plain_name
 from pipeline.datasets.registry import register_reader
 from pipeline.datasets.spec import DatasetSpec
 from pipeline.datasets.base import Dataset, Item
@@ -79,6 +80,10 @@ def open_siim(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> D
     masks = derived_dir(cache_root, spec.name) / "masks"
     items, jobs = [], []
     for image_id, (line, rles) in codes.items():
+        if not plain_name(image_id):  # the id becomes the mask's file name: never a path out of the folder
+            problems.bad(f"{rle_csv}:{line}", f"ImageId {image_id!r} is not a file name (it holds '/', '\\', a "
+                         "leading '.' or a control character)", image_id)
+            continue
         dicom = files.get(f"{image_id}.dcm")
         if dicom is None:
             problems.bad(f"{rle_csv}:{line}", f"image file {image_id}.dcm is missing under {spec.root / IMAGES}",
