@@ -42,7 +42,9 @@ __all__ = [
     "ImageBudget",
     "ImageDecodeError",
     "Preprocess",
+    "decode_array",
     "decode_image",
+    "decode_pil",
     "read_and_decode",
     "read_regular_file",
 ]
@@ -197,6 +199,40 @@ def read_and_decode(path: str | os.PathLike, budget: ImageBudget | None = None) 
     budget = budget or ImageBudget()
     data = read_regular_file(source, budget.max_bytes)
     return data, decode_image(data, source, budget)
+
+
+def decode_pil(img: Image.Image, source: str = "<PIL image>") -> np.ndarray:
+    """A PIL image (already opened) as :func:`decode_image` would decode its file."""
+    return _decode_pil(img, source)
+
+
+def decode_array(arr: np.ndarray, source: str = "<array>") -> np.ndarray:
+    """Pixels already in memory, as :func:`decode_image` would decode an image file holding them.
+
+    ``[H, W]`` grey: uint8 is divided by 255, other integers are stretched min..max (like
+    16-bit files), floats must already lie in [0, 1] (bright = dense). ``[H, W, 3|4]`` RGB(A)
+    is reduced to luminance; ``[1, H, W]`` and ``[H, W, 1]`` are grey.
+    """
+    a = np.asarray(arr)
+    if a.ndim == 3 and 1 in (a.shape[0], a.shape[-1]):
+        a = a.reshape(a.shape[1:] if a.shape[0] == 1 else a.shape[:-1])
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        if a.dtype == np.uint8:
+            return _decode_pil(Image.fromarray(np.ascontiguousarray(a[..., :3])), source)
+        a = a[..., :3].astype(np.float64) @ _LUMA
+    if a.ndim != 2 or min(a.shape) < 1:
+        raise ImageDecodeError(source, f"an array image must be [H, W] grey or [H, W, 3] RGB, got shape {a.shape}",
+                               "pass one image per array")
+    if a.dtype == np.uint8:
+        return _scale_uint8(a)
+    if a.dtype.kind in "iub":
+        return _minmax_scale(a.astype(np.int64), source)
+    if a.dtype.kind != "f":
+        raise ImageDecodeError(source, f"an array of {a.dtype} is not an image", "pass numbers")
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise ImageDecodeError(source, "a float array must hold grey values in [0, 1] (bright = dense)",
+                               "scale it to [0, 1] first, or pass the integer pixels")
+    return np.array(a, dtype=np.float32, order="C")
 
 
 def _has_dicom_preamble(data: bytes) -> bool:

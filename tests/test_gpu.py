@@ -7,7 +7,8 @@
 - `step=cuda-graph` and `step=compile` train like eager and really replay / compile;
 - the GPU-resident loader yields exactly the RAM loader's batches (and the streaming
   loader, through pinned memory, exactly the CPU streaming loader's);
-- a one-process nccl torchrun run trains like a plain run.
+- a one-process nccl torchrun run trains like a plain run;
+- the trained-Adaptor API on CUDA encodes new images as `pipe embed` on CUDA does.
 
 `make gpu-check` runs them (`pytest -m gpu tests/test_gpu.py`) before the GPU benchmarks.
 """
@@ -279,3 +280,30 @@ def test_a_one_process_nccl_torchrun_run_trains_like_a_plain_run(cached, tmp_pat
     assert "world size 1" in r.stderr
     ddp = pd.read_csv(tmp_path / "ddp" / "metrics.csv")
     assert_trains_alike(ddp, plain)  # one rank: DDP's all-reduce averages over itself
+
+
+# ---------------------------------------------------------------- the trained-Adaptor API on CUDA
+def test_the_api_on_cuda_encodes_as_pipe_embed_on_cuda(tmp_path):
+    """`load_adaptor(..., device="cuda")` runs the encoders in stage one's CUDA arithmetic (bf16
+    autocast): a new image through it matches its CUDA-embedded cache row through the same
+    Adaptor, and the CPU path reads the same images a bf16 rounding away."""
+    from cache.pairs import load_pairs
+    from pipeline.api import load_adaptor
+    from pipeline.datasets import open_dataset
+    from stages.evaluate.features import FrozenAdaptor
+
+    table = make_table(tmp_path / "data", 24)
+    cache = tmp_path / "cache"
+    embed_json(table, cache, "--device", "cuda", "--batch-size", "8")
+    pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
+         "--out", str(tmp_path / "run"), "--device", "cuda", *SMALL, "epochs=1")
+    data = load_pairs(cache, open_dataset(str(table), cache).name, str(table), "tiny-vit", "tiny-bert")
+    model = load_adaptor(tmp_path / "run", device="cuda")
+    frozen = FrozenAdaptor.load(tmp_path / "run", torch.device("cuda"), cache)
+    images, reports = data.items.image.tolist(), data.items.report.tolist()
+    emb = model.encode_images(images, batch_size=8)
+    assert_bf16_close(emb, frozen.image_embeddings(data.image, data.image_rows[:, 0]), "API image vs CUDA cache")
+    txt = model.encode_texts(reports, batch_size=8)
+    assert_bf16_close(txt, frozen.text_embeddings(data.text, data.text_rows), "API text vs CUDA cache")
+    on_cpu = load_adaptor(tmp_path / "run", device="cpu")  # trained on CUDA features: accepted on the CPU
+    assert_bf16_close(on_cpu.encode_images(images, batch_size=8), emb, "API on CPU vs on CUDA")

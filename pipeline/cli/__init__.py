@@ -6,7 +6,7 @@ One module per command group, each registering its commands on the objects of
 from __future__ import annotations
 
 # isort: off
-from pipeline.cli import embed, train, evaluate, sweep, reproduce, demo, info, cache, data  # noqa: F401  (registers)
+from pipeline.cli import embed, train, evaluate, use, sweep, reproduce, demo, info, cache, data  # noqa: F401  (registers)
 # isort: on
 from pipeline.cli.app import app
 

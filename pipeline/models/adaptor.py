@@ -266,6 +266,16 @@ class Adaptor(nn.Module):
         keep = None if keep is None else keep.to(torch.bool)
         return self.embedding(self.text_token_states(text, keep), keep)
 
+    def text_embedding(self, text: Tensor, keep: Tensor | None = None) -> Tensor:
+        """The text embedding ``[B, d]`` in either mode, from cached text features: pooled
+        ``[B, Dt]`` (the paired forward's text output, which depends on the text alone, as
+        each of its attentions has a single key) or tokens ``[B, Tt, Dt]`` with ``keep``
+        (the unimodal text encoder)."""
+        if self.mode.sequences:
+            return self.encode_text(text, keep)
+        placeholder = text.new_zeros((len(text), self.cfg.image_dim))
+        return self({"image_pooled": placeholder, "text_pooled": text})[1]
+
     def match_logits(self, img_tok: Tensor, txt_tok: Tensor, keep: Tensor | None = None) -> Tensor:
         """Image-text matching logits ``[P]`` of P pairs of unimodal token states
         (``[P, Ti, d]``, ``[P, Tt, d]``, ``keep [P, Tt]``)."""

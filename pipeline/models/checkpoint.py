@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -103,6 +104,18 @@ def read_meta(path: Path) -> dict:
                          "a run, or its run directory.") from None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory: its ``best.safetensors`` (chosen on validation
+    loss) when training had a validation split, else its ``last.safetensors``."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "best.safetensors" if (p / "best.safetensors").is_file() else p / "last.safetensors"
+    if not p.is_file():
+        raise MissingFileError(f"checkpoint {path} does not exist; give a .safetensors file or a "
+                               "`pipe train-adaptor` run directory, or --adaptor none for the no-Adaptor baseline")
+    return p
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None) -> dict:
     path = Path(path)
@@ -110,7 +123,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
         raise MissingFileError(f"checkpoint {path} does not exist; train one with `pipe train-adaptor`")
     meta = read_meta(path)
     if model is not None:
-        _load_weights(path, model)
+        load_weights(path, model)
     if optimizer is not None:
         opt_path = _paired_optimizer_file(path, meta)
         layout = json.loads(_raw_meta(opt_path)["layout"])
@@ -118,8 +131,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
     return meta
 
 
-def _load_weights(path: Path, model: torch.nn.Module) -> None:
-    """Load the weights, or say in one message why this model cannot take them."""
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load the weights (whatever the file's metadata), or say in one message why this model cannot take them."""
     weights = load_file(str(path))
     try:
         model.load_state_dict(weights)
@@ -160,6 +173,18 @@ def checkpoint_hash(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def weights_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of a model's tensors (names, dtypes, shapes and values), not of the file they
+    are in: an exported package's weights hash to the same value as the run's checkpoint,
+    and a head trained on an Adaptor's features records the Adaptor by it."""
+    h = xxhash.xxh3_128()
+    for k in sorted(state):
+        t = state[k].detach().contiguous().cpu()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 

@@ -10,15 +10,25 @@
   final bilinear resize when the grid is not a power-of-two fraction of the input.
 * ``segmentation_loss`` is MGCA's mixed loss, which the paper uses: alpha * focal + dice
   term, alpha = 10, where MGCA's dice term is -log(soft Dice) of the batch.
+* ``save_head`` / ``load_head``: a trained classifier as one safetensors file whose
+  metadata says how to rebuild it and what it reads and predicts (`pipe evaluate` writes
+  them, `pipe predict`, `pipe export` and the trained-Adaptor API read them).
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from cache.atomic import atomic_write_with
+from pipeline.errors import InputError, MissingFileError
 
 
 class MLPHead(nn.Sequential):
@@ -46,6 +56,47 @@ def make_head(kind: str, in_dim: int, n_out: int, hidden: int = 512, dropout: fl
     if kind not in HEADS:
         raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
     return HEADS[kind](in_dim, n_out, hidden, dropout)
+
+
+HEAD_FORMAT = "freeze-pipe-head"
+# what a head file's metadata must say to rebuild the module
+HEAD_SHAPE = ("kind", "in_dim", "n_out", "hidden", "dropout")
+
+
+def save_head(path: Path, module: nn.Module, meta: dict) -> None:
+    """A classifier and its description (``HEAD_SHAPE`` keys, labels, ...) in one file, atomically."""
+    missing = [k for k in HEAD_SHAPE if k not in meta]
+    if missing:
+        raise ValueError(f"a head's metadata needs {', '.join(missing)}")
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    metadata = {"format": "pt", "kind": HEAD_FORMAT, "head": json.dumps(meta)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(path, lambda p: save_file(state, str(p), metadata=metadata))
+
+
+def read_head_meta(path: Path) -> dict:
+    """A head file's description; a file that is not one is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"head {path} does not exist; `pipe evaluate --task classification` writes them "
+                               "under <run>/heads/")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a file that is not one
+        raise InputError(f"{path} is not a head file (safetensors could not read it: "
+                         f"{str(e).splitlines()[0][:120]})") from None
+    if raw.get("kind") != HEAD_FORMAT or "head" not in raw:
+        raise InputError(f"{path} is a safetensors file but not a classification head written by `pipe evaluate`")
+    return json.loads(raw["head"])
+
+
+def load_head(path: Path) -> tuple[nn.Module, dict]:
+    """The head (in eval mode, on the CPU) and its description."""
+    meta = read_head_meta(path)
+    module = make_head(meta["kind"], meta["in_dim"], meta["n_out"], meta["hidden"], meta["dropout"])
+    module.load_state_dict(load_file(str(path)))
+    return module.eval(), meta
 
 
 class SegDecoder(nn.Module):

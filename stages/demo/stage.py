@@ -139,6 +139,9 @@ def run(cfg: DemoConfig) -> DemoResult:
     seconds = time.perf_counter() - t0
     err.print(f"done in {seconds:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}) · results: "
               f"{escape(str(report))} · plots: {escape(str(out))}/*/*.png")
+    run_dir = escape(str(ckpts["pooled"].parent))
+    err.print(f"use it on new images: pipe predict IMAGE... --adaptor {run_dir} · as a package: pipe export "
+              f"{run_dir} --out DIR (README: Using a trained Adaptor)")
     return DemoResult(report, tables, runs, ckpts["pooled"], seconds, ckpts, timings)
 
 

@@ -4,7 +4,6 @@ Used in-process by the local runner and on Dask workers by the distributed one.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,6 +13,7 @@ import torch
 from cache.index import Unit
 from cache.store import ShardSink
 from pipeline.encoders import create_encoder, resolve_encoder_name
+from pipeline.encoders.stored import encoder_arithmetic
 from stages.embed.modality import Modality
 from stages.embed.overlap import call_now, prefetched
 
@@ -104,8 +104,7 @@ class GroupEmbedder:
     def _forward(self, loaded: list) -> HostBatch:
         """Launch one batch; results come back as host tensors, on GPU copied behind compute."""
         dev = self.device
-        amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-        with amp:
+        with encoder_arithmetic(dev):  # bf16 autocast on CUDA: the store's fingerprint records it
             host = self.modality.forward(self.encoder, loaded, dev, self._to_host)
         done = None
         if self._copy_stream is not None:

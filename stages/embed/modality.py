@@ -1,8 +1,10 @@
 """The two modalities of stage one, each one object that carries what differs between them.
 
 Everything the embed stage does per modality goes through :data:`MODALITIES`: which
-option names the encoder, which units the dataset index yields, what the fingerprint
-records about preprocessing, how a batch is loaded and how it goes through the encoder.
+option names the encoder, which units the dataset index yields, how a batch is loaded
+and how it goes through the encoder. (What a store's fingerprint records per modality,
+and the stored dtypes, are in :mod:`pipeline.encoders.stored`, which the trained-Adaptor
+API shares.)
 Adding a modality is one new entry here; the stage, the runners and the store never ask
 which modality they hold.
 """
@@ -19,16 +21,13 @@ import xxhash
 
 from cache.index import Unit
 from pipeline.devices import to_device
+from pipeline.encoders.stored import STORED_DTYPES, preprocess_of
 from pipeline.imaging import DEFAULT_IMAGE_MEMORY_MB, ImageBudget, ImageDecodeError, Preprocess, read_and_decode
 from pipeline.threads import available_cpus
 
 ToHost = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
 
-
-def preprocess_of(enc_cfg) -> Preprocess:
-    """The image preprocessing an encoder's config asks for."""
-    return Preprocess(resize_size=enc_cfg.resize_size or enc_cfg.input_size, input_size=enc_cfg.input_size,
-                      mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std))
+__all__ = ["IMAGE", "MODALITIES", "TEXT", "Modality", "preprocess_of"]
 
 
 def load_image(u: Unit, preprocess: Preprocess, budget: ImageBudget | None = None):
@@ -108,10 +107,6 @@ class Modality:
         """The index's units of this modality, and how many there are at most."""
         raise NotImplementedError
 
-    def spec(self, enc_cfg) -> dict:
-        """What this modality adds to a store's fingerprint."""
-        raise NotImplementedError
-
     def row_bytes(self, enc_cfg) -> int:
         raise NotImplementedError
 
@@ -130,9 +125,6 @@ class ImageModality(Modality):
     def units(self, index, views: int):
         return index.image_units(views), len(index) * (views + 1)
 
-    def spec(self, enc_cfg) -> dict:
-        return {"preprocess": preprocess_of(enc_cfg).to_dict()}
-
     def row_bytes(self, enc_cfg) -> int:
         d = enc_cfg.embed_dim
         n = (enc_cfg.input_size // enc_cfg.patch_size) ** 2 + enc_cfg.num_prefix_tokens if enc_cfg.patch_size else 64
@@ -148,17 +140,13 @@ class ImageModality(Modality):
         if device.type == "cuda":
             pixels = pixels.pin_memory()
         out = encoder(pixels.to(device, non_blocking=True))
-        return {"tokens": to_host(out.tokens, torch.float16), "pooled": to_host(out.pooled, torch.float32)}
+        return {k: to_host(getattr(out, k), STORED_DTYPES[k]) for k in ("tokens", "pooled")}
 
 
 class TextModality(Modality):
     def units(self, index, views: int):
         units = index.text_units()
         return units, len(units)
-
-    def spec(self, enc_cfg) -> dict:
-        return {"text": {"normalisation": "nfc-collapse-whitespace", "max_tokens": enc_cfg.max_tokens,
-                         "tokens": "all, padded to max_tokens"}}
 
     def row_bytes(self, enc_cfg) -> int:
         d = enc_cfg.embed_dim
@@ -167,8 +155,7 @@ class TextModality(Modality):
     def forward(self, encoder, loaded, device, to_host):
         batch = {k: to_device(v, device) for k, v in encoder.tokenize(loaded).items()}
         out = encoder(**batch)
-        return {"tokens": to_host(out.tokens, torch.float16), "pooled": to_host(out.pooled, torch.float32),
-                "length": to_host(out.length, torch.int32)}
+        return {k: to_host(getattr(out, k), STORED_DTYPES[k]) for k in ("tokens", "pooled", "length")}
 
     def pad_tokens_to(self, enc_cfg) -> int | None:
         return enc_cfg.max_tokens

@@ -27,8 +27,9 @@ from pipeline.allocator import keep_freed_memory
 from pipeline.console import err
 from pipeline.datasets import Dataset, open_dataset
 from pipeline.devices import peak_memory_mb, resolve_device
-from pipeline.encoders import resolve_encoder_name, weights_identity
+from pipeline.encoders import resolve_encoder_name
 from pipeline.encoders.remote import require_consent
+from pipeline.encoders.stored import store_spec
 from pipeline.errors import InputError
 from pipeline.imaging import DEFAULT_IMAGE_MEMORY_MB
 from stages.embed.modality import MODALITIES, TEXT, Modality
@@ -202,15 +203,7 @@ def _check_reports(ds, active: list[Modality]) -> None:
                          "--text-encoder none to embed the images only.")
 
 
-def encoder_spec(enc_cfg, cfg: EmbedConfig, device: torch.device | None = None) -> dict:
-    """Everything that changes what a store holds: the input of its fingerprint.
-
-    The arithmetic is part of it: on CUDA the encoders run under bf16 autocast, whose
-    outputs differ from the CPU's float32 ones, so the two never share a store. (The key
-    is only added on CUDA, so stores written on CPU keep their fingerprints.)
-    """
-    spec = {"encoder": enc_cfg.to_dict(), "weights": weights_identity(enc_cfg),
-            "dtype": {"tokens": "float16", "pooled": "float32"}, "tokens": "prefix+patches"}
-    if device is not None and torch.device(device).type == "cuda":
-        spec["compute"] = "cuda, bf16 autocast"
-    return {**spec, **MODALITIES[enc_cfg.modality].spec(enc_cfg)}
+def encoder_spec(enc_cfg, cfg: EmbedConfig | None = None, device: torch.device | None = None) -> dict:
+    """Everything that changes what a store holds: the input of its fingerprint
+    (:func:`pipeline.encoders.stored.store_spec`, which the trained-Adaptor API shares)."""
+    return store_spec(enc_cfg, device)

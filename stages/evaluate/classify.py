@@ -9,6 +9,7 @@ learning rate and epoch, and the test split is scored once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from cache.index import LABEL_PREFIX
 from pipeline.console import err, progress, escape
 from pipeline.errors import InputError
-from pipeline.models.heads import make_head
+from pipeline.models.heads import make_head, save_head
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.fractions import plan_subsets
@@ -165,8 +166,9 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
 
 
 def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels, pos: dict,
-                      plan: dict, tick) -> dict:
-    """Every (seed, fraction) for one feature set: per-run figures and their summaries."""
+                      plan: dict, tick, keep: Callable | None = None) -> dict:
+    """Every (seed, fraction) for one feature set: per-run figures and their summaries.
+    ``keep(seed, fraction, head, run)`` is shown every chosen head (to save some of them)."""
     y = labels.y.astype(np.float32)
     x_tr, y_tr = x[pos["train"]], y[pos["train"]]
     x_va, y_va, x_te, y_te = x[pos["valid"]], y[pos["valid"]], x[pos["test"]], y[pos["test"]]
@@ -181,6 +183,8 @@ def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels
                     "val_" + labels.primary: head.best_metric, "test": classification_metrics(labels, y_te, p),
                     "sweep": {k: v for k, v in sweep.items() if k.startswith(kind + "@")},
                     "scores": p})
+                if keep is not None:
+                    keep(seed, f, head, runs[kind][f][-1])
             tick()
     heads = {kind: {fraction_label(f): _summarise(ctx, labels, y_te, f, rs) for f, rs in by_f.items()}
              for kind, by_f in runs.items()}
@@ -224,16 +228,17 @@ def run(ctx: EvalContext) -> TaskResult:
                         ctx.fixed_subsets(pos["train"]))
     ctx.save_subsets(plan, pos["train"])
     sets = ctx.feature_sets()
-    methods = []
+    methods, saved = [], []
     with progress() as bar:
         task = bar.add_task("train heads", total=len(sets) * len(ctx.seeds) * len(ctx.cfg.fractions))
         for name, kind in sets:
             x = ctx.pooled_features(kind, np.arange(len(ctx.data.items)))
-            methods.append({**evaluate_features(ctx, name, x, labels, pos, plan, lambda: bar.advance(task)),
+            keep = _head_saver(ctx, labels, saved) if kind == "adaptor" else None
+            methods.append({**evaluate_features(ctx, name, x, labels, pos, plan, lambda: bar.advance(task), keep),
                             "features": kind})
     result = TaskResult(methods=methods, tables=_tables(ctx, labels, methods, len(pos["test"])))
     result.plots.append(str(_roc_plot(ctx, labels, methods, pos)))
-    result.data = _data_summary(ctx, labels, pos, plan)
+    result.data = {**_data_summary(ctx, labels, pos, plan), "heads": saved}
     _save_predictions(ctx, labels, methods, pos)
     for m in methods:  # scores went to predictions.npz; results.json keeps the figures
         for by_f in m["heads"].values():
@@ -241,6 +246,29 @@ def run(ctx: EvalContext) -> TaskResult:
                 for r in cell["runs"]:
                     r.pop("scores")
     return result
+
+
+def _head_saver(ctx: EvalContext, labels: Labels, saved: list[str]) -> Callable:
+    """Keeps the heads that `pipe predict` and the trained-Adaptor API apply: per head kind, the
+    first seed's head at the largest label fraction, on the Adaptor's features, in
+    ``<run>/heads/adaptor-<kind>.safetensors`` (its metadata says what it reads and predicts)."""
+    seed, fraction = ctx.seeds[0], max(ctx.cfg.fractions)
+    h, a = ctx.cfg.heads, ctx.adaptor
+
+    def keep(s: int, f: float, head, run: dict) -> None:
+        if s != seed or f != fraction:
+            return
+        path = ctx.out / "heads" / f"adaptor-{head.kind}.safetensors"
+        save_head(path, head.module, {
+            "kind": head.kind, "in_dim": a.model.cfg.d_model, "n_out": len(labels.names), "hidden": h.hidden,
+            "dropout": h.dropout, "labels": labels.names, "label_type": labels.type, "features": "adaptor",
+            "adaptor_weights": a.weights_hash, "adaptor_checkpoint": str(a.path), "backbone": ctx.backbone,
+            "image_fingerprint": ctx.data.image.fingerprint, "dataset": ctx.cfg.dataset, "fraction": f, "seed": s,
+            "n_train": run["n_train"], "lr": head.lr, "test": run["test"]})
+        saved.append(str(path.relative_to(ctx.out)))
+        ctx.note(f"the {head.kind} head on the Adaptor's features ({fraction_label(f)} of the labels, seed {s}) "
+                 f"is saved: `pipe predict --head {path}` applies it")
+    return keep
 
 
 def _label_note(ctx: EvalContext, labels: Labels) -> None:

@@ -6,6 +6,7 @@ second evaluation of the same checkpoint on the same cache runs the Adaptor zero
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -16,25 +17,13 @@ from cache.outputs import OutputCache, ensure_outputs_meta, outputs_folder
 from cache.reader import RowReader
 from cache.store import Store
 from pipeline.console import err
-from pipeline.errors import InputError, MissingFileError
+from pipeline.errors import InputError
 from pipeline.models.adaptor import Adaptor, AdaptorMode, adaptor_config_from_saved
-from pipeline.models.checkpoint import checkpoint_hash, load_checkpoint, read_meta
+from pipeline.models.checkpoint import checkpoint_hash, load_checkpoint, read_meta, resolve_checkpoint, weights_hash
 
 PAIRS_PER_FORWARD = 256
 
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory: its ``best.safetensors`` (chosen on validation
-    loss) when training had a validation split, else its ``last.safetensors``."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / "best.safetensors" if (p / "best.safetensors").is_file() else p / "last.safetensors"
-    if not p.is_file():
-        raise MissingFileError(f"checkpoint {path} does not exist; give a .safetensors file or a "
-                                "`pipe train-adaptor` run directory, or --adaptor none for the no-Adaptor baseline")
-    return p
-
-
+__all__ = ["FrozenAdaptor", "PAIRS_PER_FORWARD", "raw_features", "resolve_checkpoint"]
 
 
 @dataclass
@@ -58,6 +47,11 @@ class FrozenAdaptor:
         model = Adaptor(adaptor_config_from_saved(meta["config"]["adaptor"]))
         load_checkpoint(path, model)
         return cls(path, meta, model.to(device).eval(), checkpoint_hash(path), device, cache_root)
+
+    @cached_property
+    def weights_hash(self) -> str:
+        """The hash of the Adaptor's tensors (not of its file): what heads trained on its features record."""
+        return weights_hash(self.model.state_dict())
 
     @property
     def mode(self) -> AdaptorMode:
@@ -120,14 +114,12 @@ class FrozenAdaptor:
             tok_r, len_r = RowReader(store, "tokens"), RowReader(store, "length")
             for s in range(0, len(rows), self.mode.eval_batch):
                 t, keep = _text_batch(tok_r, len_r, rows[s:s + self.mode.eval_batch], self.device)
-                out.append(self.model.encode_text(t, keep).float().cpu().numpy())
+                out.append(self.model.text_embedding(t, keep).float().cpu().numpy())
             return np.concatenate(out)
         reader = RowReader(store, "pooled")
         for s in range(0, len(rows), self.mode.eval_batch):
             t = torch.from_numpy(reader.take(rows[s:s + self.mode.eval_batch])).to(self.device)
-            placeholder = torch.zeros(len(t), self.model.cfg.image_dim, device=self.device)
-            _, txt = self.model({"image_pooled": placeholder, "text_pooled": t})
-            out.append(txt.float().cpu().numpy())
+            out.append(self.model.text_embedding(t).float().cpu().numpy())
         return np.concatenate(out)
 
     @property

@@ -7,8 +7,10 @@ split. Prompts are texts, so they are embedded into (and read from) the text cac
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipeline.errors import InputError
+from pipeline.prompts import finding_scores, prompt_layout
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.plots import roc_grid
@@ -35,22 +37,15 @@ def _findings(ctx: EvalContext, prompts: dict) -> list[str]:
 
 def prompt_rows(ctx: EvalContext, prompts: dict, findings: list[str]) -> tuple[np.ndarray, dict]:
     """Text-store rows of every prompt, and per finding the positions of its positive/negative prompts."""
-    texts, where = [], {}
-    for f in findings:
-        where[f] = {}
-        for side in ("positive", "negative"):
-            where[f][side] = np.arange(len(texts), len(texts) + len(prompts[f][side]))
-            texts += prompts[f][side]
-    store, rows = embed_texts_store(texts, ctx.text_encoder, ctx.root)
+    texts, where = prompt_layout(prompts, findings)
+    # into the store the reports are in: embedded on CUDA if they were (bf16), else on the CPU
+    cuda = bool(ctx.data.text.attrs["spec"].get("compute")) and torch.cuda.is_available()
+    store, rows = embed_texts_store(texts, ctx.text_encoder, ctx.root, "cuda" if cuda else "cpu")
     if store.fingerprint != ctx.data.text.fingerprint:
         raise PromptError(f"the prompts were embedded with a {ctx.text_encoder} configuration (fingerprint "
                           f"{store.fingerprint[:16]}) other than the dataset's reports' "
                           f"({ctx.data.text.fingerprint[:16]}); re-run `pipe embed` for the dataset with this version")
     return rows, where
-
-
-def finding_scores(sim: np.ndarray, where: dict) -> dict[str, np.ndarray]:
-    return {f: sim[:, w["positive"]].mean(1) - sim[:, w["negative"]].mean(1) for f, w in where.items()}
 
 
 def figures(ctx: EvalContext, scores: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict:
