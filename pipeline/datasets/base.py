@@ -51,6 +51,9 @@ class Dataset:
     # How the items got their splits, when the dataset did not say (e.g. a table without
     # a split column); recorded with the dataset index.
     split_rule: str | None = None
+    # How far the reports agree with the labels, where the dataset measured it (the demo's
+    # ``report_agreement``: see pipeline.datasets.demo.measure_agreement); reports show it.
+    report_agreement: dict | None = None
 
     def __iter__(self):
         return iter(self.items)

@@ -26,6 +26,8 @@ class EvalContext:
     text_encoder: str | None
     out: Path
     notes: list[str] = field(default_factory=list)
+    description: str = ""                 # the dataset's one-line description
+    report_agreement: dict | None = None  # label-report agreement, where the dataset measured it
 
     def note(self, message: str) -> None:
         if message not in self.notes:
@@ -84,3 +86,6 @@ class TaskResult:
     tables: list[dict] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
     data: dict = field(default_factory=dict)
+    # Data files beside results.json that reports read, by role: "predictions" (per-item test
+    # scores), "overlays" (segmentation cases), "examples" and "thumbnails" (retrieval examples).
+    files: dict[str, Path] = field(default_factory=dict)
