@@ -6,7 +6,7 @@ DEMO_CACHE ?= $(CURDIR)/.pipe-cache
 DEMO_OUT ?= $(CURDIR)/demo-out
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast bench gpu-check clean
+.PHONY: install browser demo test test-fast bench gpu-check clean
 
 $(BIN)/pipe: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,16 +16,32 @@ $(BIN)/pipe: pyproject.toml
 
 install: $(BIN)/pipe
 
+## Headless Chromium (Debian's package) for the report's browser test: installed when missing,
+## as root; elsewhere a note (the test then skips locally, and fails in CI, where CI=true).
+CHROMIUM := $(firstword $(foreach c,chromium chromium-browser google-chrome,$(shell command -v $(c) 2>/dev/null)))
+browser:
+ifeq ($(CHROMIUM),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium (Debian package) for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	  || { echo "error: apt-get could not install chromium" >&2; [ -z "$$CI" ] || exit 1; }; \
+	elif [ -n "$$CI" ]; then \
+	  echo "error: no chromium, and not root to install it: the browser test cannot run" >&2; exit 1; \
+	else \
+	  echo "note: no chromium here and not root: the browser test skips (as root: apt-get install chromium)"; \
+	fi
+endif
+
 ## The main job on the built-in demo data: embed once, train the Adaptor from the cache, evaluate.
 demo: install
 	PIPE_CACHE=$(DEMO_CACHE) $(BIN)/pipe demo --out $(DEMO_OUT)
 
 ## The test suite (what CI runs).
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
 
 ## The inner loop: everything but the tests marked slow (kills, subprocesses, clusters, compilation).
-test-fast: install
+test-fast: install browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install

@@ -7,7 +7,7 @@ Layers, lowest first (a module may import its own layer or lower ones):
 2. ``pipeline/`` parts: config, devices, imaging, encoders, datasets, models, ...;
 3. ``stages/embed``;
 4. ``stages/train``, ``stages/evaluate`` (never each other);
-5. ``stages/sweep``, ``stages/demo``, ``stages/reproduce``: orchestrations;
+5. ``stages/sweep``, ``stages/demo``, ``stages/reproduce``: orchestrations; ``stages/report``: the runs' results gathered;
 6. ``pipeline/cli``: the command line.
 
 Also: no import cycle between modules, and an import inside a function carries a
@@ -54,7 +54,7 @@ def layer(module: str) -> tuple[int, str]:
     if module == "stages":
         return 5, "stages"
     room = module.split(".")[1]
-    return {"embed": 3, "train": 4, "evaluate": 4, "sweep": 5, "demo": 5, "reproduce": 5}[room], room
+    return {"embed": 3, "train": 4, "evaluate": 4, "sweep": 5, "demo": 5, "reproduce": 5, "report": 5}[room], room
 
 
 def _resolve(module: str, node: ast.ImportFrom) -> str:

@@ -455,7 +455,8 @@ def test_iu_reports_with_noise(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_pipe_demo_runs_every_step_and_reports_every_method(tmp_path):
     """The demo's own steps end to end, on a small phantom set and the tiny test encoders:
-    both Adaptor modes, the no-Adaptor rows and the least-squares map, in one results.md."""
+    both Adaptor modes, the no-Adaptor rows and the least-squares map, in one results.md, and
+    the page report.html."""
     import json
 
     from tests.helpers import pipe
@@ -469,3 +470,7 @@ def test_pipe_demo_runs_every_step_and_reports_every_method(tmp_path):
                 "no Adaptor tiny-vit", "linear map, least squares"):
         assert row in md, row
     assert "reports mention" in r.output  # the phantom reports' agreement with their labels
+    page = tmp_path / "out" / "report.html"  # everything on one page, and its path printed
+    assert summary["page"] == str(page) and f"everything on one page: {page}" in r.output
+    html = page.read_text()
+    assert "Adaptor (tokens) tiny-vit + tiny-bert" in html and 'id="training"' in html and "<script" not in html

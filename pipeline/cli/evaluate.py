@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,7 @@ from pipeline.cli.app import app
 from pipeline.cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, flag_overrides, print_json, results_to,
                                  user_errors)
 from pipeline.console import err, escape
+from pipeline.console import out as out_console
 from stages.evaluate.tasks import TASKS
 
 Task = Enum("Task", {name: name for name in TASKS}, type=str)  # the choices of --task, from the registry
@@ -119,33 +121,69 @@ def _run(config: Optional[Path], overrides: list[str], as_json: bool) -> None:
         print_json({"out": str(result.out), "tables": result.tables})
 
 
-@app.command(epilog="Examples:\n\n  pipe report results/classification-*\n\n"
-                    "  pipe report results/run-a results/run-b --out table.md")
+class ReportFormat(str, Enum):
+    table = "table"
+    md = "md"
+    csv = "csv"
+    json = "json"
+
+
+REPORT_EPILOG = """Examples:
+
+  pipe report results/classification-*
+
+  pipe report demo-out --html report.html          (one page: tables, curves, ROC, overlays, examples)
+
+  pipe report results/run-a results/run-b > table.md
+
+  pipe report results/run-a results/run-b --format csv --out table.csv"""
+
+
+@app.command(epilog=REPORT_EPILOG)
 def report(
-    runs: list[Path] = typer.Argument(..., help="Run directories of `pipe evaluate` (each has results.json)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the tables as markdown here."),
+    runs: list[Path] = typer.Argument(..., help="Run directories of `pipe evaluate` (each has results.json), "
+                                                "Adaptor training runs (metrics.csv), or folders of runs "
+                                                "(e.g. demo-out)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page of the runs here: "
+                                        "tables, training curves, ROC and calibration, segmentation overlays, "
+                                        "retrieval examples, the data card and provenance."),
+    fmt: Optional[ReportFormat] = typer.Option(None, "--format", help="How the tables are printed on stdout "
+                                               "\\[default: table on a terminal, md otherwise]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the tables to this file, as --format "
+                                       "says, else as its suffix says (.csv, .json; markdown otherwise)."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Gather several evaluation runs into one table per metric (rows: methods; columns: fractions)."""
+    """Gather runs into one table per metric (rows: methods; columns: fractions), or into one HTML page."""
     from cache.atomic import atomic_write_text  # lazy: keeps `pipe --help` fast
-    from stages.evaluate.tables import merge_tables, to_markdown, to_rich  # lazy: keeps `pipe --help` fast
+    from stages.evaluate.tables import to_rich  # lazy: keeps `pipe --help` fast
+    from stages.report import load_runs, merged_tables, to_csv, to_markdown_report, write_page  # lazy: as above
 
-    loaded = []
-    for r in runs:
-        path = r / "results.json" if r.is_dir() else r
-        if not path.is_file():
-            fail(f"{r} has no results.json; give run directories written by `pipe evaluate`")
-        loaded.append(json.loads(path.read_text()))
-    tables = merge_tables(loaded, [str(r) for r in runs])
-    show = results_to(as_json)
-    for t in tables:
-        show.print(to_rich(t))
+    with user_errors():
+        loaded = load_runs(runs)
+    if not loaded.evals and not html:
+        fail("no evaluation runs among the paths (only Adaptor trainings): name run directories of "
+             "`pipe evaluate`, or pass --html to draw the training curves")
+    tables = merged_tables(loaded)
+
+    def render(kind: str) -> str:
+        if kind == "csv":
+            return to_csv(tables)
+        if kind == "json":
+            return json.dumps({"runs": [str(r.path) for r in loaded.evals], "tables": tables}, default=str)
+        return to_markdown_report(loaded, tables)
+
     if out:
+        kind = fmt.value if fmt and fmt.value != "table" else {".csv": "csv", ".json": "json"}.get(out.suffix, "md")
         out.parent.mkdir(parents=True, exist_ok=True)
-        sources = "\n".join(f"- `{r}`: {d['task']} · {d['dataset_name']} · "
-                            f"{(d.get('checkpoint') or {}).get('hash', 'no Adaptor')[:16]}"
-                            for r, d in zip(runs, loaded))
-        atomic_write_text(out, "Runs:\n\n" + sources + "\n\n" + "\n".join(to_markdown(t) for t in tables))
+        atomic_write_text(out, render(kind))
         err.print(f"wrote {escape(str(out))}")
-    if as_json:
-        print_json({"runs": [str(r) for r in runs], "tables": tables})
+    if html:
+        with user_errors():
+            page = write_page(loaded, html)
+        err.print(f"wrote {escape(str(page))} (open it in a browser)")
+    kind = "json" if as_json else fmt.value if fmt else "table" if sys.stdout.isatty() else "md"
+    if kind == "table":
+        for t in tables:
+            out_console.print(to_rich(t))
+    elif tables or kind == "json":
+        sys.stdout.write(render(kind) + ("\n" if kind == "json" else ""))

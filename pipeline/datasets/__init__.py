@@ -45,7 +45,8 @@ def _demo(parsed: DatasetSpec, cache_root: Path, materialise: bool = True) -> Da
     agreement = demo.read_agreement(folder)
     note = f"; {demo.agreement_line(agreement)}" if agreement else ""
     return Dataset(name=f"demo-{spec.slug()}", spec=parsed.text(), items=items,
-                   description=f"built-in phantom chest X-rays ({spec.n} pairs, seed {spec.seed}{note})")
+                   description=f"built-in phantom chest X-rays ({spec.n} pairs, seed {spec.seed}{note})",
+                   report_agreement=agreement)
 
 
 __all__ = ["Dataset", "DatasetError", "Item", "load_mask", "open_dataset", "register_reader", "READERS"]

@@ -59,6 +59,9 @@ class Dataset:
     # (``{0.01: [ids], 0.1: [ids]}``), the same for every seed.
     split_source: str | None = None
     fractions: dict[float, list[str]] = field(default_factory=dict)
+    # How far the reports agree with the labels, where the dataset measured it (the demo's
+    # ``report_agreement``: see pipeline.datasets.demo.measure_agreement); reports show it.
+    report_agreement: dict | None = None
 
     def __iter__(self):
         return iter(self.items)

@@ -7,7 +7,9 @@
 3. evaluate from the cache: retrieval, zero-shot, classification at 1/10/100% labels
    and segmentation, with each Adaptor, without one, and (retrieval, zero-shot) with the
    training-free least-squares map;
-4. gather the tables into demo-out/results.md.
+4. gather the tables into demo-out/results.md, and everything (tables, training curves,
+   ROC and calibration, overlays, retrieval examples, data card, provenance) into one
+   self-contained page, demo-out/report.html.
 
 A re-run reuses the cache (no encoder runs again); `pipe demo -b tiny-vit` runs the same
 steps on the untrained test ViT in a fraction of the time.
@@ -29,6 +31,7 @@ from pipeline.datasets.spec import parse_dataset_spec
 from stages import embed, evaluate
 from stages import train as train_adaptor
 from stages.evaluate.tables import merge_tables, to_markdown
+from stages.report import load_runs, write_page
 
 PRESETS = {"pooled": "demo", "tokens": "demo_tokens"}  # configs/<name>.yaml
 # A small decoder and few steps: the GPU-sized segmentation defaults take tens of minutes on 2 cores.
@@ -58,9 +61,11 @@ class DemoResult:
     seconds: float
     checkpoints: dict[str, Path] | None = None   # every Adaptor trained, by mode
     timings: dict[str, float] | None = None      # seconds per step
+    page: Path | None = None                     # report.html: everything on one page
 
     def summary(self) -> dict:
-        return {"report": str(self.report), "checkpoint": str(self.checkpoint), "runs": [str(r) for r in self.runs],
+        return {"report": str(self.report), "page": str(self.page) if self.page else None,
+                "checkpoint": str(self.checkpoint), "runs": [str(r) for r in self.runs],
                 "checkpoints": {k: str(v) for k, v in (self.checkpoints or {}).items()},
                 "seconds": round(self.seconds, 1), "timings": self.timings or {}, "tables": self.tables}
 
@@ -136,13 +141,15 @@ def run(cfg: DemoConfig) -> DemoResult:
                                            "cache, with and without an Adaptor", lambda m=m: _evaluate(cfg, m, ckpts[m], out))]
     section("4/4 results")
     report, tables = write_report(runs, out / "results.md")
+    page = write_page(load_runs(runs), out / "report.html", title="freeze-pipe demo")
     seconds = time.perf_counter() - t0
     err.print(f"done in {seconds:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}) · results: "
               f"{escape(str(report))} · plots: {escape(str(out))}/*/*.png")
+    err.print(f"everything on one page: {escape(str(page))} (open it in a browser)")
     run_dir = escape(str(ckpts["pooled"].parent))
     err.print(f"use it on new images: pipe predict IMAGE... --adaptor {run_dir} · as a package: pipe export "
               f"{run_dir} --out DIR (README: Using a trained Adaptor)")
-    return DemoResult(report, tables, runs, ckpts["pooled"], seconds, ckpts, timings)
+    return DemoResult(report, tables, runs, ckpts["pooled"], seconds, ckpts, timings, page)
 
 
 def write_report(runs: list[Path], path: Path) -> tuple[Path, list[dict]]:

@@ -10,7 +10,6 @@ which modality they hold.
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable

@@ -239,7 +239,7 @@ def run(ctx: EvalContext) -> TaskResult:
     result = TaskResult(methods=methods, tables=_tables(ctx, labels, methods, len(pos["test"])))
     result.plots.append(str(_roc_plot(ctx, labels, methods, pos)))
     result.data = {**_data_summary(ctx, labels, pos, plan), "heads": saved}
-    _save_predictions(ctx, labels, methods, pos)
+    result.files["predictions"] = _save_predictions(ctx, labels, methods, pos)
     for m in methods:  # scores went to predictions.npz; results.json keeps the figures
         for by_f in m["heads"].values():
             for cell in by_f.values():
@@ -328,8 +328,9 @@ def _data_summary(ctx: EvalContext, labels: Labels, pos: dict, plan: dict) -> di
             "fractions": {fraction_label(f): {str(s): int(len(plan[s][f])) for s in plan} for f in ctx.cfg.fractions}}
 
 
-def _save_predictions(ctx: EvalContext, labels: Labels, methods: list[dict], pos: dict) -> None:
-    """Test-set scores of every run, for analyses beyond the tables."""
+def _save_predictions(ctx: EvalContext, labels: Labels, methods: list[dict], pos: dict):
+    """Test-set scores of every run, for analyses beyond the tables (and the report's ROC and
+    reliability diagrams): ``m<i>/<head>/<fraction>/seed<s>`` holds method ``i``'s ``[n, L]`` scores."""
     arrays = {"ids": ctx.data.items.id.to_numpy()[pos["test"]].astype(str), "y": labels.y[pos["test"]],
               "label_names": np.array(labels.names)}
     for mi, m in enumerate(methods):
@@ -337,5 +338,12 @@ def _save_predictions(ctx: EvalContext, labels: Labels, methods: list[dict], pos
             for fl, cell in by_f.items():
                 for r in cell["runs"]:
                     arrays[f"m{mi}/{kind}/{fl}/seed{r['seed']}"] = r["scores"]
-    np.savez_compressed(ctx.out / "predictions.npz", **arrays)
-    err.print(f"test-set scores: {escape(str(ctx.out / 'predictions.npz'))}")
+    path = ctx.out / "predictions.npz"
+    np.savez_compressed(path, **{k: _small(v) for k, v in arrays.items()})
+    err.print(f"test-set scores: {escape(str(path))}")
+    return path
+
+
+def _small(a: np.ndarray) -> np.ndarray:
+    """Scores as float32: half the file, and far more precision than any figure shows."""
+    return a.astype(np.float32) if a.dtype == np.float64 and a.ndim == 2 else a

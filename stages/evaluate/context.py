@@ -29,6 +29,8 @@ class EvalContext:
     dataset_version: str | None = None                         # the release the reader found (Dataset.version)
     split_source: str | None = None                            # published split files the splits came from
     published: dict[float, list[str]] = field(default_factory=dict)   # their fixed training subsets, by fraction
+    description: str = ""                 # the dataset's one-line description
+    report_agreement: dict | None = None  # label-report agreement, where the dataset measured it
 
     def note(self, message: str) -> None:
         if message not in self.notes:
@@ -103,3 +105,6 @@ class TaskResult:
     tables: list[dict] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
     data: dict = field(default_factory=dict)
+    # Data files beside results.json that reports read, by role: "predictions" (per-item test
+    # scores), "overlays" (segmentation cases), "examples" and "thumbnails" (retrieval examples).
+    files: dict[str, Path] = field(default_factory=dict)

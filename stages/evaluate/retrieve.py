@@ -7,19 +7,24 @@ tokens-mode Adaptor with a matching head adds a second row: each query's top
 ``rerank_k`` candidates re-ranked by the matching head's logit (the rest keep their
 order, so recall@K for K >= rerank_k is unchanged). Without an Adaptor the raw pooled
 features are compared, which is only defined when both encoders have the same width
-(and even then they share no trained space).
+(and even then they share no trained space). A few queries each way, with their top-5
+answers and thumbnails of the images shown, are saved as examples for the report.
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
 
+from cache.atomic import atomic_write_text
 from pipeline.console import err, progress, escape
 from pipeline.errors import InputError
 from pipeline.models.ranking import match_ranks, reranked_ranks
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
+from stages.evaluate.pictures import thumbnails
 from stages.evaluate.plots import recall_bars
 from stages.evaluate.tables import add_estimates_row, add_row, interval_note, make_table, value_cell
 
@@ -159,18 +164,19 @@ def run(ctx: EvalContext) -> TaskResult:
     if distinct < len(test):
         ctx.note(f"{len(test) - distinct} of {len(test)} test reports repeat another one word for word; a tie "
                  "with the true match counts as a hit (candidates must score strictly higher to outrank it)")
-    methods = []
+    methods, shown = [], None  # shown: the (image, text) embeddings the examples are drawn from (the first method's)
     if ctx.adaptor is not None:
         img, txt = adaptor_pair(ctx, img_rows, ctx.data.text, txt_rows)
         methods.append({"name": ctx.adaptor_name(), "features": "adaptor", **recall_figures(plain_ranks(img, txt), ctx)})
+        shown = img, txt
         if ctx.adaptor.has_match_head and ctx.cfg.rerank_k > 1:
             ranks = itm_reranked_ranks(ctx, img, txt, img_rows, txt_rows)
             methods.append({"name": f"{ctx.adaptor_name()} + ITM re-rank of top {ctx.cfg.rerank_k}",
                             "features": "adaptor", **recall_figures(ranks, ctx)})
-        del img, txt
     img, txt = linear_map_pair(ctx, img_rows, ctx.data.text, txt_rows)
     methods.append({"name": f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "features": "linear-map",
                     **recall_figures(plain_ranks(img, txt), ctx)})
+    shown = (img, txt) if shown is None else shown
     pair, why = raw_pair(ctx, img_rows, ctx.data.text, txt_rows)
     base = {"name": ctx.baseline_name(with_text=True), "features": "backbone", "note": why}
     ctx.note(f"{base['name']}: {why}")
@@ -183,6 +189,7 @@ def run(ctx: EvalContext) -> TaskResult:
     chance = {f"{d} R@{k}": min(1.0, k / len(test)) for d in ("image→text", "text→image") for k in KS}
     title = f"retrieval · {ctx.dataset_name} · {len(test)} test pairs"
     result.plots.append(str(recall_bars(ok, ctx.out / "recall.png", title, chance)))
+    result.files.update(save_examples(ctx, shown, test, methods[0]["name"]))
     err.print(f"retrieval over {len(test)} test pairs ({escape(str(distinct))} distinct reports)")
     return result
 
@@ -195,3 +202,53 @@ def _table(ctx: EvalContext, methods: list[dict], n: int) -> dict:
         add_estimates_row(t, m["name"], m.get("recall"), m.get("ci"))
     add_row(t, f"chance ({n} candidates)", {c: value_cell(min(1.0, int(c.rsplit('@', 1)[1]) / n)) for c in cols})
     return t
+
+
+EXAMPLE_QUERIES = (4, 3)   # image queries, report queries
+TOP = 5
+
+
+def example_queries(n: int, count: int, offset: float = 0.0) -> list[int]:
+    """``count`` query positions spread evenly over ``n`` test items (the same for every run on
+    the same test split, so reports can set runs side by side)."""
+    count = min(count, n)
+    return sorted({int((i + offset) * n / count) % n for i in range(count)})
+
+
+def _ranked(scores: np.ndarray, same: np.ndarray, ids: np.ndarray) -> dict:
+    """The top candidates of one query, the true one(s) marked, and the rank of the first true one."""
+    order = np.argsort(-scores, kind="stable")
+    true_rank = int(np.flatnonzero(same[order])[0]) + 1 if same.any() else None
+    return {"true_rank": true_rank, "top": [{"id": str(ids[j]), "score": round(float(scores[j]), 4),
+                                             "true": bool(same[j])} for j in order[:TOP]]}
+
+
+def save_examples(ctx: EvalContext, shown: tuple[np.ndarray, np.ndarray], test: np.ndarray, method: str) -> dict:
+    """A few queries each way with their top-5 answers (examples.json) and the thumbnails of the
+    images they show (thumbnails.npz): what `pipe report --html` draws as retrieval examples.
+
+    ``shown``: the (image, text) embeddings of one method; only the queries' rows and columns
+    of their similarity are computed (never the whole test × test matrix)."""
+    img, txt = shown
+    items = ctx.data.items.iloc[test]
+    ids, reports = items.id.astype(str).to_numpy(), items.report.to_numpy()
+    rows = ctx.data.text_rows[test]  # a repeated report is a hit: same text row
+    i2t, t2i, texts, pictures = [], [], set(), set()
+    for q in example_queries(len(test), EXAMPLE_QUERIES[0]):
+        r = _ranked(txt @ img[q], rows == rows[q], ids)
+        i2t.append({"query": str(ids[q]), **r})
+        pictures.add(q)
+        texts.update(c["id"] for c in r["top"])
+    for q in example_queries(len(test), EXAMPLE_QUERIES[1], offset=0.5):
+        r = _ranked(img @ txt[q], rows == rows[q], ids)
+        t2i.append({"query": str(ids[q]), **r})
+        texts.add(str(ids[q]))
+        pictures.update(int(np.flatnonzero(ids == c["id"])[0]) for c in r["top"])
+    thumbs = thumbnails(ctx, test[sorted(pictures)])
+    examples = {"method": method, "k": TOP, "n_test": int(len(test)), "image_to_text": i2t, "text_to_image": t2i,
+                "reports": {str(i): str(t) for i, t in zip(ids, reports) if str(i) in texts}}
+    files = {"examples": ctx.out / "examples.json", "thumbnails": ctx.out / "thumbnails.npz"}
+    atomic_write_text(files["examples"], json.dumps(examples, indent=1))
+    np.savez_compressed(files["thumbnails"], ids=np.array(list(thumbs), dtype=str),
+                        images=np.stack(list(thumbs.values())) if thumbs else np.zeros((0, 1, 1), np.uint8))
+    return files

@@ -16,13 +16,13 @@ import torch
 from cache.masks import geometry, load_masks
 from pipeline.console import err, progress, escape
 from pipeline.errors import InputError
-from pipeline.imaging import Preprocess, read_and_decode
 from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
 from stages.evaluate.fractions import plan_subsets
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, iter_predict
+from stages.evaluate.pictures import input_view, to_uint8
 from stages.evaluate.plots import overlays
 from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell, value_cell
 
@@ -114,7 +114,10 @@ def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int) -> tuple
     return bank.fit(x_tr, y_tr, has_val=len(x_va) > 0)["decoder"], bank.sweep()
 
 
-def evaluate_tokens(ctx, name, x, masks, pos, plan, show: list[int], tick) -> tuple[dict, dict]:
+def evaluate_tokens(ctx, name, x, masks, pos, plan, cases: list[tuple[int, str]] | None,
+                    tick) -> tuple[dict, dict]:
+    """Every (seed, fraction) for one token set; and its predictions on the overlay cases (the
+    seed-0, largest-fraction decoder), choosing the cases when ``cases`` is None."""
     dev = ctx.device
     x_tr, y_tr = x[pos["train"]].to(dev), masks[pos["train"]].to(dev)
     x_va, y_va = x[pos["valid"]].to(dev), masks[pos["valid"]].to(dev)
@@ -123,10 +126,16 @@ def evaluate_tokens(ctx, name, x, masks, pos, plan, show: list[int], tick) -> tu
     for seed in ctx.seeds:
         for f, sub in plan[seed].items():
             head, sweep = train_decoders(ctx, x_tr[sub], y_tr[sub], x_va, y_va, seed)
-            keep = dict.fromkeys(show)
-            counts, _ = _evaluate(head.module, x_te, y_te, ctx.cfg.seg.threshold, keep=keep)
+            counts, _ = _evaluate(head.module, x_te, y_te, ctx.cfg.seg.threshold)
             if seed == ctx.seeds[0] and f == max(ctx.cfg.fractions):
-                shown = keep
+                chosen = cases if cases is not None else pick_cases(counts, ctx.cfg.seg.overlays)
+                idx = [i for i, _ in chosen]
+                keep = dict.fromkeys(range(len(idx)))
+                if idx:
+                    _evaluate(head.module, x_te[idx], y_te[idx], ctx.cfg.seg.threshold, keep=keep)
+                dice = M.image_dice(counts)
+                shown = {"cases": chosen, "pred": [keep[j] for j in range(len(idx))],
+                         "dice": [float(dice[i]) for i in idx]}
             runs[f].append({"seed": seed, "n_train": int(len(sub)), **head.record(),
                             "val_dice_global": head.best_metric, "sweep": sweep,
                             "test": {k: fn(counts) for k, fn in M.SEGMENTATION_METRICS.items()}, "counts": counts})
@@ -180,31 +189,46 @@ def run(ctx: EvalContext) -> TaskResult:
                         fixed=ctx.fixed_subsets(kept[pos["train"]]))
     ctx.save_subsets(plan, kept[pos["train"]])
     masks = torch.from_numpy(masks_np.astype(np.uint8))
-    show = _pick_overlays(positive[pos["test"]], ctx.cfg.seg.overlays)
     sets = token_sets(ctx)
-    methods, shown = [], {}
+    methods, shown = [], []
     with progress() as bar:
         task = bar.add_task("train decoders", total=len(sets) * len(ctx.seeds) * len(ctx.cfg.fractions))
         for name, source in sets:
             x = token_grid_features(ctx, source, kept)
-            m, preds = evaluate_tokens(ctx, name, x, masks, pos, plan, show, lambda: bar.advance(task))
+            cases = shown[0]["cases"] if shown else None  # every method on the first one's cases
+            m, preds = evaluate_tokens(ctx, name, x, masks, pos, plan, cases, lambda: bar.advance(task))
             methods.append({**m, "features": source})
-            shown = shown or preds
+            shown.append(preds)
     result = TaskResult(methods=methods, tables=_tables(ctx, methods, len(pos["test"])))
     result.data = {"target": target, "mask_size": int(masks_np.shape[-1]), "geometry": list(geometry(spec)),
                    "splits": {k: int(len(v)) for k, v in pos.items()},
                    "positive_masks": {k: int(positive[v].sum()) for k, v in pos.items()}, "mask_files_read": read,
                    "fractions": {fraction_label(f): {str(s): int(len(plan[s][f])) for s in plan}
                                  for f in ctx.cfg.fractions}}
-    picture = _overlay_picture(ctx, kept[pos["test"]], masks_np[pos["test"]], shown, methods[0]["name"], target)
+    result.data["overlays"] = {"fraction": fraction_label(max(ctx.cfg.fractions)), "seed": ctx.seeds[0],
+                               "threshold": ctx.cfg.seg.threshold, "chosen_by": methods[0]["name"],
+                               "methods": [m["name"] for m in methods]}
+    picture = _overlay_picture(ctx, result, kept[pos["test"]], masks_np[pos["test"]], shown, methods, target)
     result.plots += [str(picture)] if picture else []
     return result
 
 
-def _pick_overlays(positive: np.ndarray, n: int) -> list[int]:
-    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
-    n_pos = min(len(pos), max(1, math.ceil(2 * n / 3)))
-    return [int(i) for i in list(pos[:n_pos]) + list(neg[:n - n_pos])]
+def pick_cases(counts: np.ndarray, n: int) -> list[tuple[int, str]]:
+    """The test images an overlay shows: the best and the worst by per-image Dice among those
+    with a non-empty true mask (best first, then worst, worst last); with no such image, the
+    empty ones with the least and the most predicted area."""
+    if n < 1 or not len(counts):
+        return []
+    positive = np.flatnonzero(counts[:, 2] > 0)
+    if len(positive):
+        dice = M.image_dice(counts)[positive]
+        order = positive[np.argsort(-dice, kind="stable")]
+    else:
+        order = np.argsort(counts[:, 1], kind="stable")
+    n = min(n, len(order))
+    n_best = math.ceil(n / 2)
+    best, worst = order[:n_best], order[len(order) - (n - n_best):] if n > n_best else order[:0]
+    return [(int(i), "best") for i in best] + [(int(i), "worst") for i in worst]
 
 
 def _tables(ctx: EvalContext, methods: list[dict], n_test: int) -> list[dict]:
@@ -225,23 +249,30 @@ def _tables(ctx: EvalContext, methods: list[dict], n_test: int) -> list[dict]:
     return tables
 
 
-def _overlay_picture(ctx, test_items: np.ndarray, true: np.ndarray, shown: dict, method: str, target: str):
-    """Image, true and predicted mask of a few test images; reads those original image files only."""
-
-    pre = ctx.data.image.attrs["spec"]["preprocess"]
-    p = Preprocess(pre["resize_size"], pre["input_size"], tuple(pre["mean"]), tuple(pre["std"]))
-    rows = []
-    for i, pred in shown.items():
-        item = ctx.data.items.iloc[test_items[i]]
-        try:
-            _, img = read_and_decode(item.image)
-        except Exception as e:  # the picture is optional; the figures are not affected
-            ctx.note(f"overlay skipped for item {item.id!r}: {e}")
-            continue
-        shown_img = (p(img)[0] * p.std[0] + p.mean[0]).clamp(0, 1).numpy()
-        rows.append((f"item {item.id}", shown_img, true[i], pred))
-    if not rows:
+def _overlay_picture(ctx, result: TaskResult, test_items: np.ndarray, true: np.ndarray, shown: list[dict],
+                     methods: list[dict], target: str):
+    """Image, true and predicted mask of the best and worst test images: overlays.png (the first
+    method) and overlays.npz (every method, for the report); reads those image files only."""
+    cases = shown[0]["cases"] if shown else []
+    keep, images = [], []
+    for j, (i, _) in enumerate(cases):
+        view = input_view(ctx, test_items[i])
+        if view is not None:
+            keep.append(j)
+            images.append(view)
+    if not keep:
         return None
-    title = (f"{target} · {method} · {fraction_label(max(ctx.cfg.fractions))} labels, seed {ctx.seeds[0]} · "
-             f"threshold {ctx.cfg.seg.threshold}")
+    ids = [str(ctx.data.items.id.iloc[test_items[cases[j][0]]]) for j in keep]
+    rows = [(f"item {ids[n]} · {cases[j][1]} · Dice {shown[0]['dice'][j]:.2f}", images[n], true[cases[j][0]],
+             shown[0]["pred"][j]) for n, j in enumerate(keep)]
+    arrays = {"ids": np.array(ids), "kind": np.array([cases[j][1] for j in keep]),
+              "image": np.stack([to_uint8(im) for im in images]), "true": true[[cases[j][0] for j in keep]] > 0,
+              "method_names": np.array([m["name"] for m in methods])}
+    for mi, s in enumerate(shown):
+        arrays[f"pred{mi}"] = np.stack([s["pred"][j] for j in keep]).astype(bool)
+        arrays[f"dice{mi}"] = np.array([s["dice"][j] for j in keep], np.float32)
+    result.files["overlays"] = ctx.out / "overlays.npz"
+    np.savez_compressed(result.files["overlays"], **arrays)
+    title = (f"{target} · {methods[0]['name']} · {fraction_label(max(ctx.cfg.fractions))} labels, seed "
+             f"{ctx.seeds[0]} · threshold {ctx.cfg.seg.threshold} · best and worst test images by Dice")
     return overlays(rows, ctx.out / "overlays.png", title)

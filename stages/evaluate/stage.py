@@ -2,10 +2,11 @@
 
     pipe evaluate --task classification --dataset demo --adaptor runs/adaptor-demo/last.safetensors
 
-Nothing here runs a backbone or decodes an image, except the few test images drawn in
-the segmentation overlay picture (and the text encoder, once, for zero-shot prompts not
-yet in the cache). The checkpoint's metadata names its encoders and the fingerprints of
-the caches it was trained on; those must match the caches evaluated here.
+Nothing here runs a backbone or decodes an image, except the few test images a run shows
+(the segmentation overlays, the retrieval examples' thumbnails: :mod:`stages.evaluate.pictures`)
+and the text encoder, once, for zero-shot prompts not yet in the cache. The checkpoint's
+metadata names its encoders and the fingerprints of the caches it was trained on; those
+must match the caches evaluated here.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from pipeline.devices import peak_memory_mb, resolve_device
 from pipeline.encoders import canonical_name, resolve_encoder_name
 from pipeline.models.checkpoint import CheckpointMismatchError, check_fingerprints
 from pipeline.models.heads import HEAD_KINDS
+from pipeline.provenance import provenance
+from stages.evaluate.card import data_card
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import FrozenAdaptor
 from stages.evaluate.tables import to_markdown
@@ -73,7 +76,7 @@ class SegConfig(Validated):
     epochs: int = 30               # validations; more epochs when min_steps needs them
     min_steps: int = 500
     max_steps: int = 3000          # optimiser steps at most (0: no cap)
-    overlays: int = 6              # test images drawn in overlays.png
+    overlays: int = 6              # test images drawn in overlays.png: the best and the worst by Dice
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
@@ -189,7 +192,8 @@ def _context(cfg: EvalConfig) -> EvalContext:
     adaptor = None if cfg.adaptor.lower() == "none" else FrozenAdaptor.load(cfg.adaptor, device, root)
     backbone, text = _encoders(cfg, adaptor)
     need_text = get_task(cfg.task).needs_text
-    name = open_dataset(cfg.dataset, root, materialise=False, skip_bad_rows=True).name
+    ds = open_dataset(cfg.dataset, root, materialise=False, skip_bad_rows=True)
+    name = ds.name
     data = load_pairs(root, name, cfg.dataset, backbone, text or "none", need_text=need_text,
                       canonical=canonical_name)
     if adaptor is not None:
@@ -199,7 +203,8 @@ def _context(cfg: EvalConfig) -> EvalContext:
     check_index_current(cfg, root, ds, data.items, backbone, text)
     out = Path(cfg.out) if cfg.out else default_out(cfg, name, adaptor, backbone)
     return EvalContext(cfg, root, device, data, name, adaptor, backbone, text, out, dataset_version=ds.version,
-                       split_source=ds.split_source, published=ds.fractions)
+                       split_source=ds.split_source, published=ds.fractions, description=ds.description,
+                       report_agreement=ds.report_agreement)
 
 
 def default_out(cfg: EvalConfig, dataset: str, adaptor: FrozenAdaptor | None, backbone: str) -> Path:
@@ -252,6 +257,8 @@ def _results_json(ctx: EvalContext, result: TaskResult, forwards: str | None, se
         "config": to_dict(ctx.cfg), "config_hash": config_hash(ctx.cfg), "checkpoint": checkpoint,
         "fingerprints": fps, "data": result.data, "methods": result.methods, "tables": result.tables,
         "plots": [os.path.relpath(p, ctx.out) for p in result.plots], "notes": ctx.notes,
+        "files": {k: os.path.relpath(p, ctx.out) for k, p in result.files.items()},
+        "data_card": data_card(ctx, get_task(ctx.cfg.task).needs_text), "provenance": provenance(),
         "seconds": round(seconds, 2), **{k: round(v, 1) for k, v in peak_memory_mb(ctx.device).items()},
     }
 

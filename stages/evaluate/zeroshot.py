@@ -2,7 +2,8 @@
 
 Each image's score for a finding is its mean cosine similarity to the finding's positive
 prompts minus its mean similarity to the negative prompts; AUROC per finding on the test
-split. Prompts are texts, so they are embedded into (and read from) the text cache.
+split. Prompts are texts, so they are embedded into (and read from) the text cache. The
+test scores go to ``predictions.npz`` (``m<i>``: method ``i``'s ``[n, findings]`` scores).
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def run(ctx: EvalContext) -> TaskResult:
     rows, where = prompt_rows(ctx, prompts, findings)
     y = {f: ctx.data.items[f"label.{f}"].to_numpy(np.float64)[test] for f in findings}
     img_rows = ctx.image_rows[test]
-    methods, curves = [], {}
+    methods, curves, saved = [], {}, {}
     sims = []
     if ctx.adaptor is not None:
         sims.append((ctx.adaptor_name(), "adaptor", adaptor_similarity(ctx, img_rows, ctx.data.text, rows), None))
@@ -83,6 +84,7 @@ def run(ctx: EvalContext) -> TaskResult:
             ctx.note(f"{name}: {why}")
         if sim is not None:
             scores = finding_scores(sim, where)
+            saved[f"m{len(methods)}"] = np.stack([scores[f] for f in findings], 1).astype(np.float32)
             m.update(figures(ctx, scores, y))
             for f, s in scores.items():
                 fpr, tpr = M.roc_curve(y[f], s)
@@ -94,6 +96,9 @@ def run(ctx: EvalContext) -> TaskResult:
                    "positives": {f: int(np.nansum(y[f])) for f in findings}}
     title = f"zero-shot ROC · {ctx.dataset_name} · test split"
     result.plots.append(str(roc_grid(curves, ctx.out / "roc.png", title)))
+    result.files["predictions"] = ctx.out / "predictions.npz"
+    np.savez_compressed(result.files["predictions"], ids=ctx.data.items.id.to_numpy()[test].astype(str),
+                        y=np.stack([y[f] for f in findings], 1), label_names=np.array(findings), **saved)
     return result
 
 

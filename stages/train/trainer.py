@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import time
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from cache.atomic import FolderBusyError, owned_folder
+from cache.atomic import FolderBusyError, atomic_write_text, owned_folder
 from cache.index import load_index
 from cache.pairs import CacheMissError, PairData, embed_command, load_pairs
 from cache.paths import cache_root
@@ -53,6 +54,7 @@ from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from pipeline.models.loss import clip_loss, itm_loss, rerank_top_k, retrieval_recall_from_sim
 from pipeline.models.ranking import batched_clip_loss, recall_both_ways, split_clip_loss
+from pipeline.provenance import provenance
 from stages.train import distributed
 from stages.train.distributed import DistContext
 from stages.train.loader import PairLoader
@@ -316,6 +318,7 @@ class Trainer:
         start = self._maybe_resume()  # first: a refused run (another config, other caches) writes nothing
         if main:
             save_config(cfg, self.out / "config.yaml")
+            atomic_write_text(self.out / "provenance.json", json.dumps(provenance(), indent=1))
         distributed.barrier(self.ctx)  # all ranks have read the checkpoint before rank 0 may replace it
         self.log = MetricsLog(self.out, resume=start > 0) if main else None
         if main:
