@@ -10,6 +10,9 @@ one at a time:
     (1 epoch each) · evaluate classification, retrieval, zero-shot, segmentation ·
     cache verify · cache gc --dry-run
 
+Segmentation trains a fixed 200 steps (``seg.max_steps=200``), so its figure is the cost of
+reading the masks and tokens and scoring the test split, not of a longer training.
+
 and prints per step the seconds per 1k items and the peak RSS of that process (from
 ``wait4``). The tiny random-init encoders keep the forward passes small, so what is
 measured is the pipeline's own cost: hashing, planning, shard writes, reading, heads.
@@ -114,7 +117,7 @@ def steps(table: Path, cache: Path, runs: Path) -> list[tuple[str, list[str], st
         ("evaluate zero-shot", [*ev, "--task", "zero-shot", "--adaptor", str(runs / "pooled"),
                                 "--out", str(runs / "zero-shot")], "pooled"),
         ("evaluate segmentation", ["evaluate", *d, *c, "--seeds", "1", "--task", "segmentation", "--adaptor", "none",
-                                   "-b", "tiny-vit", "--fraction", "1.0", "seg.min_steps=50", "seg.epochs=2",
+                                   "-b", "tiny-vit", "--fraction", "1.0", "seg.min_steps=50", "seg.max_steps=200", "seg.epochs=2",
                                    "--out", str(runs / "segmentation")], "tokens"),
         ("cache verify", ["cache", "verify", *c], ""),
         ("cache gc --dry-run", ["cache", "gc", "--dry-run", *c], ""),
