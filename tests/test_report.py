@@ -144,7 +144,7 @@ def test_the_page_is_one_self_contained_file_with_every_section(demo):
     assert "Adaptor (pooled) tiny-vit + tiny-bert" in found["results"]
     for ref in ("no Adaptor tiny-vit", "linear map, least squares", "all-empty predictor", "chance"):
         assert ref in found["results"], ref
-    assert "2 seeds per cell" in found["results"] and "95% CI" in found["results"]
+    assert "2 seeds per cell" in found["results"] and "95% bootstrap interval" in found["results"]
     assert "reliability" in found["classification"] and found["classification"].count("<img") >= 5
     assert "best" in found["segmentation"] and "worst" in found["segmentation"]
     assert found["retrieval"].count('class="hit"') >= 1 and "A report, and the images" in found["retrieval"]

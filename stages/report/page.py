@@ -20,7 +20,6 @@ import yaml
 from cache.atomic import atomic_write_text
 from stages.evaluate.metrics import auroc
 from stages.evaluate.tables import merge_tables, pct
-from stages.evaluate.tasks import TASKS
 from stages.report import figures as F
 from stages.report.runs import EvalRun, Runs, TrainRun
 
@@ -153,14 +152,13 @@ class Page:
         by_task = defaultdict(list)
         for t in tables:
             by_task[t["title"].split(" · ")[0]].append(t)
-        level = {r.task: r.results.get("config", {}).get("ci", 0.95) for r in evals}
         out = [self._glance(by_task)]
         for task in sorted(by_task, key=lambda k: TASK_ORDER.index(k) if k in TASK_ORDER else 99):
-            spec = TASKS.get(task)
-            cells = spec.cells.format(level=f"{100 * level.get(task, 0.95):g}%") if spec else ""
+            # each table says what its cells and intervals are (pipeline.tables.interval_note)
+            cells = next((t["note"] for t in by_task[task] if t.get("note")), "Cells: value [interval].")
             main = [t for t in by_task[task] if task not in PRIMARY or t.get("metric") in PRIMARY[task]]
             more = [t for t in by_task[task] if t not in main]
-            out.append(f'<h3>{esc(task.capitalize())}</h3><p class="cap">Cells: {esc(cells)}, in %. <b>Bold</b>: the best '
+            out.append(f'<h3>{esc(task.capitalize())}</h3><p class="cap">{esc(cells)} In %. <b>Bold</b>: the best '
                        f'in its column. Rows in grey are references: no Adaptor, the least-squares map, the '
                        f'all-empty predictor, chance.</p>')
             out.append('<div class="tables">' + "".join(self._table(t) for t in main) + "</div>")
