@@ -77,7 +77,6 @@ def test_progress_off_a_terminal_is_log_lines_with_a_heartbeat(monkeypatch, caps
 
     monkeypatch.delenv("PIPE_NO_PROGRESS", raising=False)
     monkeypatch.setenv("PIPE_PROGRESS_SECONDS", "0.2")
-    monkeypatch.setattr(console.err, "file", __import__("sys").stderr)
     bar = console.progress()
     assert isinstance(bar, console.LogProgress)  # stderr is not a terminal under pytest
     with bar:
