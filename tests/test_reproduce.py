@@ -139,6 +139,13 @@ def test_a_whole_table_on_miniatures_resumes_and_prints_the_paper_layout(miniatu
     r, res = reproduce("classification", miniatures, cache, out, *only)
     assert res["ran"] == ["dinov2-s+bert/covidx/10"]
 
+    # an Adaptor folder trained with another recipe is a conflict: the plan says so and the run refuses
+    _, plan = reproduce("classification", miniatures, cache, out, *only, "--pretrain-set", "optim.lr=0.1", "--plan")
+    assert {s["id"]: s["status"] for s in plan["steps"]}["pretrain/dinov2-s+bert"].startswith(
+        "conflict: ") and "optim.lr differ" in json.dumps(plan["steps"])
+    r, _ = reproduce("classification", miniatures, cache, out, *only, "--pretrain-set", "optim.lr=0.1", expect=2)
+    assert "1 step(s) cannot run, e.g. pretrain/dinov2-s+bert: conflict" in r.output
+
     # the segmentation table: a decoder on the patch tokens, Dice under both conventions
     _, res = reproduce("segmentation", miniatures, cache, out / "seg", "--only", "dinov2-s")
     assert len(res["ran"]) == 1 + 6  # SIIM's embedding (RSNA's is the classification table's) and six cells
