@@ -46,8 +46,8 @@ def test_benchx_rsna_lists_give_splits_and_the_label_fractions(tmp_path, monkeyp
 def test_a_count_that_is_not_the_published_one_names_file_expected_and_found(tmp_path):
     root, ids = mini_rsna(tmp_path / "rsna")
     write_benchx(tmp_path / "RSNA", **split_benchx_style(ids, [int(i % 3 == 0) for i in range(len(ids))]))
-    with pytest.raises(DatasetError, match=r"RSNA/train\.txt: expected 18,678 entries \(benchx's published "
-                                           r"rsna-pneumonia train list\), found 24\."):
+    with pytest.raises(DatasetError, match=r"RSNA/train\.txt: expected 18,678 entries \(benchx's "
+                                           r"rsna-pneumonia train list, published\), found 24\."):
         open_dataset(f"rsna-pneumonia:{root}?splits=benchx:{tmp_path / 'RSNA'}", tmp_path / "cache")
 
 
@@ -118,6 +118,9 @@ def test_mgca_csvs_and_its_pandas_draw_of_the_fractions(tmp_path, monkeypatch):
     parts = {"train.csv": ids[:24], "val.csv": ids[24:32], "test.csv": ids[32:]}
     for name, values in parts.items():  # in the dataset folder, where MGCA's preprocess/rsna.py writes them
         write_mgca_csv(root / name, "patientId", values, {"bbox": ["[]"] * len(values), "Target": [0] * len(values)})
+    with pytest.raises(DatasetError, match=r"train\.csv: expected 18,678 entries \(mgca's rsna-pneumonia train "
+                                           r"list, as its preprocess/rsna\.py splits the 26,684 patients\), found 24"):
+        open_dataset(f"rsna-pneumonia:{root}?splits=mgca", tmp_path / "cache")
     expect_counts(monkeypatch, MGCA_COUNTS, "rsna-pneumonia", {"train": 24, "val": 8, "test": 8})
     ds = open_dataset(f"rsna-pneumonia:{root}?splits=mgca", tmp_path / "cache")
     assert sorted(it.id for it in ds if it.split == "valid") == sorted(parts["val.csv"])
