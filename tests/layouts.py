@@ -17,7 +17,7 @@ REPORTS = ["Small right pleural effusion. No pneumothorax.", "Heart size is norm
            "Right apical pneumothorax, small.", "No acute cardiopulmonary process."]
 
 
-def build_mimic(root: Path, n: int = 48) -> Path:
+def mini_mimic(root: Path, n: int = 48) -> Path:
     """n frontal studies (one image each), with reports and the official split file; a few laterals."""
     meta, split, chex = [], [], []
     for i in range(n):
@@ -36,7 +36,7 @@ def build_mimic(root: Path, n: int = 48) -> Path:
     return root
 
 
-def build_rsna(root: Path, n: int = 40) -> tuple[Path, list[str]]:
+def mini_rsna(root: Path, n: int = 40) -> tuple[Path, list[str]]:
     """n patients, every third with a box; returns the root and the patient ids in file order."""
     rows, ids = [], []
     for i in range(n):
@@ -53,7 +53,7 @@ def _png(path: Path, arr: np.ndarray) -> None:
     Image.fromarray(arr).save(path)
 
 
-def build_siim_png(root: Path, n_train: int = 32, n_test: int = 8) -> tuple[Path, list[str]]:
+def mini_siim_png(root: Path, n_train: int = 32, n_test: int = 8) -> tuple[Path, list[str]]:
     """The PNG release: png_images/, png_masks/ and the two stage-1 CSVs; returns the stems."""
     rng = np.random.default_rng(0)
     stems = []
@@ -73,7 +73,7 @@ def build_siim_png(root: Path, n_train: int = 32, n_test: int = 8) -> tuple[Path
     return root, stems
 
 
-def build_covidx_cxr4(root: Path, n_train: int = 40, n_val: int = 10, n_test: int = 10) -> Path:
+def mini_covidx_cxr4(root: Path, n_train: int = 40, n_val: int = 10, n_test: int = 10) -> Path:
     """A CXR-4-like release: train/val/test.txt (4 columns, binary classes) and folders; some file
     names carry dots (``DX.1.2.png``), as the release's do."""
     for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):

@@ -19,7 +19,7 @@ from stages.reproduce.spec import DATASETS, load_table, table_names
 from stages.reproduce.steps import Context, eval_config, pretrain_config
 from stages.train import trainer
 from tests.helpers import pipe
-from tests.layouts import (benchx_covidx_name, build_covidx_cxr4, build_mimic, build_rsna, build_siim_png,
+from tests.layouts import (benchx_covidx_name, mini_covidx_cxr4, mini_mimic, mini_rsna, mini_siim_png,
                            release_names, split_benchx_style, write_benchx)
 
 TINY = ("dinov2-s=tiny-vit,dinov2-b=tiny-vit,resnet-ae=tiny-vit,bert=tiny-bert,biobert=tiny-bert,"
@@ -66,18 +66,18 @@ def test_every_recipe_validates_and_names_registered_encoders_and_readers(tmp_pa
 def miniatures(tmp_path, monkeypatch):
     """The four datasets in their published layouts, BenchX-style lists for the three downstream ones."""
     benchx = tmp_path / "BenchX"
-    mimic = build_mimic(tmp_path / "mimic-cxr-jpg" / "2.0.0")
-    rsna, ids = build_rsna(tmp_path / "rsna")
+    mimic = mini_mimic(tmp_path / "mimic-cxr-jpg" / "2.0.0")
+    rsna, ids = mini_rsna(tmp_path / "rsna")
     counts = write_benchx(benchx / "RSNA", **split_benchx_style(ids, [int(i % 3 == 0) for i in range(len(ids))]))
     for stem, n in counts.items():
         monkeypatch.setitem(BENCHX_COUNTS["rsna-pneumonia"], stem, n)
-    siim, stems = build_siim_png(tmp_path / "siim")
+    siim, stems = mini_siim_png(tmp_path / "siim")
     train = [s for s in stems if "_train_" in s]
     counts = write_benchx(benchx / "SIIM", train=train[:24], val=train[24:], test=[s for s in stems if "_test_" in s],
                           train_1=[train[0], train[1]], train_10=train[:4])
     for stem, n in counts.items():
         monkeypatch.setitem(BENCHX_COUNTS["siim-pneumothorax"], stem, n)
-    cov = build_covidx_cxr4(tmp_path / "covidx")
+    cov = mini_covidx_cxr4(tmp_path / "covidx")
     listed = {s: [benchx_covidx_name(s, n) for n in release_names(cov, s)[1:]] for s in ("train", "val", "test")}
     counts = write_benchx(benchx / "COVIDx", **listed, train_1=listed["train"][:2], train_10=listed["train"][:6])
     for stem, n in counts.items():
@@ -138,6 +138,13 @@ def test_a_whole_table_on_miniatures_resumes_and_prints_the_paper_layout(miniatu
     (out / "cells/dinov2-s+bert/covidx/10/results.json").unlink()
     r, res = reproduce("classification", miniatures, cache, out, *only)
     assert res["ran"] == ["dinov2-s+bert/covidx/10"]
+
+    # an Adaptor folder trained with another recipe is a conflict: the plan says so and the run refuses
+    _, plan = reproduce("classification", miniatures, cache, out, *only, "--pretrain-set", "optim.lr=0.1", "--plan")
+    assert {s["id"]: s["status"] for s in plan["steps"]}["pretrain/dinov2-s+bert"].startswith(
+        "conflict: ") and "optim.lr differ" in json.dumps(plan["steps"])
+    r, _ = reproduce("classification", miniatures, cache, out, *only, "--pretrain-set", "optim.lr=0.1", expect=2)
+    assert "1 step(s) cannot run, e.g. pretrain/dinov2-s+bert: conflict" in r.output
 
     # the segmentation table: a decoder on the patch tokens, Dice under both conventions
     _, res = reproduce("segmentation", miniatures, cache, out / "seg", "--only", "dinov2-s")

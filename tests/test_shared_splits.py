@@ -9,7 +9,7 @@ from pipeline.datasets import DatasetError, open_dataset
 from pipeline.datasets.readers import covidx
 from pipeline.datasets.shared_splits import BENCHX_COUNTS, MGCA_COUNTS
 from pipeline.datasets.splits import split_lists
-from tests.layouts import (benchx_covidx_name, build_covidx_cxr4, build_rsna, build_siim_png, release_names,
+from tests.layouts import (benchx_covidx_name, mini_covidx_cxr4, mini_rsna, mini_siim_png, release_names,
                            split_benchx_style, write_benchx, write_mgca_csv)
 from tests.test_readers import build_siim
 
@@ -21,7 +21,7 @@ def expect_counts(monkeypatch, table: dict, reader: str, counts: dict[str, int])
 
 
 def rsna_with_benchx(tmp_path, monkeypatch):
-    root, ids = build_rsna(tmp_path / "rsna")
+    root, ids = mini_rsna(tmp_path / "rsna")
     lists = split_benchx_style(ids, [int(i % 3 == 0) for i in range(len(ids))])
     counts = write_benchx(tmp_path / "BenchX" / "RSNA", **lists)
     expect_counts(monkeypatch, BENCHX_COUNTS, "rsna-pneumonia", counts)
@@ -44,10 +44,10 @@ def test_benchx_rsna_lists_give_splits_and_the_label_fractions(tmp_path, monkeyp
 
 
 def test_a_count_that_is_not_the_published_one_names_file_expected_and_found(tmp_path):
-    root, ids = build_rsna(tmp_path / "rsna")
+    root, ids = mini_rsna(tmp_path / "rsna")
     write_benchx(tmp_path / "RSNA", **split_benchx_style(ids, [int(i % 3 == 0) for i in range(len(ids))]))
-    with pytest.raises(DatasetError, match=r"RSNA/train\.txt: expected 18,678 entries \(benchx's published "
-                                           r"rsna-pneumonia train list\), found 24\."):
+    with pytest.raises(DatasetError, match=r"RSNA/train\.txt: expected 18,678 entries \(benchx's "
+                                           r"rsna-pneumonia train list, published\), found 24\."):
         open_dataset(f"rsna-pneumonia:{root}?splits=benchx:{tmp_path / 'RSNA'}", tmp_path / "cache")
 
 
@@ -63,7 +63,7 @@ def test_a_name_that_is_not_an_item_is_named_with_the_counts(tmp_path, monkeypat
 
 
 def test_benchx_siim_names_the_png_release(tmp_path, monkeypatch):
-    root, stems = build_siim_png(tmp_path / "siim-png" / "siim-acr-pneumothorax")
+    root, stems = mini_siim_png(tmp_path / "siim-png" / "siim-acr-pneumothorax")
     train = [s for s in stems if "_train_" in s]
     lists = {"train": train[:24], "val": train[24:], "test": [s for s in stems if "_test_" in s],
              "train_1": [train[0], train[1]], "train_10": train[:4]}
@@ -80,7 +80,7 @@ def test_benchx_siim_names_the_png_release(tmp_path, monkeypatch):
 
 
 def test_benchx_covidx_shared_names_and_the_line_pandas_ate(tmp_path, monkeypatch, capsys):
-    root = build_covidx_cxr4(tmp_path / "covidx")
+    root = mini_covidx_cxr4(tmp_path / "covidx")
     names = {s: release_names(root, s) for s in ("train", "val", "test")}
     # BenchX read each release file with a header: its first line is in none of the lists
     listed = {s: [benchx_covidx_name(s, n) for n in names[s][1:]] for s in names}
@@ -101,7 +101,7 @@ def test_benchx_covidx_shared_names_and_the_line_pandas_ate(tmp_path, monkeypatc
 
 
 def test_covidx_release_from_file_names_counts_or_stated(tmp_path):
-    root = build_covidx_cxr4(tmp_path / "c")
+    root = mini_covidx_cxr4(tmp_path / "c")
     assert open_dataset(f"covidx:{root}", tmp_path / "cache").version is None  # counts of no known release
     assert open_dataset(f"covidx:{root}?version=CXR-4", tmp_path / "cache").version == "COVIDx CXR-4 (stated)"
     for s in ("train", "test"):
@@ -114,10 +114,13 @@ def test_covidx_release_from_file_names_counts_or_stated(tmp_path):
 
 
 def test_mgca_csvs_and_its_pandas_draw_of_the_fractions(tmp_path, monkeypatch):
-    root, ids = build_rsna(tmp_path / "rsna")
+    root, ids = mini_rsna(tmp_path / "rsna")
     parts = {"train.csv": ids[:24], "val.csv": ids[24:32], "test.csv": ids[32:]}
     for name, values in parts.items():  # in the dataset folder, where MGCA's preprocess/rsna.py writes them
         write_mgca_csv(root / name, "patientId", values, {"bbox": ["[]"] * len(values), "Target": [0] * len(values)})
+    with pytest.raises(DatasetError, match=r"train\.csv: expected 18,678 entries \(mgca's rsna-pneumonia train "
+                                           r"list, as its preprocess/rsna\.py splits the 26,684 patients\), found 24"):
+        open_dataset(f"rsna-pneumonia:{root}?splits=mgca", tmp_path / "cache")
     expect_counts(monkeypatch, MGCA_COUNTS, "rsna-pneumonia", {"train": 24, "val": 8, "test": 8})
     ds = open_dataset(f"rsna-pneumonia:{root}?splits=mgca", tmp_path / "cache")
     assert sorted(it.id for it in ds if it.split == "valid") == sorted(parts["val.csv"])

@@ -97,6 +97,7 @@ class Layout:
     counts: dict[str, int] = field(default_factory=dict)   # file stem -> published line count
     draw: tuple[float, ...] = ()                 # fractions drawn like MGCA's pandas sample
     needs: str = ""                              # what the dataset must be for the names to match
+    counted: str = "published"                   # where the expected counts come from
 
 
 @dataclass
@@ -142,7 +143,8 @@ SOURCES: dict[str, dict[str, Layout]] = {
     "mgca": {
         "rsna-pneumonia": Layout("", (ListFile("train.csv", "train"), ListFile("val.csv", "valid"),
                                       ListFile("test.csv", "test")), _column("patientId"),
-                                 counts=MGCA_COUNTS["rsna-pneumonia"], draw=(0.01, 0.1)),
+                                 counts=MGCA_COUNTS["rsna-pneumonia"], draw=(0.01, 0.1),
+                                 counted="as its preprocess/rsna.py splits the 26,684 patients"),
         "siim-pneumothorax": Layout("", (ListFile("train.csv", "train"), ListFile("valid.csv", "valid"),
                                          ListFile("test.csv", "test")), _column("ImageId"),
                                     needs="the DICOM release with train-rle.csv, which MGCA split"),
@@ -208,8 +210,8 @@ def import_splits(ref: SplitRef, reader: str, dataset_root: Path, items: Sequenc
 def _check_count(path: Path, layout: Layout, n: int, ref: SplitRef, reader: str) -> None:
     expected = layout.counts.get(path.stem)
     if expected is not None and n != expected:
-        raise DatasetError(f"{path}: expected {expected:,} entries ({ref.source}'s published {reader} "
-                           f"{path.stem} list), found {n:,}. Is it the file {ref.source} published, unedited?")
+        raise DatasetError(f"{path}: expected {expected:,} entries ({ref.source}'s {reader} {path.stem} list, "
+                           f"{layout.counted}), found {n:,}. Is it {ref.source}'s file, unedited?")
 
 
 def _match(path: Path, names: list[str], by_key: dict[str, list[str]], layout: Layout, notes: list[str],

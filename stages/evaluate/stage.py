@@ -285,8 +285,8 @@ def _jsonable(x):
 def results_markdown(results: dict) -> str:
     ck = results.get("checkpoint")
     lines = [f"# {results['task']} · {results['dataset_name']}", "",
-             f"- dataset: `{results['dataset']}` · version: {results.get('dataset_version') or 'not known'}"
-             f" · splits: {results.get('split_source') or 'the reader’s own'}",
+             f"- dataset: `{results['dataset']}` · release: {results['dataset_version'] or 'not known'}"
+             f" · splits: {results['split_source']}",
              f"- backbone: {results['backbone']}" + (f" · text encoder: {results['text_encoder']}"
                                                      if results.get("text_encoder") else ""),
              f"- checkpoint: `{ck['path']}` (hash {ck['hash'][:16]}, {ck['mode']} mode)" if ck else

@@ -21,6 +21,7 @@ from pathlib import Path
 from cache.atomic import atomic_write_text
 from cache.paths import cache_root
 from pipeline.console import err, escape, section
+from pipeline.datasets.shared_splits import parse_split_ref
 from pipeline.errors import InputError
 from stages.evaluate.tables import to_markdown
 from stages.reproduce import render
@@ -61,6 +62,11 @@ def context(cfg: ReproduceConfig) -> Context:
     unknown = sorted(set(cfg.data) - set(DATASETS)) + sorted(set(cfg.splits) - set(DATASETS) - {"*"})
     if unknown:
         raise InputError(f"--data/--splits name {', '.join(unknown)}; the datasets are {', '.join(DATASETS)}")
+    for value in cfg.splits.values():
+        try:
+            parse_split_ref(value)
+        except ValueError as e:
+            raise InputError(f"--splits {value}: {e}") from None
     return Context(spec=spec, root=cache_root(cfg.cache), out=Path(cfg.out),
                    data=dataset_specs(spec, cfg.data, cfg.splits), device=cfg.device, cache_arg=cfg.cache,
                    substitute=Substitutions(dict(cfg.substitute)), pretrain_overrides=list(cfg.pretrain_overrides),

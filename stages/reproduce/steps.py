@@ -214,9 +214,15 @@ def _checkpoint_state(out: Path, cfg) -> tuple[str, bool]:
     return ("done", True) if epoch >= cfg.epochs else (f"resume after epoch {epoch} of {cfg.epochs}", False)
 
 
-def _comparable(d: dict) -> dict:
-    flat = {k: v for k, v in d.items() if k not in _FREE and k != "adaptor"}
-    flat.update({f"adaptor.{k}": v for k, v in (d.get("adaptor") or {}).items() if k not in ("image_dim", "text_dim")})
+def _comparable(d: dict, prefix: str = "") -> dict:
+    """A run's config as dotted keys, without what may differ between a run and its resumption (and
+    the input widths, which training fills in from the cache)."""
+    flat = {}
+    for k, v in d.items():
+        key = prefix + k
+        if key in _FREE or key in ("adaptor.image_dim", "adaptor.text_dim"):
+            continue
+        flat.update(_comparable(v, key + ".") if isinstance(v, dict) else {key: v})
     return flat
 
 

@@ -38,7 +38,7 @@ TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 UNCERTAIN = ("ignore", "ones", "zeros")
 BLANK = ("nan", "zeros")
-NAMELESS = {"allow_failures"}  # options that never change which items a dataset has
+NAMELESS = {"allow_failures", "version"}  # options that never change which items a dataset has, or their splits
 SKIP_KINDS = {"no-report": "without usable report text", "bad-row": "bad row(s)", "no-image": "without images"}
 
 
