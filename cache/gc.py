@@ -22,7 +22,8 @@ from cache.index import forget_store, referenced_stores
 from cache.inspect import dir_bytes
 from cache.outputs import OUTPUTS_DIR
 from cache.shards import partial_of
-from cache.store import IN_USE, ZARR_DIR, claim_is_live
+from cache.claims import claim_is_live, describe
+from cache.store import IN_USE, ZARR_DIR
 from cache.verify import dead_temp, temp_files
 from pipeline.errors import PipeError
 
@@ -75,7 +76,7 @@ def in_use(store: Path) -> str | None:
         except (OSError, ValueError):
             continue
         if claim_is_live(info):
-            return f"being written by pid {info.get('pid')} on {info.get('host')}"
+            return f"being written by {describe(info)}"
     with try_exclusive(store / IN_USE) as free:
         return None if free else "held by a running `pipe embed`"
 

@@ -27,13 +27,16 @@ def embed(
     shard_mb: float = typer.Option(64.0, "--shard-mb", min=0.01, help="Target shard size: the unit of work and commit."),
     workers: int = typer.Option(0, "--workers", min=0, help="Start a Dask LocalCluster with N worker processes."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Use an existing Dask cluster (tcp://host:port)."),
+    lease_s: Optional[float] = typer.Option(
+        None, "--lease-s", min=1.0, help="Lease of a shard claim, renewed every quarter of it while the shard is "
+        "written; a crashed writer's shards are taken over once it lapses \\[default: $PIPE_CLAIM_LEASE_S, else 120]."),
 ) -> None:
     """Run each frozen encoder once per distinct image and report, into the cache."""
     from stages.embed import EmbedConfig, run  # lazy: keeps `pipe --help` fast
 
     cfg = EmbedConfig(dataset=dataset, backbone=backbone, text_encoder=text_encoder, cache=path_or_none(cache),
                       batch_size=batch_size, device=device, allow_failures=allow_failures, views=views,
-                      shard_mb=shard_mb, workers=workers, scheduler=scheduler)
+                      shard_mb=shard_mb, workers=workers, scheduler=scheduler, lease_s=lease_s)
     with user_errors():
         result = run(cfg)
     print_summary(result, results_to(as_json))
