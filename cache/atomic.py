@@ -296,14 +296,9 @@ def me() -> Identity:
     return _ME[0]
 
 
-
 def this_process() -> dict:
     """Who we are, as recorded in claims and lock files (see :class:`Identity`)."""
     return me().record()
-
-
-def same_host(info: dict) -> bool:
-    return info.get("host") == socket.gethostname()
 
 
 def pid_running(pid: int) -> bool:
@@ -333,7 +328,7 @@ def process_alive(info: dict, who: Identity | None = None) -> bool:
         pid = int(info.get("pid", -1))
     except (TypeError, ValueError):
         return False
-    if pid <= 0 or not pid_running(pid):
+    if pid <= 0:
         return False
     start = process_start(pid)
     return start is not None and start == info.get("start")

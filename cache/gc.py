@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 from cache.atomic import try_exclusive
+from cache.claims import claim_is_live, describe
 from cache.index import forget_store, referenced_stores
 from cache.inspect import dir_bytes
 from cache.outputs import OUTPUTS_DIR
 from cache.shards import partial_of
-from cache.claims import claim_is_live, describe
 from cache.store import IN_USE, ZARR_DIR
 from cache.verify import dead_temp, temp_files
 from pipeline.errors import PipeError

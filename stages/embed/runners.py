@@ -124,9 +124,8 @@ class Runner:
                              lease_s=self.lease_s)
         finally:
             embedder.close()
-            for claim, sink in self._open.items():  # interrupted (the writer has stopped): drop them
+            for sink in self._open.values():  # interrupted: the keeper released their claims, drop their files
                 sink.abort()
-                self.store.release(claim)
         return self.failures
 
     def _publish(self, claim: Claim, sink: ShardSink, units: list[Unit], kept: list[Unit], fails: list[dict],
