@@ -15,13 +15,16 @@ system cannot read).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
+import secrets
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,7 +33,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PipeError
 
-_TEMP = re.compile(r"^\..+\.(\d+)(?:-\d+)?\.tmp(\.[A-Za-z0-9]+)?$")
+# .<name>.<pid>-<thread>-<token>.tmp[.ext]; older versions wrote no token (and once no thread)
+_TEMP = re.compile(r"^\..+\.(\d+)(?:-\d+)?(?:-[0-9a-f]{16})?\.tmp(\.[A-Za-z0-9]+)?$")
 
 
 def fsync_path(path: Path) -> None:
@@ -43,9 +47,13 @@ def fsync_path(path: Path) -> None:
 
 
 def temp_name(path: Path, suffix: str = "") -> Path:
-    """The hidden temporary sibling this process (and thread) writes ``path`` under."""
+    """The hidden temporary sibling this process (and thread) writes ``path`` under.
+
+    The writer's token makes the name unique even between processes of equal pid in two
+    pid namespaces or on two hosts sharing the cache.
+    """
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp{suffix}")
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}-{me().token}.tmp{suffix}")
 
 
 def is_temp_name(name: str) -> bool:
@@ -118,6 +126,32 @@ class LockError(OSError):
     """A lock file that cannot be created (the directory is not writable)."""
 
 
+class LocksUnsupported(PipeError):
+    """A file system that refuses ``flock`` (Lustre mounted without ``-o flock``, NFS without locking)."""
+
+
+_NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
+
+
+def _flock(fd: int, op: int, path: str | os.PathLike) -> None:
+    """``flock``, with a file system that has no locks named as such (the cache's claims depend on them)."""
+    try:
+        fcntl.flock(fd, op)
+    except OSError as e:
+        if e.errno not in _NO_FLOCK:
+            raise
+        raise LocksUnsupported(f"the file system holding {path} does not support flock ({e.strerror}); the cache's "
+                               "claims and commits rely on it. Mount it with locking (Lustre: `-o flock`; NFS: v4, "
+                               "or v3 with lockd and without `nolock`), or use a cache on another file system "
+                               "(--cache DIR or $PIPE_CACHE).") from None
+
+
+def _unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 def _open_lock(path: str | os.PathLike) -> int:
     """The lock file's descriptor (created if needed), or a :class:`LockError` that says why not."""
     try:
@@ -131,11 +165,10 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block."""
     fd = _open_lock(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _flock(fd, fcntl.LOCK_EX, path)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _unlock(fd)
 
 
 @contextlib.contextmanager
@@ -148,7 +181,7 @@ def shared_lock(path: str | os.PathLike) -> Iterator[None]:
     """
     fd = _open_lock(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        _flock(fd, fcntl.LOCK_SH, path)
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
@@ -158,8 +191,7 @@ def shared_lock(path: str | os.PathLike) -> Iterator[None]:
                             "`pipe cache rm`?); run the command again")
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _unlock(fd)
 
 
 @contextlib.contextmanager
@@ -172,43 +204,127 @@ def try_exclusive(path: str | os.PathLike) -> Iterator[bool]:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path)
         except BlockingIOError:
             yield False
             return
         yield True
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _unlock(fd)
 
 
-# ---------------------------------------------------------------------- process liveness
-def process_start(pid: int) -> str | None:
-    """Start time of a process (clock ticks since boot), to tell a live one from a reused pid."""
+# ---------------------------------------------------------------------- who we are, and liveness
+# The one place that decides whether a process is running. A pid means something only in
+# the pid namespace it was issued in, on the machine (and boot) it was issued on; anywhere
+# else the process cannot be seen from here and its liveness is unknown. Claims add a
+# lease on top (cache/claims.py), which settles the unknown case.
+def _read(path: str) -> str | None:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
         return None
 
 
+def process_start(pid: int | str) -> str | None:
+    """Start time of a process (clock ticks since boot), to tell a live one from a reused pid."""
+    stat = _read(f"/proc/{pid}/stat")
+    try:
+        return stat.rsplit(")", 1)[1].split()[19] if stat else None
+    except IndexError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (``pid:[inode]``), if ``/proc`` shows our own namespace.
+
+    A ``/proc`` mounted for another pid namespace (a container started without its own)
+    would answer pid questions about other processes, so then we claim no namespace and
+    never judge another process by its pid.
+    """
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a process is: host name, pid, start time, boot id, pid namespace and a random token.
+
+    ``writer`` is unique to the process (the token is drawn per process, and again in a
+    forked child); two processes are on the same machine *and* see each other's pids only
+    when host, boot id and pid namespace all agree (:meth:`sees`).
+    """
+
+    host: str
+    pid: int
+    start: str | None
+    boot: str | None
+    pidns: str | None
+    token: str
+
+    @property
+    def writer(self) -> str:
+        return f"{self.boot or '-'}:{self.pidns or '-'}:{self.pid}:{self.token}"
+
+    def record(self) -> dict:
+        return {"host": self.host, "pid": self.pid, "start": self.start, "boot": self.boot, "pidns": self.pidns,
+                "writer": self.writer}
+
+    def sees(self, info: dict) -> bool:
+        """Can this process check the pid of the process that wrote ``info``?
+
+        Records from before boot ids and namespaces were kept (no ``boot``) count as seen
+        when the host name matches: the old rule.
+        """
+        if info.get("host") != self.host:
+            return False
+        if "boot" not in info and "pidns" not in info:
+            return True
+        return bool(self.boot and self.pidns) and info.get("boot") == self.boot and info.get("pidns") == self.pidns
+
+
+_ME: list[Identity] = []
+
+
+def me() -> Identity:
+    """This process's :class:`Identity` (computed once per process: a forked child gets its own token)."""
+    if not _ME or _ME[0].pid != os.getpid():
+        _ME[:] = [Identity(socket.gethostname(), os.getpid(), process_start("self"),
+                           _read("/proc/sys/kernel/random/boot_id"), _pid_namespace(), secrets.token_hex(8))]
+    return _ME[0]
+
+
 def this_process() -> dict:
-    """Who we are, as recorded in claims and lock files: host, pid and start time."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+    """Who we are, as recorded in claims and lock files (see :class:`Identity`)."""
+    return me().record()
 
 
-def same_host(info: dict) -> bool:
-    return info.get("host") == socket.gethostname()
+def pid_running(pid: int) -> bool:
+    """Does ``pid`` exist in this pid namespace (whoever it belongs to)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
-def process_alive(info: dict) -> bool:
+def process_alive(info: dict, who: Identity | None = None) -> bool:
     """Is the process that wrote ``info`` (see :func:`this_process`) still running?
 
-    A process on another host cannot be seen from here and counts as alive. On this host
-    the pid must exist and have the recorded start time, so a pid reused by another
-    program does not keep a dead writer's claim alive.
+    A process this one cannot see (another host, boot or pid namespace: :meth:`Identity.sees`)
+    counts as alive: its liveness is unknown here. One it can see must exist with the
+    recorded start time, so a pid reused by another program does not keep a dead
+    writer's record alive.
     """
-    if not same_host(info):
+    if not (who or me()).sees(info):
         return True
     try:
         pid = int(info.get("pid", -1))

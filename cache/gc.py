@@ -32,12 +32,13 @@ from typing import Callable
 
 from cache.atomic import try_exclusive
 from cache.atomic import is_temp_name
+from cache.claims import claim_is_live, describe
 from cache.index import forget_store, referenced_stores
 from cache.inspect import dir_bytes
 from cache.marker import require_marker
 from cache.outputs import OUTPUTS_DIR
 from cache.shards import partial_of
-from cache.store import IN_USE, ZARR_DIR, claim_is_live
+from cache.store import IN_USE, ZARR_DIR
 from cache.verify import dead_temp, temp_files
 from pipeline.errors import PipeError
 
@@ -146,7 +147,7 @@ def in_use(store: Path) -> str | None:
         except (OSError, ValueError):
             continue
         if claim_is_live(info):
-            return f"being written by pid {info.get('pid')} on {info.get('host')}"
+            return f"being written by {describe(info)}"
     with try_exclusive(store / IN_USE) as free:
         return None if free else "held by a running `pipe embed`"
 

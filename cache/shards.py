@@ -17,13 +17,14 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-from cache.atomic import fsync_path
+from cache.atomic import fsync_path, me
 from cache.paths import repair_command
 from pipeline.errors import PipeError
 
 EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
-PARTIAL = re.compile(r"^\.(.+)\.partial-(\d+)$")  # a shard file being written: .<name>.partial-<pid>
+# a shard file being written: .<name>.partial-<pid>-<writer token> (older versions wrote no token)
+PARTIAL = re.compile(r"^\.(.+)\.partial-(\d+)(?:-[0-9a-f]{16})?$")
 
 
 def partial_of(name: str) -> tuple[str, int] | None:
@@ -168,7 +169,7 @@ class ShardWriter:
         self.layout, self.shard, self.fsync = layout, shard, fsync
         self.path = layout.shard_path(shard)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}-{me().token}")
         self._f = open(self.tmp, "wb")
         self._index = np.full((layout.chunks_per_shard, 2), EMPTY, dtype="<u8")
         self._pending: list[np.ndarray] = []
@@ -204,8 +205,8 @@ class ShardWriter:
         self._offset += len(data) + _CRC
         self._chunks += 1
 
-    def close(self) -> Path:
-        """Finish the file (pad, index, fsync) and move it into place."""
+    def finish(self) -> Path:
+        """Complete the temporary file (pad, index, fsync); :meth:`publish` moves it into place."""
         lay = self.layout
         if self._pending_rows:
             block = np.zeros((lay.chunk_rows, *lay.row_shape), self._dtype)
@@ -219,13 +220,26 @@ class ShardWriter:
         if self.fsync:
             os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self.tmp, self.path)
-        if self.fsync:
-            fsync_path(self.path.parent)  # the rename too
-        return self.path
+        return self.tmp
+
+    def publish(self) -> Path:
+        return publish(self.tmp, self.path, self.fsync)
+
+    def close(self) -> Path:
+        """Finish the file (pad, index, fsync) and move it into place."""
+        self.finish()
+        return self.publish()
 
     def abort(self) -> None:
         """Drop what was written; the shard is left as if never started."""
         if not self._f.closed:
             self._f.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def publish(tmp: Path, path: Path, fsync: bool = True) -> Path:
+    """Move a finished shard file into place (the rename made durable with its directory)."""
+    os.replace(tmp, path)
+    if fsync:
+        fsync_path(path.parent)
+    return path

@@ -9,9 +9,10 @@ Layout of a store directory::
                               one file per committed shard: content key -> row.
                               Written last, atomically: it IS the commit.
     claims/<shard>-<group>.json
-                              a shard being written, by which host and process
+                              a shard being written: by which writer, and its lease
+                              (cache/claims.py), renewed while the writer works
     failures/<run>.parquet    items that could not be embedded, with the reason
-    .lock                     flock() taken only to allocate or commit a shard
+    .lock                     flock() taken only to take, renew, release or commit a claim
 
 Rows that no manifest part names are padding or belong to an interrupted write; readers
 must go through the manifest. Each shard file is written by exactly one claimant,
@@ -22,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import importlib.metadata as md
 import json
 import os
 import re
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,19 +42,12 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.storage import MemoryStore
 
-from cache.atomic import (
-    atomic_write_bytes,
-    locked,
-    process_alive,
-    same_host,
-    shared_lock,
-    this_process,
-    write_parquet_atomic,
-)
+from cache.atomic import Identity, atomic_write_bytes, locked, me, shared_lock, write_parquet_atomic
+from cache.claims import judge, lease_seconds, new_record, owns, renewed
 from cache.keys import FORMAT_VERSION
 from cache.marker import ensure_marker
 from cache.paths import portable, repair_command, root_of_store
-from cache.shards import PARTIAL, ShardLayout, ShardWriter
+from cache.shards import PARTIAL, ShardLayout, ShardWriter, publish
 from pipeline.errors import PipeError
 
 ZARR_DIR = "embeddings.zarr"
@@ -89,6 +85,10 @@ class StoreError(PipeError):
     """A store that cannot be used as asked; the message says what to do."""
 
 
+class ClaimLost(StoreError):
+    """A claim that another writer took over after its lease lapsed: this writer's work on it is void."""
+
+
 class UnreadablePart(StoreError):
     """A manifest part that cannot be read; ``reason`` is the reader's complaint."""
 
@@ -121,6 +121,8 @@ class Claim:
     shard: int = -1
     group: str = ""
     path: Path | None = None
+    writer: str = ""   # who took it (Identity.writer) and the claim's own token: what ownership means
+    token: str = ""
 
 
 def library_versions() -> dict[str, str]:
@@ -171,27 +173,6 @@ def array_metadata(entry: dict, shard_rows: int, chunk_rows: int, rows: int) -> 
     return files["zarr.json"].to_bytes()
 
 
-# Runs of this process that are writing now. A claim this process made in an earlier,
-# failed run (a library caller may retry in the same process) is dead, not live.
-LIVE_RUNS: set[str] = set()
-
-
-@contextlib.contextmanager
-def live_run(run: str) -> Iterator[str]:
-    LIVE_RUNS.add(run)
-    try:
-        yield run
-    finally:
-        LIVE_RUNS.discard(run)
-
-
-def claim_is_live(info: dict) -> bool:
-    """A claim from another host is assumed live: we cannot see its processes."""
-    if same_host(info) and info.get("pid") == os.getpid():
-        return info.get("run") in LIVE_RUNS
-    return process_alive(info)
-
-
 class Store:
     """A store directory. Open with :meth:`open` (read) or :meth:`create` (write)."""
 
@@ -200,6 +181,7 @@ class Store:
         self.zpath = self.path / ZARR_DIR
         self.group = zarr.open_group(str(self.zpath), mode="r")
         self.attrs = dict(self.group.attrs)
+        self._finished: set[Claim] = set()  # claims this object committed or released: nothing to renew
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
@@ -356,14 +338,19 @@ class Store:
                     out.append((int(m[1]), m[2], json.loads(p.read_text())))
         return sorted(out, key=lambda c: c[0])
 
-    def claim(self, group: str, run: str = "") -> Claim:
+    def claim(self, group: str, run: str = "", lease_s: float | None = None, now: float | None = None,
+              who: Identity | None = None) -> Claim:
         """Try to take the shard for ``group``; the claim's state says whether we got it.
 
-        A new group takes the lowest shard that no part commits and no live process
+        A new group takes the lowest shard that no part commits and no live writer
         claims: the shard of a dead writer, of a part that `verify --repair` dropped, or
         the next one at the end. So a group re-embedded after a repair lands in the shard
-        it had, and the repaired store equals a clean one file for file.
+        it had, and the repaired store equals a clean one file for file. The claim holds
+        for ``lease_s`` (default :func:`cache.claims.lease_seconds`); renew it with
+        :meth:`renew` while working (:class:`cache.claims.LeaseKeeper`). ``now`` and
+        ``who`` stand in for the clock and this process in tests.
         """
+        lease_s, who = lease_seconds(lease_s), who or me()
         with locked(self.path / ".lock"):
             parts = self.parts()
             if any(g == group for _, g, _ in parts):
@@ -374,7 +361,7 @@ class Store:
                 if s in committed:  # killed between commit and release: the claim is stale
                     (self.path / "claims" / f"{s:06d}-{g}.json").unlink(missing_ok=True)
                 else:
-                    claims.append((s, g, info, claim_is_live(info)))
+                    claims.append((s, g, info, judge(info, now, who).live))
             shard = None
             for s, g, _, live in claims:
                 if g == group:
@@ -388,13 +375,39 @@ class Store:
                 if s == shard:
                     (self.path / "claims" / f"{s:06d}-{g}.json").unlink(missing_ok=True)
             path = self.path / "claims" / f"{shard:06d}-{group}.json"
-            atomic_write_bytes(path, json.dumps({**this_process(), "group": group, "shard": shard,
-                                                 "run": run, "time": time.time()}).encode())
+            token = secrets.token_hex(8)
+            atomic_write_bytes(path, json.dumps(new_record(group, shard, run, token, lease_s, now, who)).encode())
         self.clear_shard(shard)
-        return Claim(ClaimState.TAKEN, shard, group, path)
+        return Claim(ClaimState.TAKEN, shard, group, path, who.writer, token)
+
+    def _own(self, claim: Claim) -> dict | None:
+        """The claim's record if it is still ``claim``'s own (call under the lock), else None."""
+        try:
+            info = json.loads(claim.path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # not ours: we only ever write whole records
+            return None
+        return info if owns(info, claim.writer, claim.token) else None
+
+    def renew(self, claim: Claim, lease_s: float | None = None, now: float | None = None) -> bool:
+        """Extend the claim's lease; False (and nothing written) if another writer has taken it
+        over. (True, and nothing written, once this store committed or released it.)"""
+        with locked(self.path / ".lock"):
+            if claim in self._finished:
+                return True
+            info = self._own(claim)
+            if info is None:
+                return False
+            atomic_write_bytes(claim.path, json.dumps(renewed(info, lease_seconds(lease_s), now)).encode())
+            return True
 
     def release(self, claim: Claim) -> None:
-        claim.path.unlink(missing_ok=True)
+        """Give a claim up (its shard was not written); a claim another writer took over is left to it."""
+        with locked(self.path / ".lock"):
+            if self._own(claim) is not None:
+                claim.path.unlink(missing_ok=True)
+                self._finished.add(claim)
 
     def _shard_entries(self, shard: int) -> list[Path]:
         """What one shard occupies in every array: ``c/<shard>`` (a folder, or for a 1-D array
@@ -415,12 +428,21 @@ class Store:
         return out
 
     def clear_shard(self, shard: int) -> None:
-        """Remove whatever an interrupted writer (or a dropped commit) left in this shard's files."""
+        """Remove whatever an interrupted writer (or a dropped commit) left in this shard's files.
+
+        A writer whose claim was taken over may still create its temporary file here
+        meanwhile (it is never committed, and its name is its own): the removal tries again.
+        """
         for e in self._shard_entries(shard):
-            if e.is_dir():
-                shutil.rmtree(e)
-            else:
-                e.unlink(missing_ok=True)
+            for attempt in range(3):
+                try:
+                    shutil.rmtree(e) if e.is_dir() else e.unlink(missing_ok=True)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as err:
+                    if err.errno != errno.ENOTEMPTY or attempt == 2:
+                        raise
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator["Store"]:
@@ -478,22 +500,36 @@ class Store:
         sink = self.shard_sink(claim.shard, fsync)
         try:
             sink.append(data.arrays)
-            sink.close()
+            files = sink.finish()
+            self.commit(claim, data.keys, data.views, data.sources, dataset, files, fsync)
         except BaseException:
             sink.abort()
             raise
-        self.commit(claim, data.keys, data.views, data.sources, dataset)
 
-    def commit(self, claim: Claim, keys: list[str], views: list[int], sources: list[str], dataset: str) -> None:
-        """Publish a written shard: its manifest part appears atomically, then the claim goes."""
+    def commit(self, claim: Claim, keys: list[str], views: list[int], sources: list[str], dataset: str,
+               files: list[tuple[Path, Path]] = (), fsync: bool = True) -> None:
+        """Publish a written shard: under the lock, and only while the claim is still ours,
+        move its finished files (``files``: temporary name, final name) into place, write
+        its manifest part (the commit) and drop the claim.
+
+        A claim that another writer took over (our lease lapsed) raises :class:`ClaimLost`
+        and changes nothing: the new owner's files and claim are left alone.
+        """
         n, start = len(keys), claim.shard * self.shard_rows
         table = pa.Table.from_pydict({
             "key": keys, "view": views, "row": list(range(start, start + n)),
             "shard": [claim.shard] * n, "source": [self.portable(s) for s in sources], "dataset": [dataset] * n,
             "status": ["ok"] * n,
         }, schema=MANIFEST_SCHEMA)
-        write_parquet_atomic(table, self.path / "manifest" / f"part-{claim.shard:06d}-{claim.group}.parquet")
-        self.release(claim)
+        with locked(self.path / ".lock"):
+            if self._own(claim) is None:
+                raise ClaimLost(f"store {self.path}: shard {claim.shard} was taken over by another writer after "
+                                "this one's lease lapsed; its work is left to that writer")
+            for tmp, final in files:
+                publish(Path(tmp), Path(final), fsync)
+            write_parquet_atomic(table, self.path / "manifest" / f"part-{claim.shard:06d}-{claim.group}.parquet")
+            claim.path.unlink(missing_ok=True)
+            self._finished.add(claim)
 
 
 class ShardSink:
@@ -521,6 +557,11 @@ class ShardSink:
         for name, a in arrays.items():
             self.writers[name].append(a)
         self.rows += sizes.pop()
+
+    def finish(self) -> list[tuple[Path, Path]]:
+        """Complete every array's file under its temporary name; returns (temporary, final) pairs
+        for :meth:`Store.commit` to move into place."""
+        return [(w.finish(), w.path) for w in self.writers.values()]
 
     def close(self) -> None:
         for w in self.writers.values():

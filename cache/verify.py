@@ -15,8 +15,9 @@ A store is checked in four passes, each planning the repair of what it finds:
   loses its manifest part and its files: the next `pipe embed` re-embeds that group
   with exactly the batches of a clean run, into the same shard (new groups take the
   lowest free shard), so the repaired store equals a clean one file for file.
-- **leftovers**: claims of dead writers, shard data that no part commits and no writer
-  claims, and temporary files of writers that are gone are removed.
+- **leftovers**: claims of dead writers (whose lease has expired, on any host, or whose
+  process is gone on this one: cache/claims.py), shard data that no part commits and no
+  writer claims, and temporary files of writers that are gone are removed.
 
 Repairs run under the store's lock and re-check each condition first, so a `pipe embed`
 running meanwhile is never disturbed: live claims and their shards are not touched.
@@ -32,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.atomic import atomic_write_bytes, is_temp_name, locked, temp_owner
+from cache.atomic import atomic_write_bytes, is_temp_name, locked, pid_running, temp_owner
+from cache.claims import claim_is_live, describe, judge
 from cache.index import dataset_folders, store_entries
 from cache.npz import NpzCorruption, load_checked
 from cache.paths import plain_name
 from cache.shards import ShardCorruption, ShardFile, ShardLayout, partial_of
-from cache.store import CLAIM_RE, QUARANTINE, ZARR_DIR, Store, UnreadablePart, array_metadata, claim_is_live
+from cache.store import CLAIM_RE, QUARANTINE, ZARR_DIR, Store, UnreadablePart, array_metadata
 
 TEMP_GRACE_S = 600  # a temporary file younger than this may belong to a writer on another host
 
@@ -122,6 +124,7 @@ def _check_manifest(store: Store, rep: VerifyReport) -> dict[int, Part]:
     S = store.shard_rows
     parts: dict[int, Part] = {}
     seen: dict[tuple[str, int], str] = {}
+    doubled: set[int] = set()
     for shard, _, p in store.parts():
         try:
             t = store.read_part(p)
@@ -139,8 +142,16 @@ def _check_manifest(store: Store, rep: VerifyReport) -> dict[int, Part]:
         elif twice:
             rep.problem(f"key {twice[0][0]} view {twice[0][1]} is stored twice ({seen[twice[0]]} and {p.name})",
                         Repair("drop", p, shard, len(rows)))
-        elif shard in parts:
-            rep.problem(f"manifest parts {parts[shard].path.name} and {p.name} both commit shard {shard}",
+        elif shard in parts or shard in doubled:
+            # two writers took one shard (a file system whose flock does not reach across hosts):
+            # whose rows its files hold is unknown, so every part of it goes
+            first = parts.pop(shard, None)
+            if first is not None:
+                doubled.add(shard)
+                rep.rows -= len(first.offsets)
+                rep.plan.append(Repair("drop", first.path, shard, len(first.offsets)))
+            rep.problem(f"manifest part {p.name} commits shard {shard}, which another part commits too (two writers "
+                        "on a file system whose flock does not reach across hosts?); --repair drops them all",
                         Repair("drop", p, shard, len(rows)))
         else:
             seen.update(dict.fromkeys(keys, p.name))
@@ -313,15 +324,15 @@ def _check_claims(store: Store, rep: VerifyReport) -> set[int]:
         except (OSError, ValueError):
             rep.warning(f"claim {p.name} is unreadable", Repair("unclaim", p, shard))
             continue
-        who = f"pid {info.get('pid')} on {info.get('host')}"
-        if claim_is_live(info):
-            rep.warnings.append(f"shard {shard} is claimed by {who} (in progress)")
+        who, verdict = describe(info), judge(info)
+        if verdict.live:
+            rep.warnings.append(f"shard {shard} is claimed by {who} (in progress: {verdict.why})")
         else:
             files = [f for f in store.shard_files(shard) if partial_of(f.name)]
             left = (f", with {len(files)} temporary file(s) such as {files[0].relative_to(store.path)}"
                     if files else "")
-            rep.warning(f"shard {shard} is claimed by {who}, left by an interrupted run{left}; the next "
-                        "`pipe embed` redoes it (--repair clears it now)", Repair("unclaim", p, shard))
+            rep.warning(f"shard {shard} is claimed by {who}, left by an interrupted run ({verdict.why}){left}; the "
+                        "next `pipe embed` redoes it (--repair clears it now)", Repair("unclaim", p, shard))
     return claimed
 
 
@@ -341,22 +352,12 @@ def shard_data(store: Store) -> dict[int, list[Path]]:
 def dead_temp(path: Path, now: float, pid: int | None) -> bool:
     """Is this temporary file a leftover: its writer is not running here, and it is old enough
     that it cannot be a write in progress on another host (pids there mean nothing here)?"""
-    if pid is None or _pid_running(pid):
+    if pid is None or pid_running(pid):
         return False
     try:
         return now - path.stat().st_mtime >= TEMP_GRACE_S
     except OSError:
         return False
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def temp_files(folder: Path, now: float) -> list[Path]:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import embed_json, make_table, pipe
+from tests.kills import assert_nothing_lost, cache_files, claim_records, committed
 from tests.test_embed import ROOT, read_rows, stores_by_modality
 
 pytestmark = pytest.mark.slow  # subprocesses, kills and process groups: minutes, not seconds
@@ -54,22 +55,43 @@ def table_and_clean(tmp_path_factory):
     return table, root / "clean", time.perf_counter() - t
 
 
-def test_sigkill_at_ten_random_points_then_resume(table_and_clean, tmp_path):
-    table, clean, seconds = table_and_clean
+KILLED = ("--shard-mb", "0.1")  # 16-row shards: 96 items make 12 of them, room for ten kills' progress
+
+
+def test_sigkill_at_ten_random_points_then_resume(tmp_path):
+    table = make_table(tmp_path / "data", 96)
+    clean = subprocess.run(embed_cmd(table, tmp_path / "clean", *KILLED), env=ENV, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
     cache = tmp_path / "cache"
     rng = random.Random(1234)
-    for _ in range(10):
-        proc = subprocess.Popen(embed_cmd(table, cache), env=ENV, stdout=subprocess.DEVNULL,
+    kept: dict[str, bytes] = {}  # every file committed before some kill
+    landed = 0
+    parts = lambda: len(list(cache.glob("stores/*/*/manifest/part-*.parquet")))
+    for i in range(10):
+        proc = subprocess.Popen(embed_cmd(table, cache, *KILLED), env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, seconds))
+        # Alternate the trigger: once this run holds a claim (past start-up, inside its first
+        # shard), or once it has committed a shard (inside the next one); then a random delay.
+        start = parts()
+        ready = ((lambda: any(c.get("pid") == proc.pid for c in claim_records(cache))) if i % 2 == 0
+                 else (lambda: parts() > start))
+        while proc.poll() is None and not ready():
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.3) if i % 2 == 0 else rng.uniform(0, 0.05))
+        landed += proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    final = subprocess.run(embed_cmd(table, cache), env=ENV, capture_output=True, text=True)
+        assert_nothing_lost(kept, cache)  # no kill, and no run after one, lost or changed a committed file
+        kept.update(committed(cache))
+    print(f"embed: {landed} of 10 kills landed; {len(kept)} committed files kept through them")
+    assert landed >= 8 and kept, (landed, len(kept))
+    final = subprocess.run(embed_cmd(table, cache, *KILLED), env=ENV, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     out = json.loads(final.stdout.strip().splitlines()[-1])
-    assert out["embedded"] + out["reused"] == 80
+    assert out["embedded"] + out["reused"] == 192
     pipe("cache", "verify", "--cache", str(cache))
-    assert_same_cache(clean, cache)
+    assert_nothing_lost(kept, cache)
+    assert cache_files(cache) == cache_files(tmp_path / "clean")  # byte for byte
 
 
 def test_two_concurrent_writers_store_everything_once(table_and_clean, tmp_path):

@@ -31,6 +31,9 @@ def embed(
                                           "and resize; larger images (by pixel count or aspect ratio) fail, with the reason."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow an encoder that runs code from its "
                                            "hub repository (cxr-bert); also $PIPE_TRUST_REMOTE_CODE=1."),
+    lease_s: Optional[float] = typer.Option(
+        None, "--lease-s", min=1.0, help="Lease of a shard claim, renewed every quarter of it while the shard is "
+        "written; a crashed writer's shards are taken over once it lapses \\[default: $PIPE_CLAIM_LEASE_S, else 120]."),
 ) -> None:
     """Run each frozen encoder once per distinct image and report, into the cache."""
     from pipeline.encoders.remote import allow_remote_code  # lazy: keeps `pipe --help` fast
@@ -38,7 +41,8 @@ def embed(
 
     cfg = EmbedConfig(dataset=dataset, backbone=backbone, text_encoder=text_encoder, cache=path_or_none(cache),
                       batch_size=batch_size, device=device, allow_failures=allow_failures, views=views,
-                      shard_mb=shard_mb, workers=workers, scheduler=scheduler, image_memory_mb=image_memory_mb)
+                      shard_mb=shard_mb, workers=workers, scheduler=scheduler, image_memory_mb=image_memory_mb,
+                      lease_s=lease_s)
     if trust_remote_code:
         allow_remote_code()
     with user_errors():

@@ -1,19 +1,25 @@
 """Who embeds the groups: this process, or the workers of a Dask cluster.
 
 Both runners share one claim loop (:func:`claim_groups`): each group is claimed in the
-store; a group another run committed is counted as reused; a group a live process is
-writing now is come back to until it is committed (or its writer dies and we take it
-over). Claims always stay with this process, so a crashed client's shards are redone by
-the next run, like any other.
+store; a group another run committed is counted as reused; a group a live writer is
+writing now is come back to until it is committed (or its writer dies, or its lease
+lapses, and we take it over). Claims always stay with this process, which renews their
+leases from a background thread (:class:`cache.claims.LeaseKeeper`) for the whole time
+it holds them, also while a Dask worker embeds the group; so a crashed client's shards
+are redone by the next run, like any other, within one lease. A claim that another
+writer took over after our lease lapsed is never committed: its group is waited for
+like any other busy one.
 """
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Callable, Iterable
 
+from cache.claims import LeaseKeeper, lease_seconds
 from cache.index import Unit
-from cache.store import Claim, ClaimState, ShardSink, Store
+from cache.store import Claim, ClaimLost, ClaimState, ShardSink, Store
 from pipeline import threads
 from pipeline.console import err, progress
 from pipeline.devices import resolve_device
@@ -26,14 +32,16 @@ from stages.embed.plan import Plan, group_id
 
 def claim_groups(store: Store, groups: Iterable[list[Unit]], run_id: str, *,
                  take: Callable[[Claim, list[Unit]], None], skip: Callable[[list[Unit], bool], None],
-                 settle: Callable[[], None] = lambda: None, before: Callable[[], None] = lambda: None,
-                 on_wait: Callable[[list[list[Unit]]], None] = lambda busy: None, poll: float = 0.2) -> None:
+                 settle: Callable[[], list[list[Unit]]] = lambda: [], before: Callable[[], None] = lambda: None,
+                 on_wait: Callable[[list[list[Unit]]], None] = lambda busy: None, poll: float = 0.2,
+                 lease_s: float | None = None) -> None:
     """Claim every group once; ``take`` those we get, ``skip`` those committed elsewhere
     (with whether we waited for them), and poll the busy ones until none is left.
 
-    ``settle`` runs after each pass (to finish the work taken in it); ``before`` before
-    each claim of the first pass (progress bookkeeping); ``on_wait`` once, with the groups
-    another live process is writing.
+    ``settle`` runs after each pass (to finish the work taken in it) and returns the
+    groups whose claims were lost to another writer, which are waited for like busy
+    ones; ``before`` runs before each claim of the first pass (progress bookkeeping);
+    ``on_wait`` once, with the groups another live writer is writing.
     """
     waiting, waited = groups, False
     while True:
@@ -41,14 +49,14 @@ def claim_groups(store: Store, groups: Iterable[list[Unit]], run_id: str, *,
         for units in waiting:
             if not waited:
                 before()
-            claim = store.claim(group_id(units), run_id)
+            claim = store.claim(group_id(units), run_id, lease_s)
             if claim.state is ClaimState.BUSY:
                 busy.append(units)
             elif claim.state is ClaimState.DONE:
                 skip(units, waited)
             else:
                 take(claim, units)
-        settle()
+        busy += settle()
         if not busy:
             return
         if not waited:
@@ -63,6 +71,7 @@ class Runner:
     def __init__(self, modality: Modality, enc_cfg, cfg, device, store: Store, dataset: str, res, run_id: str):
         self.modality, self.enc_cfg, self.cfg, self.device = modality, enc_cfg, cfg, device
         self.store, self.dataset, self.res, self.run_id = store, dataset, res, run_id
+        self.lease_s = lease_seconds(cfg.lease_s)
         self.failures: list[dict] = []
         self.label = f"embed {modality.name} · {enc_cfg.name}"
 
@@ -74,45 +83,74 @@ class Runner:
         self.res.failed += len(fails)
         self.failures.extend(fails)
 
+    def _count(self, outcomes: list[tuple[Claim, list[Unit], int, list[dict], bool]]) -> list[list[Unit]]:
+        """Count the groups published since the last call; return those whose claim was lost."""
+        lost = []
+        while outcomes:
+            claim, units, embedded, fails, committed = outcomes.pop(0)
+            if committed:
+                self.res.embedded += embedded
+                self._count_failures(fails)
+            else:
+                _say_lost(claim)
+                lost.append(units)
+        return lost
+
     def run(self, groups: Iterable[list[Unit]], plan: Plan) -> list[dict]:
         embedder = GroupEmbedder(self.modality, self.enc_cfg.name, self.cfg, self.device)
-        self._open: dict[int, tuple[Claim, ShardSink]] = {}  # shards claimed and not yet committed
+        self._open: dict[Claim, ShardSink] = {}  # shards claimed and not yet committed
+        outcomes: list = []  # appended by the writer thread, counted here after each pass
         try:
-            with progress() as bar, WriteBehind(depth=4) as writer:
+            with progress() as bar, LeaseKeeper(self.lease_s) as keeper, WriteBehind(depth=4) as writer:
                 task = bar.add_task(self.label, total=plan.estimate())
 
                 def take(claim: Claim, units: list[Unit]) -> None:
+                    keeper.hold(self.store, claim)
                     sink = self.store.shard_sink(claim.shard, self.cfg.fsync)
-                    self._open[claim.shard] = (claim, sink)
+                    self._open[claim] = sink
                     kept, fails = embedder.embed(units, self.dataset, sink, writer.submit,
                                                  lambda n: bar.advance(task, n))
-                    self.res.embedded += len(kept)
-                    self._count_failures(fails)
-                    writer.submit(self._publish, claim, sink, kept)
+                    writer.submit(self._publish, claim, sink, units, kept, fails, keeper, outcomes)
 
                 def skip(units: list[Unit], waited: bool) -> None:
                     self._count_skipped(units, waited)
                     bar.advance(task, len(units))
 
-                claim_groups(self.store, groups, self.run_id, take=take, skip=skip, settle=writer.drain,
-                             before=lambda: bar.update(task, total=plan.estimate()), on_wait=_say_waiting)
+                def settle() -> list[list[Unit]]:
+                    writer.drain()
+                    return self._count(outcomes)
+
+                claim_groups(self.store, groups, self.run_id, take=take, skip=skip, settle=settle,
+                             before=lambda: bar.update(task, total=plan.estimate()), on_wait=_say_waiting,
+                             lease_s=self.lease_s)
         finally:
             embedder.close()
-            for claim, sink in self._open.values():  # interrupted (the writer has stopped): drop them
+            for sink in self._open.values():  # interrupted: the keeper released their claims, drop their files
                 sink.abort()
-                self.store.release(claim)
         return self.failures
 
-    def _publish(self, claim: Claim, sink: ShardSink, kept: list[Unit]) -> None:
-        """Runs on the writer thread, after the shard's last rows: publish it, or give it up."""
-        if kept:
-            sink.close()
-            self.store.commit(claim, [u.key for u in kept], [u.view for u in kept], [u.source for u in kept],
-                              self.dataset)
-        else:  # every item failed
+    def _publish(self, claim: Claim, sink: ShardSink, units: list[Unit], kept: list[Unit], fails: list[dict],
+                 keeper: LeaseKeeper, outcomes: list) -> None:
+        """Runs on the writer thread, after the shard's last rows: publish it, or give it up.
+
+        A claim another writer took over (our lease lapsed) is not committed: the shard's
+        temporary files are dropped and the group is waited for like a busy one.
+        """
+        committed = True
+        try:
+            if kept:
+                files = sink.finish()
+                self.store.commit(claim, [u.key for u in kept], [u.view for u in kept], [u.source for u in kept],
+                                  self.dataset, files, self.cfg.fsync)
+            else:  # every item failed
+                sink.abort()
+                self.store.release(claim)
+        except ClaimLost:
             sink.abort()
-            self.store.release(claim)
-        del self._open[claim.shard]
+            committed = False
+        keeper.drop(claim)
+        del self._open[claim]
+        outcomes.append((claim, units, len(kept), fails, committed))
 
 
 def _say_waiting(busy: list[list[Unit]]) -> None:
@@ -120,18 +158,25 @@ def _say_waiting(busy: list[list[Unit]]) -> None:
               "waiting for its commits.")
 
 
+def _say_lost(claim: Claim) -> None:
+    err.print(f"[yellow]shard {claim.shard}: another writer took this claim over after its lease lapsed (was this "
+              "process paused for longer than the lease?); its work is dropped and the shard is waited for.")
+
+
 class DaskRunner(Runner):
-    """Each group is a Dask task: a worker embeds it and writes the whole shard's arrays,
-    and returns its manifest rows, which this process commits."""
+    """Each group is a Dask task: a worker embeds it and writes the whole shard's arrays
+    under temporary names, and returns them with the manifest rows; this process, which
+    holds the claim and renews its lease meanwhile, commits them."""
 
     def run(self, groups: Iterable[list[Unit]], plan: Plan) -> list[dict]:
         from distributed import as_completed  # lazy: dask's distributed takes a second to import
 
-        with _dask_client(self.cfg) as client, progress() as bar:
+        with _dask_client(self.cfg) as client, progress() as bar, LeaseKeeper(self.lease_s) as keeper:
             task = bar.add_task(f"{self.label} · dask", total=plan.estimate())
             futures: dict = {}
 
             def take(claim: Claim, units: list[Unit]) -> None:
+                keeper.hold(self.store, claim)
                 fut = client.submit(_remote_embed, str(self.store.path), self.modality.name, self.enc_cfg.name,
                                     self.cfg, claim.shard, units, self.dataset, pure=False)
                 futures[fut] = (claim, units)
@@ -140,23 +185,37 @@ class DaskRunner(Runner):
                 self._count_skipped(units, waited)
                 bar.advance(task, len(units))
 
-            def settle() -> None:
+            def settle() -> list[list[Unit]]:
+                lost = []
                 for fut in as_completed(list(futures)):
                     claim, units = futures.pop(fut)
-                    self._finish(claim, fut.result())
+                    if not self._finish(claim, fut.result()):
+                        _say_lost(claim)
+                        lost.append(units)
+                    keeper.drop(claim)
                     bar.advance(task, len(units))
+                return lost
 
             claim_groups(self.store, groups, self.run_id, take=take, skip=skip, settle=settle,
-                         before=lambda: bar.update(task, total=plan.estimate()))
+                         before=lambda: bar.update(task, total=plan.estimate()), lease_s=self.lease_s)
         return self.failures
 
-    def _finish(self, claim: Claim, out: dict) -> None:
+    def _finish(self, claim: Claim, out: dict) -> bool:
+        """Commit a worker's shard; False if the claim was lost to another writer meanwhile."""
+        files = [(Path(tmp), Path(final)) for tmp, final in out["files"]]
+        try:
+            if out["keys"]:
+                self.store.commit(claim, out["keys"], out["views"], out["sources"], self.dataset, files,
+                                  self.cfg.fsync)
+            else:
+                self.store.release(claim)
+        except ClaimLost:
+            for tmp, _ in files:
+                tmp.unlink(missing_ok=True)
+            return False
         self._count_failures(out["failures"])
-        if out["keys"]:
-            self.store.commit(claim, out["keys"], out["views"], out["sources"], self.dataset)
-            self.res.embedded += len(out["keys"])
-        else:
-            self.store.release(claim)
+        self.res.embedded += len(out["keys"])
+        return True
 
 
 def _dask_client(cfg):
@@ -202,11 +261,15 @@ def _remote_embed(store_path: str, modality: str, encoder: str, cfg, shard: int,
         _WORKER_EMBEDDERS.clear()
         _WORKER_EMBEDDERS[key] = GroupEmbedder(MODALITIES[modality], encoder, cfg, resolve_device(cfg.device))
     sink = Store.open(store_path).shard_sink(shard, cfg.fsync)
+    files: list = []
     try:
         kept, failures = _WORKER_EMBEDDERS[key].embed(units, dataset, sink)
-        sink.close() if kept else sink.abort()
+        if kept:
+            files = [(str(tmp), str(final)) for tmp, final in sink.finish()]  # the client moves them into place
+        else:
+            sink.abort()
     except BaseException:
         sink.abort()
         raise
     return {"keys": [u.key for u in kept], "views": [u.view for u in kept], "sources": [u.source for u in kept],
-            "failures": failures}
+            "failures": failures, "files": files}

@@ -21,7 +21,8 @@ import torch
 from cache.index import IndexBuilder
 from cache.keys import fingerprint
 from cache.paths import cache_root
-from cache.store import Store, StoreError, live_run
+from cache.claims import lease_seconds, live_run
+from cache.store import Store, StoreError
 from pipeline import threads
 from pipeline.allocator import keep_freed_memory
 from pipeline.console import err
@@ -56,6 +57,7 @@ class EmbedConfig:
     hash_ahead: int = 2048         # image files keyed ahead of the planner (in the background)
     workers: int = 0               # >0: start a Dask LocalCluster with this many worker processes
     scheduler: str | None = None   # tcp://host:port of an existing Dask cluster (shared file system)
+    lease_s: float | None = None   # a claim's lease; None: $PIPE_CLAIM_LEASE_S, else 120 s (cache/claims.py)
 
     @property
     def modalities(self) -> list[Modality]:
@@ -122,6 +124,7 @@ def run(cfg: EmbedConfig, dataset: Dataset | None = None) -> EmbedResult:
 
 def _run(cfg: EmbedConfig, root: Path, dataset: Dataset | None) -> EmbedResult:
     t0 = time.perf_counter()
+    lease_seconds(cfg.lease_s)  # a bad lease setting stops here, before any work
     device = resolve_device(cfg.device)
     active = cfg.modalities
     if not active:

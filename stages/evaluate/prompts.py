@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cache.claims import live_run
 from cache.index import DatasetIndex
 from cache.keys import normalise_report, text_key
 from cache.store import Store
@@ -40,8 +41,9 @@ def embed_texts_store(texts: list[str], encoder_name: str, cache_root: Path,
     index = DatasetIndex("prompts", Path(cache_root) / "datasets" / "prompts", table)
     cfg = EmbedConfig(dataset="prompts", backbone=None, text_encoder=encoder_name, cache=str(cache_root))
     run_id = f"prompts-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    res, failures = embed_modality("text", encoder_name, index, "prompts", cfg, Path(cache_root),
-                                   resolve_device(device), run_id)
+    with live_run(run_id):  # this run's own claims count as live while it runs
+        res, failures = embed_modality("text", encoder_name, index, "prompts", cfg, Path(cache_root),
+                                       resolve_device(device), run_id)
     if failures:
         raise PromptError(f"could not embed {len(failures)} prompt(s): {failures[0]['reason']}")
     store = Store.open(res.store)

@@ -1,0 +1,115 @@
+"""`pipe evaluate` killed with SIGKILL at seeded random points, then run again on the same
+--out, ends exactly where an uninterrupted run ends: the same figures, the same cache.
+
+Zero-shot evaluation writes to the cache while it runs (the prompts go into the text
+store under claims, the frozen Adaptor's outputs into the derived cache), and
+classification trains heads for a while: a kill can land in any of these. Nothing the
+cache had committed before a kill is lost or changed by it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.npz import load_checked
+from tests.helpers import embed_json, pipe
+from tests.kills import (
+    ENV,
+    assert_nothing_lost,
+    cache_files,
+    committed,
+    pipe_cmd,
+    sigkill,
+    start,
+    wait_until,
+)
+from tests.test_evaluate import FAST, SMALL, make_eval_table
+
+pytestmark = pytest.mark.slow  # subprocesses and kills: minutes, not seconds
+
+KILLS = {"zero-shot": 3, "classification": 2}
+EXTRA = {"zero-shot": ["bootstrap=200"], "classification": [*FAST, "--fraction", "0.5", "1.0", "--seeds", "1"]}
+# what differs between any two runs: when, how long, how much memory, the config's hash (it
+# holds the paths), and whether the Adaptor's outputs were computed or found in the cache
+UNSTABLE = {"created", "seconds", "cpu_peak_mb", "gpu_peak_mb", "config_hash"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalkill")
+    table = make_eval_table(root / "data")
+    embed_json(table, root / "cache", "--shard-mb", "0.3", "--batch-size", "4")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses run (OMP_NUM_THREADS=1)
+    pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(root / "cache"),
+         "--out", str(root / "pooled"), *SMALL, "--device", "cpu")
+    yield {"table": table, "cache": root / "cache", "checkpoint": root / "pooled" / "last.safetensors"}
+    torch.set_num_threads(before)
+
+
+def args(w, task: str, cache: Path, out: Path) -> list[str]:
+    return ["evaluate", "--task", task, "-d", str(w["table"]), "--adaptor", str(w["checkpoint"]), "--cache",
+            str(cache), "--out", str(out), "--device", "cpu", *EXTRA[task]]
+
+
+def comparable(out: Path, cache: Path) -> dict:
+    """results.json less what differs between any two runs, with the run's own paths named alike."""
+    text = (out / "results.json").read_text().replace(str(cache), "<cache>").replace(str(out), "<out>")
+    r = {k: v for k, v in json.loads(text).items() if k not in UNSTABLE}
+    r["checkpoint"] = {k: v for k, v in r["checkpoint"].items() if not k.startswith("adaptor_forwards")}
+    return r
+
+
+def derived(cache: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The Adaptor-output cache, array by array (npz files carry their write time)."""
+    return {p.relative_to(cache).as_posix(): load_checked(p, "") for p in sorted(cache.glob("adaptor-outputs/*/*.npz"))}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("task", sorted(KILLS))
+def test_evaluate_killed_at_random_points_then_run_again_equals_a_clean_run(world, tmp_path, task):
+    clean_cache, cache = tmp_path / "clean-cache", tmp_path / "cache"
+    shutil.copytree(world["cache"], clean_cache)
+    shutil.copytree(world["cache"], cache)
+    t0 = time.perf_counter()
+    pipe(*args(world, task, clean_cache, tmp_path / "clean"))  # the uninterrupted run, in this process
+    seconds = time.perf_counter() - t0
+
+    rng = np.random.default_rng(sum(map(ord, task)))
+    out, log, kills = tmp_path / "killed", tmp_path / "killed.log", []
+    claimed = lambda: bool(list(cache.glob("stores/text/*/claims/*.json")))  # the prompts being embedded
+    begun = lambda: "evaluating" in log.read_text()  # past start-up: the work has begun
+    for i in range(KILLS[task]):
+        before = committed(cache)
+        proc = start(pipe_cmd(*args(world, task, cache, out)), log)
+        # zero-shot's first kill lands while the prompts are written into the text store
+        by_claim = task == "zero-shot" and i == 0
+        wait_until(proc, claimed if by_claim else begun, log)
+        delay = float(rng.uniform(0, 0.05) if by_claim else rng.uniform(0, seconds))
+        time.sleep(delay)
+        if proc.poll() is None:
+            sigkill(proc.pid)
+            proc.wait(timeout=60)
+            left = len(list(cache.glob("stores/*/*/claims/*.json"))) + len(list(cache.rglob(".*.partial-*")))
+            kills.append((round(delay, 2), f"{left} claim and shard temp files left"))
+        proc.wait(timeout=60)
+        assert_nothing_lost(before, cache)
+    assert kills, "every run ended before its kill"
+    final = subprocess.run(pipe_cmd(*args(world, task, cache, out)), env=ENV, capture_output=True, text=True,
+                           timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+
+    print(f"{task}: killed at {kills}")
+    assert comparable(out, cache) == comparable(tmp_path / "clean", clean_cache), kills
+    assert (out / "results.md").read_text() == (tmp_path / "clean" / "results.md").read_text()
+    pipe("cache", "verify", "--cache", str(cache))
+    assert cache_files(cache) == cache_files(clean_cache)  # the prompts' rows, byte for byte
+    a, b = derived(cache), derived(clean_cache)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k][n], b[k][n]) for k in a for n in a[k])
