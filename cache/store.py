@@ -165,6 +165,26 @@ def create_kwargs(entry: dict, shard_rows: int, chunk_rows: int, rows: int) -> d
                 compressors=[Crc32cCodec()], fill_value=0, dimension_names=tuple(entry["dimension_names"]))
 
 
+def _unborn(path: Path) -> bool:
+    """Is the store at ``path`` still to be created: no group metadata, or (left by an older
+    version killed while creating it) a group without attributes and with nothing committed?"""
+    meta = path / ZARR_DIR / "zarr.json"
+    if not meta.exists():
+        return True
+    try:
+        empty = json.loads(meta.read_text()).get("attributes") == {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return empty and not any(PART_RE.match(p.name) for p in (path / "manifest").iterdir())
+
+
+def group_metadata(attributes: dict) -> bytes:
+    """The ``zarr.json`` that zarr-python writes for a group with these attributes."""
+    files: dict = {}
+    zarr.create_group(store=MemoryStore(store_dict=files), zarr_format=3, attributes=attributes)
+    return files["zarr.json"].to_bytes()
+
+
 def array_metadata(entry: dict, shard_rows: int, chunk_rows: int, rows: int) -> bytes:
     """The ``zarr.json`` that zarr-python writes for this array with ``rows`` rows."""
     files: dict = {}
@@ -211,14 +231,14 @@ class Store:
             raise StoreError(f"cannot create the cache store {path}: {e.strerror}. "
                              "Choose a writable cache with --cache DIR or $PIPE_CACHE.") from e
         with locked(path / ".lock"):
-            if not (path / ZARR_DIR / "zarr.json").exists():
-                g = zarr.open_group(str(path / ZARR_DIR), mode="w", zarr_format=3)
-                g.attrs.update({
+            if _unborn(path):  # written whole, so a kill leaves no group without attributes
+                (path / ZARR_DIR).mkdir(exist_ok=True)
+                atomic_write_bytes(path / ZARR_DIR / "zarr.json", group_metadata({
                     "format_version": FORMAT_VERSION, "modality": modality, "encoder": name,
                     "fingerprint": fingerprint, "spec": spec, "shard_rows": shard_rows,
                     "chunk_rows": chunk_rows, "versions": library_versions(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                })
+                }))
         store = cls.open(path)
         if store.attrs["fingerprint"] != fingerprint:
             raise StoreError(f"{path} holds fingerprint {store.attrs['fingerprint']}, expected {fingerprint}; "
@@ -473,9 +493,11 @@ class Store:
                 g.create_array(name, **create_kwargs(recorded.get(name, entry), self.shard_rows,
                                                      int(self.attrs["chunk_rows"]), 0))
             merged = {**entries, **recorded}
-            if dict(g.attrs).get("arrays") != merged:
-                g.attrs.update({"arrays": merged})
-            self.attrs = dict(g.attrs)
+            attrs = dict(g.attrs)
+            if attrs.get("arrays") != merged:  # the group's metadata rewritten whole, never in place
+                attrs["arrays"] = merged
+                atomic_write_bytes(self.zpath / "zarr.json", group_metadata(attrs))
+            self.attrs = attrs
             for name, arr in arrays.items():
                 self._grow(name, arr, rows_needed)
 

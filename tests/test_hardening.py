@@ -155,3 +155,23 @@ def test_read_only_cache(table_and_clean, tmp_path):
              "--out", str(out), "epochs=1", "batch_size=8", "adaptor.d_model=32", "adaptor.n_heads=4",
              "adaptor.ffn_dim=64")
         assert (out / "last.safetensors").exists()
+
+
+def test_a_store_killed_while_it_was_being_created_is_created_again(tmp_path):
+    """An older version wrote a store's group metadata first and its attributes after: a kill
+    in between left a group without attributes, which every later run refused. The group is
+    now written whole, and such a leftover (nothing committed in it) is created again."""
+    import zarr
+
+    table = make_table(tmp_path / "data", 4)
+    embed_json(table, tmp_path / "clean")
+    cache = tmp_path / "cache"
+    for store in (tmp_path / "clean").glob("stores/*/*"):
+        left = cache / store.relative_to(tmp_path / "clean")
+        for sub in ("manifest", "claims", "failures"):
+            (left / sub).mkdir(parents=True)
+        zarr.open_group(str(left / "embeddings.zarr"), mode="w", zarr_format=3)  # and then the kill
+    out = embed_json(table, cache)
+    assert out["embedded"] == 8
+    pipe("cache", "verify", "--cache", str(cache))
+    assert cache_files(cache) == cache_files(tmp_path / "clean")
