@@ -38,7 +38,8 @@ KILLS = {"zero-shot": 3, "classification": 2}
 EXTRA = {"zero-shot": ["bootstrap=200"], "classification": [*FAST, "--fraction", "0.5", "1.0", "--seeds", "1"]}
 # what differs between any two runs: when, how long, how much memory, the config's hash (it
 # holds the paths), and whether the Adaptor's outputs were computed or found in the cache
-UNSTABLE = {"created", "seconds", "cpu_peak_mb", "gpu_peak_mb", "config_hash"}
+# what differs between any two runs: times, memory, the config hash and the provenance (command line, time, host)
+UNSTABLE = {"created", "seconds", "cpu_peak_mb", "gpu_peak_mb", "config_hash", "provenance"}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,9 @@ def test_evaluate_killed_at_random_points_then_run_again_equals_a_clean_run(worl
 
     print(f"{task}: killed at {kills}")
     assert comparable(out, cache) == comparable(tmp_path / "clean", clean_cache), kills
-    assert (out / "results.md").read_text() == (tmp_path / "clean" / "results.md").read_text()
+    # results.md names files of its own run folder (the saved heads): compare with the folders named alike
+    assert ((out / "results.md").read_text().replace(str(out), "<out>")
+            == (tmp_path / "clean" / "results.md").read_text().replace(str(tmp_path / "clean"), "<out>"))
     pipe("cache", "verify", "--cache", str(cache))
     assert cache_files(cache) == cache_files(clean_cache)  # the prompts' rows, byte for byte
     a, b = derived(cache), derived(clean_cache)
