@@ -14,7 +14,7 @@ one by spinning on a core, so on a busy machine they steal the cores the others 
 before torch starts its OpenMP runtime.
 
 Order of precedence: ``--threads N`` (``pipe --threads N CMD``, exported to child
-processes as ``PIPE_THREADS``), then the CPUs this process may use, shared evenly among
+processes as ``PIPE_THREADS``), then ``$OMP_NUM_THREADS`` where the user set it, then the CPUs this process may use, shared evenly among
 the processes of one job (Dask workers, torchrun ranks on one node).
 """
 from __future__ import annotations
@@ -76,6 +76,9 @@ def plan(processes: int = 1, requested: int | None = None, root: Path = CGROUP) 
             requested = None
     if requested is not None and requested > 0:
         return ThreadPlan(requested, "set by --threads / $PIPE_THREADS")
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:  # the user's own choice, as torch itself honours it
+        return ThreadPlan(int(omp), "set by $OMP_NUM_THREADS")
     cpus, how = available_cpus(root)
     per = max(1, cpus // max(1, processes))
     shared = f", shared by {processes} processes" if processes > 1 else ""

@@ -31,6 +31,7 @@ def test_the_cgroup_quota_is_read_in_both_versions(tmp_path):
 
 def test_a_quota_below_the_affinity_wins_and_the_cores_are_shared(tmp_path, monkeypatch):
     monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "_affinity", lambda: 16)
     root = _cgroup(tmp_path, v2="250000 100000")  # docker --cpus 2.5
     assert threads.available_cpus(root)[0] == 3
@@ -38,6 +39,8 @@ def test_a_quota_below_the_affinity_wins_and_the_cores_are_shared(tmp_path, monk
     assert p.threads == 3 and "quota 2.5" in p.why
     assert threads.plan(processes=4, root=root).threads == 1          # never below one
     assert threads.plan(processes=2, root=tmp_path / "none").threads == 8  # no quota: 16 CPUs over 2 processes
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads.plan(processes=1, root=root).threads == 1          # the user's OpenMP setting is kept
     monkeypatch.setenv(threads.ENV, "5")
     assert threads.plan(processes=4, root=root).threads == 5          # --threads / $PIPE_THREADS wins
 
@@ -46,6 +49,7 @@ def test_the_affinity_mask_is_followed(monkeypatch):
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no CPU affinity on this platform")
     monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {min(before)})
