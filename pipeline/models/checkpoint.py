@@ -11,7 +11,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cache.atomic import atomic_write_with, fsync_path, temp_owner
+from cache.atomic import atomic_write_with, fsync_path, pid_running, temp_owner
 from pipeline.errors import InputError, MissingFileError, PipeError
 
 
@@ -39,18 +39,8 @@ def _remove_stale_temps(path: Path) -> None:
     for p in (path, optimizer_path(path), _staged(optimizer_path(path))):
         for tmp in p.parent.glob(f".{p.name}.*.tmp"):
             pid = temp_owner(tmp.name)
-            if pid is not None and (pid == os.getpid() or not _pid_running(pid)):
+            if pid is not None and (pid == os.getpid() or not pid_running(pid)):
                 tmp.unlink(missing_ok=True)
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _pair_tag(state: dict[str, torch.Tensor], epoch) -> str:
