@@ -261,9 +261,9 @@ def prepare(args, root: Path, device, backbone: str, n_pixels: int):
     table = make_table(root / "data", args.items)
     res = embed.run(embed.EmbedConfig(dataset=str(table), backbone=backbone, text_encoder="random-bert",
                                       cache=str(root / "cache"), batch_size=args.batch, device=device.type))
-    from pipeline.datasets import open_dataset
-    from pipeline.encoders import create_encoder, resolve_encoder_name
-    from pipeline.imaging import read_and_decode
+    from pipeline.datasets import open_dataset  # lazy: after the benchmark's thread and allocator settings
+    from pipeline.encoders import create_encoder, resolve_encoder_name  # lazy: after the benchmark's thread and allocator settings
+    from pipeline.imaging import read_and_decode  # lazy: after the benchmark's thread and allocator settings
 
     data = load_pairs(root / "cache", open_dataset(str(table), root / "cache").name, str(table),
                       backbone, "random-bert")

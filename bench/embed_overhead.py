@@ -102,7 +102,7 @@ def embed_run(table: Path, name: str, batch: int) -> float:
 
 
 def measure(table: Path, name: str, batch: int, reps: int) -> dict:
-    from pipeline.encoders import resolve_encoder_name
+    from pipeline.encoders import resolve_encoder_name  # lazy: after the benchmark's thread and allocator settings
 
     keep_freed_memory()  # the allocator setting `pipe embed` applies, for every loop alike
     device = torch.device("cpu")

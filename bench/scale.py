@@ -146,7 +146,7 @@ def run_step(args: list[str], log: Path, threads: int | None, env: dict | None =
         f.write(f"\n$ pipe {' '.join(args)}\n".encode())
         f.flush()
         t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=f, env=env)
+        p = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=f, stderr=f, env=env)
         _, status, usage = os.wait4(p.pid, 0)
         seconds = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)

@@ -2,7 +2,7 @@
 
 A claim is a small JSON file, ``claims/<shard>-<group>.json``, that records its writer
 (host, pid, process start time, boot id, pid namespace and a writer id unique to the
-process: :class:`cache.atomic.Identity`), a token of its own, and a **lease**: the time
+process: :class:`core.processes.Identity`), a token of its own, and a **lease**: the time
 until which it holds (``expires``). The writer renews the lease from a background thread
 (:class:`LeaseKeeper`, every quarter of the lease) for as long as it holds the claim.
 
@@ -39,8 +39,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
-from cache.atomic import Identity, me, process_alive
-from pipeline.errors import InputError
+from core.processes import Identity, me, process_alive
+from core.errors import InputError
 
 LEASE_ENV = "PIPE_CLAIM_LEASE_S"
 DEFAULT_LEASE_S = 120.0     # a crashed writer's shard is taken over within two minutes

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from cache.atomic import try_exclusive
-from cache.atomic import is_temp_name
+from core.locks import try_exclusive
+from core.atomic import is_temp_name
 from cache.claims import claim_is_live, describe
 from cache.index import forget_store, referenced_stores
 from cache.inspect import dir_bytes
@@ -40,7 +40,7 @@ from cache.outputs import OUTPUTS_DIR
 from cache.shards import partial_of
 from cache.store import IN_USE, ZARR_DIR
 from cache.verify import dead_temp, temp_files
-from pipeline.errors import PipeError
+from core.errors import PipeError
 
 REMOVING = ".removing-"
 REMOVING_RE = re.compile(r"^\.removing-.+-[0-9a-f]{16}-\d+$")  # what _delete_store renames a store to

@@ -28,12 +28,13 @@ import pandas as pd
 import pyarrow as pa
 import xxhash
 
-from cache.atomic import atomic_write_bytes, locked, write_parquet_atomic
+from core.atomic import atomic_write_bytes, write_parquet_atomic
+from core.locks import locked
 from cache.files import not_regular_reason
 from cache.keys import normalise_report, text_key
 from cache.marker import ensure_marker
 from cache.paths import localise, portable, store_tail
-from pipeline.errors import MissingFileError, PipeError
+from core.errors import MissingFileError, PipeError
 
 LABEL_PREFIX = "label."
 MASK_PREFIX = "mask."

@@ -20,8 +20,8 @@ import json
 import time
 from pathlib import Path
 
-from cache.atomic import atomic_write_bytes
-from pipeline.errors import PipeError
+from core.atomic import atomic_write_bytes
+from core.errors import PipeError
 
 MARKER = "freeze-pipe-cache.json"
 KIND = "freeze-pipe cache"

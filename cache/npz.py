@@ -14,8 +14,8 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-from cache.atomic import atomic_write_with
-from pipeline.errors import PipeError
+from core.atomic import atomic_write_with
+from core.errors import PipeError
 
 CRC_KEY = "_crc32c"
 

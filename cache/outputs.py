@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from cache.atomic import atomic_write_bytes
+from core.atomic import atomic_write_bytes
 from cache.marker import ensure_marker
 from cache.npz import load_checked, save_checked
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from cache.index import LABEL_PREFIX, MASK_PREFIX, DatasetIndex, load_index, read_stores, resolve_store
 from cache.store import Store, StoreError
-from pipeline.errors import PipeError
+from core.errors import PipeError
 
 
 class CacheMissError(PipeError):

@@ -17,9 +17,10 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-from cache.atomic import fsync_path, me
+from core.atomic import fsync_path
+from core.processes import me
 from cache.paths import repair_command
-from pipeline.errors import PipeError
+from core.errors import PipeError
 
 EMPTY = np.uint64(2**64 - 1)
 _CRC = 4

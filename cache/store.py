@@ -42,13 +42,15 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.storage import MemoryStore
 
-from cache.atomic import Identity, atomic_write_bytes, locked, me, shared_lock, write_parquet_atomic
+from core.atomic import atomic_write_bytes, write_parquet_atomic
+from core.locks import locked, shared_lock
+from core.processes import Identity, me
 from cache.claims import judge, lease_seconds, new_record, owns, renewed
 from cache.keys import FORMAT_VERSION
 from cache.marker import ensure_marker
 from cache.paths import portable, repair_command, root_of_store
 from cache.shards import PARTIAL, ShardLayout, ShardWriter, publish
-from pipeline.errors import PipeError
+from core.errors import PipeError
 
 ZARR_DIR = "embeddings.zarr"
 IN_USE = ".inuse"  # a writer holds a shared flock on it: `pipe cache gc`/`rm` leave the store alone

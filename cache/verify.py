@@ -33,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.atomic import atomic_write_bytes, is_temp_name, locked, pid_running, temp_owner
+from core.atomic import atomic_write_bytes, is_temp_name, temp_owner
+from core.locks import locked
+from core.processes import pid_running
 from cache.claims import claim_is_live, describe, judge
 from cache.index import dataset_folders, store_entries
 from cache.npz import NpzCorruption, load_checked

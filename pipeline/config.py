@@ -24,8 +24,8 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, 
 
 import yaml
 
-from cache.atomic import atomic_write_text
-from pipeline.errors import InputError
+from core.atomic import atomic_write_text
+from core.errors import InputError
 
 T = TypeVar("T")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -120,7 +120,7 @@ def to_dict(cfg: Any) -> Any:
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write ``cfg`` as YAML, all or nothing (see :mod:`cache.atomic`)."""
+    """Write ``cfg`` as YAML, all or nothing (see :mod:`core.atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))

@@ -5,7 +5,7 @@ import resource
 
 import torch
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 
 def resolve_device(device: str) -> torch.device:

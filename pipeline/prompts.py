@@ -15,7 +15,7 @@ import yaml
 
 from cache.keys import normalise_report
 from pipeline.config import PRESET_DIR
-from pipeline.errors import InputError
+from core.errors import InputError
 
 PROMPT_DIR = PRESET_DIR / "prompts"
 

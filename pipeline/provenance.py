@@ -25,8 +25,8 @@ def command_line(argv: list[str] | None = None) -> str:
     if not argv:
         return ""
     first = Path(argv[0]).name
-    if first == "__main__.py":  # python -m pipeline.cli
-        first = "python -m pipeline.cli"
+    if first == "__main__.py":  # python -m cli
+        first = "python -m cli"
         return first + (" " + shlex.join(argv[1:]) if argv[1:] else "")
     return shlex.join([first, *argv[1:]])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from rich.table import Table
 
-from pipeline.console import plain
+from core.console import plain
 
 
 def fraction_label(f: float) -> str:

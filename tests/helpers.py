@@ -9,7 +9,7 @@ import pandas as pd
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from cli import app
 
 FINDINGS = ["No acute cardiopulmonary process.", "Small left pleural effusion.", "Right apical pneumothorax.",
             "Mild cardiomegaly. No effusion.", "Patchy right basal consolidation.", "Lungs are clear."]

@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from cache.atomic import is_temp_name
+from core.atomic import is_temp_name
 from cache.shards import partial_of
 from cache.store import find_stores
 
@@ -77,7 +77,7 @@ def claim_records(cache: Path) -> list[dict]:
 
 
 def pipe_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def embed_args(table: Path, cache: Path, *extra: str) -> list[str]:

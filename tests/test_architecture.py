@@ -1,17 +1,21 @@
 """The layout's rules, read from the code itself (ast), so they hold from now on.
 
-Layers, lowest first (a module may import its own layer or lower ones):
+The top-level packages are the layers, lowest first; a module may import its own layer
+or lower ones, and nothing else. There are no exceptions.
 
-0. ``pipeline/errors.py``, ``pipeline/console.py``: leaves every layer may use;
+0. ``core/``: what every layer uses (errors, console, atomic files, locks, processes);
 1. ``cache/``: everything on disk about the cache;
-2. ``pipeline/`` parts: config, devices, imaging, encoders, datasets, models, ...;
-3. ``stages/embed``;
-4. ``stages/train``, ``stages/evaluate`` (never each other);
-5. ``stages/sweep``, ``stages/demo``, ``stages/reproduce``: orchestrations; ``stages/report``: the runs' results gathered;
-6. ``pipeline/cli``: the command line.
+2. ``pipeline/``: the libraries (config, devices, imaging, encoders, datasets, models, api);
+3. ``stages/``: the jobs, in tiers of their own: ``embed``; then ``train`` and
+   ``evaluate`` (never each other); then ``report`` (the runs' results gathered); then the
+   orchestrations ``sweep``, ``demo`` and ``reproduce`` (never each other);
+4. ``cli/``: the command line;
+5. ``bench/``: benchmarks, which may use anything and which nothing imports.
 
-Also: no import cycle between modules, and an import inside a function carries a
-comment saying why it is not at the top (start-up time, an optional dependency).
+An import is a static ``import``/``from`` or a string given to ``importlib.import_module``
+or ``__import__`` (an f-string counts by its constant prefix). Also: no import cycle
+between modules, and an import inside a function carries a comment saying why it is not
+at the top (start-up time, an optional dependency).
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cache", "pipeline", "stages")
+LAYERS = ("core", "cache", "pipeline", "stages", "cli", "bench")
+STAGE_TIERS = {"embed": 0, "train": 1, "evaluate": 1, "report": 2, "sweep": 3, "demo": 3, "reproduce": 3}
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for pkg in PACKAGES:
+    for pkg in LAYERS:
         for path in (ROOT / pkg).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -41,20 +46,19 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def layer(module: str) -> tuple[int, str]:
-    """(layer, room) of a module; modules of one room at layer 4 may not import another room's."""
-    if module in ("pipeline.errors", "pipeline.console"):
-        return 0, "leaf"
-    if module == "cache" or module.startswith("cache."):
-        return 1, "cache"
-    if module == "pipeline.cli" or module.startswith("pipeline.cli."):
-        return 6, "cli"
-    if module.startswith("pipeline"):
-        return 2, "pipeline"
-    if module == "stages":
-        return 5, "stages"
-    room = module.split(".")[1]
-    return {"embed": 3, "train": 4, "evaluate": 4, "sweep": 5, "demo": 5, "reproduce": 5, "report": 5}[room], room
+def layer(module: str) -> tuple[int, int, str]:
+    """(layer, tier, room): the top-level package's place, and within ``stages/`` its tier and room."""
+    top, _, rest = module.partition(".")
+    if top not in LAYERS:
+        raise KeyError(f"{module} is in no layer: add its package to LAYERS")
+    if top != "stages":
+        return LAYERS.index(top), 0, top
+    room = rest.split(".")[0]
+    if not room:
+        return LAYERS.index(top), max(STAGE_TIERS.values()), "stages"
+    if room not in STAGE_TIERS:
+        raise KeyError(f"stages/{room} has no tier: add it to STAGE_TIERS")
+    return LAYERS.index(top), STAGE_TIERS[room], room
 
 
 def _resolve(module: str, node: ast.ImportFrom) -> str:
@@ -65,6 +69,32 @@ def _resolve(module: str, node: ast.ImportFrom) -> str:
         base = base[:-1]
     base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
+
+
+def _string_import(node: ast.Call) -> str | None:
+    """The module a call to ``importlib.import_module``/``__import__`` names (an f-string: its constant prefix)."""
+    fn = node.func
+    name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+    if name not in ("import_module", "__import__") or not node.args:
+        return None
+    arg = node.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        return str(arg.values[0].value).rstrip(".")
+    return None
+
+
+def _targets(module: str, node: ast.AST) -> list[str] | None:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        base = _resolve(module, node)
+        return [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+    if isinstance(node, ast.Call):
+        named = _string_import(node)
+        return [named] if named else None
+    return None
 
 
 def _imports(module: str) -> list[tuple[str, int, bool, str]]:
@@ -79,38 +109,54 @@ def _imports(module: str) -> list[tuple[str, int, bool, str]]:
             in_function.update(id(n) for n in ast.walk(fn) if n is not fn)
     out = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = _resolve(module, node)
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
-        else:
+        targets = _targets(module, node)
+        if targets is None:
             continue
         text = "\n".join(lines[node.lineno - 1: node.end_lineno])
         for t in targets:
             while t and t not in MODULES and "." in t:
                 t = t.rsplit(".", 1)[0]
-            out.append((t if t in MODULES else "", node.lineno, id(node) in in_function, text))
+            # a string import's lazy position is its own business: only real import statements need a comment
+            lazy = id(node) in in_function and not isinstance(node, ast.Call)
+            out.append((t if t in MODULES else "", node.lineno, lazy, text))
     return out
 
 
 def test_the_modules_are_found():
-    assert {"cache.store", "stages.embed.stage", "stages.train.trainer", "pipeline.cli"} <= set(MODULES)
+    assert {"core.errors", "cache.store", "stages.embed.stage", "stages.train.trainer", "cli", "bench.scale"} <= set(MODULES)
+    assert all(module.partition(".")[0] in LAYERS for module in MODULES)
+
+
+def test_every_top_level_package_is_a_layer():
+    """A new top-level package of code must be given its place, or its imports go unchecked."""
+    skip = {"tests", "configs", "docs", ".venv", ".git", ".ci"}
+    packages = {p.parent.name for p in ROOT.glob("*/*.py") if p.parent.name not in skip and not p.parent.name.startswith(".")}
+    assert packages <= set(LAYERS), f"packages without a layer: {sorted(packages - set(LAYERS))}"
+
+
+def _upward(module: str) -> list[str]:
+    here = layer(module)
+    found = []
+    for target, line, _, _ in _imports(module):
+        if not target:
+            continue
+        there = layer(target)
+        lateral = here[0] == there[0] and here[1] == there[1] and here[2] != there[2] and here[0] == LAYERS.index("stages")
+        if there[:2] > here[:2] or lateral:
+            found.append(f"{_rel(MODULES[module])}:{line} imports {target} "
+                         f"({LAYERS[here[0]]}/{here[2]} -> {LAYERS[there[0]]}/{there[2]})")
+    return found
 
 
 def test_imports_only_go_down():
-    upward = []
-    for module in MODULES:
-        here, room = layer(module)
-        for target, line, _, _ in _imports(module):
-            if not target:
-                continue
-            there, other = layer(target)
-            lateral = here == there == 4 and room != other
-            if there > here or lateral:
-                upward.append(f"{_rel(MODULES[module])}:{line} imports {target} "
-                              f"(layer {here} {room} -> layer {there} {other})")
+    upward = [line for module in MODULES for line in _upward(module)]
     assert not upward, "imports that go up or across stages:\n" + "\n".join(upward)
+
+
+def test_nothing_imports_a_benchmark():
+    users = [f"{_rel(MODULES[m])}:{line}" for m in MODULES if not m.startswith("bench")
+             for t, line, _, _ in _imports(m) if t.startswith("bench")]
+    assert not users, "benchmarks imported by the code:\n" + "\n".join(users)
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -174,7 +220,7 @@ def test_no_function_is_very_long(limit):
 
 
 def test_the_checks_catch_what_they_forbid(tmp_path, monkeypatch):
-    """The checker itself: an upward import, a cycle and a silent lazy import are all found."""
+    """The checker itself: upward, lateral and string imports, a cycle and a silent lazy import are all found."""
     cache_mod = tmp_path / "cache_bad.py"
     cache_mod.write_text("from stages.embed.stage import run\n\ndef f():\n    import json\n")
     monkeypatch.setitem(MODULES, "cache.bad", cache_mod)
@@ -185,3 +231,17 @@ def test_the_checks_catch_what_they_forbid(tmp_path, monkeypatch):
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     with pytest.raises(AssertionError, match="imports stages.embed.stage"):
         test_imports_only_go_down()
+    strings = tmp_path / "strings.py"
+    strings.write_text("import importlib\n\ndef f(x):\n    return importlib.import_module(f'cli.{x}'), __import__('stages.train')\n")
+    monkeypatch.setitem(MODULES, "pipeline.strings", strings)
+    assert [t for t, *_ in _imports("pipeline.strings") if t] == ["cli", "stages.train"]
+    assert len(_upward("pipeline.strings")) == 2
+    lateral = tmp_path / "lateral.py"
+    lateral.write_text("from stages.evaluate.stage import run\n")
+    monkeypatch.setitem(MODULES, "stages.train.lateral", lateral)
+    assert _upward("stages.train.lateral") and not _upward("stages.sweep.stage")
+    bench_user = tmp_path / "bench_user.py"
+    bench_user.write_text("from bench.scale import main\n")
+    monkeypatch.setitem(MODULES, "core.bench_user", bench_user)
+    with pytest.raises(AssertionError, match="core.bench_user|bench_user"):
+        test_nothing_imports_a_benchmark()

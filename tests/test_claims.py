@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from cache import claims
-from cache.atomic import Identity, me, process_start
+from core.processes import Identity, me, process_start
 from cache.claims import LEGACY_LEASE_S, LeaseKeeper, judge, lease_seconds, live_run, new_record
 from cache.gc import in_use
 from cache.store import Claim, ClaimLost, ClaimState, ShardData, Store

@@ -32,7 +32,7 @@ def no_split_table(folder: Path, n: int = 24, missing: int | None = None, patien
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real `pipe` in a subprocess: its stdout and stderr apart, no terminal."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
                           env=env or ENV, cwd=ROOT)
 
 
@@ -155,8 +155,8 @@ def test_nothing_to_do_is_said(tmp_path):
 def test_square_brackets_in_messages_and_help_survive():
     r = run_cli("train-adaptor", "--help")
     assert "[default: runs/adaptor-...]" in r.stdout and "[default: $PIPE_CACHE" in r.stdout
-    from pipeline.cli.common import fail
-    from pipeline.console import err
+    from cli.common import fail
+    from core.console import err
 
     with err.capture() as cap, pytest.raises(Exception):
         fail("install it: pip install 'freeze-pipe[xrv]'")
@@ -187,7 +187,7 @@ def test_report_writes_its_table_to_stdout(tmp_path):
 
 # -------------------------------------------------------------------- 7. version, fast start
 def test_version():
-    from pipeline.cli.app import version
+    from cli.app import version
 
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"freeze-pipe {version()}"
@@ -195,7 +195,7 @@ def test_version():
 
 
 def test_help_starts_without_importing_torch():
-    code = ("import sys, time; t = time.perf_counter(); import pipeline.cli; "
+    code = ("import sys, time; t = time.perf_counter(); import cli; "
             "print(time.perf_counter() - t, 'torch' in sys.modules, 'pandas' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=ENV)
     seconds, torch_loaded, pandas_loaded = r.stdout.split()
@@ -205,7 +205,7 @@ def test_help_starts_without_importing_torch():
 
 # ------------------------------------------------------------------------------- 8. consistency
 def _commands():
-    from pipeline.cli import app
+    from cli import app
     from typer.main import get_command
 
     root = get_command(app)

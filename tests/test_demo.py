@@ -271,7 +271,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, workers):
 
 
 def test_stale_partial_output_is_cleaned_and_foreign_dirs_kept(tmp_path):
-    from cache.atomic import process_start
+    from core.processes import process_start
 
     parent = os.getppid()
     stale = tmp_path / ".demo.partial-999999999-1-abc"  # no such process

@@ -57,7 +57,7 @@ def train_cli(cached, out: Path, *extra: str, nproc: int | None = None) -> subpr
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                      "--master-port", str(_free_port())]
-    cmd = [*launcher, "-m", "pipeline.cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
+    cmd = [*launcher, "-m", "cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
            "--cache", str(cache), "--out", str(out), *DDP, *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PIPE_NO_PROGRESS": "1", "COLUMNS": "400"}

@@ -217,7 +217,7 @@ def test_cache_ls_json(tmp_path):
 
 
 def _embed_cmd(table: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "embed", "--dataset", str(table), "--backbone", "tiny-vit",
+    return [sys.executable, "-m", "cli", "embed", "--dataset", str(table), "--backbone", "tiny-vit",
             "--text-encoder", "tiny-bert", "--cache", str(cache), "--batch-size", "4", "--shard-mb", "0.5",
             "--json"]
 

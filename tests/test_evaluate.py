@@ -269,7 +269,7 @@ def test_pooled_text_output_depends_on_the_text_alone():
 
 def test_masks_get_the_encoders_geometry():
     """A mask aligned with align_mask covers the same pixels as its image after Preprocess."""
-    from cache.masks import align_mask
+    from pipeline.datasets.mask_targets import align_mask
     from pipeline.imaging import Preprocess
 
     img = np.zeros((120, 90), np.float32)
@@ -535,7 +535,7 @@ def test_bare_numbers_are_fractions_and_anything_else_is_refused(world, tmp_path
     r = pipe("evaluate", "--task", "classification", "-d", str(world["table"]), "-a", "none", "-b", "tiny-vit",
              "--cache", str(world["cache"]), "--fraction", "1.0", "oops", expect=2)
     assert "neither a label fraction" in r.output
-    from pipeline.cli.evaluate import split_fractions
+    from cli.evaluate import split_fractions
 
     assert split_fractions(["0.01,0.1"], ["1.0", "seeds=2"]) == ([0.01, 0.1, 1.0], ["seeds=2"])
 

@@ -72,7 +72,7 @@ def test_embed_on_cuda_gives_the_cpu_runs_keys_and_tokens_within_bf16(tmp_path):
 
 
 def _embed_cmd(table: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "embed", "--dataset", str(table), "--backbone", "tiny-vit",
+    return [sys.executable, "-m", "cli", "embed", "--dataset", str(table), "--backbone", "tiny-vit",
             "--text-encoder", "tiny-bert", "--cache", str(cache), "--batch-size", "4", "--shard-mb", "0.25",
             "--device", "cuda", "--json"]
 
@@ -271,7 +271,7 @@ def test_a_one_process_nccl_torchrun_run_trains_like_a_plain_run(cached, tmp_pat
     table, cache = cached
     plain = train(cached, tmp_path / "plain", "epochs=3")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           "-m", "pipeline.cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
+           "-m", "cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
            "--cache", str(cache), "--out", str(tmp_path / "ddp"), "--device", "cuda", *SMALL, "epochs=3"]
     r = subprocess.run(cmd, env={**env(), "NCCL_DEBUG": "INFO"}, cwd=tmp_path, capture_output=True, text=True,
                        timeout=240)

@@ -28,7 +28,7 @@ ENV = {**os.environ, "PIPE_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_
 
 
 def embed_cmd(table: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "embed", "--dataset", str(table), "--backbone", "tiny-vit",
+    return [sys.executable, "-m", "cli", "embed", "--dataset", str(table), "--backbone", "tiny-vit",
             "--text-encoder", "tiny-bert", "--cache", str(cache), "--batch-size", "4", "--shard-mb", "0.3",
             "--json", *extra]
 

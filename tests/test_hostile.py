@@ -26,7 +26,7 @@ import pytest
 import xxhash
 from PIL import Image
 
-from cache.atomic import OWNER_LOCK, owned_folder
+from core.locks import owned_folder, OWNER_LOCK
 from cache.marker import MARKER
 from cache.store import Store, find_stores
 from tests.helpers import append_rows, embed_json, make_table, pipe, write_png
@@ -315,7 +315,7 @@ def test_the_demo_generator_replaces_only_its_own_folder(tmp_path):
 
 # ------------------------------------------------------------------------------ 3. one owner per run folder
 def _hold(folder: Path, command: str) -> subprocess.Popen:
-    code = ("import sys, time; from cache.atomic import owned_folder\n"
+    code = ("import sys, time; from core.locks import owned_folder\n"
             "with owned_folder(sys.argv[1], sys.argv[2]):\n    print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code, str(folder), command], stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -345,7 +345,7 @@ def test_a_second_evaluate_on_the_same_out_is_refused_while_the_first_lives(worl
 
 
 def test_the_owner_lock_is_a_plain_flock_with_a_note(tmp_path):
-    from cache.atomic import FolderBusyError
+    from core.locks import FolderBusyError
 
     with owned_folder(tmp_path / "run", "train-adaptor") as me:
         note = json.loads((tmp_path / "run" / ".owner.json").read_text())
@@ -391,7 +391,7 @@ def test_a_second_trainer_is_refused_and_a_killed_one_resumes(world, tmp_path):
 
     table, cache, home = world
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipeline.cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
+    cmd = [sys.executable, "-m", "cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
            "--cache", str(cache), "--out", str(out), *TRAIN]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PIPE_NO_PROGRESS": "1"}
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -589,7 +589,7 @@ def test_a_hostile_dataset_id_is_that_rows_failure(tmp_path):
 
 @inputs("SIIM ImageId '../../escaped'", "COVIDx file name '../outside.png'", "table mask column 'mask_../../x'")
 def test_other_readers_and_mask_names_stay_inside_their_folders(tmp_path):
-    from cache.masks import MaskError, cache_path
+    from pipeline.datasets.mask_targets import MaskError, cache_path
     from pipeline.datasets import open_dataset
     from tests.test_readers import build_covidx, build_siim
 

@@ -24,7 +24,7 @@ SECTIONS = ("results", "training", "classification", "zero-shot", "segmentation"
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The real `pipe` in a subprocess: stdout is a pipe, not a terminal."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=ENV,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=ENV,
                           cwd=ROOT)
 
 

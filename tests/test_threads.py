@@ -77,7 +77,7 @@ def test_progress_off_a_terminal_is_log_lines_with_a_heartbeat(monkeypatch, caps
     """A batch job's log shows each long step alive: a line every few seconds and one at the end."""
     import time
 
-    from pipeline import console
+    from core import console
 
     monkeypatch.delenv("PIPE_NO_PROGRESS", raising=False)
     monkeypatch.setenv("PIPE_PROGRESS_SECONDS", "0.2")

@@ -39,7 +39,7 @@ def cached(tmp_path_factory):
 
 def start(cached, out: Path) -> subprocess.Popen:
     table, cache = cached
-    cmd = [sys.executable, "-m", "pipeline.cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
+    cmd = [sys.executable, "-m", "cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
            "--cache", str(cache), "--out", str(out), *RUN]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PIPE_NO_PROGRESS": "1"}

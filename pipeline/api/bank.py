@@ -23,7 +23,7 @@ from cache.store import Store
 from pipeline.api.encode import adaptor_text
 from pipeline.datasets import open_dataset
 from pipeline.encoders import canonical_name
-from pipeline.errors import InputError, MissingFileError, PipeError
+from core.errors import InputError, MissingFileError, PipeError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 

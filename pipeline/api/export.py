@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 from safetensors.torch import save_file
 
-from cache.atomic import atomic_write_bytes, atomic_write_with, fsync_path, temp_name
+from core.atomic import atomic_write_bytes, atomic_write_with, fsync_path, temp_name
 from cache.index import load_index
 from cache.paths import cache_root
 from pipeline.api.card import model_card
@@ -35,7 +35,7 @@ from pipeline.api.source import (CONFIG_FILE, MODALITIES, PACKAGE_FORMAT, PACKAG
 from pipeline.datasets import open_dataset
 from pipeline.encoders.stored import store_fingerprint, store_spec
 from pipeline.encoders.weights import weights_identity
-from pipeline.errors import InputError, PipeError
+from core.errors import InputError, PipeError
 from pipeline.models.checkpoint import checkpoint_hash
 from pipeline.models.heads import read_head_meta
 from pipeline.prompts import prompt_path

@@ -18,11 +18,11 @@ from pipeline.api.bank import ReportBank, build_bank
 from pipeline.api.encode import (ImageInput, adaptor_image, adaptor_text, image_features, image_label, load_pixels,
                                  text_features)
 from pipeline.api.source import MODALITIES, Source, check_encoder, resolve_encoder, resolve_source
-from pipeline.console import err, escape, progress
+from core.console import err, escape, progress
 from pipeline.devices import resolve_device
 from pipeline.encoders import create_encoder
 from pipeline.encoders.stored import preprocess_of
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.models.adaptor import Adaptor, AdaptorMode, adaptor_config_from_saved
 from pipeline.models.checkpoint import load_weights, weights_hash
 from pipeline.models.heads import load_head

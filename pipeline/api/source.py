@@ -19,7 +19,7 @@ import torch
 from pipeline.encoders import EncoderConfig, UnknownEncoderError, WeightsNotFoundError, resolve_encoder_name
 from pipeline.encoders.stored import store_fingerprint, store_spec
 from pipeline.encoders.weights import weights_identity
-from pipeline.errors import InputError, MissingFileError, PipeError
+from core.errors import InputError, MissingFileError, PipeError
 from pipeline.models.checkpoint import read_meta, resolve_checkpoint
 
 PACKAGE_FORMAT = "freeze-pipe-adaptor"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 
 class DatasetError(InputError):

@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from cache.atomic import atomic_write_with
+from core.atomic import atomic_write_with
 from cache.files import UnreadableFile, read_regular_file
 from pipeline.datasets.table import DatasetError
 

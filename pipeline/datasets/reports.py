@@ -38,7 +38,7 @@ import difflib
 import re
 import unicodedata
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 SECTION_CHOICES = ("impression", "findings", "both")
 MIN_SENTENCE_TOKENS = 2

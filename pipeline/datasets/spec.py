@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.console import err, escape
+from core.console import err, escape
 
 
 @dataclass(frozen=True)

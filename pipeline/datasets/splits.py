@@ -22,7 +22,7 @@ from typing import Hashable, Sequence
 
 import xxhash
 
-from cache.atomic import atomic_write_bytes
+from core.atomic import atomic_write_bytes
 from pipeline.datasets.base import Dataset, DatasetError
 
 SPLITS = ("train", "valid", "test")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import xxhash
 
-from pipeline.console import err, escape
+from core.console import err, escape
 from pipeline.datasets.base import Dataset, DatasetError, Item
 from pipeline.datasets.splits import assign_splits, canonical_splits, split_rule
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 from .config import EncoderConfig
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 from . import autoconfig
 from .base import FrozenEncoder, ImageEncoder, TextEncoder

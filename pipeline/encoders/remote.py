@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 ENV = "PIPE_TRUST_REMOTE_CODE"
 FLAG = "--trust-remote-code"

@@ -16,7 +16,7 @@ from typing import Callable
 
 import xxhash
 
-from pipeline.errors import PipeError
+from core.errors import PipeError
 
 from .config import EncoderConfig
 

@@ -11,8 +11,9 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cache.atomic import atomic_write_with, fsync_path, pid_running, temp_owner
-from pipeline.errors import InputError, MissingFileError, PipeError
+from core.atomic import atomic_write_with, fsync_path, temp_owner
+from core.processes import pid_running
+from core.errors import InputError, MissingFileError, PipeError
 
 
 class CheckpointMismatchError(PipeError):
@@ -33,7 +34,7 @@ def _remove_stale_temps(path: Path) -> None:
     """Temporary files of writers that were killed mid-write: never read, only wasted space.
 
     Only those of processes that are gone (or of this one): a live writer's temp file is
-    never pulled from under it. (The run folder's lock, :func:`cache.atomic.owned_folder`,
+    never pulled from under it. (The run folder's lock, :func:`core.locks.owned_folder`,
     already keeps a second run out of the folder; this holds for library callers too.)
     """
     for p in (path, optimizer_path(path), _staged(optimizer_path(path))):

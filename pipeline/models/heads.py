@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from cache.atomic import atomic_write_with
-from pipeline.errors import InputError, MissingFileError
+from core.atomic import atomic_write_with
+from core.errors import InputError, MissingFileError
 
 
 class MLPHead(nn.Sequential):

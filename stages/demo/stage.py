@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.atomic import atomic_write_text
+from core.atomic import atomic_write_text
 from cache.paths import cache_root
 from pipeline.config import load_config
-from pipeline.console import err, escape, section
+from core.console import err, escape, section
 from pipeline.datasets import READERS, open_dataset
 from pipeline.datasets.demo import DemoSpec
 from pipeline.datasets.spec import parse_dataset_spec

@@ -21,9 +21,9 @@ from cache.claims import LeaseKeeper, lease_seconds
 from cache.index import Unit
 from cache.store import Claim, ClaimLost, ClaimState, ShardSink, Store
 from pipeline import threads
-from pipeline.console import err, progress
+from core.console import err, progress
 from pipeline.devices import resolve_device
-from pipeline.errors import PipeError
+from core.errors import PipeError
 from stages.embed.embedder import GroupEmbedder
 from stages.embed.modality import MODALITIES, Modality
 from stages.embed.overlap import WriteBehind

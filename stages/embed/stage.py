@@ -25,13 +25,13 @@ from cache.claims import lease_seconds, live_run
 from cache.store import Store, StoreError
 from pipeline import threads
 from pipeline.allocator import keep_freed_memory
-from pipeline.console import err
+from core.console import err
 from pipeline.datasets import Dataset, open_dataset
 from pipeline.devices import peak_memory_mb, resolve_device
 from pipeline.encoders import resolve_encoder_name
 from pipeline.encoders.remote import require_consent
 from pipeline.encoders.stored import store_spec
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.imaging import DEFAULT_IMAGE_MEMORY_MB
 from stages.embed.modality import MODALITIES, TEXT, Modality
 from stages.embed.plan import Plan

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from cache.index import LABEL_PREFIX
-from pipeline.console import err, progress, escape
-from pipeline.errors import InputError
+from core.console import err, progress, escape
+from core.errors import InputError
 from pipeline.models.heads import make_head, save_head
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cache.pairs import PairData
-from pipeline.console import err, escape
+from core.console import err, escape
 from stages.evaluate.features import FrozenAdaptor, raw_features
 
 

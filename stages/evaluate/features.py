@@ -16,8 +16,8 @@ import torch
 from cache.outputs import OutputCache, ensure_outputs_meta, outputs_folder
 from cache.reader import RowReader
 from cache.store import Store
-from pipeline.console import err
-from pipeline.errors import InputError
+from core.console import err
+from core.errors import InputError
 from pipeline.models.adaptor import Adaptor, AdaptorMode, adaptor_config_from_saved
 from pipeline.models.checkpoint import checkpoint_hash, load_checkpoint, read_meta, resolve_checkpoint, weights_hash
 

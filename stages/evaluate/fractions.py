@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 
 class FractionTooSmallError(InputError):

@@ -17,9 +17,9 @@ import json
 import numpy as np
 import torch
 
-from cache.atomic import atomic_write_text
-from pipeline.console import err, progress, escape
-from pipeline.errors import InputError
+from core.atomic import atomic_write_text
+from core.console import err, progress, escape
+from core.errors import InputError
 from pipeline.models.ranking import match_ranks, reranked_ranks
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult

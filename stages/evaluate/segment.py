@@ -13,9 +13,9 @@ import math
 import numpy as np
 import torch
 
-from cache.masks import geometry, load_masks
-from pipeline.console import err, progress, escape
-from pipeline.errors import InputError
+from pipeline.datasets.mask_targets import geometry, load_masks
+from core.console import err, progress, escape
+from core.errors import InputError
 from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult

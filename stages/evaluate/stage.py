@@ -19,12 +19,13 @@ from typing import Annotated, Literal
 
 import numpy as np
 
-from cache.atomic import atomic_write_text, owned_folder, release_empty_folder
+from core.atomic import atomic_write_text
+from core.locks import owned_folder, release_empty_folder
 from cache.pairs import CacheMissError, embed_command, load_pairs
 from cache.paths import cache_root
 from pipeline.config import ConfigError, OneOf, Validated, config_hash, save_config, to_dict
 from pipeline import threads
-from pipeline.console import err, escape
+from core.console import err, escape
 from pipeline.datasets import open_dataset
 from pipeline.devices import peak_memory_mb, resolve_device
 from pipeline.encoders import canonical_name, resolve_encoder_name

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.prompts import finding_scores, prompt_layout
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cache.atomic import atomic_write_text
+from core.atomic import atomic_write_text
 from stages.evaluate.metrics import auroc
 from stages.evaluate.tables import merge_tables, pct
 from stages.report import figures as F

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 # Data files of runs made before results.json listed them ("files"), by role.
 LEGACY_FILES = {"predictions": "predictions.npz", "overlays": "overlays.npz", "examples": "examples.json",

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.atomic import atomic_write_text
+from core.atomic import atomic_write_text
 from cache.paths import cache_root
-from pipeline.console import err, escape, section
+from core.console import err, escape, section
 from pipeline.datasets.shared_splits import parse_split_ref
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.evaluate.tables import to_markdown
 from stages.reproduce import render
 from stages.reproduce.spec import DATASETS, Substitutions, load_table

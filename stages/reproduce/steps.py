@@ -22,7 +22,7 @@ from pipeline.datasets import READERS, open_dataset
 from pipeline.datasets.shared_splits import SOURCES
 from pipeline.datasets.spec import parse_dataset_spec, with_option
 from pipeline.encoders import resolve_encoder_name
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.models.checkpoint import checkpoint_hash, read_meta
 from stages import embed, evaluate
 from stages import train as train_adaptor

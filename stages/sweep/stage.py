@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from pipeline.errors import MissingFileError
+from core.errors import MissingFileError
 from stages.train.trainer import TrainConfig, load_training_data, run
 
 KEYS = {"dataset", "backbone", "text_encoder", "cache", "preset", "overrides", "grid", "out", "metric"}

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.devices import resolve_device
-from pipeline.errors import InputError
+from core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ import torch
 
 from cache.pairs import PairData
 from cache.reader import RowReader, available_ram, block_shuffled_order
-from pipeline.console import err
+from core.console import err
 from pipeline.devices import to_device
-from pipeline.errors import InputError, PipeError
+from core.errors import InputError, PipeError
 from pipeline.models.adaptor import MODES, AdaptorMode
 
 Resident = Literal["auto", "ram", "gpu", "none"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from cache.atomic import atomic_write_with
+from core.atomic import atomic_write_with
 
 
 class MetricsLog:

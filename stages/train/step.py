@@ -26,7 +26,7 @@ from typing import Callable, Literal, get_args
 import torch
 from torch import Tensor
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 StepMode = Literal["eager", "compile", "cuda-graph"]
 STEP_MODES: tuple[str, ...] = get_args(StepMode)

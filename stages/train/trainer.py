@@ -5,7 +5,7 @@ checkpoint records the fingerprints of the caches it was trained on.
 
 Several GPUs (or CPU processes) train one Adaptor with DDP when launched by torchrun::
 
-    torchrun --nproc-per-node 4 -m pipeline.cli train-adaptor -d mimic-cxr:/data/mimic \
+    torchrun --nproc-per-node 4 -m cli train-adaptor -d mimic-cxr:/data/mimic \
         -b dinov2-b -t bert --config configs/adaptor_paper.yaml batch_size=1024
 
 - ``batch_size`` is the global batch: each of the N processes takes batch_size / N
@@ -39,17 +39,18 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from cache.atomic import FolderBusyError, atomic_write_text, owned_folder
+from core.atomic import atomic_write_text
+from core.locks import FolderBusyError, owned_folder
 from cache.index import load_index
 from cache.pairs import CacheMissError, PairData, embed_command, load_pairs
 from cache.paths import cache_root
 from pipeline.config import ConfigError, Validated, config_hash, save_config, to_dict
 from pipeline import threads
-from pipeline.console import err, escape, progress
+from core.console import err, escape, progress
 from pipeline.datasets import open_dataset
 from pipeline.devices import peak_memory_mb
 from pipeline.encoders import canonical_name
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from pipeline.models.loss import clip_loss, itm_loss, rerank_top_k, retrieval_recall_from_sim

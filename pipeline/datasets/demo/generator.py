@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from cache.atomic import process_alive, this_process
+from core.processes import process_alive, this_process
 from pipeline.datasets.demo.anatomy import PatientAnatomy
 from pipeline.datasets.demo.findings import FINDINGS, MASKED_FINDINGS
 from pipeline.datasets.demo.iu import load_iu_bank
@@ -25,7 +25,7 @@ from pipeline.datasets.demo.plan import Case, plan
 from pipeline.datasets.demo.render import render_case
 from pipeline.datasets.demo.reports import Report, agreement_line, compose_report, measure_agreement
 from pipeline.datasets.demo.spec import FORMAT_VERSION, DemoSpec
-from pipeline.errors import PipeError
+from core.errors import PipeError
 
 
 def _expected_meta(spec: DemoSpec) -> dict:

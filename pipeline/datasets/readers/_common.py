@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import xxhash
 
-from cache.atomic import atomic_write_text
-from pipeline.console import err, progress, escape
+from core.atomic import atomic_write_text
+from core.console import err, progress, escape
 from pipeline.datasets.base import Dataset
 from pipeline.datasets.masks import save_mask
 from pipeline.datasets.reports import SECTION_CHOICES

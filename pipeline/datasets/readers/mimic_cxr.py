@@ -38,7 +38,7 @@ from pipeline.datasets.readers._common import (LABELS, SECTIONS, Problems, Spec,
                                                require_root, unmaterialised)
 from pipeline.datasets.reports import report_text
 from pipeline.datasets.table import DatasetError
-from pipeline.console import err, escape
+from core.console import err, escape
 
 READER = "mimic-cxr"
 PREFIX = "mimic-cxr-2.0.0"

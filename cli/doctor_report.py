@@ -13,7 +13,7 @@ import torch
 from rich.table import Table
 
 from cache.paths import cache_root
-from pipeline.console import escape, plain
+from core.console import escape, plain
 from pipeline.encoders import describe_encoders
 
 PACKAGES = ["torch", "torchvision", "transformers", "timm", "huggingface_hub", "zarr", "numcodecs",

@@ -10,9 +10,9 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, print_json, results_to, user_errors
-from pipeline.console import err, escape, plain
+from cli.app import app
+from cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, print_json, results_to, user_errors
+from core.console import err, escape, plain
 
 PREDICT_EPILOG = """Examples:
 

@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, path_or_none, print_json, results_to, user_errors
+from cli.app import app
+from cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, path_or_none, print_json, results_to, user_errors
 
 
 @app.command(epilog="Examples:\n\n  pipe demo --out demo-out\n\n"

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.app import app
-from pipeline.cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, flag_overrides, path_or_none, print_json, results_to,
+from cli.app import app
+from cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, flag_overrides, path_or_none, print_json, results_to,
                                  user_errors)
 
 

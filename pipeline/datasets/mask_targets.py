@@ -29,7 +29,7 @@ from cache.index import MASK_PREFIX
 from cache.marker import ensure_marker
 from cache.npz import load_checked, save_checked
 from cache.paths import plain_name, portable
-from pipeline.errors import InputError
+from core.errors import InputError
 
 
 class MaskError(InputError):

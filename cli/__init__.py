@@ -1,14 +1,14 @@
 """The `pipe` command line: parsing and printing only; the work lives in stages/ and cache/.
 
 One module per command group, each registering its commands on the objects of
-:mod:`pipeline.cli.app` when imported here (in the order `pipe --help` lists them).
+:mod:`cli.app` when imported here (in the order `pipe --help` lists them).
 """
 from __future__ import annotations
 
 # isort: off
-from pipeline.cli import embed, train, evaluate, use, sweep, reproduce, demo, info, cache, data  # noqa: F401  (registers)
+from cli import embed, train, evaluate, use, sweep, reproduce, demo, info, cache, data  # noqa: F401  (registers)
 # isort: on
-from pipeline.cli.app import app
+from cli.app import app
 
 
 def main() -> None:

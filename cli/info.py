@@ -6,9 +6,9 @@ from typing import Optional
 
 from rich.table import Table
 
-from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, JSON_OPT, path_or_none, print_json, results_to
-from pipeline.console import escape, out
+from cli.app import app
+from cli.common import CACHE_OPT, JSON_OPT, path_or_none, print_json, results_to
+from core.console import escape, out
 
 
 @app.command(epilog="Examples:\n\n  pipe encoders\n\n  pipe encoders | grep dinov2\n\n  pipe encoders --json")
@@ -43,7 +43,7 @@ def encoders(as_json: bool = JSON_OPT) -> None:
 @app.command(epilog="Examples:\n\n  pipe doctor\n\n  pipe doctor --cache /data/pipe-cache --json")
 def doctor(cache: Optional[Path] = CACHE_OPT, as_json: bool = JSON_OPT) -> None:
     """Report versions, the device, which encoder weights are present, and the cache location."""
-    from pipeline.cli.doctor_report import doctor_report, print_doctor  # lazy: imports torch
+    from cli.doctor_report import doctor_report, print_doctor  # lazy: imports torch
 
     report = doctor_report(path_or_none(cache))
     print_doctor(report, results_to(as_json))

@@ -6,10 +6,10 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, human_bytes, path_or_none, print_json, \
+from cli.app import app
+from cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, human_bytes, path_or_none, print_json, \
     results_to, user_errors
-from pipeline.console import err
+from core.console import err
 
 EPILOG = """Examples:
 

@@ -7,9 +7,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, path_or_none, print_json, results_to, user_errors
-from pipeline.console import err, escape
+from cli.app import app
+from cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, path_or_none, print_json, results_to, user_errors
+from core.console import err, escape
 
 
 @app.command(epilog="Examples:\n\n  pipe embed --dataset demo --backbone tiny-vit --text-encoder minilm\n\n"

@@ -9,11 +9,11 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.app import app
-from pipeline.cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, flag_overrides, print_json, results_to,
+from cli.app import app
+from cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, flag_overrides, print_json, results_to,
                                  user_errors)
-from pipeline.console import err, escape
-from pipeline.console import out as out_console
+from core.console import err, escape
+from core.console import out as out_console
 from stages.evaluate.tasks import TASKS
 
 Task = Enum("Task", {name: name for name in TASKS}, type=str)  # the choices of --task, from the registry
@@ -154,7 +154,7 @@ def report(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Gather runs into one table per metric (rows: methods; columns: fractions), or into one HTML page."""
-    from cache.atomic import atomic_write_text  # lazy: keeps `pipe --help` fast
+    from core.atomic import atomic_write_text  # lazy: keeps `pipe --help` fast
     from stages.evaluate.tables import to_rich  # lazy: keeps `pipe --help` fast
     from stages.report import load_runs, merged_tables, to_csv, to_markdown_report, write_page  # lazy: as above
 

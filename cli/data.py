@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.app import data_app
-from pipeline.cli.common import fail, results_to, user_errors
-from pipeline.console import err, escape, out, plain
+from cli.app import data_app
+from cli.common import fail, results_to, user_errors
+from core.console import err, escape, out, plain
 
 DATASET_OPT = typer.Option(None, "--dataset", "-d", help="A pairs table, `demo`, or <reader>:<root>[?key=value&...], "
                            "e.g. 'siim-pneumothorax:/data/siim' or 'chexpert:/data/chexpert?uncertain=ones'. "
@@ -21,7 +21,7 @@ DATASET_ARG = typer.Argument(None, hidden=True)
 import math
 import time
 
-from pipeline.cli.common import CACHE_OPT as CACHE  # noqa: E402
+from cli.common import CACHE_OPT as CACHE  # noqa: E402
 
 ALLOW = typer.Option(False, "--allow-failures", help="Skip and count bad rows instead of stopping at the first.")
 

@@ -1,8 +1,8 @@
 """The `pipe` application object and its command groups.
 
-Every command module under ``pipeline/cli/`` registers its commands on these objects
+Every command module under ``cli/`` registers its commands on these objects
 with decorators at import time (``@app.command``, ``@cache_app.command``,
-``@data_app.command``); ``pipeline/cli/__init__.py`` imports them all. Command modules
+``@data_app.command``); ``cli/__init__.py`` imports them all. Command modules
 import only typer, rich and the project's light modules at the top: the stages (and
 torch) are imported inside each command, so `pipe --help` and tab completion start fast.
 """

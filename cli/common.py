@@ -9,8 +9,8 @@ from typing import Iterator, Optional
 
 import typer
 
-from pipeline.console import err, escape, out
-from pipeline.errors import PipeError
+from core.console import err, escape, out
+from core.errors import PipeError
 
 CACHE_OPT = typer.Option(None, "--cache", help="Cache directory \\[default: $PIPE_CACHE, else ~/.cache/freeze-pipe].")
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."

@@ -7,9 +7,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.app import app
-from pipeline.cli.common import CACHE_OPT, JSON_OPT, print_json, results_to, user_errors
-from pipeline.console import err, escape, plain
+from cli.app import app
+from cli.common import CACHE_OPT, JSON_OPT, print_json, results_to, user_errors
+from core.console import err, escape, plain
 
 
 @app.command(epilog="Example:\n\n  pipe sweep configs/sweep_demo.yaml epochs=5")

@@ -7,9 +7,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.app import cache_app
-from pipeline.cli.common import CACHE_OPT, JSON_OPT, fail, human_bytes, print_json, results_to, user_errors
-from pipeline.console import err, escape, out
+from cli.app import cache_app
+from cli.common import CACHE_OPT, JSON_OPT, fail, human_bytes, print_json, results_to, user_errors
+from core.console import err, escape, out
 
 
 @cache_app.command("ls", epilog="Examples:\n\n  pipe cache ls\n\n  pipe cache ls --cache /data/pipe-cache --json")
