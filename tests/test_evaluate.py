@@ -12,7 +12,7 @@ from PIL import Image
 
 from stages.evaluate import metrics as M
 from stages.evaluate import tables as T
-from stages.evaluate.fractions import FractionTooSmallError, check_subset, nested_subsets, stratified_order
+from stages.evaluate.fractions import FractionTooSmallError, check_subset, plan_subsets, stratified_order
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.heads import MLPHead, SegDecoder, make_head, segmentation_loss
 from tests.helpers import FINDINGS, embed_json, pipe
@@ -198,12 +198,13 @@ def _multilabel(n=1000, seed=0):
 
 def test_fractions_are_nested_deterministic_and_stratified():
     y = _multilabel()
-    subsets = nested_subsets(y, [0.01, 0.1, 1.0], seed=5)
+    names = ["a", "b", "c"]
+    subsets = plan_subsets(y, names, [0.01, 0.1, 1.0], [5])[5]
     a, b, c = (set(subsets[f]) for f in (0.01, 0.1, 1.0))
     assert a <= b <= c and len(c) == 1000 and (len(a), len(b)) == (10, 100)
-    again = nested_subsets(y, [0.01, 0.1, 1.0], seed=5)
+    again = plan_subsets(y, names, [0.01, 0.1, 1.0], [5])[5]
     assert all(np.array_equal(subsets[f], again[f]) for f in subsets)
-    assert not np.array_equal(nested_subsets(y, [0.1], seed=6)[0.1], subsets[0.1])
+    assert not np.array_equal(plan_subsets(y, names, [0.1], [6])[6][0.1], subsets[0.1])
     assert (y[subsets[0.01]].sum(0) >= 1).all()            # even the rare (2%) label has a positive at 1%
     assert (y[subsets[0.01]] == 0).any(0).all()             # and every label a negative
     np.testing.assert_allclose(y[subsets[0.1]].mean(0), y.mean(0), atol=0.03)  # about the full prevalence

@@ -22,7 +22,7 @@ from core.errors import InputError
 from pipeline.models.heads import make_head, save_head
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
-from stages.evaluate.fractions import plan_subsets
+from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, predict
 from stages.evaluate.plots import roc_grid
 from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell
@@ -172,42 +172,29 @@ def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels
     y = labels.y.astype(np.float32)
     x_tr, y_tr = x[pos["train"]], y[pos["train"]]
     x_va, y_va, x_te, y_te = x[pos["valid"]], y[pos["valid"]], x[pos["test"]], y[pos["test"]]
-    runs: dict[str, dict[float, list]] = {k: {f: [] for f in ctx.cfg.fractions} for k in ctx.cfg.heads.kinds}
-    for seed in ctx.seeds:
-        for f, sub in plan[seed].items():
-            best, sweep = train_heads(ctx, labels, x_tr[sub], y_tr[sub], x_va, y_va, seed)
-            for kind, head in best.items():
-                p = scores_from_logits(predict(head.module, torch.from_numpy(x_te).to(ctx.device)), labels.type)
-                runs[kind][f].append({
-                    "seed": seed, "n_train": int(len(sub)), **head.record(),
-                    "val_" + labels.primary: head.best_metric, "test": classification_metrics(labels, y_te, p),
-                    "sweep": {k: v for k, v in sweep.items() if k.startswith(kind + "@")},
-                    "scores": p})
-                if keep is not None:
-                    keep(seed, f, head, runs[kind][f][-1])
-            tick()
-    heads = {kind: {fraction_label(f): _summarise(ctx, labels, y_te, f, rs) for f, rs in by_f.items()}
-             for kind, by_f in runs.items()}
+
+    def fit(seed: int, f: float, sub: np.ndarray) -> dict[str, dict]:
+        best, sweep = train_heads(ctx, labels, x_tr[sub], y_tr[sub], x_va, y_va, seed)
+        out = {}
+        for kind, head in best.items():
+            p = scores_from_logits(predict(head.module, torch.from_numpy(x_te).to(ctx.device)), labels.type)
+            out[kind] = {
+                "seed": seed, "n_train": int(len(sub)), **head.record(),
+                "val_" + labels.primary: head.best_metric, "test": classification_metrics(labels, y_te, p),
+                "sweep": {k: v for k, v in sweep.items() if k.startswith(kind + "@")},
+                "scores": p}
+            if keep is not None:
+                keep(seed, f, head, out[kind])
+        return out
+
+    runs = fit_grid(ctx, plan, ctx.cfg.heads.kinds, fit, tick)
+
+    def metrics(run: dict, w: np.ndarray) -> dict:
+        return classification_metrics(labels, y_te, run["scores"], w)
+
+    heads = {kind: {fraction_label(f): {"fraction": f, **summarise(ctx, rs, len(y_te), metrics, skip_nan=True)}
+                    for f, rs in by_f.items()} for kind, by_f in runs.items()}
     return {"name": name, "feature_dim": int(x.shape[1]), "heads": heads}
-
-
-def _summarise(ctx: EvalContext, labels: Labels, y_te: np.ndarray, f: float, rs: list[dict]) -> dict:
-    """Mean and std over seeds, and a bootstrap CI of the seed-averaged metric on the test set."""
-    keys = list(rs[0]["test"])
-    summary = {}
-    for k in keys:
-        v = np.array([r["test"][k] for r in rs], dtype=np.float64)
-        summary[k] = {"mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
-                      "std": float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0,
-                      "n_seeds": len(rs)}
-
-    def seed_mean(w: np.ndarray) -> dict[str, np.ndarray]:
-        per = [classification_metrics(labels, y_te, r["scores"], w) for r in rs]
-        return {k: np.mean([m[k] for m in per], axis=0) for k in keys}
-
-    for k, ci in M.bootstrap_cis(seed_mean, len(y_te), ctx.cfg.bootstrap, ctx.cfg.seed, ctx.cfg.ci).items():
-        summary[k]["ci"] = list(ci)
-    return {"fraction": f, "runs": rs, "summary": summary}
 
 
 # ------------------------------------------------------------------------------- task
@@ -224,9 +211,7 @@ def run(ctx: EvalContext) -> TaskResult:
                  "first learning rate; nothing is selected on validation")
     y_train = labels.y[pos["train"]]
     check_train_split(labels, y_train)
-    plan = plan_subsets(y_train, labels.names, ctx.cfg.fractions, ctx.seeds, labels.need_negatives,
-                        ctx.fixed_subsets(pos["train"]))
-    ctx.save_subsets(plan, pos["train"])
+    plan = draw_subsets(ctx, y_train, labels.names, pos["train"], labels.need_negatives)
     sets = ctx.feature_sets()
     methods, saved = [], []
     with progress() as bar:

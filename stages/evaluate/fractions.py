@@ -50,13 +50,6 @@ def stratified_order(y: np.ndarray, seed: int, need_negatives: bool = True) -> t
     return np.concatenate([np.array(front, dtype=np.int64), rest]), len(front)
 
 
-def nested_subsets(y: np.ndarray, fractions: list[float], seed: int,
-                   need_negatives: bool = True) -> dict[float, np.ndarray]:
-    """{fraction: row indices}, each a prefix of one stratified order (so nested)."""
-    order, _ = stratified_order(y, seed, need_negatives)
-    return {f: np.sort(order[:subset_size(f, len(order))]) for f in fractions}
-
-
 def plan_subsets(y: np.ndarray, names: list[str], fractions: list[float], seeds: list[int],
                  need_negatives: bool = True, fixed: dict[float, np.ndarray] | None = None
                  ) -> dict[int, dict[float, np.ndarray]]:

@@ -20,7 +20,7 @@ from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
-from stages.evaluate.fractions import plan_subsets
+from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, iter_predict
 from stages.evaluate.pictures import input_view, to_uint8
 from stages.evaluate.plots import overlays
@@ -122,44 +122,39 @@ def evaluate_tokens(ctx, name, x, masks, pos, plan, cases: list[tuple[int, str]]
     x_tr, y_tr = x[pos["train"]].to(dev), masks[pos["train"]].to(dev)
     x_va, y_va = x[pos["valid"]].to(dev), masks[pos["valid"]].to(dev)
     x_te, y_te = x[pos["test"]].to(dev), masks[pos["test"]].to(dev)
-    runs, shown = {f: [] for f in ctx.cfg.fractions}, {}
-    for seed in ctx.seeds:
-        for f, sub in plan[seed].items():
-            head, sweep = train_decoders(ctx, x_tr[sub], y_tr[sub], x_va, y_va, seed)
-            counts, _ = _evaluate(head.module, x_te, y_te, ctx.cfg.seg.threshold)
-            if seed == ctx.seeds[0] and f == max(ctx.cfg.fractions):
-                chosen = cases if cases is not None else pick_cases(counts, ctx.cfg.seg.overlays)
-                idx = [i for i, _ in chosen]
-                keep = dict.fromkeys(range(len(idx)))
-                if idx:
-                    _evaluate(head.module, x_te[idx], y_te[idx], ctx.cfg.seg.threshold, keep=keep)
-                dice = M.image_dice(counts)
-                shown = {"cases": chosen, "pred": [keep[j] for j in range(len(idx))],
-                         "dice": [float(dice[i]) for i in idx]}
-            runs[f].append({"seed": seed, "n_train": int(len(sub)), **head.record(),
+    shown: dict = {}
+
+    def fit(seed: int, f: float, sub: np.ndarray) -> dict[str, dict]:
+        head, sweep = train_decoders(ctx, x_tr[sub], y_tr[sub], x_va, y_va, seed)
+        counts, _ = _evaluate(head.module, x_te, y_te, ctx.cfg.seg.threshold)
+        if seed == ctx.seeds[0] and f == max(ctx.cfg.fractions):
+            shown.update(_shown(ctx, head, x_te, y_te, counts, cases))
+        return {"decoder": {"seed": seed, "n_train": int(len(sub)), **head.record(),
                             "val_dice_global": head.best_metric, "sweep": sweep,
-                            "test": {k: fn(counts) for k, fn in M.SEGMENTATION_METRICS.items()}, "counts": counts})
-            tick()
-    cells = {fraction_label(f): _summarise(ctx, rs) for f, rs in runs.items()}
+                            "test": {k: fn(counts) for k, fn in M.SEGMENTATION_METRICS.items()}, "counts": counts}}
+
+    runs = fit_grid(ctx, plan, ["decoder"], fit, tick)["decoder"]
+
+    def metrics(run: dict, w: np.ndarray) -> dict:
+        return {k: fn(run["counts"], w) for k, fn in M.SEGMENTATION_METRICS.items()}
+
+    cells = {}
+    for f, rs in runs.items():
+        cells[fraction_label(f)] = summarise(ctx, rs, len(rs[0]["counts"]), metrics, skip_nan=False)
+        for r in rs:
+            r.pop("counts")
     return {"name": name, "feature_shape": list(x.shape[1:]), "heads": {"decoder": cells}}, shown
 
 
-def _summarise(ctx: EvalContext, rs: list[dict]) -> dict:
-    summary = {}
-    for k in M.SEGMENTATION_METRICS:
-        v = np.array([r["test"][k] for r in rs], dtype=np.float64)
-        summary[k] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                      "n_seeds": len(rs)}
-
-    def seed_mean(w):
-        return {k: np.mean([fn(r["counts"], w) for r in rs], axis=0) for k, fn in M.SEGMENTATION_METRICS.items()}
-
-    for k, ci in M.bootstrap_cis(seed_mean, len(rs[0]["counts"]), ctx.cfg.bootstrap, ctx.cfg.seed,
-                                 ctx.cfg.ci).items():
-        summary[k]["ci"] = list(ci)
-    for r in rs:
-        r.pop("counts")
-    return {"runs": rs, "summary": summary}
+def _shown(ctx, head, x_te, y_te, counts: np.ndarray, cases: list[tuple[int, str]] | None) -> dict:
+    """The overlay cases (chosen by this decoder's test counts unless given) and its predictions on them."""
+    chosen = cases if cases is not None else pick_cases(counts, ctx.cfg.seg.overlays)
+    idx = [i for i, _ in chosen]
+    keep = dict.fromkeys(range(len(idx)))
+    if idx:
+        _evaluate(head.module, x_te[idx], y_te[idx], ctx.cfg.seg.threshold, keep=keep)
+    dice = M.image_dice(counts)
+    return {"cases": chosen, "pred": [keep[j] for j in range(len(idx))], "dice": [float(dice[i]) for i in idx]}
 
 
 def _masked_items(ctx: EvalContext, target: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -185,9 +180,7 @@ def run(ctx: EvalContext) -> TaskResult:
     err.print(f"masks: {len(kept):,} {escape(repr(target))} masks on the {escape(str(masks_np.shape[-1]))}px input grid "
               f"({'read ' + str(read) + ' mask files' if read else 'all from the mask cache'})")
     positive = masks_np.reshape(len(kept), -1).any(1)
-    plan = plan_subsets(positive[pos["train"]], [f"mask {target} (non-empty)"], ctx.cfg.fractions, ctx.seeds,
-                        fixed=ctx.fixed_subsets(kept[pos["train"]]))
-    ctx.save_subsets(plan, kept[pos["train"]])
+    plan = draw_subsets(ctx, positive[pos["train"]], [f"mask {target} (non-empty)"], kept[pos["train"]])
     masks = torch.from_numpy(masks_np.astype(np.uint8))
     sets = token_sets(ctx)
     methods, shown = [], []
