@@ -448,7 +448,7 @@ class Preprocess:
     def __call__(self, img: np.ndarray, view: int = 0, seed_key: str = "") -> torch.Tensor:
         x = _as_image_tensor(img)
         if view == 0:
-            x = _center_crop(_resize_shorter_side(x, self.resize_size), self.input_size)
+            x = resize_and_crop(x, self.resize_size, self.input_size)
         elif view > 0:
             x = self._augmented(x, _view_rng(seed_key, view))
         else:
@@ -504,22 +504,31 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
-def _resize_shorter_side(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    # Same rounding as torchvision's Resize(int), so results match reference
-    # pipelines that used it.
-    if h <= w:
-        new_hw = (size, int(size * w / h))
-    else:
-        new_hw = (int(size * h / w), size)
-    return _resize(x, new_hw)
+def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """The (h, w) an image of (h, w) is resized to so that its shorter side is ``size``.
+
+    Same rounding as torchvision's Resize(int), so results match reference pipelines that
+    used it."""
+    return (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
 
 
-def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+def centre_crop_origin(h: int, w: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centred ``size`` x ``size`` crop of an (h, w) image."""
+    return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+
+
+def resize_and_crop(x: torch.Tensor, resize: int, crop: int, nearest: bool = False) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, crop, crop]``: the shorter side resized to ``resize``, then a
+    centre crop. The one geometry of the encoders' input: images are resized bilinearly (with
+    antialiasing), masks (``nearest``) by nearest neighbour, so they stay binary and line up."""
     h, w = x.shape[-2:]
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
-    return x[..., top : top + size, left : left + size]
+    size = shorter_side_size(h, w, resize)
+    if nearest and size != (h, w):
+        x = F.interpolate(x, size=size, mode="nearest-exact")
+    elif not nearest:
+        x = _resize(x, size)
+    top, left = centre_crop_origin(*size, crop)
+    return x[..., top : top + crop, left : left + crop]
 
 
 def _view_rng(seed_key: str, view: int) -> np.random.Generator:

@@ -3,7 +3,7 @@
 A mask PNG has the size of its image (nonzero = positive). It gets the geometry of the
 encoder's preprocessing, read from the image store's spec: shorter side resized to
 ``resize_size`` (nearest neighbour, so it stays binary) and a centre crop of
-``input_size``, with the same rounding as ``pipeline.imaging.Preprocess``. The result is
+``input_size``, by ``pipeline.imaging.resize_and_crop``, as the images. The result is
 cached bit-packed under ``<cache>/masks/<dataset>/``, keyed by the geometry and by each
 mask file's path (relative to the cache root for masks inside it, so a moved cache keeps
 its entries), size and modification time. The file carries a crc32c per array
@@ -12,7 +12,6 @@ its entries), size and modification time. The file carries a crc32c per array
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import stat
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from cache.files import UnreadableFile, read_regular_file
@@ -30,6 +28,8 @@ from cache.marker import ensure_marker
 from cache.npz import load_checked, save_checked
 from cache.paths import plain_name, portable
 from core.errors import InputError
+from pipeline.datasets.masks import decode_mask
+from pipeline.imaging import resize_and_crop, shorter_side_size
 
 
 class MaskError(InputError):
@@ -44,20 +44,10 @@ def geometry(spec: dict) -> tuple[int, int]:
     return int(pre["resize_size"]), int(pre["input_size"])
 
 
-def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
-    """The resized (h, w), rounded as ``pipeline.imaging`` (and torchvision's Resize(int)) do."""
-    return (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-
-
 def align_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    """``[H, W]`` bool -> ``[crop, crop]`` bool: resize the shorter side (nearest), centre crop."""
-    h, w = mask.shape
-    nh, nw = shorter_side_size(h, w, resize)
+    """``[H, W]`` bool -> ``[crop, crop]`` bool: the images' resize and crop, nearest neighbour."""
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
-    if (nh, nw) != (h, w):
-        t = F.interpolate(t, size=(nh, nw), mode="nearest-exact")
-    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-    return t[0, 0, top:top + crop, left:left + crop].numpy() > 0.5
+    return resize_and_crop(t, resize, crop, nearest=True)[0, 0].numpy() > 0.5
 
 
 def _regular(path: str) -> bool:
@@ -104,9 +94,7 @@ def _check_size(item_id: str, path: str, h: int, w: int, resize: int) -> None:
 def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: int) -> np.ndarray:
     try:
         data = read_regular_file(mask_path)  # a FIFO or a device is refused, never read
-        with Image.open(io.BytesIO(data)) as im:
-            _check_size(item_id, mask_path, im.size[1], im.size[0], resize)  # before decoding a pixel
-            mask = np.asarray(im.convert("L")) > 0
+        mask = decode_mask(data, lambda h, w: _check_size(item_id, mask_path, h, w, resize))
     except UnreadableFile as e:
         if e.reason == "file not found":
             raise MaskError(f"item {item_id!r}: mask file {mask_path} does not exist. Fix its path in the table's "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
@@ -21,14 +21,23 @@ from pipeline.datasets.table import DatasetError
 MAX_MASK_PIXELS = 2**28  # 268M pixels (16k x 16k): far beyond any X-ray, far below a decompression bomb
 
 
+def decode_mask(data: bytes, check: Callable[[int, int], None]) -> np.ndarray:
+    """A mask file's bytes as a bool ``[H, W]`` array: pixels whose grey level is nonzero are
+    True. ``check(height, width)`` sees the size from the header before any pixel is decoded,
+    and raises to refuse it. The one reading of a mask: previews and segmentation both use it."""
+    with Image.open(io.BytesIO(data)) as img:
+        check(img.size[1], img.size[0])
+        return np.asarray(img.convert("L")) > 0
+
+
 def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask file as a bool ``[H, W]`` array (nonzero pixels are True)."""
+    """A mask file as a bool ``[H, W]`` array (see :func:`decode_mask`)."""
+    def check(h: int, w: int) -> None:
+        if h * w > MAX_MASK_PIXELS:
+            raise DatasetError(f"mask {path} is {w:,}x{h:,} pixels, more than a mask may have "
+                               f"({MAX_MASK_PIXELS:,}); check the file")
     try:
-        with Image.open(io.BytesIO(read_regular_file(path))) as img:  # a FIFO or a device is refused, not read
-            if img.size[0] * img.size[1] > MAX_MASK_PIXELS:
-                raise DatasetError(f"mask {path} is {img.size[0]:,}x{img.size[1]:,} pixels, more than a mask may "
-                                   f"have ({MAX_MASK_PIXELS:,}); check the file")
-            arr = np.asarray(img)
+        return decode_mask(read_regular_file(path), check)  # a FIFO or a device is refused, not read
     except UnreadableFile as e:
         if e.reason == "file not found":
             raise DatasetError(f"mask {path} does not exist; re-open the dataset to regenerate its masks") from None
@@ -39,9 +48,6 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(f"mask {path} does not exist; re-open the dataset to regenerate its masks") from None
     except Exception as e:
         raise DatasetError(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
-    if arr.ndim == 3:
-        arr = arr[..., :3].max(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
-    return arr != 0
 
 
 def save_mask(path: Path, mask: np.ndarray) -> None:
