@@ -13,6 +13,8 @@ from typing import Any
 
 import xxhash
 
+from core.jsondata import json_default
+
 # Bump when the on-disk layout or the meaning of stored arrays changes.
 FORMAT_VERSION = 1
 
@@ -42,17 +44,9 @@ def text_key(normalised: str) -> str:
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default)
 
 
 def fingerprint(spec: dict) -> str:
     """Hash of the canonical JSON of everything that changes an encoder's output."""
     return xxhash.xxh3_128_hexdigest(canonical_json({"format": FORMAT_VERSION, **spec}).encode())
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, (tuple, set)):
-        return list(obj)
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    raise TypeError(f"cannot put {type(obj).__name__} into a fingerprint")

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from core.jsondata import plain
+
 MODALITIES = ("image", "text")
 SOURCES = ("hf", "timm", "xrv", "package", "local", "random")
 POOLINGS = {"image": ("cls", "avg"), "text": ("pooler", "cls", "mean")}
@@ -60,14 +62,5 @@ class EncoderConfig:
         d = asdict(self)
         d["mean"] = list(self.mean) if self.mean else None
         d["std"] = list(self.std) if self.std else None
-        d["extra"] = {k: _jsonable(v) for k, v in self.extra}
+        d["extra"] = {k: plain(v) for k, v in self.extra}
         return d
-
-
-def _jsonable(value: Any) -> Any:
-    """Nested ``((key, value), ...)`` settings become dicts; other tuples become lists."""
-    if isinstance(value, tuple):
-        if value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value):
-            return {k: _jsonable(v) for k, v in value}
-        return [_jsonable(v) for v in value]
-    return value

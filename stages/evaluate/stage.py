@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import numpy as np
 
 from core.atomic import atomic_write_text
+from core.jsondata import plain
 from core.locks import owned_folder, release_empty_folder
 from cache.pairs import CacheMissError, embed_command, load_pairs
 from cache.paths import cache_root
@@ -170,7 +171,7 @@ def _encoders(cfg: EvalConfig, adaptor: FrozenAdaptor | None) -> tuple[str, str 
             _same_encoder("--text-encoder", cfg.text_encoder, meta.get("text_encoder")))
 
 
-def check_index_current(cfg: EvalConfig, root: Path, ds, items, backbone: str, text: str | None) -> None:
+def check_labels_current(cfg: EvalConfig, root: Path, ds, items, backbone: str, text: str | None) -> None:
     """Labels, masks and items come from the index `pipe embed` wrote: refuse a stale one."""
 
     hint = embed_command(cfg.dataset, backbone, text or "none", root)
@@ -201,7 +202,7 @@ def _context(cfg: EvalConfig) -> EvalContext:
         fps = data.fingerprints() if need_text else {"image": data.image.fingerprint}
         check_fingerprints(adaptor.meta, fps, f"checkpoint {adaptor.path}")
     ds = open_dataset(cfg.dataset, root, skip_bad_rows=True)
-    check_index_current(cfg, root, ds, data.items, backbone, text)
+    check_labels_current(cfg, root, ds, data.items, backbone, text)
     out = Path(cfg.out) if cfg.out else default_out(cfg, name, adaptor, backbone)
     return EvalContext(cfg, root, device, data, name, adaptor, backbone, text, out, dataset_version=ds.version,
                        split_source=ds.split_source, published=ds.fractions, description=ds.description,
@@ -265,22 +266,8 @@ def _results_json(ctx: EvalContext, result: TaskResult, forwards: str | None, se
 
 
 def _write(out: Path, results: dict, result: TaskResult) -> None:
-    atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=1, allow_nan=True))
+    atomic_write_text(out / "results.json", json.dumps(plain(results), indent=1, allow_nan=True))
     atomic_write_text(out / "results.md", results_markdown(results))
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def results_markdown(results: dict) -> str:

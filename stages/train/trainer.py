@@ -149,7 +149,7 @@ def load_training_data(cfg: TrainConfig) -> PairData:
     root = cache_root(cfg.cache)
     ds_name = open_dataset(cfg.dataset, root, materialise=False, skip_bad_rows=True).name
     data = load_pairs(root, ds_name, cfg.dataset, cfg.backbone, cfg.text_encoder, canonical=canonical_name)
-    check_index_current(open_dataset(cfg.dataset, root, skip_bad_rows=True), data, cfg)
+    check_no_new_items(open_dataset(cfg.dataset, root, skip_bad_rows=True), data, cfg)
     return data
 
 
@@ -208,7 +208,7 @@ def global_batch(requested: int, n_items: int, world: int) -> int:
     return bs
 
 
-def check_index_current(ds, data: PairData, cfg: TrainConfig) -> None:
+def check_no_new_items(ds, data: PairData, cfg: TrainConfig) -> None:
     """Refuse to train on a cache that predates rows added to the dataset since."""
 
     known = set(load_index(cache_root(cfg.cache), ds.name).table.id)
