@@ -27,7 +27,6 @@ PACKAGE_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PROMPTS_FILE = "prompts.yaml"
-MODALITIES = ("image", "text")
 
 
 class EncoderMismatchError(PipeError):
