@@ -8,15 +8,12 @@ from typing import Optional
 import typer
 
 from cli.app import app
+from stages.train.residency import RESIDENCIES
 from cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, flag_overrides, path_or_none, print_json, results_to,
                                  user_errors)
 
 
-class Resident(str, Enum):
-    auto = "auto"
-    ram = "ram"
-    gpu = "gpu"
-    none = "none"
+Resident = Enum("Resident", {name: name for name in RESIDENCIES}, type=str)  # --resident's choices, from the registry
 
 
 @app.command("train-adaptor", epilog="Examples:\n\n"

@@ -1,11 +1,39 @@
 """Which device a command runs on, how host tensors get there, and how much memory it used."""
 from __future__ import annotations
 
+import re
 import resource
+from collections.abc import Iterator, Mapping
 
 import torch
 
 from core.errors import InputError
+
+
+class _DeviceNames(Mapping):
+    """The device names a config accepts, each with what it means: ``auto``, ``cpu``, ``cuda``
+    and ``cuda:N`` for any device number N (whether it exists is checked when the run starts,
+    by :func:`resolve_device`)."""
+
+    _NAMED = {"auto": "CUDA when visible, else the CPU", "cpu": "the CPU", "cuda": "the current CUDA device",
+              "cuda:N": "CUDA device number N (cuda:0, cuda:1, ...)"}
+
+    def __getitem__(self, name: str) -> str:
+        if isinstance(name, str) and re.fullmatch(r"cuda:[0-9]+", name):
+            return f"CUDA device number {name.split(':')[1]}"
+        return self._NAMED[name]
+
+    def __contains__(self, name: object) -> bool:  # "cuda:N" itself is the pattern, not a name
+        return isinstance(name, str) and (name in ("auto", "cpu", "cuda") or bool(re.fullmatch(r"cuda:[0-9]+", name)))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._NAMED)
+
+    def __len__(self) -> int:
+        return len(self._NAMED)
+
+
+DEVICES: Mapping[str, str] = _DeviceNames()  # for ``Annotated[str, OneOf(DEVICES)]``
 
 
 def resolve_device(device: str) -> torch.device:

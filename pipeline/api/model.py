@@ -22,6 +22,7 @@ from core.console import err, escape, progress
 from pipeline.devices import resolve_device
 from pipeline.encoders import create_encoder
 from pipeline.encoders.stored import preprocess_of
+from pipeline.models.label_types import LABEL_TYPES
 from core.errors import InputError
 from pipeline.models.adaptor import Adaptor, AdaptorMode, adaptor_config_from_saved
 from pipeline.models.checkpoint import load_weights, weights_hash
@@ -247,7 +248,7 @@ class TrainedAdaptor:
                              "heads of an evaluation of this Adaptor")
         with torch.no_grad():
             logits = module(torch.as_tensor(np.asarray(image_embeddings, np.float32)))
-        p = torch.softmax(logits, 1) if meta["label_type"] == "multiclass" else torch.sigmoid(logits)
+        p = LABEL_TYPES[meta["label_type"]].scores(logits)
         return HeadOutput(path.stem, list(meta["labels"]), meta["label_type"], p.numpy())
 
     def report_bank(self, reports, *, split: str | None = None, cache: str | os.PathLike | None = None,

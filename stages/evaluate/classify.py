@@ -14,12 +14,12 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from cache.index import LABEL_PREFIX
 from core.console import err, progress, escape
 from core.errors import InputError
 from pipeline.models.heads import make_head, save_head
+from pipeline.models.label_types import LABEL_TYPE_CHOICES, LABEL_TYPES, LabelType
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
@@ -27,7 +27,6 @@ from stages.evaluate.head_bank import FitSettings, Head, HeadBank, predict
 from stages.evaluate.plots import roc_grid
 from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell
 
-PRIMARY = {"binary": "auroc", "multilabel": "macro_auroc", "multiclass": "accuracy"}
 METRIC_TITLE = {"auroc": "AUROC", "macro_auroc": "macro AUROC", "accuracy": "accuracy", "macro_f1": "macro-F1",
                 "ece": "expected calibration error, 15 bins, lower is better"}
 
@@ -38,18 +37,22 @@ class NoLabelsError(InputError):
 
 @dataclass
 class Labels:
-    type: str                 # binary | multilabel | multiclass
+    kind: LabelType           # LABEL_TYPES: binary | multilabel | multiclass
     names: list[str]          # labels, or classes ("<label>=<value>") for multiclass
     y: np.ndarray             # [N, L]: 0/1 with NaN unknown; one-hot rows for multiclass
     keep: np.ndarray          # [N] bool: items with a usable label
 
     @property
+    def type(self) -> str:
+        return self.kind.name
+
+    @property
     def primary(self) -> str:
-        return PRIMARY[self.type]
+        return self.kind.primary
 
     @property
     def need_negatives(self) -> bool:
-        return self.type != "multiclass"
+        return self.kind.need_negatives
 
 
 # ----------------------------------------------------------------------------- labels
@@ -67,10 +70,9 @@ def resolve_labels(items: pd.DataFrame, requested: list[str], label_type: str, d
     names = list(requested) or _default_labels(items, have)
     values = items[[LABEL_PREFIX + n for n in names]].to_numpy(np.float64)
     kind = _label_type(values, names, label_type)
-    if kind == "multiclass":
-        return _multiclass(values[:, 0], names[0])
-    keep = ~np.isnan(values).all(1) if kind == "multilabel" else ~np.isnan(values[:, 0])
-    return Labels(kind, names, values, keep)
+    if kind.exclusive:
+        return _multiclass(values[:, 0], names[0], kind)
+    return Labels(kind, names, values, ~np.isnan(values).all(1))  # an item with any known label
 
 
 def _default_labels(items: pd.DataFrame, have: list[str]) -> list[str]:
@@ -81,27 +83,29 @@ def _default_labels(items: pd.DataFrame, have: list[str]) -> list[str]:
     return have
 
 
-def _label_type(values: np.ndarray, names: list[str], asked: str) -> str:
+def _label_type(values: np.ndarray, names: list[str], asked: str) -> LabelType:
+    """The asked label type (LABEL_TYPE_CHOICES), checked against the values; auto picks by them."""
     known = values[~np.isnan(values)]
     binary = bool(np.isin(known, (0.0, 1.0)).all())
-    if asked == "multiclass" or (asked == "auto" and not binary):
+    wanted = LABEL_TYPE_CHOICES[asked]
+    if (wanted.exclusive if wanted is not None else not binary):
         integer = bool(np.all(known == np.round(known)) and (known >= 0).all())
         if len(names) != 1 or not integer:
             raise NoLabelsError(
                 f"labels {names} are not all 0/1. A multi-class label is ONE column of class indices 0..K-1 "
                 "(choose it alone with labels=[NAME]); binary and multi-label tasks need 0/1 values.")
-        return "multiclass"
+        return wanted or LABEL_TYPES["multiclass"]
     if not binary:
         raise NoLabelsError(f"label_type={asked} needs 0/1 labels, but {names} hold other values")
-    return "binary" if len(names) == 1 else "multilabel"
+    return LABEL_TYPES["binary"] if len(names) == 1 else LABEL_TYPES["multilabel"]
 
 
-def _multiclass(col: np.ndarray, name: str) -> Labels:
+def _multiclass(col: np.ndarray, name: str, kind: LabelType) -> Labels:
     keep = ~np.isnan(col)
     classes = np.unique(col[keep])
     y = np.zeros((len(col), len(classes)), np.float64)
     y[np.flatnonzero(keep), np.searchsorted(classes, col[keep])] = 1.0
-    return Labels("multiclass", [f"{name}={c:g}" for c in classes], y, keep)
+    return Labels(kind, [f"{name}={c:g}" for c in classes], y, keep)
 
 
 def check_train_split(labels: Labels, y_train: np.ndarray) -> None:
@@ -114,32 +118,34 @@ def check_train_split(labels: Labels, y_train: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------- metrics
-def scores_from_logits(logits: np.ndarray, kind: str) -> np.ndarray:
-    t = torch.from_numpy(logits)
-    return (torch.softmax(t, 1) if kind == "multiclass" else torch.sigmoid(t)).numpy()
+def scores_from_logits(logits: np.ndarray, kind: LabelType) -> np.ndarray:
+    return kind.scores(torch.from_numpy(logits)).numpy()
 
 
-def classification_metrics(labels: Labels, y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict:
-    """The task's metrics: floats, or ``[B]`` arrays over bootstrap multiplicities ``w``."""
-    if labels.type == "binary":
-        return {"auroc": M.auroc(y[:, 0], p[:, 0], w), "ece": M.binary_ece(y, p, w)}
-    if labels.type == "multilabel":
-        macro, per = M.macro_auroc(y, p, w)
-        return {"macro_auroc": macro, "ece": M.binary_ece(y, p, w),
-                **{f"auroc/{n}": v if w is not None else float(v) for n, v in zip(labels.names, per)}}
+def _binary_metrics(names: list[str], y: np.ndarray, p: np.ndarray, w: np.ndarray | None) -> dict:
+    return {"auroc": M.auroc(y[:, 0], p[:, 0], w), "ece": M.binary_ece(y, p, w)}
+
+
+def _multilabel_metrics(names: list[str], y: np.ndarray, p: np.ndarray, w: np.ndarray | None) -> dict:
+    macro, per = M.macro_auroc(y, p, w)
+    return {"macro_auroc": macro, "ece": M.binary_ece(y, p, w),
+            **{f"auroc/{n}": v if w is not None else float(v) for n, v in zip(names, per)}}
+
+
+def _multiclass_metrics(names: list[str], y: np.ndarray, p: np.ndarray, w: np.ndarray | None) -> dict:
     true, pred = y.argmax(1), p.argmax(1)
     return {"accuracy": M.accuracy(true, pred, w), "macro_f1": M.macro_f1(true, pred, w),
             "ece": M.top_class_ece(y, p, w)}
 
 
-def _loss(labels: Labels):
-    if labels.type == "multiclass":
-        return lambda logits, y: F.cross_entropy(logits, y.argmax(1))
+# The metrics of each label type (pipeline.models.label_types.LABEL_TYPES), by its name.
+METRICS: dict[str, Callable] = {"binary": _binary_metrics, "multilabel": _multilabel_metrics,
+                                "multiclass": _multiclass_metrics}
 
-    def masked_bce(logits, y):
-        known = ~torch.isnan(y)
-        return F.binary_cross_entropy_with_logits(logits[known], y[known])
-    return masked_bce
+
+def classification_metrics(labels: Labels, y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict:
+    """The task's metrics: floats, or ``[B]`` arrays over bootstrap multiplicities ``w``."""
+    return METRICS[labels.kind.name](labels.names, y, p, w)
 
 
 # --------------------------------------------------------------------------- training
@@ -151,12 +157,12 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
     heads = [Head(kind, lr, make_head(kind, x_tr.shape[1], y_tr.shape[1], h.hidden, h.dropout).to(dev))
              for kind in h.kinds for lr in h.lrs]
     xv, yv = torch.from_numpy(x_va).to(dev), torch.from_numpy(y_va).to(dev)
-    loss = _loss(labels)
+    loss = labels.kind.loss
 
     def score(module) -> tuple[float, float]:
         logits = predict(module, xv)
         val_loss = float(loss(torch.from_numpy(logits).to(dev), yv))
-        return classification_metrics(labels, y_va, scores_from_logits(logits, labels.type))[labels.primary], val_loss
+        return classification_metrics(labels, y_va, scores_from_logits(logits, labels.kind))[labels.primary], val_loss
 
     settings = FitSettings(h.epochs, h.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, h.min_steps,
                            h.max_steps)
@@ -177,7 +183,7 @@ def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels
         best, sweep = train_heads(ctx, labels, x_tr[sub], y_tr[sub], x_va, y_va, seed)
         out = {}
         for kind, head in best.items():
-            p = scores_from_logits(predict(head.module, torch.from_numpy(x_te).to(ctx.device)), labels.type)
+            p = scores_from_logits(predict(head.module, torch.from_numpy(x_te).to(ctx.device)), labels.kind)
             out[kind] = {
                 "seed": seed, "n_train": int(len(sub)), **head.record(),
                 "val_" + labels.primary: head.best_metric, "test": classification_metrics(labels, y_te, p),
@@ -259,7 +265,7 @@ def _head_saver(ctx: EvalContext, labels: Labels, saved: list[str]) -> Callable:
 def _label_note(ctx: EvalContext, labels: Labels) -> None:
     if ctx.cfg.labels:
         return
-    if labels.type == "multiclass":
+    if labels.kind.exclusive:
         ctx.note(f"multi-class task on {labels.names[0].split('=')[0]!r} ({len(labels.names)} classes)")
         return
     msg = f"{labels.type} task over every 0/1 label: {', '.join(labels.names)} (choose with labels=[...])"
@@ -270,8 +276,7 @@ def _label_note(ctx: EvalContext, labels: Labels) -> None:
 
 
 def _tables(ctx: EvalContext, labels: Labels, methods: list[dict], n_test: int) -> list[dict]:
-    keys = [labels.primary] + (["macro_f1"] if labels.type == "multiclass" else []) + ["ece"] + \
-        ([f"auroc/{n}" for n in labels.names] if labels.type == "multilabel" else [])
+    keys = labels.kind.table_keys(labels.names)
     cols = [fraction_label(f) for f in ctx.cfg.fractions]
     tables = []
     for key in keys:

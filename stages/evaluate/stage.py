@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 
@@ -28,10 +28,11 @@ from pipeline.config import ConfigError, OneOf, Validated, config_hash, save_con
 from pipeline import threads
 from core.console import err, escape
 from pipeline.datasets import open_dataset
-from pipeline.devices import peak_memory_mb, resolve_device
+from pipeline.devices import DEVICES, peak_memory_mb, resolve_device
 from pipeline.encoders import canonical_name, resolve_encoder_name
 from pipeline.models.checkpoint import CheckpointMismatchError, check_fingerprints
 from pipeline.models.heads import HEAD_KINDS
+from pipeline.models.label_types import LABEL_TYPE_CHOICES
 from pipeline.provenance import provenance
 from stages.evaluate.card import data_card
 from stages.evaluate.context import EvalContext, TaskResult
@@ -105,7 +106,7 @@ class EvalConfig(Validated):
     seeds: int = 3
     seed: int = 0                  # seeds are seed, seed+1, ...; each draws its own nested subsets
     labels: list[str] = field(default_factory=list)   # classification labels; [] = all
-    label_type: Literal["auto", "binary", "multilabel", "multiclass"] = "auto"
+    label_type: Annotated[str, OneOf(LABEL_TYPE_CHOICES)] = "auto"   # pipeline/models/label_types.py
     baseline: bool = False         # also evaluate the raw backbone features in this run
     prompts: str = "chest_xray"    # zero-shot prompts: a name in configs/prompts/ or a YAML path
     heads: HeadsConfig = HeadsConfig()
@@ -113,7 +114,7 @@ class EvalConfig(Validated):
     bootstrap: int = 1000          # test-set resamples for the CIs
     ci: float = 0.95
     rerank_k: int = 10             # tokens-mode retrieval: candidates per query re-ranked by the matching head
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Annotated[str, OneOf(DEVICES)] = "auto"   # auto, cpu, cuda or cuda:N
     train_split: str = "train"
     val_split: str = "valid"
     test_split: str = "test"

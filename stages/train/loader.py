@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,9 +27,7 @@ from core.console import err
 from pipeline.devices import to_device
 from core.errors import InputError, PipeError
 from pipeline.models.adaptor import MODES, AdaptorMode
-
-Resident = Literal["auto", "ram", "gpu", "none"]
-
+from stages.train.residency import RESIDENCIES
 
 class ResidencyError(PipeError):
     pass
@@ -63,7 +61,7 @@ class PairLoader:
     """Batches of (image, text) arrays for a set of item positions."""
 
     def __init__(self, data: PairData, positions: np.ndarray, mode: AdaptorMode | str, batch_size: int,
-                 device: torch.device, resident: Resident = "auto", views: bool = True,
+                 device: torch.device, resident: str = "auto", views: bool = True,
                  seed: int = 0, buffer_chunks: int = 8, drop_last: bool = False, text: bool = True,
                  rank: int = 0, world: int = 1, ram_copies: int = 1):
         if batch_size % world:
@@ -99,15 +97,18 @@ class PairLoader:
     def nbytes(self) -> int:
         return sum(s.reader.nbytes(len(s.rows)) for s in self.sources.values())
 
-    def _make_resident(self, resident: Resident) -> str:
+    def _make_resident(self, resident: str) -> str:
         need = self.nbytes()
         ram_need = need * self.ram_copies  # every process on this machine holds its own copy
-        if resident == "none" or (resident == "auto" and self.mode.sequences and ram_need > 0.5 * available_ram()):
-            if resident == "auto" and self.rank == 0:
+        choice = RESIDENCIES.get(resident)
+        if choice is None:
+            raise InputError(f"resident={resident!r} is not a residency; use one of {', '.join(RESIDENCIES)}")
+        where = choice.place(self.device.type, lambda: self.mode.sequences and ram_need > 0.5 * available_ram())
+        if where == "stream":
+            if choice.chosen_for_you and self.rank == 0:
                 err.print(f"[yellow]token arrays need {need / 2**30:.1f} GiB, more than half the free RAM: "
                           "streaming them from the cache instead")
             return "stream"
-        where = "gpu" if resident == "gpu" or (resident == "auto" and self.device.type == "cuda") else "ram"
         if where == "gpu":
             if self.device.type != "cuda":
                 raise ResidencyError("--resident gpu needs a CUDA device; use --resident ram or --device cuda")

@@ -21,15 +21,14 @@ host never waits for the GPU inside an epoch.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, get_args
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from core.errors import InputError
 
-StepMode = Literal["eager", "compile", "cuda-graph"]
-STEP_MODES: tuple[str, ...] = get_args(StepMode)
 WARMUP_STEPS = 3
 
 
@@ -37,20 +36,48 @@ class StepError(InputError):
     """A step mode that cannot run here; the message says what to use instead."""
 
 
-def check_step_mode(mode: str, device: torch.device, ddp: bool) -> None:
-    """Refuse a step mode that cannot run here (``ddp``: the model is wrapped for torchrun)."""
-    if mode not in STEP_MODES:
-        raise StepError(f"step={mode!r} is not a step mode; use one of {', '.join(STEP_MODES)}")
-    if mode == "cuda-graph":
+@dataclass(frozen=True)
+class StepMode:
+    """One way to run a step: the ``step`` setting names it."""
+
+    name: str
+    summary: str
+    compiled: bool = False     # the forward and the loss go through torch.compile
+    graph: bool = False        # the whole step is captured into a CUDA graph and replayed
+
+    def check(self, device: torch.device, ddp: bool) -> None:
+        """Refuse to run where this mode cannot (``ddp``: the model is wrapped for torchrun)."""
+        if not self.graph:
+            return
         if device.type != "cuda":
-            raise StepError(f"step=cuda-graph needs a CUDA device, and this run is on {device.type}; "
+            raise StepError(f"step={self.name} needs a CUDA device, and this run is on {device.type}; "
                             "use step=compile or step=eager")
         if ddp:
-            raise StepError("step=cuda-graph runs one process, outside torchrun (DDP's gradient all-reduce is "
+            raise StepError(f"step={self.name} runs one process, outside torchrun (DDP's gradient all-reduce is "
                             "not captured); under torchrun use step=compile")
 
 
-def optimizer_for(params, mode: str, device: torch.device, *, lr: float, weight_decay: float,
+STEP_MODES: dict[str, StepMode] = {m.name: m for m in (
+    StepMode("eager", "forward, loss, backward and a fused AdamW step, launched op by op"),
+    StepMode("compile", "the forward and the loss through torch.compile", compiled=True),
+    StepMode("cuda-graph", "the whole step captured once into a CUDA graph, then replayed", graph=True),
+)}
+
+
+def step_mode(mode: str | StepMode) -> StepMode:
+    if isinstance(mode, StepMode):
+        return mode
+    if mode not in STEP_MODES:
+        raise StepError(f"step={mode!r} is not a step mode; use one of {', '.join(STEP_MODES)}")
+    return STEP_MODES[mode]
+
+
+def check_step_mode(mode: str | StepMode, device: torch.device, ddp: bool) -> None:
+    """Refuse a step mode that cannot run here (``ddp``: the model is wrapped for torchrun)."""
+    step_mode(mode).check(device, ddp)
+
+
+def optimizer_for(params, mode: str | StepMode, device: torch.device, *, lr: float, weight_decay: float,
                   betas: tuple[float, float]) -> torch.optim.AdamW:
     """Fused AdamW (one kernel for all parameters where the device has one).
 
@@ -58,13 +85,13 @@ def optimizer_for(params, mode: str, device: torch.device, *, lr: float, weight_
     its learning rate is a device tensor, which the schedule updates in place, so the
     replayed update reads the current rate.
     """
-    if mode == "cuda-graph":
+    if step_mode(mode).graph:
         return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device), weight_decay=weight_decay,
                                  betas=betas, fused=True, capturable=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
 
 
-def restore_step_settings(opt: torch.optim.Optimizer, mode: str, device: torch.device) -> None:
+def restore_step_settings(opt: torch.optim.Optimizer, mode: str | StepMode, device: torch.device) -> None:
     """After loading a state dict: this run's step mode's optimizer settings, not the saved run's.
 
     Loading brings back the saved param groups whole, and a run may resume another run's
@@ -72,7 +99,7 @@ def restore_step_settings(opt: torch.optim.Optimizer, mode: str, device: torch.d
     ``capturable`` as the saved run had it (an eager run's checkpoint resumed with
     step=cuda-graph would otherwise fail at capture); graphs need both set.
     """
-    graph = mode == "cuda-graph"
+    graph = step_mode(mode).graph
     for group in opt.param_groups:
         group["capturable"] = graph
         if graph and not torch.is_tensor(group["lr"]):
@@ -82,10 +109,10 @@ def restore_step_settings(opt: torch.optim.Optimizer, mode: str, device: torch.d
 class StepRunner:
     """Runs training steps of ``loss_fn(batch) -> scalar loss`` and sums their losses."""
 
-    def __init__(self, loss_fn: Callable[[dict], Tensor], opt: torch.optim.Optimizer, mode: str,
+    def __init__(self, loss_fn: Callable[[dict], Tensor], opt: torch.optim.Optimizer, mode: str | StepMode,
                  device: torch.device):
-        self.opt, self.mode, self.device = opt, mode, device
-        self.loss_fn = torch.compile(loss_fn, dynamic=False) if mode == "compile" else loss_fn
+        self.opt, self.mode, self.device = opt, step_mode(mode), device
+        self.loss_fn = torch.compile(loss_fn, dynamic=False) if self.mode.compiled else loss_fn
         self._sum = torch.zeros((), device=device)
         self._steps = 0
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -95,7 +122,7 @@ class StepRunner:
 
     # -- running -------------------------------------------------------------------------
     def __call__(self, batch: dict) -> None:
-        if self.mode != "cuda-graph":
+        if not self.mode.graph:
             self._eager(batch)
         elif self._graph is not None:
             self._replay(batch)

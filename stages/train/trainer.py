@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -44,11 +44,11 @@ from core.locks import FolderBusyError, owned_folder
 from cache.index import load_index
 from cache.pairs import CacheMissError, PairData, embed_command, load_pairs
 from cache.paths import cache_root
-from pipeline.config import ConfigError, Validated, config_hash, save_config, to_dict
+from pipeline.config import ConfigError, OneOf, Validated, config_hash, save_config, to_dict
 from pipeline import threads
 from core.console import err, escape, progress
 from pipeline.datasets import open_dataset
-from pipeline.devices import peak_memory_mb
+from pipeline.devices import DEVICES, peak_memory_mb
 from pipeline.encoders import canonical_name
 from core.errors import InputError
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
@@ -60,7 +60,8 @@ from stages.train import distributed
 from stages.train.distributed import DistContext
 from stages.train.loader import PairLoader
 from stages.train.metrics import MetricsLog
-from stages.train.step import StepMode, StepRunner, check_step_mode, optimizer_for, restore_step_settings
+from stages.train.residency import RESIDENCIES
+from stages.train.step import STEP_MODES, StepRunner, check_step_mode, optimizer_for, restore_step_settings
 
 CHECKPOINT = "last.safetensors"
 BEST = "best.safetensors"  # the epoch with the lowest validation loss (weights only)
@@ -95,8 +96,8 @@ class TrainConfig(Validated):
     batch_size: int = 1024
     epochs: int = 50
     seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    resident: Literal["auto", "ram", "gpu", "none"] = "auto"
+    device: Annotated[str, OneOf(DEVICES)] = "auto"   # auto, cpu, cuda or cuda:N
+    resident: Annotated[str, OneOf(RESIDENCIES)] = "auto"   # where the arrays are held (stages/train/residency.py)
     views: bool = True             # sample one cached view per image each epoch (when the cache has views)
     train_split: str = "train"
     val_split: str = "valid"
@@ -106,7 +107,7 @@ class TrainConfig(Validated):
     val_rerank_items: int = 256    # tokens mode: validation items whose top-k are re-ranked by the matching head
     rerank_k: int = 10             # tokens mode: candidates per query that the matching head re-ranks
     gather_negatives: bool = True  # DDP: score against every rank's embeddings (false: per-rank negatives, flaw 4)
-    step: StepMode = "eager"  # how a step runs (stages/train/step.py)
+    step: Annotated[str, OneOf(STEP_MODES)] = "eager"  # how a step runs (stages/train/step.py)
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:

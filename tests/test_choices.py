@@ -1,0 +1,102 @@
+"""Every choice the configs offer is one registry entry: the configs and the CLI accept exactly
+the registries' names, and each entry does what it says."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config
+from pipeline.devices import DEVICES
+from pipeline.models.label_types import LABEL_TYPE_CHOICES, LABEL_TYPES
+from stages.evaluate import EvalConfig
+from stages.train import TrainConfig
+from stages.train.residency import RESIDENCIES
+from stages.train.step import STEP_MODES, StepError, check_step_mode
+
+
+def _refused(cls, override: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(cls, None, [override])
+    return str(e.value)
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, EvalConfig])
+def test_devices_include_numbered_cuda_devices(cls):
+    for name in [n for n in DEVICES if n != "cuda:N"] + ["cuda:0", "cuda:7"]:
+        assert load_config(cls, None, [f"device={name}"]).device == name
+    for bad in ("cuda:N", "cuda:x", "tpu", "cuda:-1"):
+        msg = _refused(cls, f"device={bad}")
+        assert "device: expected one of 'auto', 'cpu', 'cuda', 'cuda:N'" in msg, msg
+
+
+def test_every_residency_and_step_mode_is_a_training_setting_and_nothing_else():
+    for name in RESIDENCIES:
+        assert load_config(TrainConfig, None, [f"resident={name}"]).resident == name
+    for name in STEP_MODES:
+        assert load_config(TrainConfig, None, [f"step={name}"]).step == name
+    assert "resident: expected one of " + ", ".join(map(repr, RESIDENCIES)) in _refused(TrainConfig, "resident=disk")
+    assert "step: expected one of " + ", ".join(map(repr, STEP_MODES)) in _refused(TrainConfig, "step=jit")
+
+
+def test_the_cli_offers_the_registrys_residencies():
+    from cli.train import Resident
+
+    assert [r.value for r in Resident] == list(RESIDENCIES)
+
+
+def test_residencies_place_the_arrays():
+    def place(name, device, too_big):
+        return RESIDENCIES[name].place(device, lambda: too_big)
+
+    assert [place("auto", d, False) for d in ("cpu", "cuda")] == ["ram", "gpu"]
+    assert place("auto", "cuda", True) == "stream"
+    for d in ("cpu", "cuda"):   # a residency asked for by name is what the loader attempts, however large
+        assert [place(n, d, True) for n in ("ram", "gpu", "none")] == ["ram", "gpu", "stream"]
+    assert [n for n, r in RESIDENCIES.items() if r.chosen_for_you] == ["auto"]
+
+
+def test_step_modes_refuse_where_they_cannot_run():
+    for name, mode in STEP_MODES.items():
+        if mode.graph:   # a CUDA graph needs a CUDA device, and one process
+            with pytest.raises(StepError, match="needs a CUDA device"):
+                check_step_mode(name, torch.device("cpu"), ddp=False)
+            with pytest.raises(StepError, match="outside torchrun"):
+                check_step_mode(name, torch.device("cuda"), ddp=True)
+        else:            # the others run anywhere, under DDP too
+            check_step_mode(name, torch.device("cpu"), ddp=True)
+    with pytest.raises(StepError, match="not a step mode; use one of " + ", ".join(STEP_MODES)):
+        check_step_mode("jit", torch.device("cpu"), ddp=False)
+
+
+def test_label_types_score_and_train_as_their_classes_say():
+    assert load_config(EvalConfig, None, []).label_type == "auto"
+    for name in LABEL_TYPE_CHOICES:
+        assert load_config(EvalConfig, None, [f"label_type={name}"]).label_type == name
+    assert "label_type: expected one of 'auto', 'binary', 'multilabel', 'multiclass'" in _refused(
+        EvalConfig, "label_type=ordinal")
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    y = torch.tensor([[0.0, 1.0, 0.0]])
+    for kind in LABEL_TYPES.values():
+        p = kind.scores(logits)
+        if kind.exclusive:   # one class per item: the scores are a distribution, the loss a cross-entropy
+            assert float(p.sum()) == pytest.approx(1.0)
+            assert float(kind.loss(logits, y)) == pytest.approx(float(-torch.log_softmax(logits, 1)[0, 1]))
+        else:                # every label its own 0/1 question; unknown (NaN) labels are left out of the loss
+            assert torch.allclose(p, torch.sigmoid(logits))
+            part = torch.tensor([[0.0, float("nan"), 1.0]])
+            want = torch.nn.functional.binary_cross_entropy_with_logits(logits[0, [0, 2]], part[0, [0, 2]])
+            assert float(kind.loss(logits, part)) == pytest.approx(float(want))
+        assert kind.table_keys(["a", "b"])[0] == kind.primary and "ece" in kind.table_keys(["a", "b"])
+
+
+def test_every_label_type_has_its_metrics():
+    from stages.evaluate.classify import METRICS, Labels, classification_metrics
+
+    y = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], np.float64)
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    assert set(METRICS) == set(LABEL_TYPES)
+    for kind in LABEL_TYPES.values():
+        names = ["x"] if kind.name == "binary" else ["a", "b"]
+        yy, pp = (y[:, :1], p[:, :1]) if kind.name == "binary" else (y, p)
+        m = classification_metrics(Labels(kind, names, yy, np.ones(len(y), bool)), yy, pp)
+        assert m[kind.primary] == pytest.approx(1.0)   # a perfect ranking and a perfect arg-max
+        assert set(kind.table_keys(names)) <= set(m)
