@@ -21,7 +21,7 @@ from core.errors import InputError
 from pipeline.models.heads import make_head, save_head
 from pipeline.models.label_types import LABEL_TYPE_CHOICES, LABEL_TYPES, LabelType
 from stages.evaluate import metrics as M
-from stages.evaluate.context import EvalContext, TaskResult
+from stages.evaluate.context import FEATURE_SOURCES, EvalContext, TaskResult
 from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, predict
 from stages.evaluate.plots import roc_grid
@@ -224,7 +224,7 @@ def run(ctx: EvalContext) -> TaskResult:
         task = bar.add_task("train heads", total=len(sets) * len(ctx.seeds) * len(ctx.cfg.fractions))
         for name, kind in sets:
             x = ctx.pooled_features(kind, np.arange(len(ctx.data.items)))
-            keep = _head_saver(ctx, labels, saved) if kind == "adaptor" else None
+            keep = _head_saver(ctx, labels, saved) if FEATURE_SOURCES[kind].from_adaptor else None
             methods.append({**evaluate_features(ctx, name, x, labels, pos, plan, lambda: bar.advance(task), keep),
                             "features": kind})
     result = TaskResult(methods=methods, tables=_tables(ctx, labels, methods, len(pos["test"])))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -92,11 +92,40 @@ class EvalContext:
         return sets
 
     def pooled_features(self, kind: str, positions: np.ndarray) -> np.ndarray:
-        """``[n, d]`` image features: the frozen Adaptor's ``encode_image`` or the cached pooled output."""
-        rows = self.image_rows[positions]
-        if kind == "adaptor":
-            return self.adaptor.image_embeddings(self.data.image, rows)
-        return raw_features(self.data.image, rows, "pooled").astype(np.float32)
+        """``[n, d]`` image features from the source ``kind`` (:data:`FEATURE_SOURCES`)."""
+        return FEATURE_SOURCES[kind].pooled(self, self.image_rows[positions])
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """Where a method's image features come from; results record its name (``"features"``)."""
+
+    name: str
+    summary: str
+    pooled: Callable[[EvalContext, np.ndarray], np.ndarray]   # store rows -> [n, d] float32
+    # store rows -> ([n, T, d] tokens, (h, w) patch grid or None, number of prefix tokens)
+    tokens: Callable[[EvalContext, np.ndarray], tuple[np.ndarray, tuple[int, int] | None, int]]
+    from_adaptor: bool   # the frozen Adaptor's outputs: its heads are the ones `pipe predict` applies
+
+
+def _adaptor_tokens(ctx: EvalContext, rows: np.ndarray):
+    a = ctx.adaptor
+    return a.image_tokens(ctx.data.image, rows), a.token_grid(), a.grid[1]
+
+
+def _backbone_tokens(ctx: EvalContext, rows: np.ndarray):
+    grid, n_prefix = ctx.data.image_grid
+    return raw_features(ctx.data.image, rows, "tokens"), grid, n_prefix
+
+
+FEATURE_SOURCES: dict[str, FeatureSource] = {s.name: s for s in (
+    FeatureSource("adaptor", "the frozen Adaptor's outputs (cached per checkpoint)",
+                  lambda ctx, rows: ctx.adaptor.image_embeddings(ctx.data.image, rows), _adaptor_tokens,
+                  from_adaptor=True),
+    FeatureSource("backbone", "the backbone's own cached outputs (no Adaptor)",
+                  lambda ctx, rows: raw_features(ctx.data.image, rows, "pooled").astype(np.float32),
+                  _backbone_tokens, from_adaptor=False),
+)}
 
 
 @dataclass

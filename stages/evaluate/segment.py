@@ -18,8 +18,7 @@ from core.console import err, progress, escape
 from core.errors import InputError
 from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
 from stages.evaluate import metrics as M
-from stages.evaluate.context import EvalContext, TaskResult
-from stages.evaluate.features import raw_features
+from stages.evaluate.context import FEATURE_SOURCES, EvalContext, TaskResult
 from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, iter_predict
 from stages.evaluate.pictures import input_view, to_uint8
@@ -65,13 +64,7 @@ def token_sets(ctx: EvalContext) -> list[tuple[str, str]]:
 def token_grid_features(ctx: EvalContext, source: str, positions: np.ndarray) -> torch.Tensor:
     """``[n, D, h, w]`` patch features of the items at ``positions``, in the cache's float16
     (batches are cast to float32 as they are used)."""
-    rows = ctx.image_rows[positions]
-    if source == "adaptor":
-        tokens = ctx.adaptor.image_tokens(ctx.data.image, rows)
-        grid, n_prefix = ctx.adaptor.token_grid(), ctx.adaptor.grid[1]
-    else:
-        tokens = raw_features(ctx.data.image, rows, "tokens")
-        grid, n_prefix = ctx.data.image_grid
+    tokens, grid, n_prefix = FEATURE_SOURCES[source].tokens(ctx, ctx.image_rows[positions])
     if grid is None:
         side = math.isqrt(tokens.shape[1] - n_prefix)
         grid = (side, side)
