@@ -1,4 +1,4 @@
-"""`pipe sweep`: parsing and printing only; the work is in stages/sweep.py."""
+"""`pipe sweep`: parsing and printing only; the work is in stages/sweep/."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,13 +20,13 @@ def sweep(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Train a grid of Adaptors (e.g. lr x layers x mode x batch) against the same caches."""
-    from stages.sweep import load_sweep, run_sweep  # lazy: keeps `pipe --help` fast
+    from stages.sweep import load_sweep, run  # lazy: keeps `pipe --help` fast
 
     with user_errors():
-        s = load_sweep(spec, overrides or [])
+        s = load_sweep(spec, overrides or [], cache=str(cache) if cache else None)
         err.print(f"sweep {escape(str(spec))}: {len(s.combos())} runs over {escape(', '.join(s.grid))}; backbone forwards: 0 "
                   "(every run reads the cache)")
-        result = run_sweep(s, str(cache) if cache else None)
+        result = run(s)
     t = Table(title=plain(f"sweep {spec} · sorted by {s.metric}"), title_justify="left")
     cols = [*s.grid, "train_loss", "val_loss", s.metric, "epoch_seconds", "out"]
     for c in cols:

@@ -247,7 +247,7 @@ def test_a_cuda_device_on_a_machine_without_one_is_one_message(tmp_path):
 # ----------------------------------------------------------------------------------- 9. presets
 def test_a_sweep_file_copied_elsewhere_finds_its_preset(tmp_path):
     from stages.sweep import load_sweep
-    from stages.sweep.stage import run_sweep  # noqa: F401  (the stage the command runs)
+    from stages.sweep.stage import run  # noqa: F401  (the stage the command runs)
 
     copy = tmp_path / "elsewhere" / "my_sweep.yaml"
     copy.parent.mkdir()

@@ -1,5 +1,10 @@
 """`pipe sweep`: a grid of Adaptor trainings against the same caches.
 
+    result = run(load_sweep("configs/sweep_demo.yaml", ["epochs=5"], cache="cache"))
+
+Like every stage, its entry point is ``run(cfg)``; here the config is a :class:`SweepSpec`
+(a sweep file, with extra overrides for every run and the cache to read).
+
 The cached pairs are loaded once and every run of the grid reads them; no encoder is
 built. Each run keeps its own directory, so an interrupted sweep resumes where it stopped.
 """
@@ -16,7 +21,8 @@ import yaml
 
 from pipeline.config import ConfigError, load_config
 from core.errors import MissingFileError
-from stages.train.trainer import TrainConfig, load_training_data, run
+from stages.train import trainer
+from stages.train.trainer import TrainConfig, load_training_data
 
 KEYS = {"dataset", "backbone", "text_encoder", "cache", "preset", "overrides", "grid", "out", "metric"}
 
@@ -45,7 +51,8 @@ class SweepResult:
     items_read: int = 0
 
 
-def load_sweep(path: Path, extra: list[str] = ()) -> SweepSpec:
+def load_sweep(path: Path, extra: list[str] = (), cache: str | None = None) -> SweepSpec:
+    """A sweep file; ``extra`` overrides apply to every run, ``cache`` (when given) replaces the file's."""
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"sweep file {path} does not exist; see configs/sweep_demo.yaml for the format")
@@ -61,7 +68,7 @@ def load_sweep(path: Path, extra: list[str] = ()) -> SweepSpec:
         preset = str((path.parent / preset)) if (path.parent / preset).exists() else preset
     return SweepSpec(dataset=str(raw["dataset"]), backbone=raw["backbone"], text_encoder=raw["text_encoder"],
                      grid=grid, preset=preset, overrides=tuple(raw.get("overrides") or ()) + tuple(extra),
-                     cache=raw.get("cache"), out=raw.get("out", "runs/sweep"),
+                     cache=cache or raw.get("cache"), out=raw.get("out", "runs/sweep"),
                      metric=raw.get("metric", "val_i2t_r@10"))
 
 
@@ -73,8 +80,9 @@ def _override(key: str, value) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def run_sweep(spec: SweepSpec, cache_override: str | None = None, on_row=None) -> SweepResult:
-    cache = cache_override or spec.cache
+def run(spec: SweepSpec, on_row=None) -> SweepResult:
+    """Train every combination of the grid, each into its own run directory, and tabulate them."""
+    cache = spec.cache
     base = [_override("dataset", spec.dataset), _override("backbone", spec.backbone),
             _override("text_encoder", spec.text_encoder)] + ([_override("cache", cache)] if cache else [])
     combos = spec.combos()
@@ -85,7 +93,7 @@ def run_sweep(spec: SweepSpec, cache_override: str | None = None, on_row=None) -
     data = load_training_data(cfgs[0])
     result = SweepResult()
     for combo, cfg in zip(combos, cfgs):
-        res = run(cfg, data=data)
+        res = trainer.run(cfg, data=data)
         result.items_read += len(data.items)
         row = {**combo, **{k: v for k, v in res.final.items() if isinstance(v, (int, float))}, "out": str(res.out)}
         result.rows.append(row)
