@@ -247,3 +247,20 @@ def test_prompts_are_not_iu_sentences():
     sentences = _normalised({s.text for items in bank.sentences.values() for s in items})
     for f, kind, p in _prompts():
         assert not _overlaps(p, sentences), (f, kind, p, _overlaps(p, sentences)[:3])
+
+
+def test_every_finding_has_its_report_wording_and_sentence_check():
+    """The report writers' per-finding entries cover exactly the findings registry."""
+    from pipeline.datasets.demo import KINDS
+    from pipeline.datasets.demo.iu import FITS
+    from pipeline.datasets.demo.phrases import WRITERS
+
+    names = [k.name for k in KINDS]
+    assert sorted(WRITERS) == sorted(names) and sorted(FITS) == sorted(names)
+    for name, writer in WRITERS.items():
+        wordings = list(writer.every())
+        assert wordings, name
+        for templates, fields in wordings[:5]:   # every field a template names is filled
+            for branch in ("plain", "subtle", "plain_impression", "subtle_impression"):
+                for t in templates.options(branch, fields.get("size"), True):
+                    t.format(**fields)

@@ -9,7 +9,8 @@ patient), the sampler of its parameters and its painter hooks:
   the lung's aeration is added to the image;
 - ``paint_chest(study, params)``: called once after both lungs.
 
-Adding a finding is one entry here, plus its sentences in the report writer.
+Adding a finding is one entry here, plus its wording (``phrases.WRITERS``: the synthetic
+report writer) and its sentence check (``iu.FITS``: the real-sentence bank).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -204,32 +205,51 @@ def _side_ok(s: _Sentence, side: str) -> bool:
     return s.sides == {side}
 
 
+def _fits_effusion(s: _Sentence, p: dict) -> bool:
+    return _side_ok(s, p["side"]) and (not s.sizes or s.sizes == {p["size"]})
+
+
+def _fits_pneumothorax(s: _Sentence, p: dict) -> bool:
+    if s.zones - {"upper"}:
+        return False
+    return _side_ok(s, p["side"]) and (not s.sizes or s.sizes == {p["size"]})
+
+
+def _fits_consolidation(s: _Sentence, p: dict) -> bool:
+    zone = {"upper": "upper", "middle": "mid", "lower": "lower"}[p["lobe"]]
+    return _side_ok(s, p["side"]) and (not s.zones or s.zones == {zone}) and \
+        not (s.sizes - {"small"} if p["subtle"] else set())
+
+
+def _fits_cardiomegaly(s: _Sentence, p: dict) -> bool:
+    want = {"mild": "small", "moderate": "moderate", "marked": "large"}[p["severity"]]
+    return not s.sizes or s.sizes == {want}
+
+
+def _fits_nodule(s: _Sentence, p: dict) -> bool:
+    nods = p["nodules"]
+    if s.plural != (len(nods) > 1):
+        return False
+    sides = {n["side"] for n in nods}
+    want_side = next(iter(sides)) if len(sides) == 1 else "bilateral"
+    zones = {_zone_of(n["v"]) for n in nods}
+    big = max(n["diameter_mm"] for n in nods) >= 12
+    return _side_ok(s, want_side) and (not s.zones or s.zones <= zones) and not s.sizes - {"small"} \
+        and not (big and s.sizes)
+
+
+# Per finding (the findings registry's names; a test checks they agree): does a sentence that
+# positively mentions it describe the drawn parameters?
+FITS: dict[str, Callable[[_Sentence, dict], bool]] = {
+    "cardiomegaly": _fits_cardiomegaly, "effusion": _fits_effusion, "consolidation": _fits_consolidation,
+    "pneumothorax": _fits_pneumothorax, "nodule": _fits_nodule,
+}
+
+
 def _fits_positive(s: _Sentence, f: str, p: dict) -> bool:
     """Does a sentence that positively mentions ``f`` describe the drawn ``p``?"""
-    if f == "effusion":
-        return _side_ok(s, p["side"]) and (not s.sizes or s.sizes == {p["size"]})
-    if f == "pneumothorax":
-        if s.zones - {"upper"}:
-            return False
-        return _side_ok(s, p["side"]) and (not s.sizes or s.sizes == {p["size"]})
-    if f == "consolidation":
-        zone = {"upper": "upper", "middle": "mid", "lower": "lower"}[p["lobe"]]
-        return _side_ok(s, p["side"]) and (not s.zones or s.zones == {zone}) and \
-            not (s.sizes - {"small"} if p["subtle"] else set())
-    if f == "cardiomegaly":
-        want = {"mild": "small", "moderate": "moderate", "marked": "large"}[p["severity"]]
-        return not s.sizes or s.sizes == {want}
-    if f == "nodule":
-        nods = p["nodules"]
-        if s.plural != (len(nods) > 1):
-            return False
-        sides = {n["side"] for n in nods}
-        want_side = next(iter(sides)) if len(sides) == 1 else "bilateral"
-        zones = {_zone_of(n["v"]) for n in nods}
-        big = max(n["diameter_mm"] for n in nods) >= 12
-        return _side_ok(s, want_side) and (not s.zones or s.zones <= zones) and not s.sizes - {"small"} \
-            and not (big and s.sizes)
-    return False
+    fits = FITS.get(f)
+    return fits is not None and fits(s, p)
 
 
 class SentenceBank:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from string import Formatter
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -233,31 +233,29 @@ def _nodule_size(d: int, in_mm: bool) -> str:
     return f"{d} mm" if in_mm else f"{d / 10:.1f} cm"
 
 
+def _cardiomegaly_words(rng: np.random.Generator, p: dict) -> tuple[Templates, dict]:
+    if p["subtle"]:
+        return CARDIOMEGALY, _cardiomegaly_fields(p["severity"], "Mild", p["ctr"])
+    marked = _pick(rng, ("Marked", "Severe"))
+    adj = {"mild": "Mild", "moderate": "Moderate", "marked": marked}[p["severity"]]
+    return CARDIOMEGALY, _cardiomegaly_fields(p["severity"], adj, p["ctr"])
+
+
+def _nodule_words(rng: np.random.Generator, p: dict) -> tuple[Templates, dict]:
+    nods = p["nodules"]
+    d = max(n["diameter_mm"] for n in nods)
+    size = _nodule_size(d, d < 10 or rng.random() < 0.6)
+    if len(nods) == 1:
+        loc = _pick(rng, _ZONE_PHRASES[_zone_of(nods[0]["v"])]).format(side=nods[0]["side"])
+        return NODULE_ONE, _nodule_fields(size, d <= 15, loc=loc)
+    sides = {n["side"] for n in nods}
+    where = f"the {next(iter(sides))} lung" if len(sides) == 1 else "both lungs"
+    return NODULE_SEVERAL, _nodule_fields(size, d <= 15, cw=_COUNT_WORDS[len(nods)], where=where)
+
+
 def fields_of(rng: np.random.Generator, f: str, p: dict) -> tuple[Templates, dict]:
     """The templates and the fields of a present finding ``f`` (draws the wording choices)."""
-    if f == "cardiomegaly":
-        if p["subtle"]:
-            return CARDIOMEGALY, _cardiomegaly_fields(p["severity"], "Mild", p["ctr"])
-        marked = _pick(rng, ("Marked", "Severe"))
-        adj = {"mild": "Mild", "moderate": "Moderate", "marked": marked}[p["severity"]]
-        return CARDIOMEGALY, _cardiomegaly_fields(p["severity"], adj, p["ctr"])
-    if f == "effusion":
-        return EFFUSION, _effusion_fields(p["side"], p["size"])
-    if f == "consolidation":
-        return CONSOLIDATION, _consolidation_fields(_pick(rng, _LOBE_PHRASES[(p["side"], p["lobe"])]))
-    if f == "pneumothorax":
-        return PNEUMOTHORAX, _pneumothorax_fields(p["side"], p["size"])
-    if f == "nodule":
-        nods = p["nodules"]
-        d = max(n["diameter_mm"] for n in nods)
-        size = _nodule_size(d, d < 10 or rng.random() < 0.6)
-        if len(nods) == 1:
-            loc = _pick(rng, _ZONE_PHRASES[_zone_of(nods[0]["v"])]).format(side=nods[0]["side"])
-            return NODULE_ONE, _nodule_fields(size, d <= 15, loc=loc)
-        sides = {n["side"] for n in nods}
-        where = f"the {next(iter(sides))} lung" if len(sides) == 1 else "both lungs"
-        return NODULE_SEVERAL, _nodule_fields(size, d <= 15, cw=_COUNT_WORDS[len(nods)], where=where)
-    raise KeyError(f"unknown finding {f!r}")
+    return _writer(f).words(rng, p)
 
 
 def positive_sentence(rng: np.random.Generator, f: str, p: dict, impression: bool, wide: bool = False) -> str:
@@ -267,31 +265,68 @@ def positive_sentence(rng: np.random.Generator, f: str, p: dict, impression: boo
     return _cap(_pick(rng, templates.options(branch, p.get("size"), wide)).format(**fields))
 
 
+def _every_cardiomegaly() -> Iterator[tuple[Templates, dict]]:
+    adjs = {"mild": ("Mild",), "moderate": ("Moderate",), "marked": ("Marked", "Severe")}
+    for sev, ctr in itertools.product(adjs, np.arange(0.53, 0.685, 0.01)):
+        for adj in adjs[sev]:
+            yield CARDIOMEGALY, _cardiomegaly_fields(sev, adj, float(ctr))
+
+
+def _every_effusion() -> Iterator[tuple[Templates, dict]]:
+    for side, size in itertools.product(("left", "right", "bilateral"), ("small", "moderate", "large")):
+        yield EFFUSION, _effusion_fields(side, size)
+
+
+def _every_pneumothorax() -> Iterator[tuple[Templates, dict]]:
+    for side, size in itertools.product(("left", "right"), ("small", "moderate", "large")):
+        yield PNEUMOTHORAX, _pneumothorax_fields(side, size)
+
+
+def _every_consolidation() -> Iterator[tuple[Templates, dict]]:
+    for loc in sorted({loc for locs in _LOBE_PHRASES.values() for loc in locs}):
+        yield CONSOLIDATION, _consolidation_fields(loc)
+
+
+def _every_nodule() -> Iterator[tuple[Templates, dict]]:
+    sizes = [(_nodule_size(d, mm), d <= 15) for d in range(12, 29) for mm in (True, False)]
+    locs = {z.format(side=s) for zs in _ZONE_PHRASES.values() for z in zs for s in ("left", "right")}
+    wheres = ("the left lung", "the right lung", "both lungs")
+    for (size, small), loc in itertools.product(sizes, sorted(locs)):
+        yield NODULE_ONE, _nodule_fields(size, small, loc=loc)
+    for (size, small), cw, where in itertools.product(sizes, _COUNT_WORDS.values(), wheres):
+        yield NODULE_SEVERAL, _nodule_fields(size, small, cw=cw, where=where)
+
+
+@dataclass(frozen=True)
+class Writer:
+    """How the report writer words one finding of :data:`~pipeline.datasets.demo.findings.KINDS`."""
+
+    words: Callable[[np.random.Generator, dict], tuple[Templates, dict]]   # a drawn finding's wording
+    every: Callable[[], Iterator[tuple[Templates, dict]]]                  # every wording it can build
+
+
+# One entry per finding (the findings registry's names; a test checks they agree).
+WRITERS: dict[str, Writer] = {
+    "cardiomegaly": Writer(_cardiomegaly_words, _every_cardiomegaly),
+    "effusion": Writer(lambda rng, p: (EFFUSION, _effusion_fields(p["side"], p["size"])), _every_effusion),
+    "consolidation": Writer(lambda rng, p: (CONSOLIDATION, _consolidation_fields(
+        _pick(rng, _LOBE_PHRASES[(p["side"], p["lobe"])]))), _every_consolidation),
+    "pneumothorax": Writer(lambda rng, p: (PNEUMOTHORAX, _pneumothorax_fields(p["side"], p["size"])),
+                           _every_pneumothorax),
+    "nodule": Writer(_nodule_words, _every_nodule),
+}
+
+
+def _writer(f: str) -> Writer:
+    try:
+        return WRITERS[f]
+    except KeyError:
+        raise KeyError(f"unknown finding {f!r}") from None
+
+
 def _all_fields(f: str) -> Iterator[tuple[Templates, dict]]:
     """Every (templates, fields) the writer can build for ``f``."""
-    if f == "cardiomegaly":
-        adjs = {"mild": ("Mild",), "moderate": ("Moderate",), "marked": ("Marked", "Severe")}
-        for sev, ctr in itertools.product(adjs, np.arange(0.53, 0.685, 0.01)):
-            for adj in adjs[sev]:
-                yield CARDIOMEGALY, _cardiomegaly_fields(sev, adj, float(ctr))
-    elif f in ("effusion", "pneumothorax"):
-        sides = ("left", "right", "bilateral") if f == "effusion" else ("left", "right")
-        for side, size in itertools.product(sides, ("small", "moderate", "large")):
-            yield (EFFUSION, _effusion_fields(side, size)) if f == "effusion" else \
-                (PNEUMOTHORAX, _pneumothorax_fields(side, size))
-    elif f == "consolidation":
-        for loc in sorted({loc for locs in _LOBE_PHRASES.values() for loc in locs}):
-            yield CONSOLIDATION, _consolidation_fields(loc)
-    elif f == "nodule":
-        sizes = [(_nodule_size(d, mm), d <= 15) for d in range(12, 29) for mm in (True, False)]
-        locs = {z.format(side=s) for zs in _ZONE_PHRASES.values() for z in zs for s in ("left", "right")}
-        wheres = ("the left lung", "the right lung", "both lungs")
-        for (size, small), loc in itertools.product(sizes, sorted(locs)):
-            yield NODULE_ONE, _nodule_fields(size, small, loc=loc)
-        for (size, small), cw, where in itertools.product(sizes, _COUNT_WORDS.values(), wheres):
-            yield NODULE_SEVERAL, _nodule_fields(size, small, cw=cw, where=where)
-    else:
-        raise KeyError(f"unknown finding {f!r}")
+    return _writer(f).every()
 
 
 # --------------------------------------------------------------------------- hedged mentions
