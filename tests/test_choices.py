@@ -100,3 +100,22 @@ def test_every_label_type_has_its_metrics():
         m = classification_metrics(Labels(kind, names, yy, np.ones(len(y), bool)), yy, pp)
         assert m[kind.primary] == pytest.approx(1.0)   # a perfect ranking and a perfect arg-max
         assert set(kind.table_keys(names)) <= set(m)
+
+
+def test_the_readmes_registries_exist():
+    """Every `path:NAME` in the README's "One object per choice" table is a module-level name there."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    section = text[text.index("**One object per choice.**"):text.index("**Adding things.**")]
+    named = re.findall(r"`([\w/]+\.py):(\w+)`", section)
+    assert len(named) >= 10, named
+    for path, name in named:
+        file = root / path
+        tree = ast.parse(file.read_text())
+        defined = {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                   for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+        assert name in defined, f"README names {path}:{name}, which {file} does not define"
