@@ -31,7 +31,7 @@ EVALUATE_EPILOG = """Examples:
 
   pipe evaluate --task retrieval -d demo -a runs/adaptor-demo
 
-  pipe evaluate --task zero-shot -d demo -a runs/adaptor-demo prompts=configs/prompts/chest_xray.yaml
+  pipe evaluate --task zero-shot -d demo -a runs/adaptor-demo zero_shot.prompts=configs/prompts/chest_xray.yaml
 
 Bare numbers after the options are label fractions too, so `--fraction 0.01 0.1 1.0` works."""
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -54,9 +54,17 @@ class Validated:
     ``RENAMED`` maps a key that no longer exists to ``fn(value) -> message``: a config
     that still uses it is refused with that message (what the key is called now, and how
     to write the old value), never read under another meaning.
+
+    ``MOVED`` maps a key that moved, with its meaning, into a section to its new dotted
+    key (``{"labels": "classification.labels"}``): a config that still writes the old key
+    is read as if it wrote the new one (an override of either beats a preset of either),
+    and one source that writes both, differently, is refused with a message naming the
+    new key. :func:`config_hash` hashes a moved setting at its
+    old place, so a setting's move does not make every earlier run look changed.
     """
 
     RENAMED: ClassVar[Mapping[str, Callable[[Any], str]]] = {}
+    MOVED: ClassVar[Mapping[str, str]] = {}
 
     @staticmethod
     def checks(v: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -92,11 +100,16 @@ def load_config(
         raise TypeError(f"{cls!r} is not a dataclass")
     problems: list[str] = []
     merged: dict[str, Any] = {}
-    if base is not None:
-        _merge(merged, to_dict(base) if dataclasses.is_dataclass(base) else dict(base))
+    moved, fields = getattr(cls, "MOVED", {}), {f.name for f in dataclasses.fields(cls)}
+    if base is not None:  # a moved key is moved within its source, so later sources still win over it
+        _merge(merged, _move(to_dict(base) if dataclasses.is_dataclass(base) else dict(base), moved, fields, "",
+                             problems))
     if preset is not None:
-        _merge(merged, _read_preset(preset, problems))
+        _merge(merged, _move(_read_preset(preset, problems), moved, fields, "", problems))
     for item in overrides:
+        key, sep, raw = item.partition("=")
+        if sep and key.strip() in moved and key.strip() not in fields:
+            item = f"{moved[key.strip()]}={raw}"
         _apply_override(merged, item, problems)
     cfg = _build(cls, merged, "", problems)
     if problems:
@@ -128,9 +141,23 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 
 def config_hash(cfg: Any, length: int = 16) -> str:
-    """Short sha256 of the canonical JSON (sorted keys, no spaces) of ``to_dict(cfg)``."""
-    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    """Short sha256 of the canonical JSON (sorted keys, no spaces) of ``to_dict(cfg)``, with
+    every ``MOVED`` setting at its old key (see :class:`Validated`)."""
+    canonical = json.dumps(_unmoved(cfg, to_dict(cfg)), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def _unmoved(cfg: Any, d: Any) -> Any:
+    """``d`` (``to_dict(cfg)``) with the moved settings of ``cfg``'s class back at their old keys;
+    a section left empty is dropped (before the move it did not exist)."""
+    for old, new in getattr(type(cfg), "MOVED", {}).items():
+        section, _, key = new.rpartition(".")
+        node = d.get(section) if section else None
+        if isinstance(node, dict) and key in node:
+            d[old] = node.pop(key)
+            if not node:
+                del d[section]
+    return d
 
 
 def list_presets() -> list[str]:
@@ -203,6 +230,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str])
     hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     start = len(problems)
+    data = _move(data, getattr(cls, "MOVED", {}), fields, prefix, problems)
     renamed = getattr(cls, "RENAMED", {})
     for key in data:
         if key in renamed and key not in fields:
@@ -235,6 +263,33 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str])
     except (TypeError, ValueError) as e:  # __post_init__ checks across fields
         problems.append(f"{prefix or cls.__name__}: {e}")
         return _BAD
+
+
+def _move(data: Mapping[str, Any], moved: Mapping[str, str], fields: Collection[str], prefix: str,
+          problems: list[str]) -> Mapping[str, Any]:
+    """``data`` with every old key of ``moved`` written at its new dotted key (one section deep)."""
+    old_keys = [k for k in moved if k in data and k not in fields]
+    if not old_keys:
+        return data
+    out = dict(data)
+    dotted = prefix + "." if prefix else ""
+    for old in old_keys:
+        section, _, key = moved[old].rpartition(".")
+        node = out.get(section)
+        if node is None:
+            node = {}
+        elif not isinstance(node, Mapping):
+            problems.append(f"{dotted}{old}: moved to {dotted}{moved[old]}, but {dotted}{section} is {_kind(node)}, "
+                            "not a mapping")
+            continue
+        node = out[section] = dict(node)
+        value = out.pop(old)
+        if key in node and node[key] != value:
+            problems.append(f"{dotted}{old}: moved to {dotted}{moved[old]}, which is also given ({node[key]!r}, "
+                            f"here {value!r}); write only {dotted}{moved[old]}")
+            continue
+        node[key] = value
+    return out
 
 
 def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:

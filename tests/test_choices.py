@@ -68,11 +68,11 @@ def test_step_modes_refuse_where_they_cannot_run():
 
 
 def test_label_types_score_and_train_as_their_classes_say():
-    assert load_config(EvalConfig, None, []).label_type == "auto"
+    assert load_config(EvalConfig, None, []).classification.label_type == "auto"
     for name in LABEL_TYPE_CHOICES:
-        assert load_config(EvalConfig, None, [f"label_type={name}"]).label_type == name
-    assert "label_type: expected one of 'auto', 'binary', 'multilabel', 'multiclass'" in _refused(
-        EvalConfig, "label_type=ordinal")
+        assert load_config(EvalConfig, None, [f"classification.label_type={name}"]).classification.label_type == name
+    assert "classification.label_type: expected one of 'auto', 'binary', 'multilabel', 'multiclass'" in _refused(
+        EvalConfig, "classification.label_type=ordinal")
     logits = torch.tensor([[2.0, -1.0, 0.5]])
     y = torch.tensor([[0.0, 1.0, 0.0]])
     for kind in LABEL_TYPES.values():
@@ -119,3 +119,65 @@ def test_the_readmes_registries_exist():
         defined = {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
         assert name in defined, f"README names {path}:{name}, which {file} does not define"
+
+
+def test_each_task_owns_its_config_section():
+    import dataclasses
+
+    from stages.evaluate.tasks import TASKS
+
+    sections = {f.name for f in dataclasses.fields(EvalConfig)}
+    assert all(t.settings in sections and dataclasses.is_dataclass(getattr(EvalConfig(), t.settings))
+               for t in TASKS.values())
+
+
+# config_hash of these EvalConfigs before labels, label_type, rerank_k and prompts moved into their
+# tasks' sections: `pipe reproduce` compares it with the one a results.json records.
+BEFORE_THE_MOVE = [
+    ([], "fb66c6530fab6047"),
+    (["labels=[effusion,nodule]", "label_type=binary"], "57ad411daf8c7b66"),
+    (["task=zero-shot", "prompts=configs/prompts/chest_xray.yaml", "rerank_k=5", "seg.epochs=3"], "df8abff29d90a922"),
+]
+
+
+@pytest.mark.parametrize("overrides,before", BEFORE_THE_MOVE)
+def test_moved_evaluation_keys_still_work_and_keep_the_config_hash(overrides, before):
+    from pipeline.config import config_hash
+
+    old = load_config(EvalConfig, None, overrides)
+    moved = {"labels": "classification.labels", "label_type": "classification.label_type",
+             "rerank_k": "retrieval.rerank_k", "prompts": "zero_shot.prompts"}
+    assert EvalConfig.MOVED == moved
+    new = load_config(EvalConfig, None, [moved.get(o.split("=")[0], o.split("=")[0]) + "=" + o.split("=", 1)[1]
+                                         for o in overrides])
+    assert old == new and config_hash(new) == before
+
+
+def test_a_moved_key_given_twice_in_one_file_names_the_new_key(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text("labels: [a]\nclassification:\n  labels: [a]\n")
+    assert load_config(EvalConfig, both, []).classification.labels == ["a"]
+    both.write_text("labels: [a]\nclassification:\n  labels: [b]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(EvalConfig, both, [])
+    assert "labels: moved to classification.labels, which is also given" in str(e.value)
+    assert "write only classification.labels" in str(e.value)
+    assert "classification.label_type: expected one of 'auto'" in _refused(EvalConfig, "label_type=ordinal")
+    assert "retrieval.rerank_k: must be >= 0" in _refused(EvalConfig, "rerank_k=-1")
+
+
+@pytest.mark.parametrize("preset,before", [("configs/paper/covidx_classification.yaml", "f49cab4ce3f6d465"),
+                                           ("configs/paper/rsna_classification.yaml", "1e4da77f3bb9c4d7")])
+def test_the_paper_presets_keep_their_config_hash(preset, before):
+    from pipeline.config import config_hash
+
+    assert config_hash(load_config(EvalConfig, preset, [])) == before
+
+
+def test_a_moved_key_follows_the_sources_order(tmp_path):
+    new_style, old_style = tmp_path / "new.yaml", tmp_path / "old.yaml"
+    new_style.write_text("classification:\n  labels: [a]\n")
+    old_style.write_text("labels: [a]\n")
+    for preset in (new_style, old_style):   # an override of either spelling beats a preset of either
+        assert load_config(EvalConfig, preset, ["labels=[b]"]).classification.labels == ["b"]
+        assert load_config(EvalConfig, preset, ["classification.labels=[b]"]).classification.labels == ["b"]

@@ -57,7 +57,7 @@ def test_every_recipe_validates_and_names_registered_encoders_and_readers(tmp_pa
     rsna = load_config(evaluate.EvalConfig, "configs/paper/rsna_classification.yaml")
     covid = load_config(evaluate.EvalConfig, "configs/paper/covidx_classification.yaml")
     assert (rsna.heads.lrs, rsna.heads.weight_decay, rsna.heads.batch_size) == ([5e-4], 1e-4, 128)
-    assert (covid.heads.weight_decay, covid.label_type) == (0.05, "multiclass")
+    assert (covid.heads.weight_decay, covid.classification.label_type) == (0.05, "multiclass")
     assert {c.metric for c in load_table("segmentation").columns} == {"dice_empty_is_one"}
     assert train_adaptor.TrainConfig is not None
 

@@ -205,7 +205,7 @@ def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels
 
 # ------------------------------------------------------------------------------- task
 def run(ctx: EvalContext) -> TaskResult:
-    labels = resolve_labels(ctx.data.items, ctx.cfg.labels, ctx.cfg.label_type, ctx.dataset_name)
+    labels = resolve_labels(ctx.data.items, ctx.cfg.classification.labels, ctx.cfg.classification.label_type, ctx.dataset_name)
     _label_note(ctx, labels)
     pos = ctx.positions(labels.keep)
     if not len(pos["train"]) or not len(pos["test"]):
@@ -263,7 +263,7 @@ def _head_saver(ctx: EvalContext, labels: Labels, saved: list[str]) -> Callable:
 
 
 def _label_note(ctx: EvalContext, labels: Labels) -> None:
-    if ctx.cfg.labels:
+    if ctx.cfg.classification.labels:
         return
     if labels.kind.exclusive:
         ctx.note(f"multi-class task on {labels.names[0].split('=')[0]!r} ({len(labels.names)} classes)")

@@ -116,7 +116,7 @@ def itm_reranked_ranks(ctx: EvalContext, img: np.ndarray, txt: np.ndarray, img_r
     """Each direction's ranks after the matching head re-orders each query's top
     ``rerank_k`` candidates (:func:`pipeline.models.ranking.reranked_ranks`, the figures of
     :func:`pipeline.models.loss.rerank_top_k` as validation computes them, in blocks)."""
-    k = min(ctx.cfg.rerank_k, len(img))
+    k = min(ctx.cfg.retrieval.rerank_k, len(img))
     with progress() as bar:
         task = bar.add_task("re-rank pairs", total=2 * k * len(img))
 
@@ -169,9 +169,9 @@ def run(ctx: EvalContext) -> TaskResult:
         img, txt = adaptor_pair(ctx, img_rows, ctx.data.text, txt_rows)
         methods.append({"name": ctx.adaptor_name(), "features": "adaptor", **recall_figures(plain_ranks(img, txt), ctx)})
         shown = img, txt
-        if ctx.adaptor.has_match_head and ctx.cfg.rerank_k > 1:
+        if ctx.adaptor.has_match_head and ctx.cfg.retrieval.rerank_k > 1:
             ranks = itm_reranked_ranks(ctx, img, txt, img_rows, txt_rows)
-            methods.append({"name": f"{ctx.adaptor_name()} + ITM re-rank of top {ctx.cfg.rerank_k}",
+            methods.append({"name": f"{ctx.adaptor_name()} + ITM re-rank of top {ctx.cfg.retrieval.rerank_k}",
                             "features": "adaptor", **recall_figures(ranks, ctx)})
     img, txt = linear_map_pair(ctx, img_rows, ctx.data.text, txt_rows)
     methods.append({"name": f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "features": "linear-map",

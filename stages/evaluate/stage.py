@@ -94,6 +94,26 @@ class SegConfig(Validated):
 
 
 @dataclass(frozen=True)
+class ClassificationConfig(Validated):
+    labels: list[str] = field(default_factory=list)   # the labels to classify; [] = every 0/1 label
+    label_type: Annotated[str, OneOf(LABEL_TYPE_CHOICES)] = "auto"   # pipeline/models/label_types.py
+
+
+@dataclass(frozen=True)
+class RetrievalConfig(Validated):
+    rerank_k: int = 10             # tokens mode: candidates per query re-ranked by the matching head
+
+    @staticmethod
+    def checks(v) -> list[tuple[str, str]]:
+        return [("rerank_k", f"must be >= 0, got {v['rerank_k']}")] if v["rerank_k"] < 0 else []
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig(Validated):
+    prompts: str = "chest_xray"    # a name in configs/prompts/ or a YAML path
+
+
+@dataclass(frozen=True)
 class EvalConfig(Validated):
     task: Annotated[str, OneOf(TASKS)] = "classification"
     dataset: str = ""
@@ -105,19 +125,23 @@ class EvalConfig(Validated):
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     seeds: int = 3
     seed: int = 0                  # seeds are seed, seed+1, ...; each draws its own nested subsets
-    labels: list[str] = field(default_factory=list)   # classification labels; [] = all
-    label_type: Annotated[str, OneOf(LABEL_TYPE_CHOICES)] = "auto"   # pipeline/models/label_types.py
     baseline: bool = False         # also evaluate the raw backbone features in this run
-    prompts: str = "chest_xray"    # zero-shot prompts: a name in configs/prompts/ or a YAML path
-    heads: HeadsConfig = HeadsConfig()
+    # Each task's own settings (the Task entry names its section); heads serve classification and segmentation.
+    classification: ClassificationConfig = ClassificationConfig()
     seg: SegConfig = SegConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    zero_shot: ZeroShotConfig = ZeroShotConfig()
+    heads: HeadsConfig = HeadsConfig()
     bootstrap: int = 1000          # test-set resamples for the CIs
     ci: float = 0.95
-    rerank_k: int = 10             # tokens-mode retrieval: candidates per query re-ranked by the matching head
     device: Annotated[str, OneOf(DEVICES)] = "auto"   # auto, cpu, cuda or cuda:N
     train_split: str = "train"
     val_split: str = "valid"
     test_split: str = "test"
+
+    # Settings that were top-level keys before each task had its section; the old keys still work.
+    MOVED = {"labels": "classification.labels", "label_type": "classification.label_type",
+             "rerank_k": "retrieval.rerank_k", "prompts": "zero_shot.prompts"}
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
@@ -128,7 +152,6 @@ class EvalConfig(Validated):
             ("seeds", v["seeds"] >= 1, f"must be >= 1, got {v['seeds']}"),
             ("ci", 0.0 < v["ci"] < 1.0, f"must lie in (0, 1), got {v['ci']}"),
             ("bootstrap", v["bootstrap"] >= 0, f"must be >= 0, got {v['bootstrap']}"),
-            ("rerank_k", v["rerank_k"] >= 0, f"must be >= 0, got {v['rerank_k']}"),
         ) if not ok]
 
 

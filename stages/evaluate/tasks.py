@@ -1,9 +1,9 @@
 """The evaluation tasks, one registry entry each.
 
 An entry names the task, the module that runs it (``run(ctx) -> TaskResult``), whether it
-needs the text side of the cache, and how its table cells are read. Adding a task is one
-new module and one entry here: the config, the CLI's choices, the stage and the report
-all read this registry. It is kept free of heavy imports, so `pipe --help` can list the
+needs the text side of the cache, and its own section of ``EvalConfig`` (its settings).
+Adding a task is one new module, one entry here and (if it has settings) one section:
+the config, the CLI's choices, the stage and the report all read this registry. It is kept free of heavy imports, so `pipe --help` can list the
 tasks; a task's module is imported when the task runs (by a plain import inside
 :func:`_runner`, so the layout's test sees it).
 """
@@ -19,6 +19,7 @@ class Task:
     module: str           # the module under stages/evaluate/ whose run(ctx) evaluates it
     needs_text: bool      # reads the text store (retrieval, zero-shot) or the image store alone
     summary: str
+    settings: str         # its section of EvalConfig (e.g. classification.labels); heads are shared
 
     def run(self, ctx):
         return _runner(self.module)(ctx)
@@ -32,13 +33,13 @@ def _runner(module: str) -> Callable:
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("classification", "classify", needs_text=False,
-         summary="heads on frozen image features, at label fractions"),
+         summary="heads on frozen image features, at label fractions", settings="classification"),
     Task("segmentation", "segment", needs_text=False,
-         summary="a convolutional decoder on cached patch tokens, Dice three ways"),
+         summary="a convolutional decoder on cached patch tokens, Dice three ways", settings="seg"),
     Task("retrieval", "retrieve", needs_text=True,
-         summary="image→text and text→image recall@1/5/10 on the test split"),
+         summary="image→text and text→image recall@1/5/10 on the test split", settings="retrieval"),
     Task("zero-shot", "zeroshot", needs_text=True,
-         summary="prompt pairs per finding scored through the Adaptor, AUROC"),
+         summary="prompt pairs per finding scored through the Adaptor, AUROC", settings="zero_shot"),
 )}
 
 

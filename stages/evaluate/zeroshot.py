@@ -62,7 +62,7 @@ def figures(ctx: EvalContext, scores: dict[str, np.ndarray], y: dict[str, np.nda
 
 
 def run(ctx: EvalContext) -> TaskResult:
-    prompts = load_prompts(ctx.cfg.prompts)
+    prompts = load_prompts(ctx.cfg.zero_shot.prompts)
     findings = _findings(ctx, prompts)
     test = ctx.positions()["test"]
     if not len(test):
@@ -91,7 +91,7 @@ def run(ctx: EvalContext) -> TaskResult:
                 curves.setdefault(f, []).append((f"{name} (AUROC {m['auroc'][f]:.3f})", fpr, tpr))
         methods.append(m)
     result = TaskResult(methods=methods, tables=[_table(ctx, methods, findings, len(test))])
-    result.data = {"splits": {"test": int(len(test))}, "prompts": str(prompt_path(ctx.cfg.prompts)),
+    result.data = {"splits": {"test": int(len(test))}, "prompts": str(prompt_path(ctx.cfg.zero_shot.prompts)),
                    "findings": findings, "n_prompts": {f: {k: len(v) for k, v in prompts[f].items()} for f in findings},
                    "positives": {f: int(np.nansum(y[f])) for f in findings}}
     title = f"zero-shot ROC · {ctx.dataset_name} · test split"

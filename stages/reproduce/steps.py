@@ -289,7 +289,7 @@ def column_overrides(ctx: Context) -> dict[str, list[str]]:
                              "'covidx=FOLDER?version=v5'")
         binary = any(it.labels.get("label") != it.labels.get("label") for it in ds.items)  # NaN: a binary release
         if binary:
-            out["covidx"] = ["labels=[covid]"]
+            out["covidx"] = ["classification.labels=[covid]"]
     return out
 
 
