@@ -181,3 +181,11 @@ def test_a_moved_key_follows_the_sources_order(tmp_path):
     for preset in (new_style, old_style):   # an override of either spelling beats a preset of either
         assert load_config(EvalConfig, preset, ["labels=[b]"]).classification.labels == ["b"]
         assert load_config(EvalConfig, preset, ["classification.labels=[b]"]).classification.labels == ["b"]
+
+
+def test_one_list_of_modalities():
+    from pipeline.api import export, model
+    from pipeline.encoders.config import MODALITIES
+    from stages.embed.modality import MODALITIES as EMBED_MODALITIES
+
+    assert model.MODALITIES is export.MODALITIES is MODALITIES and tuple(EMBED_MODALITIES) == MODALITIES

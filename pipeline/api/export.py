@@ -30,8 +30,9 @@ from cache.index import load_index
 from cache.paths import cache_root
 from pipeline.api.card import model_card
 from pipeline.api.model import TrainedAdaptor, load_adaptor
-from pipeline.api.source import (CONFIG_FILE, MODALITIES, PACKAGE_FORMAT, PACKAGE_VERSION, PROMPTS_FILE,
+from pipeline.api.source import (CONFIG_FILE, PACKAGE_FORMAT, PACKAGE_VERSION, PROMPTS_FILE,
                                  WEIGHTS_FILE, is_package, resolve_source)
+from pipeline.encoders.config import MODALITIES
 from pipeline.datasets import open_dataset
 from pipeline.encoders.stored import store_fingerprint, store_spec
 from pipeline.encoders.weights import weights_identity

@@ -17,10 +17,11 @@ from PIL import Image
 from pipeline.api.bank import ReportBank, build_bank
 from pipeline.api.encode import (ImageInput, adaptor_image, adaptor_text, image_features, image_label, load_pixels,
                                  text_features)
-from pipeline.api.source import MODALITIES, Source, check_encoder, resolve_encoder, resolve_source
+from pipeline.api.source import Source, check_encoder, resolve_encoder, resolve_source
 from core.console import err, escape, progress
 from pipeline.devices import resolve_device
 from pipeline.encoders import create_encoder
+from pipeline.encoders.config import MODALITIES
 from pipeline.encoders.stored import preprocess_of
 from pipeline.models.label_types import LABEL_TYPES
 from core.errors import InputError
