@@ -31,16 +31,18 @@ def test_the_synthetic_table_has_what_the_commands_need(tmp_path):
 
 
 def test_targets_compare_the_smallest_big_table_with_the_largest():
-    steps = lambda s_per_1k, rss, res: [{"step": "embed", "s_per_1k": s_per_1k, "peak_rss_mb": rss, "resident_mb": res}]
-    results = [{"n": 2000, "steps": steps(9.0, 900, 0)}, {"n": 10_000, "steps": steps(7.0, 1000, 0)},
-               {"n": 50_000, "steps": steps(8.4, 2100, 100)}]
+    def steps(s_per_1k, rss, res, cpu):
+        return [{"step": "embed", "s_per_1k": s_per_1k, "cpu_s_per_1k": cpu, "peak_rss_mb": rss, "resident_mb": res}]
+    results = [{"n": 2000, "steps": steps(9.0, 900, 0, 9.0)}, {"n": 10_000, "steps": steps(7.0, 1000, 0, 5.0)},
+               {"n": 50_000, "steps": steps(8.4, 2100, 100, 7.0)}]
     t = _scale().targets(results)
     assert (t["from_n"], t["to_n"]) == (10_000, 50_000)
     assert t["time_per_item_growth"] == {"embed": 1.2} and t["time_ok"] is True
+    assert t["cpu_per_item_growth"] == {"embed": 1.4} and t["cpu_ok"] is False     # CPU time is checked on its own
     assert t["rss_ok"] is True                                         # 2,100 MB <= 2,048 + 100 resident
-    results[2]["steps"] = steps(9.5, 2200, 100)
+    results[2]["steps"] = steps(9.5, 2200, 100, 6.0)
     t = _scale().targets(results)
-    assert t["time_ok"] is False and t["rss_ok"] is False
+    assert t["time_ok"] is False and t["rss_ok"] is False and t["cpu_ok"] is True
 
 
 @pytest.mark.slow
