@@ -102,12 +102,11 @@ class PairLoader:
     def _make_resident(self, resident: Resident) -> str:
         need = self.nbytes()
         ram_need = need * self.ram_copies  # every process on this machine holds its own copy
-        if resident == "none" or (resident == "auto" and self.mode.sequences and ram_need > 0.5 * available_ram()):
-            if resident == "auto" and self.rank == 0:
-                err.print(f"[yellow]token arrays need {need / 2**30:.1f} GiB, more than half the free RAM: "
-                          "streaming them from the cache instead")
+        if resident == "auto":
+            resident = self._auto_residency(need, ram_need)
+        if resident == "none":
             return "stream"
-        where = "gpu" if resident == "gpu" or (resident == "auto" and self.device.type == "cuda") else "ram"
+        where = "gpu" if resident == "gpu" else "ram"
         if where == "gpu":
             if self.device.type != "cuda":
                 raise ResidencyError("--resident gpu needs a CUDA device; use --resident ram or --device cuda")
@@ -123,6 +122,20 @@ class PairLoader:
             t = torch.from_numpy(s.reader.take(s.rows))
             s.resident = t.to(self.device) if where == "gpu" else t
         return where
+
+    def _auto_residency(self, need: int, ram_need: int) -> str:
+        """The GPU when the arrays fit in 80% of its free memory, else RAM when they need at most
+        half of the free RAM, else streaming from the shards (pooled vectors too: a 10M-image
+        table's are 32 GiB)."""
+        if self.device.type == "cuda" and need <= 0.8 * torch.cuda.mem_get_info(self.device)[0]:
+            return "gpu"
+        if ram_need <= 0.5 * available_ram():
+            return "ram"
+        if self.rank == 0:
+            what = "token arrays" if self.mode.sequences else "pooled vectors"
+            err.print(f"[yellow]{what} need {need / 2**30:.1f} GiB, more than half the free RAM: "
+                      "streaming them from the cache instead")
+        return "none"
 
     # -- iteration -----------------------------------------------------------------------
     def __len__(self) -> int:
