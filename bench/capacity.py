@@ -100,12 +100,13 @@ def switch_points(ram_gib: float) -> dict:
 
 def table(rows: list[dict], ram_gib: float, host_cores: int) -> str:
     lines = ["| data | backbone | cache on disk | embed, 2-core CPU | decoding alone, "
-             f"{host_cores}-core host | pooled arrays (resident) | token arrays | tokens loader at {ram_gib:g} GiB free "
+             f"{host_cores}-core host | pooled arrays | token arrays | loaders at {ram_gib:g} GiB free (pooled / tokens) "
              "| pooled epoch, 2-core CPU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['scenario']} ({r['images']:,} images, {r['reports']:,} reports) | {r['backbone']} | "
                      f"{r['disk_gib']:,.0f} GiB | {r['embed_cpu_hours_2cores']:,.0f} h | {r['decode_bound_hours']:.1f} h | "
-                     f"{r['pooled_resident_gib']:.1f} GiB | {r['tokens_arrays_gib']:,.0f} GiB | {r['tokens_loader']} | "
+                     f"{r['pooled_resident_gib']:.1f} GiB | {r['tokens_arrays_gib']:,.0f} GiB | "
+                     f"{r['pooled_loader']} / {r['tokens_loader']} | "
                      f"{r['pooled_epoch_cpu_minutes']:,.0f} min |")
     return "\n".join(lines)
 
