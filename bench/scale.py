@@ -120,21 +120,29 @@ def steps(table: Path, cache: Path, runs: Path) -> list[tuple[str, list[str], st
                                 "--out", str(runs / "zero-shot")], "pooled"),
         ("evaluate segmentation", ["evaluate", *d, *c, "--seeds", "1", "--task", "segmentation", "--adaptor", "none",
                                    "-b", "tiny-vit", "--fraction", "1.0", "seg.min_steps=50", "seg.max_steps=200", "seg.epochs=2",
-                                   "--out", str(runs / "segmentation")], "tokens"),
+                                   "--out", str(runs / "segmentation")], "tokens+masks"),
         ("cache verify", ["cache", "verify", *c], ""),
         ("cache gc --dry-run", ["cache", "gc", "--dry-run", *c], ""),
     ]
 
 
-def array_bytes(cache: Path, kind: str) -> int:
-    """Bytes of the cache's arrays of one kind (``pooled`` or ``tokens``, with masks and lengths)."""
+def array_bytes(cache: Path, kind: str, n: int = 0) -> int:
+    """Bytes of the arrays a step holds resident: the cache's arrays of one kind (``pooled`` or
+    ``tokens``, with masks and lengths), and for ``tokens+masks`` also n masks on the encoder's
+    input grid (one byte per pixel, as segmentation holds them)."""
     if not kind:
         return 0
-    names = {"pooled": ("pooled",), "tokens": ("pooled", "tokens", "length")}[kind]
+    names = {"pooled": ("pooled",), "tokens": ("pooled", "tokens", "length"),
+             "tokens+masks": ("pooled", "tokens", "length")}[kind]
     total = 0
     for store in (cache / "stores").glob("*/*/embeddings.zarr"):
         for name in names:
             total += sum(f.stat().st_size for f in (store / name).rglob("*") if f.is_file())
+    if kind == "tokens+masks":
+        for meta in (cache / "stores" / "image").glob("*/embeddings.zarr/zarr.json"):
+            crop = json.loads(meta.read_text())["attributes"]["spec"]["preprocess"]["input_size"]
+            total += n * int(crop) ** 2
+            break
     return total
 
 
@@ -172,7 +180,7 @@ def measure(n: int, work: Path, threads: int | None) -> dict:
         seconds, rss, code = run_step(args, log, threads, cpu=cpu)
         rows.append({"step": name, "seconds": round(seconds, 2), "s_per_1k": round(1000 * seconds / n, 3),
                      "cpu_s_per_1k": round(1000 * cpu[0] / n, 3), "peak_rss_mb": round(rss),
-                     "resident_mb": round(array_bytes(cache, resident) / 2**20, 1), "exit": code,
+                     "resident_mb": round(array_bytes(cache, resident, n) / 2**20, 1), "exit": code,
                      "load": round(os.getloadavg()[0], 2)})
         print(f"n={n:,} · {name}: {seconds:.1f} s ({cpu[0]:.1f} s CPU) · {rss:,.0f} MB · exit {code}",
               file=sys.stderr, flush=True)

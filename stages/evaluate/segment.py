@@ -188,7 +188,7 @@ def run(ctx: EvalContext) -> TaskResult:
     plan = plan_subsets(positive[pos["train"]], [f"mask {target} (non-empty)"], ctx.cfg.fractions, ctx.seeds,
                         fixed=ctx.fixed_subsets(kept[pos["train"]]))
     ctx.save_subsets(plan, kept[pos["train"]])
-    masks = torch.from_numpy(masks_np.astype(np.uint8))
+    masks = torch.from_numpy(masks_np.view(np.uint8))  # the same bytes (bool is one byte): no second copy
     sets = token_sets(ctx)
     methods, shown = [], []
     with progress() as bar:
