@@ -254,6 +254,9 @@ def figures(benches: dict) -> dict:
                      f"residency_{key}"):
             if name in r:
                 fig[name] = r[name]
+    for row in ((benches.get("seg_steps") or {}).get("result") or {}).get("rows", []):
+        fig[f"seg_ms_per_step_{row['backbone'].replace('-', '_')}"] = row["ms_per_step"]
+        fig[f"seg_default_minutes_{row['backbone'].replace('-', '_')}"] = [p["minutes"] for p in row["plans"]]
     if fig.get("residency_pooled_b1024") not in (None, "gpu"):  # the target is about a GPU-resident cache
         fig["cached_samples_s_pooled_b1024_note"] = f"the cache was not GPU-resident ({fig['residency_pooled_b1024']})"
     return fig
@@ -290,7 +293,9 @@ def steps(py: str, work: Path) -> list[Step]:
             ("tokens", ["--modes", "tokens", "--batch", "1024", "--tokens-batch", "128", "--tokens-steps", "16"], 60)]
     cached = [Step(f"cached_vs_e2e_{name}", [*common, *extra, "--out", str(work / f"{name}.json")], cap_s=cap,
                    out_file=work / f"{name}.json") for name, extra, cap in runs]
-    return [tests, embed, *cached]
+    seg = Step("seg_steps", [py, "bench/seg_steps.py", "--device", "cuda", "--reps", "30", "--out",
+                             str(work / "seg_steps.json")], cap_s=60, out_file=work / "seg_steps.json")
+    return [tests, embed, seg, *cached]  # the segmentation step is short: before the steps the budget may cut
 
 
 def run_check(budget: float, work: Path, env: dict) -> dict:

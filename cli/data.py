@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,6 @@ DATASET_OPT = typer.Option(None, "--dataset", "-d", help="A pairs table, `demo`,
                            "\\[required]")
 # The dataset as a bare argument, as these commands took it before -d/--dataset: still accepted.
 DATASET_ARG = typer.Argument(None, hidden=True)
-import math
 import time
 
 from cli.common import CACHE_OPT as CACHE  # noqa: E402
@@ -54,12 +52,11 @@ def _open(dataset: str, cache: Optional[Path], allow_failures: bool):
 def info(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DATASET_ARG, cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW,
          as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout.")) -> None:
     """Items per split, patients, label prevalence and skipped rows of a dataset."""
-    ds, _ = _open(_dataset(dataset_opt, dataset), cache, allow_failures)
-    summary = summarise(ds)
+    summary, description = _summary(_dataset(dataset_opt, dataset), cache, allow_failures)
     if as_json:
         print(json.dumps(summary))
         return
-    t = Table(title=plain(f"{ds.name} · {ds.description}"), title_justify="left")
+    t = Table(title=plain(f"{summary['name']} · {description}"), title_justify="left")
     for col in ("split", "items", "patients", "with report", "with masks"):
         t.add_column(col, overflow="fold")
     for split, row in summary["splits"].items():
@@ -76,27 +73,12 @@ def info(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DATA
         err.print(f"[yellow]skipped {n:,} ({escape(str(kind))})[/]")
 
 
-def summarise(ds) -> dict:
-    splits: dict[str, dict] = {}
-    patients: dict[str, set] = {}
-    for it in ds.items:
-        s = splits.setdefault(it.split or "-", {"items": 0, "patients": 0, "reports": 0, "masks": 0})
-        s["items"] += 1
-        s["reports"] += bool(it.report)
-        s["masks"] += bool(it.masks)
-        patients.setdefault(it.split or "-", set()).add(it.patient_id)
-    for split, ids in patients.items():
-        splits[split]["patients"] = len(ids - {None})
-    labels = {}
-    for name in ds.label_names:
-        values = [it.labels.get(name) for it in ds.items]
-        known = [v for v in values if v is not None and not math.isnan(v)]
-        counts = Counter(known)
-        labels[name] = {"positive": sum(1 for v in known if v == 1), "known": len(known),
-                        "values": ", ".join(f"{k:g}: {n:,}" for k, n in sorted(counts.items()))}
-    skipped = Counter(s.get("kind", "?") for s in ds.skipped)
-    return {"name": ds.name, "spec": ds.spec, "items": len(ds.items), "splits": splits, "labels": labels,
-            "skipped": dict(skipped)}
+def _summary(dataset: str, cache: Optional[Path], allow_failures: bool) -> tuple[dict, str]:
+    """A table is counted from its columns (no items built); a reader's dataset from its items."""
+    from pipeline.datasets.summary import summarise_spec  # lazy: keeps `pipe --help` fast (pandas)
+
+    with user_errors():
+        return summarise_spec(dataset, lambda spec: _open(spec, cache, allow_failures)[0])
 
 
 @data_app.command("preview", epilog="Examples:\n\n  pipe data preview -d 'siim-pneumothorax:/data/siim' --out siim.png\n\n"

@@ -242,6 +242,25 @@ def test_export_then_load_is_bit_identical_without_the_cache(world, tmp_path, mo
     assert not (tmp_path / "no-cache-here").exists()
 
 
+def test_evaluate_reads_an_exported_package_as_it_reads_the_run(world, tmp_path):
+    pkg = tmp_path / "pkg"
+    pipe("export", str(world["runs"]["pooled"]), "--out", str(pkg), "--cache", str(world["cache"]))
+    results = {}
+    for name, adaptor in (("run", world["runs"]["pooled"]), ("package", pkg)):
+        out = tmp_path / name
+        pipe("evaluate", "--task", "zero-shot", "-d", SPEC, "-a", str(adaptor), "--cache", str(world["cache"]),
+             "--out", str(out), "--device", "cpu", "bootstrap=50")
+        results[name] = json.loads((out / "results.json").read_text())
+    a, b = (results[k]["methods"][0] for k in ("run", "package"))
+    assert a["auroc"] == b["auroc"] and a["ci"] == b["ci"] and a["auroc"]
+    assert results["package"]["checkpoint"]["fingerprints"] == results["run"]["checkpoint"]["fingerprints"]
+    assert results["package"]["checkpoint"]["trained_on"] == SPEC
+    (pkg / "model.safetensors").write_bytes(b"not weights")
+    bad = pipe("evaluate", "--task", "zero-shot", "-d", SPEC, "-a", str(pkg), "--cache", str(world["cache"]),
+               "--out", str(tmp_path / "bad"), "--device", "cpu", expect=None)
+    assert bad.exit_code != 0 and "model.safetensors" in bad.output
+
+
 def test_the_model_card_names_encoders_data_results_and_use(world, tmp_path):
     pkg = tmp_path / "card"
     pipe("export", str(world["runs"]["pooled"]), "--out", str(pkg), "--cache", str(world["cache"]),
@@ -259,6 +278,16 @@ def test_the_model_card_names_encoders_data_results_and_use(world, tmp_path):
     assert "zero-shot · AUROC on the test split" in card and "classification · macro AUROC" in card
     assert re.search(r"\| Adaptor \(pooled\) tiny-vit \+ tiny-bert \| .*\[", card)  # figures with their CIs
     assert "Not for clinical use" in card and "hf upload" in card and "## Limitations" in card
+    index = front["model-index"][0]
+    assert index["name"].startswith("Adaptor (pooled)")
+    by_task = {r["task"]["name"]: r for r in index["results"]}
+    assert set(by_task) == {"zero-shot", "classification"}
+    assert by_task["zero-shot"]["task"]["type"] == "zero-shot-image-classification"
+    zs = json.loads((world["out"] / "zero-shot-pooled" / "results.json").read_text())
+    adaptor_row = next(r for t in zs["tables"] for r in t["rows"] if r["method"].startswith("Adaptor"))
+    first = next(c for c in adaptor_row["cells"].values() if c != "n/a")           # n/a cells are left out
+    assert by_task["zero-shot"]["metrics"][0]["value"] == float(first.split()[0])   # the cell's own figure
+    assert all(m["value"] == m["value"] and m["type"] for r in index["results"] for m in r["metrics"])
     assert config["training"]["checkpoint"] == "best.safetensors" and "cache" not in config["training"]["config"]
 
 

@@ -231,6 +231,34 @@ def test_data_commands_take_the_dataset_like_the_others(tmp_path):
     assert "-d/--dataset" in pipe("data", "info", "--cache", str(tmp_path / "c"), expect=2).output
 
 
+def test_data_info_counts_a_table_without_building_items(tmp_path, monkeypatch):
+    """The summary from the table's columns equals the one from its items, and no item is built for it."""
+    import numpy as np
+
+    import pipeline.datasets.table as table_mod
+    from pipeline.datasets import open_dataset
+    from pipeline.datasets.summary import summarise
+
+    table = make_table(tmp_path / "data", 30)
+    df = pd.read_csv(table)
+    rng = np.random.default_rng(0)
+    df["effusion"] = rng.choice([0.0, 1.0, np.nan], len(df))      # a label with unknowns
+    df["patient_id"] = [f"p{i // 3}" if i % 5 else "" for i in range(len(df))]  # some without a patient
+    df.loc[3, "report"] = ""                                         # one without a report
+    df = df.drop(columns=["split"], errors="ignore")                 # splits assigned by patient
+    df.to_csv(table, index=False)
+    expected = summarise(open_dataset(str(table), tmp_path / "c"))
+
+    def no_items(*a, **k):
+        raise AssertionError("data info built an item to count a table")
+
+    monkeypatch.setattr(table_mod, "Item", no_items)
+    got = json.loads(pipe("data", "info", "-d", str(table), "--cache", str(tmp_path / "c"), "--json").stdout)
+    assert got == expected
+    assert got["labels"]["effusion"]["known"] == int(df["effusion"].notna().sum())
+    assert sum(s["reports"] for s in got["splits"].values()) == len(df) - 1
+
+
 def test_a_cuda_device_on_a_machine_without_one_is_one_message(tmp_path):
     import torch
 

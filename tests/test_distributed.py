@@ -299,3 +299,23 @@ def test_one_torchrun_process_trains_like_a_plain_run(cached, single, tmp_path):
     one, plain = metrics(tmp_path / "one"), metrics(single)
     for col in COMPARED:
         assert_close(one[col].to_numpy(copy=True), plain[col].to_numpy(copy=True), rtol=1e-5, atol=1e-7, msg=col)
+
+
+@pytest.mark.parametrize("mode", ["pooled", "tokens"])
+def test_auto_residency_streams_whatever_needs_more_than_half_the_free_ram(cached, mode, monkeypatch):
+    """Pooled vectors as well as token arrays: a 10M-image table's pooled vectors alone are 32 GiB."""
+    import stages.train.loader as loader_mod
+
+    data = _loader(cached, 0, 1, "none").data
+    pos = data.split("train")
+    resident = PairLoader(data, pos, mode, 8, torch.device("cpu"), "auto", seed=3)
+    assert resident.residency == "ram"
+    need = resident.nbytes()
+    monkeypatch.setattr(loader_mod, "available_ram", lambda: 2 * need - 1)    # just under twice the need
+    streaming = PairLoader(data, pos, mode, 8, torch.device("cpu"), "auto", seed=3)
+    assert streaming.residency == "stream"
+    a = sorted(i for b in resident.batches(1) for i in b["index"].tolist())
+    b = sorted(i for b in streaming.batches(1) for i in b["index"].tolist())
+    assert a == b and len(a) > 0                       # the same items in an epoch (streaming: block-shuffled order)
+    monkeypatch.setattr(loader_mod, "available_ram", lambda: 2 * need)
+    assert PairLoader(data, pos, mode, 8, torch.device("cpu"), "auto", seed=3).residency == "ram"

@@ -557,6 +557,60 @@ def test_expected_calibration_error_by_hand():
     assert np.isnan(M.calibration_error(np.array([np.nan]), np.array([0.5])))
 
 
+def test_the_lbfgs_probe_reaches_the_optimum_and_validation_picks_its_strength():
+    """At the probe's solution the regularised objective's gradient vanishes; the best strength on validation wins."""
+    import torch.nn.functional as F
+
+    from pipeline.models.heads import make_head
+    from stages.evaluate.head_bank import fit_probes, predict
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 16, generator=g) * torch.linspace(0.5, 3, 16) + 2.0   # unstandardised on purpose
+    w = torch.randn(16, 2, generator=g)
+    y = (x @ w + torch.randn(600, 2, generator=g) * 3 > (x @ w).median(0).values).float()
+    y[::7, 1] = float("nan")                                                      # unknown labels are masked out
+
+    def loss(logits, t):
+        known = ~torch.isnan(t)
+        return F.binary_cross_entropy_with_logits(logits[known], t[known])
+
+    xv, yv = x[400:], y[400:]
+    chosen = []
+
+    def score(module):
+        out = torch.from_numpy(predict(module, xv))
+        value = float(loss(out, yv))
+        chosen.append(value)
+        return -value, value                                                      # higher is better: minus the loss
+
+    head, sweep = fit_probes(lambda: make_head("probe", 16, 2), [1e-4, 1e-2, 10.0], x[:400], y[:400], loss, score,
+                             has_val=True)
+    assert set(sweep) == {"probe@l2=0.0001", "probe@l2=0.01", "probe@l2=10"}
+    assert head.lr == [1e-4, 1e-2, 10.0][int(np.argmin(chosen))] and head.record()["l2"] == head.lr
+    bn, lin = head.module[0], head.module[1]
+    assert torch.allclose(bn.running_mean, x[:400].mean(0), atol=1e-5)           # standardised by the train split
+    z = ((x[:400] - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)).detach()
+    W = lin.weight.detach().clone().requires_grad_(True)
+    b = lin.bias.detach().clone().requires_grad_(True)
+    objective = loss(z @ W.T + b, y[:400]) + head.lr * W.pow(2).sum()
+    gw, gb = torch.autograd.grad(objective, (W, b))
+    assert float(gw.abs().max()) < 1e-4 and float(gb.abs().max()) < 1e-4
+    assert chosen[2] > min(chosen[:2])                                          # a strength too strong loses on validation
+
+
+def test_classification_with_the_probe_head_end_to_end(world, tmp_path):
+    out = tmp_path / "probe"
+    _, res = evaluate(world, "classification", str(world["pooled"]), out, "--fraction", "1.0", "--head", "probe",
+                      "--head", "linear", "labels=[effusion,nodule]", "heads.probe_l2s=[1e-3,1e-1]", *FAST)
+    probe = res["methods"][0]["heads"]["probe"]["100%"]
+    run = probe["runs"][0]
+    assert run["l2"] in (1e-3, 1e-1) and run["steps"] >= 1
+    assert 0.0 <= probe["summary"]["macro_auroc"]["mean"] <= 1.0
+    assert {"probe@l2=0.001", "probe@l2=0.1"} <= set(run["sweep"])
+    bad = evaluate(world, "classification", str(world["pooled"]), tmp_path / "bad", "heads.probe_l2s=[]", expect=2)[0]
+    assert "probe_l2s" in bad.output
+
+
 def test_classification_reports_calibration_beside_auroc(world, tmp_path):
     _, res = evaluate(world, "classification", str(world["pooled"]), tmp_path / "cls", "seeds=1",
                       "fractions=[1.0]", "heads.min_steps=20", "bootstrap=50")

@@ -49,6 +49,21 @@ def test_trains_without_any_encoder_or_image_decode(cached, tmp_path, monkeypatc
     assert set(meta["fingerprints"]) == {"image", "text"} and meta["config"]["adaptor"]["image_dim"] == 96
 
 
+def test_each_command_reads_the_table_once(cached, tmp_path, monkeypatch):
+    import pipeline.datasets.table as table_mod
+
+    reads = []
+    real = table_mod.read_table
+    monkeypatch.setattr(table_mod, "read_table", lambda path: reads.append(path) or real(path))
+    table, cache = cached
+    train(table, cache, tmp_path / "run", "epochs=1")
+    assert len(reads) == 1, reads
+    reads.clear()
+    pipe("evaluate", "-d", str(table), "--cache", str(cache), "--task", "retrieval", "--adaptor", str(tmp_path / "run"),
+         "--out", str(tmp_path / "ret"))
+    assert len(reads) == 1, reads
+
+
 def test_same_seed_gives_the_same_losses(cached, tmp_path):
     table, cache = cached
     a = pd.read_csv(_run(table, cache, tmp_path / "a") / "metrics.csv")

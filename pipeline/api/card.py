@@ -8,6 +8,7 @@ intervals (from the run's results files), intended use, limitations and how to p
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -35,7 +36,37 @@ LIMITATIONS = """\
 """
 
 
-def front_matter(config: dict, license: str) -> dict:
+# The hub's task types for each of `pipe evaluate`'s tasks (the model-index block)
+HUB_TASKS = {"classification": "image-classification", "zero-shot": "zero-shot-image-classification",
+             "segmentation": "image-segmentation", "retrieval": "image-text-retrieval"}
+
+
+def model_index(title: str, evaluations: list[tuple[Path, dict]]) -> list[dict]:
+    """The hub's ``model-index``: the Adaptor's own rows of every evaluation table, one metric per cell.
+
+    A cell reads ``value ± std [lo, hi]`` in percent; its leading number is the value.
+    """
+    results = []
+    for _, res in evaluations:
+        metrics = []
+        for t in res.get("tables", []):
+            for row in t.get("rows", []):
+                if not str(row.get("method", "")).startswith("Adaptor"):
+                    continue
+                for column, cell in row.get("cells", {}).items():
+                    match = re.match(r"\s*(-?\d+(?:\.\d+)?)", str(cell))
+                    if match:
+                        metrics.append({"type": t.get("metric"), "name": f"{t.get('metric')} · {row['method']} · {column}",
+                                        "value": float(match.group(1))})
+        if metrics:
+            results.append({"task": {"type": HUB_TASKS.get(res.get("task"), res.get("task")), "name": res.get("task")},
+                            "dataset": {"type": res.get("dataset_name") or res.get("dataset"),
+                                        "name": res.get("dataset_name") or res.get("dataset"), "split": "test"},
+                            "metrics": metrics})
+    return [{"name": title, "results": results}] if results else []
+
+
+def front_matter(config: dict, license: str, evaluations: list[tuple[Path, dict]] = ()) -> dict:
     enc = config["encoders"]
     base = [e["hub_id"] for e in enc.values() if e.get("hub_id")]
     training = config["training"]
@@ -52,13 +83,21 @@ def front_matter(config: dict, license: str) -> dict:
                            if training.get(k) is not None}
     fm["adaptor"] = {"mode": config["mode"], "embedding_dim": config["embedding_dim"],
                      "weights_hash": config["weights_hash"]}
+    index = model_index(_title(config), list(evaluations))
+    if index:
+        fm["model-index"] = index
     return fm
 
 
-def model_card(config: dict, evaluations: list[tuple[Path, dict]], license: str) -> str:
-    fm = yaml.safe_dump(front_matter(config, license), sort_keys=False, allow_unicode=True)
+def _title(config: dict) -> str:
     enc = config["encoders"]
-    title = f"Adaptor ({config['mode']}) · {enc['image']['name']} + {enc['text']['name']}"
+    return f"Adaptor ({config['mode']}) · {enc['image']['name']} + {enc['text']['name']}"
+
+
+def model_card(config: dict, evaluations: list[tuple[Path, dict]], license: str) -> str:
+    fm = yaml.safe_dump(front_matter(config, license, evaluations), sort_keys=False, allow_unicode=True)
+    enc = config["encoders"]
+    title = _title(config)
     parts = [f"---\n{fm}---\n", f"# {title}\n",
              f"A *Freeze the backbones* Adaptor (Qin et al., ICASSP 2024) trained with "
              f"freeze-pipe on cached embeddings of two frozen encoders. It maps an image and a "

@@ -29,7 +29,7 @@ def open_dataset(spec: str, cache_root: Path | None = None, materialise: bool = 
         return READERS[parsed.reader](parsed, root, materialise)
     path = Path(spec).expanduser()
     if path.suffix.lower() in (".csv", ".parquet", ".pq", ".tsv") or path.exists():
-        return table_dataset(path)
+        return table_dataset(path, materialise)
     known = ", ".join(sorted(READERS))
     raise DatasetError(f"unknown dataset {spec!r}. Give a CSV/Parquet pairs table path, "
                        f"or one of: {known} (as <reader>:<root>, or `demo`).")

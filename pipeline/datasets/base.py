@@ -11,7 +11,7 @@ class DatasetError(InputError):
     """A dataset that cannot be read; the message names the file, the row and the fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One image (and, where the dataset has one, its report).
 
@@ -19,6 +19,7 @@ class Item:
     multi-class labels, and NaN where the dataset leaves the label unknown.
     ``masks`` maps a target name (e.g. "pneumothorax") to a single-channel PNG mask
     (nonzero = positive); ``mask`` is the first of them, for single-target datasets.
+    Slotted: a reader of MIMIC-CXR's size holds hundreds of thousands of them.
     """
 
     id: str

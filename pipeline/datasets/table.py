@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -41,58 +41,110 @@ def table_name(path: Path) -> str:
     return f"{path.stem}-{xxhash.xxh64_hexdigest(str(path).encode())[:8]}"
 
 
-def items_from_table(path: Path) -> list[Item]:
-    """Items of a pairs table; image and mask paths are relative to the table's folder."""
+@dataclass
+class TableColumns:
+    """A pairs table as columns, read once: what a summary counts and what items are built from.
+
+    ``split`` holds every row's canonical split (from the column, or assigned by patient);
+    ``labels`` the numeric label columns; ``masks`` the mask columns by target name. Nothing
+    here is per item: counting a table of any size costs its columns, not objects.
+    """
+
+    path: Path
+    frame: pd.DataFrame
+    ids: list[str]
+    split: list[str]
+    rule: str
+    labels: list[str]
+    masks: dict[str, str]
+
+    def present(self, column: str) -> pd.Series:
+        """Rows where ``column`` holds a value (not empty, not NaN)."""
+        if column not in self.frame.columns:
+            return pd.Series(False, index=self.frame.index)
+        col = self.frame[column]
+        return col.notna() & (col.astype(str) != "")
+
+
+def table_columns(path: Path) -> TableColumns:
+    """Read a pairs table and settle its ids and splits (see :func:`table_dataset`)."""
     path = Path(path)
     df = read_table(path)
     if "image" not in df.columns:
         raise DatasetError(f"table {path} has no `image` column (it has: {', '.join(map(str, df.columns))}). "
                            "A pairs table needs `image` (a path relative to the table) and `report`; "
                            "`split`, `patient_id`, `mask` and label columns are optional.")
-    base = path.resolve().parent
     labels = [c for c in df.columns if c not in KNOWN and not str(c).startswith("mask_")
               and pd.api.types.is_numeric_dtype(df[c])]
-    masks = [c for c in df.columns if c == "mask" or str(c).startswith("mask_")]
+    masks = {_mask_name(c): c for c in df.columns if c == "mask" or str(c).startswith("mask_")}
+    cols = TableColumns(path, df, [], [], "", labels, masks)
+    cols.ids = ([str(v) if has else str(i) for i, (v, has) in enumerate(zip(df["id"], cols.present("id")))]
+                if "id" in df.columns else [str(i) for i in range(len(df))])
+    cols.split, cols.rule = _splits(cols)
+    return cols
+
+
+def _splits(cols: TableColumns) -> tuple[list[str], str]:
+    """Each row's split: the table's column (canonical names), or seeded by patient (or item id)."""
+    path, df = cols.path, cols.frame
+    given = cols.present("split")
+    if given.any():
+        if not given.all():
+            first = cols.ids[int((~given).to_numpy().argmax())]
+            raise DatasetError(f"table {path}: {int((~given).sum())} row(s) have an empty split (e.g. item {first!r}). "
+                               "Fill them in, or drop the split column to have splits assigned by patient.")
+        return canonical_splits(df["split"].astype(str).tolist(), f"table {path}"), "the table's split column"
+    patients = cols.present("patient_id")
+    by_patient = bool(patients.any())
+    keys = [str(p) if has else f"item:{i}" for p, has, i in
+            zip(df["patient_id"] if "patient_id" in df.columns else [None] * len(df), patients, cols.ids)]
+    splits = assign_splits(keys)
+    rule = split_rule("patient_id" if by_patient else "the item id")
+    counts = {s: splits.count(s) for s in ("train", "valid", "test")}
+    _note_once(str(path), f"[yellow]note:[/] {escape(str(path))} has no split column: {escape(rule)} "
+                          f"(train {counts['train']:,}, valid {counts['valid']:,}, test {counts['test']:,} items)")
+    return splits, rule
+
+
+def items_from_columns(cols: TableColumns) -> list[Item]:
+    """Items of a table's columns; image and mask paths are relative to the table's folder."""
+    base = cols.path.resolve().parent
+    df = cols.frame
     items = []
     for i, row in enumerate(df.to_dict("records")):
         items.append(Item(
-            id=str(row["id"]) if "id" in row and _present(row["id"]) else str(i),
+            id=cols.ids[i],
             image=base / str(row["image"]) if _present(row["image"]) else base / "<missing image path>",
             report=row["report"] if "report" in row and _present(row["report"]) else None,
             patient_id=str(row["patient_id"]) if _present(row.get("patient_id")) else None,
-            split=str(row["split"]) if _present(row.get("split")) else None,
-            labels={c: float(row[c]) for c in labels},
-            masks={_mask_name(c): base / str(row[c]) for c in masks if _present(row.get(c))},
+            split=cols.split[i],
+            labels={c: float(row[c]) for c in cols.labels},
+            masks={name: base / str(row[c]) for name, c in cols.masks.items() if _present(row.get(c))},
         ))
     return items
 
 
-def table_dataset(path: Path) -> Dataset:
+def items_from_table(path: Path) -> list[Item]:
+    """Items of a pairs table, with their splits (see :func:`table_dataset`)."""
+    return items_from_columns(table_columns(path))
+
+
+def table_dataset(path: Path, materialise: bool = True) -> Dataset:
     """A pairs table as a dataset, with a split for every item.
 
     The ``split`` column may spell valid as val/validation/dev; without the column, each
     patient (or item, without ``patient_id``) gets a seeded, deterministic split, logged
-    here and recorded with the dataset index (``dataset.json``: ``split_rule``).
+    here and recorded with the dataset index (``dataset.json``: ``split_rule``). With
+    ``materialise=False`` the table is not read at all: its name comes from its path.
     """
     path = Path(path)
-    items = items_from_table(path)
-    has_column = any(it.split is not None for it in items)
-    if has_column:
-        missing = [it.id for it in items if it.split is None]
-        if missing:
-            raise DatasetError(f"table {path}: {len(missing)} row(s) have an empty split (e.g. item {missing[0]!r}). "
-                               "Fill them in, or drop the split column to have splits assigned by patient.")
-        splits, rule = canonical_splits([it.split for it in items], f"table {path}"), "the table's split column"
-    else:
-        by_patient = any(it.patient_id for it in items)
-        splits = assign_splits([it.patient_id or f"item:{it.id}" for it in items])
-        rule = split_rule("patient_id" if by_patient else "the item id")
-        counts = {s: splits.count(s) for s in ("train", "valid", "test")}
-        _note_once(str(path), f"[yellow]note:[/] {escape(str(path))} has no split column: {escape(rule)} "
-                              f"(train {counts['train']:,}, valid {counts['valid']:,}, test {counts['test']:,} items)")
-    items = [replace(it, split=s) for it, s in zip(items, splits)]
-    return Dataset(name=table_name(path), spec=str(path.resolve()), items=items,
-                   description=f"pairs table {path}", split_rule=rule)
+    if not materialise:
+        if not path.exists():
+            read_table(path)  # raises the message that names the missing table
+        return Dataset(name=table_name(path), spec=str(path.resolve()), items=[], description=f"pairs table {path}")
+    cols = table_columns(path)
+    return Dataset(name=table_name(path), spec=str(path.resolve()), items=items_from_columns(cols),
+                   description=f"pairs table {path}", split_rule=cols.rule)
 
 
 _NOTED: set[str] = set()

@@ -124,7 +124,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None = None,
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
     """Load the weights (whatever the file's metadata), or say in one message why this model cannot take them."""
-    weights = load_file(str(path))
+    try:
+        weights = load_file(str(path))
+    except FileNotFoundError:
+        raise MissingFileError(f"weights file {path} does not exist") from None
+    except Exception as e:  # safetensors raises its own error types for a file that is not one
+        raise CheckpointMismatchError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+                                      "damaged or was cut short: copy it again, or export/train it again") from None
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -45,10 +45,14 @@ class LinearHead(nn.Sequential):
 
 
 # Classifier heads by name: (in_dim, n_out, hidden, dropout) -> module. One entry per kind.
+# ``probe`` is a linear head fitted full-batch by L-BFGS (stages/evaluate/head_bank.py:
+# fit_probes) instead of by minibatch steps; ``FITTED_BY_LBFGS`` names such kinds.
 HEADS = {
     "mlp": lambda in_dim, n_out, hidden, dropout: MLPHead(in_dim, n_out, hidden, dropout),
     "linear": lambda in_dim, n_out, hidden, dropout: LinearHead(in_dim, n_out),
+    "probe": lambda in_dim, n_out, hidden, dropout: LinearHead(in_dim, n_out),
 }
+FITTED_BY_LBFGS = frozenset({"probe"})
 HEAD_KINDS = tuple(HEADS)
 
 

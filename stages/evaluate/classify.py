@@ -18,12 +18,12 @@ import torch
 from cache.index import LABEL_PREFIX
 from core.console import err, progress, escape
 from core.errors import InputError
-from pipeline.models.heads import make_head, save_head
+from pipeline.models.heads import FITTED_BY_LBFGS, make_head, save_head
 from pipeline.models.label_types import LABEL_TYPE_CHOICES, LABEL_TYPES, LabelType
 from stages.evaluate import metrics as M
 from stages.evaluate.context import FEATURE_SOURCES, EvalContext, TaskResult
 from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
-from stages.evaluate.head_bank import FitSettings, Head, HeadBank, predict
+from stages.evaluate.head_bank import FitSettings, Head, HeadBank, fit_probes, predict
 from stages.evaluate.plots import roc_grid
 from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell
 
@@ -151,11 +151,12 @@ def classification_metrics(labels: Labels, y: np.ndarray, p: np.ndarray, w: np.n
 # --------------------------------------------------------------------------- training
 def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
                 y_va: np.ndarray, seed: int) -> tuple[dict[str, Head], dict]:
-    """All heads (kinds x lrs) on one training subset: the best per kind by validation, and the sweep."""
+    """All heads (kinds x lrs, and probes x L2 strengths) on one training subset: the best per kind, and the sweep."""
     h, dev = ctx.cfg.heads, ctx.device
     torch.manual_seed(seed)
+    stochastic = [kind for kind in h.kinds if kind not in FITTED_BY_LBFGS]
     heads = [Head(kind, lr, make_head(kind, x_tr.shape[1], y_tr.shape[1], h.hidden, h.dropout).to(dev))
-             for kind in h.kinds for lr in h.lrs]
+             for kind in stochastic for lr in h.lrs]
     xv, yv = torch.from_numpy(x_va).to(dev), torch.from_numpy(y_va).to(dev)
     loss = labels.kind.loss
 
@@ -164,11 +165,18 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
         val_loss = float(loss(torch.from_numpy(logits).to(dev), yv))
         return classification_metrics(labels, y_va, scores_from_logits(logits, labels.kind))[labels.primary], val_loss
 
-    settings = FitSettings(h.epochs, h.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, h.min_steps,
-                           h.max_steps)
-    bank = HeadBank(heads, loss, score, settings)
-    best = bank.fit(torch.from_numpy(x_tr).to(dev), torch.from_numpy(y_tr).to(dev), has_val=len(x_va) > 0)
-    return best, bank.sweep()
+    x, y, has_val = torch.from_numpy(x_tr).to(dev), torch.from_numpy(y_tr).to(dev), len(x_va) > 0
+    best, sweep = {}, {}
+    if heads:
+        settings = FitSettings(h.epochs, h.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed,
+                               h.min_steps, h.max_steps)
+        bank = HeadBank(heads, loss, score, settings)
+        best, sweep = bank.fit(x, y, has_val=has_val), bank.sweep()
+    for kind in (k for k in h.kinds if k in FITTED_BY_LBFGS):
+        make = lambda: make_head(kind, x_tr.shape[1], y_tr.shape[1], h.hidden, h.dropout).to(dev)  # noqa: E731
+        best[kind], probes = fit_probes(make, h.probe_l2s, x, y, loss, score, has_val)
+        sweep.update(probes)
+    return best, sweep
 
 
 def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels, pos: dict,
@@ -255,7 +263,7 @@ def _head_saver(ctx: EvalContext, labels: Labels, saved: list[str]) -> Callable:
             "dropout": h.dropout, "labels": labels.names, "label_type": labels.type, "features": "adaptor",
             "adaptor_weights": a.weights_hash, "adaptor_checkpoint": str(a.path), "backbone": ctx.backbone,
             "image_fingerprint": ctx.data.image.fingerprint, "dataset": ctx.cfg.dataset, "fraction": f, "seed": s,
-            "n_train": run["n_train"], "lr": head.lr, "test": run["test"]})
+            "n_train": run["n_train"], head.param: head.lr, "test": run["test"]})
         saved.append(str(path.relative_to(ctx.out)))
         ctx.note(f"the {head.kind} head on the Adaptor's features ({fraction_label(f)} of the labels, seed {s}) "
                  f"is saved: `pipe predict --head {path}` applies it")

@@ -19,7 +19,9 @@ from cache.store import Store
 from core.console import err
 from core.errors import InputError
 from pipeline.models.adaptor import Adaptor, AdaptorMode, adaptor_config_from_saved
-from pipeline.models.checkpoint import checkpoint_hash, load_checkpoint, read_meta, resolve_checkpoint, weights_hash
+from pipeline.api.source import is_package, resolve_source
+from pipeline.models.checkpoint import (checkpoint_hash, load_checkpoint, load_weights, read_meta, resolve_checkpoint,
+                                       weights_hash)
 
 PAIRS_PER_FORWARD = 256
 
@@ -40,6 +42,9 @@ class FrozenAdaptor:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device, cache_root: Path) -> "FrozenAdaptor":
+        """From a run folder, a checkpoint, or a package written by `pipe export`."""
+        if is_package(Path(path).expanduser()):
+            return cls._from_package(Path(path).expanduser(), device, cache_root)
         path = resolve_checkpoint(path)
         meta = read_meta(path)
         if meta.get("kind") != "adaptor" or "config" not in meta:
@@ -47,6 +52,21 @@ class FrozenAdaptor:
         model = Adaptor(adaptor_config_from_saved(meta["config"]["adaptor"]))
         load_checkpoint(path, model)
         return cls(path, meta, model.to(device).eval(), checkpoint_hash(path), device, cache_root)
+
+    @classmethod
+    def _from_package(cls, folder: Path, device: torch.device, cache_root: Path) -> "FrozenAdaptor":
+        """A package's Adaptor, described as a checkpoint's metadata describes one: its encoders
+        and the fingerprints of the stores it read are checked against the cache as for a run."""
+        src = resolve_source(folder)
+        training = src.meta.get("training") or {}
+        meta = {"kind": "adaptor", "config": {**(training.get("config") or {}), "adaptor": src.adaptor},
+                "backbone": src.encoders["image"].name, "text_encoder": src.encoders["text"].name,
+                "fingerprints": {m: e.fingerprint for m, e in src.encoders.items()},
+                "image_grid": list(src.image_grid) if src.image_grid else None, "n_prefix": src.n_prefix,
+                "epoch": training.get("epoch"), "dataset": training.get("dataset"), "package": str(folder)}
+        model = Adaptor(adaptor_config_from_saved(src.adaptor))
+        load_weights(src.weights, model)
+        return cls(src.weights, meta, model.to(device).eval(), checkpoint_hash(src.weights), device, cache_root)
 
     @cached_property
     def weights_hash(self) -> str:

@@ -9,6 +9,12 @@ rate whose best validation score is highest wins.
 Small label fractions have few batches per epoch, so a run trains for at least
 ``min_steps`` optimiser steps (more epochs, validated every few epochs): a 1% head is then
 limited by its labels, not by having taken 50 steps.
+
+The ``probe`` head is fitted another way (:func:`fit_probes`): a linear probe on
+standardised features, solved full-batch by L-BFGS for each L2 strength of a small grid,
+the validation split choosing the strength, as CLIP's linear-probe evaluation does. Its
+cost is a few hundred passes over the features whatever the split's size, where the
+stochastic heads take up to ``max_steps`` minibatch steps.
 """
 from __future__ import annotations
 
@@ -36,10 +42,11 @@ class Head:
     stale: int = 0
     steps: int = 0
     best_steps: int = 0
+    param: str = "lr"              # what ``lr`` holds: the learning rate, or a probe's L2 strength ("l2")
 
     @property
     def name(self) -> str:
-        return f"{self.kind}@lr={self.lr:g}"
+        return f"{self.kind}@{self.param}={self.lr:g}"
 
     @property
     def active(self) -> bool:
@@ -47,7 +54,7 @@ class Head:
 
     def record(self) -> dict:
         """What a results file keeps of the chosen head."""
-        return {"lr": self.lr, "best_epoch": self.best_epoch, "steps": self.best_steps}
+        return {self.param: self.lr, "best_epoch": self.best_epoch, "steps": self.best_steps}
 
 
 @dataclass(frozen=True)
@@ -174,3 +181,60 @@ class HeadBank:
         for h in best.values():
             h.module.eval()
         return best
+
+
+# --------------------------------------------------------------------------- the L-BFGS probe
+PROBE_ITERATIONS = 300   # L-BFGS iterations at most per L2 strength (each a full pass or a few)
+
+
+def _standardise(module: nn.Module, x: Tensor) -> Tensor:
+    """Set the probe's BatchNorm (no affine) to the features' mean and variance; the standardised x."""
+    bn = module[0]
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+    return (x - mean) / torch.sqrt(var + bn.eps)
+
+
+def _lbfgs(linear: nn.Linear, z: Tensor, y: Tensor, loss: Callable, l2: float, iterations: int) -> int:
+    """Minimise loss + l2·|W|² over the whole set; returns the function evaluations used."""
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=iterations, history_size=20,
+                            tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    evaluations = 0
+
+    def closure():
+        nonlocal evaluations
+        evaluations += 1
+        opt.zero_grad(set_to_none=True)
+        value = loss(linear(z), y) + l2 * linear.weight.pow(2).sum()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return evaluations
+
+
+def fit_probes(make: Callable[[], nn.Module], l2s: list[float], x: Tensor, y: Tensor, loss: Callable,
+               score: Callable[[nn.Module], tuple[float, float]], has_val: bool,
+               iterations: int = PROBE_ITERATIONS) -> tuple[Head, dict[str, dict]]:
+    """One probe per L2 strength, each solved by L-BFGS; the best on validation, and the sweep.
+
+    Without a validation split the first strength of ``l2s`` is kept.
+    """
+    best: Head | None = None
+    sweep = {}
+    for l2 in l2s:
+        module = make()
+        with torch.no_grad():
+            z = _standardise(module, x.float())
+        module.train()
+        used = _lbfgs(module[1], z, y, loss, l2, iterations)
+        module.eval()
+        metric, val_loss = score(module) if has_val else (float("nan"), float("nan"))
+        key = (metric if np.isfinite(metric) else -math.inf, -val_loss if np.isfinite(val_loss) else -math.inf)
+        head = Head("probe", l2, module, best_key=key, best_epoch=1, best_metric=metric, steps=used,
+                    best_steps=used, param="l2")
+        sweep[head.name] = {"val": metric, "epoch": 1}
+        if best is None or (has_val and key > best.best_key):
+            best = head
+    return best, sweep

@@ -174,7 +174,7 @@ def run(ctx: EvalContext) -> TaskResult:
               f"({'read ' + str(read) + ' mask files' if read else 'all from the mask cache'})")
     positive = masks_np.reshape(len(kept), -1).any(1)
     plan = draw_subsets(ctx, positive[pos["train"]], [f"mask {target} (non-empty)"], kept[pos["train"]])
-    masks = torch.from_numpy(masks_np.astype(np.uint8))
+    masks = torch.from_numpy(masks_np.view(np.uint8))  # the same bytes (bool is one byte): no second copy
     sets = token_sets(ctx)
     methods, shown = [], []
     with progress() as bar:

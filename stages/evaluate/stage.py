@@ -43,8 +43,9 @@ from stages.evaluate.tasks import TASKS, get_task
 
 @dataclass(frozen=True)
 class HeadsConfig(Validated):
-    kinds: list[str] = field(default_factory=lambda: ["mlp"])   # mlp (the paper's) and/or linear
+    kinds: list[str] = field(default_factory=lambda: ["mlp"])   # mlp (the paper's), linear, probe (L-BFGS)
     lrs: list[float] = field(default_factory=lambda: [5e-4])    # several: one pass trains them all
+    probe_l2s: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # the probe's L2 grid
     weight_decay: float = 1e-4     # the paper: 1e-4 (RSNA), 0.05 (COVIDx)
     hidden: int = 512
     dropout: float = 0.1
@@ -63,6 +64,8 @@ class HeadsConfig(Validated):
             ("kinds", bool(v["kinds"]) and all(k in HEAD_KINDS for k in v["kinds"]),
              f"must be a non-empty list of {'/'.join(HEAD_KINDS)}, got {v['kinds']}"),
             ("lrs", bool(v["lrs"]) and min(v["lrs"]) > 0, f"must be positive learning rates, got {v['lrs']}"),
+            ("probe_l2s", bool(v["probe_l2s"]) and min(v["probe_l2s"]) >= 0,
+             f"must be a non-empty list of L2 strengths >= 0, got {v['probe_l2s']}"),
             ("weight_decay", v["weight_decay"] >= 0, f"must be >= 0, got {v['weight_decay']}"),
             ("dropout", 0 <= v["dropout"] < 1, f"must lie in [0, 1), got {v['dropout']}"),
         ) if not ok] + [(k, f"must be >= 1, got {v[k]}") for k in positive if v[k] < 1] + cap

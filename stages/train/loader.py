@@ -103,11 +103,8 @@ class PairLoader:
         choice = RESIDENCIES.get(resident)
         if choice is None:
             raise InputError(f"resident={resident!r} is not a residency; use one of {', '.join(RESIDENCIES)}")
-        where = choice.place(self.device.type, lambda: self.mode.sequences and ram_need > 0.5 * available_ram())
+        where = choice.where or self._auto_residency(need, ram_need)
         if where == "stream":
-            if choice.chosen_for_you and self.rank == 0:
-                err.print(f"[yellow]token arrays need {need / 2**30:.1f} GiB, more than half the free RAM: "
-                          "streaming them from the cache instead")
             return "stream"
         if where == "gpu":
             if self.device.type != "cuda":
@@ -124,6 +121,20 @@ class PairLoader:
             t = torch.from_numpy(s.reader.take(s.rows))
             s.resident = t.to(self.device) if where == "gpu" else t
         return where
+
+    def _auto_residency(self, need: int, ram_need: int) -> str:
+        """The GPU when the arrays fit in 80% of its free memory, else RAM when they need at most
+        half of the free RAM, else streaming from the shards (pooled vectors too: a 10M-image
+        table's are 32 GiB)."""
+        if self.device.type == "cuda" and need <= 0.8 * torch.cuda.mem_get_info(self.device)[0]:
+            return "gpu"
+        if ram_need <= 0.5 * available_ram():
+            return "ram"
+        if self.rank == 0:
+            what = "token arrays" if self.mode.sequences else "pooled vectors"
+            err.print(f"[yellow]{what} need {need / 2**30:.1f} GiB, more than half the free RAM: "
+                      "streaming them from the cache instead")
+        return "stream"
 
     # -- iteration -----------------------------------------------------------------------
     def __len__(self) -> int:
