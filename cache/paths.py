@@ -12,15 +12,39 @@ import os
 import re
 from pathlib import Path
 
+from core.errors import InputError
+
 DEFAULT_CACHE = Path("~/.cache/freeze-pipe")
 STORES_DIR = "stores"
 
 
+# ``scheme://...``; also as ``Path()`` leaves it (``s3:/bucket``): typer hands ``--cache`` over as a Path
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def url_scheme(value: str | os.PathLike) -> str | None:
+    """The scheme of a cache location written as a URL (``s3`` for ``s3://bucket/c``), else None."""
+    m = _URL.match(os.fspath(value))
+    return m[1].lower() if m else None
+
+
+def refuse_url(value: str | os.PathLike, where: str) -> None:
+    """Stop on a cache location that is a URL: it would otherwise become a local folder named
+    ``s3:`` (or ``gs:``...) in the working directory."""
+    scheme = url_scheme(value)
+    if scheme is not None:
+        raise InputError(f"{where} {os.fspath(value)!r}: a cache at a {scheme}:// URL is not supported by this "
+                         "command; nothing was written. Give a local folder (an absolute path, or a relative one "
+                         "without a scheme) with --cache DIR or $PIPE_CACHE.")
+
+
 def cache_root(explicit: str | os.PathLike | None = None) -> Path:
     if explicit:
+        refuse_url(explicit, "--cache")
         return Path(explicit).expanduser().resolve()
     env = os.environ.get("PIPE_CACHE")
     if env:
+        refuse_url(env, "$PIPE_CACHE")
         return Path(env).expanduser().resolve()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) / "freeze-pipe" if xdg else DEFAULT_CACHE.expanduser()).resolve()
