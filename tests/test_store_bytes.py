@@ -44,15 +44,22 @@ def fixed_table() -> list[tuple[str, ShardData]]:
     return out
 
 
-def build(root: Path) -> Path:
-    spec = {"model": "fixed", "dim": 4}
-    store = Store.create(root, "image", "fixed-encoder", "0123456789abcdef" * 4, spec, shard_rows=8, chunk_rows=2)
+def create_store(root) -> Store:
+    """The store of the fixed table under a cache folder (or in the given storage)."""
+    return Store.create(root, "image", "fixed-encoder", "0123456789abcdef" * 4, {"model": "fixed", "dim": 4},
+                        shard_rows=8, chunk_rows=2)
+
+
+def build(root, failed_source: str | None = None) -> Path:
+    """The fixed table's store, written through the Store API; returns its path."""
+    store = create_store(root)
     for group, data in fixed_table():
         claim = store.claim(group, "run-fixed")
-        store.write_shard(claim, data, "fixed-dataset", fsync=False)
+        if claim.state.value == "taken":  # a resumed build finds some groups done
+            store.write_shard(claim, data, "fixed-dataset", fsync=False)
     again = store.claim(fixed_table()[0][0], "run-fixed")  # a committed group is not claimed twice
     assert again.state.value == "done"
-    store.record_failures([{"item": "x", "source": str(root / "data" / "x.png"), "key": "", "dataset": "fixed-dataset",
+    store.record_failures([{"item": "x", "source": failed_source or str(root / "data" / "x.png"), "key": "", "dataset": "fixed-dataset",
                             "reason": "unreadable"}], "run-fixed")
     return store.path
 
