@@ -26,6 +26,7 @@ class RowReader:
 
     def __init__(self, store: Store, name: str):
         self.layout: ShardLayout = store.layout(name)
+        self.storage = store.storage
         self.name = name
         self._shards: dict[int, ShardFile] = {}
         self._chunks: dict[tuple[int, int], np.ndarray] = {}
@@ -45,7 +46,8 @@ class RowReader:
             per = self.layout.chunks_per_shard
             shard, c = divmod(chunk_id, per)
             sf = self._shards.get(shard)
-            if sf is None:
+            if sf is None:  # an object store's shard is fetched whole into its local mirror first
+                self.storage.fetch(self.layout.shard_path(shard).relative_to(self.storage.path).as_posix())
                 sf = self._shards[shard] = ShardFile(self.layout, shard)
             arr = self._chunks[chunk_id] = sf.chunk(c)
         return arr

@@ -1,0 +1,181 @@
+"""Stores in a bucket, against a real S3-compatible server started on localhost (moto, in a thread).
+
+The same commit protocol as on a file system, made of objects: whole objects, a manifest
+part created only if absent (the commit), claims taken under a guard object with a lease.
+A store written to a bucket equals, object for object and byte for byte, the store the
+same table makes in a folder; killed and resumed, it equals one written without a kill;
+two writers in two processes commit every group once; a dead writer's claim, and a dead
+writer's guard, are taken over once their leases lapse.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
+from test_store_bytes import build, create_store, fixed_table
+
+from cache.objects import ObjectStorage
+from cache.reader import RowReader
+from cache.shards import ShardCorruption
+from cache.storage import LOCK
+from cache.store import ClaimLost, ClaimState, Store
+from core.processes import Identity
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE = "stores/image/fixed-encoder-0123456789abcdef"
+WRITER = Path(__file__).with_name("object_writer.py")
+
+
+def local_objects(cache: Path) -> dict[str, bytes]:
+    """Every file of a cache folder, by key (the flock file ``.lock`` is a folder's guard, not data)."""
+    return {p.relative_to(cache).as_posix(): p.read_bytes() for p in sorted(cache.rglob("*"))
+            if p.is_file() and p.name != LOCK}
+
+
+def bucket_objects(storage: ObjectStorage) -> dict[str, bytes]:
+    return {o["path"]: storage.read(o["path"]) for o in storage.keys()}
+
+
+def comparable(files: dict[str, bytes]) -> dict[str, str]:
+    """Digests of each file, with the two timestamps (the marker's and the group's ``created``) blanked."""
+    out = {}
+    for key, data in files.items():
+        if key.endswith("freeze-pipe-cache.json") or key.endswith("embeddings.zarr/zarr.json"):
+            meta = json.loads(data)
+            meta.get("attributes", meta).pop("created")
+            data = json.dumps(meta, sort_keys=True).encode()
+        out[key] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def other_host() -> Identity:
+    return Identity("node-b", 4242, "777", "another-boot-id", "pid:[4026531111]", "b" * 16)
+
+
+def cache_in(bucket: str, tmp_path: Path, name: str = "mirror") -> ObjectStorage:  # noqa: F811
+    return ObjectStorage(f"s3://{bucket}/c", tmp_path / name)
+
+
+def run_writer(storage: ObjectStorage, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WRITER), storage.url, str(storage.path), *args],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ.copy())
+
+
+# ------------------------------------------------------------------------------ one writer
+def test_a_store_in_a_bucket_equals_the_one_in_a_folder_object_for_object(bucket, tmp_path):  # noqa: F811
+    local = tmp_path / "local"
+    build(local)
+    cache = cache_in(bucket, tmp_path)
+    build(cache, failed_source=str(cache.path / "data" / "x.png"))
+    want, got = comparable(local_objects(local)), comparable(bucket_objects(cache))
+    assert sorted(got) == sorted(want)
+    assert got == want
+    assert not [k for k in got if "/claims/" in k] and LOCK not in got and f"{STORE}/{LOCK}" not in got
+
+
+def test_nothing_is_written_to_a_local_folder_named_after_the_url(bucket, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    build(cache_in(bucket, tmp_path / "elsewhere"), failed_source="/data/x.png")
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere"]
+
+
+def test_the_commit_is_a_put_that_fails_when_the_part_exists(bucket, tmp_path):  # noqa: F811
+    cache = cache_in(bucket, tmp_path)
+    store = create_store(cache)
+    group, data = fixed_table()[0]
+    claim = store.claim(group, "r")
+    assert store.storage.create(f"manifest/part-{claim.shard:06d}-{group}.parquet", b"someone else's")
+    with pytest.raises(Exception, match="exists already"):
+        store.write_shard(claim, data, "fixed-dataset", fsync=False)
+    assert store.storage.read(f"manifest/part-{claim.shard:06d}-{group}.parquet") == b"someone else's"
+
+
+# ------------------------------------------------------------------------------ claims and leases
+def test_a_live_lease_from_another_host_is_waited_for_and_a_lapsed_one_taken_over(bucket, tmp_path):  # noqa: F811
+    store = create_store(cache_in(bucket, tmp_path))
+    group, data = fixed_table()[0]
+    now = time.time()
+    theirs = store.claim(group, "theirs", lease_s=120, now=now, who=other_host())
+    assert theirs.state is ClaimState.TAKEN
+    assert store.claim(group, "ours").state is ClaimState.BUSY  # their lease holds
+    store.claim(group, "theirs", lease_s=120, now=now - 1000, who=other_host())  # as if written long ago
+    ours = store.claim(group, "ours")
+    assert ours.state is ClaimState.TAKEN and ours.shard == theirs.shard
+    assert not store.renew(theirs, now=now)  # the dead writer, come back, cannot renew ...
+    with pytest.raises(ClaimLost):  # ... nor commit
+        store.commit(theirs, data.keys, data.views, data.sources, "fixed-dataset")
+    store.write_shard(ours, data, "fixed-dataset", fsync=False)
+    assert [g for _, g, _ in store.parts()] == [group]
+
+
+def test_a_guard_left_by_a_dead_writer_is_taken_over_once_its_lease_lapses(bucket, tmp_path):  # noqa: F811
+    cache = cache_in(bucket, tmp_path)
+    store = create_store(cache)
+    stale = {"writer": "gone", "token": "0" * 16, "time": time.time() - 100, "expires": time.time() + 1.5}
+    store.storage.write(LOCK, json.dumps(stale).encode())
+    t0 = time.monotonic()
+    group, data = fixed_table()[0]
+    claim = store.claim(group, "r")  # waits for the lease, then takes the guard over
+    assert claim.state is ClaimState.TAKEN and time.monotonic() - t0 >= 1.0
+    store.write_shard(claim, data, "fixed-dataset", fsync=False)
+    assert not store.storage.exists(LOCK)  # released by its new holder
+
+
+# ------------------------------------------------------------------------------ processes
+def test_two_writers_in_two_processes_commit_every_group_once(bucket, tmp_path):  # noqa: F811
+    cache = cache_in(bucket, tmp_path)
+    writers = [run_writer(cache_in(bucket, tmp_path, f"m{i}"), "all", *(["reverse"] if i else [])) for i in (0, 1)]
+    outs = [w.communicate(timeout=300)[0] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], outs
+    wrote = [line.split()[1] for out in outs for line in out.splitlines() if line.startswith("wrote")]
+    groups = sorted(g for g, _ in fixed_table())
+    assert sorted(wrote) == groups  # each group written by exactly one of them
+    store = Store.open(cache.child(STORE))
+    assert sorted(g for _, g, _ in store.parts()) == groups and not store.claims()
+    index = store.row_index()
+    for _, data in fixed_table():  # every committed row reads back as written, checksums checked
+        rows = np.array([index[(k, 0)] for k in data.keys])
+        np.testing.assert_array_equal(RowReader(store, "tokens").take(rows), data.arrays["tokens"])
+
+
+def test_a_killed_writer_leaves_nothing_valid_and_the_resumed_store_equals_an_uninterrupted_one(bucket, tmp_path):  # noqa: F811
+    cache = cache_in(bucket, tmp_path)
+    w = run_writer(cache_in(bucket, tmp_path, "killed"), "hang")
+    assert w.stdout.readline().split()[0] == "claimed"
+    w.send_signal(signal.SIGKILL)
+    w.wait()
+    store = Store.open(cache.child(STORE))
+    assert len(store.parts()) == 1 and len(store.claims()) == 1  # its second shard: claimed, never committed
+    assert store.manifest().num_rows == 8  # its uploaded shard objects are there, and nothing reads them
+    assert cache.exists(f"{STORE}/embeddings.zarr/tokens/c/1/0/0")
+    build(cache, failed_source=str(cache.path / "data" / "x.png"))  # resumed here: the dead writer's pid is gone
+    local = tmp_path / "local"
+    build(local)
+    assert comparable(bucket_objects(cache)) == comparable(local_objects(local))
+
+
+# ------------------------------------------------------------------------------ reading
+def test_reads_go_through_a_local_copy_that_follows_the_object_and_checks_every_chunk(bucket, tmp_path):  # noqa: F811
+    cache = cache_in(bucket, tmp_path)
+    build(cache, failed_source="/data/x.png")
+    store = Store.open(ObjectStorage(cache.url + "/" + STORE, tmp_path / "reader"))  # a reader with an empty mirror
+    data = fixed_table()[1][1]
+    rows = np.arange(8, 16)
+    np.testing.assert_array_equal(RowReader(store, "pooled").take(rows), data.arrays["pooled"])
+    copy = store.storage.local("embeddings.zarr/pooled/c/1/0")
+    assert copy.read_bytes() == store.storage.read("embeddings.zarr/pooled/c/1/0")
+    raw = bytearray(copy.read_bytes())
+    raw[5] ^= 1
+    store.storage.write("embeddings.zarr/pooled/c/1/0", bytes(raw))  # the object changes: its copy is fetched again
+    with pytest.raises(ShardCorruption, match="array pooled, shard 1, chunk 0 fails its crc32c"):
+        RowReader(store, "pooled").take(rows)
+    assert copy.read_bytes() == bytes(raw)
