@@ -163,12 +163,27 @@ class ObjectStorage(Storage):
         self.delete(folder)  # a 1-D array's shard is an object, not a folder
 
     def publish(self, tmp: Path, key: str, fsync: bool = True) -> None:
-        """Upload the finished local file as ``key`` (one whole object); it stays as the mirror's copy."""
-        with open(tmp, "rb") as f:
-            meta = self.obs.put(self.client, key, f)
+        """Make the finished file ``tmp`` the object ``key``: uploaded whole from here (it stays
+        as the mirror's copy), or, when a worker on another host staged it (:meth:`stage`),
+        copied inside the bucket and the staged object dropped."""
         final = self.local(key)
-        os.replace(tmp, final)
-        _etag_file(final).write_text(meta["e_tag"] or "")
+        if Path(tmp).is_file():
+            with open(tmp, "rb") as f:
+                meta = self.obs.put(self.client, key, f)
+            os.replace(tmp, final)
+            _etag_file(final).write_text(meta["e_tag"] or "")
+            return
+        staged = self.key_of(tmp)
+        self.obs.copy(self.client, staged, key)
+        self.obs.delete(self.client, staged)
+        self._forget(key)
+
+    def stage(self, tmp: Path) -> None:
+        """Upload a finished temporary file under its own (hidden, writer-unique) name, for a
+        committer on another host to :meth:`publish`; the local file is dropped."""
+        with open(tmp, "rb") as f:
+            self.obs.put(self.client, self.key_of(tmp), f)
+        Path(tmp).unlink()
 
     # -- the read-through mirror ---------------------------------------------------------------
     def fetch(self, key: str) -> Path:
@@ -253,3 +268,86 @@ def digest_keys(storage: ObjectStorage, folder: str = "") -> dict[str, str]:
     """sha256 of every object below ``folder``, by key relative to it (for comparisons)."""
     cut = len(folder.rstrip("/")) + 1 if folder else 0
     return {o["path"][cut:]: hashlib.sha256(storage.read(o["path"])).hexdigest() for o in storage.keys(folder)}
+
+
+# -- a whole cache in a bucket --------------------------------------------------------------
+# Its stores are read and written through ObjectStorage. Everything else a cache holds (the
+# dataset indexes, the marker) is small: a command works on it in the local mirror of the
+# cache root, fetched whole when the command starts (:func:`attach`) and uploaded whole
+# when a writing command ends (:func:`push`). The mirror's root names its bucket in REMOTE.
+REMOTE = ".remote.json"
+STORES = "stores"
+
+
+def attach(url: str | os.PathLike) -> Path:
+    """The local mirror of the cache at ``url``, brought up to date with the bucket's small files.
+
+    Credentials are never written: REMOTE holds the URL only.
+    """
+    cache = ObjectStorage(os.fspath(url))
+    cache.path.mkdir(parents=True, exist_ok=True)
+    (cache.path / REMOTE).write_text(json.dumps({"url": cache.url}))
+    for o in cache.keys():
+        key = o["path"]
+        if key.startswith(f"{STORES}/"):
+            if key.count("/") == 4 and key.endswith("/embeddings.zarr/zarr.json"):
+                cache.fetch(key)  # so a listing of the mirror finds every store
+            continue
+        cache.fetch(key)
+    return cache.path
+
+
+def remote_root(path: str | os.PathLike) -> tuple[str, Path] | None:
+    """(URL, mirror root) when ``path`` is inside the mirror of a cache in a bucket, else None."""
+    for folder in [Path(path), *Path(path).parents]:
+        note = folder / REMOTE
+        if note.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                return json.loads(note.read_text())["url"], folder
+    return None
+
+
+def storage_of(path: str | os.PathLike) -> "ObjectStorage | None":
+    """The object storage behind a path of a mirror (or an ``s3://`` URL), else None (a folder)."""
+    if os.fspath(path).startswith("s3:/"):
+        return ObjectStorage(os.fspath(path))
+    found = remote_root(path)
+    if found is None:
+        return None
+    url, root = found
+    rel = Path(path).resolve().relative_to(root.resolve()).as_posix()
+    return ObjectStorage(url if rel == "." else f"{url}/{rel}", Path(path))
+
+
+def push(root: Path) -> int:
+    """Upload the mirror's small files (not the stores, which their commits wrote) that the
+    bucket lacks or holds other bytes of; returns how many. A no-op for a local cache."""
+    found = remote_root(root)
+    if found is None:
+        return 0
+    cache = ObjectStorage(found[0], found[1])
+    have = {o["path"]: (o["e_tag"] or "").strip('"') for o in cache.keys()}
+    sent = 0
+    for p in sorted(found[1].rglob("*")):
+        key = p.relative_to(found[1]).as_posix()
+        if not p.is_file() or key.startswith(f"{STORES}/") or any(s.startswith(".") for s in key.split("/")):
+            continue
+        data = p.read_bytes()
+        if have.get(key) != hashlib.md5(data).hexdigest():  # a single PUT's ETag is its MD5
+            cache.write(key, data)
+            _etag_file(p).write_text(cache.head(key)["e_tag"] or "")
+            sent += 1
+    return sent
+
+
+def attach_or_explain(url: str, where: str) -> Path:
+    """:func:`attach`, with a failure to reach the bucket said in one message."""
+    from obstore.exceptions import BaseError  # lazy: only object-store caches need it
+
+    try:
+        return attach(url)
+    except (BaseError, OSError) as e:
+        reason = str(e).splitlines()[0][:300]
+        raise StoreError(f"{where} {url}: cannot reach the bucket ({type(e).__name__}: {reason}). Check the bucket "
+                         "exists, the endpoint ($AWS_ENDPOINT_URL) and the credentials (the AWS environment or "
+                         "profile), then run the command again.") from None

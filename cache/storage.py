@@ -102,6 +102,13 @@ class Storage(ABC):
     def child(self, folder: str) -> "Storage":
         """The storage of ``folder`` below this one (a store below its cache)."""
 
+    def key_of(self, path: str | os.PathLike) -> str:
+        """The key of a local file of this store (the inverse of :meth:`local`)."""
+        return Path(path).relative_to(self.path).as_posix()
+
+    def stage(self, tmp: Path) -> None:
+        """Make a finished temporary file visible to a committer elsewhere (a folder shares it already)."""
+
     def fetch(self, key: str) -> Path:
         """A local file with ``key``'s current bytes, for reading (an object store downloads it)."""
         return self.local(key)

@@ -46,6 +46,7 @@ from cache.claimbook import CLAIM_RE, Claim, ClaimBook, ClaimLost, ClaimState  #
 from cache.keys import FORMAT_VERSION
 from cache.manifest import (FAILURE_SCHEMA, MANIFEST, MANIFEST_SCHEMA, PART_RE, Manifest,  # noqa: F401
                             UnreadablePart, part_key)
+from cache.objects import ObjectStorage, storage_of
 from cache.marker import MARKER, ensure_marker, marker_bytes
 from cache.paths import portable, root_of_store
 from cache.storage import IN_USE, LocalStorage, Storage, StoreError  # noqa: F401
@@ -78,6 +79,11 @@ def store_dirname(name: str, fp: str) -> str:
     return f"{slug}-{fp[:16]}"
 
 
+def storage_at(path: str | os.PathLike) -> Storage:
+    """A folder, or (inside the mirror of a cache in a bucket, or an ``s3://`` URL) the objects."""
+    return storage_of(path) or LocalStorage(path)
+
+
 def _unborn(storage: Storage) -> bool:
     """Is the store still to be created: no group metadata, or (left by an older version
     killed while creating it) a group without attributes and with nothing committed?"""
@@ -98,7 +104,7 @@ class Store:
     """A store: its arrays, manifest and claims. Open with :meth:`open` (read) or :meth:`create` (write)."""
 
     def __init__(self, storage: Storage | str | os.PathLike):
-        self.storage = storage if isinstance(storage, Storage) else LocalStorage(storage)
+        self.storage = storage if isinstance(storage, Storage) else storage_at(storage)
         self.path = self.storage.path
         self.zpath = self.path / ZARR_DIR
         self.arrays = Arrays(self.storage)
@@ -116,7 +122,9 @@ class Store:
     # -- opening -----------------------------------------------------------------------
     @classmethod
     def open(cls, path: "str | os.PathLike | Storage") -> "Store":
-        storage = path if isinstance(path, Storage) else LocalStorage(path)
+        """``path``: a store's folder, its folder in the mirror of a cache in a bucket, its
+        ``s3://`` URL, or its storage."""
+        storage = path if isinstance(path, Storage) else storage_at(path)
         if not storage.exists(GROUP_META):
             raise StoreError(f"{storage.where} is not an embedding store (no {GROUP_META}). "
                              "List stores with `pipe cache ls`.")
@@ -135,11 +143,11 @@ class Store:
 
         ``root`` is the cache's folder, or its storage (:class:`cache.objects.ObjectStorage` for a bucket).
         """
-        base = root if isinstance(root, Storage) else LocalStorage(root)
+        base = root if isinstance(root, Storage) else storage_at(root)
         storage = base.child(f"stores/{modality}/{store_dirname(name, fingerprint)}")
         try:
-            if isinstance(root, Storage):
-                root.create(MARKER, marker_bytes())  # an existing marker is kept
+            if isinstance(base, ObjectStorage):
+                base.create(MARKER, marker_bytes())  # an existing marker is kept
             else:
                 ensure_marker(root)  # the cache is ours: `pipe cache gc`/`rm`/`verify --repair` require the marker
             storage.mkdirs(MANIFEST, "claims", "failures")

@@ -179,3 +179,39 @@ def test_reads_go_through_a_local_copy_that_follows_the_object_and_checks_every_
     with pytest.raises(ShardCorruption, match="array pooled, shard 1, chunk 0 fails its crc32c"):
         RowReader(store, "pooled").take(rows)
     assert copy.read_bytes() == bytes(raw)
+
+
+# ------------------------------------------------------------------------------ the commands
+def test_embed_train_and_evaluate_with_a_cache_in_a_bucket(bucket, tmp_path, monkeypatch):  # noqa: F811
+    """`pipe embed --cache s3://...` writes the stores a folder cache gets, object for object;
+    a second run reuses them all; training and evaluation read them through the mirror."""
+    from helpers import embed_json, make_table, pipe
+
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
+    table = make_table(tmp_path / "data", 12)
+    embed_json(table, tmp_path / "local")
+    first = embed_json(table, f"s3://{bucket}/c")
+    assert first["embedded"] == 24 and first["failed"] == 0
+    cache = cache_in(bucket, tmp_path)
+    got = comparable({k: v for k, v in bucket_objects(cache).items() if k.startswith("stores/")})
+    want = comparable({k: v for k, v in local_objects(tmp_path / "local").items()
+                       if k.startswith("stores/") and not k.endswith("/.inuse")})
+    assert got == want and len(got) > 10
+    assert [k for k in bucket_objects(cache) if k.startswith("datasets/")]  # the index went up too
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+    again = embed_json(table, f"s3://{bucket}/c")
+    assert again["embedded"] == 0 and again["reused"] == 24
+    runs = {}
+    for name, where in (("local", str(tmp_path / "local")), ("bucket", f"s3://{bucket}/c")):
+        r = pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", where,
+                 "--out", str(tmp_path / f"run-{name}"), "--json", "adaptor.d_model=32", "adaptor.n_heads=4",
+                 "adaptor.ffn_dim=64", "batch_size=4", "epochs=1")
+        runs[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert runs["bucket"]["epoch"] == 1 and runs["bucket"]["train_loss"] == runs["local"]["train_loss"]
+    scores = {}
+    for name, where in (("local", str(tmp_path / "local")), ("bucket", f"s3://{bucket}/c")):
+        out = tmp_path / f"eval-{name}"
+        pipe("evaluate", "--task", "retrieval", "-d", str(table), "-a", str(tmp_path / "run-bucket" / "last.safetensors"),
+             "--cache", where, "--out", str(out))
+        scores[name] = json.loads((out / "results.json").read_text())
+    assert scores["bucket"]["methods"] == scores["local"]["methods"] and scores["bucket"]["data"]["splits"] == {"test": 3}
