@@ -186,10 +186,11 @@ class ObjectStorage(Storage):
         Path(tmp).unlink()
 
     # -- the read-through mirror ---------------------------------------------------------------
-    def fetch(self, key: str) -> Path:
-        """A local copy of ``key``, current with the object (fetched when missing or changed)."""
+    def fetch(self, key: str, meta: dict | None = None) -> Path:
+        """A local copy of ``key``, current with the object (fetched when missing or changed);
+        ``meta``: the object's size and ETag when a listing gave them already."""
         final = self.local(key)
-        meta = self.head(key)
+        meta = meta or self.head(key)
         if meta is None:
             self._forget(key)
             return final  # the reader reports the missing shard
@@ -208,6 +209,18 @@ class ObjectStorage(Storage):
             tmp.unlink(missing_ok=True)
         sidecar.write_text(meta["e_tag"] or "")
         return final
+
+    def mirror(self) -> int:
+        """Bring the whole local mirror of this prefix up to date (for checks that read files):
+        every object fetched if changed, every file no object backs removed. Returns the objects."""
+        found = {o["path"]: o for o in self.keys()}
+        self.mkdirs("manifest", "claims", "failures")  # the folders a store always has, empty or not
+        for key, meta in found.items():
+            self.fetch(key, meta)
+        for p in sorted(self.path.rglob("*"), reverse=True):
+            if p.is_file() and not p.name.startswith(".") and self.key_of(p) not in found:
+                self._forget(self.key_of(p))
+        return len(found)
 
     def _forget(self, key: str) -> None:
         final = self.local(key)
@@ -257,7 +270,9 @@ class ObjectStorage(Storage):
         return contextlib.nullcontext()
 
     def mkdirs(self, *folders: str) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Only the mirror's folders: a bucket has none."""
+        for f in ("", *folders):
+            self.local(f).mkdir(parents=True, exist_ok=True) if f else self.path.mkdir(parents=True, exist_ok=True)
 
 
 def _etag_file(path: Path) -> Path:

@@ -109,6 +109,10 @@ class Storage(ABC):
     def stage(self, tmp: Path) -> None:
         """Make a finished temporary file visible to a committer elsewhere (a folder shares it already)."""
 
+    def mirror(self) -> int:
+        """Make every file of the store readable locally (a folder's are already); the count, or -1."""
+        return -1
+
     def fetch(self, key: str) -> Path:
         """A local file with ``key``'s current bytes, for reading (an object store downloads it)."""
         return self.local(key)

@@ -65,7 +65,8 @@ def cache_verify(cache: Optional[Path] = CACHE_OPT,
     paths = [store.resolve()] if store else find_stores(root)
     if not paths:
         fail(f"no stores under {root}; run `pipe embed` first or pass --cache.")
-    reports = [verify_store(p, repair) for p in paths]
+    with user_errors():
+        reports = [verify_store(p, repair) for p in paths]
     if not store:
         reports.append(verify_derived(root, repair))
     show = results_to(as_json)

@@ -215,3 +215,27 @@ def test_embed_train_and_evaluate_with_a_cache_in_a_bucket(bucket, tmp_path, mon
              "--cache", where, "--out", str(out))
         scores[name] = json.loads((out / "results.json").read_text())
     assert scores["bucket"]["methods"] == scores["local"]["methods"] and scores["bucket"]["data"]["splits"] == {"test": 3}
+
+
+def test_verify_checks_every_object_and_deleting_commands_refuse_a_bucket(bucket, tmp_path, monkeypatch):  # noqa: F811
+    from helpers import pipe
+
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
+    url = f"s3://{bucket}/c"
+    cache = cache_in(bucket, tmp_path, "writer")
+    build(cache, failed_source="/data/x.png")
+    ok = pipe("cache", "verify", "--cache", url, "--json")
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["ok"]
+    key = f"{STORE}/embeddings.zarr/tokens/c/2/0/0"
+    raw = bytearray(cache.read(key))
+    raw[7] ^= 1
+    cache.write(key, bytes(raw))  # one flipped byte in one object
+    bad = pipe("cache", "verify", "--cache", url, expect=1)
+    assert "array tokens, shard 2, chunk 0" in bad.output and "crc32c" in bad.output
+    before = bucket_objects(cache)
+    for args in (("verify", "--repair"), ("gc",), ("rm", "fixed-encoder-0123456789abcdef", "--force")):
+        r = pipe("cache", *args, "--cache", url, expect=2)
+        assert "bucket" in r.output and ("nothing was deleted" in r.output or "without --repair" in r.output), r.output
+    assert bucket_objects(cache) == before
+    listed = json.loads(pipe("cache", "ls", "--cache", url, "--json").stdout.strip().splitlines()[-1])
+    assert [r["items"] for r in listed] == [21]
