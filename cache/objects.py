@@ -39,6 +39,9 @@ from core.processes import me
 GUARD_LEASE_S = 60.0   # the guard is held for a few requests (a shard's upload at most)
 GUARD_POLL_S = 0.02
 MIRROR_ENV = "PIPE_OBJECT_MIRROR"
+MIRROR_GB_ENV = "PIPE_OBJECT_MIRROR_GB"  # the read copies a process keeps, at most (default 50)
+RANGE_BYTES = 8 << 20  # a shard is fetched in range requests of this size ...
+RANGES_AT_ONCE = 8     # ... this many at a time
 _S3 = re.compile(r"^s3:/{1,2}([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?$")
 
 
@@ -201,12 +204,11 @@ class ObjectStorage(Storage):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.fetch-{os.getpid()}-{secrets.token_hex(4)}")
         try:
-            with open(tmp, "wb") as f:
-                for chunk in self.obs.get(self.client, key):
-                    f.write(chunk)
+            self._download(key, int(meta["size"]), tmp)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
+        MIRROR_BUDGET.add(final, int(meta["size"]))
         sidecar.write_text(meta["e_tag"] or "")
         return final
 
@@ -221,6 +223,20 @@ class ObjectStorage(Storage):
             if p.is_file() and not p.name.startswith(".") and self.key_of(p) not in found:
                 self._forget(self.key_of(p))
         return len(found)
+
+    def _download(self, key: str, size: int, dest: Path) -> None:
+        """The object's bytes into ``dest``: a large object in parallel range requests."""
+        with open(dest, "wb") as f:
+            if size <= RANGE_BYTES:
+                f.write(self.read(key))
+                return
+            starts = list(range(0, size, RANGE_BYTES))
+            for i in range(0, len(starts), RANGES_AT_ONCE):  # bounded memory: a few ranges in flight
+                batch = starts[i:i + RANGES_AT_ONCE]
+                parts = self.obs.get_ranges(self.client, key, starts=batch,
+                                            ends=[min(s + RANGE_BYTES, size) for s in batch])
+                for part in parts:
+                    f.write(memoryview(part))
 
     def _forget(self, key: str) -> None:
         final = self.local(key)
@@ -273,6 +289,41 @@ class ObjectStorage(Storage):
         """Only the mirror's folders: a bucket has none."""
         for f in ("", *folders):
             self.local(f).mkdir(parents=True, exist_ok=True) if f else self.path.mkdir(parents=True, exist_ok=True)
+
+
+class MirrorBudget:
+    """The shard copies this process fetched, least recently fetched first: past the budget
+    the oldest are removed (a reader that still maps one keeps its pages; the next reader
+    fetches it again)."""
+
+    def __init__(self):
+        self.files: dict[Path, int] = {}
+
+    @property
+    def limit(self) -> int:
+        raw = os.environ.get(MIRROR_GB_ENV, "").strip()
+        try:
+            gb = float(raw) if raw else 50.0
+        except ValueError:
+            raise StoreError(f"${MIRROR_GB_ENV}={raw!r}: give the size of the local read copies in GB "
+                             "(a number, e.g. 50)") from None
+        return int(gb * 2**30)
+
+    def add(self, path: Path, size: int) -> None:
+        self.files.pop(path, None)
+        self.files[path] = size
+        limit, total = self.limit, sum(self.files.values())
+        for old in list(self.files):
+            if total <= limit or old == path:
+                break
+            total -= self.files.pop(old)
+            with contextlib.suppress(OSError):
+                old.unlink()
+            with contextlib.suppress(OSError):
+                _etag_file(old).unlink()
+
+
+MIRROR_BUDGET = MirrorBudget()
 
 
 def _etag_file(path: Path) -> Path:

@@ -239,3 +239,23 @@ def test_verify_checks_every_object_and_deleting_commands_refuse_a_bucket(bucket
     assert bucket_objects(cache) == before
     listed = json.loads(pipe("cache", "ls", "--cache", url, "--json").stdout.strip().splitlines()[-1])
     assert [r["items"] for r in listed] == [21]
+
+
+def test_a_shard_is_fetched_in_range_requests_and_the_copies_stay_within_their_budget(bucket, tmp_path, monkeypatch):  # noqa: F811
+    import cache.objects as objects
+
+    cache = cache_in(bucket, tmp_path)
+    build(cache, failed_source="/data/x.png")
+    monkeypatch.setattr(objects, "RANGE_BYTES", 40)  # shards of a few hundred bytes: many ranges, in batches
+    monkeypatch.setattr(objects, "MIRROR_BUDGET", objects.MirrorBudget())
+    store = Store.open(ObjectStorage(cache.url + "/" + STORE, tmp_path / "reader"))
+    size = len(store.storage.read("embeddings.zarr/tokens/c/0/0/0"))
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR_GB", str(2.5 * size / 2**30))  # room for two shard copies
+    reader = RowReader(store, "tokens")
+    for shard, (_, data) in enumerate(fixed_table()):
+        rows = np.arange(shard * 8, shard * 8 + len(data.keys))
+        np.testing.assert_array_equal(reader.take(rows), data.arrays["tokens"])
+    copies = sorted(p.relative_to(tmp_path / "reader").as_posix()
+                    for p in (tmp_path / "reader").rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert copies == ["embeddings.zarr/tokens/c/1/0/0", "embeddings.zarr/tokens/c/2/0/0"]  # the oldest went
+    np.testing.assert_array_equal(RowReader(store, "tokens").take(np.arange(8)), fixed_table()[0][1].arrays["tokens"])
