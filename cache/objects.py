@@ -132,6 +132,9 @@ class ObjectStorage(Storage):
         prefix = folder.rstrip("/") + "/" if folder else None
         return [o for batch in self.obs.list(self.client, prefix=prefix) for o in batch]
 
+    def listing(self, folder: str) -> dict[str, dict]:
+        return {o["path"]: o for o in self.keys(folder)}
+
     def write(self, key: str, data: bytes) -> None:
         self.obs.put(self.client, key, data)
 

@@ -113,9 +113,14 @@ class Storage(ABC):
         """Make every file of the store readable locally (a folder's are already); the count, or -1."""
         return -1
 
-    def fetch(self, key: str) -> Path:
-        """A local file with ``key``'s current bytes, for reading (an object store downloads it)."""
+    def fetch(self, key: str, meta: dict | None = None) -> Path:
+        """A local file with ``key``'s current bytes, for reading (an object store downloads it;
+        ``meta``: the object's size and ETag from :meth:`listing`, saving a request)."""
         return self.local(key)
+
+    def listing(self, folder: str) -> dict[str, dict]:
+        """Size and ETag of every object below ``folder``, by key, in one listing ({} for a folder)."""
+        return {}
 
 
 class LocalStorage(Storage):
