@@ -259,3 +259,24 @@ def test_a_shard_is_fetched_in_range_requests_and_the_copies_stay_within_their_b
                     for p in (tmp_path / "reader").rglob("*") if p.is_file() and not p.name.startswith("."))
     assert copies == ["embeddings.zarr/tokens/c/1/0/0", "embeddings.zarr/tokens/c/2/0/0"]  # the oldest went
     np.testing.assert_array_equal(RowReader(store, "tokens").take(np.arange(8)), fixed_table()[0][1].arrays["tokens"])
+
+
+@pytest.mark.slow
+def test_dask_workers_embed_into_a_bucket_as_one_process_does_into_a_folder(bucket, tmp_path, monkeypatch):  # noqa: F811
+    """Workers write each shard's files, stage them as objects under their temporary names, and
+    the client (which holds the claims) publishes them inside the bucket and commits."""
+    from helpers import embed_json, make_table
+
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
+    table = make_table(tmp_path / "data", 24)
+    small = ("--shard-mb", "0.5", "--batch-size", "4")
+    embed_json(table, tmp_path / "local", *small)
+    dist = embed_json(table, f"s3://{bucket}/c", *small, "--workers", "2")
+    assert dist["embedded"] == 48 and dist["failed"] == 0
+    objects = bucket_objects(cache_in(bucket, tmp_path))
+    assert not [k for k in objects if ".partial-" in k]  # every staged file was published, and its name dropped
+    got = comparable({k: v for k, v in objects.items() if k.startswith("stores/")})
+    want = comparable({k: v for k, v in local_objects(tmp_path / "local").items()
+                       if k.startswith("stores/") and not k.endswith("/.inuse")})
+    assert len([k for k in got if "/manifest/" in k]) > 2  # several shards, so several tasks ran
+    assert got == want
