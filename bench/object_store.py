@@ -15,7 +15,7 @@ fresh reader (so every chunk's crc32c is checked inside the timed read):
 Target: bucket >= 0.7x local after the first epoch (later and new run). A real bucket is slower than a server on
 localhost for the first epoch; the later epochs read local disk either way.
 
-    python bench/object_store.py [--items 1024] [--epochs 3]
+    python bench/object_store.py [--items 2048] [--epochs 5]
 
 The last line of stdout is one JSON object.
 """
@@ -104,7 +104,7 @@ def runs(stores: dict[str, Store], rows: np.ndarray, epochs: int) -> dict[str, d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--items", type=int, default=1024)
+    ap.add_argument("--items", type=int, default=2048)
     ap.add_argument("--epochs", type=int, default=5, help="epochs per store and phase")
     ap.add_argument("--shard-rows", type=int, default=256)
     args = ap.parse_args()

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cache.storage import LOCK, Storage, StoreError
+from core.atomic import atomic_write_bytes
 from core.processes import me
 
 GUARD_LEASE_S = 60.0   # the guard is held for a few requests (a shard's upload at most)
@@ -355,7 +356,7 @@ def attach(url: str | os.PathLike) -> Path:
     """
     cache = ObjectStorage(os.fspath(url))
     cache.path.mkdir(parents=True, exist_ok=True)
-    (cache.path / REMOTE).write_text(json.dumps({"url": cache.url}))
+    atomic_write_bytes(cache.path / REMOTE, json.dumps({"url": cache.url}).encode())  # ranks attach at once
     for o in cache.keys():
         key = o["path"]
         if key.startswith(f"{STORES}/"):
