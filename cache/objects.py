@@ -368,12 +368,18 @@ def attach(url: str | os.PathLike) -> Path:
 
 
 def remote_root(path: str | os.PathLike) -> tuple[str, Path] | None:
-    """(URL, mirror root) when ``path`` is inside the mirror of a cache in a bucket, else None."""
+    """(URL, mirror root) when ``path`` is inside the mirror of a cache in a bucket, else None.
+
+    Only a note at the mirror's own place (:func:`default_mirror` of its URL) counts, so a
+    stray note elsewhere never turns a folder into a bucket.
+    """
     for folder in [Path(path), *Path(path).parents]:
         note = folder / REMOTE
         if note.is_file():
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                return json.loads(note.read_text())["url"], folder
+            with contextlib.suppress(OSError, ValueError, KeyError, StoreError):
+                url = json.loads(note.read_text())["url"]
+                if default_mirror(*parse_s3(url)) == folder.resolve():
+                    return url, folder
     return None
 
 

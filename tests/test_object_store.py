@@ -280,3 +280,18 @@ def test_dask_workers_embed_into_a_bucket_as_one_process_does_into_a_folder(buck
                        if k.startswith("stores/") and not k.endswith("/.inuse")})
     assert len([k for k in got if "/manifest/" in k]) > 2  # several shards, so several tasks ran
     assert got == want
+
+
+def test_a_stray_bucket_note_does_not_turn_a_folder_into_a_bucket(tmp_path, monkeypatch):
+    from cache.objects import REMOTE, remote_root
+    from cache.store import LocalStorage, storage_at
+
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / REMOTE).write_text(json.dumps({"url": "s3://some-bucket/c"}))
+    assert remote_root(tmp_path / "elsewhere" / "stores") is None
+    assert isinstance(storage_at(tmp_path / "elsewhere" / "stores" / "image" / "x"), LocalStorage)
+    mirror = tmp_path / "mirror" / "some-bucket" / "c"
+    mirror.mkdir(parents=True)
+    (mirror / REMOTE).write_text(json.dumps({"url": "s3://some-bucket/c"}))
+    assert remote_root(mirror / "stores" / "image" / "x") == ("s3://some-bucket/c", mirror)
