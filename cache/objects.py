@@ -179,6 +179,7 @@ class ObjectStorage(Storage):
                 meta = self.obs.put(self.client, key, f)
             os.replace(tmp, final)
             _etag_file(final).write_text(meta["e_tag"] or "")
+            MIRROR_BUDGET.add(final, final.stat().st_size)  # a writer's copies count against the budget too
             return
         staged = self.key_of(tmp)
         self.obs.copy(self.client, staged, key)

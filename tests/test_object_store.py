@@ -295,3 +295,46 @@ def test_a_stray_bucket_note_does_not_turn_a_folder_into_a_bucket(tmp_path, monk
     mirror.mkdir(parents=True)
     (mirror / REMOTE).write_text(json.dumps({"url": "s3://some-bucket/c"}))
     assert remote_root(mirror / "stores" / "image" / "x") == ("s3://some-bucket/c", mirror)
+
+
+@pytest.mark.slow
+def test_pipe_embed_killed_and_resumed_on_a_bucket_equals_an_uninterrupted_folder_cache(bucket, tmp_path, monkeypatch):  # noqa: F811
+    """SIGKILL a `pipe embed --cache s3://...` once it has committed a shard; what it committed
+    stays byte for byte, and the resumed cache's stores equal a folder cache's. Training then
+    streams from the bucket (resident=none) as it does from the folder."""
+    from helpers import embed_json, make_table, pipe
+    from kills import ENV, embed_args, pipe_cmd
+
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
+    table = make_table(tmp_path / "data", 40)
+    small = ("--shard-mb", "0.3")
+    url = f"s3://{bucket}/c"
+    cache = cache_in(bucket, tmp_path, "inspect")
+    log = open(tmp_path / "killed.log", "wb")
+    proc = subprocess.Popen(pipe_cmd(*embed_args(table, url, *small)), env={**ENV, **os.environ}, stdout=log,
+                            stderr=log, cwd=ROOT)
+    t0 = time.monotonic()
+    while not [o for o in cache.keys("stores") if "/manifest/part-" in o["path"]]:
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() - t0 < 180, "no shard was committed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {k: v for k, v in bucket_objects(cache).items() if "/manifest/" in k or "/c/" in k}
+    parts = [k for k in before if "/manifest/" in k]
+    resumed = embed_json(table, url, "--batch-size", "4", *small)
+    assert resumed["reused"] >= 1 and resumed["embedded"] >= 1 and resumed["failed"] == 0  # killed mid-run
+    after = bucket_objects(cache)
+    assert all(after[k] == before[k] for k in parts)  # nothing committed before the kill changed
+    embed_json(table, tmp_path / "local", "--batch-size", "4", *small)
+    got = comparable({k: v for k, v in after.items() if k.startswith("stores/")})
+    want = comparable({k: v for k, v in local_objects(tmp_path / "local").items()
+                       if k.startswith("stores/") and not k.endswith("/.inuse")})
+    assert got == want
+    losses = []
+    for where in (url, str(tmp_path / "local")):
+        r = pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", where, "--out",
+                 str(tmp_path / f"run{len(losses)}"), "--json", "adaptor.d_model=32", "adaptor.n_heads=4",
+                 "adaptor.ffn_dim=64", "batch_size=8", "epochs=1", "resident=none")
+        losses.append(json.loads(r.stdout.strip().splitlines()[-1])["train_loss"])
+    assert losses[0] == losses[1]
