@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
 from test_store_bytes import build, create_store, fixed_table
@@ -215,6 +216,18 @@ def test_embed_train_and_evaluate_with_a_cache_in_a_bucket(bucket, tmp_path, mon
              "--cache", where, "--out", str(out))
         scores[name] = json.loads((out / "results.json").read_text())
     assert scores["bucket"]["methods"] == scores["local"]["methods"] and scores["bucket"]["data"]["splits"] == {"test": 3}
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"""
+dataset: {table}
+backbone: tiny-vit
+text_encoder: tiny-bert
+overrides: [adaptor.d_model=32, adaptor.n_heads=4, adaptor.ffn_dim=64, batch_size=4, epochs=1]
+grid:
+  optim.lr: [1.0e-3, 1.0e-4]
+out: {tmp_path / "sweep"}
+""")
+    swept = pipe("sweep", str(spec), "--cache", f"s3://{bucket}/c")
+    assert "backbone forwards: 0" in swept.output and len(pd.read_csv(tmp_path / "sweep" / "sweep.csv")) == 2
 
 
 def test_verify_checks_every_object_and_deleting_commands_refuse_a_bucket(bucket, tmp_path, monkeypatch):  # noqa: F811
