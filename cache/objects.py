@@ -358,13 +358,18 @@ def attach(url: str | os.PathLike) -> Path:
     cache = ObjectStorage(os.fspath(url))
     cache.path.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cache.path / REMOTE, json.dumps({"url": cache.url}).encode())  # ranks attach at once
-    for o in cache.keys():
-        key = o["path"]
-        if key.startswith(f"{STORES}/"):
-            if key.count("/") == 4 and key.endswith("/embeddings.zarr/zarr.json"):
-                cache.fetch(key)  # so a listing of the mirror finds every store
-            continue
-        cache.fetch(key)
+    top = cache.obs.list_with_delimiter(cache.client, None)
+    for o in top["objects"]:
+        cache.fetch(o["path"], o)
+    for folder in (p.rstrip("/") for p in top["common_prefixes"]):
+        if folder != STORES:  # dataset indexes and other small files: whole
+            for o in cache.keys(folder):
+                cache.fetch(o["path"], o)
+    for modality in cache.names(STORES):  # of the stores, only each one's group metadata (a listing finds it)
+        for name in cache.names(f"{STORES}/{modality}"):
+            key = f"{STORES}/{modality}/{name}/embeddings.zarr/zarr.json"
+            if cache.exists(key):
+                cache.fetch(key)
     return cache.path
 
 
