@@ -36,6 +36,7 @@ from cache.claims import claim_is_live, describe
 from cache.index import forget_store, referenced_stores
 from cache.inspect import dir_bytes
 from cache.marker import require_marker
+from cache.objects import remote_root
 from cache.outputs import OUTPUTS_DIR
 from cache.shards import partial_of
 from cache.store import IN_USE, ZARR_DIR
@@ -152,9 +153,19 @@ def in_use(store: Path) -> str | None:
         return None if free else "held by a running `pipe embed`"
 
 
+def local_only(root: Path, command: str) -> None:
+    """Stop a deleting command on a cache in a bucket (it would only see the local mirror)."""
+    found = remote_root(root)
+    if found is not None:
+        raise PipeError(f"{command}: the cache {found[0]} is in a bucket, and {command} works on a cache folder only "
+                        "so far; nothing was deleted. Remove a store's objects with your S3 tools "
+                        f"(its prefix is {found[0]}/stores/<modality>/<name>/).")
+
+
 def gc(root: Path, dry_run: bool = False) -> GcReport:
     """Remove (or, with ``dry_run``, list) what no dataset needs; skip (and list) what is not identified."""
     root = Path(root)
+    local_only(root, "pipe cache gc")
     require_marker(root, "pipe cache gc")
     rep = GcReport(root, dry_run)
     refs = referenced_stores(root, strict=True)  # an unreadable index stops gc here, before anything goes
@@ -304,6 +315,7 @@ def find_store_dir(root: Path, name: str) -> Path:
 def remove_store(root: Path, name: str, force: bool = False, dry_run: bool = False) -> GcReport:
     """Remove one store (and its Adaptor outputs); refused while a dataset uses it, unless ``force``."""
     root = Path(root)
+    local_only(root, "pipe cache rm")
     require_marker(root, "pipe cache rm")
     path = find_store_dir(root, name)
     users = referenced_stores(root, strict=True).get(path, [])

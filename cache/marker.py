@@ -52,11 +52,16 @@ def ensure_marker(root: Path) -> None:
         return
     root.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
-        atomic_write_bytes(marker_path(root), json.dumps(
-            {"kind": KIND, "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "note": "This folder is a freeze-pipe cache: `pipe cache gc`, `rm` and `verify --repair` "
-                     "delete only inside it, and only what they can identify as the cache's own."},
-            indent=1).encode())
+        atomic_write_bytes(marker_path(root), marker_bytes())
+
+
+def marker_bytes() -> bytes:
+    """What a marker holds (an object store's cache has the same object at ``<prefix>/`` + MARKER)."""
+    return json.dumps(
+        {"kind": KIND, "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+         "note": "This folder is a freeze-pipe cache: `pipe cache gc`, `rm` and `verify --repair` "
+                 "delete only inside it, and only what they can identify as the cache's own."},
+        indent=1).encode()
 
 
 def recognisable(root: Path) -> tuple[bool, str]:

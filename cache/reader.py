@@ -26,6 +26,8 @@ class RowReader:
 
     def __init__(self, store: Store, name: str):
         self.layout: ShardLayout = store.layout(name)
+        self.storage = store.storage
+        self._listed: dict[str, dict] | None = None  # the shards' sizes and ETags, listed once per reader
         self.name = name
         self._shards: dict[int, ShardFile] = {}
         self._chunks: dict[tuple[int, int], np.ndarray] = {}
@@ -45,7 +47,11 @@ class RowReader:
             per = self.layout.chunks_per_shard
             shard, c = divmod(chunk_id, per)
             sf = self._shards.get(shard)
-            if sf is None:
+            if sf is None:  # an object store's shard is fetched whole into its local copy first
+                key = self.storage.key_of(self.layout.shard_path(shard))
+                if self._listed is None:
+                    self._listed = self.storage.listing(self.storage.key_of(self.layout.array_dir / "c"))
+                self.storage.fetch(key, self._listed.get(key))
                 sf = self._shards[shard] = ShardFile(self.layout, shard)
             arr = self._chunks[chunk_id] = sf.chunk(c)
         return arr

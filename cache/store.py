@@ -12,7 +12,13 @@ Layout of a store directory::
                               a shard being written: by which writer, and its lease
                               (cache/claims.py), renewed while the writer works
     failures/<run>.parquet    items that could not be embedded, with the reason
-    .lock                     flock() taken only to take, renew, release or commit a claim
+    .lock                     the guard: taken only to take, renew, release or commit a claim
+                              (an flock, or an object with a lease: cache/storage.py)
+
+The three concerns live apart: the arrays (cache/arrays.py), the manifest
+(cache/manifest.py) and the claims (cache/claimbook.py), over one small interface to the
+storage (cache/storage.py: a local folder, or a prefix in an object store). :class:`Store`
+puts them together and owns the commit, the one step that touches all three.
 
 Rows that no manifest part names are padding or belong to an interrupted write; readers
 must go through the manifest. Each shard file is written by exactly one claimant,
@@ -22,14 +28,10 @@ a hidden temp name that is renamed into place when the shard is complete.
 from __future__ import annotations
 
 import contextlib
-import enum
-import errno
 import importlib.metadata as md
 import json
 import os
 import re
-import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,66 +39,20 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import zarr
-from zarr.codecs import Crc32cCodec
-from zarr.storage import MemoryStore
 
-from core.atomic import atomic_write_bytes, write_parquet_atomic
-from core.locks import locked, shared_lock
-from core.processes import Identity, me
-from cache.claims import judge, lease_seconds, new_record, owns, renewed
+from cache.arrays import (DIMENSION_NAMES, GROUP_META, ZARR_DIR, Arrays, ShardSink, array_entries,  # noqa: F401
+                          array_metadata, create_kwargs, group_metadata)
+from cache.claimbook import CLAIM_RE, Claim, ClaimBook, ClaimLost, ClaimState  # noqa: F401
 from cache.keys import FORMAT_VERSION
-from cache.marker import ensure_marker
-from cache.paths import portable, repair_command, root_of_store
-from cache.shards import PARTIAL, ShardLayout, ShardWriter, publish
-from core.errors import PipeError
+from cache.manifest import (FAILURE_SCHEMA, MANIFEST, MANIFEST_SCHEMA, PART_RE, Manifest,  # noqa: F401
+                            UnreadablePart, part_key)
+from cache.objects import ObjectStorage, storage_of
+from cache.marker import MARKER, ensure_marker, marker_bytes
+from cache.paths import portable, root_of_store
+from cache.storage import IN_USE, LocalStorage, Storage, StoreError  # noqa: F401
+from core.processes import Identity
 
-ZARR_DIR = "embeddings.zarr"
-IN_USE = ".inuse"  # a writer holds a shared flock on it: `pipe cache gc`/`rm` leave the store alone
 QUARANTINE = "quarantine"  # manifest parts that could not be read, moved aside by `verify --repair`
-# Zarr v3 dimension names (xarray opens the group by them): the row axis is shared by every array
-DIMENSION_NAMES = {"tokens": ("row", "token", "dim"), "pooled": ("row", "dim"), "length": ("row",)}
-PART_RE = re.compile(r"^part-(\d{6})-([0-9a-f]{16})\.parquet$")
-CLAIM_RE = re.compile(r"^(\d{6})-([0-9a-f]{16})\.json$")
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("view", pa.int16()),
-        ("row", pa.int64()),
-        ("shard", pa.int32()),
-        ("source", pa.string()),
-        ("dataset", pa.string()),
-        ("status", pa.string()),
-    ]
-)
-FAILURE_SCHEMA = pa.schema(
-    [
-        ("item", pa.string()),
-        ("source", pa.string()),
-        ("key", pa.string()),
-        ("dataset", pa.string()),
-        ("reason", pa.string()),
-        ("run", pa.string()),
-    ]
-)
-
-
-class StoreError(PipeError):
-    """A store that cannot be used as asked; the message says what to do."""
-
-
-class ClaimLost(StoreError):
-    """A claim that another writer took over after its lease lapsed: this writer's work on it is void."""
-
-
-class UnreadablePart(StoreError):
-    """A manifest part that cannot be read; ``reason`` is the reader's complaint."""
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -107,24 +63,6 @@ class ShardData:
     views: list[int]
     sources: list[str]
     arrays: dict[str, np.ndarray]  # name -> [N, ...]
-
-
-class ClaimState(enum.Enum):
-    """What :meth:`Store.claim` found for a group of work."""
-
-    TAKEN = "taken"   # this process now owns the shard: write it, then commit or release
-    DONE = "done"     # another run committed this group already
-    BUSY = "busy"     # a live process is writing this group now
-
-
-@dataclass(frozen=True)
-class Claim:
-    state: ClaimState
-    shard: int = -1
-    group: str = ""
-    path: Path | None = None
-    writer: str = ""   # who took it (Identity.writer) and the claim's own token: what ownership means
-    token: str = ""
 
 
 def library_versions() -> dict[str, str]:
@@ -141,109 +79,93 @@ def store_dirname(name: str, fp: str) -> str:
     return f"{slug}-{fp[:16]}"
 
 
-def array_entries(arrays: dict[str, np.ndarray]) -> dict[str, dict]:
-    """What the store's attributes record about each array: row shape, dtype, dimension names.
-
-    ``pooled`` shares the ``dim`` axis with ``tokens`` only when their widths agree (xarray
-    requires one size per dimension name).
-    """
-    token_width = arrays["tokens"].shape[-1] if "tokens" in arrays and arrays["tokens"].ndim > 1 else None
-    out = {}
-    for name, arr in arrays.items():
-        row = tuple(int(d) for d in arr.shape[1:])
-        dims = list(DIMENSION_NAMES.get(name, ()))
-        if len(dims) != len(row) + 1:
-            dims = ["row"] + [f"{name}_{i}" for i in range(1, len(row) + 1)]
-        elif name != "tokens" and dims[-1] == "dim" and row[-1] != token_width:
-            dims[-1] = f"{name}_dim"
-        out[name] = {"row_shape": list(row), "dtype": np.dtype(arr.dtype).name, "dimension_names": dims}
-    return out
+def storage_at(path: str | os.PathLike) -> Storage:
+    """A folder, or (inside the mirror of a cache in a bucket, or an ``s3://`` URL) the objects."""
+    return storage_of(path) or LocalStorage(path)
 
 
-def create_kwargs(entry: dict, shard_rows: int, chunk_rows: int, rows: int) -> dict:
-    """The arguments of ``zarr.create_array`` for one of our arrays: the one layout we write."""
-    row = tuple(entry["row_shape"])
-    return dict(shape=(rows, *row), dtype=entry["dtype"], chunks=(chunk_rows, *row), shards=(shard_rows, *row),
-                compressors=[Crc32cCodec()], fill_value=0, dimension_names=tuple(entry["dimension_names"]))
-
-
-def _unborn(path: Path) -> bool:
-    """Is the store at ``path`` still to be created: no group metadata, or (left by an older
-    version killed while creating it) a group without attributes and with nothing committed?"""
-    meta = path / ZARR_DIR / "zarr.json"
-    if not meta.exists():
-        return True
+def _unborn(storage: Storage) -> bool:
+    """Is the store still to be created: no group metadata, or (left by an older version
+    killed while creating it) a group without attributes and with nothing committed?"""
     try:
-        empty = json.loads(meta.read_text()).get("attributes") == {}
-    except (OSError, ValueError, AttributeError):
+        meta = storage.read(GROUP_META)
+    except FileNotFoundError:
+        return True
+    except OSError:
         return False
-    return empty and not any(PART_RE.match(p.name) for p in (path / "manifest").iterdir())
-
-
-def group_metadata(attributes: dict) -> bytes:
-    """The ``zarr.json`` that zarr-python writes for a group with these attributes."""
-    files: dict = {}
-    zarr.create_group(store=MemoryStore(store_dict=files), zarr_format=3, attributes=attributes)
-    return files["zarr.json"].to_bytes()
-
-
-def array_metadata(entry: dict, shard_rows: int, chunk_rows: int, rows: int) -> bytes:
-    """The ``zarr.json`` that zarr-python writes for this array with ``rows`` rows."""
-    files: dict = {}
-    zarr.create_array(store=MemoryStore(store_dict=files), zarr_format=3,
-                      **create_kwargs(entry, shard_rows, chunk_rows, rows))
-    return files["zarr.json"].to_bytes()
+    try:
+        empty = json.loads(meta).get("attributes") == {}
+    except (ValueError, AttributeError):
+        return False
+    return empty and not any(PART_RE.match(n) for n in storage.names(MANIFEST))
 
 
 class Store:
-    """A store directory. Open with :meth:`open` (read) or :meth:`create` (write)."""
+    """A store: its arrays, manifest and claims. Open with :meth:`open` (read) or :meth:`create` (write)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, storage: Storage | str | os.PathLike):
+        self.storage = storage if isinstance(storage, Storage) else storage_at(storage)
+        self.path = self.storage.path
         self.zpath = self.path / ZARR_DIR
-        self.group = zarr.open_group(str(self.zpath), mode="r")
-        self.attrs = dict(self.group.attrs)
-        self._finished: set[Claim] = set()  # claims this object committed or released: nothing to renew
+        self.arrays = Arrays(self.storage)
+        self.manifest_ = Manifest(self.storage)
+        self.claimbook = ClaimBook(self.storage, self.manifest_.parts)
+
+    @property
+    def attrs(self) -> dict:
+        return self.arrays.attrs
+
+    @attrs.setter
+    def attrs(self, value: dict) -> None:
+        self.arrays.attrs = value
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Store":
-        path = Path(path)
-        if not (path / ZARR_DIR / "zarr.json").exists():
-            raise StoreError(f"{path} is not an embedding store (no {ZARR_DIR}/zarr.json). List stores with `pipe cache ls`.")
-        store = cls(path)
+    def open(cls, path: "str | os.PathLike | Storage") -> "Store":
+        """``path``: a store's folder, its folder in the mirror of a cache in a bucket, its
+        ``s3://`` URL, or its storage."""
+        storage = path if isinstance(path, Storage) else storage_at(path)
+        if not storage.exists(GROUP_META):
+            raise StoreError(f"{storage.where} is not an embedding store (no {GROUP_META}). "
+                             "List stores with `pipe cache ls`.")
+        store = cls(storage)
         if store.attrs.get("format_version") != FORMAT_VERSION:
             raise StoreError(
-                f"{path} has cache format {store.attrs.get('format_version')}, this version reads {FORMAT_VERSION}. "
-                "Re-run `pipe embed` to build a current store."
+                f"{storage.where} has cache format {store.attrs.get('format_version')}, this version reads "
+                f"{FORMAT_VERSION}. Re-run `pipe embed` to build a current store."
             )
         return store
 
     @classmethod
-    def create(cls, root: Path, modality: str, name: str, fingerprint: str, spec: dict,
+    def create(cls, root: "Path | Storage", modality: str, name: str, fingerprint: str, spec: dict,
                shard_rows: int, chunk_rows: int) -> "Store":
-        """Open the store for this fingerprint, creating it if it does not exist yet."""
-        path = Path(root) / "stores" / modality / store_dirname(name, fingerprint)
+        """Open the store for this fingerprint, creating it if it does not exist yet.
+
+        ``root`` is the cache's folder, or its storage (:class:`cache.objects.ObjectStorage` for a bucket).
+        """
+        base = root if isinstance(root, Storage) else storage_at(root)
+        storage = base.child(f"stores/{modality}/{store_dirname(name, fingerprint)}")
         try:
-            ensure_marker(root)  # the cache is ours: `pipe cache gc`/`rm`/`verify --repair` require the marker
-            path.mkdir(parents=True, exist_ok=True)
-            for sub in ("manifest", "claims", "failures"):
-                (path / sub).mkdir(exist_ok=True)
+            if isinstance(base, ObjectStorage):
+                base.create(MARKER, marker_bytes())  # an existing marker is kept
+            else:
+                ensure_marker(root)  # the cache is ours: `pipe cache gc`/`rm`/`verify --repair` require the marker
+            storage.mkdirs(MANIFEST, "claims", "failures")
         except OSError as e:
-            raise StoreError(f"cannot create the cache store {path}: {e.strerror}. "
+            raise StoreError(f"cannot create the cache store {storage.where}: {e.strerror}. "
                              "Choose a writable cache with --cache DIR or $PIPE_CACHE.") from e
-        with locked(path / ".lock"):
-            if _unborn(path):  # written whole, so a kill leaves no group without attributes
-                (path / ZARR_DIR).mkdir(exist_ok=True)
-                atomic_write_bytes(path / ZARR_DIR / "zarr.json", group_metadata({
+        with storage.guard():
+            if _unborn(storage):  # written whole, so a kill leaves no group without attributes
+                storage.mkdirs(ZARR_DIR)
+                storage.write(GROUP_META, group_metadata({
                     "format_version": FORMAT_VERSION, "modality": modality, "encoder": name,
                     "fingerprint": fingerprint, "spec": spec, "shard_rows": shard_rows,
                     "chunk_rows": chunk_rows, "versions": library_versions(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }))
-        store = cls.open(path)
+        store = cls.open(storage)
         if store.attrs["fingerprint"] != fingerprint:
-            raise StoreError(f"{path} holds fingerprint {store.attrs['fingerprint']}, expected {fingerprint}; "
+            raise StoreError(f"{storage.where} holds fingerprint {store.attrs['fingerprint']}, expected {fingerprint}; "
                              "the directory was tampered with. Remove it and re-run `pipe embed`.")
         return store
 
@@ -260,75 +182,39 @@ class Store:
     def shard_rows(self) -> int:
         return int(self.attrs["shard_rows"])
 
+    # -- arrays (cache/arrays.py) ----------------------------------------------------------
     @property
     def array_names(self) -> list[str]:
-        """The arrays with metadata on disk (see :meth:`expected_arrays` for those there should be)."""
-        return sorted(p.parent.name for p in self.zpath.glob("*/zarr.json"))
+        return self.arrays.names
 
     def expected_arrays(self) -> dict[str, dict]:
-        """Row shape, dtype and dimension names of every array, as the attributes record them.
-
-        Stores written before these were recorded describe the arrays they have, from their
-        own metadata.
-        """
-        recorded = self.attrs.get("arrays")
-        if recorded is None:
-            recorded = dict(zarr.open_group(str(self.zpath), mode="r").attrs).get("arrays")
-        if recorded is not None:
-            return recorded
-        arrays = {name: self.array(name) for name in self.array_names}
-        out = array_entries({n: np.zeros((0, *a.shape[1:]), a.dtype) for n, a in arrays.items()})
-        for name, a in arrays.items():  # names an older version wrote win over the ones we would give
-            if a.metadata.dimension_names:
-                out[name]["dimension_names"] = list(a.metadata.dimension_names)
-        return out
+        return self.arrays.expected()
 
     def array(self, name: str):
-        return zarr.open_array(str(self.zpath / name), mode="r")
+        return self.arrays.array(name)
 
-    def layout(self, name: str) -> ShardLayout:
-        """The byte layout of an array, from its metadata, checked against the store's attributes."""
-        try:
-            lay = ShardLayout.from_zarr(self.array(name), self.zpath / name)
-        except FileNotFoundError:
-            raise StoreError(f"store {self.path}: array {name} has no metadata ({ZARR_DIR}/{name}/zarr.json is "
-                             f"missing). Run `{repair_command(self.path)}` to rebuild it.") from None
-        entry = self.expected_arrays().get(name)
-        if entry is not None:
-            want = (tuple(entry["row_shape"]), np.dtype(entry["dtype"]), self.shard_rows, int(self.attrs["chunk_rows"]))
-            have = (lay.row_shape, lay.dtype, lay.shard_rows, lay.chunk_rows)
-            if have != want:
-                raise StoreError(f"store {self.path}: array {name}'s metadata says rows {have[0]} {have[1]} in shards of "
-                                 f"{have[2]} and chunks of {have[3]}, the store's attributes say {want[0]} {want[1]}, "
-                                 f"{want[2]} and {want[3]}. Run `{repair_command(self.path)}` to rewrite it.")
-        return lay
+    def layout(self, name: str):
+        return self.arrays.layout(name)
 
-    # -- manifest ------------------------------------------------------------------------
+    def ensure_arrays(self, arrays: dict[str, np.ndarray], rows_needed: int) -> None:
+        with self.storage.guard():
+            self.arrays.ensure(arrays, rows_needed, committed=bool(self.parts()))
+
+    def shard_files(self, shard: int) -> list[Path]:
+        return self.arrays.shard_files(shard)
+
+    def clear_shard(self, shard: int) -> None:
+        self.arrays.clear_shard(shard)
+
+    # -- manifest (cache/manifest.py) ------------------------------------------------------
     def parts(self) -> list[tuple[int, str, Path]]:
-        """Committed shards as (shard, group id, part path), in shard order."""
-        out = []
-        for p in (self.path / "manifest").iterdir():
-            m = PART_RE.match(p.name)
-            if m:
-                out.append((int(m[1]), m[2], p))
-        return sorted(out)
+        return self.manifest_.parts()
 
     def read_part(self, path: Path) -> pa.Table:
-        """One manifest part; an unreadable one stops with the command that moves it aside."""
-        try:
-            return pq.read_table(path, schema=MANIFEST_SCHEMA)
-        except (OSError, pa.ArrowException) as e:
-            reason = f"{type(e).__name__}: {e}"
-            raise UnreadablePart(f"store {self.path}: manifest part {path.name} is unreadable ({reason}). "
-                                 f"Run `{repair_command(self.path)}` to move it aside; the next `pipe embed` then "
-                                 "re-embeds its items.", reason) from None
+        return self.manifest_.read_part(path)
 
     def manifest(self) -> pa.Table:
-        """Every committed row. Hidden temp files are never read (leading dot)."""
-        parts = self.parts()
-        if not parts:
-            return MANIFEST_SCHEMA.empty_table()
-        return pa.concat_tables([self.read_part(p) for _, _, p in parts])
+        return self.manifest_.table()
 
     def committed_units(self) -> set[tuple[str, int]]:
         t = self.manifest()
@@ -339,26 +225,14 @@ class Store:
         return dict(zip(zip(t.column("key").to_pylist(), t.column("view").to_pylist()), t.column("row").to_pylist()))
 
     def failures(self) -> pa.Table:
-        files = sorted(p for p in (self.path / "failures").glob("*.parquet") if not p.name.startswith("."))
-        if not files:
-            return FAILURE_SCHEMA.empty_table()
-        return pa.concat_tables([pq.read_table(p, schema=FAILURE_SCHEMA) for p in files])
+        return self.manifest_.failures()
 
     def record_failures(self, rows: list[dict], run: str) -> None:
-        if rows:
-            table = pa.Table.from_pylist([{**r, "source": self.portable(r.get("source")), "run": run} for r in rows],
-                                         schema=FAILURE_SCHEMA)
-            write_parquet_atomic(table, self.path / "failures" / f"{run}.parquet")
+        self.manifest_.record_failures([{**r, "source": self.portable(r.get("source")), "run": run} for r in rows], run)
 
-    # -- claims --------------------------------------------------------------------------
+    # -- claims (cache/claimbook.py) -------------------------------------------------------
     def claims(self) -> list[tuple[int, str, dict]]:
-        out = []
-        for p in (self.path / "claims").iterdir():
-            m = CLAIM_RE.match(p.name)
-            if m:
-                with contextlib.suppress(OSError, ValueError):
-                    out.append((int(m[1]), m[2], json.loads(p.read_text())))
-        return sorted(out, key=lambda c: c[0])
+        return self.claimbook.claims()
 
     def claim(self, group: str, run: str = "", lease_s: float | None = None, now: float | None = None,
               who: Identity | None = None) -> Claim:
@@ -372,104 +246,21 @@ class Store:
         :meth:`renew` while working (:class:`cache.claims.LeaseKeeper`). ``now`` and
         ``who`` stand in for the clock and this process in tests.
         """
-        lease_s, who = lease_seconds(lease_s), who or me()
-        with locked(self.path / ".lock"):
-            parts = self.parts()
-            if any(g == group for _, g, _ in parts):
-                return Claim(ClaimState.DONE, group=group)
-            committed = {s for s, _, _ in parts}
-            claims = []
-            for s, g, info in self.claims():
-                if s in committed:  # killed between commit and release: the claim is stale
-                    (self.path / "claims" / f"{s:06d}-{g}.json").unlink(missing_ok=True)
-                else:
-                    claims.append((s, g, info, judge(info, now, who).live))
-            shard = None
-            for s, g, _, live in claims:
-                if g == group:
-                    if live:
-                        return Claim(ClaimState.BUSY, group=group)
-                    shard = s  # an interrupted write of this very group: redo it in place
-            if shard is None:
-                taken = committed | {s for s, _, _, live in claims if live}
-                shard = next(i for i in range(len(taken) + 1) if i not in taken)
-            for s, g, _, _ in claims:
-                if s == shard:
-                    (self.path / "claims" / f"{s:06d}-{g}.json").unlink(missing_ok=True)
-            path = self.path / "claims" / f"{shard:06d}-{group}.json"
-            token = secrets.token_hex(8)
-            atomic_write_bytes(path, json.dumps(new_record(group, shard, run, token, lease_s, now, who)).encode())
-        self.clear_shard(shard)
-        return Claim(ClaimState.TAKEN, shard, group, path, who.writer, token)
-
-    def _own(self, claim: Claim) -> dict | None:
-        """The claim's record if it is still ``claim``'s own (call under the lock), else None."""
-        try:
-            info = json.loads(claim.path.read_text())
-        except FileNotFoundError:
-            return None
-        except ValueError:  # not ours: we only ever write whole records
-            return None
-        return info if owns(info, claim.writer, claim.token) else None
+        claim, shard = self.claimbook.claim(group, run, lease_s, now, who)
+        if shard is not None:
+            self.clear_shard(shard)
+        return claim
 
     def renew(self, claim: Claim, lease_s: float | None = None, now: float | None = None) -> bool:
-        """Extend the claim's lease; False (and nothing written) if another writer has taken it
-        over. (True, and nothing written, once this store committed or released it.)"""
-        with locked(self.path / ".lock"):
-            if claim in self._finished:
-                return True
-            info = self._own(claim)
-            if info is None:
-                return False
-            atomic_write_bytes(claim.path, json.dumps(renewed(info, lease_seconds(lease_s), now)).encode())
-            return True
+        return self.claimbook.renew(claim, lease_s, now)
 
     def release(self, claim: Claim) -> None:
-        """Give a claim up (its shard was not written); a claim another writer took over is left to it."""
-        with locked(self.path / ".lock"):
-            if self._own(claim) is not None:
-                claim.path.unlink(missing_ok=True)
-                self._finished.add(claim)
-
-    def _shard_entries(self, shard: int) -> list[Path]:
-        """What one shard occupies in every array: ``c/<shard>`` (a folder, or for a 1-D array
-        the file itself) and writers' temporary files beside it (``c/.<shard>.partial-<pid>``)."""
-        out = []
-        for cdir in self.zpath.glob("*/c"):
-            c = cdir / str(shard)
-            if c.exists():
-                out.append(c)
-            out += [p for p in cdir.glob(f".{shard}.partial-*") if PARTIAL.match(p.name)]
-        return out
-
-    def shard_files(self, shard: int) -> list[Path]:
-        """Everything on disk for one shard of every array: its files, and writers' temporary files."""
-        out = []
-        for e in self._shard_entries(shard):
-            out += [p for p in e.rglob("*") if not p.is_dir()] if e.is_dir() else [e]
-        return out
-
-    def clear_shard(self, shard: int) -> None:
-        """Remove whatever an interrupted writer (or a dropped commit) left in this shard's files.
-
-        A writer whose claim was taken over may still create its temporary file here
-        meanwhile (it is never committed, and its name is its own): the removal tries again.
-        """
-        for e in self._shard_entries(shard):
-            for attempt in range(3):
-                try:
-                    shutil.rmtree(e) if e.is_dir() else e.unlink(missing_ok=True)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as err:
-                    if err.errno != errno.ENOTEMPTY or attempt == 2:
-                        raise
+        self.claimbook.release(claim)
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator["Store"]:
         """Mark the store as being written for the block (``pipe cache gc`` and ``rm`` skip it)."""
-        with shared_lock(self.path / IN_USE):
+        with self.storage.in_use():
             yield self
 
     def portable(self, source: str | None) -> str | None:
@@ -478,42 +269,8 @@ class Store:
         return portable(source, root) if source and root is not None else source
 
     # -- writing -------------------------------------------------------------------------
-    def _ensure_arrays(self, arrays: dict[str, np.ndarray], rows_needed: int) -> None:
-        """Create the arrays on first use (recording them in the attributes) and grow them to ``rows_needed``."""
-        with locked(self.path / ".lock"):
-            g = zarr.open_group(str(self.zpath), mode="r+")
-            recorded = dict(g.attrs).get("arrays") or self.expected_arrays()
-            have = set(self.array_names)
-            entries = array_entries(arrays)
-            for name, entry in entries.items():
-                if name in have:
-                    continue
-                if name in recorded and self.parts():
-                    raise StoreError(f"store {self.path}: array {name} has no metadata ({ZARR_DIR}/{name}/zarr.json is "
-                                     f"missing) but the store holds committed rows. Run "
-                                     f"`{repair_command(self.path)}`, then `pipe embed` again.")
-                g.create_array(name, **create_kwargs(recorded.get(name, entry), self.shard_rows,
-                                                     int(self.attrs["chunk_rows"]), 0))
-            merged = {**entries, **recorded}
-            attrs = dict(g.attrs)
-            if attrs.get("arrays") != merged:  # the group's metadata rewritten whole, never in place
-                attrs["arrays"] = merged
-                atomic_write_bytes(self.zpath / "zarr.json", group_metadata(attrs))
-            self.attrs = attrs
-            for name, arr in arrays.items():
-                self._grow(name, arr, rows_needed)
-
-    def _grow(self, name: str, arr: np.ndarray, rows_needed: int) -> None:
-        z = zarr.open_array(str(self.zpath / name), mode="r+")
-        if tuple(z.shape[1:]) != tuple(arr.shape[1:]) or np.dtype(z.dtype) != arr.dtype:
-            raise StoreError(f"{self.path}/{name} holds rows of {z.shape[1:]} {z.dtype}, "
-                             f"got {arr.shape[1:]} {arr.dtype}; the fingerprint should have differed. "
-                             "Remove the store and re-run `pipe embed`.")
-        if z.shape[0] < rows_needed:
-            z.resize((rows_needed, *z.shape[1:]))
-
-    def shard_sink(self, shard: int, fsync: bool = True) -> "ShardSink":
-        """Stream rows into one claimed shard; see :class:`ShardSink`."""
+    def shard_sink(self, shard: int, fsync: bool = True) -> ShardSink:
+        """Stream rows into one claimed shard; see :class:`cache.arrays.ShardSink`."""
         return ShardSink(self, shard, fsync)
 
     def write_shard(self, claim: Claim, data: ShardData, dataset: str, fsync: bool = True) -> None:
@@ -532,9 +289,9 @@ class Store:
 
     def commit(self, claim: Claim, keys: list[str], views: list[int], sources: list[str], dataset: str,
                files: list[tuple[Path, Path]] = (), fsync: bool = True) -> None:
-        """Publish a written shard: under the lock, and only while the claim is still ours,
+        """Publish a written shard: under the guard, and only while the claim is still ours,
         move its finished files (``files``: temporary name, final name) into place, write
-        its manifest part (the commit) and drop the claim.
+        its manifest part (the commit; written only if absent) and drop the claim.
 
         A claim that another writer took over (our lease lapsed) raises :class:`ClaimLost`
         and changes nothing: the new owner's files and claim are left alone.
@@ -545,56 +302,16 @@ class Store:
             "shard": [claim.shard] * n, "source": [self.portable(s) for s in sources], "dataset": [dataset] * n,
             "status": ["ok"] * n,
         }, schema=MANIFEST_SCHEMA)
-        with locked(self.path / ".lock"):
-            if self._own(claim) is None:
-                raise ClaimLost(f"store {self.path}: shard {claim.shard} was taken over by another writer after "
-                                "this one's lease lapsed; its work is left to that writer")
+        with self.storage.guard():
+            if self.claimbook.own(claim) is None:
+                raise ClaimLost(f"store {self.storage.where}: shard {claim.shard} was taken over by another writer "
+                                "after this one's lease lapsed; its work is left to that writer")
             for tmp, final in files:
-                publish(Path(tmp), Path(final), fsync)
-            write_parquet_atomic(table, self.path / "manifest" / f"part-{claim.shard:06d}-{claim.group}.parquet")
-            claim.path.unlink(missing_ok=True)
-            self._finished.add(claim)
-
-
-class ShardSink:
-    """One shard's rows, streamed into every array's shard file as batches arrive.
-
-    The first batch fixes the arrays (names, row shapes, dtypes). Each array's file is
-    written under a hidden temp name and renamed into place by :meth:`close`; nothing
-    is visible to readers before :meth:`Store.commit`. :meth:`abort` drops it all.
-    """
-
-    def __init__(self, store: Store, shard: int, fsync: bool = True):
-        self.store, self.shard, self.fsync = store, shard, fsync
-        self.writers: dict[str, ShardWriter] = {}
-        self.rows = 0
-
-    def append(self, arrays: dict[str, np.ndarray]) -> None:
-        sizes = {len(a) for a in arrays.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"arrays of one batch must have the same number of rows, got {sorted(sizes)}")
-        if not self.writers:
-            self.store._ensure_arrays(arrays, (self.shard + 1) * self.store.shard_rows)
-            self.writers = {n: ShardWriter(self.store.layout(n), self.shard, self.fsync) for n in arrays}
-        elif arrays.keys() != self.writers.keys():
-            raise ValueError(f"this shard holds arrays {sorted(self.writers)}, got {sorted(arrays)}")
-        for name, a in arrays.items():
-            self.writers[name].append(a)
-        self.rows += sizes.pop()
-
-    def finish(self) -> list[tuple[Path, Path]]:
-        """Complete every array's file under its temporary name; returns (temporary, final) pairs
-        for :meth:`Store.commit` to move into place."""
-        return [(w.finish(), w.path) for w in self.writers.values()]
-
-    def close(self) -> None:
-        for w in self.writers.values():
-            w.close()
-
-    def abort(self) -> None:
-        for w in self.writers.values():
-            w.abort()
-
+                self.storage.publish(Path(tmp), Path(final).relative_to(self.path).as_posix(), fsync)
+            if not self.manifest_.commit(claim.shard, claim.group, table):
+                raise StoreError(f"store {self.storage.where}: {part_key(claim.shard, claim.group)} exists already; "
+                                 f"run `pipe cache verify --store {self.storage.where}` to see why")
+            self.claimbook.finish(claim)
 
 
 def find_stores(root: Path) -> list[Path]:

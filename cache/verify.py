@@ -41,7 +41,8 @@ from cache.index import dataset_folders, store_entries
 from cache.npz import NpzCorruption, load_checked
 from cache.paths import plain_name
 from cache.shards import ShardCorruption, ShardFile, ShardLayout, partial_of
-from cache.store import CLAIM_RE, QUARANTINE, ZARR_DIR, Store, UnreadablePart, array_metadata
+from cache.storage import LocalStorage
+from cache.store import StoreError, CLAIM_RE, QUARANTINE, ZARR_DIR, Store, UnreadablePart, array_metadata
 
 TEMP_GRACE_S = 600  # a temporary file younger than this may belong to a writer on another host
 
@@ -110,6 +111,10 @@ def verify_store(path: Path, repair: bool = False) -> VerifyReport:
         rep.problem(f"cannot open: {e}. Remove the store with `pipe cache rm {path}` and re-run `pipe embed`")
         return rep
     rep.encoder, rep.modality = str(store.attrs.get("encoder", "")), str(store.attrs.get("modality", ""))
+    if repair and not isinstance(store.storage, LocalStorage):
+        raise StoreError(f"store {store.storage.where}: --repair works on a cache folder only, not yet on a cache in "
+                         "a bucket. Run `pipe cache verify` without --repair to see the problems.")
+    store.storage.mirror()  # a store in a bucket is checked in a fresh local copy of every object
     parts = _check_manifest(store, rep)
     layouts = _check_metadata(store, parts, rep)
     _check_chunks(parts, layouts, rep)

@@ -18,11 +18,13 @@ def cache_ls(cache: Optional[Path] = CACHE_OPT, as_json: bool = JSON_OPT) -> Non
     from cache.inspect import list_stores  # lazy: zarr and pyarrow take a moment to import
     from cache.paths import cache_root  # lazy: keeps `pipe --help` fast
 
-    rows = list_stores(cache_root(cache))
+    with user_errors():
+        root = cache_root(cache)
+        rows = list_stores(root)
     if as_json:
         print_json(rows)
         return
-    t = Table(title=f"stores in {escape(str(cache_root(cache)))}", title_justify="left")
+    t = Table(title=f"stores in {escape(str(root))}", title_justify="left")
     for col in ("modality", "encoder", "fingerprint", "items", "failed", "bytes", "path"):
         t.add_column(col, overflow="fold")
     for r in rows:
@@ -48,7 +50,8 @@ def cache_verify(cache: Optional[Path] = CACHE_OPT,
     from cache.store import find_stores  # lazy: zarr and pyarrow take a moment to import
     from cache.verify import verify_derived, verify_store  # lazy: keeps `pipe --help` fast
 
-    root = root_of_store(store.resolve()) if store else cache_root(cache)
+    with user_errors():
+        root = root_of_store(store.resolve()) if store else cache_root(cache)
     if repair:  # repair deletes: only in a folder marked (or recognisably) a cache
         from cache.marker import MARKER, adopt_or_require  # lazy: keeps `pipe --help` fast
 
@@ -62,7 +65,8 @@ def cache_verify(cache: Optional[Path] = CACHE_OPT,
     paths = [store.resolve()] if store else find_stores(root)
     if not paths:
         fail(f"no stores under {root}; run `pipe embed` first or pass --cache.")
-    reports = [verify_store(p, repair) for p in paths]
+    with user_errors():
+        reports = [verify_store(p, repair) for p in paths]
     if not store:
         reports.append(verify_derived(root, repair))
     show = results_to(as_json)

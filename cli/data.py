@@ -41,9 +41,9 @@ def _open(dataset: str, cache: Optional[Path], allow_failures: bool):
     from pipeline.datasets import READERS, open_dataset  # lazy: keeps `pipe --help` fast (pandas)
     from pipeline.datasets.spec import with_option  # lazy: keeps `pipe --help` fast
 
-    root = cache_root(cache)
     spec = with_option(dataset, "allow_failures", "1", READERS) if allow_failures else dataset
     with user_errors():
+        root = cache_root(cache)
         return open_dataset(spec, root), root
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 from rich.table import Table
 
 from cli.app import app
-from cli.common import CACHE_OPT, JSON_OPT, path_or_none, print_json, results_to
+from cli.common import CACHE_OPT, JSON_OPT, path_or_none, print_json, results_to, user_errors
 from core.console import escape, out
 
 
@@ -45,7 +45,8 @@ def doctor(cache: Optional[Path] = CACHE_OPT, as_json: bool = JSON_OPT) -> None:
     """Report versions, the device, which encoder weights are present, and the cache location."""
     from cli.doctor_report import doctor_report, print_doctor  # lazy: imports torch
 
-    report = doctor_report(path_or_none(cache))
+    with user_errors():
+        report = doctor_report(path_or_none(cache))
     print_doctor(report, results_to(as_json))
     if as_json:
         print_json(report)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
 from cache.claims import LeaseKeeper, lease_seconds
@@ -177,7 +176,7 @@ class DaskRunner(Runner):
 
             def take(claim: Claim, units: list[Unit]) -> None:
                 keeper.hold(self.store, claim)
-                fut = client.submit(_remote_embed, str(self.store.path), self.modality.name, self.enc_cfg.name,
+                fut = client.submit(_remote_embed, self.store.storage.where, self.modality.name, self.enc_cfg.name,
                                     self.cfg, claim.shard, units, self.dataset, pure=False)
                 futures[fut] = (claim, units)
 
@@ -202,7 +201,7 @@ class DaskRunner(Runner):
 
     def _finish(self, claim: Claim, out: dict) -> bool:
         """Commit a worker's shard; False if the claim was lost to another writer meanwhile."""
-        files = [(Path(tmp), Path(final)) for tmp, final in out["files"]]
+        files = [(self.store.path / tmp, self.store.path / final) for tmp, final in out["files"]]  # keys
         try:
             if out["keys"]:
                 self.store.commit(claim, out["keys"], out["views"], out["sources"], self.dataset, files,
@@ -211,7 +210,7 @@ class DaskRunner(Runner):
                 self.store.release(claim)
         except ClaimLost:
             for tmp, _ in files:
-                tmp.unlink(missing_ok=True)
+                self.store.storage.delete(self.store.storage.key_of(tmp))
             return False
         self._count_failures(out["failures"])
         self.res.embedded += len(out["keys"])
@@ -254,18 +253,25 @@ _WORKER_EMBEDDERS: dict[tuple, GroupEmbedder] = {}
 
 def _remote_embed(store_path: str, modality: str, encoder: str, cfg, shard: int, units: list[Unit],
                   dataset: str) -> dict:
-    """Runs on a Dask worker: the encoder is built once per worker and reused by every task."""
+    """Runs on a Dask worker: the encoder is built once per worker and reused by every task.
+
+    ``store_path`` is the store's folder (shared by every worker) or its ``s3://`` URL; the
+    shard's files come back as keys inside the store, staged where the client can publish them.
+    """
     key = (modality, encoder, cfg.device, cfg.batch_size)
     if key not in _WORKER_EMBEDDERS:
         threads.apply()  # $PIPE_THREADS from the cluster that started this worker, else this node's CPUs
         _WORKER_EMBEDDERS.clear()
         _WORKER_EMBEDDERS[key] = GroupEmbedder(MODALITIES[modality], encoder, cfg, resolve_device(cfg.device))
-    sink = Store.open(store_path).shard_sink(shard, cfg.fsync)
+    store = Store.open(store_path)  # a folder every worker shares, or an s3:// URL
+    sink = store.shard_sink(shard, cfg.fsync)
     files: list = []
     try:
         kept, failures = _WORKER_EMBEDDERS[key].embed(units, dataset, sink)
         if kept:
-            files = [(str(tmp), str(final)) for tmp, final in sink.finish()]  # the client moves them into place
+            for tmp, final in sink.finish():  # the client moves them into place
+                store.storage.stage(tmp)
+                files.append((store.storage.key_of(tmp), store.storage.key_of(final)))
         else:
             sink.abort()
     except BaseException:

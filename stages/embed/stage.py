@@ -20,6 +20,7 @@ import torch
 
 from cache.index import IndexBuilder
 from cache.keys import fingerprint
+from cache.objects import push
 from cache.paths import cache_root
 from cache.claims import lease_seconds, live_run
 from cache.store import Store, StoreError
@@ -147,6 +148,7 @@ def _run(cfg: EmbedConfig, root: Path, dataset: Dataset | None) -> EmbedResult:
                 result.results.append(res)
                 result.failures.extend(fails)
         index.finish()
+        push(root)  # a cache in a bucket: the dataset's index goes up with the stores its commits wrote
     finally:
         index.close()
     result.seconds = time.perf_counter() - t0
