@@ -660,3 +660,16 @@ def test_the_run_keeps_the_checkpoint_with_the_lowest_validation_loss(world, tmp
     assert meta["epoch"] == int(metrics.epoch[metrics.val_loss.idxmin()])
     assert resolve_checkpoint(run) == run / "best.safetensors"
     assert resolve_checkpoint(run / "last.safetensors") == run / "last.safetensors"
+
+
+def test_row_views_index_like_copies_without_copying():
+    from stages.evaluate.head_bank import Rows
+
+    base = torch.arange(40.0).reshape(10, 4)
+    pos = np.array([7, 2, 5, 9])
+    view, copy = Rows(base, pos), base[pos]
+    assert len(view) == 4 and view.shape == (4, 4) and view.base is base
+    for key in (slice(1, 3), torch.tensor([3, 0]), [2, 2], np.array([1])):
+        assert torch.equal(view[key], copy[key])
+    sub = view.subset([3, 1])
+    assert torch.equal(sub[torch.arange(2)], copy[[3, 1]]) and sub.base is base

@@ -91,6 +91,40 @@ class FitSettings:
         return total, steps * every, steps
 
 
+class Rows:
+    """Some rows of a tensor, picked by an index, without copying them.
+
+    A head trains on ``rows[batch]`` (a tensor: only the batch is gathered); slices, index
+    lists and tensors all index the chosen rows, and :meth:`subset` narrows them further.
+    Segmentation's token grids and masks are the largest arrays evaluation holds: with
+    views, every split and label fraction reads the one copy instead of its own.
+    """
+
+    def __init__(self, base: Tensor, index=None):
+        self.base = base
+        n = len(base)
+        self.index = torch.arange(n, device=base.device) if index is None else \
+            torch.as_tensor(np.asarray(index), dtype=torch.long).to(base.device)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.base.shape[1:])
+
+    def __getitem__(self, key) -> Tensor:
+        if isinstance(key, Tensor):
+            key = key.to(self.index.device)
+        elif not isinstance(key, (slice, int)):
+            key = torch.as_tensor(np.asarray(key), dtype=torch.long, device=self.index.device)
+        return self.base[self.index[key]]
+
+    def subset(self, positions) -> "Rows":
+        return Rows(self.base, self.index[torch.as_tensor(np.asarray(positions), dtype=torch.long)
+                                          .to(self.index.device)])
+
+
 def iter_predict(module: nn.Module, x: Tensor, batch: int = 512) -> Iterator[tuple[slice, Tensor]]:
     """Eval-mode outputs batch by batch: (the rows, the output)."""
     module.eval()

@@ -20,7 +20,7 @@ from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
 from stages.evaluate import metrics as M
 from stages.evaluate.context import FEATURE_SOURCES, EvalContext, TaskResult
 from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
-from stages.evaluate.head_bank import FitSettings, Head, HeadBank, iter_predict
+from stages.evaluate.head_bank import FitSettings, Head, HeadBank, Rows, iter_predict
 from stages.evaluate.pictures import input_view, to_uint8
 from stages.evaluate.plots import overlays
 from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell, value_cell
@@ -112,13 +112,14 @@ def evaluate_tokens(ctx, name, x, masks, pos, plan, cases: list[tuple[int, str]]
     """Every (seed, fraction) for one token set; and its predictions on the overlay cases (the
     seed-0, largest-fraction decoder), choosing the cases when ``cases`` is None."""
     dev = ctx.device
-    x_tr, y_tr = x[pos["train"]].to(dev), masks[pos["train"]].to(dev)
-    x_va, y_va = x[pos["valid"]].to(dev), masks[pos["valid"]].to(dev)
-    x_te, y_te = x[pos["test"]].to(dev), masks[pos["test"]].to(dev)
+    x_all, m_all = x.to(dev), masks.to(dev)   # one copy each; the splits and fractions are views of it
+    x_tr, y_tr = Rows(x_all, pos["train"]), Rows(m_all, pos["train"])
+    x_va, y_va = Rows(x_all, pos["valid"]), Rows(m_all, pos["valid"])
+    x_te, y_te = Rows(x_all, pos["test"]), Rows(m_all, pos["test"])
     shown: dict = {}
 
     def fit(seed: int, f: float, sub: np.ndarray) -> dict[str, dict]:
-        head, sweep = train_decoders(ctx, x_tr[sub], y_tr[sub], x_va, y_va, seed)
+        head, sweep = train_decoders(ctx, x_tr.subset(sub), y_tr.subset(sub), x_va, y_va, seed)
         counts, _ = _evaluate(head.module, x_te, y_te, ctx.cfg.seg.threshold)
         if seed == ctx.seeds[0] and f == max(ctx.cfg.fractions):
             shown.update(_shown(ctx, head, x_te, y_te, counts, cases))
