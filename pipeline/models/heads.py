@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,22 +45,37 @@ class LinearHead(nn.Sequential):
         super().__init__(nn.BatchNorm1d(in_dim, affine=False), nn.Linear(in_dim, n_out))
 
 
-# Classifier heads by name: (in_dim, n_out, hidden, dropout) -> module. One entry per kind.
-# ``probe`` is a linear head fitted full-batch by L-BFGS (stages/evaluate/head_bank.py:
-# fit_probes) instead of by minibatch steps; ``FITTED_BY_LBFGS`` names such kinds.
-HEADS = {
-    "mlp": lambda in_dim, n_out, hidden, dropout: MLPHead(in_dim, n_out, hidden, dropout),
-    "linear": lambda in_dim, n_out, hidden, dropout: LinearHead(in_dim, n_out),
-    "probe": lambda in_dim, n_out, hidden, dropout: LinearHead(in_dim, n_out),
-}
-FITTED_BY_LBFGS = frozenset({"probe"})
+@dataclass(frozen=True)
+class HeadKind:
+    """A classifier head: how to build it, and how it is fitted (``"steps"``: minibatch
+    optimiser steps in the head bank; ``"lbfgs"``: full batch by L-BFGS, stages/evaluate/
+    head_bank.py:fit_probes)."""
+
+    name: str
+    build: Callable[[int, int, int, float], nn.Module]   # (in_dim, n_out, hidden, dropout) -> module
+    fit: str = "steps"
+    summary: str = ""
+
+    @property
+    def by_lbfgs(self) -> bool:
+        return self.fit == "lbfgs"
+
+
+HEADS: dict[str, HeadKind] = {k.name: k for k in (
+    HeadKind("mlp", lambda in_dim, n_out, hidden, dropout: MLPHead(in_dim, n_out, hidden, dropout),
+             summary="the paper's: BatchNorm MLP with dropout"),
+    HeadKind("linear", lambda in_dim, n_out, hidden, dropout: LinearHead(in_dim, n_out),
+             summary="a linear layer on standardised features, trained by steps"),
+    HeadKind("probe", lambda in_dim, n_out, hidden, dropout: LinearHead(in_dim, n_out), fit="lbfgs",
+             summary="the same linear head, solved full-batch by L-BFGS per L2 strength"),
+)}
 HEAD_KINDS = tuple(HEADS)
 
 
 def make_head(kind: str, in_dim: int, n_out: int, hidden: int = 512, dropout: float = 0.1) -> nn.Module:
     if kind not in HEADS:
         raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
-    return HEADS[kind](in_dim, n_out, hidden, dropout)
+    return HEADS[kind].build(in_dim, n_out, hidden, dropout)
 
 
 HEAD_FORMAT = "freeze-pipe-head"

@@ -18,7 +18,7 @@ import torch
 from cache.index import LABEL_PREFIX
 from core.console import err, progress, escape
 from core.errors import InputError
-from pipeline.models.heads import FITTED_BY_LBFGS, make_head, save_head
+from pipeline.models.heads import HEADS, make_head, save_head
 from pipeline.models.label_types import LABEL_TYPE_CHOICES, LABEL_TYPES, LabelType
 from stages.evaluate import metrics as M
 from stages.evaluate.context import FEATURE_SOURCES, EvalContext, TaskResult
@@ -154,7 +154,7 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
     """All heads (kinds x lrs, and probes x L2 strengths) on one training subset: the best per kind, and the sweep."""
     h, dev = ctx.cfg.heads, ctx.device
     torch.manual_seed(seed)
-    stochastic = [kind for kind in h.kinds if kind not in FITTED_BY_LBFGS]
+    stochastic = [kind for kind in h.kinds if not HEADS[kind].by_lbfgs]
     heads = [Head(kind, lr, make_head(kind, x_tr.shape[1], y_tr.shape[1], h.hidden, h.dropout).to(dev))
              for kind in stochastic for lr in h.lrs]
     xv, yv = torch.from_numpy(x_va).to(dev), torch.from_numpy(y_va).to(dev)
@@ -172,7 +172,7 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
                                h.min_steps, h.max_steps)
         bank = HeadBank(heads, loss, score, settings)
         best, sweep = bank.fit(x, y, has_val=has_val), bank.sweep()
-    for kind in (k for k in h.kinds if k in FITTED_BY_LBFGS):
+    for kind in (k for k in h.kinds if HEADS[k].by_lbfgs):
         make = lambda: make_head(kind, x_tr.shape[1], y_tr.shape[1], h.hidden, h.dropout).to(dev)  # noqa: E731
         best[kind], probes = fit_probes(make, h.probe_l2s, x, y, loss, score, has_val)
         sweep.update(probes)
