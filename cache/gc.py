@@ -154,12 +154,12 @@ def in_use(store: Path) -> str | None:
 
 
 def local_only(root: Path, command: str) -> None:
-    """Stop a deleting command on a cache in a bucket (it would only see the local mirror)."""
+    """Stop the folder code on the local mirror of a cache in a bucket (it would only see the
+    mirror): a bucket's gc and rm are :mod:`cache.bucket_gc`'s."""
     found = remote_root(root)
     if found is not None:
-        raise PipeError(f"{command}: the cache {found[0]} is in a bucket, and {command} works on a cache folder only "
-                        "so far; nothing was deleted. Remove a store's objects with your S3 tools "
-                        f"(its prefix is {found[0]}/stores/<modality>/<name>/).")
+        raise PipeError(f"{command}: {root} is the local mirror of the cache {found[0]}, not a cache folder; nothing "
+                        f"was deleted. Run `{command} --cache {found[0]}` to work on the bucket.")
 
 
 def gc(root: Path, dry_run: bool = False) -> GcReport:

@@ -120,11 +120,11 @@ def cache_gc(cache: Optional[Path] = CACHE_OPT,
              dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed, and its size."),
              as_json: bool = JSON_OPT) -> None:
     """Remove stores no dataset index references, their Adaptor outputs, and leftover temporary files."""
-    from cache.gc import gc  # lazy: keeps `pipe --help` fast
+    from cache.bucket_gc import collect  # lazy: keeps `pipe --help` fast
     from cache.paths import cache_root  # lazy: keeps `pipe --help` fast
 
     with user_errors():
-        rep = gc(cache_root(cache), dry_run)
+        rep = collect(cache_root(cache), dry_run)
     _print_removals(rep)
     if as_json:
         print_json(rep.to_json())
@@ -139,11 +139,11 @@ def cache_rm(store: str = typer.Argument(..., help="A store: its path, folder na
              dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed."),
              as_json: bool = JSON_OPT) -> None:
     """Remove one store (refused while a dataset uses it, unless --force)."""
-    from cache.gc import remove_store  # lazy: keeps `pipe --help` fast
+    from cache.bucket_gc import remove  # lazy: keeps `pipe --help` fast
     from cache.paths import cache_root  # lazy: keeps `pipe --help` fast
 
     with user_errors():
-        rep = remove_store(cache_root(cache), store, force, dry_run)
+        rep = remove(cache_root(cache), store, force, dry_run)
     _print_removals(rep)
     if as_json:
         print_json(rep.to_json())

@@ -1,0 +1,151 @@
+"""`pipe cache gc` and `pipe cache rm` on a cache in a bucket, against the moto S3 server.
+
+Each test builds a cache under ``s3://<bucket>/c`` with two stores (one a dataset index
+references, one orphaned), Adaptor outputs of each, a prefix under ``stores/`` that is not
+a store, and objects next to the cache (``c-other/``, ``cx/``, the bucket's top) that
+must survive every command, byte for byte.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
+from test_object_store import STORE, other_host
+from test_store_bytes import build, fixed_table
+
+from cache.marker import MARKER, marker_bytes
+from cache.objects import ObjectStorage
+from cache.storage import LOCK
+from cache.store import Store
+
+ORPHAN = "stores/image/other-encoder-fedcba9876543210"
+KEPT_OUT = "adaptor-outputs/aaaaaaaaaaaaaaaa-0123456789abcdef"
+ORPHAN_OUT = "adaptor-outputs/bbbbbbbbbbbbbbbb-fedcba9876543210"
+SIBLINGS = ("c-other/x", "cx/stores/image/other-encoder-fedcba9876543210/embeddings.zarr/zarr.json",
+            "stores/image/other-encoder-fedcba9876543210/embeddings.zarr/zarr.json", "c-other/c/stores/y")
+
+
+def whole(bucket: str, tmp_path: Path) -> ObjectStorage:  # noqa: F811
+    return ObjectStorage(f"s3://{bucket}", tmp_path / "whole")
+
+
+def digests(storage: ObjectStorage) -> dict[str, str]:
+    return {o["path"]: hashlib.sha256(storage.read(o["path"])).hexdigest() for o in storage.keys()}
+
+
+@pytest.fixture
+def cache(bucket, tmp_path, monkeypatch):  # noqa: F811
+    """The cache described in the module's docstring; returns the writer's storage of it."""
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
+    c = ObjectStorage(f"s3://{bucket}/c", tmp_path / "writer")
+    build(c, failed_source="/data/x.png")
+    other = Store.create(c, "image", "other-encoder", "fedcba9876543210" * 4, {"model": "other", "dim": 4},
+                         shard_rows=8, chunk_rows=2)
+    group, data = fixed_table()[0]
+    other.write_shard(other.claim(group, "r"), data, "fixed-dataset", fsync=False)
+    c.write(MARKER, marker_bytes())
+    c.write("datasets/ds/stores.json", json.dumps({"image": {"fixed-encoder": {"store": STORE, "updated": 1}}}).encode())
+    for out in (KEPT_OUT, ORPHAN_OUT):
+        c.write(f"{out}/meta.json", b"{}")
+        c.write(f"{out}/00.npz", b"npz bytes")
+    c.write("stores/image/not-a-store/x", b"someone's file")
+    top = whole(bucket, tmp_path)
+    for key in SIBLINGS:
+        top.write(key, b"not the cache's: " + key.encode())
+    return c
+
+
+def gc_json(url: str, *args: str, expect: int = 0) -> dict:
+    from helpers import pipe
+
+    r = pipe("cache", "gc", "--cache", url, "--json", *args, expect=expect)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_gc_lists_then_removes_only_the_orphaned_store_and_its_outputs(cache, bucket, tmp_path):  # noqa: F811
+    top = whole(bucket, tmp_path)
+    before = digests(top)
+    listed = gc_json(cache.url, "--dry-run")
+    want = sorted([f"{cache.url}/{ORPHAN}", f"{cache.url}/{ORPHAN_OUT}"])
+    assert sorted(r["path"] for r in listed["would_remove"]) == want
+    assert [r["path"] for r in listed["skipped"]] == [f"{cache.url}/stores/image/not-a-store"]
+    assert listed["bytes"] > 0 and digests(top) == before  # a dry run deletes nothing
+    mirror = tmp_path / "mirror" / bucket / "c"
+    assert (mirror / ORPHAN / "embeddings.zarr" / "zarr.json").is_file()  # the command's mirror has the store
+    done = gc_json(cache.url)
+    assert sorted(r["path"] for r in done["removed"]) == want
+    after = digests(top)
+    gone = {k for k in before if k.startswith(f"c/{ORPHAN}/") or k.startswith(f"c/{ORPHAN_OUT}/")}
+    assert any("/manifest/part-" in k for k in gone) and any("/c/0/" in k for k in gone)
+    assert not [k for k in after if k.startswith(f"c/{ORPHAN}/")]
+    assert after == {k: v for k, v in before.items() if k not in gone}  # everything else byte for byte
+    assert all(k in after for k in SIBLINGS) and f"c/{STORE}/embeddings.zarr/zarr.json" in after
+    assert not (mirror / ORPHAN).exists() and not (mirror / ORPHAN_OUT).exists()  # the mirror follows
+    assert gc_json(cache.url)["removed"] == []  # nothing more to collect
+    Store.open(cache.child(STORE)).row_index()  # the referenced store still reads
+
+
+def test_rm_removes_one_store_and_refuses_one_in_use_unless_forced(cache, bucket, tmp_path):  # noqa: F811
+    from helpers import pipe
+
+    top = whole(bucket, tmp_path)
+    before = digests(top)
+    used = pipe("cache", "rm", "fixed-encoder-0123456789abcdef", "--cache", cache.url, expect=2)
+    assert "ds" in used.output and "--force" in used.output
+    for bad in ("stores/image/..", "stores/image/not-a-store", "stores", f"{cache.url}/../c-other"):
+        r = pipe("cache", "rm", bad, "--cache", cache.url, expect=2)
+        assert "Nothing was removed" in r.output, r.output
+    assert digests(top) == before
+    pipe("cache", "rm", "fedcba987654", "--cache", cache.url)  # by fingerprint prefix
+    after = digests(top)
+    assert not [k for k in after if k.startswith(f"c/{ORPHAN}/") or k.startswith(f"c/{ORPHAN_OUT}/")]
+    assert all(after[k] == before[k] for k in after) and all(k in after for k in SIBLINGS)
+    pipe("cache", "rm", STORE, "--cache", cache.url, "--force")  # by key, used by a dataset
+    left = digests(top)
+    assert not [k for k in left if k.startswith("c/stores/image/fixed-")]
+    assert json.loads(cache.read("datasets/ds/stores.json")) == {"image": {}}  # its index forgot it, in the bucket
+    assert all(k in left for k in SIBLINGS) and "c/stores/image/not-a-store/x" in left
+    assert not (tmp_path / "mirror" / bucket / "c" / STORE).exists()
+
+
+def test_a_store_being_written_is_never_collected(cache, bucket, tmp_path):  # noqa: F811
+    top = whole(bucket, tmp_path)
+    orphan = Store.open(cache.child(ORPHAN))
+    group = fixed_table()[1][0]
+    assert orphan.claim(group, "theirs", lease_s=120, who=other_host()).state.value == "taken"
+    before = digests(top)
+    rep = gc_json(cache.url)
+    assert [r["path"] for r in rep["removed"]] == []  # the store, and so its outputs, stay
+    skipped = {r["path"]: r["why"] for r in rep["skipped"]}
+    assert "being written by pid 4242 on node-b" in skipped[f"{cache.url}/{ORPHAN}"]
+    assert digests(top) == before
+    cache.delete(f"{ORPHAN}/claims/{orphan.claims()[0][0]:06d}-{group}.json")
+    guard = {"writer": "w", "host": "node-b", "token": "1" * 16, "time": time.time(), "expires": time.time() + 60}
+    cache.write(f"{ORPHAN}/{LOCK}", json.dumps(guard).encode())  # a writer inside the guard
+    rep = gc_json(cache.url)
+    assert "being committed to" in {r["path"]: r["why"] for r in rep["skipped"]}[f"{cache.url}/{ORPHAN}"]
+    assert f"c/{ORPHAN}/embeddings.zarr/zarr.json" in digests(top)
+
+
+def test_no_marker_in_the_bucket_or_an_unreadable_index_deletes_nothing(cache, bucket, tmp_path):  # noqa: F811
+    from helpers import pipe
+
+    top = whole(bucket, tmp_path)
+    gc_json(cache.url, "--dry-run")  # the mirror now holds a copy of the marker: it must not count
+    cache.delete(MARKER)
+    assert (tmp_path / "mirror" / bucket / "c" / MARKER).is_file()  # a stale copy, kept by the mirror
+    before = digests(top)
+    for args in (("gc",), ("rm", "fedcba987654")):
+        r = pipe("cache", *args, "--cache", cache.url, expect=2)
+        assert "no cache marker" in r.output and "Nothing was deleted" in r.output, r.output
+    assert digests(top) == before
+    cache.write(MARKER, marker_bytes())
+    cache.write("datasets/ds/stores.json", b'{"image": {"fixed-encoder": ')  # truncated
+    r = pipe("cache", "gc", "--cache", cache.url, expect=2)
+    assert "stores.json cannot be read" in r.output and "nothing was removed" in r.output, r.output
+    assert digests(top) == {**before, "c/datasets/ds/stores.json": digests(top)["c/datasets/ds/stores.json"],
+                            f"c/{MARKER}": digests(top)[f"c/{MARKER}"]}
