@@ -74,7 +74,7 @@ def collect(root: Path, dry_run: bool = False) -> GcReport:
     outputs = _orphan_outputs(cache, kept, rep)
     if not dry_run:
         rep.removed = [r for r in rep.removed
-                       if _delete_store(cache, _key(cache, r), lambda k: k not in _referenced(root), rep)]
+                       if _delete_store(cache, _key(cache, r), lambda k: k not in _referenced_now(cache, root), rep)]
         for _, folder in outputs:
             _delete_tree(cache.child(folder))
     rep.removed += [r for r, _ in outputs]
@@ -112,6 +112,15 @@ def remove(root: Path, name: str, force: bool = False, dry_run: bool = False) ->
     return rep
 
 
+def require_bucket_marker(root: Path, command: str) -> bool:
+    """For a cache in a bucket (``root`` its local mirror): stop unless the bucket holds the
+    marker object; True. False for a cache folder (:mod:`cache.marker` checks those)."""
+    found = remote_root(root)
+    if found is not None:
+        _cache(found, command)
+    return found is not None
+
+
 def _cache(found: tuple[str, Path], command: str) -> ObjectStorage:
     """The cache's storage (its mirror at ``found[1]``), once its marker object is seen in the bucket."""
     url, mirror = found
@@ -136,6 +145,14 @@ def _referenced(root: Path) -> dict[str, list[str]]:
         except ValueError:
             continue  # a store outside this cache is not one gc could remove
     return out
+
+
+def _referenced_now(cache: ObjectStorage, root: Path) -> dict[str, list[str]]:
+    """:func:`_referenced` after fetching the dataset indexes again (a `pipe embed` may have
+    recorded a store since the command started)."""
+    for o in cache.keys("datasets"):
+        cache.fetch(o["path"], o)
+    return _referenced(root)
 
 
 def _store_prefixes(cache: ObjectStorage) -> list[tuple[str, str]]:

@@ -34,15 +34,15 @@ from pathlib import Path
 import numpy as np
 
 from core.atomic import atomic_write_bytes, is_temp_name, temp_owner
-from core.locks import locked
 from core.processes import pid_running
 from cache.claims import claim_is_live, describe, judge
 from cache.index import dataset_folders, store_entries
 from cache.npz import NpzCorruption, load_checked
+from cache.objects import ObjectStorage, remote_root
 from cache.paths import plain_name
 from cache.shards import ShardCorruption, ShardFile, ShardLayout, partial_of
 from cache.storage import LocalStorage
-from cache.store import StoreError, CLAIM_RE, QUARANTINE, ZARR_DIR, Store, UnreadablePart, array_metadata
+from cache.store import CLAIM_RE, QUARANTINE, ZARR_DIR, Store, UnreadablePart, array_metadata
 
 TEMP_GRACE_S = 600  # a temporary file younger than this may belong to a writer on another host
 
@@ -111,9 +111,6 @@ def verify_store(path: Path, repair: bool = False) -> VerifyReport:
         rep.problem(f"cannot open: {e}. Remove the store with `pipe cache rm {path}` and re-run `pipe embed`")
         return rep
     rep.encoder, rep.modality = str(store.attrs.get("encoder", "")), str(store.attrs.get("modality", ""))
-    if repair and not isinstance(store.storage, LocalStorage):
-        raise StoreError(f"store {store.storage.where}: --repair works on a cache folder only, not yet on a cache in "
-                         "a bucket. Run `pipe cache verify` without --repair to see the problems.")
     store.storage.mirror()  # a store in a bucket is checked in a fresh local copy of every object
     parts = _check_manifest(store, rep)
     layouts = _check_metadata(store, parts, rep)
@@ -382,8 +379,11 @@ _ORDER = ["attrs", "meta", "quarantine", "drop", "unclaim", "clear", "unlink"]
 
 
 def apply_repairs(store: Store, rep: VerifyReport) -> None:
-    """Carry out ``rep.plan`` under the store's lock, re-checking each condition first."""
-    with locked(store.path / ".lock"):
+    """Carry out ``rep.plan`` under the store's guard, re-checking each condition first.
+
+    In a bucket the plan was made on a fresh local copy of every object (``mirror``): each
+    file a repair removes or writes there is removed or written as an object too."""
+    with store.storage.guard():
         done: set[tuple] = set()
         for r in sorted(rep.plan, key=lambda r: _ORDER.index(r.kind)):
             key = (r.kind, str(r.target))
@@ -402,6 +402,7 @@ def _repair_attrs(store: Store, r: Repair, rep: VerifyReport) -> str:
         return ""
 
     zarr.open_group(str(store.zpath), mode="r+").attrs.update({"arrays": r.target})
+    _upload(store, store.zpath / "zarr.json")
     store.attrs["arrays"] = r.target
     return "recorded the arrays' row shapes, dtypes and dimension names in the store's attributes"
 
@@ -414,6 +415,7 @@ def _repair_meta(store: Store, r: Repair, rep: VerifyReport) -> str:
         return ""
     meta.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(meta, array_metadata(entry, store.shard_rows, int(store.attrs["chunk_rows"]), r.rows))
+    _upload(store, meta)
     return f"rewrote {ZARR_DIR}/{r.target}/zarr.json from the store's attributes ({r.rows} rows)"
 
 
@@ -427,6 +429,9 @@ def _repair_quarantine(store: Store, r: Repair, rep: VerifyReport) -> str:
     dest = store.path / QUARANTINE / f"{r.target.name}.{time.strftime('%Y%m%dT%H%M%S')}"
     dest.parent.mkdir(exist_ok=True)
     os.replace(r.target, dest)
+    if not isinstance(store.storage, LocalStorage):  # in a bucket: the part's bytes go up under their new key first
+        _upload(store, dest)
+        _remove(store, r.target)
     cleared = _clear_if_free(store, r.shard)
     return f"moved the unreadable manifest part {r.target.name} to {dest}" + (
         f" and removed shard {r.shard}'s files; its items are re-embedded by the next `pipe embed`" if cleared else "")
@@ -435,7 +440,7 @@ def _repair_quarantine(store: Store, r: Repair, rep: VerifyReport) -> str:
 def _repair_drop(store: Store, r: Repair, rep: VerifyReport) -> str:
     if not r.target.exists():
         return ""
-    r.target.unlink()
+    _remove(store, r.target)
     rep.dropped += r.rows
     _clear_if_free(store, r.shard)
     return (f"dropped manifest part {r.target.name} ({r.rows} units) and shard {r.shard}'s files; the next "
@@ -451,7 +456,7 @@ def _repair_unclaim(store: Store, r: Repair, rep: VerifyReport) -> str:
         info = {}
     if info and claim_is_live(info):
         return ""
-    r.target.unlink(missing_ok=True)
+    _remove(store, r.target)
     cleared = _clear_if_free(store, r.shard)
     return f"removed the dead claim {r.target.name}" + (" and the shard's uncommitted files" if cleared else "")
 
@@ -463,8 +468,20 @@ def _repair_clear(store: Store, r: Repair, rep: VerifyReport) -> str:
 def _repair_unlink(store: Store, r: Repair, rep: VerifyReport) -> str:
     if not r.target.exists():
         return ""
-    r.target.unlink()
+    _remove(store, r.target)
     return f"removed the leftover temporary file {r.target.relative_to(store.path)}"
+
+
+def _remove(store: Store, path: Path) -> None:
+    """Remove a file of the store (in a bucket: its object, and the local copy)."""
+    path.unlink(missing_ok=True)
+    store.storage.delete(store.storage.key_of(path))
+
+
+def _upload(store: Store, path: Path) -> None:
+    """In a bucket, write the object of a file a repair wrote locally (a folder's file is already in place)."""
+    if not isinstance(store.storage, LocalStorage):
+        store.storage.write(store.storage.key_of(path), path.read_bytes())
 
 
 def _clear_if_free(store: Store, shard: int) -> bool:
@@ -509,9 +526,12 @@ def verify_derived(root: Path, repair: bool = False) -> VerifyReport:
         for p in temp_files(root / sub, now):
             rep.warning(f"{p.relative_to(root)} is a temporary file of a writer that is gone", Repair("unlink", p))
     if repair and rep.plan:
+        bucket = remote_root(root)
         for r in rep.plan:
             if r.target.exists():
                 r.target.unlink()
+                if bucket is not None:  # the local mirror of a cache in a bucket: its object goes too
+                    ObjectStorage(bucket[0], bucket[1]).delete(r.target.relative_to(bucket[1]).as_posix())
                 rep.repairs.append(f"removed {r.target.relative_to(root)}")
         rep.after = verify_derived(root)
     return rep

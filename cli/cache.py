@@ -53,13 +53,15 @@ def cache_verify(cache: Optional[Path] = CACHE_OPT,
     with user_errors():
         root = root_of_store(store.resolve()) if store else cache_root(cache)
     if repair:  # repair deletes: only in a folder marked (or recognisably) a cache
+        from cache.bucket_gc import require_bucket_marker  # lazy: keeps `pipe --help` fast
         from cache.marker import MARKER, adopt_or_require  # lazy: keeps `pipe --help` fast
 
         if root is None:
             fail(f"--repair: {store} is not a store inside a cache (<cache>/stores/<modality>/<name>); nothing was "
                  "changed. Pass the store's path inside its cache, or --cache.")
         with user_errors():
-            if adopt_or_require(root, "pipe cache verify --repair"):
+            if not require_bucket_marker(root, "pipe cache verify --repair") and adopt_or_require(
+                    root, "pipe cache verify --repair"):
                 err.print(f"marked {escape(str(root))} as a cache ({MARKER}): it was written by an older version "
                           "and holds only a cache's folders", soft_wrap=True)
     paths = [store.resolve()] if store else find_stores(root)

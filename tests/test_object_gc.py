@@ -149,3 +149,53 @@ def test_no_marker_in_the_bucket_or_an_unreadable_index_deletes_nothing(cache, b
     assert "stores.json cannot be read" in r.output and "nothing was removed" in r.output, r.output
     assert digests(top) == {**before, "c/datasets/ds/stores.json": digests(top)["c/datasets/ds/stores.json"],
                             f"c/{MARKER}": digests(top)[f"c/{MARKER}"]}
+
+
+def test_verify_repair_drops_a_damaged_shard_in_the_bucket_and_embed_restores_it(cache, bucket, tmp_path):  # noqa: F811
+    """A flipped byte in one shard object: --repair deletes that shard's commit and objects in the
+    bucket (nothing else), the store verifies clean, and writing the group again gives the
+    store an undamaged build has, object for object."""
+    from helpers import pipe
+    from test_object_store import bucket_objects, comparable
+
+    top = whole(bucket, tmp_path)
+    store = cache.child(STORE)
+    clean = comparable(bucket_objects(store))
+    key = "embeddings.zarr/tokens/c/2/0/0"
+    raw = bytearray(store.read(key))
+    raw[7] ^= 1
+    store.write(key, bytes(raw))
+    before = digests(top)
+    bad = pipe("cache", "verify", "--cache", cache.url, expect=1)
+    assert "array tokens, shard 2, chunk 0" in bad.output
+    fixed = pipe("cache", "verify", "--repair", "--cache", cache.url, "--json")
+    assert json.loads(fixed.stdout.strip().splitlines()[-1])["ok"], fixed.output
+    after = digests(top)
+    gone = sorted(set(before) - set(after))
+    npz = {f"c/{KEPT_OUT}/00.npz", f"c/{ORPHAN_OUT}/00.npz"}  # not real .npz files: damaged derived files go too
+    assert npz <= set(gone) and not (tmp_path / "mirror" / bucket / "c" / KEPT_OUT / "00.npz").exists()
+    gone_in_store = [k for k in gone if k not in npz]
+    assert all(k.startswith(f"c/{STORE}/") and ("/c/2" in k or "/manifest/part-000002-" in k) for k in gone_in_store), gone
+    assert any("/manifest/part-000002-" in k for k in gone) and f"c/{STORE}/{key}" in gone
+    assert {k: v for k, v in after.items()} == {k: v for k, v in before.items() if k not in gone}  # nothing else changed
+    assert all(k in after for k in SIBLINGS)
+    copy = tmp_path / "mirror" / bucket / "c" / STORE / "embeddings.zarr" / "tokens" / "c" / "2"
+    assert not [p for p in copy.rglob("*") if p.is_file()]  # the local copy follows
+    pipe("cache", "verify", "--cache", cache.url)  # clean now
+    build(cache, failed_source="/data/x.png")  # the dropped group is written again (as `pipe embed` would)
+    assert comparable(bucket_objects(store)) == clean
+
+
+def test_verify_repair_refuses_a_bucket_without_its_marker(cache, bucket, tmp_path):  # noqa: F811
+    from helpers import pipe
+
+    top = whole(bucket, tmp_path)
+    key = f"{STORE}/embeddings.zarr/tokens/c/2/0/0"
+    raw = bytearray(cache.read(key))
+    raw[7] ^= 1
+    cache.write(key, bytes(raw))
+    cache.delete(MARKER)
+    before = digests(top)
+    r = pipe("cache", "verify", "--repair", "--cache", cache.url, expect=2)
+    assert "no cache marker" in r.output and "Nothing was deleted" in r.output, r.output
+    assert digests(top) == before
