@@ -28,11 +28,13 @@ no shared lock): a `pipe embed` that holds a store between two claims is not see
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 from cache.claims import claim_is_live, describe
 from cache.gc import OUTPUTS_RE, CacheRemoveError, GcReport, Removal, gc, remove_store
@@ -43,6 +45,7 @@ from cache.outputs import OUTPUTS_DIR
 from cache.paths import plain_name
 from cache.storage import LOCK
 from cache.store import ZARR_DIR
+from core.errors import PipeError
 
 GROUP_META = f"{ZARR_DIR}/zarr.json"
 
@@ -52,6 +55,11 @@ def collect(root: Path, dry_run: bool = False) -> GcReport:
     found = remote_root(root)
     if found is None:
         return gc(root, dry_run)
+    with bucket_errors(found[0], "pipe cache gc"):
+        return _collect(root, found, dry_run)
+
+
+def _collect(root: Path, found: tuple[str, Path], dry_run: bool) -> GcReport:
     cache = _cache(found, "pipe cache gc")
     rep = GcReport(cache.url, dry_run)  # type: ignore[arg-type]  # a URL, printed as given
     refs = _referenced(root)
@@ -86,6 +94,11 @@ def remove(root: Path, name: str, force: bool = False, dry_run: bool = False) ->
     found = remote_root(root)
     if found is None:
         return remove_store(root, name, force, dry_run)
+    with bucket_errors(found[0], "pipe cache rm"):
+        return _remove(root, found, name, force, dry_run)
+
+
+def _remove(root: Path, found: tuple[str, Path], name: str, force: bool, dry_run: bool) -> GcReport:
     cache = _cache(found, "pipe cache rm")
     key = find_store(cache, found[1], name)
     store = cache.child(key)
@@ -110,6 +123,21 @@ def remove(root: Path, name: str, force: bool = False, dry_run: bool = False) ->
         for _, folder in outputs:
             _delete_tree(cache.child(folder))
     return rep
+
+
+@contextlib.contextmanager
+def bucket_errors(url: str, command: str) -> Iterator[None]:
+    """An error of the bucket (an object key the client cannot parse, a refused request) as one message."""
+    from obstore.exceptions import BaseError  # lazy: only object-store caches need it
+
+    try:
+        yield
+    except BaseError as e:
+        reason = str(e).splitlines()[0][:300]
+        raise PipeError(f"{command} on {url} stopped: the bucket answered {type(e).__name__}: {reason}. Keys with an "
+                        "empty, '.' or '..' segment cannot be listed: move or delete such objects with your S3 tools "
+                        "(they are not the cache's), check the credentials otherwise, then run the command again; "
+                        "it removes nothing it has not identified.") from None
 
 
 def require_bucket_marker(root: Path, command: str) -> bool:

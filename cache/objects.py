@@ -424,10 +424,15 @@ def push(root: Path) -> int:
 
 def attach_or_explain(url: str, where: str) -> Path:
     """:func:`attach`, with a failure to reach the bucket said in one message."""
-    from obstore.exceptions import BaseError  # lazy: only object-store caches need it
+    from obstore.exceptions import BaseError, InvalidPathError  # lazy: only object-store caches need it
 
     try:
         return attach(url)
+    except InvalidPathError as e:
+        reason = str(e).splitlines()[0][:300]
+        raise StoreError(f"{where} {url}: the cache holds an object whose key cannot be listed ({reason}). Keys with an "
+                         "empty, '.' or '..' segment are not the cache's: move or delete such objects with your S3 "
+                         "tools, then run the command again. Nothing was changed.") from None
     except (BaseError, OSError) as e:
         reason = str(e).splitlines()[0][:300]
         raise StoreError(f"{where} {url}: cannot reach the bucket ({type(e).__name__}: {reason}). Check the bucket "
