@@ -38,9 +38,9 @@ from typing import Iterator
 
 from cache.claims import claim_is_live, describe
 from cache.gc import OUTPUTS_RE, CacheRemoveError, GcReport, Removal, gc, remove_store
-from cache.index import forget_store, referenced_stores
+from cache.index import STORES_FILE, forget_store, referenced_stores
 from cache.marker import KIND, MARKER, NotACacheError
-from cache.objects import ObjectStorage, push, remote_root
+from cache.objects import ObjectStorage, remote_root
 from cache.outputs import OUTPUTS_DIR
 from cache.paths import plain_name
 from cache.storage import LOCK
@@ -61,7 +61,7 @@ def collect(root: Path, dry_run: bool = False) -> GcReport:
 
 def _collect(root: Path, found: tuple[str, Path], dry_run: bool) -> GcReport:
     cache = _cache(found, "pipe cache gc")
-    rep = GcReport(cache.url, dry_run)  # type: ignore[arg-type]  # a URL, printed as given
+    rep = GcReport(cache.url, dry_run)
     refs = _referenced(root)
     kept = []
     for modality, name in _store_prefixes(cache):
@@ -76,13 +76,18 @@ def _collect(root: Path, found: tuple[str, Path], dry_run: bool) -> GcReport:
             kept.append(name)
             why = (f"not removed: not identified as a store ({why_not}); remove it yourself if it is yours, or "
                    "`pipe cache rm` it if it is a damaged store" if why_not else f"not referenced by any dataset, but {busy}")
-            rep.skipped.append(Removal(store.url, _bytes(store), why))  # type: ignore[arg-type]
+            rep.skipped.append(Removal(store.url, _bytes(store), why))
             continue
-        rep.removed.append(Removal(store.url, _bytes(store), "no dataset index references this store"))  # type: ignore[arg-type]
+        rep.removed.append(Removal(store.url, _bytes(store), "no dataset index references this store"))
     outputs = _orphan_outputs(cache, kept, rep)
     if not dry_run:
-        rep.removed = [r for r in rep.removed
-                       if _delete_store(cache, _key(cache, r), lambda k: k not in _referenced_now(cache, root), rep)]
+        def unused(key: str) -> bool:  # asked under each store's guard
+            return key not in _referenced_now(cache, root)
+
+        deleted = [r for r in rep.removed if _delete_store(cache, _key(cache, r), unused, rep)]
+        stayed = {_key(cache, r).rsplit("-", 1)[-1] for r in rep.removed if r not in deleted}
+        rep.removed = deleted  # a store that came into use keeps its Adaptor outputs too
+        outputs = [(r, folder) for r, folder in outputs if folder.rsplit("-", 1)[-1] not in stayed]
         for _, folder in outputs:
             _delete_tree(cache.child(folder))
     rep.removed += [r for r, _ in outputs]
@@ -109,15 +114,16 @@ def _remove(root: Path, found: tuple[str, Path], name: str, force: bool, dry_run
     busy = bucket_busy(store)
     if busy:
         raise CacheRemoveError(f"store {store.url} is {busy}; run `pipe cache rm` again when it has finished")
-    rep = GcReport(cache.url, dry_run, [Removal(store.url, _bytes(store), "removed on request" + (  # type: ignore[arg-type]
+    rep = GcReport(cache.url, dry_run, [Removal(store.url, _bytes(store), "removed on request" + (
         f" (used by {', '.join(users)}; their index no longer names it)" if users else ""))])
     kept = [n for m, n in _store_prefixes(cache) if f"stores/{m}/{n}" != key]
     outputs = _orphan_outputs(cache, kept)
     rep.removed += [r for r, _ in outputs]
     if not dry_run:
-        for dataset in users:
+        for dataset in users:  # the indexes that no longer name it go up before the store goes
             forget_store(found[1] / "datasets" / dataset, found[1] / key)
-        push(found[1])  # the indexes that no longer name it go up before the store goes
+            index = f"datasets/{dataset}/{STORES_FILE}"
+            cache.write(index, cache.local(index).read_bytes())
         if not _delete_store(cache, key, lambda k: True, rep):
             raise CacheRemoveError(f"store {store.url} came into use; run `pipe cache rm` again when it has finished")
         for _, folder in outputs:
@@ -274,10 +280,10 @@ def _orphan_outputs(cache: ObjectStorage, kept: list[str], rep: GcReport | None 
         size = sum(int(o["size"]) for o in objects)
         if OUTPUTS_RE.match(name) and all(f == "meta.json" or (f.endswith(".npz") and "/" not in f
                                                                   and not f.startswith(".")) for f in files):
-            out.append((Removal(f"{cache.url}/{folder}", size, "Adaptor outputs of a store that is not in the cache"),  # type: ignore[arg-type]
+            out.append((Removal(f"{cache.url}/{folder}", size, "Adaptor outputs of a store that is not in the cache"),
                         folder))
         elif rep is not None:
-            rep.skipped.append(Removal(f"{cache.url}/{folder}", size, "not removed: not identified as Adaptor "  # type: ignore[arg-type]
+            rep.skipped.append(Removal(f"{cache.url}/{folder}", size, "not removed: not identified as Adaptor "
                                        "outputs (a folder <16 hex>-<16 hex> holding only meta.json and .npz files)"))
     return out
 
@@ -297,7 +303,7 @@ def _delete_store(cache: ObjectStorage, key: str, still_unused, rep: GcReport) -
     with store.guard():
         busy = _live_claim(store)
         if busy or not still_unused(key):
-            rep.skipped.append(Removal(store.url, _bytes(store), f"came into use while collecting ({busy or 'a dataset'})"))  # type: ignore[arg-type]
+            rep.skipped.append(Removal(store.url, _bytes(store), f"came into use while collecting ({busy or 'a dataset'})"))
             return False
         parts = [o["path"] for o in store.keys("manifest")]
         if parts:

@@ -54,7 +54,7 @@ class CacheRemoveError(PipeError):
 
 @dataclass
 class Removal:
-    path: Path
+    path: Path | str  # a URL for a cache in a bucket
     bytes: int
     why: str
 
@@ -64,7 +64,7 @@ class Removal:
 
 @dataclass
 class GcReport:
-    root: Path
+    root: Path | str
     dry_run: bool
     removed: list[Removal] = field(default_factory=list)   # or, with dry_run, what would be
     skipped: list[Removal] = field(default_factory=list)

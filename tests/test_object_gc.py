@@ -242,3 +242,25 @@ def test_a_key_the_client_cannot_list_stops_gc_with_a_message(cache, bucket, s3_
     assert listing() == before
     s3.delete_object(Bucket=bucket, Key=deep)
     assert f"{cache.url}/{ORPHAN}" in [r["path"] for r in gc_json(cache.url)["removed"]]
+
+
+def test_a_store_a_dataset_records_while_gc_runs_is_kept_with_its_outputs(cache, bucket, tmp_path, monkeypatch):  # noqa: F811
+    """The index is read again under the store's guard: a `pipe embed` that records the store
+    after gc listed it (simulated between the listing and the deletions) keeps it."""
+    import cache.bucket_gc as bucket_gc
+
+    listed = bucket_gc._orphan_outputs
+    index = json.dumps({"image": {"other-encoder": {"store": ORPHAN, "updated": 2}}}).encode()
+
+    def and_then_a_writer_records_it(*args, **kwargs):
+        out = listed(*args, **kwargs)
+        cache.write("datasets/late/stores.json", index)
+        return out
+
+    monkeypatch.setattr(bucket_gc, "_orphan_outputs", and_then_a_writer_records_it)
+    top = whole(bucket, tmp_path)
+    before = digests(top)
+    rep = gc_json(cache.url)
+    assert rep["removed"] == []
+    assert "came into use" in {r["path"]: r["why"] for r in rep["skipped"]}[f"{cache.url}/{ORPHAN}"]
+    assert {k: v for k, v in digests(top).items() if k != "c/datasets/late/stores.json"} == before
