@@ -264,3 +264,19 @@ def test_a_store_a_dataset_records_while_gc_runs_is_kept_with_its_outputs(cache,
     assert rep["removed"] == []
     assert "came into use" in {r["path"]: r["why"] for r in rep["skipped"]}[f"{cache.url}/{ORPHAN}"]
     assert {k: v for k, v in digests(top).items() if k != "c/datasets/late/stores.json"} == before
+
+
+def test_verify_repair_moves_an_unreadable_part_to_quarantine_in_the_bucket(cache, bucket, tmp_path):  # noqa: F811
+    from helpers import pipe
+
+    store = cache.child(STORE)
+    part = next(o["path"] for o in store.keys("manifest") if o["path"].startswith("manifest/part-000001-"))
+    store.write(part, b"not parquet")
+    pipe("cache", "verify", "--cache", cache.url, expect=1)
+    fixed = pipe("cache", "verify", "--repair", "--cache", cache.url, "--json")
+    assert json.loads(fixed.stdout.strip().splitlines()[-1])["ok"], fixed.output
+    keys = [o["path"] for o in store.keys()]
+    moved = [k for k in keys if k.startswith(f"quarantine/{part.split('/')[-1]}.")]
+    assert len(moved) == 1 and store.read(moved[0]) == b"not parquet" and part not in keys
+    assert not [k for k in keys if "/c/1/" in k or k.endswith("/c/1")]  # shard 1's objects went with its commit
+    assert [k for k in keys if "/c/0/" in k or k.endswith("/c/0")]  # the others stayed
