@@ -5,6 +5,12 @@ One module per command group, each registering its commands on the objects of
 """
 from __future__ import annotations
 
+import os as _os
+
+# Before any command imports torch: idle OpenMP threads sleep instead of spinning (see
+# pipeline/__init__.py, which does the same for library users, and bench/threads.py).
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # isort: off
 from cli import embed, train, evaluate, use, sweep, reproduce, demo, info, cache, data  # noqa: F401  (registers)
 # isort: on

@@ -93,3 +93,15 @@ def test_progress_off_a_terminal_is_log_lines_with_a_heartbeat(monkeypatch, caps
     assert len(lines) >= 3, lines
     assert "1/4 (25%)" in lines[0] and "eta" in lines[0]
     assert lines[-1].startswith("train decoders: 4/4 (100%)") and "eta" not in lines[-1]
+
+
+def test_the_command_line_sets_the_wait_policy_before_torch_loads():
+    """`pipe` imports torch through stages that may load it before `pipeline`: the CLI sets it first."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import sys, os; import cli; seen = os.environ.get('OMP_WAIT_POLICY'); loaded = 'torch' in sys.modules; "
+            "import stages.train.trainer; print(seen, loaded, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["PASSIVE", "False", "True"]   # set by `import cli`, before any torch
