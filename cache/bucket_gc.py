@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Iterator
 
 from cache.claims import claim_is_live, describe
-from cache.gc import OUTPUTS_RE, CacheRemoveError, GcReport, Removal, gc, remove_store
+from cache.gc import (OUTPUTS_RE, CacheRemoveError, GcReport, Removal, check_removable, gc, removal_reason,
+                      remove_store)
 from cache.index import STORES_FILE, forget_store, referenced_stores
 from cache.marker import KIND, MARKER, NotACacheError
 from cache.objects import ObjectStorage, remote_root
@@ -108,14 +109,8 @@ def _remove(root: Path, found: tuple[str, Path], name: str, force: bool, dry_run
     key = find_store(cache, found[1], name)
     store = cache.child(key)
     users = _referenced(root).get(key, [])
-    if users and not force:
-        raise CacheRemoveError(f"store {store.url} holds the embeddings of dataset(s) {', '.join(users)}; removing "
-                               "it means re-embedding them. Pass --force to remove it anyway.")
-    busy = bucket_busy(store)
-    if busy:
-        raise CacheRemoveError(f"store {store.url} is {busy}; run `pipe cache rm` again when it has finished")
-    rep = GcReport(cache.url, dry_run, [Removal(store.url, _bytes(store), "removed on request" + (
-        f" (used by {', '.join(users)}; their index no longer names it)" if users else ""))])
+    check_removable(store.url, users, force, bucket_busy(store))
+    rep = GcReport(cache.url, dry_run, [Removal(store.url, _bytes(store), removal_reason(users))])
     kept = [n for m, n in _store_prefixes(cache) if f"stores/{m}/{n}" != key]
     outputs = _orphan_outputs(cache, kept)
     rep.removed += [r for r, _ in outputs]

@@ -312,6 +312,20 @@ def find_store_dir(root: Path, name: str) -> Path:
                            "give more of the fingerprint or the path")
 
 
+def check_removable(store, users: list[str], force: bool, busy: str | None) -> None:
+    """`pipe cache rm`'s refusals, for a folder store or a store in a bucket: a store some dataset
+    uses (unless ``force``), and one a live writer is busy with (``busy`` says how)."""
+    if users and not force:
+        raise CacheRemoveError(f"store {store} holds the embeddings of dataset(s) {', '.join(users)}; removing it "
+                               "means re-embedding them. Pass --force to remove it anyway.")
+    if busy:
+        raise CacheRemoveError(f"store {store} is {busy}; run `pipe cache rm` again when it has finished")
+
+
+def removal_reason(users: list[str]) -> str:
+    return "removed on request" + (f" (used by {', '.join(users)}; their index no longer names it)" if users else "")
+
+
 def remove_store(root: Path, name: str, force: bool = False, dry_run: bool = False) -> GcReport:
     """Remove one store (and its Adaptor outputs); refused while a dataset uses it, unless ``force``."""
     root = Path(root)
@@ -319,14 +333,8 @@ def remove_store(root: Path, name: str, force: bool = False, dry_run: bool = Fal
     require_marker(root, "pipe cache rm")
     path = find_store_dir(root, name)
     users = referenced_stores(root, strict=True).get(path, [])
-    if users and not force:
-        raise CacheRemoveError(f"store {path} holds the embeddings of dataset(s) {', '.join(users)}; removing it "
-                               "means re-embedding them. Pass --force to remove it anyway.")
-    busy = in_use(path)
-    if busy:
-        raise CacheRemoveError(f"store {path} is {busy}; run `pipe cache rm` again when it has finished")
-    rep = GcReport(root, dry_run, [Removal(path, dir_bytes(path), "removed on request" + (
-        f" (used by {', '.join(users)}; their index no longer names it)" if users else ""))])
+    check_removable(path, users, force, in_use(path))
+    rep = GcReport(root, dry_run, [Removal(path, dir_bytes(path), removal_reason(users))])
     rep.removed += _orphan_outputs(root, [d for d in store_dirs(root) if d != path])  # only identified ones
     if not dry_run:
         for dataset in users:
