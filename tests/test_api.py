@@ -18,14 +18,12 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.helpers import pipe
+from tests.helpers import SMALL, SMALL_HEADS, pipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "demo?n=100&size=64"
-SMALL = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "batch_size=16", "optim.lr=1e-3",
-         "epochs=2"]
-FAST_HEADS = ["--fraction", "1.0", "--seeds", "1", "heads.epochs=4", "heads.min_steps=20", "heads.patience=2",
-              "bootstrap=50"]
+TWO_EPOCHS = [*SMALL, "batch_size=16", "epochs=2"]
+FAST_HEADS = ["--fraction", "1.0", "--seeds", "1", *SMALL_HEADS, "bootstrap=50"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +35,7 @@ def world(tmp_path_factory):
     for mode in ("pooled", "tokens"):
         runs[mode] = out / f"adaptor-{mode}"
         pipe("train-adaptor", "-d", SPEC, "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
-             "--out", str(runs[mode]), "--device", "cpu", *SMALL, f"adaptor.mode={mode}", "adaptor.grid_pool=4")
+             "--out", str(runs[mode]), "--device", "cpu", *TWO_EPOCHS, f"adaptor.mode={mode}", "adaptor.grid_pool=4")
     for task, extra in (("zero-shot", ["bootstrap=50"]), ("classification", FAST_HEADS)):
         pipe("evaluate", "--task", task, "-d", SPEC, "-a", str(runs["pooled"]), "--cache", str(cache),
              "--out", str(out / f"{task}-pooled"), "--device", "cpu", *extra)

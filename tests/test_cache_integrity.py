@@ -28,10 +28,9 @@ from cache.reader import RowReader
 from cache.shards import ShardCorruption
 from cache.store import ShardData, Store, find_stores
 from cache.verify import TEMP_GRACE_S, verify_store
-from tests.helpers import embed_json, make_table, pipe
+from tests.helpers import SMALL, embed_json, make_table, pipe
 
-SMALL = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "batch_size=8", "optim.lr=1e-3",
-         "epochs=1"]
+ONE_EPOCH = [*SMALL, "epochs=1"]
 EMBED = ("--shard-mb", "0.3", "--batch-size", "4")  # 16-row image shards: 40 items make 3 of them
 
 
@@ -60,7 +59,7 @@ def embed(table: Path, cache: Path, expect: int = 0) -> dict:
 
 def train(table: Path, cache: Path, out: Path, *extra: str, expect: int = 0):
     return pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
-                "--out", str(out), *SMALL, *extra, expect=expect)
+                "--out", str(out), *ONE_EPOCH, *extra, expect=expect)
 
 
 def verify(cache: Path, *extra: str, expect: int = 0) -> str:

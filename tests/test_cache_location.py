@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import make_table, pipe
 
 from cache.paths import cache_root, url_scheme
 from core.errors import InputError
+from tests.helpers import make_table, pipe
 
 
 @pytest.mark.parametrize("url", ["gs://bucket/c", "HTTPS://host/c", "file:///tmp/c", "az://c/d"])

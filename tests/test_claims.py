@@ -297,7 +297,7 @@ def test_a_run_whose_claim_is_taken_over_waits_for_the_new_owner_and_ends_comple
     and the cache equals a clean one."""
     from stages import embed
     from stages.embed.embedder import GroupEmbedder
-    from tests.kills import cache_files
+    from tests.helpers.kills import cache_files
 
     table = make_table(tmp_path / "data", 8)
     cfg = dict(dataset=str(table), backbone="tiny-vit", text_encoder="none", batch_size=4, shard_mb=0.01,

@@ -11,7 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import embed_json, make_table, pipe, write_png
+
+from tests.helpers import embed_json, make_table, pipe, write_png
+from tests.helpers.layouts import build_mimic
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PIPE_NO_PROGRESS": "1"}
@@ -88,8 +90,6 @@ def test_train_split_that_does_not_exist_lists_the_splits(tmp_path):
 
 # -------------------------------------------------------------------- 2. --allow-failures and readers
 def test_allow_failures_reaches_the_dataset_readers(tmp_path):
-    from test_readers import build_mimic
-
     root = build_mimic(tmp_path / "m")
     (root / "files/p11/p11000011/s56699142/d-bbbb-02.jpg").unlink()
     args = ["embed", "-d", f"mimic-cxr:{root}", "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(tmp_path / "c")]

@@ -19,19 +19,10 @@ import pytest
 import torch
 import zarr
 
-from cache.store import Store, find_stores
 from tests.helpers import append_rows, embed_json, make_table, pipe
+from tests.helpers.stores import read_rows, stores_by_modality
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def stores_by_modality(cache: Path) -> dict[str, Store]:
-    return {Store.open(p).modality: Store.open(p) for p in find_stores(cache)}
-
-
-def read_rows(store: Store, name: str) -> dict[tuple[str, int], np.ndarray]:
-    arr = zarr.open_group(str(store.zpath), mode="r")[name]
-    return {k: arr[r] for k, r in store.row_index().items()}
 
 
 def test_embed_writes_stores_and_json_summary(tmp_path):

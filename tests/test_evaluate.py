@@ -8,59 +8,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from stages.evaluate import metrics as M
 from stages.evaluate import tables as T
 from stages.evaluate.fractions import FractionTooSmallError, check_subset, plan_subsets, stratified_order
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.heads import MLPHead, SegDecoder, make_head, segmentation_loss
-from tests.helpers import FINDINGS, embed_json, pipe
+from tests.helpers import SMALL, SMALL_HEADS, SMALL_SEG, embed_json, make_eval_table, pipe
 
-SMALL = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "batch_size=8", "optim.lr=1e-3", "epochs=1"]
-FAST = ["heads.epochs=4", "heads.min_steps=20", "heads.patience=2", "bootstrap=200"]
-FAST_SEG = ["seg.channels=[8,8,8,8]", "seg.epochs=2", "seg.min_steps=4", "seg.batch_size=8", "bootstrap=100",
-            "seg.overlays=3"]
+ONE_EPOCH = [*SMALL, "epochs=1"]
+FAST = [*SMALL_HEADS, "bootstrap=200"]
+FAST_SEG = [*SMALL_SEG, "bootstrap=100", "seg.overlays=3"]
 
 
 # ----------------------------------------------------------------------------- fixtures
-def make_eval_table(folder: Path, n: int = 48, mask_shape: tuple[int, int] | None = None,
-                    with_labels: bool = True) -> Path:
-    """Images (72 wide, 64 high), reports, splits, two 0/1 labels, a 3-class grade and effusion masks."""
-    rows = []
-    for i in range(n):
-        img = np.random.default_rng(1000 + i).integers(0, 255, (64, 72)).astype(np.uint8)
-        effusion = int(i % 3 == 0)
-        if effusion:
-            img[36:56, 8:30] = 250
-        (folder / "img").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / "img" / f"{i:04d}.png")
-        mask = np.zeros(mask_shape or img.shape, np.uint8)
-        if effusion:
-            mask[36:56, 8:30] = 255
-        (folder / "mask").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mask).save(folder / "mask" / f"{i:04d}.png")
-        row = {"id": f"e{i}", "image": f"img/{i:04d}.png", "report": f"{FINDINGS[i % 6]} Study {i}.",
-               "split": ["train", "train", "valid", "test"][i % 4], "mask_effusion": f"mask/{i:04d}.png"}
-        if with_labels:
-            row |= {"effusion": effusion, "nodule": int(i % 5 == 0), "grade": i % 3}
-        rows.append(row)
-    path = folder / "pairs.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The heads here are tiny: one intra-op thread is as fast, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, one_thread):
+def world(tmp_path_factory):
     """One small table embedded once, with a pooled and a tokens-mode Adaptor trained on it."""
     root = tmp_path_factory.mktemp("evaluate")
     table = make_eval_table(root / "data")
@@ -69,7 +32,7 @@ def world(tmp_path_factory, one_thread):
     ckpts = {}
     for mode in ("pooled", "tokens"):
         pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
-             "--out", str(root / mode), *SMALL, f"adaptor.mode={mode}", "adaptor.grid_pool=4")
+             "--out", str(root / mode), *ONE_EPOCH, f"adaptor.mode={mode}", "adaptor.grid_pool=4")
         ckpts[mode] = root / mode / "last.safetensors"
     return {"table": table, "cache": cache, "root": root, **ckpts}
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cache.npz import load_checked
-from tests.helpers import embed_json, pipe
-from tests.kills import (
+from tests.helpers import SMALL, SMALL_HEADS, embed_json, make_eval_table, pipe
+from tests.helpers.kills import (
     ENV,
     assert_nothing_lost,
     cache_files,
@@ -30,12 +29,12 @@ from tests.kills import (
     start,
     wait_until,
 )
-from tests.test_evaluate import FAST, SMALL, make_eval_table
 
 pytestmark = pytest.mark.slow  # subprocesses and kills: minutes, not seconds
 
 KILLS = {"zero-shot": 3, "classification": 2}
-EXTRA = {"zero-shot": ["bootstrap=200"], "classification": [*FAST, "--fraction", "0.5", "1.0", "--seeds", "1"]}
+EXTRA = {"zero-shot": ["bootstrap=200"],
+         "classification": [*SMALL_HEADS, "bootstrap=200", "--fraction", "0.5", "1.0", "--seeds", "1"]}
 # what differs between any two runs: when, how long, how much memory, the config's hash (it
 # holds the paths), and whether the Adaptor's outputs were computed or found in the cache
 # what differs between any two runs: times, memory, the config hash and the provenance (command line, time, host)
@@ -47,12 +46,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalkill")
     table = make_eval_table(root / "data")
     embed_json(table, root / "cache", "--shard-mb", "0.3", "--batch-size", "4")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses run (OMP_NUM_THREADS=1)
     pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(root / "cache"),
-         "--out", str(root / "pooled"), *SMALL, "--device", "cpu")
-    yield {"table": table, "cache": root / "cache", "checkpoint": root / "pooled" / "last.safetensors"}
-    torch.set_num_threads(before)
+         "--out", str(root / "pooled"), *SMALL, "epochs=1", "--device", "cpu")
+    return {"table": table, "cache": root / "cache", "checkpoint": root / "pooled" / "last.safetensors"}
 
 
 def args(w, task: str, cache: Path, out: Path) -> list[str]:

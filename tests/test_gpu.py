@@ -28,14 +28,13 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import embed_json, embedded_table, make_table, pipe
-from tests.test_embed import read_rows, stores_by_modality
+from tests.helpers import SMALL, embed_json, make_table, pipe
+from tests.helpers.stores import read_rows, stores_by_modality
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "batch_size=8", "optim.lr=1e-3",
-         "adaptor.dropout=0"]  # no dropout: eager, compiled and graph steps draw their masks differently
+NO_DROPOUT = [*SMALL, "adaptor.dropout=0"]  # no dropout: eager, compiled and graph steps draw their masks differently
 COMPARED = ["train_loss", "val_loss", "lr", "logit_scale"]
 TOKENS = ["adaptor.mode=tokens", "adaptor.grid_pool=7"]
 
@@ -117,16 +116,10 @@ def test_embed_killed_on_cuda_resumes_to_a_cache_that_verifies(tmp_path):
 
 
 # ---------------------------------------------------------------- stage two: how a step runs
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory):
-    """40 items (20 training pairs: 2 steps of 8 per epoch) with 2 augmented views, embedded once."""
-    return embedded_table(tmp_path_factory.mktemp("gpu-train"), 40, "--views", "2", "--device", "cpu")
-
-
 def train(cached, out: Path, *overrides: str) -> pd.DataFrame:
     table, cache = cached
     pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
-         "--out", str(out), "--device", "cuda", "--json", *SMALL, *overrides)
+         "--out", str(out), "--device", "cuda", "--json", *NO_DROPOUT, *overrides)
     return pd.read_csv(out / "metrics.csv")
 
 
@@ -187,7 +180,7 @@ def test_an_eager_checkpoint_resumes_with_a_cuda_graph_step(cached, tmp_path, mo
     monkeypatch.setattr(trainer.Trainer, "_epoch", dies_in_epoch_3)
     table, cache = cached
     r = pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
-             "--out", str(tmp_path / "cut"), "--device", "cuda", *SMALL, "epochs=4", expect=None)
+             "--out", str(tmp_path / "cut"), "--device", "cuda", *NO_DROPOUT, "epochs=4", expect=None)
     assert "simulated crash" in str(r.exception)
     monkeypatch.undo()
     counter = GraphCounter(monkeypatch)
@@ -272,7 +265,7 @@ def test_a_one_process_nccl_torchrun_run_trains_like_a_plain_run(cached, tmp_pat
     plain = train(cached, tmp_path / "plain", "epochs=3")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            "-m", "cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
-           "--cache", str(cache), "--out", str(tmp_path / "ddp"), "--device", "cuda", *SMALL, "epochs=3"]
+           "--cache", str(cache), "--out", str(tmp_path / "ddp"), "--device", "cuda", *NO_DROPOUT, "epochs=3"]
     r = subprocess.run(cmd, env={**env(), "NCCL_DEBUG": "INFO"}, cwd=tmp_path, capture_output=True, text=True,
                        timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
@@ -296,7 +289,7 @@ def test_the_api_on_cuda_encodes_as_pipe_embed_on_cuda(tmp_path):
     cache = tmp_path / "cache"
     embed_json(table, cache, "--device", "cuda", "--batch-size", "8")
     pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
-         "--out", str(tmp_path / "run"), "--device", "cuda", *SMALL, "epochs=1")
+         "--out", str(tmp_path / "run"), "--device", "cuda", *NO_DROPOUT, "epochs=1")
     data = load_pairs(cache, open_dataset(str(table), cache).name, str(table), "tiny-vit", "tiny-bert")
     model = load_adaptor(tmp_path / "run", device="cuda")
     frozen = FrozenAdaptor.load(tmp_path / "run", torch.device("cuda"), cache)

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import embed_json, make_table, pipe
-from tests.kills import assert_nothing_lost, cache_files, claim_records, committed
-from tests.test_embed import ROOT, read_rows, stores_by_modality
+from tests.helpers import ROOT, embed_json, make_table, pipe
+from tests.helpers.kills import assert_nothing_lost, cache_files, claim_records, committed
+from tests.helpers.stores import read_rows, stores_by_modality
 
 pytestmark = pytest.mark.slow  # subprocesses, kills and process groups: minutes, not seconds
 

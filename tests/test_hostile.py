@@ -30,6 +30,8 @@ from core.locks import owned_folder, OWNER_LOCK
 from cache.marker import MARKER
 from cache.store import Store, find_stores
 from tests.helpers import append_rows, embed_json, make_table, pipe, write_png
+from tests.helpers.files import write_csv, write_dicom
+from tests.helpers.layouts import build_covidx, build_siim
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES: list[str] = []  # every hostile or bad input tried in this module
@@ -551,8 +553,6 @@ def test_preprocessing_runs_inside_the_items_guard(tmp_path, monkeypatch):
 
 
 def _rsna(root: Path, ids: list[str]) -> Path:
-    from tests.test_readers import write_csv, write_dicom
-
     rows = [[pid, "", "", "", "", 0] for pid in ids] + [["bad-target", "", "", "", "", 7]]
     write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows)
     for i, pid in enumerate(ids):
@@ -567,8 +567,6 @@ HOSTILE_IDS = ["../../escaped", "../../../../../../escaped", "/tmp/escaped-absol
 
 @inputs(*(f"RSNA patientId {pid!r}" for pid in HOSTILE_IDS), "RSNA row with Target 7 (a reader's bad row)")
 def test_a_hostile_dataset_id_is_that_rows_failure(tmp_path):
-    from tests.test_readers import write_dicom
-
     good = [f"good-{i}" for i in range(6)]
     root = _rsna(tmp_path / "rsna", good + HOSTILE_IDS)
     # a DICOM where "../../escaped" points (tmp_path/escaped.dcm): only the name check can stop that row
@@ -591,7 +589,6 @@ def test_a_hostile_dataset_id_is_that_rows_failure(tmp_path):
 def test_other_readers_and_mask_names_stay_inside_their_folders(tmp_path):
     from pipeline.datasets.mask_targets import MaskError, cache_path
     from pipeline.datasets import open_dataset
-    from tests.test_readers import build_covidx, build_siim
 
     siim = build_siim(tmp_path / "siim")
     with open(siim / "train-rle.csv", "a") as f:

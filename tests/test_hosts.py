@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import make_table, pipe
-from tests.kills import (
+from tests.helpers.kills import (
     ENV,
     assert_nothing_lost,
     cache_files,

@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
-from test_object_store import STORE, other_host
-from test_store_bytes import build, fixed_table
 
 from cache.marker import MARKER, marker_bytes
 from cache.objects import ObjectStorage
 from cache.storage import LOCK
 from cache.store import Store
+from tests.helpers import pipe
+from tests.helpers.stores import STORE, bucket_objects, build, comparable, fixed_table, other_host
 
 ORPHAN = "stores/image/other-encoder-fedcba9876543210"
 KEPT_OUT = "adaptor-outputs/aaaaaaaaaaaaaaaa-0123456789abcdef"
@@ -29,7 +28,7 @@ SIBLINGS = ("c-other/x", "cx/stores/image/other-encoder-fedcba9876543210/embeddi
             "stores/image/other-encoder-fedcba9876543210/embeddings.zarr/zarr.json", "c-other/c/stores/y")
 
 
-def whole(bucket: str, tmp_path: Path) -> ObjectStorage:  # noqa: F811
+def whole(bucket: str, tmp_path: Path) -> ObjectStorage:
     return ObjectStorage(f"s3://{bucket}", tmp_path / "whole")
 
 
@@ -38,7 +37,7 @@ def digests(storage: ObjectStorage) -> dict[str, str]:
 
 
 @pytest.fixture
-def cache(bucket, tmp_path, monkeypatch):  # noqa: F811
+def cache(bucket, tmp_path, monkeypatch):
     """The cache described in the module's docstring; returns the writer's storage of it."""
     monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
     c = ObjectStorage(f"s3://{bucket}/c", tmp_path / "writer")
@@ -60,13 +59,12 @@ def cache(bucket, tmp_path, monkeypatch):  # noqa: F811
 
 
 def gc_json(url: str, *args: str, expect: int = 0) -> dict:
-    from helpers import pipe
 
     r = pipe("cache", "gc", "--cache", url, "--json", *args, expect=expect)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_gc_lists_then_removes_only_the_orphaned_store_and_its_outputs(cache, bucket, tmp_path):  # noqa: F811
+def test_gc_lists_then_removes_only_the_orphaned_store_and_its_outputs(cache, bucket, tmp_path):
     top = whole(bucket, tmp_path)
     before = digests(top)
     listed = gc_json(cache.url, "--dry-run")
@@ -89,8 +87,7 @@ def test_gc_lists_then_removes_only_the_orphaned_store_and_its_outputs(cache, bu
     Store.open(cache.child(STORE)).row_index()  # the referenced store still reads
 
 
-def test_rm_removes_one_store_and_refuses_one_in_use_unless_forced(cache, bucket, tmp_path):  # noqa: F811
-    from helpers import pipe
+def test_rm_removes_one_store_and_refuses_one_in_use_unless_forced(cache, bucket, tmp_path):
 
     top = whole(bucket, tmp_path)
     before = digests(top)
@@ -112,7 +109,7 @@ def test_rm_removes_one_store_and_refuses_one_in_use_unless_forced(cache, bucket
     assert not (tmp_path / "mirror" / bucket / "c" / STORE).exists()
 
 
-def test_a_store_being_written_is_never_collected(cache, bucket, tmp_path):  # noqa: F811
+def test_a_store_being_written_is_never_collected(cache, bucket, tmp_path):
     top = whole(bucket, tmp_path)
     orphan = Store.open(cache.child(ORPHAN))
     group = fixed_table()[1][0]
@@ -131,8 +128,7 @@ def test_a_store_being_written_is_never_collected(cache, bucket, tmp_path):  # n
     assert f"c/{ORPHAN}/embeddings.zarr/zarr.json" in digests(top)
 
 
-def test_no_marker_in_the_bucket_or_an_unreadable_index_deletes_nothing(cache, bucket, tmp_path):  # noqa: F811
-    from helpers import pipe
+def test_no_marker_in_the_bucket_or_an_unreadable_index_deletes_nothing(cache, bucket, tmp_path):
 
     top = whole(bucket, tmp_path)
     gc_json(cache.url, "--dry-run")  # the mirror now holds a copy of the marker: it must not count
@@ -151,13 +147,10 @@ def test_no_marker_in_the_bucket_or_an_unreadable_index_deletes_nothing(cache, b
                             f"c/{MARKER}": digests(top)[f"c/{MARKER}"]}
 
 
-def test_verify_repair_drops_a_damaged_shard_in_the_bucket_and_embed_restores_it(cache, bucket, tmp_path):  # noqa: F811
+def test_verify_repair_drops_a_damaged_shard_in_the_bucket_and_embed_restores_it(cache, bucket, tmp_path):
     """A flipped byte in one shard object: --repair deletes that shard's commit and objects in the
     bucket (nothing else), the store verifies clean, and writing the group again gives the
     store an undamaged build has, object for object."""
-    from helpers import pipe
-    from test_object_store import bucket_objects, comparable
-
     top = whole(bucket, tmp_path)
     store = cache.child(STORE)
     clean = comparable(bucket_objects(store))
@@ -186,8 +179,7 @@ def test_verify_repair_drops_a_damaged_shard_in_the_bucket_and_embed_restores_it
     assert comparable(bucket_objects(store)) == clean
 
 
-def test_verify_repair_refuses_a_bucket_without_its_marker(cache, bucket, tmp_path):  # noqa: F811
-    from helpers import pipe
+def test_verify_repair_refuses_a_bucket_without_its_marker(cache, bucket, tmp_path):
 
     top = whole(bucket, tmp_path)
     key = f"{STORE}/embeddings.zarr/tokens/c/2/0/0"
@@ -201,8 +193,7 @@ def test_verify_repair_refuses_a_bucket_without_its_marker(cache, bucket, tmp_pa
     assert digests(top) == before
 
 
-def test_a_removal_cut_short_is_finished_and_rm_dry_run_deletes_nothing(cache, bucket, tmp_path):  # noqa: F811
-    from helpers import pipe
+def test_a_removal_cut_short_is_finished_and_rm_dry_run_deletes_nothing(cache, bucket, tmp_path):
 
     top = whole(bucket, tmp_path)
     before = digests(top)
@@ -217,10 +208,9 @@ def test_a_removal_cut_short_is_finished_and_rm_dry_run_deletes_nothing(cache, b
     assert not orphan.keys() and f"c/{STORE}/embeddings.zarr/zarr.json" in digests(top)
 
 
-def test_a_key_the_client_cannot_list_stops_gc_with_a_message(cache, bucket, s3_endpoint, tmp_path):  # noqa: F811
+def test_a_key_the_client_cannot_list_stops_gc_with_a_message(cache, bucket, s3_endpoint, tmp_path):
     import boto3  # moto's own dependency: obstore refuses to write such a key
 
-    from helpers import pipe
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
 
@@ -244,7 +234,7 @@ def test_a_key_the_client_cannot_list_stops_gc_with_a_message(cache, bucket, s3_
     assert f"{cache.url}/{ORPHAN}" in [r["path"] for r in gc_json(cache.url)["removed"]]
 
 
-def test_a_store_a_dataset_records_while_gc_runs_is_kept_with_its_outputs(cache, bucket, tmp_path, monkeypatch):  # noqa: F811
+def test_a_store_a_dataset_records_while_gc_runs_is_kept_with_its_outputs(cache, bucket, tmp_path, monkeypatch):
     """The index is read again under the store's guard: a `pipe embed` that records the store
     after gc listed it (simulated between the listing and the deletions) keeps it."""
     import cache.bucket_gc as bucket_gc
@@ -266,8 +256,7 @@ def test_a_store_a_dataset_records_while_gc_runs_is_kept_with_its_outputs(cache,
     assert {k: v for k, v in digests(top).items() if k != "c/datasets/late/stores.json"} == before
 
 
-def test_verify_repair_moves_an_unreadable_part_to_quarantine_in_the_bucket(cache, bucket, tmp_path):  # noqa: F811
-    from helpers import pipe
+def test_verify_repair_moves_an_unreadable_part_to_quarantine_in_the_bucket(cache, bucket, tmp_path):
 
     store = cache.child(STORE)
     part = next(o["path"] for o in store.keys("manifest") if o["path"].startswith("manifest/part-000001-"))

@@ -9,7 +9,6 @@ writer's guard, are taken over once their leases lapse.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -21,19 +20,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
-from test_store_bytes import build, create_store, fixed_table
 
 from cache.objects import ObjectStorage
 from cache.reader import RowReader
 from cache.shards import ShardCorruption
 from cache.storage import LOCK
 from cache.store import ClaimLost, ClaimState, Store
-from core.processes import Identity
+from tests.helpers import embed_json, make_table, pipe
+from tests.helpers.kills import ENV, embed_args, pipe_cmd
+from tests.helpers.stores import (STORE, bucket_objects, build, comparable, create_store, fixed_table,
+                                  other_host)
 
 ROOT = Path(__file__).resolve().parents[1]
-STORE = "stores/image/fixed-encoder-0123456789abcdef"
-WRITER = Path(__file__).with_name("object_writer.py")
 
 
 def local_objects(cache: Path) -> dict[str, bytes]:
@@ -42,37 +40,17 @@ def local_objects(cache: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != LOCK}
 
 
-def bucket_objects(storage: ObjectStorage) -> dict[str, bytes]:
-    return {o["path"]: storage.read(o["path"]) for o in storage.keys()}
-
-
-def comparable(files: dict[str, bytes]) -> dict[str, str]:
-    """Digests of each file, with the two timestamps (the marker's and the group's ``created``) blanked."""
-    out = {}
-    for key, data in files.items():
-        if key.endswith("freeze-pipe-cache.json") or key.endswith("embeddings.zarr/zarr.json"):
-            meta = json.loads(data)
-            meta.get("attributes", meta).pop("created")
-            data = json.dumps(meta, sort_keys=True).encode()
-        out[key] = hashlib.sha256(data).hexdigest()
-    return out
-
-
-def other_host() -> Identity:
-    return Identity("node-b", 4242, "777", "another-boot-id", "pid:[4026531111]", "b" * 16)
-
-
-def cache_in(bucket: str, tmp_path: Path, name: str = "mirror") -> ObjectStorage:  # noqa: F811
+def cache_in(bucket: str, tmp_path: Path, name: str = "mirror") -> ObjectStorage:
     return ObjectStorage(f"s3://{bucket}/c", tmp_path / name)
 
 
 def run_writer(storage: ObjectStorage, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WRITER), storage.url, str(storage.path), *args],
+    return subprocess.Popen([sys.executable, "-m", "tests.helpers.object_writer", storage.url, str(storage.path), *args],
                             stdout=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ.copy())
 
 
 # ------------------------------------------------------------------------------ one writer
-def test_a_store_in_a_bucket_equals_the_one_in_a_folder_object_for_object(bucket, tmp_path):  # noqa: F811
+def test_a_store_in_a_bucket_equals_the_one_in_a_folder_object_for_object(bucket, tmp_path):
     local = tmp_path / "local"
     build(local)
     cache = cache_in(bucket, tmp_path)
@@ -83,13 +61,13 @@ def test_a_store_in_a_bucket_equals_the_one_in_a_folder_object_for_object(bucket
     assert not [k for k in got if "/claims/" in k] and LOCK not in got and f"{STORE}/{LOCK}" not in got
 
 
-def test_nothing_is_written_to_a_local_folder_named_after_the_url(bucket, tmp_path, monkeypatch):  # noqa: F811
+def test_nothing_is_written_to_a_local_folder_named_after_the_url(bucket, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     build(cache_in(bucket, tmp_path / "elsewhere"), failed_source="/data/x.png")
     assert sorted(os.listdir(tmp_path)) == ["elsewhere"]
 
 
-def test_the_commit_is_a_put_that_fails_when_the_part_exists(bucket, tmp_path):  # noqa: F811
+def test_the_commit_is_a_put_that_fails_when_the_part_exists(bucket, tmp_path):
     cache = cache_in(bucket, tmp_path)
     store = create_store(cache)
     group, data = fixed_table()[0]
@@ -101,7 +79,7 @@ def test_the_commit_is_a_put_that_fails_when_the_part_exists(bucket, tmp_path): 
 
 
 # ------------------------------------------------------------------------------ claims and leases
-def test_a_live_lease_from_another_host_is_waited_for_and_a_lapsed_one_taken_over(bucket, tmp_path):  # noqa: F811
+def test_a_live_lease_from_another_host_is_waited_for_and_a_lapsed_one_taken_over(bucket, tmp_path):
     store = create_store(cache_in(bucket, tmp_path))
     group, data = fixed_table()[0]
     now = time.time()
@@ -118,7 +96,7 @@ def test_a_live_lease_from_another_host_is_waited_for_and_a_lapsed_one_taken_ove
     assert [g for _, g, _ in store.parts()] == [group]
 
 
-def test_a_guard_left_by_a_dead_writer_is_taken_over_once_its_lease_lapses(bucket, tmp_path):  # noqa: F811
+def test_a_guard_left_by_a_dead_writer_is_taken_over_once_its_lease_lapses(bucket, tmp_path):
     cache = cache_in(bucket, tmp_path)
     store = create_store(cache)
     stale = {"writer": "gone", "token": "0" * 16, "time": time.time() - 100, "expires": time.time() + 1.5}
@@ -132,7 +110,7 @@ def test_a_guard_left_by_a_dead_writer_is_taken_over_once_its_lease_lapses(bucke
 
 
 # ------------------------------------------------------------------------------ processes
-def test_two_writers_in_two_processes_commit_every_group_once(bucket, tmp_path):  # noqa: F811
+def test_two_writers_in_two_processes_commit_every_group_once(bucket, tmp_path):
     cache = cache_in(bucket, tmp_path)
     writers = [run_writer(cache_in(bucket, tmp_path, f"m{i}"), "all", *(["reverse"] if i else [])) for i in (0, 1)]
     outs = [w.communicate(timeout=300)[0] for w in writers]
@@ -148,7 +126,7 @@ def test_two_writers_in_two_processes_commit_every_group_once(bucket, tmp_path):
         np.testing.assert_array_equal(RowReader(store, "tokens").take(rows), data.arrays["tokens"])
 
 
-def test_a_killed_writer_leaves_nothing_valid_and_the_resumed_store_equals_an_uninterrupted_one(bucket, tmp_path):  # noqa: F811
+def test_a_killed_writer_leaves_nothing_valid_and_the_resumed_store_equals_an_uninterrupted_one(bucket, tmp_path):
     cache = cache_in(bucket, tmp_path)
     w = run_writer(cache_in(bucket, tmp_path, "killed"), "hang")
     assert w.stdout.readline().split()[0] == "claimed"
@@ -165,7 +143,7 @@ def test_a_killed_writer_leaves_nothing_valid_and_the_resumed_store_equals_an_un
 
 
 # ------------------------------------------------------------------------------ reading
-def test_reads_go_through_a_local_copy_that_follows_the_object_and_checks_every_chunk(bucket, tmp_path):  # noqa: F811
+def test_reads_go_through_a_local_copy_that_follows_the_object_and_checks_every_chunk(bucket, tmp_path):
     cache = cache_in(bucket, tmp_path)
     build(cache, failed_source="/data/x.png")
     store = Store.open(ObjectStorage(cache.url + "/" + STORE, tmp_path / "reader"))  # a reader with an empty mirror
@@ -183,11 +161,9 @@ def test_reads_go_through_a_local_copy_that_follows_the_object_and_checks_every_
 
 
 # ------------------------------------------------------------------------------ the commands
-def test_embed_train_and_evaluate_with_a_cache_in_a_bucket(bucket, tmp_path, monkeypatch):  # noqa: F811
+def test_embed_train_and_evaluate_with_a_cache_in_a_bucket(bucket, tmp_path, monkeypatch):
     """`pipe embed --cache s3://...` writes the stores a folder cache gets, object for object;
     a second run reuses them all; training and evaluation read them through the mirror."""
-    from helpers import embed_json, make_table, pipe
-
     monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
     table = make_table(tmp_path / "data", 12)
     embed_json(table, tmp_path / "local")
@@ -230,9 +206,7 @@ out: {tmp_path / "sweep"}
     assert "backbone forwards: 0" in swept.output and len(pd.read_csv(tmp_path / "sweep" / "sweep.csv")) == 2
 
 
-def test_verify_checks_every_object_of_a_bucket(bucket, tmp_path, monkeypatch):  # noqa: F811
-    from helpers import pipe
-
+def test_verify_checks_every_object_of_a_bucket(bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
     url = f"s3://{bucket}/c"
     cache = cache_in(bucket, tmp_path, "writer")
@@ -253,7 +227,7 @@ def test_verify_checks_every_object_of_a_bucket(bucket, tmp_path, monkeypatch): 
     assert [r["items"] for r in listed] == [21]
 
 
-def test_a_shard_is_fetched_in_range_requests_and_the_copies_stay_within_their_budget(bucket, tmp_path, monkeypatch):  # noqa: F811
+def test_a_shard_is_fetched_in_range_requests_and_the_copies_stay_within_their_budget(bucket, tmp_path, monkeypatch):
     import cache.objects as objects
 
     cache = cache_in(bucket, tmp_path)
@@ -274,11 +248,9 @@ def test_a_shard_is_fetched_in_range_requests_and_the_copies_stay_within_their_b
 
 
 @pytest.mark.slow
-def test_dask_workers_embed_into_a_bucket_as_one_process_does_into_a_folder(bucket, tmp_path, monkeypatch):  # noqa: F811
+def test_dask_workers_embed_into_a_bucket_as_one_process_does_into_a_folder(bucket, tmp_path, monkeypatch):
     """Workers write each shard's files, stage them as objects under their temporary names, and
     the client (which holds the claims) publishes them inside the bucket and commits."""
-    from helpers import embed_json, make_table
-
     monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
     table = make_table(tmp_path / "data", 24)
     small = ("--shard-mb", "0.5", "--batch-size", "4")
@@ -310,13 +282,10 @@ def test_a_stray_bucket_note_does_not_turn_a_folder_into_a_bucket(tmp_path, monk
 
 
 @pytest.mark.slow
-def test_pipe_embed_killed_and_resumed_on_a_bucket_equals_an_uninterrupted_folder_cache(bucket, tmp_path, monkeypatch):  # noqa: F811
+def test_pipe_embed_killed_and_resumed_on_a_bucket_equals_an_uninterrupted_folder_cache(bucket, tmp_path, monkeypatch):
     """SIGKILL a `pipe embed --cache s3://...` once it has committed a shard; what it committed
     stays byte for byte, and the resumed cache's stores equal a folder cache's. Training then
     streams from the bucket (resident=none) as it does from the folder."""
-    from helpers import embed_json, make_table, pipe
-    from kills import ENV, embed_args, pipe_cmd
-
     monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
     table = make_table(tmp_path / "data", 40)
     small = ("--shard-mb", "0.3")

@@ -1,7 +1,6 @@
 """The real-dataset readers, on small trees with the published names, columns and nesting."""
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import math
@@ -11,8 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pipeline.datasets import DatasetError, load_mask, open_dataset
 from pipeline.datasets.masks import boxes_to_mask, decode_relative_rle
@@ -22,50 +19,10 @@ from pipeline.datasets.reports import (clean_report, extract_sections, normalise
                                        select_text, split_sections)
 from pipeline.datasets.splits import patients_in_several_splits
 from tests.helpers import pipe
+from tests.helpers.files import write_csv, write_jpg
+from tests.helpers.layouts import SIIM_IDS, build_covidx, build_mimic, build_rsna, build_siim
 
 NAN = float("nan")
-
-
-# ------------------------------------------------------------------ file builders
-
-
-def write_jpg(path: Path, seed: int, size: tuple[int, int] = (20, 24)) -> Path:
-    arr = (np.random.default_rng(seed).random(size) * 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, format="JPEG" if path.suffix == ".jpg" else "PNG")
-    return path
-
-
-def write_dicom(path: Path, rows: int, cols: int, seed: int = 0, photometric: str = "MONOCHROME2") -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture, as Kaggle's files
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-    ds.PatientID = path.stem
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = (np.random.default_rng(seed).random((rows, cols)) * 255).astype(np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def write_csv(path: Path, header: list[str], rows: list[list], gz: bool = False) -> Path:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(buf.getvalue().encode()))
-    else:
-        path.write_text(buf.getvalue())
-    return path
 
 
 def line_of(path: Path, needle: str) -> int:
@@ -74,72 +31,6 @@ def line_of(path: Path, needle: str) -> int:
 
 
 # ------------------------------------------------------------------------ MIMIC-CXR
-
-MIMIC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-                "Pneumothorax", "Support Devices"]
-META_COLS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
-             "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
-             "PatientOrientationCodeSequence_CodeMeaning"]
-
-REPORT_FULL = """                                 FINAL REPORT
- EXAMINATION:  CHEST (PA AND LAT)
-
- INDICATION:  ___ year old with a cough, assess for infiltrate.
-
- COMPARISON:  None.
-
- FINDINGS:
-
- Heart size is within normal limits.  There is a small right pleural
- effusion.  No pneumothorax is seen.
-
- IMPRESSION:
-
- 1. Small right effusion. 2. No focal consolidation.
-"""
-REPORT_NO_HEADERS = """ Portable upright view of the chest was obtained.
-
- The endotracheal tube ends about four centimeters above the carina.
- Lungs are clear of consolidation.
-"""
-REPORT_EMPTY = """                                 FINAL REPORT
- EXAMINATION:  CHEST PORTABLE
-
- INDICATION:  line check
-
- IMPRESSION:  ___
-"""
-# (subject, study, split, report, [(dicom_id, view)], chexpert labels by name)
-MIMIC_STUDIES = [
-    ("10000032", "50414267", "train", REPORT_FULL, [("d-aaaa-01", "PA"), ("d-aaaa-02", "LATERAL")],
-     {"Pleural Effusion": "1.0", "Pneumonia": "-1.0", "No Finding": ""}),
-    ("10000032", "53189527", "train", REPORT_NO_HEADERS, [("d-aaab-01", "AP")], {"Support Devices": "1.0",
-                                                                               "No Finding": "0.0"}),
-    ("11000011", "56699142", "validate", REPORT_FULL, [("d-bbbb-01", "AP"), ("d-bbbb-02", "PA")],
-     {"No Finding": "1.0"}),
-    ("12000022", "57375967", "test", REPORT_FULL, [("d-cccc-01", "PA")], {"Cardiomegaly": "-1.0"}),
-    ("12000022", "58000000", "test", REPORT_EMPTY, [("d-cccc-02", "PA")], {"No Finding": "1.0"}),
-]
-
-
-def build_mimic(root: Path, reports_under: str = "mimic-cxr-reports", gz: bool = True) -> Path:
-    meta, split, chex = [], [], []
-    for i, (subject, study, sp, report, images, labels) in enumerate(MIMIC_STUDIES):
-        folder = root / "files" / f"p{subject[:2]}" / f"p{subject}"
-        for j, (dicom_id, view) in enumerate(images):
-            write_jpg(folder / f"s{study}" / f"{dicom_id}.jpg", seed=10 * i + j)
-            meta.append([dicom_id, subject, study, "CHEST (PA AND LAT)", view, 3056, 2544, 21800506, 213014.531,
-                         "CHEST (PA AND LAT)", "postero-anterior", "Erect"])
-            split.append([dicom_id, study, subject, sp])
-        reports = (root / reports_under if reports_under else root) / "files" / f"p{subject[:2]}" / f"p{subject}"
-        reports.mkdir(parents=True, exist_ok=True)
-        (reports / f"s{study}.txt").write_text(report)
-        chex.append([subject, study, *[labels.get(n, "") for n in MIMIC_LABELS]])
-    write_csv(root / "mimic-cxr-2.0.0-metadata.csv", META_COLS, meta)
-    write_csv(root / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"], split, gz=gz)
-    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id", *MIMIC_LABELS], chex, gz=gz)
-    return root
 
 
 def test_mimic_frontal_items_official_splits_and_reports(tmp_path):
@@ -296,21 +187,6 @@ def test_chexpert_bad_rows(tmp_path):
 
 # --------------------------------------------------------------------- RSNA pneumonia
 
-RSNA_ROWS = [["0004cfab-0000-0000-0000-000000000001", "", "", "", "", 0],
-             ["00436515-0000-0000-0000-000000000002", 2.0, 3.0, 4.0, 2.0, 1],
-             ["00436515-0000-0000-0000-000000000002", 10.0, 1.0, 3.0, 5.0, 1],
-             ["00704310-0000-0000-0000-000000000003", 0.0, 0.0, 1.0, 1.0, 1]]
-
-
-def build_rsna(root: Path, n_negative: int = 0) -> Path:
-    rows = [list(r) for r in RSNA_ROWS]
-    rows += [[f"neg-{i:04d}", "", "", "", "", 0] for i in range(n_negative)]
-    write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows)
-    for i, pid in enumerate(dict.fromkeys(r[0] for r in rows)):
-        write_dicom(root / "stage_2_train_images" / f"{pid}.dcm", rows=12, cols=16, seed=i)
-    return root
-
-
 def test_box_rasterisation_by_hand():
     mask = boxes_to_mask([(1, 2, 3, 1), (4.4, 0, 10, 1.6)], height=4, width=6)
     expected = np.array([[0, 0, 0, 0, 1, 1],
@@ -378,27 +254,6 @@ def test_relative_rle_decoding_by_hand():
         decode_relative_rle("1 2 3", 3, 4)
 
 
-SIIM_IDS = ["1.2.276.0.7230010.3.1.4.8323329.1000.1517875165.878027",
-            "1.2.276.0.7230010.3.1.4.8323329.1001.1517875165.878030",
-            "1.2.276.0.7230010.3.1.4.8323329.1002.1517875165.878033"]
-
-
-def build_siim(root: Path, extra: int = 0) -> Path:
-    ids = SIIM_IDS + [f"1.2.276.0.7230010.3.1.4.8323329.{2000 + i}.1517875170.1" for i in range(extra)]
-    lines = ["ImageId, EncodedPixels",
-             f"{ids[0]}, -1",
-             f"{ids[1]}, 1 2 3 1",
-             f"{ids[1]}, 9 2",
-             f"{ids[2]}, -1"] + [f"{i}, -1" for i in ids[3:]]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "train-rle.csv").write_text("\n".join(lines) + "\n")
-    for n, image_id in enumerate(ids):
-        study, series = f"1.2.276.0.7230010.3.1.2.{n}.1", f"1.2.276.0.7230010.3.1.3.{n}.1"
-        write_dicom(root / "dicom-images-train" / study / series / f"{image_id}.dcm", rows=3, cols=4, seed=n,
-                    photometric="MONOCHROME1" if n == 1 else "MONOCHROME2")
-    return root
-
-
 def test_siim_union_of_regions_and_labels(tmp_path):
     root = build_siim(tmp_path / "siim", extra=20)
     ds = open_dataset(f"siim-pneumothorax:{root}", tmp_path / "cache")
@@ -428,24 +283,6 @@ def test_siim_bad_rows(tmp_path):
 
 
 # -------------------------------------------------------------------------- COVIDx
-
-
-def build_covidx(root: Path, with_val: bool = False, n_train: int = 30) -> Path:
-    classes = ["normal", "pneumonia", "COVID-19"]
-    train = [f"{100 + i // 2} img-{i:03d}.png {classes[i % 3]} {'rsna' if i % 3 < 2 else 'cohen'}"
-             for i in range(n_train)]
-    test = ["900 test-000.jpeg COVID-19", "901 test-001.png normal", "902 test 002.png pneumonia"]  # old 3 columns
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "train.txt").write_text("\n".join(train) + "\n")
-    (root / "test.txt").write_text("\n".join(test) + "\n")
-    for line in train:
-        write_jpg(root / "train" / line.split()[1], seed=len(line), size=(8, 8))
-    for name in ("test-000.jpeg", "test-001.png", "test 002.png"):
-        write_jpg(root / "test" / name, seed=1, size=(8, 8))
-    if with_val:
-        (root / "val.txt").write_text("950 val-000.png normal sirm\n")
-        write_jpg(root / "train" / "val-000.png", seed=2, size=(8, 8))
-    return root
 
 
 def test_covidx_parse_both_formats():

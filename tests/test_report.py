@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.browser import INSTALL_HINT, blank, check_page, find_chromium
-from tests.helpers import embed_json, make_table, pipe
+from tests.helpers.browser import INSTALL_HINT, blank, check_page, find_chromium
+from tests.helpers import SMALL, SMALL_HEADS, SMALL_SEG, embed_json, make_table, pipe
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PIPE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
@@ -30,10 +30,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 DATASET = "demo?n=120"
 TINY = ["-b", "tiny-vit", "-t", "tiny-bert"]
-ADAPTOR = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "batch_size=16", "epochs=3"]
-HEADS = ["heads.epochs=4", "heads.min_steps=20", "heads.patience=2", "bootstrap=100", "seeds=2", "fractions=[0.5,1.0]"]
-SEG = ["seg.channels=[8,8,8,8]", "seg.epochs=2", "seg.min_steps=4", "seg.batch_size=8", "bootstrap=100", "seeds=1",
-       "fractions=[1.0]", "seg.target=effusion", "seg.overlays=4"]
+ADAPTOR = [*SMALL, "batch_size=16", "epochs=3", "optim.lr=2e-5"]  # lr: the default (the page is tested, not the Adaptor)
+HEADS = [*SMALL_HEADS, "bootstrap=100", "seeds=2", "fractions=[0.5,1.0]"]
+SEG = [*SMALL_SEG, "bootstrap=100", "seeds=1", "fractions=[1.0]", "seg.target=effusion", "seg.overlays=4"]
 TASKS = {"retrieval": [], "zero-shot": [], "classification": HEADS, "segmentation": SEG}
 
 
@@ -43,27 +42,20 @@ def demo(tmp_path_factory):
     a tokens-mode Adaptor, every task (the no-Adaptor rows with the pooled one), and the page
     `pipe report --html` makes of the output folder. (`pipe demo` itself writing its page is
     tested in test_demo.py, which runs the whole demo.)"""
-    import torch
-
     root = tmp_path_factory.mktemp("report")
     cache, out = root / "cache", root / "out"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast, and far faster on a busy machine
-    try:
-        pipe("embed", "-d", DATASET, *TINY, "--cache", str(cache))
-        for mode in ("pooled", "tokens"):
-            extra = ["adaptor.mode=tokens", "adaptor.grid_pool=4"] if mode == "tokens" else []
-            pipe("train-adaptor", "-d", DATASET, *TINY, "--cache", str(cache), "--out",
-                 str(out / f"adaptor-{mode}"), *ADAPTOR, *extra)
-            for task, settings in TASKS.items():
-                if mode == "tokens" and task in ("classification", "segmentation"):
-                    continue  # side by side in retrieval and zero-shot is enough here
-                pipe("evaluate", "--task", task, "-d", DATASET, "--adaptor", str(out / f"adaptor-{mode}"), "--cache",
-                     str(cache), "--out", str(out / f"{task}-{mode}"), *settings,
-                     *(["--baseline"] if mode == "pooled" else []))
-        r = pipe("report", str(out), "--html", str(out / "report.html"), "--format", "md")
-    finally:
-        torch.set_num_threads(threads)
+    pipe("embed", "-d", DATASET, *TINY, "--cache", str(cache))
+    for mode in ("pooled", "tokens"):
+        extra = ["adaptor.mode=tokens", "adaptor.grid_pool=4"] if mode == "tokens" else []
+        pipe("train-adaptor", "-d", DATASET, *TINY, "--cache", str(cache), "--out",
+             str(out / f"adaptor-{mode}"), *ADAPTOR, *extra)
+        for task, settings in TASKS.items():
+            if mode == "tokens" and task in ("classification", "segmentation"):
+                continue  # side by side in retrieval and zero-shot is enough here
+            pipe("evaluate", "--task", task, "-d", DATASET, "--adaptor", str(out / f"adaptor-{mode}"), "--cache",
+                 str(cache), "--out", str(out / f"{task}-{mode}"), *settings,
+                 *(["--baseline"] if mode == "pooled" else []))
+    r = pipe("report", str(out), "--html", str(out / "report.html"), "--format", "md")
     return {"out": out, "page": out / "report.html", "output": r.output}
 
 

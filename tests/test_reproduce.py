@@ -19,8 +19,8 @@ from stages.reproduce.spec import DATASETS, load_table, table_names
 from stages.reproduce.steps import Context, eval_config, pretrain_config
 from stages.train import trainer
 from tests.helpers import pipe
-from tests.layouts import (benchx_covidx_name, mini_covidx_cxr4, mini_mimic, mini_rsna, mini_siim_png,
-                           release_names, split_benchx_style, write_benchx)
+from tests.helpers.layouts import (benchx_covidx_name, mini_covidx_cxr4, mini_mimic, mini_rsna, mini_siim_png,
+                                   release_names, split_benchx_style, write_benchx)
 
 TINY = ("dinov2-s=tiny-vit,dinov2-b=tiny-vit,resnet-ae=tiny-vit,bert=tiny-bert,biobert=tiny-bert,"
         "clinicalbert=tiny-bert,pubmedbert=tiny-bert,cxr-bert=tiny-bert")

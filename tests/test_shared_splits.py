@@ -9,9 +9,8 @@ from pipeline.datasets import DatasetError, open_dataset
 from pipeline.datasets.readers import covidx
 from pipeline.datasets.shared_splits import BENCHX_COUNTS, MGCA_COUNTS
 from pipeline.datasets.splits import split_lists
-from tests.layouts import (benchx_covidx_name, mini_covidx_cxr4, mini_rsna, mini_siim_png, release_names,
-                           split_benchx_style, write_benchx, write_mgca_csv)
-from tests.test_readers import build_siim
+from tests.helpers.layouts import (benchx_covidx_name, build_siim, mini_covidx_cxr4, mini_rsna, mini_siim_png,
+                                   release_names, split_benchx_style, write_benchx, write_mgca_csv)
 
 
 def expect_counts(monkeypatch, table: dict, reader: str, counts: dict[str, int]) -> None:

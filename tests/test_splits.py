@@ -13,7 +13,7 @@ from pipeline.datasets import Dataset, Item, open_dataset
 from pipeline.datasets.splits import (fraction_name, hash_split, manifest_of, nested_fractions,
                                       patients_in_several_splits, read_list, split_lists, verify_lists, write_lists)
 from tests.helpers import pipe
-from tests.test_readers import build_covidx, build_rsna
+from tests.helpers.layouts import build_covidx, build_rsna
 
 
 def _labelled(n: int, positive_every: int = 5) -> tuple[list[str], list[float]]:

@@ -21,47 +21,12 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
-from cache.store import ShardData, Store
+from tests.helpers.stores import build
 
 DIGESTS = Path(__file__).parent / "data" / "store_digests.json"
 VARYING_ATTRS = ("created", "versions")
-
-
-def fixed_table() -> list[tuple[str, ShardData]]:
-    """Three groups of rows: two full shards and a short last one (its last chunk padded)."""
-    rng = np.random.default_rng(20240617)
-    out = []
-    for g, n in enumerate((8, 8, 5)):
-        keys = [f"{g:02d}{i:02d}" + "ab" * 7 for i in range(n)]
-        out.append((f"{g:016x}", ShardData(
-            keys=keys, views=[0] * n, sources=[f"data/img/{k}.png" for k in keys],
-            arrays={"tokens": rng.standard_normal((n, 5, 4)).astype(np.float16),
-                    "pooled": rng.standard_normal((n, 4)).astype(np.float32),
-                    "length": np.full(n, 5, np.int32)})))
-    return out
-
-
-def create_store(root) -> Store:
-    """The store of the fixed table under a cache folder (or in the given storage)."""
-    return Store.create(root, "image", "fixed-encoder", "0123456789abcdef" * 4, {"model": "fixed", "dim": 4},
-                        shard_rows=8, chunk_rows=2)
-
-
-def build(root, failed_source: str | None = None) -> Path:
-    """The fixed table's store, written through the Store API; returns its path."""
-    store = create_store(root)
-    for group, data in fixed_table():
-        claim = store.claim(group, "run-fixed")
-        if claim.state.value == "taken":  # a resumed build finds some groups done
-            store.write_shard(claim, data, "fixed-dataset", fsync=False)
-    again = store.claim(fixed_table()[0][0], "run-fixed")  # a committed group is not claimed twice
-    assert again.state.value == "done"
-    store.record_failures([{"item": "x", "source": failed_source or str(root / "data" / "x.png"), "key": "", "dataset": "fixed-dataset",
-                            "reason": "unreadable"}], "run-fixed")
-    return store.path
 
 
 def parquet_digest(data: bytes, path: Path) -> str:

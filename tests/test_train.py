@@ -9,15 +9,7 @@ import pytest
 import torch
 
 from pipeline.models.checkpoint import CheckpointMismatchError, check_fingerprints, read_meta
-from tests.helpers import append_rows, embed_json, embedded_table, make_table, pipe
-
-SMALL = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "batch_size=8", "optim.lr=1e-3"]
-
-
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory):
-    """One small table embedded once (with 2 extra views) and shared by the tests here."""
-    return embedded_table(tmp_path_factory.mktemp("train"), 40, "--views", "2")
+from tests.helpers import SMALL, append_rows, embed_json, make_table, pipe
 
 
 def train(table, cache, out, *overrides, expect=0):

@@ -19,26 +19,26 @@ from safetensors.torch import load_file
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models import checkpoint
 from pipeline.models.checkpoint import CheckpointMismatchError, load_checkpoint, read_meta, save_checkpoint
-from tests.helpers import embedded_table
+from tests.helpers import SMALL
 
 pytestmark = pytest.mark.slow  # subprocesses, kills and process groups: minutes, not seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, STEPS_PER_EPOCH = 40, 3  # 12 train pairs, batch 4
 # Dropout stays on and views are sampled: a resumed epoch must replay both exactly.
-RUN = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "adaptor.mode=tokens", "batch_size=4",
-       "optim.lr=1e-3", f"epochs={EPOCHS}", "checkpoint_every=1", "--device", "cpu"]
+RUN = [*SMALL, "adaptor.mode=tokens", "batch_size=4", f"epochs={EPOCHS}", "checkpoint_every=1", "--device", "cpu"]
 # Timing and memory columns differ between any two runs; everything else must not.
 UNSTABLE = {"epoch_seconds", "data_wait_share", "samples_per_s", "cpu_peak_mb", "gpu_peak_mb"}
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory):
-    return embedded_table(tmp_path_factory.mktemp("kill"), 24, "--views", "2")
+def small_cache(embedded, tmp_path_factory):
+    """24 items with 2 augmented views: 12 training pairs, 3 steps of 4 per epoch."""
+    return embedded(24, "--views", "2").copy(tmp_path_factory.mktemp("kill") / "cache")
 
 
-def start(cached, out: Path) -> subprocess.Popen:
-    table, cache = cached
+def start(small_cache, out: Path) -> subprocess.Popen:
+    table, cache = small_cache
     cmd = [sys.executable, "-m", "cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
            "--cache", str(cache), "--out", str(out), *RUN]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -91,8 +91,8 @@ def stable(out: Path) -> pd.DataFrame:
 
 
 @pytest.mark.timeout(240)
-def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(cached, tmp_path):
-    reference = start(cached, tmp_path / "full")
+def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(small_cache, tmp_path):
+    reference = start(small_cache, tmp_path / "full")
     rng = np.random.default_rng(20240101)
     out, kills = tmp_path / "killed", []
     targets = sorted(rng.choice(np.arange(2, EPOCHS - 8), size=4, replace=False))
@@ -103,7 +103,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(cache
         by_checkpoint = i % 2 == 1
         delay = float(rng.uniform(0, 0.1) if by_checkpoint else rng.uniform(0, 0.004))
         target = max(int(target), metrics_rows(out) + 1, checkpoint_epoch(out) + 1)  # progress of this process
-        proc = start(cached, out)
+        proc = start(small_cache, out)
         progress = (lambda: checkpoint_epoch(out) >= target) if by_checkpoint else (lambda: metrics_rows(out) >= target)
         wait_until(proc, progress)
         time.sleep(delay)
@@ -114,7 +114,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(cache
         kills.append((target, "checkpoint" if by_checkpoint else "metrics", round(delay, 4), metrics_rows(out),
                       leftovers, assert_checkpoint_consistent(out)))
     assert len(kills) == 4 and all(k[-1] >= 1 for k in kills), kills
-    finish(start(cached, out), out)  # the last resume runs to the end
+    finish(start(small_cache, out), out)  # the last resume runs to the end
     finish(reference, tmp_path / "full")
 
     assert "resuming" in (tmp_path / "killed.log").read_text()

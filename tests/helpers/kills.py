@@ -17,7 +17,7 @@ from core.atomic import is_temp_name
 from cache.shards import partial_of
 from cache.store import find_stores
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PIPE_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
        "HF_HUB_OFFLINE": "1"}
 

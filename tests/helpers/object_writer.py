@@ -1,8 +1,11 @@
 """A writer of the fixed table into a store in a bucket, in its own process (object-store tests).
 
-    python tests/object_writer.py URL MIRROR all [reverse]   claim and write every group
-    python tests/object_writer.py URL MIRROR hang            commit group 0, then upload group 1's
-                                                             shard objects and wait before its part (to be killed)
+    python -m tests.helpers.object_writer URL MIRROR all [reverse]   claim and write every group
+    python -m tests.helpers.object_writer URL MIRROR hang            commit group 0, then upload group 1's
+                                                                     shard objects and wait before its part
+                                                                     (to be killed)
+
+(from the repository's root)
 """
 from __future__ import annotations
 
@@ -10,12 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-
-from cache.claims import live_run  # noqa: E402
-from cache.objects import ObjectStorage  # noqa: E402
-from cache.store import ClaimState, Store  # noqa: E402
-from test_store_bytes import create_store, fixed_table  # noqa: E402
+from cache.claims import live_run
+from cache.objects import ObjectStorage
+from cache.store import ClaimState, Store
+from tests.helpers.stores import create_store, fixed_table
 
 
 def write_all(store: Store, reverse: bool) -> None:

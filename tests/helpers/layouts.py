@@ -1,7 +1,8 @@
 """Miniature copies of the paper's datasets in their published layouts, and of the split files
 others publish for them (BenchX's lists, MGCA's CSVs): built by the tests, never copied from
 those projects. Small enough to embed with the tiny encoders in seconds, large enough that
-every split of every fraction holds both classes."""
+every split of every fraction holds both classes. The readers' own tests use the smaller
+trees at the end (a few rows each, with the cases a reader must handle)."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +11,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.test_readers import MIMIC_LABELS, META_COLS, write_csv, write_dicom, write_jpg
+from tests.helpers.files import write_csv, write_dicom, write_jpg
+
+# MIMIC-CXR's CheXpert label columns and metadata columns, in the release's order
+MIMIC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+                "Pneumothorax", "Support Devices"]
+META_COLS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+             "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
+             "PatientOrientationCodeSequence_CodeMeaning"]
 
 REPORTS = ["Small right pleural effusion. No pneumothorax.", "Heart size is normal. Lungs are clear.",
            "Patchy left basal consolidation, likely pneumonia.", "Mild cardiomegaly without edema.",
@@ -128,3 +137,118 @@ def split_benchx_style(ids: list[str], labels: list[int]) -> dict[str, list[str]
     neg = [i for i in train if not lab[i]]
     return {"train": train, "val": val, "test": test, "train_1": [pos[0], neg[0]],
             "train_10": [*pos[:2], *neg[:3]]}
+
+
+# ------------------------------------------------------------ the readers' small trees
+REPORT_FULL = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___ year old with a cough, assess for infiltrate.
+
+ COMPARISON:  None.
+
+ FINDINGS:
+
+ Heart size is within normal limits.  There is a small right pleural
+ effusion.  No pneumothorax is seen.
+
+ IMPRESSION:
+
+ 1. Small right effusion. 2. No focal consolidation.
+"""
+REPORT_NO_HEADERS = """ Portable upright view of the chest was obtained.
+
+ The endotracheal tube ends about four centimeters above the carina.
+ Lungs are clear of consolidation.
+"""
+REPORT_EMPTY = """                                 FINAL REPORT
+ EXAMINATION:  CHEST PORTABLE
+
+ INDICATION:  line check
+
+ IMPRESSION:  ___
+"""
+# (subject, study, split, report, [(dicom_id, view)], chexpert labels by name)
+MIMIC_STUDIES = [
+    ("10000032", "50414267", "train", REPORT_FULL, [("d-aaaa-01", "PA"), ("d-aaaa-02", "LATERAL")],
+     {"Pleural Effusion": "1.0", "Pneumonia": "-1.0", "No Finding": ""}),
+    ("10000032", "53189527", "train", REPORT_NO_HEADERS, [("d-aaab-01", "AP")], {"Support Devices": "1.0",
+                                                                               "No Finding": "0.0"}),
+    ("11000011", "56699142", "validate", REPORT_FULL, [("d-bbbb-01", "AP"), ("d-bbbb-02", "PA")],
+     {"No Finding": "1.0"}),
+    ("12000022", "57375967", "test", REPORT_FULL, [("d-cccc-01", "PA")], {"Cardiomegaly": "-1.0"}),
+    ("12000022", "58000000", "test", REPORT_EMPTY, [("d-cccc-02", "PA")], {"No Finding": "1.0"}),
+]
+
+
+def build_mimic(root: Path, reports_under: str = "mimic-cxr-reports", gz: bool = True) -> Path:
+    meta, split, chex = [], [], []
+    for i, (subject, study, sp, report, images, labels) in enumerate(MIMIC_STUDIES):
+        folder = root / "files" / f"p{subject[:2]}" / f"p{subject}"
+        for j, (dicom_id, view) in enumerate(images):
+            write_jpg(folder / f"s{study}" / f"{dicom_id}.jpg", seed=10 * i + j)
+            meta.append([dicom_id, subject, study, "CHEST (PA AND LAT)", view, 3056, 2544, 21800506, 213014.531,
+                         "CHEST (PA AND LAT)", "postero-anterior", "Erect"])
+            split.append([dicom_id, study, subject, sp])
+        reports = (root / reports_under if reports_under else root) / "files" / f"p{subject[:2]}" / f"p{subject}"
+        reports.mkdir(parents=True, exist_ok=True)
+        (reports / f"s{study}.txt").write_text(report)
+        chex.append([subject, study, *[labels.get(n, "") for n in MIMIC_LABELS]])
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv", META_COLS, meta)
+    write_csv(root / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"], split, gz=gz)
+    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id", *MIMIC_LABELS], chex, gz=gz)
+    return root
+
+
+RSNA_ROWS = [["0004cfab-0000-0000-0000-000000000001", "", "", "", "", 0],
+             ["00436515-0000-0000-0000-000000000002", 2.0, 3.0, 4.0, 2.0, 1],
+             ["00436515-0000-0000-0000-000000000002", 10.0, 1.0, 3.0, 5.0, 1],
+             ["00704310-0000-0000-0000-000000000003", 0.0, 0.0, 1.0, 1.0, 1]]
+
+
+def build_rsna(root: Path, n_negative: int = 0) -> Path:
+    rows = [list(r) for r in RSNA_ROWS]
+    rows += [[f"neg-{i:04d}", "", "", "", "", 0] for i in range(n_negative)]
+    write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows)
+    for i, pid in enumerate(dict.fromkeys(r[0] for r in rows)):
+        write_dicom(root / "stage_2_train_images" / f"{pid}.dcm", rows=12, cols=16, seed=i)
+    return root
+
+
+SIIM_IDS = ["1.2.276.0.7230010.3.1.4.8323329.1000.1517875165.878027",
+            "1.2.276.0.7230010.3.1.4.8323329.1001.1517875165.878030",
+            "1.2.276.0.7230010.3.1.4.8323329.1002.1517875165.878033"]
+
+
+def build_siim(root: Path, extra: int = 0) -> Path:
+    ids = SIIM_IDS + [f"1.2.276.0.7230010.3.1.4.8323329.{2000 + i}.1517875170.1" for i in range(extra)]
+    lines = ["ImageId, EncodedPixels",
+             f"{ids[0]}, -1",
+             f"{ids[1]}, 1 2 3 1",
+             f"{ids[1]}, 9 2",
+             f"{ids[2]}, -1"] + [f"{i}, -1" for i in ids[3:]]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train-rle.csv").write_text("\n".join(lines) + "\n")
+    for n, image_id in enumerate(ids):
+        study, series = f"1.2.276.0.7230010.3.1.2.{n}.1", f"1.2.276.0.7230010.3.1.3.{n}.1"
+        write_dicom(root / "dicom-images-train" / study / series / f"{image_id}.dcm", rows=3, cols=4, seed=n,
+                    photometric="MONOCHROME1" if n == 1 else "MONOCHROME2")
+    return root
+
+
+def build_covidx(root: Path, with_val: bool = False, n_train: int = 30) -> Path:
+    classes = ["normal", "pneumonia", "COVID-19"]
+    train = [f"{100 + i // 2} img-{i:03d}.png {classes[i % 3]} {'rsna' if i % 3 < 2 else 'cohen'}"
+             for i in range(n_train)]
+    test = ["900 test-000.jpeg COVID-19", "901 test-001.png normal", "902 test 002.png pneumonia"]  # old 3 columns
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "test.txt").write_text("\n".join(test) + "\n")
+    for line in train:
+        write_jpg(root / "train" / line.split()[1], seed=len(line), size=(8, 8))
+    for name in ("test-000.jpeg", "test-001.png", "test 002.png"):
+        write_jpg(root / "test" / name, seed=1, size=(8, 8))
+    if with_val:
+        (root / "val.txt").write_text("950 val-000.png normal sirm\n")
+        write_jpg(root / "train" / "val-000.png", seed=2, size=(8, 8))
+    return root
