@@ -12,6 +12,11 @@ Fixtures (ask for them by name; none needs an import):
   into it, other modules never see it.
 - ``s3_endpoint`` (session) and ``bucket`` (a fresh bucket, and the environment that points the
   AWS chain at it).
+
+Run in parallel (``make test``: ``pytest -n 4 --dist loadgroup``), the tests of a module that
+defines its own module-scoped fixture (an embedded demo, trained Adaptors) run on one worker,
+which builds it once; every other test goes wherever a worker is free. Modules with tests marked
+``slow`` start first, so that the longest tests do not finish last.
 """
 from __future__ import annotations
 
@@ -43,6 +48,23 @@ os.environ["COLUMNS"] = "160"
 
 from tests.helpers import embed_json, make_table  # noqa: E402  (after the environment is set)
 from tests.helpers.s3server import ACCESS, make_bucket, moto_server  # noqa: E402
+
+
+def _builds_a_module_fixture(item: pytest.Item) -> bool:
+    """Whether the test uses a module- or class-scoped fixture that its own module defines."""
+    info = getattr(item, "_fixtureinfo", None)
+    module = item.nodeid.split("::")[0]
+    return info is not None and any(d.scope in ("module", "class") and d.baseid == module
+                                    for defs in info.name2fixturedefs.values() for d in defs)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _builds_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    # Modules with slow tests first, each module's tests kept together (a module fixture is built once).
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
 
 
 @pytest.fixture(autouse=True)
