@@ -35,13 +35,12 @@ EMBED = ("--shard-mb", "0.3", "--batch-size", "4")  # 16-row image shards: 40 it
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    """40 items embedded once into a cache of several shards per store; tests damage copies of it."""
-    root = tmp_path_factory.mktemp("integrity")
-    table = make_table(root / "data", 40)
-    out = embed_json(table, root / "clean", *EMBED)
-    assert out["embedded"] == 80
-    return table, root / "clean"
+def clean(embedded):
+    """40 items embedded once into a cache of several shards per store (shared with
+    test_hardening.py); tests damage copies of it."""
+    made = embedded(40, *EMBED)
+    assert made.summary["embedded"] == 80
+    return made.table, made.cache
 
 
 def stores(cache: Path) -> dict[str, Store]:

@@ -46,13 +46,10 @@ def assert_same_cache(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def table_and_clean(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hard")
-    table = make_table(root / "data", 40)
-    t = time.perf_counter()
-    done = subprocess.run(embed_cmd(table, root / "clean"), env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return table, root / "clean", time.perf_counter() - t
+def table_and_clean(embedded):
+    """40 items embedded once as embed_cmd embeds them (the cache test_cache_integrity.py damages)."""
+    made = embedded(40, "--shard-mb", "0.3", "--batch-size", "4")
+    return made.table, made.cache
 
 
 KILLED = ("--shard-mb", "0.1")  # 16-row shards: 96 items make 12 of them, room for ten kills' progress
@@ -95,7 +92,7 @@ def test_sigkill_at_ten_random_points_then_resume(tmp_path):
 
 
 def test_two_concurrent_writers_store_everything_once(table_and_clean, tmp_path):
-    table, clean, _ = table_and_clean
+    table, clean = table_and_clean
     cache = tmp_path / "cache"
     procs = [subprocess.Popen(embed_cmd(table, cache), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
@@ -122,7 +119,7 @@ def tmpfs(path: Path, size: str, *options: str):
 
 
 def test_disk_full_gives_a_clear_error_and_a_valid_cache(table_and_clean, tmp_path):
-    table, clean, _ = table_and_clean
+    table, clean = table_and_clean
     with tmpfs(tmp_path / "small", "1500k") as cache:
         full = subprocess.run(embed_cmd(table, cache), env=ENV, capture_output=True, text=True)
         assert full.returncode == 2, full.stderr
@@ -141,7 +138,7 @@ def test_disk_full_gives_a_clear_error_and_a_valid_cache(table_and_clean, tmp_pa
 
 
 def test_read_only_cache(table_and_clean, tmp_path):
-    table, _, _ = table_and_clean
+    table, _ = table_and_clean
     with tmpfs(tmp_path / "ro", "8m", "ro") as cache:
         r = pipe("embed", "--dataset", str(table), "--backbone", "tiny-vit", "--text-encoder", "tiny-bert",
                  "--cache", str(cache), expect=2)

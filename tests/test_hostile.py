@@ -76,12 +76,10 @@ def rel(p: Path, base: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
+def clean(embedded):
     """24 items embedded once (tiny encoders); tests work on copies."""
-    root = tmp_path_factory.mktemp("hostile")
-    table = make_table(root / "data", 24)
-    embed_json(table, root / "cache")
-    return table, root / "cache"
+    made = embedded(24)
+    return made.table, made.cache
 
 
 @pytest.fixture
