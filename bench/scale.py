@@ -11,7 +11,9 @@ one at a time:
     cache verify · cache gc --dry-run
 
 Segmentation trains a fixed 200 steps (``seg.max_steps=200``), so its figure is the cost of
-reading the masks and tokens and scoring the test split, not of a longer training.
+reading the masks and tokens and scoring the test split, not of a longer training. With
+``--smoke`` (what the tests run) it trains a narrow decoder for a few steps instead: such a run
+checks that every command runs, and its figures are not the commands' costs.
 
 and prints per step the seconds per 1k items, the CPU seconds per 1k items (user + system,
 from ``wait4``) and the peak RSS of that process. On a machine shared with other work the
@@ -26,7 +28,7 @@ cache files' mapped pages) stays under 2 GB plus the arrays it holds resident (t
 vectors for the pooled Adaptor and the heads, token arrays for tokens mode and
 segmentation).
 
-    python bench/scale.py --n 10000 50000 [--workdir DIR] [--keep] [--threads T] [--out scale.json]
+    python bench/scale.py --n 10000 50000 [--workdir DIR] [--keep] [--threads T] [--out scale.json] [--smoke]
 
 The last line of stdout is one JSON object.
 """
@@ -54,6 +56,8 @@ EXTRA = ["Lungs are otherwise clear.", "No pneumothorax.", "Stable mediastinal c
          "Low lung volumes.", "No focal consolidation.", "Sternotomy wires.", "Old rib fracture on the right."]
 SIZE = 24  # pixels: decode cost is not what this benchmark measures
 RSS_BUDGET_MB = 2048
+SEG_STEPS = ["seg.min_steps=50", "seg.max_steps=200", "seg.epochs=2"]
+SMOKE_SEG_STEPS = ["seg.channels=[8,8,8,8]", "seg.min_steps=4", "seg.max_steps=8", "seg.epochs=1"]
 
 
 # ------------------------------------------------------------------------------- the table
@@ -96,7 +100,7 @@ def write_table(folder: Path, n: int, seed: int = 0) -> Path:
 
 
 # ------------------------------------------------------------------------------- the steps
-def steps(table: Path, cache: Path, runs: Path) -> list[tuple[str, list[str], str]]:
+def steps(table: Path, cache: Path, runs: Path, smoke: bool = False) -> list[tuple[str, list[str], str]]:
     """(name, pipe arguments, which cache arrays it holds resident) in the order a user runs them."""
     d = ["-d", str(table)]
     enc = ["-b", "tiny-vit", "-t", "tiny-bert"]
@@ -121,7 +125,7 @@ def steps(table: Path, cache: Path, runs: Path) -> list[tuple[str, list[str], st
         ("evaluate zero-shot", [*ev, "--task", "zero-shot", "--adaptor", str(runs / "pooled"),
                                 "--out", str(runs / "zero-shot")], "pooled"),
         ("evaluate segmentation", ["evaluate", *d, *c, "--seeds", "1", "--task", "segmentation", "--adaptor", "none",
-                                   "-b", "tiny-vit", "--fraction", "1.0", "seg.min_steps=50", "seg.max_steps=200", "seg.epochs=2",
+                                   "-b", "tiny-vit", "--fraction", "1.0", *(SMOKE_SEG_STEPS if smoke else SEG_STEPS),
                                    "--out", str(runs / "segmentation")], "tokens+masks"),
         ("cache verify", ["cache", "verify", *c], ""),
         ("cache gc --dry-run", ["cache", "gc", "--dry-run", *c], ""),
@@ -200,13 +204,13 @@ def run_step(args: list[str], log: Path, threads: int | None, env: dict | None =
     return seconds, usage.ru_maxrss / 1024, p.returncode
 
 
-def measure(n: int, work: Path, threads: int | None, only: list[str] | None = None) -> dict:
+def measure(n: int, work: Path, threads: int | None, only: list[str] | None = None, smoke: bool = False) -> dict:
     t0 = time.perf_counter()
     table = write_table(work / "data", n)
     print(f"n={n:,}: table written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     cache, runs, log = work / "cache", work / "runs", work / "log.txt"
     rows = []
-    for name, args, resident in steps(table, cache, runs):
+    for name, args, resident in steps(table, cache, runs, smoke):
         if only and name not in only and name != "embed":   # every step reads what embed writes
             continue
         cpu: list[float] = []
@@ -267,18 +271,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--only", nargs="+", default=None, metavar="STEP",
                     help="measure only these steps (by name, e.g. 'evaluate segmentation'); embed always runs")
+    ap.add_argument("--smoke", action="store_true",
+                    help="check that every command runs, not what it costs: segmentation trains a narrow decoder "
+                         "for a few steps (the tests run this)")
     a = ap.parse_args()
     base = a.workdir or Path(tempfile.mkdtemp(prefix="pipe-scale-"))
     results = []
     try:
         for n in sorted(a.n):
-            results.append(measure(n, base / f"n{n}", a.threads, a.only))
+            results.append(measure(n, base / f"n{n}", a.threads, a.only, a.smoke))
             if not a.keep:
                 shutil.rmtree(base / f"n{n}")
     finally:
         if not a.keep and a.workdir is None:
             shutil.rmtree(base, ignore_errors=True)
-    summary = {"bench": "scale", "results": results, "targets": targets(results), "cpus": os.cpu_count()}
+    summary = {"bench": "scale", "results": results, "targets": targets(results), "cpus": os.cpu_count(),
+               "smoke": a.smoke}
     print(table(results))
     if a.out:
         a.out.write_text(json.dumps(summary, indent=1))

@@ -49,10 +49,10 @@ def test_targets_compare_the_smallest_big_table_with_the_largest():
 def test_the_benchmark_runs_every_command_at_a_small_n(tmp_path):
     out = tmp_path / "scale.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--n", "150", "--out", str(out),
-                        "--workdir", str(tmp_path / "w")], capture_output=True, text=True, timeout=900)
+                        "--workdir", str(tmp_path / "w"), "--smoke"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary == json.loads(out.read_text())
+    assert summary == json.loads(out.read_text()) and summary["smoke"] is True
     steps = summary["results"][0]["steps"]
     assert [s["step"] for s in steps][:3] == ["data info", "embed", "embed again (all reused)"]
     assert len(steps) == 11 and all(s["exit"] == 0 for s in steps), steps
