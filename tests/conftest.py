@@ -20,6 +20,7 @@ which builds it once; every other test goes wherever a worker is free. Modules w
 """
 from __future__ import annotations
 
+import ast
 import fcntl
 import hashlib
 import json
@@ -50,21 +51,39 @@ from tests.helpers import embed_json, make_table  # noqa: E402  (after the envir
 from tests.helpers.s3server import ACCESS, make_bucket, moto_server  # noqa: E402
 
 
-def _builds_a_module_fixture(item: pytest.Item) -> bool:
-    """Whether the test uses a module- or class-scoped fixture that its own module defines."""
-    info = getattr(item, "_fixtureinfo", None)
-    module = item.nodeid.split("::")[0]
-    return info is not None and any(d.scope in ("module", "class") and d.baseid == module
-                                    for defs in info.name2fixturedefs.values() for d in defs)
-
-
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if _builds_a_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     # Modules with slow tests first, each module's tests kept together (a module fixture is built once).
     slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
+
+
+def _defines_a_module_fixture(path: Path) -> bool:
+    """Whether a test module defines a fixture of module or class scope."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "fixture" and any(
+                k.arg == "scope" and getattr(k.value, "value", None) in ("module", "class") for k in node.keywords):
+            return True
+    return False
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: called only under -n
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadgroup``, a module that defines its own module fixture is one work unit,
+    every other test a unit of its own. (pytest-xdist's own ``xdist_group`` marks cannot group
+    tests under pytest 9, whose node ids are read-only.)"""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # lazy: pytest-xdist is there only when -n is
+
+    grouped = {p.relative_to(config.rootpath).as_posix() for p in Path(__file__).parent.glob("test_*.py")
+               if _defines_a_module_fixture(p)}
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in grouped else nodeid
+
+    return ModuleFixtureScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
