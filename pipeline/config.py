@@ -160,6 +160,16 @@ def _unmoved(cfg: Any, d: Any) -> Any:
     return d
 
 
+def describe_type(tp: Any) -> str:
+    """A field's type as the messages and the configuration reference write it (``one of 'auto', 'cpu'``)."""
+    return _describe(tp)
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """A field's default value (its factory called), or ``dataclasses.MISSING``."""
+    return _default(field)
+
+
 def list_presets() -> list[str]:
     """The presets the installed package holds (an alias beside its preset's name)."""
     return [n for n in resources.listing() if not n.startswith("sweep_")]

@@ -85,14 +85,15 @@ def _renamed_image_weight(w) -> str:
 
 @dataclass(frozen=True)
 class AdaptorConfig(Validated):
-    mode: Annotated[str, OneOf(MODES)] = "pooled"
-    image_dim: int = 768
-    text_dim: int = 768
-    d_model: int = 768
-    n_heads: int = 12
-    ffn_dim: int = 2048
-    n_layers: int = 2
-    dropout: float = 0.1
+    """The Adaptor: its mode, its size and its loss."""
+    mode: Annotated[str, OneOf(MODES)] = "pooled"  # pooled (the paper's model) or tokens (attention over the cached token sequences)
+    image_dim: int = 768           # width of the image encoder's features (set from the cache when training)
+    text_dim: int = 768            # width of the text encoder's features (set from the cache when training)
+    d_model: int = 768             # the Adaptor's width: both modalities are projected to it
+    n_heads: int = 12              # attention heads per block (must divide d_model)
+    ffn_dim: int = 2048            # hidden width of each block's feed-forward layer
+    n_layers: int = 2              # weight-shared blocks (the paper: 2)
+    dropout: float = 0.1           # dropout inside the blocks
     grid_pool: int = 0  # tokens mode: >0 average-pools the patch grid to grid_pool x grid_pool
     readout: Literal["cls", "mean"] = "cls"  # tokens mode: token 0, or the mean over (real) tokens
     fusion_layers: int = 1  # tokens mode: cross-attention blocks under the matching head (0: no head)
