@@ -46,7 +46,7 @@ class EmbedConfig:
     backbone: str | None = "tiny-vit"
     text_encoder: str | None = "tiny-bert"
     cache: str | None = None
-    batch_size: int = 32
+    batch_size: int = 32           # images or reports per encoder forward
     device: str = "auto"           # auto, cpu, cuda or cuda:N
     allow_failures: bool = False
     views: int = 0                 # extra seeded augmented views per image, besides the plain one

@@ -13,7 +13,7 @@ Several GPUs (or CPU processes) train one Adaptor with DDP when launched by torc
   a step sees the same items as a one-process run.
 - The contrastive loss gathers every rank's image and text embeddings (with gradients),
   so each rank scores its rows against the whole global batch's negatives, as one
-  process would (the authors' 2-GPU runs did not: PAPER.md, flaw 4). The loss and DDP's
+  process would (the authors' 2-GPU runs did not: docs/concepts/method.md, flaw 4). The loss and DDP's
   gradient averaging together give the gradient of the global-batch loss. Set
   ``gather_negatives=false`` to reproduce the authors' per-rank negatives.
 - Rank 0 alone validates (on the whole split), writes metrics.csv, the curves, the
