@@ -37,15 +37,26 @@ def _repository_files() -> list[Path]:
 
 
 def _resolves(name: str, where: Path) -> bool:
+    """A link: the file it points to, relative to the linking file (or the repository's root)."""
     name = name.split("#")[0]
     candidates = [ROOT / name, where.parent / name]
-    if where.is_relative_to(DOCS):
-        candidates.append(DOCS / name)
-    return any(c.resolve().is_file() and c.resolve().is_relative_to(ROOT) for c in candidates)
+    inside = where.resolve().is_relative_to(ROOT)  # a file of the repository may not link out of it
+    return any(c.resolve().is_file() and (c.resolve().is_relative_to(ROOT) or not inside) for c in candidates)
 
 
-def dangling_references(files: list[Path]) -> list[str]:
-    """Every `*.md` a file names, and every relative Markdown link, that the repository does not hold."""
+def _held(name: str, held: set[tuple[str, ...]]) -> bool:
+    """A name in prose or code (``docs/concepts/method.md``, ``"method.md"``, ``DIR/README.md``): some
+    file of the repository ends with it. Leading placeholder segments (``DIR``, ``<run>``) are dropped."""
+    parts = tuple(p for p in Path(name.split("#")[0]).parts if p not in (".", ".."))
+    while len(parts) > 1 and (parts[0].isupper() or "<" in parts[0]):
+        parts = parts[1:]
+    return any(f[len(f) - len(parts):] == parts for f in held if len(f) >= len(parts))
+
+
+def dangling_references(files: list[Path], held: set[tuple[str, ...]] | None = None) -> list[str]:
+    """Every `*.md` a file names that no file of the repository is, and every relative Markdown link
+    that leads nowhere."""
+    held = held if held is not None else {p.relative_to(ROOT).parts for p in _repository_files()}
     found = []
     for path in files:
         try:
@@ -53,13 +64,14 @@ def dangling_references(files: list[Path]) -> list[str]:
         except UnicodeDecodeError:
             continue
         for n, line in enumerate(text.splitlines(), 1):
-            named = {m.group(1) for m in DOC_REF.finditer(line)}
+            prose = LINK.sub("]", line) if path.suffix == ".md" else line  # a Markdown link is checked as a link
+            named = {m.group(1) for m in DOC_REF.finditer(prose)} - {"README.md"}  # a README: the root's, or a card's
+            bad = [x for x in named if Path(x).name not in OUTPUTS and not _held(x, held)]
             if path.suffix == ".md":
-                named |= {m.group(1) for m in LINK.finditer(line) if not re.match(r"[a-z]+:|#|mailto:", m.group(1))}
-            for name in sorted(named):
-                if Path(name.split("#")[0]).name in OUTPUTS or _resolves(name, path):
-                    continue
-                found.append(f"{path.relative_to(ROOT)}:{n}: {name}")
+                links = {m.group(1) for m in LINK.finditer(line) if not re.match(r"[a-z]+:|#|mailto:", m.group(1))}
+                bad += [x for x in links if not _resolves(x, path)]
+            found += [f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name}:{n}: {x}"
+                      for x in sorted(set(bad))]
     return found
 
 
@@ -73,16 +85,17 @@ def test_no_file_names_a_document_the_repository_does_not_hold():
         assert any(name in p.read_text() for p in hits), (name, writer)
 
 
-def test_the_reference_check_catches_a_missing_document(tmp_path, monkeypatch):
-    page = DOCS / "concepts" / "method.md"
+def test_the_reference_check_catches_a_missing_document(tmp_path):
+    gone, nowhere = "PAPER" + ".md", "docs/nothing" + ".md"  # spelt apart: this file must not name them
     bad = tmp_path / "bad.py"
-    bad.write_text('"""See PAPER.md and docs/concepts/method.md, and docs/nothing.md."""\n')
-    md = tmp_path / "bad.md"
-    md.write_text("[a](concepts/method.md) [b](missing.md#x) [c](https://example.org/x.md) [d](#anchor)\n")
-    found = dangling_references([bad, md])
-    assert any("PAPER.md" in f for f in found) and any("docs/nothing.md" in f for f in found)
-    assert any("missing.md" in f for f in found) and not any("example.org" in f or "method.md" in f for f in found)
-    assert page.is_file()
+    bad.write_text(f'"""See {gone} and docs/concepts/method.md, and {nowhere}; results.md is an output."""\n')
+    md = tmp_path / ("links" + ".md")
+    md.write_text("[a](concepts/method.md) [b](missing" + ".md#x) [c](https://example.org/x.md) [d](#anchor)\n")
+    (tmp_path / "concepts").mkdir()
+    (tmp_path / "concepts" / "method.md").write_text("# here\n")
+    held = {p.relative_to(ROOT).parts for p in _repository_files()}
+    found = dangling_references([bad, md], held)
+    assert sorted(f.split(": ", 1)[1] for f in found) == sorted([gone, nowhere, "missing" + ".md#x"]), found
 
 
 # ------------------------------------------------------------------------------ the generated reference
@@ -133,7 +146,7 @@ def site(tmp_path_factory) -> Path:
 def test_the_site_builds_strictly_with_every_section(site):
     for page in ("index.html", "getting-started.html", "concepts/method.html", "concepts/cache.html",
                  "how-to/your-data.html", "reference/commands.html", "reference/config.html", "reference/api.html",
-                 "reference/cache-format.html", "benchmarks.html", "changelog.html", "search/search_index.js"):
+                 "reference/cache-format.html", "benchmarks.html", "changelog.html", "search/search_index.json"):
         assert (site / page).is_file(), page
     api = (site / "reference" / "api.html").read_text()
     assert "load_adaptor" in api and "open_dataset" in api and "load_config" in api
@@ -151,7 +164,28 @@ def chromium():
     return path
 
 
-def _open(url: str, settle: float = 1.5) -> tuple[list[str], list[str], object]:
+@pytest.fixture(scope="module")
+def served(site):
+    """The built site on a local web server (127.0.0.1 only), as `python -m http.server -d site` serves it."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _open(url: str, settle: float = 2.0) -> tuple[list[str], list[str], int]:
     from tests.browser import _errors
 
     with Chromium() as b:
@@ -163,15 +197,14 @@ def _open(url: str, settle: float = 1.5) -> tuple[list[str], list[str], object]:
 
 
 @pytest.mark.slow
-def test_the_home_page_and_the_search_open_in_a_browser_without_an_error(site, chromium):
-    home = (site / "index.html").resolve().as_uri()
-    errors, requests, _ = _open(home)
+def test_the_home_page_and_the_search_open_in_a_browser_without_an_error(served, chromium):
+    errors, requests, _ = _open(served + "index.html")
     assert errors == []
-    assert requests and all(u.startswith(("file://", "data:")) for u in requests), requests  # nothing fetched
-    errors, requests, results = _open(home + "?q=adaptor")  # the search, opened with a query
+    assert requests and all(u.startswith((served, "data:")) for u in requests), requests  # nothing from elsewhere
+    errors, requests, results = _open(served + "index.html?q=adaptor")  # the search, opened with a query
     assert errors == []
-    assert all(u.startswith(("file://", "data:")) for u in requests), requests
-    assert results and results > 0
+    assert all(u.startswith((served, "data:")) for u in requests), requests
+    assert any("search_index.json" in u for u in requests) and results > 0
 
 
 # ------------------------------------------------------------------------------ the README, the front door
