@@ -5,13 +5,14 @@ BIN := $(VENV)/bin
 DEMO_CACHE ?= $(CURDIR)/.pipe-cache
 DEMO_OUT ?= $(CURDIR)/demo-out
 export HF_HUB_OFFLINE ?= 1
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: install browser demo test test-fast bench gpu-check clean
+.PHONY: install browser demo test test-fast docs bench gpu-check clean
 
 $(BIN)/pipe: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[assets,xrv,dev]'
+	$(BIN)/pip install -q -e '.[assets,xrv,dev,docs,release]'
 	@touch $@
 
 install: $(BIN)/pipe
@@ -36,13 +37,17 @@ endif
 demo: install
 	PIPE_CACHE=$(DEMO_CACHE) $(BIN)/pipe demo --out $(DEMO_OUT)
 
-## The test suite (what CI runs).
+## The test suite (what CI runs; the strict documentation build is one of its tests, tests/test_docs.py).
 test: install browser
 	$(BIN)/python -m pytest -q
 
 ## The inner loop: everything but the tests marked slow (kills, subprocesses, clusters, compilation).
 test-fast: install browser
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## The documentation site, built strictly (a broken link, anchor or missing page fails) and offline, into site/.
+docs: install
+	$(BIN)/mkdocs build --strict
 
 bench: install
 	$(BIN)/python bench/embed_overhead.py
@@ -53,4 +58,4 @@ gpu-check: install
 	$(BIN)/python bench/gpu_check.py --out gpu-check.json
 
 clean:
-	rm -rf $(DEMO_CACHE) $(DEMO_OUT)
+	rm -rf $(DEMO_CACHE) $(DEMO_OUT) site

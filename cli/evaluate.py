@@ -31,7 +31,7 @@ EVALUATE_EPILOG = """Examples:
 
   pipe evaluate --task retrieval -d demo -a runs/adaptor-demo
 
-  pipe evaluate --task zero-shot -d demo -a runs/adaptor-demo zero_shot.prompts=configs/prompts/chest_xray.yaml
+  pipe evaluate --task zero-shot -d demo -a runs/adaptor-demo zero_shot.prompts=chest_xray
 
 Bare numbers after the options are label fractions too, so `--fraction 0.01 0.1 1.0` works.
 
@@ -80,7 +80,8 @@ def evaluate(
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t",
                                                help="Needed with --adaptor none for retrieval/zero-shot."),
     baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the raw backbone features."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset of evaluate settings."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset of evaluate settings: a file's "
+                                          "path, or a recipe the installed package holds (paper/rsna_classification)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory "
                                        "\\[default: results/<task>-<dataset>-<method>-<time>]."),
     cache: Optional[Path] = CACHE_OPT,

@@ -18,7 +18,7 @@ Resident = Enum("Resident", {name: name for name in RESIDENCIES}, type=str)  # -
 
 @app.command("train-adaptor", epilog="Examples:\n\n"
              "  pipe train-adaptor -d demo -b tiny-vit -t minilm epochs=20 adaptor.mode=tokens\n\n"
-             "  pipe train-adaptor -d mimic-cxr:/data/mimic -b dinov2-b -t bert --config configs/adaptor_paper.yaml\n\n"
+             "  pipe train-adaptor -d mimic-cxr:/data/mimic -b dinov2-b -t bert --config paper\n\n"
              "A step runs as step=eager (default), step=compile (torch.compile) or step=cuda-graph (one GPU: the "
              "whole step captured and replayed).")
 def train_adaptor(
@@ -29,7 +29,8 @@ def train_adaptor(
                                            "\\[required, unless the --config preset names it]"),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t", help="The text encoder given to `pipe "
                                                "embed`. \\[required, unless the --config preset names it]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset (configs/*.yaml)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset: a file's path, or a preset's name "
+                                          "(demo, demo_tokens, paper, adaptor_tokens; .yaml optional)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory \\[default: runs/adaptor-...]."),
     cache: Optional[Path] = CACHE_OPT,
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),

@@ -327,11 +327,10 @@ def test_a_package_for_other_encoder_weights_is_refused(world, tmp_path):
         load(world["runs"]["pooled"], image_encoder="random-dinov2-s")
 
 
-# ------------------------------------------------------------------------------ the README's section
+# ------------------------------------------------------------------------------ the documentation's page
 def readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Using a trained Adaptor"):]
-    return section[:section.index("\n## ", 3)]
+    """The "Using a trained Adaptor" page of the documentation (it was the README's section)."""
+    return (ROOT / "docs" / "how-to" / "use-a-model.md").read_text()
 
 
 def readme_blocks(kind: str) -> list[str]:
@@ -339,7 +338,7 @@ def readme_blocks(kind: str) -> list[str]:
 
 
 def test_the_readme_example_and_commands_run(world, tmp_path, monkeypatch, capsys):
-    """The README's "Using a trained Adaptor" section as written, on the small demo: the Python
+    """The documentation's "Using a trained Adaptor" page as written, on the small demo: the Python
     example, then its commands (only the dataset spec is swapped for the small demo's)."""
     [example] = readme_blocks("python")
     [commands] = readme_blocks("bash")

@@ -3,7 +3,7 @@ command's refusal) with a clear message, and nothing outside the target changes.
 
 Every test hashes the whole test folder (the cache, the user's data beside it, folders a
 hostile path points at) before and after, and checks that only the target changed. Each
-input tried is registered in ``CASES``; the README's "Hostile inputs" section reports the
+input tried is registered in ``CASES``; the documentation's "Hostile inputs" section reports the
 count, and :func:`test_the_readme_reports_these_counts` keeps the two equal.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ CASES: list[str] = []  # every hostile or bad input tried in this module
 
 
 def inputs(*names: str):
-    """Register the inputs a test tries (the README reports how many)."""
+    """Register the inputs a test tries (the documentation reports how many)."""
     CASES.extend(names)
     return lambda f: f
 
@@ -641,10 +641,10 @@ def test_config_mistakes_are_one_message_and_write_nothing(world, tmp_path):
     assert tree(tmp_path) == before and not (tmp_path / "run").exists()
 
 
-# ------------------------------------------------------------------------------ the README's counts
-def test_the_readme_reports_these_counts():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Hostile inputs"):]
+# ------------------------------------------------------------------------------ the documentation's counts
+def test_the_documentation_reports_these_counts():
+    readme = (ROOT / "docs" / "concepts" / "reliability.md").read_text()
+    section = readme[readme.index("## Hostile inputs"):]
     section = section[: section.index("\n#", 1)] if "\n#" in section[1:] else section
     assert f"{len(CASES)} hostile or bad inputs" in section, len(CASES)
     assert "files lost: 0" in section

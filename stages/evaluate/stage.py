@@ -43,13 +43,14 @@ from stages.evaluate.tasks import TASKS, get_task
 
 @dataclass(frozen=True)
 class HeadsConfig(Validated):
+    """The heads trained on frozen features (classification; segmentation reads the shared settings)."""
     kinds: list[str] = field(default_factory=lambda: ["mlp"])   # mlp (the paper's), linear, probe (L-BFGS)
     lrs: list[float] = field(default_factory=lambda: [5e-4])    # several: one pass trains them all
     probe_l2s: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # the probe's L2 grid
     weight_decay: float = 1e-4     # the paper: 1e-4 (RSNA), 0.05 (COVIDx)
-    hidden: int = 512
-    dropout: float = 0.1
-    batch_size: int = 128
+    hidden: int = 512              # the MLP head's hidden width (the paper: 512)
+    dropout: float = 0.1           # the MLP head's dropout (the paper: 0.1)
+    batch_size: int = 128          # items per optimiser step (the paper: 128)
     epochs: int = 50               # validations; more epochs when min_steps needs them
     min_steps: int = 500           # optimiser steps at least, however few labels a fraction keeps
     max_steps: int = 3000          # optimiser steps at most (0: no cap): a large split's validations come sooner
@@ -73,14 +74,15 @@ class HeadsConfig(Validated):
 
 @dataclass(frozen=True)
 class SegConfig(Validated):
+    """Segmentation: a convolutional decoder on the patch tokens, alpha * focal + dice."""
     target: str = ""               # which mask; "" = the dataset's first mask column
     channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32])   # decoder width per stage
     alpha: float = 10.0            # loss = alpha * focal + dice (MGCA, the paper)
     gamma: float = 2.0             # focal loss exponent
     threshold: float = 0.5         # on the sigmoid, for the reported masks
-    batch_size: int = 16
+    batch_size: int = 16           # images per optimiser step (the paper: 4)
     epochs: int = 30               # validations; more epochs when min_steps needs them
-    min_steps: int = 500
+    min_steps: int = 500           # optimiser steps at least, however few masks a fraction keeps
     max_steps: int = 3000          # optimiser steps at most (0: no cap)
     overlays: int = 6              # test images drawn in overlays.png: the best and the worst by Dice
 
@@ -98,12 +100,14 @@ class SegConfig(Validated):
 
 @dataclass(frozen=True)
 class ClassificationConfig(Validated):
+    """Which labels are classified, and as what."""
     labels: list[str] = field(default_factory=list)   # the labels to classify; [] = every 0/1 label
     label_type: Annotated[str, OneOf(LABEL_TYPE_CHOICES)] = "auto"   # pipeline/models/label_types.py
 
 
 @dataclass(frozen=True)
 class RetrievalConfig(Validated):
+    """Image-text retrieval on the test split."""
     rerank_k: int = 10             # tokens mode: candidates per query re-ranked by the matching head
 
     @staticmethod
@@ -113,20 +117,21 @@ class RetrievalConfig(Validated):
 
 @dataclass(frozen=True)
 class ZeroShotConfig(Validated):
+    """Zero-shot classification from prompt pairs."""
     prompts: str = "chest_xray"    # a name in configs/prompts/ or a YAML path
 
 
 @dataclass(frozen=True)
 class EvalConfig(Validated):
-    task: Annotated[str, OneOf(TASKS)] = "classification"
+    task: Annotated[str, OneOf(TASKS)] = "classification"  # what to evaluate (stages/evaluate/tasks.py)
     dataset: str = ""
     adaptor: str = ""              # a checkpoint (or its run directory), or "none"
     backbone: str = ""             # with a checkpoint: taken from it
     text_encoder: str = ""
     cache: str | None = None
     out: str | None = None
-    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
-    seeds: int = 3
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # shares of the training labels, nested (1% within 10% within 100%)
+    seeds: int = 3                 # runs per fraction, each with its own subset and head initialisation
     seed: int = 0                  # seeds are seed, seed+1, ...; each draws its own nested subsets
     baseline: bool = False         # also evaluate the raw backbone features in this run
     # Each task's own settings (the Task entry names its section); heads serve classification and segmentation.
@@ -136,11 +141,11 @@ class EvalConfig(Validated):
     zero_shot: ZeroShotConfig = ZeroShotConfig()
     heads: HeadsConfig = HeadsConfig()
     bootstrap: int = 1000          # test-set resamples for the CIs
-    ci: float = 0.95
+    ci: float = 0.95               # the bootstrap interval's coverage
     device: Annotated[str, OneOf(DEVICES)] = "auto"   # auto, cpu, cuda or cuda:N
-    train_split: str = "train"
-    val_split: str = "valid"
-    test_split: str = "test"
+    train_split: str = "train"     # the split the heads train on
+    val_split: str = "valid"       # the split that stops and picks heads
+    test_split: str = "test"       # the split every figure is measured on
 
     # Settings that were top-level keys before each task had its section; the old keys still work.
     MOVED = {"labels": "classification.labels", "label_type": "classification.label_type",

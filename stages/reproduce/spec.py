@@ -14,9 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, PRESET_DIR
+from pipeline import resources
+from pipeline.config import ConfigError
 
-PAPER_DIR = PRESET_DIR / "paper"
+PAPER = "paper"  # the package folder of the paper's tables and their recipes
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class TableSpec:
 
 
 def table_names() -> list[str]:
-    return sorted(p.stem for p in PAPER_DIR.glob("*.yaml") if _is_table(p))
+    return [n for n in resources.names(PAPER) if _is_table(resources.folder(PAPER) / f"{n}.yaml")]
 
 
 def _is_table(path: Path) -> bool:
@@ -129,8 +130,8 @@ def load_table(name: str) -> TableSpec:
     """A table by name (``configs/paper/<name>.yaml``) or path; every problem in one message."""
     path = Path(name).expanduser()
     if not path.is_file():
-        path = PAPER_DIR / f"{name.removesuffix('.yaml')}.yaml"
-    if not path.is_file() or not _is_table(path):
+        path = resources.find(name, PAPER)
+    if path is None or not _is_table(path):
         raise ConfigError([f"table {name!r}: no such table; the paper's are: {', '.join(table_names())} "
                            "(configs/paper/), or give a table spec's path"], "pipe reproduce")
     raw = yaml.safe_load(path.read_text()) or {}

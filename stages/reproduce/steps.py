@@ -188,7 +188,7 @@ def pretrain_step(ctx: Context, row: Row) -> Step:
     cfg = pretrain_config(ctx, row)
     out = pretrain_dir(ctx, row)
     cmd = _cmd("pipe", "train-adaptor", "--dataset", cfg.dataset or f"<{key}>", "--backbone", cfg.backbone,
-               "--text-encoder", cfg.text_encoder, "--config", f"configs/{ctx.spec.pretrain_preset}.yaml",
+               "--text-encoder", cfg.text_encoder, "--config", ctx.spec.pretrain_preset,
                "--out", str(out), *ctx.pretrain_overrides)
     items = _items(index_folder(ctx.root, open_dataset(cfg.dataset, ctx.root, materialise=False).name)
                    if key in ctx.data else None, key)

@@ -13,7 +13,7 @@ Several GPUs (or CPU processes) train one Adaptor with DDP when launched by torc
   a step sees the same items as a one-process run.
 - The contrastive loss gathers every rank's image and text embeddings (with gradients),
   so each rank scores its rows against the whole global batch's negatives, as one
-  process would (the authors' 2-GPU runs did not: PAPER.md, flaw 4). The loss and DDP's
+  process would (the authors' 2-GPU runs did not: docs/concepts/method.md, flaw 4). The loss and DDP's
   gradient averaging together give the gradient of the global-batch loss. Set
   ``gather_negatives=false`` to reproduce the authors' per-rank negatives.
 - Rank 0 alone validates (on the whole split), writes metrics.csv, the curves, the
@@ -69,9 +69,10 @@ BEST = "best.safetensors"  # the epoch with the lowest validation loss (weights 
 
 @dataclass(frozen=True)
 class OptimConfig(Validated):
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW and its schedule: linear warm-up, then linear decay to 0."""
+    lr: float = 2e-5               # peak learning rate (the paper: 2e-5)
+    weight_decay: float = 0.01     # AdamW's decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment coefficients
     warmup_frac: float = 0.02      # linear warm-up over this share of all steps, then linear decay to 0
 
     @staticmethod
@@ -93,15 +94,15 @@ class TrainConfig(Validated):
     out: str | None = None
     adaptor: AdaptorConfig = AdaptorConfig()
     optim: OptimConfig = OptimConfig()
-    batch_size: int = 1024
-    epochs: int = 50
-    seed: int = 42
+    batch_size: int = 1024         # the global batch: under torchrun each of N processes takes batch_size / N
+    epochs: int = 50               # passes over the training split
+    seed: int = 42                 # seeds the initialisation, the epoch order and dropout
     device: Annotated[str, OneOf(DEVICES)] = "auto"   # auto, cpu, cuda or cuda:N
     resident: Annotated[str, OneOf(RESIDENCIES)] = "auto"   # where the arrays are held (stages/train/residency.py)
     views: bool = True             # sample one cached view per image each epoch (when the cache has views)
-    train_split: str = "train"
-    val_split: str = "valid"
-    val_batch_size: int = 1024
+    train_split: str = "train"     # the split trained on
+    val_split: str = "valid"       # the split validated on (picks best.safetensors); absent: no validation
+    val_batch_size: int = 1024     # items per validation forward
     checkpoint_every: int = 1      # epochs
     itm_weight: float = 1.0        # tokens mode: weight of the matching (ITM) loss beside the contrastive loss
     val_rerank_items: int = 256    # tokens mode: validation items whose top-k are re-ranked by the matching head
