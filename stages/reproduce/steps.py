@@ -27,6 +27,7 @@ from pipeline.models.checkpoint import checkpoint_hash, read_meta
 from stages import embed, evaluate
 from stages import train as train_adaptor
 from stages.evaluate.features import resolve_checkpoint
+from stages.train.trainer import drop_later_defaults
 from stages.reproduce.spec import DATASETS, Cell, Row, Substitutions, TableSpec
 
 # Throughput measured here (README, "Benchmarks"; 2-core x86_64 CPU), the basis of --plan's times:
@@ -205,12 +206,15 @@ def _checkpoint_state(out: Path, cfg) -> tuple[str, bool]:
     if not last.is_file():
         return "to run", False
     meta = read_meta(last)
-    saved, now = _comparable(meta.get("config", {})), _comparable(to_dict(cfg))
+    saved = _comparable(drop_later_defaults(meta.get("config", {})))
+    now = _comparable(drop_later_defaults(to_dict(cfg)))
     if saved != now:
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         return (f"conflict: {out} holds an Adaptor trained with another config ({', '.join(changed)} differ); "
                 "delete it, or pass another --out"), False
     epoch = int(meta.get("epoch", 0))
+    if meta.get("stopped_early"):
+        return f"done (stopped early after epoch {epoch})", True
     return ("done", True) if epoch >= cfg.epochs else (f"resume after epoch {epoch} of {cfg.epochs}", False)
 
 
