@@ -673,3 +673,31 @@ def test_row_views_index_like_copies_without_copying():
         assert torch.equal(view[key], copy[key])
     sub = view.subset([3, 1])
     assert torch.equal(sub[torch.arange(2)], copy[[3, 1]]) and sub.base is base
+
+
+def test_the_authors_head_schedule_steps_per_epoch_and_min_delta_counts_patience():
+    """``epoch-restarts`` is the authors' head schedule: a cosine stepped once per epoch whose period
+    is 0.4 of the run counted in one GPU's steps; with ``min_delta`` a validation that beats the best
+    by less keeps its weights but does not reset patience (Lightning's checkpoint and early stop)."""
+    import math
+
+    from stages.evaluate.head_bank import FitSettings, Head, HeadBank
+
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3), torch.randint(0, 2, (20, 1)).float()
+    scores = iter([0.5, 0.5005, 0.5008, 0.9, 0.9])
+    seen = []
+    head = Head("linear", 0.1, torch.nn.Linear(3, 1))
+
+    def score(module):
+        seen.append(head.opt.param_groups[0]["lr"])
+        return next(scores), 0.0
+
+    settings = FitSettings(epochs=6, batch_size=4, weight_decay=0.0, patience=2, restart_epochs=1, seed=0,
+                           min_steps=1, schedule_name="epoch-restarts", restart_frac=0.4, replicas=2,
+                           min_delta=1e-3, val_every=1)
+    best = HeadBank([head], torch.nn.functional.binary_cross_entropy_with_logits, score, settings).fit(x, y, True)
+    period = int(0.4 * math.ceil(20 / 2) * 6)  # 24 epochs: one GPU's 10 steps per epoch, 6 epochs
+    expected = [1e-8 + (0.1 - 1e-8) * (1 + math.cos(math.pi * e / period)) / 2 for e in (1, 2, 3)]
+    assert seen == pytest.approx(expected, rel=1e-9)   # stepped once per epoch, not per step
+    assert best["linear"].best_epoch == 3 and len(seen) == 3  # 0.5008 is kept, but patience ran out

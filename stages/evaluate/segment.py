@@ -99,10 +99,9 @@ def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int) -> tuple
 
     def score(module) -> tuple[float, float]:
         counts, val_loss = _evaluate(module, x_va, y_va, s.threshold, loss)
-        return M.dice_global(counts), val_loss
+        return float(M.SEGMENTATION_METRICS[s.select](counts)), val_loss
 
-    settings = FitSettings(s.epochs, s.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, s.min_steps,
-                           s.max_steps)
+    settings = FitSettings.of(h, s.epochs, s.batch_size, seed, s.min_steps, s.max_steps, s.val_every)
     bank = HeadBank(heads, loss, score, settings)
     return bank.fit(x_tr, y_tr, has_val=len(x_va) > 0)["decoder"], bank.sweep()
 
@@ -124,7 +123,7 @@ def evaluate_tokens(ctx, name, x, masks, pos, plan, cases: list[tuple[int, str]]
         if seed == ctx.seeds[0] and f == max(ctx.cfg.fractions):
             shown.update(_shown(ctx, head, x_te, y_te, counts, cases))
         return {"decoder": {"seed": seed, "n_train": int(len(sub)), **head.record(),
-                            "val_dice_global": head.best_metric, "sweep": sweep,
+                            f"val_{ctx.cfg.seg.select}": head.best_metric, "sweep": sweep,
                             "test": {k: fn(counts) for k, fn in M.SEGMENTATION_METRICS.items()}, "counts": counts}}
 
     runs = fit_grid(ctx, plan, ["decoder"], fit, tick)["decoder"]
