@@ -701,3 +701,19 @@ def test_the_authors_head_schedule_steps_per_epoch_and_min_delta_counts_patience
     expected = [1e-8 + (0.1 - 1e-8) * (1 + math.cos(math.pi * e / period)) / 2 for e in (1, 2, 3)]
     assert seen == pytest.approx(expected, rel=1e-9)   # stepped once per epoch, not per step
     assert best["linear"].best_epoch == 3 and len(seen) == 3  # 0.5008 is kept, but patience ran out
+
+
+def test_segmentation_as_the_authors_balanced_negatives_and_their_dice_picks_the_epoch(world, tmp_path):
+    """``seg.balance_negatives``: the decoder trains on the non-empty training masks and as many empty
+    ones, drawn as MGCA's SIIM dataset draws them; ``seg.select`` picks each decoder's epoch on the
+    authors' Dice (empty on empty = 1); ``seg.val_every`` validates every k epochs."""
+    out = tmp_path / "bal"
+    r, res = evaluate(world, "segmentation", "none", out, "-b", "tiny-vit", "--fraction", "1.0", "--seeds", "1",
+                      *FAST_SEG, "seg.balance_negatives=true", "seg.select=dice_empty_is_one", "seg.val_every=2",
+                      "seg.epochs=4", "seg.min_steps=1", "seg.max_steps=0")
+    n_pos = res["data"]["positive_masks"]["train"]
+    run = res["methods"][0]["heads"]["decoder"]["100%"]["runs"][0]
+    assert run["n_train"] == 2 * n_pos and res["data"]["balanced_negatives"] is True
+    assert "val_dice_empty_is_one" in run and run["best_epoch"] in (2, 4)
+    subset = json.loads((out / "subsets.json").read_text())["0"]["1"]
+    assert len(subset) == 2 * n_pos and any("balance_negatives" in n for n in res["notes"])

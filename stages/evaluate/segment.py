@@ -173,7 +173,10 @@ def run(ctx: EvalContext) -> TaskResult:
     err.print(f"masks: {len(kept):,} {escape(repr(target))} masks on the {escape(str(masks_np.shape[-1]))}px input grid "
               f"({'read ' + str(read) + ' mask files' if read else 'all from the mask cache'})")
     positive = masks_np.reshape(len(kept), -1).any(1)
-    plan = draw_subsets(ctx, positive[pos["train"]], [f"mask {target} (non-empty)"], kept[pos["train"]])
+    if ctx.cfg.seg.balance_negatives:
+        pos["train"] = balanced_negatives(ctx, pos["train"], positive)
+    plan = draw_subsets(ctx, positive[pos["train"]], [f"mask {target} (non-empty)"], kept[pos["train"]],
+                        whole=ctx.cfg.seg.balance_negatives)
     masks = torch.from_numpy(masks_np.view(np.uint8))  # the same bytes (bool is one byte): no second copy
     sets = token_sets(ctx)
     methods, shown = [], []
@@ -189,6 +192,7 @@ def run(ctx: EvalContext) -> TaskResult:
     result.data = {"target": target, "mask_size": int(masks_np.shape[-1]), "geometry": list(geometry(spec)),
                    "splits": {k: int(len(v)) for k, v in pos.items()},
                    "positive_masks": {k: int(positive[v].sum()) for k, v in pos.items()}, "mask_files_read": read,
+                   "balanced_negatives": bool(ctx.cfg.seg.balance_negatives),
                    "fractions": {fraction_label(f): {str(s): int(len(plan[s][f])) for s in plan}
                                  for f in ctx.cfg.fractions}}
     result.data["overlays"] = {"fraction": fraction_label(max(ctx.cfg.fractions)), "seed": ctx.seeds[0],
@@ -197,6 +201,24 @@ def run(ctx: EvalContext) -> TaskResult:
     picture = _overlay_picture(ctx, result, kept[pos["test"]], masks_np[pos["test"]], shown, methods, target)
     result.plots += [str(picture)] if picture else []
     return result
+
+
+BALANCE_SEED = 42  # MGCA's SIIMImageDataset draws with numpy's global generator, seeded 42 at import
+
+
+def balanced_negatives(ctx: EvalContext, train: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """The training images with a non-empty mask and as many of the empty ones, drawn once as MGCA's
+    SIIM dataset does (``np.random.choice(negatives, n_positive, replace=False)`` from a generator
+    seeded 42, over the negatives in item order); the validation and test splits keep every image."""
+    pos, neg = train[positive[train]], train[~positive[train]]
+    if len(neg) <= len(pos):
+        ctx.note(f"balance_negatives: {len(neg):,} empty training masks, no more than the {len(pos):,} non-empty "
+                 "ones: all are kept")
+        return train
+    chosen = np.random.RandomState(BALANCE_SEED).choice(neg, size=len(pos), replace=False)
+    ctx.note(f"balance_negatives: training on the {len(pos):,} images with a non-empty mask and {len(pos):,} of the "
+             f"{len(neg):,} empty ones (as MGCA's SIIM dataset; validation and test keep every image)")
+    return np.sort(np.concatenate([pos, chosen]))
 
 
 def pick_cases(counts: np.ndarray, n: int) -> list[tuple[int, str]]:

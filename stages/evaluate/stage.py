@@ -95,6 +95,7 @@ class SegConfig(Validated):
     # the validation Dice that picks a decoder's epoch (stages/evaluate/metrics.py:SEGMENTATION_METRICS):
     # pixels pooled over the split (ours), or the authors' per-image mean with empty-on-empty = 1
     select: Annotated[str, OneOf(SEGMENTATION_METRICS)] = "dice_global"
+    balance_negatives: bool = False  # train on as many empty-mask images as non-empty ones (MGCA's SIIM)
     overlays: int = 6              # test images drawn in overlays.png: the best and the worst by Dice
 
     @staticmethod
