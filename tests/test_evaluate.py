@@ -717,3 +717,15 @@ def test_segmentation_as_the_authors_balanced_negatives_and_their_dice_picks_the
     assert "val_dice_empty_is_one" in run and run["best_epoch"] in (2, 4)
     subset = json.loads((out / "subsets.json").read_text())["0"]["1"]
     assert len(subset) == 2 * n_pos and any("balance_negatives" in n for n in res["notes"])
+
+
+def test_the_authors_decoder_maps_a_16_grid_to_a_224_mask():
+    """``seg.decoder=mgca-vit``: their DINOv2 decoder, 16x16 patches -> a valid conv to 14x14 -> four
+    2x upsamplings -> 224x224, exactly, without the final resize; it trains (gradients reach every conv)."""
+    from pipeline.models.heads import SEG_DECODERS
+
+    dec = SEG_DECODERS["mgca-vit"](12, 16, 224, [8, 8, 4, 4])
+    x = torch.randn(2, 12, 16, 16)
+    assert dec.stages(x).shape[-2:] == (224, 224) and dec(x).shape == (2, 224, 224)
+    segmentation_loss(dec(x), (torch.rand(2, 224, 224) > 0.7).float()).backward()
+    assert all(m.weight.grad is not None and m.bias is not None for m in dec.modules() if isinstance(m, torch.nn.Conv2d))

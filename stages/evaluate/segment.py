@@ -16,7 +16,7 @@ import torch
 from pipeline.datasets.mask_targets import geometry, load_masks
 from core.console import err, progress, escape
 from core.errors import InputError
-from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
+from pipeline.models.heads import SEG_DECODERS, segmentation_loss, tokens_to_grid
 from stages.evaluate import metrics as M
 from stages.evaluate.context import FEATURE_SOURCES, EvalContext, TaskResult
 from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
@@ -92,7 +92,8 @@ def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int) -> tuple
     s, h = ctx.cfg.seg, ctx.cfg.heads
     torch.manual_seed(seed)
     grid, size = x_tr.shape[-1], y_tr.shape[-1]
-    heads = [Head("decoder", lr, SegDecoder(x_tr.shape[1], grid, size, s.channels).to(ctx.device)) for lr in h.lrs]
+    make = SEG_DECODERS[s.decoder]
+    heads = [Head("decoder", lr, make(x_tr.shape[1], grid, size, s.channels).to(ctx.device)) for lr in h.lrs]
 
     def loss(logits, target):
         return segmentation_loss(logits, target.float(), s.alpha, s.gamma)

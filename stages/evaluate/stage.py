@@ -31,7 +31,7 @@ from pipeline.datasets import open_dataset
 from pipeline.devices import DEVICES, peak_memory_mb, resolve_device
 from pipeline.encoders import canonical_name, resolve_encoder_name
 from pipeline.models.checkpoint import CheckpointMismatchError, check_fingerprints
-from pipeline.models.heads import HEAD_KINDS
+from pipeline.models.heads import HEAD_KINDS, SEG_DECODERS
 from pipeline.models.label_types import LABEL_TYPE_CHOICES
 from pipeline.provenance import provenance
 from stages.evaluate.card import data_card
@@ -83,6 +83,7 @@ class HeadsConfig(Validated):
 @dataclass(frozen=True)
 class SegConfig(Validated):
     target: str = ""               # which mask; "" = the dataset's first mask column
+    decoder: Annotated[str, OneOf(SEG_DECODERS)] = "upsample"   # pipeline/models/heads.py:SEG_DECODERS
     channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32])   # decoder width per stage
     alpha: float = 10.0            # loss = alpha * focal + dice (MGCA, the paper)
     gamma: float = 2.0             # focal loss exponent
