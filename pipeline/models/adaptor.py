@@ -3,7 +3,7 @@
 * ``pooled`` reproduces the paper: one pooled vector per modality, a length-1
   sequence, so each attention has a single key and its softmax is exactly 1. The
   query never matters, Q/K get no gradient and nothing crosses between modalities
-  (flaw 1 in PAPER.md). Kept only to reproduce the published model.
+  (flaw 1 of the paper). Kept only to reproduce the published model.
 * ``tokens`` feeds whole token sequences (image prefix + patches, report [CLS] +
   words) and is built like ALBEF/BLIP, because a pair's fused embeddings cannot be
   scored contrastively (each has seen the other):
@@ -80,7 +80,7 @@ def _renamed_image_weight(w) -> str:
     keep = f"text_to_image_weight: {1 - float(w):g}" if isinstance(w, (int, float)) else "text_to_image_weight: 1 - w"
     return ("renamed: write adaptor.text_to_image_weight, the weight of the text->image term. The old key "
             f"weighted the other direction (image->text), so image_weight: {w} means {keep}. The paper weights "
-            "text->image 0.75 (its code's image_weight=0.75 is applied to logits_per_text: PAPER.md, Loss).")
+            "text->image 0.75 (its code's image_weight=0.75 is applied to logits_per_text in their models/adaptor.py).")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
   the average-rank formula). It is NaN when the labels hold only one class.
 * Dice and IoU start from per-image overlap counts (intersection, predicted and true
   pixels) collected over the whole test set; every summary is a mean of per-image
-  scores, never a mean of per-batch means. The three Dice conventions of PAPER.md
+  scores, never a mean of per-batch means. The three Dice conventions of the paper
   (flaw 3) are separate functions.
 * Bootstrap. A resample of n test items is a row of multiplicities ``w`` (how often each
   item was drawn). Every metric here accepts ``w`` of shape ``[B, n]`` and then returns

@@ -3,7 +3,7 @@
 Input tokens are the frozen Adaptor's per-token image outputs (tokens mode:
 ``encode_image(return_tokens=True)``) or the backbone's cached patch tokens (no Adaptor,
 and pooled mode, whose Adaptor has no per-token path). Loss: alpha * focal + dice. Dice
-is reported three ways (PAPER.md, flaw 3) and as pooled pixels, IoU two ways; all from
+is reported three ways (the authors' flaw 3) and as pooled pixels, IoU two ways; all from
 per-image counts over the whole test split.
 """
 from __future__ import annotations

@@ -13,9 +13,11 @@ Several GPUs (or CPU processes) train one Adaptor with DDP when launched by torc
   a step sees the same items as a one-process run.
 - The contrastive loss gathers every rank's image and text embeddings (with gradients),
   so each rank scores its rows against the whole global batch's negatives, as one
-  process would (the authors' 2-GPU runs did not: PAPER.md, flaw 4). The loss and DDP's
+  process would (the authors' 2-GPU runs did not: flaw 4). The loss and DDP's
   gradient averaging together give the gradient of the global-batch loss. Set
-  ``gather_negatives=false`` to reproduce the authors' per-rank negatives.
+  ``gather_negatives=false`` to reproduce the authors' per-rank negatives, or, on one device,
+  ``loss_groups=2``: the step's loss in two groups of their own pairs (the authors' 2 GPUs x
+  1024, configs/paper/pretrain.yaml), which trains exactly as two ranks that do not gather.
 - Rank 0 alone validates (on the whole split), writes metrics.csv, the curves, the
   config and the checkpoints; the others print nothing. Resume works as for one
   process: every rank loads the same checkpoint.
