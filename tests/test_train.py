@@ -265,3 +265,10 @@ def test_the_authors_schedule_length_and_early_stopping(cached, tmp_path):
     assert meta["stopped_early"] is True and meta["epoch"] == 2
     again = train(table, cache, tmp_path / "stop", "epochs=5", "patience=1", "min_delta=1e9")
     assert again["epoch"] == 2 and len(pd.read_csv(tmp_path / "stop" / "metrics.csv")) == 2
+    # `pipe reproduce` counts an early-stopped pre-training as done, not as one to resume
+    from pipeline.config import load_config
+    from stages.reproduce.steps import _checkpoint_state
+    from stages.train import TrainConfig
+
+    cfg = load_config(TrainConfig, base=meta["config"])
+    assert _checkpoint_state(tmp_path / "stop", cfg) == ("done (stopped early after epoch 2)", True)
