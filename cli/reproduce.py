@@ -50,7 +50,9 @@ def reproduce(
                                              "with options works too (covidx='/data/covidx?version=v9A')."),
     splits: Optional[list[str]] = typer.Option(None, "--splits", help="Split files others published: "
                                                "benchx:DIR (every dataset BenchX covers; DIR holds RSNA/, SIIM/, "
-                                               "COVIDx/), or NAME=benchx:DIR, NAME=mgca[:DIR]."),
+                                               "COVIDx/), or NAME=benchx:DIR, NAME=mgca[:DIR]. mgca is the "
+                                               "authors' (the segmentation table then reads MGCA's detection "
+                                               "split for RSNA, as theirs did)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where the runs, cells and table go "
                                        "(runs/paper; runs/paper-fixed with --fixed)."),
     plan: bool = typer.Option(False, "--plan", help="List every step with its command, state, stores, disk and "
