@@ -32,7 +32,7 @@ import yaml
 
 from pipeline.config import PRESET_DIR, ConfigError, to_dict
 from pipeline.encoders import resolve_encoder_name
-from stages.reproduce.spec import DATASETS, Cell, TableSpec
+from stages.reproduce.spec import Cell, TableSpec
 from stages.reproduce.steps import Context, eval_config, pretrain_config
 
 FACT_KEYS = {"stage", "key", "authors", "source", "deliberate", "fixed", "note", "ours"}
@@ -189,11 +189,6 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
     return str(a) == str(b)
-
-
-def fidelity_context(spec: TableSpec, root: Path, out: Path) -> Context:
-    """The table's configs as they would run, with placeholder datasets (nothing is read)."""
-    return Context(spec, root, out, {k: f"{DATASETS[k].reader}:/data/{k}" for k in spec.datasets})
 
 
 def as_text(value: Any) -> str:
