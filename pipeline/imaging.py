@@ -13,6 +13,7 @@ import io
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import pydicom
@@ -38,6 +39,7 @@ except ImportError:  # pydicom 2.x
 
 __all__ = [
     "AugmentPolicy",
+    "GEOMETRIES",
     "DEFAULT_IMAGE_MEMORY_MB",
     "ImageBudget",
     "ImageDecodeError",
@@ -420,8 +422,11 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augment: AugmentPolicy = AugmentPolicy()
+    geometry: str = "shorter-side-crop"   # a key of GEOMETRIES: how the plain view is resized and cut
 
     def __post_init__(self) -> None:
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"Preprocess.geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}")
         mean = tuple(float(m) for m in self.mean)
         std = tuple(float(s) for s in self.std)
         if len(mean) != 3 or len(std) != 3:
@@ -448,7 +453,7 @@ class Preprocess:
     def __call__(self, img: np.ndarray, view: int = 0, seed_key: str = "") -> torch.Tensor:
         x = _as_image_tensor(img)
         if view == 0:
-            x = resize_and_crop(x, self.resize_size, self.input_size)
+            x = resize_and_crop(x, self.resize_size, self.input_size, geometry=self.geometry)
         elif view > 0:
             x = self._augmented(x, _view_rng(seed_key, view))
         else:
@@ -456,7 +461,9 @@ class Preprocess:
         return self._normalise(x)
 
     def to_dict(self) -> dict:
-        return {
+        """What the store's fingerprint records; the default geometry is left out, so every store
+        made before geometries existed keeps its fingerprint."""
+        d = {
             "version": _PREPROCESS_VERSION,
             "resize_size": self.resize_size,
             "input_size": self.input_size,
@@ -464,6 +471,7 @@ class Preprocess:
             "std": list(self.std),
             "augment": self.augment.to_dict(),
         }
+        return d if self.geometry == DEFAULT_GEOMETRY else {**d, "geometry": self.geometry}
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         # Broadcasting [H, W] against [3, 1, 1] replicates the grey channel and
@@ -517,16 +525,60 @@ def centre_crop_origin(h: int, w: int, size: int) -> tuple[int, int]:
     return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
 
 
-def resize_and_crop(x: torch.Tensor, resize: int, crop: int, nearest: bool = False) -> torch.Tensor:
-    """``[N, C, H, W]`` -> ``[N, C, crop, crop]``: the shorter side resized to ``resize``, then a
-    centre crop. The one geometry of the encoders' input: images are resized bilinearly (with
-    antialiasing), masks (``nearest``) by nearest neighbour, so they stay binary and line up."""
+def longer_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """The (h, w) an image of (h, w) is resized to so that its longer side is ``size`` (the other
+    side truncated, as MGCA's ``resize_img``; a square counts as taller)."""
+    return (size, int(w * size / h)) if h >= w else (int(h * size / w), size)
+
+
+def pad_to_square(x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad ``[..., H, W]`` to a square: the shorter side gets floor(pad / 2) before and the
+    rest after (MGCA's ``resize_img``); zero is black, as their padding of 8-bit pixels."""
     h, w = x.shape[-2:]
-    size = shorter_side_size(h, w, resize)
+    pad = abs(h - w)
+    if not pad:
+        return x
+    lo, hi = pad // 2, pad - pad // 2
+    return F.pad(x, (lo, hi, 0, 0) if h > w else (0, 0, lo, hi))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a plain view is cut from an image: the resized size, whether it is then padded to a
+    square, and the centre crop that follows."""
+
+    name: str
+    resized: Callable[[int, int, int], tuple[int, int]]   # (h, w, resize_size) -> the resized (h, w)
+    pads: bool
+    summary: str
+
+
+GEOMETRIES = {g.name: g for g in (
+    Geometry("shorter-side-crop", shorter_side_size, False,
+             "shorter side resized to resize_size, then the centre input_size crop (torchvision's Resize + CenterCrop)"),
+    Geometry("pad-square", longer_side_size, True,
+             "longer side resized to resize_size, the shorter zero-padded to a square, then the centre input_size "
+             "crop (MGCA's resize_img, then CenterCrop: the authors' input)"),
+)}
+DEFAULT_GEOMETRY = "shorter-side-crop"
+
+
+def resize_and_crop(x: torch.Tensor, resize: int, crop: int, nearest: bool = False,
+                    geometry: str = DEFAULT_GEOMETRY) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, crop, crop]`` by a :data:`GEOMETRIES` entry (by default the
+    shorter side resized to ``resize``, then a centre crop). The geometry of the encoders' input:
+    images are resized bilinearly (with antialiasing), masks (``nearest``) by nearest neighbour,
+    so they stay binary and line up."""
+    g = GEOMETRIES[geometry]
+    h, w = x.shape[-2:]
+    size = g.resized(h, w, resize)
     if nearest and size != (h, w):
         x = F.interpolate(x, size=size, mode="nearest-exact")
     elif not nearest:
         x = _resize(x, size)
+    if g.pads:
+        x = pad_to_square(x)
+        size = tuple(x.shape[-2:])
     top, left = centre_crop_origin(*size, crop)
     return x[..., top : top + crop, left : left + crop]
 

@@ -2,7 +2,8 @@
 
 A table is plain data (so it lives in results.json and ``pipe report`` can merge runs):
 ``{"title", "metric", "columns": [...], "note", "rows": [{"method", "cells": {column: text},
-"values": {column: {...numbers...}}}]}``. ``note`` says what the cells and their intervals
+"values": {column: {...numbers...}}}]}`` (and ``"label"``, the first column's heading, where
+the rows are not methods). ``note`` says what the cells and their intervals
 are (:func:`interval_note`); it is printed under the table wherever the table goes.
 """
 from __future__ import annotations
@@ -84,7 +85,7 @@ def add_estimates_row(table: dict, method: str, estimates: dict | None, cis: dic
 
 def to_markdown(table: dict) -> str:
     cols = table["columns"]
-    lines = [f"**{table['title']}**", "", "| method | " + " | ".join(cols) + " |",
+    lines = [f"**{table['title']}**", "", f"| {table.get('label', 'method')} | " + " | ".join(cols) + " |",
              "|---|" + "---|" * len(cols)]
     for r in table["rows"]:
         lines.append(f"| {r['method']} | " + " | ".join(r["cells"].get(c, "") for c in cols) + " |")
@@ -96,7 +97,7 @@ def to_markdown(table: dict) -> str:
 def to_rich(table: dict):
     t = Table(title=plain(table["title"]), title_justify="left", caption=plain(table.get("note", "")) or None,
               caption_justify="left")
-    t.add_column("method", overflow="fold")
+    t.add_column(table.get("label", "method"), overflow="fold")
     for c in table["columns"]:
         t.add_column(plain(c), justify="right")
     for r in table["rows"]:

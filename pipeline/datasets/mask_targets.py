@@ -3,7 +3,8 @@
 A mask PNG has the size of its image (nonzero = positive). It gets the geometry of the
 encoder's preprocessing, read from the image store's spec: shorter side resized to
 ``resize_size`` (nearest neighbour, so it stays binary) and a centre crop of
-``input_size``, by ``pipeline.imaging.resize_and_crop``, as the images. The result is
+``input_size`` (or the store's other ``geometry``, e.g. padded to a square first), by
+``pipeline.imaging.resize_and_crop``, as the images. The result is
 cached bit-packed under ``<cache>/masks/<dataset>/``, keyed by the geometry and by each
 mask file's path (relative to the cache root for masks inside it, so a moved cache keeps
 its entries), size and modification time. The file carries a crc32c per array
@@ -29,7 +30,7 @@ from cache.npz import load_checked, save_checked
 from cache.paths import plain_name, portable
 from core.errors import InputError
 from pipeline.datasets.masks import decode_mask
-from pipeline.imaging import resize_and_crop, shorter_side_size
+from pipeline.imaging import DEFAULT_GEOMETRY, resize_and_crop, shorter_side_size
 
 
 class MaskError(InputError):
@@ -44,10 +45,15 @@ def geometry(spec: dict) -> tuple[int, int]:
     return int(pre["resize_size"]), int(pre["input_size"])
 
 
-def align_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
+def cut(spec: dict) -> str:
+    """How the image store's plain views were cut (``pipeline.imaging.GEOMETRIES``)."""
+    return (spec.get("preprocess") or {}).get("geometry", DEFAULT_GEOMETRY)
+
+
+def align_mask(mask: np.ndarray, resize: int, crop: int, how: str = DEFAULT_GEOMETRY) -> np.ndarray:
     """``[H, W]`` bool -> ``[crop, crop]`` bool: the images' resize and crop, nearest neighbour."""
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
-    return resize_and_crop(t, resize, crop, nearest=True)[0, 0].numpy() > 0.5
+    return resize_and_crop(t, resize, crop, nearest=True, geometry=how)[0, 0].numpy() > 0.5
 
 
 def _regular(path: str) -> bool:
@@ -91,7 +97,8 @@ def _check_size(item_id: str, path: str, h: int, w: int, resize: int) -> None:
                         "Check the file, or re-export it at its image's size.")
 
 
-def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: int) -> np.ndarray:
+def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: int,
+              how: str = DEFAULT_GEOMETRY) -> np.ndarray:
     try:
         data = read_regular_file(mask_path)  # a FIFO or a device is refused, never read
         mask = decode_mask(data, lambda h, w: _check_size(item_id, mask_path, h, w, resize))
@@ -113,7 +120,7 @@ def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: 
         raise MaskError(f"item {item_id!r}: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (w x h) but its "
                         f"image {image_path} is {size[1]}x{size[0]}. A mask must have its image's size; "
                         "re-export the mask at the image's resolution.")
-    return align_mask(mask, resize, crop)
+    return align_mask(mask, resize, crop, how)
 
 
 def _stamp(path: str, root: Path) -> str:
@@ -125,10 +132,12 @@ def _stamp(path: str, root: Path) -> str:
         return f"{name}|missing"
 
 
-def cache_path(cache_root: Path, dataset: str, target: str, resize: int, crop: int) -> Path:
+def cache_path(cache_root: Path, dataset: str, target: str, resize: int, crop: int,
+               how: str = DEFAULT_GEOMETRY) -> Path:
     """Where a target's aligned masks are cached; a dataset or mask name that is not a plain file
     name (a table column ``mask_../../x``) is refused, never a path out of ``<cache>/masks/``."""
-    geo = hashlib.sha256(json.dumps([resize, crop, 1]).encode()).hexdigest()[:12]
+    key = [resize, crop, 1] if how == DEFAULT_GEOMETRY else [resize, crop, 1, how]  # old caches keep their name
+    geo = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     for what, name in (("dataset", dataset), ("mask", target)):
         if not plain_name(name):
             raise MaskError(f"{what} name {name!r} cannot be used as a file name in the mask cache (no '/', '\\', "
@@ -140,7 +149,8 @@ def load_masks(items, target: str, spec: dict, cache_root: Path, dataset: str) -
     """Aligned boolean masks ``[n, S, S]`` of ``items`` (rows with a mask path), and how many
     mask files had to be read (0 when the cache had them all)."""
     resize, crop = geometry(spec)
-    path = cache_path(cache_root, dataset, target, resize, crop)
+    how = cut(spec)
+    path = cache_path(cache_root, dataset, target, resize, crop, how)
     ids = items.id.astype(str).to_numpy()
     mask_paths = items[MASK_PREFIX + target].astype(str).to_numpy()
     stamps = np.array([_stamp(p, cache_root) for p in mask_paths])
@@ -150,8 +160,8 @@ def load_masks(items, target: str, spec: dict, cache_root: Path, dataset: str) -
     for i in sorted(set(range(len(ids))) - set(todo)):
         out[i] = cached[ids[i]][1]
     with ThreadPoolExecutor(4) as pool:
-        for i, m in zip(todo, pool.map(lambda i: _read_one(ids[i], mask_paths[i], items.image.iloc[i], resize, crop),
-                                       todo)):
+        for i, m in zip(todo, pool.map(lambda i: _read_one(ids[i], mask_paths[i], items.image.iloc[i], resize, crop,
+                                                           how), todo)):
             out[i] = m
     if todo:
         merged = {**cached, **{ids[i]: (stamps[i], out[i]) for i in todo}}

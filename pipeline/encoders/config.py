@@ -16,7 +16,8 @@ class EncoderConfig:
     """Registry metadata for one frozen encoder (cf. timm's ``PretrainedCfg``).
 
     Images reach the encoder already resized (shorter side to ``resize_size``), centre
-    cropped to ``input_size`` and normalised with ``mean``/``std``.
+    cropped to ``input_size`` and normalised with ``mean``/``std``; ``geometry`` names another
+    way to cut them (``pipeline.imaging.GEOMETRIES``: ``pad-square`` is the authors' MGCA input).
     """
 
     name: str
@@ -36,6 +37,7 @@ class EncoderConfig:
     trained: bool = True
     description: str = ""
     extra: tuple[tuple[str, Any], ...] = ()
+    geometry: str = "shorter-side-crop"
 
     def __post_init__(self) -> None:
         problems = []
@@ -63,4 +65,6 @@ class EncoderConfig:
         d["mean"] = list(self.mean) if self.mean else None
         d["std"] = list(self.std) if self.std else None
         d["extra"] = {k: plain(v) for k, v in self.extra}
+        if d["geometry"] == "shorter-side-crop":  # the default: fingerprints made before the field stay valid
+            d.pop("geometry")
         return d

@@ -14,7 +14,7 @@ from torch import nn
 from .base import ImageEncoder, ImageOutput, check_embed_dim
 from .config import EncoderConfig
 from .hf import load_pretrained, quiet_loading, seeded
-from .registry import register_auto_builder, register_encoder
+from .registry import register_auto_builder, register_encoder, resolve_encoder_name
 from .weights import XRV_INSTALL_HINT, WeightsNotFoundError, require_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -244,5 +244,27 @@ for _size, _dim, _layers, _heads in (("s", 384, 12, 6), ("b", 768, 12, 12)):
                                       ("num_attention_heads", _heads), ("mlp_ratio", 4), ("patch_size", 14),
                                       ("image_size", 224), ("use_mask_token", False)))),
     ), build_random_dinov2)
+
+# The authors' input geometry (MGCA's resize_img: the longer side resized, the shorter zero-padded to
+# a square) as variants of the paper's encoders, so that a store made with it is never mistaken for
+# one made with the default geometry:
+#   <name>-pad     their pre-training input: padded at 256, the centre 224 crop (ResNet-AE's inputs were
+#                  padded at 256 and then resized, not cropped, to 224: a square padded at 224);
+#   <name>-pad224  their downstream input: padded at 224, whole (for a square image: resized to 224).
+def register_padded(base: str, builder, suffix: str, resize_size: int | None = None) -> None:
+    """``<base><suffix>``: ``base`` with the ``pad-square`` geometry (and its own resize size, if given)."""
+    cfg = resolve_encoder_name(base)
+    size = resize_size or cfg.resize_size
+    register_encoder(cfg.replace(
+        name=base + suffix, geometry="pad-square", resize_size=size,
+        description=f"{cfg.description}. Input cut as the authors' (MGCA's resize_img): longer side to {size}, "
+                    f"zero-padded to a square" + (f", centre {cfg.input_size} crop" if size != cfg.input_size else ""),
+    ), builder)
+
+
+for _base, _builder in (("dinov2-s", build_hf_vit), ("dinov2-b", build_hf_vit), ("dinov2-l", build_hf_vit),
+                        ("dinov2-g", build_hf_vit), ("tiny-vit", build_random_dinov2), ("resnet-ae", build_xrv_ae)):
+    register_padded(_base, _builder, "-pad", 224 if _base == "resnet-ae" else None)
+    register_padded(_base, _builder, "-pad224", 224)
 
 register_auto_builder("image", build_hf_vit)

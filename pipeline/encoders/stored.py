@@ -26,7 +26,7 @@ CUDA_COMPUTE = "cuda, bf16 autocast"
 def preprocess_of(enc_cfg: EncoderConfig) -> Preprocess:
     """The image preprocessing an encoder's config asks for."""
     return Preprocess(resize_size=enc_cfg.resize_size or enc_cfg.input_size, input_size=enc_cfg.input_size,
-                      mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std))
+                      mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std), geometry=enc_cfg.geometry)
 
 
 def image_store_spec(enc_cfg: EncoderConfig) -> dict:

@@ -168,8 +168,7 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
     x, y, has_val = torch.from_numpy(x_tr).to(dev), torch.from_numpy(y_tr).to(dev), len(x_va) > 0
     best, sweep = {}, {}
     if heads:
-        settings = FitSettings(h.epochs, h.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed,
-                               h.min_steps, h.max_steps)
+        settings = FitSettings.of(h, h.epochs, h.batch_size, seed, h.min_steps, h.max_steps, h.val_every)
         bank = HeadBank(heads, loss, score, settings)
         best, sweep = bank.fit(x, y, has_val=has_val), bank.sweep()
     for kind in (k for k in h.kinds if HEADS[k].by_lbfgs):

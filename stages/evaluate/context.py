@@ -69,10 +69,12 @@ class EvalContext:
         ok = np.ones(len(split), bool) if keep is None else keep
         return {k: np.flatnonzero((split == v) & ok) for k, v in names.items()}
 
-    def save_subsets(self, plan: dict[int, dict[float, np.ndarray]], train_positions: np.ndarray) -> None:
-        """The item ids of every training subset below 100%, so a run can be re-created or audited."""
+    def save_subsets(self, plan: dict[int, dict[float, np.ndarray]], train_positions: np.ndarray,
+                     whole: bool = False) -> None:
+        """The item ids of every training subset below 100% (and of 100% too with ``whole``, when the
+        training items are themselves a choice), so a run can be re-created or audited."""
         ids = self.data.items.id.astype(str).to_numpy()[train_positions]
-        subsets = {str(seed): {f"{f:g}": ids[sub].tolist() for f, sub in by_f.items() if f < 1.0}
+        subsets = {str(seed): {f"{f:g}": ids[sub].tolist() for f, sub in by_f.items() if f < 1.0 or whole}
                    for seed, by_f in plan.items()}
         (self.out / "subsets.json").write_text(json.dumps(subsets))
 

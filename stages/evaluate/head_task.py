@@ -25,12 +25,13 @@ Plan = dict[int, dict[float, np.ndarray]]   # {seed: {fraction: row indices into
 
 
 def draw_subsets(ctx: EvalContext, y_train: np.ndarray, names: list[str], train_positions: np.ndarray,
-                 need_negatives: bool = True) -> Plan:
+                 need_negatives: bool = True, whole: bool = False) -> Plan:
     """Every seed's training subset of every fraction (published ones where the dataset has
-    them), each checked to hold what its targets need; their item ids go to subsets.json."""
+    them), each checked to hold what its targets need; their item ids go to subsets.json (100%
+    too with ``whole``: training items that were themselves chosen, e.g. balanced)."""
     plan = plan_subsets(y_train, names, ctx.cfg.fractions, ctx.seeds, need_negatives,
                         ctx.fixed_subsets(train_positions))
-    ctx.save_subsets(plan, train_positions)
+    ctx.save_subsets(plan, train_positions, whole)
     return plan
 
 

@@ -16,7 +16,7 @@ import torch
 from pipeline.datasets.mask_targets import geometry, load_masks
 from core.console import err, progress, escape
 from core.errors import InputError
-from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
+from pipeline.models.heads import SEG_DECODERS, segmentation_loss, tokens_to_grid
 from stages.evaluate import metrics as M
 from stages.evaluate.context import FEATURE_SOURCES, EvalContext, TaskResult
 from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
@@ -92,17 +92,17 @@ def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int) -> tuple
     s, h = ctx.cfg.seg, ctx.cfg.heads
     torch.manual_seed(seed)
     grid, size = x_tr.shape[-1], y_tr.shape[-1]
-    heads = [Head("decoder", lr, SegDecoder(x_tr.shape[1], grid, size, s.channels).to(ctx.device)) for lr in h.lrs]
+    make = SEG_DECODERS[s.decoder]
+    heads = [Head("decoder", lr, make(x_tr.shape[1], grid, size, s.channels).to(ctx.device)) for lr in h.lrs]
 
     def loss(logits, target):
         return segmentation_loss(logits, target.float(), s.alpha, s.gamma)
 
     def score(module) -> tuple[float, float]:
         counts, val_loss = _evaluate(module, x_va, y_va, s.threshold, loss)
-        return M.dice_global(counts), val_loss
+        return float(M.SEGMENTATION_METRICS[s.select](counts)), val_loss
 
-    settings = FitSettings(s.epochs, s.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, s.min_steps,
-                           s.max_steps)
+    settings = FitSettings.of(h, s.epochs, s.batch_size, seed, s.min_steps, s.max_steps, s.val_every)
     bank = HeadBank(heads, loss, score, settings)
     return bank.fit(x_tr, y_tr, has_val=len(x_va) > 0)["decoder"], bank.sweep()
 
@@ -124,7 +124,7 @@ def evaluate_tokens(ctx, name, x, masks, pos, plan, cases: list[tuple[int, str]]
         if seed == ctx.seeds[0] and f == max(ctx.cfg.fractions):
             shown.update(_shown(ctx, head, x_te, y_te, counts, cases))
         return {"decoder": {"seed": seed, "n_train": int(len(sub)), **head.record(),
-                            "val_dice_global": head.best_metric, "sweep": sweep,
+                            f"val_{ctx.cfg.seg.select}": head.best_metric, "sweep": sweep,
                             "test": {k: fn(counts) for k, fn in M.SEGMENTATION_METRICS.items()}, "counts": counts}}
 
     runs = fit_grid(ctx, plan, ["decoder"], fit, tick)["decoder"]
@@ -174,7 +174,10 @@ def run(ctx: EvalContext) -> TaskResult:
     err.print(f"masks: {len(kept):,} {escape(repr(target))} masks on the {escape(str(masks_np.shape[-1]))}px input grid "
               f"({'read ' + str(read) + ' mask files' if read else 'all from the mask cache'})")
     positive = masks_np.reshape(len(kept), -1).any(1)
-    plan = draw_subsets(ctx, positive[pos["train"]], [f"mask {target} (non-empty)"], kept[pos["train"]])
+    if ctx.cfg.seg.balance_negatives:
+        pos["train"] = balanced_negatives(ctx, pos["train"], positive)
+    plan = draw_subsets(ctx, positive[pos["train"]], [f"mask {target} (non-empty)"], kept[pos["train"]],
+                        whole=ctx.cfg.seg.balance_negatives)
     masks = torch.from_numpy(masks_np.view(np.uint8))  # the same bytes (bool is one byte): no second copy
     sets = token_sets(ctx)
     methods, shown = [], []
@@ -190,6 +193,7 @@ def run(ctx: EvalContext) -> TaskResult:
     result.data = {"target": target, "mask_size": int(masks_np.shape[-1]), "geometry": list(geometry(spec)),
                    "splits": {k: int(len(v)) for k, v in pos.items()},
                    "positive_masks": {k: int(positive[v].sum()) for k, v in pos.items()}, "mask_files_read": read,
+                   "balanced_negatives": bool(ctx.cfg.seg.balance_negatives),
                    "fractions": {fraction_label(f): {str(s): int(len(plan[s][f])) for s in plan}
                                  for f in ctx.cfg.fractions}}
     result.data["overlays"] = {"fraction": fraction_label(max(ctx.cfg.fractions)), "seed": ctx.seeds[0],
@@ -198,6 +202,24 @@ def run(ctx: EvalContext) -> TaskResult:
     picture = _overlay_picture(ctx, result, kept[pos["test"]], masks_np[pos["test"]], shown, methods, target)
     result.plots += [str(picture)] if picture else []
     return result
+
+
+BALANCE_SEED = 42  # MGCA's SIIMImageDataset draws with numpy's global generator, seeded 42 at import
+
+
+def balanced_negatives(ctx: EvalContext, train: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """The training images with a non-empty mask and as many of the empty ones, drawn once as MGCA's
+    SIIM dataset does (``np.random.choice(negatives, n_positive, replace=False)`` from a generator
+    seeded 42, over the negatives in item order); the validation and test splits keep every image."""
+    pos, neg = train[positive[train]], train[~positive[train]]
+    if len(neg) <= len(pos):
+        ctx.note(f"balance_negatives: {len(neg):,} empty training masks, no more than the {len(pos):,} non-empty "
+                 "ones: all are kept")
+        return train
+    chosen = np.random.RandomState(BALANCE_SEED).choice(neg, size=len(pos), replace=False)
+    ctx.note(f"balance_negatives: training on the {len(pos):,} images with a non-empty mask and {len(pos):,} of the "
+             f"{len(neg):,} empty ones (as MGCA's SIIM dataset; validation and test keep every image)")
+    return np.sort(np.concatenate([pos, chosen]))
 
 
 def pick_cases(counts: np.ndarray, n: int) -> list[tuple[int, str]]:

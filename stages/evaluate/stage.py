@@ -31,12 +31,14 @@ from pipeline.datasets import open_dataset
 from pipeline.devices import DEVICES, peak_memory_mb, resolve_device
 from pipeline.encoders import canonical_name, resolve_encoder_name
 from pipeline.models.checkpoint import CheckpointMismatchError, check_fingerprints
-from pipeline.models.heads import HEAD_KINDS
+from pipeline.models.heads import HEAD_KINDS, SEG_DECODERS
 from pipeline.models.label_types import LABEL_TYPE_CHOICES
 from pipeline.provenance import provenance
 from stages.evaluate.card import data_card
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import FrozenAdaptor
+from stages.evaluate.head_bank import HEAD_SCHEDULES
+from stages.evaluate.metrics import SEGMENTATION_METRICS
 from stages.evaluate.tables import to_markdown
 from stages.evaluate.tasks import TASKS, get_task
 
@@ -55,12 +57,19 @@ class HeadsConfig(Validated):
     min_steps: int = 500           # optimiser steps at least, however few labels a fraction keeps
     max_steps: int = 3000          # optimiser steps at most (0: no cap): a large split's validations come sooner
     patience: int = 10             # validations without a better score before a head stops
-    restart_epochs: int = 10       # period of the cosine schedule's warm restarts, in validations
+    min_delta: float = 0.0         # a validation must beat the best by more than this to reset patience
+    val_every: int = 0             # validate every k epochs of `epochs` (0: `epochs` validations, spread)
+    # the learning rate's schedule (stages/evaluate/head_bank.py:HEAD_SCHEDULES) and its period
+    schedule: Annotated[str, OneOf(HEAD_SCHEDULES)] = "restarts"
+    restart_epochs: int = 10       # period of the warm restarts: validations (restarts), epochs (epoch-restarts)
+    restart_frac: float = 0.0      # epoch-restarts: the period as this share of the run's steps (the authors' 0.4)
+    replicas: int = 1              # the authors' GPUs per step: their period counts one GPU's steps
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
-        positive = ("hidden", "batch_size", "epochs", "min_steps", "patience", "restart_epochs")
+        positive = ("hidden", "batch_size", "epochs", "min_steps", "patience", "restart_epochs", "replicas")
         cap = [] if v["max_steps"] >= 0 else [("max_steps", f"must be >= 0 (0: no cap), got {v['max_steps']}")]
+        cap += [(k, f"must be >= 0, got {v[k]}") for k in ("min_delta", "val_every", "restart_frac") if v[k] < 0]
         return [(k, m) for k, ok, m in (
             ("kinds", bool(v["kinds"]) and all(k in HEAD_KINDS for k in v["kinds"]),
              f"must be a non-empty list of {'/'.join(HEAD_KINDS)}, got {v['kinds']}"),
@@ -76,6 +85,7 @@ class HeadsConfig(Validated):
 class SegConfig(Validated):
     """Segmentation: a convolutional decoder on the patch tokens, alpha * focal + dice."""
     target: str = ""               # which mask; "" = the dataset's first mask column
+    decoder: Annotated[str, OneOf(SEG_DECODERS)] = "upsample"   # pipeline/models/heads.py:SEG_DECODERS
     channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32])   # decoder width per stage
     alpha: float = 10.0            # loss = alpha * focal + dice (MGCA, the paper)
     gamma: float = 2.0             # focal loss exponent
@@ -84,11 +94,18 @@ class SegConfig(Validated):
     epochs: int = 30               # validations; more epochs when min_steps needs them
     min_steps: int = 500           # optimiser steps at least, however few masks a fraction keeps
     max_steps: int = 3000          # optimiser steps at most (0: no cap)
+    val_every: int = 0             # validate every k epochs of `epochs` (0: `epochs` validations, spread)
+    # the validation Dice that picks a decoder's epoch (stages/evaluate/metrics.py:SEGMENTATION_METRICS):
+    # pixels pooled over the split (ours), or the authors' per-image mean with empty-on-empty = 1
+    select: Annotated[str, OneOf(SEGMENTATION_METRICS)] = "dice_global"
+    balance_negatives: bool = False  # train on as many empty-mask images as non-empty ones (MGCA's SIIM)
     overlays: int = 6              # test images drawn in overlays.png: the best and the worst by Dice
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
         found = [(k, f"must be >= 1, got {v[k]}") for k in ("batch_size", "epochs", "min_steps") if v[k] < 1]
+        if v["val_every"] < 0:
+            found.append(("val_every", f"must be >= 0, got {v['val_every']}"))
         if v["max_steps"] < 0:
             found.append(("max_steps", f"must be >= 0 (0: no cap), got {v['max_steps']}"))
         if not v["channels"] or min(v["channels"]) < 1:

@@ -79,4 +79,12 @@ def _note(spec: TableSpec, results: dict[str, dict], metric: str | None) -> str:
             parts.append(f"{c.name}: {r.get('dataset_version') or 'release not known'}; splits: "
                          f"{r.get('split_source') or 'not recorded'}.")
     parts.append(f"{PENDING}: not run yet. Published figures are as reported, one run each, with their protocol.")
+    parts += [_provenance(spec, p) for p in spec.published if p.encoders or p.chosen] if metric is None else []
     return " ".join([*parts, *spec.notes])
+
+
+def _provenance(spec: TableSpec, p) -> str:
+    """Which run each published cell of a row comes from, and how the row's figures were chosen."""
+    cells = "; ".join(f"{col} " + ", ".join(f"{100 * f:g}% {e}" for f, e in zip(spec.fractions, encs))
+                      for col, encs in p.encoders.items())
+    return f"{p.method} (published): {p.chosen}" + (f"; cells from {cells}." if cells else ".")

@@ -3,6 +3,8 @@
     pipe reproduce classification --data mimic=/data/mimic-cxr-jpg/2.0.0,rsna=/data/rsna,covidx=/data/covidx \\
         --splits benchx:/src/BenchX/preprocess/datasets
     pipe reproduce classification --plan        # every command, the stores, the disk and the time it needs
+    pipe reproduce classification --fidelity    # every setting beside the authors', with its source
+    pipe reproduce classification --fixed       # with our fixes of the authors' flaws (runs/paper-fixed)
 
 It orchestrates the other stages, as the sweep and the demo do: ``pipe embed`` once per
 dataset and encoder, ``pipe train-adaptor`` once per row (the table's pre-training
@@ -25,6 +27,8 @@ from pipeline.datasets.shared_splits import parse_split_ref
 from core.errors import InputError
 from stages.evaluate.tables import to_markdown
 from stages.reproduce import render
+from stages.reproduce.fidelity import Row
+from stages.reproduce.fidelity import fidelity as fidelity_rows
 from stages.reproduce.spec import DATASETS, Substitutions, load_table
 from stages.reproduce.steps import (EMBED_DINOV2S_PER_S, GMACS, TRAIN_POOLED_PER_S, Context, Step, build_steps,
                                     cell_dir, dataset_specs)
@@ -42,6 +46,7 @@ class ReproduceConfig:
     substitute: dict[str, str] = field(default_factory=dict)   # encoder -> the encoder that runs instead
     pretrain_overrides: tuple[str, ...] = ()
     eval_overrides: tuple[str, ...] = ()
+    fixed: bool = False                                 # our fixes of the authors' flaws (the table's `fixed:`)
 
 
 @dataclass
@@ -59,6 +64,10 @@ class ReproduceResult:
 
 def context(cfg: ReproduceConfig) -> Context:
     spec = load_table(cfg.table)
+    if cfg.fixed:
+        spec = spec.with_fixes()
+    pre = (*spec.fixed.pretrain, *cfg.pretrain_overrides) if cfg.fixed else cfg.pretrain_overrides
+    evals = (*spec.fixed.eval, *cfg.eval_overrides) if cfg.fixed else cfg.eval_overrides
     unknown = sorted(set(cfg.data) - set(DATASETS)) + sorted(set(cfg.splits) - set(DATASETS) - {"*"})
     if unknown:
         raise InputError(f"--data/--splits name {', '.join(unknown)}; the datasets are {', '.join(DATASETS)}")
@@ -69,8 +78,8 @@ def context(cfg: ReproduceConfig) -> Context:
             raise InputError(f"--splits {value}: {e}") from None
     return Context(spec=spec, root=cache_root(cfg.cache), out=Path(cfg.out),
                    data=dataset_specs(spec, cfg.data, cfg.splits), device=cfg.device, cache_arg=cfg.cache,
-                   substitute=Substitutions(dict(cfg.substitute)), pretrain_overrides=list(cfg.pretrain_overrides),
-                   eval_overrides=list(cfg.eval_overrides), only=list(cfg.only))
+                   substitute=Substitutions(dict(cfg.substitute)), pretrain_overrides=list(pre),
+                   eval_overrides=list(evals), only=list(cfg.only))
 
 
 def plan(cfg: ReproduceConfig) -> ReproduceResult:
@@ -78,6 +87,11 @@ def plan(cfg: ReproduceConfig) -> ReproduceResult:
     ctx = context(cfg)
     steps = build_steps(ctx)
     return ReproduceResult(ctx.out, steps, report_tables(ctx))
+
+
+def fidelity(cfg: ReproduceConfig) -> list[Row]:
+    """Every setting of the table as it would run beside the authors' (``--fidelity``); runs nothing."""
+    return fidelity_rows(context(cfg), cfg.fixed)
 
 
 def run(cfg: ReproduceConfig) -> ReproduceResult:

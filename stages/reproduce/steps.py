@@ -27,6 +27,7 @@ from pipeline.models.checkpoint import checkpoint_hash, read_meta
 from stages import embed, evaluate
 from stages import train as train_adaptor
 from stages.evaluate.features import resolve_checkpoint
+from stages.train.trainer import drop_later_defaults
 from stages.reproduce.spec import DATASETS, Cell, Row, Substitutions, TableSpec
 
 # Throughput measured here (README, "Benchmarks"; 2-core x86_64 CPU), the basis of --plan's times:
@@ -81,6 +82,10 @@ class Context:
         return not self.only or any(step_id == o or step_id.startswith((o.rstrip("/+") + "/", o.rstrip("/+") + "+"))
                                     for o in self.only)
 
+    def image(self, encoder: str) -> str:
+        """The image encoder that runs for the paper's ``encoder`` (substituted, in the table's variant)."""
+        return self.substitute.image(encoder, self.spec.variant)
+
     def common(self) -> list[str]:
         return [f"device={json.dumps(self.device)}"] + ([f"cache={json.dumps(self.cache_arg)}"] if self.cache_arg
                                                        else [])
@@ -88,7 +93,9 @@ class Context:
 
 def dataset_specs(spec: TableSpec, data: dict[str, str], splits: dict[str, str]) -> dict[str, str]:
     """Reader specs for the table's datasets: a folder becomes ``<reader>:<folder>``; a split source
-    given for every dataset (key ``*``) applies where that source has files for the reader."""
+    given for every dataset (key ``*``) applies where that source has files for the reader; a table
+    may read another of the source's splits for a dataset (``split_sources``: RSNA segmentation
+    reads MGCA's detection split where ``--splits mgca`` is given)."""
     out = {}
     for key in spec.datasets:
         if key not in data:
@@ -96,6 +103,9 @@ def dataset_specs(spec: TableSpec, data: dict[str, str], splits: dict[str, str])
         reader = DATASETS[key].reader
         text = data[key] if parse_dataset_spec(data[key], READERS) is not None else f"{reader}:{data[key]}"
         source = splits.get(key) or splits.get("*")
+        if source:
+            name, colon, folder = source.partition(":")
+            source = spec.split_sources.get(key, {}).get(name, name) + colon + folder
         if source and (key in splits or reader in SOURCES.get(source.partition(":")[0], {})):
             text = with_option(text, "splits", source, READERS)
         out[key] = text
@@ -115,7 +125,7 @@ def embed_steps(ctx: Context) -> list[Step]:
             for row in ctx.spec.rows:
                 name = row.image if modality == "image" else row.text
                 if name and (modality == "image" or key == ctx.spec.pretrain_data):
-                    wanted[(key, modality, ctx.substitute(name))] = None
+                    wanted[(key, modality, ctx.image(name) if modality == "image" else ctx.substitute(name))] = None
     return [_embed_step(ctx, key, modality, encoder) for key, modality, encoder in wanted]
 
 
@@ -129,7 +139,7 @@ def _embed_step(ctx: Context, key: str, modality: str, encoder: str) -> Step:
     folder = index_folder(ctx.root, open_dataset(spec, ctx.root, materialise=False).name) if spec else None
     store = _recorded_store(folder, modality, enc.name) if folder else None
     items = _items(folder, key)
-    rate = _embed_rate(enc.name)
+    rate = _embed_rate(enc.name.removesuffix(f"-{ctx.spec.variant}") if ctx.spec.variant else enc.name)
     done = store is not None
     cfg = embed.EmbedConfig(dataset=spec or "", backbone=b, text_encoder=t, cache=ctx.cache_arg, device=ctx.device,
                             allow_failures=True)
@@ -170,7 +180,7 @@ def row_bytes(enc) -> int:
 def pretrain_config(ctx: Context, row: Row):
     return load_config(train_adaptor.TrainConfig, ctx.spec.pretrain_preset, [
         *ctx.pretrain_overrides, f"dataset={json.dumps(ctx.data.get(ctx.spec.pretrain_data, ''))}",
-        f"backbone={json.dumps(ctx.substitute(row.image))}", f"text_encoder={json.dumps(ctx.substitute(row.text))}",
+        f"backbone={json.dumps(ctx.image(row.image))}", f"text_encoder={json.dumps(ctx.substitute(row.text))}",
         f"out={json.dumps(str(pretrain_dir(ctx, row)))}", *ctx.common()])
 
 
@@ -205,12 +215,15 @@ def _checkpoint_state(out: Path, cfg) -> tuple[str, bool]:
     if not last.is_file():
         return "to run", False
     meta = read_meta(last)
-    saved, now = _comparable(meta.get("config", {})), _comparable(to_dict(cfg))
+    saved = _comparable(drop_later_defaults(meta.get("config", {})))
+    now = _comparable(drop_later_defaults(to_dict(cfg)))
     if saved != now:
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         return (f"conflict: {out} holds an Adaptor trained with another config ({', '.join(changed)} differ); "
                 "delete it, or pass another --out"), False
     epoch = int(meta.get("epoch", 0))
+    if meta.get("stopped_early"):
+        return f"done (stopped early after epoch {epoch})", True
     return ("done", True) if epoch >= cfg.epochs else (f"resume after epoch {epoch} of {cfg.epochs}", False)
 
 
@@ -237,7 +250,7 @@ def eval_config(ctx: Context, cell: Cell, column_overrides: dict[str, list[str]]
     return load_config(evaluate.EvalConfig, cell.column.preset, [
         *ctx.eval_overrides, *column_overrides.get(cell.column.data, []),
         f"dataset={json.dumps(ctx.data.get(cell.column.data, ''))}", f"adaptor={json.dumps(adaptor)}",
-        f"backbone={json.dumps(ctx.substitute(cell.row.image))}", f"fractions=[{cell.fraction}]",
+        f"backbone={json.dumps(ctx.image(cell.row.image))}", f"fractions=[{cell.fraction}]",
         f"out={json.dumps(str(cell_dir(ctx, cell)))}", *ctx.common()])
 
 
@@ -278,15 +291,17 @@ def _cell_state(out: Path, cfg) -> tuple[str, bool]:
 
 # ------------------------------------------------------------------------------- all
 def column_overrides(ctx: Context) -> dict[str, list[str]]:
-    """Per dataset, what its release asks of the recipe: COVIDx's label (3 classes in v5 and
-    earlier; COVID-19 or not in the binary releases), and a release that must be known."""
+    """Per dataset, what its release asks of the recipe: COVIDx's label (3 classes in v5 and the
+    "A" releases such as COVIDx9A, the authors'; COVID-19 or not in the binary releases), and a
+    release that must be known."""
     out: dict[str, list[str]] = {}
     if "covidx" in ctx.data and any(c.data == "covidx" for c in ctx.spec.columns):
         ds = open_dataset(ctx.data["covidx"], ctx.root)
         if ds.version is None:
+            theirs = ctx.spec.releases.get("covidx", "v9A")
             raise InputError(f"{ctx.data['covidx']}: the folder's files do not say which COVIDx release it holds "
-                             "(the authors used v5, MGCA v6, BenchX CXR-4); state it: --data "
-                             "'covidx=FOLDER?version=v5'")
+                             f"(the authors' code read COVIDx{theirs}, BenchX's lists are CXR-4); state it: --data "
+                             f"'covidx=FOLDER?version={theirs}'")
         binary = any(it.labels.get("label") != it.labels.get("label") for it in ds.items)  # NaN: a binary release
         if binary:
             out["covidx"] = ["classification.labels=[covid]"]
@@ -317,8 +332,8 @@ def build_steps(ctx: Context) -> list[Step]:
 def _needs(ctx: Context, step: Step) -> list[str]:
     """The embeddings a cell or a pretraining reads."""
     if step.cell is not None:
-        return [f"embed/{step.cell.column.data}/image/{ctx.substitute(step.cell.row.image)}"]
+        return [f"embed/{step.cell.column.data}/image/{ctx.image(step.cell.row.image)}"]
     if step.row is not None:
         key = ctx.spec.pretrain_data
-        return [f"embed/{key}/image/{ctx.substitute(step.row.image)}", f"embed/{key}/text/{ctx.substitute(step.row.text)}"]
+        return [f"embed/{key}/image/{ctx.image(step.row.image)}", f"embed/{key}/text/{ctx.substitute(step.row.text)}"]
     return []
