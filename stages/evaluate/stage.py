@@ -59,8 +59,7 @@ class HeadsConfig(Validated):
     patience: int = 10             # validations without a better score before a head stops
     min_delta: float = 0.0         # a validation must beat the best by more than this to reset patience
     val_every: int = 0             # validate every k epochs of `epochs` (0: `epochs` validations, spread)
-    # the learning rate's schedule (stages/evaluate/head_bank.py:HEAD_SCHEDULES) and its period
-    schedule: Annotated[str, OneOf(HEAD_SCHEDULES)] = "restarts"
+    schedule: Annotated[str, OneOf(HEAD_SCHEDULES)] = "restarts"  # the learning rate's schedule (HEAD_SCHEDULES)
     restart_epochs: int = 10       # period of the warm restarts: validations (restarts), epochs (epoch-restarts)
     restart_frac: float = 0.0      # epoch-restarts: the period as this share of the run's steps (the authors' 0.4)
     replicas: int = 1              # the authors' GPUs per step: their period counts one GPU's steps
@@ -95,9 +94,8 @@ class SegConfig(Validated):
     min_steps: int = 500           # optimiser steps at least, however few masks a fraction keeps
     max_steps: int = 3000          # optimiser steps at most (0: no cap)
     val_every: int = 0             # validate every k epochs of `epochs` (0: `epochs` validations, spread)
-    # the validation Dice that picks a decoder's epoch (stages/evaluate/metrics.py:SEGMENTATION_METRICS):
     # pixels pooled over the split (ours), or the authors' per-image mean with empty-on-empty = 1
-    select: Annotated[str, OneOf(SEGMENTATION_METRICS)] = "dice_global"
+    select: Annotated[str, OneOf(SEGMENTATION_METRICS)] = "dice_global"  # the validation Dice that picks the epoch
     balance_negatives: bool = False  # train on as many empty-mask images as non-empty ones (MGCA's SIIM)
     overlays: int = 6              # test images drawn in overlays.png: the best and the worst by Dice
 

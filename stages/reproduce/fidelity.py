@@ -30,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import PRESET_DIR, ConfigError, to_dict
+from pipeline import resources
+from pipeline.config import ConfigError, to_dict
 from pipeline.encoders import resolve_encoder_name
 from stages.reproduce.spec import Cell, TableSpec
 from stages.reproduce.steps import Context, eval_config, pretrain_config
@@ -88,7 +89,8 @@ def load_facts(spec: TableSpec) -> Facts:
     if not spec.authors:
         raise ConfigError([f"table {spec.name}: no `authors:` file of the authors' settings"], "pipe reproduce")
     path = Path(spec.authors)
-    path = path if path.is_absolute() else PRESET_DIR.parent / path
+    if not path.is_file():  # a path from a clone's root (configs/paper/authors/...) is found in the package
+        path = resources.find(spec.authors) or path
     if not path.is_file():
         raise ConfigError([f"authors: {spec.authors} does not exist"], f"table {spec.path}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -76,9 +76,9 @@ class OptimConfig(Validated):
     weight_decay: float = 0.01     # AdamW's decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment coefficients
     warmup_frac: float = 0.02      # linear warm-up over this share of all steps, then linear decay to 0
-    # The schedule's length in steps of this many pairs (0: batch_size). The authors counted it in one
-    # GPU's 1024 while each step took 2 x 1024, so their rate ends near half its peak, never at 0.
-    schedule_batch: int = 0
+    # The authors counted the schedule in one GPU's 1024 while each step took 2 x 1024, so their
+    # rate ends near half its peak, never at 0.
+    schedule_batch: int = 0        # the schedule's length counted in steps of this many pairs (0: batch_size)
     epoch_end_step: bool = False   # one more schedule step at each epoch's end (Lightning's, on top of theirs)
 
     @staticmethod
@@ -116,12 +116,11 @@ class TrainConfig(Validated):
     rerank_k: int = 10             # tokens mode: candidates per query that the matching head re-ranks
     gather_negatives: bool = True  # DDP: score against every rank's embeddings (false: per-rank negatives, flaw 4)
     step: Annotated[str, OneOf(STEP_MODES)] = "eager"  # how a step runs (stages/train/step.py)
-    # The step's contrastive loss in this many groups, each scoring only its own pairs, averaged: the
-    # authors' 2 GPUs x 1024 without gathering is batch_size=2048, loss_groups=2 (flaw 4, reproduced).
-    loss_groups: int = 1
+    # The authors' 2 GPUs x 1024 without gathering is batch_size=2048, loss_groups=2 (flaw 4, reproduced).
+    loss_groups: int = 1           # the step's contrastive loss in this many groups, each scoring its own pairs
     monitor: Literal["val_loss", "val_loss_batch"] = "val_loss"  # what best.safetensors and patience watch
     patience: int = 0              # epochs without a better monitor (by min_delta) before stopping; 0: never
-    min_delta: float = 0.0
+    min_delta: float = 0.0         # the monitor must improve by more than this to count as better
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
