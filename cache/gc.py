@@ -9,8 +9,9 @@ leftover) is the storage's.
 Adaptor outputs of stores that are gone, removals that were cut short, and temporary files
 of writers that are gone (a folder's atomic writes and shard files; a bucket's ``.partial-``
 objects staged by Dask workers whose committer never published them). It never removes a
-referenced store, and skips (and names) a store that a running writer holds (``.inuse`` in
-a folder, a guard with a live lease in a bucket) or claims (a live claim).
+referenced store, and skips (and names) a store that a running writer holds (its ``.inuse``
+mark: a shared lock in a folder, an object with a live lease in a bucket; or a guard with a
+live lease) or claims (a live claim).
 
 A store is removed under :meth:`Storage.exclusive`, after checking again that no live
 writer claims it and no dataset records it (the indexes are read again: in a bucket,

@@ -48,8 +48,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from cache.claims import lease_seconds
-from cache.storage import LOCK, Entry, Hold, Storage, StoreError
+from cache.claims import describe, judge, lease_seconds, live_run
+from cache.storage import IN_USE, LOCK, Entry, Hold, Storage, StoreError
 from core.atomic import atomic_write_bytes
 from core.errors import PipeError
 from core.processes import me
@@ -342,7 +342,7 @@ class ObjectStorage(Storage):
 
     # -- the guard, and the busy checks ----------------------------------------------------------
     @contextlib.contextmanager
-    def guard(self) -> Iterator["GuardLease"]:
+    def guard(self) -> Iterator["LeasedObject"]:
         """Not re-entrant (neither is the flock of a local store): threads of one process contend like processes."""
         lease = self._acquire()
         lease.start()
@@ -351,21 +351,24 @@ class ObjectStorage(Storage):
         finally:
             lease.release()
 
-    def exclusive(self):
-        """The guard: it waits for a committer's few requests, never for a running `pipe embed` (its claims say that)."""
-        return self.guard()
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator["LeasedObject | None"]:
+        """The guard (it waits for a committer's few requests), once no running `pipe embed` marks
+        the store as in use (None then): both are checked and made under the guard."""
+        with self.guard() as lease:
+            yield None if self._live_mark() else lease
 
-    def _record(self, token: str) -> bytes:
-        now = time.time()
-        return json.dumps({"writer": me().writer, "host": me().host, "token": token, "time": now,
-                           "lease_s": self.lease_s, "expires": now + self.lease_s}).encode()
+    def _record(self, token: str, lease_s: float | None = None) -> bytes:
+        now, lease_s = time.time(), lease_s or self.lease_s
+        return json.dumps({**me().record(), "token": token, "run": token, "time": now, "lease_s": lease_s,
+                           "expires": now + lease_s}).encode()
 
-    def _acquire(self) -> "GuardLease":
+    def _acquire(self) -> "LeasedObject":
         token, wait = secrets.token_hex(8), GUARD_POLL_S
         while True:
             etag = self._put(LOCK, self._record(token), None)
             if etag is not None:
-                return GuardLease(self, token, etag)
+                return LeasedObject(self, LOCK, token, self.lease_s, etag)
             try:
                 got = self.obs.get(self.client, LOCK)
             except FileNotFoundError:
@@ -374,27 +377,65 @@ class ObjectStorage(Storage):
             if _lapsed(bytes(got.bytes())) and current:
                 etag = self._put(LOCK, self._record(token), current)
                 if etag is not None:
-                    return GuardLease(self, token, etag)
+                    return LeasedObject(self, LOCK, token, self.lease_s, etag)
             time.sleep(wait)
             wait = min(wait * 1.5, GUARD_POLL_MAX_S)
 
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Mark the store as being written: an object ``.inuse/<writer>-<token>.json`` with the claim
+        lease, renewed while the block runs and deleted after it (one left by a writer that died is
+        dead once its process is seen gone, or its lease lapsed). It is made under the guard, after
+        checking that the store is still there: a `gc` that removed it meanwhile is said, not written into."""
+        token = secrets.token_hex(8)
+        key, lease_s = f"{IN_USE}/{me().writer}-{token}.json", lease_seconds()
+        with live_run(token):  # what makes the mark live for a judge in this process
+            with self.guard():
+                for entry, info in self._marks():
+                    if info is None or not judge(info).live:  # a dead writer's mark: never a live one's
+                        self.delete_if(entry.key, entry.version)
+                if not set(self.scan("")) - {IN_USE, LOCK}:
+                    raise StoreError(f"{self.url} was removed while it was being opened (by `pipe cache gc` or "
+                                     "`pipe cache rm`?); run the command again")
+                mark = LeasedObject(self, key, token, lease_s, self._put(key, self._record(token, lease_s), None) or "")
+            mark.start()
+            try:
+                yield
+            finally:
+                mark.release()
+
+    def _marks(self) -> list[tuple[Entry, dict | None]]:
+        """The in-use marks of the store, with their records (None: unreadable)."""
+        out = []
+        for entry in self.entries(IN_USE):
+            try:
+                info = json.loads(self.read(entry.key))
+            except (FileNotFoundError, ValueError):
+                info = None
+            out.append((entry, info if isinstance(info, dict) else None))
+        return out
+
+    def _live_mark(self) -> str | None:
+        for _, info in self._marks():
+            if info is not None and judge(info).live:
+                return f"held by a running `pipe embed` ({describe(info)})"
+        return None
+
     def writing(self) -> str | None:
-        """A guard with a live lease: a writer is committing (or `gc` deleting) right now."""
+        """A guard with a live lease (a writer is committing, or `gc` deleting, right now), or a
+        live in-use mark (a `pipe embed` is writing the store, between its claims too)."""
         try:
             guard = json.loads(self.read(LOCK))
             if float(guard.get("expires", 0)) > time.time():
                 return f"being committed to by {guard.get('writer', 'a writer')} on {guard.get('host', 'a host')}"
         except (FileNotFoundError, ValueError, TypeError, AttributeError):
             pass
-        return None
+        return self._live_mark()
 
     def abandoned(self, entry: Entry, pid: int | None, now: float) -> bool:
         """Older than the claim lease: pids say nothing about workers on other hosts; a staged
         object is published (or its shard's claim lapses) within one lease of its upload."""
         return entry.kind == "file" and now - entry.mtime >= lease_seconds()
-
-    def in_use(self):
-        return contextlib.nullcontext()
 
     # -- removing a whole store ----------------------------------------------------------------
     def retire(self, commits: str) -> "ObjectStorage":
@@ -427,19 +468,20 @@ class ObjectStorage(Storage):
                             "command again; it removes nothing it has not identified.") from None
 
 
-class GuardLease(Hold):
-    """The guard object this process holds, renewed from a thread every quarter lease.
+class LeasedObject(Hold):
+    """An object this process holds with a lease (the guard, an in-use mark), renewed from a
+    thread every quarter lease.
 
     A renewal is a put conditional on the ETag of the last one: one that fails because the
-    object changed means another writer took the guard over (this process was paused past
-    its lease): ``lost`` is set, and renewals stop. Releasing deletes the object only while
-    it is still this holder's."""
+    object changed means another writer took it over (this process was paused past its
+    lease): ``lost`` is set, and renewals stop. Releasing deletes the object only while it
+    is still this holder's."""
 
-    def __init__(self, storage: ObjectStorage, token: str, etag: str):
-        self.storage, self.token, self.etag = storage, token, etag
+    def __init__(self, storage: ObjectStorage, key: str, token: str, lease_s: float, etag: str):
+        self.storage, self.key, self.token, self.lease_s, self.etag = storage, key, token, lease_s, etag
         self.renewals = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="guard-lease", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="object-lease", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -447,16 +489,16 @@ class GuardLease(Hold):
     def _loop(self) -> None:
         from obstore.exceptions import BaseError  # lazy: only object-store caches need it
 
-        while not self._stop.wait(self.storage.lease_s / GUARD_RENEWALS):
+        while not self._stop.wait(self.lease_s / GUARD_RENEWALS):
             try:
-                etag = self.storage._put(LOCK, self.storage._record(self.token), self.etag)
+                etag = self.storage._put(self.key, self.storage._record(self.token, self.lease_s), self.etag)
             except (BaseError, OSError) as e:  # a refused or lost request: try again next time
-                log.warning("could not renew the guard of %s (%s); retrying", self.storage.url, e)
+                log.warning("could not renew %s/%s (%s); retrying", self.storage.url, self.key, e)
                 continue
             if etag is None:
                 self.lost = True
-                log.warning("the guard of %s was taken over by another writer after this process's lease "
-                            "lapsed", self.storage.url)
+                log.warning("%s/%s was taken over by another writer after this process's lease lapsed",
+                            self.storage.url, self.key)
                 return
             self.etag, self.renewals = etag, self.renewals + 1
 
@@ -466,7 +508,7 @@ class GuardLease(Hold):
             self._thread.join()
         if not self.lost:
             with contextlib.suppress(FileNotFoundError):
-                self.storage.delete_if(LOCK, self.etag)
+                self.storage.delete_if(self.key, self.etag)
 
 
 class MirrorBudget:

@@ -188,6 +188,30 @@ def test_a_long_gc_deletion_keeps_the_guard_until_the_store_is_gone(cache, bucke
     assert not orphan.keys()
 
 
+def test_a_store_a_running_embed_holds_between_its_claims_is_never_collected(cache, bucket, tmp_path):  # noqa: F811
+    """A bucket has no flock: `pipe embed` marks each store it writes with an in-use object
+    (a lease, renewed), which gc honours as a folder's ``.inuse`` lock; a dead writer's mark
+    does not count, and a store removed meanwhile is said, never written into."""
+    from cache.storage import StoreError
+
+    top = whole(bucket, tmp_path)
+    before = digests(top)
+    orphan = Store.open(cache.child(ORPHAN))
+    with orphan.in_use():  # no claim and no guard: only the mark says a writer is there
+        marks = [k for k in digests(top) if "/.inuse/" in k]
+        skipped = {r["path"]: r["why"] for r in gc_json(cache.url)["skipped"]}
+        assert len(marks) == 1 and skipped[f"{cache.url}/{ORPHAN}"].startswith("not referenced by any dataset, "
+                                                                                "but held by a running `pipe embed`")
+        assert {k: v for k, v in digests(top).items() if k not in marks} == before
+    assert not [k for k in digests(top) if "/.inuse/" in k]  # the mark goes with its writer
+    gone = {**other_host().record(), "run": "x", "time": time.time() - 300, "lease_s": 120, "expires": time.time() - 180}
+    orphan.storage.write(".inuse/dead-writer.json", json.dumps(gone).encode())  # a dead writer's mark
+    assert f"{cache.url}/{ORPHAN}" in [r["path"] for r in gc_json(cache.url)["removed"]]
+    with pytest.raises(StoreError, match="was removed while it was being opened"):
+        with orphan.in_use():
+            pass
+
+
 # ------------------------------------------------------------------------------ derived files
 def _hosts(bucket: str, tmp_path: Path, monkeypatch):  # noqa: F811
     """The cache's folder as each of two hosts sees it (each its own local mirror of the bucket)."""
