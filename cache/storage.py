@@ -41,7 +41,6 @@ import errno
 import os
 import shutil
 import stat
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,8 +425,3 @@ def _held(lock: ContextManager) -> Iterator[Hold]:
     """A file lock as a :class:`Hold` (the kernel never takes an ``flock`` away: never lost)."""
     with lock:
         yield Hold()
-
-
-def age(entry: Entry, now: float | None = None) -> float:
-    """Seconds since ``entry`` was last written."""
-    return (time.time() if now is None else now) - entry.mtime
