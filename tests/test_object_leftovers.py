@@ -36,7 +36,8 @@ from cache.outputs import OutputCache, ensure_outputs_meta, outputs_folder
 from cache.storage import LOCK, TEMP_GRACE_S
 from cache.store import GROUP_META, Store
 
-LEASE_S = 3.0  # the claim lease the bucket's leftovers are judged by, and the guard's lease, here
+LEASE_S = 3.0  # the claim lease the bucket's leftovers are judged by, here
+GUARD_S = 1.5  # the guard's lease, here
 TOKEN = "0123456789abcdef"
 
 
@@ -102,7 +103,7 @@ def test_gc_removes_a_dead_writers_partial_files_and_keeps_claimed_and_fresh_one
 # ------------------------------------------------------------------------------ the guard's lease
 def test_the_guard_is_renewed_while_its_holder_works_and_nobody_takes_it_meanwhile(bucket, tmp_path):  # noqa: F811
     url = f"s3://{bucket}/s"
-    ours, theirs = ObjectStorage(url, tmp_path / "a", lease_s=LEASE_S), ObjectStorage(url, tmp_path / "b", lease_s=LEASE_S)
+    ours, theirs = ObjectStorage(url, tmp_path / "a", lease_s=GUARD_S), ObjectStorage(url, tmp_path / "b", lease_s=GUARD_S)
     got: list[float] = []
 
     def take() -> None:
@@ -112,7 +113,7 @@ def test_the_guard_is_renewed_while_its_holder_works_and_nobody_takes_it_meanwhi
     with ours.guard() as hold:
         waiter = threading.Thread(target=take)
         waiter.start()
-        time.sleep(2 * LEASE_S + 0.5)  # two leases: without renewals the waiter would have it by now
+        time.sleep(2 * GUARD_S + 0.5)  # two leases: without renewals the waiter would have it by now
         assert not got and not hold.lost and hold.renewals >= 3, hold.renewals
         assert json.loads(ours.read(LOCK))["expires"] > time.time()
         released = time.monotonic()
@@ -120,14 +121,15 @@ def test_the_guard_is_renewed_while_its_holder_works_and_nobody_takes_it_meanwhi
     assert got and got[0] >= released and not ours.exists(LOCK)  # taken once released, and released by its holder
 
 
+@pytest.mark.slow
 def test_a_holder_that_dies_releases_the_guard_by_lease_expiry_within_one_lease(bucket, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("PIPE_GUARD_LEASE_S", str(LEASE_S))
+    monkeypatch.setenv("PIPE_GUARD_LEASE_S", str(GUARD_S))
     url = f"s3://{bucket}/s"
     ours = ObjectStorage(url, tmp_path / "ours")
     holder = run_writer(ObjectStorage(url, tmp_path / "dead"), "guard")
     assert holder.stdout.readline().strip() == "held"
     first = json.loads(ours.read(LOCK))
-    time.sleep(LEASE_S)
+    time.sleep(GUARD_S)
     renewed = json.loads(ours.read(LOCK))
     assert renewed["token"] == first["token"] and renewed["expires"] > first["expires"]  # its holder renews it
     holder.kill()
@@ -136,7 +138,7 @@ def test_a_holder_that_dies_releases_the_guard_by_lease_expiry_within_one_lease(
     with ours.guard():
         taken = time.time()
     assert taken >= expires - 0.05  # never before its lease ran out ...
-    assert taken - died <= LEASE_S + GUARD_POLL_MAX_S + 1.0  # ... and within one lease of the death (and a poll)
+    assert taken - died <= GUARD_S + GUARD_POLL_MAX_S + 1.0  # ... and within one lease of the death (and a poll)
 
 
 def test_a_guard_taken_over_is_lost_to_its_old_holder_which_leaves_the_new_one_alone(bucket, tmp_path):  # noqa: F811
