@@ -8,7 +8,9 @@ encoder's preprocessing, read from the image store's spec: shorter side resized 
 cached bit-packed under ``<cache>/masks/<dataset>/``, keyed by the geometry and by each
 mask file's path (relative to the cache root for masks inside it, so a moved cache keeps
 its entries), size and modification time. The file carries a crc32c per array
-(:mod:`cache.npz`), checked whenever it is read.
+(:mod:`cache.npz`), checked whenever it is read, and is committed through the cache's
+storage over the version read (:func:`cache.npz.commit_checked`): in a bucket, another
+host reads the masks this one aligned.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from PIL import Image
 from cache.files import UnreadableFile, read_regular_file
 from cache.index import MASK_PREFIX
 from cache.marker import ensure_marker
-from cache.npz import load_checked, save_checked
+from cache.mirror import storage_at
+from cache.npz import commit_checked, read_checked
 from cache.paths import plain_name, portable
 from core.errors import InputError
 from pipeline.datasets.masks import decode_mask
@@ -150,11 +153,13 @@ def load_masks(items, target: str, spec: dict, cache_root: Path, dataset: str) -
     mask files had to be read (0 when the cache had them all)."""
     resize, crop = geometry(spec)
     how = cut(spec)
-    path = cache_path(cache_root, dataset, target, resize, crop, how)
+    storage = storage_at(cache_root)
+    key = storage.key_of(cache_path(cache_root, dataset, target, resize, crop, how))
     ids = items.id.astype(str).to_numpy()
     mask_paths = items[MASK_PREFIX + target].astype(str).to_numpy()
     stamps = np.array([_stamp(p, cache_root) for p in mask_paths])
-    cached = _load_cache(path, crop)
+    packed, version = read_checked(storage, key, _fix(cache_root))
+    cached = _unpack(packed, crop)
     out = np.zeros((len(ids), crop, crop), bool)
     todo = [i for i, (k, s) in enumerate(zip(ids, stamps)) if cached.get(k, (None,))[0] != s]
     for i in sorted(set(range(len(ids))) - set(todo)):
@@ -164,25 +169,27 @@ def load_masks(items, target: str, spec: dict, cache_root: Path, dataset: str) -
                                                            how), todo)):
             out[i] = m
     if todo:
-        merged = {**cached, **{ids[i]: (stamps[i], out[i]) for i in todo}}
-        _write_cache(path, merged, crop)
+        new = {ids[i]: (stamps[i], out[i]) for i in todo}
+        ensure_marker(storage)
+        commit_checked(storage, key, _pack({**cached, **new}), version,
+                       lambda theirs: _pack({**_unpack(theirs, crop), **new}), _fix(cache_root))
     return out, len(todo)
 
 
-def _load_cache(path: Path, crop: int) -> dict[str, tuple[str, np.ndarray]]:
-    if not path.exists():
-        return {}
-    root = path.parents[2]  # <root>/masks/<dataset>/<file>
-    z = load_checked(path, f"Run `pipe cache verify --repair --cache {root}` to remove it; the masks are then "
-                           "read again from their files.")
-    if z is None:  # written before the cache carried checksums: read the masks again
+def _fix(cache_root: Path) -> str:
+    return (f"Run `pipe cache verify --repair --cache {cache_root}` to remove it; the masks are then read again "
+            "from their files.")
+
+
+def _unpack(z: dict | None, crop: int) -> dict[str, tuple[str, np.ndarray]]:
+    """id -> (stamp, mask) of a mask cache file (nothing for none, or one written before it carried checksums)."""
+    if z is None:
         return {}
     bits = np.unpackbits(z["bits"], axis=1, count=crop * crop).reshape(-1, crop, crop).astype(bool)
     return {k: (s, b) for k, s, b in zip(z["ids"], z["stamps"], bits)}
 
 
-def _write_cache(path: Path, entries: dict[str, tuple[str, np.ndarray]], crop: int) -> None:
-    ensure_marker(path.parents[2])  # <root>/masks/<dataset>/<file>
+def _pack(entries: dict[str, tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
     keys = sorted(entries)
     bits = np.packbits(np.stack([entries[k][1].reshape(-1) for k in keys]), axis=1)
-    save_checked(path, {"ids": np.array(keys), "stamps": np.array([entries[k][0] for k in keys]), "bits": bits})
+    return {"ids": np.array(keys), "stamps": np.array([entries[k][0] for k in keys]), "bits": bits}

@@ -20,7 +20,7 @@ import torch
 
 from cache.index import IndexBuilder
 from cache.keys import fingerprint
-from cache.objects import push
+from cache.mirror import push
 from cache.paths import cache_root
 from cache.claims import lease_seconds, live_run
 from cache.store import Store, StoreError
