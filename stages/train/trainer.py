@@ -61,6 +61,7 @@ from stages.train.distributed import DistContext
 from stages.train.loader import PairLoader
 from stages.train.metrics import MetricsLog
 from stages.train.residency import RESIDENCIES
+from stages.train.resume import resume_key
 from stages.train.step import STEP_MODES, StepRunner, check_step_mode, optimizer_for, restore_step_settings
 
 CHECKPOINT = "last.safetensors"
@@ -283,13 +284,8 @@ class Trainer:
                 "dataset": self.cfg.dataset, "world_size": self.ctx.world_size}
 
     def _resume_key(self) -> dict:
-        """What must match for a run to continue another: all but epochs/out/device."""
-        d = to_dict(self.cfg)
-        for k in ("epochs", "out", "device", "resident", "cache", "val_batch_size", "step"):
-            d.pop(k, None)
-        if d.get("gather_negatives") is True:  # the default: runs from before the key existed still resume
-            d.pop("gather_negatives")
-        return d
+        """What must match for a run to continue another (stages/train/resume.py)."""
+        return resume_key(to_dict(self.cfg))
 
     def _maybe_resume(self) -> int:
         ckpt = self.out / CHECKPOINT
