@@ -14,12 +14,13 @@ from pathlib import Path
 from core.errors import InputError, MissingFileError
 from pipeline.records.keys import DATA_FILES, overlay_keys, prediction_key
 from pipeline.records.legacy import upgrade
-from pipeline.records.record import (CheckpointInfo, DataCard, EvalRecord, FailureReason, Failures, HeadCell,
-                                     MethodResult, Overlays, Prevalence, Provenance, RESULTS_FORMAT)
+from pipeline.records.record import (DIRECTIONS, Candidate, CheckpointInfo, DataCard, EvalRecord, Examples,
+                                     FailureReason, Failures, HeadCell, MethodResult, Overlays, Prevalence, Provenance,
+                                     Query, RESULTS_FORMAT)
 
-__all__ = ["CheckpointInfo", "DATA_FILES", "DataCard", "EvalRecord", "FailureReason", "Failures", "HeadCell",
-           "MethodResult", "Overlays", "Prevalence", "Provenance", "RESULTS_FORMAT", "load_results",
-           "overlay_keys", "prediction_key", "record_from_dict", "results_file"]
+__all__ = ["Candidate", "CheckpointInfo", "DATA_FILES", "DIRECTIONS", "DataCard", "EvalRecord", "Examples",
+           "FailureReason", "Failures", "HeadCell", "MethodResult", "Overlays", "Prevalence", "Provenance", "Query",
+           "RESULTS_FORMAT", "load_results", "overlay_keys", "prediction_key", "record_from_dict", "results_file"]
 
 
 def results_file(path: str | Path) -> Path:

@@ -271,3 +271,56 @@ class EvalRecord:
             dict(d.get("files") or {}), DataCard.from_dict(d.get("data_card")), Provenance.from_dict(d.get("provenance")),
             d.get("seconds"), {k: v for k, v in d.items() if k.endswith("_peak_mb")}, int(d.get("format", RESULTS_FORMAT)))
 
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    score: float                    # the cosine similarity to the query
+    true: bool                      # the query's own pair (a repeated report counts)
+
+
+@dataclass(frozen=True)
+class Query:
+    query: str                      # the item whose image (or report) asks
+    true_rank: int | None           # where its true match ranked (None: none among the candidates)
+    top: list[Candidate]
+
+    @property
+    def hit(self) -> bool:
+        return any(c.true for c in self.top)
+
+    def to_dict(self) -> dict:
+        return {"query": self.query, "true_rank": self.true_rank, "top": [dict(c.__dict__) for c in self.top]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Query":
+        return cls(str(d["query"]), d.get("true_rank"),
+                   [Candidate(str(c["id"]), float(c["score"]), bool(c["true"])) for c in d.get("top") or []])
+
+
+DIRECTIONS = ("image_to_text", "text_to_image")
+
+
+@dataclass(frozen=True)
+class Examples:
+    """A retrieval run's examples (``examples.json``): a few queries each way with their top candidates."""
+
+    method: str                     # whose embeddings ranked them
+    k: int
+    n_test: int | None
+    queries: dict[str, list[Query]]  # DIRECTIONS -> queries
+    reports: dict[str, str]         # the reports shown, by item
+
+    def report(self, item: str) -> str:
+        return self.reports.get(item, "(report not saved)")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "k": self.k, "n_test": self.n_test,
+                **{d: [q.to_dict() for q in self.queries.get(d, [])] for d in DIRECTIONS}, "reports": self.reports}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Examples":
+        return cls(str(d.get("method") or ""), int(d.get("k") or 5), d.get("n_test"),
+                   {k: [Query.from_dict(q) for q in d.get(k) or []] for k in DIRECTIONS},
+                   {str(i): str(t) for i, t in (d.get("reports") or {}).items()})

@@ -27,7 +27,7 @@ from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
 from stages.evaluate.pictures import thumbnails
 from stages.evaluate.plots import recall_bars
-from pipeline.records import MethodResult
+from pipeline.records import DIRECTIONS, Candidate, Examples, MethodResult, Query
 from stages.evaluate.tables import Column, Table, add_estimates_row, add_row, interval_note, make_table, value_cell
 
 KS = (1, 5, 10)
@@ -226,12 +226,12 @@ def example_queries(n: int, count: int, offset: float = 0.0) -> list[int]:
     return sorted({int((i + offset) * n / count) % n for i in range(count)})
 
 
-def _ranked(scores: np.ndarray, same: np.ndarray, ids: np.ndarray) -> dict:
+def _ranked(query: str, scores: np.ndarray, same: np.ndarray, ids: np.ndarray) -> Query:
     """The top candidates of one query, the true one(s) marked, and the rank of the first true one."""
     order = np.argsort(-scores, kind="stable")
     true_rank = int(np.flatnonzero(same[order])[0]) + 1 if same.any() else None
-    return {"true_rank": true_rank, "top": [{"id": str(ids[j]), "score": round(float(scores[j]), 4),
-                                             "true": bool(same[j])} for j in order[:TOP]]}
+    return Query(query, true_rank, [Candidate(str(ids[j]), round(float(scores[j]), 4), bool(same[j]))
+                                    for j in order[:TOP]])
 
 
 def save_examples(ctx: EvalContext, shown: tuple[np.ndarray, np.ndarray], test: np.ndarray, method: str) -> dict:
@@ -246,20 +246,20 @@ def save_examples(ctx: EvalContext, shown: tuple[np.ndarray, np.ndarray], test: 
     rows = ctx.data.text_rows[test]  # a repeated report is a hit: same text row
     i2t, t2i, texts, pictures = [], [], set(), set()
     for q in example_queries(len(test), EXAMPLE_QUERIES[0]):
-        r = _ranked(txt @ img[q], rows == rows[q], ids)
-        i2t.append({"query": str(ids[q]), **r})
+        r = _ranked(str(ids[q]), txt @ img[q], rows == rows[q], ids)
+        i2t.append(r)
         pictures.add(q)
-        texts.update(c["id"] for c in r["top"])
+        texts.update(c.id for c in r.top)
     for q in example_queries(len(test), EXAMPLE_QUERIES[1], offset=0.5):
-        r = _ranked(img @ txt[q], rows == rows[q], ids)
-        t2i.append({"query": str(ids[q]), **r})
+        r = _ranked(str(ids[q]), img @ txt[q], rows == rows[q], ids)
+        t2i.append(r)
         texts.add(str(ids[q]))
-        pictures.update(int(np.flatnonzero(ids == c["id"])[0]) for c in r["top"])
+        pictures.update(int(np.flatnonzero(ids == c.id)[0]) for c in r.top)
     thumbs = thumbnails(ctx, test[sorted(pictures)])
-    examples = {"method": method, "k": TOP, "n_test": int(len(test)), "image_to_text": i2t, "text_to_image": t2i,
-                "reports": {str(i): str(t) for i, t in zip(ids, reports) if str(i) in texts}}
+    examples = Examples(method, TOP, int(len(test)), dict(zip(DIRECTIONS, (i2t, t2i))),
+                        {str(i): str(t) for i, t in zip(ids, reports) if str(i) in texts})
     files = {"examples": ctx.out / "examples.json", "thumbnails": ctx.out / "thumbnails.npz"}
-    atomic_write_text(files["examples"], json.dumps(examples, indent=1))
+    atomic_write_text(files["examples"], json.dumps(examples.to_dict(), indent=1))
     np.savez_compressed(files["thumbnails"], ids=np.array(list(thumbs), dtype=str),
                         images=np.stack(list(thumbs.values())) if thumbs else np.zeros((0, 1, 1), np.uint8))
     return files

@@ -23,7 +23,8 @@ import yaml
 
 from core.atomic import atomic_write_text
 from pipeline.methods import Method
-from pipeline.records import DataCard, Failures, MethodResult, Prevalence, overlay_keys, prediction_key
+from pipeline.records import (DataCard, Examples, Failures, MethodResult, Prevalence, Query, overlay_keys,
+                              prediction_key)
 from pipeline.tables import Cell, Table, fraction_label, merge_tables, pct
 from stages.evaluate.metrics import LOWER_IS_BETTER, auroc
 from stages.evaluate.tasks import TASKS, task_rank
@@ -388,7 +389,7 @@ class Page:
             return note("No retrieval runs among these runs.")
         out, loaded = [], []
         for r in runs:
-            ex = r.json("examples")
+            ex = r.examples()
             if ex is None:
                 out.append(note(f"{r.label}: no retrieval examples saved (examples.json); re-run `pipe evaluate` "
                                 "to get them."))
@@ -399,33 +400,33 @@ class Page:
         if not loaded:
             return "".join(out)
         self._strip_px = {1: 96, 2: 64}.get(len(loaded), 48)
-        heads = "".join(f"<th>{swatch(self.palette(r.record.method_named(ex['method'])))}{esc(ex['method'])}<br>"
+        heads = "".join(f"<th>{swatch(self.palette(r.record.method_named(ex.method)))}{esc(ex.method)}<br>"
                         f'<span class="src">{esc(r.label)}</span></th>' for r, ex, _ in loaded)
-        # (examples.json's list, its title, whether the queries are images and the answers reports)
+        # (the examples' direction, its title, whether the queries are images and the answers reports)
         for direction, title, image_query in (("image_to_text", "An image, and the reports ranked first for it", True),
                                               ("text_to_image", "A report, and the images ranked first for it", False)):
-            queries = list(dict.fromkeys(q["query"] for _, ex, _ in loaded for q in ex.get(direction, [])))
+            queries = list(dict.fromkeys(q.query for _, ex, _ in loaded for q in ex.queries[direction]))
             rows = []
             for qid in queries:
                 cols = []
                 for r, ex, thumbs in loaded:
-                    q = next((q for q in ex.get(direction, []) if q["query"] == qid), None)
+                    q = next((q for q in ex.queries[direction] if q.query == qid), None)
                     cols.append("<td></td>" if q is None else f"<td>{self._answers(image_query, q, ex, thumbs)}</td>")
-                ex0, th0 = next((ex, th) for _, ex, th in loaded if any(q["query"] == qid for q in ex[direction]))
+                ex0, th0 = next((ex, th) for _, ex, th in loaded if any(q.query == qid for q in ex.queries[direction]))
                 query = (self._thumb(th0, qid, 128) if image_query
                          else f'<div class="report">{esc(self._text(ex0, qid, 320))}</div>')
                 rows.append(f'<tr><th scope="row">{query}<div class="src">item {esc(qid)}</div></th>{"".join(cols)}</tr>')
             out.append(f"<h3>{esc(title)}</h3><div class=\"tbl\"><table class=\"retrieval {direction}\"><thead><tr>"
                        f"<th>query</th>{heads}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
-        k = loaded[0][1].get("k", 5)
-        out.insert(0, f'<p class="cap">Queries spread evenly over the {esc(loaded[0][1].get("n_test", "?"))} test '
-                      f"pairs; the top {esc(k)} candidates of each, with cosine similarity. "
+        first = loaded[0][1]
+        out.insert(0, f'<p class="cap">Queries spread evenly over the {esc(_known(first.n_test))} test '
+                      f"pairs; the top {esc(first.k)} candidates of each, with cosine similarity. "
                       f'<span class="hitkey">✓ green</span>: the true match (a repeated report counts).</p>')
         return "".join(out)
 
     @staticmethod
-    def _text(ex: dict, item: str, n: int) -> str:
-        t = str((ex.get("reports") or {}).get(item, "(report not saved)"))
+    def _text(ex: Examples, item: str, n: int) -> str:
+        t = ex.report(item)
         return t if len(t) <= n else t[: n - 1].rsplit(" ", 1)[0] + " …"
 
     @staticmethod
@@ -434,18 +435,17 @@ class Page:
             return f'<div class="nothumb" style="width:{width}px;height:{width}px">image not available</div>'
         return img(thumbs[item], f"item {item}", cls=f"thumb {cls}", width=width)
 
-    def _answers(self, reports: bool, q: dict, ex: dict, thumbs: dict) -> str:
+    def _answers(self, reports: bool, q: Query, ex: Examples, thumbs: dict) -> str:
         """One query's top candidates: reports (an image's query), or thumbnails (a report's)."""
-        tail = ("" if any(c["true"] for c in q["top"]) else
-                f'<div class="miss">true match at rank {esc(q.get("true_rank", "?"))}</div>')
+        tail = "" if q.hit else f'<div class="miss">true match at rank {esc(_known(q.true_rank))}</div>'
         if reports:
-            items = "".join(f'<li class="{"hit" if c["true"] else ""}"><span class="score">{c["score"]:.3f}</span>'
-                            f'{"<b>✓</b> " if c["true"] else ""}{esc(self._text(ex, c["id"], TEXT_CHARS))}</li>'
-                            for c in q["top"])
+            items = "".join(f'<li class="{"hit" if c.true else ""}"><span class="score">{c.score:.3f}</span>'
+                            f'{"<b>✓</b> " if c.true else ""}{esc(self._text(ex, c.id, TEXT_CHARS))}</li>'
+                            for c in q.top)
             return f'<ol class="answers">{items}</ol>{tail}'
-        items = "".join(f'<figure class="{"hit" if c["true"] else ""}">{self._thumb(thumbs, c["id"], self._strip_px)}'
-                        f'<figcaption>{i + 1}. {c["score"]:.3f}{" ✓" if c["true"] else ""}</figcaption></figure>'
-                        for i, c in enumerate(q["top"]))
+        items = "".join(f'<figure class="{"hit" if c.true else ""}">{self._thumb(thumbs, c.id, self._strip_px)}'
+                        f'<figcaption>{i + 1}. {c.score:.3f}{" ✓" if c.true else ""}</figcaption></figure>'
+                        for i, c in enumerate(q.top))
         return f'<div class="strip">{items}</div>{tail}'
 
     # --------------------------------------------------------------------- data card

@@ -17,7 +17,7 @@ import yaml
 
 from core.errors import InputError
 from pipeline.methods import Method, adaptor_method
-from pipeline.records import CheckpointInfo, EvalRecord, Provenance, load_results
+from pipeline.records import CheckpointInfo, EvalRecord, Examples, Provenance, load_results
 
 
 class ReportInputError(InputError):
@@ -53,9 +53,10 @@ class EvalRun:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
-    def json(self, role: str) -> dict | None:
-        path = self.file(role)
-        return json.loads(path.read_text()) if path is not None else None
+    def examples(self) -> Examples | None:
+        """The retrieval examples it saved (examples.json), if any."""
+        path = self.file("examples")
+        return Examples.from_dict(json.loads(path.read_text())) if path is not None else None
 
 
 @dataclass
