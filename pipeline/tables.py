@@ -44,11 +44,6 @@ class Figure:
     n_seeds: int | None = None                   # a mean over this many seeds; None: one estimate
     seeds: tuple[int, ...] = ()                  # those seeds (files before format 2 do not say)
 
-    @property
-    def interval(self) -> tuple[float, float] | None:
-        """The interval when both ends are numbers."""
-        return self.ci if self.ci is not None and finite(self.ci[0]) and finite(self.ci[1]) else None
-
     def to_dict(self) -> dict:
         if self.n_seeds is not None:
             d = {"mean": self.value, "std": self.std, "n_seeds": self.n_seeds}
