@@ -10,7 +10,7 @@ import typer
 from cli.app import app
 from cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, human_bytes, path_or_none, print_json, \
     results_to, user_errors
-from core.console import err
+from core.console import err, plain
 from core.console import out as stdout_console
 
 EPILOG = """Examples:
@@ -102,7 +102,7 @@ def reproduce(
 
 def _fidelity(stage, cfg, as_json: bool) -> None:
     """The fidelity table: a Markdown table off a terminal, a rich one on it; JSON with --json."""
-    from pipeline.tables import add_row, make_table, to_markdown, to_rich  # lazy: keeps `pipe --help` fast
+    from rich.table import Table  # lazy: keeps `pipe --help` fast
     from stages.reproduce.fidelity import as_text  # lazy: keeps `pipe --help` fast
 
     with user_errors():
@@ -112,19 +112,23 @@ def _fidelity(stage, cfg, as_json: bool) -> None:
         print_json([r.summary() for r in rows])
     else:
         variant = "with our fixes (--fixed)" if cfg.fixed else "the authors' recipe"
-        t = make_table(f"{cfg.table}: ours ({variant}) beside the authors', setting by setting", "fidelity",
-                       ["key", "ours", "authors", "source", "deliberate", "why"],
-                       f"{len(rows)} settings; {sum(r.differs for r in rows)} differ, each with its reason; "
-                       f"{len(undocumented)} without one.")
-        t["label"] = "stage"
-        for r in rows:
-            add_row(t, r.stage, {"key": r.key, "ours": as_text(r.ours), "authors": as_text(r.authors),
-                                 "source": r.source, "deliberate": ("yes" if r.deliberate else "NO") if r.differs
-                                 else "", "why": r.why})
+        title = f"{cfg.table}: ours ({variant}) beside the authors', setting by setting"
+        note = (f"{len(rows)} settings; {sum(r.differs for r in rows)} differ, each with its reason; "
+                f"{len(undocumented)} without one.")
+        header = ["stage", "key", "ours", "authors", "source", "deliberate", "why"]
+        lines = [[r.stage, r.key, as_text(r.ours), as_text(r.authors), r.source,
+                  ("yes" if r.deliberate else "NO") if r.differs else "", r.why] for r in rows]
         if sys.stdout.isatty():
-            stdout_console.print(to_rich(t))
+            t = Table(title=plain(title), title_justify="left", caption=plain(note), caption_justify="left")
+            for h in header:
+                t.add_column(h, overflow="fold")
+            for line in lines:
+                t.add_row(*(plain(x) for x in line))
+            stdout_console.print(t)
         else:
-            print(to_markdown(t))
+            md = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+            md += ["| " + " | ".join(line) + " |" for line in lines]
+            print("\n".join(md + ["", f"_{note}_"]) + "\n")
     if undocumented:
         fail(f"{len(undocumented)} setting(s) differ from the authors' with no documented reason: "
              + ", ".join(f"{r.stage} {r.key}" for r in undocumented[:5])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.methods import Method
 from stages.evaluate import metrics as M
 from stages.evaluate import tables as T
 from stages.evaluate.fractions import FractionTooSmallError, check_subset, plan_subsets, stratified_order
@@ -166,11 +167,11 @@ def test_every_table_says_what_its_interval_covers():
     assert "centred on the estimate" in T.interval_note(0.95, 409, 1000, seeds=3, centred=True)
     assert T.interval_note(0.95, 409, 1000).startswith("Cells: value [lo, hi]: 95% bootstrap interval")
     assert "no interval" in T.interval_note(0.95, 409, 0, seeds=3)
-    table = T.make_table("t", "ece", ["1%"], note=many)
-    T.add_row(table, "m", {"1%": "4.2 ± 0.6 [3.1, 4.9]"})
+    table = T.make_table("", "t", "ece", ["1%"], note=many, unit="")
+    T.add_row(table, Method("m", "adaptor"), {"1%": T.text_cell("4.2 ± 0.6 [3.1, 4.9]")})
     assert T.to_markdown(table).rstrip().endswith(f"_{many}_")
-    merged = T.merge_tables([{"tables": [table], "dataset_name": "d"}], ["run"])
-    assert merged[0]["note"] == many
+    merged = T.merge_tables([("d", [table])], ["run"])
+    assert merged[0].note == many
 
 
 def test_recall_ranks_by_hand_and_against_the_training_code():

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.api.bank import ReportBank, build_bank
 from pipeline.api.encode import (ImageInput, adaptor_image, adaptor_text, image_features, image_label, load_pixels,
                                  text_features)
-from pipeline.api.source import Source, check_encoder, resolve_encoder, resolve_source
+from pipeline.api.source import Source, check_encoder, load_model, resolve_encoder, resolve_source
 from core.console import err, escape, progress
 from pipeline.devices import resolve_device
 from pipeline.encoders import create_encoder
@@ -25,8 +25,8 @@ from pipeline.encoders.config import MODALITIES
 from pipeline.encoders.stored import preprocess_of
 from pipeline.models.label_types import LABEL_TYPES
 from core.errors import InputError
-from pipeline.models.adaptor import Adaptor, AdaptorMode, adaptor_config_from_saved
-from pipeline.models.checkpoint import load_weights, weights_hash
+from pipeline.models.adaptor import Adaptor, AdaptorMode
+from pipeline.models.checkpoint import weights_hash
 from pipeline.models.heads import load_head
 from pipeline.prompts import finding_scores, load_prompts, prompt_layout, zero_shot_probability
 
@@ -84,9 +84,7 @@ def load_adaptor(path: str | os.PathLike, device: str = "auto", *, image_encoder
     configs = {m: resolve_encoder(source.encoders[m], overrides[m]) for m in MODALITIES}
     for m in MODALITIES:
         check_encoder(source.encoders[m], configs[m], dev)
-    model = Adaptor(adaptor_config_from_saved(source.adaptor))  # old runs: the loss weight renamed
-    load_weights(source.weights, model)
-    return TrainedAdaptor(source, model.to(dev).eval(), dev, configs)
+    return TrainedAdaptor(source, load_model(source, dev), dev, configs)
 
 
 class TrainedAdaptor:

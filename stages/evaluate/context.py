@@ -11,6 +11,9 @@ import torch
 
 from cache.pairs import PairData
 from core.console import err, escape
+from pipeline.methods import Method, adaptor_method
+from pipeline.records import MethodResult
+from pipeline.tables import Table
 from stages.evaluate.features import FrozenAdaptor, raw_features
 
 
@@ -78,19 +81,21 @@ class EvalContext:
                    for seed, by_f in plan.items()}
         (self.out / "subsets.json").write_text(json.dumps(subsets))
 
-    def adaptor_name(self) -> str:
-        return f"Adaptor ({self.adaptor.mode.name}) {self.backbone} + {self.text_encoder}"
+    def adaptor_method(self) -> Method:
+        """The Adaptor's rows: ``Adaptor (<mode>) <backbone> + <text encoder>``."""
+        return adaptor_method(self.adaptor.mode.name, self.backbone, self.text_encoder)
 
-    def baseline_name(self, with_text: bool = False) -> str:
-        return f"no Adaptor {self.backbone}" + (f" + {self.text_encoder}" if with_text else "")
+    def baseline_method(self, with_text: bool = False) -> Method:
+        """The frozen features' rows: ``no Adaptor <backbone>`` (``+ <text encoder>`` where both are compared)."""
+        return Method(f"no Adaptor {self.backbone}" + (f" + {self.text_encoder}" if with_text else ""), "backbone")
 
-    def feature_sets(self) -> list[tuple[str, str]]:
-        """(row name, kind) of the image-feature methods this run evaluates."""
+    def feature_sets(self) -> list[tuple[Method, str]]:
+        """(method, feature source) of the image-feature methods this run evaluates."""
         sets = []
         if self.adaptor is not None:
-            sets.append((self.adaptor_name(), "adaptor"))
+            sets.append((self.adaptor_method(), "adaptor"))
         if self.adaptor is None or self.cfg.baseline:
-            sets.append((self.baseline_name(), "backbone"))
+            sets.append((self.baseline_method(), "backbone"))
         return sets
 
     def pooled_features(self, kind: str, positions: np.ndarray) -> np.ndarray:
@@ -132,8 +137,8 @@ FEATURE_SOURCES: dict[str, FeatureSource] = {s.name: s for s in (
 
 @dataclass
 class TaskResult:
-    methods: list[dict] = field(default_factory=list)
-    tables: list[dict] = field(default_factory=list)
+    methods: list[MethodResult] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
     data: dict = field(default_factory=dict)
     # Data files beside results.json that reports read, by role: "predictions" (per-item test

@@ -25,6 +25,7 @@ CHUNK = 100  # resamples drawn and scored together (bounds memory at CHUNK x n)
 # resample repeats items, which adds noise to each bin's observed frequency, and noise only ever
 # widens the absolute gap |confidence - frequency|.
 BIASED = ("ece",)
+LOWER_IS_BETTER = ("ece",)   # metrics where a smaller figure is better (the rest: larger)
 
 
 def _weights(w: np.ndarray | None, n: int) -> tuple[np.ndarray, bool]:

@@ -34,6 +34,8 @@ from pipeline.models.checkpoint import CheckpointMismatchError, check_fingerprin
 from pipeline.models.heads import HEAD_KINDS, SEG_DECODERS
 from pipeline.models.label_types import LABEL_TYPE_CHOICES
 from pipeline.provenance import provenance
+from pipeline.records import CheckpointInfo, DataCard, EvalRecord, Provenance
+from pipeline.tables import Table
 from stages.evaluate.card import data_card
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import FrozenAdaptor
@@ -181,8 +183,13 @@ class EvalConfig(Validated):
 @dataclass
 class EvalResult:
     out: Path
-    results: dict
-    tables: list[dict]
+    record: EvalRecord             # what results.json holds (pipeline.records)
+    tables: list[Table]
+
+    @property
+    def results(self) -> dict:
+        """results.json's data."""
+        return self.record.to_dict()
 
 
 # ------------------------------------------------------------------------------ setup
@@ -284,55 +291,55 @@ def _run_owned(cfg: EvalConfig, ctx: EvalContext, t0: float) -> EvalResult:
     result = get_task(cfg.task).run(ctx)
     save_config(cfg, ctx.out / "config.yaml")
     forwards = ctx.adaptor.log_forwards() if ctx.adaptor else None
-    results = _results_json(ctx, result, forwards, time.perf_counter() - t0)
-    _write(ctx.out, results, result)
-    return EvalResult(ctx.out, results, result.tables)
+    record = _record(ctx, result, forwards, time.perf_counter() - t0)
+    _write(ctx.out, record)
+    return EvalResult(ctx.out, record, result.tables)
 
 
-def _results_json(ctx: EvalContext, result: TaskResult, forwards: str | None, seconds: float) -> dict:
+def _checkpoint(ctx: EvalContext, forwards: str | None) -> CheckpointInfo | None:
     a = ctx.adaptor
-    checkpoint = None if a is None else {
-        "path": str(a.path), "hash": a.hash, "mode": a.mode.name, "epoch": a.meta.get("epoch"),
-        "trained_on": a.meta.get("dataset"), "fingerprints": a.meta.get("fingerprints"),
-        "adaptor_outputs": str(a.folder(ctx.data.image)), "adaptor_forwards": dict(a.forwards),
-        "adaptor_forwards_line": forwards}
+    if a is None:
+        return None
+    return CheckpointInfo(str(a.path), a.hash, a.mode.name, a.meta.get("epoch"), a.meta.get("dataset"),
+                          a.meta.get("fingerprints"), str(a.folder(ctx.data.image)), dict(a.forwards), forwards)
+
+
+def _record(ctx: EvalContext, result: TaskResult, forwards: str | None, seconds: float) -> EvalRecord:
     fps = {"image": ctx.data.image.fingerprint}
     if get_task(ctx.cfg.task).needs_text:
         fps["text"] = ctx.data.text.fingerprint
-    return {
-        "task": ctx.cfg.task, "dataset": ctx.cfg.dataset, "dataset_name": ctx.dataset_name,
-        "dataset_version": ctx.dataset_version, "split_source": ctx.split_source or "the reader's own splits",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backbone": ctx.backbone, "text_encoder": ctx.text_encoder,
-        "config": to_dict(ctx.cfg), "config_hash": config_hash(ctx.cfg), "checkpoint": checkpoint,
-        "fingerprints": fps, "data": result.data, "methods": result.methods, "tables": result.tables,
-        "plots": [os.path.relpath(p, ctx.out) for p in result.plots], "notes": ctx.notes,
-        "files": {k: os.path.relpath(p, ctx.out) for k, p in result.files.items()},
-        "data_card": data_card(ctx, get_task(ctx.cfg.task).needs_text), "provenance": provenance(),
-        "seconds": round(seconds, 2), **{k: round(v, 1) for k, v in peak_memory_mb(ctx.device).items()},
-    }
+    return EvalRecord(
+        task=ctx.cfg.task, dataset=ctx.cfg.dataset, dataset_name=ctx.dataset_name, methods=result.methods,
+        tables=result.tables, config=to_dict(ctx.cfg), config_hash=config_hash(ctx.cfg),
+        checkpoint=_checkpoint(ctx, forwards), backbone=ctx.backbone, text_encoder=ctx.text_encoder,
+        fingerprints=fps, dataset_version=ctx.dataset_version,
+        split_source=ctx.split_source or "the reader's own splits", created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        data=result.data, plots=[os.path.relpath(p, ctx.out) for p in result.plots], notes=ctx.notes,
+        files={k: os.path.relpath(p, ctx.out) for k, p in result.files.items()},
+        data_card=DataCard.from_dict(data_card(ctx, get_task(ctx.cfg.task).needs_text)),
+        provenance=Provenance.from_dict(provenance()), seconds=round(seconds, 2),
+        peak_memory={k: round(v, 1) for k, v in peak_memory_mb(ctx.device).items()})
 
 
-def _write(out: Path, results: dict, result: TaskResult) -> None:
-    atomic_write_text(out / "results.json", json.dumps(plain(results), indent=1, allow_nan=True))
-    atomic_write_text(out / "results.md", results_markdown(results))
+def _write(out: Path, record: EvalRecord) -> None:
+    atomic_write_text(out / "results.json", json.dumps(plain(record.to_dict()), indent=1, allow_nan=True))
+    atomic_write_text(out / "results.md", results_markdown(record))
 
 
-def results_markdown(results: dict) -> str:
-    ck = results.get("checkpoint")
-    lines = [f"# {results['task']} · {results['dataset_name']}", "",
-             f"- dataset: `{results['dataset']}` · release: {results['dataset_version'] or 'not known'}"
-             f" · splits: {results['split_source']}",
-             f"- backbone: {results['backbone']}" + (f" · text encoder: {results['text_encoder']}"
-                                                     if results.get("text_encoder") else ""),
-             f"- checkpoint: `{ck['path']}` (hash {ck['hash'][:16]}, {ck['mode']} mode)" if ck else
+def results_markdown(r: EvalRecord) -> str:
+    ck = r.checkpoint
+    lines = [f"# {r.task} · {r.dataset_name}", "",
+             f"- dataset: `{r.dataset}` · release: {r.dataset_version or 'not known'} · splits: {r.split_source}",
+             f"- backbone: {r.backbone}" + (f" · text encoder: {r.text_encoder}" if r.text_encoder else ""),
+             f"- checkpoint: `{ck.path}` (hash {ck.hash[:16]}, {ck.mode} mode)" if ck else
              "- checkpoint: none (frozen backbone features)",
-             "- cache fingerprints: " + ", ".join(f"{k} {v[:16]}" for k, v in results["fingerprints"].items()),
-             f"- items: {json.dumps(results['data'].get('splits', {}))}", ""]
-    if results["data"].get("fractions"):
-        lines += ["- training items per fraction and seed: " + json.dumps(results["data"]["fractions"]), ""]
-    for t in results["tables"]:
+             "- cache fingerprints: " + ", ".join(f"{k} {v[:16]}" for k, v in r.fingerprints.items()),
+             f"- items: {json.dumps(r.data.get('splits', {}))}", ""]
+    if r.data.get("fractions"):
+        lines += ["- training items per fraction and seed: " + json.dumps(r.data["fractions"]), ""]
+    for t in r.tables:
         lines += [to_markdown(t), ""]
-    if results["notes"]:
-        lines += ["Notes:", ""] + [f"- {n}" for n in results["notes"]] + [""]
-    lines += [f"Plots: {', '.join(results['plots'])}", ""]
+    if r.notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in r.notes] + [""]
+    lines += [f"Plots: {', '.join(r.plots)}", ""]
     return "\n".join(lines)

@@ -25,7 +25,8 @@ from cache.paths import cache_root
 from core.console import err, escape, section
 from pipeline.datasets.shared_splits import parse_split_ref
 from core.errors import InputError
-from stages.evaluate.tables import to_markdown
+from core.jsondata import plain
+from pipeline.tables import Table, to_markdown
 from stages.reproduce import render
 from stages.reproduce.fidelity import Row
 from stages.reproduce.fidelity import fidelity as fidelity_rows
@@ -53,13 +54,13 @@ class ReproduceConfig:
 class ReproduceResult:
     out: Path
     steps: list[Step]
-    tables: list[dict]
+    tables: list[Table]
     ran: list[str] = field(default_factory=list)        # ids of the steps run now
     seconds: float = 0.0
 
     def summary(self) -> dict:
         return {"out": str(self.out), "ran": self.ran, "steps": [s.summary() for s in self.steps],
-                "tables": self.tables, "seconds": round(self.seconds, 1)}
+                "tables": [t.to_dict() for t in self.tables], "seconds": round(self.seconds, 1)}
 
 
 def context(cfg: ReproduceConfig) -> Context:
@@ -118,17 +119,18 @@ def run(cfg: ReproduceConfig) -> ReproduceResult:
     return ReproduceResult(ctx.out, steps, tables, ran, time.perf_counter() - t0)
 
 
-def report_tables(ctx: Context) -> list[dict]:
+def report_tables(ctx: Context) -> list[Table]:
     dirs = {c.id: cell_dir(ctx, c) for c in ctx.spec.cells()}
-    return render.tables(ctx.spec, render.load_results(ctx.spec, dirs), ctx.substitute.label)
+    return render.tables(ctx.spec, render.load_cells(ctx.spec, dirs), ctx.substitute.label)
 
 
-def write_table(ctx: Context) -> list[dict]:
+def write_table(ctx: Context) -> list[Table]:
     """table.md and table.json from the cells finished so far."""
     tables = report_tables(ctx)
     ctx.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(ctx.out / "table.md", f"# {ctx.spec.title}\n\n" + "\n".join(to_markdown(t) for t in tables))
-    atomic_write_text(ctx.out / "table.json", json.dumps({"table": ctx.spec.name, "tables": tables}, indent=1))
+    atomic_write_text(ctx.out / "table.json", json.dumps(plain({"table": ctx.spec.name,
+                                                                 "tables": [t.to_dict() for t in tables]}), indent=1))
     return tables
 
 

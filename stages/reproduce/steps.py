@@ -22,12 +22,14 @@ from pipeline.datasets import READERS, open_dataset
 from pipeline.datasets.shared_splits import SOURCES
 from pipeline.datasets.spec import parse_dataset_spec, with_option
 from pipeline.encoders import resolve_encoder_name
+from pipeline.encoders.stored import STORED_DTYPES
 from core.errors import InputError
 from pipeline.models.checkpoint import checkpoint_hash, read_meta
+from pipeline.records import load_results
 from stages import embed, evaluate
 from stages import train as train_adaptor
 from stages.evaluate.features import resolve_checkpoint
-from stages.train.trainer import drop_later_defaults
+from stages.train.resume import differences
 from stages.reproduce.spec import DATASETS, Cell, Row, Substitutions, TableSpec
 
 # Throughput measured here (README, "Benchmarks"; 2-core x86_64 CPU), the basis of --plan's times:
@@ -168,12 +170,14 @@ def _embed_rate(encoder: str) -> float | None:
 
 
 def row_bytes(enc) -> int:
-    """Bytes one item takes in a store: float16 tokens, float32 pooled vector (and an int32 length)."""
+    """Bytes one item takes in a store: its tokens and pooled vector (and a report's length), in the
+    dtypes stage one stores (pipeline/encoders/stored.py:STORED_DTYPES)."""
+    size = {k: dtype.itemsize for k, dtype in STORED_DTYPES.items()}
     if enc.modality == "text":
-        return (enc.max_tokens or 512) * enc.embed_dim * 2 + enc.embed_dim * 4 + 4
+        return (enc.max_tokens or 512) * enc.embed_dim * size["tokens"] + enc.embed_dim * size["pooled"] + size["length"]
     side = (enc.input_size // enc.patch_size) if enc.patch_size else 3   # resnet-ae: a 3x3 bottleneck
     tokens = enc.num_prefix_tokens + side * side
-    return tokens * enc.embed_dim * 2 + enc.embed_dim * 4
+    return tokens * enc.embed_dim * size["tokens"] + enc.embed_dim * size["pooled"]
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -186,10 +190,6 @@ def pretrain_config(ctx: Context, row: Row):
 
 def pretrain_dir(ctx: Context, row: Row) -> Path:
     return ctx.out / "pretrain" / row.id
-
-
-# Keys a run may change without being another run (the trainer's resume key drops the same).
-_FREE = ("epochs", "out", "device", "resident", "cache", "val_batch_size", "step")
 
 
 def pretrain_step(ctx: Context, row: Row) -> Step:
@@ -215,28 +215,14 @@ def _checkpoint_state(out: Path, cfg) -> tuple[str, bool]:
     if not last.is_file():
         return "to run", False
     meta = read_meta(last)
-    saved = _comparable(drop_later_defaults(meta.get("config", {})))
-    now = _comparable(drop_later_defaults(to_dict(cfg)))
-    if saved != now:
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    changed = differences(meta.get("config", {}), to_dict(cfg))   # the trainer's own rule (stages/train/resume.py)
+    if changed:
         return (f"conflict: {out} holds an Adaptor trained with another config ({', '.join(changed)} differ); "
                 "delete it, or pass another --out"), False
     epoch = int(meta.get("epoch", 0))
     if meta.get("stopped_early"):
         return f"done (stopped early after epoch {epoch})", True
     return ("done", True) if epoch >= cfg.epochs else (f"resume after epoch {epoch} of {cfg.epochs}", False)
-
-
-def _comparable(d: dict, prefix: str = "") -> dict:
-    """A run's config as dotted keys, without what may differ between a run and its resumption (and
-    the input widths, which training fills in from the cache)."""
-    flat = {}
-    for k, v in d.items():
-        key = prefix + k
-        if key in _FREE or key in ("adaptor.image_dim", "adaptor.text_dim"):
-            continue
-        flat.update(_comparable(v, key + ".") if isinstance(v, dict) else {key: v})
-    return flat
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -273,18 +259,20 @@ def eval_step(ctx: Context, cell: Cell, column_overrides: dict[str, list[str]]) 
 
 
 def _cell_state(out: Path, cfg) -> tuple[str, bool]:
-    results = out / "results.json"
-    if not results.is_file():
+    if not (out / "results.json").is_file():
         return ("run again (it was cut short)" if out.is_dir() and any(out.iterdir()) else "to run"), False
-    r = json.loads(results.read_text())
-    if r.get("config_hash") != config_hash(cfg):
+    try:
+        r = load_results(out)
+    except InputError:
+        return "run again (its results.json is unreadable)", False
+    if r.config_hash != config_hash(cfg):
         return "run again (its config changed)", False
-    if r.get("checkpoint"):
+    if r.checkpoint is not None:
         try:
             current = checkpoint_hash(resolve_checkpoint(cfg.adaptor))
         except InputError:
             current = None
-        if current != r["checkpoint"].get("hash"):
+        if current != r.checkpoint.hash:
             return "run again (its Adaptor was trained again)", False
     return "done", True
 

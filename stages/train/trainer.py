@@ -63,6 +63,7 @@ from stages.train.distributed import DistContext
 from stages.train.loader import PairLoader
 from stages.train.metrics import MetricsLog
 from stages.train.residency import RESIDENCIES
+from stages.train.resume import resume_key
 from stages.train.step import STEP_MODES, StepRunner, check_step_mode, optimizer_for, restore_step_settings
 
 CHECKPOINT = "last.safetensors"
@@ -250,23 +251,6 @@ def _with_dims(cfg: TrainConfig, data: PairData) -> TrainConfig:
     return dataclasses.replace(cfg, adaptor=dataclasses.replace(cfg.adaptor, image_dim=di, text_dim=dt))
 
 
-# Settings added after runs were saved: at their defaults they are left out of a run's resume key,
-# so runs from before each existed still resume (and `pipe reproduce` still sees them as the same run).
-LATER_DEFAULTS = {"gather_negatives": True, "loss_groups": 1, "monitor": "val_loss", "patience": 0, "min_delta": 0.0,
-                  "optim.schedule_batch": 0, "optim.epoch_end_step": False}
-
-
-def drop_later_defaults(d: dict) -> dict:
-    """``d`` (a TrainConfig as a dict) without the :data:`LATER_DEFAULTS` settings that hold their default."""
-    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
-    for key, default in LATER_DEFAULTS.items():
-        section, _, name = key.rpartition(".")
-        node = d.get(section) if section else d
-        if isinstance(node, dict) and name in node and node[name] == default:
-            node.pop(name)
-    return d
-
-
 def schedule_steps(cfg: TrainConfig, n_train: int, steps_per_epoch: int) -> tuple[int, int]:
     """(the schedule's length, its steps per epoch): one per optimiser step (and one more at each
     epoch's end with ``optim.epoch_end_step``), the length counted in ``optim.schedule_batch`` pairs."""
@@ -333,11 +317,8 @@ class Trainer:
                 "watch": self.watch, "stopped_early": bool(self.cfg.patience and self.stale >= self.cfg.patience)}
 
     def _resume_key(self) -> dict:
-        """What must match for a run to continue another: all but epochs/out/device."""
-        d = drop_later_defaults(to_dict(self.cfg))
-        for k in ("epochs", "out", "device", "resident", "cache", "val_batch_size", "step"):
-            d.pop(k, None)
-        return d
+        """What must match for a run to continue another (stages/train/resume.py)."""
+        return resume_key(to_dict(self.cfg))
 
     def _maybe_resume(self) -> int:
         ckpt = self.out / CHECKPOINT
