@@ -44,18 +44,47 @@ def _located(value: str | os.PathLike, where: str) -> Path:
         from cache.objects import attach_or_explain  # lazy: the object-store client loads only for s3://
 
         return attach_or_explain(os.fspath(value), where)
-    return Path(value).expanduser().resolve()
+    return usable_folder(Path(value).expanduser().resolve(), f"{where} {os.fspath(value)!r}")
+
+
+SET_CACHE = "Pass --cache DIR (or set $PIPE_CACHE) to a folder: a new one, or an existing cache."
+
+
+def usable_folder(path: Path, what: str) -> Path:
+    """``path``, when it is or can become a readable folder; else one :class:`InputError` that
+    says what is in the way (a file, a file among its parents, a folder that cannot be read)."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} is a file ({path}), not a folder; a cache is a folder. {SET_CACHE}")
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise InputError(f"{what}: the folder {path} cannot be read (permission denied). {SET_CACHE}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what}: {parent} is a file, so no folder can be made inside it ({path}). {SET_CACHE}")
+    return path
 
 
 def cache_root(explicit: str | os.PathLike | None = None) -> Path:
-    """The cache's folder: the one given, or for ``s3://bucket/prefix`` its local mirror."""
+    """The cache's folder: the one given, or for ``s3://bucket/prefix`` its local mirror.
+
+    A location that cannot be a folder (a file, a path under a file, an unreadable folder)
+    is refused here, before any command reads or writes, in one message that says so."""
     if explicit:
         return _located(explicit, "--cache")
     env = os.environ.get("PIPE_CACHE")
     if env:
         return _located(env, "$PIPE_CACHE")
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) / "freeze-pipe" if xdg else DEFAULT_CACHE.expanduser()).resolve()
+    where = "$XDG_CACHE_HOME/freeze-pipe" if xdg else "the default cache location"
+    return usable_folder((Path(xdg) / "freeze-pipe" if xdg else DEFAULT_CACHE.expanduser()).resolve(), where)
+
+
+def cache_source() -> str:
+    """How the cache location was chosen when no --cache is given (for messages)."""
+    if os.environ.get("PIPE_CACHE"):
+        return "$PIPE_CACHE"
+    return "$XDG_CACHE_HOME/freeze-pipe" if os.environ.get("XDG_CACHE_HOME") else f"the default, {DEFAULT_CACHE}"
 
 
 def portable(path: str | os.PathLike, root: Path) -> str:

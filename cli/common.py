@@ -23,9 +23,18 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-_ENVIRONMENT = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied"}
+_SPACE = "Free some space, or choose another location (--cache DIR, --out DIR)."
+_PATH = "Check the path, or choose another (--cache DIR, --out DIR)."
+# errno -> what it means here, and what to do: the machine's state (space, permissions) or a path that
+# is not what a command needs (a file where a folder is expected, or the other way round)
+_ENVIRONMENT = {errno.ENOSPC: ("the disk is full", _SPACE), errno.EDQUOT: ("the disk quota is exhausted", _SPACE),
+                errno.EROFS: ("the file system is read-only", _PATH), errno.EACCES: ("permission denied", _PATH),
+                errno.EPERM: ("permission denied", _PATH),
+                errno.ENOTDIR: ("a file is where a folder is expected", _PATH),
+                errno.EISDIR: ("a folder is where a file is expected", _PATH),
+                errno.EEXIST: ("something that is not a folder is in the way", _PATH),
+                errno.ENOENT: ("no such file or folder", _PATH),
+                errno.ENAMETOOLONG: ("the file name is too long", _PATH)}
 
 
 @contextlib.contextmanager
@@ -33,8 +42,8 @@ def user_errors() -> Iterator[None]:
     """Turn errors the user can fix into one message and exit code 2.
 
     A :class:`PipeError` is caused by input and says what to do. An OS error about the
-    machine (disk full, permission denied) names the path. Anything else is a bug and
-    keeps its traceback.
+    machine (disk full, permission denied) or about a path given (a file where a folder is
+    expected, a missing one) names the path. Anything else is a bug and keeps its traceback.
     """
     try:
         yield
@@ -43,8 +52,8 @@ def user_errors() -> Iterator[None]:
     except OSError as e:
         if e.errno not in _ENVIRONMENT:
             raise
-        fail(f"{_ENVIRONMENT[e.errno]}: {e.filename or e}. Check the path, free space or choose another "
-             "location (--cache DIR, --out DIR).")
+        what, hint = _ENVIRONMENT[e.errno]
+        fail(f"{what}: {e.filename or e}. {hint}")
 
 
 def flag_overrides(**flags) -> list[str]:
