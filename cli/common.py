@@ -56,6 +56,36 @@ def user_errors() -> Iterator[None]:
         fail(f"{what}: {e.filename or e}. {hint}")
 
 
+COLUMNS_OPT = typer.Option(None, "--columns", help="How a pairs table's columns map onto the known ones: "
+                           "KNOWN=COLUMN,... e.g. report=text,patient_id=subject_id (KNOWN=none: the table has none).")
+NO_PATIENTS_OPT = typer.Option(False, "--no-patients", help="The pairs table has no patient column: each row is "
+                               "its own patient, so splits are drawn per item.")
+
+
+def with_columns(dataset: Optional[str], columns: Optional[str], no_patients: bool) -> Optional[str]:
+    """The dataset spec with --columns and --no-patients written into it (``pairs.csv?report=text``),
+    so every stage that reads the table reads it the same way."""
+    if not columns and not no_patients:
+        return dataset
+    from pipeline.datasets.table import looks_like_table, parse_table_spec  # lazy: pandas loads only when needed
+
+    if not dataset or not looks_like_table(dataset):
+        fail(f"--columns and --no-patients map the columns of a pairs table (CSV or Parquet); {dataset!r} is not one "
+             "(a reader knows its own columns). Give the table with -d/--dataset.")
+    pairs = [p.strip() for p in (columns or "").split(",") if p.strip()]
+    bad = [p for p in pairs if p.count("=") != 1 or not all(x.strip() for x in p.split("="))]
+    if bad:
+        fail(f"--columns {columns!r}: write KNOWN=COLUMN pairs separated by commas, e.g. "
+             "--columns report=text,patient_id=subject_id")
+    mapping = dict(tuple(x.strip() for x in p.split("=")) for p in pairs)
+    if no_patients:
+        mapping["patient_id"] = "none"
+    with user_errors():
+        spec = parse_table_spec(dataset)
+    query = "&".join(f"{k}={v}" for k, v in {**spec.columns, **mapping}.items())
+    return f"{dataset.partition('?')[0]}?{query}"
+
+
 def flag_overrides(**flags) -> list[str]:
     """Explicit flags become config overrides, so they win over a preset (strings as JSON)."""
     return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in flags.items() if v is not None]

@@ -113,7 +113,8 @@ def load_config(
         _apply_override(merged, item, problems)
     cfg = _build(cls, merged, "", problems)
     if problems:
-        raise ConfigError(problems, f"{cls.__name__} config")
+        raise ConfigError(problems, f"{cls.__name__} config" + (f" (from {_preset_path(preset)} and the command "
+                                                                 "line)" if preset is not None else ""))
     return cfg
 
 
@@ -174,12 +175,21 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     return into
 
 
-def _read_preset(preset: str | Path, problems: list[str]) -> dict[str, Any]:
+def _preset_path(preset: str | Path) -> Path:
+    """The YAML file a preset names: a path, or a name of the project's own presets."""
     path = Path(preset).expanduser()
     if not path.exists() and len(path.parts) == 1:  # a name of the project's own presets: demo, demo.yaml
         path = PRESET_DIR / (path.name if path.suffix else f"{path.name}.yaml")
     elif not path.exists() and not path.is_absolute() and (PRESET_DIR.parent / path).is_file():
         path = PRESET_DIR.parent / path  # configs/demo.yaml, from any working directory
+    return path
+
+
+def _read_preset(preset: str | Path, problems: list[str]) -> dict[str, Any]:
+    path = _preset_path(preset)
+    if path.is_dir():
+        problems.append(f"preset {str(preset)!r} is a folder; give a YAML file")
+        return {}
     if not path.is_file():
         problems.append(
             f"preset {str(preset)!r}: no such file; give a YAML path or one of: "
@@ -188,7 +198,7 @@ def _read_preset(preset: str | Path, problems: list[str]) -> dict[str, Any]:
         return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         problems.append(f"preset {str(path)!r}: not valid YAML: {e}")
         return {}
     if data is None:

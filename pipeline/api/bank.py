@@ -22,6 +22,7 @@ from cache.reader import RowReader
 from cache.store import Store
 from pipeline.api.encode import adaptor_text
 from pipeline.datasets import open_dataset
+from pipeline.datasets.table import NONE, TableSpec, parse_table_spec
 from pipeline.encoders import canonical_name
 from core.errors import InputError, MissingFileError, PipeError
 
@@ -92,9 +93,10 @@ def build_bank(model, reports, *, split: str | None = None, cache: str | os.Path
     cached = _cached_reports(model, spec, root, split)
     if cached is not None:
         return cached
-    path = Path(spec).expanduser()
+    table = parse_table_spec(spec)
+    path = table.path
     if path.is_file():
-        ids, texts = _table_reports(path, split)
+        ids, texts = _table_reports(table, split)
         ids, texts, _ = _distinct(ids, texts)
         return ReportBank(ids, texts, model.encode_texts(texts, batch_size=batch_size), str(path))
     raise MissingFileError(f"report bank {spec!r} is neither a table nor a dataset in the cache at {root}. Give a "
@@ -102,7 +104,8 @@ def build_bank(model, reports, *, split: str | None = None, cache: str | os.Path
                            "the dataset first:\n  " + embed_command(spec, "none", model.encoder_configs["text"].name, root))
 
 
-def _table_reports(path: Path, split: str | None) -> tuple[list[str], list[str]]:
+def _table_reports(table: TableSpec, split: str | None) -> tuple[list[str], list[str]]:
+    path = table.path
     if path.suffix.lower() not in TABLE_SUFFIXES:
         lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         return [f"{path.name}:{i + 1}" for i in range(len(lines))], lines
@@ -110,6 +113,8 @@ def _table_reports(path: Path, split: str | None) -> tuple[list[str], list[str]]
         df = pd.read_parquet(path)
     else:
         df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str, keep_default_na=False)
+    if table.columns:  # the spec's mapping (`reports.csv?report=text`)
+        df = df.rename(columns={c: k for k, c in table.columns.items() if c != NONE})
     if "report" not in df.columns:
         raise InputError(f"{path} has no `report` column (it has: {', '.join(map(str, df.columns))})")
     if split is not None:

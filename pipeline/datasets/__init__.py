@@ -7,7 +7,8 @@ from cache.paths import cache_root as default_root
 from pipeline.datasets.base import Dataset, Item
 from pipeline.datasets.registry import READERS, register_reader
 from pipeline.datasets.spec import DatasetSpec, parse_dataset_spec, warn_legacy, with_option
-from pipeline.datasets.table import DatasetError, items_from_table, table_dataset
+from pipeline.datasets.table import (DatasetError, items_from_table, looks_like_table, parse_table_spec,
+                                     table_dataset)
 
 
 def open_dataset(spec: str, cache_root: Path | None = None, materialise: bool = True,
@@ -27,9 +28,8 @@ def open_dataset(spec: str, cache_root: Path | None = None, materialise: bool = 
     if parsed is not None:
         warn_legacy(parsed, spec)
         return READERS[parsed.reader](parsed, root, materialise)
-    path = Path(spec).expanduser()
-    if path.suffix.lower() in (".csv", ".parquet", ".pq", ".tsv") or path.exists():
-        return table_dataset(path, materialise)
+    if looks_like_table(spec) or Path(spec).expanduser().exists():
+        return table_dataset(parse_table_spec(spec), materialise)
     known = ", ".join(sorted(READERS))
     raise DatasetError(f"unknown dataset {spec!r}. Give a CSV/Parquet pairs table path, "
                        f"or one of: {known} (as <reader>:<root>, or `demo`).")

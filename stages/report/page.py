@@ -176,6 +176,7 @@ class Page:
     GLANCE = {"classification": ("macro_auroc", "auroc", "accuracy"), "segmentation": ("dice_positive",),
               "retrieval": ("recall",), "zero-shot": ("auroc",)}
     GLANCE_COLUMN = {"retrieval": "image→text R@5", "zero-shot": "macro"}
+    GLANCE_FEWEST_LABELS = {"classification"}  # its tile shows the scarcest labels, where an Adaptor helps
 
     def _glance(self, by_task: dict) -> str:
         """One tile per task: its headline figure for every method, as bars (plain HTML)."""
@@ -184,7 +185,7 @@ class Page:
             t = next((t for key in self.GLANCE.get(task, ()) for t in by_task[task] if t.get("metric") == key), None)
             if t is None or not t["columns"]:
                 continue
-            col = self.GLANCE_COLUMN.get(task, t["columns"][-1])
+            col = self.GLANCE_COLUMN.get(task, t["columns"][0 if task in self.GLANCE_FEWEST_LABELS else -1])
             col = col if col in t["columns"] else t["columns"][-1]
             bars = []
             for r in sorted(t["rows"], key=lambda r: _rank(r["method"])):
