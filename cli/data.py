@@ -97,7 +97,8 @@ def preview(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = D
     ds, _ = _open(_dataset(dataset_opt, dataset, columns, no_patients), cache, allow_failures)
     if not ds.items:
         _fail(f"{ds.name} has no items to preview; check the dataset folder with `pipe data info`.")
-    width, height = render_preview(ds, out, n=n, seed=seed)
+    with user_errors():
+        width, height = render_preview(ds, out, n=n, seed=seed)
     err.print(f"wrote {escape(str(out))} ({width}x{height} px, {min(n, len(ds.items))} of {len(ds.items):,} items)")
 
 
@@ -132,8 +133,9 @@ def splits(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DA
                   f"(e.g. {escape(str(example[0]))}: {escape(', '.join(sorted(example[1])))}).")
     problems = []
     if write:
-        write_lists(folder, current)
-        _write_about(folder, ds, seed)
+        with user_errors():
+            write_lists(folder, current)
+            _write_about(folder, ds, seed)
         err.print(f"[green]wrote {len(current)} list(s) and manifest.json to {escape(str(folder))}[/]")
     if verify:
         problems = verify_lists(folder, current)

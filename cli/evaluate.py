@@ -180,8 +180,9 @@ def report(
 
     if out:
         kind = fmt.value if fmt and fmt.value != "table" else {".csv": "csv", ".json": "json"}.get(out.suffix, "md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, render(kind))
+        with user_errors():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, render(kind))
         err.print(f"wrote {escape(str(out))}")
     if html:
         with user_errors():
