@@ -48,8 +48,34 @@ def _open(dataset: str, cache: Optional[Path], allow_failures: bool):
         return open_dataset(spec, root), root
 
 
+@data_app.command("readers", epilog="Examples:\n\n  pipe data readers\n\n  pipe data readers mimic-cxr\n\n"
+                                    "Options follow the folder after a `?`, joined by `&` (quote it in a shell): "
+                                    "'mimic-cxr:/data/mimic-cxr-jpg/2.0.0?frontal=1&sections=impression&uncertain=ones'.")
+def readers(name: Optional[str] = typer.Argument(None, help="Only this reader."),
+            as_json: bool = typer.Option(False, "--json", help="Print the readers and their options as JSON.")) -> None:
+    """The dataset readers (<reader>:<folder>?key=value&...) and every option each takes."""
+    from pipeline.datasets.readers import describe_readers  # lazy: keeps `pipe --help` fast (pandas)
+
+    rows = [r for r in describe_readers() if name in (None, r["reader"])]
+    if not rows:
+        fail(f"no reader {name!r}; `pipe data readers` lists them all")
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        t = Table(title=plain(f"{r['reader']} · {r['description']}"), title_justify="left")
+        for col in ("option", "default", "what it does"):
+            t.add_column(col, overflow="fold")
+        for o in r["options"]:
+            t.add_row(plain(o["name"]), plain(o["default"] or "-"), plain(o["help"]))
+        out.print(t)
+
+
 @data_app.command("info", epilog="Examples:\n\n  pipe data info -d 'rsna-pneumonia:/data/rsna'\n\n"
-                                 "  pipe data info -d 'mimic-cxr:/data/mimic-cxr-jpg/2.0.0?sections=impression' --json")
+                                 "  pipe data info -d 'mimic-cxr:/data/mimic-cxr-jpg/2.0.0?sections=impression' --json"
+                                 "\n\nA reader's options (mimic-cxr: frontal, sections, labels, uncertain, blank, "
+                                 "reports, ...): `pipe data readers`. A pairs table's columns named otherwise: "
+                                 "--columns report=text,patient_id=subject_id.")
 def info(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DATASET_ARG, cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW,
          as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
          columns: Optional[str] = COLUMNS_OPT, no_patients: bool = NO_PATIENTS_OPT) -> None:

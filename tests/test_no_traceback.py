@@ -65,7 +65,7 @@ NOT_PATHS = {"batch_size", "device", "views", "shard_mb", "workers", "scheduler"
              "text_encoder", "backbone", "resident", "task", "fraction", "head", "seeds", "baseline", "fmt",
              "zero_shot", "bank_split", "top_k", "license", "plan", "only", "substitute", "pretrain_set",
              "eval_set", "n", "segmentation", "repair", "dry_run", "force", "seed", "write", "verify", "dataset",
-             "threads", "show_version", "report", "help"}
+             "threads", "show_version", "report", "help", "name"}
 # how some values are written: reproduce's --data and --splits take NAME=PATH and SOURCE:PATH
 SPELLING = {("reproduce", "data"): "rsna={}", ("reproduce", "splits"): "benchx:{}"}
 
@@ -90,7 +90,7 @@ def base_args(w: dict) -> dict[str, dict]:
         "cache ls": {"cache": w["cache"]}, "cache gc": {"cache": w["cache"], "dry_run": True},
         "cache verify": {"cache": w["cache"]}, "cache rm": {"store": "0123456789ab", "cache": w["cache"],
                                                             "dry_run": True},
-        "data info": {"dataset_opt": w["table"], "cache": w["cache"]},
+        "data readers": {}, "data info": {"dataset_opt": w["table"], "cache": w["cache"]},
         "data preview": {"dataset_opt": w["table"], "cache": w["cache"], "out": w["work"] / "grid.png", "n": "2"},
         "data splits": {"dataset_opt": w["table"], "cache": w["cache"], "lists": w["work"] / "lists", "write": True},
     }

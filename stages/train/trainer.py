@@ -280,7 +280,8 @@ class Trainer:
         return {"kind": "adaptor", "config": to_dict(self.cfg), "config_hash": config_hash(self._resume_key()),
                 "fingerprints": self.data.fingerprints(), "epoch": epoch, "backbone": self.cfg.backbone,
                 "text_encoder": self.cfg.text_encoder, "image_grid": self.grid, "n_prefix": self.n_prefix,
-                "dataset": self.cfg.dataset, "world_size": self.ctx.world_size}
+                "dataset": self.cfg.dataset, "world_size": self.ctx.world_size,
+                "cache_root": str(cache_root(self.cfg.cache))}  # where its dataset's reports are (report banks)
 
     def _resume_key(self) -> dict:
         """What must match for a run to continue another: all but epochs/out/device."""
