@@ -87,5 +87,13 @@ def check_subset(y: np.ndarray, names: list[str], fraction: float, n_split: int,
                     f"{name!r} has no {what} among them. Use a larger fraction (at least {smallest:.3g} here "
                     f"keeps one {what} of every label), or leave the label out with labels=[...]. At "
                     f"{fraction:g}, {each} of every label ({order_front} item(s) here) need a training split of at "
-                    f"least {math.ceil((order_front - 0.5) / fraction):,} items, with at least one positive of each "
+                    f"least {smallest_split(order_front, fraction):,} items, with at least one positive of each "
                     "label in it.")
+
+
+def smallest_split(front: int, fraction: float) -> int:
+    """The fewest training items whose ``fraction`` subset holds ``front`` items (subset_size rounds)."""
+    n = max(front, math.ceil((front - 0.5) / fraction))
+    while subset_size(fraction, n) < front:
+        n += 1
+    return n
