@@ -2,7 +2,9 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_CACHE ?= $(CURDIR)/.pipe-cache
+# The demo's cache: empty means where every `pipe` command and the Python API look without --cache
+# ($PIPE_CACHE, else ~/.cache/freeze-pipe), so the examples run after the demo find its data.
+DEMO_CACHE ?=
 DEMO_OUT ?= $(CURDIR)/demo-out
 export HF_HUB_OFFLINE ?= 1
 export NO_MKDOCS_2_WARNING ?= 1
@@ -35,7 +37,8 @@ endif
 
 ## The main job on the built-in demo data: embed once, train the Adaptor from the cache, evaluate.
 demo: install
-	PIPE_CACHE=$(DEMO_CACHE) $(BIN)/pipe demo --out $(DEMO_OUT)
+	$(BIN)/pipe demo --out $(DEMO_OUT) $(if $(DEMO_CACHE),--cache $(DEMO_CACHE))
+	@echo "pipe and its Python are in $(VENV): run 'source $(VENV)/bin/activate' (or call $(BIN)/pipe) to use them."
 
 ## The test suite (what CI runs; the strict documentation build is one of its tests, tests/test_docs.py).
 test: install browser
@@ -57,5 +60,6 @@ bench: install
 gpu-check: install
 	$(BIN)/python bench/gpu_check.py --out gpu-check.json
 
+## Removes demo-out (and DEMO_CACHE when one was given); a demo in the shared cache stays there.
 clean:
-	rm -rf $(DEMO_CACHE) $(DEMO_OUT) site
+	rm -rf $(DEMO_OUT) $(DEMO_CACHE) site

@@ -33,7 +33,27 @@ def cache_ls(cache: Optional[Path] = CACHE_OPT, as_json: bool = JSON_OPT) -> Non
     if rows:
         out.print(t)
     else:
-        err.print("no stores yet: run `pipe embed` first.")
+        _no_stores(root, cache)
+
+
+def _no_stores(root: Path, given: Optional[Path]) -> None:
+    """Why nothing was listed: an empty cache, no cache yet, or a folder that is no cache."""
+    from cache.marker import CACHE_ENTRIES, has_marker  # lazy: keeps `pipe --help` fast
+    from cache.paths import cache_source  # lazy: keeps `pipe --help` fast
+
+    chosen = "--cache" if given else cache_source()
+    if has_marker(root) or (root.is_dir() and all(p.name in CACHE_ENTRIES or p.name.startswith(".")
+                                                  for p in root.iterdir())):
+        err.print(f"no stores yet in the cache at {escape(str(root))}: run `pipe embed` first.", soft_wrap=True)
+    elif not root.exists():
+        message = (f"there is no cache at {root} ({chosen}): nothing was embedded there. Run `pipe embed`, or pass "
+                   "--cache DIR (or set $PIPE_CACHE) to the cache you embedded into.")
+        if given or chosen == "$PIPE_CACHE":
+            fail(message)
+        err.print(escape(message), soft_wrap=True)
+    else:
+        fail(f"{root} ({chosen}) is not a cache: it has no cache marker and no stores. Pass --cache DIR (or set "
+             "$PIPE_CACHE) to the cache you embedded into.")
 
 
 @cache_app.command("verify", epilog="Examples:\n\n  pipe cache verify --cache /data/cache\n\n"

@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from cli.app import app
-from cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, flag_overrides, print_json, results_to,
-                                 user_errors)
+from cli.common import (CACHE_OPT, COLUMNS_OPT, DEVICE_HELP, JSON_OPT, NO_PATIENTS_OPT, fail, flag_overrides,
+                        print_json, results_to, user_errors, with_columns)
 from core.console import err, escape
 from core.console import out as out_console
 from stages.evaluate.tasks import TASKS
@@ -92,6 +92,8 @@ def evaluate(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a text encoder that runs code "
                                            "from its hub repository (cxr-bert) for the prompts; also "
                                            "$PIPE_TRUST_REMOTE_CODE=1."),
+    columns: Optional[str] = COLUMNS_OPT,
+    no_patients: bool = NO_PATIENTS_OPT,
 ) -> None:
     """Train and score downstream heads from the cache: classification, segmentation, retrieval, zero-shot."""
     if trust_remote_code:
@@ -99,6 +101,7 @@ def evaluate(
 
         allow_remote_code()
     fractions, overrides = split_fractions(fraction, args or [])
+    dataset = with_columns(dataset, columns, no_patients)
     flags = flag_overrides(task=task.value, dataset=dataset, adaptor=adaptor, backbone=backbone,
                             text_encoder=text_encoder, seeds=seeds, out=str(out) if out else None,
                             cache=str(cache) if cache else None, device=device)
@@ -165,8 +168,9 @@ def report(
     tables = merged_tables(loaded)
     chosen = REPORT_FORMATS[fmt.value] if fmt else None
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, for_file(chosen, out).render(loaded, tables))
+        with user_errors():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, for_file(chosen, out).render(loaded, tables))
         err.print(f"wrote {escape(str(out))}")
     if html:
         with user_errors():

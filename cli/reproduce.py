@@ -74,12 +74,18 @@ def reproduce(
     cache: Optional[Path] = CACHE_OPT,
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = JSON_OPT,
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the encoders that run code from "
+                                           "their hub repository (cxr-bert); also $PIPE_TRUST_REMOTE_CODE=1."),
 ) -> None:
     """Reproduce a table of the paper: embed, pre-train each row's Adaptor, evaluate each cell; resumable."""
+    from pipeline.encoders.remote import allow_remote_code  # lazy: keeps `pipe --help` fast
     from stages.reproduce import stage  # lazy: keeps `pipe --help` fast
     from stages.evaluate.tables import to_rich  # lazy: keeps `pipe --help` fast
 
     out = out or Path("runs/paper-fixed" if fixed else "runs/paper")
+    if trust_remote_code:
+        allow_remote_code()
+
     cfg = stage.ReproduceConfig(table=table, data=_pairs(data, "--data"), splits=_pairs(splits, "--splits", "*"),
                                 out=str(out), cache=path_or_none(cache), device=device, only=tuple(only or ()),
                                 substitute=_pairs(substitute, "--substitute"),
@@ -93,6 +99,7 @@ def reproduce(
     if plan:
         _print_plan(show, result.steps)
         _totals(result.steps, stage.throughput_note())
+        _print_missing(result.missing)
     else:
         for t in result.tables:
             show.print(to_rich(t))
@@ -158,6 +165,17 @@ def _totals(steps, note: str) -> None:
               f"time about {_duration(seconds)}" + (f" plus {unknown} step(s) not estimated" if unknown else ""),
               markup=False, soft_wrap=True)
     err.print(note, markup=False, soft_wrap=True)
+
+
+def _print_missing(missing) -> None:
+    """What the plan needs and this machine lacks (weights, data, disk, flags): before anything runs."""
+    if not missing:
+        err.print("nothing is missing here: every encoder's weights, dataset folder and flag the steps need is "
+                  "present, and the disk has room.", markup=False, soft_wrap=True)
+        return
+    err.print(f"\nmissing here ({len(missing)}), to fix before running:", markup=False)
+    for m in missing:
+        err.print(f"  - {m.message}", markup=False, soft_wrap=True)
 
 
 def _duration(seconds: float | None) -> str:

@@ -9,8 +9,8 @@ import typer
 
 from cli.app import app
 from stages.train.residency import RESIDENCIES
-from cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, flag_overrides, path_or_none, print_json, results_to,
-                                 user_errors)
+from cli.common import (CACHE_OPT, COLUMNS_OPT, DEVICE_HELP, JSON_OPT, NO_PATIENTS_OPT, flag_overrides, path_or_none,
+                        print_json, results_to, user_errors, with_columns)
 
 
 Resident = Enum("Resident", {name: name for name in RESIDENCIES}, type=str)  # --resident's choices, from the registry
@@ -36,11 +36,14 @@ def train_adaptor(
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     resident: Optional[Resident] = typer.Option(None, "--resident", help="Hold the needed arrays in RAM/GPU, or stream (none)."),
     as_json: bool = JSON_OPT,
+    columns: Optional[str] = COLUMNS_OPT,
+    no_patients: bool = NO_PATIENTS_OPT,
 ) -> None:
     """Train the Adaptor from the cache: no backbone forward passes, no image decoding."""
     from pipeline.config import load_config  # lazy: keeps `pipe --help` fast
     from stages.train import TrainConfig, run  # lazy: keeps `pipe --help` fast
 
+    dataset = with_columns(dataset, columns, no_patients)
     flags = flag_overrides(dataset=dataset, backbone=backbone, text_encoder=text_encoder, out=path_or_none(out),
                            cache=path_or_none(cache), device=device, resident=resident.value if resident else None)
     with user_errors():

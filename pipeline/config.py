@@ -113,7 +113,8 @@ def load_config(
         _apply_override(merged, item, problems)
     cfg = _build(cls, merged, "", problems)
     if problems:
-        raise ConfigError(problems, f"{cls.__name__} config")
+        raise ConfigError(problems, f"{cls.__name__} config" + (f" (from {_preset_path(preset) or preset} and the command "
+                                                                 "line)" if preset is not None else ""))
     return cfg
 
 
@@ -185,17 +186,25 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     return into
 
 
-def _read_preset(preset: str | Path, problems: list[str]) -> dict[str, Any]:
+def _preset_path(preset: str | Path) -> Path | None:
+    """The YAML file a preset names: a path (which wins when it exists), or a preset's name in the
+    installed package (demo, demo.yaml, paper), or configs/... as written from a clone; None if none."""
     path = Path(preset).expanduser()
-    if not path.is_file():
-        path = resources.find(str(preset))  # a preset's name (demo, demo.yaml, paper), or configs/... from a clone
-    if path is None:
+    return path if path.exists() else resources.find(str(preset))
+
+
+def _read_preset(preset: str | Path, problems: list[str]) -> dict[str, Any]:
+    path = _preset_path(preset)
+    if path is not None and path.is_dir():
+        problems.append(f"preset {str(preset)!r} is a folder; give a YAML file")
+        return {}
+    if path is None or not path.is_file():
         problems.append(f"preset {str(preset)!r}: no such file, and no such preset in the installed package; "
                         f"give a YAML path or one of: {', '.join(list_presets())}")
         return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         problems.append(f"preset {str(path)!r}: not valid YAML: {e}")
         return {}
     if data is None:

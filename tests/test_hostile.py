@@ -511,6 +511,9 @@ def test_every_bad_input_is_one_items_failure(tmp_path):
             hits = failures[failures.source.str.endswith(image.lstrip("/") if image != "/dev/zero" else "/dev/zero")]
         assert len(hits) == 1, (name, failures.to_dict("records"))
         assert why in hits.reason.iloc[0], (name, hits.reason.iloc[0])
+        row_id = f"h{list(BAD_ROWS).index(name)}"
+        assert hits.item.iloc[0] == row_id, (name, hits.to_dict("records"))  # every failure names its item
+    assert (failures.item.str.len() > 0).all() and (failures.source.str.len() > 0).all()
     img = Store.open(store_of(tmp_path / "cache", "image"))
     assert len(img.manifest()) == 6 + 1  # six good images and the DICOM (the empty report's image is one of them)
     assert "✗" not in pipe("cache", "verify", "--cache", str(tmp_path / "cache")).output

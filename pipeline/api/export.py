@@ -130,7 +130,7 @@ def training_info(model: TrainedAdaptor, cache: str | os.PathLike | None) -> dic
             "val_split": cfg.get("val_split", "valid"), "epoch": meta.get("epoch"), "val_loss": meta.get("val_loss"),
             "config": {k: v for k, v in cfg.items() if k not in LOCAL_KEYS}}
     try:
-        root = cache_root(cache or cfg.get("cache"))
+        root = cache_root(cache) if cache else model.training_cache or cache_root(cfg.get("cache"))
         name = open_dataset(info["dataset"], root, materialise=False, skip_bad_rows=True).name
         counts = load_index(root, name).table["split"].value_counts()
         info["dataset_name"], info["items"] = name, {str(k): int(v) for k, v in sorted(counts.items())}

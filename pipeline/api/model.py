@@ -123,6 +123,15 @@ class TrainedAdaptor:
         return weights_hash(self.model.state_dict())
 
     @property
+    def training_cache(self) -> Path | None:
+        """The cache it was trained from, when that folder is here (a run or a checkpoint records it,
+        a package does not): where :meth:`report_bank` finds its dataset's reports when no cache is given."""
+        meta = self.source.meta if self.source.kind != "package" else {}
+        recorded = meta.get("cache_root") or (meta.get("config") or {}).get("cache")
+        path = Path(recorded).expanduser() if recorded else None
+        return path if path is not None and path.is_dir() else None
+
+    @property
     def fingerprints(self) -> dict[str, str]:
         """The fingerprints of the cache stores it was trained on, per modality."""
         return {m: r.fingerprint for m, r in self.source.encoders.items()}
@@ -254,5 +263,7 @@ class TrainedAdaptor:
                     batch_size: int = 32) -> ReportBank:
         """Reports to retrieve from: a list of texts, a table (CSV/Parquet with a ``report`` column;
         a text file, one report per line) or a dataset in the cache (as given to `pipe embed`, read
-        from the cache without running the text encoder). ``split`` keeps one split of a dataset."""
+        from the cache without running the text encoder). ``split`` keeps one split of a dataset.
+        Without ``cache``, a dataset is looked for in the default cache ($PIPE_CACHE, else
+        ~/.cache/freeze-pipe), then in the cache the Adaptor was trained from."""
         return build_bank(self, reports, split=split, cache=cache, batch_size=batch_size)

@@ -151,6 +151,9 @@ def run(cfg: DemoConfig) -> DemoResult:
     run_dir = escape(str(ckpts["pooled"].parent))
     err.print(f"use it on new images: pipe predict IMAGE... --adaptor {run_dir} · as a package: pipe export "
               f"{run_dir} --out DIR (README: Using a trained Adaptor)")
+    err.print(f"the cache (embeddings, the phantom images): {escape(str(cache_root(cfg.cache)))}"
+              + ("" if cfg.cache else " (the default location: `pipe` and the Python API find it without --cache)"),
+              soft_wrap=True)
     return DemoResult(report, tables, runs, ckpts["pooled"], seconds, ckpts, timings, page)
 
 

@@ -134,7 +134,7 @@ def _run(cfg: EmbedConfig, root: Path, dataset: Dataset | None) -> EmbedResult:
                          "a text encoder or both (`pipe encoders` lists them).")
     ds = dataset or open_dataset(cfg.dataset, root, skip_bad_rows=True)
     _check_reports(ds, active)
-    bad_rows = [{"item": s.get("id") or "", "source": s.get("source") or "", "key": None, "dataset": ds.name,
+    bad_rows = [{"item": s.get("id") or "(no id)", "source": s.get("source") or "", "key": None, "dataset": ds.name,
                  "reason": f"bad row: {s.get('reason')}", "modality": "row"}
                 for s in ds.skipped if s.get("kind") == "bad-row"]
     index = IndexBuilder(ds, root, tuple(m.name for m in active), ahead=cfg.hash_ahead)  # keys stream in

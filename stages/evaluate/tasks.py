@@ -25,7 +25,8 @@ class Task:
     settings: str         # its section of EvalConfig (e.g. classification.labels); heads are shared
     main_tables: tuple[str, ...] = ()   # the metrics whose tables a report shows first; () all of them
     glance: tuple[str, ...] = ()        # the metrics the glance looks for, the first one the run has
-    glance_column: str = ""             # the glance's column ("": the last one, the largest label fraction)
+    glance_column: str = ""             # the glance's column ("": by label fraction, see glance_fewest_labels)
+    glance_fewest_labels: bool = False  # the glance shows the smallest label fraction (else the largest)
 
     def run(self, ctx):
         return _runner(self.module)(ctx)
@@ -41,7 +42,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("classification", "classify", needs_text=False,
          summary="heads on frozen image features, at label fractions", settings="classification",
          main_tables=("auroc", "macro_auroc", "accuracy", "macro_f1", "ece"),   # the per-label AUROCs fold away
-         glance=("macro_auroc", "auroc", "accuracy")),
+         glance=("macro_auroc", "auroc", "accuracy"), glance_fewest_labels=True),  # 1%: where an Adaptor helps
     Task("segmentation", "segment", needs_text=False,
          summary="a convolutional decoder on cached patch tokens, Dice three ways", settings="seg",
          main_tables=("dice_positive", "dice_empty_is_one"), glance=("dice_positive",)),

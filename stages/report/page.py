@@ -171,7 +171,8 @@ class Page:
             t = next((t for key in (spec.glance if spec else ()) for t in by_task[task] if t.metric == key), None)
             if t is None or not t.columns:
                 continue
-            col = next((c for c in t.columns if c.name == spec.glance_column), t.columns[-1])
+            by_fraction = t.columns[0] if spec.glance_fewest_labels else t.columns[-1]
+            col = next((c for c in t.columns if c.name == spec.glance_column), by_fraction)
             bars = []
             for r in sorted(t.rows, key=lambda r: r.method.type.order):
                 x = r.cell(col.name).value

@@ -30,6 +30,7 @@ from pipeline.tables import Table, to_markdown
 from stages.reproduce import render
 from stages.reproduce.fidelity import Row
 from stages.reproduce.fidelity import fidelity as fidelity_rows
+from stages.reproduce.missing import Missing, missing
 from stages.reproduce.spec import DATASETS, Substitutions, load_table
 from stages.reproduce.steps import (EMBED_DINOV2S_PER_S, GMACS, TRAIN_POOLED_PER_S, Context, Step, build_steps,
                                     cell_dir, dataset_specs)
@@ -57,10 +58,12 @@ class ReproduceResult:
     tables: list[Table]
     ran: list[str] = field(default_factory=list)        # ids of the steps run now
     seconds: float = 0.0
+    missing: list[Missing] = field(default_factory=list)  # what the steps to run need and this machine lacks
 
     def summary(self) -> dict:
         return {"out": str(self.out), "ran": self.ran, "steps": [s.summary() for s in self.steps],
-                "tables": [t.to_dict() for t in self.tables], "seconds": round(self.seconds, 1)}
+                "tables": [t.to_dict() for t in self.tables], "seconds": round(self.seconds, 1),
+                "missing": [m.summary() for m in self.missing]}
 
 
 def context(cfg: ReproduceConfig) -> Context:
@@ -87,7 +90,7 @@ def plan(cfg: ReproduceConfig) -> ReproduceResult:
     """The steps, their state and cost; nothing is run."""
     ctx = context(cfg)
     steps = build_steps(ctx)
-    return ReproduceResult(ctx.out, steps, report_tables(ctx))
+    return ReproduceResult(ctx.out, steps, report_tables(ctx), missing=missing(ctx, steps))
 
 
 def fidelity(cfg: ReproduceConfig) -> list[Row]:
@@ -104,6 +107,12 @@ def run(cfg: ReproduceConfig) -> ReproduceResult:
         raise InputError(f"{len(blocked)} step(s) cannot run, e.g. {blocked[0].id}: {blocked[0].status}. Give "
                          "--data for every dataset they read, or --only the cells you have data for "
                          "(`--plan` lists each step's state)")
+    lacking = missing(ctx, steps)
+    if any(m.blocks for m in lacking):
+        raise InputError("before this table can run, these are missing here (nothing was run):\n"
+                         + "\n".join(f"  - {m.message}" for m in lacking) + "\n`--plan` lists every step.")
+    for m in lacking:
+        err.print(f"[yellow]warning:[/] {escape(m.message)}", soft_wrap=True)
     ctx.out.mkdir(parents=True, exist_ok=True)
     todo = [s for s in steps if not s.done]
     err.print(f"reproduce {escape(ctx.spec.name)}: {len(steps)} steps, {len(steps) - len(todo)} done already, "

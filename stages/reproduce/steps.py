@@ -23,6 +23,7 @@ from pipeline.datasets.shared_splits import SOURCES
 from pipeline.datasets.spec import parse_dataset_spec, with_option
 from pipeline.encoders import resolve_encoder_name
 from pipeline.encoders.stored import STORED_DTYPES
+from pipeline.encoders.remote import FLAG, runs_remote_code
 from core.errors import InputError
 from pipeline.models.checkpoint import checkpoint_hash, read_meta
 from pipeline.records import load_results
@@ -135,9 +136,10 @@ def _embed_step(ctx: Context, key: str, modality: str, encoder: str) -> Step:
     step_id = f"embed/{key}/{modality}/{encoder}"
     spec = ctx.data.get(key)
     b, t = (encoder, "none") if modality == "image" else ("none", encoder)
-    cmd = _cmd("pipe", "embed", "--dataset", spec or f"<{key}>", "--backbone", b, "--text-encoder", t,
-               "--allow-failures", *(["--cache", ctx.cache_arg] if ctx.cache_arg else []))
     enc = resolve_encoder_name(encoder)
+    cmd = _cmd("pipe", "embed", "--dataset", spec or f"<{key}>", "--backbone", b, "--text-encoder", t,
+               "--allow-failures", *(["--cache", ctx.cache_arg] if ctx.cache_arg else []),
+               *([FLAG] if runs_remote_code(enc) else []))
     folder = index_folder(ctx.root, open_dataset(spec, ctx.root, materialise=False).name) if spec else None
     store = _recorded_store(folder, modality, enc.name) if folder else None
     items = _items(folder, key)

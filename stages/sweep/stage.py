@@ -63,7 +63,13 @@ def load_sweep(path: Path, extra: list[str] = (), cache: str | None = None) -> S
                                    f"package holds: {', '.join(n for n in resources.names() if n.startswith(SWEEP_PREFIX))}"
                                    f" (see {resources.find('sweep_demo')} for the format)")
         path = found
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError([f"not valid YAML: {e}"], f"sweep {path}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"expected a mapping of sweep keys at the top, got {type(raw).__name__}; see "
+                           f"{resources.find('sweep_demo')} for the format"], f"sweep {path}")
     problems = [f"{k}: unknown sweep key (valid: {', '.join(sorted(KEYS))})" for k in raw if k not in KEYS]
     problems += [f"{k}: required" for k in ("dataset", "backbone", "text_encoder", "grid") if k not in raw]
     grid = raw.get("grid") or {}

@@ -314,7 +314,8 @@ class Trainer:
                 "text_encoder": self.cfg.text_encoder, "image_grid": self.grid, "n_prefix": self.n_prefix,
                 "dataset": self.cfg.dataset, "world_size": self.ctx.world_size, "train_pairs": len(self.train.positions),
                 "steps_per_epoch": self.steps_per_epoch, "stale": self.stale,
-                "watch": self.watch, "stopped_early": bool(self.cfg.patience and self.stale >= self.cfg.patience)}
+                "watch": self.watch, "stopped_early": bool(self.cfg.patience and self.stale >= self.cfg.patience),
+                "cache_root": str(cache_root(self.cfg.cache))}  # where its dataset's reports are (report banks)
 
     def _resume_key(self) -> dict:
         """What must match for a run to continue another (stages/train/resume.py)."""

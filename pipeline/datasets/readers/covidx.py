@@ -61,7 +61,7 @@ SCHEMA = {**SEED, "version": Opt("", str, "the COVIDx release the folder holds (
                                           "its files do not say")}
 
 
-@register_reader(READER)
+@register_reader(READER, SCHEMA, DESCRIPTION)
 def open_covidx(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SCHEMA)
     if not materialise:

@@ -45,7 +45,7 @@ PROPORTIONS = (("train", 0.6), ("valid", 0.2), ("test", 0.2))
 DESCRIPTION = "RSNA Pneumonia Detection: binary label and box masks"
 
 
-@register_reader(READER)
+@register_reader(READER, SEED, DESCRIPTION)
 def open_rsna(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SEED)
     if not materialise:
