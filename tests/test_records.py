@@ -107,6 +107,8 @@ def test_what_is_not_a_results_file_is_one_clear_error(tmp_path):
 
 # ----------------------------------------------------- `pipe report` of format 1, as it was
 def test_pipe_report_of_old_results_makes_the_tables_and_page_of_their_day(tmp_path, monkeypatch):
+    """report.html is that day's page but for one change made on purpose since: the classification tile of the
+    glance shows the fewest labels (its first column, here 50%), where an Adaptor helps, not the most."""
     monkeypatch.chdir(ROOT)  # the runs are named as they were that day: tests/data/results-v1/<run>
     runs = str(V1.relative_to(ROOT))
     md = pipe("report", runs, "--format", "md").stdout
