@@ -155,7 +155,8 @@ def test_the_plan_says_which_weights_data_and_flags_are_missing(tmp_path, monkey
     missing = {m["kind"]: [] for m in summary["missing"]}
     for m in summary["missing"]:
         missing[m["kind"]].append(m["message"])
-    encoders = ["dinov2-s", "dinov2-b", "resnet-ae", "bert", "biobert", "clinicalbert", "pubmedbert", "cxr-bert"]
+    encoders = ["dinov2-s-pad", "dinov2-b-pad", "resnet-ae-pad", "bert", "biobert", "clinicalbert", "pubmedbert",
+                "cxr-bert"]  # the recipe's image encoders: the authors' pad-to-square geometry
     absent = [e for e in encoders if not weights_available(resolve_encoder_name(e))[0]]
     assert sorted(m.split()[2] for m in missing.get("weights", [])) == sorted(absent)
     data = " ".join(missing["data"])
@@ -181,16 +182,21 @@ def test_a_config_error_names_the_yaml_file(tmp_path):
 
 
 def test_the_reports_classification_tile_shows_the_fewest_labels():
+    """The page's headline tile for classification shows its smallest label fraction (1% in the demo), where
+    an Adaptor helps, not the largest, where every method is near the ceiling."""
     from stages.report.page import Page
+    from stages.report.runs import load_runs
 
-    rows = [{"method": "Adaptor (pooled) a + b (mlp)", "cells": {},
-             "values": {"1%": {"mean": 0.879}, "10%": {"mean": 0.954}, "100%": {"mean": 0.975}}},
-            {"method": "no Adaptor a (mlp)", "cells": {},
-             "values": {"1%": {"mean": 0.752}, "10%": {"mean": 0.933}, "100%": {"mean": 0.975}}}]
-    t = {"metric": "macro_auroc", "columns": ["1%", "10%", "100%"], "rows": rows,
-         "title": "classification · macro AUROC (%) · demo"}
-    tile = Page(SimpleNamespace(trainings=[]))._glance({"classification": [t]})
-    assert "1% labels" in tile and "87.9" in tile and "75.2" in tile and "97.5" not in tile
+    runs = load_runs([Path(__file__).resolve().parent / "data" / "results-v1"])
+    table = next(t for r in runs.evals for t in r.record.tables if t.task == "classification"
+                 and t.metric == "macro_auroc")
+    fewest, most = table.columns[0], table.columns[-1]
+    assert fewest.fraction < most.fraction
+    tile = re.search(r'<div class="tt">Classification</div><div class="ts">([^<]*)</div>(.*?)</div></div>',
+                     Page(runs).results(), flags=re.S)
+    assert tile and tile[1].endswith(f"{fewest.name} labels")
+    adaptor = next(r for r in table.rows if r.method.type.measured)
+    assert f"{100 * adaptor.cell(fewest.name).value:.1f}" in tile[2]
 
 
 def test_every_reader_lists_its_options():
