@@ -39,6 +39,24 @@ def url_scheme(value: str | os.PathLike) -> str | None:
     return m[1].lower() if m else None
 
 
+SET_CACHE = "Pass --cache DIR (or set $PIPE_CACHE) to a folder: a new one, or an existing cache."
+
+
+def usable_folder(path: Path, what: str) -> Path:
+    """``path``, when it is or can become a readable folder; else one :class:`InputError` that
+    says what is in the way (a file, a file among its parents, a folder that cannot be read)."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} is a file ({path}), not a folder; a cache is a folder. {SET_CACHE}")
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise InputError(f"{what}: the folder {path} cannot be read (permission denied). {SET_CACHE}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what}: {parent} is a file, so no folder can be made inside it ({path}). {SET_CACHE}")
+    return path
+
+
 def locate(value: str | os.PathLike, where: str) -> Path:
     """The folder a command works in for the cache location ``value`` (``where`` names the
     option it came from): a folder as given, resolved; for ``s3://bucket/prefix`` its local
@@ -46,7 +64,7 @@ def locate(value: str | os.PathLike, where: str) -> Path:
     named ``gs:`` (or ``http:``...) in the working directory."""
     scheme = url_scheme(value)
     if scheme is None:
-        return Path(value).expanduser().resolve()
+        return usable_folder(Path(value).expanduser().resolve(), f"{where} {os.fspath(value)!r}")
     if scheme != "s3":
         raise InputError(f"{where} {os.fspath(value)!r}: a cache at a {scheme}:// URL is not supported; nothing was "
                          "written. Give a local folder (an absolute path, or a relative one without a scheme) or an "

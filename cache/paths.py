@@ -12,35 +12,11 @@ import os
 import re
 from pathlib import Path
 
-from cache.mirror import locate, url_scheme
+from cache.mirror import locate, url_scheme, usable_folder  # noqa: F401  (url_scheme: a location's scheme)
 from core.errors import InputError
 
 DEFAULT_CACHE = Path("~/.cache/freeze-pipe")
 STORES_DIR = "stores"
-
-
-SET_CACHE = "Pass --cache DIR (or set $PIPE_CACHE) to a folder: a new one, or an existing cache."
-
-
-def usable_folder(path: Path, what: str) -> Path:
-    """``path``, when it is or can become a readable folder; else one :class:`InputError` that
-    says what is in the way (a file, a file among its parents, a folder that cannot be read)."""
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{what} is a file ({path}), not a folder; a cache is a folder. {SET_CACHE}")
-    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
-        raise InputError(f"{what}: the folder {path} cannot be read (permission denied). {SET_CACHE}")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{what}: {parent} is a file, so no folder can be made inside it ({path}). {SET_CACHE}")
-    return path
-
-
-def _located(value: str | os.PathLike, where: str) -> Path:
-    """:func:`cache.mirror.locate` (a bucket's mirror, or the folder), a folder checked to be usable."""
-    root = locate(value, where)
-    return root if url_scheme(value) else usable_folder(root, f"{where} {os.fspath(value)!r}")
 
 
 def cache_root(explicit: str | os.PathLike | None = None) -> Path:
@@ -50,10 +26,10 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
     A location that cannot be a folder (a file, a path under a file, an unreadable folder)
     is refused here, before any command reads or writes, in one message that says so."""
     if explicit:
-        return _located(explicit, "--cache")
+        return locate(explicit, "--cache")
     env = os.environ.get("PIPE_CACHE")
     if env:
-        return _located(env, "$PIPE_CACHE")
+        return locate(env, "$PIPE_CACHE")
     xdg = os.environ.get("XDG_CACHE_HOME")
     where = "$XDG_CACHE_HOME/freeze-pipe" if xdg else "the default cache location"
     return usable_folder((Path(xdg) / "freeze-pipe" if xdg else DEFAULT_CACHE.expanduser()).resolve(), where)

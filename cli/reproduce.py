@@ -82,10 +82,9 @@ def reproduce(
     from stages.reproduce import stage  # lazy: keeps `pipe --help` fast
     from stages.evaluate.tables import to_rich  # lazy: keeps `pipe --help` fast
 
-    out = out or Path("runs/paper-fixed" if fixed else "runs/paper")
     if trust_remote_code:
         allow_remote_code()
-
+    out = out or Path("runs/paper-fixed" if fixed else "runs/paper")
     cfg = stage.ReproduceConfig(table=table, data=_pairs(data, "--data"), splits=_pairs(splits, "--splits", "*"),
                                 out=str(out), cache=path_or_none(cache), device=device, only=tuple(only or ()),
                                 substitute=_pairs(substitute, "--substitute"),
@@ -97,9 +96,7 @@ def reproduce(
         result = stage.plan(cfg) if plan or report else stage.run(cfg)
     show = results_to(as_json)
     if plan:
-        _print_plan(show, result.steps)
-        _totals(result.steps, stage.throughput_note())
-        _print_missing(result.missing)
+        _print_plan(show, result.steps, stage.throughput_note(), result.missing)
     else:
         for t in result.tables:
             show.print(to_rich(t))
@@ -142,9 +139,9 @@ def _fidelity(stage, cfg, as_json: bool) -> None:
              + ". Set them as theirs, or say why in the table's authors file", code=1)
 
 
-def _print_plan(show, steps) -> None:
+def _print_plan(show, steps, throughput: str, missing) -> None:
     """Every step in run order: its id (what --only takes), state, disk and time, then its command and
-    the stores or folder it writes."""
+    the stores or folder it writes; then the totals and what this machine lacks."""
     show.print("plan, in order (an id, or a prefix such as dinov2-b+bert/rsna, is what --only takes):",
                markup=False)
     for s in steps:
@@ -155,6 +152,8 @@ def _print_plan(show, steps) -> None:
         where = "; ".join(s.stores) if s.stores else (f"-> {s.out}" if s.out else "")
         if where:
             show.print(f"  {where}", markup=False, soft_wrap=True)
+    _totals(steps, throughput)
+    _print_missing(missing)
 
 
 def _totals(steps, note: str) -> None:

@@ -54,7 +54,7 @@ def test_each_command_reads_the_table_once(cached, tmp_path, monkeypatch):
 
     reads = []
     real = table_mod.read_table
-    monkeypatch.setattr(table_mod, "read_table", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(table_mod, "read_table", lambda path, *a: reads.append(path) or real(path, *a))
     table, cache = cached
     train(table, cache, tmp_path / "run", "epochs=1")
     assert len(reads) == 1, reads
