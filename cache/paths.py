@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 from cache.mirror import locate, url_scheme, usable_folder  # noqa: F401  (url_scheme: a location's scheme)
-from core.errors import InputError
 
 DEFAULT_CACHE = Path("~/.cache/freeze-pipe")
 STORES_DIR = "stores"
