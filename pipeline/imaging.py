@@ -420,6 +420,13 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augment: AugmentPolicy = AugmentPolicy()
+    # How the plain view is resized: each a name in its registry below. The defaults are this
+    # project's own float pipeline; an encoder whose reference processor works otherwise names
+    # its own (pipeline/encoders registers them, each with the processor it reproduces).
+    geometry: str = "shortest"       # GEOMETRIES: shorter side to resize_size + centre crop, or a square
+    resample: str = "bilinear"       # INTERPOLATIONS
+    resampler: str = "torch"         # RESAMPLERS: float torch, or the 8-bit image through torchvision or Pillow
+    crop_rounding: str = "round"     # CROP_ROUNDINGS: torchvision's centre crop (round) or transformers' (floor)
 
     def __post_init__(self) -> None:
         mean = tuple(float(m) for m in self.mean)
@@ -428,6 +435,10 @@ class Preprocess:
             raise ValueError("Preprocess.mean and .std need three values (one per channel)")
         if min(std) <= 0:
             raise ValueError(f"Preprocess.std must be positive, got {std}")
+        for name, registry in (("geometry", GEOMETRIES), ("resample", INTERPOLATIONS), ("resampler", RESAMPLERS),
+                               ("crop_rounding", CROP_ROUNDINGS)):
+            if getattr(self, name) not in registry:
+                raise ValueError(f"Preprocess.{name} must be one of {', '.join(registry)}, got {getattr(self, name)!r}")
         if not 0 < self.input_size <= self.resize_size:
             raise ValueError(
                 f"need 0 < input_size <= resize_size, got {self.input_size} and {self.resize_size}"
@@ -448,7 +459,7 @@ class Preprocess:
     def __call__(self, img: np.ndarray, view: int = 0, seed_key: str = "") -> torch.Tensor:
         x = _as_image_tensor(img)
         if view == 0:
-            x = resize_and_crop(x, self.resize_size, self.input_size)
+            x = self.plain_view(x)
         elif view > 0:
             x = self._augmented(x, _view_rng(seed_key, view))
         else:
@@ -456,7 +467,9 @@ class Preprocess:
         return self._normalise(x)
 
     def to_dict(self) -> dict:
-        return {
+        """What the store's fingerprint records. The resize settings appear only where they differ
+        from the defaults, so stores written before they existed keep their fingerprints."""
+        d = {
             "version": _PREPROCESS_VERSION,
             "resize_size": self.resize_size,
             "input_size": self.input_size,
@@ -464,6 +477,22 @@ class Preprocess:
             "std": list(self.std),
             "augment": self.augment.to_dict(),
         }
+        return {**d, **{k: getattr(self, k) for k, default in RESIZE_DEFAULTS.items() if getattr(self, k) != default}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        """The preprocessing a store's spec records (:meth:`to_dict`)."""
+        return cls(int(d["resize_size"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
+                   AugmentPolicy(**d["augment"]) if d.get("augment") else AugmentPolicy(),
+                   **{k: d[k] for k in RESIZE_DEFAULTS if k in d})
+
+    def plain_view(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, 1, H, W]`` grey in [0, 1] -> ``[1, 1, S, S]``: the deterministic view, resized and cropped."""
+        h, w = x.shape[-2:]
+        size = GEOMETRIES[self.geometry](h, w, self.resize_size, self.input_size)
+        x = RESAMPLERS[self.resampler](x, size, self.resample)
+        top, left = centre_crop_origin(*size, self.input_size, self.crop_rounding)
+        return x[..., top : top + self.input_size, left : left + self.input_size]
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         # Broadcasting [H, W] against [3, 1, 1] replicates the grey channel and
@@ -512,23 +541,79 @@ def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
     return (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
 
 
-def centre_crop_origin(h: int, w: int, size: int) -> tuple[int, int]:
+# How a centred crop's origin is rounded when the margin is odd, by the library it copies.
+CROP_ROUNDINGS = {
+    "round": lambda margin: int(round(margin / 2.0)),   # torchvision's CenterCrop (open_clip)
+    "floor": lambda margin: margin // 2,                # transformers' center_crop (both backends)
+}
+
+
+def centre_crop_origin(h: int, w: int, size: int, rounding: str = "round") -> tuple[int, int]:
     """(top, left) of the centred ``size`` x ``size`` crop of an (h, w) image."""
-    return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    half = CROP_ROUNDINGS[rounding]
+    return half(h - size), half(w - size)
 
 
-def resize_and_crop(x: torch.Tensor, resize: int, crop: int, nearest: bool = False) -> torch.Tensor:
-    """``[N, C, H, W]`` -> ``[N, C, crop, crop]``: the shorter side resized to ``resize``, then a
-    centre crop. The one geometry of the encoders' input: images are resized bilinearly (with
-    antialiasing), masks (``nearest``) by nearest neighbour, so they stay binary and line up."""
+def resize_and_crop(x: torch.Tensor, resize: int, crop: int, nearest: bool = False, geometry: str = "shortest",
+                    rounding: str = "round") -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, crop, crop]``: resized by ``geometry`` (default: the shorter
+    side to ``resize``), then a centre crop. Images are resized bilinearly (with antialiasing),
+    masks (``nearest``) by nearest neighbour, so they stay binary and line up with the images
+    of any encoder's geometry."""
     h, w = x.shape[-2:]
-    size = shorter_side_size(h, w, resize)
+    size = GEOMETRIES[geometry](h, w, resize, crop)
     if nearest and size != (h, w):
         x = F.interpolate(x, size=size, mode="nearest-exact")
     elif not nearest:
         x = _resize(x, size)
-    top, left = centre_crop_origin(*size, crop)
+    top, left = centre_crop_origin(*size, crop, rounding)
     return x[..., top : top + crop, left : left + crop]
+
+
+# --------------------------------------------------------------------------
+# The resize variants of the plain view (data in an encoder's config, functions here)
+# --------------------------------------------------------------------------
+
+# Where the plain view's resize goes, from (h, w, resize_size, input_size).
+GEOMETRIES = {
+    "shortest": lambda h, w, resize, crop: shorter_side_size(h, w, resize),   # then a centre crop
+    "square": lambda h, w, resize, crop: (crop, crop),   # both sides to the input size, aspect not kept (SigLIP)
+}
+
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Grey values in [0, 1] as the 8-bit image a reference processor reads (an 8-bit file
+    decodes to v / 255, which comes back here as v exactly)."""
+    return np.round(x.numpy() * 255.0).astype(np.uint8)
+
+
+def _resize_float(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """This project's own: float pixels, antialiased ``F.interpolate``."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode=resample, antialias=True, align_corners=False)
+
+
+def _resize_torchvision_uint8(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """The 8-bit image through torchvision's resize, as transformers' torchvision image processors
+    (the default ``SiglipImageProcessor`` of transformers 5) resize what PIL decoded."""
+    q = torch.from_numpy(to_uint8(x))
+    out = TF.resize(q, list(size), interpolation=INTERPOLATIONS[resample], antialias=True)
+    return out.to(torch.float32) / 255.0
+
+
+def _resize_pil(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """The 8-bit image through Pillow's resize, as transformers' PIL image processors and
+    open_clip's transform (torchvision's Resize of a PIL image) do."""
+    img = Image.fromarray(to_uint8(x)[0, 0]).resize((size[1], size[0]), _PIL_FILTERS[resample])
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / np.float32(255.0))[None, None]
+
+
+RESAMPLERS = {"torch": _resize_float, "torch-uint8": _resize_torchvision_uint8, "pil": _resize_pil}
+RESIZE_DEFAULTS = {"geometry": "shortest", "resample": "bilinear", "resampler": "torch", "crop_rounding": "round"}
 
 
 def _view_rng(seed_key: str, view: int) -> np.random.Generator:

@@ -3,7 +3,8 @@
 A mask PNG has the size of its image (nonzero = positive). It gets the geometry of the
 encoder's preprocessing, read from the image store's spec: shorter side resized to
 ``resize_size`` (nearest neighbour, so it stays binary) and a centre crop of
-``input_size``, by ``pipeline.imaging.resize_and_crop``, as the images. The result is
+``input_size`` (or the other geometries an encoder's config may name: a square resize),
+by ``pipeline.imaging.resize_and_crop``, as the images. The result is
 cached bit-packed under ``<cache>/masks/<dataset>/``, keyed by the geometry and by each
 mask file's path (relative to the cache root for masks inside it, so a moved cache keeps
 its entries), size and modification time. The file carries a crc32c per array
@@ -29,25 +30,27 @@ from cache.npz import load_checked, save_checked
 from cache.paths import plain_name, portable
 from core.errors import InputError
 from pipeline.datasets.masks import decode_mask
-from pipeline.imaging import resize_and_crop, shorter_side_size
+from pipeline.imaging import RESIZE_DEFAULTS, resize_and_crop, shorter_side_size
 
 
 class MaskError(InputError):
     """A mask that cannot be used; the message names the item and the fix."""
 
 
-def geometry(spec: dict) -> tuple[int, int]:
+def geometry(spec: dict) -> tuple[int, int, str, str]:
+    """(resize, crop, geometry, crop rounding) of the image store's preprocessing."""
     pre = spec.get("preprocess") or {}
     if "resize_size" not in pre:
         raise MaskError("the image store records no preprocessing geometry (resize/crop), so masks cannot be "
                         "aligned with its patch tokens; re-run `pipe embed` with a current version")
-    return int(pre["resize_size"]), int(pre["input_size"])
+    return (int(pre["resize_size"]), int(pre["input_size"]), pre.get("geometry", RESIZE_DEFAULTS["geometry"]),
+            pre.get("crop_rounding", RESIZE_DEFAULTS["crop_rounding"]))
 
 
-def align_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
+def align_mask(mask: np.ndarray, resize: int, crop: int, geo: str = "shortest", rounding: str = "round") -> np.ndarray:
     """``[H, W]`` bool -> ``[crop, crop]`` bool: the images' resize and crop, nearest neighbour."""
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
-    return resize_and_crop(t, resize, crop, nearest=True)[0, 0].numpy() > 0.5
+    return resize_and_crop(t, resize, crop, nearest=True, geometry=geo, rounding=rounding)[0, 0].numpy() > 0.5
 
 
 def _regular(path: str) -> bool:
@@ -91,7 +94,8 @@ def _check_size(item_id: str, path: str, h: int, w: int, resize: int) -> None:
                         "Check the file, or re-export it at its image's size.")
 
 
-def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: int) -> np.ndarray:
+def _read_one(item_id: str, mask_path: str, image_path: str, geo: tuple) -> np.ndarray:
+    resize = geo[0]
     try:
         data = read_regular_file(mask_path)  # a FIFO or a device is refused, never read
         mask = decode_mask(data, lambda h, w: _check_size(item_id, mask_path, h, w, resize))
@@ -113,7 +117,7 @@ def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: 
         raise MaskError(f"item {item_id!r}: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (w x h) but its "
                         f"image {image_path} is {size[1]}x{size[0]}. A mask must have its image's size; "
                         "re-export the mask at the image's resolution.")
-    return align_mask(mask, resize, crop)
+    return align_mask(mask, *geo)
 
 
 def _stamp(path: str, root: Path) -> str:
@@ -125,10 +129,12 @@ def _stamp(path: str, root: Path) -> str:
         return f"{name}|missing"
 
 
-def cache_path(cache_root: Path, dataset: str, target: str, resize: int, crop: int) -> Path:
+def cache_path(cache_root: Path, dataset: str, target: str, resize: int, crop: int, geo: str = "shortest",
+               rounding: str = "round") -> Path:
     """Where a target's aligned masks are cached; a dataset or mask name that is not a plain file
     name (a table column ``mask_../../x``) is refused, never a path out of ``<cache>/masks/``."""
-    geo = hashlib.sha256(json.dumps([resize, crop, 1]).encode()).hexdigest()[:12]
+    other = [g for g, d in ((geo, "shortest"), (rounding, "round")) if g != d] and [geo, rounding]
+    geo = hashlib.sha256(json.dumps([resize, crop, 1, *other]).encode()).hexdigest()[:12]
     for what, name in (("dataset", dataset), ("mask", target)):
         if not plain_name(name):
             raise MaskError(f"{what} name {name!r} cannot be used as a file name in the mask cache (no '/', '\\', "
@@ -139,8 +145,9 @@ def cache_path(cache_root: Path, dataset: str, target: str, resize: int, crop: i
 def load_masks(items, target: str, spec: dict, cache_root: Path, dataset: str) -> tuple[np.ndarray, int]:
     """Aligned boolean masks ``[n, S, S]`` of ``items`` (rows with a mask path), and how many
     mask files had to be read (0 when the cache had them all)."""
-    resize, crop = geometry(spec)
-    path = cache_path(cache_root, dataset, target, resize, crop)
+    geo = geometry(spec)
+    crop = geo[1]
+    path = cache_path(cache_root, dataset, target, *geo)
     ids = items.id.astype(str).to_numpy()
     mask_paths = items[MASK_PREFIX + target].astype(str).to_numpy()
     stamps = np.array([_stamp(p, cache_root) for p in mask_paths])
@@ -150,7 +157,7 @@ def load_masks(items, target: str, spec: dict, cache_root: Path, dataset: str) -
     for i in sorted(set(range(len(ids))) - set(todo)):
         out[i] = cached[ids[i]][1]
     with ThreadPoolExecutor(4) as pool:
-        for i, m in zip(todo, pool.map(lambda i: _read_one(ids[i], mask_paths[i], items.image.iloc[i], resize, crop),
+        for i, m in zip(todo, pool.map(lambda i: _read_one(ids[i], mask_paths[i], items.image.iloc[i], geo),
                                        todo)):
             out[i] = m
     if todo:

@@ -187,7 +187,7 @@ def run(ctx: EvalContext) -> TaskResult:
             methods.append({**m, "features": source})
             shown.append(preds)
     result = TaskResult(methods=methods, tables=_tables(ctx, methods, len(pos["test"])))
-    result.data = {"target": target, "mask_size": int(masks_np.shape[-1]), "geometry": list(geometry(spec)),
+    result.data = {"target": target, "mask_size": int(masks_np.shape[-1]), "geometry": list(geometry(spec)[:2]),
                    "splits": {k: int(len(v)) for k, v in pos.items()},
                    "positive_masks": {k: int(positive[v].sum()) for k, v in pos.items()}, "mask_files_read": read,
                    "fractions": {fraction_label(f): {str(s): int(len(plan[s][f])) for s in plan}
