@@ -31,6 +31,7 @@ class EvalContext:
     published: dict[float, list[str]] = field(default_factory=dict)   # their fixed training subsets, by fraction
     description: str = ""                 # the dataset's one-line description
     report_agreement: dict | None = None  # label-report agreement, where the dataset measured it
+    native: bool = False                  # --adaptor native: the encoders' own joint space, no Adaptor
 
     def note(self, message: str) -> None:
         if message not in self.notes:
@@ -87,6 +88,8 @@ class EvalContext:
         sets = []
         if self.adaptor is not None:
             sets.append((self.adaptor_name(), "adaptor"))
+        if self.native or (self.adaptor is not None and self.cfg.baseline and "native" in self.data.image.array_names):
+            sets.append((f"native joint space {self.backbone}", "native"))
         if self.adaptor is None or self.cfg.baseline:
             sets.append((self.baseline_name(), "backbone"))
         return sets
@@ -103,8 +106,8 @@ class FeatureSource:
     name: str
     summary: str
     pooled: Callable[[EvalContext, np.ndarray], np.ndarray]   # store rows -> [n, d] float32
-    # store rows -> ([n, T, d] tokens, (h, w) patch grid or None, number of prefix tokens)
-    tokens: Callable[[EvalContext, np.ndarray], tuple[np.ndarray, tuple[int, int] | None, int]]
+    # store rows -> ([n, T, d] tokens, (h, w) patch grid or None, number of prefix tokens); None: no tokens
+    tokens: Callable[[EvalContext, np.ndarray], tuple[np.ndarray, tuple[int, int] | None, int]] | None
     from_adaptor: bool   # the frozen Adaptor's outputs: its heads are the ones `pipe predict` applies
 
 
@@ -125,6 +128,10 @@ FEATURE_SOURCES: dict[str, FeatureSource] = {s.name: s for s in (
     FeatureSource("backbone", "the backbone's own cached outputs (no Adaptor)",
                   lambda ctx, rows: raw_features(ctx.data.image, rows, "pooled").astype(np.float32),
                   _backbone_tokens, from_adaptor=False),
+    # the encoder's pooled output through its own projection (stages/evaluate/native.py); no tokens
+    FeatureSource("native", "the image tower's pooled output in its joint space (no Adaptor)",
+                  lambda ctx, rows: raw_features(ctx.data.image, rows, "native").astype(np.float32),
+                  None, from_adaptor=False),
 )}
 
 

@@ -22,6 +22,7 @@ from core.console import err, progress, escape
 from core.errors import InputError
 from pipeline.models.ranking import match_ranks, reranked_ranks
 from stages.evaluate import metrics as M
+from stages.evaluate import native
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
 from stages.evaluate.pictures import thumbnails
@@ -173,6 +174,11 @@ def run(ctx: EvalContext) -> TaskResult:
             ranks = itm_reranked_ranks(ctx, img, txt, img_rows, txt_rows)
             methods.append({"name": f"{ctx.adaptor_name()} + ITM re-rank of top {ctx.cfg.retrieval.rerank_k}",
                             "features": "adaptor", **recall_figures(ranks, ctx)})
+    if native.applies(ctx):   # the pair's own joint space: the baseline an Adaptor must beat
+        img, txt = native.pair(ctx, img_rows, ctx.data.text, txt_rows)
+        methods.append({"name": native.row_name(ctx), "features": native.NATIVE,
+                        **recall_figures(plain_ranks(img, txt), ctx)})
+        shown = (img, txt) if shown is None else shown
     img, txt = linear_map_pair(ctx, img_rows, ctx.data.text, txt_rows)
     methods.append({"name": f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "features": "linear-map",
                     **recall_figures(plain_ranks(img, txt), ctx)})

@@ -58,7 +58,7 @@ def token_sets(ctx: EvalContext) -> list[tuple[str, str]]:
         ctx.note(f"the checkpoint is a {a.mode.name}-mode Adaptor, which has no per-token path: its segmentation "
                  "row decodes the backbone's raw cached patch tokens (the same input as the no-Adaptor baseline)")
         return [(f"{ctx.adaptor_name()} [{a.mode.name} mode: raw patch tokens]", "backbone")]
-    return ctx.feature_sets()
+    return [(name, source) for name, source in ctx.feature_sets() if FEATURE_SOURCES[source].tokens is not None]
 
 
 def token_grid_features(ctx: EvalContext, source: str, positions: np.ndarray) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from core.errors import InputError
 from pipeline.prompts import finding_scores, prompt_layout
 from stages.evaluate import metrics as M
+from stages.evaluate import native
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.plots import roc_grid
 from stages.evaluate.prompts import PromptError, embed_texts_store, load_prompts, prompt_path
@@ -74,6 +75,8 @@ def run(ctx: EvalContext) -> TaskResult:
     sims = []
     if ctx.adaptor is not None:
         sims.append((ctx.adaptor_name(), "adaptor", adaptor_similarity(ctx, img_rows, ctx.data.text, rows), None))
+    if native.applies(ctx):   # the pair's own joint space: the baseline an Adaptor must beat
+        sims.append((native.row_name(ctx), native.NATIVE, native.similarity(ctx, img_rows, ctx.data.text, rows), None))
     sims.append((f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "linear-map",
                  linear_map_similarity(ctx, img_rows, ctx.data.text, rows), None))
     sim, why = raw_similarity(ctx, img_rows, ctx.data.text, rows)

@@ -15,7 +15,8 @@ from PIL import Image, ImageFilter
 from stages.evaluate import metrics as M
 
 OURS = ["#1f6feb", "#d9480f", "#8250df", "#bf3989", "#0a7d8c", "#9a6700"]
-REFERENCE = {"no Adaptor": "#6e7781", "linear map": "#2da44e", "all-empty": "#57606a", "chance": "#57606a"}
+REFERENCE = {"no Adaptor": "#6e7781", "native joint space": "#0969da", "linear map": "#2da44e", "all-empty": "#57606a",
+             "chance": "#57606a"}
 TRUTH, PREDICTION = (46, 160, 67), (230, 72, 30)
 _SUFFIX = re.compile(r"( \((mlp|linear|decoder)\))?( · .*)?$")
 

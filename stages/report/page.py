@@ -76,7 +76,8 @@ def short_name(method: str) -> str:
         return f"{m[1]}: raw tokens"
     if m:
         return f"Adaptor, {m[1]}" + ("+ITM" if "ITM re-rank" in method else "")
-    for prefix, name in (("no Adaptor", "no Adaptor"), ("linear map", "least-squares map"),
+    for prefix, name in (("no Adaptor", "no Adaptor"), ("native joint space", "native joint space"),
+                         ("linear map", "least-squares map"),
                          ("all-empty", "all-empty predictor"), ("chance", "chance")):
         if method.startswith(prefix):
             return name
