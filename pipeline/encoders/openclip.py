@@ -33,11 +33,10 @@ from .config import EncoderCard, EncoderConfig
 from .cost import bert_gflops, vit_gflops
 from .hf import quiet_transformers, read_json, seeded, wrong_weights
 from .registry import register_encoder
-from .standins import CLIP_MEAN, CLIP_STD
+from .standins import CLIP_MEAN, CLIP_STD, TINY_TRUNK, register_tiny_trunk
 from .weights import require_weights, text_tower_folder
 
 OPENCLIP_INSTALL_HINT = "install the openclip extra: pip install 'freeze-pipe[openclip]'"
-TINY_TRUNK = "freeze_pipe_tiny_vit_patch16"
 
 
 class OpenClipMissing(InputError):
@@ -51,24 +50,6 @@ def _open_clip():
         raise OpenClipMissing(f"encoders published for open_clip (biomedclip) need open_clip_torch, which cannot be "
                               f"imported here ({err}); {OPENCLIP_INSTALL_HINT}") from err
     return open_clip
-
-
-def register_tiny_trunk() -> None:
-    """Register the stand-in's 2-layer, 48-wide timm ViT (open_clip builds its trunk by timm name)."""
-    import timm  # lazy: heavy, loaded with the encoder that needs it
-    from timm.models import register_model
-
-    if timm.is_model(TINY_TRUNK):
-        return
-
-    def freeze_pipe_tiny_vit_patch16(pretrained: bool = False, **kwargs):
-        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(k, None)
-        kwargs.setdefault("img_size", 112)
-        return timm.create_model("vit_base_patch16_224", pretrained=False, patch_size=16, embed_dim=48, depth=2,
-                                 num_heads=3, **kwargs)
-
-    register_model(freeze_pipe_tiny_vit_patch16)
 
 
 def _model_cfg(config: EncoderConfig, folder: Path) -> dict:

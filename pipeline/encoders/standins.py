@@ -29,6 +29,7 @@ from .tiny_vocab import tiny_vocab, tiny_vocab_hash
 
 RAD_DINO_MEAN, RAD_DINO_STD = (0.5307,) * 3, (0.2583,) * 3
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+TINY_TRUNK = "freeze_pipe_tiny_vit_patch16"   # the timm name of tiny-biomedclip's image trunk
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,24 @@ def standin_folder(name: str) -> Path:
     return final
 
 
+def register_tiny_trunk() -> None:
+    """Register the stand-in's 2-layer, 48-wide timm ViT (open_clip builds its trunk by timm name)."""
+    import timm  # lazy: heavy, loaded with the encoder that needs it
+    from timm.models import register_model  # lazy: with timm
+
+    if timm.is_model(TINY_TRUNK):
+        return
+
+    def freeze_pipe_tiny_vit_patch16(pretrained: bool = False, **kwargs):
+        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(k, None)
+        kwargs.setdefault("img_size", 112)
+        return timm.create_model("vit_base_patch16_224", pretrained=False, patch_size=16, embed_dim=48, depth=2,
+                                 num_heads=3, **kwargs)
+
+    register_model(freeze_pipe_tiny_vit_patch16)
+
+
 def _seed(arch: dict):
     import torch  # lazy: torch loads with the encoder that needs it
 
@@ -78,7 +97,7 @@ def _seed(arch: dict):
 
 
 def _save_tokenizer(folder: Path, max_tokens: int) -> None:
-    from .text import tiny_tokenizer  # lazy: transformers takes seconds to import
+    from .tiny_vocab import tiny_tokenizer  # lazy: transformers takes seconds to import
 
     tiny_tokenizer(max_tokens).save_pretrained(str(folder))
 
@@ -122,8 +141,6 @@ def write_open_clip(folder: Path, arch: dict) -> None:
     import torch  # lazy: torch loads with the encoder that needs it
     from safetensors.torch import save_file  # lazy: with torch
     from transformers import BertConfig  # lazy: transformers takes seconds to import
-
-    from .openclip import register_tiny_trunk  # lazy: registers the tiny timm trunk it is built on
 
     register_tiny_trunk()
     BertConfig(**arch["text"], vocab_size=len(tiny_vocab())).save_pretrained(str(folder))

@@ -17,7 +17,7 @@ from .config import EncoderCard, EncoderConfig
 from .cost import bert_gflops
 from .hf import load_pretrained, seeded
 from .registry import register_auto_builder, register_encoder
-from .tiny_vocab import tiny_vocab, tiny_vocab_hash
+from .tiny_vocab import tiny_tokenizer, tiny_vocab, tiny_vocab_hash  # noqa: F401  (tiny_tokenizer: re-exported)
 from .weights import require_weights
 
 
@@ -71,34 +71,6 @@ def build_hf_text(config: EncoderConfig) -> HFTextEncoder:
     model = load_pretrained(AutoModel, loc.path, config)
     check_embed_dim(config, model.config.hidden_size)
     return HFTextEncoder(config, tokenizer, model)
-
-
-def tiny_tokenizer(max_tokens: int):
-    """A deterministic BERT-style WordPiece tokenizer over ``tiny_vocab``, built in memory."""
-    from tokenizers import (  # lazy: transformers takes seconds to import
-        Tokenizer,
-        decoders,
-        normalizers,
-        pre_tokenizers,
-        processors,
-    )  # lazy: transformers takes seconds to import
-    from tokenizers.models import WordPiece  # lazy: transformers takes seconds to import
-    from transformers import PreTrainedTokenizerFast  # lazy: transformers takes seconds to import
-
-    vocab = tiny_vocab()
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=max_tokens,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    )
 
 
 def build_random_bert(config: EncoderConfig) -> HFTextEncoder:
