@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 $(BIN)/pipe: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[assets,xrv,dev]'
+	$(BIN)/pip install -q -e '.[assets,xrv,openclip,dev]'
 	@touch $@
 
 install: $(BIN)/pipe

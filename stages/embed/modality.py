@@ -132,7 +132,7 @@ class ImageModality(Modality):
     def row_bytes(self, enc_cfg) -> int:
         d = enc_cfg.embed_dim
         n = (enc_cfg.input_size // enc_cfg.patch_size) ** 2 + enc_cfg.num_prefix_tokens if enc_cfg.patch_size else 64
-        return n * d * 2 + d * 4
+        return n * d * 2 + d * 4 + enc_cfg.native_dim * 4
 
     def loader(self, enc_cfg, cfg, device):
         pre = preprocess_of(enc_cfg)
@@ -154,7 +154,7 @@ class TextModality(Modality):
 
     def row_bytes(self, enc_cfg) -> int:
         d = enc_cfg.embed_dim
-        return (enc_cfg.max_tokens or 128) * d * 2 + d * 4
+        return (enc_cfg.max_tokens or 128) * d * 2 + d * 4 + enc_cfg.native_dim * 4
 
     def forward(self, encoder, loaded, device, to_host):
         batch = {k: to_device(v, device) for k, v in encoder.tokenize(loaded).items()}

@@ -33,9 +33,17 @@ from stages.reproduce.spec import DATASETS, Cell, Row, Substitutions, TableSpec
 EMBED_DINOV2S_PER_S = 13.2     # bench/embed_overhead.py: `pipe embed`, DINOv2-S-sized ViT, 13.0-13.4 img/s
 EMBED_TINY_PER_S = 365.0       # same run, tiny-vit on 1,000 PNGs: 361-372 img/s
 TRAIN_POOLED_PER_S = 360.0     # bench/cached_vs_e2e.py: cached pooled step, DINOv2-S + BERT sized, 325-399 samples/s
-# Other encoders are scaled from the DINOv2-S rate by multiply-adds per item (an assumption, not a measurement):
-GMACS = {"dinov2-s": 6.1, "dinov2-b": 23.3, "resnet-ae": 7.8, "bert": 9.7, "biobert": 9.7, "clinicalbert": 9.7,
-         "pubmedbert": 9.7, "cxr-bert": 9.7}
+# Other encoders are scaled from the DINOv2-S rate by their forward cost per item, which each encoder's
+# config carries (``card.gflops``; an assumption about speed, not a measurement of it).
+RATE_BASIS = "dinov2-s"
+
+
+def embed_rate(encoder: str, modality: str | None = None) -> float | None:
+    """Items per second `pipe embed` of ``encoder`` manages on the 2-core CPU the basis was measured on."""
+    enc, basis = resolve_encoder_name(encoder, modality), resolve_encoder_name(RATE_BASIS)
+    if not enc.trained and enc.name.startswith("tiny-"):
+        return EMBED_TINY_PER_S
+    return EMBED_DINOV2S_PER_S * basis.card.gflops / enc.card.gflops if enc.card.gflops else None
 CHECKPOINT_BYTES = 16 * 12_207_617   # weights, best weights and AdamW's two moments, float32
 
 
@@ -125,11 +133,11 @@ def _embed_step(ctx: Context, key: str, modality: str, encoder: str) -> Step:
     b, t = (encoder, "none") if modality == "image" else ("none", encoder)
     cmd = _cmd("pipe", "embed", "--dataset", spec or f"<{key}>", "--backbone", b, "--text-encoder", t,
                "--allow-failures", *(["--cache", ctx.cache_arg] if ctx.cache_arg else []))
-    enc = resolve_encoder_name(encoder)
+    enc = resolve_encoder_name(encoder, modality)
     folder = index_folder(ctx.root, open_dataset(spec, ctx.root, materialise=False).name) if spec else None
     store = _recorded_store(folder, modality, enc.name) if folder else None
     items = _items(folder, key)
-    rate = _embed_rate(enc.name)
+    rate = embed_rate(enc.name, modality)
     done = store is not None
     cfg = embed.EmbedConfig(dataset=spec or "", backbone=b, text_encoder=t, cache=ctx.cache_arg, device=ctx.device,
                             allow_failures=True)
@@ -151,19 +159,15 @@ def _items(folder: Path | None, key: str) -> int:
     return int(json.loads(meta.read_text())["items"]) if meta and meta.is_file() else DATASETS[key].approx_items
 
 
-def _embed_rate(encoder: str) -> float | None:
-    if encoder.startswith("tiny-"):
-        return EMBED_TINY_PER_S
-    return EMBED_DINOV2S_PER_S * GMACS["dinov2-s"] / GMACS[encoder] if encoder in GMACS else None
-
-
 def row_bytes(enc) -> int:
-    """Bytes one item takes in a store: float16 tokens, float32 pooled vector (and an int32 length)."""
+    """Bytes one item takes in a store: float16 tokens, float32 pooled vector (and an int32 length, and
+    a float32 joint-space vector)."""
+    native = enc.native_dim * 4   # the joint-space vector, for an encoder with one
     if enc.modality == "text":
-        return (enc.max_tokens or 512) * enc.embed_dim * 2 + enc.embed_dim * 4 + 4
+        return (enc.max_tokens or 512) * enc.embed_dim * 2 + enc.embed_dim * 4 + 4 + native
     side = (enc.input_size // enc.patch_size) if enc.patch_size else 3   # resnet-ae: a 3x3 bottleneck
     tokens = enc.num_prefix_tokens + side * side
-    return tokens * enc.embed_dim * 2 + enc.embed_dim * 4
+    return tokens * enc.embed_dim * 2 + enc.embed_dim * 4 + native
 
 
 # --------------------------------------------------------------------------- pretrain
