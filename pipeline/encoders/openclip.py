@@ -28,7 +28,7 @@ from torch import nn
 
 from core.errors import InputError
 
-from .base import ImageEncoder, ImageOutput, TextEncoder, TextOutput, check_embed_dim
+from .base import ImageEncoder, ImageOutput, TextEncoder, TextOutput
 from .config import EncoderCard, EncoderConfig
 from .cost import bert_gflops, vit_gflops
 from .hf import quiet_transformers, read_json, seeded, wrong_weights
@@ -130,15 +130,22 @@ class OpenClipTextEncoder(TextEncoder):
         return TextOutput(tokens, mask.sum(1).long(), pooled, self.text.proj(pooled))
 
 
+def _check_width(config: EncoderConfig, actual: int) -> None:
+    if config.embed_dim and actual != config.embed_dim:
+        raise wrong_weights(config, require_weights(config).path,
+                            f"an open_clip model whose {config.modality} tower is {actual} wide (the registry says "
+                            f"{config.embed_dim})")
+
+
 def build_open_clip_image(config: EncoderConfig) -> OpenClipImageEncoder:
     model, _, _ = load_open_clip(config)
-    check_embed_dim(config, model.visual.trunk.num_features)
+    _check_width(config, model.visual.trunk.num_features)
     return OpenClipImageEncoder(config, model.visual, _joint(model))
 
 
 def build_open_clip_text(config: EncoderConfig) -> OpenClipTextEncoder:
     model, text_folder, context = load_open_clip(config)
-    check_embed_dim(config, model.text.config.hidden_size)
+    _check_width(config, model.text.config.hidden_size)
     with quiet_transformers():
         tokenizer = _open_clip().tokenizer.HFTokenizer(str(text_folder), context_length=context)
     return OpenClipTextEncoder(config, tokenizer, model.text, _joint(model))
