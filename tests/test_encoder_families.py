@@ -336,3 +336,32 @@ def test_native_needs_a_shared_space_and_mixed_pairs_train_like_any(world, tmp_p
     pipe("train-adaptor", "-d", str(world["table"]), "-b", "tiny-siglip", "-t", "tiny-biomedclip", "--cache",
          str(world["cache"]), "--out", str(tmp_path / "mixed"), *SMALL)
     assert (tmp_path / "mixed" / "last.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name,modality", [("tiny-rad-dino", "image"), ("tiny-siglip", "image"),
+                                           ("tiny-biomedclip", "image"), ("tiny-siglip", "text"),
+                                           ("tiny-biomedclip", "text"), ("tiny-vit", "image"), ("tiny-bert", "text")])
+def test_a_configs_cost_is_what_torch_counts(name, modality):
+    """The card's GFLOPs (the formula the real entries' figures come from) against torch's own
+    FLOP counter on each family's stand-in, attention computed by its counted math path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    enc = create_encoder(name, modality=modality)
+    cfg = enc.config
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        if modality == "image":
+            enc(torch.zeros(1, 3, cfg.input_size, cfg.input_size))
+        else:   # a text as long as the encoder reads
+            enc(**enc.tokenize(["effusion " * 300]))
+    assert counter.get_total_flops() / 1e9 == pytest.approx(cfg.card.gflops, rel=0.05)
+
+
+def test_open_clip_missing_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from pipeline.encoders.openclip import OpenClipMissing
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)   # an import of it now fails, as without the extra
+    with pytest.raises(OpenClipMissing, match=r"biomedclip.*pip install 'freeze-pipe\[openclip\]'"):
+        create_encoder("tiny-biomedclip")

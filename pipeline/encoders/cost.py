@@ -2,7 +2,7 @@
 
 Counted as the matrix products a forward runs (linear layers, attention scores and their
 weighted sums, the patch embedding), 2 FLOPs per multiply-add; normalisations and
-activations are left out (a few percent). ``tests/test_encoder_cost.py`` checks the
+activations are left out (a few percent). ``tests/test_encoder_families.py`` checks the
 formula against torch's own FLOP counter on the tiny stand-ins of each family.
 """
 from __future__ import annotations
