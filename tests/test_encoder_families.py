@@ -58,7 +58,7 @@ def _torchvision_backend(cls_name: str):
     import transformers
 
     cls = getattr(transformers, cls_name)
-    return cls if getattr(cls, "backend", None) == "torchvision" else getattr(transformers, f"{cls_name}Fast")
+    return cls if getattr(cls(), "backend", None) == "torchvision" else getattr(transformers, f"{cls_name}Fast")
 
 
 def _pil_backend(cls_name: str):
