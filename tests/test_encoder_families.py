@@ -23,7 +23,7 @@ from helpers import make_table, pipe
 from pipeline.encoders import create_encoder, list_encoders, resolve_encoder_name
 from pipeline.encoders.catalogue import BEGIN, END, encoder_table
 from pipeline.encoders.hf import WrongWeightsError
-from pipeline.encoders.standins import standin_folder
+from pipeline.encoders.standins import register_tiny_trunk, standin_folder
 from pipeline.encoders.stored import preprocess_of, store_spec
 from pipeline.encoders.weights import WeightsNotFoundError
 from pipeline.imaging import decode_image
@@ -123,6 +123,7 @@ def test_tiny_biomedclip_matches_open_clip_reading_its_own_folder(images):
     import open_clip
 
     folder = standin_folder("tiny-biomedclip")
+    register_tiny_trunk()   # the stand-in's trunk is a timm model this project registers
     _, _, transform = open_clip.create_model_and_transforms(
         f"local-dir:{folder}", text_cfg={**json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
                                          ["text_cfg"], "hf_model_name": str(folder), "hf_model_pretrained": False})
@@ -271,6 +272,7 @@ def test_stored_native_vectors_are_the_models_own(world):
         folder = standin_folder(PAIRS[family][0])
         with torch.no_grad():
             if family == "biomedclip":
+                register_tiny_trunk()
                 text_cfg = {**json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"],
                             "hf_model_name": str(folder), "hf_model_pretrained": False}
                 model = open_clip.create_model(f"local-dir:{folder}", text_cfg=text_cfg).eval()
