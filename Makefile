@@ -2,16 +2,19 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_CACHE ?= $(CURDIR)/.pipe-cache
+# The demo's cache: empty means where every `pipe` command and the Python API look without --cache
+# ($PIPE_CACHE, else ~/.cache/freeze-pipe), so the examples run after the demo find its data.
+DEMO_CACHE ?=
 DEMO_OUT ?= $(CURDIR)/demo-out
 export HF_HUB_OFFLINE ?= 1
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: install browser demo test test-fast bench gpu-check clean
+.PHONY: install browser demo test test-fast docs bench gpu-check clean
 
 $(BIN)/pipe: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[assets,xrv,openclip,dev]'
+	$(BIN)/pip install -q -e '.[assets,xrv,openclip,dev,docs,release]'
 	@touch $@
 
 install: $(BIN)/pipe
@@ -34,15 +37,20 @@ endif
 
 ## The main job on the built-in demo data: embed once, train the Adaptor from the cache, evaluate.
 demo: install
-	PIPE_CACHE=$(DEMO_CACHE) $(BIN)/pipe demo --out $(DEMO_OUT)
+	$(BIN)/pipe demo --out $(DEMO_OUT) $(if $(DEMO_CACHE),--cache $(DEMO_CACHE))
+	@echo "pipe and its Python are in $(VENV): run 'source $(VENV)/bin/activate' (or call $(BIN)/pipe) to use them."
 
-## The test suite (what CI runs).
+## The test suite (what CI runs; the strict documentation build is one of its tests, tests/test_docs.py).
 test: install browser
 	$(BIN)/python -m pytest -q
 
 ## The inner loop: everything but the tests marked slow (kills, subprocesses, clusters, compilation).
 test-fast: install browser
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## The documentation site, built strictly (a broken link, anchor or missing page fails) and offline, into site/.
+docs: install
+	$(BIN)/mkdocs build --strict
 
 bench: install
 	$(BIN)/python bench/embed_overhead.py
@@ -52,5 +60,6 @@ bench: install
 gpu-check: install
 	$(BIN)/python bench/gpu_check.py --out gpu-check.json
 
+## Removes demo-out (and DEMO_CACHE when one was given); a demo in the shared cache stays there.
 clean:
-	rm -rf $(DEMO_CACHE) $(DEMO_OUT)
+	rm -rf $(DEMO_OUT) $(DEMO_CACHE) site

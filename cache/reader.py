@@ -1,7 +1,7 @@
 """Fast, checked reads of committed rows for training and evaluation: straight from the shard bytes.
 
 zarr-python decodes a chunk through its codec pipeline on every read: about 0.25x the
-speed of ``np.memmap`` on the same bytes (DESIGN.md). Our chunks are raw little-endian
+speed of ``np.memmap`` on the same bytes (``bench/loader.py``; docs/concepts/design.md). Our chunks are raw little-endian
 bytes plus a crc32c, so each one is a zero-copy numpy view of a memory-mapped shard file,
 and gathering rows costs what a memmap gather costs.
 

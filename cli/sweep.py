@@ -12,9 +12,10 @@ from cli.common import CACHE_OPT, JSON_OPT, print_json, results_to, user_errors
 from core.console import err, escape, plain
 
 
-@app.command(epilog="Example:\n\n  pipe sweep configs/sweep_demo.yaml epochs=5")
+@app.command(epilog="Example:\n\n  pipe sweep sweep_demo epochs=5")
 def sweep(
-    spec: Path = typer.Argument(..., help="A sweep YAML (configs/sweep_*.yaml)."),
+    spec: Path = typer.Argument(..., help="A sweep YAML: a path, or a sweep the installed package holds "
+                               "(sweep_demo)."),
     overrides: list[str] = typer.Argument(None, help="key=value applied to every run of the grid."),
     cache: Optional[Path] = CACHE_OPT,
     as_json: bool = JSON_OPT,

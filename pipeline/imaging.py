@@ -13,6 +13,7 @@ import io
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import pydicom
@@ -38,6 +39,7 @@ except ImportError:  # pydicom 2.x
 
 __all__ = [
     "AugmentPolicy",
+    "GEOMETRIES",
     "DEFAULT_IMAGE_MEMORY_MB",
     "ImageBudget",
     "ImageDecodeError",
@@ -420,13 +422,13 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augment: AugmentPolicy = AugmentPolicy()
-    # How the plain view is resized: each a name in its registry below. The defaults are this
-    # project's own float pipeline; an encoder whose reference processor works otherwise names
-    # its own (pipeline/encoders registers them, each with the processor it reproduces).
-    geometry: str = "shortest"       # GEOMETRIES: shorter side to resize_size + centre crop, or a square
-    resample: str = "bilinear"       # INTERPOLATIONS
-    resampler: str = "torch"         # RESAMPLERS: float torch, or the 8-bit image through torchvision or Pillow
-    crop_rounding: str = "round"     # CROP_ROUNDINGS: torchvision's centre crop (round) or transformers' (floor)
+    # How the plain view is resized and cut: each a name in its registry below. The defaults are
+    # this project's own float pipeline; an encoder whose reference processor (or whose authors'
+    # recipe) works otherwise names its own in its config's ``resize``.
+    geometry: str = "shorter-side-crop"   # GEOMETRIES: shorter side and crop, a square, or padded to a square
+    resample: str = "bilinear"            # INTERPOLATIONS: the resize's interpolation
+    resampler: str = "torch"              # RESAMPLERS: float torch, or the 8-bit image through torchvision or Pillow
+    crop_rounding: str = "round"          # CROP_ROUNDINGS: torchvision's centre crop (round) or transformers' (floor)
 
     def __post_init__(self) -> None:
         mean = tuple(float(m) for m in self.mean)
@@ -467,8 +469,9 @@ class Preprocess:
         return self._normalise(x)
 
     def to_dict(self) -> dict:
-        """What the store's fingerprint records. The resize settings appear only where they differ
-        from the defaults, so stores written before they existed keep their fingerprints."""
+        """What the store's fingerprint records. The resize settings (geometry, interpolation,
+        resampler, crop rounding) appear only where they differ from the defaults, so every store
+        made before they existed keeps its fingerprint."""
         d = {
             "version": _PREPROCESS_VERSION,
             "resize_size": self.resize_size,
@@ -483,16 +486,13 @@ class Preprocess:
     def from_dict(cls, d: dict) -> "Preprocess":
         """The preprocessing a store's spec records (:meth:`to_dict`)."""
         return cls(int(d["resize_size"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
-                   AugmentPolicy(**d["augment"]) if d.get("augment") else AugmentPolicy(),
-                   **{k: d[k] for k in RESIZE_DEFAULTS if k in d})
+                   AugmentPolicy(**d["augment"]) if d.get("augment") else AugmentPolicy(), **recorded_resize(d))
 
     def plain_view(self, x: torch.Tensor) -> torch.Tensor:
-        """``[1, 1, H, W]`` grey in [0, 1] -> ``[1, 1, S, S]``: the deterministic view, resized and cropped."""
-        h, w = x.shape[-2:]
-        size = GEOMETRIES[self.geometry](h, w, self.resize_size, self.input_size)
-        x = RESAMPLERS[self.resampler](x, size, self.resample)
-        top, left = centre_crop_origin(*size, self.input_size, self.crop_rounding)
-        return x[..., top : top + self.input_size, left : left + self.input_size]
+        """``[1, 1, H, W]`` grey in [0, 1] -> ``[1, 1, S, S]``: the deterministic view, resized and cut."""
+        g = GEOMETRIES[self.geometry]
+        x = RESAMPLERS[self.resampler](x, g.resized(*x.shape[-2:], self.resize_size), self.resample)
+        return g.cut(x, self.input_size, self.crop_rounding)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         # Broadcasting [H, W] against [3, 1, 1] replicates the grey channel and
@@ -528,9 +528,7 @@ def _as_image_tensor(img: np.ndarray) -> torch.Tensor:
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return _resize_float(x, size, "bilinear")
 
 
 def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
@@ -554,31 +552,78 @@ def centre_crop_origin(h: int, w: int, size: int, rounding: str = "round") -> tu
     return half(h - size), half(w - size)
 
 
-def resize_and_crop(x: torch.Tensor, resize: int, crop: int, nearest: bool = False, geometry: str = "shortest",
-                    rounding: str = "round") -> torch.Tensor:
-    """``[N, C, H, W]`` -> ``[N, C, crop, crop]``: resized by ``geometry`` (default: the shorter
-    side to ``resize``), then a centre crop. Images are resized bilinearly (with antialiasing),
-    masks (``nearest``) by nearest neighbour, so they stay binary and line up with the images
-    of any encoder's geometry."""
+def longer_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """The (h, w) an image of (h, w) is resized to so that its longer side is ``size`` (the other
+    side truncated, as MGCA's ``resize_img``; a square counts as taller)."""
+    return (size, int(w * size / h)) if h >= w else (int(h * size / w), size)
+
+
+def square_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """Both sides to ``size``: the aspect ratio is not kept (SigLIP's processor)."""
+    return size, size
+
+
+def pad_to_square(x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad ``[..., H, W]`` to a square: the shorter side gets floor(pad / 2) before and the
+    rest after (MGCA's ``resize_img``); zero is black, as their padding of 8-bit pixels."""
     h, w = x.shape[-2:]
-    size = GEOMETRIES[geometry](h, w, resize, crop)
+    pad = abs(h - w)
+    if not pad:
+        return x
+    lo, hi = pad // 2, pad - pad // 2
+    return F.pad(x, (lo, hi, 0, 0) if h > w else (0, 0, lo, hi))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a plain view is cut from an image: the resized size, whether it is then padded to a
+    square, and the centre crop that follows."""
+
+    name: str
+    resized: Callable[[int, int, int], tuple[int, int]]   # (h, w, resize_size) -> the resized (h, w)
+    pads: bool
+    summary: str
+
+    def cut(self, x: torch.Tensor, crop: int, rounding: str = "round") -> torch.Tensor:
+        """The resized ``[..., h, w]`` padded (if this geometry pads) and centre cropped to ``crop``."""
+        if self.pads:
+            x = pad_to_square(x)
+        top, left = centre_crop_origin(*x.shape[-2:], crop, rounding)
+        return x[..., top : top + crop, left : left + crop]
+
+
+GEOMETRIES = {g.name: g for g in (
+    Geometry("shorter-side-crop", shorter_side_size, False,
+             "shorter side resized to resize_size, then the centre input_size crop (torchvision's Resize + CenterCrop)"),
+    Geometry("square", square_size, False,
+             "both sides resized to resize_size, the aspect ratio not kept, then the centre input_size crop (SigLIP's "
+             "processor, where the two sizes are equal: no crop)"),
+    Geometry("pad-square", longer_side_size, True,
+             "longer side resized to resize_size, the shorter zero-padded to a square, then the centre input_size "
+             "crop (MGCA's resize_img, then CenterCrop: the authors' input)"),
+)}
+DEFAULT_GEOMETRY = "shorter-side-crop"
+
+
+def resize_and_crop(x: torch.Tensor, resize: int, crop: int, nearest: bool = False,
+                    geometry: str = DEFAULT_GEOMETRY, rounding: str = "round") -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, crop, crop]`` by a :data:`GEOMETRIES` entry (by default the
+    shorter side resized to ``resize``, then a centre crop, its origin rounded by ``rounding``).
+    Images are resized bilinearly (with antialiasing), masks (``nearest``) by nearest neighbour,
+    so they stay binary and line up with the images of any encoder's geometry."""
+    g = GEOMETRIES[geometry]
+    h, w = x.shape[-2:]
+    size = g.resized(h, w, resize)
     if nearest and size != (h, w):
         x = F.interpolate(x, size=size, mode="nearest-exact")
     elif not nearest:
         x = _resize(x, size)
-    top, left = centre_crop_origin(*size, crop, rounding)
-    return x[..., top : top + crop, left : left + crop]
+    return g.cut(x, crop, rounding)
 
 
 # --------------------------------------------------------------------------
 # The resize variants of the plain view (data in an encoder's config, functions here)
 # --------------------------------------------------------------------------
-
-# Where the plain view's resize goes, from (h, w, resize_size, input_size).
-GEOMETRIES = {
-    "shortest": lambda h, w, resize, crop: shorter_side_size(h, w, resize),   # then a centre crop
-    "square": lambda h, w, resize, crop: (crop, crop),   # both sides to the input size, aspect not kept (SigLIP)
-}
 
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -613,7 +658,17 @@ def _resize_pil(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.
 
 
 RESAMPLERS = {"torch": _resize_float, "torch-uint8": _resize_torchvision_uint8, "pil": _resize_pil}
-RESIZE_DEFAULTS = {"geometry": "shortest", "resample": "bilinear", "resampler": "torch", "crop_rounding": "round"}
+# The defaults of the resize settings, each left out of a preprocessing record (and so of a
+# store's fingerprint) when it is the default; geometry and crop rounding decide where a pixel
+# lands (masks follow them), interpolation and resampler only its value.
+RESIZE_DEFAULTS = {"geometry": DEFAULT_GEOMETRY, "resample": "bilinear", "resampler": "torch", "crop_rounding": "round"}
+CUT_SETTINGS = ("geometry", "crop_rounding")
+
+
+def recorded_resize(pre: dict) -> dict:
+    """The resize settings a preprocessing record (:meth:`Preprocess.to_dict`) names, each at its
+    default where it names none: what a store's images went through, for its masks and pictures too."""
+    return {k: pre.get(k, default) for k, default in RESIZE_DEFAULTS.items()}
 
 
 def _view_rng(seed_key: str, view: int) -> np.random.Generator:

@@ -128,3 +128,16 @@ def split_benchx_style(ids: list[str], labels: list[int]) -> dict[str, list[str]
     neg = [i for i in train if not lab[i]]
     return {"train": train, "val": val, "test": test, "train_1": [pos[0], neg[0]],
             "train_10": [*pos[:2], *neg[:3]]}
+
+
+def write_mgca_detection(root: Path, parts: dict[str, list[str]]) -> None:
+    """MGCA's RSNA detection files (preprocess/rsna.py, prepare_detection_pkl): per split a pickled
+    ``[filenames, boxes]``, the file names ``<patientId>.dcm`` and one [k, 4] box array per image."""
+    import pickle
+
+    for name, pids in parts.items():
+        boxes = np.empty(len(pids), dtype=object)
+        for i in range(len(pids)):
+            boxes[i] = np.zeros((1, 4)) if i % 2 else np.array([[4.0, 4.0, 12.0, 10.0]])
+        with open(root / name, "wb") as f:
+            pickle.dump([np.array([f"{p}.dcm" for p in pids]), boxes], f)

@@ -3,6 +3,8 @@
     python tests/object_writer.py URL MIRROR all [reverse]   claim and write every group
     python tests/object_writer.py URL MIRROR hang            commit group 0, then upload group 1's
                                                              shard objects and wait before its part (to be killed)
+    python tests/object_writer.py URL MIRROR guard           take the guard of the storage at URL and hold it,
+                                                             renewing its lease, until killed
 """
 from __future__ import annotations
 
@@ -45,8 +47,16 @@ def hang(store: Store) -> None:
     time.sleep(600)
 
 
+def hold_guard(storage: ObjectStorage) -> None:
+    with storage.guard():
+        print("held", flush=True)
+        time.sleep(600)
+
+
 if __name__ == "__main__":
     url, mirror, mode = sys.argv[1:4]
+    if mode == "guard":
+        hold_guard(ObjectStorage(url, Path(mirror)))
     with live_run("run-w"):
         store = create_store(ObjectStorage(url, Path(mirror)))
         write_all(store, "reverse" in sys.argv[4:]) if mode == "all" else hang(store)

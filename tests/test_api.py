@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.helpers import pipe
+from tests.helpers import fenced_block, pipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "demo?n=100&size=64"
@@ -327,22 +327,12 @@ def test_a_package_for_other_encoder_weights_is_refused(world, tmp_path):
         load(world["runs"]["pooled"], image_encoder="random-dinov2-s")
 
 
-# ------------------------------------------------------------------------------ the README's section
-def readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Using a trained Adaptor"):]
-    return section[:section.index("\n## ", 3)]
-
-
-def readme_blocks(kind: str) -> list[str]:
-    return re.findall(rf"```{kind}\n(.*?)```", readme_section(), flags=re.S)
-
-
+# ------------------------------------------------------------------------------ the documented example
 def test_the_readme_example_and_commands_run(world, tmp_path, monkeypatch, capsys):
-    """The README's "Using a trained Adaptor" section as written, on the small demo: the Python
+    """The documentation's "Using a trained Adaptor" page as written, on the small demo: the Python
     example, then its commands (only the dataset spec is swapped for the small demo's)."""
-    [example] = readme_blocks("python")
-    [commands] = readme_blocks("bash")
+    example = fenced_block("python", "load_adaptor(")  # found by content, wherever the section moves
+    commands = fenced_block("bash", "--bank demo")
     work = tmp_path / "work"
     shutil.copytree(world["out"], work / "demo-out")
     monkeypatch.chdir(work)

@@ -26,7 +26,8 @@ from pipeline.encoders.hf import WrongWeightsError
 from pipeline.encoders.standins import register_tiny_trunk, standin_folder
 from pipeline.encoders.stored import preprocess_of, store_spec
 from pipeline.encoders.weights import WeightsNotFoundError
-from pipeline.imaging import decode_image
+from pipeline.imaging import RESIZE_DEFAULTS, decode_image
+from pipeline.methods import METHOD_KINDS
 from stages.evaluate.features import raw_features
 
 DOCS = Path(__file__).parents[1] / "docs" / "reference" / "encoders.md"
@@ -154,14 +155,18 @@ def test_each_family_registers_its_towers_under_one_name():
 
 
 def test_encoders_without_a_joint_space_keep_their_fingerprints():
-    """New fields stay out of the fingerprint spec of every encoder that does not use them."""
+    """New fields stay out of the fingerprint spec of every encoder that does not use them; a resize
+    setting is recorded under its own name (in the encoder's part and the preprocessing's) only where
+    it is not the default."""
     for cfg in list_encoders():
         spec = store_spec(cfg, weights="w")
         assert "card" not in spec["encoder"]
         if not cfg.joint_space:
             assert "native" not in spec and "joint_space" not in spec["encoder"]
-        if not cfg.resize:
-            assert "resize" not in spec["encoder"] and "resampler" not in spec.get("preprocess", {})
+        recorded = {k: v for k, v in cfg.resize if v != RESIZE_DEFAULTS[k]}
+        for part in (spec["encoder"], spec.get("preprocess", recorded)):   # each non-default setting, nothing else
+            assert {k: part[k] for k in RESIZE_DEFAULTS if k in part} == recorded
+        assert "resize" not in spec["encoder"]
 
 
 def test_the_docs_table_is_the_registry():
@@ -319,13 +324,16 @@ def test_adaptor_native_is_a_row_of_every_table_and_of_the_report(world, tmp_pat
         res = json.loads((out / "results.json").read_text())
         native = [m for m in res["methods"] if m["features"] == "native"]
         assert len(native) == 1 and native[0]["name"].startswith("native joint space tiny-siglip")
-        assert all(any(r["method"].startswith("native joint space") for r in tab["rows"]) for tab in res["tables"])
+        assert native[0]["identity"]["kind"] == "native"   # a typed record: readers ask the kind, not the name
+        assert all(any(r["identity"]["kind"] == "native" for r in tab["rows"]) for tab in res["tables"])
         assert res["checkpoint"] is None
         outs.append(out)
     ret = json.loads((outs[2] / "results.json").read_text())["methods"]
     assert next(m for m in ret if m["features"] == "native")["recall"]["image→text R@10"] == 1.0   # 3 test pairs
     pipe("report", *map(str, outs), "--html", str(tmp_path / "page.html"), "--format", "md")
-    assert "native joint space" in (tmp_path / "page.html").read_text()
+    page = (tmp_path / "page.html").read_text()
+    kind = METHOD_KINDS["native"]
+    assert "native joint space" in page and kind.colour in page and not kind.ours   # its kind's label and colour
 
 
 def test_native_needs_a_shared_space_and_mixed_pairs_train_like_any(world, tmp_path):

@@ -361,3 +361,38 @@ def test_invalid_config_rejected():
         Preprocess(256, 224, mean=IMAGENET_MEAN, std=(0.2, 0.0, 0.2))
     with pytest.raises(ValueError):
         AugmentPolicy(scale=(0.9, 0.5))
+
+
+def test_the_authors_pad_square_geometry_pads_then_crops_and_keeps_default_fingerprints():
+    """``pad-square`` (MGCA's resize_img, then a centre crop): a tall image's longer side goes to
+    ``resize``, its width is zero-padded on both sides (floor before, the rest after) to a square,
+    and the centre ``crop`` is cut; masks get the same cut. The default geometry is left out of the
+    preprocessing record, so existing stores keep their fingerprints; a padded encoder gets its own."""
+    from pipeline.datasets.mask_targets import align_mask
+    from pipeline.encoders import resolve_encoder_name
+    from pipeline.encoders.stored import store_fingerprint
+    from pipeline.imaging import Preprocess, resize_and_crop
+
+    img = np.ones((60, 29), np.float32)                       # tall: 60 -> 32, 29 -> int(29 * 32 / 60) = 15
+    out = resize_and_crop(torch.from_numpy(img)[None, None], 32, 28, geometry="pad-square")[0, 0].numpy()
+    assert out.shape == (28, 28)
+    # 17 columns of padding: 8 before and 9 after; the centre crop drops 2 of each side
+    assert (out[:, :6] == 0).all() and (out[:, 6:21] > 0.99).all() and (out[:, 21:] == 0).all()
+    wide = resize_and_crop(torch.ones(1, 1, 20, 40), 32, 32, geometry="pad-square")[0, 0]
+    assert (wide[:8] == 0).all() and (wide[8:24] > 0.99).all() and (wide[24:] == 0).all()
+    square = torch.rand(1, 1, 50, 50)
+    assert torch.equal(resize_and_crop(square, 32, 28, geometry="pad-square"), resize_and_crop(square, 32, 28))
+
+    mask = np.zeros((60, 29), bool)
+    mask[10:50, 5:20] = True
+    on_grid = align_mask(mask, 32, 28, "pad-square")
+    as_image = resize_and_crop(torch.from_numpy(mask.astype(np.float32))[None, None], 32, 28, nearest=True,
+                               geometry="pad-square")[0, 0].numpy() > 0.5
+    assert on_grid.shape == (28, 28) and on_grid.any() and (on_grid == as_image).all() and not on_grid[:, :6].any()
+
+    plain, padded = resolve_encoder_name("tiny-vit"), resolve_encoder_name("tiny-vit-pad")
+    assert "geometry" not in plain.to_dict() and "geometry" not in Preprocess(256, 224, (.5,) * 3, (.5,) * 3).to_dict()
+    assert store_fingerprint(plain, weights="w") != store_fingerprint(padded, weights="w")
+    assert padded.geometry == "pad-square" and resolve_encoder_name("resnet-ae-pad").resize_size == 224
+    with pytest.raises(ValueError, match="geometry must be one of"):
+        Preprocess(256, 224, (.5,) * 3, (.5,) * 3, geometry="stretch")

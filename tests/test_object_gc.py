@@ -247,7 +247,7 @@ def test_a_key_the_client_cannot_list_stops_gc_with_a_message(cache, bucket, s3_
 def test_a_store_a_dataset_records_while_gc_runs_is_kept_with_its_outputs(cache, bucket, tmp_path, monkeypatch):  # noqa: F811
     """The index is read again under the store's guard: a `pipe embed` that records the store
     after gc listed it (simulated between the listing and the deletions) keeps it."""
-    import cache.bucket_gc as bucket_gc
+    import cache.gc as bucket_gc  # gc and rm are one module for folders and buckets
 
     listed = bucket_gc._orphan_outputs
     index = json.dumps({"image": {"other-encoder": {"store": ORPHAN, "updated": 2}}}).encode()

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from core.jsondata import plain
+from pipeline.imaging import RESIZE_DEFAULTS
 
 MODALITIES = ("image", "text")
 SOURCES = ("hf", "timm", "xrv", "package", "local", "random", "open_clip", "standin")
@@ -24,7 +25,7 @@ class EncoderCard:
 
 
 # Fields added after stores were first written: in a fingerprint only where they differ from these.
-_LATER_FIELDS = {"resize": (), "joint_space": None, "native_dim": 0}
+_LATER_FIELDS = {"joint_space": None, "native_dim": 0}
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,9 @@ class EncoderConfig:
 
     Images reach the encoder already resized (shorter side to ``resize_size``), centre
     cropped to ``input_size`` and normalised with ``mean``/``std``; ``resize`` names other
-    variants of that resize (:class:`pipeline.imaging.Preprocess`: a square geometry, bicubic
-    interpolation, the 8-bit resamplers of reference processors, their crop rounding).
+    variants of that resize and cut (:class:`pipeline.imaging.Preprocess`: another geometry,
+    a square or ``pad-square`` (the authors' MGCA input); bicubic interpolation; the 8-bit
+    resamplers of reference processors; their crop rounding). :attr:`geometry` reads it.
     An encoder whose towers share a space with a partner's (``joint_space``) also returns its
     pooled output projected into that space (``native_dim`` wide).
     """
@@ -56,10 +58,10 @@ class EncoderConfig:
     trained: bool = True
     description: str = ""
     extra: tuple[tuple[str, Any], ...] = ()
-    resize: tuple[tuple[str, str], ...] = ()
-    joint_space: str | None = None
-    native_dim: int = 0
-    card: EncoderCard = field(default_factory=EncoderCard)
+    resize: tuple[tuple[str, str], ...] = ()   # (setting, value) of pipeline.imaging.RESIZE_DEFAULTS that differ
+    joint_space: str | None = None             # the space its towers were trained into together (CLIP-style pairs)
+    native_dim: int = 0                        # the width of its projected (native) vectors in that space
+    card: EncoderCard = field(default_factory=EncoderCard)   # what is said of it; never in a fingerprint
 
     def __post_init__(self) -> None:
         problems = []
@@ -73,6 +75,8 @@ class EncoderConfig:
             problems.append(f"source {self.source!r} needs a hub_id")
         if bool(self.joint_space) != bool(self.native_dim):
             problems.append("joint_space and native_dim go together")
+        problems += [f"resize setting {k!r} not in {tuple(RESIZE_DEFAULTS)}" for k, _ in self.resize
+                     if k not in RESIZE_DEFAULTS]
         if problems:
             raise ValueError(f"invalid EncoderConfig {self.name!r}: " + "; ".join(problems))
 
@@ -82,6 +86,11 @@ class EncoderConfig:
 
     def replace(self, **changes: Any) -> "EncoderConfig":
         return replace(self, **changes)
+
+    @property
+    def geometry(self) -> str:
+        """How its images are resized and cut (``pipeline.imaging.GEOMETRIES``), from ``resize``."""
+        return dict(self.resize).get("geometry", RESIZE_DEFAULTS["geometry"])
 
     @property
     def tokens(self) -> int | None:
@@ -99,7 +108,10 @@ class EncoderConfig:
         d["mean"] = list(self.mean) if self.mean else None
         d["std"] = list(self.std) if self.std else None
         d["extra"] = {k: plain(v) for k, v in self.extra}
-        d["resize"] = dict(self.resize)
+        d.pop("resize")
+        # each resize setting under its own name, and only where it is not the default (as the recipe's
+        # geometry was first recorded): fingerprints made before the settings existed stay valid
+        d.update({k: v for k, v in self.resize if v != RESIZE_DEFAULTS[k]})
         for key, default in _LATER_FIELDS.items():
             if getattr(self, key) == default:
                 del d[key]

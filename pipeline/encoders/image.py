@@ -16,7 +16,7 @@ from .config import EncoderCard, EncoderConfig
 from .cost import vit_gflops
 from .hf import check_architecture, load_pretrained, quiet_loading, seeded
 from .standins import RAD_DINO_MEAN, RAD_DINO_STD
-from .registry import register_auto_builder, register_encoder
+from .registry import register_auto_builder, register_encoder, resolve_encoder_name
 from .weights import XRV_INSTALL_HINT, WeightsNotFoundError, require_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -295,5 +295,27 @@ register_encoder(EncoderConfig(
     card=EncoderCard(gflops=round(vit_gflops(112, 14, 48, 2, 192), 4), licence="MIT (this project)",
                      reference="RAD-DINO's processor at 112 px"),
 ), build_dinov2_folder)
+
+# The authors' input geometry (MGCA's resize_img: the longer side resized, the shorter zero-padded to
+# a square) as variants of the paper's encoders, so that a store made with it is never mistaken for
+# one made with the default geometry:
+#   <name>-pad     their pre-training input: padded at 256, the centre 224 crop (ResNet-AE's inputs were
+#                  padded at 256 and then resized, not cropped, to 224: a square padded at 224);
+#   <name>-pad224  their downstream input: padded at 224, whole (for a square image: resized to 224).
+def register_padded(base: str, builder, suffix: str, resize_size: int | None = None) -> None:
+    """``<base><suffix>``: ``base`` with the ``pad-square`` geometry (and its own resize size, if given)."""
+    cfg = resolve_encoder_name(base, "image")
+    size = resize_size or cfg.resize_size
+    register_encoder(cfg.replace(   # its cost card is its base's: the same network at the same input size
+        name=base + suffix, resize=tuple({**dict(cfg.resize), "geometry": "pad-square"}.items()), resize_size=size,
+        description=f"{cfg.description}. Input cut as the authors' (MGCA's resize_img): longer side to {size}, "
+                    f"zero-padded to a square" + (f", centre {cfg.input_size} crop" if size != cfg.input_size else ""),
+    ), builder)
+
+
+for _base, _builder in (("dinov2-s", build_hf_vit), ("dinov2-b", build_hf_vit), ("dinov2-l", build_hf_vit),
+                        ("dinov2-g", build_hf_vit), ("tiny-vit", build_random_dinov2), ("resnet-ae", build_xrv_ae)):
+    register_padded(_base, _builder, "-pad", 224 if _base == "resnet-ae" else None)
+    register_padded(_base, _builder, "-pad224", 224)
 
 register_auto_builder("image", build_hf_vit)

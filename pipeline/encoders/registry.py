@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from core.errors import InputError
+from pipeline.imaging import DEFAULT_GEOMETRY
 
 from . import autoconfig
 from .base import FrozenEncoder, ImageEncoder, TextEncoder
@@ -167,6 +168,8 @@ def card_row(cfg: EncoderConfig) -> dict:
     """The registry's facts about an encoder that `pipe encoders` and the docs' table show."""
     size = (f"{cfg.input_size}x{cfg.input_size}" if cfg.modality == "image" and cfg.input_size
             else (f"{cfg.max_tokens} tokens" if cfg.max_tokens else None))
+    if size and cfg.modality == "image" and cfg.geometry != DEFAULT_GEOMETRY:   # cut otherwise than shorter side + crop
+        size += f", {cfg.geometry}"
     return {"input": size, "tokens": cfg.tokens, "prefix_tokens": cfg.num_prefix_tokens if cfg.modality == "image" else None,
             "pooling": cfg.pooling, "gflops": cfg.card.gflops, "licence": cfg.card.licence or None,
             "gated": cfg.card.gated, "joint_space": cfg.joint_space, "native_dim": cfg.native_dim or None,

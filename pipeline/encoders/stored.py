@@ -58,7 +58,8 @@ def store_spec(enc_cfg: EncoderConfig, device: torch.device | str | None = None,
     is the weights' identity when the caller already has it.
     """
     spec = {"encoder": enc_cfg.to_dict(), "weights": weights or weights_identity(enc_cfg),
-            "dtype": {"tokens": "float16", "pooled": "float32"}, "tokens": "prefix+patches"}
+            "dtype": {k: str(STORED_DTYPES[k]).removeprefix("torch.") for k in ("tokens", "pooled")},
+            "tokens": "prefix+patches"}
     if compute_kind(device):
         spec["compute"] = compute_kind(device)
     if enc_cfg.joint_space:   # only encoders with a joint space store (and record) their projected vectors

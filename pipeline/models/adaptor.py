@@ -3,7 +3,7 @@
 * ``pooled`` reproduces the paper: one pooled vector per modality, a length-1
   sequence, so each attention has a single key and its softmax is exactly 1. The
   query never matters, Q/K get no gradient and nothing crosses between modalities
-  (flaw 1 in PAPER.md). Kept only to reproduce the published model.
+  (flaw 1 in docs/concepts/method.md). Kept only to reproduce the published model.
 * ``tokens`` feeds whole token sequences (image prefix + patches, report [CLS] +
   words) and is built like ALBEF/BLIP, because a pair's fused embeddings cannot be
   scored contrastively (each has seen the other):
@@ -80,19 +80,21 @@ def _renamed_image_weight(w) -> str:
     keep = f"text_to_image_weight: {1 - float(w):g}" if isinstance(w, (int, float)) else "text_to_image_weight: 1 - w"
     return ("renamed: write adaptor.text_to_image_weight, the weight of the text->image term. The old key "
             f"weighted the other direction (image->text), so image_weight: {w} means {keep}. The paper weights "
-            "text->image 0.75 (its code's image_weight=0.75 is applied to logits_per_text: PAPER.md, Loss).")
+            "text->image 0.75 (its code's image_weight=0.75 is applied to logits_per_text: see \"The loss's "
+            "direction\" in the documentation, docs/concepts/method.md).")
 
 
 @dataclass(frozen=True)
 class AdaptorConfig(Validated):
-    mode: Annotated[str, OneOf(MODES)] = "pooled"
-    image_dim: int = 768
-    text_dim: int = 768
-    d_model: int = 768
-    n_heads: int = 12
-    ffn_dim: int = 2048
-    n_layers: int = 2
-    dropout: float = 0.1
+    """The Adaptor: its mode, its size and its loss."""
+    mode: Annotated[str, OneOf(MODES)] = "pooled"  # pooled (the paper's model) or tokens (attention over the cached token sequences)
+    image_dim: int = 768           # width of the image encoder's features (set from the cache when training)
+    text_dim: int = 768            # width of the text encoder's features (set from the cache when training)
+    d_model: int = 768             # the Adaptor's width: both modalities are projected to it
+    n_heads: int = 12              # attention heads per block (must divide d_model)
+    ffn_dim: int = 2048            # hidden width of each block's feed-forward layer
+    n_layers: int = 2              # weight-shared blocks (the paper: 2)
+    dropout: float = 0.1           # dropout inside the blocks
     grid_pool: int = 0  # tokens mode: >0 average-pools the patch grid to grid_pool x grid_pool
     readout: Literal["cls", "mean"] = "cls"  # tokens mode: token 0, or the mean over (real) tokens
     fusion_layers: int = 1  # tokens mode: cross-attention blocks under the matching head (0: no head)

@@ -87,7 +87,7 @@ class GroupEmbedder:
         kept, failures = [], []
         for batch, loaded in prefetched(batches, self.loader.load):
             ok = [(u, x) for u, x in zip(batch, loaded) if not isinstance(x, Exception)]
-            failures += [{"item": "", "source": u.source, "key": u.key, "dataset": dataset, "reason": str(x),
+            failures += [{"item": u.item, "source": u.source, "key": u.key, "dataset": dataset, "reason": str(x),
                           "modality": self.modality.name} for u, x in zip(batch, loaded) if isinstance(x, Exception)]
             if ok:
                 kept += [u for u, _ in ok]

@@ -11,6 +11,9 @@ import torch
 
 from cache.pairs import PairData
 from core.console import err, escape
+from pipeline.methods import Method, adaptor_method, native_method
+from pipeline.records import MethodResult
+from pipeline.tables import Table
 from stages.evaluate.features import FrozenAdaptor, raw_features
 
 
@@ -70,28 +73,37 @@ class EvalContext:
         ok = np.ones(len(split), bool) if keep is None else keep
         return {k: np.flatnonzero((split == v) & ok) for k, v in names.items()}
 
-    def save_subsets(self, plan: dict[int, dict[float, np.ndarray]], train_positions: np.ndarray) -> None:
-        """The item ids of every training subset below 100%, so a run can be re-created or audited."""
+    def save_subsets(self, plan: dict[int, dict[float, np.ndarray]], train_positions: np.ndarray,
+                     whole: bool = False) -> None:
+        """The item ids of every training subset below 100% (and of 100% too with ``whole``, when the
+        training items are themselves a choice), so a run can be re-created or audited."""
         ids = self.data.items.id.astype(str).to_numpy()[train_positions]
-        subsets = {str(seed): {f"{f:g}": ids[sub].tolist() for f, sub in by_f.items() if f < 1.0}
+        subsets = {str(seed): {f"{f:g}": ids[sub].tolist() for f, sub in by_f.items() if f < 1.0 or whole}
                    for seed, by_f in plan.items()}
         (self.out / "subsets.json").write_text(json.dumps(subsets))
 
-    def adaptor_name(self) -> str:
-        return f"Adaptor ({self.adaptor.mode.name}) {self.backbone} + {self.text_encoder}"
+    def adaptor_method(self) -> Method:
+        """The Adaptor's rows: ``Adaptor (<mode>) <backbone> + <text encoder>``."""
+        return adaptor_method(self.adaptor.mode.name, self.backbone, self.text_encoder)
 
-    def baseline_name(self, with_text: bool = False) -> str:
-        return f"no Adaptor {self.backbone}" + (f" + {self.text_encoder}" if with_text else "")
+    def baseline_method(self, with_text: bool = False) -> Method:
+        """The frozen features' rows: ``no Adaptor <backbone>`` (``+ <text encoder>`` where both are compared)."""
+        return Method(f"no Adaptor {self.backbone}" + (f" + {self.text_encoder}" if with_text else ""), "backbone")
 
-    def feature_sets(self) -> list[tuple[str, str]]:
-        """(row name, kind) of the image-feature methods this run evaluates."""
+    def native_method(self, with_text: bool = False) -> Method:
+        """A CLIP-style pair's own joint space: ``native joint space <backbone>`` (``+ <text encoder>``
+        where both towers are compared)."""
+        return native_method(self.backbone, self.text_encoder if with_text else None)
+
+    def feature_sets(self) -> list[tuple[Method, str]]:
+        """(method, feature source) of the image-feature methods this run evaluates."""
         sets = []
         if self.adaptor is not None:
-            sets.append((self.adaptor_name(), "adaptor"))
+            sets.append((self.adaptor_method(), "adaptor"))
         if self.native or (self.adaptor is not None and self.cfg.baseline and "native" in self.data.image.array_names):
-            sets.append((f"native joint space {self.backbone}", "native"))
+            sets.append((self.native_method(), "native"))
         if self.adaptor is None or self.cfg.baseline:
-            sets.append((self.baseline_name(), "backbone"))
+            sets.append((self.baseline_method(), "backbone"))
         return sets
 
     def pooled_features(self, kind: str, positions: np.ndarray) -> np.ndarray:
@@ -137,8 +149,8 @@ FEATURE_SOURCES: dict[str, FeatureSource] = {s.name: s for s in (
 
 @dataclass
 class TaskResult:
-    methods: list[dict] = field(default_factory=list)
-    tables: list[dict] = field(default_factory=list)
+    methods: list[MethodResult] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
     data: dict = field(default_factory=dict)
     # Data files beside results.json that reports read, by role: "predictions" (per-item test

@@ -18,8 +18,7 @@ from pipeline.encoders.stored import shares_space
 from stages.evaluate.context import EvalContext
 from stages.evaluate.features import raw_features
 
-NATIVE = "native"            # the --adaptor value, and the features' name in results
-ROW = "native joint space"   # the start of its rows' names
+NATIVE = "native"   # the --adaptor value, the features' name in results, and its rows' method kind
 
 
 class NoSharedSpace(InputError):
@@ -64,10 +63,6 @@ def applies(ctx: EvalContext) -> bool:
     return bool(other) and other["space"] == spec["space"] and stored(ctx.data.text)
 
 
-def row_name(ctx: EvalContext) -> str:
-    return f"{ROW} {ctx.backbone}" + (f" + {ctx.text_encoder}" if ctx.text_encoder else "")
-
-
 def image_vectors(ctx: EvalContext, rows: np.ndarray) -> np.ndarray:
     """``[n, E]`` float32: the images' native vectors (what classification heads read)."""
     return raw_features(ctx.data.image, rows, NATIVE).astype(np.float32)
@@ -93,6 +88,6 @@ def similarity(ctx: EvalContext, img_rows: np.ndarray, text_store, txt_rows: np.
     """The model's logits ``scale * cosine + bias`` of every (image, text) pair."""
     img, txt = pair(ctx, img_rows, text_store, txt_rows)
     scale, bias = scoring(ctx)
-    ctx.note(f"{ROW}: scored as the model scores a pair, {scale:.4g} x cosine + {bias:.4g} (its own logit scale "
+    ctx.note(f"{ctx.native_method(with_text=True).name}: scored as the model scores a pair, {scale:.4g} x cosine + {bias:.4g} (its own logit scale "
              "and bias; rankings and AUROC depend on the cosine alone)")
     return scale * (img @ txt.T) + bias

@@ -1,6 +1,6 @@
 """`pipe sweep`: a grid of Adaptor trainings against the same caches.
 
-    result = run(load_sweep("configs/sweep_demo.yaml", ["epochs=5"], cache="cache"))
+    result = run(load_sweep("sweep_demo", ["epochs=5"], cache="cache"))
 
 Like every stage, its entry point is ``run(cfg)``; here the config is a :class:`SweepSpec`
 (a sweep file, with extra overrides for every run and the cache to read).
@@ -19,11 +19,13 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import resources
 from pipeline.config import ConfigError, load_config
 from core.errors import MissingFileError
 from stages.train import trainer
 from stages.train.trainer import TrainConfig, load_training_data
 
+SWEEP_PREFIX = "sweep_"  # the packaged sweep files' names start so: `pipe sweep sweep_demo`
 KEYS = {"dataset", "backbone", "text_encoder", "cache", "preset", "overrides", "grid", "out", "metric"}
 
 
@@ -54,9 +56,20 @@ class SweepResult:
 def load_sweep(path: Path, extra: list[str] = (), cache: str | None = None) -> SweepSpec:
     """A sweep file; ``extra`` overrides apply to every run, ``cache`` (when given) replaces the file's."""
     path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"sweep file {path} does not exist; see configs/sweep_demo.yaml for the format")
-    raw = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():  # a name of the installed package's sweep files (sweep_demo), or configs/sweep_demo.yaml
+        found = resources.find(str(path)) if path.name.startswith(SWEEP_PREFIX) else None
+        if found is None:
+            raise MissingFileError(f"sweep file {path} does not exist; give a sweep file's path, or a sweep the installed "
+                                   f"package holds: {', '.join(n for n in resources.names() if n.startswith(SWEEP_PREFIX))}"
+                                   f" (see {resources.find('sweep_demo')} for the format)")
+        path = found
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError([f"not valid YAML: {e}"], f"sweep {path}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"expected a mapping of sweep keys at the top, got {type(raw).__name__}; see "
+                           f"{resources.find('sweep_demo')} for the format"], f"sweep {path}")
     problems = [f"{k}: unknown sweep key (valid: {', '.join(sorted(KEYS))})" for k in raw if k not in KEYS]
     problems += [f"{k}: required" for k in ("dataset", "backbone", "text_encoder", "grid") if k not in raw]
     grid = raw.get("grid") or {}

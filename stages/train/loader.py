@@ -25,12 +25,11 @@ from cache.pairs import PairData
 from cache.reader import RowReader, available_ram, block_shuffled_order
 from core.console import err
 from pipeline.devices import to_device
-from core.errors import InputError, PipeError
+from core.errors import InputError
 from pipeline.models.adaptor import MODES, AdaptorMode
-from stages.train.residency import RESIDENCIES
+from stages.train.residency import RESIDENCIES, Placement, ResidencyError, Room
 
-class ResidencyError(PipeError):
-    pass
+__all__ = ["PairLoader", "ResidencyError"]
 
 
 @dataclass
@@ -86,7 +85,12 @@ class PairLoader:
             used_txt = np.unique(self.text_rows)
             for n in mode.text_arrays:
                 self.sources[f"text_{n}"] = _Source(n, RowReader(data.text, n), used_txt)
-        self.residency = self._make_resident(resident)
+        self.placement = self._make_resident(resident)
+
+    @property
+    def residency(self) -> str:
+        """Where the arrays are: the placement's name (gpu, ram or stream)."""
+        return self.placement.name
 
     @property
     def local_batch(self) -> int:
@@ -97,44 +101,24 @@ class PairLoader:
     def nbytes(self) -> int:
         return sum(s.reader.nbytes(len(s.rows)) for s in self.sources.values())
 
-    def _make_resident(self, resident: str) -> str:
-        need = self.nbytes()
-        ram_need = need * self.ram_copies  # every process on this machine holds its own copy
+    def _make_resident(self, resident: str) -> Placement:
+        """Where the arrays go (stages/train/residency.py), and the held ones read there."""
         choice = RESIDENCIES.get(resident)
         if choice is None:
             raise InputError(f"resident={resident!r} is not a residency; use one of {', '.join(RESIDENCIES)}")
-        where = choice.where or self._auto_residency(need, ram_need)
-        if where == "stream":
-            return "stream"
-        if where == "gpu":
-            if self.device.type != "cuda":
-                raise ResidencyError("--resident gpu needs a CUDA device; use --resident ram or --device cuda")
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if need > 0.8 * free:
-                raise ResidencyError(f"--resident gpu needs {need / 2**30:.2f} GiB but the GPU has "
-                                     f"{free / 2**30:.2f} GiB free; use --resident ram or none")
-        elif ram_need > 0.8 * available_ram():
-            raise ResidencyError(f"--resident ram needs {ram_need / 2**30:.2f} GiB ({self.ram_copies} process(es) "
-                                 f"on this machine) but only {available_ram() / 2**30:.2f} GiB is available; "
-                                 "use --resident none to stream")
-        for s in self.sources.values():
-            t = torch.from_numpy(s.reader.take(s.rows))
-            s.resident = t.to(self.device) if where == "gpu" else t
-        return where
-
-    def _auto_residency(self, need: int, ram_need: int) -> str:
-        """The GPU when the arrays fit in 80% of its free memory, else RAM when they need at most
-        half of the free RAM, else streaming from the shards (pooled vectors too: a 10M-image
-        table's are 32 GiB)."""
-        if self.device.type == "cuda" and need <= 0.8 * torch.cuda.mem_get_info(self.device)[0]:
-            return "gpu"
-        if ram_need <= 0.5 * available_ram():
-            return "ram"
-        if self.rank == 0:
+        need = self.nbytes()
+        ram_need = need * self.ram_copies  # every process on this machine holds its own copy
+        cuda = self.device.type == "cuda"
+        room = Room(cuda, torch.cuda.mem_get_info(self.device)[0] if cuda else 0, available_ram())
+        placement = choice.choose(need, ram_need, room, self.ram_copies)
+        if choice.fell_back(placement) and self.rank == 0:  # pooled vectors too: a 10M-image table's are 32 GiB
             what = "token arrays" if self.mode.sequences else "pooled vectors"
             err.print(f"[yellow]{what} need {need / 2**30:.1f} GiB, more than half the free RAM: "
                       "streaming them from the cache instead")
-        return "stream"
+        if placement.held:
+            for s in self.sources.values():
+                s.resident = placement.hold(torch.from_numpy(s.reader.take(s.rows)), self.device)
+        return placement
 
     # -- iteration -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -150,7 +134,7 @@ class PairLoader:
         rng = np.random.default_rng([self.seed, epoch])
         n_views = (self.image_rows >= 0).sum(1)
         view = (rng.random(len(self.positions)) * n_views).astype(np.int64) if self.views else np.zeros(len(n_views), np.int64)
-        if self.residency == "stream":
+        if not self.placement.held:  # streamed: shuffled by blocks of chunks, so reads stay sequential
             lay = self.sources[next(iter(self.sources))].reader.layout
             order = block_shuffled_order(self.image_rows[np.arange(len(view)), view], lay.chunk_rows,
                                          self.buffer_chunks, rng)
@@ -169,7 +153,7 @@ class PairLoader:
         stops = range(0, len(order) - (len(order) % bs if self.drop_last else 0), bs)
         steps = [order[s:s + bs] for s in stops]
         idx = [self._own_slice(i) for i in steps if len(i)]
-        if self.residency == "stream":
+        if not self.placement.held:
             yield from self._prefetched(idx, view)
         else:
             for sel in idx:
@@ -183,7 +167,7 @@ class PairLoader:
         return np.array_split(step, self.world)[self.rank] if self.world > 1 else step
 
     def _assemble(self, sel: np.ndarray, view: np.ndarray) -> dict[str, torch.Tensor]:
-        pin = self.residency == "stream" and self.device.type == "cuda"
+        pin = not self.placement.held and self.device.type == "cuda"
         img_rows = self.image_rows[sel, view[sel]]
         out = {"index": torch.from_numpy(self.positions[sel])}
         for key, src in self.sources.items():
