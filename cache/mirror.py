@@ -22,6 +22,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 from cache.objects import REMOTE, ObjectStorage, remote_root
 from cache.storage import LocalStorage, Storage, StoreError
@@ -39,14 +40,16 @@ def url_scheme(value: str | os.PathLike) -> str | None:
     return m[1].lower() if m else None
 
 
-def locate(value: str | os.PathLike, where: str) -> Path:
+def locate(value: str | os.PathLike, where: str, folder_check: Callable[[Path], Path] | None = None) -> Path:
     """The folder a command works in for the cache location ``value`` (``where`` names the
-    option it came from): a folder as given, resolved; for ``s3://bucket/prefix`` its local
-    mirror, attached. Any other URL is refused: it would otherwise become a local folder
-    named ``gs:`` (or ``http:``...) in the working directory."""
+    option it came from): a folder as given, resolved (and passed through ``folder_check``, which
+    refuses one that cannot be a folder); for ``s3://bucket/prefix`` its local mirror, attached.
+    Any other URL is refused: it would otherwise become a local folder named ``gs:`` (or
+    ``http:``...) in the working directory."""
     scheme = url_scheme(value)
     if scheme is None:
-        return Path(value).expanduser().resolve()
+        folder = Path(value).expanduser().resolve()
+        return folder_check(folder) if folder_check else folder
     if scheme != "s3":
         raise InputError(f"{where} {os.fspath(value)!r}: a cache at a {scheme}:// URL is not supported; nothing was "
                          "written. Give a local folder (an absolute path, or a relative one without a scheme) or an "

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from cache.mirror import locate, url_scheme
+from cache.mirror import locate
 from core.errors import InputError
 
 DEFAULT_CACHE = Path("~/.cache/freeze-pipe")
@@ -38,9 +38,8 @@ def usable_folder(path: Path, what: str) -> Path:
 
 
 def _located(value: str | os.PathLike, where: str) -> Path:
-    """:func:`cache.mirror.locate` (a bucket's mirror, or the folder), a folder checked to be usable."""
-    root = locate(value, where)
-    return root if url_scheme(value) else usable_folder(root, f"{where} {os.fspath(value)!r}")
+    """:func:`cache.mirror.locate` (a bucket's mirror, or the folder, checked to be usable)."""
+    return locate(value, where, lambda folder: usable_folder(folder, f"{where} {os.fspath(value)!r}"))
 
 
 def cache_root(explicit: str | os.PathLike | None = None) -> Path:
