@@ -34,7 +34,8 @@ from cache.npz import commit_checked, read_checked
 from cache.paths import plain_name, portable
 from core.errors import InputError
 from pipeline.datasets.masks import decode_mask
-from pipeline.imaging import CUT_SETTINGS, DEFAULT_GEOMETRY, recorded_resize, resize_and_crop, shorter_side_size
+from pipeline.imaging import (CUT_SETTINGS, DEFAULT_GEOMETRY, RESIZE_DEFAULTS, recorded_resize, resize_and_crop,
+                              shorter_side_size)
 
 
 class MaskError(InputError):
@@ -144,9 +145,8 @@ def cache_path(cache_root: Path, dataset: str, target: str, resize: int, crop: i
                how: tuple[str, str] = (DEFAULT_GEOMETRY, "round")) -> Path:
     """Where a target's aligned masks are cached; a dataset or mask name that is not a plain file
     name (a table column ``mask_../../x``) is refused, never a path out of ``<cache>/masks/``."""
-    defaults = recorded_resize({})
     # the cut's settings that differ from their defaults, in order: old caches keep their name
-    key = [resize, crop, 1, *(v for k, v in zip(CUT_SETTINGS, how) if v != defaults[k])]
+    key = [resize, crop, 1, *(v for k, v in zip(CUT_SETTINGS, how) if v != RESIZE_DEFAULTS[k])]
     geo = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     for what, name in (("dataset", dataset), ("mask", target)):
         if not plain_name(name):
