@@ -14,7 +14,7 @@ export NO_MKDOCS_2_WARNING ?= 1
 $(BIN)/pipe: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[assets,xrv,dev,docs,release]'
+	$(BIN)/pip install -q -e '.[assets,xrv,openclip,dev,docs,release]'
 	@touch $@
 
 install: $(BIN)/pipe

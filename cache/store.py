@@ -188,6 +188,16 @@ class Store:
     def layout(self, name: str):
         return self.arrays.layout(name)
 
+    def record_attribute(self, key: str, value) -> None:
+        """An attribute that describes what the arrays hold but that only the loaded model knows (a
+        joint space's logit scale): written into the group's attributes once, whole, under the guard."""
+        with self.storage.guard():
+            attrs = json.loads(self.storage.read(GROUP_META)).get("attributes", {})
+            if attrs.get(key) != value:
+                attrs[key] = value
+                self.storage.write(GROUP_META, group_metadata(attrs))
+            self.attrs = attrs
+
     def ensure_arrays(self, arrays: dict[str, np.ndarray], rows_needed: int) -> None:
         with self.storage.guard():
             self.arrays.ensure(arrays, rows_needed, committed=bool(self.parts()))

@@ -35,6 +35,8 @@ EVALUATE_EPILOG = """Examples:
 
   pipe evaluate --task zero-shot -d demo -a runs/adaptor-demo zero_shot.prompts=chest_xray
 
+  pipe evaluate --task retrieval -d pairs.csv --adaptor native -b biomedclip -t biomedclip
+
 Bare numbers after the options are label fractions too, so `--fraction 0.01 0.1 1.0` works.
 
 What it costs: every seed x fraction trains its heads again, for at least 500 and at most 3,000 optimiser steps (heads.min_steps/heads.max_steps, seg.min_steps/seg.max_steps; a validation round stops a head early). A classification head step takes milliseconds, and `--head probe` (a linear probe solved by L-BFGS) fits in a few dozen full-batch iterations per L2 strength. A segmentation decoder step at the defaults takes about 2.3 s on one CPU core (DINOv2-S geometry, bench/seg_steps.py), so segmentation's defaults (3 seeds x 1%, 10%, 100%: up to 10,900 steps for 1,400 training images, 17,300 for 12,000) are GPU work: hours on a CPU. On a CPU, try `--seeds 1 --fraction 1.0 seg.max_steps=300`. `make gpu-check` records a GPU's time per step beside the CPU's."""
@@ -70,18 +72,20 @@ def evaluate(
     task: Task = typer.Option(..., "--task", help="What to evaluate."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="The DATASET given to `pipe embed`."),
     adaptor: str = typer.Option(..., "--adaptor", "-a",
-                                help="An Adaptor checkpoint (or its run directory), or `none` for the "
-                                     "frozen backbone's own features."),
+                                help="An Adaptor checkpoint (or its run directory), `none` for the "
+                                     "frozen backbone's own features, or `native` for a CLIP-style pair's own "
+                                     "joint space (biomedclip, medsiglip)."),
     fraction: list[str] = typer.Option([], "--fraction", "-f", help="Label fractions of the training split "
                                        "\\[default: 0.01 0.1 1.0]; nested 1% ⊂ 10% ⊂ 100%."),
     head: list[str] = typer.Option([], "--head", help="Classification head(s): mlp (the paper's), linear, "
                                         "and/or probe (a linear probe solved by L-BFGS) \\[default: mlp]."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per fraction: each trains every head "
                                   "again (the cost grows with it) \\[default: 3]."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Needed with --adaptor none."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Needed with --adaptor none or native."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t",
-                                               help="Needed with --adaptor none for retrieval/zero-shot."),
-    baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the raw backbone features."),
+                                               help="Needed with --adaptor none or native for retrieval/zero-shot."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the raw backbone features (and, for a "
+                                  "pair with a joint space, its native vectors)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset of evaluate settings: a file's "
                                           "path, or a recipe the installed package holds (paper/rsna_classification)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory "

@@ -80,7 +80,6 @@ def reproduce(
     """Reproduce a table of the paper: embed, pre-train each row's Adaptor, evaluate each cell; resumable."""
     from pipeline.encoders.remote import allow_remote_code  # lazy: keeps `pipe --help` fast
     from stages.reproduce import stage  # lazy: keeps `pipe --help` fast
-    from stages.evaluate.tables import to_rich  # lazy: keeps `pipe --help` fast
 
     if trust_remote_code:
         allow_remote_code()
@@ -94,6 +93,13 @@ def reproduce(
         return _fidelity(stage, cfg, as_json)
     with user_errors():
         result = stage.plan(cfg) if plan or report else stage.run(cfg)
+    _show(stage, result, plan, as_json)
+
+
+def _show(stage, result, plan: bool, as_json: bool) -> None:
+    """The plan (steps, totals, what is missing) or the tables; the summary as JSON with --json."""
+    from stages.evaluate.tables import to_rich  # lazy: keeps `pipe --help` fast
+
     show = results_to(as_json)
     if plan:
         _print_plan(show, result.steps, stage.throughput_note(), result.missing)

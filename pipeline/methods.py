@@ -1,7 +1,8 @@
 """What a row of a results table is: a :class:`Method`, of one kind of :data:`METHOD_KINDS`.
 
-Evaluation names every method it scores (the frozen Adaptor, the no-Adaptor baseline, the
-least-squares map, the fixed predictors it sets beside them) and records, beside the
+Evaluation names every method it scores (the frozen Adaptor, the no-Adaptor baseline, a
+CLIP-style pair's native joint space, the least-squares map, the fixed predictors it sets
+beside them) and records, beside the
 name it prints, what the method is: its kind, the Adaptor's mode, the head kind of a head
 task's row and a variant of the Adaptor's figures (:data:`VARIANTS`). Readers (the report
 page, the model card, `pipe report`) ask the kind how to rank, label and colour a row;
@@ -73,6 +74,7 @@ class MethodKind:
     measured: bool                        # its figures are measured on the test set; chance's are computed: never
                                           # the best of a column, and shown as plain text
     short: Callable[[Method], str] = _truncated
+    colour: str | None = None             # its fixed colour on a report page; None: the next of ours' colours
 
     @property
     def ours(self) -> bool:
@@ -81,14 +83,17 @@ class MethodKind:
 
 METHOD_KINDS: dict[str, MethodKind] = {k.name: k for k in (
     MethodKind("adaptor", "a trained Adaptor's embeddings (ours)", 0, True, _adaptor_short),
-    MethodKind("backbone", "the frozen encoders' own features, no Adaptor", 1, True, lambda m: "no Adaptor"),
+    MethodKind("backbone", "the frozen encoders' own features, no Adaptor", 1, True, lambda m: "no Adaptor",
+               colour="#6e7781"),
+    MethodKind("native", "a CLIP-style pair's own joint space: each tower's projected vectors, the model's logit "
+               "scale (no Adaptor)", 1, True, lambda m: "native joint space", colour="#0969da"),
     MethodKind("linear-map", "a least-squares map from the image features to the text features", 1, True,
-               lambda m: "least-squares map"),
+               lambda m: "least-squares map", colour="#2da44e"),
     MethodKind("published", "a figure published elsewhere, with its protocol", 1, True),
     MethodKind("other", "a method this version does not know (a file from elsewhere)", 1, True),
     MethodKind("all-empty", "the predictor of an empty mask everywhere (segmentation's reference)", 2, True,
-               lambda m: "all-empty predictor"),
-    MethodKind("chance", "the figure a random ranking gets", 2, False, lambda m: "chance"),
+               lambda m: "all-empty predictor", colour="#57606a"),
+    MethodKind("chance", "the figure a random ranking gets", 2, False, lambda m: "chance", colour="#57606a"),
 )}
 
 
@@ -116,3 +121,12 @@ def adaptor_name(mode: str, backbone: str, text_encoder: str | None) -> str:
 
 def adaptor_method(mode: str, backbone: str, text_encoder: str | None) -> Method:
     return Method(adaptor_name(mode, backbone, text_encoder), "adaptor", mode=mode)
+
+
+def native_name(backbone: str, text_encoder: str | None = None) -> str:
+    """The name of a pair's own joint-space rows (``--adaptor native``, or beside an Adaptor's)."""
+    return f"native joint space {backbone}" + (f" + {text_encoder}" if text_encoder else "")
+
+
+def native_method(backbone: str, text_encoder: str | None = None) -> Method:
+    return Method(native_name(backbone, text_encoder), "native")

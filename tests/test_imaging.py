@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -396,3 +397,51 @@ def test_the_authors_pad_square_geometry_pads_then_crops_and_keeps_default_finge
     assert padded.geometry == "pad-square" and resolve_encoder_name("resnet-ae-pad").resize_size == 224
     with pytest.raises(ValueError, match="geometry must be one of"):
         Preprocess(256, 224, (.5,) * 3, (.5,) * 3, geometry="stretch")
+
+
+def test_one_registry_of_geometries_and_what_a_store_records_is_read_back_for_its_masks_and_pictures():
+    """The three ways to cut a plain view live in one registry; a store's preprocessing record
+    holds only the settings that differ from the defaults and is read back whole
+    (``Preprocess.from_dict``: the report's pictures), and its masks are cut by the same recorded
+    geometry and crop rounding (``cut``): a store whose crop origin rounds down, as transformers'
+    does, gets masks on its images' pixels, not one column off. Stores keep their fingerprints and
+    mask caches their names: the -pad encoders' are the ones the recipe gave them."""
+    import hashlib
+    import json
+
+    from pipeline.datasets.mask_targets import align_mask, cache_path, cut
+    from pipeline.encoders import resolve_encoder_name
+    from pipeline.encoders.stored import store_fingerprint
+    from pipeline.imaging import GEOMETRIES, RESIZE_DEFAULTS, Preprocess
+
+    assert set(GEOMETRIES) == {"shorter-side-crop", "square", "pad-square"}
+    for settings in ({}, {"geometry": "square", "resample": "bicubic", "resampler": "torch-uint8"},
+                     {"geometry": "pad-square"}, {"crop_rounding": "floor", "resample": "bicubic", "resampler": "pil"}):
+        p = Preprocess(40, 32, (.5,) * 3, (.5,) * 3, **settings)
+        record = json.loads(json.dumps(p.to_dict()))   # as a store's spec holds it
+        assert {k: record[k] for k in RESIZE_DEFAULTS if k in record} == settings
+        assert Preprocess.from_dict(record) == p
+        assert cut({"preprocess": record}) == (settings.get("geometry", "shorter-side-crop"),
+                                               settings.get("crop_rounding", "round"))
+
+    img = np.zeros((32, 39), np.float32)
+    img[:, ::2] = 1.0                                # stripes: a crop one column off inverts every pixel
+    floor = Preprocess(32, 32, (0.,) * 3, (1.,) * 3, crop_rounding="floor")   # a margin of 7: 3 (floor), 4 (round)
+    view = floor(img)[0].numpy() > 0.5
+    assert (align_mask(img > 0.5, 32, 32, *cut({"preprocess": floor.to_dict()})) == view).all()
+    assert (align_mask(img > 0.5, 32, 32) != view).all()
+    square = Preprocess(16, 16, (0.,) * 3, (1.,) * 3, geometry="square")
+    block = np.zeros((32, 39), np.float32)
+    block[:, :20] = 1.0
+    seen = square(block)[0].numpy() > 0.5
+    aligned = align_mask(block > 0.5, 16, 16, *cut({"preprocess": square.to_dict()}))
+    assert aligned.shape == (16, 16) and (seen & aligned).sum() / (seen | aligned).sum() > 0.9 and not aligned[:, -4:].any()
+
+    pinned = {"tiny-vit": "9f90e32713964d0432af1c92d9b4ee72", "tiny-vit-pad": "7ca3a29ec134ec4d0c4efd10f3c41b83",
+              "tiny-vit-pad224": "c288832889292c37a5fbd14de028f580"}
+    assert {name: store_fingerprint(resolve_encoder_name(name), weights="w") for name in pinned} == pinned
+    name = lambda *key: hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()[:12]   # noqa: E731
+    assert cache_path(Path("/c"), "d", "m", 256, 224).name == f"m-{name(256, 224, 1)}.npz"
+    padded = cache_path(Path("/c"), "d", "m", 256, 224, ("pad-square", "round"))
+    assert padded.name == f"m-{name(256, 224, 1, 'pad-square')}.npz"
+    assert cache_path(Path("/c"), "d", "m", 518, 518, ("shorter-side-crop", "floor")).name == f"m-{name(518, 518, 1, 'floor')}.npz"

@@ -157,6 +157,8 @@ def test_a_methods_kind_ranks_labels_and_colours_its_rows():
     assert palette(adaptor_method("pooled", "a", "b")) == OURS[1]
     for kind, colour in REFERENCE.items():
         assert palette(Method(f"{kind} row", kind)) == colour
+    native = Method("native joint space a + b", "native")   # a CLIP-style pair's own space: a reference row
+    assert native.short == "native joint space" and native.type.order == 1 and palette(native) == REFERENCE["native"]
 
 
 def test_each_task_says_its_order_main_tables_and_glance(v1, monkeypatch):

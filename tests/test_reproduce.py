@@ -69,6 +69,20 @@ def test_every_recipe_validates_and_names_registered_encoders_and_readers(tmp_pa
     assert train_adaptor.TrainConfig is not None
 
 
+def test_the_authors_pad_encoders_carry_their_bases_cost_card():
+    """The plan's time of a -pad embedding is its base encoder's: the same network at the same input
+    size, so the same card (costs live in encoder configs, not in a table keyed by name)."""
+    from pipeline.encoders import list_encoders
+    from stages.reproduce.steps import embed_rate
+
+    padded = [c for c in list_encoders() if c.geometry == "pad-square"]
+    assert {c.name for c in padded} >= {"dinov2-b-pad", "dinov2-s-pad224", "resnet-ae-pad", "tiny-vit-pad"}
+    for c in padded:
+        base = resolve_encoder_name(c.name.rsplit("-pad", 1)[0], "image")
+        assert c.card == base.card and c.card.gflops and c.input_size == base.input_size
+        assert embed_rate(c.name, "image") == embed_rate(base.name, "image") > 0
+
+
 @pytest.mark.parametrize("fixed", [False, True], ids=["authors", "fixed"])
 @pytest.mark.parametrize("table", ["classification", "segmentation"])
 def test_every_setting_equals_the_authors_or_says_why(table, fixed, tmp_path):

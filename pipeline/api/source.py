@@ -86,16 +86,16 @@ def resolve_source(path: str | Path) -> Source:
     if meta.get("kind") != "adaptor" or "config" not in meta:
         raise InputError(f"{weights} is not an Adaptor checkpoint from `pipe train-adaptor` (no adaptor metadata)")
     fps = meta.get("fingerprints") or {}
-    encoders = {m: EncoderRecord(m, meta.get(k) or "", fps.get(m, ""), _hub_id(meta.get(k)))
+    encoders = {m: EncoderRecord(m, meta.get(k) or "", fps.get(m, ""), _hub_id(meta.get(k), m))
                 for m, k in (("image", "backbone"), ("text", "text_encoder"))}
     grid = meta.get("image_grid")
     return Source("run" if p.is_dir() else "checkpoint", p, weights, dict(meta["config"]["adaptor"]),
                   tuple(grid) if grid else None, int(meta.get("n_prefix", 1)), encoders, meta, checkpoint_meta=meta)
 
 
-def _hub_id(name: str | None) -> str | None:
+def _hub_id(name: str | None, modality: str | None = None) -> str | None:
     try:
-        return resolve_encoder_name(name).hub_id if name else None
+        return resolve_encoder_name(name, modality).hub_id if name else None
     except PipeError:  # not resolvable here: the load says so when it needs the encoder
         return None
 
@@ -144,7 +144,7 @@ def resolve_encoder(record: EncoderRecord, override: str | None = None) -> Encod
                          f"({record.modality}_encoder=NAME, or --{record.modality}-encoder)")
     for i, name in enumerate(names):
         try:
-            cfg = resolve_encoder_name(name)
+            cfg = resolve_encoder_name(name, record.modality)
             break
         except (UnknownEncoderError, WeightsNotFoundError):
             if i == len(names) - 1:

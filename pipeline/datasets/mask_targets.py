@@ -3,8 +3,9 @@
 A mask PNG has the size of its image (nonzero = positive). It gets the geometry of the
 encoder's preprocessing, read from the image store's spec: shorter side resized to
 ``resize_size`` (nearest neighbour, so it stays binary) and a centre crop of
-``input_size`` (or the store's other ``geometry``, e.g. padded to a square first), by
-``pipeline.imaging.resize_and_crop``, as the images. The result is
+``input_size`` (or the store's other recorded cut: its ``geometry``, e.g. padded to a square
+first or a square resize, and its crop rounding), by ``pipeline.imaging.resize_and_crop``, as
+the images. The result is
 cached bit-packed under ``<cache>/masks/<dataset>/``, keyed by the geometry and by each
 mask file's path (relative to the cache root for masks inside it, so a moved cache keeps
 its entries), size and modification time. The file carries a crc32c per array
@@ -33,14 +34,16 @@ from cache.npz import commit_checked, read_checked
 from cache.paths import plain_name, portable
 from core.errors import InputError
 from pipeline.datasets.masks import decode_mask
-from pipeline.imaging import DEFAULT_GEOMETRY, resize_and_crop, shorter_side_size
+from pipeline.imaging import (CUT_SETTINGS, DEFAULT_GEOMETRY, RESIZE_DEFAULTS, recorded_resize, resize_and_crop,
+                              shorter_side_size)
 
 
 class MaskError(InputError):
     """A mask that cannot be used; the message names the item and the fix."""
 
 
-def geometry(spec: dict) -> tuple[int, int]:
+def geometry(spec: dict) -> tuple[int, int, str, str]:
+    """(resize, crop) of the image store's preprocessing."""
     pre = spec.get("preprocess") or {}
     if "resize_size" not in pre:
         raise MaskError("the image store records no preprocessing geometry (resize/crop), so masks cannot be "
@@ -48,15 +51,18 @@ def geometry(spec: dict) -> tuple[int, int]:
     return int(pre["resize_size"]), int(pre["input_size"])
 
 
-def cut(spec: dict) -> str:
-    """How the image store's plain views were cut (``pipeline.imaging.GEOMETRIES``)."""
-    return (spec.get("preprocess") or {}).get("geometry", DEFAULT_GEOMETRY)
+def cut(spec: dict) -> tuple[str, str]:
+    """How the image store's plain views were cut: their ``geometry`` (``pipeline.imaging.GEOMETRIES``)
+    and crop rounding, as its preprocessing record names them (read as ``Preprocess.from_dict`` reads them)."""
+    settings = recorded_resize(spec.get("preprocess") or {})
+    return tuple(settings[k] for k in CUT_SETTINGS)
 
 
-def align_mask(mask: np.ndarray, resize: int, crop: int, how: str = DEFAULT_GEOMETRY) -> np.ndarray:
+def align_mask(mask: np.ndarray, resize: int, crop: int, how: str = DEFAULT_GEOMETRY,
+               rounding: str = "round") -> np.ndarray:
     """``[H, W]`` bool -> ``[crop, crop]`` bool: the images' resize and crop, nearest neighbour."""
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
-    return resize_and_crop(t, resize, crop, nearest=True, geometry=how)[0, 0].numpy() > 0.5
+    return resize_and_crop(t, resize, crop, nearest=True, geometry=how, rounding=rounding)[0, 0].numpy() > 0.5
 
 
 def _regular(path: str) -> bool:
@@ -101,7 +107,7 @@ def _check_size(item_id: str, path: str, h: int, w: int, resize: int) -> None:
 
 
 def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: int,
-              how: str = DEFAULT_GEOMETRY) -> np.ndarray:
+              how: tuple[str, str] = (DEFAULT_GEOMETRY, "round")) -> np.ndarray:
     try:
         data = read_regular_file(mask_path)  # a FIFO or a device is refused, never read
         mask = decode_mask(data, lambda h, w: _check_size(item_id, mask_path, h, w, resize))
@@ -123,7 +129,7 @@ def _read_one(item_id: str, mask_path: str, image_path: str, resize: int, crop: 
         raise MaskError(f"item {item_id!r}: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (w x h) but its "
                         f"image {image_path} is {size[1]}x{size[0]}. A mask must have its image's size; "
                         "re-export the mask at the image's resolution.")
-    return align_mask(mask, resize, crop, how)
+    return align_mask(mask, resize, crop, *how)
 
 
 def _stamp(path: str, root: Path) -> str:
@@ -136,10 +142,11 @@ def _stamp(path: str, root: Path) -> str:
 
 
 def cache_path(cache_root: Path, dataset: str, target: str, resize: int, crop: int,
-               how: str = DEFAULT_GEOMETRY) -> Path:
+               how: tuple[str, str] = (DEFAULT_GEOMETRY, "round")) -> Path:
     """Where a target's aligned masks are cached; a dataset or mask name that is not a plain file
     name (a table column ``mask_../../x``) is refused, never a path out of ``<cache>/masks/``."""
-    key = [resize, crop, 1] if how == DEFAULT_GEOMETRY else [resize, crop, 1, how]  # old caches keep their name
+    # the cut's settings that differ from their defaults, in order: old caches keep their name
+    key = [resize, crop, 1, *(v for k, v in zip(CUT_SETTINGS, how) if v != RESIZE_DEFAULTS[k])]
     geo = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     for what, name in (("dataset", dataset), ("mask", target)):
         if not plain_name(name):

@@ -15,8 +15,8 @@ from pipeline.records.keys import DATA_FILES
 from pipeline.tables import fraction_label
 
 # What a method's name began with, by kind (pipeline/methods.py:METHOD_KINDS), in the order tried.
-KIND_PREFIXES = (("Adaptor", "adaptor"), ("no Adaptor", "backbone"), ("linear map", "linear-map"),
-                 ("all-empty", "all-empty"), ("chance", "chance"))
+KIND_PREFIXES = (("Adaptor", "adaptor"), ("no Adaptor", "backbone"), ("native joint space", "native"),
+                 ("linear map", "linear-map"), ("all-empty", "all-empty"), ("chance", "chance"))
 # A variant's mark in the name of an Adaptor's row (pipeline/methods.py:VARIANTS).
 VARIANT_MARKS = (("raw patch tokens", "raw-tokens"), ("ITM re-rank", "itm-rerank"))
 _MODE = re.compile(r"Adaptor \((\w+)\)")

@@ -69,6 +69,11 @@ def decode_pool(threads: int, processes: int, device: torch.device) -> Executor:
     return ProcessPoolExecutor(n, mp_context=torch_mp.get_context("spawn"), initializer=_one_thread_per_process)
 
 
+def stored_arrays(out, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The arrays a store keeps of an encoder's output: ``native`` too where the encoder has a joint space."""
+    return names + (("native",) if out.native is not None else ())
+
+
 class Loader:
     """Turns a batch of units into encoder inputs (or an exception per failed unit)."""
 
@@ -127,7 +132,7 @@ class ImageModality(Modality):
     def row_bytes(self, enc_cfg) -> int:
         d = enc_cfg.embed_dim
         n = (enc_cfg.input_size // enc_cfg.patch_size) ** 2 + enc_cfg.num_prefix_tokens if enc_cfg.patch_size else 64
-        return n * d * 2 + d * 4
+        return n * d * 2 + d * 4 + enc_cfg.native_dim * 4
 
     def loader(self, enc_cfg, cfg, device):
         pre = preprocess_of(enc_cfg)
@@ -139,7 +144,7 @@ class ImageModality(Modality):
         if device.type == "cuda":
             pixels = pixels.pin_memory()
         out = encoder(pixels.to(device, non_blocking=True))
-        return {k: to_host(getattr(out, k), STORED_DTYPES[k]) for k in ("tokens", "pooled")}
+        return {k: to_host(getattr(out, k), STORED_DTYPES[k]) for k in stored_arrays(out, ("tokens", "pooled"))}
 
 
 class TextModality(Modality):
@@ -149,12 +154,12 @@ class TextModality(Modality):
 
     def row_bytes(self, enc_cfg) -> int:
         d = enc_cfg.embed_dim
-        return (enc_cfg.max_tokens or 128) * d * 2 + d * 4
+        return (enc_cfg.max_tokens or 128) * d * 2 + d * 4 + enc_cfg.native_dim * 4
 
     def forward(self, encoder, loaded, device, to_host):
         batch = {k: to_device(v, device) for k, v in encoder.tokenize(loaded).items()}
         out = encoder(**batch)
-        return {k: to_host(getattr(out, k), STORED_DTYPES[k]) for k in ("tokens", "pooled", "length")}
+        return {k: to_host(getattr(out, k), STORED_DTYPES[k]) for k in stored_arrays(out, ("tokens", "pooled", "length"))}
 
     def pad_tokens_to(self, enc_cfg) -> int | None:
         return enc_cfg.max_tokens

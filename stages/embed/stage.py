@@ -165,10 +165,12 @@ def embed_modality(modality: Modality | str, name: str, index, dataset: str, cfg
     rows) goes into the store's failure table too, but is not returned again.
     """
     modality = MODALITIES[modality] if isinstance(modality, str) else modality
-    enc_cfg = resolve_encoder_name(name)
+    enc_cfg = resolve_encoder_name(name, modality.name)
     if enc_cfg.modality != modality.name:
-        raise InputError(f"{modality.flag} {name!r} is a {enc_cfg.modality} encoder; "
-                         f"`pipe encoders` lists the {modality.name} ones.")
+        other = next(m.flag for m in MODALITIES.values() if m.name == enc_cfg.modality)
+        raise InputError(f"{modality.flag} {name!r} is a {enc_cfg.modality} encoder, and it has no "
+                         f"{modality.name} tower: pass it with {other}, and name a {modality.name} encoder with "
+                         f"{modality.flag} (`pipe encoders` lists them, with their modality).")
     require_consent(enc_cfg)  # before any work: an encoder that runs repository code needs the opt-in
     spec = encoder_spec(enc_cfg, cfg, device)
     row_bytes = modality.row_bytes(enc_cfg)

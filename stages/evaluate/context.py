@@ -11,7 +11,7 @@ import torch
 
 from cache.pairs import PairData
 from core.console import err, escape
-from pipeline.methods import Method, adaptor_method
+from pipeline.methods import Method, adaptor_method, native_method
 from pipeline.records import MethodResult
 from pipeline.tables import Table
 from stages.evaluate.features import FrozenAdaptor, raw_features
@@ -34,6 +34,7 @@ class EvalContext:
     published: dict[float, list[str]] = field(default_factory=dict)   # their fixed training subsets, by fraction
     description: str = ""                 # the dataset's one-line description
     report_agreement: dict | None = None  # label-report agreement, where the dataset measured it
+    native: bool = False                  # --adaptor native: the encoders' own joint space, no Adaptor
 
     def note(self, message: str) -> None:
         if message not in self.notes:
@@ -89,11 +90,18 @@ class EvalContext:
         """The frozen features' rows: ``no Adaptor <backbone>`` (``+ <text encoder>`` where both are compared)."""
         return Method(f"no Adaptor {self.backbone}" + (f" + {self.text_encoder}" if with_text else ""), "backbone")
 
+    def native_method(self, with_text: bool = False) -> Method:
+        """A CLIP-style pair's own joint space: ``native joint space <backbone>`` (``+ <text encoder>``
+        where both towers are compared)."""
+        return native_method(self.backbone, self.text_encoder if with_text else None)
+
     def feature_sets(self) -> list[tuple[Method, str]]:
         """(method, feature source) of the image-feature methods this run evaluates."""
         sets = []
         if self.adaptor is not None:
             sets.append((self.adaptor_method(), "adaptor"))
+        if self.native or (self.adaptor is not None and self.cfg.baseline and "native" in self.data.image.array_names):
+            sets.append((self.native_method(), "native"))
         if self.adaptor is None or self.cfg.baseline:
             sets.append((self.baseline_method(), "backbone"))
         return sets
@@ -110,8 +118,8 @@ class FeatureSource:
     name: str
     summary: str
     pooled: Callable[[EvalContext, np.ndarray], np.ndarray]   # store rows -> [n, d] float32
-    # store rows -> ([n, T, d] tokens, (h, w) patch grid or None, number of prefix tokens)
-    tokens: Callable[[EvalContext, np.ndarray], tuple[np.ndarray, tuple[int, int] | None, int]]
+    # store rows -> ([n, T, d] tokens, (h, w) patch grid or None, number of prefix tokens); None: no tokens
+    tokens: Callable[[EvalContext, np.ndarray], tuple[np.ndarray, tuple[int, int] | None, int]] | None
     from_adaptor: bool   # the frozen Adaptor's outputs: its heads are the ones `pipe predict` applies
 
 
@@ -132,6 +140,10 @@ FEATURE_SOURCES: dict[str, FeatureSource] = {s.name: s for s in (
     FeatureSource("backbone", "the backbone's own cached outputs (no Adaptor)",
                   lambda ctx, rows: raw_features(ctx.data.image, rows, "pooled").astype(np.float32),
                   _backbone_tokens, from_adaptor=False),
+    # the encoder's pooled output through its own projection (stages/evaluate/native.py); no tokens
+    FeatureSource("native", "the image tower's pooled output in its joint space (no Adaptor)",
+                  lambda ctx, rows: raw_features(ctx.data.image, rows, "native").astype(np.float32),
+                  None, from_adaptor=False),
 )}
 
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipeline.imaging import DEFAULT_GEOMETRY, Preprocess, read_and_decode
+from pipeline.imaging import Preprocess, read_and_decode
 from stages.evaluate.context import EvalContext
 
 
 def input_view(ctx: EvalContext, position: int) -> np.ndarray | None:
     """Item ``position``'s plain (un-augmented) encoder input as ``[S, S]`` float in [0, 1], the
     grid its masks are on; None (with a note) when its file cannot be read."""
-    pre = ctx.data.image.attrs["spec"]["preprocess"]
-    p = Preprocess(pre["resize_size"], pre["input_size"], tuple(pre["mean"]), tuple(pre["std"]),
-                   geometry=pre.get("geometry", DEFAULT_GEOMETRY))
+    p = Preprocess.from_dict(ctx.data.image.attrs["spec"]["preprocess"])
     item = ctx.data.items.iloc[int(position)]
     try:
         _, img = read_and_decode(item.image)

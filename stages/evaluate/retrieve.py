@@ -23,6 +23,7 @@ from core.errors import InputError
 from pipeline.methods import Method
 from pipeline.models.ranking import match_ranks, reranked_ranks
 from stages.evaluate import metrics as M
+from stages.evaluate import native
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
 from stages.evaluate.pictures import thumbnails
@@ -193,6 +194,11 @@ def _methods(ctx: EvalContext, img_rows: np.ndarray, txt_rows: np.ndarray
             rerank = Method(f"{ours.name} + ITM re-rank of top {ctx.cfg.retrieval.rerank_k}", "adaptor", ours.base,
                             ours.mode, variant="itm-rerank")
             methods.append(MethodResult(rerank, "adaptor", figures=recall_figures(ranks, ctx)))
+    if native.applies(ctx):   # the pair's own joint space: the baseline an Adaptor must beat
+        img, txt = native.pair(ctx, img_rows, ctx.data.text, txt_rows)
+        methods.append(MethodResult(ctx.native_method(with_text=True), native.NATIVE,
+                                    figures=recall_figures(plain_ranks(img, txt), ctx)))
+        shown = (img, txt) if shown is None else shown
     img, txt = linear_map_pair(ctx, img_rows, ctx.data.text, txt_rows)
     linear = Method(f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "linear-map")
     methods.append(MethodResult(linear, "linear-map", figures=recall_figures(plain_ranks(img, txt), ctx)))

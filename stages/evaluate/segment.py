@@ -65,7 +65,7 @@ def token_sets(ctx: EvalContext) -> list[tuple[Method, str]]:
         ours = ctx.adaptor_method()
         return [(Method(f"{ours.name} [{a.mode.name} mode: raw patch tokens]", "adaptor", ours.base, a.mode.name,
                         variant="raw-tokens"), "backbone")]
-    return ctx.feature_sets()
+    return [(method, source) for method, source in ctx.feature_sets() if FEATURE_SOURCES[source].tokens is not None]
 
 
 def token_grid_features(ctx: EvalContext, source: str, positions: np.ndarray) -> torch.Tensor:

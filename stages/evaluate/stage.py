@@ -41,6 +41,8 @@ from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import FrozenAdaptor
 from stages.evaluate.head_bank import HEAD_SCHEDULES
 from stages.evaluate.metrics import SEGMENTATION_METRICS
+from stages.evaluate.native import NATIVE
+from stages.evaluate.native import check_pair as check_native_pair
 from stages.evaluate.tables import to_markdown
 from stages.evaluate.tasks import TASKS, get_task
 
@@ -142,7 +144,7 @@ class ZeroShotConfig(Validated):
 class EvalConfig(Validated):
     task: Annotated[str, OneOf(TASKS)] = "classification"  # what to evaluate (stages/evaluate/tasks.py)
     dataset: str = ""
-    adaptor: str = ""              # a checkpoint (or its run directory), or "none"
+    adaptor: str = ""              # a checkpoint (or its run directory), "none", or "native" (the pair's joint space)
     backbone: str = ""             # with a checkpoint: taken from it
     text_encoder: str = ""
     cache: str | None = None
@@ -196,11 +198,12 @@ class EvalResult:
 def _require(cfg: EvalConfig) -> None:
     problems = [f"{k}: a value is required (--{k.replace('_', '-')})" for k in ("dataset", "adaptor")
                 if not getattr(cfg, k)]
-    if cfg.adaptor.lower() == "none":
+    if cfg.adaptor.lower() in ("none", NATIVE):
+        flag = f"--adaptor {cfg.adaptor.lower()}"
         if not cfg.backbone:
-            problems.append("backbone: --adaptor none evaluates a backbone's own features; name it with --backbone")
+            problems.append(f"backbone: {flag} evaluates a backbone's own features; name it with --backbone")
         if get_task(cfg.task).needs_text and not cfg.text_encoder:
-            problems.append(f"text_encoder: --adaptor none with --task {cfg.task} needs --text-encoder")
+            problems.append(f"text_encoder: {flag} with --task {cfg.task} needs --text-encoder")
     if problems:
         raise ConfigError(problems, "evaluate")
 
@@ -245,9 +248,12 @@ def _context(cfg: EvalConfig) -> EvalContext:
     _require(cfg)
     root = cache_root(cfg.cache)
     device = resolve_device(cfg.device)
-    adaptor = None if cfg.adaptor.lower() == "none" else FrozenAdaptor.load(cfg.adaptor, device, root)
+    is_native = cfg.adaptor.lower() == NATIVE
+    adaptor = None if cfg.adaptor.lower() in ("none", NATIVE) else FrozenAdaptor.load(cfg.adaptor, device, root)
     backbone, text = _encoders(cfg, adaptor)
     need_text = get_task(cfg.task).needs_text
+    if is_native:
+        check_native_pair(backbone, text, need_text)
     ds = open_dataset(cfg.dataset, root, materialise=False, skip_bad_rows=True)
     name = ds.name
     data = load_pairs(root, name, cfg.dataset, backbone, text or "none", need_text=need_text,
@@ -260,11 +266,11 @@ def _context(cfg: EvalConfig) -> EvalContext:
     out = Path(cfg.out) if cfg.out else default_out(cfg, name, adaptor, backbone)
     return EvalContext(cfg, root, device, data, name, adaptor, backbone, text, out, dataset_version=ds.version,
                        split_source=ds.split_source, published=ds.fractions, description=ds.description,
-                       report_agreement=ds.report_agreement)
+                       report_agreement=ds.report_agreement, native=is_native)
 
 
 def default_out(cfg: EvalConfig, dataset: str, adaptor: FrozenAdaptor | None, backbone: str) -> Path:
-    method = f"adaptor-{adaptor.hash[:8]}" if adaptor is not None else f"none-{backbone}"
+    method = f"adaptor-{adaptor.hash[:8]}" if adaptor is not None else f"{cfg.adaptor.lower()}-{backbone}"
     return Path("results") / f"{cfg.task}-{dataset}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -285,7 +291,8 @@ def run(cfg: EvalConfig) -> EvalResult:
 
 
 def _run_owned(cfg: EvalConfig, ctx: EvalContext, t0: float) -> EvalResult:
-    what = f"Adaptor {ctx.adaptor.hash[:16]} ({ctx.adaptor.mode.name} mode)" if ctx.adaptor else "no Adaptor"
+    what = (f"Adaptor {ctx.adaptor.hash[:16]} ({ctx.adaptor.mode.name} mode)" if ctx.adaptor else
+            "the encoders' own joint space" if ctx.native else "no Adaptor")
     err.print(f"evaluating {escape(str(cfg.task))} on {escape(str(ctx.dataset_name))} ({len(ctx.data.items):,} cached items) · {escape(str(what))} · "
               f"backbone forwards: 0 · out {escape(str(ctx.out))}")
     result = get_task(cfg.task).run(ctx)

@@ -15,6 +15,7 @@ from pipeline.methods import Method
 from pipeline.prompts import finding_scores, prompt_layout
 from pipeline.records import MethodResult, prediction_key
 from stages.evaluate import metrics as M
+from stages.evaluate import native
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.plots import roc_grid
 from stages.evaluate.prompts import PromptError, embed_texts_store, load_prompts, prompt_path
@@ -76,6 +77,9 @@ def run(ctx: EvalContext) -> TaskResult:
     sims = []
     if ctx.adaptor is not None:
         sims.append((ctx.adaptor_method(), "adaptor", adaptor_similarity(ctx, img_rows, ctx.data.text, rows), None))
+    if native.applies(ctx):   # the pair's own joint space: the baseline an Adaptor must beat
+        sims.append((ctx.native_method(with_text=True), native.NATIVE,
+                     native.similarity(ctx, img_rows, ctx.data.text, rows), None))
     sims.append((Method(f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "linear-map"), "linear-map",
                  linear_map_similarity(ctx, img_rows, ctx.data.text, rows), None))
     sim, why = raw_similarity(ctx, img_rows, ctx.data.text, rows)

@@ -11,18 +11,19 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from pipeline.methods import Method
+from pipeline.methods import METHOD_KINDS, Method
 from stages.evaluate import metrics as M
 
 OURS = ["#1f6feb", "#d9480f", "#8250df", "#bf3989", "#0a7d8c", "#9a6700"]
-# The fixed colours of the references, by method kind (pipeline/methods.py:METHOD_KINDS); other kinds take OURS.
-REFERENCE = {"backbone": "#6e7781", "linear-map": "#2da44e", "all-empty": "#57606a", "chance": "#57606a"}
+# The fixed colours of the references, by method kind (each kind's own, pipeline/methods.py:METHOD_KINDS);
+# other kinds take OURS.
+REFERENCE = {name: kind.colour for name, kind in METHOD_KINDS.items() if kind.colour}
 TRUTH, PREDICTION = (46, 160, 67), (230, 72, 30)
 
 
 class Palette:
     """A colour per method (its ``base``: the features, whatever the head or variant), the same wherever it
-    appears; references keep fixed greys and green."""
+    appears; references keep their kind's fixed colour (pipeline/methods.py:METHOD_KINDS)."""
 
     def __init__(self):
         self.colours: dict[str, str] = {}

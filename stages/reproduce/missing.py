@@ -38,19 +38,21 @@ def missing(ctx: Context, steps: list[Step]) -> list[Missing]:
     return [*_weights(todo), *_datasets(ctx, todo), *_disk(ctx, todo), *_flags(todo)]
 
 
-def _encoders(todo: list[Step]) -> dict[str, list[str]]:
-    """The encoders the embed steps to run use, with those steps' ids (ids: embed/<data>/<modality>/<encoder>)."""
-    out: dict[str, list[str]] = {}
+def _encoders(todo: list[Step]) -> dict[tuple[str, str], list[str]]:
+    """The (encoder, modality) the embed steps to run use, with those steps' ids (ids:
+    embed/<data>/<modality>/<encoder>; a family's towers share a name)."""
+    out: dict[tuple[str, str], list[str]] = {}
     for s in todo:
         if s.kind == "embed":
-            out.setdefault(s.id.split("/", 3)[3], []).append(s.id)
+            _, _, modality, name = s.id.split("/", 3)
+            out.setdefault((name, modality), []).append(s.id)
     return out
 
 
 def _weights(todo: list[Step]) -> list[Missing]:
     found = []
-    for name, ids in _encoders(todo).items():
-        loc = locate_weights(resolve_encoder_name(name))
+    for (name, modality), ids in _encoders(todo).items():
+        loc = locate_weights(resolve_encoder_name(name, modality))
         if not loc.found:
             found.append(Missing("weights", f"weights of {name} are not here ({loc.where}), needed by {_steps(ids)}. "
                                              f"To get them: {loc.hint or loc.advice}; `pipe encoders` lists what is "
@@ -94,7 +96,8 @@ def _flags(todo: list[Step]) -> list[Missing]:
     return [Missing("flag", f"{name} runs Python code from its hub repository, so {_steps(ids)} need(s) {FLAG} on "
                             f"`pipe reproduce` (or {ENV}=1); read the repository's .py files in your Hugging Face "
                             "cache first.")
-            for name, ids in _encoders(todo).items() if runs_remote_code(resolve_encoder_name(name))]
+            for (name, modality), ids in _encoders(todo).items()
+            if runs_remote_code(resolve_encoder_name(name, modality))]
 
 
 def _steps(ids: list[str]) -> str:

@@ -32,7 +32,7 @@ from stages.reproduce.fidelity import Row
 from stages.reproduce.fidelity import fidelity as fidelity_rows
 from stages.reproduce.missing import Missing, missing
 from stages.reproduce.spec import DATASETS, Substitutions, load_table
-from stages.reproduce.steps import (EMBED_DINOV2S_PER_S, GMACS, TRAIN_POOLED_PER_S, Context, Step, build_steps,
+from stages.reproduce.steps import (EMBED_DINOV2S_PER_S, TRAIN_POOLED_PER_S, Context, Step, build_steps, embed_rate,
                                     cell_dir, dataset_specs)
 
 
@@ -145,10 +145,10 @@ def write_table(ctx: Context) -> list[Table]:
 
 def throughput_note() -> str:
     """Where --plan's times come from (README, Benchmarks), said with the plan."""
-    rates = ", ".join(f"{k} {EMBED_DINOV2S_PER_S * GMACS['dinov2-s'] / v:.1f}/s" for k, v in GMACS.items()
-                      if k in ("dinov2-s", "dinov2-b", "resnet-ae", "bert"))
+    rates = ", ".join(f"{k} {embed_rate(k):.1f}/s" for k in ("dinov2-s", "dinov2-b", "resnet-ae", "bert"))
     return (f"Times: from the figures measured here on a 2-core CPU (README, Benchmarks): `pipe embed` of a "
-            f"DINOv2-S-sized ViT {EMBED_DINOV2S_PER_S} img/s, other encoders scaled by multiply-adds per item "
+            f"DINOv2-S-sized ViT {EMBED_DINOV2S_PER_S} img/s, other encoders scaled by the forward cost per item "
+            "their configs carry (`pipe encoders`, GFLOPs) "
             f"({rates}; BERT's holds for every BERT-base); pooled Adaptor training {TRAIN_POOLED_PER_S:.0f} "
             "samples/s per epoch. No GPU figure has been measured yet, so on a GPU these are upper bounds. "
             "Evaluation cells are not estimated (no benchmark of head training).")

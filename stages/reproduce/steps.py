@@ -37,9 +37,18 @@ from stages.reproduce.spec import DATASETS, Cell, Row, Substitutions, TableSpec
 EMBED_DINOV2S_PER_S = 13.2     # bench/embed_overhead.py: `pipe embed`, DINOv2-S-sized ViT, 13.0-13.4 img/s
 EMBED_TINY_PER_S = 365.0       # same run, tiny-vit on 1,000 PNGs: 361-372 img/s
 TRAIN_POOLED_PER_S = 360.0     # bench/cached_vs_e2e.py: cached pooled step, DINOv2-S + BERT sized, 325-399 samples/s
-# Other encoders are scaled from the DINOv2-S rate by multiply-adds per item (an assumption, not a measurement):
-GMACS = {"dinov2-s": 6.1, "dinov2-b": 23.3, "resnet-ae": 7.8, "bert": 9.7, "biobert": 9.7, "clinicalbert": 9.7,
-         "pubmedbert": 9.7, "cxr-bert": 9.7}
+# Other encoders are scaled from the DINOv2-S rate by their forward cost per item, which each encoder's
+# config carries (``card.gflops``; an assumption about speed, not a measurement of it).
+RATE_BASIS = "dinov2-s"
+
+
+def embed_rate(encoder: str, modality: str | None = None) -> float | None:
+    """Items per second `pipe embed` of ``encoder`` manages on the 2-core CPU the basis was measured on:
+    scaled by cost from DINOv2-S's, and never above tiny-vit's, where decoding and overhead bound the rate."""
+    enc, basis = resolve_encoder_name(encoder, modality), resolve_encoder_name(RATE_BASIS)
+    if not enc.card.gflops:
+        return None
+    return min(EMBED_TINY_PER_S, EMBED_DINOV2S_PER_S * basis.card.gflops / enc.card.gflops)
 CHECKPOINT_BYTES = 16 * 12_207_617   # weights, best weights and AdamW's two moments, float32
 
 
@@ -136,14 +145,14 @@ def _embed_step(ctx: Context, key: str, modality: str, encoder: str) -> Step:
     step_id = f"embed/{key}/{modality}/{encoder}"
     spec = ctx.data.get(key)
     b, t = (encoder, "none") if modality == "image" else ("none", encoder)
-    enc = resolve_encoder_name(encoder)
+    enc = resolve_encoder_name(encoder, modality)
     cmd = _cmd("pipe", "embed", "--dataset", spec or f"<{key}>", "--backbone", b, "--text-encoder", t,
                "--allow-failures", *(["--cache", ctx.cache_arg] if ctx.cache_arg else []),
                *([FLAG] if runs_remote_code(enc) else []))
     folder = index_folder(ctx.root, open_dataset(spec, ctx.root, materialise=False).name) if spec else None
     store = _recorded_store(folder, modality, enc.name) if folder else None
     items = _items(folder, key)
-    rate = _embed_rate(enc.name.removesuffix(f"-{ctx.spec.variant}") if ctx.spec.variant else enc.name)
+    rate = embed_rate(enc.name, modality)   # a -pad variant carries its base's cost card
     done = store is not None
     cfg = embed.EmbedConfig(dataset=spec or "", backbone=b, text_encoder=t, cache=ctx.cache_arg, device=ctx.device,
                             allow_failures=True)
@@ -165,21 +174,18 @@ def _items(folder: Path | None, key: str) -> int:
     return int(json.loads(meta.read_text())["items"]) if meta and meta.is_file() else DATASETS[key].approx_items
 
 
-def _embed_rate(encoder: str) -> float | None:
-    if encoder.startswith("tiny-"):
-        return EMBED_TINY_PER_S
-    return EMBED_DINOV2S_PER_S * GMACS["dinov2-s"] / GMACS[encoder] if encoder in GMACS else None
-
-
 def row_bytes(enc) -> int:
-    """Bytes one item takes in a store: its tokens and pooled vector (and a report's length), in the
-    dtypes stage one stores (pipeline/encoders/stored.py:STORED_DTYPES)."""
+    """Bytes one item takes in a store: its tokens and pooled vector (and a report's length, and an
+    encoder with a joint space its projected vector), in the dtypes stage one stores
+    (pipeline/encoders/stored.py:STORED_DTYPES)."""
     size = {k: dtype.itemsize for k, dtype in STORED_DTYPES.items()}
+    native = enc.native_dim * size["native"]
     if enc.modality == "text":
-        return (enc.max_tokens or 512) * enc.embed_dim * size["tokens"] + enc.embed_dim * size["pooled"] + size["length"]
+        return ((enc.max_tokens or 512) * enc.embed_dim * size["tokens"] + enc.embed_dim * size["pooled"]
+                + size["length"] + native)
     side = (enc.input_size // enc.patch_size) if enc.patch_size else 3   # resnet-ae: a 3x3 bottleneck
     tokens = enc.num_prefix_tokens + side * side
-    return tokens * enc.embed_dim * size["tokens"] + enc.embed_dim * size["pooled"]
+    return tokens * enc.embed_dim * size["tokens"] + enc.embed_dim * size["pooled"] + native
 
 
 # --------------------------------------------------------------------------- pretrain
