@@ -19,9 +19,10 @@ kind                      what the client sees
 ========================  ===========================================================================
 
 A :class:`Rule` says which requests a kind may hit (method, a pattern of the key, a
-header) and with which probability; each rule draws from its own ``random.Random``
-seeded from the schedule's seed and the rule's kind, and stops after ``limit`` faults,
-so a run always gets through in the end. ``injected`` counts the faults by kind, and
+header) and which of them: ``limit`` of the first ``within`` matching requests, drawn by
+its own ``random.Random`` seeded from the schedule's seed and the rule's kind (so every
+kind is injected, and a run gets through in the end), or each matching request with
+probability ``rate`` (``rate=1``: an outage, from the ``after``-th request on). ``injected`` counts the faults by kind, and
 ``requests`` every request the proxy saw.
 """
 from __future__ import annotations
@@ -48,13 +49,26 @@ class Rule:
     """Which requests ``kind`` may hit, how often, and at most how many times."""
 
     kind: str
-    rate: float = 0.2
+    rate: float = 0.0
     limit: int = 4
+    within: int | None = None        # faults on ``limit`` of the first ``within`` matching requests
     method: str | None = None        # e.g. "PUT"; None: any the kind applies to
     key: str = ""                    # a regular expression searched in the request's path
     header: str | None = None        # a header the request must carry (lower case)
+    after: int = 0                   # the first ``after`` matching requests pass (an outage that starts later)
     rng: random.Random = field(default=None, repr=False)  # set by the schedule
     hits: int = 0
+    seen: int = 0
+    picks: set = field(default_factory=set)
+
+    def fires(self) -> bool:
+        """Called once per matching request."""
+        self.seen += 1
+        if self.hits >= self.limit or self.seen <= self.after:
+            return False
+        if self.within is not None:
+            return self.seen - self.after in self.picks
+        return self.rng.random() < self.rate
 
     def applies(self, method: str, path: str, headers: dict[str, str]) -> bool:
         if self.method and method != self.method:
@@ -89,12 +103,14 @@ class Schedule:
         for r in rules:
             assert r.kind in KINDS, r.kind
             r.rng = random.Random(f"{seed}-{r.kind}-{r.key}-{r.method}")
+            if r.within is not None:
+                r.picks = set(r.rng.sample(range(1, r.within + 1), min(r.limit, r.within)))
         self._lock = threading.Lock()
 
     def pick(self, method: str, path: str, headers: dict[str, str]) -> str | None:
         with self._lock:
             for r in self.rules:
-                if r.hits < r.limit and r.applies(method, path, headers) and r.rng.random() < r.rate:
+                if r.applies(method, path, headers) and r.fires():
                     r.hits += 1
                     return r.kind
         return None

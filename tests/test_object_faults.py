@@ -1,0 +1,258 @@
+"""Object storage that misbehaves as real services do, between the commands and the S3 server.
+
+A fault-injecting proxy (tests/faultproxy.py) sits on the loopback between every request
+and the moto server, with a seeded schedule of the faults S3 services show: throttling
+(503 SlowDown), 500s, connections reset during uploads and range reads, stalls past the
+client's timeout, short reads, and conditional puts (commits, claims, the guard) that land
+while their answer is lost. Under each, the store protocol and the commands finish with
+what a clean run gives, byte for byte, or stop with one message and resume to it; a lost
+commit answer never makes a second commit nor a missing one. The retry policy is
+cache/retries.py's; these tests shorten its waits and timeouts through its settings.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import embed_json, make_table, pipe
+from safetensors.torch import load_file
+from faultproxy import KINDS, FaultProxy, Rule, Schedule
+from s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
+from test_object_store import bucket_objects, comparable, local_objects
+from test_store_bytes import build, fixed_table
+
+from cache.objects import ObjectStorage
+from cache.reader import RowReader
+from cache.store import Store
+
+SEED = 31
+STALL_S = 3.0  # past the client's timeout below
+QUICK = {"PIPE_S3_TIMEOUT_S": "2", "PIPE_S3_CONNECT_TIMEOUT_S": "2", "PIPE_S3_BACKOFF_S": "0.02",
+         "PIPE_S3_BACKOFF_MAX_S": "0.3"}
+STORE = "stores/image/fixed-encoder-0123456789abcdef"
+TRAIN = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "batch_size=4", "epochs=2"]
+TRAIN_UNSTABLE = {"epoch_seconds", "data_wait_share", "samples_per_s", "cpu_peak_mb", "gpu_peak_mb"}
+EVAL_UNSTABLE = {"created", "seconds", "cpu_peak_mb", "gpu_peak_mb", "config_hash", "provenance"}
+TALLY: Counter = Counter()  # faults injected by kind over the module's command runs (printed at its end)
+
+
+@pytest.fixture(scope="module")
+def proxy(s3_endpoint):  # noqa: F811
+    p = FaultProxy(s3_endpoint, stall_s=STALL_S).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def faulty(bucket, proxy, monkeypatch, tmp_path):  # noqa: F811
+    """A fresh bucket reached through the proxy (no faults until a test sets a schedule), with
+    short retry waits and a 2 s request timeout."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    for k, v in QUICK.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
+    proxy.use(None)
+    yield bucket
+    proxy.use(None)
+
+
+def read_back(url: str, mirror: Path) -> None:
+    """Every committed row of the fixed store, read through an empty local copy, equals what was written."""
+    store = Store.open(ObjectStorage(url + "/" + STORE, mirror))
+    index = store.row_index()
+    for name in ("tokens", "pooled", "length"):
+        reader = RowReader(store, name)
+        for _, data in fixed_table():
+            rows = np.array([index[(k, 0)] for k in data.keys])
+            np.testing.assert_array_equal(reader.take(rows), data.arrays[name])
+
+
+# ------------------------------------------------------------------------------ the store protocol
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_store_protocol_rides_out_each_fault(kind, faulty, proxy, tmp_path, monkeypatch):
+    """Claims, the guard, shard uploads, commits and range reads under one kind of fault: the
+    store equals a folder store object for object, and reads back through an empty copy."""
+    import cache.objects as objects
+
+    monkeypatch.setattr(objects, "RANGE_BYTES", 40)  # shards of a few hundred bytes: read in many ranges
+    local = tmp_path / "local"
+    build(local)
+    url = f"s3://{faulty}/c"
+    proxy.use(Schedule(SEED, [Rule(kind, limit=3, within=10)]))
+    cache = ObjectStorage(url, tmp_path / "writer")
+    build(cache, failed_source=str(cache.path / "data" / "x.png"))
+    read_back(url, tmp_path / "reader")
+    assert proxy.injected[kind] >= 1, proxy.requests
+    proxy.use(None)
+    assert comparable(bucket_objects(cache)) == comparable(local_objects(local))
+
+
+# ------------------------------------------------------------------------------ the ambiguous answer
+def test_a_conditional_put_whose_answer_was_lost_is_read_back_never_sent_twice(faulty, proxy, tmp_path, monkeypatch):
+    """Every conditional put lands on the server and its answer is lost: a create or a swap
+    that landed is ours (read back), one whose condition failed is not, and none is sent twice."""
+    s = ObjectStorage(f"s3://{faulty}/c", tmp_path / "m")
+    proxy.use(Schedule(SEED, [Rule("lost_commit", rate=1.0, limit=100)]))
+    assert s.create("manifest/part-000000-g.parquet", b"ours")  # landed; answer lost; read back: ours
+    assert not s.create("manifest/part-000000-g.parquet", b"a second commit")  # 412 lost; read back: not ours
+    etag = s.stat("manifest/part-000000-g.parquet").version
+    assert s.swap("manifest/part-000000-g.parquet", b"replaced", etag)
+    assert not s.swap("manifest/part-000000-g.parquet", b"stale", etag)
+    assert proxy.injected["lost_commit"] == 4 and proxy.requests["PUT"] == 4  # each put sent once
+    proxy.use(None)
+    assert s.read("manifest/part-000000-g.parquet") == b"replaced"
+    # Without the read-back, a retried create is answered 412 by its own landed write: the
+    # commit would be reported as refused ("exists already") though it is there: a missing one.
+    monkeypatch.setattr(ObjectStorage, "_settled", lambda self, key, data, etag: (False, None))
+    proxy.use(Schedule(SEED, [Rule("lost_commit", rate=1.0, limit=1)]))
+    assert not s.create("manifest/part-000001-g.parquet", b"ours")
+    assert s.read("manifest/part-000001-g.parquet") == b"ours"
+
+
+# ------------------------------------------------------------------------------ the commands
+def mixed(seed: int, within: int = 12) -> Schedule:
+    """Every kind of fault, seeded: 2 of each on the first ``within`` requests it applies to (one
+    stall: each costs a client timeout)."""
+    return Schedule(seed, [Rule(k, limit=1 if k == "stall" else 2, within=within) for k in KINDS])
+
+
+def store_objects(where) -> dict[str, str]:
+    """The stores of a cache (a folder, or an ObjectStorage), comparable object for object."""
+    files = local_objects(where) if isinstance(where, Path) else bucket_objects(where)
+    return comparable({k: v for k, v in files.items() if k.startswith("stores/") and not k.endswith("/.inuse")})
+
+
+def trained(out: Path) -> dict:
+    """What a training run leaves that two equal runs share: its metrics less times, its weights and optimizer state."""
+    rows = pd.read_csv(out / "metrics.csv")
+    weights = {name: load_file(str(out / name)) for name in ("last.safetensors", "last.optim.safetensors")}
+    return {"metrics": rows[[c for c in rows.columns if c not in TRAIN_UNSTABLE]].to_dict("list"),
+            **{f"{n}:{k}": t for n, w in weights.items() for k, t in w.items()}}
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
+
+
+def evaluated(out: Path, *cache: str) -> dict:
+    """results.json less what differs between any two runs, with the cache (its URL, its local copy) and the run's folder named alike."""
+    text = (out / "results.json").read_text().replace(str(out), "<out>")
+    for name in cache:
+        text = text.replace(name, "<cache>")
+    r = {k: v for k, v in json.loads(text).items() if k not in EVAL_UNSTABLE}
+    r["checkpoint"] = {k: v for k, v in r["checkpoint"].items() if not k.startswith("adaptor_forwards")}
+    return r
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """A table of 12 items and what a clean run on a folder cache gives: its stores, a trained
+    Adaptor (resident and streaming) and a retrieval evaluation."""
+    root = tmp_path_factory.mktemp("clean")
+    table = make_table(root / "data", 12)
+    cache = root / "cache"
+    embed_json(table, cache, "--shard-mb", "0.05")
+    runs = {}
+    for mode in ("ram", "none"):
+        pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache),
+             "--out", str(root / f"train-{mode}"), *TRAIN, f"resident={mode}")
+        runs[mode] = trained(root / f"train-{mode}")
+    pipe("evaluate", "--task", "retrieval", "-d", str(table), "-a", str(root / "train-ram" / "last.safetensors"),
+         "--cache", str(cache), "--out", str(root / "eval"))
+    return {"table": table, "cache": cache, "stores": store_objects(cache), "train": runs,
+            "eval": evaluated(root / "eval", str(cache)), "root": root}
+
+
+def faults_in(proxy: FaultProxy, kinds: set[str]) -> None:
+    """The kinds the run's requests could meet were all injected; the tally counts them."""
+    TALLY.update(proxy.injected)
+    assert kinds <= set(proxy.injected), (dict(proxy.injected), dict(proxy.requests))
+
+
+@pytest.mark.slow
+def test_embed_into_a_bucket_under_every_fault_equals_a_clean_run(faulty, proxy, clean, tmp_path, monkeypatch):
+    import cache.objects as objects
+
+    monkeypatch.setattr(objects, "RANGE_BYTES", 256)  # shards of a few KiB: fetched in range requests
+    url = f"s3://{faulty}/c"
+    proxy.use(mixed(SEED))
+    done = embed_json(clean["table"], url, "--shard-mb", "0.05")
+    faults_in(proxy, set(KINDS) - {"short_range"})  # it writes: no shard is read
+    assert done["embedded"] == 24 and done["failed"] == 0
+    proxy.use(mixed(SEED + 10))
+    verified = pipe("cache", "verify", "--cache", url, "--json")  # every object fetched, in ranges
+    faults_in(proxy, {"throttle", "error500", "stall", "reset_read", "short_read", "short_range"})
+    proxy.use(None)
+    assert json.loads(verified.stdout.strip().splitlines()[-1])["ok"]
+    assert store_objects(ObjectStorage(url, tmp_path / "inspect")) == clean["stores"]
+
+
+@pytest.mark.slow
+def test_training_and_evaluation_from_a_bucket_under_every_fault_equal_a_clean_run(faulty, proxy, clean, tmp_path,
+                                                                                   monkeypatch):
+    """Each reads the cache through an empty local copy, so every shard crosses the proxy."""
+    import cache.objects as objects
+
+    monkeypatch.setattr(objects, "RANGE_BYTES", 256)
+    url, table = f"s3://{faulty}/c", str(clean["table"])
+    embed_json(clean["table"], url, "--shard-mb", "0.05")
+    for i, mode in enumerate(("ram", "none")):
+        monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / f"mirror-{mode}"))
+        proxy.use(mixed(SEED + 1 + i))
+        pipe("train-adaptor", "-d", table, "-b", "tiny-vit", "-t", "tiny-bert", "--cache", url,
+             "--out", str(tmp_path / f"train-{mode}"), *TRAIN, f"resident={mode}")
+        faults_in(proxy, {"throttle", "error500", "reset_read", "short_read", "short_range"})
+        assert_same_training(trained(tmp_path / f"train-{mode}"), clean["train"][mode])
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror-eval"))
+    proxy.use(mixed(SEED + 3))
+    pipe("evaluate", "--task", "retrieval", "-d", table, "-a", str(clean["root"] / "train-ram" / "last.safetensors"),
+         "--cache", url, "--out", str(tmp_path / "eval"))  # the clean run's Adaptor (equal to ours): the same paths
+    faults_in(proxy, {"throttle", "error500", "reset_read"})
+    proxy.use(None)
+    assert evaluated(tmp_path / "eval", url.replace("s3://", "s3:/"), str(tmp_path / "mirror-eval" / faulty / "c")) == \
+        clean["eval"]
+
+
+@pytest.mark.slow
+def test_a_bucket_that_stops_answering_stops_the_embed_with_one_message_and_it_resumes(faulty, proxy, clean, tmp_path,
+                                                                                        monkeypatch):
+    """An outage mid-run (every request answered 500 from a seeded point on) outlasts the
+    retries: `pipe embed` stops with one message, no traceback; what it left verifies, and
+    the same command resumes to the clean run's stores, keeping every committed object."""
+    url = f"s3://{faulty}/c"
+    monkeypatch.setenv("PIPE_S3_RETRIES", "2")
+    start = int(np.random.default_rng(SEED).integers(50, 90))  # after the first commit, before the last
+    proxy.use(Schedule(SEED, [Rule("error500", rate=1.0, limit=10**9, after=start)]))
+    stopped = pipe("embed", "-d", str(clean["table"]), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", url,
+                   "--shard-mb", "0.05", expect=2)
+    faults_in(proxy, {"error500"})
+    proxy.use(None)
+    errors = [line for line in stopped.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the bucket failed 3 tries" in errors[0] and "run the same command again" in errors[0]
+    assert "Traceback" not in stopped.output and not isinstance(stopped.exception, AssertionError)
+    cache = ObjectStorage(url, tmp_path / "inspect")
+    before = {k: v for k, v in bucket_objects(cache).items() if "/manifest/" in k or "/c/" in k}
+    assert [k for k in before if "/manifest/" in k]  # it had committed before the outage
+    assert json.loads(pipe("cache", "verify", "--cache", url, "--json").stdout.strip().splitlines()[-1])["ok"]
+    resumed = embed_json(clean["table"], url, "--shard-mb", "0.05")
+    assert resumed["reused"] >= 1 and resumed["embedded"] >= 1 and resumed["failed"] == 0
+    after = bucket_objects(cache)
+    assert all(after[k] == v for k, v in before.items() if "/manifest/" in k)  # nothing committed changed
+    assert store_objects(cache) == clean["stores"]
+
+
+def test_a_store_whose_first_shard_was_never_written_verifies(tmp_path):
+    """A run that stops (an outage, a kill) between creating a store and writing its first shard
+    leaves a store with no arrays and no commits: nothing is damaged, and verify says so."""
+    from test_store_bytes import create_store
+
+    create_store(tmp_path / "cache")
+    done = pipe("cache", "verify", "--cache", str(tmp_path / "cache"), "--json")
+    assert json.loads(done.stdout.strip().splitlines()[-1])["ok"], done.output
