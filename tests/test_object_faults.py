@@ -72,6 +72,89 @@ def read_back(url: str, mirror: Path) -> None:
             np.testing.assert_array_equal(reader.take(rows), data.arrays[name])
 
 
+# ------------------------------------------------------------------------------ the policy
+def test_the_retry_policy_reads_its_settings_and_names_every_bad_one():
+    from cache.retries import RetryPolicy
+    from core.errors import PipeError
+
+    assert RetryPolicy.from_env({}) == RetryPolicy()
+    set_ = RetryPolicy.from_env({"PIPE_S3_RETRIES": "3", "PIPE_S3_BACKOFF_S": "0.5", "PIPE_S3_TIMEOUT_S": "120"})
+    assert (set_.retries, set_.backoff_s, set_.timeout_s, set_.backoff_max_s) == (3, 0.5, 120.0, 15.0)
+    assert RetryPolicy.from_env({"AWS_MAX_ATTEMPTS": "1"}).retries == 0  # the AWS SDKs' count of tries
+    assert RetryPolicy.from_env({"AWS_MAX_ATTEMPTS": "1", "PIPE_S3_RETRIES": "4"}).retries == 4
+    with pytest.raises(PipeError) as bad:
+        RetryPolicy.from_env({"PIPE_S3_RETRIES": "many", "PIPE_S3_TIMEOUT_S": "0", "PIPE_S3_BACKOFF_S": "-1"})
+    assert all(v in str(bad.value) for v in ("$PIPE_S3_RETRIES='many'", "$PIPE_S3_TIMEOUT_S='0'",
+                                             "$PIPE_S3_BACKOFF_S='-1'"))
+
+
+def test_what_is_retried_how_often_and_how_far_apart(monkeypatch):
+    import cache.retries as retries
+    from obstore.exceptions import GenericError
+
+    from types import SimpleNamespace
+
+    slept, clock = [], [0.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(retries, "time", SimpleNamespace(sleep=sleep, monotonic=lambda: clock[0]))
+    policy = retries.RetryPolicy(retries=4, backoff_s=0.1, backoff_max_s=0.3, give_up_s=100)
+    calls = []
+
+    def failing(error):
+        def call():
+            calls.append(error)
+            raise error
+        return call
+
+    with pytest.raises(retries.BucketUnavailable, match=r"reading k: the bucket failed 5 tries .*last: 503 SlowDown"):
+        policy.run(failing(GenericError("Generic S3 error: Error performing GET - Server returned non-2xx status "
+                                        "code: 503 Service Unavailable: <Error><Code>SlowDown</Code></Error>")),
+                   "reading k")
+    assert len(calls) == 5 and len(slept) == 4
+    assert all(lo <= s <= hi for s, (lo, hi) in zip(slept, [(0.05, 0.1), (0.1, 0.2), (0.15, 0.3), (0.15, 0.3)]))
+    for answer in ("404 Not Found", "403 Forbidden", "400 Bad Request"):  # answers, not failures: never retried
+        calls.clear()
+        with pytest.raises(GenericError):
+            policy.run(failing(GenericError(f"Server returned non-2xx status code: {answer}")), "x")
+        assert len(calls) == 1
+    for passing in ("429 Too Many Requests", "500 Internal Server Error"):
+        assert retries.transient(GenericError(f"Server returned non-2xx status code: {passing}"))
+    assert retries.transient(GenericError("Error performing PUT http://h/b/k - HTTP error: error sending request"))
+    assert retries.transient(retries.ShortRead("k: 3 of 8 bytes")) and not retries.transient(FileNotFoundError("k"))
+    calls.clear()
+    clock[0] = 0.0
+    with pytest.raises(retries.BucketUnavailable):  # no retry starts past give_up_s
+        retries.RetryPolicy(retries=50, backoff_s=1, backoff_max_s=1, give_up_s=2.5).run(
+            failing(retries.ShortRead("k")), "x")
+    assert 3 <= len(calls) <= 6 and clock[0] <= 2.5
+
+
+def test_pipe_doctor_states_the_policy_in_force(monkeypatch):
+    monkeypatch.setenv("PIPE_S3_RETRIES", "3")
+    report = json.loads(pipe("doctor", "--json").stdout)["object_store_retries"]
+    assert report["retries"] == 3 and report["set_by"] == {"PIPE_S3_RETRIES": "3"}
+    assert "3 retries of 5xx/408/429" in report["policy"] and "read back" in report["policy"]
+    monkeypatch.setenv("PIPE_S3_RETRIES", "-2")
+    assert "$PIPE_S3_RETRIES='-2'" in json.loads(pipe("doctor", "--json").stdout)["object_store_retries"]["error"]
+
+
+def test_a_stalled_request_is_abandoned_at_the_timeout_and_tried_again(faulty, proxy, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("PIPE_S3_TIMEOUT_S", "1")
+    s = ObjectStorage(f"s3://{faulty}/c", tmp_path / "m")
+    s.write("k", b"value")
+    monkeypatch.setattr(proxy, "stall_s", 30.0)  # it would hang for 30 s: the client gives up after 1
+    proxy.use(Schedule(SEED, [Rule("stall", limit=1, within=1)]))
+    t0 = time.monotonic()
+    assert s.read("k") == b"value"
+    assert proxy.injected["stall"] == 1 and 1.0 <= time.monotonic() - t0 < 10
+
+
 # ------------------------------------------------------------------------------ the store protocol
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_store_protocol_rides_out_each_fault(kind, faulty, proxy, tmp_path, monkeypatch):
