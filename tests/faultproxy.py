@@ -28,6 +28,8 @@ probability ``rate`` (``rate=1``: an outage, from the ``after``-th request on). 
 from __future__ import annotations
 
 import http.client
+import json
+import os
 import random
 import re
 import socket
@@ -37,6 +39,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 KINDS = ("throttle", "error500", "reset_upload", "reset_read", "stall", "short_read", "short_range", "lost_commit")
@@ -286,3 +289,24 @@ def _reset(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     finally:
         sock.close()
+
+
+TALLY_ENV = "PIPE_FAULT_TALLY"
+
+
+def tally(**counts: int) -> None:
+    """Add ``counts`` (faults by kind, runs compared, objects compared, kills) to the JSON file
+    ``$PIPE_FAULT_TALLY`` names, when it is set: what the reliability page's tally is made from."""
+    path = os.environ.get(TALLY_ENV)
+    if not path:
+        return
+    with _TALLY_LOCK:
+        try:
+            total = Counter(json.loads(Path(path).read_text()))
+        except (OSError, ValueError):
+            total = Counter()
+        total.update({k: v for k, v in counts.items() if v})
+        Path(path).write_text(json.dumps(dict(sorted(total.items())), indent=1))
+
+
+_TALLY_LOCK = threading.Lock()

@@ -12,7 +12,6 @@ cache/retries.py's; these tests shorten its waits and timeouts through its setti
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import pytest
 import torch
 from helpers import embed_json, make_table, pipe
 from safetensors.torch import load_file
-from faultproxy import KINDS, FaultProxy, Rule, Schedule
+from faultproxy import KINDS, FaultProxy, Rule, Schedule, tally
 from s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
 from test_object_store import bucket_objects, comparable, local_objects
 from test_store_bytes import build, fixed_table
@@ -38,7 +37,6 @@ STORE = "stores/image/fixed-encoder-0123456789abcdef"
 TRAIN = ["adaptor.d_model=32", "adaptor.n_heads=4", "adaptor.ffn_dim=64", "batch_size=4", "epochs=2"]
 TRAIN_UNSTABLE = {"epoch_seconds", "data_wait_share", "samples_per_s", "cpu_peak_mb", "gpu_peak_mb"}
 EVAL_UNSTABLE = {"created", "seconds", "cpu_peak_mb", "gpu_peak_mb", "config_hash", "provenance"}
-TALLY: Counter = Counter()  # faults injected by kind over the module's command runs (printed at its end)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +151,7 @@ def test_a_stalled_request_is_abandoned_at_the_timeout_and_tried_again(faulty, p
     t0 = time.monotonic()
     assert s.read("k") == b"value"
     assert proxy.injected["stall"] == 1 and 1.0 <= time.monotonic() - t0 < 10
+    faults_in(proxy, {"stall"})
 
 
 # ------------------------------------------------------------------------------ the store protocol
@@ -171,8 +170,11 @@ def test_the_store_protocol_rides_out_each_fault(kind, faulty, proxy, tmp_path, 
     build(cache, failed_source=str(cache.path / "data" / "x.png"))
     read_back(url, tmp_path / "reader")
     assert proxy.injected[kind] >= 1, proxy.requests
+    faults_in(proxy, {kind})
     proxy.use(None)
-    assert comparable(bucket_objects(cache)) == comparable(local_objects(local))
+    got = comparable(bucket_objects(cache))
+    assert got == comparable(local_objects(local))
+    compared(len(got))
 
 
 # ------------------------------------------------------------------------------ the ambiguous answer
@@ -187,6 +189,7 @@ def test_a_conditional_put_whose_answer_was_lost_is_read_back_never_sent_twice(f
     assert s.swap("manifest/part-000000-g.parquet", b"replaced", etag)
     assert not s.swap("manifest/part-000000-g.parquet", b"stale", etag)
     assert proxy.injected["lost_commit"] == 4 and proxy.requests["PUT"] == 4  # each put sent once
+    faults_in(proxy, {"lost_commit"})
     proxy.use(None)
     assert s.read("manifest/part-000000-g.parquet") == b"replaced"
     # Without the read-back, a retried create is answered 412 by its own landed write: the
@@ -253,9 +256,14 @@ def clean(tmp_path_factory):
             "eval": evaluated(root / "eval", str(cache)), "root": root}
 
 
+def compared(files: int) -> None:
+    """One run compared with a clean run and found equal, on ``files`` objects or files."""
+    tally(**{"runs compared": 1, "objects compared": files})
+
+
 def faults_in(proxy: FaultProxy, kinds: set[str]) -> None:
     """The kinds the run's requests could meet were all injected; the tally counts them."""
-    TALLY.update(proxy.injected)
+    tally(**{f"fault {k}": n for k, n in proxy.injected.items()})
     assert kinds <= set(proxy.injected), (dict(proxy.injected), dict(proxy.requests))
 
 
@@ -275,6 +283,7 @@ def test_embed_into_a_bucket_under_every_fault_equals_a_clean_run(faulty, proxy,
     proxy.use(None)
     assert json.loads(verified.stdout.strip().splitlines()[-1])["ok"]
     assert store_objects(ObjectStorage(url, tmp_path / "inspect")) == clean["stores"]
+    compared(len(clean["stores"]))
 
 
 @pytest.mark.slow
@@ -293,6 +302,7 @@ def test_training_and_evaluation_from_a_bucket_under_every_fault_equal_a_clean_r
              "--out", str(tmp_path / f"train-{mode}"), *TRAIN, f"resident={mode}")
         faults_in(proxy, {"throttle", "error500", "reset_read", "short_read", "short_range"})
         assert_same_training(trained(tmp_path / f"train-{mode}"), clean["train"][mode])
+        compared(3)  # metrics.csv, the weights, the optimizer state
     monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror-eval"))
     proxy.use(mixed(SEED + 3))
     pipe("evaluate", "--task", "retrieval", "-d", table, "-a", str(clean["root"] / "train-ram" / "last.safetensors"),
@@ -301,34 +311,69 @@ def test_training_and_evaluation_from_a_bucket_under_every_fault_equal_a_clean_r
     proxy.use(None)
     assert evaluated(tmp_path / "eval", url.replace("s3://", "s3:/"), str(tmp_path / "mirror-eval" / faulty / "c")) == \
         clean["eval"]
+    compared(1)  # results.json
+
+
+def outage(proxy: FaultProxy, rng, lo: int, hi: int) -> None:
+    """From a seeded request on (between ``lo`` and ``hi``), every request is answered 500."""
+    proxy.use(Schedule(SEED, [Rule("error500", rate=1.0, limit=10**9, after=int(rng.integers(lo, hi)))]))
+
+
+def stopped_once(proxy: FaultProxy, result) -> None:
+    """The command stopped with exit 2 and one message that says to run it again; no traceback."""
+    faults_in(proxy, {"error500"})
+    proxy.use(None)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "the bucket failed 2 tries" in errors[0] and "run the same command again" in errors[0]
+    assert "Traceback" not in result.output
+    tally(**{"runs stopped with one message": 1})
 
 
 @pytest.mark.slow
-def test_a_bucket_that_stops_answering_stops_the_embed_with_one_message_and_it_resumes(faulty, proxy, clean, tmp_path,
-                                                                                        monkeypatch):
+def test_a_bucket_that_stops_answering_stops_each_command_with_one_message_and_it_resumes(faulty, proxy, clean,
+                                                                                          tmp_path, monkeypatch):
     """An outage mid-run (every request answered 500 from a seeded point on) outlasts the
-    retries: `pipe embed` stops with one message, no traceback; what it left verifies, and
-    the same command resumes to the clean run's stores, keeping every committed object."""
-    url = f"s3://{faulty}/c"
-    monkeypatch.setenv("PIPE_S3_RETRIES", "2")
-    start = int(np.random.default_rng(SEED).integers(50, 90))  # after the first commit, before the last
-    proxy.use(Schedule(SEED, [Rule("error500", rate=1.0, limit=10**9, after=start)]))
-    stopped = pipe("embed", "-d", str(clean["table"]), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", url,
-                   "--shard-mb", "0.05", expect=2)
-    faults_in(proxy, {"error500"})
-    proxy.use(None)
-    errors = [line for line in stopped.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "the bucket failed 3 tries" in errors[0] and "run the same command again" in errors[0]
-    assert "Traceback" not in stopped.output and not isinstance(stopped.exception, AssertionError)
+    retries: `pipe embed`, `pipe train-adaptor` (streaming) and `pipe evaluate` each stop with
+    one message; what they left verifies, and the same command run again ends where a clean
+    run ends, keeping every object committed before the outage."""
+    import cache.objects as objects
+
+    monkeypatch.setattr(objects, "RANGE_BYTES", 256)
+    url, table, rng = f"s3://{faulty}/c", str(clean["table"]), np.random.default_rng(SEED)
+    monkeypatch.setenv("PIPE_S3_RETRIES", "1")
+    embed = ("embed", "-d", table, "-b", "tiny-vit", "-t", "tiny-bert", "--cache", url, "--shard-mb", "0.05")
+    outage(proxy, rng, 50, 90)  # after the first commit, before the last
+    stopped_once(proxy, pipe(*embed, expect=None))
     cache = ObjectStorage(url, tmp_path / "inspect")
-    before = {k: v for k, v in bucket_objects(cache).items() if "/manifest/" in k or "/c/" in k}
-    assert [k for k in before if "/manifest/" in k]  # it had committed before the outage
+    before = {k: v for k, v in bucket_objects(cache).items() if "/manifest/" in k}
+    assert before  # it had committed before the outage
     assert json.loads(pipe("cache", "verify", "--cache", url, "--json").stdout.strip().splitlines()[-1])["ok"]
     resumed = embed_json(clean["table"], url, "--shard-mb", "0.05")
     assert resumed["reused"] >= 1 and resumed["embedded"] >= 1 and resumed["failed"] == 0
     after = bucket_objects(cache)
-    assert all(after[k] == v for k, v in before.items() if "/manifest/" in k)  # nothing committed changed
+    assert all(after[k] == v for k, v in before.items())  # nothing committed changed
     assert store_objects(cache) == clean["stores"]
+    compared(len(clean["stores"]))
+
+    train = ("train-adaptor", "-d", table, "-b", "tiny-vit", "-t", "tiny-bert", "--cache", url, "--out",
+             str(tmp_path / "train"), *TRAIN, "resident=none")
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror-train"))  # every shard read through the bucket
+    outage(proxy, rng, 20, 55)
+    stopped_once(proxy, pipe(*train, expect=None))
+    pipe(*train)
+    assert_same_training(trained(tmp_path / "train"), clean["train"]["none"])
+    compared(3)
+
+    evaluate = ("evaluate", "--task", "retrieval", "-d", table, "-a",
+                str(clean["root"] / "train-ram" / "last.safetensors"), "--cache", url, "--out", str(tmp_path / "eval"))
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror-eval"))
+    outage(proxy, rng, 30, 65)
+    stopped_once(proxy, pipe(*evaluate, expect=None))
+    pipe(*evaluate)
+    assert evaluated(tmp_path / "eval", url.replace("s3://", "s3:/"), str(tmp_path / "mirror-eval" / faulty / "c")) == \
+        clean["eval"]
+    compared(1)  # results.json
 
 
 def test_a_store_whose_first_shard_was_never_written_verifies(tmp_path):

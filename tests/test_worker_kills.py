@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from faultproxy import KINDS, FaultProxy
+from faultproxy import KINDS, FaultProxy, tally
 from helpers import embed_json, make_table, pipe
 from kills import ENV, ROOT, cache_files, embed_args, pipe_cmd
 from s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
-from test_object_faults import QUICK, STALL_S, mixed, store_objects
+from test_object_faults import QUICK, STALL_S, compared, mixed, store_objects
 
 from cache.objects import ObjectStorage
 from cache.shards import partial_of
@@ -129,6 +129,7 @@ def run_and_kill(cluster: Cluster, table: Path, cache: str, watch: Path, seed: i
     embed = subprocess.Popen(pipe_cmd(*embed_args(table, cache, *SMALL, "--scheduler", cluster.address)),
                              env=cluster.env, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
     victim = kill_mid_task(cluster, watch, embed, np.random.default_rng(seed))
+    tally(**{"worker SIGKILLs": 1})
     out, _ = embed.communicate(timeout=300)
     assert embed.returncode == 0, cluster.log("embed")
     dead = next(w for w in cluster.workers if w.pid == victim)
@@ -149,6 +150,7 @@ def test_a_worker_killed_mid_task_into_a_folder_cache(reference, tmp_path):
     left = partials(cache, {victim})
     assert left  # the dead worker's shard files: never committed, its task ran again elsewhere
     assert cache_files(cache) == reference["files"]
+    compared(len(reference["files"]))
     assert not list(cache.glob("stores/*/*/claims/*.json"))  # the client's claims: all committed or released
     assert json.loads(pipe("cache", "verify", "--cache", str(cache), "--json").stdout.strip().splitlines()[-1])["ok"]
     pipe("cache", "gc", "--cache", str(cache))
@@ -174,11 +176,13 @@ def test_a_worker_killed_mid_task_into_a_bucket_under_every_fault(reference, buc
         cluster.close()
         proxy.stop()
     assert set(injected) >= set(KINDS) - {"short_range"}, injected  # it writes: no shard is read
+    tally(**{f"fault {k}": n for k, n in injected.items()})
     assert done["embedded"] == 2 * ITEMS and done["failed"] == 0
     storage = ObjectStorage(url, tmp_path / "inspect")
     staged = [k for k in (o["path"] for o in storage.keys()) if f".partial-{victim}-" in k]
     assert staged or partials(mirror, {victim})  # its shard: staged or half-written, never committed
     assert store_objects(storage) == reference["stores"]
+    compared(len(reference["stores"]))
     assert not [o for o in storage.keys("stores") if "/claims/" in o["path"]]
     assert json.loads(pipe("cache", "verify", "--cache", url, "--json").stdout.strip().splitlines()[-1])["ok"]
     for k, v in LEASE_ENV.items():
