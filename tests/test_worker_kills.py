@@ -1,7 +1,7 @@
 """Dask workers that die mid-task: SIGKILL, no nanny to restart them.
 
 A scheduler and two workers run as their own processes (``dask worker --no-nanny``), and
-`pipe embed --scheduler` runs in a third. At a seeded point, while a worker writes a
+`pipe embed --scheduler` (the client) runs in the test's process. At a seeded point, while a worker writes a
 shard's files (its temporary ``.partial-<pid>-...`` files appear), that worker is killed
 with SIGKILL. The scheduler re-runs its task on the other worker; the claims are the
 client's, renewed under a short lease while the task runs again; the cache equals a
@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 from faultproxy import KINDS, FaultProxy, tally
 from helpers import embed_json, make_table, pipe
-from kills import ENV, ROOT, cache_files, embed_args, pipe_cmd
+from kills import ENV, ROOT, cache_files, embed_args
 from s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
 from test_object_faults import QUICK, STALL_S, compared, mixed, store_objects
 
@@ -106,7 +107,7 @@ def partials(folder: Path, pids: set[int]) -> list[tuple[str, int]]:
     return out
 
 
-def kill_mid_task(cluster: Cluster, watch: Path, embed: subprocess.Popen, rng) -> int:
+def kill_mid_task(cluster: Cluster, watch: Path, embed: threading.Thread, rng) -> int:
     """SIGKILL the worker that writes the ``nth`` shard file seen below ``watch`` (seeded),
     a seeded few milliseconds after it appeared; returns its pid."""
     pids = {w.pid for w in cluster.workers}
@@ -114,7 +115,7 @@ def kill_mid_task(cluster: Cluster, watch: Path, embed: subprocess.Popen, rng) -
     seen: dict[str, int] = {}
     t0 = time.monotonic()
     while len(seen) < nth:
-        assert embed.poll() is None, "the run ended before the kill point:\n" + cluster.log("embed")
+        assert embed.is_alive(), "the run ended before the kill point"
         assert time.monotonic() - t0 < 180, "no worker wrote a shard"
         seen.update(dict(partials(watch, pids)))
         time.sleep(0.002)
@@ -125,17 +126,19 @@ def kill_mid_task(cluster: Cluster, watch: Path, embed: subprocess.Popen, rng) -
 
 
 def run_and_kill(cluster: Cluster, table: Path, cache: str, watch: Path, seed: int) -> tuple[dict, int]:
-    log = open(cluster.folder / "embed.log", "ab")
-    embed = subprocess.Popen(pipe_cmd(*embed_args(table, cache, *SMALL, "--scheduler", cluster.address)),
-                             env=cluster.env, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+    """`pipe embed --scheduler` (in this process, on a thread: the Dask client), with one worker killed."""
+    ran = []
+    embed = threading.Thread(target=lambda: ran.append(pipe(*embed_args(table, cache, *SMALL, "--scheduler",
+                                                                         cluster.address), expect=None)))
+    embed.start()
     victim = kill_mid_task(cluster, watch, embed, np.random.default_rng(seed))
     tally(**{"worker SIGKILLs": 1})
-    out, _ = embed.communicate(timeout=300)
-    assert embed.returncode == 0, cluster.log("embed")
+    embed.join(timeout=300)
+    assert ran and ran[0].exit_code == 0, (ran and ran[0].output, ran and ran[0].exception)
     dead = next(w for w in cluster.workers if w.pid == victim)
     assert dead.wait(timeout=10) == -signal.SIGKILL
     assert sum(w.poll() is None for w in cluster.workers) == 1  # no nanny brought it back
-    return json.loads(out.decode().strip().splitlines()[-1]), victim
+    return json.loads(ran[0].stdout.strip().splitlines()[-1]), victim
 
 
 def test_a_worker_killed_mid_task_into_a_folder_cache(reference, tmp_path):
@@ -167,6 +170,8 @@ def test_a_worker_killed_mid_task_into_a_bucket_under_every_fault(reference, buc
     mirror = tmp_path / "mirror"
     env = {**ENV, **os.environ, **QUICK, **LEASE_ENV, "AWS_ENDPOINT_URL": proxy.url, "PIPE_OBJECT_MIRROR": str(mirror)}
     url = f"s3://{bucket}/c"
+    for k in (*QUICK, "AWS_ENDPOINT_URL", "PIPE_OBJECT_MIRROR"):  # the client, here, goes through the proxy too
+        monkeypatch.setenv(k, env[k])
     cluster = Cluster(tmp_path, env)
     try:
         proxy.use(mixed(SEED, within=20))
@@ -175,6 +180,7 @@ def test_a_worker_killed_mid_task_into_a_bucket_under_every_fault(reference, buc
     finally:
         cluster.close()
         proxy.stop()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # the checks below: straight to the server
     assert set(injected) >= set(KINDS) - {"short_range"}, injected  # it writes: no shard is read
     tally(**{f"fault {k}": n for k, n in injected.items()})
     assert done["embedded"] == 2 * ITEMS and done["failed"] == 0
@@ -191,3 +197,19 @@ def test_a_worker_killed_mid_task_into_a_bucket_under_every_fault(reference, buc
     pipe("cache", "gc", "--cache", url)
     assert not [o for o in storage.keys() if ".partial-" in o["path"]]
     assert store_objects(storage) == reference["stores"]
+
+
+def test_a_task_whose_workers_keep_dying_is_one_message_not_a_traceback():
+    """Dask gives a task up once it killed ``allowed-failures`` + 1 workers: `pipe embed` says so, and how to go on."""
+    from distributed.scheduler import KilledWorker
+
+    from cache.store import Claim, ClaimState
+    from core.errors import PipeError
+    from stages.embed.runners import _result
+
+    class Gone:
+        def result(self):
+            raise KilledWorker("embed-shard-7", None, 3)
+
+    with pytest.raises(PipeError, match=r"shard 7: each of 4 Dask workers that ran it died .*run `pipe embed` again"):
+        _result(Gone(), Claim(ClaimState.TAKEN, 7, "g"))
