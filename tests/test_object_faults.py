@@ -261,9 +261,9 @@ def compared(files: int) -> None:
     tally(**{"runs compared": 1, "objects compared": files})
 
 
-def faults_in(proxy: FaultProxy, kinds: set[str]) -> None:
+def faults_in(proxy: FaultProxy, kinds: set[str], label: str = "fault") -> None:
     """The kinds the run's requests could meet were all injected; the tally counts them."""
-    tally(**{f"fault {k}": n for k, n in proxy.injected.items()})
+    tally(**{f"{label} {k}": n for k, n in proxy.injected.items()})
     assert kinds <= set(proxy.injected), (dict(proxy.injected), dict(proxy.requests))
 
 
@@ -321,7 +321,7 @@ def outage(proxy: FaultProxy, rng, lo: int, hi: int) -> None:
 
 def stopped_once(proxy: FaultProxy, result) -> None:
     """The command stopped with exit 2 and one message that says to run it again; no traceback."""
-    faults_in(proxy, {"error500"})
+    faults_in(proxy, {"error500"}, label="outage")
     proxy.use(None)
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1, result.output
