@@ -194,11 +194,6 @@ def reason(e: BaseException) -> str:
     return re.sub(r"^.*? - ", "", first)[:160] or type(e).__name__
 
 
-def policy() -> RetryPolicy:
-    """The policy in force in this process (from the environment)."""
-    return RetryPolicy.from_env()
-
-
 def _number(raw: str, integer: bool) -> float | None:
     try:
         value = int(raw) if integer else float(raw)

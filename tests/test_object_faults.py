@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import embed_json, make_table, pipe
-from safetensors.torch import load_file
 from faultproxy import KINDS, FaultProxy, Rule, Schedule, tally
+from helpers import embed_json, make_table, pipe
 from s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
+from safetensors.torch import load_file
 from test_object_store import bucket_objects, comparable, local_objects
 from test_store_bytes import build, fixed_table
 
