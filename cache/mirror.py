@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from cache.objects import REMOTE, ObjectStorage, remote_root
+from cache.retries import BucketUnavailable
 from cache.storage import LocalStorage, Storage, StoreError
 from core.atomic import atomic_write_bytes
 from core.errors import InputError
@@ -154,6 +155,9 @@ def attach_or_explain(url: str, where: str) -> Path:
         raise StoreError(f"{where} {url}: the cache holds an object whose key cannot be listed ({reason}). Keys with an "
                          "empty, '.' or '..' segment are not the cache's: move or delete such objects with your S3 "
                          "tools, then run the command again. Nothing was changed.") from None
+    except BucketUnavailable as e:
+        raise StoreError(f"{where} {url}: cannot reach the bucket. {e} Check the bucket exists, the endpoint "
+                         "($AWS_ENDPOINT_URL) and the credentials (the AWS environment or profile).") from None
     except (BaseError, OSError) as e:
         reason = str(e).splitlines()[0][:300]
         raise StoreError(f"{where} {url}: cannot reach the bucket ({type(e).__name__}: {reason}). Check the bucket "

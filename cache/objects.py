@@ -27,6 +27,10 @@ next to the ETag it was fetched at: later reads use local disk, and a mirror cop
 object changed is fetched again. Readers check every chunk's crc32c as for a local store.
 Keeping a whole cache's mirror in step with its bucket is cache/mirror.py's.
 
+Every request goes through the retry policy of cache/retries.py (which failures are
+retried, how often, the backoff and the timeouts; a conditional put whose answer was lost is
+read back before it is sent again): :meth:`ObjectStorage._request` and :meth:`ObjectStorage._put`.
+
 Credentials and the endpoint come from the usual AWS environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_PROFILE`` through
 boto3's chain when it is installed). Nothing of them is logged or written into the cache.
@@ -46,9 +50,10 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from cache.claims import describe, judge, lease_seconds, live_run
+from cache.retries import RetryPolicy, ShortRead, transient
 from cache.storage import IN_USE, LOCK, Entry, Hold, Storage, StoreError
 from core.atomic import atomic_write_bytes
 from core.errors import PipeError
@@ -66,6 +71,11 @@ RANGES_AT_ONCE = 8     # ... this many at a time
 _S3 = re.compile(r"^s3:/{1,2}([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?$")
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _ConditionFailed(Exception):
+    """A conditional put answered that its condition does not hold (the object is another's)."""
 
 
 def parse_s3(url: str | os.PathLike) -> tuple[str, str]:
@@ -102,19 +112,22 @@ def guard_lease_seconds() -> float:
     return value
 
 
-def connect(bucket: str, prefix: str = ""):
-    """An obstore S3 client for the bucket, configured from the AWS environment (the only place one is made)."""
+def connect(bucket: str, prefix: str = "", policy: RetryPolicy | None = None):
+    """An obstore S3 client for the bucket, configured from the AWS environment and the retry
+    policy's timeouts, its own retries off (the policy makes them): the only place one is made."""
     from obstore.store import S3Store  # lazy: only object-store caches need it
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    options = {"allow_http": True} if endpoint.startswith("http://") else {}
+    policy = policy or RetryPolicy.from_env()
+    options = {**policy.client_options(), **({"allow_http": True} if endpoint.startswith("http://") else {})}
     provider = None
     if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
         with contextlib.suppress(ImportError):
             from obstore.auth.boto3 import Boto3CredentialProvider  # lazy: boto3 is optional (profiles)
 
             provider = Boto3CredentialProvider()
-    return S3Store(bucket, prefix=prefix or None, client_options=options, credential_provider=provider,
+    return S3Store(bucket, prefix=prefix or None, client_options=options, retry_config=policy.client_retry(),
+                   credential_provider=provider,
                    **({"region": os.environ["AWS_REGION"]} if os.environ.get("AWS_REGION") else {}))
 
 
@@ -132,7 +145,8 @@ class ObjectStorage(Storage):
         self.bucket, self.prefix = parse_s3(url)
         self.url = s3_url(self.bucket, self.prefix)
         self.path = Path(mirror) if mirror is not None else default_mirror(self.bucket, self.prefix)
-        self.client = connect(self.bucket, self.prefix)
+        self.policy = RetryPolicy.from_env()
+        self.client = connect(self.bucket, self.prefix, self.policy)
         self.obs = obstore
         self.lease_s = lease_s if lease_s is not None else guard_lease_seconds()
 
@@ -149,7 +163,7 @@ class ObjectStorage(Storage):
         out.__dict__.update(self.__dict__)
         out.prefix = f"{self.prefix}/{folder}".strip("/")
         out.url, out.path = s3_url(self.bucket, out.prefix), self.local(folder)
-        out.client = connect(self.bucket, out.prefix)
+        out.client = connect(self.bucket, out.prefix, self.policy)
         return out
 
     def key_for(self, name: str) -> list[tuple[str | None, str | None]]:
@@ -159,16 +173,33 @@ class ObjectStorage(Storage):
             rel = rel[len(base):] if rel.startswith(base) else rel
         return [(rel, None)]
 
+    # -- requests ------------------------------------------------------------------------
+    def _request(self, what: str, key: str, call: Callable[[], T]) -> T:
+        """One request (or a few that stand or fall together), retried as the policy says."""
+        return self.policy.run(call, f"{what} {self.where_of(key)}")
+
+    def _get(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and ETag."""
+        return self._request("reading", key, lambda: self._get_once(key))
+
+    def _get_once(self, key: str) -> tuple[bytes, str]:
+        """One try; a body shorter than its own length is a failure to retry."""
+        got = self.obs.get(self.client, key)
+        data = bytes(got.bytes())
+        if len(data) != got.meta["size"]:
+            raise ShortRead(f"{key}: {len(data)} of {got.meta['size']} bytes")
+        return data, got.meta.get("e_tag") or ""
+
     # -- objects -------------------------------------------------------------------------
     def read(self, key: str) -> bytes:
-        return bytes(self.obs.get(self.client, key).bytes())
+        return self._get(key)[0]
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        return bytes(self.obs.get_range(self.client, key, start=start, end=end))
+        return self._request("reading", key, lambda: bytes(self.obs.get_range(self.client, key, start=start, end=end)))
 
     def head(self, key: str) -> dict | None:
         try:
-            return self.obs.head(self.client, key)
+            return self._request("looking up", key, lambda: self.obs.head(self.client, key))
         except FileNotFoundError:
             return None
 
@@ -183,7 +214,7 @@ class ObjectStorage(Storage):
         return list(self.scan(folder))
 
     def scan(self, folder: str) -> dict[str, str]:
-        listed = self.obs.list_with_delimiter(self.client, folder.rstrip("/") + "/" if folder else None)
+        listed = self._list_folder(folder)
         out = {p.rstrip("/").rsplit("/", 1)[-1]: "folder" for p in listed["common_prefixes"]}
         out.update({o["path"].rsplit("/", 1)[-1]: "file" for o in listed["objects"]})
         return out
@@ -191,13 +222,18 @@ class ObjectStorage(Storage):
     def kind(self, key: str) -> str | None:
         if key and self.head(key) is not None:
             return "file"
-        listed = self.obs.list_with_delimiter(self.client, key.rstrip("/") + "/" if key else None)
+        listed = self._list_folder(key)
         return "folder" if listed["objects"] or listed["common_prefixes"] else None
+
+    def _list_folder(self, folder: str) -> dict:
+        prefix = folder.rstrip("/") + "/" if folder else None
+        return self._request("listing", folder, lambda: self.obs.list_with_delimiter(self.client, prefix))
 
     def keys(self, folder: str = "") -> list[dict]:
         """Every object below ``folder`` (recursively), with its size and ETag, as the client lists it."""
         prefix = folder.rstrip("/") + "/" if folder else None
-        return [o for batch in self.obs.list(self.client, prefix=prefix) for o in batch]
+        return self._request("listing", folder,
+                             lambda: [o for batch in self.obs.list(self.client, prefix=prefix) for o in batch])
 
     def entries(self, folder: str = "") -> list[Entry]:
         return [_entry(o) for o in self.keys(folder)]
@@ -206,7 +242,7 @@ class ObjectStorage(Storage):
         return {e.key: e for e in self.entries(folder)}
 
     def write(self, key: str, data: bytes) -> None:
-        self.obs.put(self.client, key, data)
+        self._request("writing", key, lambda: self.obs.put(self.client, key, data))
 
     def create(self, key: str, data: bytes) -> bool:
         return self._put(key, data, None) is not None
@@ -216,14 +252,50 @@ class ObjectStorage(Storage):
         return self._put(key, data, etag) is not None
 
     def _put(self, key: str, data: bytes, etag: str | None) -> str | None:
-        """A conditional put (``etag`` None: only if absent; else only at that ETag): the new ETag, or None."""
+        """A conditional put (``etag`` None: only if absent; else only at that ETag): the new ETag, or
+        None when the condition fails (the object is another writer's).
+
+        After a try whose outcome is unknown (no answer: a reset, a timeout; or a 5xx), the object
+        is read back before anything is sent again: holding our bytes, that try landed; absent
+        (create) or still at ``etag`` (swap), the put is sent again; else the condition failed.
+        So a lost answer never makes a second write nor a missing one."""
+        unsure = []  # set once a try failed without an answer we can trust
+
+        def attempt() -> str | None:
+            if unsure:
+                settled, found = self._settled(key, data, etag)
+                if settled:
+                    return found
+            try:
+                return self._put_once(key, data, etag)
+            except _ConditionFailed:
+                return self._settled(key, data, etag)[1] if unsure else None
+            except Exception as e:
+                if transient(e):
+                    unsure.append(e)
+                raise
+
+        return self._request("writing", key, attempt)
+
+    def _put_once(self, key: str, data: bytes, etag: str | None) -> str:
         from obstore.exceptions import AlreadyExistsError, PreconditionError  # lazy: only object-store caches need it
 
         try:
             meta = self.obs.put(self.client, key, data, mode="create" if etag is None else {"e_tag": etag})
         except (AlreadyExistsError, PreconditionError, FileNotFoundError):
-            return None
+            raise _ConditionFailed from None
         return meta.get("e_tag") or (self.head(key) or {}).get("e_tag") or ""
+
+    def _settled(self, key: str, data: bytes, etag: str | None) -> tuple[bool, str | None]:
+        """After a put whose outcome is unknown: (True, its ETag) if the object holds ``data`` (it
+        landed), (True, None) if the condition fails now, (False, None) if the put may be sent again."""
+        try:
+            now, now_etag = self._get(key)
+        except FileNotFoundError:
+            return (etag is not None), None  # gone: a create may go again, a swap's version is lost
+        if now == data:
+            return True, now_etag
+        return (etag is None or now_etag != etag), None
 
     def put_if(self, key: str, data: bytes, version: str | None) -> bool:
         etag = self._put(key, data, version)
@@ -237,17 +309,25 @@ class ObjectStorage(Storage):
 
     def upload(self, key: str) -> None:
         final = self.local(key)
-        meta = self.obs.put(self.client, key, final.read_bytes())
+        meta = self._put_file(key, final)
         _etag_file(final).write_text(meta.get("e_tag") or "")
+
+    def _put_file(self, key: str, path: Path) -> dict:
+        """Upload a local file whole (opened again for each try)."""
+        def call() -> dict:
+            with open(path, "rb") as f:
+                return self.obs.put(self.client, key, f)
+
+        return self._request("uploading", key, call)
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.obs.delete(self.client, key)
+            self._request("deleting", key, lambda: self.obs.delete(self.client, key))
         self.forget(key)
 
     def delete_many(self, keys: list[str]) -> None:
         if keys:
-            self.obs.delete(self.client, list(keys))
+            self._request("deleting", keys[0], lambda: self.obs.delete(self.client, list(keys)))
         for key in keys:
             self.forget(key)
 
@@ -260,9 +340,12 @@ class ObjectStorage(Storage):
 
     def rename(self, key: str, new: str) -> None:
         """Copied inside the bucket, then the old key deleted; the local copies are fetched again when read."""
-        self.obs.copy(self.client, key, new)
+        self._copy(key, new)
         self.delete(key)
         self.forget(new)
+
+    def _copy(self, key: str, new: str) -> None:
+        self._request("copying", key, lambda: self.obs.copy(self.client, key, new))
 
     def remove_tree(self, folder: str) -> None:
         self.delete_many([e.key for e in self.entries(folder)])
@@ -276,23 +359,20 @@ class ObjectStorage(Storage):
         copied inside the bucket and the staged object dropped."""
         final = self.local(key)
         if Path(tmp).is_file():
-            with open(tmp, "rb") as f:
-                meta = self.obs.put(self.client, key, f)
+            meta = self._put_file(key, Path(tmp))
             os.replace(tmp, final)
             _etag_file(final).write_text(meta["e_tag"] or "")
             MIRROR_BUDGET.add(final, final.stat().st_size)  # a writer's copies count against the budget too
             return
         staged = self.key_of(tmp)
-        self.obs.copy(self.client, staged, key)
-        self.obs.delete(self.client, staged)
-        self.forget(key)
+        self._copy(staged, key)
+        self.delete(staged)
 
     def stage(self, tmp: Path) -> None:
         """Upload a finished temporary file under its own (hidden, writer-unique) name, for a
         committer on another host to :meth:`publish`; the local file is dropped. A staged
         object its committer never publishes (it died) is `gc`'s once older than the claim lease."""
-        with open(tmp, "rb") as f:
-            self.obs.put(self.client, self.key_of(tmp), f)
+        self._put_file(self.key_of(tmp), Path(tmp))
         Path(tmp).unlink()
 
     # -- the read-through copies ---------------------------------------------------------------
@@ -311,7 +391,7 @@ class ObjectStorage(Storage):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.fetch-{os.getpid()}-{secrets.token_hex(4)}")
         try:
-            self._download(key, meta.size, tmp)
+            self._request("fetching", key, lambda: self._download(key, meta.size, tmp))
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
@@ -320,17 +400,20 @@ class ObjectStorage(Storage):
         return final
 
     def _download(self, key: str, size: int, dest: Path) -> None:
-        """The object's bytes into ``dest``: a large object in parallel range requests."""
+        """The object's bytes into ``dest`` (one try: the caller retries it whole): a large object in
+        parallel range requests, each checked to be as long as asked."""
         with open(dest, "wb") as f:
             if size <= RANGE_BYTES:
-                f.write(self.read(key))
+                f.write(self._get_once(key)[0])
                 return
             starts = list(range(0, size, RANGE_BYTES))
             for i in range(0, len(starts), RANGES_AT_ONCE):  # bounded memory: a few ranges in flight
                 batch = starts[i:i + RANGES_AT_ONCE]
                 parts = self.obs.get_ranges(self.client, key, starts=batch,
                                             ends=[min(s + RANGE_BYTES, size) for s in batch])
-                for part in parts:
+                for start, part in zip(batch, parts):
+                    if len(part) != min(start + RANGE_BYTES, size) - start:
+                        raise ShortRead(f"{key}: {len(part)} bytes of the range at {start}")
                     f.write(memoryview(part))
 
     def forget(self, key: str) -> None:
@@ -370,11 +453,10 @@ class ObjectStorage(Storage):
             if etag is not None:
                 return LeasedObject(self, LOCK, token, self.lease_s, etag)
             try:
-                got = self.obs.get(self.client, LOCK)
+                record, current = self._get(LOCK)
             except FileNotFoundError:
                 continue  # released meanwhile: try to create it again
-            current = got.meta["e_tag"]
-            if _lapsed(bytes(got.bytes())) and current:
+            if _lapsed(record) and current:
                 etag = self._put(LOCK, self._record(token), current)
                 if etag is not None:
                     return LeasedObject(self, LOCK, token, self.lease_s, etag)
@@ -492,7 +574,7 @@ class LeasedObject(Hold):
         while not self._stop.wait(self.lease_s / GUARD_RENEWALS):
             try:
                 etag = self.storage._put(self.key, self.storage._record(self.token, self.lease_s), self.etag)
-            except (BaseError, OSError) as e:  # a refused or lost request: try again next time
+            except (BaseError, OSError, PipeError) as e:  # a refused request, or the bucket gone quiet: try again next time
                 log.warning("could not renew %s/%s (%s); retrying", self.storage.url, self.key, e)
                 continue
             if etag is None:

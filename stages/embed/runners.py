@@ -188,7 +188,7 @@ class DaskRunner(Runner):
                 lost = []
                 for fut in as_completed(list(futures)):
                     claim, units = futures.pop(fut)
-                    if not self._finish(claim, fut.result()):
+                    if not self._finish(claim, _result(fut, claim)):
                         _say_lost(claim)
                         lost.append(units)
                     keeper.drop(claim)
@@ -215,6 +215,20 @@ class DaskRunner(Runner):
         self._count_failures(out["failures"])
         self.res.embedded += len(out["keys"])
         return True
+
+
+def _result(fut, claim: Claim) -> dict:
+    """A task's result; a task whose workers kept dying is one message (the run resumes), not a traceback."""
+    from distributed.scheduler import KilledWorker  # lazy: dask's distributed takes a second to import
+
+    try:
+        return fut.result()
+    except KilledWorker as e:
+        tries = getattr(e, "allowed_failures", None)
+        raise PipeError(f"shard {claim.shard}: {'each of ' + str(tries + 1) + ' ' if tries is not None else 'the '}Dask "
+                        "workers that ran it died (out of memory, preempted or killed), so Dask gave it up. Committed "
+                        "shards are kept: give the workers more memory (or smaller shards, --shard-mb) and run "
+                        "`pipe embed` again; it resumes where this run stopped.") from None
 
 
 def _dask_client(cfg):
