@@ -196,7 +196,7 @@ def run(ctx: EvalContext) -> TaskResult:
 
 def _table(ctx: EvalContext, methods: list[dict], n: int) -> dict:
     cols = [f"{d} R@{k}" for d in ("image→text", "text→image") for k in KS]
-    t = make_table("retrieval · recall@K on the test split (%)", "recall", cols,
+    t = make_table(f"retrieval · recall@K on {ctx.scored} (%)", "recall", cols,
                    interval_note(ctx.cfg.ci, n, ctx.cfg.bootstrap))
     for m in methods:
         add_estimates_row(t, m["name"], m.get("recall"), m.get("ci"))

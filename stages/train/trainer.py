@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable
 
 import numpy as np
 import torch
@@ -129,6 +129,7 @@ class TrainResult:
     backbone_forwards: int = 0     # always 0: stage two never runs an encoder
     rank: int = 0                  # under torchrun only rank 0 reports; history is empty elsewhere
     best: Path | None = None       # best.safetensors, chosen on validation loss (None without validation)
+    stopped: int | None = None     # the epoch after which ``on_epoch`` stopped the run (None: it ran them all)
 
     @property
     def is_main(self) -> bool:
@@ -154,15 +155,24 @@ def load_training_data(cfg: TrainConfig) -> PairData:
     return data
 
 
-def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
-    """Train one Adaptor; under torchrun, this process's share of a DDP run."""
+EpochHook = Callable[[dict], bool]
+"""Shown each epoch's row (rank 0, after it is logged and checkpointed); True stops the run there."""
+
+
+def run(cfg: TrainConfig, data: PairData | None = None, on_epoch: EpochHook | None = None) -> TrainResult:
+    """Train one Adaptor; under torchrun, this process's share of a DDP run.
+
+    ``data``: the cached pairs, already loaded (a sweep loads them once for all its runs).
+    ``on_epoch(row)``: called after every epoch with its metrics row; returning True stops
+    the run after that epoch (its checkpoint is written; ``TrainResult.stopped`` says so)."""
     with distributed.session(cfg.device) as ctx:
         plan = threads.apply(processes=ctx.local_world_size)
         if ctx.is_main:
             err.print(plan.line())
         with distributed.main_first(ctx):  # reading a dataset may write to the cache: one rank at a time
             data = data or load_training_data(cfg)
-            ds_name = open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False, skip_bad_rows=True).name
+            ds_name = None if cfg.out else open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False,
+                                                        skip_bad_rows=True).name
         cfg = _with_dims(cfg, data)
         train_pos, val_pos = _split_positions(cfg, data, ctx.is_main)
         out = Path(cfg.out) if cfg.out else default_out(cfg, ds_name)
@@ -176,7 +186,7 @@ def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
                     refused = e
             if distributed.any_rank(refused is not None, ctx):
                 raise refused or FolderBusyError(f"{out} is in use by another run (rank 0 was refused)")
-            return Trainer(cfg, data, ctx, out, train_pos, val_pos).fit()
+            return Trainer(cfg, data, ctx, out, train_pos, val_pos, on_epoch).fit()
 
 
 def _split_positions(cfg: TrainConfig, data: PairData, say: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -245,8 +255,9 @@ def lr_lambda(total_steps: int, warmup_frac: float):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: PairData, ctx: DistContext, out: Path,
-                 train_pos: np.ndarray, val_pos: np.ndarray):
+                 train_pos: np.ndarray, val_pos: np.ndarray, on_epoch: EpochHook | None = None):
         self.cfg, self.data, self.ctx, self.device, self.out = cfg, data, ctx, ctx.device, out
+        self.on_epoch, self.stopped = on_epoch, None
         torch.manual_seed(cfg.seed)
         self.net = Adaptor(cfg.adaptor).to(self.device)      # what checkpoints hold
         self.model = distributed.wrap_model(self.net, ctx)   # what trains (DDP under torchrun)
@@ -335,13 +346,21 @@ class Trainer:
                     self.log.log(row)
                     err.print(_epoch_line(row))
                     self._keep_if_best(row)
-                if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+                stop = distributed.any_rank(main and self._stop_after(row), self.ctx)
+                if stop or epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
                     self._save(epoch)
+                if stop:
+                    self.stopped = epoch
+                    self.say(f"stopped after epoch {epoch} (asked by the caller)")
+                    break
         if not main:
-            return TrainResult(self.out, self.out / CHECKPOINT, [], start, rank=self.ctx.rank)
+            return TrainResult(self.out, self.out / CHECKPOINT, [], start, rank=self.ctx.rank, stopped=self.stopped)
         self.log.plot(self.out / "curves.png", f"Adaptor · {cfg.backbone} + {cfg.text_encoder} · {cfg.adaptor.mode}")
         best = self.out / BEST if (self.out / BEST).exists() else None
-        return TrainResult(self.out, self.out / CHECKPOINT, self.log.rows, start, best=best)
+        return TrainResult(self.out, self.out / CHECKPOINT, self.log.rows, start, best=best, stopped=self.stopped)
+
+    def _stop_after(self, row: dict) -> bool:
+        return bool(self.on_epoch is not None and self.on_epoch(row))
 
     def _banner(self) -> str:
         n_params = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
