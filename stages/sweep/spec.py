@@ -33,12 +33,13 @@ from typing import Any, Callable
 
 import yaml
 
-from core.errors import MissingFileError
+from core.errors import MissingFileError, PipeError
 from pipeline.config import ConfigError, load_config
+from stages.evaluate.classify import NoLabelsError, resolve_labels
 from stages.evaluate.stage import EvalConfig
 from stages.sweep.objective import Objective, parse_objective
 from stages.sweep.space import PAIR, Param, grid_points, grid_problems, pair_name, parse_space, sample_point
-from stages.train.trainer import TrainConfig
+from stages.train.trainer import TrainConfig, load_training_data
 
 KEYS = {"dataset", "backbone", "text_encoder", "pairs", "cache", "preset", "overrides", "evaluate", "space", "grid",
         "search", "trials", "objective", "metric", "direction", "prune", "repeats", "top", "out", "storage",
@@ -133,16 +134,16 @@ def load_sweep(path: Path, extra: list[str] = (), cache: str | None = None, tria
         raise ConfigError(["expected a mapping of sweep keys"], f"sweep {path}")
     problems: list[str] = []
     spec = _build(raw, path, list(extra), cache, trials, problems)
-    if problems or spec is None:
-        raise ConfigError(problems, f"sweep {path}")
     problems += check_settings(spec)
+    problems += metric_problems(spec) if spec.dataset else []
     if problems:
         raise ConfigError(problems, f"sweep {path}")
     return spec
 
 
 def _build(raw: dict, path: Path, extra: list[str], cache: str | None, trials: int | None,
-           problems: list[str]) -> SweepSpec | None:
+           problems: list[str]) -> SweepSpec:
+    """The spec, as far as it can be read; every problem found goes to ``problems``."""
     problems += [f"{k}: unknown sweep key (valid: {', '.join(sorted(KEYS))})" for k in raw if k not in KEYS]
     problems += [f"{k}: required" for k in ("dataset",) if k not in raw]
     space, searched = _space(raw, problems)
@@ -155,17 +156,15 @@ def _build(raw: dict, path: Path, extra: list[str], cache: str | None, trials: i
     if not space and not problems:
         problems.append("space: empty; name at least one key to search (e.g. optim.lr: {log: [1.0e-5, 1.0e-3]}), "
                         "or several encoder pairs")
-    objective = _objective(raw, problems)
+    objective = _objective(raw, problems) or parse_objective("val_loss", None)[0]   # checked: its problem is listed
     numbers = {k: _count(raw, k, default, low, problems) for k, default, low in
-               (("repeats", 1, 1), ("top", 1, 0), ("seed", 0, 0))}
-    n_trials = _trials(raw, trials, search, space, problems)
-    if problems or objective is None:
-        return None
+               (("repeats", 1, 1), ("top", 0 if "grid" in raw else 1, 0), ("seed", 0, 0))}
     return SweepSpec(
-        dataset=str(raw["dataset"]), pairs=tuple(pairs), space=tuple(space), objective=objective, search=search,
-        trials=n_trials, prune=_choice(raw, "prune", PRUNERS, "none", problems), repeats=numbers["repeats"],
-        top=numbers["top"], preset=_preset(raw.get("preset"), path), overrides=tuple(_strings(raw, "overrides", problems)) + tuple(extra),
-        evaluate=tuple(_strings(raw, "evaluate", problems)), cache=cache or raw.get("cache"),
+        dataset=str(raw.get("dataset", "")), pairs=tuple(pairs), space=tuple(space), objective=objective,
+        search=search if search in SEARCHES else "optuna", trials=_trials(raw, trials, search, space, problems),
+        prune=_choice(raw, "prune", PRUNERS, "none", problems), repeats=numbers["repeats"], top=numbers["top"],
+        preset=_preset(raw.get("preset"), path), evaluate=tuple(_strings(raw, "evaluate", problems)),
+        overrides=tuple(_strings(raw, "overrides", problems)) + tuple(extra), cache=cache or raw.get("cache"),
         out=str(raw.get("out", "runs/sweep")), storage=raw.get("storage"), study=str(raw.get("study", "sweep")),
         seed=numbers["seed"], source=str(path), axes=tuple(pair_axes + searched))
 
@@ -226,6 +225,7 @@ def _choice(raw: dict, key: str, registry: dict, default: str, problems: list[st
     value = str(raw.get(key, default))
     if value not in registry:
         problems.append(f"{key}: must be one of {', '.join(registry)}, got {value!r}")
+        return default
     return value
 
 
@@ -295,6 +295,28 @@ def check_settings(spec: SweepSpec) -> list[str]:
     if spec.objective.downstream:
         _collect(lambda: eval_config(spec, spec.objective.task, adaptor="none"), problems, seen, "evaluate")
     return problems
+
+
+def metric_problems(spec: SweepSpec) -> list[str]:
+    """A classification metric must be a figure of the dataset's label type (binary: auroc, ece, ...).
+    Read from the cache's index: a pair not cached yet is refused later, with its `pipe embed` command."""
+    o = spec.objective
+    if o.task != "classification":
+        return []
+    cfg = eval_config(spec, "classification", adaptor="none")
+    try:
+        data = load_training_data(train_config(spec, {PAIR: pair_name(*spec.pairs[0])} if len(spec.pairs) > 1
+                                               else {}, "probe"))
+        labels = resolve_labels(data.items, cfg.classification.labels, cfg.classification.label_type, spec.dataset)
+    except NoLabelsError as e:
+        return [f"objective: {e}"]
+    except PipeError:
+        return []  # not in the cache (yet): the pairs' check says so, with the commands
+    keys = labels.kind.table_keys(labels.names)
+    if o.metric in keys:
+        return []
+    return [f"objective: {o.metric!r} is not a figure of {spec.dataset!r}'s classification ({labels.type} over "
+            f"{', '.join(labels.names)}); use one of: {', '.join(f'classification@{o.fraction:g}/{k}' for k in keys)}"]
 
 
 def _edges(params: list[Param]) -> list[dict]:

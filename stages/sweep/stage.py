@@ -28,12 +28,10 @@ from cache.pairs import CacheMissError, embed_command
 from cache.paths import cache_root
 from core.atomic import atomic_write_text
 from core.console import err, escape
-from pipeline.config import ConfigError
 from stages.embed import EmbedConfig
 from stages.embed import run as embed_run
-from stages.evaluate.classify import NoLabelsError, resolve_labels
 from stages.sweep import board
-from stages.sweep.objective import parse_objective
+from stages.sweep.objective import parse_objective, read_figure
 from stages.sweep.pool import make_pool
 from stages.sweep.space import PAIR, pair_name
 from stages.sweep.spec import SweepSpec, eval_config, train_config
@@ -114,32 +112,11 @@ def _missing(spec: SweepSpec, pair: tuple[str, str]) -> bool:
     return False
 
 
-def check_metric(spec: SweepSpec) -> None:
-    """A classification metric must be a figure of this dataset's label type (binary: auroc, ...)."""
-    o = spec.objective
-    if o.task != "classification":
-        return
-    cfg = eval_config(spec, "classification", adaptor="none")
-    data = load_training_data(train_config(spec, {PAIR: pair_name(*spec.pairs[0])} if len(spec.pairs) > 1 else {},
-                                           "probe"))
-    try:
-        labels = resolve_labels(data.items, cfg.classification.labels, cfg.classification.label_type, spec.dataset)
-    except NoLabelsError as e:
-        raise ConfigError([f"objective: {e}"], f"sweep {spec.source}") from None
-    keys = labels.kind.table_keys(labels.names)
-    if o.metric not in keys:
-        raise ConfigError([f"objective: {o.metric!r} is not a figure of {spec.dataset!r}'s classification "
-                           f"({labels.type} over {', '.join(labels.names)}); use one of: "
-                           f"{', '.join(f'classification@{o.fraction:g}/{k}' for k in keys)}"],
-                          f"sweep {spec.source}")
-
-
 # ------------------------------------------------------------------ the sweep
 def run(spec: SweepSpec, workers: int | None = None, scheduler: str | None = None, embed: bool = False,
         lease_s: float | None = None) -> SweepResult:
     """Run the sweep's missing trials, then evaluate its best on the test split."""
     check_caches(spec, embed)
-    check_metric(spec)
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     study = Study(spec, lease_s=lease_s)
     _write_manifest(spec, [])
@@ -252,15 +229,28 @@ def evaluate_top(spec: SweepSpec, study: Study, pool) -> list[dict]:
         for job, outcome in pool.wait(jobs, timeout=POLL_S):
             jobs.remove(job)
             done.append({"trial": job.about["trial"], "task": task, "objective": job.about["objective"],
-                         **outcome})
+                         **outcome, **_test_figure(spec, outcome)})
     return sorted(done, key=lambda d: [r["trial"] for r in best].index(d["trial"]))
 
 
+def _test_figure(spec: SweepSpec, outcome: dict) -> dict:
+    """``{"test": figure}``: the objective's figure (or the matching recall) in a best trial's test results."""
+    path = Path(outcome.get("out", "")) / "results.json"
+    if outcome.get("error") or not path.is_file():
+        return {}
+    try:
+        return {"test": read_figure(json.loads(path.read_text()), test_objective(spec))}
+    except LookupError as e:
+        return {"test_error": str(e)}
+
+
 def _fractions(spec: SweepSpec, task: str) -> tuple[float, ...]:
-    f = eval_config(spec, task, adaptor="none").fractions
+    """The label fractions of the test-split tables: the objective's, and those ``evaluate:`` lists."""
+    listed = any(o.partition("=")[0].strip() == "fractions" for o in spec.evaluate)
+    f = list(eval_config(spec, task, adaptor="none").fractions) if listed or spec.objective.fraction is None else []
     if spec.objective.fraction is not None and spec.objective.fraction not in f:
-        f = sorted([*f, spec.objective.fraction])
-    return tuple(f)
+        f.append(spec.objective.fraction)
+    return tuple(sorted(f))
 
 
 def _write_manifest(spec: SweepSpec, top: list[dict]) -> None:
@@ -276,6 +266,7 @@ def _write_manifest(spec: SweepSpec, top: list[dict]) -> None:
         "space": {p.key: {p.kind: p.value} for p in spec.space},
         "distributions": {p.key: json.loads(distribution_to_json(p.distribution)) for p in spec.space},
         "test_task": test_task(spec), "test_objective": test_objective(spec).text,
-        "top_runs": [{k: v for k, v in t.items() if k in ("trial", "task", "out", "error", "objective")} for t in top]}
+        "top_runs": [{k: v for k, v in t.items() if k in ("trial", "task", "out", "error", "objective", "test")}
+                     for t in top]}
     atomic_write_text(Path(spec.out) / "sweep.json", json.dumps(manifest, indent=1, default=str))
 

@@ -278,7 +278,7 @@ def run_evaluation(task: EvalTask) -> dict:
     out = Path(task.out)
     if (out / "results.json").is_file():
         return {"out": str(out), "reused": True}
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with logs_to(out.parent / f"{out.name}.log"):
         try:
