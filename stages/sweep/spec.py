@@ -33,13 +33,17 @@ from typing import Any, Callable
 
 import yaml
 
+from cache.pairs import load_pairs
+from cache.paths import cache_root
 from core.errors import MissingFileError, PipeError
 from pipeline.config import ConfigError, load_config
+from pipeline.datasets import open_dataset
+from pipeline.encoders import canonical_name
 from stages.evaluate.classify import NoLabelsError, resolve_labels
 from stages.evaluate.stage import EvalConfig
 from stages.sweep.objective import Objective, parse_objective
 from stages.sweep.space import PAIR, Param, grid_points, grid_problems, pair_name, parse_space, sample_point
-from stages.train.trainer import TrainConfig, load_training_data
+from stages.train.trainer import TrainConfig
 
 KEYS = {"dataset", "backbone", "text_encoder", "pairs", "cache", "preset", "overrides", "evaluate", "space", "grid",
         "search", "trials", "objective", "metric", "direction", "prune", "repeats", "top", "out", "storage",
@@ -304,10 +308,11 @@ def metric_problems(spec: SweepSpec) -> list[str]:
     if o.task != "classification":
         return []
     cfg = eval_config(spec, "classification", adaptor="none")
+    root = cache_root(spec.cache)
     try:
-        data = load_training_data(train_config(spec, {PAIR: pair_name(*spec.pairs[0])} if len(spec.pairs) > 1
-                                               else {}, "probe"))
-        labels = resolve_labels(data.items, cfg.classification.labels, cfg.classification.label_type, spec.dataset)
+        name = open_dataset(spec.dataset, root, materialise=False, skip_bad_rows=True).name
+        items = load_pairs(root, name, spec.dataset, *spec.pairs[0], need_text=False, canonical=canonical_name).items
+        labels = resolve_labels(items, cfg.classification.labels, cfg.classification.label_type, spec.dataset)
     except NoLabelsError as e:
         return [f"objective: {e}"]
     except PipeError:
