@@ -34,7 +34,7 @@ def logs_to(path: Path) -> Iterator[None]:
     """The block's logs and progress (everything printed to ``err``) go to the file ``path``
     (appended) instead of stderr: one sweep trial's log, while stderr carries one line per trial."""
     with open(path, "a", encoding="utf-8") as f:
-        before = err.file
+        before = err._file  # None: whatever sys.stderr is at the time (not the stream of this moment)
         err.file = f
         try:
             yield

@@ -214,7 +214,7 @@ def test_trials_csv_and_the_sweep_page(downstream, tmp_path):
                     "The best trials on the test split", "fANOVA"):
         assert section in html, section
     assert html.count('src="data:image/png;base64,') >= 3 and "<script" not in html
-    assert "classification · AUROC" in html  # the best trial's downstream table
+    assert "<caption>AUROC (%)<span" in html  # the best trial's downstream table
     table = pipe("report", str(out))  # without --html: the best trials' tables
     assert "AUROC" in table.stdout
 
