@@ -55,10 +55,11 @@ def sweep(
         what = t.get("error") or f"{escape(t['out'])}"
         err.print(f"trial {t['trial']} on the test split ({t['task']}): {what}")
     for name, w in result.workers.items():
-        err.print(f"{escape(name)}: {w.trials} trial(s) · items read from the cache: {w.first_reads:,} at its first "
-                  f"trial, {w.later_reads:,} after · peak memory {w.peak_rss_mb:,.0f} MiB (held arrays "
+        first = ", ".join(f"{k} {n:,}" for k, n in sorted(w.first_reads.items())) or "none"
+        err.print(f"{escape(name)}: {w.trials} trial(s) · rows read from the cache at its first trial: {escape(first)}; "
+                  f"after it: {w.later_reads:,} · peak memory {w.peak_rss_mb:,.0f} MiB (held arrays "
                   f"{w.held_mb:,.1f} MiB)")
-    err.print(f"backbone forwards: 0 · items read from the cache: {result.items_read:,} · trials: "
+    err.print(f"backbone forwards: 0 · rows read from the cache: {result.rows_read:,} · trials: "
               f"{escape(str(result.csv))} · page: pipe report {escape(s.out)} --html {escape(s.out)}/sweep.html")
     if as_json:
         print_json({**rows_json(s, result.rows), **result.summary()})

@@ -44,22 +44,24 @@ POLL_S = 2.0     # how often a process with nothing left to start looks at the o
 
 @dataclass
 class WorkerStats:
-    """What one worker did: trials, and the rows it read from the cache at its first trial and after."""
+    """What one worker did: trials, and the rows it read from the cache (per store array) at its
+    first trial and after it."""
 
     trials: int = 0
-    first_reads: int = 0
+    first_reads: dict[str, int] = field(default_factory=dict)
     later_reads: int = 0
     read_seconds: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     held_mb: float = 0.0
 
     def add(self, outcome: dict) -> None:
-        n = max(outcome.get("reads", {}).values(), default=0)   # items: the rows of the largest array read
+        reads = outcome.get("reads", {})
         self.trials += 1
         if outcome.get("first"):
-            self.first_reads += n
+            for k, n in reads.items():
+                self.first_reads[k] = self.first_reads.get(k, 0) + n
         else:
-            self.later_reads += n
+            self.later_reads += sum(reads.values())
         self.read_seconds.append(outcome.get("read_seconds", 0.0))
         w = outcome.get("worker", {})
         self.peak_rss_mb = max(self.peak_rss_mb, w.get("peak_rss_mb", 0.0))
@@ -77,12 +79,13 @@ class SweepResult:
     interrupted: bool = False
 
     @property
-    def items_read(self) -> int:
-        return sum(w.first_reads + w.later_reads for w in self.workers.values())
+    def rows_read(self) -> int:
+        """Rows every worker read from the cache, all arrays together."""
+        return sum(sum(w.first_reads.values()) + w.later_reads for w in self.workers.values())
 
     def summary(self) -> dict:
         return {"ran": self.ran, "interrupted": self.interrupted, "csv": str(self.csv), "pool": self.pool,
-                "items_read": self.items_read, "backbone_forwards": 0, "top": self.top,
+                "rows_read": self.rows_read, "backbone_forwards": 0, "top": self.top,
                 "workers": {k: vars(w) for k, w in self.workers.items()}}
 
 

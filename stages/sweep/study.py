@@ -160,8 +160,8 @@ class Study:
         self.me = this_process()
         self._lock_file = lock_path(self.url)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = open_storage(self.url)
-        with self.locked():
+        with self.locked():  # two processes creating one SQLite file's tables at once would collide
+            storage = open_storage(self.url)
             self.study = optuna.create_study(study_name=spec.study, storage=storage, load_if_exists=True,
                                              direction=spec.objective.direction, pruner=make_pruner(spec))
         self.storage = self.study._storage
