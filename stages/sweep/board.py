@@ -50,6 +50,8 @@ def _row(spec: SweepSpec, t) -> dict:
     row.update({k: settings.get(k) for k in spec.axes})
     row["reason"] = t.system_attrs.get(REASON) or (t.system_attrs.get(INTERRUPTED) if state == "interrupted" else None)
     row["params"] = dict(t.params)
+    row["started"] = t.datetime_start.timestamp() if t.datetime_start else None      # trials.json only
+    row["finished"] = t.datetime_complete.timestamp() if t.datetime_complete else None
     return row
 
 

@@ -9,6 +9,7 @@ time and keeps its loaded data between trials (:mod:`stages.sweep.trial`).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class DaskPool:
                 raise SchedulerError(f"cannot reach the Dask scheduler at {self.scheduler} ({e}). Start one with "
                                      "`dask scheduler` and workers with `dask worker <address>`, or leave "
                                      f"--scheduler and ${SCHEDULER_ENV} out to start a local cluster.") from None
+            self._preload()
             return self
         n, gpus = local_workers(self.workers)
         per = threads.plan(processes=n)
@@ -90,7 +92,13 @@ class DaskPool:
         self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                     silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
         self.client = Client(self.cluster)
+        self._preload()
         return self
+
+    def _preload(self) -> None:
+        """Every worker imports the trials' code (torch, the stages) now, all at once, before any trial is
+        claimed: a trial's lease and time start when it can run."""
+        self.client.run(importlib.import_module, "stages.sweep.trial")
 
     def __exit__(self, *exc) -> None:
         if self.client is not None:
