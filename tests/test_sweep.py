@@ -302,3 +302,46 @@ top: 0
     assert sorted(rows.trial) == list(range(6)) and set(rows.state) == {"complete"}
     assert all(_trainings(Path(run)) == 1 for run in rows.run)
     assert rows["optim.lr"].nunique() == 6  # a trial's values are drawn from its own number, whoever draws them
+
+
+# ------------------------------------------------------------------ encoder pairs
+def test_encoder_pairs_and_encoder_lists_are_one_axis(tmp_path):
+    from stages.sweep import load_sweep
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("dataset: x.csv\nbackbone: [tiny-vit, random-dinov2-s]\ntext_encoder: tiny-bert\n"
+                    "space:\n  optim.lr: [1.0e-3, 1.0e-4]\n")
+    s = load_sweep(spec)
+    assert s.pairs == (("tiny-vit", "tiny-bert"), ("random-dinov2-s", "tiny-bert")) and s.axes == ("backbone", "optim.lr")
+    assert s.search == "optuna" and len(s.grid) == 4
+    settings = s.settings({"pair": "random-dinov2-s + tiny-bert", "optim.lr": 1e-4})
+    assert settings == {"backbone": "random-dinov2-s", "text_encoder": "tiny-bert", "optim.lr": 1e-4}
+    spec.write_text("dataset: x.csv\npairs: [[tiny-vit, tiny-bert], [random-dinov2-s, minilm]]\nsearch: grid\n")
+    s = load_sweep(spec)
+    assert s.axes == ("backbone", "text_encoder") and [p["pair"] for p in s.grid] == [
+        "tiny-vit + tiny-bert", "random-dinov2-s + minilm"] and s.trials == 2
+
+
+@pytest.mark.slow
+def test_a_sweep_over_encoder_pairs_embeds_a_missing_one_first(cached, tmp_path):
+    table, cache = cached
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"""dataset: {table}
+pairs: [[tiny-vit, tiny-bert], [random-dinov2-s, tiny-bert]]
+overrides: [{", ".join(SMALL)}, epochs=1]
+search: grid
+objective: val_loss
+top: 0
+out: {tmp_path / "out"}
+""")
+    r = pipe("sweep", str(spec), "--cache", str(cache), "--workers", "0", "--embed")
+    assert "embedding" in r.output and "random-dinov2-s + tiny-bert first (--embed)" in r.output
+    rows = pd.read_csv(tmp_path / "out" / "trials.csv")
+    assert list(rows.columns) == ["trial", "state", "objective", "seconds", "run", "backbone", "text_encoder", "reason"]
+    assert dict(zip(rows.trial, rows.backbone)) == {0: "tiny-vit", 1: "random-dinov2-s"}
+    assert set(rows.text_encoder) == {"tiny-bert"}
+    assert set(rows.state) == {"complete"}
+    import yaml
+
+    trained = yaml.safe_load((tmp_path / "out" / "trials" / "0001" / "config.yaml").read_text())
+    assert trained["backbone"] == "random-dinov2-s" and trained["adaptor"]["image_dim"] == 384
