@@ -248,8 +248,16 @@ def _trainings(run: Path) -> int:
     return (run / "log.txt").read_text().count("training the Adaptor")
 
 
+def _wait_for_epoch(proc: subprocess.Popen, metrics: Path) -> None:
+    """Until a trial has logged its first epoch (it is then between epochs)."""
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_and_runs_no_finished_trial_again(cached, tmp_path):
+def test_a_stopped_or_killed_sweep_resumes_and_runs_no_finished_trial_again(cached, tmp_path):
     table, cache = cached
     spec = sweep_file(tmp_path / "s.yaml", table, tmp_path / "out", """search: grid
 space:
@@ -257,25 +265,29 @@ space:
 objective: val_loss
 top: 0
 """, overrides=("epochs=6",))
+    trials = tmp_path / "out" / "trials"
     proc = _start(spec, cache, "--workers", "0")
-    second = tmp_path / "out" / "trials" / "0001" / "metrics.csv"
-    deadline = time.monotonic() + 300
-    while not (second.is_file() and len(second.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # mid-trial: trial 0 done, trial 1 between its epochs
+    _wait_for_epoch(proc, trials / "0001" / "metrics.csv")
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, the running trial put back
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "1 running trial(s) put back" in stderr, stderr
+    rows = pd.read_csv(tmp_path / "out" / "trials.csv")
+    assert rows.state.tolist() == ["complete", "interrupted"] and rows.reason[1] == "interrupted (Ctrl-C)"
+    finished_before = (trials / "0000" / "last.safetensors").stat().st_mtime_ns
+    proc = _start(spec, cache, "--workers", "0")
+    _wait_for_epoch(proc, trials / "0002" / "metrics.csv")
+    proc.send_signal(signal.SIGKILL)  # mid-trial: trials 0 and 1 done, trial 2 between its epochs
     proc.wait()
-    first = tmp_path / "out" / "trials" / "0000" / "last.safetensors"
-    finished_before = first.stat().st_mtime_ns
     again = _start(spec, cache, "--workers", "0")
     stdout, stderr = again.communicate(timeout=600)
     assert again.returncode == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert [r["state"] for r in result["rows"]] == ["complete"] * 3 and result["ran"] == 2
-    assert "trial 1: re-running it (interrupted before: its process" in stderr
-    assert first.stat().st_mtime_ns == finished_before and _trainings(first.parent) == 1  # not run again
-    assert pd.read_csv(second).epoch.tolist() == [1, 2, 3, 4, 5, 6]  # re-run (from its last checkpoint, if any)
-    assert _trainings(second.parent) == 2 and _trainings(second.parent.parent / "0002") == 1
+    assert [r["state"] for r in result["rows"]] == ["complete"] * 3 and result["ran"] == 1
+    assert "trial 2: re-running it (interrupted before: its process" in stderr
+    assert (trials / "0000" / "last.safetensors").stat().st_mtime_ns == finished_before  # not run again
+    assert [_trainings(trials / n) for n in ("0000", "0001", "0002")] == [1, 2, 2]
+    for n in ("0001", "0002"):  # re-run (from its last checkpoint, if it had one) to the end
+        assert pd.read_csv(trials / n / "metrics.csv").epoch.tolist() == [1, 2, 3, 4, 5, 6]
     grown = _start(spec, cache, "--workers", "0", "--trials", "3")  # nothing left: no trial runs
     stdout, _ = grown.communicate(timeout=600)
     assert json.loads(stdout.strip().splitlines()[-1])["ran"] == 0
