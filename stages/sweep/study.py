@@ -49,10 +49,9 @@ def storage_url(spec: SweepSpec) -> str:
 
 def lock_path(url: str) -> Path | None:
     """Where the claims of a storage in a file are serialised (None: a database server's own locks)."""
-    if url.startswith("sqlite:///"):
-        return Path(url[len("sqlite:///"):] + ".lock")
-    if url.startswith("journal:"):
-        return Path(url[len("journal:"):] + ".lock")
+    for scheme in ("sqlite:///", "journal:"):  # not <file>.lock: Optuna's journal takes that name for its own lock
+        if url.startswith(scheme):
+            return Path(url[len(scheme):] + ".claims.lock")
     return None
 
 
