@@ -61,7 +61,8 @@ def load_sweep_folder(path: Path) -> SweepFolder:
         trials = json.loads((path / TRIALS).read_text()) if (path / TRIALS).is_file() else {"rows": []}
     except (OSError, ValueError) as e:
         raise ReportInputError(f"{path} is not a readable sweep folder ({e}); run `pipe sweep` into it first") from None
-    runs = top_runs(path)
+    ranked = [Path(t["out"]).name for t in manifest.get("top_runs", []) if t.get("out")]
+    runs = sorted(top_runs(path), key=lambda p: ranked.index(p.name) if p.name in ranked else len(ranked))
     return SweepFolder(path, manifest, trials.get("rows", []), load_runs(runs) if runs else None)
 
 
@@ -209,7 +210,8 @@ class SweepPage:
         errors = [t for t in self.m.get("top_runs", []) if t.get("error")]
         extra = "".join(note(f"trial {t['trial']}: {t['error']}") for t in errors)
         return (f'<p class="cap">The best {len(top.evals)} trial(s) by the validation objective, each evaluated once '
-                f"on the test split with `pipe evaluate`'s intervals. These figures chose nothing.</p>"
+                f"on the test split with `pipe evaluate`'s intervals, best first (a row after the first names its "
+                f"trial's folder). These figures chose nothing.</p>"
                 f"{Page(top, self.title).results()}{extra}")
 
     def failures(self) -> str:
