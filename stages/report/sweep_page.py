@@ -186,7 +186,7 @@ class SweepPage:
         return (f'<p class="cap">Importances: Optuna\'s fANOVA (seed 0) on the {len(study.trials)} complete '
                 f"trials (they sum to 1). Slice plots: the objective of each trial against one parameter's value, "
                 f"the colour its trial number.</p><div class=\"grid2\"><div>{simple_table(['parameter', 'importance'], rows)}</div>"
-                f"{img(bars, 'parameter importances')}</div>{img(slices, 'slice plots', 'wide')}")
+                f"{img(bars, 'parameter importances')}</div><figure class=\"wide\">{img(slices, 'slice plots')}</figure>")
 
     def history(self) -> str:
         study = self.study()
