@@ -179,7 +179,12 @@ class Study:
         if self._lock_file is None:
             yield
             return
-        self._lock_file.parent.mkdir(parents=True, exist_ok=True)
+        if self.url.startswith("sqlite:///"):
+            self._lock_file.parent.mkdir(parents=True, exist_ok=True)  # the database's folder, as SQLite needs it
+        elif not self._lock_file.parent.is_dir():  # a journal on a shared file system: its folder must be there
+            raise StudyStorageError(f"cannot open the study storage {redacted(self.url)} (no folder "
+                                    f"{self._lock_file.parent}). Create it on a file system every host sees, or "
+                                    "leave storage: out to use study.db in the sweep folder.")
         with locked(self._lock_file):
             yield
 
