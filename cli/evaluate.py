@@ -148,8 +148,8 @@ REPORT_EPILOG = """Examples:
 @app.command(epilog=REPORT_EPILOG)
 def report(
     runs: list[Path] = typer.Argument(..., help="Run directories of `pipe evaluate` (each has results.json), "
-                                                "Adaptor training runs (metrics.csv), or folders of runs "
-                                                "(e.g. demo-out)."),
+                                                "Adaptor training runs (metrics.csv), folders of runs "
+                                                "(e.g. demo-out), or a sweep's folder (`pipe sweep`'s out)."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page of the runs here: "
                                         "tables, training curves, ROC and calibration, segmentation overlays, "
                                         "retrieval examples, the data card and provenance."),
@@ -163,7 +163,17 @@ def report(
     from core.atomic import atomic_write_text  # lazy: keeps `pipe --help` fast
     from stages.evaluate.tables import to_rich  # lazy: keeps `pipe --help` fast
     from stages.report import load_runs, merged_tables, write_page  # lazy: as above
+    from stages.report.sweep_page import is_sweep_folder, top_runs, write_sweep_page  # lazy: as above
 
+    sweeps = [p for p in runs if is_sweep_folder(p)]
+    if sweeps and html:  # a sweep's folder: its own page (the trials ranked, the parameters' effects, its best)
+        if len(runs) > 1:
+            fail("a sweep's page draws one sweep folder: name it alone (pipe report OUT --html page.html)")
+        with user_errors():
+            page = write_sweep_page(sweeps[0], html)
+        err.print(f"wrote {escape(str(page))} (open it in a browser)")
+        return
+    runs = [q for p in runs for q in (top_runs(p) or [p] if p in sweeps else [p])]  # a sweep's tables: its best trials
     with user_errors():
         loaded = load_runs(runs)
     if not loaded.evals and not html:

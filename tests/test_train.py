@@ -202,8 +202,11 @@ grid:
   adaptor.mode: [pooled, tokens]
 out: {tmp_path / "sweep"}
 """)
-    r = pipe("sweep", str(spec), "--cache", str(cache))
-    assert "backbone forwards: 0" in r.output and "items read from cache: 160" in r.output
+    r = pipe("sweep", str(spec), "--cache", str(cache), "--workers", "0")
+    # four runs in this process: each array's rows (40 items, 3 views each) are read from the cache once, for all
+    assert "backbone forwards: 0" in r.output and "after it: 0 " in r.output
+    assert ("rows read from the cache at its first trial: image/pooled 120, image/tokens 120, text/length 40, "
+            "text/pooled 40, text/tokens 40;") in r.output
     rows = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
     assert len(rows) == 4 and set(rows["adaptor.mode"]) == {"pooled", "tokens"}
     assert rows.val_loss.notna().all()

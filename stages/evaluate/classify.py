@@ -314,7 +314,7 @@ def _roc_plot(ctx: EvalContext, labels: Labels, methods: list[MethodResult], pos
                 style = {"color": f"C{fi}", "linestyle": ("-", "--", ":")[mi % 3]}
                 legend = f"{m.method.name} · {fl} ({M.auroc(y_te[:, j], p):.3f})"
                 curves.setdefault(name, []).append((legend, fpr, tpr, style))
-    title = f"ROC on the test split · {ctx.dataset_name} · {kind} head, seed {ctx.seeds[0]} · legend: AUROC"
+    title = f"ROC on {ctx.scored} · {ctx.dataset_name} · {kind} head, seed {ctx.seeds[0]} · legend: AUROC"
     return roc_grid(curves, ctx.out / "roc.png", title)
 
 

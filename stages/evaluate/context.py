@@ -17,6 +17,23 @@ from pipeline.tables import Table
 from stages.evaluate.features import FrozenAdaptor, raw_features
 
 
+@dataclass(frozen=True)
+class ScoreSplit:
+    """Which split a run scores (``score_split``): the test split, or the validation split for a
+    sweep's selection, so that the test split never chooses a setting. Heads are trained and
+    chosen as always; only the items they are scored on change."""
+
+    name: str
+    config_key: str      # the EvalConfig field that names the split
+    phrase: str          # how titles and notes name it
+
+
+SCORE_SPLITS: dict[str, ScoreSplit] = {s.name: s for s in (
+    ScoreSplit("test", "test_split", "the test split"),
+    ScoreSplit("valid", "val_split", "the validation split"),
+)}
+
+
 @dataclass
 class EvalContext:
     cfg: Any                      # stages.evaluate.EvalConfig
@@ -66,10 +83,18 @@ class EvalContext:
         """Store rows of each item's plain (un-augmented) view."""
         return self.data.image_rows[:, 0]
 
+    @property
+    def scored(self) -> str:
+        """The split the figures are scored on, as titles name it ("the test split")."""
+        return SCORE_SPLITS[self.cfg.score_split].phrase
+
     def positions(self, keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Item positions of the train / valid / test splits (only where ``keep``)."""
+        """Item positions of the train / valid / test splits (only where ``keep``). The ``test``
+        positions are those of the scored split (``score_split``): the validation split's when a
+        sweep selects, and then no position of the test split is returned at all."""
         split = self.data.items["split"].to_numpy()
-        names = {"train": self.cfg.train_split, "valid": self.cfg.val_split, "test": self.cfg.test_split}
+        scored = getattr(self.cfg, SCORE_SPLITS[self.cfg.score_split].config_key)
+        names = {"train": self.cfg.train_split, "valid": self.cfg.val_split, "test": scored}
         ok = np.ones(len(split), bool) if keep is None else keep
         return {k: np.flatnonzero((split == v) & ok) for k, v in names.items()}
 

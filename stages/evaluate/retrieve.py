@@ -213,7 +213,7 @@ def _methods(ctx: EvalContext, img_rows: np.ndarray, txt_rows: np.ndarray
 
 def _table(ctx: EvalContext, methods: list[MethodResult], n: int) -> Table:
     cols = {Column(f"{d} R@{k}"): k for d in ("image→text", "text→image") for k in KS}
-    t = make_table("retrieval", "recall@K on the test split", "recall", list(cols),
+    t = make_table("retrieval", f"recall@K on {ctx.scored}", "recall", list(cols),
                    interval_note(ctx.cfg.ci, n, ctx.cfg.bootstrap))
     for m in methods:
         add_estimates_row(t, m.method, m.figures.get("recall"), m.figures.get("ci"))

@@ -15,14 +15,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 
 from core.atomic import atomic_write_text
 from core.jsondata import plain
 from core.locks import owned_folder, release_empty_folder
-from cache.pairs import CacheMissError, embed_command, load_pairs
+from cache.pairs import CacheMissError, PairData, embed_command, load_pairs
 from cache.paths import cache_root
 from pipeline.config import ConfigError, OneOf, Validated, config_hash, save_config, to_dict
 from pipeline import threads
@@ -37,7 +37,7 @@ from pipeline.provenance import provenance
 from pipeline.records import CheckpointInfo, DataCard, EvalRecord, Provenance
 from pipeline.tables import Table
 from stages.evaluate.card import data_card
-from stages.evaluate.context import EvalContext, TaskResult
+from stages.evaluate.context import SCORE_SPLITS, EvalContext, TaskResult
 from stages.evaluate.features import FrozenAdaptor
 from stages.evaluate.head_bank import HEAD_SCHEDULES
 from stages.evaluate.metrics import SEGMENTATION_METRICS
@@ -165,6 +165,7 @@ class EvalConfig(Validated):
     train_split: str = "train"     # the split the heads train on
     val_split: str = "valid"       # the split that stops and picks heads
     test_split: str = "test"       # the split every figure is measured on
+    score_split: Annotated[str, OneOf(SCORE_SPLITS)] = "test"   # the split the figures are scored on (valid: a sweep's selection)
 
     # Settings that were top-level keys before each task had its section; the old keys still work.
     MOVED = {"labels": "classification.labels", "label_type": "classification.label_type",
@@ -244,7 +245,27 @@ def check_labels_current(cfg: EvalConfig, root: Path, ds, items, backbone: str, 
                                      f"label {k!r}). Re-index it (embeddings are reused):\n  {hint}")
 
 
-def _context(cfg: EvalConfig) -> EvalContext:
+@dataclass(frozen=True)
+class Prepared:
+    """A dataset and its cached pairs, opened and checked once by a caller that evaluates many
+    checkpoints on them (a sweep's worker): :func:`prepare` makes one, ``run(cfg, prepared)`` reads it."""
+
+    dataset: Any           # the materialised pipeline.datasets.Dataset
+    data: PairData         # load_pairs(..., need_text=the task's needs_text)
+
+
+def prepare(cfg: EvalConfig, backbone: str, text: str | None) -> Prepared:
+    """Open the dataset and line up its cached pairs for ``cfg.task``, checking the index is current."""
+    root = cache_root(cfg.cache)
+    ds = open_dataset(cfg.dataset, root, materialise=False, skip_bad_rows=True)
+    data = load_pairs(root, ds.name, cfg.dataset, backbone, text or "none", need_text=get_task(cfg.task).needs_text,
+                      canonical=canonical_name)
+    ds = open_dataset(cfg.dataset, root, skip_bad_rows=True)
+    check_labels_current(cfg, root, ds, data.items, backbone, text)
+    return Prepared(ds, data)
+
+
+def _context(cfg: EvalConfig, prepared: Prepared | None = None) -> EvalContext:
     _require(cfg)
     root = cache_root(cfg.cache)
     device = resolve_device(cfg.device)
@@ -254,15 +275,11 @@ def _context(cfg: EvalConfig) -> EvalContext:
     need_text = get_task(cfg.task).needs_text
     if is_native:
         check_native_pair(backbone, text, need_text)
-    ds = open_dataset(cfg.dataset, root, materialise=False, skip_bad_rows=True)
-    name = ds.name
-    data = load_pairs(root, name, cfg.dataset, backbone, text or "none", need_text=need_text,
-                      canonical=canonical_name)
+    prepared = prepared or prepare(cfg, backbone, text)
+    ds, data, name = prepared.dataset, prepared.data, prepared.dataset.name
     if adaptor is not None:
         fps = data.fingerprints() if need_text else {"image": data.image.fingerprint}
         check_fingerprints(adaptor.meta, fps, f"checkpoint {adaptor.path}")
-    ds = open_dataset(cfg.dataset, root, skip_bad_rows=True)
-    check_labels_current(cfg, root, ds, data.items, backbone, text)
     out = Path(cfg.out) if cfg.out else default_out(cfg, name, adaptor, backbone)
     return EvalContext(cfg, root, device, data, name, adaptor, backbone, text, out, dataset_version=ds.version,
                        split_source=ds.split_source, published=ds.fractions, description=ds.description,
@@ -275,10 +292,12 @@ def default_out(cfg: EvalConfig, dataset: str, adaptor: FrozenAdaptor | None, ba
 
 
 # -------------------------------------------------------------------------------- run
-def run(cfg: EvalConfig) -> EvalResult:
+def run(cfg: EvalConfig, prepared: Prepared | None = None) -> EvalResult:
+    """Evaluate one checkpoint (or none); ``prepared``: the dataset and pairs, opened by :func:`prepare`
+    once for many runs (a sweep's worker), else opened here."""
     t0 = time.perf_counter()
     err.print(threads.apply().line())
-    ctx = _context(cfg)
+    ctx = _context(cfg, prepared)
     fresh = not ctx.out.exists()
     ctx.out.mkdir(parents=True, exist_ok=True)
     with owned_folder(ctx.out, "evaluate"):  # one evaluation writes a run folder at a time

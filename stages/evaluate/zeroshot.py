@@ -100,7 +100,7 @@ def run(ctx: EvalContext) -> TaskResult:
     result.data = {"splits": {"test": int(len(test))}, "prompts": str(prompt_path(ctx.cfg.zero_shot.prompts)),
                    "findings": findings, "n_prompts": {f: {k: len(v) for k, v in prompts[f].items()} for f in findings},
                    "positives": {f: int(np.nansum(y[f])) for f in findings}}
-    title = f"zero-shot ROC · {ctx.dataset_name} · test split"
+    title = f"zero-shot ROC · {ctx.dataset_name} · {ctx.scored}"
     result.plots.append(str(roc_grid(curves, ctx.out / "roc.png", title)))
     result.files["predictions"] = ctx.out / "predictions.npz"
     np.savez_compressed(result.files["predictions"], ids=ctx.data.items.id.to_numpy()[test].astype(str),
@@ -110,7 +110,7 @@ def run(ctx: EvalContext) -> TaskResult:
 
 def _table(ctx: EvalContext, methods: list[MethodResult], findings: list[str], n_test: int) -> Table:
     cols = findings + ["macro"]
-    t = make_table("zero-shot", "AUROC on the test split", "auroc", cols,
+    t = make_table("zero-shot", f"AUROC on {ctx.scored}", "auroc", cols,
                    interval_note(ctx.cfg.ci, n_test, ctx.cfg.bootstrap))
     for m in methods:
         add_estimates_row(t, m.method, m.figures.get("auroc"), m.figures.get("ci"))

@@ -35,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import torch
@@ -147,6 +147,7 @@ class TrainResult:
     backbone_forwards: int = 0     # always 0: stage two never runs an encoder
     rank: int = 0                  # under torchrun only rank 0 reports; history is empty elsewhere
     best: Path | None = None       # best.safetensors, chosen on validation loss (None without validation)
+    stopped: int | None = None     # the epoch after which ``on_epoch`` stopped the run (None: it ran them all)
 
     @property
     def is_main(self) -> bool:
@@ -172,15 +173,24 @@ def load_training_data(cfg: TrainConfig) -> PairData:
     return data
 
 
-def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
-    """Train one Adaptor; under torchrun, this process's share of a DDP run."""
+EpochHook = Callable[[dict], bool]
+"""Shown each epoch's row (rank 0, after it is logged and checkpointed); True stops the run there."""
+
+
+def run(cfg: TrainConfig, data: PairData | None = None, on_epoch: EpochHook | None = None) -> TrainResult:
+    """Train one Adaptor; under torchrun, this process's share of a DDP run.
+
+    ``data``: the cached pairs, already loaded (a sweep loads them once for all its runs).
+    ``on_epoch(row)``: called after every epoch with its metrics row; returning True stops
+    the run after that epoch (its checkpoint is written; ``TrainResult.stopped`` says so)."""
     with distributed.session(cfg.device) as ctx:
         plan = threads.apply(processes=ctx.local_world_size)
         if ctx.is_main:
             err.print(plan.line())
         with distributed.main_first(ctx):  # reading a dataset may write to the cache: one rank at a time
             data = data or load_training_data(cfg)
-            ds_name = open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False, skip_bad_rows=True).name
+            ds_name = None if cfg.out else open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False,
+                                                        skip_bad_rows=True).name
         cfg = _with_dims(cfg, data)
         train_pos, val_pos = _split_positions(cfg, data, ctx.is_main)
         out = Path(cfg.out) if cfg.out else default_out(cfg, ds_name)
@@ -194,7 +204,7 @@ def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
                     refused = e
             if distributed.any_rank(refused is not None, ctx):
                 raise refused or FolderBusyError(f"{out} is in use by another run (rank 0 was refused)")
-            return Trainer(cfg, data, ctx, out, train_pos, val_pos).fit()
+            return Trainer(cfg, data, ctx, out, train_pos, val_pos, on_epoch).fit()
 
 
 def _split_positions(cfg: TrainConfig, data: PairData, say: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -272,8 +282,9 @@ def lr_lambda(total_steps: int, warmup_frac: float):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: PairData, ctx: DistContext, out: Path,
-                 train_pos: np.ndarray, val_pos: np.ndarray):
+                 train_pos: np.ndarray, val_pos: np.ndarray, on_epoch: EpochHook | None = None):
         self.cfg, self.data, self.ctx, self.device, self.out = cfg, data, ctx, ctx.device, out
+        self.on_epoch, self.stopped = on_epoch, None
         torch.manual_seed(cfg.seed)
         self.net = Adaptor(cfg.adaptor).to(self.device)      # what checkpoints hold
         self.model = distributed.wrap_model(self.net, ctx)   # what trains (DDP under torchrun)
@@ -362,7 +373,7 @@ class Trainer:
             task = bar.add_task("train-adaptor", total=cfg.epochs * self.steps_per_epoch,
                                 completed=start * self.steps_per_epoch)
             for epoch in range(start + 1, cfg.epochs + 1):
-                if self.stopped:
+                if self.patience_spent:  # a resumed run that had already stopped early
                     break
                 row = self._epoch(epoch, lambda: bar.advance(task))
                 if main:
@@ -370,16 +381,24 @@ class Trainer:
                     err.print(_epoch_line(row))
                     self._keep_if_best(row)
                 self._count_patience(row)
-                if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or self.stopped:
+                stop = distributed.any_rank(main and self._stop_after(row), self.ctx)
+                if stop or self.patience_spent or epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
                     self._save(epoch)
-            if self.stopped:
+                if stop:
+                    self.stopped = epoch
+                    self.say(f"stopped after epoch {epoch} (asked by the caller)")
+                    break
+            if self.patience_spent:
                 self.say(f"stopped early: {cfg.monitor} did not improve by more than {cfg.min_delta:g} in "
                          f"{cfg.patience} epoch(s)")
         if not main:
-            return TrainResult(self.out, self.out / CHECKPOINT, [], start, rank=self.ctx.rank)
+            return TrainResult(self.out, self.out / CHECKPOINT, [], start, rank=self.ctx.rank, stopped=self.stopped)
         self.log.plot(self.out / "curves.png", f"Adaptor · {cfg.backbone} + {cfg.text_encoder} · {cfg.adaptor.mode}")
         best = self.out / BEST if (self.out / BEST).exists() else None
-        return TrainResult(self.out, self.out / CHECKPOINT, self.log.rows, start, best=best)
+        return TrainResult(self.out, self.out / CHECKPOINT, self.log.rows, start, best=best, stopped=self.stopped)
+
+    def _stop_after(self, row: dict) -> bool:
+        return bool(self.on_epoch is not None and self.on_epoch(row))
 
     def _banner(self) -> str:
         n_params = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
@@ -393,7 +412,8 @@ class Trainer:
                 f"({self.train.nbytes() / 2**20:,.1f} MiB) · backbone forwards: 0")
 
     @property
-    def stopped(self) -> bool:
+    def patience_spent(self) -> bool:
+        """Early stopping: ``patience`` epochs have passed without a better monitor."""
         return bool(self.cfg.patience) and self.stale >= self.cfg.patience
 
     def _count_patience(self, row: dict) -> None:
