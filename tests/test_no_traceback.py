@@ -65,7 +65,7 @@ NOT_PATHS = {"batch_size", "device", "views", "shard_mb", "workers", "scheduler"
              "text_encoder", "backbone", "resident", "task", "fraction", "head", "seeds", "baseline", "fmt",
              "zero_shot", "bank_split", "top_k", "license", "plan", "only", "substitute", "pretrain_set",
              "eval_set", "n", "segmentation", "repair", "dry_run", "force", "seed", "write", "verify", "dataset",
-             "threads", "show_version", "report", "help", "name", "fidelity", "fixed"}
+             "threads", "show_version", "report", "help", "name", "fidelity", "fixed", "trials", "embed"}
 # how some values are written: reproduce's --data and --splits take NAME=PATH and SOURCE:PATH
 SPELLING = {("reproduce", "data"): "rsna={}", ("reproduce", "splits"): "benchx:{}"}
 

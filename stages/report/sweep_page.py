@@ -24,7 +24,7 @@ from pathlib import Path
 
 from core.atomic import atomic_write_text
 from stages.report import figures as F
-from stages.report.page import CSS, Page, esc, img, note, simple_table
+from stages.report.page import Page, esc, img, note, simple_table, stylesheet
 from stages.report.runs import ReportInputError, Runs, load_runs
 
 MANIFEST = "sweep.json"
@@ -96,7 +96,7 @@ class SweepPage:
                 f"<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
                 f"style-src 'unsafe-inline'\">"
                 f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-                f"<title>{esc(self.title)}</title><style>{CSS}</style></head><body>"
+                f"<title>{esc(self.title)}</title><style>{stylesheet()}</style></head><body>"
                 f"<header>{self.header()}<nav>{nav}</nav></header><main>{body}</main>"
                 f"<footer>Written by <code>pipe report</code> · {esc(time.strftime('%Y-%m-%d %H:%M'))} · one file: "
                 f"no script, nothing fetched</footer></body></html>\n")
