@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,77 @@ def test_pooled_mode_gives_queries_and_keys_no_gradient():
     qk, v = _qk_and_v_grads(tiny("pooled"), pooled_batch())
     assert v > 1e-4
     assert qk < 1e-7 * max(v, 1.0)
+
+
+def _full_attention(block, x, query, kv, kv_pad=None):
+    """FusionBlock.forward as it was before the one-key path: the whole multi-head attention."""
+    attended, _ = block.attn(query, kv, kv, key_padding_mask=kv_pad, need_weights=False)
+    x = block.norm1(x + block.drop1(attended))
+    return block.norm2(x + block.drop2(block.ffn(x)))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_one_key_path_equals_the_full_attention(train, monkeypatch):
+    """Pooled mode skips the query/key projections (a one-key softmax is 1): embeddings, loss and
+    every gradient equal the full multi-head attention's, dropout included (same seed, same draws)."""
+    from pipeline.models import adaptor as adaptor_module
+
+    def run(full: bool):
+        if full:
+            monkeypatch.setattr(adaptor_module.FusionBlock, "forward", _full_attention)
+        else:
+            monkeypatch.undo()
+        model = tiny("pooled", dropout=0.3, n_layers=2).train(train)
+        torch.manual_seed(123)
+        img, txt = model(pooled_batch(8))
+        only = model.encode_image(pooled_batch(8)["image_pooled"])
+        loss = clip_loss(img, txt, model.scale(), 0.75) + only.sum()
+        loss.backward()
+        return img, txt, only, loss, {n: p.grad for n, p in model.named_parameters()}
+
+    full, fast = run(True), run(False)
+    for a, b in zip(full[:4], fast[:4]):
+        assert_close(b, a, atol=1e-6, rtol=0)
+    assert full[4].keys() == fast[4].keys()
+    for name, grad in full[4].items():
+        assert_close(fast[4][name], grad, atol=1e-6, rtol=0, msg=name)
+    if train:  # the dropout really acted: a run without it gives other embeddings
+        torch.manual_seed(0)
+        plain = Adaptor(AdaptorConfig(mode="pooled", **{**TINY, "dropout": 0.0}))
+        plain.load_state_dict(tiny("pooled", dropout=0.3).state_dict())
+        assert not torch.allclose(plain.train()(pooled_batch(8))[0], fast[0], atol=1e-4)
+
+
+def test_the_one_key_path_skips_the_query_and_key_projections(monkeypatch):
+    """The one-key path does not call the attention module at all, in pooled mode; tokens mode still does."""
+    calls = []
+    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward",
+                        lambda self, *a, **k: calls.append(1) or (a[0], None))
+    tiny("pooled")(pooled_batch())
+    assert calls == []
+    tiny("tokens", fusion_layers=0)(tokens_batch())
+    assert calls
+
+
+def test_a_pooled_checkpoint_written_before_the_one_key_path_gives_the_same_embeddings():
+    """tests/data/pooled-adaptor-before-one-key: an Adaptor saved, and its embeddings computed, by the full
+    multi-head attention (commit 4e6a272). It loads into today's model and gives the same outputs."""
+
+    import numpy as np
+    from pipeline.models.checkpoint import load_weights, read_meta
+
+    folder = Path(__file__).parent / "data" / "pooled-adaptor-before-one-key"
+    meta = read_meta(folder / "adaptor.safetensors")
+    cfg = meta["adaptor"]
+    model = Adaptor(adaptor_config_from_saved(cfg)).eval()
+    load_weights(folder / "adaptor.safetensors", model)
+    want = np.load(folder / "expected.npz")
+    with torch.no_grad():
+        img, txt = model({"image_pooled": torch.from_numpy(want["image"]),
+                          "text_pooled": torch.from_numpy(want["text"])})
+        only = model.encode_image(torch.from_numpy(want["image"]))
+    for got, key in ((img, "img_emb"), (txt, "txt_emb"), (only, "image_only")):
+        assert_close(got, torch.from_numpy(want[key]), atol=1e-6, rtol=0)
 
 
 def test_pooled_mode_image_stream_ignores_text():

@@ -154,9 +154,31 @@ class FusionBlock(nn.Module):
         self, x: Tensor, query: Tensor, kv: Tensor, kv_pad: Tensor | None = None
     ) -> Tensor:
         # x, query: [B, T, d]; kv: [B, S, d]; kv_pad: [B, S], True = ignore that key
-        attended, _ = self.attn(query, kv, kv, key_padding_mask=kv_pad, need_weights=False)
+        if kv.shape[1] == 1 and kv_pad is None:
+            attended = self.one_key_attention(kv)
+        else:
+            attended, _ = self.attn(query, kv, kv, key_padding_mask=kv_pad, need_weights=False)
         x = self.norm1(x + self.drop1(attended))
         return self.norm2(x + self.drop2(self.ffn(x)))
+
+    def one_key_attention(self, kv: Tensor) -> Tensor:
+        """The attention's output when every query sees one key ``kv [B, 1, d]`` (pooled mode).
+
+        The softmax over one key is exactly 1, so the output is the value projection through
+        the output projection, whatever the query: the query and key projections (a fifth of
+        the block's multiply-adds) cannot change it and are not computed. Their weights stay
+        in the module, so checkpoints keep their layout; their gradient is zero either way.
+        In training the attention's dropout acts on that weight of 1, one draw per sample and
+        head, drawn here as ``nn.MultiheadAttention`` draws it (same shape, same generator),
+        so the result equals the full computation's bit for bit under the same seed.
+        """
+        attn, (b, _, d) = self.attn, kv.shape
+        heads = attn.num_heads
+        v = F.linear(kv, attn.in_proj_weight[2 * d:], attn.in_proj_bias[2 * d:])  # [B, 1, d]
+        if self.training and attn.dropout > 0:
+            keep = F.dropout(v.new_ones(b, heads, 1, 1), attn.dropout, training=True)  # [B, H, 1, 1]
+            v = (v.view(b, 1, heads, d // heads) * keep.view(b, 1, heads, 1)).view(b, 1, d)
+        return attn.out_proj(v)
 
 
 class Adaptor(nn.Module):
