@@ -375,7 +375,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed * 100003 + epoch + self.ctx.rank * 1_000_003)
         t0, steps, self.train.wait_seconds = time.perf_counter(), 0, 0.0
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)  # cuda:N: its own statistics, not device 0's
         for batch in self.train.batches(epoch):
             self.runner(batch)
             self.sched.step()
