@@ -169,3 +169,44 @@ def test_a_local_dask_cluster_starts_workers_that_may_have_children(monkeypatch)
 
     runners._dask_client(Cfg())
     assert seen["daemon"] is False
+
+
+def _zero_shot_ctx(device: str, compute):
+    from types import SimpleNamespace
+
+    text = SimpleNamespace(attrs={"spec": {"compute": compute}})
+    return SimpleNamespace(device=torch.device(device), data=SimpleNamespace(text=text), dataset_name="demo")
+
+
+def test_zero_shot_prompts_are_encoded_on_the_evaluations_device():
+    """Prompts join the reports' store, so they are encoded in its arithmetic: on CUDA for reports
+    embedded there, on the device the evaluation was given (cuda:1 stays cuda:1, where they all used
+    to go to `cuda`), and never on a GPU the user did not ask for."""
+    from stages.evaluate.prompts import PromptError
+    from stages.evaluate.zeroshot import prompt_device
+
+    bf16 = {"autocast": "bfloat16"}
+    assert prompt_device(_zero_shot_ctx("cpu", None)) == "cpu"
+    assert prompt_device(_zero_shot_ctx("cuda:1", bf16)) == "cuda:1"
+    assert prompt_device(_zero_shot_ctx("cuda", bf16)) == "cuda"
+    try:
+        prompt_device(_zero_shot_ctx("cpu", bf16))
+    except PromptError as e:
+        assert "--device cuda" in str(e) and "demo" in str(e)
+    else:
+        raise AssertionError("CUDA-embedded reports evaluated on the CPU must be refused with the flag to pass")
+
+
+def test_the_loaders_of_a_run_share_one_gpu_budget(monkeypatch):
+    """The training and validation loaders used to take 80% of the free GPU memory each in turn (the
+    second 80% of what the first left), leaving training 4% of the card; they now share one budget,
+    a fixed share of the memory free at the start."""
+    from stages.train import loader as L
+
+    monkeypatch.setattr(L.torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    budget = L.GpuBudget(torch.device("cuda", 0))
+    assert budget.left == int(L.GPU_CACHE_SHARE * 10 * 2**30)
+    assert budget.fits(5 * 2**30)
+    budget.take(5 * 2**30)
+    assert not budget.fits(2 * 2**30)  # under per-loader 80%s the second would have taken 4 of the 5 GiB left
+    assert L.GpuBudget(torch.device("cpu")).left == 0

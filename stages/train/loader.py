@@ -33,6 +33,30 @@ class ResidencyError(PipeError):
     pass
 
 
+GPU_CACHE_SHARE = 0.6  # of the GPU memory free when training starts, for every loader's resident arrays together
+
+
+class GpuBudget:
+    """The GPU memory that a run's resident arrays may take, shared by its loaders.
+
+    Each loader used to take up to 80% of whatever was free when it was built, so the
+    validation loader, built second, could take 80% of the rest, and training was left with
+    4% of the card. One budget for the run: the arrays of every loader together get
+    :data:`GPU_CACHE_SHARE` of the memory free at the start, and the rest stays for the
+    model, its optimizer state and the step's activations.
+    """
+
+    def __init__(self, device: torch.device, share: float = GPU_CACHE_SHARE):
+        self.left = int(share * torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 0
+        self.share = share
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.left
+
+    def take(self, nbytes: int) -> None:
+        self.left -= nbytes
+
+
 @dataclass
 class _Source:
     """One array, either resident (a tensor over compact rows) or a streaming reader."""
@@ -63,7 +87,7 @@ class PairLoader:
     def __init__(self, data: PairData, positions: np.ndarray, mode: AdaptorMode | str, batch_size: int,
                  device: torch.device, resident: str = "auto", views: bool = True,
                  seed: int = 0, buffer_chunks: int = 8, drop_last: bool = False, text: bool = True,
-                 rank: int = 0, world: int = 1, ram_copies: int = 1):
+                 rank: int = 0, world: int = 1, ram_copies: int = 1, gpu_budget: GpuBudget | None = None):
         if batch_size % world:
             raise InputError(f"batch_size={batch_size} is the global batch and must split evenly over {world} "
                              f"processes; use a multiple of {world}")
@@ -79,6 +103,7 @@ class PairLoader:
         self.image_rows = img_rows
         self.text_rows = data.text_rows[self.positions]
         self.sources: dict[str, _Source] = {}
+        self.gpu_budget = gpu_budget or GpuBudget(device)
         used_img = np.unique(img_rows[img_rows >= 0])
         n = mode.image_array
         self.sources[f"image_{n}"] = _Source(n, RowReader(data.image, n), used_img)
@@ -109,10 +134,12 @@ class PairLoader:
         if where == "gpu":
             if self.device.type != "cuda":
                 raise ResidencyError("--resident gpu needs a CUDA device; use --resident ram or --device cuda")
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if need > 0.8 * free:
-                raise ResidencyError(f"--resident gpu needs {need / 2**30:.2f} GiB but the GPU has "
-                                     f"{free / 2**30:.2f} GiB free; use --resident ram or none")
+            if not self.gpu_budget.fits(need):
+                raise ResidencyError(f"--resident gpu needs {need / 2**30:.2f} GiB but the cached arrays may take "
+                                     f"only {self.gpu_budget.left / 2**30:.2f} GiB more of the GPU (of "
+                                     f"{self.gpu_budget.share:.0%} of its free memory, the rest kept for training); "
+                                     "use --resident ram or none")
+            self.gpu_budget.take(need)
         elif ram_need > 0.8 * available_ram():
             raise ResidencyError(f"--resident ram needs {ram_need / 2**30:.2f} GiB ({self.ram_copies} process(es) "
                                  f"on this machine) but only {available_ram() / 2**30:.2f} GiB is available; "
@@ -123,10 +150,10 @@ class PairLoader:
         return where
 
     def _auto_residency(self, need: int, ram_need: int) -> str:
-        """The GPU when the arrays fit in 80% of its free memory, else RAM when they need at most
-        half of the free RAM, else streaming from the shards (pooled vectors too: a 10M-image
-        table's are 32 GiB)."""
-        if self.device.type == "cuda" and need <= 0.8 * torch.cuda.mem_get_info(self.device)[0]:
+        """The GPU when the arrays fit in what is left of the run's GPU budget (:class:`GpuBudget`),
+        else RAM when they need at most half of the free RAM, else streaming from the shards
+        (pooled vectors too: a 10M-image table's are 32 GiB)."""
+        if self.device.type == "cuda" and self.gpu_budget.fits(need):
             return "gpu"
         if ram_need <= 0.5 * available_ram():
             return "ram"

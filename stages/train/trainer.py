@@ -58,7 +58,7 @@ from pipeline.models.ranking import batched_clip_loss, recall_both_ways, split_c
 from pipeline.provenance import provenance
 from stages.train import distributed
 from stages.train.distributed import DistContext
-from stages.train.loader import PairLoader
+from stages.train.loader import GpuBudget, PairLoader
 from stages.train.metrics import MetricsLog
 from stages.train.residency import RESIDENCIES
 from stages.train.step import STEP_MODES, StepRunner, check_step_mode, optimizer_for, restore_step_settings
@@ -252,11 +252,12 @@ class Trainer:
         self.model = distributed.wrap_model(self.net, ctx)   # what trains (DDP under torchrun)
         self.grid, self.n_prefix = data.image_grid
         bs = global_batch(cfg.batch_size, len(train_pos), ctx.world_size)
+        budget = GpuBudget(self.device)  # one for both loaders: training keeps the rest of the card
         self.train = PairLoader(data, train_pos, self.net.mode, bs, self.device, cfg.resident, cfg.views,
                                 seed=cfg.seed, drop_last=True, rank=ctx.rank, world=ctx.world_size,
-                                ram_copies=ctx.local_world_size)
+                                ram_copies=ctx.local_world_size, gpu_budget=budget)
         self.val = (PairLoader(data, val_pos, self.net.mode, cfg.val_batch_size, self.device, cfg.resident,
-                               views=False) if len(val_pos) > 1 and ctx.is_main else None)
+                               views=False, gpu_budget=budget) if len(val_pos) > 1 and ctx.is_main else None)
         check_step_mode(cfg.step, self.device, ddp=ctx.enabled)
         if self.net.has_match_head and cfg.itm_weight <= 0:
             raise InputError(f"itm_weight={cfg.itm_weight} would leave the matching head untrained; to train "
