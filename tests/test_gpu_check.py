@@ -143,3 +143,17 @@ def test_the_cached_vs_e2e_benchmark_runs_on_cpu(tmp_path):
     assert last["bench"] == "cached_vs_e2e" and last["device"] == "cpu" and last["steps"] == ["eager"]
     assert last["speedup_pooled"] > 0 and last["residency_pooled"] == "ram" and "speedup_tokens" not in last
     assert json.loads(out.read_text()) == last
+
+
+def test_the_embed_benchmarks_steady_state_rate_runs_on_the_cpu(tmp_path):
+    """bench/embed_gpu.py's measurement itself (three fresh caches, the difference of a whole table's
+    run and its first half's) runs, with tiny-vit on the CPU standing in for the GPU."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import embed_gpu
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    table = embed_gpu.make_images(tmp_path / "imgs", 16)
+    rate = embed_gpu.embed_rate(table, table.with_name("half.csv"), "tiny-vit", 4, tmp_path / "work", device="cpu")
+    assert rate > 0
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["all", "half", "warm"]
