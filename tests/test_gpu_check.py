@@ -118,9 +118,12 @@ def test_every_step_of_the_check_has_its_own_limit_within_the_budget(tmp_path):
     steps = gpu_check.steps(sys.executable, tmp_path)
     assert [s.name for s in steps][:2] == ["tests", "embed_gpu"]
     assert all(0 < s.cap_s <= gpu_check.BUDGET_S for s in steps)
+    # the caps add up to less than the budget: no step is cut short by the ones before it
+    assert sum(s.cap_s for s in steps) + 15 <= gpu_check.BUDGET_S
     assert gpu_check.BUDGET_S + 20 < 8 * 60  # the whole check: under 8 minutes
     tests = steps[0].cmd
-    assert tests[tests.index("-m", 2) + 1] == "gpu" and "tests/test_gpu.py" in tests and "--timeout" in tests
+    assert tests[tests.index("-m", 2) + 1] == "gpu and not slow" and "tests/test_gpu.py" in tests
+    assert "--timeout" in tests and "-v" in tests
     for s in steps[1:]:
         assert (ROOT / s.cmd[1]).exists() and "--out" in s.cmd and s.out_file is not None
 
@@ -189,3 +192,57 @@ def test_cached_vs_e2e_writes_its_headline_after_each_step_mode_and_compiles_las
     saved = json.loads(out_file.read_text())
     assert saved["speedup_pooled"] == 400.0 and saved["step_pooled"] == "cuda-graph"
     assert saved["cached_samples_s_pooled_eager"] == 1000.0 and saved["data_wait_share"] == 0.01
+
+
+def test_the_checks_test_selection_leaves_out_the_slow_gpu_tests():
+    """`-m gpu` also selected the slow GPU tests (a kill and resume, a compile, torchrun), which alone
+    take the check's budget; the check selects the others."""
+    expr = gpu_check.steps(sys.executable, ROOT)[0].cmd
+    expr = expr[expr.index("-m", 2) + 1]
+
+    def selected(marker: str) -> set[str]:
+        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", marker, "tests/test_gpu.py",
+                            "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return {line.split("::")[1] for line in r.stdout.splitlines() if "::" in line}
+
+    every, chosen = selected("gpu"), selected(expr)
+    assert chosen and chosen < every
+    assert all("compiled" not in n and "killed" not in n and "torchrun" not in n for n in chosen), chosen
+
+
+def test_a_killed_pytest_still_tells_each_finished_tests_outcome_and_all_skipped_is_no_pass():
+    killed = ("tests/test_gpu.py::test_a PASSED [ 10%]\ntests/test_gpu.py::test_b[pooled] FAILED [ 20%]\n"
+              "tests/test_gpu.py::test_c SKIPPED (needs a CUDA device) [ 30%]\n")  # no XML, no summary line
+    parsed = gpu_check.parse_pytest_summary(killed)
+    assert parsed["cases"] == {"test_a": "passed", "test_b[pooled]": "failed", "test_c": "skipped"}
+    assert (parsed["passed"], parsed["failed"], parsed["skipped"]) == (1, 1, 1)
+    res = {"ok": False, "seconds": 110.0, "stdout": killed, "error": "timed out after 110 s"}
+    assert gpu_check.test_summary(res, Path("/nonexistent.xml"))["cases"]["test_b[pooled]"] == "failed"
+    skipped = "tests/test_gpu.py::test_a SKIPPED (no) [ 50%]\ntests/test_gpu.py::test_b SKIPPED (no) [100%]\n"
+    summary = gpu_check.test_summary({"ok": True, "seconds": 3.0, "stdout": skipped}, Path("/nonexistent.xml"))
+    assert summary["ok"] is False and summary["error"] == "every test was skipped"
+
+
+def test_the_check_writes_what_it_measured_after_every_step(tmp_path, monkeypatch):
+    """A check killed midway (its own time limit) keeps the steps it finished in --out."""
+    out = tmp_path / "gpu-check.json"
+    seen = []
+
+    def fake_steps(py, work):
+        ok = [py, "-c", "import json; print(json.dumps({'bench': 'x', 'ratio_dinov2_s': 0.95}))"]
+        peek = [py, "-c", f"import json; print(json.dumps(json.load(open({str(out)!r}))['benches']))"]
+        return [gpu_check.Step("embed_gpu", ok, cap_s=30), gpu_check.Step("peek", peek, cap_s=30)]
+
+    monkeypatch.setattr(gpu_check, "steps", fake_steps)
+    real = gpu_check.run_step
+
+    def run_step(cmd, timeout, log, env=None):
+        res = real(cmd, timeout, log, env)
+        seen.append(res["stdout"])
+        return res
+
+    monkeypatch.setattr(gpu_check, "run_step", run_step)
+    result = gpu_check.run_check(200, tmp_path, {}, partial=str(out))
+    assert "embed_gpu" in json.loads(seen[1])  # the second step read the first one's figures from --out
+    assert result["figures"]["embed_ratio_dinov2_s"] == 0.95
+    assert json.loads(out.read_text())["partial"] is True
