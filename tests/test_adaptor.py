@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from pipeline.config import ConfigError, load_config
-from pipeline.models.adaptor import Adaptor, AdaptorConfig, adaptor_config_from_saved
+from pipeline.models.adaptor import Adaptor, AdaptorConfig, adaptor_config_from_saved, trim_text_padding
 from pipeline.models.loss import (clip_loss, itm_loss, rerank_top_k, retrieval_recall, retrieval_recall_from_sim,
                                   sample_hard_negatives)
 from stages.train.trainer import TrainConfig
@@ -179,6 +179,109 @@ def test_a_pooled_checkpoint_written_before_the_one_key_path_gives_the_same_embe
         only = model.encode_image(torch.from_numpy(want["image"]))
     for got, key in ((img, "img_emb"), (txt, "txt_emb"), (only, "image_only")):
         assert_close(got, torch.from_numpy(want[key]), atol=1e-6, rtol=0)
+
+
+def test_the_pooled_text_embedding_runs_the_text_stream_alone():
+    """Evaluation's pooled text path computes the text stream only: the paired forward's text output
+    never reads the image (one-key attentions ignore their query), so it is the same, bit for bit,
+    whatever image it is paired with, and the image projection is never called."""
+    model = tiny("pooled", dropout=0.3, n_layers=2).eval()
+    batch = pooled_batch(8)
+    calls = []
+    model.image_proj.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        alone = model.text_embedding(batch["text_pooled"])
+        assert calls == []
+        for image in (batch["image_pooled"], torch.zeros(8, 12), 1e3 * torch.randn(8, 12)):
+            assert torch.equal(alone, model({**batch, "image_pooled": image})[1])
+
+
+def _rows_seen_by_the_last_block(model: Adaptor) -> list[int]:
+    seen: list[int] = []
+    model.blocks[-1].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+@pytest.mark.parametrize("train,dropout", [(False, 0.3), (True, 0.0)])
+def test_the_last_block_computes_only_the_readout_row_with_the_same_result(train, dropout, monkeypatch):
+    """With the cls readout, where only the readout is used (forward without the matching head,
+    encode_image, encode_text) the unimodal encoders' last block computes token 0's row alone:
+    embeddings, loss and every gradient equal those of every row within 1e-6, in eval mode and in
+    training without dropout."""
+
+    def run(every_row: bool):
+        if every_row:
+            monkeypatch.setattr(Adaptor, "_skips_unread_rows", lambda self: False)
+        else:
+            monkeypatch.undo()
+        model = tiny("tokens", dropout=dropout, n_layers=2).train(train)
+        seen = _rows_seen_by_the_last_block(model)
+        batch = tokens_batch(8)
+        img, txt = model(batch)
+        only_img = model.encode_image(batch["image_tokens"])
+        only_txt = model.encode_text(batch["text_tokens"], batch["text_mask"])
+        loss = clip_loss(img, txt, model.scale(), 0.75) + only_img.sum() + only_txt.sum()
+        loss.backward()
+        return (img, txt, only_img, only_txt, loss), {n: p.grad for n, p in model.named_parameters()}, seen
+
+    full, full_grads, full_rows = run(True)
+    fast, fast_grads, fast_rows = run(False)
+    assert full_rows == [17, 7, 17, 7] and fast_rows == [1, 1, 1, 1]  # [CLS] + 4x4 patches; 7 report tokens
+    for a, b in zip(full, fast):
+        assert_close(b, a, atol=1e-6, rtol=0)
+    assert full_grads.keys() == fast_grads.keys()
+    for name, grad in full_grads.items():
+        assert (grad is None) == (fast_grads[name] is None), name
+        if grad is not None:
+            assert_close(fast_grads[name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("readout,train,dropout,match,rows", [
+    ("cls", False, 0.3, False, 1),   # eval: only the readout row
+    ("cls", True, 0.3, False, 17),   # dropout draws masks shaped like the tensors: every row
+    ("mean", False, 0.0, False, 17),  # the mean reads every row
+    ("cls", False, 0.0, True, 17),   # the matching head reads every token state
+])
+def test_rows_are_skipped_only_where_nothing_reads_them(readout, train, dropout, match, rows):
+    model = tiny("tokens", readout=readout, dropout=dropout).train(train)
+    seen = _rows_seen_by_the_last_block(model)
+    torch.manual_seed(0)
+    model(tokens_batch(), match=match)
+    assert seen[0] == rows
+
+
+@pytest.mark.parametrize("readout", ["cls", "mean"])
+def test_text_padding_cut_to_the_longest_report_changes_no_output(readout):
+    """Cached reports are padded to max_tokens; evaluation and validation cut a batch after its longest
+    report. Embeddings, token states of real tokens and matching logits equal the padded batch's."""
+    model = tiny("tokens", readout=readout, n_layers=2).eval()
+    batch = tokens_batch(6, tt=12)  # reports of 2..7 tokens, padded to 12
+    text, keep = trim_text_padding(batch["text_tokens"], batch["text_mask"])
+    assert text.shape == (6, 7, 10) and keep.shape == (6, 7) and keep.sum() == batch["text_mask"].sum()
+    cut = {**batch, "text_tokens": text, "text_mask": keep}
+    with torch.no_grad():
+        for a, b in zip(model(batch), model(cut)):
+            assert_close(b, a, atol=1e-6, rtol=0)
+        assert_close(model.encode_text(text, keep), model.encode_text(batch["text_tokens"], batch["text_mask"]),
+                     atol=1e-6, rtol=0)
+        img_tok = model.image_token_states(batch["image_tokens"])
+        full = model.text_token_states(batch["text_tokens"], batch["text_mask"])
+        short = model.text_token_states(text, keep)
+        assert_close(short[keep], full[:, :7][keep], atol=1e-6, rtol=0)
+        pairs = torch.tensor([[0, 1], [2, 2], [3, 5], [5, 0]])
+        logits = [model.match_logits(img_tok[pairs[:, 0]], t[pairs[:, 1]], k[pairs[:, 1]])
+                  for t, k in ((full, batch["text_mask"]), (short, keep))]
+    assert_close(logits[1], logits[0], atol=1e-6, rtol=0)
+
+
+def test_trimming_keeps_every_used_column_and_at_least_one():
+    t = torch.randn(3, 6, 2)
+    assert trim_text_padding(t, None) == (t, None)
+    holey = torch.tensor([[1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert trim_text_padding(t, holey)[0].shape[1] == 4  # cut after the last used column, not the count
+    assert trim_text_padding(t, torch.zeros(3, 6, dtype=torch.bool))[1].shape == (3, 1)
+    full = torch.ones(3, 6, dtype=torch.bool)
+    assert trim_text_padding(t, full)[0] is t
 
 
 def test_pooled_mode_image_stream_ignores_text():

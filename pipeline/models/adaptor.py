@@ -245,10 +245,11 @@ class Adaptor(nn.Module):
                 img = block(img, query=txt, kv=img)
                 txt = block(txt, query=img, kv=txt)
             return F.normalize(img[:, 0], dim=-1), F.normalize(txt[:, 0], dim=-1)
-        img_tok = self.image_token_states(batch["image_tokens"], image_grid, n_prefix)  # [B, Ti', d]
         keep = batch.get("text_mask")
         keep = None if keep is None else keep.to(torch.bool)  # [B, Tt], True = real token
-        txt_tok = self.text_token_states(batch["text_tokens"], keep)  # [B, Tt, d]
+        # without the matching head only the readouts are used: the last block may compute token 0 alone
+        img_tok = self.image_token_states(batch["image_tokens"], image_grid, n_prefix, readout_only=not match)
+        txt_tok = self.text_token_states(batch["text_tokens"], keep, readout_only=not match)  # [B, Tt, d]
         img, txt = self.embedding(img_tok), self.embedding(txt_tok, keep)
         if not match:
             return img, txt
@@ -262,23 +263,36 @@ class Adaptor(nn.Module):
 
     # -- tokens mode: unimodal encoders and the matching head -----------------------------
     def image_token_states(
-        self, image: Tensor, image_grid: tuple[int, int] | None = None, n_prefix: int = 1
+        self, image: Tensor, image_grid: tuple[int, int] | None = None, n_prefix: int = 1,
+        readout_only: bool = False,
     ) -> Tensor:
         """Unimodal image encoder: ``[B, Ti, Di] -> [B, Ti', d]`` (tokens mode), self-attention
-        within each sample."""
-        x = self._image_in(image, image_grid, n_prefix)
-        for block in self.blocks:
-            x = block(x, query=x, kv=x)
-        return x
+        within each sample. ``readout_only``: the caller reads only the readout (see
+        :meth:`_self_attention_stack`), and may get token 0's row alone, ``[B, 1, d]``."""
+        return self._self_attention_stack(self._image_in(image, image_grid, n_prefix), None, readout_only)
 
-    def text_token_states(self, text: Tensor, keep: Tensor | None = None) -> Tensor:
+    def text_token_states(self, text: Tensor, keep: Tensor | None = None, readout_only: bool = False) -> Tensor:
         """Unimodal text encoder: ``[B, Tt, Dt] -> [B, Tt, d]`` (tokens mode), self-attention
-        within each report over its real tokens (``keep``: True = real)."""
-        x = self._text_in(text)
-        pad = None if keep is None else ~keep
-        for block in self.blocks:
+        within each report over its real tokens (``keep``: True = real); ``readout_only`` as
+        for :meth:`image_token_states`."""
+        return self._self_attention_stack(self._text_in(text), None if keep is None else ~keep, readout_only)
+
+    def _self_attention_stack(self, x: Tensor, pad: Tensor | None, readout_only: bool) -> Tensor:
+        """The shared blocks as self-attention. With ``readout_only`` and the ``cls`` readout,
+        the last block computes token 0's row alone (its query, attention over every token,
+        FFN and norms): no other row of it is read, and each row is computed from its own
+        query, so the readout is the same (to float rounding). Not while dropout draws masks
+        (training with dropout > 0): the draws follow the tensors' shapes, and fewer rows
+        would shift every later draw, so the result would no longer be the same."""
+        last = len(self.blocks) - 1
+        for n, block in enumerate(self.blocks):
+            if n == last and readout_only and self._skips_unread_rows():
+                return block(x[:, :1], query=x[:, :1], kv=x, kv_pad=pad)
             x = block(x, query=x, kv=x, kv_pad=pad)
         return x
+
+    def _skips_unread_rows(self) -> bool:
+        return self.cfg.readout == "cls" and not (self.training and self.cfg.dropout > 0)
 
     def encode_text(self, text: Tensor, keep: Tensor | None = None) -> Tensor:
         """Unimodal text embedding ``[B, d]`` (tokens mode): what ``forward`` returns for the text."""
@@ -286,17 +300,24 @@ class Adaptor(nn.Module):
             raise ValueError("encode_text is the tokens-mode text path; a pooled Adaptor's text output "
                              "comes from forward()")
         keep = None if keep is None else keep.to(torch.bool)
-        return self.embedding(self.text_token_states(text, keep), keep)
+        return self.embedding(self.text_token_states(text, keep, readout_only=True), keep)
 
     def text_embedding(self, text: Tensor, keep: Tensor | None = None) -> Tensor:
         """The text embedding ``[B, d]`` in either mode, from cached text features: pooled
         ``[B, Dt]`` (the paired forward's text output, which depends on the text alone, as
         each of its attentions has a single key) or tokens ``[B, Tt, Dt]`` with ``keep``
-        (the unimodal text encoder)."""
+        (the unimodal text encoder).
+
+        Pooled, only the text stream runs: in the paired forward each text block reads the
+        image as its query, which a one-key attention never uses, so the image stream cannot
+        change the text output and is not computed. (In training its dropout draws come
+        first, so there only the distribution is the same; evaluation runs in eval mode.)"""
         if self.mode.sequences:
             return self.encode_text(text, keep)
-        placeholder = text.new_zeros((len(text), self.cfg.image_dim))
-        return self({"image_pooled": placeholder, "text_pooled": text})[1]
+        x = self._text_in(text)  # [B, 1, d]
+        for block in self.blocks:
+            x = block(x, query=x, kv=x)
+        return F.normalize(x[:, 0], dim=-1)
 
     def match_logits(self, img_tok: Tensor, txt_tok: Tensor, keep: Tensor | None = None) -> Tensor:
         """Image-text matching logits ``[P]`` of P pairs of unimodal token states
@@ -357,7 +378,7 @@ class Adaptor(nn.Module):
         this is the unimodal image encoder that training uses (equal to ``forward``'s
         image embedding)."""
         if self.mode.sequences:
-            x = self.image_token_states(image, image_grid, n_prefix)
+            x = self.image_token_states(image, image_grid, n_prefix, readout_only=not return_tokens)
             emb = self.embedding(x)
         else:
             x = self._image_in(image, image_grid, n_prefix)  # [B, 1, d]
@@ -387,6 +408,24 @@ class Adaptor(nn.Module):
         else:
             _expect_ndim(x, 3, "text_tokens [B, Tt, Dt]")
         return F.normalize(self.text_proj(x), dim=-1)
+
+
+def trim_text_padding(text: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Report tokens ``[B, Tt, Dt]`` and their mask ``keep [B, Tt]`` cut after the last
+    position that any report of the batch uses.
+
+    Cached reports are padded to ``max_tokens``, so a batch of short reports would spend most
+    of its attention and FFN rows on padding. The columns cut are padding in every row: masked
+    wherever they are keys, and read by no readout (token 0, or the mean over real tokens), so
+    the embeddings and matching logits are those of the padded batch (to float rounding: each
+    attention sums fewer zero-weight terms). For eval mode: in training, dropout's draws follow
+    the tensors' shapes. One host sync (the mask's extent); at least one column is kept.
+    """
+    if keep is None:
+        return text, keep
+    used = keep.any(0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    return (text, keep) if width >= text.shape[1] else (text[:, :width], keep[:, :width])
 
 
 def pool_patch_grid(

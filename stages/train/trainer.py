@@ -51,7 +51,7 @@ from pipeline.datasets import open_dataset
 from pipeline.devices import DEVICES, peak_memory_mb
 from pipeline.encoders import canonical_name
 from core.errors import InputError
-from pipeline.models.adaptor import Adaptor, AdaptorConfig
+from pipeline.models.adaptor import Adaptor, AdaptorConfig, trim_text_padding
 from pipeline.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from pipeline.models.loss import clip_loss, itm_loss, rerank_top_k, retrieval_recall_from_sim
 from pipeline.models.ranking import batched_clip_loss, recall_both_ways, split_clip_loss
@@ -426,7 +426,7 @@ class Trainer:
         self.net.eval()
         imgs, txts = [], []
         for batch in self.val.batches(None):
-            i, t = self.net(batch, image_grid=self.grid, n_prefix=self.n_prefix)
+            i, t = self.net(_trimmed(batch), image_grid=self.grid, n_prefix=self.n_prefix)
             imgs.append(i)
             txts.append(t)
         img, txt = torch.cat(imgs).float(), torch.cat(txts).float()
@@ -449,7 +449,7 @@ class Trainer:
             parts.append(batch)
             if sum(len(p["index"]) for p in parts) >= n_max:
                 break
-        val = {k: torch.cat([p[k] for p in parts])[:n_max] for k in ("image_tokens", "text_tokens", "text_mask")}
+        val = _trimmed({k: torch.cat([p[k] for p in parts])[:n_max] for k in ("image_tokens", "text_tokens", "text_mask")})
         img_tok = self.net.image_token_states(val["image_tokens"], self.grid, self.n_prefix)
         keep = val["text_mask"].to(torch.bool)
         txt_tok = self.net.text_token_states(val["text_tokens"], keep)
@@ -463,6 +463,15 @@ class Trainer:
         for k, v in retrieval_recall_from_sim(i2t, t2i=t2i).items():
             out["val_itm_" + k.replace("R@", "r@")] = round(float(v), 4)
         return out
+
+
+def _trimmed(batch: dict) -> dict:
+    """A validation batch with its report tokens cut to its longest report
+    (:func:`~pipeline.models.adaptor.trim_text_padding`: in eval mode, the same outputs)."""
+    if "text_mask" not in batch:
+        return batch
+    text, keep = trim_text_padding(batch["text_tokens"], batch["text_mask"].to(torch.bool))
+    return {**batch, "text_tokens": text, "text_mask": keep}
 
 
 def _epoch_line(r: dict) -> str:
