@@ -10,6 +10,12 @@ they add to a run of the first half alone (:func:`embed_rate`), so start-up and 
 commit, which do not grow with the table, do not count against the forward.
 Target: embed >= 0.9x bare. Needs CUDA; without it, prints why and exits 0.
 
+The roofline (bench/roofline.py): the network's FLOPs per image are counted from its shapes on
+one untimed bf16 forward (2·M·N·K per matrix product, the patch embedding as its product,
+attention as its two products), and both rates are given as GFLOP/s with their share of the
+peak of a large bf16 matrix product on the same GPU, measured in this run
+(``bare_peak_share_<encoder>``, ``embed_peak_share_<encoder>``; target: bare >= 0.4).
+
     python bench/embed_gpu.py [--images 16384] [--batch 256] [--workdir DIR] [--out FILE]
 
 The last line of stdout is one JSON object with ratio_dinov2_s, ratio_dinov2_b and gpu
@@ -36,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PIPE_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.roofline import count_flops, measure_peak, roofline  # noqa: E402
 from stages import embed  # noqa: E402
 from stages.embed.embedder import get_encoder  # noqa: E402
 
@@ -56,6 +63,15 @@ def make_images(folder: Path, n: int) -> Path:
     table.to_csv(folder / "pairs.csv", index=False)
     table.iloc[: n // 2].to_csv(folder / "half.csv", index=False)
     return folder / "pairs.csv"
+
+
+@torch.inference_mode()
+def flops_per_image(name: str, device: str = "cuda", batch: int = 8) -> float:
+    """The network's forward FLOPs per 224 px image, by its shapes (one untimed bf16 forward)."""
+    enc = get_encoder(name, torch.device(device))
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        return count_flops(lambda: enc(x)) / batch
 
 
 @torch.inference_mode()
@@ -119,7 +135,8 @@ def main() -> None:
         print("no CUDA device: this benchmark needs one", file=sys.stderr)
         print(json.dumps(report({"bench": "embed_gpu", "gpu": None, "skipped": "no CUDA device"}, args.out)))
         return
-    out = {"bench": "embed_gpu", "gpu": torch.cuda.get_device_name(), "images": args.images, "batch": args.batch}
+    out = {"bench": "embed_gpu", "gpu": torch.cuda.get_device_name(), "images": args.images, "batch": args.batch,
+           "peak_gflops": round(measure_peak("cuda", torch.bfloat16), 1), "peak_dtype": "bfloat16"}
     with tempfile.TemporaryDirectory(dir=args.workdir) as d:
         table = make_images(Path(d) / "imgs", args.images)
         for name, key in (("random-dinov2-s", "dinov2_s"), ("random-dinov2-b", "dinov2_b")):
@@ -131,8 +148,11 @@ def main() -> None:
                 print(f"{name}: failed: {out[f'error_{key}']}", file=sys.stderr)
                 report(out, args.out)
                 continue
+            per_image = flops_per_image(name)
             out.update({f"ratio_{key}": round(emb / bare, 3), f"bare_img_s_{key}": round(bare),
-                        f"embed_img_s_{key}": round(emb)})
+                        f"embed_img_s_{key}": round(emb), f"gflop_per_image_{key}": round(per_image / 1e9, 2),
+                        **{f"{side}_{k}_{key}": v for side, rate in (("bare", bare), ("embed", emb))
+                           for k, v in roofline(per_image, rate, out["peak_gflops"]).items()}})
             print(f"{name}: bare {bare:,.0f} img/s, pipe embed {emb:,.0f} img/s ({emb / bare:.2f}x)", file=sys.stderr)
             report(out, args.out)
     print(json.dumps(report(out, args.out)))

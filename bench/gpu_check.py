@@ -57,7 +57,14 @@ TARGETS = [
      "pooled training from a GPU-resident cache, batch 1024, fastest step mode"),
     ("tokens_8x8_speedup", "speedup_tokens_pooled_grid", 5.0,
      "cached vs end-to-end tokens step with the patch grid pooled to 8x8"),
+    ("embed_bare_peak_share_dinov2_b", "embed_bare_peak_share_dinov2_b", 0.3,
+     "the bare bf16 forward of the DINOv2-B-sized ViT at batch 256 as a share of the bf16 matrix-product peak "
+     "measured in the same run (below it the forward itself is slow, e.g. autocast off or a slow attention "
+     "kernel, and the embed ratio would flatter the stage)"),
 ]
+# Roofline figures (bench/roofline.py) gathered beside the targets: achieved GFLOP/s and share of the peak
+# of each benchmark row, so every figure says how far it is from what the GPU can do.
+ROOFLINE_KEYS = ("gflops", "peak_share")
 
 
 @dataclass
@@ -128,8 +135,8 @@ def preflight() -> dict:
     """What the check needs of this machine, found in a few seconds, before any step starts:
     the driver, CUDA in torch, the packages the steps import, /dev/shm and the open-file limit.
     ``problems`` stop the check (nothing would be measured); ``warnings`` are reported with it."""
-    import importlib.util
-    import resource
+    import importlib.util  # lazy: only the preflight looks packages up
+    import resource  # lazy: POSIX only, and only the preflight reads the open-file limit
 
     t0 = time.monotonic()
     problems, warnings_ = [], []
@@ -307,13 +314,16 @@ def figures(benches: dict) -> dict:
     fig: dict = {}
     emb = (benches.get("embed_gpu") or {}).get("result") or {}
     for key in ("ratio_dinov2_s", "ratio_dinov2_b", "bare_img_s_dinov2_s", "embed_img_s_dinov2_s",
-                "bare_img_s_dinov2_b", "embed_img_s_dinov2_b"):
+                "bare_img_s_dinov2_b", "embed_img_s_dinov2_b", "peak_gflops",
+                *(f"{side}_{k}_{enc}" for side in ("bare", "embed") for k in ROOFLINE_KEYS
+                  for enc in ("dinov2_s", "dinov2_b"))):
         if key in emb:
             fig[f"embed_{key}"] = emb[key]
     for step_name, suffix in (("cached_vs_e2e_pooled_b32", "_b32"), ("cached_vs_e2e_pooled_b1024", "_b1024")):
         r = (benches.get(step_name) or {}).get("result") or {}
         for key in ("speedup_pooled", "cached_samples_s_pooled", "e2e_samples_s_pooled", "step_pooled",
-                    "residency_pooled", "data_wait_share_pooled"):
+                    "residency_pooled", "data_wait_share_pooled", "peak_gflops", "flop_ratio_pooled",
+                    *(f"{k}_{side}_pooled" for k in ROOFLINE_KEYS for side in ("cached", "e2e"))):
             if key in r:
                 fig[key + suffix] = r[key]
         for step in ("eager", "compile", "cuda-graph"):
@@ -322,11 +332,15 @@ def figures(benches: dict) -> dict:
     for key in ("tokens_pooled_grid", "tokens"):
         r = (benches.get(f"cached_vs_e2e_{key}") or {}).get("result") or {}
         for name in (f"speedup_{key}", f"cached_samples_s_{key}", f"e2e_samples_s_{key}", f"step_{key}",
-                     f"residency_{key}"):
+                     f"residency_{key}", f"flop_ratio_{key}",
+                     *(f"{k}_{side}_{key}" for k in ROOFLINE_KEYS for side in ("cached", "e2e"))):
             if name in r:
                 fig[name] = r[name]
     for row in ((benches.get("seg_steps") or {}).get("result") or {}).get("rows", []):
         fig[f"seg_ms_per_step_{row['backbone'].replace('-', '_')}"] = row["ms_per_step"]
+        for k in ROOFLINE_KEYS:
+            if k in row:
+                fig[f"seg_{k}_{row['backbone'].replace('-', '_')}"] = row[k]
         fig[f"seg_default_minutes_{row['backbone'].replace('-', '_')}"] = [p["minutes"] for p in row["plans"]]
     if fig.get("residency_pooled_b1024") not in (None, "gpu"):  # the target is about a GPU-resident cache
         fig["cached_samples_s_pooled_b1024_note"] = f"the cache was not GPU-resident ({fig['residency_pooled_b1024']})"

@@ -92,10 +92,13 @@ def test_figures_and_targets_come_from_the_benchmarks_json(tmp_path):
                                    "residency_tokens_pooled_grid": "gpu"}))
     benches = {
         "embed_gpu": gpu_check.bench_result({"ok": True, "seconds": 40.0, "stdout": "log\n" + json.dumps(
-            {"bench": "embed_gpu", "ratio_dinov2_s": 0.95, "ratio_dinov2_b": 0.85})}, None),
+            {"bench": "embed_gpu", "ratio_dinov2_s": 0.95, "ratio_dinov2_b": 0.85, "peak_gflops": 700000.0,
+             "bare_gflops_dinov2_b": 280000.0, "bare_peak_share_dinov2_b": 0.4, "embed_peak_share_dinov2_b": 0.34})},
+            None),
         "cached_vs_e2e_pooled_b32": gpu_check.bench_result({"ok": True, "seconds": 50.0, "stdout": json.dumps(
             {"speedup_pooled": 61.0, "cached_samples_s_pooled": 90000.0, "residency_pooled": "gpu",
-             "cached_samples_s_pooled_cuda-graph": 90000.0})}, None),
+             "cached_samples_s_pooled_cuda-graph": 90000.0, "peak_share_cached_pooled": 0.01,
+             "gflops_e2e_pooled": 300000.0, "flop_ratio_pooled": 150.0})}, None),
         "cached_vs_e2e_pooled_b1024": gpu_check.bench_result({"ok": True, "seconds": 50.0, "stdout": json.dumps(
             {"speedup_pooled": 80.0, "cached_samples_s_pooled": 650000.0, "residency_pooled": "gpu"})}, None),
         "cached_vs_e2e_tokens_pooled_grid": gpu_check.bench_result(
@@ -105,9 +108,16 @@ def test_figures_and_targets_come_from_the_benchmarks_json(tmp_path):
     fig = gpu_check.figures(benches)
     assert fig["embed_ratio_dinov2_s"] == 0.95 and fig["speedup_pooled_b32"] == 61.0
     assert fig["cached_samples_s_pooled_b1024"] == 650000.0 and fig["cached_samples_s_pooled_cuda-graph_b32"] == 90000.0
+    # the roofline figures of each row come along: GFLOP/s and share of the peak measured in the same run
+    assert fig["embed_bare_peak_share_dinov2_b"] == 0.4 and fig["embed_peak_gflops"] == 700000.0
+    assert fig["peak_share_cached_pooled_b32"] == 0.01 and fig["gflops_e2e_pooled_b32"] == 300000.0
+    assert fig["flop_ratio_pooled_b32"] == 150.0 and "peak_share_cached_pooled_b1024" not in fig
     got = {name: t["pass"] for name, t in gpu_check.targets(fig).items()}
     assert got == {"embed_dinov2_s": True, "embed_dinov2_b": False, "pooled_speedup": True,
-                   "pooled_gpu_resident_samples_s": True, "tokens_8x8_speedup": False}
+                   "pooled_gpu_resident_samples_s": True, "tokens_8x8_speedup": False,
+                   "embed_bare_peak_share_dinov2_b": True}
+    assert gpu_check.targets({**fig, "embed_bare_peak_share_dinov2_b": 0.12})["embed_bare_peak_share_dinov2_b"][
+        "pass"] is False
     fig["residency_pooled_b1024"] = "ram"  # fast, but not from a GPU-resident cache: not the target
     assert gpu_check.targets(fig)["pooled_gpu_resident_samples_s"]["pass"] is False
     assert gpu_check.targets({})["embed_dinov2_s"]["pass"] is None
@@ -146,6 +156,11 @@ def test_the_cached_vs_e2e_benchmark_runs_on_cpu(tmp_path):
     assert last["bench"] == "cached_vs_e2e" and last["device"] == "cpu" and last["steps"] == ["eager"]
     assert last["speedup_pooled"] > 0 and last["residency_pooled"] == "ram" and "speedup_tokens" not in last
     assert json.loads(out.read_text()) == last
+    # the roofline: FLOPs counted from the shapes (the encoders' forward dwarfs the Adaptor's step), and
+    # both sides' GFLOP/s as shares of a float32 peak measured in the same run
+    assert last["flop_ratio_pooled"] > 20 and last["peak_dtype"] == "float32" and last["peak_gflops"] > 0
+    assert 0 < last["peak_share_cached_pooled"] < 2 and 0 < last["peak_share_e2e_pooled"] < 2
+    assert last["peak_share_cached_pooled"] == round(last["gflops_cached_pooled"] / last["peak_gflops"], 4)
 
 
 def test_the_embed_benchmarks_steady_state_rate_runs_on_the_cpu(tmp_path):
@@ -179,19 +194,25 @@ def test_cached_vs_e2e_writes_its_headline_after_each_step_mode_and_compiles_las
     def cached_rate(data, mode, gp, bs, device, amp, epochs, max_steps=0, step="eager"):
         if step == "compile":
             raise SystemExit("killed while compiling")
-        return rates[step], 0.01, "gpu"
+        return {"samples_s": rates[step], "wait": 0.01, "residency": "gpu", "flops_per_sample": 1e8,
+                "params": 12_000_000}
 
-    monkeypatch.setattr(bench, "e2e_rate", lambda *a: 10.0)
+    monkeypatch.setattr(bench, "e2e_rate", lambda *a: (10.0, 1.5e10))
     monkeypatch.setattr(bench, "cached_rate", cached_rate)
     out_file = tmp_path / "c.json"
     args = types.SimpleNamespace(batch=32, e2e_steps=1, tokens_steps=0, epochs=1, out=str(out_file))
-    out = {"bench": "cached_vs_e2e", "tokens_batch": 8}
+    out = {"bench": "cached_vs_e2e", "tokens_batch": 8, "batch": 32, "peak_gflops": 1000.0, "bandwidth_gbs": 100.0}
     with pytest.raises(SystemExit):
         bench.measure_mode("pooled", (None, None, None, None, None), args, __import__("torch").device("cpu"),
                            None, bench.STEPS, out)
     saved = json.loads(out_file.read_text())
     assert saved["speedup_pooled"] == 400.0 and saved["step_pooled"] == "cuda-graph"
     assert saved["cached_samples_s_pooled_eager"] == 1000.0 and saved["data_wait_share"] == 0.01
+    # the roofline of the best step mode so far: 4000 samples/s x 0.1 GFLOP = 400 GFLOP/s of a 1000 peak
+    assert saved["gflops_cached_pooled"] == 400.0 and saved["peak_share_cached_pooled"] == 0.4
+    assert saved["peak_share_e2e_pooled"] == 0.15 and saved["flop_ratio_pooled"] == 150.0
+    # fused AdamW moves 28 bytes per parameter: 336 MB at 100 GB/s is 3.36 ms of the 8 ms step
+    assert saved["optimizer_floor_ms"] == 3.36 and saved["step_ms_pooled"] == 8.0
 
 
 def test_the_checks_test_selection_leaves_out_the_slow_gpu_tests():
@@ -246,3 +267,19 @@ def test_the_check_writes_what_it_measured_after_every_step(tmp_path, monkeypatc
     assert "embed_gpu" in json.loads(seen[1])  # the second step read the first one's figures from --out
     assert result["figures"]["embed_ratio_dinov2_s"] == 0.95
     assert json.loads(out.read_text())["partial"] is True
+
+
+def _make_dry_run(*args: str) -> str:
+    r = subprocess.run(["make", "-n", "--no-print-directory", "gpu-check", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_make_gpu_check_can_run_with_an_existing_interpreter_without_installing(tmp_path):
+    """`make gpu-check` depends on `install`, so a stale or missing virtual environment would spend a lent
+    GPU's minutes installing; GPU_PY names an interpreter that already has the packages, and nothing is
+    installed (the preflight names what is missing). GPU_ARGS passes options such as --preflight."""
+    plain = _make_dry_run(f"VENV={tmp_path / 'no-venv'}")
+    assert "-m venv" in plain and "pip install" in plain  # the default still installs what is missing
+    lines = _make_dry_run("GPU_PY=python3", "GPU_ARGS=--preflight", f"VENV={tmp_path / 'no-venv'}").strip().splitlines()
+    assert lines == [f"PYTHONPATH={ROOT} python3 bench/gpu_check.py --out gpu-check.json --preflight"]

@@ -218,7 +218,7 @@ class DaskRunner(Runner):
 
 
 def _dask_client(cfg):
-    import dask
+    import dask  # lazy: only a run with --workers or --scheduler uses Dask
     from distributed import Client, LocalCluster  # lazy: dask's distributed takes a second to import
 
     if cfg.scheduler:
