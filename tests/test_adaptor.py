@@ -117,15 +117,25 @@ def _full_attention(block, x, query, kv, kv_pad=None):
     return block.norm2(x + block.drop2(block.ffn(x)))
 
 
+def _per_stream_blocks(model, img, txt):
+    """The pooled blocks as they ran before both streams were batched: the image stream, then the text."""
+    for block in model.blocks:
+        img = block(img, query=txt, kv=img)
+        txt = block(txt, query=img, kv=txt)
+    return img, txt
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_the_one_key_path_equals_the_full_attention(train, monkeypatch):
-    """Pooled mode skips the query/key projections (a one-key softmax is 1): embeddings, loss and
-    every gradient equal the full multi-head attention's, dropout included (same seed, same draws)."""
+    """Pooled mode skips the query/key projections (a one-key softmax is 1) and runs both streams of a
+    block as one batch: embeddings, loss and every gradient equal the full multi-head attention's, one
+    stream at a time, dropout included (same seed, same draws)."""
     from pipeline.models import adaptor as adaptor_module
 
     def run(full: bool):
         if full:
             monkeypatch.setattr(adaptor_module.FusionBlock, "forward", _full_attention)
+            monkeypatch.setattr(adaptor_module.Adaptor, "_pooled_blocks", _per_stream_blocks)
         else:
             monkeypatch.undo()
         model = tiny("pooled", dropout=0.3, n_layers=2).train(train)
@@ -147,6 +157,25 @@ def test_the_one_key_path_equals_the_full_attention(train, monkeypatch):
         plain = Adaptor(AdaptorConfig(mode="pooled", **{**TINY, "dropout": 0.0}))
         plain.load_state_dict(tiny("pooled", dropout=0.3).state_dict())
         assert not torch.allclose(plain.train()(pooled_batch(8))[0], fast[0], atol=1e-4)
+
+
+def test_both_pooled_streams_of_a_block_run_as_one_batch(monkeypatch):
+    """Each block runs once per forward, over the image and the text streams stacked (2B rows), with the
+    dropout masks drawn beforehand in the per-stream order; training gives the per-stream result."""
+    from pipeline.models.adaptor import FusionBlock
+
+    rows = []
+    original = FusionBlock.one_key_streams
+    monkeypatch.setattr(FusionBlock, "one_key_streams", lambda self, x, keep: rows.append(len(x)) or original(self, x, keep))
+    model = tiny("pooled", dropout=0.3, n_layers=3).train()
+    torch.manual_seed(7)
+    batched = model(pooled_batch(5))
+    assert rows == [10, 10, 10]
+    torch.manual_seed(7)
+    per_stream = _per_stream_blocks(model, model._image_in(pooled_batch(5)["image_pooled"]),
+                                    model._text_in(pooled_batch(5)["text_pooled"]))
+    for a, b in zip(batched, per_stream):
+        assert_close(a, F.normalize(b[:, 0], dim=-1), atol=1e-6, rtol=0)
 
 
 def test_the_one_key_path_skips_the_query_and_key_projections(monkeypatch):

@@ -161,7 +161,7 @@ class FusionBlock(nn.Module):
         x = self.norm1(x + self.drop1(attended))
         return self.norm2(x + self.drop2(self.ffn(x)))
 
-    def one_key_attention(self, kv: Tensor) -> Tensor:
+    def one_key_attention(self, kv: Tensor, keep: Tensor | None = None) -> Tensor:
         """The attention's output when every query sees one key ``kv [B, 1, d]`` (pooled mode).
 
         The softmax over one key is exactly 1, so the output is the value projection through
@@ -170,15 +170,43 @@ class FusionBlock(nn.Module):
         in the module, so checkpoints keep their layout; their gradient is zero either way.
         In training the attention's dropout acts on that weight of 1, one draw per sample and
         head, drawn here as ``nn.MultiheadAttention`` draws it (same shape, same generator),
-        so the result equals the full computation's bit for bit under the same seed.
+        so the result equals the full computation's bit for bit under the same seed. ``keep``:
+        that draw, made beforehand (:meth:`dropout_masks`).
         """
         attn, (b, _, d) = self.attn, kv.shape
         heads = attn.num_heads
         v = F.linear(kv, attn.in_proj_weight[2 * d:], attn.in_proj_bias[2 * d:])  # [B, 1, d]
-        if self.training and attn.dropout > 0:
+        if keep is None and self.training and attn.dropout > 0:
             keep = F.dropout(v.new_ones(b, heads, 1, 1), attn.dropout, training=True)  # [B, H, 1, 1]
+        if keep is not None:
             v = (v.view(b, 1, heads, d // heads) * keep.view(b, 1, heads, 1)).view(b, 1, d)
         return attn.out_proj(v)
+
+    def dropout_masks(self, n: int, like: Tensor) -> tuple[Tensor, ...] | None:
+        """The dropout masks that a one-key ``forward`` of ``n`` samples draws, drawn here in its
+        order, with its shapes and the dtype its dropouts see (``like``'s, or autocast's), so they
+        are the same values: the attention's weight ``[n, H, 1, 1]``, after the attention
+        ``[n, 1, d]``, inside the FFN ``[n, 1, f]``, after the FFN ``[n, 1, d]``. Each is 0 or
+        1 / (1 - p), as ``F.dropout`` scales. None where nothing is drawn (eval mode, or p = 0)."""
+        sites = ((self.attn.dropout, (self.attn.num_heads, 1)), (self.drop1.p, (1, like.shape[-1])),
+                 (self.ffn[2].p, (1, self.ffn[0].out_features)), (self.drop2.p, (1, like.shape[-1])))
+        if not self.training or not any(p > 0 for p, _ in sites):
+            return None
+        kind = like.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else like.dtype
+        return tuple(F.dropout(like.new_ones((n, *shape), dtype=dtype), p, training=True) for p, shape in sites)
+
+    def one_key_streams(self, x: Tensor, keep: tuple[Tensor, ...] | None) -> Tensor:
+        """This block over several pooled streams at once, ``x [N, 1, d]`` (the streams stacked along
+        the batch; each sample is its own one key), with the dropout masks ``keep`` of
+        :meth:`dropout_masks` for those N samples. Each row is what ``forward(x, query=x, kv=x)``
+        computes for it (to float rounding: one matrix product of N rows, not several)."""
+        k_attn, k1, k_ffn, k2 = keep if keep is not None else (None,) * 4
+        attended = self.one_key_attention(x, k_attn)
+        x = self.norm1(x + (attended if k1 is None else attended * k1))
+        h = self.ffn[1](self.ffn[0](x))
+        h = self.ffn[3](h if k_ffn is None else h * k_ffn)
+        return self.norm2(x + (h if k2 is None else h * k2))
 
 
 class Adaptor(nn.Module):
@@ -239,11 +267,7 @@ class Adaptor(nn.Module):
         if not self.mode.sequences:
             if match:
                 raise ValueError("a pooled-mode Adaptor has no matching head (its attention has one key)")
-            img = self._image_in(batch["image_pooled"])  # [B, 1, d]
-            txt = self._text_in(batch["text_pooled"])  # [B, 1, d]
-            for block in self.blocks:  # the paper: one key, so the query is unused
-                img = block(img, query=txt, kv=img)
-                txt = block(txt, query=img, kv=txt)
+            img, txt = self._pooled_blocks(self._image_in(batch["image_pooled"]), self._text_in(batch["text_pooled"]))
             return F.normalize(img[:, 0], dim=-1), F.normalize(txt[:, 0], dim=-1)
         keep = batch.get("text_mask")
         keep = None if keep is None else keep.to(torch.bool)  # [B, Tt], True = real token
@@ -260,6 +284,21 @@ class Adaptor(nn.Module):
         i_idx, t_idx = torch.cat([b, b, neg_img]), torch.cat([b, neg_txt, b])
         logits = self.match_logits(img_tok[i_idx], txt_tok[t_idx], None if keep is None else keep[t_idx])
         return img, txt, logits
+
+    def _pooled_blocks(self, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
+        """The paper's blocks over the two pooled streams ``[B, 1, d]``: per block, the image stream
+        (``block(img, query=txt, kv=img)``), then the text stream reading the updated image as its
+        query. A one-key attention never reads its query, so the two streams of a block are
+        independent, and both run as one batch of 2B rows: one matrix product per weight instead
+        of two, and one gradient per parameter instead of two to add. The dropout masks are drawn
+        first, in the per-stream order (the image stream's four, then the text stream's), so the
+        result is the per-stream computation's, the same draws included (to float rounding)."""
+        b, x = len(img), torch.cat([img, txt])  # [2B, 1, d]
+        for block in self.blocks:
+            masks = [block.dropout_masks(b, x) for _ in range(2)]  # image stream's, then text stream's
+            keep = None if masks[0] is None else tuple(torch.cat(pair) for pair in zip(*masks))
+            x = block.one_key_streams(x, keep)
+        return x[:b], x[b:]
 
     # -- tokens mode: unimodal encoders and the matching head -----------------------------
     def image_token_states(
