@@ -23,10 +23,11 @@ would allow at equal efficiency; the speedup is that ratio times the two sides' 
 the peak. Pooled mode also reports the optimizer's memory floor: fused AdamW reads and
 writes 28 bytes per parameter each step (parameter, gradient and both moments read; the
 parameter and moments written), over the copy bandwidth measured in this run.
-``--sweep-batches`` times the cached pooled step at other batches (the training items
-repeated to fill them: the step's arithmetic does not depend on which items) against the
-end-to-end rate measured at ``--batch``, whose encoders already run matrix products of
-``batch x 257`` rows, and reports the batch where the speedup peaks.
+``--sweep-batches`` times the cached pooled step at ``--batch`` and other batches (the
+training items repeated to fill them: the step's arithmetic does not depend on which items)
+against the end-to-end rate at ``--batch`` (whose encoders already run matrix products of
+``batch x 257`` rows), measured before and after the sweep, and reports the batch where the
+speedup peaks.
 
     python bench/cached_vs_e2e.py [--items 64] [--batch 32] [--modes pooled,tokens,tokens_pooled_grid]
                                   [--steps eager,compile,cuda-graph] [--threads N]
@@ -312,26 +313,28 @@ def optimizer_floor(out: dict, params: int, step_ms: float) -> dict:
 
 
 def sweep_batches(args, inputs, device, amp, out) -> None:
-    """The cached pooled step at each of ``--sweep-batches`` (eager), against the end-to-end
-    rate at ``--batch``; ``peak_batch_pooled`` is where the speedup is highest."""
-    e = out.get("e2e_samples_s_pooled")
-    if not e:
+    """The cached pooled step at ``--batch`` and each of ``--sweep-batches`` (eager), then the
+    end-to-end step at ``--batch`` once more: each batch's speedup is over the mean of the two
+    end-to-end rates (the one before the cached runs, the one after), so load that changes
+    during the sweep moves both sides. ``peak_batch_pooled`` is where the speedup is highest."""
+    if not out.get("e2e_samples_s_pooled"):
         return
-    data, sweep = inputs[-1], out.setdefault("sweep_pooled", {})
+    pixels, texts, img_enc, txt_enc, data = inputs
+    rates = {}
     for b in [out["batch"], *args.sweep_batches]:
-        if str(b) in sweep:
-            continue
-        if b == out["batch"]:  # the headline run, already measured
-            c = {"samples_s": out["cached_samples_s_pooled"], "flops_per_sample": out["flops_per_sample_cached_pooled"]}
-        else:
-            c = cached_rate(data, "pooled", 0, b, device, amp, epochs=1000, max_steps=args.sweep_steps,
-                            fill=b * args.sweep_steps)
-        sweep[str(b)] = {"cached_samples_s": round(c["samples_s"], 1), "speedup": round(c["samples_s"] / e, 1),
-                         **{k.replace("_sweep", ""): v for k, v in
-                            shares(out, "sweep", c["flops_per_sample"] * c["samples_s"] / 1e9).items()}}
-        print(f"pooled batch {b}: cached {c['samples_s']:,.1f}/s, speedup {c['samples_s'] / e:,.1f}x", file=sys.stderr)
-        out["peak_batch_pooled"] = int(max(sweep, key=lambda k: sweep[k]["speedup"]))
-        report(out, args.out)
+        c = cached_rate(data, "pooled", 0, b, device, amp, epochs=1000, max_steps=args.sweep_steps,
+                        fill=b * args.sweep_steps)
+        rates[b] = (c["samples_s"], c["flops_per_sample"])
+        print(f"pooled batch {b}: cached {c['samples_s']:,.1f}/s", file=sys.stderr)
+    again, _ = e2e_rate(pixels, texts, img_enc, txt_enc, "pooled", 0, out["batch"], device, amp, args.e2e_steps)
+    e2e = [out["e2e_samples_s_pooled"], round(again, 2)]
+    out["sweep_e2e_samples_s_pooled"] = e2e
+    out["sweep_pooled"] = {str(b): {"cached_samples_s": round(r, 1), "speedup": round(2 * r / sum(e2e), 1),
+                                    **{k.replace("_sweep", ""): v for k, v in
+                                       shares(out, "sweep", flops * r / 1e9).items()}}
+                           for b, (r, flops) in rates.items()}
+    out["peak_batch_pooled"] = int(max(out["sweep_pooled"], key=lambda k: out["sweep_pooled"][k]["speedup"]))
+    report(out, args.out)
 
 
 def prepare(args, root: Path, device, backbone: str, n_pixels: int):

@@ -283,3 +283,31 @@ def test_make_gpu_check_can_run_with_an_existing_interpreter_without_installing(
     assert "-m venv" in plain and "pip install" in plain  # the default still installs what is missing
     lines = _make_dry_run("GPU_PY=python3", "GPU_ARGS=--preflight", f"VENV={tmp_path / 'no-venv'}").strip().splitlines()
     assert lines == [f"PYTHONPATH={ROOT} python3 bench/gpu_check.py --out gpu-check.json --preflight"]
+
+
+def test_the_batch_sweep_compares_with_end_to_end_before_and_after_and_names_the_peak(tmp_path, monkeypatch):
+    """--sweep-batches times the cached pooled step at each batch (items repeated to fill it), then the
+    end-to-end step again; each speedup is over the mean of both end-to-end rates."""
+    import types
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import cached_vs_e2e as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    seen = []
+
+    def cached_rate(data, mode, gp, bs, device, amp, epochs, max_steps=0, step="eager", fill=0):
+        seen.append((bs, fill))
+        return {"samples_s": {32: 300.0, 64: 500.0, 128: 450.0}[bs], "flops_per_sample": 1e8}
+
+    monkeypatch.setattr(bench, "cached_rate", cached_rate)
+    monkeypatch.setattr(bench, "e2e_rate", lambda *a: (6.0, 1.5e10))
+    args = types.SimpleNamespace(sweep_batches=[64, 128], sweep_steps=4, e2e_steps=1, out=str(tmp_path / "s.json"))
+    out = {"batch": 32, "e2e_samples_s_pooled": 4.0, "peak_gflops": 100.0}
+    bench.sweep_batches(args, (None,) * 5, None, None, out)
+    assert seen == [(32, 128), (64, 256), (128, 512)]
+    assert out["sweep_e2e_samples_s_pooled"] == [4.0, 6.0] and out["peak_batch_pooled"] == 64
+    assert out["sweep_pooled"]["64"] == {"cached_samples_s": 500.0, "speedup": 100.0, "gflops": 50.0,
+                                         "peak_share": 0.5}
+    assert json.loads((tmp_path / "s.json").read_text())["peak_batch_pooled"] == 64
