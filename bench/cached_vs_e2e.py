@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -153,12 +154,10 @@ def cached_rate(data, mode, grid_pool, batch, device, amp, epochs, max_steps=0,
         runner(b)
     sync(device)
     loader.wait_seconds, n, t = 0.0, 0, time.perf_counter()
-    for e in range(1, epochs + 1):
-        for b in loader.batches(e):
-            runner(b)
-            n += len(b["index"])
-            if max_steps and n >= max_steps * batch:
-                break
+    timed = (b for e in range(1, epochs + 1) for b in loader.batches(e))
+    for b in itertools.islice(timed, max_steps or None):  # max_steps: steps in all, across epochs
+        runner(b)
+        n += len(b["index"])
     runner.take_mean_loss()  # waits for the device
     elapsed = time.perf_counter() - t
     return {"samples_s": n / elapsed, "wait": loader.wait_seconds / elapsed, "residency": loader.residency,

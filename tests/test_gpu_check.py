@@ -311,3 +311,32 @@ def test_the_batch_sweep_compares_with_end_to_end_before_and_after_and_names_the
     assert out["sweep_pooled"]["64"] == {"cached_samples_s": 500.0, "speedup": 100.0, "gflops": 50.0,
                                          "peak_share": 0.5}
     assert json.loads((tmp_path / "s.json").read_text())["peak_batch_pooled"] == 64
+
+
+def test_a_cached_run_stops_after_max_steps_across_epochs(tmp_path):
+    """cached_rate's max_steps counts steps in all: a sweep over 1,000 one-step epochs times 3 steps, not 1,000."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import cached_vs_e2e as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import numpy as np
+    import torch
+
+    from cache.pairs import load_pairs
+    from tests.helpers import embed_json, make_table
+
+    table = make_table(tmp_path / "data", 8)
+    embed_json(table, tmp_path / "cache")
+    name = json.loads((next((tmp_path / "cache" / "datasets").iterdir()) / "dataset.json").read_text())["name"]
+    data = load_pairs(tmp_path / "cache", name, str(table), "tiny-vit", "tiny-bert")
+    steps = []
+    original = bench.StepRunner.__call__
+    bench.StepRunner.__call__ = lambda self, b: steps.append(len(b["index"])) or original(self, b)
+    try:
+        res = bench.cached_rate(data, "pooled", 0, 4, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False),
+                                epochs=1000, max_steps=3, fill=8)
+    finally:
+        bench.StepRunner.__call__ = original
+    assert steps == [4] * (2 + 3)  # two warm-up steps, then three timed
+    assert res["samples_s"] > 0 and res["flops_per_sample"] > 0 and np.isfinite(res["flops_per_sample"])
