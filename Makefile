@@ -57,8 +57,18 @@ bench: install
 
 ## On a GPU machine: the GPU tests and both GPU benchmarks (under 8 minutes), one JSON object
 ## on stdout and in gpu-check.json. Without CUDA it says that nothing was measured and exits 0.
+## `make gpu-check GPU_PY=python3` runs it with an interpreter that already has the packages,
+## installing nothing (its preflight names any that are missing); GPU_ARGS adds options,
+## e.g. GPU_ARGS=--preflight (the few-second check alone) or GPU_ARGS=--strict.
+GPU_PY ?=
+GPU_ARGS ?=
+ifeq ($(strip $(GPU_PY)),)
 gpu-check: install
-	$(BIN)/python bench/gpu_check.py --out gpu-check.json
+	$(BIN)/python bench/gpu_check.py --out gpu-check.json $(GPU_ARGS)
+else
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) bench/gpu_check.py --out gpu-check.json $(GPU_ARGS)
+endif
 
 ## Removes demo-out (and DEMO_CACHE when one was given); a demo in the shared cache stays there.
 clean:

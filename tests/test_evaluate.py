@@ -461,6 +461,8 @@ def test_tokens_mode_text_embeddings_and_match_scores_are_the_models(world):
     scores = a.match_scores(data.image, img_rows, data.text, txt_rows, pairs)
     txt = a.text_embeddings(data.text, txt_rows)
     batch = next(PairLoader(data, np.arange(4), "tokens", 4, torch.device("cpu"), views=False).batches(None))
+    # the references below run on the reports padded as cached; evaluation cuts them to the longest report
+    assert int(batch["text_mask"].sum(1).max()) < batch["text_tokens"].shape[1]
     grid, n_prefix = a.grid
     with torch.no_grad():
         img_emb, txt_emb = a.model(batch, image_grid=grid, n_prefix=n_prefix)

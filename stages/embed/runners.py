@@ -232,6 +232,7 @@ def _result(fut, claim: Claim) -> dict:
 
 
 def _dask_client(cfg):
+    import dask  # lazy: only a run with --workers or --scheduler uses Dask
     from distributed import Client, LocalCluster  # lazy: dask's distributed takes a second to import
 
     if cfg.scheduler:
@@ -242,8 +243,10 @@ def _dask_client(cfg):
                             "`dask scheduler` and workers with `dask worker <address>`.") from e
     per = threads.plan(processes=cfg.workers)  # the cores split among the workers, not all of them each
     err.print(f"Dask: {cfg.workers} local workers, {per.line()}")
-    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
+    # Workers that are not daemons may start decode processes (a GPU embed spawns them).
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
     return _ClusterClient(Client(cluster), cluster)
 
 

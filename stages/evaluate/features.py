@@ -17,7 +17,7 @@ from cache.outputs import OutputCache, ensure_outputs_meta, outputs_folder
 from cache.reader import RowReader
 from cache.store import Store
 from core.console import err
-from pipeline.models.adaptor import Adaptor, AdaptorMode
+from pipeline.models.adaptor import Adaptor, AdaptorMode, trim_text_padding
 from pipeline.api.source import load_model, resolve_source
 from pipeline.models.checkpoint import checkpoint_hash, resolve_checkpoint, weights_hash
 
@@ -150,8 +150,9 @@ class FrozenAdaptor:
             torch.from_numpy(img_r.take(image_rows[s:s + batch])).to(self.device), grid, n_prefix)
             for s in range(0, len(image_rows), batch)])
         txt_tok, keep = [], []
+        width = int(len_r.take(text_rows).max(initial=1))  # one width for every batch: they are concatenated
         for s in range(0, len(text_rows), batch):
-            t, k = _text_batch(tok_r, len_r, text_rows[s:s + batch], self.device)
+            t, k = _text_batch(tok_r, len_r, text_rows[s:s + batch], self.device, width)
             txt_tok.append(self.model.text_token_states(t, k))
             keep.append(k)
         txt_tok, keep = torch.cat(txt_tok), torch.cat(keep)
@@ -174,12 +175,17 @@ class FrozenAdaptor:
         return line
 
 
-def _text_batch(tokens: RowReader, length: RowReader, rows: np.ndarray,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached report tokens ``[b, Tt, Dt]`` and their real-token mask ``[b, Tt]``."""
+def _text_batch(tokens: RowReader, length: RowReader, rows: np.ndarray, device: torch.device,
+                width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached report tokens and their real-token mask, cut to ``width`` tokens (default: the
+    batch's longest report; the padding cut changes no output, see ``trim_text_padding``):
+    ``[b, width, Dt]``, ``[b, width]``."""
     t = torch.from_numpy(tokens.take(rows)).to(device)
     n = torch.from_numpy(length.take(rows)).long().to(device)
-    return t, torch.arange(t.shape[1], device=device)[None] < n[:, None]
+    keep = torch.arange(t.shape[1], device=device)[None] < n[:, None]
+    if width is None:
+        return trim_text_padding(t, keep)
+    return t[:, :max(1, width)], keep[:, :max(1, width)]
 
 
 def raw_features(store: Store, rows: np.ndarray, kind: str = "pooled") -> np.ndarray:

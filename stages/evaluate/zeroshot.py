@@ -8,7 +8,6 @@ test scores go to ``predictions.npz`` (``m<i>``: method ``i``'s ``[n, findings]`
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from core.errors import InputError
 from pipeline.methods import Method
@@ -39,12 +38,24 @@ def _findings(ctx: EvalContext, prompts: dict) -> list[str]:
     return found
 
 
+def prompt_device(ctx: EvalContext) -> str:
+    """Where the prompts are encoded: into the store the reports are in, so in its arithmetic.
+    Reports embedded on CUDA (bf16 autocast, recorded in the store's spec) need the prompts
+    encoded on CUDA too, on the device this evaluation was given (``cuda:1`` stays ``cuda:1``);
+    reports embedded on the CPU need the CPU."""
+    if not ctx.data.text.attrs["spec"].get("compute"):
+        return "cpu"
+    if ctx.device.type != "cuda":
+        raise PromptError(f"the reports of {ctx.dataset_name!r} were embedded on CUDA (bf16), so the zero-shot prompts "
+                          f"must be encoded there too, and this evaluation runs on {ctx.device}: pass --device cuda "
+                          "(or cuda:N), or embed the dataset on the CPU")
+    return str(ctx.device)
+
+
 def prompt_rows(ctx: EvalContext, prompts: dict, findings: list[str]) -> tuple[np.ndarray, dict]:
     """Text-store rows of every prompt, and per finding the positions of its positive/negative prompts."""
     texts, where = prompt_layout(prompts, findings)
-    # into the store the reports are in: embedded on CUDA if they were (bf16), else on the CPU
-    cuda = bool(ctx.data.text.attrs["spec"].get("compute")) and torch.cuda.is_available()
-    store, rows = embed_texts_store(texts, ctx.text_encoder, ctx.root, "cuda" if cuda else "cpu")
+    store, rows = embed_texts_store(texts, ctx.text_encoder, ctx.root, prompt_device(ctx))
     if store.fingerprint != ctx.data.text.fingerprint:
         raise PromptError(f"the prompts were embedded with a {ctx.text_encoder} configuration (fingerprint "
                           f"{store.fingerprint[:16]}) other than the dataset's reports' "

@@ -32,6 +32,30 @@ from stages.train.residency import RESIDENCIES, Placement, ResidencyError, Room
 __all__ = ["PairLoader", "ResidencyError"]
 
 
+GPU_CACHE_SHARE = 0.6  # of the GPU memory free when training starts, for every loader's resident arrays together
+
+
+class GpuBudget:
+    """The GPU memory that a run's resident arrays may take, shared by its loaders.
+
+    Each loader used to take up to 80% of whatever was free when it was built, so the
+    validation loader, built second, could take 80% of the rest, and training was left with
+    4% of the card. One budget for the run: the arrays of every loader together get
+    :data:`GPU_CACHE_SHARE` of the memory free at the start, and the rest stays for the
+    model, its optimizer state and the step's activations.
+    """
+
+    def __init__(self, device: torch.device, share: float = GPU_CACHE_SHARE):
+        self.left = int(share * torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 0
+        self.share = share
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.left
+
+    def take(self, nbytes: int) -> None:
+        self.left -= nbytes
+
+
 @dataclass
 class _Source:
     """One array, either resident (a tensor over compact rows) or a streaming reader."""
@@ -62,7 +86,7 @@ class PairLoader:
     def __init__(self, data: PairData, positions: np.ndarray, mode: AdaptorMode | str, batch_size: int,
                  device: torch.device, resident: str = "auto", views: bool = True,
                  seed: int = 0, buffer_chunks: int = 8, drop_last: bool = False, text: bool = True,
-                 rank: int = 0, world: int = 1, ram_copies: int = 1):
+                 rank: int = 0, world: int = 1, ram_copies: int = 1, gpu_budget: GpuBudget | None = None):
         if batch_size % world:
             raise InputError(f"batch_size={batch_size} is the global batch and must split evenly over {world} "
                              f"processes; use a multiple of {world}")
@@ -78,6 +102,7 @@ class PairLoader:
         self.image_rows = img_rows
         self.text_rows = data.text_rows[self.positions]
         self.sources: dict[str, _Source] = {}
+        self.gpu_budget = gpu_budget or GpuBudget(device)
         used_img = np.unique(img_rows[img_rows >= 0])
         n = mode.image_array
         self.sources[f"image_{n}"] = _Source(n, RowReader(data.image, n), used_img)
@@ -109,8 +134,10 @@ class PairLoader:
         need = self.nbytes()
         ram_need = need * self.ram_copies  # every process on this machine holds its own copy
         cuda = self.device.type == "cuda"
-        room = Room(cuda, torch.cuda.mem_get_info(self.device)[0] if cuda else 0, available_ram())
+        room = Room(cuda, self.gpu_budget.left if cuda else 0, available_ram())
         placement = choice.choose(need, ram_need, room, self.ram_copies)
+        if placement.on_device:
+            self.gpu_budget.take(need)
         if choice.fell_back(placement) and self.rank == 0:  # pooled vectors too: a 10M-image table's are 32 GiB
             what = "token arrays" if self.mode.sequences else "pooled vectors"
             err.print(f"[yellow]{what} need {need / 2**30:.1f} GiB, more than half the free RAM: "

@@ -46,8 +46,8 @@ class Placement:
         ``share`` of the free memory this placement uses?"""
         if not self.held:
             return True
-        if self.on_device:
-            return room.cuda and need <= share * room.gpu_free
+        if self.on_device:  # the budget is the cached arrays' share of the GPU already
+            return room.cuda and need <= room.gpu_free
         return ram_need <= share * room.ram_free
 
     def refusal(self, need: int, ram_need: int, room: Room, copies: int) -> str:
@@ -55,8 +55,9 @@ class Placement:
         if self.on_device and not room.cuda:
             return f"--resident {self.name} needs a CUDA device; use --resident ram or --device cuda"
         if self.on_device:
-            return (f"--resident {self.name} needs {need / GIB:.2f} GiB but the GPU has {room.gpu_free / GIB:.2f} "
-                    "GiB free; use --resident ram or none")
+            return (f"--resident {self.name} needs {need / GIB:.2f} GiB but the cached arrays may take only "
+                    f"{room.gpu_free / GIB:.2f} GiB more of the GPU (the run's share of its free memory; the rest "
+                    "stays for training); use --resident ram or none")
         return (f"--resident {self.name} needs {ram_need / GIB:.2f} GiB ({copies} process(es) on this machine) but "
                 f"only {room.ram_free / GIB:.2f} GiB is available; use --resident none to stream")
 
@@ -95,8 +96,9 @@ class Residency:
 
 
 RESIDENCIES: dict[str, Residency] = {r.name: r for r in (
-    Residency("auto", "the GPU when the arrays fit in 80% of its free memory, else RAM when they need at most "
-                      "half the free RAM, else streamed", None, (("gpu", 0.8), ("ram", 0.5), ("stream", 1.0))),
+    Residency("auto", "the GPU when the arrays fit in the run's GPU budget (60% of its free memory, for the "
+                      "training and validation arrays together), else RAM when they need at most half the free "
+                      "RAM, else streamed", None, (("gpu", 1.0), ("ram", 0.5), ("stream", 1.0))),
     Residency("ram", "hold the arrays in RAM", "ram"),
     Residency("gpu", "hold the arrays in GPU memory (needs a CUDA device)", "gpu"),
     Residency("none", "stream the arrays from the shard files, batch by batch", "stream"),

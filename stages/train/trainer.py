@@ -53,14 +53,14 @@ from pipeline.datasets import open_dataset
 from pipeline.devices import DEVICES, peak_memory_mb
 from pipeline.encoders import canonical_name
 from core.errors import InputError
-from pipeline.models.adaptor import Adaptor, AdaptorConfig
+from pipeline.models.adaptor import Adaptor, AdaptorConfig, trim_text_padding
 from pipeline.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from pipeline.models.loss import clip_loss, itm_loss, rerank_top_k, retrieval_recall_from_sim
 from pipeline.models.ranking import batched_clip_loss, recall_both_ways, split_clip_loss
 from pipeline.provenance import provenance
 from stages.train import distributed
 from stages.train.distributed import DistContext
-from stages.train.loader import PairLoader
+from stages.train.loader import GpuBudget, PairLoader
 from stages.train.metrics import MetricsLog
 from stages.train.residency import RESIDENCIES
 from stages.train.resume import resume_key
@@ -293,11 +293,12 @@ class Trainer:
         if cfg.loss_groups % ctx.world_size and cfg.loss_groups > 1:
             raise InputError(f"loss_groups={cfg.loss_groups} must be a multiple of the {ctx.world_size} processes "
                              "(each process scores whole groups of its own pairs)")
+        budget = GpuBudget(self.device)  # one for both loaders: training keeps the rest of the card
         self.train = PairLoader(data, train_pos, self.net.mode, bs, self.device, cfg.resident, cfg.views,
                                 seed=cfg.seed, drop_last=True, rank=ctx.rank, world=ctx.world_size,
-                                ram_copies=ctx.local_world_size)
+                                ram_copies=ctx.local_world_size, gpu_budget=budget)
         self.val = (PairLoader(data, val_pos, self.net.mode, cfg.val_batch_size, self.device, cfg.resident,
-                               views=False) if len(val_pos) > 1 and ctx.is_main else None)
+                               views=False, gpu_budget=budget) if len(val_pos) > 1 and ctx.is_main else None)
         check_step_mode(cfg.step, self.device, ddp=ctx.enabled)
         if self.net.has_match_head and cfg.itm_weight <= 0:
             raise InputError(f"itm_weight={cfg.itm_weight} would leave the matching head untrained; to train "
@@ -450,7 +451,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed * 100003 + epoch + self.ctx.rank * 1_000_003)
         t0, steps, self.train.wait_seconds = time.perf_counter(), 0, 0.0
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)  # cuda:N: its own statistics, not device 0's
         for batch in self.train.batches(epoch):
             self.runner(batch)
             self.sched.step()
@@ -511,7 +512,7 @@ class Trainer:
         self.net.eval()
         imgs, txts = [], []
         for batch in self.val.batches(None):
-            i, t = self.net(batch, image_grid=self.grid, n_prefix=self.n_prefix)
+            i, t = self.net(_trimmed(batch), image_grid=self.grid, n_prefix=self.n_prefix)
             imgs.append(i)
             txts.append(t)
         img, txt = torch.cat(imgs).float(), torch.cat(txts).float()
@@ -535,7 +536,7 @@ class Trainer:
             parts.append(batch)
             if sum(len(p["index"]) for p in parts) >= n_max:
                 break
-        val = {k: torch.cat([p[k] for p in parts])[:n_max] for k in ("image_tokens", "text_tokens", "text_mask")}
+        val = _trimmed({k: torch.cat([p[k] for p in parts])[:n_max] for k in ("image_tokens", "text_tokens", "text_mask")})
         img_tok = self.net.image_token_states(val["image_tokens"], self.grid, self.n_prefix)
         keep = val["text_mask"].to(torch.bool)
         txt_tok = self.net.text_token_states(val["text_tokens"], keep)
@@ -549,6 +550,15 @@ class Trainer:
         for k, v in retrieval_recall_from_sim(i2t, t2i=t2i).items():
             out["val_itm_" + k.replace("R@", "r@")] = round(float(v), 4)
         return out
+
+
+def _trimmed(batch: dict) -> dict:
+    """A validation batch with its report tokens cut to its longest report
+    (:func:`~pipeline.models.adaptor.trim_text_padding`: in eval mode, the same outputs)."""
+    if "text_mask" not in batch:
+        return batch
+    text, keep = trim_text_padding(batch["text_tokens"], batch["text_mask"].to(torch.bool))
+    return {**batch, "text_tokens": text, "text_mask": keep}
 
 
 def _epoch_line(r: dict) -> str:
