@@ -2,11 +2,14 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_CACHE ?= $(CURDIR)/.pipe-cache
+# The demo's cache: empty means where every `pipe` command and the Python API look without --cache
+# ($PIPE_CACHE, else ~/.cache/freeze-pipe), so the examples run after the demo find its data.
+DEMO_CACHE ?=
 DEMO_OUT ?= $(CURDIR)/demo-out
 export HF_HUB_OFFLINE ?= 1
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: install browser demo test test-fast bench gpu-check clean
+.PHONY: install browser demo test test-fast docs bench gpu-check clean
 
 ## The environment, made again only when pyproject.toml changes. pip is upgraded only where it is
 ## too old for an editable install from pyproject.toml (pip < 21.3). pip byte-compiles what it
@@ -16,7 +19,7 @@ $(BIN)/pipe: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -c 'import pip, sys; sys.exit(tuple(map(int, pip.__version__.split(".")[:2])) < (21, 3))' \
 	  || $(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-compile -e '.[assets,xrv,dev]'
+	$(BIN)/pip install -q --no-compile -e '.[assets,xrv,openclip,dev,docs,release]'
 	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	@touch $@
 
@@ -40,10 +43,12 @@ endif
 
 ## The main job on the built-in demo data: embed once, train the Adaptor from the cache, evaluate.
 demo: install
-	PIPE_CACHE=$(DEMO_CACHE) $(BIN)/pipe demo --out $(DEMO_OUT)
+	$(BIN)/pipe demo --out $(DEMO_OUT) $(if $(DEMO_CACHE),--cache $(DEMO_CACHE))
+	@echo "pipe and its Python are in $(VENV): run 'source $(VENV)/bin/activate' (or call $(BIN)/pipe) to use them."
 
-## The test suite (what CI runs), in TEST_JOBS processes (pytest-xdist): many tests wait on
-## subprocesses, servers and sleeps, so more processes than cores keep the cores busy. The tests
+## The test suite (what CI runs; the strict documentation build is one of its tests), in TEST_JOBS
+## processes (pytest-xdist): many tests wait on subprocesses, servers and sleeps, so more processes
+## than cores keep the cores busy. The tests
 ## of a module that builds its own module fixture share one process (tests/conftest.py).
 ## TEST_JOBS=0 runs the suite in one process.
 TEST_JOBS ?= 4
@@ -55,13 +60,28 @@ test: install browser
 test-fast: install browser
 	$(PYTEST) -m "not slow"
 
+## The documentation site, built strictly (a broken link, anchor or missing page fails) and offline, into site/.
+docs: install
+	$(BIN)/mkdocs build --strict
+
 bench: install
 	$(BIN)/python bench/embed_overhead.py
 
 ## On a GPU machine: the GPU tests and both GPU benchmarks (under 8 minutes), one JSON object
 ## on stdout and in gpu-check.json. Without CUDA it says that nothing was measured and exits 0.
+## `make gpu-check GPU_PY=python3` runs it with an interpreter that already has the packages,
+## installing nothing (its preflight names any that are missing); GPU_ARGS adds options,
+## e.g. GPU_ARGS=--preflight (the few-second check alone) or GPU_ARGS=--strict.
+GPU_PY ?=
+GPU_ARGS ?=
+ifeq ($(strip $(GPU_PY)),)
 gpu-check: install
-	$(BIN)/python bench/gpu_check.py --out gpu-check.json
+	$(BIN)/python bench/gpu_check.py --out gpu-check.json $(GPU_ARGS)
+else
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) bench/gpu_check.py --out gpu-check.json $(GPU_ARGS)
+endif
 
+## Removes demo-out (and DEMO_CACHE when one was given); a demo in the shared cache stays there.
 clean:
-	rm -rf $(DEMO_CACHE) $(DEMO_OUT)
+	rm -rf $(DEMO_OUT) $(DEMO_CACHE) site

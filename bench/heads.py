@@ -17,6 +17,14 @@ and prints per method the optimiser steps (for the probe: function evaluations),
 seconds, and the test macro AUROC; the capped and probe rows also give the AUROC
 difference from the uncapped head of their kind and their time as a ratio of its time.
 
+The roofline (bench/roofline.py): the FLOPs of one training step (forward and backward at the
+head's batch), of one L-BFGS function evaluation (the whole training split) and of one
+validation pass are counted from the heads' shapes (2·M·N·K per matrix product), then
+multiplied by how many of each a method ran (its loss and scoring calls are counted), and each
+row gives the achieved GFLOP/s and its share of the peak of a large float32 matrix product
+with the same threads, measured in this run. The heads are small (384 -> 512 -> 2), so their
+steps are bound by per-step overhead, not arithmetic: the shares show by how much.
+
     python bench/heads.py [--n 50000] [--seed 0] [--threads 1]
 
 The last line of stdout is one JSON object.
@@ -34,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.roofline import count_flops, measure_peak, roofline  # noqa: E402
 from pipeline.models.heads import make_head  # noqa: E402
 from stages.evaluate import metrics as M  # noqa: E402
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, fit_probes, predict  # noqa: E402
@@ -60,6 +69,20 @@ def _loss(logits, y):
     return F.binary_cross_entropy_with_logits(logits, y)
 
 
+def unit_flops(kind: str, xt: torch.Tensor, yt: torch.Tensor, xv: torch.Tensor) -> tuple[int, int]:
+    """FLOPs of one training call of a head (a minibatch step, or an L-BFGS evaluation over the
+    whole split for the probe) and of one validation pass, from its shapes."""
+    h = HeadsConfig()
+    module = make_head(kind, WIDTH, 2, h.hidden, h.dropout)
+    if kind == "probe":  # L-BFGS evaluates the standardised split through the linear layer
+        train = count_flops(lambda: _loss(module[1](xt), yt).backward())
+    else:
+        train = count_flops(lambda: _loss(module(xt[:h.batch_size]), yt[:h.batch_size]).backward())
+    with torch.no_grad():
+        val = count_flops(lambda: module.eval()(xv))
+    return train, val
+
+
 def run(n: int, seed: int) -> dict:
     x, y = features(n, seed)
     cut_tr, cut_va = int(0.7 * n), int(0.8 * n)
@@ -68,14 +91,29 @@ def run(n: int, seed: int) -> dict:
     x_te, y_te = torch.from_numpy(x[cut_va:]), y[cut_va:]
     h = HeadsConfig()
 
+    calls = {"train": 0, "val": 0}
+
+    def counted_loss(logits, target):
+        calls["train"] += 1
+        return _loss(logits, target)
+
     def score(module) -> tuple[float, float]:
+        calls["val"] += 1
         logits = predict(module, xv)
         return float(M.macro_auroc(y[cut_tr:cut_va], 1 / (1 + np.exp(-logits)))[0]), float(_loss(torch.from_numpy(logits), yv))
 
     def test_auroc(module) -> float:
         return float(M.macro_auroc(y_te, 1 / (1 + np.exp(-predict(module, x_te))))[0])
 
-    rows = []
+    rows, peaks = [], [measure_peak("cpu")]
+    units = {kind: unit_flops(kind, xt, yt, xv) for kind in ("mlp", "linear", "probe")}
+
+    def arithmetic(kind: str) -> float:
+        train, val = units[kind]
+        flops = calls["train"] * train + calls["val"] * val
+        calls.update(train=0, val=0)
+        return flops
+
     for kind in ("mlp", "linear"):
         for label, cap in (("uncapped", 0), ("capped", h.max_steps)):
             torch.manual_seed(seed)
@@ -83,19 +121,25 @@ def run(n: int, seed: int) -> dict:
             settings = FitSettings(h.epochs, h.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed,
                                    h.min_steps, cap)
             t0 = time.perf_counter()
-            best = HeadBank([head], _loss, score, settings).fit(xt, yt, has_val=True)[kind]
+            best = HeadBank([head], counted_loss, score, settings).fit(xt, yt, has_val=True)[kind]
             seconds = time.perf_counter() - t0
             rows.append({"method": f"{kind} {label}", "kind": kind, "steps": head.steps, "best_steps": best.best_steps,
-                         "seconds": round(seconds, 2), "test_auroc": round(test_auroc(best.module), 4)})
+                         "seconds": round(seconds, 2), "test_auroc": round(test_auroc(best.module), 4),
+                         "flops": arithmetic(kind)})
             print(f"n={n:,} {kind} {label}: {head.steps:,} steps, {seconds:.1f} s, AUROC {rows[-1]['test_auroc']:.4f}",
                   file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    probe, sweep = fit_probes(lambda: make_head("probe", WIDTH, 2), h.probe_l2s, xt, yt, _loss, score, has_val=True)
+    probe, sweep = fit_probes(lambda: make_head("probe", WIDTH, 2), h.probe_l2s, xt, yt, counted_loss, score,
+                              has_val=True)
     seconds = time.perf_counter() - t0
     rows.append({"method": "probe (L-BFGS)", "kind": "probe", "steps": probe.steps, "strengths": len(sweep),
-                 "l2": probe.lr, "seconds": round(seconds, 2), "test_auroc": round(test_auroc(probe.module), 4)})
+                 "l2": probe.lr, "seconds": round(seconds, 2), "test_auroc": round(test_auroc(probe.module), 4),
+                 "flops": arithmetic("probe")})
     print(f"n={n:,} probe: l2 {probe.lr:g}, {seconds:.1f} s, AUROC {rows[-1]['test_auroc']:.4f}", file=sys.stderr)
-    return {"n": n, "n_train": cut_tr, "rows": rows, "comparisons": compare(rows)}
+    peaks.append(measure_peak("cpu"))
+    for r in rows:
+        r.update(roofline(r.pop("flops"), 1 / r["seconds"], max(peaks)))
+    return {"n": n, "n_train": cut_tr, "rows": rows, "comparisons": compare(rows), "peak_gflops": round(max(peaks), 1)}
 
 
 def compare(rows: list[dict]) -> dict:
@@ -112,9 +156,10 @@ def compare(rows: list[dict]) -> dict:
 
 def table(result: dict) -> str:
     lines = [f"n = {result['n']:,} items ({result['n_train']:,} training)", "",
-             "| method | steps | seconds | test macro AUROC |", "|---|---|---|---|"]
+             "| method | steps | seconds | test macro AUROC | GFLOP/s | share of peak |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['steps']:,} | {r['seconds']:.1f} | {r['test_auroc']:.4f} |")
+        lines.append(f"| {r['method']} | {r['steps']:,} | {r['seconds']:.1f} | {r['test_auroc']:.4f} | "
+                     f"{r['gflops']:.2f} | {100 * r['peak_share']:.1f}% |")
     lines += ["", "| comparison | AUROC difference | time ratio |", "|---|---|---|"]
     for name, c in result["comparisons"].items():
         lines.append(f"| {name} | {c['auroc_difference']:+.4f} | {c['time_ratio']:.3f} |")

@@ -8,6 +8,13 @@ the evaluation's own plan (``FitSettings.plan`` with ``SegConfig``'s defaults): 
 steps per (seed, fraction) for the default fractions 1%, 10%, 100% and 3 seeds, plus one
 validation pass per validation round. The figures in `pipe evaluate --help` come from here.
 
+The roofline (bench/roofline.py): a step's FLOPs are counted from its shapes on one untimed
+step (each convolution as its product, 2 · output elements · input channels · 9 for a 3x3;
+backward as executed; upsampling, norms and the loss are not counted), and each row gives the
+achieved GFLOP/s and its share of the peak of a large float32 matrix product on the same
+device with the same threads, measured in this run (on a GPU the convolutions may use TF32,
+which the float32 peak does not, so a share there can pass 1).
+
     python bench/seg_steps.py [--train 1400 12000 53000] [--valid 200] [--reps 20] [--threads T] [--device cuda] [--out F]
 
 The last line of stdout is one JSON object.
@@ -23,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.roofline import count_flops, measure_peak, roofline  # noqa: E402
 from pipeline.models.heads import SegDecoder, segmentation_loss  # noqa: E402
 from stages.evaluate.head_bank import FitSettings  # noqa: E402
 from stages.evaluate.stage import HeadsConfig, SegConfig  # noqa: E402
@@ -32,8 +40,8 @@ GRID, SIZE = 16, 224
 FRACTIONS, SEEDS = (0.01, 0.1, 1.0), 3
 
 
-def time_step(width: int, device: torch.device, reps: int) -> tuple[float, float]:
-    """(seconds per training step, seconds per item of a validation pass) at the defaults."""
+def time_step(width: int, device: torch.device, reps: int) -> tuple[float, float, int]:
+    """(seconds per training step, seconds per item of a validation pass, FLOPs of a step) at the defaults."""
     s, h = SegConfig(), HeadsConfig()
     torch.manual_seed(0)
     model = SegDecoder(width, GRID, SIZE, s.channels).to(device)
@@ -51,6 +59,7 @@ def time_step(width: int, device: torch.device, reps: int) -> tuple[float, float
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    flops = count_flops(lambda: segmentation_loss(model(x), y, s.alpha, s.gamma).backward())  # untimed
     for _ in range(3):
         step()
     sync()
@@ -65,7 +74,7 @@ def time_step(width: int, device: torch.device, reps: int) -> tuple[float, float
         for _ in range(reps):
             model(x)
         sync()
-    return train, (time.perf_counter() - t0) / reps / s.batch_size
+    return train, (time.perf_counter() - t0) / reps / s.batch_size, flops
 
 
 def plan_seconds(n_train: int, n_valid: int, step_s: float, val_item_s: float) -> dict:
@@ -99,12 +108,14 @@ def main() -> None:
     if "cuda" in names and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     devices = [torch.device(n) for n in names]
-    rows = []
+    rows, peaks = [], {}
     for device in devices:
+        peaks[device.type] = round(measure_peak(device), 1)
         for backbone, width in GEOMETRY.items():
-            step_s, val_s = time_step(width, device, a.reps if device.type == "cuda" else max(3, a.reps // 4))
+            step_s, val_s, flops = time_step(width, device, a.reps if device.type == "cuda" else max(3, a.reps // 4))
             plans = [plan_seconds(n, a.valid, step_s, val_s) for n in a.train]
             rows.append({"device": device.type, "backbone": backbone, "ms_per_step": round(1000 * step_s, 2),
+                         "gflop_per_step": round(flops / 1e9, 2), **roofline(flops, 1 / step_s, peaks[device.type]),
                          "plans": plans})
             print(f"{device.type} {backbone}: {1000 * step_s:.1f} ms/step; "
                   + "; ".join(f"{p['n_train']:,} train: {p['minutes']:.0f} min" for p in plans), file=sys.stderr)
@@ -113,7 +124,8 @@ def main() -> None:
     for r in rows:
         cells = [f"{p['steps']:,} steps · {p['minutes']:.0f} min" for p in r["plans"]]
         print(f"| {r['device']} | {r['backbone']} | {r['ms_per_step']:.1f} | " + " | ".join(cells) + " |")
-    summary = {"bench": "seg_steps", "threads": torch.get_num_threads(), "rows": rows}
+    summary = {"bench": "seg_steps", "threads": torch.get_num_threads(), "peak_gflops": peaks, "peak_dtype": "float32",
+               "rows": rows}
     if a.out:
         a.out.write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))

@@ -24,7 +24,8 @@ from cache.storage import Storage, StoreError
 ZARR_DIR = "embeddings.zarr"
 GROUP_META = f"{ZARR_DIR}/zarr.json"
 # Zarr v3 dimension names (xarray opens the group by them): the row axis is shared by every array
-DIMENSION_NAMES = {"tokens": ("row", "token", "dim"), "pooled": ("row", "dim"), "length": ("row",)}
+DIMENSION_NAMES = {"tokens": ("row", "token", "dim"), "pooled": ("row", "dim"), "length": ("row",),
+                   "native": ("row", "native_dim")}
 
 
 def array_entries(arrays: dict[str, np.ndarray]) -> dict[str, dict]:

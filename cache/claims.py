@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 from core.processes import Identity, me, process_alive
-from core.errors import InputError
+from core.errors import InputError, PipeError
 
 LEASE_ENV = "PIPE_CLAIM_LEASE_S"
 DEFAULT_LEASE_S = 120.0     # a crashed writer's shard is taken over within two minutes
@@ -186,7 +186,7 @@ class LeaseKeeper:
         with self._guard:
             held, self._held = list(self._held.items()), {}
         for claim, store in held:
-            with contextlib.suppress(OSError):  # best effort: the lease lapses by itself
+            with contextlib.suppress(OSError, PipeError):  # best effort: the lease lapses by itself
                 store.release(claim)
         return False
 
@@ -212,7 +212,7 @@ class LeaseKeeper:
         for claim, store in held:
             try:
                 kept = store.renew(claim, self.lease_s)
-            except OSError as e:  # a slow or flaky file system: try again next time
+            except (OSError, PipeError) as e:  # a slow or flaky file system, a bucket that failed every retry: next time
                 log.warning("could not renew the claim on shard %s (%s); retrying", getattr(claim, "shard", "?"), e)
                 continue
             with self._guard:

@@ -49,6 +49,7 @@ class Unit:
     view: int
     source: str          # image path, or "item <id>" for reports
     payload: str | None = None  # the normalised report text
+    item: str = ""       # the id of the first item with this content (named in a failure)
 
 
 class Items(Protocol):
@@ -89,7 +90,7 @@ def _text_units(ids, reports, keys) -> list:
     for i, report, key in zip(ids, reports, keys):
         if isinstance(key, str) and key not in seen:
             seen.add(key)
-            units.append(Unit(key, 0, f"item {i}", report))
+            units.append(Unit(key, 0, f"item {i}", report, str(i)))
     return units
 
 
@@ -136,7 +137,7 @@ class IndexBuilder:
             key = self._hasher.get(i)[0]
             if key is not None and key not in seen:
                 seen.add(key)
-                yield from (Unit(key, v, str(it.image)) for v in range(views + 1))
+                yield from (Unit(key, v, str(it.image), item=str(it.id)) for v in range(views + 1))
 
     def text_units(self) -> list:
         return _text_units([it.id for it in self.ds.items], self.reports, self._report_keys)

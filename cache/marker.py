@@ -11,7 +11,8 @@ reading and embedding need no marker (and ``pipe embed`` adds it), and ``pipe ca
 verify --repair`` adds it when the folder is recognisably a cache: it holds nothing but
 the cache's own entries (``stores/``, ``datasets/``, ``adaptor-outputs/``, ``masks/``,
 ``splits/``, ``derived/``, ``demo/``) and at least one store with group metadata or one
-dataset index. ``gc`` and ``rm`` never add it: they say which command does.
+dataset index. ``gc`` and ``rm`` never add it: they say which command does. A cache in a
+bucket is younger than the marker: there, the marker object must be in the bucket.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from core.atomic import atomic_write_bytes
+from cache.mirror import storage_at
+from cache.storage import Storage
 from core.errors import PipeError
 
 MARKER = "freeze-pipe-cache.json"
@@ -37,22 +39,27 @@ def marker_path(root: Path) -> Path:
     return Path(root) / MARKER
 
 
-def has_marker(root: Path) -> bool:
-    """Is there a readable marker of our kind at the root?"""
+def _storage(where: "Path | Storage") -> Storage:
+    return where if isinstance(where, Storage) else storage_at(where)
+
+
+def has_marker(where: "Path | Storage") -> bool:
+    """Is there a readable marker of our kind at the root (for a bucket: the object, never a local copy)?"""
     try:
-        return json.loads(marker_path(root).read_text()).get("kind") == KIND
+        return json.loads(_storage(where).read(MARKER)).get("kind") == KIND
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def ensure_marker(root: Path) -> None:
-    """Mark ``root`` as a cache (a writing command calls this; an existing marker is kept)."""
-    root = Path(root)
-    if marker_path(root).is_file():
+def ensure_marker(where: "Path | Storage") -> None:
+    """Mark the cache at ``where`` (its folder or storage) as a cache: a writing command calls
+    this; an existing marker is kept."""
+    storage = _storage(where)
+    if storage.kind(MARKER) == "file":
         return
-    root.mkdir(parents=True, exist_ok=True)
+    storage.mkdirs()
     with contextlib.suppress(FileExistsError):
-        atomic_write_bytes(marker_path(root), marker_bytes())
+        storage.create(MARKER, marker_bytes())
 
 
 def marker_bytes() -> bytes:
@@ -64,48 +71,52 @@ def marker_bytes() -> bytes:
         indent=1).encode()
 
 
-def recognisable(root: Path) -> tuple[bool, str]:
-    """Does ``root`` look like a cache written by an older version? (yes/no, and why not)"""
-    root = Path(root)
-    if not root.is_dir():
-        return False, f"{root} is not a folder"
-    foreign = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.name not in CACHE_ENTRIES)
+def recognisable(where: "Path | Storage") -> tuple[bool, str]:
+    """Does the cache at ``where`` look like one written by an older version? (yes/no, and why not)"""
+    storage = _storage(where)
+    if storage.kind("") != "folder":
+        return False, f"{storage.where} is not a folder"
+    foreign = sorted(n for n in storage.names("") if not n.startswith(".") and n not in CACHE_ENTRIES)
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         return False, f"it holds {', '.join(repr(n) for n in foreign[:3])}{more}, which a cache never does"
-    stores = root / "stores"
-    has_store = stores.is_dir() and any(p.is_file() for p in stores.glob("*/*/embeddings.zarr/zarr.json"))
-    has_index = (root / "datasets").is_dir() and any((root / "datasets").glob("*/items.parquet"))
+    has_store = any(storage.kind(f"stores/{m}/{n}/embeddings.zarr/zarr.json") == "file"
+                    for m in storage.names("stores") for n in storage.names(f"stores/{m}"))
+    has_index = any(storage.kind(f"datasets/{d}/items.parquet") == "file" for d in storage.names("datasets"))
     if not (has_store or has_index):
         return False, "it holds no store (stores/<modality>/<name>/embeddings.zarr) and no dataset index"
     return True, ""
 
 
-def require_marker(root: Path, command: str) -> None:
-    """Stop a deleting command unless ``root`` carries the cache marker."""
-    root = Path(root)
-    if has_marker(root):
+def require_marker(where: "Path | Storage", command: str) -> None:
+    """Stop a deleting command unless the cache at ``where`` carries the cache marker."""
+    storage = _storage(where)
+    if has_marker(storage):
         return
-    if not root.exists():
-        raise NotACacheError(f"{command}: there is no cache at {root}; pass --cache (or set $PIPE_CACHE) to the "
-                             "cache you mean")
-    ok, why = recognisable(root)
-    if ok:
-        raise NotACacheError(
-            f"{command}: {root} has no cache marker ({MARKER}); caches written by older versions have none. It looks like one: run `pipe cache verify --repair --cache {root}` (or any `pipe embed` into "
-            f"it) to add the marker, then run {command} again.")
+    root, why = storage.where, ""
+    if storage.adoptable:  # a folder may predate the marker
+        if storage.kind("") is None:
+            raise NotACacheError(f"{command}: there is no cache at {root}; pass --cache (or set $PIPE_CACHE) to the "
+                                 "cache you mean")
+        ok, why = recognisable(storage)
+        if ok:
+            raise NotACacheError(
+                f"{command}: {root} has no cache marker ({MARKER}); caches written by older versions have none. It "
+                f"looks like one: run `pipe cache verify --repair --cache {root}` (or any `pipe embed` into "
+                f"it) to add the marker, then run {command} again.")
     raise NotACacheError(
-        f"{command}: {root} is not a freeze-pipe cache: it has no cache marker ({MARKER}) and {why}. Nothing was "
-        "deleted. Pass --cache (or set $PIPE_CACHE) to the cache you mean.")
+        f"{command}: {root} is not a freeze-pipe cache: it has no cache marker ({storage.where_of(MARKER)})"
+        + (f" and {why}" if why else "") + ". Nothing was deleted. Pass --cache (or set $PIPE_CACHE) to the cache you "
+        "mean; a cache gets its marker from `pipe embed`.")
 
 
-def adopt_or_require(root: Path, command: str) -> bool:
+def adopt_or_require(where: "Path | Storage", command: str) -> bool:
     """For ``verify --repair``: add the marker to a recognisable cache that lacks it (True if
     added), or stop as :func:`require_marker` does."""
-    if has_marker(root):
+    storage = _storage(where)
+    if has_marker(storage):
         return False
-    ok, _ = recognisable(root)
-    if not ok:
-        require_marker(root, command)
-    ensure_marker(root)
+    if not (storage.adoptable and recognisable(storage)[0]):
+        require_marker(storage, command)
+    ensure_marker(storage)
     return True

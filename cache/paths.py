@@ -12,50 +12,33 @@ import os
 import re
 from pathlib import Path
 
-from core.errors import InputError
+from cache.mirror import locate, url_scheme, usable_folder  # noqa: F401  (url_scheme: a location's scheme)
 
 DEFAULT_CACHE = Path("~/.cache/freeze-pipe")
 STORES_DIR = "stores"
 
 
-# ``scheme://...``; also as ``Path()`` leaves it (``s3:/bucket``): typer hands ``--cache`` over as a Path
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
-
-
-def url_scheme(value: str | os.PathLike) -> str | None:
-    """The scheme of a cache location written as a URL (``s3`` for ``s3://bucket/c``), else None."""
-    m = _URL.match(os.fspath(value))
-    return m[1].lower() if m else None
-
-
-def refuse_url(value: str | os.PathLike, where: str) -> None:
-    """Stop on a cache location that is a URL other than ``s3://``: it would otherwise become a
-    local folder named ``gs:`` (or ``http:``...) in the working directory."""
-    scheme = url_scheme(value)
-    if scheme is not None and scheme != "s3":
-        raise InputError(f"{where} {os.fspath(value)!r}: a cache at a {scheme}:// URL is not supported; nothing was "
-                         "written. Give a local folder (an absolute path, or a relative one without a scheme) or an "
-                         "S3 location (s3://bucket/prefix) with --cache or $PIPE_CACHE.")
-
-
-def _located(value: str | os.PathLike, where: str) -> Path:
-    refuse_url(value, where)
-    if url_scheme(value) == "s3":  # its local mirror, which knows its bucket (cache/objects.py)
-        from cache.objects import attach_or_explain  # lazy: the object-store client loads only for s3://
-
-        return attach_or_explain(os.fspath(value), where)
-    return Path(value).expanduser().resolve()
-
-
 def cache_root(explicit: str | os.PathLike | None = None) -> Path:
-    """The cache's folder: the one given, or for ``s3://bucket/prefix`` its local mirror."""
+    """The cache's folder: the one given, or for ``s3://bucket/prefix`` its local mirror
+    (:func:`cache.mirror.locate`: the only code that tells a folder from a bucket).
+
+    A location that cannot be a folder (a file, a path under a file, an unreadable folder)
+    is refused here, before any command reads or writes, in one message that says so."""
     if explicit:
-        return _located(explicit, "--cache")
+        return locate(explicit, "--cache")
     env = os.environ.get("PIPE_CACHE")
     if env:
-        return _located(env, "$PIPE_CACHE")
+        return locate(env, "$PIPE_CACHE")
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) / "freeze-pipe" if xdg else DEFAULT_CACHE.expanduser()).resolve()
+    where = "$XDG_CACHE_HOME/freeze-pipe" if xdg else "the default cache location"
+    return usable_folder((Path(xdg) / "freeze-pipe" if xdg else DEFAULT_CACHE.expanduser()).resolve(), where)
+
+
+def cache_source() -> str:
+    """How the cache location was chosen when no --cache is given (for messages)."""
+    if os.environ.get("PIPE_CACHE"):
+        return "$PIPE_CACHE"
+    return "$XDG_CACHE_HOME/freeze-pipe" if os.environ.get("XDG_CACHE_HOME") else f"the default, {DEFAULT_CACHE}"
 
 
 def portable(path: str | os.PathLike, root: Path) -> str:

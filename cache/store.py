@@ -46,8 +46,8 @@ from cache.claimbook import CLAIM_RE, Claim, ClaimBook, ClaimLost, ClaimState  #
 from cache.keys import FORMAT_VERSION
 from cache.manifest import (FAILURE_SCHEMA, MANIFEST, MANIFEST_SCHEMA, PART_RE, Manifest,  # noqa: F401
                             UnreadablePart, part_key)
-from cache.objects import ObjectStorage, storage_of
-from cache.marker import MARKER, ensure_marker, marker_bytes
+from cache.marker import ensure_marker
+from cache.mirror import storage_at
 from cache.paths import portable, root_of_store
 from cache.storage import IN_USE, LocalStorage, Storage, StoreError  # noqa: F401
 from core.processes import Identity
@@ -77,11 +77,6 @@ def library_versions() -> dict[str, str]:
 def store_dirname(name: str, fp: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-48:] or "encoder"
     return f"{slug}-{fp[:16]}"
-
-
-def storage_at(path: str | os.PathLike) -> Storage:
-    """A folder, or (inside the mirror of a cache in a bucket, or an ``s3://`` URL) the objects."""
-    return storage_of(path) or LocalStorage(path)
 
 
 def _unborn(storage: Storage) -> bool:
@@ -141,15 +136,12 @@ class Store:
                shard_rows: int, chunk_rows: int) -> "Store":
         """Open the store for this fingerprint, creating it if it does not exist yet.
 
-        ``root`` is the cache's folder, or its storage (:class:`cache.objects.ObjectStorage` for a bucket).
+        ``root`` is the cache's folder, or its storage (a folder's, or a bucket's).
         """
         base = root if isinstance(root, Storage) else storage_at(root)
         storage = base.child(f"stores/{modality}/{store_dirname(name, fingerprint)}")
         try:
-            if isinstance(base, ObjectStorage):
-                base.create(MARKER, marker_bytes())  # an existing marker is kept
-            else:
-                ensure_marker(root)  # the cache is ours: `pipe cache gc`/`rm`/`verify --repair` require the marker
+            ensure_marker(base)  # the cache is ours: `pipe cache gc`/`rm`/`verify --repair` require the marker
             storage.mkdirs(MANIFEST, "claims", "failures")
         except OSError as e:
             raise StoreError(f"cannot create the cache store {storage.where}: {e.strerror}. "
@@ -195,6 +187,16 @@ class Store:
 
     def layout(self, name: str):
         return self.arrays.layout(name)
+
+    def record_attribute(self, key: str, value) -> None:
+        """An attribute that describes what the arrays hold but that only the loaded model knows (a
+        joint space's logit scale): written into the group's attributes once, whole, under the guard."""
+        with self.storage.guard():
+            attrs = json.loads(self.storage.read(GROUP_META)).get("attributes", {})
+            if attrs.get(key) != value:
+                attrs[key] = value
+                self.storage.write(GROUP_META, group_metadata(attrs))
+            self.attrs = attrs
 
     def ensure_arrays(self, arrays: dict[str, np.ndarray], rows_needed: int) -> None:
         with self.storage.guard():

@@ -21,9 +21,15 @@ A store is checked in four passes, each planning the repair of what it finds:
 
 Repairs run under the store's lock and re-check each condition first, so a `pipe embed`
 running meanwhile is never disturbed: live claims and their shards are not touched.
+
+Each kind of repair is one object in :data:`REPAIR_KINDS` (in the order they are applied):
+the finding it answers is recorded with it, :meth:`RepairKind.plan` says what it would do
+(`--repair --dry-run`) and :meth:`RepairKind.apply` does it. A store in a bucket is checked
+in a fresh local copy of every object and repaired through its storage, by the same code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -34,27 +40,29 @@ from pathlib import Path
 import numpy as np
 
 from core.atomic import atomic_write_bytes, is_temp_name, temp_owner
-from core.processes import pid_running
 from cache.claims import claim_is_live, describe, judge
 from cache.index import dataset_folders, store_entries
+from cache.mirror import pull, storage_at
 from cache.npz import NpzCorruption, load_checked
-from cache.objects import ObjectStorage, remote_root
 from cache.paths import plain_name
 from cache.shards import ShardCorruption, ShardFile, ShardLayout, partial_of
-from cache.storage import LocalStorage
+from cache.storage import TEMP_GRACE_S, Storage  # noqa: F401  (TEMP_GRACE_S: a folder's grace for temp files)
 from cache.store import CLAIM_RE, QUARANTINE, ZARR_DIR, Store, UnreadablePart, array_metadata
-
-TEMP_GRACE_S = 600  # a temporary file younger than this may belong to a writer on another host
 
 
 @dataclass
 class Repair:
     """One change that `--repair` makes; ``target`` is an array name, a shard or a path."""
 
-    kind: str        # attrs, meta, quarantine, drop, unclaim, clear, unlink
+    kind: str        # its name in REPAIR_KINDS
     target: object
     shard: int = -1
     rows: int = 0
+    finding: str = ""  # what verify found, that this repairs
+
+    def __post_init__(self):
+        if self.kind not in REPAIR_KINDS:
+            raise ValueError(f"no repair kind {self.kind!r}; the kinds are {', '.join(REPAIR_KINDS)}")
 
 
 @dataclass
@@ -65,6 +73,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     repairs: list[str] = field(default_factory=list)   # what `--repair` did
+    planned: list[str] = field(default_factory=list)   # what `--repair` would do (`--dry-run`)
     dropped: int = 0                                   # committed units dropped by the repair
     plan: list[Repair] = field(default_factory=list, repr=False)
     after: "VerifyReport | None" = None                # the store as verified after the repair
@@ -77,18 +86,23 @@ class VerifyReport:
 
     def problem(self, message: str, repair: Repair | None = None) -> None:
         self.problems.append(message)
-        if repair is not None:
-            self.plan.append(repair)
+        self._plan(message, repair)
 
     def warning(self, message: str, repair: Repair | None = None) -> None:
         self.warnings.append(message)
+        self._plan(message, repair)
+
+    def _plan(self, finding: str, repair: Repair | None) -> None:
         if repair is not None:
+            repair.finding = repair.finding or finding
             self.plan.append(repair)
 
     def to_json(self) -> dict:
         out = {"store": str(self.store), "modality": self.modality, "encoder": self.encoder, "ok": self.ok,
                "rows": self.rows, "shards": self.shards, "problems": self.problems, "warnings": self.warnings,
                "repairs": self.repairs, "dropped_units": self.dropped}
+        if self.planned:
+            out["would_repair"] = self.planned
         if self.after is not None:
             out["after_repair"] = {"problems": self.after.problems, "warnings": self.after.warnings,
                                    "rows": self.after.rows, "shards": self.after.shards}
@@ -102,8 +116,9 @@ class Part:
     offsets: list[int]   # committed rows, as offsets within the shard
 
 
-def verify_store(path: Path, repair: bool = False) -> VerifyReport:
-    """Check one store; with ``repair``, fix what was found and verify again (``report.after``)."""
+def verify_store(path: Path, repair: bool = False, dry_run: bool = False) -> VerifyReport:
+    """Check one store; with ``repair``, fix what was found and verify again (``report.after``);
+    with ``dry_run``, only say what the repair would do (``report.planned``)."""
     rep = VerifyReport(Path(path))
     try:
         store = Store.open(path)
@@ -111,14 +126,15 @@ def verify_store(path: Path, repair: bool = False) -> VerifyReport:
         rep.problem(f"cannot open: {e}. Remove the store with `pipe cache rm {path}` and re-run `pipe embed`")
         return rep
     rep.encoder, rep.modality = str(store.attrs.get("encoder", "")), str(store.attrs.get("modality", ""))
-    store.storage.mirror()  # a store in a bucket is checked in a fresh local copy of every object
+    pull(store.storage)  # a store in a bucket is checked in a fresh local copy of every object
     parts = _check_manifest(store, rep)
     layouts = _check_metadata(store, parts, rep)
     _check_chunks(parts, layouts, rep)
     _check_leftovers(store, parts, rep)
-    if repair and rep.plan:
-        apply_repairs(store, rep)
-        rep.after = verify_store(path)
+    if (repair or dry_run) and rep.plan:
+        apply_repairs(store, rep, dry_run)
+        if not dry_run:
+            rep.after = verify_store(path)
     return rep
 
 
@@ -207,7 +223,11 @@ LEGACY_ARRAYS = {"image": ("pooled", "tokens"), "text": ("length", "pooled", "to
 
 
 def _check_legacy_arrays(store: Store, expected: dict, parts: dict[int, Part], rep: VerifyReport) -> None:
-    """A store an older version wrote records no arrays: its modality says which it must have."""
+    """A store an older version wrote records no arrays: its modality says which it must have.
+    (A store with no arrays and no commits is not one: it was created, and the run that created
+    it stopped before its first shard; `pipe embed` fills it.)"""
+    if not parts and not expected:
+        return
     lost = [n for n in LEGACY_ARRAYS.get(store.modality, ()) if n not in expected]
     for name in lost:
         rep.problem(f"array {name}: {ZARR_DIR}/{name}/zarr.json is missing, and this store (written by an older "
@@ -300,14 +320,11 @@ def _check_leftovers(store: Store, parts: dict[int, Part], rep: VerifyReport) ->
         else:
             rep.warning(f"shard {shard} of {', '.join(names)} has temporary files of a writer that is gone",
                         Repair("clear", shard, shard))
-    now = time.time()
-    for shard in sorted(set(data) & set(parts)):
-        for p in data[shard]:
-            if partial_of(p.name) and dead_temp(p, now, partial_of(p.name)[1]):
-                rep.warning(f"{p.relative_to(store.path)} is a temporary file of a writer that is gone",
-                            Repair("unlink", p))
-    for p in temp_files(store.path, now):
-        rep.warning(f"{p.relative_to(store.path)} is a temporary file of a writer that is gone", Repair("unlink", p))
+    committed = {store.storage.key_of(p) for shard in set(data) & set(parts) for p in data[shard]}
+    for entry in leftovers(store.storage, time.time()):
+        if entry.key in committed or not partial_of(entry.name):  # a committed shard's, or an atomic write's
+            rep.warning(f"{entry.key} is a temporary file of a writer that is gone",
+                        Repair("unlink", store.storage.local(entry.key)))
     quarantined = sorted((store.path / QUARANTINE).glob("*")) if (store.path / QUARANTINE).is_dir() else []
     if quarantined:
         rep.warnings.append(f"{len(quarantined)} manifest part(s) kept in {store.path / QUARANTINE} for inspection "
@@ -317,8 +334,8 @@ def _check_leftovers(store: Store, parts: dict[int, Part], rep: VerifyReport) ->
 def _check_claims(store: Store, rep: VerifyReport) -> set[int]:
     """Warn about claims; plan to remove dead ones (and their shards' files). Returns every claimed shard."""
     claimed = set()
-    for p in sorted((store.path / "claims").iterdir()):
-        m = CLAIM_RE.match(p.name)
+    for name in sorted(store.storage.names("claims")):
+        m, p = CLAIM_RE.match(name), store.path / "claims" / name
         if not m:
             continue
         shard = int(m[1])
@@ -353,135 +370,212 @@ def shard_data(store: Store) -> dict[int, list[Path]]:
     return out
 
 
-def dead_temp(path: Path, now: float, pid: int | None) -> bool:
-    """Is this temporary file a leftover: its writer is not running here, and it is old enough
-    that it cannot be a write in progress on another host (pids there mean nothing here)?"""
-    if pid is None or pid_running(pid):
-        return False
-    try:
-        return now - path.stat().st_mtime >= TEMP_GRACE_S
-    except OSError:
-        return False
-
-
-def temp_files(folder: Path, now: float) -> list[Path]:
-    """Temporary files of atomic writes (``.<name>.<pid>-<tid>.tmp``) under ``folder`` whose writer is gone."""
+def leftovers(storage: Storage, now: float) -> list:
+    """The temporary files below a storage whose writers are gone (:meth:`Storage.abandoned`):
+    atomic writes' (``.<name>.<pid>-<tid>-<token>.tmp``) and shard writers' (``.<shard>.partial-<pid>-<token>``,
+    in a bucket also a staged upload that its committer never published)."""
     out = []
-    for dirpath, _, files in os.walk(folder):
-        for f in files:
-            if is_temp_name(f) and dead_temp(Path(dirpath) / f, now, temp_owner(f)):
-                out.append(Path(dirpath) / f)
-    return sorted(out)
+    for entry in storage.entries():
+        pid = temp_owner(entry.name) if is_temp_name(entry.name) else (partial_of(entry.name) or (None, None))[1]
+        if (is_temp_name(entry.name) or partial_of(entry.name)) and storage.abandoned(entry, pid, now):
+            out.append(entry)
+    return sorted(out, key=lambda e: e.key)
 
 
 # ------------------------------------------------------------------------------ repair
-_ORDER = ["attrs", "meta", "quarantine", "drop", "unclaim", "clear", "unlink"]
+class RepairKind:
+    """One kind of repair: what it would do (:meth:`plan`, the `--dry-run` line) and doing it
+    (:meth:`apply`, under the store's guard, re-checking its condition first; returns what it
+    did, or "" when there was nothing left to do). ``subject`` is the store, or the cache's
+    own files (:class:`CacheFiles`) for the kinds that only remove a file."""
+
+    name = ""
+
+    def plan(self, subject, r: Repair) -> str:
+        raise NotImplementedError
+
+    def apply(self, subject, r: Repair, rep: VerifyReport) -> str:
+        raise NotImplementedError
 
 
-def apply_repairs(store: Store, rep: VerifyReport) -> None:
-    """Carry out ``rep.plan`` under the store's guard, re-checking each condition first.
+class RecordArrays(RepairKind):
+    name = "attrs"
 
-    In a bucket the plan was made on a fresh local copy of every object (``mirror``): each
-    file a repair removes or writes there is removed or written as an object too."""
-    with store.storage.guard():
-        done: set[tuple] = set()
-        for r in sorted(rep.plan, key=lambda r: _ORDER.index(r.kind)):
-            key = (r.kind, str(r.target))
-            if key in done:
-                continue
-            done.add(key)
-            message = _REPAIRS[r.kind](store, r, rep)
+    def plan(self, store: Store, r: Repair) -> str:
+        return "record the arrays' row shapes, dtypes and dimension names in the store's attributes"
+
+    def apply(self, store: Store, r: Repair, rep: VerifyReport) -> str:
+        import zarr  # lazy: only a repair of an old store writes attributes
+
+        if not all(plain_name(n) for n in r.target):
+            return ""
+        zarr.open_group(str(store.zpath), mode="r+").attrs.update({"arrays": r.target})
+        store.storage.upload(store.storage.key_of(store.zpath / "zarr.json"))
+        store.attrs["arrays"] = r.target
+        return "recorded the arrays' row shapes, dtypes and dimension names in the store's attributes"
+
+
+class RewriteMetadata(RepairKind):
+    name = "meta"
+
+    def plan(self, store: Store, r: Repair) -> str:
+        return f"rewrite {ZARR_DIR}/{r.target}/zarr.json from the store's attributes ({r.rows} rows)"
+
+    def apply(self, store: Store, r: Repair, rep: VerifyReport) -> str:
+        entry = store.expected_arrays()[r.target]
+        meta = store.zpath / r.target / "zarr.json"
+        if not plain_name(r.target) or not _inside(store, meta):  # checked when planned; checked again before writing
+            rep.problems.append(f"array {r.target!r}: not rewritten, its metadata would land outside {store.zpath}")
+            return ""
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(meta, array_metadata(entry, store.shard_rows, int(store.attrs["chunk_rows"]), r.rows))
+        store.storage.upload(store.storage.key_of(meta))
+        return f"rewrote {ZARR_DIR}/{r.target}/zarr.json from the store's attributes ({r.rows} rows)"
+
+
+class Quarantine(RepairKind):
+    name = "quarantine"
+
+    def plan(self, store: Store, r: Repair) -> str:
+        return (f"move the unreadable manifest part {r.target.name} to {store.path / QUARANTINE} and remove shard "
+                f"{r.shard}'s files")
+
+    def apply(self, store: Store, r: Repair, rep: VerifyReport) -> str:
+        if not r.target.exists():
+            return ""
+        dest = store.path / QUARANTINE / f"{r.target.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+        store.storage.rename(store.storage.key_of(r.target), store.storage.key_of(dest))
+        cleared = _clear_if_free(store, r.shard)
+        return f"moved the unreadable manifest part {r.target.name} to {dest}" + (
+            f" and removed shard {r.shard}'s files; its items are re-embedded by the next `pipe embed`" if cleared else "")
+
+
+class DropPart(RepairKind):
+    name = "drop"
+
+    def plan(self, store: Store, r: Repair) -> str:
+        return f"drop manifest part {r.target.name} ({r.rows} units) and shard {r.shard}'s files"
+
+    def apply(self, store: Store, r: Repair, rep: VerifyReport) -> str:
+        if not r.target.exists():
+            return ""
+        _remove(store, r.target)
+        rep.dropped += r.rows
+        _clear_if_free(store, r.shard)
+        return (f"dropped manifest part {r.target.name} ({r.rows} units) and shard {r.shard}'s files; the next "
+                "`pipe embed` re-embeds them")
+
+
+class Unclaim(RepairKind):
+    name = "unclaim"
+
+    def plan(self, store: Store, r: Repair) -> str:
+        return f"remove the dead claim {r.target.name} and the shard's uncommitted files"
+
+    def apply(self, store: Store, r: Repair, rep: VerifyReport) -> str:
+        try:
+            info = json.loads(r.target.read_text())
+        except FileNotFoundError:
+            return ""
+        except (OSError, ValueError):
+            info = {}
+        if info and claim_is_live(info):
+            return ""
+        _remove(store, r.target)
+        cleared = _clear_if_free(store, r.shard)
+        return f"removed the dead claim {r.target.name}" + (" and the shard's uncommitted files" if cleared else "")
+
+
+class ClearShard(RepairKind):
+    name = "clear"
+
+    def plan(self, store: Store, r: Repair) -> str:
+        return f"remove the uncommitted files of shard {r.shard}"
+
+    def apply(self, store: Store, r: Repair, rep: VerifyReport) -> str:
+        return f"removed the uncommitted files of shard {r.shard}" if _clear_if_free(store, r.shard) else ""
+
+
+class RemoveTemp(RepairKind):
+    name = "unlink"
+
+    def plan(self, subject, r: Repair) -> str:
+        return f"remove the leftover temporary file {r.target.relative_to(subject.path)}"
+
+    def apply(self, subject, r: Repair, rep: VerifyReport) -> str:
+        if not r.target.exists():
+            return ""
+        _remove(subject, r.target)
+        return f"removed the leftover temporary file {r.target.relative_to(subject.path)}"
+
+
+class Discard(RepairKind):
+    name = "discard"
+
+    def plan(self, subject, r: Repair) -> str:
+        return f"remove {r.target.relative_to(subject.path)} (it is computed again when next needed)"
+
+    def apply(self, subject, r: Repair, rep: VerifyReport) -> str:
+        if not r.target.exists():
+            return ""
+        _remove(subject, r.target)
+        return f"removed {r.target.relative_to(subject.path)}"
+
+
+#: every kind of repair, in the order `--repair` applies them
+REPAIR_KINDS: dict[str, RepairKind] = {k.name: k for k in (
+    RecordArrays(), RewriteMetadata(), Quarantine(), DropPart(), Unclaim(), ClearShard(), RemoveTemp(), Discard())}
+
+
+@dataclass
+class CacheFiles:
+    """The cache's own files outside the stores, as the subject of a repair (no guard: each is removed alone)."""
+
+    storage: Storage
+
+    @property
+    def path(self) -> Path:
+        return self.storage.path
+
+    def hold(self):
+        return contextlib.nullcontext()
+
+
+def _ordered(plan: list[Repair]) -> list[Repair]:
+    """The plan in the order of :data:`REPAIR_KINDS`, each (kind, target) once."""
+    order, seen, out = list(REPAIR_KINDS), set(), []
+    for r in sorted(plan, key=lambda r: order.index(r.kind)):
+        if (r.kind, str(r.target)) not in seen:
+            seen.add((r.kind, str(r.target)))
+            out.append(r)
+    return out
+
+
+def apply_repairs(subject: "Store | CacheFiles", rep: VerifyReport, dry_run: bool = False) -> None:
+    """Carry out ``rep.plan`` (with ``dry_run``, only say what it would do, in ``rep.planned``),
+    under the store's guard, re-checking each condition first.
+
+    In a bucket the plan was made on a fresh local copy of every object (:func:`cache.mirror.pull`):
+    each file a repair removes, moves or writes there is removed, moved or written in the storage too."""
+    plan = _ordered(rep.plan)
+    if dry_run:
+        rep.planned = [REPAIR_KINDS[r.kind].plan(subject, r) for r in plan]
+        return
+    with subject.hold() if isinstance(subject, CacheFiles) else subject.storage.guard():
+        for r in plan:
+            message = REPAIR_KINDS[r.kind].apply(subject, r, rep)
             if message:
                 rep.repairs.append(message)
-
-
-def _repair_attrs(store: Store, r: Repair, rep: VerifyReport) -> str:
-    import zarr  # lazy: only a repair of an old store writes attributes
-
-    if not all(plain_name(n) for n in r.target):
-        return ""
-
-    zarr.open_group(str(store.zpath), mode="r+").attrs.update({"arrays": r.target})
-    _upload(store, store.zpath / "zarr.json")
-    store.attrs["arrays"] = r.target
-    return "recorded the arrays' row shapes, dtypes and dimension names in the store's attributes"
-
-
-def _repair_meta(store: Store, r: Repair, rep: VerifyReport) -> str:
-    entry = store.expected_arrays()[r.target]
-    meta = store.zpath / r.target / "zarr.json"
-    if not plain_name(r.target) or not _inside(store, meta):  # checked when planned; checked again before writing
-        rep.problems.append(f"array {r.target!r}: not rewritten, its metadata would land outside {store.zpath}")
-        return ""
-    meta.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(meta, array_metadata(entry, store.shard_rows, int(store.attrs["chunk_rows"]), r.rows))
-    _upload(store, meta)
-    return f"rewrote {ZARR_DIR}/{r.target}/zarr.json from the store's attributes ({r.rows} rows)"
 
 
 def _live_claims(store: Store) -> set[int]:
     return {s for s, _, info in store.claims() if claim_is_live(info)}
 
 
-def _repair_quarantine(store: Store, r: Repair, rep: VerifyReport) -> str:
-    if not r.target.exists():
-        return ""
-    dest = store.path / QUARANTINE / f"{r.target.name}.{time.strftime('%Y%m%dT%H%M%S')}"
-    dest.parent.mkdir(exist_ok=True)
-    os.replace(r.target, dest)
-    if not isinstance(store.storage, LocalStorage):  # in a bucket: the part's bytes go up under their new key first
-        _upload(store, dest)
-        _remove(store, r.target)
-    cleared = _clear_if_free(store, r.shard)
-    return f"moved the unreadable manifest part {r.target.name} to {dest}" + (
-        f" and removed shard {r.shard}'s files; its items are re-embedded by the next `pipe embed`" if cleared else "")
-
-
-def _repair_drop(store: Store, r: Repair, rep: VerifyReport) -> str:
-    if not r.target.exists():
-        return ""
-    _remove(store, r.target)
-    rep.dropped += r.rows
-    _clear_if_free(store, r.shard)
-    return (f"dropped manifest part {r.target.name} ({r.rows} units) and shard {r.shard}'s files; the next "
-            "`pipe embed` re-embeds them")
-
-
-def _repair_unclaim(store: Store, r: Repair, rep: VerifyReport) -> str:
-    try:
-        info = json.loads(r.target.read_text())
-    except FileNotFoundError:
-        return ""
-    except (OSError, ValueError):
-        info = {}
-    if info and claim_is_live(info):
-        return ""
-    _remove(store, r.target)
-    cleared = _clear_if_free(store, r.shard)
-    return f"removed the dead claim {r.target.name}" + (" and the shard's uncommitted files" if cleared else "")
-
-
-def _repair_clear(store: Store, r: Repair, rep: VerifyReport) -> str:
-    return f"removed the uncommitted files of shard {r.shard}" if _clear_if_free(store, r.shard) else ""
-
-
-def _repair_unlink(store: Store, r: Repair, rep: VerifyReport) -> str:
-    if not r.target.exists():
-        return ""
-    _remove(store, r.target)
-    return f"removed the leftover temporary file {r.target.relative_to(store.path)}"
-
-
-def _remove(store: Store, path: Path) -> None:
-    """Remove a file of the store (in a bucket: its object, and the local copy)."""
+def _remove(subject: "Store | CacheFiles", path: Path) -> None:
+    """Remove a file of the store or cache (in a bucket: its object, and the local copy)."""
     path.unlink(missing_ok=True)
-    store.storage.delete(store.storage.key_of(path))
-
-
-def _upload(store: Store, path: Path) -> None:
-    """In a bucket, write the object of a file a repair wrote locally (a folder's file is already in place)."""
-    if not isinstance(store.storage, LocalStorage):
-        store.storage.write(store.storage.key_of(path), path.read_bytes())
+    subject.storage.delete(subject.storage.key_of(path))
 
 
 def _clear_if_free(store: Store, shard: int) -> bool:
@@ -494,19 +588,15 @@ def _clear_if_free(store: Store, shard: int) -> bool:
     return True
 
 
-_REPAIRS = {"attrs": _repair_attrs, "meta": _repair_meta, "quarantine": _repair_quarantine, "drop": _repair_drop,
-            "unclaim": _repair_unclaim, "clear": _repair_clear, "unlink": _repair_unlink}
-
-
-
 # ------------------------------------------------------------------------------ the rest of the cache
 DERIVED = ("adaptor-outputs", "masks")
 
 
-def verify_derived(root: Path, repair: bool = False) -> VerifyReport:
+def verify_derived(root: Path, repair: bool = False, dry_run: bool = False) -> VerifyReport:
     """The cache's files outside the stores: the datasets' store entries, the derived caches'
     checksums (Adaptor outputs, aligned masks) and temporary files of writers that are gone."""
     root = Path(root)
+    files = CacheFiles(storage_at(root))
     rep = VerifyReport(root, modality="cache")
     for folder in dataset_folders(root):
         for modality, encoder, recorded, store in store_entries(folder):
@@ -514,24 +604,20 @@ def verify_derived(root: Path, repair: bool = False) -> VerifyReport:
                 rep.warnings.append(f"dataset {folder.name} records the {modality} store {recorded} of "
                                     f"{encoder}, which is not in this cache; `pipe embed` rebuilds it")
     for sub in DERIVED:
-        for p in sorted((root / sub).rglob("*.npz")) if (root / sub).is_dir() else []:
-            if not p.name.startswith("."):
+        for entry in sorted(files.storage.entries(sub), key=lambda e: e.key):
+            if entry.kind == "file" and entry.name.endswith(".npz") and not entry.name.startswith("."):
                 try:
-                    load_checked(p, "")
+                    load_checked(files.storage.fetch(entry.key, entry), "")
                 except NpzCorruption as e:
                     rep.problem(f"{str(e).strip()} (--repair removes it: it is computed again when next needed)",
-                                Repair("unlink", p))
+                                Repair("discard", files.storage.local(entry.key)))
     now = time.time()
     for sub in ("datasets", *DERIVED):
-        for p in temp_files(root / sub, now):
-            rep.warning(f"{p.relative_to(root)} is a temporary file of a writer that is gone", Repair("unlink", p))
-    if repair and rep.plan:
-        bucket = remote_root(root)
-        for r in rep.plan:
-            if r.target.exists():
-                r.target.unlink()
-                if bucket is not None:  # the local mirror of a cache in a bucket: its object goes too
-                    ObjectStorage(bucket[0], bucket[1]).delete(r.target.relative_to(bucket[1]).as_posix())
-                rep.repairs.append(f"removed {r.target.relative_to(root)}")
-        rep.after = verify_derived(root)
+        for entry in leftovers(files.storage.child(sub), now):
+            key = f"{sub}/{entry.key}"
+            rep.warning(f"{key} is a temporary file of a writer that is gone", Repair("unlink", files.storage.local(key)))
+    if (repair or dry_run) and rep.plan:
+        apply_repairs(files, rep, dry_run)
+        if not dry_run:
+            rep.after = verify_derived(root)
     return rep

@@ -23,9 +23,18 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-_ENVIRONMENT = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied"}
+_SPACE = "Free some space, or choose another location (--cache DIR, --out DIR)."
+_PATH = "Check the path, or choose another (--cache DIR, --out DIR)."
+# errno -> what it means here, and what to do: the machine's state (space, permissions) or a path that
+# is not what a command needs (a file where a folder is expected, or the other way round)
+_ENVIRONMENT = {errno.ENOSPC: ("the disk is full", _SPACE), errno.EDQUOT: ("the disk quota is exhausted", _SPACE),
+                errno.EROFS: ("the file system is read-only", _PATH), errno.EACCES: ("permission denied", _PATH),
+                errno.EPERM: ("permission denied", _PATH),
+                errno.ENOTDIR: ("a file is where a folder is expected", _PATH),
+                errno.EISDIR: ("a folder is where a file is expected", _PATH),
+                errno.EEXIST: ("something that is not a folder is in the way", _PATH),
+                errno.ENOENT: ("no such file or folder", _PATH),
+                errno.ENAMETOOLONG: ("the file name is too long", _PATH)}
 
 
 @contextlib.contextmanager
@@ -33,8 +42,8 @@ def user_errors() -> Iterator[None]:
     """Turn errors the user can fix into one message and exit code 2.
 
     A :class:`PipeError` is caused by input and says what to do. An OS error about the
-    machine (disk full, permission denied) names the path. Anything else is a bug and
-    keeps its traceback.
+    machine (disk full, permission denied) or about a path given (a file where a folder is
+    expected, a missing one) names the path. Anything else is a bug and keeps its traceback.
     """
     try:
         yield
@@ -43,8 +52,38 @@ def user_errors() -> Iterator[None]:
     except OSError as e:
         if e.errno not in _ENVIRONMENT:
             raise
-        fail(f"{_ENVIRONMENT[e.errno]}: {e.filename or e}. Check the path, free space or choose another "
-             "location (--cache DIR, --out DIR).")
+        what, hint = _ENVIRONMENT[e.errno]
+        fail(f"{what}: {e.filename or e}. {hint}")
+
+
+COLUMNS_OPT = typer.Option(None, "--columns", help="How a pairs table's columns map onto the known ones: "
+                           "KNOWN=COLUMN,... e.g. report=text,patient_id=subject_id (KNOWN=none: the table has none).")
+NO_PATIENTS_OPT = typer.Option(False, "--no-patients", help="The pairs table has no patient column: each row is "
+                               "its own patient, so splits are drawn per item.")
+
+
+def with_columns(dataset: Optional[str], columns: Optional[str], no_patients: bool) -> Optional[str]:
+    """The dataset spec with --columns and --no-patients written into it (``pairs.csv?report=text``),
+    so every stage that reads the table reads it the same way."""
+    if not columns and not no_patients:
+        return dataset
+    from pipeline.datasets.table import looks_like_table, parse_table_spec  # lazy: pandas loads only when needed
+
+    if not dataset or not looks_like_table(dataset):
+        fail(f"--columns and --no-patients map the columns of a pairs table (CSV or Parquet); {dataset!r} is not one "
+             "(a reader knows its own columns). Give the table with -d/--dataset.")
+    pairs = [p.strip() for p in (columns or "").split(",") if p.strip()]
+    bad = [p for p in pairs if p.count("=") != 1 or not all(x.strip() for x in p.split("="))]
+    if bad:
+        fail(f"--columns {columns!r}: write KNOWN=COLUMN pairs separated by commas, e.g. "
+             "--columns report=text,patient_id=subject_id")
+    mapping = dict(tuple(x.strip() for x in p.split("=")) for p in pairs)
+    if no_patients:
+        mapping["patient_id"] = "none"
+    with user_errors():
+        spec = parse_table_spec(dataset)
+    query = "&".join(f"{k}={v}" for k, v in {**spec.columns, **mapping}.items())
+    return f"{dataset.partition('?')[0]}?{query}"
 
 
 def flag_overrides(**flags) -> list[str]:

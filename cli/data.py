@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from cli.app import data_app
-from cli.common import fail, results_to, user_errors
+from cli.common import COLUMNS_OPT, NO_PATIENTS_OPT, fail, results_to, user_errors, with_columns
 from core.console import err, escape, out, plain
 
 DATASET_OPT = typer.Option(None, "--dataset", "-d", help="A pairs table, `demo`, or <reader>:<root>[?key=value&...], "
@@ -28,12 +28,13 @@ def _fail(message: str, code: int = 2) -> None:
     fail(message, code)
 
 
-def _dataset(option: Optional[str], positional: Optional[str]) -> str:
+def _dataset(option: Optional[str], positional: Optional[str], columns: Optional[str] = None,
+             no_patients: bool = False) -> str:
     if option and positional and option != positional:
         fail(f"two datasets given ({option!r} and {positional!r}); give one, with -d/--dataset")
     if not (option or positional):
         fail("no dataset: give one with -d/--dataset, e.g. `-d demo`, `-d pairs.csv` or `-d 'chexpert:/data/chexpert'`")
-    return option or positional
+    return with_columns(option or positional, columns, no_patients)
 
 
 def _open(dataset: str, cache: Optional[Path], allow_failures: bool):
@@ -47,12 +48,39 @@ def _open(dataset: str, cache: Optional[Path], allow_failures: bool):
         return open_dataset(spec, root), root
 
 
+@data_app.command("readers", epilog="Examples:\n\n  pipe data readers\n\n  pipe data readers mimic-cxr\n\n"
+                                    "Options follow the folder after a `?`, joined by `&` (quote it in a shell): "
+                                    "'mimic-cxr:/data/mimic-cxr-jpg/2.0.0?frontal=1&sections=impression&uncertain=ones'.")
+def readers(name: Optional[str] = typer.Argument(None, help="Only this reader."),
+            as_json: bool = typer.Option(False, "--json", help="Print the readers and their options as JSON.")) -> None:
+    """The dataset readers (<reader>:<folder>?key=value&...) and every option each takes."""
+    from pipeline.datasets.readers import describe_readers  # lazy: keeps `pipe --help` fast (pandas)
+
+    rows = [r for r in describe_readers() if name in (None, r["reader"])]
+    if not rows:
+        fail(f"no reader {name!r}; `pipe data readers` lists them all")
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        t = Table(title=plain(f"{r['reader']} · {r['description']}"), title_justify="left")
+        for col in ("option", "default", "what it does"):
+            t.add_column(col, overflow="fold")
+        for o in r["options"]:
+            t.add_row(plain(o["name"]), plain(o["default"] or "-"), plain(o["help"]))
+        out.print(t)
+
+
 @data_app.command("info", epilog="Examples:\n\n  pipe data info -d 'rsna-pneumonia:/data/rsna'\n\n"
-                                 "  pipe data info -d 'mimic-cxr:/data/mimic-cxr-jpg/2.0.0?sections=impression' --json")
+                                 "  pipe data info -d 'mimic-cxr:/data/mimic-cxr-jpg/2.0.0?sections=impression' --json"
+                                 "\n\nA reader's options (mimic-cxr: frontal, sections, labels, uncertain, blank, "
+                                 "reports, ...): `pipe data readers`. A pairs table's columns named otherwise: "
+                                 "--columns report=text,patient_id=subject_id.")
 def info(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DATASET_ARG, cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW,
-         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout.")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+         columns: Optional[str] = COLUMNS_OPT, no_patients: bool = NO_PATIENTS_OPT) -> None:
     """Items per split, patients, label prevalence and skipped rows of a dataset."""
-    summary, description = _summary(_dataset(dataset_opt, dataset), cache, allow_failures)
+    summary, description = _summary(_dataset(dataset_opt, dataset, columns, no_patients), cache, allow_failures)
     if as_json:
         print(json.dumps(summary))
         return
@@ -87,14 +115,16 @@ def preview(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = D
             out: Path = typer.Option(..., "--out", "-o", help="The PNG to write."),
             n: int = typer.Option(16, "--n", min=1, help="How many items to show."),
             seed: int = typer.Option(0, "--seed", help="Seed of the random choice of items."),
-            cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW) -> None:
+            cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW,
+            columns: Optional[str] = COLUMNS_OPT, no_patients: bool = NO_PATIENTS_OPT) -> None:
     """Render a grid of images with masks overlaid, labels and report snippets."""
     from pipeline.datasets.preview import render_preview  # lazy: keeps `pipe --help` fast
 
-    ds, _ = _open(_dataset(dataset_opt, dataset), cache, allow_failures)
+    ds, _ = _open(_dataset(dataset_opt, dataset, columns, no_patients), cache, allow_failures)
     if not ds.items:
         _fail(f"{ds.name} has no items to preview; check the dataset folder with `pipe data info`.")
-    width, height = render_preview(ds, out, n=n, seed=seed)
+    with user_errors():
+        width, height = render_preview(ds, out, n=n, seed=seed)
     err.print(f"wrote {escape(str(out))} ({width}x{height} px, {min(n, len(ds.items))} of {len(ds.items):,} items)")
 
 
@@ -108,8 +138,8 @@ def splits(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DA
                                                 "against \\[default: <cache>/splits/<dataset name>]."),
            seed: int = typer.Option(0, "--seed", help="Seed of the 1%/10% training-fraction draw."),
            cache: Optional[Path] = CACHE, allow_failures: bool = ALLOW,
-           as_json: bool = typer.Option(False, "--json", help="Print counts and problems as JSON on stdout.")
-           ) -> None:
+           as_json: bool = typer.Option(False, "--json", help="Print counts and problems as JSON on stdout."),
+           columns: Optional[str] = COLUMNS_OPT, no_patients: bool = NO_PATIENTS_OPT) -> None:
     """Show the split and label-fraction lists; --write them (ids, counts, SHA-256) or --verify them."""
 
     if write and verify:
@@ -117,7 +147,7 @@ def splits(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DA
     from pipeline.datasets.splits import (lists_folder, manifest_of,  # lazy: keeps `pipe --help` fast
                                           patients_in_several_splits, split_lists, verify_lists, write_lists)
 
-    ds, root = _open(_dataset(dataset_opt, dataset), cache, allow_failures)
+    ds, root = _open(_dataset(dataset_opt, dataset, columns, no_patients), cache, allow_failures)
     folder = lists or lists_folder(root, ds.name)
     current = split_lists(ds, seed=seed)
     manifest = manifest_of(current)
@@ -129,8 +159,9 @@ def splits(dataset_opt: Optional[str] = DATASET_OPT, dataset: Optional[str] = DA
                   f"(e.g. {escape(str(example[0]))}: {escape(', '.join(sorted(example[1])))}).")
     problems = []
     if write:
-        write_lists(folder, current)
-        _write_about(folder, ds, seed)
+        with user_errors():
+            write_lists(folder, current)
+            _write_about(folder, ds, seed)
         err.print(f"[green]wrote {len(current)} list(s) and manifest.json to {escape(str(folder))}[/]")
     if verify:
         problems = verify_lists(folder, current)

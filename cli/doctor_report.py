@@ -13,7 +13,9 @@ import torch
 from rich.table import Table
 
 from cache.paths import cache_root
+from cache.retries import SETTINGS, RetryPolicy
 from core.console import escape, plain
+from core.errors import PipeError
 from pipeline.encoders import describe_encoders
 
 PACKAGES = ["torch", "torchvision", "transformers", "timm", "huggingface_hub", "zarr", "numcodecs",
@@ -58,7 +60,20 @@ def doctor_report(cache: str | None) -> dict:
         "device": _device(), "packages": {p: _version(p) for p in PACKAGES},
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "unset"), "cache": str(root), **_cache_state(root),
         "encoders": [{"name": r["name"], "available": r["available"], "where": r["where"]} for r in describe_encoders()],
+        "object_store_retries": _retries(),
     }
+
+
+def _retries() -> dict:
+    """The retry policy a cache in a bucket uses here (cache/retries.py), and the settings that changed it."""
+    try:
+        policy = RetryPolicy.from_env()
+    except PipeError as e:
+        return {"error": str(e)}
+    changed = {s.env: os.environ[s.env] for s in SETTINGS if os.environ.get(s.env, "").strip()}
+    if os.environ.get("AWS_MAX_ATTEMPTS", "").strip():
+        changed["AWS_MAX_ATTEMPTS"] = os.environ["AWS_MAX_ATTEMPTS"]
+    return {**policy.as_dict(), "policy": policy.describe(), "set_by": changed}
 
 
 def print_doctor(report: dict, show) -> None:
@@ -74,6 +89,7 @@ def print_doctor(report: dict, show) -> None:
     writable = "writable" if report["cache_writable"] else (f"[red]NOT writable ({escape(report['cache_error'])})[/]: "
                                                            "choose another with --cache or $PIPE_CACHE")
     t.add_row("cache", f"{escape(report['cache'])} · {report['cache_free_gib']:,.1f} GiB free · {writable}")
+    t.add_row("object-store retries", _retries_line(report["object_store_retries"]))
     show.print(t)
     enc = Table(title="encoder weights", title_justify="left")
     for col in ("name", "present", "where"):
@@ -81,3 +97,11 @@ def print_doctor(report: dict, show) -> None:
     for r in report["encoders"]:
         enc.add_row(plain(r["name"]), "[green]yes[/]" if r["available"] else "[red]no[/]", plain(r["where"]))
     show.print(enc)
+
+
+def _retries_line(r: dict) -> str:
+    if "error" in r:
+        return f"[red]{escape(r['error'])}[/]"
+    changed = ", ".join(f"${k}={v}" for k, v in r["set_by"].items())
+    return escape(r["policy"]) + (f" (set by {escape(changed)})" if changed else
+                                  f" (defaults; change with ${', $'.join(s.env for s in SETTINGS)})")

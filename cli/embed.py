@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from cli.app import app
-from cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, path_or_none, print_json, results_to, user_errors
+from cli.common import (CACHE_OPT, COLUMNS_OPT, DEVICE_HELP, JSON_OPT, NO_PATIENTS_OPT, path_or_none, print_json,
+                        results_to, user_errors, with_columns)
 from core.console import err, escape
 
 
@@ -34,11 +35,14 @@ def embed(
     lease_s: Optional[float] = typer.Option(
         None, "--lease-s", min=1.0, help="Lease of a shard claim, renewed every quarter of it while the shard is "
         "written; a crashed writer's shards are taken over once it lapses \\[default: $PIPE_CLAIM_LEASE_S, else 120]."),
+    columns: Optional[str] = COLUMNS_OPT,
+    no_patients: bool = NO_PATIENTS_OPT,
 ) -> None:
     """Run each frozen encoder once per distinct image and report, into the cache."""
     from pipeline.encoders.remote import allow_remote_code  # lazy: keeps `pipe --help` fast
     from stages.embed import EmbedConfig, run  # lazy: keeps `pipe --help` fast
 
+    dataset = with_columns(dataset, columns, no_patients)
     cfg = EmbedConfig(dataset=dataset, backbone=backbone, text_encoder=text_encoder, cache=path_or_none(cache),
                       batch_size=batch_size, device=device, allow_failures=allow_failures, views=views,
                       shard_mb=shard_mb, workers=workers, scheduler=scheduler, image_memory_mb=image_memory_mb,
@@ -53,6 +57,10 @@ def embed(
     if result.failed and not allow_failures:
         err.print(f"[red]{escape(str(result.failed))} item(s) failed.[/] Fix them, or pass --allow-failures to accept the rest.")
         raise typer.Exit(1)
+
+
+# the figures of pipeline/devices.py's peak_memory_mb(), in words (the keys stay in --json)
+PEAK_LABELS = {"cpu_peak_mb": "CPU (max resident set)", "gpu_peak_mb": "GPU (max allocated)"}
 
 
 def print_summary(result, show) -> None:
@@ -72,5 +80,5 @@ def print_summary(result, show) -> None:
         show.print(ft)
         if len(result.failures) > 50:
             err.print(f"... and {len(result.failures) - 50} more; all are in each store's failures/ table.")
-    mem = ", ".join(f"{k} {v:,.0f} MiB" for k, v in result.memory.items())
+    mem = ", ".join(f"{PEAK_LABELS.get(k, k)} {v:,.0f} MiB" for k, v in result.memory.items())
     err.print(f"wall-clock {result.seconds:.1f} s · peak memory {escape(str(mem))}")

@@ -10,13 +10,15 @@ from typing import Optional
 import typer
 
 from cli.app import app
-from cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, fail, flag_overrides, print_json, results_to,
-                                 user_errors)
+from cli.common import (CACHE_OPT, COLUMNS_OPT, DEVICE_HELP, JSON_OPT, NO_PATIENTS_OPT, fail, flag_overrides,
+                        print_json, results_to, user_errors, with_columns)
 from core.console import err, escape
 from core.console import out as out_console
 from stages.evaluate.tasks import TASKS
+from stages.report.formats import REPORT_FORMATS, for_file
 
 Task = Enum("Task", {name: name for name in TASKS}, type=str)  # the choices of --task, from the registry
+ReportFormat = Enum("ReportFormat", {name: name for name in REPORT_FORMATS}, type=str)  # --format's, from its registry
 
 
 EVALUATE_EPILOG = """Examples:
@@ -31,7 +33,9 @@ EVALUATE_EPILOG = """Examples:
 
   pipe evaluate --task retrieval -d demo -a runs/adaptor-demo
 
-  pipe evaluate --task zero-shot -d demo -a runs/adaptor-demo zero_shot.prompts=configs/prompts/chest_xray.yaml
+  pipe evaluate --task zero-shot -d demo -a runs/adaptor-demo zero_shot.prompts=chest_xray
+
+  pipe evaluate --task retrieval -d pairs.csv --adaptor native -b biomedclip -t biomedclip
 
 Bare numbers after the options are label fractions too, so `--fraction 0.01 0.1 1.0` works.
 
@@ -68,19 +72,22 @@ def evaluate(
     task: Task = typer.Option(..., "--task", help="What to evaluate."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="The DATASET given to `pipe embed`."),
     adaptor: str = typer.Option(..., "--adaptor", "-a",
-                                help="An Adaptor checkpoint (or its run directory), or `none` for the "
-                                     "frozen backbone's own features."),
+                                help="An Adaptor checkpoint (or its run directory), `none` for the "
+                                     "frozen backbone's own features, or `native` for a CLIP-style pair's own "
+                                     "joint space (biomedclip, medsiglip)."),
     fraction: list[str] = typer.Option([], "--fraction", "-f", help="Label fractions of the training split "
                                        "\\[default: 0.01 0.1 1.0]; nested 1% ⊂ 10% ⊂ 100%."),
     head: list[str] = typer.Option([], "--head", help="Classification head(s): mlp (the paper's), linear, "
                                         "and/or probe (a linear probe solved by L-BFGS) \\[default: mlp]."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per fraction: each trains every head "
                                   "again (the cost grows with it) \\[default: 3]."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Needed with --adaptor none."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Needed with --adaptor none or native."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t",
-                                               help="Needed with --adaptor none for retrieval/zero-shot."),
-    baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the raw backbone features."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset of evaluate settings."),
+                                               help="Needed with --adaptor none or native for retrieval/zero-shot."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the raw backbone features (and, for a "
+                                  "pair with a joint space, its native vectors)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset of evaluate settings: a file's "
+                                          "path, or a recipe the installed package holds (paper/rsna_classification)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory "
                                        "\\[default: results/<task>-<dataset>-<method>-<time>]."),
     cache: Optional[Path] = CACHE_OPT,
@@ -89,6 +96,8 @@ def evaluate(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a text encoder that runs code "
                                            "from its hub repository (cxr-bert) for the prompts; also "
                                            "$PIPE_TRUST_REMOTE_CODE=1."),
+    columns: Optional[str] = COLUMNS_OPT,
+    no_patients: bool = NO_PATIENTS_OPT,
 ) -> None:
     """Train and score downstream heads from the cache: classification, segmentation, retrieval, zero-shot."""
     if trust_remote_code:
@@ -96,6 +105,7 @@ def evaluate(
 
         allow_remote_code()
     fractions, overrides = split_fractions(fraction, args or [])
+    dataset = with_columns(dataset, columns, no_patients)
     flags = flag_overrides(task=task.value, dataset=dataset, adaptor=adaptor, backbone=backbone,
                             text_encoder=text_encoder, seeds=seeds, out=str(out) if out else None,
                             cache=str(cache) if cache else None, device=device)
@@ -119,16 +129,9 @@ def _run(config: Optional[Path], overrides: list[str], as_json: bool) -> None:
     for t in result.tables:
         show.print(to_rich(t))
     err.print(f"results: {result.out / 'results.json'} · table: {result.out / 'results.md'} · "
-              f"plots: {', '.join(result.results['plots'])}", markup=False, soft_wrap=True)
+              f"plots: {', '.join(result.record.plots)}", markup=False, soft_wrap=True)
     if as_json:
-        print_json({"out": str(result.out), "tables": result.tables})
-
-
-class ReportFormat(str, Enum):
-    table = "table"
-    md = "md"
-    csv = "csv"
-    json = "json"
+        print_json({"out": str(result.out), "tables": [t.to_dict() for t in result.tables]})
 
 
 REPORT_EPILOG = """Examples:
@@ -145,8 +148,8 @@ REPORT_EPILOG = """Examples:
 @app.command(epilog=REPORT_EPILOG)
 def report(
     runs: list[Path] = typer.Argument(..., help="Run directories of `pipe evaluate` (each has results.json), "
-                                                "Adaptor training runs (metrics.csv), or folders of runs "
-                                                "(e.g. demo-out)."),
+                                                "Adaptor training runs (metrics.csv), folders of runs "
+                                                "(e.g. demo-out), or a sweep's folder (`pipe sweep`'s out)."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page of the runs here: "
                                         "tables, training curves, ROC and calibration, segmentation overlays, "
                                         "retrieval examples, the data card and provenance."),
@@ -159,34 +162,37 @@ def report(
     """Gather runs into one table per metric (rows: methods; columns: fractions), or into one HTML page."""
     from core.atomic import atomic_write_text  # lazy: keeps `pipe --help` fast
     from stages.evaluate.tables import to_rich  # lazy: keeps `pipe --help` fast
-    from stages.report import load_runs, merged_tables, to_csv, to_markdown_report, write_page  # lazy: as above
+    from stages.report import load_runs, merged_tables, write_page  # lazy: as above
+    from stages.report.sweep_page import is_sweep_folder, top_runs, write_sweep_page  # lazy: as above
 
+    sweeps = [p for p in runs if is_sweep_folder(p)]
+    if sweeps and html:  # a sweep's folder: its own page (the trials ranked, the parameters' effects, its best)
+        if len(runs) > 1:
+            fail("a sweep's page draws one sweep folder: name it alone (pipe report OUT --html page.html)")
+        with user_errors():
+            page = write_sweep_page(sweeps[0], html)
+        err.print(f"wrote {escape(str(page))} (open it in a browser)")
+        return
+    runs = [q for p in runs for q in (top_runs(p) or [p] if p in sweeps else [p])]  # a sweep's tables: its best trials
     with user_errors():
         loaded = load_runs(runs)
     if not loaded.evals and not html:
         fail("no evaluation runs among the paths (only Adaptor trainings): name run directories of "
              "`pipe evaluate`, or pass --html to draw the training curves")
     tables = merged_tables(loaded)
-
-    def render(kind: str) -> str:
-        if kind == "csv":
-            return to_csv(tables)
-        if kind == "json":
-            return json.dumps({"runs": [str(r.path) for r in loaded.evals], "tables": tables}, default=str)
-        return to_markdown_report(loaded, tables)
-
+    chosen = REPORT_FORMATS[fmt.value] if fmt else None
     if out:
-        kind = fmt.value if fmt and fmt.value != "table" else {".csv": "csv", ".json": "json"}.get(out.suffix, "md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, render(kind))
+        with user_errors():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, for_file(chosen, out).render(loaded, tables))
         err.print(f"wrote {escape(str(out))}")
     if html:
         with user_errors():
             page = write_page(loaded, html)
         err.print(f"wrote {escape(str(page))} (open it in a browser)")
-    kind = "json" if as_json else fmt.value if fmt else "table" if sys.stdout.isatty() else "md"
-    if kind == "table":
+    shown = REPORT_FORMATS["json"] if as_json else chosen or REPORT_FORMATS["table" if sys.stdout.isatty() else "md"]
+    if shown.terminal:
         for t in tables:
             out_console.print(to_rich(t))
-    elif tables or kind == "json":
-        sys.stdout.write(render(kind) + ("\n" if kind == "json" else ""))
+    elif tables or shown.always:
+        sys.stdout.write(shown.render(loaded, tables))

@@ -9,8 +9,8 @@ import typer
 
 from cli.app import app
 from stages.train.residency import RESIDENCIES
-from cli.common import (CACHE_OPT, DEVICE_HELP, JSON_OPT, flag_overrides, path_or_none, print_json, results_to,
-                                 user_errors)
+from cli.common import (CACHE_OPT, COLUMNS_OPT, DEVICE_HELP, JSON_OPT, NO_PATIENTS_OPT, flag_overrides, path_or_none,
+                        print_json, results_to, user_errors, with_columns)
 
 
 Resident = Enum("Resident", {name: name for name in RESIDENCIES}, type=str)  # --resident's choices, from the registry
@@ -18,7 +18,7 @@ Resident = Enum("Resident", {name: name for name in RESIDENCIES}, type=str)  # -
 
 @app.command("train-adaptor", epilog="Examples:\n\n"
              "  pipe train-adaptor -d demo -b tiny-vit -t minilm epochs=20 adaptor.mode=tokens\n\n"
-             "  pipe train-adaptor -d mimic-cxr:/data/mimic -b dinov2-b -t bert --config configs/adaptor_paper.yaml\n\n"
+             "  pipe train-adaptor -d mimic-cxr:/data/mimic -b dinov2-b -t bert --config paper\n\n"
              "A step runs as step=eager (default), step=compile (torch.compile) or step=cuda-graph (one GPU: the "
              "whole step captured and replayed).")
 def train_adaptor(
@@ -29,17 +29,21 @@ def train_adaptor(
                                            "\\[required, unless the --config preset names it]"),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", "-t", help="The text encoder given to `pipe "
                                                "embed`. \\[required, unless the --config preset names it]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset (configs/*.yaml)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML preset: a file's path, or a preset's name "
+                                          "(demo, demo_tokens, paper, adaptor_tokens; .yaml optional)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory \\[default: runs/adaptor-...]."),
     cache: Optional[Path] = CACHE_OPT,
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     resident: Optional[Resident] = typer.Option(None, "--resident", help="Hold the needed arrays in RAM/GPU, or stream (none)."),
     as_json: bool = JSON_OPT,
+    columns: Optional[str] = COLUMNS_OPT,
+    no_patients: bool = NO_PATIENTS_OPT,
 ) -> None:
     """Train the Adaptor from the cache: no backbone forward passes, no image decoding."""
     from pipeline.config import load_config  # lazy: keeps `pipe --help` fast
     from stages.train import TrainConfig, run  # lazy: keeps `pipe --help` fast
 
+    dataset = with_columns(dataset, columns, no_patients)
     flags = flag_overrides(dataset=dataset, backbone=backbone, text_encoder=text_encoder, out=path_or_none(out),
                            cache=path_or_none(cache), device=device, resident=resident.value if resident else None)
     with user_errors():

@@ -12,7 +12,7 @@ import typer
 
 from cli.app import app
 from cli.common import CACHE_OPT, DEVICE_HELP, JSON_OPT, print_json, results_to, user_errors
-from core.console import err, escape, plain
+from core.console import err, escape, out, plain
 
 PREDICT_EPILOG = """Examples:
 
@@ -60,7 +60,8 @@ def predict(
         reports = model.report_bank(bank, split=bank_split, cache=cache) if bank else None
         result = run_predict(model, [str(p) for p in images], prompts=prompts, zero_shot=zero_shot, head=head,
                              bank=reports, k=top_k, batch_size=batch_size)
-    _show_predictions(result, results_to(as_json))
+    if not as_json:  # with --json, the object on stdout is the whole result: no tables anywhere
+        _show_predictions(result, out)
     for r in result.failed:
         err.print(f"[bold red]error:[/] {escape(r['error'])}", soft_wrap=True)
     if as_json:

@@ -4,7 +4,10 @@ Imports only rich, so that `pipe --help` starts fast.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,7 +26,20 @@ def _console(stderr: bool) -> Console:
 err = _console(stderr=True)   # progress, logs, warnings, errors
 out = _console(stderr=False)  # results: tables, listings (or JSON, printed plainly)
 
-__all__ = ["err", "out", "escape", "plain", "progress"]
+__all__ = ["err", "out", "escape", "plain", "progress", "logs_to"]
+
+
+@contextlib.contextmanager
+def logs_to(path: Path) -> Iterator[None]:
+    """The block's logs and progress (everything printed to ``err``) go to the file ``path``
+    (appended) instead of stderr: one sweep trial's log, while stderr carries one line per trial."""
+    with open(path, "a", encoding="utf-8") as f:
+        before = err._file  # None: whatever sys.stderr is at the time (not the stream of this moment)
+        err.file = f
+        try:
+            yield
+        finally:
+            err.file = before
 
 
 def plain(value) -> Text:

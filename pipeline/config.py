@@ -1,6 +1,6 @@
 """Configs for every stage: frozen dataclasses, YAML presets and dotted overrides.
 
-    cfg = load_config(PretrainConfig, "configs/pretrain.yaml",
+    cfg = load_config(TrainConfig, "demo",
                       ["optim.lr=1e-4", "adaptor.mode=tokens", "fractions=[0.01,0.1]"])
 
 Later sources win: dataclass defaults < ``base`` < preset < overrides. Mappings merge
@@ -26,9 +26,9 @@ import yaml
 
 from core.atomic import atomic_write_text
 from core.errors import InputError
+from pipeline import resources
 
 T = TypeVar("T")
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 _BAD = object()  # marks a value that failed validation
 
 
@@ -95,7 +95,7 @@ def load_config(
     base: Mapping[str, Any] | Any | None = None,
 ) -> T:
     """Build ``cls`` from defaults, ``base`` (a mapping or a ``cls`` instance), a YAML
-    ``preset`` (a path, or a name in ``configs/``) and ``key.sub=value`` overrides."""
+    ``preset`` (a path, or a preset's name: ``demo``, ``demo.yaml``, ``paper``) and ``key.sub=value`` overrides."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     problems: list[str] = []
@@ -113,7 +113,8 @@ def load_config(
         _apply_override(merged, item, problems)
     cfg = _build(cls, merged, "", problems)
     if problems:
-        raise ConfigError(problems, f"{cls.__name__} config")
+        raise ConfigError(problems, f"{cls.__name__} config" + (f" (from {_preset_path(preset) or preset} and the command "
+                                                                 "line)" if preset is not None else ""))
     return cfg
 
 
@@ -160,8 +161,19 @@ def _unmoved(cfg: Any, d: Any) -> Any:
     return d
 
 
+def describe_type(tp: Any) -> str:
+    """A field's type as the messages and the configuration reference write it (``one of 'auto', 'cpu'``)."""
+    return _describe(tp)
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """A field's default value (its factory called), or ``dataclasses.MISSING``."""
+    return _default(field)
+
+
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """The presets the installed package holds (an alias beside its preset's name)."""
+    return [n for n in resources.listing() if not n.startswith("sweep_")]
 
 
 # ------------------------------------------------------------------- the sources
@@ -174,21 +186,25 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     return into
 
 
-def _read_preset(preset: str | Path, problems: list[str]) -> dict[str, Any]:
+def _preset_path(preset: str | Path) -> Path | None:
+    """The YAML file a preset names: a path (which wins when it exists), or a preset's name in the
+    installed package (demo, demo.yaml, paper), or configs/... as written from a clone; None if none."""
     path = Path(preset).expanduser()
-    if not path.exists() and len(path.parts) == 1:  # a name of the project's own presets: demo, demo.yaml
-        path = PRESET_DIR / (path.name if path.suffix else f"{path.name}.yaml")
-    elif not path.exists() and not path.is_absolute() and (PRESET_DIR.parent / path).is_file():
-        path = PRESET_DIR.parent / path  # configs/demo.yaml, from any working directory
-    if not path.is_file():
-        problems.append(
-            f"preset {str(preset)!r}: no such file; give a YAML path or one of: "
-            f"{', '.join(list_presets()) or '(no presets in ' + str(PRESET_DIR) + ')'}"
-        )
+    return path if path.exists() else resources.find(str(preset))
+
+
+def _read_preset(preset: str | Path, problems: list[str]) -> dict[str, Any]:
+    path = _preset_path(preset)
+    if path is not None and path.is_dir():
+        problems.append(f"preset {str(preset)!r} is a folder; give a YAML file")
+        return {}
+    if path is None or not path.is_file():
+        problems.append(f"preset {str(preset)!r}: no such file, and no such preset in the installed package; "
+                        f"give a YAML path or one of: {', '.join(list_presets())}")
         return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         problems.append(f"preset {str(path)!r}: not valid YAML: {e}")
         return {}
     if data is None:

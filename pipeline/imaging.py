@@ -13,6 +13,7 @@ import io
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import pydicom
@@ -38,6 +39,7 @@ except ImportError:  # pydicom 2.x
 
 __all__ = [
     "AugmentPolicy",
+    "GEOMETRIES",
     "DEFAULT_IMAGE_MEMORY_MB",
     "ImageBudget",
     "ImageDecodeError",
@@ -420,6 +422,13 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augment: AugmentPolicy = AugmentPolicy()
+    # How the plain view is resized and cut: each a name in its registry below. The defaults are
+    # this project's own float pipeline; an encoder whose reference processor (or whose authors'
+    # recipe) works otherwise names its own in its config's ``resize``.
+    geometry: str = "shorter-side-crop"   # GEOMETRIES: shorter side and crop, a square, or padded to a square
+    resample: str = "bilinear"            # INTERPOLATIONS: the resize's interpolation
+    resampler: str = "torch"              # RESAMPLERS: float torch, or the 8-bit image through torchvision or Pillow
+    crop_rounding: str = "round"          # CROP_ROUNDINGS: torchvision's centre crop (round) or transformers' (floor)
 
     def __post_init__(self) -> None:
         mean = tuple(float(m) for m in self.mean)
@@ -428,6 +437,10 @@ class Preprocess:
             raise ValueError("Preprocess.mean and .std need three values (one per channel)")
         if min(std) <= 0:
             raise ValueError(f"Preprocess.std must be positive, got {std}")
+        for name, registry in (("geometry", GEOMETRIES), ("resample", INTERPOLATIONS), ("resampler", RESAMPLERS),
+                               ("crop_rounding", CROP_ROUNDINGS)):
+            if getattr(self, name) not in registry:
+                raise ValueError(f"Preprocess.{name} must be one of {', '.join(registry)}, got {getattr(self, name)!r}")
         if not 0 < self.input_size <= self.resize_size:
             raise ValueError(
                 f"need 0 < input_size <= resize_size, got {self.input_size} and {self.resize_size}"
@@ -448,7 +461,7 @@ class Preprocess:
     def __call__(self, img: np.ndarray, view: int = 0, seed_key: str = "") -> torch.Tensor:
         x = _as_image_tensor(img)
         if view == 0:
-            x = resize_and_crop(x, self.resize_size, self.input_size)
+            x = self.plain_view(x)
         elif view > 0:
             x = self._augmented(x, _view_rng(seed_key, view))
         else:
@@ -456,7 +469,10 @@ class Preprocess:
         return self._normalise(x)
 
     def to_dict(self) -> dict:
-        return {
+        """What the store's fingerprint records. The resize settings (geometry, interpolation,
+        resampler, crop rounding) appear only where they differ from the defaults, so every store
+        made before they existed keeps its fingerprint."""
+        d = {
             "version": _PREPROCESS_VERSION,
             "resize_size": self.resize_size,
             "input_size": self.input_size,
@@ -464,6 +480,19 @@ class Preprocess:
             "std": list(self.std),
             "augment": self.augment.to_dict(),
         }
+        return {**d, **{k: getattr(self, k) for k, default in RESIZE_DEFAULTS.items() if getattr(self, k) != default}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        """The preprocessing a store's spec records (:meth:`to_dict`)."""
+        return cls(int(d["resize_size"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
+                   AugmentPolicy(**d["augment"]) if d.get("augment") else AugmentPolicy(), **recorded_resize(d))
+
+    def plain_view(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, 1, H, W]`` grey in [0, 1] -> ``[1, 1, S, S]``: the deterministic view, resized and cut."""
+        g = GEOMETRIES[self.geometry]
+        x = RESAMPLERS[self.resampler](x, g.resized(*x.shape[-2:], self.resize_size), self.resample)
+        return g.cut(x, self.input_size, self.crop_rounding)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         # Broadcasting [H, W] against [3, 1, 1] replicates the grey channel and
@@ -499,9 +528,7 @@ def _as_image_tensor(img: np.ndarray) -> torch.Tensor:
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return _resize_float(x, size, "bilinear")
 
 
 def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
@@ -512,23 +539,136 @@ def shorter_side_size(h: int, w: int, size: int) -> tuple[int, int]:
     return (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
 
 
-def centre_crop_origin(h: int, w: int, size: int) -> tuple[int, int]:
+# How a centred crop's origin is rounded when the margin is odd, by the library it copies.
+CROP_ROUNDINGS = {
+    "round": lambda margin: int(round(margin / 2.0)),   # torchvision's CenterCrop (open_clip)
+    "floor": lambda margin: margin // 2,                # transformers' center_crop (both backends)
+}
+
+
+def centre_crop_origin(h: int, w: int, size: int, rounding: str = "round") -> tuple[int, int]:
     """(top, left) of the centred ``size`` x ``size`` crop of an (h, w) image."""
-    return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    half = CROP_ROUNDINGS[rounding]
+    return half(h - size), half(w - size)
 
 
-def resize_and_crop(x: torch.Tensor, resize: int, crop: int, nearest: bool = False) -> torch.Tensor:
-    """``[N, C, H, W]`` -> ``[N, C, crop, crop]``: the shorter side resized to ``resize``, then a
-    centre crop. The one geometry of the encoders' input: images are resized bilinearly (with
-    antialiasing), masks (``nearest``) by nearest neighbour, so they stay binary and line up."""
+def longer_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """The (h, w) an image of (h, w) is resized to so that its longer side is ``size`` (the other
+    side truncated, as MGCA's ``resize_img``; a square counts as taller)."""
+    return (size, int(w * size / h)) if h >= w else (int(h * size / w), size)
+
+
+def square_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """Both sides to ``size``: the aspect ratio is not kept (SigLIP's processor)."""
+    return size, size
+
+
+def pad_to_square(x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad ``[..., H, W]`` to a square: the shorter side gets floor(pad / 2) before and the
+    rest after (MGCA's ``resize_img``); zero is black, as their padding of 8-bit pixels."""
     h, w = x.shape[-2:]
-    size = shorter_side_size(h, w, resize)
+    pad = abs(h - w)
+    if not pad:
+        return x
+    lo, hi = pad // 2, pad - pad // 2
+    return F.pad(x, (lo, hi, 0, 0) if h > w else (0, 0, lo, hi))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a plain view is cut from an image: the resized size, whether it is then padded to a
+    square, and the centre crop that follows."""
+
+    name: str
+    resized: Callable[[int, int, int], tuple[int, int]]   # (h, w, resize_size) -> the resized (h, w)
+    pads: bool
+    summary: str
+
+    def cut(self, x: torch.Tensor, crop: int, rounding: str = "round") -> torch.Tensor:
+        """The resized ``[..., h, w]`` padded (if this geometry pads) and centre cropped to ``crop``."""
+        if self.pads:
+            x = pad_to_square(x)
+        top, left = centre_crop_origin(*x.shape[-2:], crop, rounding)
+        return x[..., top : top + crop, left : left + crop]
+
+
+GEOMETRIES = {g.name: g for g in (
+    Geometry("shorter-side-crop", shorter_side_size, False,
+             "shorter side resized to resize_size, then the centre input_size crop (torchvision's Resize + CenterCrop)"),
+    Geometry("square", square_size, False,
+             "both sides resized to resize_size, the aspect ratio not kept, then the centre input_size crop (SigLIP's "
+             "processor, where the two sizes are equal: no crop)"),
+    Geometry("pad-square", longer_side_size, True,
+             "longer side resized to resize_size, the shorter zero-padded to a square, then the centre input_size "
+             "crop (MGCA's resize_img, then CenterCrop: the authors' input)"),
+)}
+DEFAULT_GEOMETRY = "shorter-side-crop"
+
+
+def resize_and_crop(x: torch.Tensor, resize: int, crop: int, nearest: bool = False,
+                    geometry: str = DEFAULT_GEOMETRY, rounding: str = "round") -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, crop, crop]`` by a :data:`GEOMETRIES` entry (by default the
+    shorter side resized to ``resize``, then a centre crop, its origin rounded by ``rounding``).
+    Images are resized bilinearly (with antialiasing), masks (``nearest``) by nearest neighbour,
+    so they stay binary and line up with the images of any encoder's geometry."""
+    g = GEOMETRIES[geometry]
+    h, w = x.shape[-2:]
+    size = g.resized(h, w, resize)
     if nearest and size != (h, w):
         x = F.interpolate(x, size=size, mode="nearest-exact")
     elif not nearest:
         x = _resize(x, size)
-    top, left = centre_crop_origin(*size, crop)
-    return x[..., top : top + crop, left : left + crop]
+    return g.cut(x, crop, rounding)
+
+
+# --------------------------------------------------------------------------
+# The resize variants of the plain view (data in an encoder's config, functions here)
+# --------------------------------------------------------------------------
+
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Grey values in [0, 1] as the 8-bit image a reference processor reads (an 8-bit file
+    decodes to v / 255, which comes back here as v exactly)."""
+    return np.round(x.numpy() * 255.0).astype(np.uint8)
+
+
+def _resize_float(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """This project's own: float pixels, antialiased ``F.interpolate``."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode=resample, antialias=True, align_corners=False)
+
+
+def _resize_torchvision_uint8(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """The 8-bit image through torchvision's resize, as transformers' torchvision image processors
+    (the default ``SiglipImageProcessor`` of transformers 5) resize what PIL decoded."""
+    q = torch.from_numpy(to_uint8(x))
+    out = TF.resize(q, list(size), interpolation=INTERPOLATIONS[resample], antialias=True)
+    return out.to(torch.float32) / 255.0
+
+
+def _resize_pil(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """The 8-bit image through Pillow's resize, as transformers' PIL image processors and
+    open_clip's transform (torchvision's Resize of a PIL image) do."""
+    img = Image.fromarray(to_uint8(x)[0, 0]).resize((size[1], size[0]), _PIL_FILTERS[resample])
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / np.float32(255.0))[None, None]
+
+
+RESAMPLERS = {"torch": _resize_float, "torch-uint8": _resize_torchvision_uint8, "pil": _resize_pil}
+# The defaults of the resize settings, each left out of a preprocessing record (and so of a
+# store's fingerprint) when it is the default; geometry and crop rounding decide where a pixel
+# lands (masks follow them), interpolation and resampler only its value.
+RESIZE_DEFAULTS = {"geometry": DEFAULT_GEOMETRY, "resample": "bilinear", "resampler": "torch", "crop_rounding": "round"}
+CUT_SETTINGS = ("geometry", "crop_rounding")
+
+
+def recorded_resize(pre: dict) -> dict:
+    """The resize settings a preprocessing record (:meth:`Preprocess.to_dict`) names, each at its
+    default where it names none: what a store's images went through, for its masks and pictures too."""
+    return {k: pre.get(k, default) for k, default in RESIZE_DEFAULTS.items()}
 
 
 def _view_rng(seed_key: str, view: int) -> np.random.Generator:

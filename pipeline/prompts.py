@@ -1,6 +1,6 @@
 """Zero-shot prompts and scores: the pure part that `pipe evaluate` and the trained-Adaptor API share.
 
-Prompt files are YAML in configs/prompts/ (or any path): finding -> positive and negative
+Prompt files are YAML, named (``chest_xray``: ``configs/prompts/`` of the installed package) or any path: finding -> positive and negative
 sentences, normalised like reports. An image's score for a finding is its mean cosine
 similarity to the finding's positive prompts minus its mean similarity to the negative
 ones; :func:`zero_shot_probability` reads that difference as a two-way softmax at the
@@ -14,10 +14,10 @@ import numpy as np
 import yaml
 
 from cache.keys import normalise_report
-from pipeline.config import PRESET_DIR
 from core.errors import InputError
+from pipeline import resources
 
-PROMPT_DIR = PRESET_DIR / "prompts"
+PROMPTS = "prompts"  # the package folder of the named prompt files
 
 Prompts = dict[str, dict[str, list[str]]]
 
@@ -27,14 +27,11 @@ class PromptError(InputError):
 
 
 def prompt_path(name: str) -> Path:
-    p = Path(name).expanduser()
-    if p.is_file():
-        return p
-    candidate = PROMPT_DIR / f"{name}.yaml"
-    if candidate.is_file():
-        return candidate
-    have = ", ".join(sorted(q.stem for q in PROMPT_DIR.glob("*.yaml"))) or "none"
-    raise PromptError(f"prompts {name!r}: no such file; give a YAML path or one of {PROMPT_DIR}: {have}")
+    """A prompt file: a YAML path, or a name the installed package holds (``chest_xray``)."""
+    try:
+        return resources.resolve(name, PROMPTS, "prompts")
+    except InputError as e:
+        raise PromptError(str(e)) from None
 
 
 def load_prompts(name: str) -> Prompts:

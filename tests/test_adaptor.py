@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from pipeline.config import ConfigError, load_config
-from pipeline.models.adaptor import Adaptor, AdaptorConfig, adaptor_config_from_saved
+from pipeline.models.adaptor import Adaptor, AdaptorConfig, adaptor_config_from_saved, trim_text_padding
 from pipeline.models.loss import (clip_loss, itm_loss, rerank_top_k, retrieval_recall, retrieval_recall_from_sim,
                                   sample_hard_negatives)
 from stages.train.trainer import TrainConfig
@@ -107,6 +108,210 @@ def test_pooled_mode_gives_queries_and_keys_no_gradient():
     qk, v = _qk_and_v_grads(tiny("pooled"), pooled_batch())
     assert v > 1e-4
     assert qk < 1e-7 * max(v, 1.0)
+
+
+def _full_attention(block, x, query, kv, kv_pad=None):
+    """FusionBlock.forward as it was before the one-key path: the whole multi-head attention."""
+    attended, _ = block.attn(query, kv, kv, key_padding_mask=kv_pad, need_weights=False)
+    x = block.norm1(x + block.drop1(attended))
+    return block.norm2(x + block.drop2(block.ffn(x)))
+
+
+def _per_stream_blocks(model, img, txt):
+    """The pooled blocks as they ran before both streams were batched: the image stream, then the text."""
+    for block in model.blocks:
+        img = block(img, query=txt, kv=img)
+        txt = block(txt, query=img, kv=txt)
+    return img, txt
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_one_key_path_equals_the_full_attention(train, monkeypatch):
+    """Pooled mode skips the query/key projections (a one-key softmax is 1) and runs both streams of a
+    block as one batch: embeddings, loss and every gradient equal the full multi-head attention's, one
+    stream at a time, dropout included (same seed, same draws)."""
+    from pipeline.models import adaptor as adaptor_module
+
+    def run(full: bool):
+        if full:
+            monkeypatch.setattr(adaptor_module.FusionBlock, "forward", _full_attention)
+            monkeypatch.setattr(adaptor_module.Adaptor, "_pooled_blocks", _per_stream_blocks)
+        else:
+            monkeypatch.undo()
+        model = tiny("pooled", dropout=0.3, n_layers=2).train(train)
+        torch.manual_seed(123)
+        img, txt = model(pooled_batch(8))
+        only = model.encode_image(pooled_batch(8)["image_pooled"])
+        loss = clip_loss(img, txt, model.scale(), 0.75) + only.sum()
+        loss.backward()
+        return img, txt, only, loss, {n: p.grad for n, p in model.named_parameters()}
+
+    full, fast = run(True), run(False)
+    for a, b in zip(full[:4], fast[:4]):
+        assert_close(b, a, atol=1e-6, rtol=0)
+    assert full[4].keys() == fast[4].keys()
+    for name, grad in full[4].items():
+        assert_close(fast[4][name], grad, atol=1e-6, rtol=0, msg=name)
+    if train:  # the dropout really acted: a run without it gives other embeddings
+        torch.manual_seed(0)
+        plain = Adaptor(AdaptorConfig(mode="pooled", **{**TINY, "dropout": 0.0}))
+        plain.load_state_dict(tiny("pooled", dropout=0.3).state_dict())
+        assert not torch.allclose(plain.train()(pooled_batch(8))[0], fast[0], atol=1e-4)
+
+
+def test_both_pooled_streams_of_a_block_run_as_one_batch(monkeypatch):
+    """Each block runs once per forward, over the image and the text streams stacked (2B rows), with the
+    dropout masks drawn beforehand in the per-stream order; training gives the per-stream result."""
+    from pipeline.models.adaptor import FusionBlock
+
+    rows = []
+    original = FusionBlock.one_key_streams
+    monkeypatch.setattr(FusionBlock, "one_key_streams", lambda self, x, keep: rows.append(len(x)) or original(self, x, keep))
+    model = tiny("pooled", dropout=0.3, n_layers=3).train()
+    torch.manual_seed(7)
+    batched = model(pooled_batch(5))
+    assert rows == [10, 10, 10]
+    torch.manual_seed(7)
+    per_stream = _per_stream_blocks(model, model._image_in(pooled_batch(5)["image_pooled"]),
+                                    model._text_in(pooled_batch(5)["text_pooled"]))
+    for a, b in zip(batched, per_stream):
+        assert_close(a, F.normalize(b[:, 0], dim=-1), atol=1e-6, rtol=0)
+
+
+def test_the_one_key_path_skips_the_query_and_key_projections(monkeypatch):
+    """The one-key path does not call the attention module at all, in pooled mode; tokens mode still does."""
+    calls = []
+    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward",
+                        lambda self, *a, **k: calls.append(1) or (a[0], None))
+    tiny("pooled")(pooled_batch())
+    assert calls == []
+    tiny("tokens", fusion_layers=0)(tokens_batch())
+    assert calls
+
+
+def test_a_pooled_checkpoint_written_before_the_one_key_path_gives_the_same_embeddings():
+    """tests/data/pooled-adaptor-before-one-key: an Adaptor saved, and its embeddings computed, by the full
+    multi-head attention (commit 4e6a272). It loads into today's model and gives the same outputs."""
+
+    import numpy as np
+    from pipeline.models.checkpoint import load_weights, read_meta
+
+    folder = Path(__file__).parent / "data" / "pooled-adaptor-before-one-key"
+    meta = read_meta(folder / "adaptor.safetensors")
+    cfg = meta["adaptor"]
+    model = Adaptor(adaptor_config_from_saved(cfg)).eval()
+    load_weights(folder / "adaptor.safetensors", model)
+    want = np.load(folder / "expected.npz")
+    with torch.no_grad():
+        img, txt = model({"image_pooled": torch.from_numpy(want["image"]),
+                          "text_pooled": torch.from_numpy(want["text"])})
+        only = model.encode_image(torch.from_numpy(want["image"]))
+    for got, key in ((img, "img_emb"), (txt, "txt_emb"), (only, "image_only")):
+        assert_close(got, torch.from_numpy(want[key]), atol=1e-6, rtol=0)
+
+
+def test_the_pooled_text_embedding_runs_the_text_stream_alone():
+    """Evaluation's pooled text path computes the text stream only: the paired forward's text output
+    never reads the image (one-key attentions ignore their query), so it is the same whatever image it
+    is paired with (to float rounding: the paired forward runs both streams as one batch), and the
+    image projection is never called."""
+    model = tiny("pooled", dropout=0.3, n_layers=2).eval()
+    batch = pooled_batch(8)
+    calls = []
+    model.image_proj.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        alone = model.text_embedding(batch["text_pooled"])
+        assert calls == []
+        for image in (batch["image_pooled"], torch.zeros(8, 12), 1e3 * torch.randn(8, 12)):
+            assert_close(alone, model({**batch, "image_pooled": image})[1], atol=1e-6, rtol=0)
+
+
+def _rows_seen_by_the_last_block(model: Adaptor) -> list[int]:
+    seen: list[int] = []
+    model.blocks[-1].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+@pytest.mark.parametrize("train,dropout", [(False, 0.3), (True, 0.0)])
+def test_the_last_block_computes_only_the_readout_row_with_the_same_result(train, dropout, monkeypatch):
+    """With the cls readout, where only the readout is used (forward without the matching head,
+    encode_image, encode_text) the unimodal encoders' last block computes token 0's row alone:
+    embeddings, loss and every gradient equal those of every row within 1e-6, in eval mode and in
+    training without dropout."""
+
+    def run(every_row: bool):
+        if every_row:
+            monkeypatch.setattr(Adaptor, "_skips_unread_rows", lambda self: False)
+        else:
+            monkeypatch.undo()
+        model = tiny("tokens", dropout=dropout, n_layers=2).train(train)
+        seen = _rows_seen_by_the_last_block(model)
+        batch = tokens_batch(8)
+        img, txt = model(batch)
+        only_img = model.encode_image(batch["image_tokens"])
+        only_txt = model.encode_text(batch["text_tokens"], batch["text_mask"])
+        loss = clip_loss(img, txt, model.scale(), 0.75) + only_img.sum() + only_txt.sum()
+        loss.backward()
+        return (img, txt, only_img, only_txt, loss), {n: p.grad for n, p in model.named_parameters()}, seen
+
+    full, full_grads, full_rows = run(True)
+    fast, fast_grads, fast_rows = run(False)
+    assert full_rows == [17, 7, 17, 7] and fast_rows == [1, 1, 1, 1]  # [CLS] + 4x4 patches; 7 report tokens
+    for a, b in zip(full, fast):
+        assert_close(b, a, atol=1e-6, rtol=0)
+    assert full_grads.keys() == fast_grads.keys()
+    for name, grad in full_grads.items():
+        assert (grad is None) == (fast_grads[name] is None), name
+        if grad is not None:
+            assert_close(fast_grads[name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("readout,train,dropout,match,rows", [
+    ("cls", False, 0.3, False, 1),   # eval: only the readout row
+    ("cls", True, 0.3, False, 17),   # dropout draws masks shaped like the tensors: every row
+    ("mean", False, 0.0, False, 17),  # the mean reads every row
+    ("cls", False, 0.0, True, 17),   # the matching head reads every token state
+])
+def test_rows_are_skipped_only_where_nothing_reads_them(readout, train, dropout, match, rows):
+    model = tiny("tokens", readout=readout, dropout=dropout).train(train)
+    seen = _rows_seen_by_the_last_block(model)
+    torch.manual_seed(0)
+    model(tokens_batch(), match=match)
+    assert seen[0] == rows
+
+
+@pytest.mark.parametrize("readout", ["cls", "mean"])
+def test_text_padding_cut_to_the_longest_report_changes_no_output(readout):
+    """Cached reports are padded to max_tokens; evaluation and validation cut a batch after its longest
+    report. Embeddings, token states of real tokens and matching logits equal the padded batch's."""
+    model = tiny("tokens", readout=readout, n_layers=2).eval()
+    batch = tokens_batch(6, tt=12)  # reports of 2..7 tokens, padded to 12
+    text, keep = trim_text_padding(batch["text_tokens"], batch["text_mask"])
+    assert text.shape == (6, 7, 10) and keep.shape == (6, 7) and keep.sum() == batch["text_mask"].sum()
+    cut = {**batch, "text_tokens": text, "text_mask": keep}
+    with torch.no_grad():
+        for a, b in zip(model(batch), model(cut)):
+            assert_close(b, a, atol=1e-6, rtol=0)
+        assert_close(model.encode_text(text, keep), model.encode_text(batch["text_tokens"], batch["text_mask"]),
+                     atol=1e-6, rtol=0)
+        img_tok = model.image_token_states(batch["image_tokens"])
+        full = model.text_token_states(batch["text_tokens"], batch["text_mask"])
+        short = model.text_token_states(text, keep)
+        assert_close(short[keep], full[:, :7][keep], atol=1e-6, rtol=0)
+        pairs = torch.tensor([[0, 1], [2, 2], [3, 5], [5, 0]])
+        logits = [model.match_logits(img_tok[pairs[:, 0]], t[pairs[:, 1]], k[pairs[:, 1]])
+                  for t, k in ((full, batch["text_mask"]), (short, keep))]
+    assert_close(logits[1], logits[0], atol=1e-6, rtol=0)
+
+
+def test_trimming_keeps_every_used_column_and_at_least_one():
+    t = torch.randn(3, 6, 2)
+    assert trim_text_padding(t, None) == (t, None)
+    holey = torch.tensor([[1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert trim_text_padding(t, holey)[0].shape[1] == 4  # cut after the last used column, not the count
+    assert trim_text_padding(t, torch.zeros(3, 6, dtype=torch.bool))[1].shape == (3, 1)
+    full = torch.ones(3, 6, dtype=torch.bool)
+    assert trim_text_padding(t, full)[0] is t
 
 
 def test_pooled_mode_image_stream_ignores_text():

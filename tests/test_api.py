@@ -6,7 +6,6 @@ its heads saved), laid out as `pipe demo` lays out demo-out/.
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -18,7 +17,8 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.helpers import SMALL, SMALL_HEADS, pipe
+from tests.helpers import SMALL, SMALL_HEADS, fenced_block, pipe
+from tests.helpers.files import dicom_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "demo?n=100&size=64"
@@ -325,22 +325,12 @@ def test_a_package_for_other_encoder_weights_is_refused(world, tmp_path):
         load(world["runs"]["pooled"], image_encoder="random-dinov2-s")
 
 
-# ------------------------------------------------------------------------------ the README's section
-def readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Using a trained Adaptor"):]
-    return section[:section.index("\n## ", 3)]
-
-
-def readme_blocks(kind: str) -> list[str]:
-    return re.findall(rf"```{kind}\n(.*?)```", readme_section(), flags=re.S)
-
-
+# ------------------------------------------------------------------------------ the documented example
 def test_the_readme_example_and_commands_run(world, tmp_path, monkeypatch, capsys):
-    """The README's "Using a trained Adaptor" section as written, on the small demo: the Python
+    """The documentation's "Using a trained Adaptor" page as written, on the small demo: the Python
     example, then its commands (only the dataset spec is swapped for the small demo's)."""
-    [example] = readme_blocks("python")
-    [commands] = readme_blocks("bash")
+    example = fenced_block("python", "load_adaptor(")  # found by content, wherever the section moves
+    commands = fenced_block("bash", "--bank demo")
     work = tmp_path / "work"
     shutil.copytree(world["out"], work / "demo-out")
     monkeypatch.chdir(work)
@@ -362,21 +352,3 @@ def test_the_readme_example_and_commands_run(world, tmp_path, monkeypatch, capsy
     assert ran.count("predict") >= 2 and "export" in ran
     assert (work / "exported" / "adaptor-pooled" / "README.md").exists()
 
-
-def dicom_bytes(pixels: np.ndarray) -> bytes:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()

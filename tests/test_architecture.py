@@ -12,6 +12,9 @@ or lower ones, and nothing else. There are no exceptions.
 4. ``cli/``: the command line;
 5. ``bench/``: benchmarks, which may use anything and which nothing imports.
 
+Within ``cache/``, only the storage modules (:data:`STORAGE_MODULES`) know which backends
+exist (a folder, a bucket): no other module of the code asks which one it has.
+
 An import is a static ``import``/``from`` or a string given to ``importlib.import_module``
 or ``__import__`` (an f-string counts by its constant prefix). Also: no import cycle
 between modules, and an import inside a function carries a comment saying why it is not
@@ -204,6 +207,56 @@ def test_imports_inside_functions_say_why():
     silent = [f"{_rel(MODULES[m])}:{line}: {text.strip()}"
               for m in MODULES for _, line, inside, text in _imports(m) if inside and "#" not in text]
     assert not silent, "imports inside functions without a comment saying why:\n" + "\n".join(sorted(set(silent)))
+
+
+# ------------------------------------------------------------------------------ one algorithm per job, whatever the backend
+STORAGE_MODULES = {"cache.storage", "cache.objects", "cache.mirror"}
+BACKEND_QUESTIONS = {"remote_root", "storage_of", "url_scheme", "parse_s3"}  # "where does this cache live?"
+BACKEND_CLASSES = ("LocalStorage", "ObjectStorage")
+
+
+def _asks_the_backend(module: str) -> list[str]:
+    """Where ``module`` asks which backend it has: a call that tells a bucket from a folder, an
+    ``isinstance`` against a backend class, or a test of a URL's scheme (``== "s3"``, ``.startswith("s3:")``)."""
+    found = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        what = None
+        if isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+            arg = node.args[0] if node.args else None
+            if name in BACKEND_QUESTIONS:
+                what = f"calls {name}()"
+            elif name == "isinstance" and len(node.args) == 2 and any(c in ast.unparse(node.args[1]) for c in BACKEND_CLASSES):
+                what = f"isinstance(..., {ast.unparse(node.args[1])})"
+            elif name == "startswith" and isinstance(arg, ast.Constant) and str(arg.value).lower().startswith("s3"):
+                what = f"tests a URL scheme: .startswith({arg.value!r})"
+        elif isinstance(node, ast.Compare):
+            if any(isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value.lower().rstrip(":/") == "s3"
+                   for c in [node.left, *node.comparators]):
+                what = "compares with the 's3' scheme"
+        if what:
+            found.append(f"{_rel(MODULES[module])}:{node.lineno} {what}")
+    return found
+
+
+def test_no_module_above_the_storage_asks_which_backend_it_has():
+    """gc, rm, verify and everything else go through cache.storage.Storage: a backend's
+    difference is a method of the storage, never a branch in the code that uses it."""
+    asking = [line for m in MODULES if m.partition(".")[0] not in ("bench",) and m not in STORAGE_MODULES
+              for line in _asks_the_backend(m)]
+    assert not asking, "modules that ask which storage backend they have:\n" + "\n".join(asking)
+    assert all(m in MODULES for m in STORAGE_MODULES)
+
+
+def test_the_backend_check_finds_what_it_forbids(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f(s, x, u):\n    if isinstance(s, ObjectStorage) or remote_root(x) or u == 's3':\n"
+                   "        return u.startswith('s3://')\n")
+    monkeypatch.setitem(MODULES, "cache.bad", bad)
+    assert len(_asks_the_backend("cache.bad")) == 4
+    with pytest.raises(AssertionError, match="cache.bad|bad.py"):
+        test_no_module_above_the_storage_asks_which_backend_it_has()
 
 
 def _functions():

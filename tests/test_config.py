@@ -144,7 +144,7 @@ def test_all_problems_are_collected_in_one_message(tmp_path):
     ]
     for line in expected:
         assert line in msg, line
-    assert msg.startswith(f"{len(err.problems)} problems in Pretrain config:")
+    assert msg.startswith(f"{len(err.problems)} problems in Pretrain config (from {preset} and the command line):")
     assert len(err.problems) == len(expected)
     assert len(msg.splitlines()) == len(expected) + 1  # one problem per line
     assert isinstance(err, ValueError)

@@ -111,17 +111,37 @@ def test_two_processes_train_like_one_with_the_same_global_batch(cached, single,
     assert "gathered across ranks" in r.stderr
 
 
+@pytest.fixture(scope="module")
+def per_rank(cached, tmp_path_factory):
+    """Two ranks that do not gather: each scores its own half of the batch (the authors' runs)."""
+    out = tmp_path_factory.mktemp("local") / "run"
+    train_cli(cached, out, "gather_negatives=false", nproc=2)
+    return out
+
+
 @pytest.mark.timeout(300)
-def test_without_gathering_each_rank_sees_only_its_own_negatives(cached, single, tmp_path):
-    train_cli(cached, tmp_path / "local", "gather_negatives=false", nproc=2)
-    one, two = metrics(single), metrics(tmp_path / "local")
+def test_without_gathering_each_rank_sees_only_its_own_negatives(single, per_rank):
+    one, two = metrics(single), metrics(per_rank)
     # flaw 4: half-batch negatives are a different objective, so a different trajectory
     assert max_rel_diff(two.train_loss.to_numpy(), one.train_loss.to_numpy()) > 0.05
     # both validation losses sit near chance on this data (see DDP above), so they differ
     # little, but they do differ; the weights below differ plainly
     assert max_rel_diff(two.val_loss.to_numpy()[1:], one.val_loss.to_numpy()[1:]) > 1e-4
-    wa, wb = load_file(str(single / "last.safetensors")), load_file(str(tmp_path / "local" / "last.safetensors"))
+    wa, wb = load_file(str(single / "last.safetensors")), load_file(str(per_rank / "last.safetensors"))
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) > 1e-3
+
+
+@pytest.mark.timeout(300)
+def test_loss_groups_on_one_process_train_as_two_ranks_that_do_not_gather(cached, single, per_rank, tmp_path):
+    """The authors' two GPUs on one device: one process, the batch's loss in two groups of its own
+    pairs, trains exactly as two ranks without gathering (the same losses and weights), and not as
+    one loss over the whole batch."""
+    train_cli(cached, tmp_path / "groups", "loss_groups=2")
+    groups, two = metrics(tmp_path / "groups"), metrics(per_rank)
+    for col in COMPARED:
+        assert_close(groups[col].to_numpy(copy=True), two[col].to_numpy(copy=True), rtol=1e-4, atol=1e-6, msg=col)
+    assert_same_weights(per_rank, tmp_path / "groups")
+    assert max_rel_diff(groups.train_loss.to_numpy(), metrics(single).train_loss.to_numpy()) > 0.05
 
 
 @pytest.mark.timeout(300)

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.methods import Method
 from stages.evaluate import metrics as M
 from stages.evaluate import tables as T
 from stages.evaluate.fractions import FractionTooSmallError, check_subset, plan_subsets, stratified_order
@@ -129,11 +130,11 @@ def test_every_table_says_what_its_interval_covers():
     assert "centred on the estimate" in T.interval_note(0.95, 409, 1000, seeds=3, centred=True)
     assert T.interval_note(0.95, 409, 1000).startswith("Cells: value [lo, hi]: 95% bootstrap interval")
     assert "no interval" in T.interval_note(0.95, 409, 0, seeds=3)
-    table = T.make_table("t", "ece", ["1%"], note=many)
-    T.add_row(table, "m", {"1%": "4.2 ± 0.6 [3.1, 4.9]"})
+    table = T.make_table("", "t", "ece", ["1%"], note=many, unit="")
+    T.add_row(table, Method("m", "adaptor"), {"1%": T.text_cell("4.2 ± 0.6 [3.1, 4.9]")})
     assert T.to_markdown(table).rstrip().endswith(f"_{many}_")
-    merged = T.merge_tables([{"tables": [table], "dataset_name": "d"}], ["run"])
-    assert merged[0]["note"] == many
+    merged = T.merge_tables([("d", [table])], ["run"])
+    assert merged[0].note == many
 
 
 def test_recall_ranks_by_hand_and_against_the_training_code():
@@ -423,6 +424,8 @@ def test_tokens_mode_text_embeddings_and_match_scores_are_the_models(world):
     scores = a.match_scores(data.image, img_rows, data.text, txt_rows, pairs)
     txt = a.text_embeddings(data.text, txt_rows)
     batch = next(PairLoader(data, np.arange(4), "tokens", 4, torch.device("cpu"), views=False).batches(None))
+    # the references below run on the reports padded as cached; evaluation cuts them to the longest report
+    assert int(batch["text_mask"].sum(1).max()) < batch["text_tokens"].shape[1]
     grid, n_prefix = a.grid
     with torch.no_grad():
         img_emb, txt_emb = a.model(batch, image_grid=grid, n_prefix=n_prefix)
@@ -636,3 +639,59 @@ def test_row_views_index_like_copies_without_copying():
         assert torch.equal(view[key], copy[key])
     sub = view.subset([3, 1])
     assert torch.equal(sub[torch.arange(2)], copy[[3, 1]]) and sub.base is base
+
+
+def test_the_authors_head_schedule_steps_per_epoch_and_min_delta_counts_patience():
+    """``epoch-restarts`` is the authors' head schedule: a cosine stepped once per epoch whose period
+    is 0.4 of the run counted in one GPU's steps; with ``min_delta`` a validation that beats the best
+    by less keeps its weights but does not reset patience (Lightning's checkpoint and early stop)."""
+    import math
+
+    from stages.evaluate.head_bank import FitSettings, Head, HeadBank
+
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3), torch.randint(0, 2, (20, 1)).float()
+    scores = iter([0.5, 0.5005, 0.5008, 0.9, 0.9])
+    seen = []
+    head = Head("linear", 0.1, torch.nn.Linear(3, 1))
+
+    def score(module):
+        seen.append(head.opt.param_groups[0]["lr"])
+        return next(scores), 0.0
+
+    settings = FitSettings(epochs=6, batch_size=4, weight_decay=0.0, patience=2, restart_epochs=1, seed=0,
+                           min_steps=1, schedule_name="epoch-restarts", restart_frac=0.4, replicas=2,
+                           min_delta=1e-3, val_every=1)
+    best = HeadBank([head], torch.nn.functional.binary_cross_entropy_with_logits, score, settings).fit(x, y, True)
+    period = int(0.4 * math.ceil(20 / 2) * 6)  # 24 epochs: one GPU's 10 steps per epoch, 6 epochs
+    expected = [1e-8 + (0.1 - 1e-8) * (1 + math.cos(math.pi * e / period)) / 2 for e in (1, 2, 3)]
+    assert seen == pytest.approx(expected, rel=1e-9)   # stepped once per epoch, not per step
+    assert best["linear"].best_epoch == 3 and len(seen) == 3  # 0.5008 is kept, but patience ran out
+
+
+def test_segmentation_as_the_authors_balanced_negatives_and_their_dice_picks_the_epoch(world, tmp_path):
+    """``seg.balance_negatives``: the decoder trains on the non-empty training masks and as many empty
+    ones, drawn as MGCA's SIIM dataset draws them; ``seg.select`` picks each decoder's epoch on the
+    authors' Dice (empty on empty = 1); ``seg.val_every`` validates every k epochs."""
+    out = tmp_path / "bal"
+    r, res = evaluate(world, "segmentation", "none", out, "-b", "tiny-vit", "--fraction", "1.0", "--seeds", "1",
+                      *FAST_SEG, "seg.balance_negatives=true", "seg.select=dice_empty_is_one", "seg.val_every=2",
+                      "seg.epochs=4", "seg.min_steps=1", "seg.max_steps=0")
+    n_pos = res["data"]["positive_masks"]["train"]
+    run = res["methods"][0]["heads"]["decoder"]["100%"]["runs"][0]
+    assert run["n_train"] == 2 * n_pos and res["data"]["balanced_negatives"] is True
+    assert "val_dice_empty_is_one" in run and run["best_epoch"] in (2, 4)
+    subset = json.loads((out / "subsets.json").read_text())["0"]["1"]
+    assert len(subset) == 2 * n_pos and any("balance_negatives" in n for n in res["notes"])
+
+
+def test_the_authors_decoder_maps_a_16_grid_to_a_224_mask():
+    """``seg.decoder=mgca-vit``: their DINOv2 decoder, 16x16 patches -> a valid conv to 14x14 -> four
+    2x upsamplings -> 224x224, exactly, without the final resize; it trains (gradients reach every conv)."""
+    from pipeline.models.heads import SEG_DECODERS
+
+    dec = SEG_DECODERS["mgca-vit"](12, 16, 224, [8, 8, 4, 4])
+    x = torch.randn(2, 12, 16, 16)
+    assert dec.stages(x).shape[-2:] == (224, 224) and dec(x).shape == (2, 224, 224)
+    segmentation_loss(dec(x), (torch.rand(2, 224, 224) > 0.7).float()).backward()
+    assert all(m.weight.grad is not None and m.bias is not None for m in dec.modules() if isinstance(m, torch.nn.Conv2d))

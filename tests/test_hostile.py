@@ -3,7 +3,7 @@ command's refusal) with a clear message, and nothing outside the target changes.
 
 Every test hashes the whole test folder (the cache, the user's data beside it, folders a
 hostile path points at) before and after, and checks that only the target changed. Each
-input tried is registered in ``CASES``; the README's "Hostile inputs" section reports the
+input tried is registered in ``CASES``; the documentation's "Hostile inputs" section reports the
 count, and :func:`test_the_readme_reports_these_counts` keeps the two equal.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ CASES: list[str] = []  # every hostile or bad input tried in this module
 
 
 def inputs(*names: str):
-    """Register the inputs a test tries (the README reports how many)."""
+    """Register the inputs a test tries (the documentation reports how many)."""
     CASES.extend(names)
     return lambda f: f
 
@@ -511,6 +511,9 @@ def test_every_bad_input_is_one_items_failure(tmp_path):
             hits = failures[failures.source.str.endswith(image.lstrip("/") if image != "/dev/zero" else "/dev/zero")]
         assert len(hits) == 1, (name, failures.to_dict("records"))
         assert why in hits.reason.iloc[0], (name, hits.reason.iloc[0])
+        row_id = f"h{list(BAD_ROWS).index(name)}"
+        assert hits.item.iloc[0] == row_id, (name, hits.to_dict("records"))  # every failure names its item
+    assert (failures.item.str.len() > 0).all() and (failures.source.str.len() > 0).all()
     img = Store.open(store_of(tmp_path / "cache", "image"))
     assert len(img.manifest()) == 6 + 1  # six good images and the DICOM (the empty report's image is one of them)
     assert "✗" not in pipe("cache", "verify", "--cache", str(tmp_path / "cache")).output
@@ -636,10 +639,10 @@ def test_config_mistakes_are_one_message_and_write_nothing(world, tmp_path):
     assert tree(tmp_path) == before and not (tmp_path / "run").exists()
 
 
-# ------------------------------------------------------------------------------ the README's counts
-def test_the_readme_reports_these_counts():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Hostile inputs"):]
+# ------------------------------------------------------------------------------ the documentation's counts
+def test_the_documentation_reports_these_counts():
+    readme = (ROOT / "docs" / "concepts" / "reliability.md").read_text()
+    section = readme[readme.index("## Hostile inputs"):]
     section = section[: section.index("\n#", 1)] if "\n#" in section[1:] else section
     assert f"{len(CASES)} hostile or bad inputs" in section, len(CASES)
     assert "files lost: 0" in section

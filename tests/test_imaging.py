@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -361,3 +362,86 @@ def test_invalid_config_rejected():
         Preprocess(256, 224, mean=IMAGENET_MEAN, std=(0.2, 0.0, 0.2))
     with pytest.raises(ValueError):
         AugmentPolicy(scale=(0.9, 0.5))
+
+
+def test_the_authors_pad_square_geometry_pads_then_crops_and_keeps_default_fingerprints():
+    """``pad-square`` (MGCA's resize_img, then a centre crop): a tall image's longer side goes to
+    ``resize``, its width is zero-padded on both sides (floor before, the rest after) to a square,
+    and the centre ``crop`` is cut; masks get the same cut. The default geometry is left out of the
+    preprocessing record, so existing stores keep their fingerprints; a padded encoder gets its own."""
+    from pipeline.datasets.mask_targets import align_mask
+    from pipeline.encoders import resolve_encoder_name
+    from pipeline.encoders.stored import store_fingerprint
+    from pipeline.imaging import Preprocess, resize_and_crop
+
+    img = np.ones((60, 29), np.float32)                       # tall: 60 -> 32, 29 -> int(29 * 32 / 60) = 15
+    out = resize_and_crop(torch.from_numpy(img)[None, None], 32, 28, geometry="pad-square")[0, 0].numpy()
+    assert out.shape == (28, 28)
+    # 17 columns of padding: 8 before and 9 after; the centre crop drops 2 of each side
+    assert (out[:, :6] == 0).all() and (out[:, 6:21] > 0.99).all() and (out[:, 21:] == 0).all()
+    wide = resize_and_crop(torch.ones(1, 1, 20, 40), 32, 32, geometry="pad-square")[0, 0]
+    assert (wide[:8] == 0).all() and (wide[8:24] > 0.99).all() and (wide[24:] == 0).all()
+    square = torch.rand(1, 1, 50, 50)
+    assert torch.equal(resize_and_crop(square, 32, 28, geometry="pad-square"), resize_and_crop(square, 32, 28))
+
+    mask = np.zeros((60, 29), bool)
+    mask[10:50, 5:20] = True
+    on_grid = align_mask(mask, 32, 28, "pad-square")
+    as_image = resize_and_crop(torch.from_numpy(mask.astype(np.float32))[None, None], 32, 28, nearest=True,
+                               geometry="pad-square")[0, 0].numpy() > 0.5
+    assert on_grid.shape == (28, 28) and on_grid.any() and (on_grid == as_image).all() and not on_grid[:, :6].any()
+
+    plain, padded = resolve_encoder_name("tiny-vit"), resolve_encoder_name("tiny-vit-pad")
+    assert "geometry" not in plain.to_dict() and "geometry" not in Preprocess(256, 224, (.5,) * 3, (.5,) * 3).to_dict()
+    assert store_fingerprint(plain, weights="w") != store_fingerprint(padded, weights="w")
+    assert padded.geometry == "pad-square" and resolve_encoder_name("resnet-ae-pad").resize_size == 224
+    with pytest.raises(ValueError, match="geometry must be one of"):
+        Preprocess(256, 224, (.5,) * 3, (.5,) * 3, geometry="stretch")
+
+
+def test_one_registry_of_geometries_and_what_a_store_records_is_read_back_for_its_masks_and_pictures():
+    """The three ways to cut a plain view live in one registry; a store's preprocessing record
+    holds only the settings that differ from the defaults and is read back whole
+    (``Preprocess.from_dict``: the report's pictures), and its masks are cut by the same recorded
+    geometry and crop rounding (``cut``): a store whose crop origin rounds down, as transformers'
+    does, gets masks on its images' pixels, not one column off. Stores keep their fingerprints and
+    mask caches their names: the -pad encoders' are the ones the recipe gave them."""
+    import hashlib
+    import json
+
+    from pipeline.datasets.mask_targets import align_mask, cache_path, cut
+    from pipeline.encoders import resolve_encoder_name
+    from pipeline.encoders.stored import store_fingerprint
+    from pipeline.imaging import GEOMETRIES, RESIZE_DEFAULTS, Preprocess
+
+    assert set(GEOMETRIES) == {"shorter-side-crop", "square", "pad-square"}
+    for settings in ({}, {"geometry": "square", "resample": "bicubic", "resampler": "torch-uint8"},
+                     {"geometry": "pad-square"}, {"crop_rounding": "floor", "resample": "bicubic", "resampler": "pil"}):
+        p = Preprocess(40, 32, (.5,) * 3, (.5,) * 3, **settings)
+        record = json.loads(json.dumps(p.to_dict()))   # as a store's spec holds it
+        assert {k: record[k] for k in RESIZE_DEFAULTS if k in record} == settings
+        assert Preprocess.from_dict(record) == p
+        assert cut({"preprocess": record}) == (settings.get("geometry", "shorter-side-crop"),
+                                               settings.get("crop_rounding", "round"))
+
+    img = np.zeros((32, 39), np.float32)
+    img[:, ::2] = 1.0                                # stripes: a crop one column off inverts every pixel
+    floor = Preprocess(32, 32, (0.,) * 3, (1.,) * 3, crop_rounding="floor")   # a margin of 7: 3 (floor), 4 (round)
+    view = floor(img)[0].numpy() > 0.5
+    assert (align_mask(img > 0.5, 32, 32, *cut({"preprocess": floor.to_dict()})) == view).all()
+    assert (align_mask(img > 0.5, 32, 32) != view).all()
+    square = Preprocess(16, 16, (0.,) * 3, (1.,) * 3, geometry="square")
+    block = np.zeros((32, 39), np.float32)
+    block[:, :20] = 1.0
+    seen = square(block)[0].numpy() > 0.5
+    aligned = align_mask(block > 0.5, 16, 16, *cut({"preprocess": square.to_dict()}))
+    assert aligned.shape == (16, 16) and (seen & aligned).sum() / (seen | aligned).sum() > 0.9 and not aligned[:, -4:].any()
+
+    pinned = {"tiny-vit": "9f90e32713964d0432af1c92d9b4ee72", "tiny-vit-pad": "7ca3a29ec134ec4d0c4efd10f3c41b83",
+              "tiny-vit-pad224": "c288832889292c37a5fbd14de028f580"}
+    assert {name: store_fingerprint(resolve_encoder_name(name), weights="w") for name in pinned} == pinned
+    name = lambda *key: hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()[:12]   # noqa: E731
+    assert cache_path(Path("/c"), "d", "m", 256, 224).name == f"m-{name(256, 224, 1)}.npz"
+    padded = cache_path(Path("/c"), "d", "m", 256, 224, ("pad-square", "round"))
+    assert padded.name == f"m-{name(256, 224, 1, 'pad-square')}.npz"
+    assert cache_path(Path("/c"), "d", "m", 518, 518, ("shorter-side-crop", "floor")).name == f"m-{name(518, 518, 1, 'floor')}.npz"

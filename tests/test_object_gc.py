@@ -19,49 +19,14 @@ from cache.objects import ObjectStorage
 from cache.storage import LOCK
 from cache.store import Store
 from tests.helpers import pipe
-from tests.helpers.stores import STORE, bucket_objects, build, comparable, fixed_table, other_host
-
-ORPHAN = "stores/image/other-encoder-fedcba9876543210"
-KEPT_OUT = "adaptor-outputs/aaaaaaaaaaaaaaaa-0123456789abcdef"
-ORPHAN_OUT = "adaptor-outputs/bbbbbbbbbbbbbbbb-fedcba9876543210"
-SIBLINGS = ("c-other/x", "cx/stores/image/other-encoder-fedcba9876543210/embeddings.zarr/zarr.json",
-            "stores/image/other-encoder-fedcba9876543210/embeddings.zarr/zarr.json", "c-other/c/stores/y")
-
-
-def whole(bucket: str, tmp_path: Path) -> ObjectStorage:
-    return ObjectStorage(f"s3://{bucket}", tmp_path / "whole")
-
-
-def digests(storage: ObjectStorage) -> dict[str, str]:
-    return {o["path"]: hashlib.sha256(storage.read(o["path"])).hexdigest() for o in storage.keys()}
+from tests.helpers.stores import (KEPT_OUT, ORPHAN, ORPHAN_OUT, SIBLINGS, STORE, bucket_objects, build, comparable,
+                                  digests, fixed_table, gc_cache, gc_json, other_host, whole)
 
 
 @pytest.fixture
 def cache(bucket, tmp_path, monkeypatch):
     """The cache described in the module's docstring; returns the writer's storage of it."""
-    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
-    c = ObjectStorage(f"s3://{bucket}/c", tmp_path / "writer")
-    build(c, failed_source="/data/x.png")
-    other = Store.create(c, "image", "other-encoder", "fedcba9876543210" * 4, {"model": "other", "dim": 4},
-                         shard_rows=8, chunk_rows=2)
-    group, data = fixed_table()[0]
-    other.write_shard(other.claim(group, "r"), data, "fixed-dataset", fsync=False)
-    c.write(MARKER, marker_bytes())
-    c.write("datasets/ds/stores.json", json.dumps({"image": {"fixed-encoder": {"store": STORE, "updated": 1}}}).encode())
-    for out in (KEPT_OUT, ORPHAN_OUT):
-        c.write(f"{out}/meta.json", b"{}")
-        c.write(f"{out}/00.npz", b"npz bytes")
-    c.write("stores/image/not-a-store/x", b"someone's file")
-    top = whole(bucket, tmp_path)
-    for key in SIBLINGS:
-        top.write(key, b"not the cache's: " + key.encode())
-    return c
-
-
-def gc_json(url: str, *args: str, expect: int = 0) -> dict:
-
-    r = pipe("cache", "gc", "--cache", url, "--json", *args, expect=expect)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return gc_cache(bucket, tmp_path, monkeypatch)
 
 
 def test_gc_lists_then_removes_only_the_orphaned_store_and_its_outputs(cache, bucket, tmp_path):
@@ -237,7 +202,7 @@ def test_a_key_the_client_cannot_list_stops_gc_with_a_message(cache, bucket, s3_
 def test_a_store_a_dataset_records_while_gc_runs_is_kept_with_its_outputs(cache, bucket, tmp_path, monkeypatch):
     """The index is read again under the store's guard: a `pipe embed` that records the store
     after gc listed it (simulated between the listing and the deletions) keeps it."""
-    import cache.bucket_gc as bucket_gc
+    import cache.gc as bucket_gc  # gc and rm are one module for folders and buckets
 
     listed = bucket_gc._orphan_outputs
     index = json.dumps({"image": {"other-encoder": {"store": ORPHAN, "updated": 2}}}).encode()

@@ -29,24 +29,16 @@ from cache.store import ClaimLost, ClaimState, Store
 from tests.helpers import embed_json, make_table, pipe
 from tests.helpers.kills import ENV, embed_args, pipe_cmd
 from tests.helpers.stores import (STORE, bucket_objects, build, comparable, create_store, fixed_table,
+                                  local_objects, run_writer,
                                   other_host)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def local_objects(cache: Path) -> dict[str, bytes]:
-    """Every file of a cache folder, by key (the flock file ``.lock`` is a folder's guard, not data)."""
-    return {p.relative_to(cache).as_posix(): p.read_bytes() for p in sorted(cache.rglob("*"))
-            if p.is_file() and p.name != LOCK}
-
 
 def cache_in(bucket: str, tmp_path: Path, name: str = "mirror") -> ObjectStorage:
     return ObjectStorage(f"s3://{bucket}/c", tmp_path / name)
 
-
-def run_writer(storage: ObjectStorage, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tests.helpers.object_writer", storage.url, str(storage.path), *args],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ.copy())
 
 
 # ------------------------------------------------------------------------------ one writer

@@ -266,3 +266,32 @@ def test_report_takes_a_folder_of_runs_and_training_runs(demo, tmp_path):
     assert "<img" in found["training"] and "No evaluation runs" in found["results"]
     bad = run_cli("report", str(tmp_path))
     assert bad.returncode == 2 and "neither an evaluation run" in bad.stderr
+
+
+# ------------------------------------------------------------------------------- the records
+def test_the_runs_are_records_that_say_what_each_row_is(demo):
+    """Results format 2: every row and method says what it is, every head cell its fraction and seeds,
+    and a run read as records writes back the very data of its results.json."""
+    from core.jsondata import plain
+    from pipeline.methods import METHOD_KINDS
+    from pipeline.records import RESULTS_FORMAT, load_results
+
+    out = demo["out"]
+    for run in ("classification-pooled", "segmentation-pooled", "retrieval-tokens", "zero-shot-pooled"):
+        raw = json.loads((out / run / "results.json").read_text())
+        rec = load_results(out / run)
+        assert raw["format"] == rec.format == RESULTS_FORMAT
+        assert json.loads(json.dumps(plain(rec.to_dict()))) == raw, run
+        assert {r["identity"]["kind"] for t in raw["tables"] for r in t["rows"]} <= set(METHOD_KINDS)
+    cls = load_results(out / "classification-pooled")
+    assert [(m.method.kind, m.features) for m in cls.methods] == [("adaptor", "adaptor"), ("backbone", "backbone")]
+    cell = cls.methods[0].heads["mlp"]["50%"]
+    assert cell.fraction == 0.5 and cell.seeds == [0, 1] and cell.summary["macro_auroc"].seeds == (0, 1)
+    row = next(t for t in cls.tables if t.metric == "macro_auroc").rows[0]
+    assert (row.method.head, row.cell("50%").figure) == ("mlp", cell.summary["macro_auroc"])
+    seg = load_results(out / "segmentation-pooled")
+    assert seg.methods[0].method.variant == "raw-tokens" and seg.methods[0].heads["decoder"]["100%"].fraction == 1.0
+    ret = load_results(out / "retrieval-tokens")
+    assert [m.method.variant for m in ret.methods if m.method.kind == "adaptor"] == [None, "itm-rerank"]
+    chance = ret.tables[0].rows[-1]
+    assert chance.method.kind == "chance" and chance.cell(ret.tables[0].column_names[0]).value > 0

@@ -10,7 +10,8 @@ from pipeline.datasets.readers import covidx
 from pipeline.datasets.shared_splits import BENCHX_COUNTS, MGCA_COUNTS
 from pipeline.datasets.splits import split_lists
 from tests.helpers.layouts import (benchx_covidx_name, build_siim, mini_covidx_cxr4, mini_rsna, mini_siim_png,
-                                   release_names, split_benchx_style, write_benchx, write_mgca_csv)
+                                   release_names, split_benchx_style, write_benchx, write_mgca_csv,
+                                   write_mgca_detection)
 
 
 def expect_counts(monkeypatch, table: dict, reader: str, counts: dict[str, int]) -> None:
@@ -138,3 +139,30 @@ def test_mgca_siim_rows_in_two_files_keep_the_later_split(tmp_path, capsys):
     ds = open_dataset(f"siim-pneumothorax:{root}?splits=mgca:{root}", tmp_path / "cache")
     assert {it.id: it.split for it in ds}[distinct[1]] == "valid" and not ds.fractions
     assert "1 item(s) are in two of the split files" in capsys.readouterr().err
+
+
+def test_mgca_detection_split_for_rsna_segmentation_and_a_pickle_that_would_run_code(tmp_path, monkeypatch):
+    """``splits=mgca-detection`` reads MGCA's detection pickles (the split its RSNA segmentation
+    uses, not its classification CSVs), counted against its code's 16,010 / 5,337 / 5,337; only
+    numpy arrays are unpickled, so a file naming anything else is refused, not run."""
+    import os
+    import pickle
+
+    root, ids = mini_rsna(tmp_path / "rsna")
+    parts = {"train.pkl": ids[:20], "val.pkl": ids[20:30], "test.pkl": ids[30:]}
+    write_mgca_detection(root, parts)
+    with pytest.raises(DatasetError, match=r"train\.pkl: expected 16,010 entries"):
+        open_dataset(f"rsna-pneumonia:{root}?splits=mgca-detection", tmp_path / "cache")
+    expect_counts(monkeypatch, MGCA_COUNTS, "rsna-detection", {"train": 20, "val": 10, "test": 10})
+    ds = open_dataset(f"rsna-pneumonia:{root}?splits=mgca-detection", tmp_path / "cache")
+    assert sorted(it.id for it in ds if it.split == "test") == sorted(parts["test.pkl"])
+    assert sorted(it.id for it in ds if it.split == "train") == sorted(parts["train.pkl"])
+
+    class Boom:
+        def __reduce__(self):
+            return os.system, ("touch " + str(tmp_path / "ran"),)
+
+    (root / "val.pkl").write_bytes(pickle.dumps([Boom(), []]))
+    with pytest.raises(DatasetError, match=r"val\.pkl is not an MGCA detection file .*only numpy arrays"):
+        open_dataset(f"rsna-pneumonia:{root}?splits=mgca-detection", tmp_path / "cache2")
+    assert not (tmp_path / "ran").exists()

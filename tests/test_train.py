@@ -46,7 +46,7 @@ def test_each_command_reads_the_table_once(cached, tmp_path, monkeypatch):
 
     reads = []
     real = table_mod.read_table
-    monkeypatch.setattr(table_mod, "read_table", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(table_mod, "read_table", lambda path, *a: reads.append(path) or real(path, *a))
     table, cache = cached
     train(table, cache, tmp_path / "run", "epochs=1")
     assert len(reads) == 1, reads
@@ -194,8 +194,11 @@ grid:
   adaptor.mode: [pooled, tokens]
 out: {tmp_path / "sweep"}
 """)
-    r = pipe("sweep", str(spec), "--cache", str(cache))
-    assert "backbone forwards: 0" in r.output and "items read from cache: 160" in r.output
+    r = pipe("sweep", str(spec), "--cache", str(cache), "--workers", "0")
+    # four runs in this process: each array's rows (40 items, 3 views each) are read from the cache once, for all
+    assert "backbone forwards: 0" in r.output and "after it: 0 " in r.output
+    assert ("rows read from the cache at its first trial: image/pooled 120, image/tokens 120, text/length 40, "
+            "text/pooled 40, text/tokens 40;") in r.output
     rows = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
     assert len(rows) == 4 and set(rows["adaptor.mode"]) == {"pooled", "tokens"}
     assert rows.val_loss.notna().all()
@@ -234,3 +237,33 @@ def test_a_step_mode_that_cannot_run_here_is_refused(cached, tmp_path, overrides
     r = train(table, cache, tmp_path / "run", "epochs=1", *overrides, expect=2)
     assert needle in r.output and "Traceback" not in r.output
     assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_the_authors_schedule_length_and_early_stopping(cached, tmp_path):
+    """``optim.schedule_batch`` counts the schedule in smaller steps than the run takes (the authors'
+    one-GPU count of a two-GPU run: their rate ends near half its peak) and ``epoch_end_step`` adds
+    one step at each epoch's end; ``patience`` stops a run whose monitor stops improving, and the
+    stop is recorded so that a re-run does not train on."""
+    table, cache = cached
+    train(table, cache, tmp_path / "half", "epochs=2", "optim.schedule_batch=4", "optim.epoch_end_step=true",
+          "optim.warmup_frac=0")
+    rows, meta = pd.read_csv(tmp_path / "half" / "metrics.csv"), read_meta(tmp_path / "half" / "last.safetensors")
+    steps, n_train = int(meta["steps_per_epoch"]), int(meta["train_pairs"])
+    total = -(-n_train // 4) * 2
+    taken = (steps + 1) * 2
+    assert rows.lr.iloc[-1] == pytest.approx(1e-3 * (total - taken) / (total - 1), rel=1e-6)
+    assert 0.3e-3 < rows.lr.iloc[-1] < 0.7e-3  # not decayed to 0 as a schedule of the run's own length is
+
+    stop = train(table, cache, tmp_path / "stop", "epochs=5", "patience=1", "min_delta=1e9")
+    meta = read_meta(tmp_path / "stop" / "last.safetensors")
+    assert list(pd.read_csv(tmp_path / "stop" / "metrics.csv").epoch) == [1, 2] and stop["epoch"] == 2
+    assert meta["stopped_early"] is True and meta["epoch"] == 2
+    again = train(table, cache, tmp_path / "stop", "epochs=5", "patience=1", "min_delta=1e9")
+    assert again["epoch"] == 2 and len(pd.read_csv(tmp_path / "stop" / "metrics.csv")) == 2
+    # `pipe reproduce` counts an early-stopped pre-training as done, not as one to resume
+    from pipeline.config import load_config
+    from stages.reproduce.steps import _checkpoint_state
+    from stages.train import TrainConfig
+
+    cfg = load_config(TrainConfig, base=meta["config"])
+    assert _checkpoint_state(tmp_path / "stop", cfg) == ("done (stopped early after epoch 2)", True)

@@ -17,11 +17,12 @@ import torch
 from cache.index import load_index
 from cache.keys import normalise_report, text_key
 from cache.pairs import embed_command, find_store
-from cache.paths import cache_root
+from cache.paths import cache_root, cache_source
 from cache.reader import RowReader
 from cache.store import Store
 from pipeline.api.encode import adaptor_text
 from pipeline.datasets import open_dataset
+from pipeline.datasets.table import NONE, TableSpec, parse_table_spec
 from pipeline.encoders import canonical_name
 from core.errors import InputError, MissingFileError, PipeError
 
@@ -88,21 +89,42 @@ def build_bank(model, reports, *, split: str | None = None, cache: str | os.Path
         ids, texts, _ = _distinct([str(i) for i in range(len(texts))], texts)
         return ReportBank(ids, texts, model.encode_texts(texts, batch_size=batch_size), "list")
     spec = os.fspath(reports)
-    root = cache_root(cache)
-    cached = _cached_reports(model, spec, root, split)
-    if cached is not None:
-        return cached
-    path = Path(spec).expanduser()
+    roots = caches_to_search(model, cache)
+    for root in roots:
+        cached = _cached_reports(model, spec, root, split)
+        if cached is not None:
+            return cached
+    table = parse_table_spec(spec)
+    path = table.path
     if path.is_file():
-        ids, texts = _table_reports(path, split)
+        ids, texts = _table_reports(table, split)
         ids, texts, _ = _distinct(ids, texts)
         return ReportBank(ids, texts, model.encode_texts(texts, batch_size=batch_size), str(path))
-    raise MissingFileError(f"report bank {spec!r} is neither a table nor a dataset in the cache at {root}. Give a "
-                           "CSV/Parquet table with a `report` column, a text file with one report per line, or embed "
-                           "the dataset first:\n  " + embed_command(spec, "none", model.encoder_configs["text"].name, root))
+    searched = " or ".join(f"{r} ({why})" for r, why in zip(roots, _why(model, cache, roots)))
+    raise MissingFileError(f"report bank {spec!r} is neither a table nor a dataset in the cache at {searched}. Give "
+                           "the cache that holds it (cache=... in Python; --cache DIR or $PIPE_CACHE on the command "
+                           "line), a CSV/Parquet table with a `report` column, a text file with one report per line, "
+                           "or embed the dataset first:\n  "
+                           + embed_command(spec, "none", model.encoder_configs["text"].name, roots[0]))
 
 
-def _table_reports(path: Path, split: str | None) -> tuple[list[str], list[str]]:
+def caches_to_search(model, cache: str | os.PathLike | None) -> list[Path]:
+    """The cache given; else the default one, then the one the Adaptor was trained from (when it is here)."""
+    if cache:
+        return [cache_root(cache)]
+    first = cache_root()
+    trained = model.training_cache
+    return [first] + ([trained.resolve()] if trained is not None and trained.resolve() != first else [])
+
+
+def _why(model, cache, roots: list[Path]) -> list[str]:
+    if cache:
+        return ["given"]
+    return [cache_source(), "where the Adaptor was trained"][:len(roots)]
+
+
+def _table_reports(table: TableSpec, split: str | None) -> tuple[list[str], list[str]]:
+    path = table.path
     if path.suffix.lower() not in TABLE_SUFFIXES:
         lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         return [f"{path.name}:{i + 1}" for i in range(len(lines))], lines
@@ -110,6 +132,8 @@ def _table_reports(path: Path, split: str | None) -> tuple[list[str], list[str]]
         df = pd.read_parquet(path)
     else:
         df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str, keep_default_na=False)
+    if table.columns:  # the spec's mapping (`reports.csv?report=text`)
+        df = df.rename(columns={c: k for k, c in table.columns.items() if c != NONE})
     if "report" not in df.columns:
         raise InputError(f"{path} has no `report` column (it has: {', '.join(map(str, df.columns))})")
     if split is not None:

@@ -8,11 +8,11 @@ intervals (from the run's results files), intended use, limitations and how to p
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import yaml
 
+from pipeline.records import EvalRecord
 from pipeline.tables import to_markdown
 
 INTENDED_USE = """\
@@ -41,32 +41,23 @@ HUB_TASKS = {"classification": "image-classification", "zero-shot": "zero-shot-i
              "segmentation": "image-segmentation", "retrieval": "image-text-retrieval"}
 
 
-def model_index(title: str, evaluations: list[tuple[Path, dict]]) -> list[dict]:
-    """The hub's ``model-index``: the Adaptor's own rows of every evaluation table, one metric per cell.
-
-    A cell reads ``value ± std [lo, hi]`` in percent; its leading number is the value.
-    """
+def model_index(title: str, evaluations: list[tuple[Path, EvalRecord]]) -> list[dict]:
+    """The hub's ``model-index``: the Adaptor's own rows of every evaluation table, one metric per cell
+    (the cell's figure in percent, to the tenth the tables print)."""
     results = []
     for _, res in evaluations:
-        metrics = []
-        for t in res.get("tables", []):
-            for row in t.get("rows", []):
-                if not str(row.get("method", "")).startswith("Adaptor"):
-                    continue
-                for column, cell in row.get("cells", {}).items():
-                    match = re.match(r"\s*(-?\d+(?:\.\d+)?)", str(cell))
-                    if match:
-                        metrics.append({"type": t.get("metric"), "name": f"{t.get('metric')} · {row['method']} · {column}",
-                                        "value": float(match.group(1))})
+        metrics = [{"type": t.metric, "name": f"{t.metric} · {row.method.name} · {column}",
+                    "value": round(100 * cell.value, 1)}
+                   for t in res.tables for row in t.rows if row.method.type.ours
+                   for column, cell in row.cells.items() if cell.value is not None]
         if metrics:
-            results.append({"task": {"type": HUB_TASKS.get(res.get("task"), res.get("task")), "name": res.get("task")},
-                            "dataset": {"type": res.get("dataset_name") or res.get("dataset"),
-                                        "name": res.get("dataset_name") or res.get("dataset"), "split": "test"},
+            results.append({"task": {"type": HUB_TASKS.get(res.task, res.task), "name": res.task},
+                            "dataset": {"type": res.dataset_label, "name": res.dataset_label, "split": "test"},
                             "metrics": metrics})
     return [{"name": title, "results": results}] if results else []
 
 
-def front_matter(config: dict, license: str, evaluations: list[tuple[Path, dict]] = ()) -> dict:
+def front_matter(config: dict, license: str, evaluations: list[tuple[Path, EvalRecord]] = ()) -> dict:
     enc = config["encoders"]
     base = [e["hub_id"] for e in enc.values() if e.get("hub_id")]
     training = config["training"]
@@ -94,7 +85,7 @@ def _title(config: dict) -> str:
     return f"Adaptor ({config['mode']}) · {enc['image']['name']} + {enc['text']['name']}"
 
 
-def model_card(config: dict, evaluations: list[tuple[Path, dict]], license: str) -> str:
+def model_card(config: dict, evaluations: list[tuple[Path, EvalRecord]], license: str) -> str:
     fm = yaml.safe_dump(front_matter(config, license, evaluations), sort_keys=False, allow_unicode=True)
     enc = config["encoders"]
     title = _title(config)
@@ -148,7 +139,7 @@ def _training(config: dict) -> str:
             "training config is in `config.json`\n")
 
 
-def _results(evaluations: list[tuple[Path, dict]]) -> str:
+def _results(evaluations: list[tuple[Path, EvalRecord]]) -> str:
     if not evaluations:
         return ("## Results\n\nNo evaluation of this checkpoint was found when it was exported (`pipe export "
                 "--results RUN` names evaluation runs of `pipe evaluate`).\n")
@@ -156,8 +147,8 @@ def _results(evaluations: list[tuple[Path, dict]]) -> str:
            "bootstrap confidence intervals in brackets (classification: mean ± std over seeds). Rows other than "
            "the Adaptor's are the references each evaluation ran beside it.\n"]
     for path, res in evaluations:
-        out.append(f"### {res.get('task')} · {res.get('dataset_name')} (`{path.name}`)\n")
-        out += [to_markdown(t) for t in res.get("tables", [])]
+        out.append(f"### {res.task} · {res.dataset_name} (`{path.name}`)\n")
+        out += [to_markdown(t) for t in res.tables]
     return "\n".join(out)
 
 

@@ -22,7 +22,7 @@ from cache.keys import normalise_report
 from pipeline.encoders import EncoderConfig
 from pipeline.encoders.stored import STORED_DTYPES, encoder_arithmetic, pad_token_rows
 from pipeline.imaging import ImageDecodeError, Preprocess, decode_array, decode_image, decode_pil, read_and_decode
-from pipeline.models.adaptor import Adaptor
+from pipeline.models.adaptor import Adaptor, trim_text_padding
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray, Image.Image, torch.Tensor]
 
@@ -101,5 +101,5 @@ def adaptor_text(model: Adaptor, feats: dict[str, torch.Tensor]) -> np.ndarray:
     if model.mode.sequences:
         t = feats["tokens"].clone()
         keep = torch.arange(t.shape[1], device=t.device)[None] < feats["length"].long()[:, None]
-        return model.text_embedding(t, keep).float().cpu().numpy()
+        return model.text_embedding(*trim_text_padding(t, keep)).float().cpu().numpy()
     return model.text_embedding(feats["pooled"].clone()).float().cpu().numpy()

@@ -36,10 +36,11 @@ from pipeline.encoders.config import MODALITIES
 from pipeline.datasets import open_dataset
 from pipeline.encoders.stored import store_fingerprint, store_spec
 from pipeline.encoders.weights import weights_identity
-from core.errors import InputError, PipeError
+from core.errors import InputError, MissingFileError, PipeError
 from pipeline.models.checkpoint import checkpoint_hash
 from pipeline.models.heads import read_head_meta
 from pipeline.prompts import prompt_path
+from pipeline.records import EvalRecord, load_results, results_file
 
 TASK_ORDER = ("retrieval", "zero-shot", "classification", "segmentation")
 # settings of a training run that describe the machine it ran on, not the model
@@ -129,7 +130,7 @@ def training_info(model: TrainedAdaptor, cache: str | os.PathLike | None) -> dic
             "val_split": cfg.get("val_split", "valid"), "epoch": meta.get("epoch"), "val_loss": meta.get("val_loss"),
             "config": {k: v for k, v in cfg.items() if k not in LOCAL_KEYS}}
     try:
-        root = cache_root(cache or cfg.get("cache"))
+        root = cache_root(cache) if cache else model.training_cache or cache_root(cfg.get("cache"))
         name = open_dataset(info["dataset"], root, materialise=False, skip_bad_rows=True).name
         counts = load_index(root, name).table["split"].value_counts()
         info["dataset_name"], info["items"] = name, {str(k): int(v) for k, v in sorted(counts.items())}
@@ -138,25 +139,25 @@ def training_info(model: TrainedAdaptor, cache: str | os.PathLike | None) -> dic
     return info
 
 
-def find_results(weights: Path, ckpt_hash: str, explicit: Sequence[str | os.PathLike]) -> list[tuple[Path, dict]]:
+def find_results(weights: Path, ckpt_hash: str, explicit: Sequence[str | os.PathLike]) -> list[tuple[Path, EvalRecord]]:
     """Evaluation runs of this checkpoint: those named, else the run folder's siblings and ./results/*."""
-    named = [Path(p) / "results.json" if Path(p).is_dir() else Path(p) for p in explicit]
+    named = [results_file(p) for p in explicit]
     auto = [*weights.parent.parent.glob("*/results.json"), *Path("results").glob("*/results.json")]
-    found: dict[Path, dict] = {}
+    found: dict[Path, EvalRecord] = {}
     for path in named + ([] if named else auto):
         try:
-            res = json.loads(path.read_text())
-        except (OSError, ValueError):
+            res = load_results(path)
+        except (InputError, MissingFileError):
             if path in named:
                 raise InputError(f"{path} is not a results.json written by `pipe evaluate`") from None
             continue
-        if (res.get("checkpoint") or {}).get("hash") == ckpt_hash:
+        if res.checkpoint is not None and res.checkpoint.hash == ckpt_hash:
             found[path.parent.resolve()] = res
         elif path in named:
             raise InputError(f"{path.parent} evaluated another checkpoint than {weights}; its results do not "
                              "describe this Adaptor")
     order = {t: i for i, t in enumerate(TASK_ORDER)}
-    return sorted(found.items(), key=lambda kv: (order.get(kv[1].get("task"), 99), str(kv[0])))
+    return sorted(found.items(), key=lambda kv: (order.get(kv[1].task, 99), str(kv[0])))
 
 
 def collect_heads(heads: Sequence[str | os.PathLike], adaptor_weights: str) -> dict[str, Path]:

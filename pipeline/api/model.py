@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.api.bank import ReportBank, build_bank
 from pipeline.api.encode import (ImageInput, adaptor_image, adaptor_text, image_features, image_label, load_pixels,
                                  text_features)
-from pipeline.api.source import Source, check_encoder, resolve_encoder, resolve_source
+from pipeline.api.source import Source, check_encoder, load_model, resolve_encoder, resolve_source
 from core.console import err, escape, progress
 from pipeline.devices import resolve_device
 from pipeline.encoders import create_encoder
@@ -25,8 +25,8 @@ from pipeline.encoders.config import MODALITIES
 from pipeline.encoders.stored import preprocess_of
 from pipeline.models.label_types import LABEL_TYPES
 from core.errors import InputError
-from pipeline.models.adaptor import Adaptor, AdaptorMode, adaptor_config_from_saved
-from pipeline.models.checkpoint import load_weights, weights_hash
+from pipeline.models.adaptor import Adaptor, AdaptorMode
+from pipeline.models.checkpoint import weights_hash
 from pipeline.models.heads import load_head
 from pipeline.prompts import finding_scores, load_prompts, prompt_layout, zero_shot_probability
 
@@ -84,9 +84,7 @@ def load_adaptor(path: str | os.PathLike, device: str = "auto", *, image_encoder
     configs = {m: resolve_encoder(source.encoders[m], overrides[m]) for m in MODALITIES}
     for m in MODALITIES:
         check_encoder(source.encoders[m], configs[m], dev)
-    model = Adaptor(adaptor_config_from_saved(source.adaptor))  # old runs: the loss weight renamed
-    load_weights(source.weights, model)
-    return TrainedAdaptor(source, model.to(dev).eval(), dev, configs)
+    return TrainedAdaptor(source, load_model(source, dev), dev, configs)
 
 
 class TrainedAdaptor:
@@ -123,6 +121,15 @@ class TrainedAdaptor:
     def weights_hash(self) -> str:
         """A hash of the Adaptor's tensors (equal for a run's checkpoint and its export)."""
         return weights_hash(self.model.state_dict())
+
+    @property
+    def training_cache(self) -> Path | None:
+        """The cache it was trained from, when that folder is here (a run or a checkpoint records it,
+        a package does not): where :meth:`report_bank` finds its dataset's reports when no cache is given."""
+        meta = self.source.meta if self.source.kind != "package" else {}
+        recorded = meta.get("cache_root") or (meta.get("config") or {}).get("cache")
+        path = Path(recorded).expanduser() if recorded else None
+        return path if path is not None and path.is_dir() else None
 
     @property
     def fingerprints(self) -> dict[str, str]:
@@ -256,5 +263,7 @@ class TrainedAdaptor:
                     batch_size: int = 32) -> ReportBank:
         """Reports to retrieve from: a list of texts, a table (CSV/Parquet with a ``report`` column;
         a text file, one report per line) or a dataset in the cache (as given to `pipe embed`, read
-        from the cache without running the text encoder). ``split`` keeps one split of a dataset."""
+        from the cache without running the text encoder). ``split`` keeps one split of a dataset.
+        Without ``cache``, a dataset is looked for in the default cache ($PIPE_CACHE, else
+        ~/.cache/freeze-pipe), then in the cache the Adaptor was trained from."""
         return build_bank(self, reports, split=split, cache=cache, batch_size=batch_size)

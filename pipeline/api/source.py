@@ -3,7 +3,9 @@
 All three come down to one :class:`Source`: the weights file, the Adaptor's description
 (its config, the image token layout), and per modality the encoder it was trained on,
 recorded by name and by the fingerprint of the cache store it read (see
-:func:`pipeline.encoders.stored.store_spec`). Before anything is encoded, each encoder is
+:func:`pipeline.encoders.stored.store_spec`). :func:`load_model` is the one loader of the
+Adaptor's module from a source: the API (:func:`pipeline.api.load_adaptor`) and
+evaluation (``stages.evaluate.features.FrozenAdaptor``) both use it. Before anything is encoded, each encoder is
 resolved offline as the CLI resolves it, and the fingerprint its weights give here is
 compared with the recorded one: a different encoder is refused, naming it and both
 fingerprints, since the Adaptor's outputs would be meaningless.
@@ -20,7 +22,8 @@ from pipeline.encoders import EncoderConfig, UnknownEncoderError, WeightsNotFoun
 from pipeline.encoders.stored import store_fingerprint, store_spec
 from pipeline.encoders.weights import weights_identity
 from core.errors import InputError, MissingFileError, PipeError
-from pipeline.models.checkpoint import read_meta, resolve_checkpoint
+from pipeline.models.adaptor import Adaptor, adaptor_config_from_saved
+from pipeline.models.checkpoint import load_weights, read_meta, resolve_checkpoint
 
 PACKAGE_FORMAT = "freeze-pipe-adaptor"
 PACKAGE_VERSION = 1
@@ -57,6 +60,7 @@ class Source:
     meta: dict = field(default_factory=dict)      # the checkpoint's metadata, or the package's config.json
     heads: dict[str, Path] = field(default_factory=dict)   # heads shipped in a package, by name
     prompts: Path | None = None    # the zero-shot prompts shipped in a package
+    checkpoint_meta: dict = field(default_factory=dict)   # what a checkpoint of it records (a package's, said so)
 
 
 def is_package(path: Path) -> bool:
@@ -82,16 +86,16 @@ def resolve_source(path: str | Path) -> Source:
     if meta.get("kind") != "adaptor" or "config" not in meta:
         raise InputError(f"{weights} is not an Adaptor checkpoint from `pipe train-adaptor` (no adaptor metadata)")
     fps = meta.get("fingerprints") or {}
-    encoders = {m: EncoderRecord(m, meta.get(k) or "", fps.get(m, ""), _hub_id(meta.get(k)))
+    encoders = {m: EncoderRecord(m, meta.get(k) or "", fps.get(m, ""), _hub_id(meta.get(k), m))
                 for m, k in (("image", "backbone"), ("text", "text_encoder"))}
     grid = meta.get("image_grid")
     return Source("run" if p.is_dir() else "checkpoint", p, weights, dict(meta["config"]["adaptor"]),
-                  tuple(grid) if grid else None, int(meta.get("n_prefix", 1)), encoders, meta)
+                  tuple(grid) if grid else None, int(meta.get("n_prefix", 1)), encoders, meta, checkpoint_meta=meta)
 
 
-def _hub_id(name: str | None) -> str | None:
+def _hub_id(name: str | None, modality: str | None = None) -> str | None:
     try:
-        return resolve_encoder_name(name).hub_id if name else None
+        return resolve_encoder_name(name, modality).hub_id if name else None
     except PipeError:  # not resolvable here: the load says so when it needs the encoder
         return None
 
@@ -110,7 +114,25 @@ def _package_source(folder: Path) -> Source:
     prompts = folder / PROMPTS_FILE if (folder / PROMPTS_FILE).is_file() else None
     grid = cfg.get("image_grid")
     return Source("package", folder, weights, dict(cfg["adaptor"]), tuple(grid) if grid else None,
-                  int(cfg.get("n_prefix", 1)), encoders, cfg, heads, prompts)
+                  int(cfg.get("n_prefix", 1)), encoders, cfg, heads, prompts, _package_meta(folder, cfg, encoders))
+
+
+def _package_meta(folder: Path, cfg: dict, encoders: dict[str, EncoderRecord]) -> dict:
+    """A package's Adaptor described as a checkpoint's metadata describes one: its encoders and the
+    fingerprints of the stores it read are checked against a cache as a run's are."""
+    training = cfg.get("training") or {}
+    return {"kind": "adaptor", "config": {**(training.get("config") or {}), "adaptor": dict(cfg["adaptor"])},
+            "backbone": encoders["image"].name, "text_encoder": encoders["text"].name,
+            "fingerprints": {m: e.fingerprint for m, e in encoders.items()}, "image_grid": cfg.get("image_grid"),
+            "n_prefix": int(cfg.get("n_prefix", 1)), "epoch": training.get("epoch"),
+            "dataset": training.get("dataset"), "package": str(folder)}
+
+
+def load_model(source: Source, device: torch.device | str) -> Adaptor:
+    """The Adaptor of a source, its weights loaded, on ``device``, in eval mode."""
+    model = Adaptor(adaptor_config_from_saved(source.adaptor))  # old runs: the loss weight renamed
+    load_weights(source.weights, model)
+    return model.to(device).eval()
 
 
 def resolve_encoder(record: EncoderRecord, override: str | None = None) -> EncoderConfig:
@@ -122,7 +144,7 @@ def resolve_encoder(record: EncoderRecord, override: str | None = None) -> Encod
                          f"({record.modality}_encoder=NAME, or --{record.modality}-encoder)")
     for i, name in enumerate(names):
         try:
-            cfg = resolve_encoder_name(name)
+            cfg = resolve_encoder_name(name, record.modality)
             break
         except (UnknownEncoderError, WeightsNotFoundError):
             if i == len(names) - 1:

@@ -4,6 +4,7 @@
     siim-pneumothorax:/data/siim-png?splits=benchx:/src/BenchX/preprocess/datasets
     covidx:/data/covidx-cxr4?splits=benchx:/src/BenchX/preprocess/datasets/COVIDx
     rsna-pneumonia:/data/rsna?splits=mgca         (MGCA's CSVs, in the dataset folder, where MGCA writes them)
+    rsna-pneumonia:/data/rsna?splits=mgca-detection   (MGCA's detection split, which its segmentation reads)
 
 The source's files replace the reader's train/valid/test assignment; where a source
 fixes label fractions, those become the 1% and 10% training subsets, the same for every
@@ -30,10 +31,16 @@ train, valid, test and counted); COVIDx ``train.csv``, ``valid.csv``, ``test.csv
 ``DataFrame.sample(frac=f, random_state=42)`` over the training CSV's rows; the import
 repeats that draw. Its SIIM subsets come from numpy's global generator after it balances
 the negatives and cannot be rebuilt from its files: ours are drawn within its train split.
+
+**MGCA's detection split** (``mgca-detection``): RSNA ``train.pkl``, ``val.pkl``, ``test.pkl``
+(``[filenames, boxes]``, pickled by its ``preprocess/rsna.py``; 16,010 / 5,337 / 5,337
+patients), which MGCA's and the Adaptor authors' RSNA *segmentation* reads instead of the
+classification CSVs. Only numpy arrays are unpickled from them (any other class is refused).
 """
 from __future__ import annotations
 
 import csv
+import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +58,8 @@ BENCHX_COUNTS = {
 }
 # MGCA's RSNA CSVs: sklearn's train_test_split of the 26,684 labelled patients, 0.3 then 0.5
 # (preprocess/rsna.py). Derived from its code, not published; the other CSVs depend on the release.
-MGCA_COUNTS = {"rsna-pneumonia": {"train": 18_678, "val": 4_003, "test": 4_003}}
+MGCA_COUNTS = {"rsna-pneumonia": {"train": 18_678, "val": 4_003, "test": 4_003},
+               "rsna-detection": {"train": 16_010, "val": 5_337, "test": 5_337}}  # prepare_detection_data
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,30 @@ def _column(name: str) -> Callable[[Path], list[str]]:
     return read
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and nothing else (MGCA's detection files hold two):
+    any other class a file names is refused, so a file cannot run code when it is read."""
+
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}; only numpy arrays are read from it")
+        return super().find_class(module, name)
+
+
+def _detection_files(path: Path) -> list[str]:
+    """The patient ids of an MGCA RSNA detection file (``[filenames, boxes]``, pickled by its
+    preprocess/rsna.py: ``prepare_detection_pkl``), in file order."""
+    try:
+        with open(path, "rb") as f:
+            filenames = _ArraysOnly(f).load()[0]
+    except (pickle.UnpicklingError, EOFError, IndexError, TypeError, ValueError) as e:
+        raise DatasetError(f"{path} is not an MGCA detection file ([filenames, boxes] arrays): {e}") from None
+    return [str(name).removesuffix(".dcm") for name in filenames]
+
+
 def _benchx_covidx_key(it: Item) -> str:
     return f"{it.image.parent.name}/{it.id.split('.')[0]}.png"
 
@@ -150,6 +182,14 @@ SOURCES: dict[str, dict[str, Layout]] = {
                                     needs="the DICOM release with train-rle.csv, which MGCA split"),
         "covidx": Layout("", (ListFile("train.csv", "train"), ListFile("valid.csv", "valid"),
                               ListFile("test.csv", "test")), _column("filename"), draw=(0.01, 0.1)),
+    },
+    # MGCA's detection split of RSNA (another one: 10,674 patients held out, then halved), which its
+    # segmentation reads (RSNASegmentDataset: train.pkl, val.pkl, test.pkl)
+    "mgca-detection": {
+        "rsna-pneumonia": Layout("", (ListFile("train.pkl", "train"), ListFile("val.pkl", "valid"),
+                                      ListFile("test.pkl", "test")), _detection_files,
+                                 counts=MGCA_COUNTS["rsna-detection"],
+                                 counted="as its preprocess/rsna.py holds out 2 x 5,337 of the 26,684 patients"),
     },
 }
 

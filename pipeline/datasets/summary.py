@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -16,7 +15,7 @@ import numpy as np
 from pipeline.datasets.base import Dataset
 from pipeline.datasets.registry import READERS
 from pipeline.datasets.spec import parse_dataset_spec
-from pipeline.datasets.table import TableColumns, table_columns, table_name
+from pipeline.datasets.table import TableColumns, parse_table_spec, table_columns, table_name
 
 
 def summarise_columns(head: dict, split: Sequence[str | None], patient: Sequence[str | None],
@@ -72,9 +71,9 @@ def summarise_spec(spec: str, open_dataset) -> tuple[dict, str]:
 
     ``open_dataset(spec)`` opens a reader's dataset; it is not called for a table.
     """
-    path = Path(spec).expanduser()
-    if parse_dataset_spec(spec, READERS) is None and path.is_file():
-        return summarise_table(table_columns(path)), f"pairs table {path}"
+    table = parse_table_spec(spec)
+    if parse_dataset_spec(spec, READERS) is None and table.path.is_file():
+        return summarise_table(table_columns(table)), f"pairs table {table.path}"
     ds = open_dataset(spec)
     return summarise(ds), ds.description
 

@@ -11,6 +11,7 @@ from .registry import (UnknownEncoderError, canonical_name, create_encoder, desc
                        list_encoders, register_alias, register_encoder, resolve_encoder_name)
 from .weights import WeightsNotFoundError, locate_weights, weights_available, weights_identity
 from . import image as _image, text as _text  # noqa: F401  (registers the built-in encoders)
+from . import openclip as _openclip, siglip as _siglip  # noqa: F401  (and the CLIP-style families)
 # isort: on
 
 __all__ = [

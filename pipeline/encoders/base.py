@@ -18,6 +18,7 @@ class ImageOutput:
     pooled: torch.Tensor       # [B, D]
     tokens: torch.Tensor       # [B, P + N, D]: P prefix tokens, then N patch / spatial tokens
     grid: tuple[int, int]      # (h, w) with h * w == N
+    native: torch.Tensor | None = None   # [B, E]: the pooled output in the joint space (config.joint_space)
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TextOutput:
     tokens: torch.Tensor       # [B, T, D], padded to the longest text in the batch
     length: torch.Tensor       # [B] int64, real tokens per text
     pooled: torch.Tensor       # [B, D]
+    native: torch.Tensor | None = None   # [B, E]: the pooled output in the joint space (config.joint_space)
 
 
 def check_embed_dim(config: EncoderConfig, actual: int) -> None:
@@ -48,6 +50,11 @@ class FrozenEncoder(nn.Module):
     def train(self, mode: bool = True) -> "FrozenEncoder":
         # BatchNorm statistics or dropout must never change a frozen encoder's output.
         return super().train(False)
+
+    def joint(self) -> dict | None:
+        """The joint space's own scoring, for an encoder with one: ``{"logit_scale": s,
+        "logit_bias": b}`` (a pair's logit is ``s * cosine + b``, as the model scores it)."""
+        return None
 
     def weights_id(self) -> str:
         """The weights' identity for the cache fingerprint (hub commit, file hash or seed)."""

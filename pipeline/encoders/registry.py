@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from core.errors import InputError
+from pipeline.imaging import DEFAULT_GEOMETRY
 
 from . import autoconfig
 from .base import FrozenEncoder, ImageEncoder, TextEncoder
@@ -19,6 +20,9 @@ from .weights import WeightsNotFoundError, find_hub_snapshot, hub_download_hint,
 Builder = Callable[[EncoderConfig], FrozenEncoder]
 
 _REGISTRY: dict[str, tuple[EncoderConfig, Builder]] = {}
+# Every entry by (name, modality): a model family's towers share one name (``biomedclip`` is an
+# image and a text encoder); ``_REGISTRY`` holds the one registered first (its image tower).
+_TOWERS: dict[tuple[str, str], tuple[EncoderConfig, Builder]] = {}
 _ALIASES: dict[str, str] = {}
 # Builders for configs made on the fly from a hub id or a local directory, by modality.
 _AUTO_BUILDERS: dict[str, Builder] = {}
@@ -34,9 +38,10 @@ def register_encoder(config: EncoderConfig, builder: Builder | None = None, *, a
     """Register ``builder`` under ``config.name``. Without a builder, returns a decorator."""
     if builder is None:
         return lambda fn: register_encoder(config, fn, aliases=aliases) or fn
-    if config.name in _REGISTRY or config.name in _ALIASES:
+    if (config.name, config.modality) in _TOWERS or config.name in _ALIASES:
         raise ValueError(f"encoder {config.name!r} is already registered")
-    _REGISTRY[config.name] = (config, builder)
+    _TOWERS[(config.name, config.modality)] = (config, builder)
+    _REGISTRY.setdefault(config.name, (config, builder))
     for alias in aliases:
         register_alias(alias, config.name)
     return None
@@ -53,7 +58,7 @@ def register_auto_builder(modality: str, builder: Builder) -> None:
 
 
 def list_encoders(modality: str | None = None) -> list[EncoderConfig]:
-    return [cfg for cfg, _ in _REGISTRY.values() if modality in (None, cfg.modality)]
+    return [cfg for cfg, _ in _TOWERS.values() if modality in (None, cfg.modality)]
 
 
 def list_aliases() -> dict[str, str]:
@@ -72,8 +77,9 @@ def _unknown(name: str) -> UnknownEncoderError:
     )
 
 
-def _registered_by_hub_id(hub_id: str) -> EncoderConfig | None:
-    return next((cfg for cfg, _ in _REGISTRY.values() if cfg.hub_id == hub_id), None)
+def _registered_by_hub_id(hub_id: str, modality: str | None = None) -> EncoderConfig | None:
+    found = [cfg for cfg, _ in _TOWERS.values() if cfg.hub_id == hub_id]
+    return next((c for c in found if modality in (None, c.modality)), found[0] if found else None)
 
 
 def canonical_name(name: str) -> str:
@@ -81,18 +87,28 @@ def canonical_name(name: str) -> str:
     return resolve_encoder_name(name).name
 
 
-def resolve_encoder_name(name: str) -> EncoderConfig:
-    """The config for a registered name, an alias, a hub id or a local model directory."""
+def _registered(name: str, modality: str | None) -> EncoderConfig | None:
+    """A registered name or alias; the tower of ``modality`` where the family has one."""
+    name = _ALIASES.get(name, name)
+    if modality and (name, modality) in _TOWERS:
+        return _TOWERS[(name, modality)][0]
+    return _REGISTRY[name][0] if name in _REGISTRY else None
+
+
+def resolve_encoder_name(name: str, modality: str | None = None) -> EncoderConfig:
+    """The config for a registered name, an alias, a hub id or a local model directory.
+
+    ``modality`` picks a family's tower (``biomedclip`` names an image and a text encoder);
+    without it a name means the tower registered first."""
     name = str(name)
-    if name in _REGISTRY:
-        return _REGISTRY[name][0]
-    if name in _ALIASES:
-        return _REGISTRY[_ALIASES[name]][0]
+    registered = _registered(name, modality)
+    if registered is not None:
+        return registered
     path = Path(name).expanduser()
     if path.is_dir():
         return autoconfig.config_from_local_dir(path)
     if _HUB_ID.match(name):
-        registered = _registered_by_hub_id(name)
+        registered = _registered_by_hub_id(name, modality)
         if registered is not None:
             return registered
         snapshot = find_hub_snapshot(name)
@@ -107,18 +123,19 @@ def resolve_encoder_name(name: str) -> EncoderConfig:
 
 
 def _builder_for(config: EncoderConfig) -> Builder:
-    if config.name in _REGISTRY:
-        return _REGISTRY[config.name][1]
+    if (config.name, config.modality) in _TOWERS:
+        return _TOWERS[(config.name, config.modality)][1]
     return _AUTO_BUILDERS[config.modality]
 
 
-def create_encoder(name: str | EncoderConfig, device: str | torch.device = "cpu") -> ImageEncoder | TextEncoder:
+def create_encoder(name: str | EncoderConfig, device: str | torch.device = "cpu",
+                   modality: str | None = None) -> ImageEncoder | TextEncoder:
     """Build a frozen encoder (eval mode, no gradients) on ``device``.
 
     Raises UnknownEncoderError for unknown names and WeightsNotFoundError, within
     seconds and without networking, when the weights are not on this machine.
     """
-    config = name if isinstance(name, EncoderConfig) else resolve_encoder_name(name)
+    config = name if isinstance(name, EncoderConfig) else resolve_encoder_name(name, modality)
     require_consent(config)  # an encoder that runs its repository's code needs the user's opt-in
     encoder = _builder_for(config)(config)
     return encoder.freeze().to(device)
@@ -142,5 +159,18 @@ def describe_encoders() -> list[dict]:
             "aliases": sorted(a for a, t in _ALIASES.items() if t == cfg.name),
             "description": cfg.description,
             "runs_remote_code": runs_remote_code(cfg),
+            **card_row(cfg),
         })
     return rows
+
+
+def card_row(cfg: EncoderConfig) -> dict:
+    """The registry's facts about an encoder that `pipe encoders` and the docs' table show."""
+    size = (f"{cfg.input_size}x{cfg.input_size}" if cfg.modality == "image" and cfg.input_size
+            else (f"{cfg.max_tokens} tokens" if cfg.max_tokens else None))
+    if size and cfg.modality == "image" and cfg.geometry != DEFAULT_GEOMETRY:   # cut otherwise than shorter side + crop
+        size += f", {cfg.geometry}"
+    return {"input": size, "tokens": cfg.tokens, "prefix_tokens": cfg.num_prefix_tokens if cfg.modality == "image" else None,
+            "pooling": cfg.pooling, "gflops": cfg.card.gflops, "licence": cfg.card.licence or None,
+            "gated": cfg.card.gated, "joint_space": cfg.joint_space, "native_dim": cfg.native_dim or None,
+            "url": cfg.card.url or None, "reference": cfg.card.reference or None}

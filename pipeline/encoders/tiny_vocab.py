@@ -60,3 +60,31 @@ def tiny_vocab() -> dict[str, int]:
 def tiny_vocab_hash() -> str:
     """Goes into tiny-bert's config, so editing the word list changes its fingerprint."""
     return xxhash.xxh3_128_hexdigest(json.dumps(tiny_vocab()).encode())
+
+
+def tiny_tokenizer(max_tokens: int):
+    """A deterministic BERT-style WordPiece tokenizer over ``tiny_vocab``, built in memory."""
+    from tokenizers import (  # lazy: transformers takes seconds to import
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )  # lazy: transformers takes seconds to import
+    from tokenizers.models import WordPiece  # lazy: transformers takes seconds to import
+    from transformers import PreTrainedTokenizerFast  # lazy: transformers takes seconds to import
+
+    vocab = tiny_vocab()
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=max_tokens,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )

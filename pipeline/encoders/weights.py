@@ -84,16 +84,51 @@ def hub_download_hint(hub_id: str, revision: str) -> str:
     )
 
 
-def _locate_hub(config: EncoderConfig) -> WeightsLocation:
+def gated_advice(config: EncoderConfig) -> str:
+    """What a gated model needs before its download: the user's acceptance of its terms."""
+    if not config.card.gated:
+        return ""
+    page = config.card.url or f"https://huggingface.co/{config.hub_id}"
+    return (f"{config.hub_id} is gated ({config.card.licence or 'its own terms'}): the download is refused (401/403) "
+            f"until you log in at huggingface.co, open {page} and accept its terms, then run `hf auth login` "
+            f"(or `huggingface-cli login`) on the machine that downloads. After that, ")
+
+
+def _locate_hub(config: EncoderConfig, filename: str = "config.json") -> WeightsLocation:
     rev = "" if config.revision == "main" else f" --revision {config.revision}"
-    hint = f"huggingface-cli download {config.hub_id}{rev}"
-    advice = hub_download_hint(config.hub_id, config.revision)
-    snapshot = find_hub_snapshot(config.hub_id, config.revision)
+    hint = ("accept its terms on the hub, then " if config.card.gated else "") + \
+        f"huggingface-cli download {config.hub_id}{rev}"
+    advice = gated_advice(config) + hub_download_hint(config.hub_id, config.revision)
+    snapshot = find_hub_snapshot(config.hub_id, config.revision, filename)
     if snapshot is None:
         return WeightsLocation(None, f"not in the HF cache ({hf_cache_dir()})", hint, advice)
     if not has_weight_files(snapshot):
         return WeightsLocation(None, f"{snapshot} holds no weight files", hint, advice)
     return WeightsLocation(snapshot, str(snapshot), commit=snapshot.name)
+
+
+def text_tower_folder(folder: Path, config: EncoderConfig) -> Path | None:
+    """An open_clip model's text tower files (its ``config.json`` and tokenizer): in the model's
+    folder when they were saved there, else the HF-cache snapshot of the repository its
+    ``open_clip_config.json`` names (``text_cfg.hf_tokenizer_name``)."""
+    if (folder / "config.json").is_file() and any((folder / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
+        return folder
+    return find_hub_snapshot(config.setting("text_tower_hub_id"), "main", "config.json")
+
+
+def _locate_open_clip(config: EncoderConfig) -> WeightsLocation:
+    """An open_clip model in the HF cache, as open_clip's ``hf-hub:`` loader leaves it
+    (``open_clip_config.json`` and ``open_clip_pytorch_model.bin`` or ``open_clip_model.safetensors``),
+    and the repository of its text tower's configuration and tokenizer."""
+    loc = _locate_hub(config, "open_clip_config.json")
+    if not loc.found:
+        return loc
+    if text_tower_folder(loc.path, config) is None:
+        tower = config.setting("text_tower_hub_id")
+        return WeightsLocation(None, f"{loc.path} is there but its text tower's config and tokenizer "
+                               f"({tower}) are not in the HF cache", f"huggingface-cli download {tower}",
+                               hub_download_hint(tower, "main"))
+    return loc
 
 
 # --- other sources -------------------------------------------------------------------
@@ -159,6 +194,22 @@ def _locate_random(config: EncoderConfig) -> WeightsLocation:
     return WeightsLocation(Path("."), "random init, no weights needed (UNTRAINED)")
 
 
+def _locate_standin(config: EncoderConfig) -> WeightsLocation:
+    """A tiny random-init stand-in, written on first use in its family's local layout."""
+    from .standins import standin_folder  # lazy: writing a stand-in imports transformers or open_clip
+
+    folder = standin_folder(config.setting("standin"))
+    return WeightsLocation(folder, str(folder))
+
+
+def _standin_available(config: EncoderConfig) -> WeightsLocation:
+    """`pipe encoders` answers in milliseconds: a stand-in can always be written, so it is never missing."""
+    from .standins import standin_path  # lazy: see _locate_standin
+
+    return WeightsLocation(standin_path(config.setting("standin")), "random init stand-in, written on first use "
+                           f"to {standin_path(config.setting('standin'))} (UNTRAINED)")
+
+
 LOCATORS: dict[str, Callable[[EncoderConfig], WeightsLocation]] = {
     "hf": _locate_hub,
     "timm": _locate_hub,
@@ -166,7 +217,11 @@ LOCATORS: dict[str, Callable[[EncoderConfig], WeightsLocation]] = {
     "package": _locate_package,
     "xrv": _locate_xrv,
     "random": _locate_random,
+    "open_clip": _locate_open_clip,
+    "standin": _locate_standin,
 }
+# Where a look that must not write anything (`pipe encoders`) differs from the loader's.
+AVAILABILITY = {**LOCATORS, "standin": _standin_available}
 
 
 def locate_weights(config: EncoderConfig) -> WeightsLocation:
@@ -176,7 +231,7 @@ def locate_weights(config: EncoderConfig) -> WeightsLocation:
 def weights_available(config: EncoderConfig) -> tuple[bool, str]:
     """(present?, where they are or why not), without loading anything."""
     try:
-        loc = locate_weights(config)
+        loc = AVAILABILITY[config.source](config)
     except (OSError, ValueError) as err:
         return False, f"cannot check: {err}"
     return loc.found, loc.where if loc.found else f"{loc.where}; to get: {loc.hint}"
@@ -243,6 +298,10 @@ def weights_identity(config: EncoderConfig) -> str:
 
     Raises WeightsNotFoundError when the weights are not on this machine.
     """
+    if config.source == "standin":   # seeded, like random init; named by what writes it
+        from .standins import STANDINS  # lazy: see _locate_standin
+
+        return f"standin:{config.setting('standin')}:{STANDINS[config.setting('standin')].digest}"
     if config.source == "random":
         return random_weights_id(config)
     return location_weights_id(config, require_weights(config))

@@ -3,7 +3,7 @@
 * ``pooled`` reproduces the paper: one pooled vector per modality, a length-1
   sequence, so each attention has a single key and its softmax is exactly 1. The
   query never matters, Q/K get no gradient and nothing crosses between modalities
-  (flaw 1 in PAPER.md). Kept only to reproduce the published model.
+  (flaw 1 in docs/concepts/method.md). Kept only to reproduce the published model.
 * ``tokens`` feeds whole token sequences (image prefix + patches, report [CLS] +
   words) and is built like ALBEF/BLIP, because a pair's fused embeddings cannot be
   scored contrastively (each has seen the other):
@@ -80,19 +80,21 @@ def _renamed_image_weight(w) -> str:
     keep = f"text_to_image_weight: {1 - float(w):g}" if isinstance(w, (int, float)) else "text_to_image_weight: 1 - w"
     return ("renamed: write adaptor.text_to_image_weight, the weight of the text->image term. The old key "
             f"weighted the other direction (image->text), so image_weight: {w} means {keep}. The paper weights "
-            "text->image 0.75 (its code's image_weight=0.75 is applied to logits_per_text: PAPER.md, Loss).")
+            "text->image 0.75 (its code's image_weight=0.75 is applied to logits_per_text: see \"The loss's "
+            "direction\" in the documentation, docs/concepts/method.md).")
 
 
 @dataclass(frozen=True)
 class AdaptorConfig(Validated):
-    mode: Annotated[str, OneOf(MODES)] = "pooled"
-    image_dim: int = 768
-    text_dim: int = 768
-    d_model: int = 768
-    n_heads: int = 12
-    ffn_dim: int = 2048
-    n_layers: int = 2
-    dropout: float = 0.1
+    """The Adaptor: its mode, its size and its loss."""
+    mode: Annotated[str, OneOf(MODES)] = "pooled"  # pooled (the paper's model) or tokens (attention over the cached token sequences)
+    image_dim: int = 768           # width of the image encoder's features (set from the cache when training)
+    text_dim: int = 768            # width of the text encoder's features (set from the cache when training)
+    d_model: int = 768             # the Adaptor's width: both modalities are projected to it
+    n_heads: int = 12              # attention heads per block (must divide d_model)
+    ffn_dim: int = 2048            # hidden width of each block's feed-forward layer
+    n_layers: int = 2              # weight-shared blocks (the paper: 2)
+    dropout: float = 0.1           # dropout inside the blocks
     grid_pool: int = 0  # tokens mode: >0 average-pools the patch grid to grid_pool x grid_pool
     readout: Literal["cls", "mean"] = "cls"  # tokens mode: token 0, or the mean over (real) tokens
     fusion_layers: int = 1  # tokens mode: cross-attention blocks under the matching head (0: no head)
@@ -154,9 +156,59 @@ class FusionBlock(nn.Module):
         self, x: Tensor, query: Tensor, kv: Tensor, kv_pad: Tensor | None = None
     ) -> Tensor:
         # x, query: [B, T, d]; kv: [B, S, d]; kv_pad: [B, S], True = ignore that key
-        attended, _ = self.attn(query, kv, kv, key_padding_mask=kv_pad, need_weights=False)
+        if kv.shape[1] == 1 and kv_pad is None:
+            attended = self.one_key_attention(kv)
+        else:
+            attended, _ = self.attn(query, kv, kv, key_padding_mask=kv_pad, need_weights=False)
         x = self.norm1(x + self.drop1(attended))
         return self.norm2(x + self.drop2(self.ffn(x)))
+
+    def one_key_attention(self, kv: Tensor, keep: Tensor | None = None) -> Tensor:
+        """The attention's output when every query sees one key ``kv [B, 1, d]`` (pooled mode).
+
+        The softmax over one key is exactly 1, so the output is the value projection through
+        the output projection, whatever the query: the query and key projections (a fifth of
+        the block's multiply-adds) cannot change it and are not computed. Their weights stay
+        in the module, so checkpoints keep their layout; their gradient is zero either way.
+        In training the attention's dropout acts on that weight of 1, one draw per sample and
+        head, drawn here as ``nn.MultiheadAttention`` draws it (same shape, same generator),
+        so the result equals the full computation's bit for bit under the same seed. ``keep``:
+        that draw, made beforehand (:meth:`dropout_masks`).
+        """
+        attn, (b, _, d) = self.attn, kv.shape
+        heads = attn.num_heads
+        v = F.linear(kv, attn.in_proj_weight[2 * d:], attn.in_proj_bias[2 * d:])  # [B, 1, d]
+        if keep is None and self.training and attn.dropout > 0:
+            keep = F.dropout(v.new_ones(b, heads, 1, 1), attn.dropout, training=True)  # [B, H, 1, 1]
+        if keep is not None:
+            v = (v.view(b, 1, heads, d // heads) * keep.view(b, 1, heads, 1)).view(b, 1, d)
+        return attn.out_proj(v)
+
+    def dropout_masks(self, n: int, like: Tensor) -> tuple[Tensor, ...] | None:
+        """The dropout masks that a one-key ``forward`` of ``n`` samples draws, drawn here in its
+        order, with its shapes and the dtype its dropouts see (``like``'s, or autocast's), so they
+        are the same values: the attention's weight ``[n, H, 1, 1]``, after the attention
+        ``[n, 1, d]``, inside the FFN ``[n, 1, f]``, after the FFN ``[n, 1, d]``. Each is 0 or
+        1 / (1 - p), as ``F.dropout`` scales. None where nothing is drawn (eval mode, or p = 0)."""
+        sites = ((self.attn.dropout, (self.attn.num_heads, 1)), (self.drop1.p, (1, like.shape[-1])),
+                 (self.ffn[2].p, (1, self.ffn[0].out_features)), (self.drop2.p, (1, like.shape[-1])))
+        if not self.training or not any(p > 0 for p, _ in sites):
+            return None
+        kind = like.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else like.dtype
+        return tuple(F.dropout(like.new_ones((n, *shape), dtype=dtype), p, training=True) for p, shape in sites)
+
+    def one_key_streams(self, x: Tensor, keep: tuple[Tensor, ...] | None) -> Tensor:
+        """This block over several pooled streams at once, ``x [N, 1, d]`` (the streams stacked along
+        the batch; each sample is its own one key), with the dropout masks ``keep`` of
+        :meth:`dropout_masks` for those N samples. Each row is what ``forward(x, query=x, kv=x)``
+        computes for it (to float rounding: one matrix product of N rows, not several)."""
+        k_attn, k1, k_ffn, k2 = keep if keep is not None else (None,) * 4
+        attended = self.one_key_attention(x, k_attn)
+        x = self.norm1(x + (attended if k1 is None else attended * k1))
+        h = self.ffn[1](self.ffn[0](x))
+        h = self.ffn[3](h if k_ffn is None else h * k_ffn)
+        return self.norm2(x + (h if k2 is None else h * k2))
 
 
 class Adaptor(nn.Module):
@@ -217,16 +269,13 @@ class Adaptor(nn.Module):
         if not self.mode.sequences:
             if match:
                 raise ValueError("a pooled-mode Adaptor has no matching head (its attention has one key)")
-            img = self._image_in(batch["image_pooled"])  # [B, 1, d]
-            txt = self._text_in(batch["text_pooled"])  # [B, 1, d]
-            for block in self.blocks:  # the paper: one key, so the query is unused
-                img = block(img, query=txt, kv=img)
-                txt = block(txt, query=img, kv=txt)
+            img, txt = self._pooled_blocks(self._image_in(batch["image_pooled"]), self._text_in(batch["text_pooled"]))
             return F.normalize(img[:, 0], dim=-1), F.normalize(txt[:, 0], dim=-1)
-        img_tok = self.image_token_states(batch["image_tokens"], image_grid, n_prefix)  # [B, Ti', d]
         keep = batch.get("text_mask")
         keep = None if keep is None else keep.to(torch.bool)  # [B, Tt], True = real token
-        txt_tok = self.text_token_states(batch["text_tokens"], keep)  # [B, Tt, d]
+        # without the matching head only the readouts are used: the last block may compute token 0 alone
+        img_tok = self.image_token_states(batch["image_tokens"], image_grid, n_prefix, readout_only=not match)
+        txt_tok = self.text_token_states(batch["text_tokens"], keep, readout_only=not match)  # [B, Tt, d]
         img, txt = self.embedding(img_tok), self.embedding(txt_tok, keep)
         if not match:
             return img, txt
@@ -238,25 +287,53 @@ class Adaptor(nn.Module):
         logits = self.match_logits(img_tok[i_idx], txt_tok[t_idx], None if keep is None else keep[t_idx])
         return img, txt, logits
 
+    def _pooled_blocks(self, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
+        """The paper's blocks over the two pooled streams ``[B, 1, d]``: per block, the image stream
+        (``block(img, query=txt, kv=img)``), then the text stream reading the updated image as its
+        query. A one-key attention never reads its query, so the two streams of a block are
+        independent, and both run as one batch of 2B rows: one matrix product per weight instead
+        of two, and one gradient per parameter instead of two to add. The dropout masks are drawn
+        first, in the per-stream order (the image stream's four, then the text stream's), so the
+        result is the per-stream computation's, the same draws included (to float rounding)."""
+        b, x = len(img), torch.cat([img, txt])  # [2B, 1, d]
+        for block in self.blocks:
+            masks = [block.dropout_masks(b, x) for _ in range(2)]  # image stream's, then text stream's
+            keep = None if masks[0] is None else tuple(torch.cat(pair) for pair in zip(*masks))
+            x = block.one_key_streams(x, keep)
+        return x[:b], x[b:]
+
     # -- tokens mode: unimodal encoders and the matching head -----------------------------
     def image_token_states(
-        self, image: Tensor, image_grid: tuple[int, int] | None = None, n_prefix: int = 1
+        self, image: Tensor, image_grid: tuple[int, int] | None = None, n_prefix: int = 1,
+        readout_only: bool = False,
     ) -> Tensor:
         """Unimodal image encoder: ``[B, Ti, Di] -> [B, Ti', d]`` (tokens mode), self-attention
-        within each sample."""
-        x = self._image_in(image, image_grid, n_prefix)
-        for block in self.blocks:
-            x = block(x, query=x, kv=x)
-        return x
+        within each sample. ``readout_only``: the caller reads only the readout (see
+        :meth:`_self_attention_stack`), and may get token 0's row alone, ``[B, 1, d]``."""
+        return self._self_attention_stack(self._image_in(image, image_grid, n_prefix), None, readout_only)
 
-    def text_token_states(self, text: Tensor, keep: Tensor | None = None) -> Tensor:
+    def text_token_states(self, text: Tensor, keep: Tensor | None = None, readout_only: bool = False) -> Tensor:
         """Unimodal text encoder: ``[B, Tt, Dt] -> [B, Tt, d]`` (tokens mode), self-attention
-        within each report over its real tokens (``keep``: True = real)."""
-        x = self._text_in(text)
-        pad = None if keep is None else ~keep
-        for block in self.blocks:
+        within each report over its real tokens (``keep``: True = real); ``readout_only`` as
+        for :meth:`image_token_states`."""
+        return self._self_attention_stack(self._text_in(text), None if keep is None else ~keep, readout_only)
+
+    def _self_attention_stack(self, x: Tensor, pad: Tensor | None, readout_only: bool) -> Tensor:
+        """The shared blocks as self-attention. With ``readout_only`` and the ``cls`` readout,
+        the last block computes token 0's row alone (its query, attention over every token,
+        FFN and norms): no other row of it is read, and each row is computed from its own
+        query, so the readout is the same (to float rounding). Not while dropout draws masks
+        (training with dropout > 0): the draws follow the tensors' shapes, and fewer rows
+        would shift every later draw, so the result would no longer be the same."""
+        last = len(self.blocks) - 1
+        for n, block in enumerate(self.blocks):
+            if n == last and readout_only and self._skips_unread_rows():
+                return block(x[:, :1], query=x[:, :1], kv=x, kv_pad=pad)
             x = block(x, query=x, kv=x, kv_pad=pad)
         return x
+
+    def _skips_unread_rows(self) -> bool:
+        return self.cfg.readout == "cls" and not (self.training and self.cfg.dropout > 0)
 
     def encode_text(self, text: Tensor, keep: Tensor | None = None) -> Tensor:
         """Unimodal text embedding ``[B, d]`` (tokens mode): what ``forward`` returns for the text."""
@@ -264,17 +341,24 @@ class Adaptor(nn.Module):
             raise ValueError("encode_text is the tokens-mode text path; a pooled Adaptor's text output "
                              "comes from forward()")
         keep = None if keep is None else keep.to(torch.bool)
-        return self.embedding(self.text_token_states(text, keep), keep)
+        return self.embedding(self.text_token_states(text, keep, readout_only=True), keep)
 
     def text_embedding(self, text: Tensor, keep: Tensor | None = None) -> Tensor:
         """The text embedding ``[B, d]`` in either mode, from cached text features: pooled
         ``[B, Dt]`` (the paired forward's text output, which depends on the text alone, as
         each of its attentions has a single key) or tokens ``[B, Tt, Dt]`` with ``keep``
-        (the unimodal text encoder)."""
+        (the unimodal text encoder).
+
+        Pooled, only the text stream runs: in the paired forward each text block reads the
+        image as its query, which a one-key attention never uses, so the image stream cannot
+        change the text output and is not computed. (In training its dropout draws come
+        first, so there only the distribution is the same; evaluation runs in eval mode.)"""
         if self.mode.sequences:
             return self.encode_text(text, keep)
-        placeholder = text.new_zeros((len(text), self.cfg.image_dim))
-        return self({"image_pooled": placeholder, "text_pooled": text})[1]
+        x = self._text_in(text)  # [B, 1, d]
+        for block in self.blocks:
+            x = block(x, query=x, kv=x)
+        return F.normalize(x[:, 0], dim=-1)
 
     def match_logits(self, img_tok: Tensor, txt_tok: Tensor, keep: Tensor | None = None) -> Tensor:
         """Image-text matching logits ``[P]`` of P pairs of unimodal token states
@@ -335,7 +419,7 @@ class Adaptor(nn.Module):
         this is the unimodal image encoder that training uses (equal to ``forward``'s
         image embedding)."""
         if self.mode.sequences:
-            x = self.image_token_states(image, image_grid, n_prefix)
+            x = self.image_token_states(image, image_grid, n_prefix, readout_only=not return_tokens)
             emb = self.embedding(x)
         else:
             x = self._image_in(image, image_grid, n_prefix)  # [B, 1, d]
@@ -365,6 +449,24 @@ class Adaptor(nn.Module):
         else:
             _expect_ndim(x, 3, "text_tokens [B, Tt, Dt]")
         return F.normalize(self.text_proj(x), dim=-1)
+
+
+def trim_text_padding(text: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Report tokens ``[B, Tt, Dt]`` and their mask ``keep [B, Tt]`` cut after the last
+    position that any report of the batch uses.
+
+    Cached reports are padded to ``max_tokens``, so a batch of short reports would spend most
+    of its attention and FFN rows on padding. The columns cut are padding in every row: masked
+    wherever they are keys, and read by no readout (token 0, or the mean over real tokens), so
+    the embeddings and matching logits are those of the padded batch (to float rounding: each
+    attention sums fewer zero-weight terms). For eval mode: in training, dropout's draws follow
+    the tensors' shapes. One host sync (the mask's extent); at least one column is kept.
+    """
+    if keep is None:
+        return text, keep
+    used = keep.any(0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    return (text, keep) if width >= text.shape[1] else (text[:, :width], keep[:, :width])
 
 
 def pool_patch_grid(

@@ -8,6 +8,7 @@
 * ``SegDecoder`` upsamples a patch-token grid ``[B, D, h, w]`` to a mask logit map at the
   input resolution: stages of conv3x3 + BN + ReLU + 2x upsampling, a 1x1 conv, and a
   final bilinear resize when the grid is not a power-of-two fraction of the input.
+  ``MgcaViTDecoder`` is the authors' (``seg.decoder=mgca-vit``); :data:`SEG_DECODERS` names both.
 * ``segmentation_loss`` is MGCA's mixed loss, which the paper uses: alpha * focal + dice
   term, alpha = 10, where MGCA's dice term is -log(soft Dice) of the batch.
 * ``save_head`` / ``load_head``: a trained classifier as one safetensors file whose
@@ -140,6 +141,40 @@ class SegDecoder(nn.Module):
         if y.shape[-1] != self.out_size or y.shape[-2] != self.out_size:
             y = F.interpolate(y, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
         return y[:, 0]
+
+
+class MgcaViTDecoder(nn.Module):
+    """The authors' DINOv2 decoder (their ``ViTDecoder``, after MGCA's): a 3x3 valid conv + BN + ReLU
+    (16 -> 14 patches at 224), then per width a 3x3 conv + BN + ReLU + 2x nearest upsampling, and a
+    3x3 conv to one logit map; convs with biases, initialised as theirs (Kaiming normal, fan-out)."""
+
+    def __init__(self, in_dim: int, grid: int, out_size: int, channels: Sequence[int] = (512, 256, 128, 64)):
+        super().__init__()
+        stages = [nn.Conv2d(in_dim, in_dim, 3, padding=0), nn.BatchNorm2d(in_dim), nn.ReLU(inplace=True)]
+        c_in = in_dim
+        for c in channels:
+            stages += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.Upsample(scale_factor=2)]
+            c_in = c
+        self.stages = nn.Sequential(*stages)
+        self.out = nn.Conv2d(c_in, 1, 3, padding=1)
+        self.out_size = out_size
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.out(self.stages(x))
+        if y.shape[-1] != self.out_size or y.shape[-2] != self.out_size:
+            y = F.interpolate(y, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        return y[:, 0]
+
+
+# A segmentation decoder by name (``seg.decoder``): (in_dim, grid, out_size, channels) -> module.
+SEG_DECODERS: dict[str, Callable[..., nn.Module]] = {"upsample": SegDecoder, "mgca-vit": MgcaViTDecoder}
 
 
 def tokens_to_grid(tokens: Tensor, n_prefix: int, grid: tuple[int, int]) -> Tensor:

@@ -30,7 +30,8 @@ from pipeline.datasets.demo import DemoSpec
 from pipeline.datasets.spec import parse_dataset_spec
 from stages import embed, evaluate
 from stages import train as train_adaptor
-from stages.evaluate.tables import merge_tables, to_markdown
+from pipeline.records import load_results
+from pipeline.tables import Table, merge_tables, to_markdown
 from stages.report import load_runs, write_page
 
 PRESETS = {"pooled": "demo", "tokens": "demo_tokens"}  # configs/<name>.yaml
@@ -55,7 +56,7 @@ class DemoConfig:
 @dataclass
 class DemoResult:
     report: Path                  # results.md
-    tables: list[dict]            # every results table, as `pipe report` merges them
+    tables: list[Table]           # every results table, as `pipe report` merges them
     runs: list[Path]              # the evaluation run directories
     checkpoint: Path              # the pooled Adaptor's (best.safetensors when validation chose it)
     seconds: float
@@ -67,7 +68,8 @@ class DemoResult:
         return {"report": str(self.report), "page": str(self.page) if self.page else None,
                 "checkpoint": str(self.checkpoint), "runs": [str(r) for r in self.runs],
                 "checkpoints": {k: str(v) for k, v in (self.checkpoints or {}).items()},
-                "seconds": round(self.seconds, 1), "timings": self.timings or {}, "tables": self.tables}
+                "seconds": round(self.seconds, 1), "timings": self.timings or {},
+                "tables": [t.to_dict() for t in self.tables]}
 
 
 def _common(cfg: DemoConfig) -> list[str]:
@@ -149,11 +151,14 @@ def run(cfg: DemoConfig) -> DemoResult:
     run_dir = escape(str(ckpts["pooled"].parent))
     err.print(f"use it on new images: pipe predict IMAGE... --adaptor {run_dir} · as a package: pipe export "
               f"{run_dir} --out DIR (README: Using a trained Adaptor)")
+    err.print(f"the cache (embeddings, the phantom images): {escape(str(cache_root(cfg.cache)))}"
+              + ("" if cfg.cache else " (the default location: `pipe` and the Python API find it without --cache)"),
+              soft_wrap=True)
     return DemoResult(report, tables, runs, ckpts["pooled"], seconds, ckpts, timings, page)
 
 
-def write_report(runs: list[Path], path: Path) -> tuple[Path, list[dict]]:
-    loaded = [json.loads((r / "results.json").read_text()) for r in runs]
-    tables = merge_tables(loaded, [str(r) for r in runs])
+def write_report(runs: list[Path], path: Path) -> tuple[Path, list[Table]]:
+    records = [load_results(r) for r in runs]
+    tables = merge_tables([(r.dataset_label, r.tables) for r in records], [str(r) for r in runs])
     atomic_write_text(path, "# Demo results\n\n" + "\n".join(to_markdown(t) for t in tables))
     return path, tables

@@ -20,12 +20,12 @@ from stages.embed.overlap import call_now, prefetched
 _ENCODERS: dict[tuple[str, str], object] = {}
 
 
-def get_encoder(name: str, device: torch.device):
+def get_encoder(name: str, device: torch.device, modality: str | None = None):
     """Build an encoder once per process (a later run in the same process reuses it)."""
-    key = (name, str(device))
+    key = (name, modality, str(device))
     if key not in _ENCODERS:
         _ENCODERS.clear()  # hold one model at a time: they can be large
-        _ENCODERS[key] = create_encoder(name, device=str(device))
+        _ENCODERS[key] = create_encoder(name, device=str(device), modality=modality)
     return _ENCODERS[key]
 
 
@@ -58,11 +58,12 @@ class GroupEmbedder:
 
     def __init__(self, modality: Modality, encoder_name: str, cfg, device: torch.device):
         self.modality, self.cfg, self.device = modality, cfg, device
-        self.enc_cfg = resolve_encoder_name(encoder_name)
+        self.enc_cfg = resolve_encoder_name(encoder_name, modality.name)
         self.loader = modality.loader(self.enc_cfg, cfg, device)
         self._encoder = None
         self._copy_stream = None
         self._held = None
+        self._joint_recorded = False
 
     def close(self) -> None:
         self.loader.close()
@@ -70,7 +71,7 @@ class GroupEmbedder:
     @property
     def encoder(self):
         if self._encoder is None:
-            self._encoder = get_encoder(self.enc_cfg.name, self.device)
+            self._encoder = get_encoder(self.enc_cfg.name, self.device, self.modality.name)
         return self._encoder
 
     def embed(self, units: list[Unit], dataset: str, sink: ShardSink, write: Callable = call_now,
@@ -86,11 +87,12 @@ class GroupEmbedder:
         kept, failures = [], []
         for batch, loaded in prefetched(batches, self.loader.load):
             ok = [(u, x) for u, x in zip(batch, loaded) if not isinstance(x, Exception)]
-            failures += [{"item": "", "source": u.source, "key": u.key, "dataset": dataset, "reason": str(x),
+            failures += [{"item": u.item, "source": u.source, "key": u.key, "dataset": dataset, "reason": str(x),
                           "modality": self.modality.name} for u, x in zip(batch, loaded) if isinstance(x, Exception)]
             if ok:
                 kept += [u for u, _ in ok]
                 out = self._forward([x for _, x in ok])
+                self._record_joint(sink)
                 write(append_to, sink, out)
                 # Held until the next forward has run: freeing a batch's outputs first lets
                 # glibc trim the heap top, and the next forward then page-faults its
@@ -99,6 +101,15 @@ class GroupEmbedder:
             advance(len(batch))
         self._held = None
         return kept, failures
+
+    def _record_joint(self, sink: ShardSink) -> None:
+        """Once per run: the joint space's logit scale and bias in the store's attributes, which
+        the native baseline of `pipe evaluate` scores pairs with (the weights decide them, and the
+        weights are in the fingerprint)."""
+        joint = self.encoder.joint() if not self._joint_recorded else None
+        if joint is not None:
+            sink.store.record_attribute("joint", {"space": self.enc_cfg.joint_space, **joint})
+        self._joint_recorded = True
 
     @torch.inference_mode()
     def _forward(self, loaded: list) -> HostBatch:

@@ -10,6 +10,7 @@ which modality they hold.
 """
 from __future__ import annotations
 
+import multiprocessing
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -19,6 +20,7 @@ import torch.multiprocessing as torch_mp
 import xxhash
 
 from cache.index import Unit
+from core.console import err
 from pipeline.devices import to_device
 from pipeline.encoders.stored import STORED_DTYPES, preprocess_of
 from pipeline.imaging import DEFAULT_IMAGE_MEMORY_MB, ImageBudget, ImageDecodeError, Preprocess, read_and_decode
@@ -52,6 +54,18 @@ def load_image(u: Unit, preprocess: Preprocess, budget: ImageBudget | None = Non
         return ValueError(f"{u.source}: cannot preprocess the image ({type(e).__name__}: {e})")
 
 
+def load_images(units: list[Unit], preprocess: Preprocess, budget: ImageBudget) -> tuple[torch.Tensor | None, list]:
+    """A decode process's share of a batch: the images that loaded, stacked into one tensor
+    (one shared-memory segment and its descriptors for the lot, not one per image), and per
+    unit either its row in that tensor or its exception."""
+    loaded = [load_image(u, preprocess, budget) for u in units]
+    good = [x for x in loaded if not isinstance(x, Exception)]
+    rows, slots = iter(range(len(good))), []
+    for x in loaded:
+        slots.append(x if isinstance(x, Exception) else next(rows))
+    return (torch.stack(good) if good else None), slots
+
+
 def _one_thread_per_process() -> None:
     torch.set_num_threads(1)  # one core per decode process
 
@@ -59,14 +73,26 @@ def _one_thread_per_process() -> None:
 def decode_pool(threads: int, processes: int, device: torch.device) -> Executor:
     """Threads on CPU (the forward needs the cores); spawned processes to feed a GPU.
 
-    Processes return tensors through shared memory (torch's multiprocessing reductions).
+    Processes return each share of a batch as one stacked tensor through shared memory
+    (:func:`load_images`). A daemonic process (a Dask worker started by a nanny that was not
+    told otherwise) may not start children, so there the decoding stays in threads.
     """
     n = processes
     if n < 0:
         n = min(8, max(1, available_cpus()[0] - 1)) if device.type == "cuda" else 0
+    if n and multiprocessing.current_process().daemon:
+        err.print(f"note: decoding in {threads} threads, not {n} processes: this process is daemonic (a Dask worker "
+                  "whose nanny starts workers as daemons) and may not start children. Start the workers with "
+                  "DASK_DISTRIBUTED__WORKER__DAEMON=False to decode in processes.")
+        n = 0
     if n == 0:
         return ThreadPoolExecutor(threads, thread_name_prefix="decode")
     return ProcessPoolExecutor(n, mp_context=torch_mp.get_context("spawn"), initializer=_one_thread_per_process)
+
+
+def stored_arrays(out, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The arrays a store keeps of an encoder's output: ``native`` too where the encoder has a joint space."""
+    return names + (("native",) if out.native is not None else ())
 
 
 class Loader:
@@ -85,7 +111,16 @@ class ImageLoader(Loader):
         self.budget = budget or ImageBudget(resize_size=preprocess.resize_size)
 
     def load(self, batch: list[Unit]) -> list:
-        return list(self.pool.map(load_image, batch, [self.preprocess] * len(batch), [self.budget] * len(batch)))
+        if not isinstance(self.pool, ProcessPoolExecutor):
+            return list(self.pool.map(load_image, batch, [self.preprocess] * len(batch), [self.budget] * len(batch)))
+        n = min(len(batch), self.pool._max_workers)  # one contiguous share per process
+        shares = [batch[len(batch) * i // n:len(batch) * (i + 1) // n] for i in range(n)]
+        futures = [self.pool.submit(load_images, share, self.preprocess, self.budget) for share in shares]
+        out = []
+        for future in futures:
+            stacked, slots = future.result()
+            out += [x if isinstance(x, Exception) else stacked[x] for x in slots]
+        return out
 
     def close(self) -> None:
         """Stop the decode workers (idle threads that ran torch ops keep OpenMP teams alive)."""
@@ -127,7 +162,7 @@ class ImageModality(Modality):
     def row_bytes(self, enc_cfg) -> int:
         d = enc_cfg.embed_dim
         n = (enc_cfg.input_size // enc_cfg.patch_size) ** 2 + enc_cfg.num_prefix_tokens if enc_cfg.patch_size else 64
-        return n * d * 2 + d * 4
+        return n * d * 2 + d * 4 + enc_cfg.native_dim * 4
 
     def loader(self, enc_cfg, cfg, device):
         pre = preprocess_of(enc_cfg)
@@ -139,7 +174,7 @@ class ImageModality(Modality):
         if device.type == "cuda":
             pixels = pixels.pin_memory()
         out = encoder(pixels.to(device, non_blocking=True))
-        return {k: to_host(getattr(out, k), STORED_DTYPES[k]) for k in ("tokens", "pooled")}
+        return {k: to_host(getattr(out, k), STORED_DTYPES[k]) for k in stored_arrays(out, ("tokens", "pooled"))}
 
 
 class TextModality(Modality):
@@ -149,12 +184,12 @@ class TextModality(Modality):
 
     def row_bytes(self, enc_cfg) -> int:
         d = enc_cfg.embed_dim
-        return (enc_cfg.max_tokens or 128) * d * 2 + d * 4
+        return (enc_cfg.max_tokens or 128) * d * 2 + d * 4 + enc_cfg.native_dim * 4
 
     def forward(self, encoder, loaded, device, to_host):
         batch = {k: to_device(v, device) for k, v in encoder.tokenize(loaded).items()}
         out = encoder(**batch)
-        return {k: to_host(getattr(out, k), STORED_DTYPES[k]) for k in ("tokens", "pooled", "length")}
+        return {k: to_host(getattr(out, k), STORED_DTYPES[k]) for k in stored_arrays(out, ("tokens", "pooled", "length"))}
 
     def pad_tokens_to(self, enc_cfg) -> int | None:
         return enc_cfg.max_tokens

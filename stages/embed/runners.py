@@ -188,7 +188,7 @@ class DaskRunner(Runner):
                 lost = []
                 for fut in as_completed(list(futures)):
                     claim, units = futures.pop(fut)
-                    if not self._finish(claim, fut.result()):
+                    if not self._finish(claim, _result(fut, claim)):
                         _say_lost(claim)
                         lost.append(units)
                     keeper.drop(claim)
@@ -217,7 +217,22 @@ class DaskRunner(Runner):
         return True
 
 
+def _result(fut, claim: Claim) -> dict:
+    """A task's result; a task whose workers kept dying is one message (the run resumes), not a traceback."""
+    from distributed.scheduler import KilledWorker  # lazy: dask's distributed takes a second to import
+
+    try:
+        return fut.result()
+    except KilledWorker as e:
+        tries = getattr(e, "allowed_failures", None)
+        raise PipeError(f"shard {claim.shard}: {'each of ' + str(tries + 1) + ' ' if tries is not None else 'the '}Dask "
+                        "workers that ran it died (out of memory, preempted or killed), so Dask gave it up. Committed "
+                        "shards are kept: give the workers more memory (or smaller shards, --shard-mb) and run "
+                        "`pipe embed` again; it resumes where this run stopped.") from None
+
+
 def _dask_client(cfg):
+    import dask  # lazy: only a run with --workers or --scheduler uses Dask
     from distributed import Client, LocalCluster  # lazy: dask's distributed takes a second to import
 
     if cfg.scheduler:
@@ -228,8 +243,10 @@ def _dask_client(cfg):
                             "`dask scheduler` and workers with `dask worker <address>`.") from e
     per = threads.plan(processes=cfg.workers)  # the cores split among the workers, not all of them each
     err.print(f"Dask: {cfg.workers} local workers, {per.line()}")
-    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
+    # Workers that are not daemons may start decode processes (a GPU embed spawns them).
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
     return _ClusterClient(Client(cluster), cluster)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from cache.index import IndexBuilder
 from cache.keys import fingerprint
-from cache.objects import push
+from cache.mirror import push
 from cache.paths import cache_root
 from cache.claims import lease_seconds, live_run
 from cache.store import Store, StoreError
@@ -41,11 +41,12 @@ from stages.embed.runners import DaskRunner, Runner
 
 @dataclass(frozen=True)
 class EmbedConfig:
+    """Stage one: which table, which encoders, where the cache is, and how the work is cut."""
     dataset: str
     backbone: str | None = "tiny-vit"
     text_encoder: str | None = "tiny-bert"
     cache: str | None = None
-    batch_size: int = 32
+    batch_size: int = 32           # images or reports per encoder forward
     device: str = "auto"           # auto, cpu, cuda or cuda:N
     allow_failures: bool = False
     views: int = 0                 # extra seeded augmented views per image, besides the plain one
@@ -54,7 +55,7 @@ class EmbedConfig:
     decode_threads: int = 2        # decode + preprocess threads (PIL and torch release the GIL)
     decode_processes: int = -1     # spawn processes for decoding instead; -1 = auto (on CUDA: up to 8)
     image_memory_mb: float = DEFAULT_IMAGE_MEMORY_MB  # one image's decode + resize budget; larger ones fail
-    fsync: bool = True
+    fsync: bool = True             # fsync shard files and manifest parts before they are committed
     hash_ahead: int = 2048         # image files keyed ahead of the planner (in the background)
     workers: int = 0               # >0: start a Dask LocalCluster with this many worker processes
     scheduler: str | None = None   # tcp://host:port of an existing Dask cluster (shared file system)
@@ -133,7 +134,7 @@ def _run(cfg: EmbedConfig, root: Path, dataset: Dataset | None) -> EmbedResult:
                          "a text encoder or both (`pipe encoders` lists them).")
     ds = dataset or open_dataset(cfg.dataset, root, skip_bad_rows=True)
     _check_reports(ds, active)
-    bad_rows = [{"item": s.get("id") or "", "source": s.get("source") or "", "key": None, "dataset": ds.name,
+    bad_rows = [{"item": s.get("id") or "(no id)", "source": s.get("source") or "", "key": None, "dataset": ds.name,
                  "reason": f"bad row: {s.get('reason')}", "modality": "row"}
                 for s in ds.skipped if s.get("kind") == "bad-row"]
     index = IndexBuilder(ds, root, tuple(m.name for m in active), ahead=cfg.hash_ahead)  # keys stream in
@@ -164,10 +165,12 @@ def embed_modality(modality: Modality | str, name: str, index, dataset: str, cfg
     rows) goes into the store's failure table too, but is not returned again.
     """
     modality = MODALITIES[modality] if isinstance(modality, str) else modality
-    enc_cfg = resolve_encoder_name(name)
+    enc_cfg = resolve_encoder_name(name, modality.name)
     if enc_cfg.modality != modality.name:
-        raise InputError(f"{modality.flag} {name!r} is a {enc_cfg.modality} encoder; "
-                         f"`pipe encoders` lists the {modality.name} ones.")
+        other = next(m.flag for m in MODALITIES.values() if m.name == enc_cfg.modality)
+        raise InputError(f"{modality.flag} {name!r} is a {enc_cfg.modality} encoder, and it has no "
+                         f"{modality.name} tower: pass it with {other}, and name a {modality.name} encoder with "
+                         f"{modality.flag} (`pipe encoders` lists them, with their modality).")
     require_consent(enc_cfg)  # before any work: an encoder that runs repository code needs the opt-in
     spec = encoder_spec(enc_cfg, cfg, device)
     row_bytes = modality.row_bytes(enc_cfg)

@@ -18,14 +18,17 @@ import torch
 from cache.index import LABEL_PREFIX
 from core.console import err, progress, escape
 from core.errors import InputError
+from pipeline.methods import Method
 from pipeline.models.heads import HEADS, make_head, save_head
 from pipeline.models.label_types import LABEL_TYPE_CHOICES, LABEL_TYPES, LabelType
+from pipeline.records import MethodResult, prediction_key
 from stages.evaluate import metrics as M
 from stages.evaluate.context import FEATURE_SOURCES, EvalContext, TaskResult
 from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, fit_probes, predict
 from stages.evaluate.plots import roc_grid
-from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell
+from stages.evaluate.tables import (Table, add_row, fraction_columns, fraction_label, interval_note, make_table,
+                                    summary_cell)
 
 METRIC_TITLE = {"auroc": "AUROC", "macro_auroc": "macro AUROC", "accuracy": "accuracy", "macro_f1": "macro-F1",
                 "ece": "expected calibration error, 15 bins, lower is better"}
@@ -168,8 +171,7 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
     x, y, has_val = torch.from_numpy(x_tr).to(dev), torch.from_numpy(y_tr).to(dev), len(x_va) > 0
     best, sweep = {}, {}
     if heads:
-        settings = FitSettings(h.epochs, h.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed,
-                               h.min_steps, h.max_steps)
+        settings = FitSettings.of(h, h.epochs, h.batch_size, seed, h.min_steps, h.max_steps, h.val_every)
         bank = HeadBank(heads, loss, score, settings)
         best, sweep = bank.fit(x, y, has_val=has_val), bank.sweep()
     for kind in (k for k in h.kinds if HEADS[k].by_lbfgs):
@@ -179,8 +181,8 @@ def train_heads(ctx: EvalContext, labels: Labels, x_tr: np.ndarray, y_tr: np.nda
     return best, sweep
 
 
-def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels, pos: dict,
-                      plan: dict, tick, keep: Callable | None = None) -> dict:
+def evaluate_features(ctx: EvalContext, method: Method, features: str, x: np.ndarray, labels: Labels, pos: dict,
+                      plan: dict, tick, keep: Callable | None = None) -> MethodResult:
     """Every (seed, fraction) for one feature set: per-run figures and their summaries.
     ``keep(seed, fraction, head, run)`` is shown every chosen head (to save some of them)."""
     y = labels.y.astype(np.float32)
@@ -206,9 +208,9 @@ def evaluate_features(ctx: EvalContext, name: str, x: np.ndarray, labels: Labels
     def metrics(run: dict, w: np.ndarray) -> dict:
         return classification_metrics(labels, y_te, run["scores"], w)
 
-    heads = {kind: {fraction_label(f): {"fraction": f, **summarise(ctx, rs, len(y_te), metrics, skip_nan=True)}
+    heads = {kind: {fraction_label(f): summarise(ctx, f, rs, len(y_te), metrics, skip_nan=True)
                     for f, rs in by_f.items()} for kind, by_f in runs.items()}
-    return {"name": name, "feature_dim": int(x.shape[1]), "heads": heads}
+    return MethodResult(method, features, heads, {"feature_dim": int(x.shape[1])})
 
 
 # ------------------------------------------------------------------------------- task
@@ -230,19 +232,18 @@ def run(ctx: EvalContext) -> TaskResult:
     methods, saved = [], []
     with progress() as bar:
         task = bar.add_task("train heads", total=len(sets) * len(ctx.seeds) * len(ctx.cfg.fractions))
-        for name, kind in sets:
+        for method, kind in sets:
             x = ctx.pooled_features(kind, np.arange(len(ctx.data.items)))
             keep = _head_saver(ctx, labels, saved) if FEATURE_SOURCES[kind].from_adaptor else None
-            methods.append({**evaluate_features(ctx, name, x, labels, pos, plan, lambda: bar.advance(task), keep),
-                            "features": kind})
+            methods.append(evaluate_features(ctx, method, kind, x, labels, pos, plan, lambda: bar.advance(task), keep))
     result = TaskResult(methods=methods, tables=_tables(ctx, labels, methods, len(pos["test"])))
     result.plots.append(str(_roc_plot(ctx, labels, methods, pos)))
     result.data = {**_data_summary(ctx, labels, pos, plan), "heads": saved}
     result.files["predictions"] = _save_predictions(ctx, labels, methods, pos)
     for m in methods:  # scores went to predictions.npz; results.json keeps the figures
-        for by_f in m["heads"].values():
+        for by_f in m.heads.values():
             for cell in by_f.values():
-                for r in cell["runs"]:
+                for r in cell.runs:
                     r.pop("scores")
     return result
 
@@ -283,24 +284,23 @@ def _label_note(ctx: EvalContext, labels: Labels) -> None:
     ctx.note(msg)
 
 
-def _tables(ctx: EvalContext, labels: Labels, methods: list[dict], n_test: int) -> list[dict]:
-    keys = labels.kind.table_keys(labels.names)
-    cols = [fraction_label(f) for f in ctx.cfg.fractions]
+def _tables(ctx: EvalContext, labels: Labels, methods: list[MethodResult], n_test: int) -> list[Table]:
+    keys, shared = labels.kind.table_keys(labels.names), len(labels.kind.table_keys([]))
+    titles = [METRIC_TITLE[k] for k in keys[:shared]] + [f"AUROC · {n}" for n in labels.names][:len(keys) - shared]
+    cols = fraction_columns(ctx.cfg.fractions)
     tables = []
-    for key in keys:
-        title = METRIC_TITLE.get(key, f"AUROC · {key.split('/', 1)[-1]}")
+    for key, title in zip(keys, titles):  # the label type's tables, then one per label (LabelType.table_keys)
         note = interval_note(ctx.cfg.ci, n_test, ctx.cfg.bootstrap, len(ctx.seeds), ctx.subsets_note,
                              centred=key in M.BIASED)
-        t = make_table(f"classification · {title} (%)", key, cols, note)
+        t = make_table("classification", title, key, cols, note)
         for m in methods:
-            for kind, by_f in m["heads"].items():
-                cells = {c: summary_cell(by_f[c]["summary"][key]) for c in cols}
-                add_row(t, f"{m['name']} ({kind})", cells, {c: by_f[c]["summary"][key] for c in cols})
+            for kind, by_f in m.heads.items():
+                add_row(t, m.method.with_head(kind), {c.name: summary_cell(by_f[c.name].summary[key]) for c in cols})
         tables.append(t)
     return tables
 
 
-def _roc_plot(ctx: EvalContext, labels: Labels, methods: list[dict], pos: dict):
+def _roc_plot(ctx: EvalContext, labels: Labels, methods: list[MethodResult], pos: dict):
     """ROC curves on the test split, one panel per label: colour = fraction, line style = method
     (seed 0, the first head kind)."""
     y_te = labels.y[pos["test"]]
@@ -308,13 +308,13 @@ def _roc_plot(ctx: EvalContext, labels: Labels, methods: list[dict], pos: dict):
     curves: dict[str, list] = {}
     for j, name in enumerate(labels.names):
         for mi, m in enumerate(methods):
-            for fi, (fl, cell) in enumerate(m["heads"][kind].items()):
-                p = cell["runs"][0]["scores"][:, j]
+            for fi, (fl, cell) in enumerate(m.heads[kind].items()):
+                p = cell.runs[0]["scores"][:, j]
                 fpr, tpr = M.roc_curve(y_te[:, j], p)
                 style = {"color": f"C{fi}", "linestyle": ("-", "--", ":")[mi % 3]}
-                legend = f"{m['name']} · {fl} ({M.auroc(y_te[:, j], p):.3f})"
+                legend = f"{m.method.name} · {fl} ({M.auroc(y_te[:, j], p):.3f})"
                 curves.setdefault(name, []).append((legend, fpr, tpr, style))
-    title = f"ROC on the test split · {ctx.dataset_name} · {kind} head, seed {ctx.seeds[0]} · legend: AUROC"
+    title = f"ROC on {ctx.scored} · {ctx.dataset_name} · {kind} head, seed {ctx.seeds[0]} · legend: AUROC"
     return roc_grid(curves, ctx.out / "roc.png", title)
 
 
@@ -326,16 +326,17 @@ def _data_summary(ctx: EvalContext, labels: Labels, pos: dict, plan: dict) -> di
             "fractions": {fraction_label(f): {str(s): int(len(plan[s][f])) for s in plan} for f in ctx.cfg.fractions}}
 
 
-def _save_predictions(ctx: EvalContext, labels: Labels, methods: list[dict], pos: dict):
+def _save_predictions(ctx: EvalContext, labels: Labels, methods: list[MethodResult], pos: dict):
     """Test-set scores of every run, for analyses beyond the tables (and the report's ROC and
-    reliability diagrams): ``m<i>/<head>/<fraction>/seed<s>`` holds method ``i``'s ``[n, L]`` scores."""
+    reliability diagrams): :func:`pipeline.records.prediction_key` names method ``i``'s ``[n, L]`` scores
+    of each head kind, fraction and seed."""
     arrays = {"ids": ctx.data.items.id.to_numpy()[pos["test"]].astype(str), "y": labels.y[pos["test"]],
               "label_names": np.array(labels.names)}
     for mi, m in enumerate(methods):
-        for kind, by_f in m["heads"].items():
-            for fl, cell in by_f.items():
-                for r in cell["runs"]:
-                    arrays[f"m{mi}/{kind}/{fl}/seed{r['seed']}"] = r["scores"]
+        for kind, by_f in m.heads.items():
+            for cell in by_f.values():
+                for r in cell.runs:
+                    arrays[prediction_key(mi, kind, cell.fraction, r["seed"])] = r["scores"]
     path = ctx.out / "predictions.npz"
     np.savez_compressed(path, **{k: _small(v) for k, v in arrays.items()})
     err.print(f"test-set scores: {escape(str(path))}")

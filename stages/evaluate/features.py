@@ -17,11 +17,9 @@ from cache.outputs import OutputCache, ensure_outputs_meta, outputs_folder
 from cache.reader import RowReader
 from cache.store import Store
 from core.console import err
-from core.errors import InputError
-from pipeline.models.adaptor import Adaptor, AdaptorMode, adaptor_config_from_saved
-from pipeline.api.source import is_package, resolve_source
-from pipeline.models.checkpoint import (checkpoint_hash, load_checkpoint, load_weights, read_meta, resolve_checkpoint,
-                                       weights_hash)
+from pipeline.models.adaptor import Adaptor, AdaptorMode, trim_text_padding
+from pipeline.api.source import load_model, resolve_source
+from pipeline.models.checkpoint import checkpoint_hash, resolve_checkpoint, weights_hash
 
 PAIRS_PER_FORWARD = 256
 
@@ -42,31 +40,11 @@ class FrozenAdaptor:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device, cache_root: Path) -> "FrozenAdaptor":
-        """From a run folder, a checkpoint, or a package written by `pipe export`."""
-        if is_package(Path(path).expanduser()):
-            return cls._from_package(Path(path).expanduser(), device, cache_root)
-        path = resolve_checkpoint(path)
-        meta = read_meta(path)
-        if meta.get("kind") != "adaptor" or "config" not in meta:
-            raise InputError(f"{path} is not an Adaptor checkpoint from `pipe train-adaptor` (no adaptor metadata)")
-        model = Adaptor(adaptor_config_from_saved(meta["config"]["adaptor"]))
-        load_checkpoint(path, model)
-        return cls(path, meta, model.to(device).eval(), checkpoint_hash(path), device, cache_root)
-
-    @classmethod
-    def _from_package(cls, folder: Path, device: torch.device, cache_root: Path) -> "FrozenAdaptor":
-        """A package's Adaptor, described as a checkpoint's metadata describes one: its encoders
-        and the fingerprints of the stores it read are checked against the cache as for a run."""
-        src = resolve_source(folder)
-        training = src.meta.get("training") or {}
-        meta = {"kind": "adaptor", "config": {**(training.get("config") or {}), "adaptor": src.adaptor},
-                "backbone": src.encoders["image"].name, "text_encoder": src.encoders["text"].name,
-                "fingerprints": {m: e.fingerprint for m, e in src.encoders.items()},
-                "image_grid": list(src.image_grid) if src.image_grid else None, "n_prefix": src.n_prefix,
-                "epoch": training.get("epoch"), "dataset": training.get("dataset"), "package": str(folder)}
-        model = Adaptor(adaptor_config_from_saved(src.adaptor))
-        load_weights(src.weights, model)
-        return cls(src.weights, meta, model.to(device).eval(), checkpoint_hash(src.weights), device, cache_root)
+        """From a run folder, a checkpoint, or a package written by `pipe export` (pipeline.api.source: the
+        API's loader; a package's encoders and fingerprints are checked against the cache as a run's are)."""
+        src = resolve_source(path)
+        return cls(src.weights, src.checkpoint_meta, load_model(src, device), checkpoint_hash(src.weights), device,
+                   cache_root)
 
     @cached_property
     def weights_hash(self) -> str:
@@ -172,8 +150,9 @@ class FrozenAdaptor:
             torch.from_numpy(img_r.take(image_rows[s:s + batch])).to(self.device), grid, n_prefix)
             for s in range(0, len(image_rows), batch)])
         txt_tok, keep = [], []
+        width = int(len_r.take(text_rows).max(initial=1))  # one width for every batch: they are concatenated
         for s in range(0, len(text_rows), batch):
-            t, k = _text_batch(tok_r, len_r, text_rows[s:s + batch], self.device)
+            t, k = _text_batch(tok_r, len_r, text_rows[s:s + batch], self.device, width)
             txt_tok.append(self.model.text_token_states(t, k))
             keep.append(k)
         txt_tok, keep = torch.cat(txt_tok), torch.cat(keep)
@@ -196,12 +175,17 @@ class FrozenAdaptor:
         return line
 
 
-def _text_batch(tokens: RowReader, length: RowReader, rows: np.ndarray,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached report tokens ``[b, Tt, Dt]`` and their real-token mask ``[b, Tt]``."""
+def _text_batch(tokens: RowReader, length: RowReader, rows: np.ndarray, device: torch.device,
+                width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached report tokens and their real-token mask, cut to ``width`` tokens (default: the
+    batch's longest report; the padding cut changes no output, see ``trim_text_padding``):
+    ``[b, width, Dt]``, ``[b, width]``."""
     t = torch.from_numpy(tokens.take(rows)).to(device)
     n = torch.from_numpy(length.take(rows)).long().to(device)
-    return t, torch.arange(t.shape[1], device=device)[None] < n[:, None]
+    keep = torch.arange(t.shape[1], device=device)[None] < n[:, None]
+    if width is None:
+        return trim_text_padding(t, keep)
+    return t[:, :max(1, width)], keep[:, :max(1, width)]
 
 
 def raw_features(store: Store, rows: np.ndarray, kind: str = "pooled") -> np.ndarray:

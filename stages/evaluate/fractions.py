@@ -12,6 +12,8 @@ prefix that can hold them.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from core.errors import InputError
@@ -79,7 +81,19 @@ def check_subset(y: np.ndarray, names: list[str], fraction: float, n_split: int,
         for value, what in ((1, "positive"), (0, "negative"))[: 2 if need_negatives else 1]:
             if not np.any((col > 0.5) == bool(value)):
                 smallest = order_front / max(n_split, 1)
+                each = "a positive and a negative" if need_negatives else "a positive"
                 raise FractionTooSmallError(
                     f"label fraction {fraction:g} keeps {len(y)} of {n_split} training items, and label "
                     f"{name!r} has no {what} among them. Use a larger fraction (at least {smallest:.3g} here "
-                    f"keeps one {what} of every label), or leave the label out with labels=[...].")
+                    f"keeps one {what} of every label), or leave the label out with labels=[...]. At "
+                    f"{fraction:g}, {each} of every label ({order_front} item(s) here) need a training split of at "
+                    f"least {smallest_split(order_front, fraction):,} items, with at least one positive of each "
+                    "label in it.")
+
+
+def smallest_split(front: int, fraction: float) -> int:
+    """The fewest training items whose ``fraction`` subset holds ``front`` items (subset_size rounds)."""
+    n = max(front, math.ceil((front - 0.5) / fraction))
+    while subset_size(fraction, n) < front:
+        n += 1
+    return n

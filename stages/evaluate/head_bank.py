@@ -40,6 +40,7 @@ class Head:
     best_epoch: int = 0
     best_metric: float = float("nan")
     stale: int = 0
+    watch: float = -math.inf       # the best validation metric by the patience rule (min_delta)
     steps: int = 0
     best_steps: int = 0
     param: str = "lr"              # what ``lr`` holds: the learning rate, or a probe's L2 strength ("l2")
@@ -58,6 +59,39 @@ class Head:
 
 
 @dataclass(frozen=True)
+class HeadSchedule:
+    """How a head's learning rate moves: a cosine with warm restarts, stepped after every
+    optimiser step or once per epoch, with its period counted one way or another."""
+
+    name: str
+    per_epoch: bool                # stepped once per epoch (else after every optimiser step)
+    eta_min: float
+    period: Callable[["FitSettings", int, int], int]   # (settings, n items, validate every k steps) -> T_0
+    summary: str
+
+
+def _restart_period(s: "FitSettings", n: int, every: int) -> int:
+    return s.restart_epochs * every
+
+
+def _authors_period(s: "FitSettings", n: int, every: int) -> int:
+    """The authors' T_0, in epochs: ``restart_frac`` of the run's length counted in one GPU's steps
+    (ceil(n / (batch / replicas)) x epochs), or ``restart_epochs`` epochs without a fraction."""
+    if not s.restart_frac:
+        return s.restart_epochs
+    return int(s.restart_frac * math.ceil(n / max(1, s.batch_size // s.replicas)) * s.epochs)
+
+
+HEAD_SCHEDULES = {k.name: k for k in (
+    HeadSchedule("restarts", False, 0.0, _restart_period,
+                 "cosine with warm restarts every restart_epochs validations, stepped per optimiser step"),
+    HeadSchedule("epoch-restarts", True, 1e-8, _authors_period,
+                 "the authors' (Lightning's default interval): CosineAnnealingWarmRestarts(eta_min 1e-8) stepped once "
+                 "per epoch, T_0 = restart_frac x the run's steps (one GPU's), or restart_epochs epochs"),
+)}
+
+
+@dataclass(frozen=True)
 class FitSettings:
     epochs: int
     batch_size: int
@@ -67,10 +101,24 @@ class FitSettings:
     seed: int
     min_steps: int = 0
     max_steps: int = 0             # 0: no cap
+    schedule_name: str = "restarts"  # a key of HEAD_SCHEDULES
+    restart_frac: float = 0.0
+    replicas: int = 1              # the authors' GPUs: their T_0 counts one GPU's steps
+    min_delta: float = 0.0         # patience: a validation must beat the best by more than this
+    val_every: int = 0             # validate every k epochs of ``epochs`` (0: ``epochs`` validations)
+
+    @classmethod
+    def of(cls, heads, epochs: int, batch_size: int, seed: int, min_steps: int, max_steps: int,
+           val_every: int = 0) -> "FitSettings":
+        """The settings from a HeadsConfig (``heads``) and the task's own length and batch."""
+        return cls(epochs, batch_size, heads.weight_decay, heads.patience, heads.restart_epochs, seed, min_steps,
+                   max_steps, heads.schedule, heads.restart_frac, heads.replicas, heads.min_delta, val_every)
 
     def schedule(self, n: int) -> tuple[int, int, int]:
         """(steps per epoch, epochs, validate every k epochs) for n training items."""
         steps = max(1, n // self.batch_size + (n % self.batch_size > 1))
+        if self.val_every:
+            return steps, self.epochs, self.val_every
         epochs = max(self.epochs, math.ceil(self.min_steps / steps))
         return steps, epochs, math.ceil(epochs / self.epochs)
 
@@ -147,9 +195,11 @@ class HeadBank:
     def fit(self, x: Tensor, y: Tensor, has_val: bool) -> dict[str, Head]:
         s = self.s
         total, every, per_epoch = s.plan(len(x))
+        kind = HEAD_SCHEDULES[s.schedule_name]
+        period = max(1, kind.period(s, len(x), every))
         for h in self.heads:
             h.opt = torch.optim.AdamW(h.module.parameters(), lr=h.lr, weight_decay=s.weight_decay)
-            h.sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(h.opt, T_0=max(1, s.restart_epochs * every))
+            h.sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(h.opt, T_0=period, eta_min=kind.eta_min)
         gen = torch.Generator().manual_seed(s.seed)
         batches = self._stream(len(x), gen)
         for step in range(1, total + 1):
@@ -157,9 +207,9 @@ class HeadBank:
             xb, yb = x[idx].float(), y[idx]
             for h in self.heads:
                 if h.active:
-                    self._step(h, xb, yb)
+                    self._step(h, xb, yb, not kind.per_epoch or step % per_epoch == 0)
                     h.steps += 1
-            if step % every == 0 or step == total:
+            if step % every == 0 or (step == total and not s.val_every):
                 self._validate(math.ceil(step / per_epoch), has_val)
                 if not any(h.active for h in self.heads):
                     break
@@ -177,13 +227,14 @@ class HeadBank:
             out = out[:-1]
         return out
 
-    def _step(self, h: Head, xb: Tensor, yb: Tensor) -> None:
+    def _step(self, h: Head, xb: Tensor, yb: Tensor, schedule: bool = True) -> None:
         h.module.train()
         loss = self.loss(h.module(xb), yb)
         h.opt.zero_grad(set_to_none=True)
         loss.backward()
         h.opt.step()
-        h.sched.step()
+        if schedule:
+            h.sched.step()
 
     def _validate(self, epoch: int, has_val: bool) -> None:
         for h in self.heads:
@@ -191,10 +242,14 @@ class HeadBank:
                 continue
             metric, val_loss = self.score(h.module) if has_val else (float("nan"), float("nan"))
             key = (metric if np.isfinite(metric) else -math.inf, -val_loss if np.isfinite(val_loss) else -math.inf)
+            # patience counts from the last validation that beat the best by more than min_delta (as
+            # Lightning's EarlyStopping); the kept weights are the best validation's, however small its gain
+            progress = key > h.best_key if not self.s.min_delta else key[0] > h.watch + self.s.min_delta
             if not has_val or key > h.best_key:
                 h.best_key, h.best_epoch, h.best_metric, h.best_steps = key, epoch, metric, h.steps
                 h.best_state = copy.deepcopy(h.module.state_dict())
-                h.stale = 0
+            if not has_val or progress:
+                h.watch, h.stale = max(h.watch, key[0]), 0
             else:
                 h.stale += 1
                 if h.stale >= self.s.patience:

@@ -7,7 +7,7 @@ A head task trains small heads on frozen features over label fractions and seeds
 2. :func:`fit_grid`: for every seed and fraction, the task's ``fit`` trains its heads on
    that subset and returns one run record per head kind.
 3. :func:`summarise`: per head kind and fraction, the mean and std over seeds and a
-   bootstrap CI of the seed-averaged metric on the test set.
+   bootstrap CI of the seed-averaged metric on the test set (a :class:`~pipeline.records.HeadCell`).
 
 A task supplies what differs: its targets, its heads, its metrics and its tables.
 """
@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.records import HeadCell
+from pipeline.tables import Figure
 from stages.evaluate import metrics as M
 from stages.evaluate.context import EvalContext
 from stages.evaluate.fractions import plan_subsets
@@ -25,12 +27,13 @@ Plan = dict[int, dict[float, np.ndarray]]   # {seed: {fraction: row indices into
 
 
 def draw_subsets(ctx: EvalContext, y_train: np.ndarray, names: list[str], train_positions: np.ndarray,
-                 need_negatives: bool = True) -> Plan:
+                 need_negatives: bool = True, whole: bool = False) -> Plan:
     """Every seed's training subset of every fraction (published ones where the dataset has
-    them), each checked to hold what its targets need; their item ids go to subsets.json."""
+    them), each checked to hold what its targets need; their item ids go to subsets.json (100%
+    too with ``whole``: training items that were themselves chosen, e.g. balanced)."""
     plan = plan_subsets(y_train, names, ctx.cfg.fractions, ctx.seeds, need_negatives,
                         ctx.fixed_subsets(train_positions))
-    ctx.save_subsets(plan, train_positions)
+    ctx.save_subsets(plan, train_positions, whole)
     return plan
 
 
@@ -48,30 +51,28 @@ def fit_grid(ctx: EvalContext, plan: Plan, kinds: list[str],
     return runs
 
 
-def summarise(ctx: EvalContext, rs: list[dict], n_test: int, metrics: Callable[[dict, np.ndarray], dict],
-              skip_nan: bool) -> dict:
+def summarise(ctx: EvalContext, fraction: float, rs: list[dict], n_test: int,
+              metrics: Callable[[dict, np.ndarray], dict], skip_nan: bool) -> HeadCell:
     """Mean and std over the seeds' runs ``rs`` of every metric in their ``test`` records, and a
     bootstrap CI of the seed-averaged metric on the ``n_test`` test items, where
     ``metrics(run, w)`` gives a run's metrics as ``[B]`` arrays over bootstrap multiplicities ``w``.
     ``skip_nan``: a run whose metric is undefined (NaN) is left out of the mean and std."""
     keys = list(rs[0]["test"])
-    summary = {}
-    for k in keys:
-        v = np.array([r["test"][k] for r in rs], dtype=np.float64)
-        summary[k] = _spread(v, skip_nan)
-        summary[k]["n_seeds"] = len(rs)
+    seeds = tuple(int(r["seed"]) for r in rs)
+    spread = {k: _spread(np.array([r["test"][k] for r in rs], dtype=np.float64), skip_nan) for k in keys}
 
     def seed_mean(w: np.ndarray) -> dict[str, np.ndarray]:
         per = [metrics(r, w) for r in rs]
         return {k: np.mean([m[k] for m in per], axis=0) for k in keys}
 
-    for k, ci in M.bootstrap_cis(seed_mean, n_test, ctx.cfg.bootstrap, ctx.cfg.seed, ctx.cfg.ci).items():
-        summary[k]["ci"] = list(ci)
-    return {"runs": rs, "summary": summary}
+    cis = M.bootstrap_cis(seed_mean, n_test, ctx.cfg.bootstrap, ctx.cfg.seed, ctx.cfg.ci)
+    summary = {k: Figure(mean, std, tuple(cis[k]) if k in cis else None, len(rs), seeds)
+               for k, (mean, std) in spread.items()}
+    return HeadCell(fraction, summary, rs)
 
 
-def _spread(v: np.ndarray, skip_nan: bool) -> dict:
+def _spread(v: np.ndarray, skip_nan: bool) -> tuple[float, float]:
     if skip_nan:
-        return {"mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
-                "std": float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0}
-    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+        return (float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
+                float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0)
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0

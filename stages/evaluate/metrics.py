@@ -4,8 +4,8 @@
   the average-rank formula). It is NaN when the labels hold only one class.
 * Dice and IoU start from per-image overlap counts (intersection, predicted and true
   pixels) collected over the whole test set; every summary is a mean of per-image
-  scores, never a mean of per-batch means. The three Dice conventions of PAPER.md
-  (flaw 3) are separate functions.
+  scores, never a mean of per-batch means. The three Dice conventions of
+  docs/concepts/method.md (flaw 3) are separate functions.
 * Bootstrap. A resample of n test items is a row of multiplicities ``w`` (how often each
   item was drawn). Every metric here accepts ``w`` of shape ``[B, n]`` and then returns
   its ``B`` resampled values at once; without ``w`` it returns the plain estimate (all
@@ -25,6 +25,7 @@ CHUNK = 100  # resamples drawn and scored together (bounds memory at CHUNK x n)
 # resample repeats items, which adds noise to each bin's observed frequency, and noise only ever
 # widens the absolute gap |confidence - frequency|.
 BIASED = ("ece",)
+LOWER_IS_BETTER = ("ece",)   # metrics where a smaller figure is better (the rest: larger)
 
 
 def _weights(w: np.ndarray | None, n: int) -> tuple[np.ndarray, bool]:

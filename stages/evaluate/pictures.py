@@ -16,8 +16,7 @@ from stages.evaluate.context import EvalContext
 def input_view(ctx: EvalContext, position: int) -> np.ndarray | None:
     """Item ``position``'s plain (un-augmented) encoder input as ``[S, S]`` float in [0, 1], the
     grid its masks are on; None (with a note) when its file cannot be read."""
-    pre = ctx.data.image.attrs["spec"]["preprocess"]
-    p = Preprocess(pre["resize_size"], pre["input_size"], tuple(pre["mean"]), tuple(pre["std"]))
+    p = Preprocess.from_dict(ctx.data.image.attrs["spec"]["preprocess"])
     item = ctx.data.items.iloc[int(position)]
     try:
         _, img = read_and_decode(item.image)

@@ -19,10 +19,10 @@ from cache.index import DatasetIndex
 from cache.keys import normalise_report, text_key
 from cache.store import Store
 from pipeline.devices import resolve_device
-from pipeline.prompts import PROMPT_DIR, PromptError, load_prompts, prompt_path
+from pipeline.prompts import PromptError, load_prompts, prompt_path
 from stages.embed.stage import EmbedConfig, embed_modality
 
-__all__ = ["PROMPT_DIR", "PromptError", "embed_texts", "embed_texts_store", "load_prompts", "prompt_path"]
+__all__ = ["PromptError", "embed_texts", "embed_texts_store", "load_prompts", "prompt_path"]
 
 
 def embed_texts(texts: list[str], encoder_name: str, cache_root: Path, device: str = "auto") -> np.ndarray:

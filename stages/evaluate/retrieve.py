@@ -20,13 +20,16 @@ import torch
 from core.atomic import atomic_write_text
 from core.console import err, progress, escape
 from core.errors import InputError
+from pipeline.methods import Method
 from pipeline.models.ranking import match_ranks, reranked_ranks
 from stages.evaluate import metrics as M
+from stages.evaluate import native
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.features import raw_features
 from stages.evaluate.pictures import thumbnails
 from stages.evaluate.plots import recall_bars
-from stages.evaluate.tables import add_estimates_row, add_row, interval_note, make_table, value_cell
+from pipeline.records import DIRECTIONS, Candidate, Examples, MethodResult, Query
+from stages.evaluate.tables import Column, Table, add_estimates_row, add_row, interval_note, make_table, value_cell
 
 KS = (1, 5, 10)
 
@@ -164,43 +167,57 @@ def run(ctx: EvalContext) -> TaskResult:
     if distinct < len(test):
         ctx.note(f"{len(test) - distinct} of {len(test)} test reports repeat another one word for word; a tie "
                  "with the true match counts as a hit (candidates must score strictly higher to outrank it)")
-    methods, shown = [], None  # shown: the (image, text) embeddings the examples are drawn from (the first method's)
-    if ctx.adaptor is not None:
-        img, txt = adaptor_pair(ctx, img_rows, ctx.data.text, txt_rows)
-        methods.append({"name": ctx.adaptor_name(), "features": "adaptor", **recall_figures(plain_ranks(img, txt), ctx)})
-        shown = img, txt
-        if ctx.adaptor.has_match_head and ctx.cfg.retrieval.rerank_k > 1:
-            ranks = itm_reranked_ranks(ctx, img, txt, img_rows, txt_rows)
-            methods.append({"name": f"{ctx.adaptor_name()} + ITM re-rank of top {ctx.cfg.retrieval.rerank_k}",
-                            "features": "adaptor", **recall_figures(ranks, ctx)})
-    img, txt = linear_map_pair(ctx, img_rows, ctx.data.text, txt_rows)
-    methods.append({"name": f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "features": "linear-map",
-                    **recall_figures(plain_ranks(img, txt), ctx)})
-    shown = (img, txt) if shown is None else shown
-    pair, why = raw_pair(ctx, img_rows, ctx.data.text, txt_rows)
-    base = {"name": ctx.baseline_name(with_text=True), "features": "backbone", "note": why}
-    ctx.note(f"{base['name']}: {why}")
-    methods.append({**base, **recall_figures(plain_ranks(*pair), ctx)} if pair is not None
-                   else {**base, "applicable": False})
+    methods, shown = _methods(ctx, img_rows, txt_rows)
     result = TaskResult(methods=methods, tables=[_table(ctx, methods, len(test))])
     result.data = {"splits": {"test": int(len(test))}, "distinct_reports": distinct,
                    "chance": {f"R@{k}": min(1.0, k / len(test)) for k in KS}}
-    ok = {m["name"]: m["recall"] for m in methods if "recall" in m}
+    ok = {m.method.name: m.figures["recall"] for m in methods if "recall" in m.figures}
     chance = {f"{d} R@{k}": min(1.0, k / len(test)) for d in ("image→text", "text→image") for k in KS}
     title = f"retrieval · {ctx.dataset_name} · {len(test)} test pairs"
     result.plots.append(str(recall_bars(ok, ctx.out / "recall.png", title, chance)))
-    result.files.update(save_examples(ctx, shown, test, methods[0]["name"]))
+    result.files.update(save_examples(ctx, shown, test, methods[0].method.name))
     err.print(f"retrieval over {len(test)} test pairs ({escape(str(distinct))} distinct reports)")
     return result
 
 
-def _table(ctx: EvalContext, methods: list[dict], n: int) -> dict:
-    cols = [f"{d} R@{k}" for d in ("image→text", "text→image") for k in KS]
-    t = make_table("retrieval · recall@K on the test split (%)", "recall", cols,
+def _methods(ctx: EvalContext, img_rows: np.ndarray, txt_rows: np.ndarray
+             ) -> tuple[list[MethodResult], tuple[np.ndarray, np.ndarray]]:
+    """Every method's figures, and the (image, text) embeddings the examples are drawn from (the first method's)."""
+    methods, shown = [], None
+    if ctx.adaptor is not None:
+        img, txt = adaptor_pair(ctx, img_rows, ctx.data.text, txt_rows)
+        ours = ctx.adaptor_method()
+        methods.append(MethodResult(ours, "adaptor", figures=recall_figures(plain_ranks(img, txt), ctx)))
+        shown = img, txt
+        if ctx.adaptor.has_match_head and ctx.cfg.retrieval.rerank_k > 1:
+            ranks = itm_reranked_ranks(ctx, img, txt, img_rows, txt_rows)
+            rerank = Method(f"{ours.name} + ITM re-rank of top {ctx.cfg.retrieval.rerank_k}", "adaptor", ours.base,
+                            ours.mode, variant="itm-rerank")
+            methods.append(MethodResult(rerank, "adaptor", figures=recall_figures(ranks, ctx)))
+    if native.applies(ctx):   # the pair's own joint space: the baseline an Adaptor must beat
+        img, txt = native.pair(ctx, img_rows, ctx.data.text, txt_rows)
+        methods.append(MethodResult(ctx.native_method(with_text=True), native.NATIVE,
+                                    figures=recall_figures(plain_ranks(img, txt), ctx)))
+        shown = (img, txt) if shown is None else shown
+    img, txt = linear_map_pair(ctx, img_rows, ctx.data.text, txt_rows)
+    linear = Method(f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "linear-map")
+    methods.append(MethodResult(linear, "linear-map", figures=recall_figures(plain_ranks(img, txt), ctx)))
+    shown = (img, txt) if shown is None else shown
+    pair, why = raw_pair(ctx, img_rows, ctx.data.text, txt_rows)
+    baseline = ctx.baseline_method(with_text=True)
+    ctx.note(f"{baseline.name}: {why}")
+    figures = recall_figures(plain_ranks(*pair), ctx) if pair is not None else {"applicable": False}
+    methods.append(MethodResult(baseline, "backbone", figures={"note": why, **figures}))
+    return methods, shown
+
+
+def _table(ctx: EvalContext, methods: list[MethodResult], n: int) -> Table:
+    cols = {Column(f"{d} R@{k}"): k for d in ("image→text", "text→image") for k in KS}
+    t = make_table("retrieval", f"recall@K on {ctx.scored}", "recall", list(cols),
                    interval_note(ctx.cfg.ci, n, ctx.cfg.bootstrap))
     for m in methods:
-        add_estimates_row(t, m["name"], m.get("recall"), m.get("ci"))
-    add_row(t, f"chance ({n} candidates)", {c: value_cell(min(1.0, int(c.rsplit('@', 1)[1]) / n)) for c in cols})
+        add_estimates_row(t, m.method, m.figures.get("recall"), m.figures.get("ci"))
+    add_row(t, Method(f"chance ({n} candidates)", "chance"), {c.name: value_cell(min(1.0, k / n)) for c, k in cols.items()})
     return t
 
 
@@ -215,12 +232,12 @@ def example_queries(n: int, count: int, offset: float = 0.0) -> list[int]:
     return sorted({int((i + offset) * n / count) % n for i in range(count)})
 
 
-def _ranked(scores: np.ndarray, same: np.ndarray, ids: np.ndarray) -> dict:
+def _ranked(query: str, scores: np.ndarray, same: np.ndarray, ids: np.ndarray) -> Query:
     """The top candidates of one query, the true one(s) marked, and the rank of the first true one."""
     order = np.argsort(-scores, kind="stable")
     true_rank = int(np.flatnonzero(same[order])[0]) + 1 if same.any() else None
-    return {"true_rank": true_rank, "top": [{"id": str(ids[j]), "score": round(float(scores[j]), 4),
-                                             "true": bool(same[j])} for j in order[:TOP]]}
+    return Query(query, true_rank, [Candidate(str(ids[j]), round(float(scores[j]), 4), bool(same[j]))
+                                    for j in order[:TOP]])
 
 
 def save_examples(ctx: EvalContext, shown: tuple[np.ndarray, np.ndarray], test: np.ndarray, method: str) -> dict:
@@ -235,20 +252,20 @@ def save_examples(ctx: EvalContext, shown: tuple[np.ndarray, np.ndarray], test: 
     rows = ctx.data.text_rows[test]  # a repeated report is a hit: same text row
     i2t, t2i, texts, pictures = [], [], set(), set()
     for q in example_queries(len(test), EXAMPLE_QUERIES[0]):
-        r = _ranked(txt @ img[q], rows == rows[q], ids)
-        i2t.append({"query": str(ids[q]), **r})
+        r = _ranked(str(ids[q]), txt @ img[q], rows == rows[q], ids)
+        i2t.append(r)
         pictures.add(q)
-        texts.update(c["id"] for c in r["top"])
+        texts.update(c.id for c in r.top)
     for q in example_queries(len(test), EXAMPLE_QUERIES[1], offset=0.5):
-        r = _ranked(img @ txt[q], rows == rows[q], ids)
-        t2i.append({"query": str(ids[q]), **r})
+        r = _ranked(str(ids[q]), img @ txt[q], rows == rows[q], ids)
+        t2i.append(r)
         texts.add(str(ids[q]))
-        pictures.update(int(np.flatnonzero(ids == c["id"])[0]) for c in r["top"])
+        pictures.update(int(np.flatnonzero(ids == c.id)[0]) for c in r.top)
     thumbs = thumbnails(ctx, test[sorted(pictures)])
-    examples = {"method": method, "k": TOP, "n_test": int(len(test)), "image_to_text": i2t, "text_to_image": t2i,
-                "reports": {str(i): str(t) for i, t in zip(ids, reports) if str(i) in texts}}
+    examples = Examples(method, TOP, int(len(test)), dict(zip(DIRECTIONS, (i2t, t2i))),
+                        {str(i): str(t) for i, t in zip(ids, reports) if str(i) in texts})
     files = {"examples": ctx.out / "examples.json", "thumbnails": ctx.out / "thumbnails.npz"}
-    atomic_write_text(files["examples"], json.dumps(examples, indent=1))
+    atomic_write_text(files["examples"], json.dumps(examples.to_dict(), indent=1))
     np.savez_compressed(files["thumbnails"], ids=np.array(list(thumbs), dtype=str),
                         images=np.stack(list(thumbs.values())) if thumbs else np.zeros((0, 1, 1), np.uint8))
     return files

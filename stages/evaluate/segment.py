@@ -3,7 +3,7 @@
 Input tokens are the frozen Adaptor's per-token image outputs (tokens mode:
 ``encode_image(return_tokens=True)``) or the backbone's cached patch tokens (no Adaptor,
 and pooled mode, whose Adaptor has no per-token path). Loss: alpha * focal + dice. Dice
-is reported three ways (PAPER.md, flaw 3) and as pooled pixels, IoU two ways; all from
+is reported three ways (docs/concepts/method.md, flaw 3) and as pooled pixels, IoU two ways; all from
 per-image counts over the whole test split.
 """
 from __future__ import annotations
@@ -16,20 +16,25 @@ import torch
 from pipeline.datasets.mask_targets import geometry, load_masks
 from core.console import err, progress, escape
 from core.errors import InputError
-from pipeline.models.heads import SegDecoder, segmentation_loss, tokens_to_grid
+from pipeline.methods import Method
+from pipeline.models.heads import SEG_DECODERS, segmentation_loss, tokens_to_grid
+from pipeline.records import MethodResult, overlay_keys
 from stages.evaluate import metrics as M
 from stages.evaluate.context import FEATURE_SOURCES, EvalContext, TaskResult
 from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, Rows, iter_predict
 from stages.evaluate.pictures import input_view, to_uint8
 from stages.evaluate.plots import overlays
-from stages.evaluate.tables import add_row, fraction_label, interval_note, make_table, summary_cell, value_cell
+from stages.evaluate.tables import (Cell, Table, add_row, fraction_columns, fraction_label, interval_note,
+                                    make_table, summary_cell, value_cell)
 
-TABLES = (("dice_positive", "Dice on images with a non-empty true mask"),
-          ("dice_empty_is_one", "Dice over all images, empty prediction on empty mask = 1 (the authors')"),
-          ("dice_global", "Dice of all test pixels pooled"),
-          ("iou_positive", "IoU on images with a non-empty true mask"),
-          ("iou_empty_is_one", "IoU over all images, empty on empty = 1"))
+# (metric, title, the metric of the all-empty predictor's reference row or ""), one table each
+TABLES = (("dice_positive", "Dice on images with a non-empty true mask", ""),
+          ("dice_empty_is_one", "Dice over all images, empty prediction on empty mask = 1 (the authors')",
+           "dice_all_empty_baseline"),
+          ("dice_global", "Dice of all test pixels pooled", ""),
+          ("iou_positive", "IoU on images with a non-empty true mask", ""),
+          ("iou_empty_is_one", "IoU over all images, empty on empty = 1", ""))
 
 
 class NoMasksError(InputError):
@@ -51,14 +56,16 @@ def resolve_target(ctx: EvalContext) -> str:
     return target
 
 
-def token_sets(ctx: EvalContext) -> list[tuple[str, str]]:
-    """(row name, source) of the token features to decode."""
+def token_sets(ctx: EvalContext) -> list[tuple[Method, str]]:
+    """(method, source) of the token features to decode."""
     a = ctx.adaptor
     if a is not None and not a.mode.per_token_image:
         ctx.note(f"the checkpoint is a {a.mode.name}-mode Adaptor, which has no per-token path: its segmentation "
                  "row decodes the backbone's raw cached patch tokens (the same input as the no-Adaptor baseline)")
-        return [(f"{ctx.adaptor_name()} [{a.mode.name} mode: raw patch tokens]", "backbone")]
-    return ctx.feature_sets()
+        ours = ctx.adaptor_method()
+        return [(Method(f"{ours.name} [{a.mode.name} mode: raw patch tokens]", "adaptor", ours.base, a.mode.name,
+                        variant="raw-tokens"), "backbone")]
+    return [(method, source) for method, source in ctx.feature_sets() if FEATURE_SOURCES[source].tokens is not None]
 
 
 def token_grid_features(ctx: EvalContext, source: str, positions: np.ndarray) -> torch.Tensor:
@@ -92,23 +99,23 @@ def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int) -> tuple
     s, h = ctx.cfg.seg, ctx.cfg.heads
     torch.manual_seed(seed)
     grid, size = x_tr.shape[-1], y_tr.shape[-1]
-    heads = [Head("decoder", lr, SegDecoder(x_tr.shape[1], grid, size, s.channels).to(ctx.device)) for lr in h.lrs]
+    make = SEG_DECODERS[s.decoder]
+    heads = [Head("decoder", lr, make(x_tr.shape[1], grid, size, s.channels).to(ctx.device)) for lr in h.lrs]
 
     def loss(logits, target):
         return segmentation_loss(logits, target.float(), s.alpha, s.gamma)
 
     def score(module) -> tuple[float, float]:
         counts, val_loss = _evaluate(module, x_va, y_va, s.threshold, loss)
-        return M.dice_global(counts), val_loss
+        return float(M.SEGMENTATION_METRICS[s.select](counts)), val_loss
 
-    settings = FitSettings(s.epochs, s.batch_size, h.weight_decay, h.patience, h.restart_epochs, seed, s.min_steps,
-                           s.max_steps)
+    settings = FitSettings.of(h, s.epochs, s.batch_size, seed, s.min_steps, s.max_steps, s.val_every)
     bank = HeadBank(heads, loss, score, settings)
     return bank.fit(x_tr, y_tr, has_val=len(x_va) > 0)["decoder"], bank.sweep()
 
 
-def evaluate_tokens(ctx, name, x, masks, pos, plan, cases: list[tuple[int, str]] | None,
-                    tick) -> tuple[dict, dict]:
+def evaluate_tokens(ctx, method: Method, source: str, x, masks, pos, plan, cases: list[tuple[int, str]] | None,
+                    tick) -> tuple[MethodResult, dict]:
     """Every (seed, fraction) for one token set; and its predictions on the overlay cases (the
     seed-0, largest-fraction decoder), choosing the cases when ``cases`` is None."""
     dev = ctx.device
@@ -124,7 +131,7 @@ def evaluate_tokens(ctx, name, x, masks, pos, plan, cases: list[tuple[int, str]]
         if seed == ctx.seeds[0] and f == max(ctx.cfg.fractions):
             shown.update(_shown(ctx, head, x_te, y_te, counts, cases))
         return {"decoder": {"seed": seed, "n_train": int(len(sub)), **head.record(),
-                            "val_dice_global": head.best_metric, "sweep": sweep,
+                            f"val_{ctx.cfg.seg.select}": head.best_metric, "sweep": sweep,
                             "test": {k: fn(counts) for k, fn in M.SEGMENTATION_METRICS.items()}, "counts": counts}}
 
     runs = fit_grid(ctx, plan, ["decoder"], fit, tick)["decoder"]
@@ -134,10 +141,10 @@ def evaluate_tokens(ctx, name, x, masks, pos, plan, cases: list[tuple[int, str]]
 
     cells = {}
     for f, rs in runs.items():
-        cells[fraction_label(f)] = summarise(ctx, rs, len(rs[0]["counts"]), metrics, skip_nan=False)
+        cells[fraction_label(f)] = summarise(ctx, f, rs, len(rs[0]["counts"]), metrics, skip_nan=False)
         for r in rs:
             r.pop("counts")
-    return {"name": name, "feature_shape": list(x.shape[1:]), "heads": {"decoder": cells}}, shown
+    return MethodResult(method, source, {"decoder": cells}, {"feature_shape": list(x.shape[1:])}), shown
 
 
 def _shown(ctx, head, x_te, y_te, counts: np.ndarray, cases: list[tuple[int, str]] | None) -> dict:
@@ -174,30 +181,52 @@ def run(ctx: EvalContext) -> TaskResult:
     err.print(f"masks: {len(kept):,} {escape(repr(target))} masks on the {escape(str(masks_np.shape[-1]))}px input grid "
               f"({'read ' + str(read) + ' mask files' if read else 'all from the mask cache'})")
     positive = masks_np.reshape(len(kept), -1).any(1)
-    plan = draw_subsets(ctx, positive[pos["train"]], [f"mask {target} (non-empty)"], kept[pos["train"]])
+    if ctx.cfg.seg.balance_negatives:
+        pos["train"] = balanced_negatives(ctx, pos["train"], positive)
+    plan = draw_subsets(ctx, positive[pos["train"]], [f"mask {target} (non-empty)"], kept[pos["train"]],
+                        whole=ctx.cfg.seg.balance_negatives)
     masks = torch.from_numpy(masks_np.view(np.uint8))  # the same bytes (bool is one byte): no second copy
     sets = token_sets(ctx)
     methods, shown = [], []
     with progress() as bar:
         task = bar.add_task("train decoders", total=len(sets) * len(ctx.seeds) * len(ctx.cfg.fractions))
-        for name, source in sets:
+        for method, source in sets:
             x = token_grid_features(ctx, source, kept)
             cases = shown[0]["cases"] if shown else None  # every method on the first one's cases
-            m, preds = evaluate_tokens(ctx, name, x, masks, pos, plan, cases, lambda: bar.advance(task))
-            methods.append({**m, "features": source})
+            m, preds = evaluate_tokens(ctx, method, source, x, masks, pos, plan, cases, lambda: bar.advance(task))
+            methods.append(m)
             shown.append(preds)
     result = TaskResult(methods=methods, tables=_tables(ctx, methods, len(pos["test"])))
     result.data = {"target": target, "mask_size": int(masks_np.shape[-1]), "geometry": list(geometry(spec)),
                    "splits": {k: int(len(v)) for k, v in pos.items()},
                    "positive_masks": {k: int(positive[v].sum()) for k, v in pos.items()}, "mask_files_read": read,
+                   "balanced_negatives": bool(ctx.cfg.seg.balance_negatives),
                    "fractions": {fraction_label(f): {str(s): int(len(plan[s][f])) for s in plan}
                                  for f in ctx.cfg.fractions}}
     result.data["overlays"] = {"fraction": fraction_label(max(ctx.cfg.fractions)), "seed": ctx.seeds[0],
-                               "threshold": ctx.cfg.seg.threshold, "chosen_by": methods[0]["name"],
-                               "methods": [m["name"] for m in methods]}
+                               "threshold": ctx.cfg.seg.threshold, "chosen_by": methods[0].method.name,
+                               "methods": [m.method.name for m in methods]}
     picture = _overlay_picture(ctx, result, kept[pos["test"]], masks_np[pos["test"]], shown, methods, target)
     result.plots += [str(picture)] if picture else []
     return result
+
+
+BALANCE_SEED = 42  # MGCA's SIIMImageDataset draws with numpy's global generator, seeded 42 at import
+
+
+def balanced_negatives(ctx: EvalContext, train: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """The training images with a non-empty mask and as many of the empty ones, drawn once as MGCA's
+    SIIM dataset does (``np.random.choice(negatives, n_positive, replace=False)`` from a generator
+    seeded 42, over the negatives in item order); the validation and test splits keep every image."""
+    pos, neg = train[positive[train]], train[~positive[train]]
+    if len(neg) <= len(pos):
+        ctx.note(f"balance_negatives: {len(neg):,} empty training masks, no more than the {len(pos):,} non-empty "
+                 "ones: all are kept")
+        return train
+    chosen = np.random.RandomState(BALANCE_SEED).choice(neg, size=len(pos), replace=False)
+    ctx.note(f"balance_negatives: training on the {len(pos):,} images with a non-empty mask and {len(pos):,} of the "
+             f"{len(neg):,} empty ones (as MGCA's SIIM dataset; validation and test keep every image)")
+    return np.sort(np.concatenate([pos, chosen]))
 
 
 def pick_cases(counts: np.ndarray, n: int) -> list[tuple[int, str]]:
@@ -218,20 +247,19 @@ def pick_cases(counts: np.ndarray, n: int) -> list[tuple[int, str]]:
     return [(int(i), "best") for i in best] + [(int(i), "worst") for i in worst]
 
 
-def _tables(ctx: EvalContext, methods: list[dict], n_test: int) -> list[dict]:
-    cols = [fraction_label(f) for f in ctx.cfg.fractions]
+def _tables(ctx: EvalContext, methods: list[MethodResult], n_test: int) -> list[Table]:
+    cols = fraction_columns(ctx.cfg.fractions)
     note = interval_note(ctx.cfg.ci, n_test, ctx.cfg.bootstrap, len(ctx.seeds), ctx.subsets_note)
     tables = []
-    for key, title in TABLES:
-        t = make_table(f"segmentation · {title} (%)", key, cols, note)
+    for key, title, reference in TABLES:
+        t = make_table("segmentation", title, key, cols, note)
         for m in methods:
-            cells = m["heads"]["decoder"]
-            add_row(t, f"{m['name']} (decoder)", {c: summary_cell(cells[c]["summary"][key]) for c in cols},
-                    {c: cells[c]["summary"][key] for c in cols})
-        if key == "dice_empty_is_one":
-            ref = methods[0]["heads"]["decoder"][cols[0]]["summary"]["dice_all_empty_baseline"]
-            add_row(t, "all-empty predictor (reference)",
-                    {c: value_cell(ref["mean"], ref.get("ci")) for c in cols}, {c: ref for c in cols})
+            cells = m.heads["decoder"]
+            add_row(t, m.method.with_head("decoder"), {c.name: summary_cell(cells[c.name].summary[key]) for c in cols})
+        if reference:  # what an empty mask everywhere scores here, the same in every column
+            ref = methods[0].heads["decoder"][cols[0].name].summary[reference]
+            add_row(t, Method("all-empty predictor (reference)", "all-empty"),
+                    {c.name: Cell(value_cell(ref.value, ref.ci).text, ref) for c in cols})
         tables.append(t)
     return tables
 
@@ -254,12 +282,13 @@ def _overlay_picture(ctx, result: TaskResult, test_items: np.ndarray, true: np.n
              shown[0]["pred"][j]) for n, j in enumerate(keep)]
     arrays = {"ids": np.array(ids), "kind": np.array([cases[j][1] for j in keep]),
               "image": np.stack([to_uint8(im) for im in images]), "true": true[[cases[j][0] for j in keep]] > 0,
-              "method_names": np.array([m["name"] for m in methods])}
+              "method_names": np.array([m.method.name for m in methods])}
     for mi, s in enumerate(shown):
-        arrays[f"pred{mi}"] = np.stack([s["pred"][j] for j in keep]).astype(bool)
-        arrays[f"dice{mi}"] = np.array([s["dice"][j] for j in keep], np.float32)
+        pred, dice = overlay_keys(mi)
+        arrays[pred] = np.stack([s["pred"][j] for j in keep]).astype(bool)
+        arrays[dice] = np.array([s["dice"][j] for j in keep], np.float32)
     result.files["overlays"] = ctx.out / "overlays.npz"
     np.savez_compressed(result.files["overlays"], **arrays)
-    title = (f"{target} · {methods[0]['name']} · {fraction_label(max(ctx.cfg.fractions))} labels, seed "
+    title = (f"{target} · {methods[0].method.name} · {fraction_label(max(ctx.cfg.fractions))} labels, seed "
              f"{ctx.seeds[0]} · threshold {ctx.cfg.seg.threshold} · best and worst test images by Dice")
     return overlays(rows, ctx.out / "overlays.png", title)

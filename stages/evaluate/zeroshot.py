@@ -8,16 +8,18 @@ test scores go to ``predictions.npz`` (``m<i>``: method ``i``'s ``[n, findings]`
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from core.errors import InputError
+from pipeline.methods import Method
 from pipeline.prompts import finding_scores, prompt_layout
+from pipeline.records import MethodResult, prediction_key
 from stages.evaluate import metrics as M
+from stages.evaluate import native
 from stages.evaluate.context import EvalContext, TaskResult
 from stages.evaluate.plots import roc_grid
 from stages.evaluate.prompts import PromptError, embed_texts_store, load_prompts, prompt_path
 from stages.evaluate.retrieve import LINEAR_MAP, adaptor_similarity, linear_map_similarity, raw_similarity
-from stages.evaluate.tables import add_estimates_row, interval_note, make_table
+from stages.evaluate.tables import Table, add_estimates_row, interval_note, make_table
 
 
 def _findings(ctx: EvalContext, prompts: dict) -> list[str]:
@@ -36,12 +38,24 @@ def _findings(ctx: EvalContext, prompts: dict) -> list[str]:
     return found
 
 
+def prompt_device(ctx: EvalContext) -> str:
+    """Where the prompts are encoded: into the store the reports are in, so in its arithmetic.
+    Reports embedded on CUDA (bf16 autocast, recorded in the store's spec) need the prompts
+    encoded on CUDA too, on the device this evaluation was given (``cuda:1`` stays ``cuda:1``);
+    reports embedded on the CPU need the CPU."""
+    if not ctx.data.text.attrs["spec"].get("compute"):
+        return "cpu"
+    if ctx.device.type != "cuda":
+        raise PromptError(f"the reports of {ctx.dataset_name!r} were embedded on CUDA (bf16), so the zero-shot prompts "
+                          f"must be encoded there too, and this evaluation runs on {ctx.device}: pass --device cuda "
+                          "(or cuda:N), or embed the dataset on the CPU")
+    return str(ctx.device)
+
+
 def prompt_rows(ctx: EvalContext, prompts: dict, findings: list[str]) -> tuple[np.ndarray, dict]:
     """Text-store rows of every prompt, and per finding the positions of its positive/negative prompts."""
     texts, where = prompt_layout(prompts, findings)
-    # into the store the reports are in: embedded on CUDA if they were (bf16), else on the CPU
-    cuda = bool(ctx.data.text.attrs["spec"].get("compute")) and torch.cuda.is_available()
-    store, rows = embed_texts_store(texts, ctx.text_encoder, ctx.root, "cuda" if cuda else "cpu")
+    store, rows = embed_texts_store(texts, ctx.text_encoder, ctx.root, prompt_device(ctx))
     if store.fingerprint != ctx.data.text.fingerprint:
         raise PromptError(f"the prompts were embedded with a {ctx.text_encoder} configuration (fingerprint "
                           f"{store.fingerprint[:16]}) other than the dataset's reports' "
@@ -73,28 +87,31 @@ def run(ctx: EvalContext) -> TaskResult:
     methods, curves, saved = [], {}, {}
     sims = []
     if ctx.adaptor is not None:
-        sims.append((ctx.adaptor_name(), "adaptor", adaptor_similarity(ctx, img_rows, ctx.data.text, rows), None))
-    sims.append((f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "linear-map",
+        sims.append((ctx.adaptor_method(), "adaptor", adaptor_similarity(ctx, img_rows, ctx.data.text, rows), None))
+    if native.applies(ctx):   # the pair's own joint space: the baseline an Adaptor must beat
+        sims.append((ctx.native_method(with_text=True), native.NATIVE,
+                     native.similarity(ctx, img_rows, ctx.data.text, rows), None))
+    sims.append((Method(f"{LINEAR_MAP} {ctx.backbone} → {ctx.text_encoder}", "linear-map"), "linear-map",
                  linear_map_similarity(ctx, img_rows, ctx.data.text, rows), None))
     sim, why = raw_similarity(ctx, img_rows, ctx.data.text, rows)
-    sims.append((ctx.baseline_name(with_text=True), "backbone", sim, why))
-    for name, kind, sim, why in sims:
-        m = {"name": name, "features": kind, **({"note": why} if why else {})}
+    sims.append((ctx.baseline_method(with_text=True), "backbone", sim, why))
+    for method, kind, sim, why in sims:
+        m = {"note": why} if why else {}
         if why:
-            ctx.note(f"{name}: {why}")
+            ctx.note(f"{method.name}: {why}")
         if sim is not None:
             scores = finding_scores(sim, where)
-            saved[f"m{len(methods)}"] = np.stack([scores[f] for f in findings], 1).astype(np.float32)
+            saved[prediction_key(len(methods))] = np.stack([scores[f] for f in findings], 1).astype(np.float32)
             m.update(figures(ctx, scores, y))
             for f, s in scores.items():
                 fpr, tpr = M.roc_curve(y[f], s)
-                curves.setdefault(f, []).append((f"{name} (AUROC {m['auroc'][f]:.3f})", fpr, tpr))
-        methods.append(m)
+                curves.setdefault(f, []).append((f"{method.name} (AUROC {m['auroc'][f]:.3f})", fpr, tpr))
+        methods.append(MethodResult(method, kind, figures=m))
     result = TaskResult(methods=methods, tables=[_table(ctx, methods, findings, len(test))])
     result.data = {"splits": {"test": int(len(test))}, "prompts": str(prompt_path(ctx.cfg.zero_shot.prompts)),
                    "findings": findings, "n_prompts": {f: {k: len(v) for k, v in prompts[f].items()} for f in findings},
                    "positives": {f: int(np.nansum(y[f])) for f in findings}}
-    title = f"zero-shot ROC · {ctx.dataset_name} · test split"
+    title = f"zero-shot ROC · {ctx.dataset_name} · {ctx.scored}"
     result.plots.append(str(roc_grid(curves, ctx.out / "roc.png", title)))
     result.files["predictions"] = ctx.out / "predictions.npz"
     np.savez_compressed(result.files["predictions"], ids=ctx.data.items.id.to_numpy()[test].astype(str),
@@ -102,10 +119,10 @@ def run(ctx: EvalContext) -> TaskResult:
     return result
 
 
-def _table(ctx: EvalContext, methods: list[dict], findings: list[str], n_test: int) -> dict:
+def _table(ctx: EvalContext, methods: list[MethodResult], findings: list[str], n_test: int) -> Table:
     cols = findings + ["macro"]
-    t = make_table("zero-shot · AUROC on the test split (%)", "auroc", cols,
+    t = make_table("zero-shot", f"AUROC on {ctx.scored}", "auroc", cols,
                    interval_note(ctx.cfg.ci, n_test, ctx.cfg.bootstrap))
     for m in methods:
-        add_estimates_row(t, m["name"], m.get("auroc"), m.get("ci"))
+        add_estimates_row(t, m.method, m.figures.get("auroc"), m.figures.get("ci"))
     return t

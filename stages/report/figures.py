@@ -7,36 +7,32 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from pipeline.methods import METHOD_KINDS, Method
 from stages.evaluate import metrics as M
 
 OURS = ["#1f6feb", "#d9480f", "#8250df", "#bf3989", "#0a7d8c", "#9a6700"]
-REFERENCE = {"no Adaptor": "#6e7781", "linear map": "#2da44e", "all-empty": "#57606a", "chance": "#57606a"}
+# The fixed colours of the references, by method kind (each kind's own, pipeline/methods.py:METHOD_KINDS);
+# other kinds take OURS.
+REFERENCE = {name: kind.colour for name, kind in METHOD_KINDS.items() if kind.colour}
 TRUTH, PREDICTION = (46, 160, 67), (230, 72, 30)
-_SUFFIX = re.compile(r"( \((mlp|linear|decoder)\))?( · .*)?$")
-
-
-def base_method(name: str) -> str:
-    """A row's method without its head kind or run suffix: the name colours are keyed by."""
-    return _SUFFIX.sub("", name).split(" [")[0].split(" + ITM re-rank")[0]
 
 
 class Palette:
-    """A colour per method, the same wherever it appears; references keep fixed greys and green."""
+    """A colour per method (its ``base``: the features, whatever the head or variant), the same wherever it
+    appears; references keep their kind's fixed colour (pipeline/methods.py:METHOD_KINDS)."""
 
     def __init__(self):
         self.colours: dict[str, str] = {}
 
-    def __call__(self, name: str) -> str:
-        key = base_method(name)
+    def __call__(self, method: Method) -> str:
+        key = method.base
         if key not in self.colours:
-            ref = next((c for prefix, c in REFERENCE.items() if key.startswith(prefix)), None)
-            ours = [c for k, c in self.colours.items() if c in OURS]
-            self.colours[key] = ref or OURS[len(ours) % len(OURS)]
+            ours = [c for c in self.colours.values() if c in OURS]
+            self.colours[key] = REFERENCE.get(method.kind) or OURS[len(ours) % len(OURS)]
         return self.colours[key]
 
 

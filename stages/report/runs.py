@@ -16,10 +16,8 @@ import numpy as np
 import yaml
 
 from core.errors import InputError
-
-# Data files of runs made before results.json listed them ("files"), by role.
-LEGACY_FILES = {"predictions": "predictions.npz", "overlays": "overlays.npz", "examples": "examples.json",
-                "thumbnails": "thumbnails.npz"}
+from pipeline.methods import Method, adaptor_method
+from pipeline.records import CheckpointInfo, EvalRecord, Examples, Provenance, load_results
 
 
 class ReportInputError(InputError):
@@ -29,26 +27,24 @@ class ReportInputError(InputError):
 @dataclass
 class EvalRun:
     path: Path                 # the run directory
-    results: dict              # its results.json
+    record: EvalRecord         # its results.json (pipeline.records)
     label: str = ""            # a short name for the page (the directory's name, made unique)
 
     @property
     def task(self) -> str:
-        return self.results.get("task", "?")
+        return self.record.task
 
     @property
     def dataset(self) -> str:
-        return self.results.get("dataset_name") or self.results.get("dataset") or "?"
+        return self.record.dataset_label
 
     @property
-    def checkpoint(self) -> dict | None:
-        return self.results.get("checkpoint")
+    def checkpoint(self) -> CheckpointInfo | None:
+        return self.record.checkpoint
 
     def file(self, role: str) -> Path | None:
         """The run's data file for ``role`` (predictions, overlays, examples, thumbnails), if present."""
-        name = (self.results.get("files") or {}).get(role) or LEGACY_FILES.get(role)
-        path = self.path / name if name else None
-        return path if path is not None and path.is_file() else None
+        return self.record.file(self.path, role)
 
     def npz(self, role: str) -> dict[str, np.ndarray] | None:
         path = self.file(role)
@@ -57,9 +53,10 @@ class EvalRun:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
-    def json(self, role: str) -> dict | None:
-        path = self.file(role)
-        return json.loads(path.read_text()) if path is not None else None
+    def examples(self) -> Examples | None:
+        """The retrieval examples it saved (examples.json), if any."""
+        path = self.file("examples")
+        return Examples.from_dict(json.loads(path.read_text())) if path is not None else None
 
 
 @dataclass
@@ -67,7 +64,7 @@ class TrainRun:
     path: Path                 # the training run directory (metrics.csv, config.yaml, checkpoints)
     rows: list[dict]           # metrics.csv, one row per epoch
     config: dict = field(default_factory=dict)
-    provenance: dict | None = None
+    provenance: Provenance = field(default_factory=Provenance)   # its provenance.json (empty when it has none)
     label: str = ""
 
     @property
@@ -75,9 +72,9 @@ class TrainRun:
         return str((self.config.get("adaptor") or {}).get("mode", "pooled"))
 
     @property
-    def method(self) -> str:
-        """The name its evaluation rows carry (``EvalContext.adaptor_name``)."""
-        return f"Adaptor ({self.mode}) {self.config.get('backbone', '?')} + {self.config.get('text_encoder', '?')}"
+    def method(self) -> Method:
+        """The method its evaluation rows are of (``EvalContext.adaptor_method``)."""
+        return adaptor_method(self.mode, self.config.get("backbone", "?"), self.config.get("text_encoder", "?"))
 
 
 @dataclass
@@ -98,11 +95,11 @@ def _num(v: str):
 def load_training(path: Path) -> TrainRun:
     with open(path / "metrics.csv", newline="") as f:
         rows = [{k: _num(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
-    config, prov = {}, None
+    config, prov = {}, Provenance()
     if (path / "config.yaml").is_file():
         config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     if (path / "provenance.json").is_file():
-        prov = json.loads((path / "provenance.json").read_text())
+        prov = Provenance.from_dict(json.loads((path / "provenance.json").read_text()))
     return TrainRun(path, rows, config, prov)
 
 
@@ -147,12 +144,12 @@ def expand(paths: list[Path]) -> list[tuple[str, Path]]:
 def _checkpoint_dir(run: EvalRun) -> Path | None:
     """The training run behind an evaluation's checkpoint: where it was, else beside the run."""
     ck = run.checkpoint
-    if not ck or not ck.get("path"):
+    if ck is None or not ck.path:
         return None
-    recorded = Path(ck["path"])
+    recorded = Path(ck.path)
     folder = recorded if recorded.suffix == "" else recorded.parent
     candidates = [folder]
-    cwd = (run.results.get("provenance") or {}).get("cwd")
+    cwd = run.record.provenance.cwd
     if cwd and not folder.is_absolute():
         candidates.append(Path(cwd) / folder)
     candidates += [run.path.parent / folder.name, run.path.parent.parent / folder.name]
@@ -172,15 +169,15 @@ def load_runs(paths: list[Path]) -> Runs:
     seen_train: dict[Path, TrainRun] = {}
     for kind, d in expand(paths):
         if kind == "eval":
-            evals.append(EvalRun(d, json.loads((d / "results.json").read_text())))
+            evals.append(EvalRun(d, load_results(d)))
         else:
             seen_train.setdefault(d.resolve(), load_training(d))
     for run in evals:
         folder = _checkpoint_dir(run)
         if folder is not None:
             seen_train.setdefault(folder.resolve(), load_training(folder))
-        elif run.checkpoint and run.checkpoint.get("path") not in missing:
-            missing.append(run.checkpoint["path"])
+        elif run.checkpoint and run.checkpoint.path not in missing:
+            missing.append(run.checkpoint.path)
     trainings = list(seen_train.values())
     for r, lab in zip(evals, _unique_labels([r.path for r in evals])):
         r.label = lab

@@ -9,14 +9,15 @@ Every cell is addressable by its id, ``<row>/<column>/<percent>`` (e.g.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, PRESET_DIR
+from pipeline import resources
+from pipeline.config import ConfigError
 
-PAPER_DIR = PRESET_DIR / "paper"
+PAPER = "paper"  # the package folder of the paper's tables and their recipes
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ DATASETS = {d.key: d for d in (
     Data("mimic", "mimic-cxr", 217_000, "MIMIC-CXR-JPG frontal images with a usable report (README, ~217k)"),
     Data("rsna", "rsna-pneumonia", 26_684, "RSNA Pneumonia stage 2: 26,684 labelled images"),
     Data("siim", "siim-pneumothorax", 12_047, "SIIM-ACR stage 1 PNG release: 10,675 train + 1,372 test images"),
-    Data("covidx", "covidx", 84_818, "COVIDx CXR-4: 84,818 images (v5: 14,258)"),
+    Data("covidx", "covidx", 30_530, "COVIDx9A, the authors' release: about 30,130 train + 400 test images "
+                                      "(CXR-4: 84,818)"),
 )}
 
 
@@ -78,6 +80,18 @@ class Published:
     protocol: str                    # linear probe, fine-tune, frozen Adaptor + MLP head, ...
     source: str
     values: dict[str, list[float | None]]   # column name -> one figure per fraction (None: not reported)
+    # column name -> which run each figure comes from (e.g. the text encoder of a "best" row's cell)
+    encoders: dict[str, list[str]] = field(default_factory=dict)
+    chosen: str = ""                 # how a row's figures were chosen, where they were (e.g. on the test set)
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """``pipe reproduce TABLE --fixed``: our fixes of the authors' flaws, as overrides of the recipe."""
+
+    pretrain: tuple[str, ...] = ()   # key=value for every pre-training
+    eval: tuple[str, ...] = ()       # key=value for every evaluation
+    metric: dict[str, str] = field(default_factory=dict)   # column name -> the metric the fixed table reports
 
 
 @dataclass(frozen=True)
@@ -94,10 +108,21 @@ class TableSpec:
     also: tuple[str, ...]            # further metrics, each a table of the same cells
     published: tuple[Published, ...] = ()
     notes: tuple[str, ...] = ()
+    variant: str = ""                # image encoders run as <name>-<variant> (their input geometry: pad, pad224)
+    split_sources: dict[str, dict[str, str]] = field(default_factory=dict)  # data -> {given source: the one read}
+    releases: dict[str, str] = field(default_factory=dict)   # data -> the release the authors used
+    authors: str = ""                # the authors' settings, with sources (a path under configs/paper/)
+    fixed: Fixed = Fixed()
+    raw: dict = field(default_factory=dict, compare=False, repr=False)   # the spec file as read
 
     @property
     def adaptor(self) -> bool:
         return self.pretrain_data is not None
+
+    def with_fixes(self) -> "TableSpec":
+        """The table under ``--fixed``: each column reports the fixed recipe's metric."""
+        columns = tuple(replace(c, metric=self.fixed.metric.get(c.name, c.metric)) for c in self.columns)
+        return replace(self, columns=columns)
 
     def cells(self) -> list[Cell]:
         """Every cell, rows first; the no-Adaptor cells (one row per image encoder) after them."""
@@ -115,7 +140,7 @@ class TableSpec:
 
 
 def table_names() -> list[str]:
-    return sorted(p.stem for p in PAPER_DIR.glob("*.yaml") if _is_table(p))
+    return [n for n in resources.names(PAPER) if _is_table(resources.folder(PAPER) / f"{n}.yaml")]
 
 
 def _is_table(path: Path) -> bool:
@@ -129,8 +154,8 @@ def load_table(name: str) -> TableSpec:
     """A table by name (``configs/paper/<name>.yaml``) or path; every problem in one message."""
     path = Path(name).expanduser()
     if not path.is_file():
-        path = PAPER_DIR / f"{name.removesuffix('.yaml')}.yaml"
-    if not path.is_file() or not _is_table(path):
+        path = resources.find(name, PAPER)
+    if path is None or not _is_table(path):
         raise ConfigError([f"table {name!r}: no such table; the paper's are: {', '.join(table_names())} "
                            "(configs/paper/), or give a table spec's path"], "pipe reproduce")
     raw = yaml.safe_load(path.read_text()) or {}
@@ -141,7 +166,8 @@ def load_table(name: str) -> TableSpec:
     return spec
 
 
-KEYS = {"title", "pretrain", "rows", "columns", "fractions", "baseline", "also", "published", "notes"}
+KEYS = {"title", "pretrain", "rows", "columns", "fractions", "baseline", "also", "published", "notes", "variant",
+        "split_sources", "releases", "authors", "fixed"}
 
 
 def _build(path: Path, raw: dict, problems: list[str]) -> TableSpec | None:
@@ -166,10 +192,15 @@ def _build(path: Path, raw: dict, problems: list[str]) -> TableSpec | None:
     fractions = tuple(float(f) for f in raw.get("fractions") or (0.01, 0.1, 1.0))
     published = tuple(_published(p, [c.name for c in columns], len(fractions), i, problems)
                       for i, p in enumerate(raw.get("published") or []))
+    fixed = raw.get("fixed") or {}
     return TableSpec(name=path.stem, path=path, title=str(raw.get("title", path.stem)), rows=rows,
                      columns=tuple(columns), fractions=fractions, pretrain_data=pre.get("data"),
                      pretrain_preset=pre.get("preset"), baseline=bool(raw.get("baseline", False)),
-                     also=tuple(raw.get("also") or ()), published=published, notes=tuple(raw.get("notes") or ()))
+                     also=tuple(raw.get("also") or ()), published=published, notes=tuple(raw.get("notes") or ()),
+                     variant=str(raw.get("variant") or ""), split_sources=dict(raw.get("split_sources") or {}),
+                     releases=dict(raw.get("releases") or {}), authors=str(raw.get("authors") or ""),
+                     fixed=Fixed(tuple(fixed.get("pretrain") or ()), tuple(fixed.get("eval") or ()),
+                                 dict(fixed.get("metric") or {})), raw=raw)
 
 
 def _published(p: dict, columns: list[str], n: int, i: int, problems: list[str]) -> Published:
@@ -179,7 +210,11 @@ def _published(p: dict, columns: list[str], n: int, i: int, problems: list[str])
     if bad or missing:
         problems.append(f"published[{i}]: needs method, protocol, source and {n} figures per column "
                         f"(wrong: {', '.join(missing + bad)})")
-    return Published(str(p.get("method", "?")), str(p.get("protocol", "?")), str(p.get("source", "?")), values)
+    encoders = {c: [str(e) for e in p["encoders"][c]] for c in columns if c in (p.get("encoders") or {})}
+    if any(len(v) != n for v in encoders.values()):
+        problems.append(f"published[{i}].encoders: one per fraction for each column it names")
+    return Published(str(p.get("method", "?")), str(p.get("protocol", "?")), str(p.get("source", "?")), values,
+                     encoders, str(p.get("chosen", "")))
 
 
 @dataclass
@@ -191,6 +226,12 @@ class Substitutions:
 
     def __call__(self, encoder: str) -> str:
         return self.names.get(encoder, encoder)
+
+    def image(self, encoder: str, variant: str) -> str:
+        """The image encoder that runs for the paper's ``encoder``: substituted, then its ``variant``
+        (``<name>-pad``: the authors' input geometry, ``pipeline/encoders/image.py``)."""
+        used = self(encoder)
+        return f"{used}-{variant}" if variant else used
 
     def label(self, encoder: str) -> str:
         used = self(encoder)

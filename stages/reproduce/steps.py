@@ -22,20 +22,33 @@ from pipeline.datasets import READERS, open_dataset
 from pipeline.datasets.shared_splits import SOURCES
 from pipeline.datasets.spec import parse_dataset_spec, with_option
 from pipeline.encoders import resolve_encoder_name
+from pipeline.encoders.stored import STORED_DTYPES
+from pipeline.encoders.remote import FLAG, runs_remote_code
 from core.errors import InputError
 from pipeline.models.checkpoint import checkpoint_hash, read_meta
+from pipeline.records import load_results
 from stages import embed, evaluate
 from stages import train as train_adaptor
 from stages.evaluate.features import resolve_checkpoint
+from stages.train.resume import differences
 from stages.reproduce.spec import DATASETS, Cell, Row, Substitutions, TableSpec
 
 # Throughput measured here (README, "Benchmarks"; 2-core x86_64 CPU), the basis of --plan's times:
 EMBED_DINOV2S_PER_S = 13.2     # bench/embed_overhead.py: `pipe embed`, DINOv2-S-sized ViT, 13.0-13.4 img/s
 EMBED_TINY_PER_S = 365.0       # same run, tiny-vit on 1,000 PNGs: 361-372 img/s
 TRAIN_POOLED_PER_S = 360.0     # bench/cached_vs_e2e.py: cached pooled step, DINOv2-S + BERT sized, 325-399 samples/s
-# Other encoders are scaled from the DINOv2-S rate by multiply-adds per item (an assumption, not a measurement):
-GMACS = {"dinov2-s": 6.1, "dinov2-b": 23.3, "resnet-ae": 7.8, "bert": 9.7, "biobert": 9.7, "clinicalbert": 9.7,
-         "pubmedbert": 9.7, "cxr-bert": 9.7}
+# Other encoders are scaled from the DINOv2-S rate by their forward cost per item, which each encoder's
+# config carries (``card.gflops``; an assumption about speed, not a measurement of it).
+RATE_BASIS = "dinov2-s"
+
+
+def embed_rate(encoder: str, modality: str | None = None) -> float | None:
+    """Items per second `pipe embed` of ``encoder`` manages on the 2-core CPU the basis was measured on:
+    scaled by cost from DINOv2-S's, and never above tiny-vit's, where decoding and overhead bound the rate."""
+    enc, basis = resolve_encoder_name(encoder, modality), resolve_encoder_name(RATE_BASIS)
+    if not enc.card.gflops:
+        return None
+    return min(EMBED_TINY_PER_S, EMBED_DINOV2S_PER_S * basis.card.gflops / enc.card.gflops)
 CHECKPOINT_BYTES = 16 * 12_207_617   # weights, best weights and AdamW's two moments, float32
 
 
@@ -81,6 +94,10 @@ class Context:
         return not self.only or any(step_id == o or step_id.startswith((o.rstrip("/+") + "/", o.rstrip("/+") + "+"))
                                     for o in self.only)
 
+    def image(self, encoder: str) -> str:
+        """The image encoder that runs for the paper's ``encoder`` (substituted, in the table's variant)."""
+        return self.substitute.image(encoder, self.spec.variant)
+
     def common(self) -> list[str]:
         return [f"device={json.dumps(self.device)}"] + ([f"cache={json.dumps(self.cache_arg)}"] if self.cache_arg
                                                        else [])
@@ -88,7 +105,9 @@ class Context:
 
 def dataset_specs(spec: TableSpec, data: dict[str, str], splits: dict[str, str]) -> dict[str, str]:
     """Reader specs for the table's datasets: a folder becomes ``<reader>:<folder>``; a split source
-    given for every dataset (key ``*``) applies where that source has files for the reader."""
+    given for every dataset (key ``*``) applies where that source has files for the reader; a table
+    may read another of the source's splits for a dataset (``split_sources``: RSNA segmentation
+    reads MGCA's detection split where ``--splits mgca`` is given)."""
     out = {}
     for key in spec.datasets:
         if key not in data:
@@ -96,6 +115,9 @@ def dataset_specs(spec: TableSpec, data: dict[str, str], splits: dict[str, str])
         reader = DATASETS[key].reader
         text = data[key] if parse_dataset_spec(data[key], READERS) is not None else f"{reader}:{data[key]}"
         source = splits.get(key) or splits.get("*")
+        if source:
+            name, colon, folder = source.partition(":")
+            source = spec.split_sources.get(key, {}).get(name, name) + colon + folder
         if source and (key in splits or reader in SOURCES.get(source.partition(":")[0], {})):
             text = with_option(text, "splits", source, READERS)
         out[key] = text
@@ -115,7 +137,7 @@ def embed_steps(ctx: Context) -> list[Step]:
             for row in ctx.spec.rows:
                 name = row.image if modality == "image" else row.text
                 if name and (modality == "image" or key == ctx.spec.pretrain_data):
-                    wanted[(key, modality, ctx.substitute(name))] = None
+                    wanted[(key, modality, ctx.image(name) if modality == "image" else ctx.substitute(name))] = None
     return [_embed_step(ctx, key, modality, encoder) for key, modality, encoder in wanted]
 
 
@@ -123,13 +145,14 @@ def _embed_step(ctx: Context, key: str, modality: str, encoder: str) -> Step:
     step_id = f"embed/{key}/{modality}/{encoder}"
     spec = ctx.data.get(key)
     b, t = (encoder, "none") if modality == "image" else ("none", encoder)
+    enc = resolve_encoder_name(encoder, modality)
     cmd = _cmd("pipe", "embed", "--dataset", spec or f"<{key}>", "--backbone", b, "--text-encoder", t,
-               "--allow-failures", *(["--cache", ctx.cache_arg] if ctx.cache_arg else []))
-    enc = resolve_encoder_name(encoder)
+               "--allow-failures", *(["--cache", ctx.cache_arg] if ctx.cache_arg else []),
+               *([FLAG] if runs_remote_code(enc) else []))
     folder = index_folder(ctx.root, open_dataset(spec, ctx.root, materialise=False).name) if spec else None
     store = _recorded_store(folder, modality, enc.name) if folder else None
     items = _items(folder, key)
-    rate = _embed_rate(enc.name)
+    rate = embed_rate(enc.name, modality)   # a -pad variant carries its base's cost card
     done = store is not None
     cfg = embed.EmbedConfig(dataset=spec or "", backbone=b, text_encoder=t, cache=ctx.cache_arg, device=ctx.device,
                             allow_failures=True)
@@ -151,35 +174,30 @@ def _items(folder: Path | None, key: str) -> int:
     return int(json.loads(meta.read_text())["items"]) if meta and meta.is_file() else DATASETS[key].approx_items
 
 
-def _embed_rate(encoder: str) -> float | None:
-    if encoder.startswith("tiny-"):
-        return EMBED_TINY_PER_S
-    return EMBED_DINOV2S_PER_S * GMACS["dinov2-s"] / GMACS[encoder] if encoder in GMACS else None
-
-
 def row_bytes(enc) -> int:
-    """Bytes one item takes in a store: float16 tokens, float32 pooled vector (and an int32 length)."""
+    """Bytes one item takes in a store: its tokens and pooled vector (and a report's length, and an
+    encoder with a joint space its projected vector), in the dtypes stage one stores
+    (pipeline/encoders/stored.py:STORED_DTYPES)."""
+    size = {k: dtype.itemsize for k, dtype in STORED_DTYPES.items()}
+    native = enc.native_dim * size["native"]
     if enc.modality == "text":
-        return (enc.max_tokens or 512) * enc.embed_dim * 2 + enc.embed_dim * 4 + 4
+        return ((enc.max_tokens or 512) * enc.embed_dim * size["tokens"] + enc.embed_dim * size["pooled"]
+                + size["length"] + native)
     side = (enc.input_size // enc.patch_size) if enc.patch_size else 3   # resnet-ae: a 3x3 bottleneck
     tokens = enc.num_prefix_tokens + side * side
-    return tokens * enc.embed_dim * 2 + enc.embed_dim * 4
+    return tokens * enc.embed_dim * size["tokens"] + enc.embed_dim * size["pooled"] + native
 
 
 # --------------------------------------------------------------------------- pretrain
 def pretrain_config(ctx: Context, row: Row):
     return load_config(train_adaptor.TrainConfig, ctx.spec.pretrain_preset, [
         *ctx.pretrain_overrides, f"dataset={json.dumps(ctx.data.get(ctx.spec.pretrain_data, ''))}",
-        f"backbone={json.dumps(ctx.substitute(row.image))}", f"text_encoder={json.dumps(ctx.substitute(row.text))}",
+        f"backbone={json.dumps(ctx.image(row.image))}", f"text_encoder={json.dumps(ctx.substitute(row.text))}",
         f"out={json.dumps(str(pretrain_dir(ctx, row)))}", *ctx.common()])
 
 
 def pretrain_dir(ctx: Context, row: Row) -> Path:
     return ctx.out / "pretrain" / row.id
-
-
-# Keys a run may change without being another run (the trainer's resume key drops the same).
-_FREE = ("epochs", "out", "device", "resident", "cache", "val_batch_size", "step")
 
 
 def pretrain_step(ctx: Context, row: Row) -> Step:
@@ -188,7 +206,7 @@ def pretrain_step(ctx: Context, row: Row) -> Step:
     cfg = pretrain_config(ctx, row)
     out = pretrain_dir(ctx, row)
     cmd = _cmd("pipe", "train-adaptor", "--dataset", cfg.dataset or f"<{key}>", "--backbone", cfg.backbone,
-               "--text-encoder", cfg.text_encoder, "--config", f"configs/{ctx.spec.pretrain_preset}.yaml",
+               "--text-encoder", cfg.text_encoder, "--config", ctx.spec.pretrain_preset,
                "--out", str(out), *ctx.pretrain_overrides)
     items = _items(index_folder(ctx.root, open_dataset(cfg.dataset, ctx.root, materialise=False).name)
                    if key in ctx.data else None, key)
@@ -205,25 +223,14 @@ def _checkpoint_state(out: Path, cfg) -> tuple[str, bool]:
     if not last.is_file():
         return "to run", False
     meta = read_meta(last)
-    saved, now = _comparable(meta.get("config", {})), _comparable(to_dict(cfg))
-    if saved != now:
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    changed = differences(meta.get("config", {}), to_dict(cfg))   # the trainer's own rule (stages/train/resume.py)
+    if changed:
         return (f"conflict: {out} holds an Adaptor trained with another config ({', '.join(changed)} differ); "
                 "delete it, or pass another --out"), False
     epoch = int(meta.get("epoch", 0))
+    if meta.get("stopped_early"):
+        return f"done (stopped early after epoch {epoch})", True
     return ("done", True) if epoch >= cfg.epochs else (f"resume after epoch {epoch} of {cfg.epochs}", False)
-
-
-def _comparable(d: dict, prefix: str = "") -> dict:
-    """A run's config as dotted keys, without what may differ between a run and its resumption (and
-    the input widths, which training fills in from the cache)."""
-    flat = {}
-    for k, v in d.items():
-        key = prefix + k
-        if key in _FREE or key in ("adaptor.image_dim", "adaptor.text_dim"):
-            continue
-        flat.update(_comparable(v, key + ".") if isinstance(v, dict) else {key: v})
-    return flat
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -237,7 +244,7 @@ def eval_config(ctx: Context, cell: Cell, column_overrides: dict[str, list[str]]
     return load_config(evaluate.EvalConfig, cell.column.preset, [
         *ctx.eval_overrides, *column_overrides.get(cell.column.data, []),
         f"dataset={json.dumps(ctx.data.get(cell.column.data, ''))}", f"adaptor={json.dumps(adaptor)}",
-        f"backbone={json.dumps(ctx.substitute(cell.row.image))}", f"fractions=[{cell.fraction}]",
+        f"backbone={json.dumps(ctx.image(cell.row.image))}", f"fractions=[{cell.fraction}]",
         f"out={json.dumps(str(cell_dir(ctx, cell)))}", *ctx.common()])
 
 
@@ -260,33 +267,37 @@ def eval_step(ctx: Context, cell: Cell, column_overrides: dict[str, list[str]]) 
 
 
 def _cell_state(out: Path, cfg) -> tuple[str, bool]:
-    results = out / "results.json"
-    if not results.is_file():
+    if not (out / "results.json").is_file():
         return ("run again (it was cut short)" if out.is_dir() and any(out.iterdir()) else "to run"), False
-    r = json.loads(results.read_text())
-    if r.get("config_hash") != config_hash(cfg):
+    try:
+        r = load_results(out)
+    except InputError:
+        return "run again (its results.json is unreadable)", False
+    if r.config_hash != config_hash(cfg):
         return "run again (its config changed)", False
-    if r.get("checkpoint"):
+    if r.checkpoint is not None:
         try:
             current = checkpoint_hash(resolve_checkpoint(cfg.adaptor))
         except InputError:
             current = None
-        if current != r["checkpoint"].get("hash"):
+        if current != r.checkpoint.hash:
             return "run again (its Adaptor was trained again)", False
     return "done", True
 
 
 # ------------------------------------------------------------------------------- all
 def column_overrides(ctx: Context) -> dict[str, list[str]]:
-    """Per dataset, what its release asks of the recipe: COVIDx's label (3 classes in v5 and
-    earlier; COVID-19 or not in the binary releases), and a release that must be known."""
+    """Per dataset, what its release asks of the recipe: COVIDx's label (3 classes in v5 and the
+    "A" releases such as COVIDx9A, the authors'; COVID-19 or not in the binary releases), and a
+    release that must be known."""
     out: dict[str, list[str]] = {}
     if "covidx" in ctx.data and any(c.data == "covidx" for c in ctx.spec.columns):
         ds = open_dataset(ctx.data["covidx"], ctx.root)
         if ds.version is None:
+            theirs = ctx.spec.releases.get("covidx", "v9A")
             raise InputError(f"{ctx.data['covidx']}: the folder's files do not say which COVIDx release it holds "
-                             "(the authors used v5, MGCA v6, BenchX CXR-4); state it: --data "
-                             "'covidx=FOLDER?version=v5'")
+                             f"(the authors' code read COVIDx{theirs}, BenchX's lists are CXR-4); state it: --data "
+                             f"'covidx=FOLDER?version={theirs}'")
         binary = any(it.labels.get("label") != it.labels.get("label") for it in ds.items)  # NaN: a binary release
         if binary:
             out["covidx"] = ["classification.labels=[covid]"]
@@ -317,8 +328,8 @@ def build_steps(ctx: Context) -> list[Step]:
 def _needs(ctx: Context, step: Step) -> list[str]:
     """The embeddings a cell or a pretraining reads."""
     if step.cell is not None:
-        return [f"embed/{step.cell.column.data}/image/{ctx.substitute(step.cell.row.image)}"]
+        return [f"embed/{step.cell.column.data}/image/{ctx.image(step.cell.row.image)}"]
     if step.row is not None:
         key = ctx.spec.pretrain_data
-        return [f"embed/{key}/image/{ctx.substitute(step.row.image)}", f"embed/{key}/text/{ctx.substitute(step.row.text)}"]
+        return [f"embed/{key}/image/{ctx.image(step.row.image)}", f"embed/{key}/text/{ctx.substitute(step.row.text)}"]
     return []

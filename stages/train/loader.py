@@ -25,12 +25,35 @@ from cache.pairs import PairData
 from cache.reader import RowReader, available_ram, block_shuffled_order
 from core.console import err
 from pipeline.devices import to_device
-from core.errors import InputError, PipeError
+from core.errors import InputError
 from pipeline.models.adaptor import MODES, AdaptorMode
-from stages.train.residency import RESIDENCIES
+from stages.train.residency import RESIDENCIES, Placement, ResidencyError, Room
 
-class ResidencyError(PipeError):
-    pass
+__all__ = ["PairLoader", "ResidencyError"]
+
+
+GPU_CACHE_SHARE = 0.6  # of the GPU memory free when training starts, for every loader's resident arrays together
+
+
+class GpuBudget:
+    """The GPU memory that a run's resident arrays may take, shared by its loaders.
+
+    Each loader used to take up to 80% of whatever was free when it was built, so the
+    validation loader, built second, could take 80% of the rest, and training was left with
+    4% of the card. One budget for the run: the arrays of every loader together get
+    :data:`GPU_CACHE_SHARE` of the memory free at the start, and the rest stays for the
+    model, its optimizer state and the step's activations.
+    """
+
+    def __init__(self, device: torch.device, share: float = GPU_CACHE_SHARE):
+        self.left = int(share * torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 0
+        self.share = share
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.left
+
+    def take(self, nbytes: int) -> None:
+        self.left -= nbytes
 
 
 @dataclass
@@ -63,7 +86,7 @@ class PairLoader:
     def __init__(self, data: PairData, positions: np.ndarray, mode: AdaptorMode | str, batch_size: int,
                  device: torch.device, resident: str = "auto", views: bool = True,
                  seed: int = 0, buffer_chunks: int = 8, drop_last: bool = False, text: bool = True,
-                 rank: int = 0, world: int = 1, ram_copies: int = 1):
+                 rank: int = 0, world: int = 1, ram_copies: int = 1, gpu_budget: GpuBudget | None = None):
         if batch_size % world:
             raise InputError(f"batch_size={batch_size} is the global batch and must split evenly over {world} "
                              f"processes; use a multiple of {world}")
@@ -79,6 +102,7 @@ class PairLoader:
         self.image_rows = img_rows
         self.text_rows = data.text_rows[self.positions]
         self.sources: dict[str, _Source] = {}
+        self.gpu_budget = gpu_budget or GpuBudget(device)
         used_img = np.unique(img_rows[img_rows >= 0])
         n = mode.image_array
         self.sources[f"image_{n}"] = _Source(n, RowReader(data.image, n), used_img)
@@ -86,7 +110,12 @@ class PairLoader:
             used_txt = np.unique(self.text_rows)
             for n in mode.text_arrays:
                 self.sources[f"text_{n}"] = _Source(n, RowReader(data.text, n), used_txt)
-        self.residency = self._make_resident(resident)
+        self.placement = self._make_resident(resident)
+
+    @property
+    def residency(self) -> str:
+        """Where the arrays are: the placement's name (gpu, ram or stream)."""
+        return self.placement.name
 
     @property
     def local_batch(self) -> int:
@@ -97,44 +126,26 @@ class PairLoader:
     def nbytes(self) -> int:
         return sum(s.reader.nbytes(len(s.rows)) for s in self.sources.values())
 
-    def _make_resident(self, resident: str) -> str:
-        need = self.nbytes()
-        ram_need = need * self.ram_copies  # every process on this machine holds its own copy
+    def _make_resident(self, resident: str) -> Placement:
+        """Where the arrays go (stages/train/residency.py), and the held ones read there."""
         choice = RESIDENCIES.get(resident)
         if choice is None:
             raise InputError(f"resident={resident!r} is not a residency; use one of {', '.join(RESIDENCIES)}")
-        where = choice.where or self._auto_residency(need, ram_need)
-        if where == "stream":
-            return "stream"
-        if where == "gpu":
-            if self.device.type != "cuda":
-                raise ResidencyError("--resident gpu needs a CUDA device; use --resident ram or --device cuda")
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if need > 0.8 * free:
-                raise ResidencyError(f"--resident gpu needs {need / 2**30:.2f} GiB but the GPU has "
-                                     f"{free / 2**30:.2f} GiB free; use --resident ram or none")
-        elif ram_need > 0.8 * available_ram():
-            raise ResidencyError(f"--resident ram needs {ram_need / 2**30:.2f} GiB ({self.ram_copies} process(es) "
-                                 f"on this machine) but only {available_ram() / 2**30:.2f} GiB is available; "
-                                 "use --resident none to stream")
-        for s in self.sources.values():
-            t = torch.from_numpy(s.reader.take(s.rows))
-            s.resident = t.to(self.device) if where == "gpu" else t
-        return where
-
-    def _auto_residency(self, need: int, ram_need: int) -> str:
-        """The GPU when the arrays fit in 80% of its free memory, else RAM when they need at most
-        half of the free RAM, else streaming from the shards (pooled vectors too: a 10M-image
-        table's are 32 GiB)."""
-        if self.device.type == "cuda" and need <= 0.8 * torch.cuda.mem_get_info(self.device)[0]:
-            return "gpu"
-        if ram_need <= 0.5 * available_ram():
-            return "ram"
-        if self.rank == 0:
+        need = self.nbytes()
+        ram_need = need * self.ram_copies  # every process on this machine holds its own copy
+        cuda = self.device.type == "cuda"
+        room = Room(cuda, self.gpu_budget.left if cuda else 0, available_ram())
+        placement = choice.choose(need, ram_need, room, self.ram_copies)
+        if placement.on_device:
+            self.gpu_budget.take(need)
+        if choice.fell_back(placement) and self.rank == 0:  # pooled vectors too: a 10M-image table's are 32 GiB
             what = "token arrays" if self.mode.sequences else "pooled vectors"
             err.print(f"[yellow]{what} need {need / 2**30:.1f} GiB, more than half the free RAM: "
                       "streaming them from the cache instead")
-        return "stream"
+        if placement.held:
+            for s in self.sources.values():
+                s.resident = placement.hold(torch.from_numpy(s.reader.take(s.rows)), self.device)
+        return placement
 
     # -- iteration -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -150,7 +161,7 @@ class PairLoader:
         rng = np.random.default_rng([self.seed, epoch])
         n_views = (self.image_rows >= 0).sum(1)
         view = (rng.random(len(self.positions)) * n_views).astype(np.int64) if self.views else np.zeros(len(n_views), np.int64)
-        if self.residency == "stream":
+        if not self.placement.held:  # streamed: shuffled by blocks of chunks, so reads stay sequential
             lay = self.sources[next(iter(self.sources))].reader.layout
             order = block_shuffled_order(self.image_rows[np.arange(len(view)), view], lay.chunk_rows,
                                          self.buffer_chunks, rng)
@@ -169,7 +180,7 @@ class PairLoader:
         stops = range(0, len(order) - (len(order) % bs if self.drop_last else 0), bs)
         steps = [order[s:s + bs] for s in stops]
         idx = [self._own_slice(i) for i in steps if len(i)]
-        if self.residency == "stream":
+        if not self.placement.held:
             yield from self._prefetched(idx, view)
         else:
             for sel in idx:
@@ -183,7 +194,7 @@ class PairLoader:
         return np.array_split(step, self.world)[self.rank] if self.world > 1 else step
 
     def _assemble(self, sel: np.ndarray, view: np.ndarray) -> dict[str, torch.Tensor]:
-        pin = self.residency == "stream" and self.device.type == "cuda"
+        pin = not self.placement.held and self.device.type == "cuda"
         img_rows = self.image_rows[sel, view[sel]]
         out = {"index": torch.from_numpy(self.positions[sel])}
         for key, src in self.sources.items():

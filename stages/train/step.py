@@ -142,25 +142,31 @@ class StepRunner:
 
     def _warm_up(self, batch: dict) -> None:
         """Eager steps on a side stream: capture needs allocator and library state settled."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._eager(batch)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.cuda.device(self.device):  # cuda:N: the side stream and its kernels on device N
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._eager(batch)
+            torch.cuda.current_stream(self.device).wait_stream(side)
         self._warm += 1
 
     def _capture(self, batch: dict) -> None:
         self._static = {k: v.detach().clone() for k, v in _tensors(batch).items()}
         self.opt.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
-        graph = torch.cuda.CUDAGraph()
-        # "thread_local": the streaming loader's prefetch thread keeps allocating pinned memory
-        # and copying the next batch while we capture; under the default "global" mode any such
-        # call from another thread invalidates the capture.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            loss = self.loss_fn({**batch, **self._static})
-            loss.backward()
-            self.opt.step()
-            self._sum += loss.detach()
+        # The capture stream must belong to the step's device: torch.cuda.graph's own default
+        # stream is made on the *current* device (0 unless set), and kernels of cuda:N launched
+        # while it captures would run on device N's stream, outside the graph, so every replay
+        # would do nothing. Hence the device made current and a stream of the step's device.
+        with torch.cuda.device(self.device):
+            graph = torch.cuda.CUDAGraph()
+            # "thread_local": the streaming loader's prefetch thread keeps allocating pinned memory
+            # and copying the next batch while we capture; under the default "global" mode any such
+            # call from another thread invalidates the capture.
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device), capture_error_mode="thread_local"):
+                loss = self.loss_fn({**batch, **self._static})
+                loss.backward()
+                self.opt.step()
+                self._sum += loss.detach()
         self._graph = graph
         self.captured_at = self._steps + 1
 
@@ -171,7 +177,8 @@ class StepRunner:
                 raise StepError(f"step=cuda-graph replays fixed shapes: batch tensor {k!r} is {tuple(v.shape)}, "
                                 f"the graph was captured with {None if static is None else tuple(static.shape)}")
             static.copy_(v, non_blocking=True)
-        self._graph.replay()
+        with torch.cuda.device(self.device):
+            self._graph.replay()
 
     # -- reading -------------------------------------------------------------------------
     def take_mean_loss(self) -> float:

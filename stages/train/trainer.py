@@ -13,9 +13,11 @@ Several GPUs (or CPU processes) train one Adaptor with DDP when launched by torc
   a step sees the same items as a one-process run.
 - The contrastive loss gathers every rank's image and text embeddings (with gradients),
   so each rank scores its rows against the whole global batch's negatives, as one
-  process would (the authors' 2-GPU runs did not: PAPER.md, flaw 4). The loss and DDP's
+  process would (the authors' 2-GPU runs did not: docs/concepts/method.md, flaw 4). The loss and DDP's
   gradient averaging together give the gradient of the global-batch loss. Set
-  ``gather_negatives=false`` to reproduce the authors' per-rank negatives.
+  ``gather_negatives=false`` to reproduce the authors' per-rank negatives, or, on one device,
+  ``loss_groups=2``: the step's loss in two groups of their own pairs (the authors' 2 GPUs x
+  1024, configs/paper/pretrain.yaml), which trains exactly as two ranks that do not gather.
 - Rank 0 alone validates (on the whole split), writes metrics.csv, the curves, the
   config and the checkpoints; the others print nothing. Resume works as for one
   process: every rank loads the same checkpoint.
@@ -33,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import torch
@@ -51,16 +53,17 @@ from pipeline.datasets import open_dataset
 from pipeline.devices import DEVICES, peak_memory_mb
 from pipeline.encoders import canonical_name
 from core.errors import InputError
-from pipeline.models.adaptor import Adaptor, AdaptorConfig
+from pipeline.models.adaptor import Adaptor, AdaptorConfig, trim_text_padding
 from pipeline.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from pipeline.models.loss import clip_loss, itm_loss, rerank_top_k, retrieval_recall_from_sim
 from pipeline.models.ranking import batched_clip_loss, recall_both_ways, split_clip_loss
 from pipeline.provenance import provenance
 from stages.train import distributed
 from stages.train.distributed import DistContext
-from stages.train.loader import PairLoader
+from stages.train.loader import GpuBudget, PairLoader
 from stages.train.metrics import MetricsLog
 from stages.train.residency import RESIDENCIES
+from stages.train.resume import resume_key
 from stages.train.step import STEP_MODES, StepRunner, check_step_mode, optimizer_for, restore_step_settings
 
 CHECKPOINT = "last.safetensors"
@@ -69,15 +72,21 @@ BEST = "best.safetensors"  # the epoch with the lowest validation loss (weights 
 
 @dataclass(frozen=True)
 class OptimConfig(Validated):
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW and its schedule: linear warm-up, then linear decay to 0."""
+    lr: float = 2e-5               # peak learning rate (the paper: 2e-5)
+    weight_decay: float = 0.01     # AdamW's decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment coefficients
     warmup_frac: float = 0.02      # linear warm-up over this share of all steps, then linear decay to 0
+    # The authors counted the schedule in one GPU's 1024 while each step took 2 x 1024, so their
+    # rate ends near half its peak, never at 0.
+    schedule_batch: int = 0        # the schedule's length counted in steps of this many pairs (0: batch_size)
+    epoch_end_step: bool = False   # one more schedule step at each epoch's end (Lightning's, on top of theirs)
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
         return [(k, m) for k, ok, m in (
             ("lr", v["lr"] > 0, f"must be a positive learning rate, got {v['lr']}"),
+            ("schedule_batch", v["schedule_batch"] >= 0, f"must be >= 0 (0: batch_size), got {v['schedule_batch']}"),
             ("weight_decay", v["weight_decay"] >= 0, f"must be >= 0, got {v['weight_decay']}"),
             ("betas", all(0 <= b < 1 for b in v["betas"]), f"must lie in [0, 1), got {list(v['betas'])}"),
             ("warmup_frac", 0 <= v["warmup_frac"] <= 1, f"must lie in [0, 1], got {v['warmup_frac']}"),
@@ -93,26 +102,35 @@ class TrainConfig(Validated):
     out: str | None = None
     adaptor: AdaptorConfig = AdaptorConfig()
     optim: OptimConfig = OptimConfig()
-    batch_size: int = 1024
-    epochs: int = 50
-    seed: int = 42
+    batch_size: int = 1024         # the global batch: under torchrun each of N processes takes batch_size / N
+    epochs: int = 50               # passes over the training split
+    seed: int = 42                 # seeds the initialisation, the epoch order and dropout
     device: Annotated[str, OneOf(DEVICES)] = "auto"   # auto, cpu, cuda or cuda:N
     resident: Annotated[str, OneOf(RESIDENCIES)] = "auto"   # where the arrays are held (stages/train/residency.py)
     views: bool = True             # sample one cached view per image each epoch (when the cache has views)
-    train_split: str = "train"
-    val_split: str = "valid"
-    val_batch_size: int = 1024
+    train_split: str = "train"     # the split trained on
+    val_split: str = "valid"       # the split validated on (picks best.safetensors); absent: no validation
+    val_batch_size: int = 1024     # items per validation forward
     checkpoint_every: int = 1      # epochs
     itm_weight: float = 1.0        # tokens mode: weight of the matching (ITM) loss beside the contrastive loss
     val_rerank_items: int = 256    # tokens mode: validation items whose top-k are re-ranked by the matching head
     rerank_k: int = 10             # tokens mode: candidates per query that the matching head re-ranks
     gather_negatives: bool = True  # DDP: score against every rank's embeddings (false: per-rank negatives, flaw 4)
     step: Annotated[str, OneOf(STEP_MODES)] = "eager"  # how a step runs (stages/train/step.py)
+    # The authors' 2 GPUs x 1024 without gathering is batch_size=2048, loss_groups=2 (flaw 4, reproduced).
+    loss_groups: int = 1           # the step's contrastive loss in this many groups, each scoring its own pairs
+    monitor: Literal["val_loss", "val_loss_batch"] = "val_loss"  # what best.safetensors and patience watch
+    patience: int = 0              # epochs without a better monitor (by min_delta) before stopping; 0: never
+    min_delta: float = 0.0         # the monitor must improve by more than this to count as better
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
-        positive = ("batch_size", "epochs", "val_batch_size", "checkpoint_every", "val_rerank_items")
+        positive = ("batch_size", "epochs", "val_batch_size", "checkpoint_every", "val_rerank_items", "loss_groups")
         found = [(k, f"must be >= 1, got {v[k]}") for k in positive if v[k] < 1]
+        if v["loss_groups"] >= 1 and v["batch_size"] % v["loss_groups"]:
+            found.append(("loss_groups", f"must divide batch_size={v['batch_size']} evenly, got {v['loss_groups']}"))
+        if v["patience"] < 0 or v["min_delta"] < 0:
+            found.append(("patience", f"patience and min_delta must be >= 0, got {v['patience']}, {v['min_delta']}"))
         if v["itm_weight"] < 0:
             found.append(("itm_weight", f"must be >= 0, got {v['itm_weight']}"))
         if v["rerank_k"] < 0:
@@ -129,6 +147,7 @@ class TrainResult:
     backbone_forwards: int = 0     # always 0: stage two never runs an encoder
     rank: int = 0                  # under torchrun only rank 0 reports; history is empty elsewhere
     best: Path | None = None       # best.safetensors, chosen on validation loss (None without validation)
+    stopped: int | None = None     # the epoch after which ``on_epoch`` stopped the run (None: it ran them all)
 
     @property
     def is_main(self) -> bool:
@@ -154,15 +173,24 @@ def load_training_data(cfg: TrainConfig) -> PairData:
     return data
 
 
-def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
-    """Train one Adaptor; under torchrun, this process's share of a DDP run."""
+EpochHook = Callable[[dict], bool]
+"""Shown each epoch's row (rank 0, after it is logged and checkpointed); True stops the run there."""
+
+
+def run(cfg: TrainConfig, data: PairData | None = None, on_epoch: EpochHook | None = None) -> TrainResult:
+    """Train one Adaptor; under torchrun, this process's share of a DDP run.
+
+    ``data``: the cached pairs, already loaded (a sweep loads them once for all its runs).
+    ``on_epoch(row)``: called after every epoch with its metrics row; returning True stops
+    the run after that epoch (its checkpoint is written; ``TrainResult.stopped`` says so)."""
     with distributed.session(cfg.device) as ctx:
         plan = threads.apply(processes=ctx.local_world_size)
         if ctx.is_main:
             err.print(plan.line())
         with distributed.main_first(ctx):  # reading a dataset may write to the cache: one rank at a time
             data = data or load_training_data(cfg)
-            ds_name = open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False, skip_bad_rows=True).name
+            ds_name = None if cfg.out else open_dataset(cfg.dataset, cache_root(cfg.cache), materialise=False,
+                                                        skip_bad_rows=True).name
         cfg = _with_dims(cfg, data)
         train_pos, val_pos = _split_positions(cfg, data, ctx.is_main)
         out = Path(cfg.out) if cfg.out else default_out(cfg, ds_name)
@@ -176,7 +204,7 @@ def run(cfg: TrainConfig, data: PairData | None = None) -> TrainResult:
                     refused = e
             if distributed.any_rank(refused is not None, ctx):
                 raise refused or FolderBusyError(f"{out} is in use by another run (rank 0 was refused)")
-            return Trainer(cfg, data, ctx, out, train_pos, val_pos).fit()
+            return Trainer(cfg, data, ctx, out, train_pos, val_pos, on_epoch).fit()
 
 
 def _split_positions(cfg: TrainConfig, data: PairData, say: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -233,6 +261,15 @@ def _with_dims(cfg: TrainConfig, data: PairData) -> TrainConfig:
     return dataclasses.replace(cfg, adaptor=dataclasses.replace(cfg.adaptor, image_dim=di, text_dim=dt))
 
 
+def schedule_steps(cfg: TrainConfig, n_train: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(the schedule's length, its steps per epoch): one per optimiser step (and one more at each
+    epoch's end with ``optim.epoch_end_step``), the length counted in ``optim.schedule_batch`` pairs."""
+    per_epoch = steps_per_epoch + int(cfg.optim.epoch_end_step)
+    if not cfg.optim.schedule_batch:
+        return per_epoch * cfg.epochs, per_epoch
+    return math.ceil(n_train / cfg.optim.schedule_batch) * cfg.epochs, per_epoch
+
+
 def lr_lambda(total_steps: int, warmup_frac: float):
     warm = max(1, round(total_steps * warmup_frac))
 
@@ -245,18 +282,23 @@ def lr_lambda(total_steps: int, warmup_frac: float):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: PairData, ctx: DistContext, out: Path,
-                 train_pos: np.ndarray, val_pos: np.ndarray):
+                 train_pos: np.ndarray, val_pos: np.ndarray, on_epoch: EpochHook | None = None):
         self.cfg, self.data, self.ctx, self.device, self.out = cfg, data, ctx, ctx.device, out
+        self.on_epoch, self.stopped = on_epoch, None
         torch.manual_seed(cfg.seed)
         self.net = Adaptor(cfg.adaptor).to(self.device)      # what checkpoints hold
         self.model = distributed.wrap_model(self.net, ctx)   # what trains (DDP under torchrun)
         self.grid, self.n_prefix = data.image_grid
         bs = global_batch(cfg.batch_size, len(train_pos), ctx.world_size)
+        if cfg.loss_groups % ctx.world_size and cfg.loss_groups > 1:
+            raise InputError(f"loss_groups={cfg.loss_groups} must be a multiple of the {ctx.world_size} processes "
+                             "(each process scores whole groups of its own pairs)")
+        budget = GpuBudget(self.device)  # one for both loaders: training keeps the rest of the card
         self.train = PairLoader(data, train_pos, self.net.mode, bs, self.device, cfg.resident, cfg.views,
                                 seed=cfg.seed, drop_last=True, rank=ctx.rank, world=ctx.world_size,
-                                ram_copies=ctx.local_world_size)
+                                ram_copies=ctx.local_world_size, gpu_budget=budget)
         self.val = (PairLoader(data, val_pos, self.net.mode, cfg.val_batch_size, self.device, cfg.resident,
-                               views=False) if len(val_pos) > 1 and ctx.is_main else None)
+                               views=False, gpu_budget=budget) if len(val_pos) > 1 and ctx.is_main else None)
         check_step_mode(cfg.step, self.device, ddp=ctx.enabled)
         if self.net.has_match_head and cfg.itm_weight <= 0:
             raise InputError(f"itm_weight={cfg.itm_weight} would leave the matching head untrained; to train "
@@ -264,12 +306,14 @@ class Trainer:
         self.opt = optimizer_for(self.net.parameters(), cfg.step, self.device, lr=cfg.optim.lr,
                                  weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
         self.steps_per_epoch = len(self.train)
-        total = self.steps_per_epoch * cfg.epochs
+        total, self.sched_per_epoch = schedule_steps(cfg, len(train_pos), self.steps_per_epoch)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total, cfg.optim.warmup_frac))
         self.sched.base_lrs = [float(lr) for lr in self.sched.base_lrs]  # rates filled in place: no device sync
         self.runner = StepRunner(self._loss, self.opt, cfg.step, self.device)
         self.log = None
         self.best_val = float("inf")
+        self.stale = 0                 # epochs since the monitor last improved by min_delta (patience)
+        self.watch = float("inf")      # the monitor's best value by that rule
 
     def say(self, message: str) -> None:
         if self.ctx.is_main:
@@ -280,16 +324,14 @@ class Trainer:
         return {"kind": "adaptor", "config": to_dict(self.cfg), "config_hash": config_hash(self._resume_key()),
                 "fingerprints": self.data.fingerprints(), "epoch": epoch, "backbone": self.cfg.backbone,
                 "text_encoder": self.cfg.text_encoder, "image_grid": self.grid, "n_prefix": self.n_prefix,
-                "dataset": self.cfg.dataset, "world_size": self.ctx.world_size}
+                "dataset": self.cfg.dataset, "world_size": self.ctx.world_size, "train_pairs": len(self.train.positions),
+                "steps_per_epoch": self.steps_per_epoch, "stale": self.stale,
+                "watch": self.watch, "stopped_early": bool(self.cfg.patience and self.stale >= self.cfg.patience),
+                "cache_root": str(cache_root(self.cfg.cache))}  # where its dataset's reports are (report banks)
 
     def _resume_key(self) -> dict:
-        """What must match for a run to continue another: all but epochs/out/device."""
-        d = to_dict(self.cfg)
-        for k in ("epochs", "out", "device", "resident", "cache", "val_batch_size", "step"):
-            d.pop(k, None)
-        if d.get("gather_negatives") is True:  # the default: runs from before the key existed still resume
-            d.pop("gather_negatives")
-        return d
+        """What must match for a run to continue another (stages/train/resume.py)."""
+        return resume_key(to_dict(self.cfg))
 
     def _maybe_resume(self) -> int:
         ckpt = self.out / CHECKPOINT
@@ -305,12 +347,14 @@ class Trainer:
         load_checkpoint(ckpt, self.net, self.opt)  # every rank loads the same state
         restore_step_settings(self.opt, self.cfg.step, self.device)
         epoch = int(meta["epoch"])
-        self.sched.last_epoch = epoch * self.steps_per_epoch - 1
+        self.sched.last_epoch = epoch * self.sched_per_epoch - 1
         with warnings.catch_warnings():  # stepping before any optimizer step is the point here
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.sched.step()
         if (self.out / BEST).exists():
-            self.best_val = float(read_meta(self.out / BEST).get("val_loss", float("inf")))
+            best = read_meta(self.out / BEST)
+            self.best_val = float(best.get(self.cfg.monitor, best.get("val_loss", float("inf"))))
+        self.stale, self.watch = int(meta.get("stale", 0)), float(meta.get("watch", float("inf")))
         self.say(f"resuming {self.out} after epoch {epoch}")
         return epoch
 
@@ -330,18 +374,32 @@ class Trainer:
             task = bar.add_task("train-adaptor", total=cfg.epochs * self.steps_per_epoch,
                                 completed=start * self.steps_per_epoch)
             for epoch in range(start + 1, cfg.epochs + 1):
+                if self.patience_spent:  # a resumed run that had already stopped early
+                    break
                 row = self._epoch(epoch, lambda: bar.advance(task))
                 if main:
                     self.log.log(row)
                     err.print(_epoch_line(row))
                     self._keep_if_best(row)
-                if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+                self._count_patience(row)
+                stop = distributed.any_rank(main and self._stop_after(row), self.ctx)
+                if stop or self.patience_spent or epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
                     self._save(epoch)
+                if stop:
+                    self.stopped = epoch
+                    self.say(f"stopped after epoch {epoch} (asked by the caller)")
+                    break
+            if self.patience_spent:
+                self.say(f"stopped early: {cfg.monitor} did not improve by more than {cfg.min_delta:g} in "
+                         f"{cfg.patience} epoch(s)")
         if not main:
-            return TrainResult(self.out, self.out / CHECKPOINT, [], start, rank=self.ctx.rank)
+            return TrainResult(self.out, self.out / CHECKPOINT, [], start, rank=self.ctx.rank, stopped=self.stopped)
         self.log.plot(self.out / "curves.png", f"Adaptor · {cfg.backbone} + {cfg.text_encoder} · {cfg.adaptor.mode}")
         best = self.out / BEST if (self.out / BEST).exists() else None
-        return TrainResult(self.out, self.out / CHECKPOINT, self.log.rows, start, best=best)
+        return TrainResult(self.out, self.out / CHECKPOINT, self.log.rows, start, best=best, stopped=self.stopped)
+
+    def _stop_after(self, row: dict) -> bool:
+        return bool(self.on_epoch is not None and self.on_epoch(row))
 
     def _banner(self) -> str:
         n_params = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
@@ -354,14 +412,32 @@ class Trainer:
                 f"{self.train.batch_size}{ranks} ({self.steps_per_epoch} steps/epoch) · data {self.train.residency} "
                 f"({self.train.nbytes() / 2**20:,.1f} MiB) · backbone forwards: 0")
 
+    @property
+    def patience_spent(self) -> bool:
+        """Early stopping: ``patience`` epochs have passed without a better monitor."""
+        return bool(self.cfg.patience) and self.stale >= self.cfg.patience
+
+    def _count_patience(self, row: dict) -> None:
+        """Early stopping as Lightning's: the monitor must beat its best by more than ``min_delta``.
+        Rank 0 validates; every rank learns the verdict, so all stop at the same epoch."""
+        if not self.cfg.patience:
+            return
+        val = row.get(self.cfg.monitor) if self.ctx.is_main else None
+        better = val is not None and math.isfinite(val) and val < self.watch - self.cfg.min_delta
+        if distributed.any_rank(better, self.ctx):
+            self.watch, self.stale = (val if val is not None else self.watch), 0
+        elif distributed.any_rank(val is not None, self.ctx):
+            self.stale += 1
+
     def _keep_if_best(self, row: dict) -> None:
-        """best.safetensors: the weights of the epoch with the lowest validation loss so far."""
-        val = row.get("val_loss")
+        """best.safetensors: the weights of the epoch with the lowest validation loss so far (the
+        whole split's, or with ``monitor=val_loss_batch`` the mean of loss-group-sized blocks')."""
+        val = row.get(self.cfg.monitor)
         if val is None or not math.isfinite(val) or val >= self.best_val:
             return
         self.best_val = val
-        save_checkpoint(self.out / BEST, self.net, {**self.meta(row["epoch"]), "val_loss": val,
-                                                     "chosen_on": "validation loss"})
+        save_checkpoint(self.out / BEST, self.net, {**self.meta(row["epoch"]), "val_loss": row.get("val_loss"),
+                                                     self.cfg.monitor: val, "chosen_on": self.cfg.monitor})
 
     def _save(self, epoch: int) -> None:
         """Rank 0 writes the unwrapped model; the others wait so that no rank runs ahead of it."""
@@ -375,12 +451,14 @@ class Trainer:
         torch.manual_seed(self.cfg.seed * 100003 + epoch + self.ctx.rank * 1_000_003)
         t0, steps, self.train.wait_seconds = time.perf_counter(), 0, 0.0
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)  # cuda:N: its own statistics, not device 0's
         for batch in self.train.batches(epoch):
             self.runner(batch)
             self.sched.step()
             steps += 1
             tick()
+        if self.cfg.optim.epoch_end_step:
+            self.sched.step()
         loss = self.runner.take_mean_loss()  # the one device sync of the epoch
         seconds = time.perf_counter() - t0
         train_loss = distributed.mean_over_ranks(loss, self.ctx)  # = the global-batch loss
@@ -411,11 +489,20 @@ class Trainer:
             img, txt = self.model(batch, **fwd)
         # Gathered, each rank's loss is scaled so that DDP's gradient averaging yields the
         # gradient of the global-batch loss (see clip_loss); on one process it is the plain loss.
-        loss = clip_loss(img, txt, self.net.scale(), self.cfg.adaptor.text_to_image_weight,
-                         gather=self.cfg.gather_negatives)
+        loss = self._contrastive(img, txt)
         if self.matching:
             loss = loss + self.cfg.itm_weight * itm_loss(match)
         return loss
+
+    def _contrastive(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """One loss over the batch (negatives gathered across ranks), or, with ``loss_groups`` > 1, the
+        mean of each group's own loss: the authors' two GPUs, each scoring its 1024 pairs alone."""
+        w = self.cfg.adaptor.text_to_image_weight
+        groups = self.cfg.loss_groups // self.ctx.world_size
+        if self.cfg.loss_groups == 1:
+            return clip_loss(img, txt, self.net.scale(), w, gather=self.cfg.gather_negatives)
+        parts = zip(img.tensor_split(groups), txt.tensor_split(groups))
+        return torch.stack([clip_loss(i, t, self.net.scale(), w) for i, t in parts]).mean()
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -425,7 +512,7 @@ class Trainer:
         self.net.eval()
         imgs, txts = [], []
         for batch in self.val.batches(None):
-            i, t = self.net(batch, image_grid=self.grid, n_prefix=self.n_prefix)
+            i, t = self.net(_trimmed(batch), image_grid=self.grid, n_prefix=self.n_prefix)
             imgs.append(i)
             txts.append(t)
         img, txt = torch.cat(imgs).float(), torch.cat(txts).float()
@@ -433,7 +520,8 @@ class Trainer:
         weights, scale = (1.0 - t2i, t2i), self.net.scale()  # (image→text, text→image)
         # in blocks of rows: memory grows with the split, never with its square
         out = {"val_loss": split_clip_loss(img, txt, scale, weights),
-               "val_loss_batch": batched_clip_loss(img, txt, scale, weights, self.train.batch_size)}
+               "val_loss_batch": batched_clip_loss(img, txt, scale, weights,
+                                                   self.train.batch_size // self.cfg.loss_groups)}
         for k, v in recall_both_ways(img, txt).items():
             out["val_" + k.replace("R@", "r@")] = round(float(v), 4)
         if self.matching and self.cfg.val_rerank_items > 1:
@@ -448,7 +536,7 @@ class Trainer:
             parts.append(batch)
             if sum(len(p["index"]) for p in parts) >= n_max:
                 break
-        val = {k: torch.cat([p[k] for p in parts])[:n_max] for k in ("image_tokens", "text_tokens", "text_mask")}
+        val = _trimmed({k: torch.cat([p[k] for p in parts])[:n_max] for k in ("image_tokens", "text_tokens", "text_mask")})
         img_tok = self.net.image_token_states(val["image_tokens"], self.grid, self.n_prefix)
         keep = val["text_mask"].to(torch.bool)
         txt_tok = self.net.text_token_states(val["text_tokens"], keep)
@@ -462,6 +550,15 @@ class Trainer:
         for k, v in retrieval_recall_from_sim(i2t, t2i=t2i).items():
             out["val_itm_" + k.replace("R@", "r@")] = round(float(v), 4)
         return out
+
+
+def _trimmed(batch: dict) -> dict:
+    """A validation batch with its report tokens cut to its longest report
+    (:func:`~pipeline.models.adaptor.trim_text_padding`: in eval mode, the same outputs)."""
+    if "text_mask" not in batch:
+        return batch
+    text, keep = trim_text_padding(batch["text_tokens"], batch["text_mask"].to(torch.bool))
+    return {**batch, "text_tokens": text, "text_mask": keep}
 
 
 def _epoch_line(r: dict) -> str:

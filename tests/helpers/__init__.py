@@ -10,6 +10,7 @@ process for the bucket tests). Fixtures are in ``tests/conftest.py``.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,14 @@ def embedded_table(root: Path, n: int, *extra: str) -> tuple[Path, Path]:
     table = make_table(root / "data", n)
     embed_json(table, root / "cache", *extra)
     return table, root / "cache"
+
+
+def fenced_block(language: str, containing: str) -> str:
+    """The first ```language block holding ``containing``, in the README or any page under docs/:
+    found by its content, so a test of the documented commands keeps finding them when they move."""
+    root = Path(__file__).resolve().parents[2]
+    for page in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        for block in re.findall(rf"```{language}\n(.*?)```", page.read_text(), flags=re.S):
+            if containing in block:
+                return block
+    raise AssertionError(f"no ```{language} block holding {containing!r} in README.md or docs/")

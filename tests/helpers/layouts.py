@@ -252,3 +252,16 @@ def build_covidx(root: Path, with_val: bool = False, n_train: int = 30) -> Path:
         (root / "val.txt").write_text("950 val-000.png normal sirm\n")
         write_jpg(root / "train" / "val-000.png", seed=2, size=(8, 8))
     return root
+
+
+def write_mgca_detection(root: Path, parts: dict[str, list[str]]) -> None:
+    """MGCA's RSNA detection files (preprocess/rsna.py, prepare_detection_pkl): per split a pickled
+    ``[filenames, boxes]``, the file names ``<patientId>.dcm`` and one [k, 4] box array per image."""
+    import pickle
+
+    for name, pids in parts.items():
+        boxes = np.empty(len(pids), dtype=object)
+        for i in range(len(pids)):
+            boxes[i] = np.zeros((1, 4)) if i % 2 else np.array([[4.0, 4.0, 12.0, 10.0]])
+        with open(root / name, "wb") as f:
+            pickle.dump([np.array([f"{p}.dcm" for p in pids]), boxes], f)

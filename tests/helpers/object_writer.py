@@ -4,6 +4,8 @@
     python -m tests.helpers.object_writer URL MIRROR hang            commit group 0, then upload group 1's
                                                                      shard objects and wait before its part
                                                                      (to be killed)
+    python -m tests.helpers.object_writer URL MIRROR guard           take the guard of the storage at URL and
+                                                                     hold it, renewing its lease, until killed
 
 (from the repository's root)
 """
@@ -46,8 +48,16 @@ def hang(store: Store) -> None:
     time.sleep(600)
 
 
+def hold_guard(storage: ObjectStorage) -> None:
+    with storage.guard():
+        print("held", flush=True)
+        time.sleep(600)
+
+
 if __name__ == "__main__":
     url, mirror, mode = sys.argv[1:4]
+    if mode == "guard":
+        hold_guard(ObjectStorage(url, Path(mirror)))
     with live_run("run-w"):
         store = create_store(ObjectStorage(url, Path(mirror)))
         write_all(store, "reverse" in sys.argv[4:]) if mode == "all" else hang(store)

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from cache.marker import MARKER, marker_bytes
 from cache.objects import ObjectStorage
+from cache.storage import LOCK
 from cache.store import ShardData, Store, find_stores
 from core.processes import Identity
+from tests.helpers import ROOT, pipe
 
 STORE = "stores/image/fixed-encoder-0123456789abcdef"  # where the fixed table's store lies in its cache
 
@@ -77,3 +83,67 @@ def comparable(files: dict[str, bytes]) -> dict[str, str]:
             data = json.dumps(meta, sort_keys=True).encode()
         out[key] = hashlib.sha256(data).hexdigest()
     return out
+
+ORPHAN = "stores/image/other-encoder-fedcba9876543210"
+KEPT_OUT = "adaptor-outputs/aaaaaaaaaaaaaaaa-0123456789abcdef"
+ORPHAN_OUT = "adaptor-outputs/bbbbbbbbbbbbbbbb-fedcba9876543210"
+SIBLINGS = ("c-other/x", "cx/stores/image/other-encoder-fedcba9876543210/embeddings.zarr/zarr.json",
+            "stores/image/other-encoder-fedcba9876543210/embeddings.zarr/zarr.json", "c-other/c/stores/y")
+
+
+def local_objects(cache: Path) -> dict[str, bytes]:
+    """Every file of a cache folder, by key (the flock file ``.lock`` is a folder's guard, not data)."""
+    return {p.relative_to(cache).as_posix(): p.read_bytes() for p in sorted(cache.rglob("*"))
+            if p.is_file() and p.name != LOCK}
+
+
+def run_writer(storage: ObjectStorage, *args: str) -> subprocess.Popen:
+    """tests/helpers/object_writer.py in its own process, on ``storage`` (its stdout a pipe)."""
+    return subprocess.Popen([sys.executable, "-m", "tests.helpers.object_writer", storage.url, str(storage.path), *args],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ.copy())
+
+
+def whole(bucket: str, tmp_path: Path) -> ObjectStorage:
+    """The whole bucket, its top included."""
+    return ObjectStorage(f"s3://{bucket}", tmp_path / "whole")
+
+
+def digests(storage: ObjectStorage) -> dict[str, str]:
+    """Every object's SHA-256, by key."""
+    return {o["path"]: hashlib.sha256(storage.read(o["path"])).hexdigest() for o in storage.keys()}
+
+
+def gc_json(url: str, *args: str, expect: int = 0) -> dict:
+    """`pipe cache gc --json` on ``url``: its JSON summary."""
+    r = pipe("cache", "gc", "--cache", url, "--json", *args, expect=expect)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def gc_cache(bucket: str, tmp_path: Path, monkeypatch) -> ObjectStorage:
+    """A cache under ``s3://<bucket>/c`` for gc: two stores (one a dataset index references, one
+    orphaned), Adaptor outputs of each, a prefix under ``stores/`` that is not a store, and objects
+    next to the cache (``c-other/``, ``cx/``, the bucket's top) that must survive every command.
+    Returns the writer's storage of it."""
+    monkeypatch.setenv("PIPE_OBJECT_MIRROR", str(tmp_path / "mirror"))
+    c = ObjectStorage(f"s3://{bucket}/c", tmp_path / "writer")
+    build(c, failed_source="/data/x.png")
+    other = Store.create(c, "image", "other-encoder", "fedcba9876543210" * 4, {"model": "other", "dim": 4},
+                         shard_rows=8, chunk_rows=2)
+    group, data = fixed_table()[0]
+    other.write_shard(other.claim(group, "r"), data, "fixed-dataset", fsync=False)
+    c.write(MARKER, marker_bytes())
+    c.write("datasets/ds/stores.json", json.dumps({"image": {"fixed-encoder": {"store": STORE, "updated": 1}}}).encode())
+    for out in (KEPT_OUT, ORPHAN_OUT):
+        c.write(f"{out}/meta.json", b"{}")
+        c.write(f"{out}/00.npz", b"npz bytes")
+    c.write("stores/image/not-a-store/x", b"someone's file")
+    top = whole(bucket, tmp_path)
+    for key in SIBLINGS:
+        top.write(key, b"not the cache's: " + key.encode())
+    return c
+
+
+def store_objects(where) -> dict[str, str]:
+    """The stores of a cache (a folder, or an ObjectStorage), comparable object for object."""
+    files = local_objects(where) if isinstance(where, Path) else bucket_objects(where)
+    return comparable({k: v for k, v in files.items() if k.startswith("stores/") and not k.endswith("/.inuse")})

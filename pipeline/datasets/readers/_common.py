@@ -77,7 +77,7 @@ def path_opt(help: str = "") -> Opt:
 
 COMMON = {"allow_failures": flag(False, "skip and count bad rows instead of stopping"),
           "splits": Opt("", parse_split_ref, "split files another project published, read onto the items: "
-                        "benchx:FOLDER or mgca[:FOLDER] (pipeline/datasets/shared_splits.py)")}
+                        "benchx:FOLDER, mgca[:FOLDER] or mgca-detection[:FOLDER] (pipeline/datasets/shared_splits.py)")}
 SEED = {"seed": integer(0, "seed of the patient-level hash split")}
 SECTIONS = {"sections": choice("both", SECTION_CHOICES, "report sections: impression, findings or both"),
             "clean": flag(True, "MGCA sentence cleaning of the report text")}

@@ -47,7 +47,7 @@ DESCRIPTION = "CheXpert v1.0 images with 14 labeller findings"
 _PATIENT = re.compile(r"patient\d+")
 
 
-@register_reader(READER)
+@register_reader(READER, SCHEMA, DESCRIPTION)
 def open_chexpert(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SCHEMA)
     if not materialise:

@@ -21,11 +21,15 @@ Splits: official: train.txt -> train, test.txt -> test, val.txt -> valid. A rele
 without a validation file gets one carved from train: 10% of the training patients, by a
 seeded hash of the patient id (``seed=``), so no patient is in both.
 
-Release: papers used different ones (the Adaptor paper v5, MGCA's paper v6 and its code
-COVIDx9A, BenchX CXR-4), so the reader says which the folder holds: from a versioned file
-name (``train_COVIDx5.txt`` is v5), else from the files' line counts where they are a known
-release's (v5 13,958 / 300; v6 14,311 / 200; CXR-4 67,863 / 8,473 / 8,482), else only if
-stated (``version=v5``). A stated version that the files contradict is an error.
+Release: papers used different ones (BenchX CXR-4; MGCA's paper names v6 while its code
+reads COVIDx9A), so the reader says which the folder holds: from a versioned file name
+(``train_COVIDx9A.txt`` is v9A, ``train_COVIDx5.txt`` v5), else from the files' line counts
+where they are a known release's (v5 13,958 / 300; v6 14,311 / 200; CXR-4 67,863 / 8,473 /
+8,482), else only if stated (``version=v9A``). A stated version that the files contradict is
+an error. The Adaptor authors' README says v5, but their code reads MGCA's constants
+(``train_COVIDx9A.txt``, ``test_COVIDx9A.txt``: 3 classes, 400 test images) and all 45
+accuracies of their results notebook are multiples of 1/400, 16 of them impossible on v5's
+300 test images: they used COVIDx9A (``configs/paper/authors/classification.yaml``).
 """
 from __future__ import annotations
 
@@ -53,11 +57,11 @@ DESCRIPTION = "COVIDx CXR: normal / pneumonia / COVID-19"
 # Line counts of each release's train, val (None: no val file) and test files (COVID-Net's docs;
 # CXR-4: BenchX's lists plus the one line each that pandas read as their header).
 RELEASES = {"v5": (13_958, None, 300), "v6": (14_311, None, 200), "CXR-4": (67_863, 8_473, 8_482)}
-SCHEMA = {**SEED, "version": Opt("", str, "the COVIDx release the folder holds (v5, v6, CXR-4, ...), where "
+SCHEMA = {**SEED, "version": Opt("", str, "the COVIDx release the folder holds (v9A, v5, v6, CXR-4, ...), where "
                                           "its files do not say")}
 
 
-@register_reader(READER)
+@register_reader(READER, SCHEMA, DESCRIPTION)
 def open_covidx(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SCHEMA)
     if not materialise:

@@ -59,7 +59,7 @@ UNINDEXED = "no indexing"
 DESCRIPTION = "IU X-ray (Open-i) images with findings/impression and MeSH-derived labels"
 
 
-@register_reader(READER)
+@register_reader(READER, {**SECTIONS, **SEED}, DESCRIPTION)
 def open_iu_xray(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, {**SECTIONS, **SEED})
     if not materialise:

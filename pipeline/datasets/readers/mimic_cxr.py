@@ -56,7 +56,7 @@ SCHEMA = {
 DESCRIPTION = "MIMIC-CXR-JPG frontal images with report findings/impression"
 
 
-@register_reader(READER)
+@register_reader(READER, SCHEMA, DESCRIPTION)
 def open_mimic_cxr(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SCHEMA)
     if not materialise:

@@ -17,7 +17,11 @@ boxes, rasterised at the DICOM's Rows x Columns (read from its header) and writt
 negatives), so edited boxes never reuse a stale mask.
 
 Splits: there are no official labelled validation/test sets; patients are split 60/20/20
-(train/valid/test, as MGCA does) by a seeded hash of the patientId (``seed=``).
+(train/valid/test) by a seeded hash of the patientId (``seed=``). This split is ours, not
+MGCA's: MGCA's classification split is 70/15/15 (sklearn's ``train_test_split``, 0.3 then
+0.5, ``random_state=0``: 18,678 / 4,003 / 4,003) and its detection split, which its and the
+Adaptor authors' segmentation reads, holds out 2 x 5,337 (16,010 / 5,337 / 5,337). Read
+theirs with ``splits=mgca`` or ``splits=mgca-detection`` (``pipeline/datasets/shared_splits.py``).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ PROPORTIONS = (("train", 0.6), ("valid", 0.2), ("test", 0.2))
 DESCRIPTION = "RSNA Pneumonia Detection: binary label and box masks"
 
 
-@register_reader(READER)
+@register_reader(READER, SEED, DESCRIPTION)
 def open_rsna(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SEED)
     if not materialise:

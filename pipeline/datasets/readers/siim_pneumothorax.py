@@ -61,7 +61,7 @@ PNG_SPLITS = (("stage_1_train_images.csv", "train"), ("stage_1_test_images.csv",
 PNG_VALID = 0.15
 
 
-@register_reader(READER)
+@register_reader(READER, SEED, DESCRIPTION)
 def open_siim(arg: DatasetSpec, cache_root: Path, materialise: bool = True) -> Dataset:
     spec = parse_spec(READER, arg, SEED)
     if not materialise:

@@ -1,0 +1,176 @@
+"""Where trials run: this process, one after another (``--workers 0``), or the workers of a
+Dask cluster, many at once.
+
+Without ``--scheduler`` (or ``$PIPE_DASK_SCHEDULER``) a local cluster is started, sized from
+what this process may use: one worker per GPU, else one per CPU (at most
+:data:`MAX_LOCAL_WORKERS`), the CPUs split among them as embed's workers split them
+(``$PIPE_THREADS`` per worker, :mod:`pipeline.threads`). Each worker runs one trial at a
+time and keeps its loaded data between trials (:mod:`stages.sweep.trial`).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from core.console import err
+from core.errors import PipeError
+from pipeline import threads
+
+SCHEDULER_ENV = "PIPE_DASK_SCHEDULER"
+MAX_LOCAL_WORKERS = 8
+
+
+class SchedulerError(PipeError):
+    """A Dask scheduler that cannot be reached; the message names it."""
+
+
+@dataclass
+class Job:
+    """A submitted trial (or evaluation) and what it is about."""
+
+    handle: Any
+    about: Any
+
+
+class SerialPool:
+    """Trials in this process, one at a time: a submitted one runs when its result is awaited."""
+
+    capacity = 1
+    local_cluster = False
+    gpu_per_worker = False
+    generation = ""
+
+    def __enter__(self) -> "SerialPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def describe(self) -> str:
+        return "in this process, one trial at a time"
+
+    def submit(self, fn: Callable, task: Any, about: Any) -> Job:
+        return Job((fn, task), about)
+
+    def wait(self, jobs: list[Job], timeout: float) -> list[tuple[Job, dict]]:
+        job = jobs[0]
+        fn, task = job.handle
+        return [(job, fn(task))]
+
+    def cancel(self, jobs: list[Job]) -> None:
+        return None
+
+
+class DaskPool:
+    """Trials on a Dask cluster: a local one started here, or one already up (``scheduler``)."""
+
+    def __init__(self, workers: int | None, scheduler: str | None):
+        self.workers, self.scheduler = workers, scheduler
+        self.client = self.cluster = None
+        self.local_cluster = scheduler is None
+        self.gpu_per_worker = False
+        self.generation = ""
+
+    def __enter__(self) -> "DaskPool":
+        from distributed import Client, LocalCluster  # lazy: dask's distributed takes a second to import
+
+        if self.scheduler:
+            try:
+                self.client = Client(self.scheduler, timeout="10s")
+            except (OSError, TimeoutError) as e:
+                raise SchedulerError(f"cannot reach the Dask scheduler at {self.scheduler} ({e}). Start one with "
+                                     "`dask scheduler` and workers with `dask worker <address>`, or leave "
+                                     f"--scheduler and ${SCHEDULER_ENV} out to start a local cluster.") from None
+            self._preload()
+            return self
+        n, gpus = local_workers(self.workers)
+        per = threads.plan(processes=n)
+        self.gpu_per_worker = gpus > 0
+        self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                    silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
+        self.client = Client(self.cluster)
+        self._preload()
+        return self
+
+    def _preload(self) -> None:
+        """Every worker imports the trials' code (torch, the stages) now, all at once, before any trial is
+        claimed: a trial's lease and time start when it can run."""
+        self.client.run(importlib.import_module, "stages.sweep.trial")
+
+    def __exit__(self, *exc) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    @property
+    def capacity(self) -> int:
+        return max(1, sum(self.client.nthreads().values()))
+
+    def describe(self) -> str:
+        n = len(self.client.nthreads())
+        if self.local_cluster:
+            per = threads.plan(processes=n)
+            gpu = ", one GPU each" if self.gpu_per_worker else ""
+            return f"a local Dask cluster of {n} workers ({per.line()}{gpu}), one trial per worker at a time"
+        return f"the Dask cluster at {self.scheduler} ({n} workers, {self.capacity} trials at a time)"
+
+    def submit(self, fn: Callable, task: Any, about: Any) -> Job:
+        return Job(self.client.submit(fn, task, pure=False), about)
+
+    def wait(self, jobs: list[Job], timeout: float) -> list[tuple[Job, dict]]:
+        from distributed import wait  # lazy: dask's distributed takes a second to import
+
+        try:
+            done, _ = wait([j.handle for j in jobs], timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            return []
+        out = []
+        for job in jobs:
+            if job.handle in done:
+                out.append((job, _result(job.handle)))
+        return out
+
+    def cancel(self, jobs: list[Job]) -> None:
+        if jobs:
+            self.client.cancel([j.handle for j in jobs], force=True)
+
+
+def _result(future) -> dict:
+    """A trial's outcome; a worker that died under it (out of memory, killed) makes it failed."""
+    try:
+        return future.result()
+    except Exception as e:  # noqa: BLE001 - the worker's death is the trial's failure, with the reason
+        return {"state": "failed", "reason": f"its Dask worker failed: {type(e).__name__}: {e}"}
+
+
+def local_workers(requested: int | None) -> tuple[int, int]:
+    """(workers, GPUs): one per GPU, else one per CPU this process may use (at most MAX_LOCAL_WORKERS)."""
+    gpus = _gpus()
+    if requested:
+        return requested, min(gpus, requested)
+    if gpus:
+        return gpus, gpus
+    cpus, _ = threads.available_cpus()
+    return max(1, min(cpus, MAX_LOCAL_WORKERS)), 0
+
+
+def _gpus() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
+    import torch  # lazy: only to count GPUs
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def make_pool(workers: int | None, scheduler: str | None):
+    """``workers=0``: this process; else a Dask cluster (``scheduler``, ``$PIPE_DASK_SCHEDULER``, or local)."""
+    scheduler = scheduler or os.environ.get(SCHEDULER_ENV, "").strip() or None
+    if workers == 0 and not scheduler:
+        return SerialPool()
+    if workers and scheduler:
+        err.print(f"[yellow]note:[/] --workers {workers} is ignored: the cluster at {scheduler} has its own workers")
+    return DaskPool(workers, scheduler)
