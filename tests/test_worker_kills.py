@@ -340,3 +340,40 @@ def test_a_worker_killed_mid_trial_of_a_sweep_runs_the_trial_again_once(sweep_ca
 def _trainings(run: Path) -> int:
     """How many times a trial's training started (each start logs its banner in the trial's log)."""
     return (run / "log.txt").read_text().count(BANNER)
+
+
+def test_a_sweep_whose_scheduler_dies_stops_with_one_message_and_resumes(sweep_cache, tmp_path):
+    """The scheduler SIGKILLed mid-trial: the client's futures are lost; `pipe sweep` puts the trial back and,
+    the scheduler gone for good, stops with one message; the same command (here in one process) resumes."""
+    table, cache = sweep_cache
+    out = tmp_path / "out"
+    spec = sweep_spec(tmp_path, table, out)
+    cluster = Cluster(tmp_path, ENV, n=1)
+    try:
+        ran = []
+        sweep = sweep_on(cluster, spec, cache, ran)
+        sweep.start()
+        mark = int(np.random.default_rng(SEED + 3).integers(0, 2))
+        t0 = time.monotonic()
+        while not reached(out / "trials" / "0000", mark):
+            assert sweep.is_alive() and time.monotonic() - t0 < 180
+            time.sleep(0.002)
+        os.kill(cluster.scheduler.pid, signal.SIGKILL)
+        tally(**{"scheduler SIGKILLs": 1})
+        sweep.join(timeout=120)
+    finally:
+        cluster.close()
+    (stopped,) = ran
+    assert stopped.exit_code == 2 and f"lost the Dask scheduler at {cluster.address}" in stopped.output
+    assert "trial 0: its Dask task was lost (scheduler-connection-lost); put back" in stopped.output
+    assert "Traceback" not in stopped.output
+    rows = pd.read_csv(out / "trials.csv")
+    assert rows.trial.tolist() == [0] and rows.state.tolist() == ["interrupted"]  # the one worker's one trial
+    assert rows.reason[0] == "its Dask task was lost (scheduler-connection-lost)"
+    assert study_states(out) == ["WAITING"]  # none left running
+    result = json.loads(pipe("sweep", str(spec), "--cache", str(cache), "--workers", "0", "--json").stdout
+                        .strip().splitlines()[-1])
+    assert [r["state"] for r in result["rows"]] == ["complete"] * TRIALS and result["ran"] == TRIALS
+    assert study_states(out) == ["COMPLETE"] * TRIALS
+    assert len((out / "progress.log").read_text().splitlines()) == TRIALS  # each told once
+    assert [_trainings(out / "trials" / f"{n:04d}") for n in range(TRIALS)] == [2, 1, 1, 1]
