@@ -111,11 +111,14 @@ class DaskPool:
 
     @property
     def capacity(self) -> int:
-        self._connected()
-        try:
-            return max(1, sum(self.client.nthreads().values()))
-        except OSError as e:
-            raise self._lost(f"{type(e).__name__}: {e}") from None
+        for _ in range(3):  # a connection that just dropped: the client notices, reconnects or gives up
+            self._connected()
+            try:
+                return max(1, sum(self.client.nthreads().values()))
+            except OSError as e:
+                why = f"{type(e).__name__}: {e}"
+                time.sleep(1.0)
+        raise self._lost(why)
 
     def _connected(self) -> None:
         """Return once the client is connected; a :class:`SchedulerError` once it gave its scheduler up (the
