@@ -316,6 +316,63 @@ top: 0
     assert rows["optim.lr"].nunique() == 6  # a trial's values are drawn from its own number, whoever draws them
 
 
+def test_a_trial_whose_dask_workers_die_is_failed_and_one_whose_future_is_lost_is_put_back():
+    """Dask runs a trial whose worker died again elsewhere (tests/test_worker_kills.py); one whose workers
+    kept dying it gives up: failed, saying why; one whose future was lost (the scheduler's connection
+    dropped) is put back, to run again."""
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    from stages.sweep.pool import LOST, _result
+
+    class Gone:
+        def __init__(self, error: Exception):
+            self.error = error
+
+        def result(self):
+            raise self.error
+
+    failed = _result(Gone(KilledWorker("run_trial-1", None, 3)))
+    assert failed["state"] == "failed" and failed["reason"].startswith(
+        "each of the 4 Dask workers that ran it died (out of memory, preempted or killed), so Dask gave it up")
+    lost = _result(Gone(FutureCancelledError("run_trial-1", "scheduler-connection-lost")))
+    assert lost == {"state": LOST, "reason": "its Dask task was lost (scheduler-connection-lost)"}
+
+
+@pytest.mark.slow
+def test_an_attempt_waits_for_an_earlier_one_that_still_owns_the_trial_folder(cached, tmp_path):
+    """A worker that the scheduler gave up for dead may live on, training its trial: the next attempt
+    waits for the folder, then resumes; the trial is trained once and told once."""
+    import threading
+
+    from core.locks import owned_folder
+
+    table, cache = cached
+    spec = sweep_file(tmp_path / "s.yaml", table, tmp_path / "out", """search: grid
+space:
+  optim.lr: [1.0e-3, 5.0e-4]
+objective: val_loss
+top: 0
+""")
+    run = tmp_path / "out" / "trials" / "0000"
+    ran = []
+    with owned_folder(run, "train-adaptor"):  # the earlier attempt, still running
+        sweep = threading.Thread(target=lambda: ran.append(sweep_json(str(spec), "--cache", str(cache),
+                                                                      "--workers", "0")))
+        sweep.start()
+        deadline = time.monotonic() + 120
+        while not ((run / "log.txt").is_file() and "waiting: " in (run / "log.txt").read_text()):
+            assert sweep.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.5)  # a few looks later: still waiting, nothing trained in the folder
+        assert sweep.is_alive() and not (run / "metrics.csv").exists()
+    sweep.join(timeout=300)
+    (result,) = ran
+    assert [r["state"] for r in result["rows"]] == ["complete"] * 2 and result["ran"] == 2
+    log = (run / "log.txt").read_text()
+    assert f"{run} is in use by `pipe train-adaptor` (pid {os.getpid()}" in log and _trainings(run) == 1
+
+
 # ------------------------------------------------------------------ encoder pairs
 def test_encoder_pairs_and_encoder_lists_are_one_axis(tmp_path):
     from stages.sweep import load_sweep

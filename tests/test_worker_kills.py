@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cache.objects import ObjectStorage
@@ -212,3 +213,166 @@ def test_a_task_whose_workers_keep_dying_is_one_message_not_a_traceback():
 
     with pytest.raises(PipeError, match=r"shard 7: each of 4 Dask workers that ran it died .*run `pipe embed` again"):
         _result(Gone(), Claim(ClaimState.TAKEN, 7, "g"))
+
+
+
+# ------------------------------------------------------------------ a sweep's trial
+SWEEP_ITEMS, TRIALS = 12, 4
+BANNER = "training the Adaptor"  # in a trial's log, each time its training starts
+UNSTABLE = {"epoch_seconds", "data_wait_share", "samples_per_s", "cpu_peak_mb", "gpu_peak_mb"}  # timing, memory
+
+
+@pytest.fixture(scope="module")
+def sweep_cache(tmp_path_factory):
+    """A dozen items, embedded once with the tiny encoders."""
+    root = tmp_path_factory.mktemp("sweep")
+    table = make_table(root / "data", SWEEP_ITEMS)
+    embed_json(table, root / "cache")
+    return table, root / "cache"
+
+
+def sweep_spec(folder: Path, table: Path, out: Path) -> Path:
+    """A grid of TRIALS trials, two epochs each."""
+    spec = folder / f"{out.name}.yaml"
+    spec.write_text(f"""dataset: {table}
+backbone: tiny-vit
+text_encoder: tiny-bert
+overrides: [adaptor.d_model=32, adaptor.n_heads=4, adaptor.ffn_dim=64, batch_size=4, epochs=2]
+search: grid
+space:
+  optim.lr: [1.0e-3, 5.0e-4, 2.0e-4, 1.0e-4]
+objective: val_loss
+top: 0
+out: {out}
+""")
+    return spec
+
+
+def sweep_on(cluster: Cluster, spec: Path, cache: Path, ran: list) -> threading.Thread:
+    """`pipe sweep --scheduler` (in this process, on a thread: the Dask client), its lease short."""
+    return threading.Thread(target=lambda: ran.append(pipe("sweep", str(spec), "--cache", str(cache), "--scheduler",
+                                                           cluster.address, "--lease-s", "2", "--json", expect=None)))
+
+
+def reached(run: Path, mark: int) -> bool:
+    """A trial's training has started (mark 0: its log has the banner), or saved its first epoch (1)."""
+    if mark:
+        return (run / "last.safetensors").is_file()
+    return (run / "log.txt").is_file() and BANNER in (run / "log.txt").read_text()
+
+
+def kill_mid_trial(cluster: Cluster, trials: Path, sweep: threading.Thread, rng) -> tuple[int, int]:
+    """SIGKILL the worker that trains a seeded one of the first two trials (the two workers take
+    them at once), a seeded few milliseconds after a seeded mark (:func:`reached`); returns (trial, pid)."""
+    number, mark, delay = int(rng.integers(0, 2)), int(rng.integers(0, 2)), float(rng.uniform(0, 0.01))
+    run = trials / f"{number:04d}"
+    t0 = time.monotonic()
+    while not reached(run, mark):
+        assert sweep.is_alive(), "the sweep ended before the kill point"
+        assert time.monotonic() - t0 < 180, "no worker started the trial"
+        time.sleep(0.002)
+    pid = json.loads((run / ".owner.json").read_text())["pid"]  # the trial's trainer: a worker process
+    assert pid in {w.pid for w in cluster.workers}
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    return number, pid
+
+
+def study_states(out: Path) -> list[str]:
+    """Each trial's state in the sweep's Optuna study, by number."""
+    import optuna
+
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out / 'study.db'}")
+    return [t.state.name for t in sorted(study.get_trials(), key=lambda t: t.number)]
+
+
+def trained(run: Path) -> tuple[list[dict], dict]:
+    """A trial's metrics (timing and memory left out) and its last weights."""
+    from safetensors.numpy import load_file
+
+    rows = pd.read_csv(run / "metrics.csv")
+    rows = rows.drop(columns=[c for c in rows.columns if c in UNSTABLE])
+    return rows.to_dict("records"), load_file(run / "last.safetensors")
+
+
+def test_a_worker_killed_mid_trial_of_a_sweep_runs_the_trial_again_once(sweep_cache, tmp_path):
+    table, cache = sweep_cache
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    cluster = Cluster(tmp_path, ENV)
+    try:
+        ran = []
+        sweep = sweep_on(cluster, sweep_spec(tmp_path, table, out), cache, ran)
+        sweep.start()
+        number, victim = kill_mid_trial(cluster, out / "trials", sweep, np.random.default_rng(SEED + 6))
+        tally(**{"worker SIGKILLs": 1})
+        sweep.join(timeout=300)
+        assert ran and ran[0].exit_code == 0, (ran and ran[0].output, ran and ran[0].exception)
+        dead = next(w for w in cluster.workers if w.pid == victim)
+        assert dead.wait(timeout=10) == -signal.SIGKILL
+        (survivor,) = [w for w in cluster.workers if w.poll() is None]  # no nanny brought the dead one back
+        again = []  # the same sweep, clean, on the surviving worker: what the killed one must equal
+        sweep = sweep_on(cluster, sweep_spec(tmp_path, table, clean), cache, again)
+        sweep.start()
+        sweep.join(timeout=300)
+        assert again and again[0].exit_code == 0, (again and again[0].output, again and again[0].exception)
+    finally:
+        cluster.close()
+    result = json.loads(ran[0].stdout.strip().splitlines()[-1])
+    rows = pd.read_csv(out / "trials.csv")
+    assert sorted(rows.trial) == list(range(TRIALS)) and set(rows.state) == {"complete"}  # each once, finished
+    assert study_states(out) == ["COMPLETE"] * TRIALS  # none left running, none added
+    assert result["ran"] == TRIALS and len((out / "progress.log").read_text().splitlines()) == TRIALS  # told once each
+    (worker, stats), = result["workers"].items()  # the dead worker told nothing; the survivor ran every trial
+    assert worker.endswith(f" pid {survivor.pid}") and stats["trials"] == TRIALS
+    runs = [out / "trials" / f"{n:04d}" for n in range(TRIALS)]
+    assert [_trainings(r) for r in runs] == [2 if n == number else 1 for n in range(TRIALS)]
+    objectives = [{r["trial"]: r["objective"] for r in json.loads(r.stdout.strip().splitlines()[-1])["rows"]}
+                  for r in (ran[0], again[0])]
+    assert objectives[0] == objectives[1]  # to the last bit, as the clean sweep's
+    for n, run in enumerate(runs):
+        (metrics, weights), (metrics0, weights0) = trained(run), trained(clean / "trials" / f"{n:04d}")
+        assert metrics == metrics0 and weights.keys() == weights0.keys()
+        assert all(np.array_equal(weights[k], weights0[k]) for k in weights)
+    compared(2 * TRIALS)
+
+
+def _trainings(run: Path) -> int:
+    """How many times a trial's training started (each start logs its banner in the trial's log)."""
+    return (run / "log.txt").read_text().count(BANNER)
+
+
+def test_a_sweep_whose_scheduler_dies_stops_with_one_message_and_resumes(sweep_cache, tmp_path):
+    """The scheduler SIGKILLed mid-trial: the client's futures are lost; `pipe sweep` puts the trial back and,
+    the scheduler gone for good, stops with one message; the same command (here in one process) resumes."""
+    table, cache = sweep_cache
+    out = tmp_path / "out"
+    spec = sweep_spec(tmp_path, table, out)
+    cluster = Cluster(tmp_path, ENV, n=1)
+    try:
+        ran = []
+        sweep = sweep_on(cluster, spec, cache, ran)
+        sweep.start()
+        mark = int(np.random.default_rng(SEED + 3).integers(0, 2))
+        t0 = time.monotonic()
+        while not reached(out / "trials" / "0000", mark):
+            assert sweep.is_alive() and time.monotonic() - t0 < 180
+            time.sleep(0.002)
+        os.kill(cluster.scheduler.pid, signal.SIGKILL)
+        tally(**{"scheduler SIGKILLs": 1})
+        sweep.join(timeout=120)
+    finally:
+        cluster.close()
+    (stopped,) = ran
+    assert stopped.exit_code == 2 and f"lost the Dask scheduler at {cluster.address}" in stopped.output
+    assert "trial 0: its Dask task was lost (scheduler-connection-lost); put back" in stopped.output
+    assert "Traceback" not in stopped.output
+    rows = pd.read_csv(out / "trials.csv")
+    assert rows.trial.tolist() == [0] and rows.state.tolist() == ["interrupted"]  # the one worker's one trial
+    assert rows.reason[0] == "its Dask task was lost (scheduler-connection-lost)"
+    assert study_states(out) == ["WAITING"]  # none left running
+    result = json.loads(pipe("sweep", str(spec), "--cache", str(cache), "--workers", "0", "--json").stdout
+                        .strip().splitlines()[-1])
+    assert [r["state"] for r in result["rows"]] == ["complete"] * TRIALS and result["ran"] == TRIALS
+    assert study_states(out) == ["COMPLETE"] * TRIALS
+    assert len((out / "progress.log").read_text().splitlines()) == TRIALS  # each told once
+    assert [_trainings(out / "trials" / f"{n:04d}") for n in range(TRIALS)] == [2, 1, 1, 1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,6 +22,8 @@ from pipeline import threads
 
 SCHEDULER_ENV = "PIPE_DASK_SCHEDULER"
 MAX_LOCAL_WORKERS = 8
+CONNECT_TIMEOUT_S = 10.0   # to reach the scheduler, and to reach it again once its connection dropped
+LOST = "lost"              # a trial's outcome when its future was lost: put back, to run again
 
 
 class SchedulerError(PipeError):
@@ -79,7 +82,7 @@ class DaskPool:
 
         if self.scheduler:
             try:
-                self.client = Client(self.scheduler, timeout="10s")
+                self.client = Client(self.scheduler, timeout=f"{CONNECT_TIMEOUT_S:.0f}s")
             except (OSError, TimeoutError) as e:
                 raise SchedulerError(f"cannot reach the Dask scheduler at {self.scheduler} ({e}). Start one with "
                                      "`dask scheduler` and workers with `dask worker <address>`, or leave "
@@ -108,7 +111,29 @@ class DaskPool:
 
     @property
     def capacity(self) -> int:
-        return max(1, sum(self.client.nthreads().values()))
+        for _ in range(3):  # a connection that just dropped: the client notices, reconnects or gives up
+            self._connected()
+            try:
+                return max(1, sum(self.client.nthreads().values()))
+            except OSError as e:
+                why = f"{type(e).__name__}: {e}"
+                time.sleep(1.0)
+        raise self._lost(why)
+
+    def _connected(self) -> None:
+        """Return once the client is connected; a :class:`SchedulerError` once it gave its scheduler up (the
+        client tries to reconnect for :data:`CONNECT_TIMEOUT_S` after the connection drops)."""
+        t0 = time.monotonic()
+        while self.client.status in ("connecting", "newly-created") and time.monotonic() - t0 < 2 * CONNECT_TIMEOUT_S:
+            time.sleep(0.1)
+        if self.client.status != "running":
+            raise self._lost(f"no answer for {CONNECT_TIMEOUT_S:.0f} s")
+
+    def _lost(self, why: str) -> SchedulerError:
+        where = f"at {self.scheduler}" if self.scheduler else "of the local cluster"
+        return SchedulerError(f"lost the Dask scheduler {where} ({why}). Start it again (or leave --scheduler "
+                              "out for a local cluster) and run the same command: it resumes the trials that were "
+                              "running, and keeps the finished ones.")
 
     def describe(self) -> str:
         n = len(self.client.nthreads())
@@ -119,32 +144,52 @@ class DaskPool:
         return f"the Dask cluster at {self.scheduler} ({n} workers, {self.capacity} trials at a time)"
 
     def submit(self, fn: Callable, task: Any, about: Any) -> Job:
-        return Job(self.client.submit(fn, task, pure=False), about)
+        from distributed.client import ClosedClientError  # lazy: dask's distributed takes a second to import
+
+        self._connected()
+        try:
+            return Job(self.client.submit(fn, task, pure=False), about)
+        except ClosedClientError as e:
+            raise self._lost(str(e)) from None
 
     def wait(self, jobs: list[Job], timeout: float) -> list[tuple[Job, dict]]:
         from distributed import wait  # lazy: dask's distributed takes a second to import
+        from distributed.client import FuturesCancelledError  # lazy: as above
 
         try:
             done, _ = wait([j.handle for j in jobs], timeout=timeout, return_when="FIRST_COMPLETED")
         except TimeoutError:
             return []
-        out = []
-        for job in jobs:
-            if job.handle in done:
-                out.append((job, _result(job.handle)))
-        return out
+        except FuturesCancelledError:  # the scheduler lost them (the connection dropped): each is told apart below
+            done = {j.handle for j in jobs if j.handle.cancelled()}
+        return [(job, _result(job.handle)) for job in jobs if job.handle in done]
 
     def cancel(self, jobs: list[Job]) -> None:
-        if jobs:
+        if jobs and self.client.status == "running":
             self.client.cancel([j.handle for j in jobs], force=True)
 
 
 def _result(future) -> dict:
-    """A trial's outcome; a worker that died under it (out of memory, killed) makes it failed."""
+    """A trial's outcome. A worker that died under it was replaced by another (Dask runs it again); one
+    whose workers kept dying is failed, saying so; one whose future was lost is :data:`LOST` (put back)."""
+    from distributed.client import FutureCancelledError  # lazy: dask's distributed takes a second to import
+    from distributed.scheduler import KilledWorker  # lazy: as above
+
     try:
         return future.result()
-    except Exception as e:  # noqa: BLE001 - the worker's death is the trial's failure, with the reason
+    except KilledWorker as e:
+        return {"state": "failed", "reason": killed(e.allowed_failures)}
+    except FutureCancelledError as e:
+        return {"state": LOST, "reason": f"its Dask task was lost ({e.reason})"}
+    except Exception as e:  # noqa: BLE001 - anything else Dask says about it is the trial's failure, with the reason
         return {"state": "failed", "reason": f"its Dask worker failed: {type(e).__name__}: {e}"}
+
+
+def killed(allowed_failures: int) -> str:
+    """Why a trial whose Dask workers kept dying under it is failed."""
+    return (f"each of the {allowed_failures + 1} Dask workers that ran it died (out of memory, preempted or killed), "
+            "so Dask gave it up (distributed.scheduler.allowed-failures); their logs say why. If it was the "
+            "out-of-memory killer, give the workers more memory or the trial less (a smaller batch_size)")
 
 
 def local_workers(requested: int | None) -> tuple[int, int]:

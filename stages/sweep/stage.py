@@ -34,7 +34,7 @@ from stages.embed import run as embed_run
 from pipeline.records import load_results
 from stages.sweep import board
 from stages.sweep.objective import parse_objective, read_figure
-from stages.sweep.pool import make_pool
+from stages.sweep.pool import LOST, SchedulerError, make_pool
 from stages.sweep.space import PAIR, pair_name
 from stages.sweep.spec import SweepSpec, eval_config, train_config
 from stages.sweep.study import Claimed, Study, redacted, storage_url
@@ -138,14 +138,21 @@ def run(spec: SweepSpec, workers: int | None = None, scheduler: str | None = Non
             result.interrupted = search(spec, study, pool, result)
             if not result.interrupted:
                 result.top = evaluate_top(spec, study, pool)
+    except SchedulerError:
+        _write_results(spec, study, result)  # its running trials put back: trials.csv says so
+        raise
     finally:
         study.close()
         release()  # what trials run in this process kept
+    _write_results(spec, study, result)
+    return result
+
+
+def _write_results(spec: SweepSpec, study: Study, result: SweepResult) -> None:
     result.rows = board.trial_rows(spec, study.trials())
     result.csv = board.write_tables(spec, result.rows)
     board.write_legacy(spec, result.rows)
     _write_manifest(spec, result.top)
-    return result
 
 
 def search(spec: SweepSpec, study: Study, pool, result: SweepResult) -> bool:
@@ -156,7 +163,7 @@ def search(spec: SweepSpec, study: Study, pool, result: SweepResult) -> bool:
             while len(jobs) < pool.capacity and (claimed := study.start_next()) is not None:
                 if claimed.resumed:
                     err.print(f"trial {claimed.number}: re-running it (interrupted before: {escape(claimed.resumed)})")
-                jobs.append(pool.submit(run_trial, _task(spec, study, pool, claimed), claimed))
+                jobs.append(_submit(spec, study, pool, claimed))
             if not jobs:
                 if not study.pending():
                     return False
@@ -167,11 +174,26 @@ def search(spec: SweepSpec, study: Study, pool, result: SweepResult) -> bool:
                 _finished(spec, study, pool, job.about, outcome, result)
     except KeyboardInterrupt:
         pool.cancel(jobs)
-        for job in jobs:
-            study.release(job.about, "interrupted (Ctrl-C)")
+        _put_back(study, jobs, "interrupted (Ctrl-C)")
         err.print(f"[yellow]interrupted:[/] {len(jobs)} running trial(s) put back; run the same command again to "
                   "resume them (finished trials are kept)")
         return True
+    except SchedulerError:
+        _put_back(study, jobs, "its Dask scheduler was lost")
+        raise
+
+
+def _put_back(study: Study, jobs: list, why: str) -> None:
+    for job in jobs:
+        study.release(job.about, why)
+
+
+def _submit(spec: SweepSpec, study: Study, pool, claimed: Claimed):
+    try:
+        return pool.submit(run_trial, _task(spec, study, pool, claimed), claimed)
+    except SchedulerError:
+        study.release(claimed, "its Dask scheduler was lost")
+        raise
 
 
 def _task(spec: SweepSpec, study: Study, pool, claimed: Claimed) -> TrialTask:
@@ -181,6 +203,10 @@ def _task(spec: SweepSpec, study: Study, pool, claimed: Claimed) -> TrialTask:
 
 
 def _finished(spec: SweepSpec, study: Study, pool, claimed: Claimed, outcome: dict, result: SweepResult) -> None:
+    if outcome["state"] == LOST:  # not run to its end: put back, and claimed again at once
+        study.release(claimed, outcome["reason"])
+        err.print(f"[yellow]trial {claimed.number}: {escape(outcome['reason'])}; put back, to run again")
+        return
     if not study.finish(claimed, outcome):
         err.print(f"[yellow]trial {claimed.number}: another process took it over (this one's lease lapsed); "
                   "its result here is dropped")
@@ -233,6 +259,8 @@ def evaluate_top(spec: SweepSpec, study: Study, pool) -> list[dict]:
     while jobs:
         for job, outcome in pool.wait(jobs, timeout=POLL_S):
             jobs.remove(job)
+            if "state" in outcome:  # its Dask workers died, or its future was lost: not evaluated
+                outcome = {"error": outcome["reason"]}
             done.append({"trial": job.about["trial"], "task": task, "objective": job.about["objective"],
                          **outcome, **_test_figure(spec, outcome)})
     return sorted(done, key=lambda d: [r["trial"] for r in best].index(d["trial"]))

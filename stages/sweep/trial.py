@@ -11,6 +11,12 @@ the study so the pruner can stop it, and, for a downstream objective, evaluates 
 on the validation split (``score_split=valid``) with `pipe evaluate`'s own task. Whatever
 goes wrong inside (a NaN loss, out of memory, a value the config refuses) ends the trial
 as failed, with the reason; the sweep goes on.
+
+An attempt of a trial may find its run folder owned by a live process: an earlier attempt of
+the same trial, on a worker that the scheduler gave up for dead while it lived on (or that
+lost the scheduler). It waits for that one to leave, then resumes from where it stopped
+(:func:`when_free`): two attempts never write one folder at once, and only the `pipe sweep`
+process that claimed the trial tells the study how it ended, once.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from pathlib import Path
 
 from cache.reader import RowReader, held_bytes, hold, read_seconds, release_held, rows_read
 from cache.paths import cache_root
-from core.console import logs_to
+from core.console import err, escape, logs_to
 from core.errors import PipeError
 from core.locks import FolderBusyError
 from core.processes import process_alive, this_process
@@ -39,6 +45,10 @@ from stages.sweep.space import PAIR, pair_name
 from stages.sweep.spec import SweepSpec, eval_config, train_config
 from stages.train import trainer
 from stages.train.trainer import load_training_data
+
+
+BUSY_POLL_S = 1.0        # how often an attempt looks whether its run folder is free again
+BUSY_LIMIT_S = 3600.0    # and for how long
 
 
 class TrialFailure(Exception):
@@ -204,7 +214,7 @@ def _train_and_score(task: TrialTask, run: Path) -> dict:
         if task.gpu_per_worker:
             cfg = _on_own_gpu(cfg)
         reporter.active = r == 0
-        res = trainer.run(cfg, data=data, on_epoch=reporter)
+        res = when_free(trainer.run, cfg, data=data, on_epoch=reporter)
         if res.stopped is not None:
             return {"state": "pruned", "reason": f"pruned after epoch {res.stopped} by the {spec.prune} pruner",
                     "attrs": {"epochs": res.stopped}}
@@ -234,8 +244,26 @@ def _score(task: TrialTask, folder: Path, pair: tuple[str, str], res) -> float:
     if o.fraction is not None:
         fields["fractions"] = [o.fraction]
     cfg = eval_config(task.spec, o.task, **fields)
-    result = evaluation.run(cfg, prepared(task.spec, pair, o.task))
+    result = when_free(evaluation.run, cfg, prepared(task.spec, pair, o.task))
     return read_figure(result.record, o)
+
+
+def when_free(step, *args, **kwargs):
+    """``step(*args, **kwargs)`` (a training or an evaluation of this trial), run once no other live
+    process owns the run folder it writes: an earlier attempt of this trial that still runs there
+    is waited for, and this one resumes where it stops."""
+    t0, said = time.monotonic(), False
+    while True:
+        try:
+            return step(*args, **kwargs)
+        except FolderBusyError as e:
+            if time.monotonic() - t0 > BUSY_LIMIT_S:
+                raise
+            if not said:
+                err.print(f"waiting: {escape(str(e).split('; ')[0])} (an earlier attempt of this trial, whose "
+                          "worker was given up for dead?); this attempt resumes where it stops")
+                said = True
+            time.sleep(BUSY_POLL_S)
 
 
 class Reporter:
