@@ -27,7 +27,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PIPE_NO_PR
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory):
+def labelled(tmp_path_factory):
+    """40 pairs with an `effusion` label, embedded with the tiny encoders: (table, cache)."""
     root = tmp_path_factory.mktemp("sweep")
     table = make_table(root / "data", 40)
     df = pd.read_csv(table)
@@ -92,8 +93,8 @@ def test_an_empty_space_and_a_bad_objective_are_refused(tmp_path):
     assert "direction: must be one of maximize, minimize" in r.output
 
 
-def test_a_metric_the_dataset_does_not_have_is_refused(cached, tmp_path):
-    table, cache = cached
+def test_a_metric_the_dataset_does_not_have_is_refused(labelled, tmp_path):
+    table, cache = labelled
     spec = sweep_file(tmp_path / "s.yaml", table, tmp_path / "out",
                       "space:\n  optim.lr: [1.0e-3]\nobjective: classification@0.5/macro_auroc\n")
     r = pipe("sweep", str(spec), "--cache", str(cache), expect=2)
@@ -101,8 +102,8 @@ def test_a_metric_the_dataset_does_not_have_is_refused(cached, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_missing_encoder_pair_is_refused_with_the_embed_command(cached, tmp_path):
-    table, cache = cached
+def test_a_missing_encoder_pair_is_refused_with_the_embed_command(labelled, tmp_path):
+    table, cache = labelled
     spec = tmp_path / "s.yaml"
     spec.write_text(f"dataset: {table}\npairs: [[tiny-vit, tiny-bert], [random-dinov2-s, tiny-bert]]\n"
                     f"space:\n  optim.lr: [1.0e-3]\nout: {tmp_path / 'out'}\n")
@@ -113,8 +114,8 @@ def test_a_missing_encoder_pair_is_refused_with_the_embed_command(cached, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unreachable_scheduler_or_storage_fails_within_seconds_naming_it(cached, tmp_path):
-    table, cache = cached
+def test_an_unreachable_scheduler_or_storage_fails_within_seconds_naming_it(labelled, tmp_path):
+    table, cache = labelled
     spec = sweep_file(tmp_path / "s.yaml", table, tmp_path / "out", "space:\n  optim.lr: [1.0e-3]\n")
     t0 = time.monotonic()
     r = pipe("sweep", str(spec), "--cache", str(cache), "--scheduler", "tcp://127.0.0.1:9", expect=2)
@@ -128,8 +129,8 @@ def test_an_unreachable_scheduler_or_storage_fails_within_seconds_naming_it(cach
 
 # ------------------------------------------------------------------ runs
 @pytest.mark.slow
-def test_trials_run_in_parallel_on_a_local_cluster_of_two_workers(cached, tmp_path):
-    table, cache = cached
+def test_trials_run_in_parallel_on_a_local_cluster_of_two_workers(labelled, tmp_path):
+    table, cache = labelled
     spec = sweep_file(tmp_path / "s.yaml", table, tmp_path / "out", """search: grid
 space:
   optim.lr: [1.0e-3, 1.0e-4]
@@ -153,9 +154,9 @@ top: 0
 
 
 @pytest.fixture(scope="module")
-def downstream(cached, tmp_path_factory):
+def downstream(labelled, tmp_path_factory):
     """A finished sweep ranked by a downstream objective (in this process, one trial at a time)."""
-    table, cache = cached
+    table, cache = labelled
     root = tmp_path_factory.mktemp("downstream")
     spec = sweep_file(root / "s.yaml", table, root / "out", f"""search: random
 trials: 3
@@ -221,8 +222,8 @@ def test_trials_csv_and_the_sweep_page(downstream, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failing_trial_is_recorded_and_the_sweep_goes_on_and_poor_ones_are_pruned(cached, tmp_path):
-    table, cache = cached
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on_and_poor_ones_are_pruned(labelled, tmp_path):
+    table, cache = labelled
     spec = sweep_file(tmp_path / "s.yaml", table, tmp_path / "out", """search: grid
 space:
   optim.lr: [1.0e-3, 2.0e-3, 3.0e-3, 1.0e-12, 1.0e+30]
@@ -257,8 +258,8 @@ def _wait_for_epoch(proc: subprocess.Popen, metrics: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_stopped_or_killed_sweep_resumes_and_runs_no_finished_trial_again(cached, tmp_path):
-    table, cache = cached
+def test_a_stopped_or_killed_sweep_resumes_and_runs_no_finished_trial_again(labelled, tmp_path):
+    table, cache = labelled
     spec = sweep_file(tmp_path / "s.yaml", table, tmp_path / "out", """search: grid
 space:
   optim.lr: [1.0e-3, 5.0e-4, 2.0e-4]
@@ -294,8 +295,8 @@ top: 0
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_study_and_never_run_a_trial_twice(cached, tmp_path):
-    table, cache = cached
+def test_two_processes_share_one_study_and_never_run_a_trial_twice(labelled, tmp_path):
+    table, cache = labelled
     spec = sweep_file(tmp_path / "s.yaml", table, tmp_path / "out", """search: random
 trials: 6
 space:
@@ -317,7 +318,7 @@ top: 0
 
 
 def test_a_trial_whose_dask_workers_die_is_failed_and_one_whose_future_is_lost_is_put_back():
-    """Dask runs a trial whose worker died again elsewhere (tests/test_worker_kills.py); one whose workers
+    """Dask runs a trial whose worker died again elsewhere (tests/test_object_worker_kills.py); one whose workers
     kept dying it gives up: failed, saying why; one whose future was lost (the scheduler's connection
     dropped) is put back, to run again."""
     from distributed.client import FutureCancelledError
@@ -340,14 +341,14 @@ def test_a_trial_whose_dask_workers_die_is_failed_and_one_whose_future_is_lost_i
 
 
 @pytest.mark.slow
-def test_an_attempt_waits_for_an_earlier_one_that_still_owns_the_trial_folder(cached, tmp_path):
+def test_an_attempt_waits_for_an_earlier_one_that_still_owns_the_trial_folder(labelled, tmp_path):
     """A worker that the scheduler gave up for dead may live on, training its trial: the next attempt
     waits for the folder, then resumes; the trial is trained once and told once."""
     import threading
 
     from core.locks import owned_folder
 
-    table, cache = cached
+    table, cache = labelled
     spec = sweep_file(tmp_path / "s.yaml", table, tmp_path / "out", """search: grid
 space:
   optim.lr: [1.0e-3, 5.0e-4]
@@ -392,8 +393,8 @@ def test_encoder_pairs_and_encoder_lists_are_one_axis(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_over_encoder_pairs_embeds_a_missing_one_first(cached, tmp_path):
-    table, cache = cached
+def test_a_sweep_over_encoder_pairs_embeds_a_missing_one_first(labelled, tmp_path):
+    table, cache = labelled
     spec = tmp_path / "s.yaml"
     spec.write_text(f"""dataset: {table}
 pairs: [[tiny-vit, tiny-bert], [random-dinov2-s, tiny-bert]]
