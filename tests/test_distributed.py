@@ -91,8 +91,11 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def single(cached, tmp_path_factory):
+    """The plain run the others are compared with: the same command, in this process."""
+    table, cache = cached
     out = tmp_path_factory.mktemp("single") / "run"
-    train_cli(cached, out)
+    pipe("train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert", "--cache", str(cache), "--out",
+         str(out), *DDP)
     return out
 
 

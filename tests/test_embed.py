@@ -207,18 +207,19 @@ def test_cache_ls_json(tmp_path):
     assert all(r["items"] == 3 and r["bytes"] > 0 and r["encoder"] in ("tiny-vit", "tiny-bert") for r in rows)
 
 
+SHARDS = ("--batch-size", "4", "--shard-mb", "0.5")
+
+
 def _embed_cmd(table: Path, cache: Path) -> list[str]:
     return [sys.executable, "-m", "cli", "embed", "--dataset", str(table), "--backbone", "tiny-vit",
-            "--text-encoder", "tiny-bert", "--cache", str(cache), "--batch-size", "4", "--shard-mb", "0.5",
-            "--json"]
+            "--text-encoder", "tiny-bert", "--cache", str(cache), *SHARDS, "--json"]
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_clean_run(tmp_path):
     table = make_table(tmp_path / "data", 48)
     env = {**os.environ, "PIPE_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
-    clean = subprocess.run(_embed_cmd(table, tmp_path / "clean"), env=env, capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
+    embed_json(table, tmp_path / "clean", *SHARDS)  # the reference, in this process
     cache = tmp_path / "killed"
     proc = subprocess.Popen(_embed_cmd(table, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -230,9 +231,7 @@ def test_resume_after_sigkill_equals_clean_run(tmp_path):
     proc.wait()
     done_before = len(list(cache.glob("stores/image/*/manifest/part-*.parquet")))
     assert done_before >= 1
-    resumed = subprocess.run(_embed_cmd(table, cache), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    out = json.loads(resumed.stdout.strip().splitlines()[-1])
+    out = embed_json(table, cache, *SHARDS)  # the run after the kill, in this process
     assert out["reused"] > 0 and out["embedded"] + out["reused"] == 96
     pipe("cache", "verify", "--cache", str(cache))
     a, b = stores_by_modality(tmp_path / "clean"), stores_by_modality(cache)

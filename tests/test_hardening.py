@@ -57,8 +57,7 @@ KILLED = ("--shard-mb", "0.1")  # 16-row shards: 96 items make 12 of them, room 
 
 def test_sigkill_at_ten_random_points_then_resume(tmp_path):
     table = make_table(tmp_path / "data", 96)
-    clean = subprocess.run(embed_cmd(table, tmp_path / "clean", *KILLED), env=ENV, capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
+    embed_json(table, tmp_path / "clean", "--batch-size", "4", *KILLED)  # the reference, in this process
     cache = tmp_path / "cache"
     rng = random.Random(1234)
     kept: dict[str, bytes] = {}  # every file committed before some kill
@@ -82,9 +81,7 @@ def test_sigkill_at_ten_random_points_then_resume(tmp_path):
         kept.update(committed(cache))
     print(f"embed: {landed} of 10 kills landed; {len(kept)} committed files kept through them")
     assert landed >= 8 and kept, (landed, len(kept))
-    final = subprocess.run(embed_cmd(table, cache, *KILLED), env=ENV, capture_output=True, text=True)
-    assert final.returncode == 0, final.stderr
-    out = json.loads(final.stdout.strip().splitlines()[-1])
+    out = embed_json(table, cache, "--batch-size", "4", *KILLED)  # the run after the kills, in this process
     assert out["embedded"] + out["reused"] == 192
     pipe("cache", "verify", "--cache", str(cache))
     assert_nothing_lost(kept, cache)

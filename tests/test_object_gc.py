@@ -7,15 +7,12 @@ must survive every command, byte for byte.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from cache.marker import MARKER, marker_bytes
-from cache.objects import ObjectStorage
 from cache.storage import LOCK
 from cache.store import Store
 from tests.helpers import pipe
