@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 import xxhash
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from cache import files
 
@@ -511,7 +509,9 @@ class Preprocess:
         size = (self.input_size, self.input_size)
         x = _resize(x[..., top : top + h, left : left + w], size)
         if angle != 0.0:
-            x = TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
+            from torchvision.transforms.v2 import functional as TF  # noqa: N812  (torchvision loads in ~2 s: only here)
+
+            x = TF.rotate(x, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
         x = x * brightness
         mean = x.mean()
         x = (x - mean) * contrast + mean
@@ -625,7 +625,9 @@ def resize_and_crop(x: torch.Tensor, resize: int, crop: int, nearest: bool = Fal
 # The resize variants of the plain view (data in an encoder's config, functions here)
 # --------------------------------------------------------------------------
 
-INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+# The resize interpolations by name (torchvision's InterpolationMode values, which torchvision's
+# resize takes as these strings; torchvision is imported only where it resizes, as it is slow to load).
+INTERPOLATIONS = {"bilinear": "bilinear", "bicubic": "bicubic"}
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
@@ -645,8 +647,10 @@ def _resize_float(x: torch.Tensor, size: tuple[int, int], resample: str) -> torc
 def _resize_torchvision_uint8(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
     """The 8-bit image through torchvision's resize, as transformers' torchvision image processors
     (the default ``SiglipImageProcessor`` of transformers 5) resize what PIL decoded."""
+    from torchvision.transforms.v2 import functional as TF  # noqa: N812
+
     q = torch.from_numpy(to_uint8(x))
-    out = TF.resize(q, list(size), interpolation=INTERPOLATIONS[resample], antialias=True)
+    out = TF.resize(q, list(size), interpolation=TF.InterpolationMode(INTERPOLATIONS[resample]), antialias=True)
     return out.to(torch.float32) / 255.0
 
 

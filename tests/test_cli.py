@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.helpers import forked
 from tests.helpers import embed_json, make_table, pipe, write_png
 from tests.helpers.layouts import build_mimic
 
@@ -34,7 +35,7 @@ def no_split_table(folder: Path, n: int = 24, missing: int | None = None, patien
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real `pipe` in a subprocess: its stdout and stderr apart, no terminal."""
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+    return forked.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
                           env=env or ENV, cwd=ROOT)
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import zarr
 
+from tests.helpers import forked
 from tests.helpers import append_rows, embed_json, make_table, pipe
 from tests.helpers.stores import read_rows, stores_by_modality
 
@@ -221,7 +222,7 @@ def test_resume_after_sigkill_equals_clean_run(tmp_path):
     env = {**os.environ, "PIPE_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
     embed_json(table, tmp_path / "clean", *SHARDS)  # the reference, in this process
     cache = tmp_path / "killed"
-    proc = subprocess.Popen(_embed_cmd(table, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = forked.popen(_embed_cmd(table, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if len(list(cache.glob("stores/image/*/manifest/part-*.parquet"))) >= 1:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import forked
 from tests.helpers import ROOT, embed_json, make_table, pipe
 from tests.helpers.kills import assert_nothing_lost, cache_files, claim_records, committed
 from tests.helpers.stores import read_rows, stores_by_modality
@@ -64,7 +65,7 @@ def test_sigkill_at_ten_random_points_then_resume(tmp_path):
     landed = 0
     parts = lambda: len(list(cache.glob("stores/*/*/manifest/part-*.parquet")))
     for i in range(10):
-        proc = subprocess.Popen(embed_cmd(table, cache, *KILLED), env=ENV, stdout=subprocess.DEVNULL,
+        proc = forked.popen(embed_cmd(table, cache, *KILLED), env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         # Alternate the trigger: once this run holds a claim (past start-up, inside its first
         # shard), or once it has committed a shard (inside the next one); then a random delay.
@@ -91,7 +92,7 @@ def test_sigkill_at_ten_random_points_then_resume(tmp_path):
 def test_two_concurrent_writers_store_everything_once(table_and_clean, tmp_path):
     table, clean = table_and_clean
     cache = tmp_path / "cache"
-    procs = [subprocess.Popen(embed_cmd(table, cache), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    procs = [forked.popen(embed_cmd(table, cache), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
@@ -118,7 +119,7 @@ def tmpfs(path: Path, size: str, *options: str):
 def test_disk_full_gives_a_clear_error_and_a_valid_cache(table_and_clean, tmp_path):
     table, clean = table_and_clean
     with tmpfs(tmp_path / "small", "1500k") as cache:
-        full = subprocess.run(embed_cmd(table, cache), env=ENV, capture_output=True, text=True)
+        full = forked.run(embed_cmd(table, cache), env=ENV, capture_output=True, text=True)
         assert full.returncode == 2, full.stderr
         assert "disk is full" in full.stderr and "re-run `pipe embed`" in full.stderr
         assert "Traceback" not in full.stderr
@@ -126,7 +127,7 @@ def test_disk_full_gives_a_clear_error_and_a_valid_cache(table_and_clean, tmp_pa
         assert list(cache.rglob(".*partial*")) == [] and list(cache.glob("stores/*/*/claims/*")) == []
         pipe("cache", "verify", "--cache", str(cache))  # what was committed reads back intact
         subprocess.run(["mount", "-o", "remount,size=64m", str(cache)], check=True)
-        again = subprocess.run(embed_cmd(table, cache), env=ENV, capture_output=True, text=True)
+        again = forked.run(embed_cmd(table, cache), env=ENV, capture_output=True, text=True)
         assert again.returncode == 0, again.stderr  # resumes once there is room
         out = json.loads(again.stdout.strip().splitlines()[-1])
         assert out["reused"] > 0 and out["embedded"] + out["reused"] == 80

@@ -29,6 +29,7 @@ from PIL import Image
 from core.locks import owned_folder, OWNER_LOCK
 from cache.marker import MARKER
 from cache.store import Store, find_stores
+from tests.helpers import forked
 from tests.helpers import append_rows, embed_json, make_table, pipe, write_png
 from tests.helpers.files import write_csv, write_dicom
 from tests.helpers.layouts import build_covidx, build_siim
@@ -394,14 +395,14 @@ def test_a_second_trainer_is_refused_and_a_killed_one_resumes(world, tmp_path):
     cmd = [sys.executable, "-m", "cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
            "--cache", str(cache), "--out", str(out), *TRAIN]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PIPE_NO_PROGRESS": "1"}
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = forked.popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         t0 = time.monotonic()
         while not (out / "last.safetensors").exists():
             assert first.poll() is None and time.monotonic() - t0 < 180, "the first run ended or made no progress"
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)  # alive (and owning the folder) for as long as the second takes to start
-        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        second = forked.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert first.poll() is None, "the first run ended before the second was tried"
         text = " ".join(second.stderr.split())
         assert second.returncode == 2 and f"pid {first.pid} on host {socket.gethostname()}" in text, text
@@ -411,7 +412,7 @@ def test_a_second_trainer_is_refused_and_a_killed_one_resumes(world, tmp_path):
         first.wait()
     killed_at = int(read_meta(out / "last.safetensors")["epoch"])
     assert killed_at < 6
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    resumed = forked.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stderr
     assert int(read_meta(out / "last.safetensors")["epoch"]) == 6

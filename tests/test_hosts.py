@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import forked
 from tests.helpers import make_table, pipe
 from tests.helpers.kills import (
     ENV,
@@ -42,7 +42,7 @@ def parts(cache: Path, modality: str) -> int:
 
 
 def run_clean(table: Path, cache: Path, *extra: str) -> None:
-    done = subprocess.run(pipe_cmd(*embed_args(table, cache, *extra)), env=ENV, capture_output=True, text=True)
+    done = forked.run(pipe_cmd(*embed_args(table, cache, *extra)), env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -77,7 +77,7 @@ def test_a_crashed_hosts_shard_is_taken_over_once_its_lease_lapses(namespaces, t
     assert "claimed by pid 1 on node-a, left by an interrupted run (its lease expired" in out, out
 
     # a `pipe embed` here takes the shard over and finishes the cache
-    done = subprocess.run(pipe_cmd(*embed_args(table, cache, *CRASH, "--lease-s", "6")), env=ENV,
+    done = forked.run(pipe_cmd(*embed_args(table, cache, *CRASH, "--lease-s", "6")), env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cache.reader import RowReader
 from cache.shards import ShardCorruption
 from cache.storage import LOCK
 from cache.store import ClaimLost, ClaimState, Store
+from tests.helpers import forked
 from tests.helpers import embed_json, make_table, pipe
 from tests.helpers.kills import ENV, embed_args, pipe_cmd
 from tests.helpers.stores import (STORE, bucket_objects, build, comparable, create_store, fixed_table,
@@ -283,7 +283,7 @@ def test_pipe_embed_killed_and_resumed_on_a_bucket_equals_an_uninterrupted_folde
     url = f"s3://{bucket}/c"
     cache = cache_in(bucket, tmp_path, "inspect")
     log = open(tmp_path / "killed.log", "wb")
-    proc = subprocess.Popen(pipe_cmd(*embed_args(table, url, *small)), env={**ENV, **os.environ}, stdout=log,
+    proc = forked.popen(pipe_cmd(*embed_args(table, url, *small)), env={**ENV, **os.environ}, stdout=log,
                             stderr=log, cwd=ROOT)
     t0 = time.monotonic()
     while not [o for o in cache.keys("stores") if "/manifest/part-" in o["path"]]:

@@ -1,5 +1,5 @@
 """`pipe report`: Markdown off a terminal, CSV and JSON, and the one-page HTML report, opened
-in a real browser (headless Chromium over the DevTools protocol: tests/browser.py)."""
+in a real browser (headless Chromium over the DevTools protocol: tests/helpers/browser.py)."""
 from __future__ import annotations
 
 import csv
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import forked
 from tests.helpers.browser import INSTALL_HINT, blank, check_page, find_chromium
 from tests.helpers import SMALL, SMALL_HEADS, SMALL_SEG, embed_json, make_table, pipe
 
@@ -24,7 +25,7 @@ SECTIONS = ("results", "training", "classification", "zero-shot", "segmentation"
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The real `pipe` in a subprocess: stdout is a pipe, not a terminal."""
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=ENV,
+    return forked.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=ENV,
                           cwd=ROOT)
 
 

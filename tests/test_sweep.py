@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers import forked
 from tests.helpers import embed_json, make_table, pipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,7 +241,7 @@ top: 0
 
 # ------------------------------------------------------------------ resumed and shared
 def _start(spec: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli", "sweep", str(spec), "--cache", str(cache), "--json",
+    return forked.popen([sys.executable, "-m", "cli", "sweep", str(spec), "--cache", str(cache), "--json",
                              *extra], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models import checkpoint
 from pipeline.models.checkpoint import CheckpointMismatchError, load_checkpoint, read_meta, save_checkpoint
+from tests.helpers import forked
 from tests.helpers import SMALL
 
 pytestmark = pytest.mark.slow  # subprocesses, kills and process groups: minutes, not seconds
@@ -49,7 +50,7 @@ def start(small_cache, out: Path) -> subprocess.Popen:
            "PIPE_NO_PROGRESS": "1"}
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "a") as log:
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return forked.popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen, out: Path) -> None:

@@ -6,7 +6,7 @@ driven over its websocket (``websocket-client``). :func:`check_page` loads a fil
 records what a person would notice: console errors and uncaught exceptions, every network
 request the page made, images that did not decode, and a screenshot.
 
-    python -m tests.browser demo-out/report.html --screenshot docs/report.png --height 1800
+    python -m tests.helpers.browser demo-out/report.html --screenshot docs/report.png --height 1800
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import pytest
 from core.atomic import is_temp_name
 from cache.shards import partial_of
 from cache.store import find_stores
+from tests.helpers import forked
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PIPE_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
@@ -110,7 +111,7 @@ def in_namespace(cmd: list[str], hostname: str | None = None) -> list[str]:
 
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     out = open(log, "ab")
-    return subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=out, stderr=out, cwd=ROOT)
+    return forked.popen(cmd, env={**ENV, **(env or {})}, stdout=out, stderr=out, cwd=ROOT)
 
 
 def namespace_init(proc: subprocess.Popen, timeout: float = 10) -> int:

@@ -1,0 +1,317 @@
+"""`pipe` commands in processes of their own, forked from a parent that has already loaded the
+heavy libraries.
+
+A fresh ``python -m cli`` spends 4-6 CPU seconds importing torch, timm and transformers before
+it does anything, and the tests that kill commands, run two writers or resume a run start
+hundreds of them: on 2 cores that was a third of the suite's time. Here one server process per
+test process (started on first use) imports those libraries once; each command is a fork of it
+that runs ``cli`` exactly as ``python -m cli`` does, with the test's arguments, environment,
+working folder and standard streams. The child is a real process: its own pid (what a claim
+records, what a SIGKILL hits), its own exit status, nothing of the project's code loaded before
+it starts (only third-party libraries are preloaded, so every module of the project runs its
+import-time code in the child, as in a fresh interpreter).
+
+A command whose environment differs from the server's in a setting a library reads when it is
+imported (``HF_*``, ``TRANSFORMERS_*``, ``TORCH*``, ``OMP_*``, ``PYTHON*``, ``HOME``...) runs as
+a plain subprocess instead; so does any command that is not ``python -m cli``.
+
+    popen(cmd, env=..., stdout=..., stderr=..., cwd=...)   # a subprocess.Popen look-alike
+    run(cmd, env=..., capture_output=True, text=True)      # a subprocess.run look-alike
+"""
+from __future__ import annotations
+
+import atexit
+import importlib
+import io
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "PIL.Image", "torch", "torch.nn.functional", "timm",
+           "transformers", "zarr", "numcodecs", "xxhash", "typer", "rich.console", "yaml", "safetensors.torch")
+# Settings that libraries read when they are imported (so the server's values hold in its children);
+# the compiler's cache folder is read when a function is compiled, in the child.
+IMPORT_TIME = re.compile(r"^(?!TORCHINDUCTOR_CACHE_DIR$)(HF_|HUGGINGFACE|TRANSFORMERS|TORCH|PYTORCH|OMP_|MKL_|OPENBLAS|CUDA|NVIDIA|PYTHON|TIMM|"
+                         r"TOKENIZERS|HOME$|XDG_|TMPDIR$|LD_|PATH$)")
+_BASE_ENV = dict(os.environ)  # the environment the test session set up (tests/conftest.py), when this loads
+OFF = os.environ.get("PIPE_TEST_NO_FORK") == "1"  # every command a plain subprocess (to compare, or to debug)
+
+
+# ---------------------------------------------------------------------------------- the server
+def _serve(path: str) -> None:
+    for name in PRELOAD:
+        importlib.import_module(name)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(path)
+    srv.listen(64)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while True:
+        conn, _ = srv.accept()
+        try:
+            msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        except OSError:
+            conn.close()
+            continue
+        if not msg:
+            conn.close()
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            srv.close()
+            conn.close()
+            _child(json.loads(msg), fds)  # never returns
+        for fd in fds:
+            os.close(fd)
+        conn.send(json.dumps({"pid": pid}).encode())
+        threading.Thread(target=_reap, args=(conn, pid), daemon=True).start()
+
+
+def _reap(conn: socket.socket, pid: int) -> None:
+    _, status = os.waitpid(pid, 0)
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    try:
+        conn.send(json.dumps({"returncode": code}).encode())
+    except OSError:
+        pass
+    conn.close()
+
+
+def _child(req: dict, fds: list[int]) -> None:
+    """Become ``python -m cli ARGS``: the streams, folder, environment and argv of the request."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=False, line_buffering=False)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        sys.path[0] = req["cwd"]
+        sys.argv = ["-m", *req["args"]]
+        import runpy
+
+        try:
+            runpy.run_module("cli", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            code = 130
+        except BaseException:  # noqa: BLE001  (what an interpreter prints for an uncaught exception)
+            traceback.print_exc()
+            code = 1
+        threading._shutdown()  # non-daemon threads finish, as at an interpreter's exit
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
+# ---------------------------------------------------------------------------------- the client
+class _Server:
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="pipe-fork-")
+        self.path = os.path.join(self.folder, "s")
+        self.env = dict(_BASE_ENV)
+        self.proc = subprocess.Popen([sys.executable, "-c", "import sys; from tests.helpers.forked import _serve; "
+                                      "_serve(sys.argv[1])", self.path], cwd=ROOT, stdout=subprocess.PIPE,
+                                     env={**self.env, "PYTHONPATH": str(ROOT)})
+        line = self.proc.stdout.readline()
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the fork server did not start (exit {self.proc.wait()})")
+        atexit.register(self.stop)
+
+    def differs(self, env: dict) -> list[str]:
+        """The settings read at import time whose values ``env`` does not share with the server."""
+        return sorted(k for k in {*env, *self.env}
+                      if IMPORT_TIME.match(k) and k != "PYTHONPATH" and env.get(k) != self.env.get(k))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        try:
+            os.unlink(self.path)
+            os.rmdir(self.folder)
+        except OSError:
+            pass
+
+
+_server: _Server | None = None
+_lock = threading.Lock()
+
+
+def _get_server() -> _Server:
+    global _server
+    with _lock:
+        if _server is None or _server.proc.poll() is not None:
+            _server = _Server()
+        return _server
+
+
+class Forked:
+    """What ``subprocess.Popen`` gives, for a command the fork server started."""
+
+    def __init__(self, args: list[str], conn: socket.socket, pid: int, stdout, stderr):
+        self.args, self.pid, self.returncode = args, pid, None
+        self._conn, self.stdout, self.stderr, self.stdin = conn, stdout, stderr, None
+
+    def _status(self, timeout: float | None) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        ready, _, _ = select.select([self._conn], [], [], timeout)
+        if not ready:
+            return None
+        msg = self._conn.recv(1 << 16)
+        self._conn.close()
+        self.returncode = json.loads(msg)["returncode"] if msg else -signal.SIGKILL
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._status(0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._status(timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def communicate(self, input=None, timeout: float | None = None):  # noqa: A002
+        out: dict[str, object] = {}
+        readers = [threading.Thread(target=lambda n=n, s=s: out.__setitem__(n, s.read()), daemon=True)
+                   for n, s in (("out", self.stdout), ("err", self.stderr)) if s is not None]
+        for t in readers:
+            t.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in readers:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for s in (self.stdout, self.stderr):
+            if s is not None:
+                s.close()
+        return out.get("out"), out.get("err")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for s in (self.stdout, self.stderr):
+            if s is not None:
+                s.close()
+        self.wait()
+
+
+def _is_cli(cmd) -> bool:
+    return isinstance(cmd, (list, tuple)) and len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1:3] == ["-m", "cli"]
+
+
+def _fd(spec, default_devnull: bool, for_read: bool = False):
+    """The descriptor a child's stream gets, and the parent's end of a pipe (or None)."""
+    if spec is None:
+        return os.open(os.devnull, os.O_RDONLY if for_read else os.O_WRONLY) if default_devnull else None, None
+    if spec == subprocess.DEVNULL:
+        return os.open(os.devnull, os.O_RDONLY if for_read else os.O_WRONLY), None
+    if spec == subprocess.PIPE:
+        r, w = os.pipe()
+        return w, r
+    if spec == subprocess.STDOUT:
+        return "stdout", None
+    return os.dup(spec if isinstance(spec, int) else spec.fileno()), None
+
+
+def popen(cmd, *, env: dict | None = None, cwd=None, stdin=None, stdout=None, stderr=None, text: bool = False,
+          **kw):
+    """``subprocess.Popen(cmd, ...)``, forked from the server when ``cmd`` is ``python -m cli ...``."""
+    env = dict(os.environ if env is None else env)
+    if OFF or kw or stdin not in (None, subprocess.DEVNULL) or not _is_cli(cmd):
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text, **kw)
+    server = _get_server()
+    differs = server.differs(env)
+    if os.environ.get("PIPE_TEST_FORK_LOG"):
+        with open(os.environ["PIPE_TEST_FORK_LOG"], "a") as f:
+            f.write(json.dumps({"cmd": cmd[3:5], "differs": differs, "pythonpath": env.get("PYTHONPATH")}) + "\n")
+    if env.get("PYTHONPATH") not in (None, "", str(ROOT)) or differs:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text)
+    fin, _ = _fd(stdin, True, for_read=True)
+    fout, rout = _fd(stdout, False)
+    ferr, rerr = _fd(stderr, False)
+    fout = os.dup(1) if fout is None else fout
+    ferr = os.dup(fout) if ferr == "stdout" else (os.dup(2) if ferr is None else ferr)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.connect(server.path)
+    req = {"args": list(cmd[3:]), "env": env, "cwd": str(cwd or os.getcwd())}
+    socket.send_fds(conn, [json.dumps(req).encode()], [fin, fout, ferr])
+    for fd in (fin, fout, ferr):
+        os.close(fd)
+    pid = json.loads(conn.recv(1 << 16))["pid"]
+
+    def reader(fd):
+        if fd is None:
+            return None
+        return os.fdopen(fd, "r" if text else "rb")
+
+    return Forked(list(cmd), conn, pid, reader(rout), reader(rerr))
+
+
+def run(cmd, *, env: dict | None = None, cwd=None, capture_output: bool = False, text: bool = False,
+        timeout: float | None = None, stdout=None, stderr=None, check: bool = False, **kw):
+    """``subprocess.run(cmd, ...)``, forked from the server when ``cmd`` is ``python -m cli ...``."""
+    if kw or OFF or not _is_cli(cmd):
+        return subprocess.run(cmd, env=env, cwd=cwd, capture_output=capture_output, text=text, timeout=timeout,
+                              stdout=stdout, stderr=stderr, check=check, **kw)
+    if capture_output:
+        stdout = stderr = subprocess.PIPE
+    proc = popen(cmd, env=env, cwd=cwd, stdout=stdout, stderr=stderr, text=text, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
