@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.helpers import fenced_block, pipe, write_png
+from tests.helpers import fenced_block, forked, pipe, write_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,12 +248,12 @@ def test_the_readme_post_demo_example_and_commands_run_from_a_plain_shell(tmp_pa
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # source .venv/bin/activate
 
     def shell(args: list[str], **kw) -> subprocess.CompletedProcess:
-        done = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, **kw)
+        done = forked.run(args, cwd=work, env=env, capture_output=True, text=True, **kw)
         assert done.returncode == 0 and "Traceback" not in done.stderr, (args, done.stdout[-3000:], done.stderr[-3000:])
         return done
 
     command, sets = make_demo_command(work / "demo-out")
-    demo = subprocess.run(command + TINY_DEMO, cwd=work, env={**env, **sets}, capture_output=True, text=True)
+    demo = forked.run(command + TINY_DEMO, cwd=work, env={**env, **sets}, capture_output=True, text=True)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert str(home / ".cache" / "freeze-pipe") in demo.stderr  # the demo says where its cache is: the default
     example = fenced_block("python", "load_adaptor(").replace('"demo"', json.dumps(SPEC))

@@ -179,13 +179,15 @@ def search(spec: SweepSpec, study: Study, pool, result: SweepResult) -> bool:
                   "resume them (finished trials are kept)")
         return True
     except SchedulerError:
-        _put_back(study, jobs, "its Dask scheduler was lost")
+        _put_back(study, jobs, "its Dask scheduler was lost", say=True)
         raise
 
 
-def _put_back(study: Study, jobs: list, why: str) -> None:
+def _put_back(study: Study, jobs: list, why: str, say: bool = False) -> None:
     for job in jobs:
         study.release(job.about, why)
+        if say:
+            err.print(f"[yellow]trial {job.about.number}: {escape(why)}; put back, to run again")
 
 
 def _submit(spec: SweepSpec, study: Study, pool, claimed: Claimed):

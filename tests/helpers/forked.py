@@ -11,9 +11,10 @@ records, what a SIGKILL hits), its own exit status, nothing of the project's cod
 it starts (only third-party libraries are preloaded, so every module of the project runs its
 import-time code in the child, as in a fresh interpreter).
 
-A command whose environment differs from the server's in a setting a library reads when it is
-imported (``HF_*``, ``TRANSFORMERS_*``, ``TORCH*``, ``OMP_*``, ``PYTHON*``, ``HOME``...) runs as
-a plain subprocess instead; so does any command that is not ``python -m cli``.
+A server serves one set of the settings that libraries read when they are imported (``HF_*``,
+``TRANSFORMERS_*``, ``TORCH*``, ``OMP_*``, ``PYTHON*``, ``HOME``...): a command with other values
+gets a server of its own (up to two per test process; an idle one makes room), or, when both are
+busy, a plain subprocess. Any command that is not ``python -m cli`` is a plain subprocess.
 
     popen(cmd, env=..., stdout=..., stderr=..., cwd=...)   # a subprocess.Popen look-alike
     run(cmd, env=..., capture_output=True, text=True)      # a subprocess.run look-alike
@@ -44,7 +45,6 @@ PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "PIL.Image", "torch", "torch.nn
 # the compiler's cache folder is read when a function is compiled, in the child.
 IMPORT_TIME = re.compile(r"^(?!TORCHINDUCTOR_CACHE_DIR$)(HF_|HUGGINGFACE|TRANSFORMERS|TORCH|PYTORCH|OMP_|MKL_|OPENBLAS|CUDA|NVIDIA|PYTHON|TIMM|"
                          r"TOKENIZERS|HOME$|XDG_|TMPDIR$|LD_|PATH$)")
-_BASE_ENV = dict(os.environ)  # the environment the test session set up (tests/conftest.py), when this loads
 OFF = os.environ.get("PIPE_TEST_NO_FORK") == "1"  # every command a plain subprocess (to compare, or to debug)
 
 
@@ -136,23 +136,23 @@ def _child(req: dict, fds: list[int]) -> None:
 
 
 # ---------------------------------------------------------------------------------- the client
+def _settings(env: dict) -> tuple:
+    """The settings of ``env`` that libraries read when they are imported: a server serves one set."""
+    return tuple(sorted((k, v) for k, v in env.items() if IMPORT_TIME.match(k) and k != "PYTHONPATH"))
+
+
 class _Server:
-    def __init__(self) -> None:
+    def __init__(self, env: dict) -> None:
         self.folder = tempfile.mkdtemp(prefix="pipe-fork-")
         self.path = os.path.join(self.folder, "s")
-        self.env = dict(_BASE_ENV)
+        self.settings, self.live = _settings(env), set()  # the pids it forked whose end no client has seen
         self.proc = subprocess.Popen([sys.executable, "-c", "import sys; from tests.helpers.forked import _serve; "
                                       "_serve(sys.argv[1])", self.path], cwd=ROOT, stdout=subprocess.PIPE,
-                                     env={**self.env, "PYTHONPATH": str(ROOT)})
+                                     env={**env, "PYTHONPATH": str(ROOT)})
         line = self.proc.stdout.readline()
         if line.strip() != b"ready":
             raise RuntimeError(f"the fork server did not start (exit {self.proc.wait()})")
         atexit.register(self.stop)
-
-    def differs(self, env: dict) -> list[str]:
-        """The settings read at import time whose values ``env`` does not share with the server."""
-        return sorted(k for k in {*env, *self.env}
-                      if IMPORT_TIME.match(k) and k != "PYTHONPATH" and env.get(k) != self.env.get(k))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -165,23 +165,33 @@ class _Server:
             pass
 
 
-_server: _Server | None = None
+MAX_SERVERS = 2  # per test process (each holds ~0.6 GB); an idle one makes room for an environment not served
+_servers: dict[tuple, _Server] = {}  # by their settings, least recently used first
 _lock = threading.Lock()
 
 
-def _get_server() -> _Server:
-    global _server
+def _server_for(env: dict) -> _Server | None:
+    """The server of ``env``'s import-time settings: started (in place of an idle one) when there is none;
+    None when every server is busy with commands of other settings."""
+    key = _settings(env)
     with _lock:
-        if _server is None or _server.proc.poll() is not None:
-            _server = _Server()
-        return _server
+        server = _servers.pop(key, None)
+        if server is None or server.proc.poll() is not None:
+            idle = [k for k, s in _servers.items() if not s.live or s.proc.poll() is not None]
+            while len(_servers) >= MAX_SERVERS and idle:
+                _servers.pop(idle.pop(0)).stop()
+            if len(_servers) >= MAX_SERVERS:
+                return None
+            server = _Server(env)
+        _servers[key] = server  # the most recently used, last
+        return server
 
 
 class Forked:
     """What ``subprocess.Popen`` gives, for a command the fork server started."""
 
-    def __init__(self, args: list[str], conn: socket.socket, pid: int, stdout, stderr):
-        self.args, self.pid, self.returncode = args, pid, None
+    def __init__(self, args: list[str], conn: socket.socket, pid: int, stdout, stderr, server: _Server):
+        self.args, self.pid, self.returncode, self._server = args, pid, None, server
         self._conn, self.stdout, self.stderr, self.stdin = conn, stdout, stderr, None
 
     def _status(self, timeout: float | None) -> int | None:
@@ -193,6 +203,7 @@ class Forked:
         msg = self._conn.recv(1 << 16)
         self._conn.close()
         self.returncode = json.loads(msg)["returncode"] if msg else -signal.SIGKILL
+        self._server.live.discard(self.pid)
         return self.returncode
 
     def poll(self) -> int | None:
@@ -268,12 +279,11 @@ def popen(cmd, *, env: dict | None = None, cwd=None, stdin=None, stdout=None, st
     env = dict(os.environ if env is None else env)
     if OFF or kw or stdin not in (None, subprocess.DEVNULL) or not _is_cli(cmd):
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text, **kw)
-    server = _get_server()
-    differs = server.differs(env)
+    server = None if env.get("PYTHONPATH") not in (None, "", str(ROOT)) else _server_for(env)
     if os.environ.get("PIPE_TEST_FORK_LOG"):
         with open(os.environ["PIPE_TEST_FORK_LOG"], "a") as f:
-            f.write(json.dumps({"cmd": cmd[3:5], "differs": differs, "pythonpath": env.get("PYTHONPATH")}) + "\n")
-    if env.get("PYTHONPATH") not in (None, "", str(ROOT)) or differs:
+            f.write(json.dumps({"cmd": cmd[3:5], "forked": server is not None, "servers": len(_servers)}) + "\n")
+    if server is None:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text)
     fin, _ = _fd(stdin, True, for_read=True)
     fout, rout = _fd(stdout, False)
@@ -287,13 +297,14 @@ def popen(cmd, *, env: dict | None = None, cwd=None, stdin=None, stdout=None, st
     for fd in (fin, fout, ferr):
         os.close(fd)
     pid = json.loads(conn.recv(1 << 16))["pid"]
+    server.live.add(pid)
 
     def reader(fd):
         if fd is None:
             return None
         return os.fdopen(fd, "r" if text else "rb")
 
-    return Forked(list(cmd), conn, pid, reader(rout), reader(rerr))
+    return Forked(list(cmd), conn, pid, reader(rout), reader(rerr), server)
 
 
 def run(cmd, *, env: dict | None = None, cwd=None, capture_output: bool = False, text: bool = False,
