@@ -282,7 +282,8 @@ def popen(cmd, *, env: dict | None = None, cwd=None, stdin=None, stdout=None, st
     server = None if env.get("PYTHONPATH") not in (None, "", str(ROOT)) else _server_for(env)
     if os.environ.get("PIPE_TEST_FORK_LOG"):
         with open(os.environ["PIPE_TEST_FORK_LOG"], "a") as f:
-            f.write(json.dumps({"cmd": cmd[3:5], "forked": server is not None, "servers": len(_servers)}) + "\n")
+            f.write(json.dumps({"cmd": cmd[3:5], "forked": server is not None, "servers": len(_servers),
+                                "settings": dict(_settings(env))}) + "\n")
     if server is None:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text)
     fin, _ = _fd(stdin, True, for_read=True)
