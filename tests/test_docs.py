@@ -225,7 +225,7 @@ def test_the_readme_is_a_front_door_and_what_it_dropped_is_in_the_site():
         "how-to/large-tables.md": "### Capacity plan".replace("### ", "## "),
         "how-to/use-a-model.md": "pipe export demo-out/adaptor-pooled",
         "benchmarks.md": "bench/embed_overhead.py",
-        "demo.md": "**16.9** [13.4, 20.5]",
+        "demo.md": "**17.1** [13.9, 21.3]",
         "limitations.md": "not bit-reproducible",
     }
     for page, text in kept.items():
