@@ -67,6 +67,23 @@ def simple_table(header: list[str], rows: list[list[str]], cls: str = "plain", r
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def html_page(title: str, header: str, sections: list[tuple[str, str, str]], nav_cut: str, footer: str) -> str:
+    """One self-contained page: the stylesheet inline, a strict content policy (no script, nothing
+    fetched), a header with a link to each ``(id, title, html)`` section (its title up to
+    ``nav_cut``), the sections, and a footer that says what wrote the page (``footer``, escaped) and when."""
+    nav = "".join(f'<a href="#{sid}">{esc(name.split(nav_cut)[0])}</a>' for sid, name, _ in sections)
+    body = "".join(f'<section id="{sid}"><h2>{esc(name)}</h2>{content}</section>' for sid, name, content in sections)
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+            f"style-src 'unsafe-inline'\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{esc(title)}</title><style>\n{stylesheet()}</style></head><body>"
+            f"<header>{header}<nav>{nav}</nav></header><main>{body}</main>"
+            f"<footer>Written by <code>pipe report</code> · {esc(footer)}"
+            f"{esc(time.strftime('%Y-%m-%d %H:%M'))} · one file: no script, nothing fetched</footer>"
+            f"</body></html>\n")
+
+
 def _plain(text: str) -> str:
     """A cell shown as its text: no figure (n/a), or a computed one (chance)."""
     return f'<span class="na">{esc(text)}</span>'
@@ -96,18 +113,7 @@ class Page:
                     ("segmentation", "Segmentation: best and worst cases", self.segmentation()),
                     ("retrieval", "Retrieval examples", self.retrieval()),
                     ("data", "Data card", self.data_card()), ("provenance", "Provenance", self.provenance())]
-        nav = "".join(f'<a href="#{sid}">{esc(title.split(":")[0])}</a>' for sid, title, _ in sections)
-        body = "".join(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>'
-                       for sid, title, content in sections)
-        return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-                f"style-src 'unsafe-inline'\">"
-                f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-                f"<title>{esc(self.title)}</title><style>\n{stylesheet()}</style></head><body>"
-                f"<header>{self.header()}<nav>{nav}</nav></header><main>{body}</main>"
-                f"<footer>Written by <code>pipe report</code> · freeze-pipe {esc(self._version())} · "
-                f"{esc(time.strftime('%Y-%m-%d %H:%M'))} · one file: no script, nothing fetched</footer>"
-                f"</body></html>\n")
+        return html_page(self.title, self.header(), sections, ":", f"freeze-pipe {self._version()} · ")
 
     def _version(self) -> str:
         for r in self.runs.evals:

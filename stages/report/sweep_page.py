@@ -17,14 +17,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.atomic import atomic_write_text
 from stages.report import figures as F
-from stages.report.page import Page, esc, img, note, simple_table, stylesheet
+from stages.report.page import Page, esc, html_page, img, note, simple_table
 from stages.report.runs import ReportInputError, Runs, load_runs
 
 MANIFEST = "sweep.json"
@@ -89,17 +88,7 @@ class SweepPage:
                     ("best", "The best trials on the test split", self.best()),
                     ("failures", "Failed, pruned and interrupted trials", self.failures()),
                     ("sweep", "The sweep", self.about())]
-        nav = "".join(f'<a href="#{sid}">{esc(title.split(",")[0])}</a>' for sid, title, _ in sections)
-        body = "".join(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>'
-                       for sid, title, content in sections)
-        return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-                f"style-src 'unsafe-inline'\">"
-                f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-                f"<title>{esc(self.title)}</title><style>{stylesheet()}</style></head><body>"
-                f"<header>{self.header()}<nav>{nav}</nav></header><main>{body}</main>"
-                f"<footer>Written by <code>pipe report</code> · {esc(time.strftime('%Y-%m-%d %H:%M'))} · one file: "
-                f"no script, nothing fetched</footer></body></html>\n")
+        return html_page(self.title, self.header(), sections, ",", "")
 
     # ------------------------------------------------------------------ header and table
     def header(self) -> str:
