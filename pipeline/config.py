@@ -61,10 +61,15 @@ class Validated:
     and one source that writes both, differently, is refused with a message naming the
     new key. :func:`config_hash` hashes a moved setting at its
     old place, so a setting's move does not make every earlier run look changed.
+
+    ``ADDED`` maps a dotted key added after runs were recorded to its default: while a config
+    keeps that default, :func:`config_hash` leaves the key out, so a new setting does not make
+    every earlier run look changed either.
     """
 
     RENAMED: ClassVar[Mapping[str, Callable[[Any], str]]] = {}
     MOVED: ClassVar[Mapping[str, str]] = {}
+    ADDED: ClassVar[Mapping[str, Any]] = {}
 
     @staticmethod
     def checks(v: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -143,8 +148,9 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 def config_hash(cfg: Any, length: int = 16) -> str:
     """Short sha256 of the canonical JSON (sorted keys, no spaces) of ``to_dict(cfg)``, with
-    every ``MOVED`` setting at its old key (see :class:`Validated`)."""
-    canonical = json.dumps(_unmoved(cfg, to_dict(cfg)), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    every ``MOVED`` setting at its old key and every ``ADDED`` one at its default left out (see
+    :class:`Validated`)."""
+    canonical = json.dumps(_unadded(cfg, _unmoved(cfg, to_dict(cfg))), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 
@@ -158,6 +164,16 @@ def _unmoved(cfg: Any, d: Any) -> Any:
             d[old] = node.pop(key)
             if not node:
                 del d[section]
+    return d
+
+
+def _unadded(cfg: Any, d: dict) -> dict:
+    """``d`` without the ``ADDED`` settings of ``cfg``'s class that keep their defaults."""
+    for key, default in getattr(type(cfg), "ADDED", {}).items():
+        section, _, name = key.rpartition(".")
+        node = d.get(section) if section else d
+        if isinstance(node, dict) and name in node and node[name] == default:
+            del node[name]
     return d
 
 

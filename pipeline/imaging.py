@@ -13,7 +13,7 @@ import io
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import pydicom
@@ -36,7 +36,12 @@ except ImportError:  # pydicom 2.x
     _ONE_FRAME = False
 
 __all__ = [
+    "AUGMENTATIONS",
     "AugmentPolicy",
+    "ShiftScaleRotate",
+    "augment_policy",
+    "Warp",
+    "warp",
     "GEOMETRIES",
     "DEFAULT_IMAGE_MEMORY_MB",
     "ImageBudget",
@@ -373,13 +378,17 @@ def _apply_dicom_luts(arr: np.ndarray, ds: pydicom.Dataset, photometric: str) ->
 
 @dataclass(frozen=True)
 class AugmentPolicy:
-    """Parameter ranges for seeded augmented views."""
+    """Parameter ranges for seeded augmented views: a random resized crop of the decoded image,
+    a rotation, brightness and contrast (views for pre-training; a mask cannot follow them)."""
 
     scale: tuple[float, float] = (0.6, 1.0)
     ratio: tuple[float, float] = (0.8, 1.25)
     rotation_deg: float = 10.0
     brightness: float = 0.2
     contrast: float = 0.2
+
+    kind: ClassVar[str] = "resized-crop"
+    follows_masks: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         # Configs arrive from YAML/JSON as lists; tuples keep the policy hashable.
@@ -399,9 +408,108 @@ class AugmentPolicy:
                 raise ValueError(f"AugmentPolicy.{name} must be in [0, 1], got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
+        """As stores record it (no ``kind``: the default kind, as every store made before kinds existed)."""
         d = asdict(self)
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
         return d
+
+    def view(self, pre: "Preprocess", x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """``[1, 1, H, W]`` grey in [0, 1] -> an augmented ``[1, 1, S, S]`` view."""
+        # Draw every parameter up front in a fixed order so a view is a pure
+        # function of (seed_key, view, policy).
+        top, left, h, w = _random_crop_box(x.shape[-2], x.shape[-1], self, rng)
+        angle = float(rng.uniform(-self.rotation_deg, self.rotation_deg))
+        brightness = float(rng.uniform(1.0 - self.brightness, 1.0 + self.brightness))
+        contrast = float(rng.uniform(1.0 - self.contrast, 1.0 + self.contrast))
+
+        size = (pre.input_size, pre.input_size)
+        x = _resize(x[..., top : top + h, left : left + w], size)
+        if angle != 0.0:
+            from torchvision.transforms.v2 import functional as TF  # noqa: N812  (torchvision loads in ~2 s: only here)
+
+            x = TF.rotate(x, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
+        x = x * brightness
+        mean = x.mean()
+        x = (x - mean) * contrast + mean
+        return x.clamp_(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ShiftScaleRotate:
+    """The authors' segmentation augmentation (MGCA's ``ShiftScaleRotate``): the plain view zoomed
+    by a factor in ``[1 - scale_limit, 1 + scale_limit]``, rotated by up to ``rotate_limit``
+    degrees about its centre and shifted by up to ``shift_limit`` of its side, the border filled
+    with black. The same warp moves a mask (:meth:`Preprocess.mask_view`), so a decoder can train
+    on a view's patch tokens against its moved mask. A cached view is always warped; how often a
+    decoder uses one instead of the plain view is the decoder's setting (``seg.augment_p``)."""
+
+    scale_limit: float = 0.1
+    rotate_limit: float = 10.0
+    shift_limit: float = 0.0
+
+    kind: ClassVar[str] = "shift-scale-rotate"
+    follows_masks: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for name in ("scale_limit", "rotate_limit", "shift_limit"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if not 0.0 <= self.scale_limit < 1.0:
+            raise ValueError(f"ShiftScaleRotate.scale_limit must be in [0, 1), got {self.scale_limit}")
+        if not 0.0 <= self.rotate_limit <= 180.0:
+            raise ValueError(f"ShiftScaleRotate.rotate_limit must be in [0, 180] degrees, got {self.rotate_limit}")
+        if not 0.0 <= self.shift_limit <= 1.0:
+            raise ValueError(f"ShiftScaleRotate.shift_limit must be in [0, 1], got {self.shift_limit}")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+    def draw(self, rng: np.random.Generator) -> tuple[float, float, float, float]:
+        """(zoom, degrees, shift x, shift y) of one view, in a fixed order."""
+        zoom = float(rng.uniform(1.0 - self.scale_limit, 1.0 + self.scale_limit))
+        angle = float(rng.uniform(-self.rotate_limit, self.rotate_limit))
+        dx, dy = (float(v) for v in rng.uniform(-self.shift_limit, self.shift_limit, 2))
+        return zoom, angle, dx, dy
+
+    def view(self, pre: "Preprocess", x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        return warp(pre.plain_view(x), self.draw(rng)).clamp_(0.0, 1.0)
+
+
+Warp = tuple[float, float, float, float]   # (zoom, degrees, shift x, shift y): ShiftScaleRotate.draw
+
+
+def warp(x: torch.Tensor, params: Warp | list[Warp], nearest: bool = False) -> torch.Tensor:
+    """``[N, C, S, S]`` zoomed, rotated about the centre and shifted by ``params`` (one for all, or one
+    per image; :meth:`ShiftScaleRotate.draw`), zeros outside: bilinear for pixels, nearest neighbour
+    for masks (which stay binary). An image and its mask take the same sampling grid, so they move
+    alike to the pixel."""
+    many = params if isinstance(params, list) else [params]
+    theta = torch.tensor([_inverse_affine(*p) for p in many], dtype=torch.float32)
+    theta = theta.expand(len(x), 2, 3) if len(many) == 1 else theta
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="nearest" if nearest else "bilinear", padding_mode="zeros",
+                         align_corners=False)
+
+
+def _inverse_affine(zoom: float, angle: float, dx: float, dy: float) -> list[list[float]]:
+    """Output -> input coordinates (normalised to [-1, 1]) of a zoom and rotation about the centre
+    followed by a shift of (dx, dy) sides: the 2 x 3 matrix ``affine_grid`` takes."""
+    a = math.radians(angle)
+    c, s = math.cos(a) / zoom, math.sin(a) / zoom
+    tx, ty = 2 * dx, 2 * dy
+    return [[c, s, -(c * tx + s * ty)], [-s, c, -(-s * tx + c * ty)]]
+
+
+# Augmentation kinds by name: a store records its policy's ``to_dict`` (with ``kind`` for every kind but the first).
+AUGMENTATIONS = {p.kind: p for p in (AugmentPolicy, ShiftScaleRotate)}
+
+
+def augment_policy(d: dict | None) -> "AugmentPolicy | ShiftScaleRotate":
+    """The policy a record names (:meth:`to_dict`); the default policy for none."""
+    d = dict(d or {})
+    kind = d.pop("kind", AugmentPolicy.kind)
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation kind {kind!r}; known: {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[kind](**d)
 
 
 def _float_pair(value, name: str) -> tuple[float, float]:
@@ -419,7 +527,7 @@ class Preprocess:
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    augment: AugmentPolicy = AugmentPolicy()
+    augment: AugmentPolicy | ShiftScaleRotate = AugmentPolicy()
     # How the plain view is resized and cut: each a name in its registry below. The defaults are
     # this project's own float pipeline; an encoder whose reference processor (or whose authors'
     # recipe) works otherwise names its own in its config's ``resize``.
@@ -444,7 +552,7 @@ class Preprocess:
                 f"need 0 < input_size <= resize_size, got {self.input_size} and {self.resize_size}"
             )
         if isinstance(self.augment, dict):
-            object.__setattr__(self, "augment", AugmentPolicy(**self.augment))
+            object.__setattr__(self, "augment", augment_policy(self.augment))
         object.__setattr__(self, "resize_size", int(self.resize_size))
         object.__setattr__(self, "input_size", int(self.input_size))
         object.__setattr__(self, "mean", mean)
@@ -461,7 +569,7 @@ class Preprocess:
         if view == 0:
             x = self.plain_view(x)
         elif view > 0:
-            x = self._augmented(x, _view_rng(seed_key, view))
+            x = self.augment.view(self, x, _view_rng(seed_key, view))
         else:
             raise ValueError(f"view must be >= 0, got {view}")
         return self._normalise(x)
@@ -484,7 +592,7 @@ class Preprocess:
     def from_dict(cls, d: dict) -> "Preprocess":
         """The preprocessing a store's spec records (:meth:`to_dict`)."""
         return cls(int(d["resize_size"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
-                   AugmentPolicy(**d["augment"]) if d.get("augment") else AugmentPolicy(), **recorded_resize(d))
+                   augment_policy(d.get("augment")), **recorded_resize(d))
 
     def plain_view(self, x: torch.Tensor) -> torch.Tensor:
         """``[1, 1, H, W]`` grey in [0, 1] -> ``[1, 1, S, S]``: the deterministic view, resized and cut."""
@@ -497,25 +605,20 @@ class Preprocess:
         # normalises in one pass, producing a fresh contiguous tensor.
         return torch.addcmul(self._shift, x[0, 0], self._scale)
 
-    def _augmented(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        p = self.augment
-        # Draw every parameter up front in a fixed order so a view is a pure
-        # function of (seed_key, view, policy).
-        top, left, h, w = _random_crop_box(x.shape[-2], x.shape[-1], p, rng)
-        angle = float(rng.uniform(-p.rotation_deg, p.rotation_deg))
-        brightness = float(rng.uniform(1.0 - p.brightness, 1.0 + p.brightness))
-        contrast = float(rng.uniform(1.0 - p.contrast, 1.0 + p.contrast))
+    def mask_view(self, mask: torch.Tensor, seed_key: str, view: int) -> torch.Tensor:
+        """A mask on the plain view's grid (``[S, S]``, nonzero = positive) moved as view ``view`` of
+        the image keyed ``seed_key`` moved its pixels: ``[S, S]`` bool. Only a policy whose views a
+        mask can follow (``follows_masks``) has such views."""
+        return self.masks_view(mask[None], [seed_key], view)[0]
 
-        size = (self.input_size, self.input_size)
-        x = _resize(x[..., top : top + h, left : left + w], size)
-        if angle != 0.0:
-            from torchvision.transforms.v2 import functional as TF  # noqa: N812  (torchvision loads in ~2 s: only here)
-
-            x = TF.rotate(x, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
-        x = x * brightness
-        mean = x.mean()
-        x = (x - mean) * contrast + mean
-        return x.clamp_(0.0, 1.0)
+    def masks_view(self, masks: torch.Tensor, seed_keys: list[str], view: int) -> torch.Tensor:
+        """:meth:`mask_view` of ``[N, S, S]`` masks at once, image ``i`` keyed ``seed_keys[i]``."""
+        if view == 0:
+            return masks > 0
+        if not self.augment.follows_masks:
+            raise ValueError(f"a {self.augment.kind!r} view cannot move a mask alike")
+        params = [self.augment.draw(_view_rng(k, view)) for k in seed_keys]
+        return warp(masks[:, None].float(), params, nearest=True)[:, 0] > 0.5
 
 
 def _as_image_tensor(img: np.ndarray) -> torch.Tensor:

@@ -59,6 +59,7 @@ class EncoderConfig:
     description: str = ""
     extra: tuple[tuple[str, Any], ...] = ()
     resize: tuple[tuple[str, str], ...] = ()   # (setting, value) of pipeline.imaging.RESIZE_DEFAULTS that differ
+    augment: tuple[tuple[str, Any], ...] = ()  # its cached views' policy (pipeline.imaging.augment_policy); () the default
     joint_space: str | None = None             # the space its towers were trained into together (CLIP-style pairs)
     native_dim: int = 0                        # the width of its projected (native) vectors in that space
     card: EncoderCard = field(default_factory=EncoderCard)   # what is said of it; never in a fingerprint
@@ -109,6 +110,7 @@ class EncoderConfig:
         d["std"] = list(self.std) if self.std else None
         d["extra"] = {k: plain(v) for k, v in self.extra}
         d.pop("resize")
+        d.pop("augment")   # the store's preprocessing records the views' policy (and the name differs)
         # each resize setting under its own name, and only where it is not the default (as the recipe's
         # geometry was first recorded): fingerprints made before the settings existed stay valid
         d.update({k: v for k, v in self.resize if v != RESIZE_DEFAULTS[k]})

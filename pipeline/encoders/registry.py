@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import difflib
 import re
+import threading
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from core.errors import InputError
-from pipeline.imaging import DEFAULT_GEOMETRY
+from pipeline.imaging import DEFAULT_GEOMETRY, ShiftScaleRotate
 
 from . import autoconfig
 from .base import FrozenEncoder, ImageEncoder, TextEncoder
@@ -28,6 +29,13 @@ _ALIASES: dict[str, str] = {}
 _AUTO_BUILDERS: dict[str, Builder] = {}
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+# ``<image encoder><suffix>``: the encoder with another policy for its cached augmented views
+# (``pipe embed --views K``), made on first use for any registered image encoder. ``-ssr`` is the
+# authors' segmentation augmentation (``pipeline.imaging.ShiftScaleRotate``), whose views a mask
+# can follow: a decoder trains on them with ``seg.augment=true``.
+AUGMENTED_SUFFIXES = {"-ssr": ShiftScaleRotate()}
+_DERIVING = threading.Lock()
 
 
 class UnknownEncoderError(InputError):
@@ -101,7 +109,7 @@ def resolve_encoder_name(name: str, modality: str | None = None) -> EncoderConfi
     ``modality`` picks a family's tower (``biomedclip`` names an image and a text encoder);
     without it a name means the tower registered first."""
     name = str(name)
-    registered = _registered(name, modality)
+    registered = _registered(name, modality) or _augmented_variant(name, modality)
     if registered is not None:
         return registered
     path = Path(name).expanduser()
@@ -120,6 +128,29 @@ def resolve_encoder_name(name: str, modality: str | None = None) -> EncoderConfi
             )
         return autoconfig.config_from_hub_snapshot(name, snapshot)
     raise _unknown(name)
+
+
+def _augmented_variant(name: str, modality: str | None) -> EncoderConfig | None:
+    """``<base><suffix>`` (:data:`AUGMENTED_SUFFIXES`) for a registered image encoder ``base``,
+    registered under its canonical name (with ``name`` as an alias where they differ)."""
+    if modality not in (None, "image"):
+        return None
+    for suffix, policy in AUGMENTED_SUFFIXES.items():
+        base = _registered(name[:-len(suffix)], "image") if name.endswith(suffix) else None
+        if base is None or base.modality != "image":
+            continue
+        canonical = base.name + suffix
+        with _DERIVING:
+            if (canonical, "image") not in _TOWERS:
+                register_encoder(base.replace(   # the same network and cost: only its views differ
+                    name=canonical, augment=tuple(policy.to_dict().items()),
+                    description=f"{base.description}. Augmented views ({policy.kind}) that a mask can follow"
+                    if policy.follows_masks else f"{base.description}. Augmented views: {policy.kind}"),
+                    _TOWERS[(base.name, "image")][1])
+            if name != canonical and name not in _ALIASES:
+                register_alias(name, canonical)
+        return _TOWERS[(canonical, "image")][0]
+    return None
 
 
 def _builder_for(config: EncoderConfig) -> Builder:

@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from cache.keys import fingerprint
-from pipeline.imaging import Preprocess
+from pipeline.imaging import Preprocess, augment_policy
 
 from .config import EncoderConfig
 from .weights import weights_identity
@@ -26,7 +26,8 @@ CUDA_COMPUTE = "cuda, bf16 autocast"
 def preprocess_of(enc_cfg: EncoderConfig) -> Preprocess:
     """The image preprocessing an encoder's config asks for."""
     return Preprocess(resize_size=enc_cfg.resize_size or enc_cfg.input_size, input_size=enc_cfg.input_size,
-                      mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std), **dict(enc_cfg.resize))
+                      mean=tuple(enc_cfg.mean), std=tuple(enc_cfg.std), augment=augment_policy(dict(enc_cfg.augment)),
+                      **dict(enc_cfg.resize))
 
 
 def image_store_spec(enc_cfg: EncoderConfig) -> dict:

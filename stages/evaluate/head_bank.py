@@ -192,7 +192,10 @@ class HeadBank:
                  score: Callable[[nn.Module], tuple[float, float]], settings: FitSettings):
         self.heads, self.loss, self.score, self.s = heads, loss, score, settings
 
-    def fit(self, x: Tensor, y: Tensor, has_val: bool) -> dict[str, Head]:
+    def fit(self, x: Tensor, y: Tensor, has_val: bool,
+            draw: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None) -> dict[str, Head]:
+        """Train every head on ``x``/``y`` and keep each one's best validation; ``draw(idx)``, where
+        given, makes a batch of those rows instead (segmentation's augmented views)."""
         s = self.s
         total, every, per_epoch = s.plan(len(x))
         kind = HEAD_SCHEDULES[s.schedule_name]
@@ -204,7 +207,7 @@ class HeadBank:
         batches = self._stream(len(x), gen)
         for step in range(1, total + 1):
             idx = next(batches)
-            xb, yb = x[idx].float(), y[idx]
+            xb, yb = (x[idx].float(), y[idx]) if draw is None else draw(idx)
             for h in self.heads:
                 if h.active:
                     self._step(h, xb, yb, not kind.per_epoch or step % per_epoch == 0)

@@ -25,6 +25,7 @@ from stages.evaluate.head_task import draw_subsets, fit_grid, summarise
 from stages.evaluate.head_bank import FitSettings, Head, HeadBank, Rows, iter_predict
 from stages.evaluate.pictures import input_view, to_uint8
 from stages.evaluate.plots import overlays
+from stages.evaluate.seg_views import TrainViews, ViewDraw, train_views
 from stages.evaluate.tables import (Cell, Table, add_row, fraction_columns, fraction_label, interval_note,
                                     make_table, summary_cell, value_cell)
 
@@ -69,9 +70,14 @@ def token_sets(ctx: EvalContext) -> list[tuple[Method, str]]:
 
 
 def token_grid_features(ctx: EvalContext, source: str, positions: np.ndarray) -> torch.Tensor:
-    """``[n, D, h, w]`` patch features of the items at ``positions``, in the cache's float16
-    (batches are cast to float32 as they are used)."""
-    tokens, grid, n_prefix = FEATURE_SOURCES[source].tokens(ctx, ctx.image_rows[positions])
+    """``[n, D, h, w]`` patch features of the items at ``positions`` (their plain views), in the
+    cache's float16 (batches are cast to float32 as they are used)."""
+    return token_grid_rows(ctx, source, ctx.image_rows[positions])
+
+
+def token_grid_rows(ctx: EvalContext, source: str, rows: np.ndarray) -> torch.Tensor:
+    """:func:`token_grid_features` of image store ``rows`` (any view's)."""
+    tokens, grid, n_prefix = FEATURE_SOURCES[source].tokens(ctx, rows)
     if grid is None:
         side = math.isqrt(tokens.shape[1] - n_prefix)
         grid = (side, side)
@@ -95,7 +101,7 @@ def _evaluate(module, x: torch.Tensor, y: torch.Tensor, threshold: float, loss=N
     return np.concatenate(counts), (sum(losses) / len(x) if losses else float("nan"))
 
 
-def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int) -> tuple[Head, dict]:
+def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int, draw=None) -> tuple[Head, dict]:
     s, h = ctx.cfg.seg, ctx.cfg.heads
     torch.manual_seed(seed)
     grid, size = x_tr.shape[-1], y_tr.shape[-1]
@@ -111,22 +117,24 @@ def train_decoders(ctx: EvalContext, x_tr, y_tr, x_va, y_va, seed: int) -> tuple
 
     settings = FitSettings.of(h, s.epochs, s.batch_size, seed, s.min_steps, s.max_steps, s.val_every)
     bank = HeadBank(heads, loss, score, settings)
-    return bank.fit(x_tr, y_tr, has_val=len(x_va) > 0)["decoder"], bank.sweep()
+    return bank.fit(x_tr, y_tr, has_val=len(x_va) > 0, draw=draw)["decoder"], bank.sweep()
 
 
 def evaluate_tokens(ctx, method: Method, source: str, x, masks, pos, plan, cases: list[tuple[int, str]] | None,
-                    tick) -> tuple[MethodResult, dict]:
+                    tick, views: TrainViews | None = None) -> tuple[MethodResult, dict]:
     """Every (seed, fraction) for one token set; and its predictions on the overlay cases (the
-    seed-0, largest-fraction decoder), choosing the cases when ``cases`` is None."""
+    seed-0, largest-fraction decoder), choosing the cases when ``cases`` is None. With ``views``
+    (``seg.augment``), decoders also train on the training images' cached views."""
     dev = ctx.device
     x_all, m_all = x.to(dev), masks.to(dev)   # one copy each; the splits and fractions are views of it
     x_tr, y_tr = Rows(x_all, pos["train"]), Rows(m_all, pos["train"])
     x_va, y_va = Rows(x_all, pos["valid"]), Rows(m_all, pos["valid"])
     x_te, y_te = Rows(x_all, pos["test"]), Rows(m_all, pos["test"])
     shown: dict = {}
+    draws = _view_draws(ctx, source, views, x_tr, y_tr)
 
     def fit(seed: int, f: float, sub: np.ndarray) -> dict[str, dict]:
-        head, sweep = train_decoders(ctx, x_tr.subset(sub), y_tr.subset(sub), x_va, y_va, seed)
+        head, sweep = train_decoders(ctx, x_tr.subset(sub), y_tr.subset(sub), x_va, y_va, seed, draws(sub, seed))
         counts, _ = _evaluate(head.module, x_te, y_te, ctx.cfg.seg.threshold)
         if seed == ctx.seeds[0] and f == max(ctx.cfg.fractions):
             shown.update(_shown(ctx, head, x_te, y_te, counts, cases))
@@ -145,6 +153,18 @@ def evaluate_tokens(ctx, method: Method, source: str, x, masks, pos, plan, cases
         for r in rs:
             r.pop("counts")
     return MethodResult(method, source, {"decoder": cells}, {"feature_shape": list(x.shape[1:])}), shown
+
+
+def _view_draws(ctx, source: str, views: TrainViews | None, x_tr: Rows, y_tr: Rows):
+    """``draws(subset, seed)``: the :class:`ViewDraw` of a training subset (None without views). The
+    views' token grids are read once per token set, for every subset."""
+    if views is None:
+        return lambda sub, seed: None
+    dev = ctx.device
+    xv = torch.stack([token_grid_rows(ctx, source, views.rows[:, v]) for v in range(views.k)]).to(dev)
+    yv = views.masks.to(dev)
+    return lambda sub, seed: ViewDraw(x_tr.subset(sub), y_tr.subset(sub), xv, yv,
+                                      torch.as_tensor(np.asarray(sub), dtype=torch.long), views.p, seed)
 
 
 def _shown(ctx, head, x_te, y_te, counts: np.ndarray, cases: list[tuple[int, str]] | None) -> dict:
@@ -185,6 +205,7 @@ def run(ctx: EvalContext) -> TaskResult:
         pos["train"] = balanced_negatives(ctx, pos["train"], positive)
     plan = draw_subsets(ctx, positive[pos["train"]], [f"mask {target} (non-empty)"], kept[pos["train"]],
                         whole=ctx.cfg.seg.balance_negatives)
+    views = train_views(ctx, kept[pos["train"]], masks_np[pos["train"]])
     masks = torch.from_numpy(masks_np.view(np.uint8))  # the same bytes (bool is one byte): no second copy
     sets = token_sets(ctx)
     methods, shown = [], []
@@ -193,7 +214,7 @@ def run(ctx: EvalContext) -> TaskResult:
         for method, source in sets:
             x = token_grid_features(ctx, source, kept)
             cases = shown[0]["cases"] if shown else None  # every method on the first one's cases
-            m, preds = evaluate_tokens(ctx, method, source, x, masks, pos, plan, cases, lambda: bar.advance(task))
+            m, preds = evaluate_tokens(ctx, method, source, x, masks, pos, plan, cases, lambda: bar.advance(task), views)
             methods.append(m)
             shown.append(preds)
     result = TaskResult(methods=methods, tables=_tables(ctx, methods, len(pos["test"])))
@@ -201,6 +222,7 @@ def run(ctx: EvalContext) -> TaskResult:
                    "splits": {k: int(len(v)) for k, v in pos.items()},
                    "positive_masks": {k: int(positive[v].sum()) for k, v in pos.items()}, "mask_files_read": read,
                    "balanced_negatives": bool(ctx.cfg.seg.balance_negatives),
+                   "augmented_views": {"views": views.k, "p": views.p} if views is not None else None,
                    "fractions": {fraction_label(f): {str(s): int(len(plan[s][f])) for s in plan}
                                  for f in ctx.cfg.fractions}}
     result.data["overlays"] = {"fraction": fraction_label(max(ctx.cfg.fractions)), "seed": ctx.seeds[0],

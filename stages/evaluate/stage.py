@@ -101,6 +101,11 @@ class SegConfig(Validated):
     # pixels pooled over the split (ours), or the authors' per-image mean with empty-on-empty = 1
     select: Annotated[str, OneOf(SEGMENTATION_METRICS)] = "dice_global"  # the validation Dice that picks the epoch
     balance_negatives: bool = False  # train on as many empty-mask images as non-empty ones (MGCA's SIIM)
+    # train on the cached augmented views too (an image encoder's -ssr variant, `pipe embed --views K`):
+    # each time a batch takes a training image, one of its views with probability augment_p, tokens
+    # and mask moved alike (the authors' ShiftScaleRotate at p 0.5)
+    augment: bool = False
+    augment_p: float = 0.5
     overlays: int = 6              # test images drawn in overlays.png: the best and the worst by Dice
 
     @staticmethod
@@ -114,6 +119,8 @@ class SegConfig(Validated):
             found.append(("channels", f"must be a non-empty list of positive widths, got {v['channels']}"))
         if not 0 < v["threshold"] < 1:
             found.append(("threshold", f"must lie in (0, 1), got {v['threshold']}"))
+        if not 0 <= v["augment_p"] <= 1:
+            found.append(("augment_p", f"must lie in [0, 1], got {v['augment_p']}"))
         return found
 
 
@@ -170,6 +177,8 @@ class EvalConfig(Validated):
     # Settings that were top-level keys before each task had its section; the old keys still work.
     MOVED = {"labels": "classification.labels", "label_type": "classification.label_type",
              "rerank_k": "retrieval.rerank_k", "prompts": "zero_shot.prompts"}
+    # Settings added since runs were recorded: at these defaults they stay out of the config hash.
+    ADDED = {"seg.augment": False, "seg.augment_p": 0.5}
 
     @staticmethod
     def checks(v) -> list[tuple[str, str]]:
