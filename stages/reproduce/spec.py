@@ -109,6 +109,7 @@ class TableSpec:
     published: tuple[Published, ...] = ()
     notes: tuple[str, ...] = ()
     variant: str = ""                # image encoders run as <name>-<variant> (their input geometry: pad, pad224)
+    views: int = 0                   # augmented views embedded per image (segmentation's -ssr views)
     split_sources: dict[str, dict[str, str]] = field(default_factory=dict)  # data -> {given source: the one read}
     releases: dict[str, str] = field(default_factory=dict)   # data -> the release the authors used
     authors: str = ""                # the authors' settings, with sources (a path under configs/paper/)
@@ -167,7 +168,7 @@ def load_table(name: str) -> TableSpec:
 
 
 KEYS = {"title", "pretrain", "rows", "columns", "fractions", "baseline", "also", "published", "notes", "variant",
-        "split_sources", "releases", "authors", "fixed"}
+        "views", "split_sources", "releases", "authors", "fixed"}
 
 
 def _build(path: Path, raw: dict, problems: list[str]) -> TableSpec | None:
@@ -193,11 +194,15 @@ def _build(path: Path, raw: dict, problems: list[str]) -> TableSpec | None:
     published = tuple(_published(p, [c.name for c in columns], len(fractions), i, problems)
                       for i, p in enumerate(raw.get("published") or []))
     fixed = raw.get("fixed") or {}
+    views = raw.get("views", 0)
+    if not isinstance(views, int) or isinstance(views, bool) or views < 0:
+        problems.append(f"views: augmented views per image, a whole number >= 0, got {views!r}")
+        views = 0
     return TableSpec(name=path.stem, path=path, title=str(raw.get("title", path.stem)), rows=rows,
                      columns=tuple(columns), fractions=fractions, pretrain_data=pre.get("data"),
                      pretrain_preset=pre.get("preset"), baseline=bool(raw.get("baseline", False)),
                      also=tuple(raw.get("also") or ()), published=published, notes=tuple(raw.get("notes") or ()),
-                     variant=str(raw.get("variant") or ""), split_sources=dict(raw.get("split_sources") or {}),
+                     variant=str(raw.get("variant") or ""), views=views, split_sources=dict(raw.get("split_sources") or {}),
                      releases=dict(raw.get("releases") or {}), authors=str(raw.get("authors") or ""),
                      fixed=Fixed(tuple(fixed.get("pretrain") or ()), tuple(fixed.get("eval") or ()),
                                  dict(fixed.get("metric") or {})), raw=raw)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cache.index import index_folder, read_stores, resolve_store
+from cache.store import Store
 from pipeline.config import config_hash, load_config, to_dict
 from pipeline.datasets import READERS, open_dataset
 from pipeline.datasets.shared_splits import SOURCES
@@ -145,17 +146,19 @@ def _embed_step(ctx: Context, key: str, modality: str, encoder: str) -> Step:
     step_id = f"embed/{key}/{modality}/{encoder}"
     spec = ctx.data.get(key)
     b, t = (encoder, "none") if modality == "image" else ("none", encoder)
+    views = ctx.spec.views if modality == "image" else 0
     enc = resolve_encoder_name(encoder, modality)
     cmd = _cmd("pipe", "embed", "--dataset", spec or f"<{key}>", "--backbone", b, "--text-encoder", t,
-               "--allow-failures", *(["--cache", ctx.cache_arg] if ctx.cache_arg else []),
+               "--allow-failures", *(["--views", str(views)] if views else []),
+               *(["--cache", ctx.cache_arg] if ctx.cache_arg else []),
                *([FLAG] if runs_remote_code(enc) else []))
     folder = index_folder(ctx.root, open_dataset(spec, ctx.root, materialise=False).name) if spec else None
     store = _recorded_store(folder, modality, enc.name) if folder else None
-    items = _items(folder, key)
+    items = _items(folder, key) * (1 + views)
     rate = embed_rate(enc.name, modality)   # a -pad variant carries its base's cost card
-    done = store is not None
+    done = store is not None and (not views or _views_in(store) >= views)
     cfg = embed.EmbedConfig(dataset=spec or "", backbone=b, text_encoder=t, cache=ctx.cache_arg, device=ctx.device,
-                            allow_failures=True)
+                            allow_failures=True, views=views)
     status = "done" if done else ("to run" if spec else f"needs --data {key}=FOLDER")
     return Step(step_id, "embed", cmd, status, done, (lambda: embed.run(cfg)) if spec else None,
                 seconds=None if done or not rate else items / rate, disk=0 if done else items * row_bytes(enc),
@@ -166,6 +169,12 @@ def _recorded_store(folder: Path, modality: str, encoder: str) -> Path | None:
     entry = read_stores(folder).get(modality, {}).get(encoder) if folder.is_dir() else None
     store = resolve_store(folder, entry["store"]) if entry else None
     return store if store is not None and store.is_dir() else None
+
+
+def _views_in(store: Path) -> int:
+    """The augmented views a store holds (its highest view number)."""
+    views = Store.open(store).manifest().column("view").to_numpy()
+    return int(views.max()) if len(views) else 0
 
 
 def _items(folder: Path | None, key: str) -> int:
