@@ -24,7 +24,8 @@ from pipeline.encoders import create_encoder, list_encoders, resolve_encoder_nam
 from pipeline.encoders.catalogue import BEGIN, END, encoder_table
 from pipeline.encoders.hf import WrongWeightsError
 from pipeline.encoders.standins import register_tiny_trunk, standin_folder
-from pipeline.encoders.stored import preprocess_of, store_spec
+from pipeline.encoders.registry import UnknownEncoderError
+from pipeline.encoders.stored import preprocess_of, store_fingerprint, store_spec
 from pipeline.encoders.weights import WeightsNotFoundError
 from pipeline.imaging import RESIZE_DEFAULTS, decode_image
 from pipeline.methods import METHOD_KINDS
@@ -167,6 +168,27 @@ def test_encoders_without_a_joint_space_keep_their_fingerprints():
         for part in (spec["encoder"], spec.get("preprocess", recorded)):   # each non-default setting, nothing else
             assert {k: part[k] for k in RESIZE_DEFAULTS if k in part} == recorded
         assert "resize" not in spec["encoder"]
+
+
+def test_any_image_encoder_has_an_ssr_variant_with_views_a_mask_can_follow():
+    """``<image encoder>-ssr``: the same network, weights and cost, its store's views warped as the
+    authors' segmentation augmentation; a store of its own (the policy is in the fingerprint) while the
+    base's fingerprint stays as it was; not listed; text encoders and unknown bases have none."""
+    from pipeline.encoders.registry import _builder_for
+
+    for base in ("tiny-vit", "tiny-vit-pad224", "dinov2-s-derived", "dinov2"):
+        cfg, plain = resolve_encoder_name(base + "-ssr"), resolve_encoder_name(base)
+        assert cfg.name == plain.name + "-ssr" and _builder_for(cfg) is _builder_for(plain)
+        assert cfg.replace(name=plain.name, augment=(), description=plain.description) == plain
+        pre = preprocess_of(cfg)
+        assert pre.augment.follows_masks and pre.augment.kind == "shift-scale-rotate"
+        assert "kind" not in store_spec(plain, weights="w")["preprocess"]["augment"]
+        assert store_fingerprint(cfg, weights="w") != store_fingerprint(plain, weights="w")
+    assert resolve_encoder_name("dinov2-ssr").name == "dinov2-b-ssr"   # an alias's variant is the canonical one's
+    assert "tiny-vit-ssr" not in {c.name for c in list_encoders()}
+    for name in ("tiny-bert-ssr", "no-such-net-ssr"):
+        with pytest.raises(UnknownEncoderError):
+            resolve_encoder_name(name)
 
 
 def test_the_docs_table_is_the_registry():

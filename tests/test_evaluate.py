@@ -685,6 +685,56 @@ def test_segmentation_as_the_authors_balanced_negatives_and_their_dice_picks_the
     assert len(subset) == 2 * n_pos and any("balance_negatives" in n for n in res["notes"])
 
 
+def test_segmentation_trains_on_views_whose_masks_moved_alike(world, tmp_path):
+    """``seg.augment``: a store of ``tiny-vit-ssr`` views (the authors' ShiftScaleRotate) feeds the
+    decoders its views with their moved masks; a store whose views a mask cannot follow is refused,
+    naming the command that makes the right one."""
+    cache = tmp_path / "cache"
+    embed_json(world["table"], cache, "--backbone", "tiny-vit-ssr", "--text-encoder", "none", "--views", "2")
+    w = {**world, "cache": cache}
+    r, res = evaluate(w, "segmentation", "none", tmp_path / "aug", "-b", "tiny-vit-ssr", "--fraction", "1.0",
+                      "--seeds", "1", *FAST_SEG, "seg.augment=true", "seg.augment_p=0.5")
+    assert res["data"]["augmented_views"] == {"views": 2, "p": 0.5}
+    n_train = res["data"]["splits"]["train"]
+    assert f"2 cached shift-scale-rotate views of each of {n_train} training images (0 absent" in r.stderr
+    assert res["config"]["seg"]["augment"] is True
+    r, _ = evaluate(world, "segmentation", "none", tmp_path / "crop", "-b", "tiny-vit", "--fraction", "1.0",
+                    *FAST_SEG, "seg.augment=true", expect=2)
+    assert "a crop a mask cannot follow" in r.output and "--backbone tiny-vit-ssr --views 4" in r.output
+
+
+def test_view_draws_take_tokens_and_mask_from_the_same_view():
+    """Each drawn image is its plain row with probability 1 - p, else one of its views, its tokens
+    and its mask always from the same one; the draws are seeded."""
+    from stages.evaluate.head_bank import Rows
+    from stages.evaluate.seg_views import ViewDraw
+
+    n, k = 10, 3
+    x = torch.arange(n, dtype=torch.float16).view(n, 1, 1, 1).expand(n, 2, 2, 2).contiguous()
+    y = torch.arange(n, dtype=torch.uint8).view(n, 1, 1).expand(n, 4, 4).contiguous()
+    tag = (100 + 10 * torch.arange(k).view(k, 1) + torch.arange(n).view(1, n))   # view v of image j: 100 + 10v + j
+    xv = tag.to(torch.float16).view(k, n, 1, 1, 1).expand(k, n, 2, 2, 2).contiguous()
+    yv = tag.to(torch.uint8).view(k, n, 1, 1).expand(k, n, 4, 4).contiguous()
+    sub = np.array([1, 3, 4, 8])
+    idx = torch.tensor([0, 1, 2, 3, 3, 2])
+
+    def draw(p: float, seed: int = 0):
+        d = ViewDraw(Rows(x).subset(sub), Rows(y).subset(sub), xv, yv, torch.as_tensor(sub), p, seed)
+        return [d(idx) for _ in range(20)]
+
+    for xb, yb in draw(0.0):
+        assert torch.equal(xb[:, 0, 0, 0], torch.tensor(sub)[idx].float()) and torch.equal(yb[:, 0, 0], xb[:, 0, 0, 0].byte())
+    seen = set()
+    for xb, yb in draw(1.0):
+        assert torch.equal(xb[:, 0, 0, 0].byte(), yb[:, 0, 0])              # tokens and mask of one view
+        assert torch.equal(xb[:, 0, 0, 0].long() % 10, torch.tensor(sub)[idx])   # of the image asked for
+        seen |= set(((xb[:, 0, 0, 0].long() - 100) // 10).tolist())
+    assert seen == set(range(k))
+    mixed = torch.cat([xb[:, 0, 0, 0] for xb, _ in draw(0.5)])
+    assert 0.3 < (mixed >= 100).float().mean() < 0.7
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(draw(0.5, seed=3), draw(0.5, seed=3)))
+
+
 def test_the_authors_decoder_maps_a_16_grid_to_a_224_mask():
     """``seg.decoder=mgca-vit``: their DINOv2 decoder, 16x16 patches -> a valid conv to 14x14 -> four
     2x upsamplings -> 224x224, exactly, without the final resize; it trains (gradients reach every conv)."""

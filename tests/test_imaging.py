@@ -19,6 +19,8 @@ from pipeline.imaging import (
     AugmentPolicy,
     ImageDecodeError,
     Preprocess,
+    ShiftScaleRotate,
+    augment_policy,
     decode_image,
     read_and_decode,
 )
@@ -329,6 +331,54 @@ def test_identity_policy_is_plain_resized_full_image():
     prep = Preprocess(224, 224, mean=(0.0,) * 3, std=(1.0,) * 3, augment=policy)
     img = _random_image(300, 300)
     torch.testing.assert_close(prep(img, view=1, seed_key="k"), prep(img))
+
+
+def _boxed(size: int = 224) -> tuple[np.ndarray, torch.Tensor]:
+    """A black image with an off-centre white box, and the box's mask on the plain view's grid."""
+    img = np.zeros((size, size), np.float32)
+    img[40:110, 120:190] = 1.0
+    return img, torch.from_numpy(img > 0.5)
+
+
+def test_shift_scale_rotate_views_move_the_mask_alike():
+    """An ``-ssr`` view (the authors' ShiftScaleRotate) warps the plain view; ``mask_view`` moves a
+    mask by the same warp, so the view's bright pixels are the moved mask's, to the box's edge."""
+    prep = Preprocess(224, 224, mean=(0.0,) * 3, std=(1.0,) * 3, augment=ShiftScaleRotate())
+    img, mask = _boxed()
+    moved_any = False
+    for view in range(1, 7):
+        bright = prep(img, view=view, seed_key="study-7")[0] > 0.5
+        moved = prep.mask_view(mask, "study-7", view)
+        assert torch.equal(moved, prep.masks_view(mask[None], ["study-7"], view)[0])
+        inter, union = (bright & moved).sum().item(), (bright | moved).sum().item()
+        assert inter / union > 0.95, (view, inter / union)
+        moved_any |= not torch.equal(moved, mask)
+    assert moved_any and torch.equal(prep.mask_view(mask, "study-7", 0), mask)
+
+
+def test_shift_scale_rotate_without_range_is_the_plain_view():
+    prep = Preprocess(256, 224, mean=(0.0,) * 3, std=(1.0,) * 3,
+                      augment=ShiftScaleRotate(scale_limit=0, rotate_limit=0))
+    img = _random_image(300, 260)
+    torch.testing.assert_close(prep(img, view=2, seed_key="k"), prep(img), atol=1e-4, rtol=0)  # grid rounding
+
+
+def test_augmentation_kinds_are_recorded_and_read_back():
+    """The default policy is recorded without a kind (every store made before kinds keeps its
+    fingerprint); another kind is recorded with it and read back; a crop cannot move a mask."""
+    plain = Preprocess(256, 224, mean=(0.5,) * 3, std=(0.25,) * 3)
+    ssr = Preprocess(256, 224, mean=(0.5,) * 3, std=(0.25,) * 3, augment={"kind": "shift-scale-rotate"})
+    assert "kind" not in plain.to_dict()["augment"] and ssr.augment == ShiftScaleRotate()
+    assert ssr.to_dict()["augment"] == {"kind": "shift-scale-rotate", "scale_limit": 0.1, "rotate_limit": 10.0,
+                                        "shift_limit": 0.0}
+    assert Preprocess.from_dict(ssr.to_dict()) == ssr and Preprocess.from_dict(plain.to_dict()) == plain
+    with pytest.raises(ValueError, match="cannot move a mask"):
+        plain.mask_view(torch.zeros(224, 224), "k", 1)
+    with pytest.raises(ValueError, match="unknown augmentation kind 'flip'"):
+        augment_policy({"kind": "flip"})
+    for bad in ({"scale_limit": 1.0}, {"rotate_limit": -1}, {"shift_limit": 2}):
+        with pytest.raises(ValueError, match="ShiftScaleRotate"):
+            ShiftScaleRotate(**bad)
 
 
 def test_negative_view_rejected(prep):

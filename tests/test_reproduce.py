@@ -222,8 +222,11 @@ def test_a_whole_table_on_miniatures_resumes_and_prints_the_paper_layout(miniatu
 
     # the segmentation table: a decoder on the patch tokens, Dice under both conventions
     _, res = reproduce("segmentation", miniatures, cache, out / "seg", "--only", "dinov2-s")
-    # SIIM's and RSNA's embeddings (whole images at 224: tiny-vit-pad224, not the classification's) and six cells
-    assert len(res["ran"]) == 2 + 6 and "embed/rsna/image/tiny-vit-pad224" in res["ran"]
+    # SIIM's and RSNA's embeddings (whole images at 224 with 4 views warped as the authors' augmentation:
+    # tiny-vit-pad224-ssr, not the classification's) and six cells whose decoders train on the views
+    assert len(res["ran"]) == 2 + 6 and "embed/rsna/image/tiny-vit-pad224-ssr" in res["ran"]
+    cell = json.loads((out / "seg/cells/dinov2-s+none/siim/100/results.json").read_text())
+    assert cell["data"]["augmented_views"] == {"views": 4, "p": 0.5}
     md = (out / "seg/table.md").read_text()
     assert "Adaptor, DINOv2-B + BERT (published)" in md and "51.8" in md and "no Adaptor, dinov2-s (ran as tiny-vit)" in md
     assert "Dice on images with a non-empty mask" in md and "SIIM-ACR stage 1, PNG release" in md

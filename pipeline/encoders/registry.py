@@ -36,6 +36,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # can follow: a decoder trains on them with ``seg.augment=true``.
 AUGMENTED_SUFFIXES = {"-ssr": ShiftScaleRotate()}
 _DERIVING = threading.Lock()
+_DERIVED: set[str] = set()   # the variants made so far: not listed (any image encoder has them)
 
 
 class UnknownEncoderError(InputError):
@@ -66,7 +67,8 @@ def register_auto_builder(modality: str, builder: Builder) -> None:
 
 
 def list_encoders(modality: str | None = None) -> list[EncoderConfig]:
-    return [cfg for cfg, _ in _TOWERS.values() if modality in (None, cfg.modality)]
+    """The registered encoders (not the ``-ssr``-style variants made on first use)."""
+    return [cfg for cfg, _ in _TOWERS.values() if modality in (None, cfg.modality) and cfg.name not in _DERIVED]
 
 
 def list_aliases() -> dict[str, str]:
@@ -142,6 +144,7 @@ def _augmented_variant(name: str, modality: str | None) -> EncoderConfig | None:
         canonical = base.name + suffix
         with _DERIVING:
             if (canonical, "image") not in _TOWERS:
+                _DERIVED.add(canonical)
                 register_encoder(base.replace(   # the same network and cost: only its views differ
                     name=canonical, augment=tuple(policy.to_dict().items()),
                     description=f"{base.description}. Augmented views ({policy.kind}) that a mask can follow"
