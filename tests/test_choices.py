@@ -138,6 +138,9 @@ def _flat_hash(cfg) -> str:
     d["rerank_k"], d["prompts"] = d["retrieval"]["rerank_k"], d["zero_shot"]["prompts"]
     for section in ("classification", "retrieval", "zero_shot"):
         del d[section]
+    for key, default in (("augment", False), ("augment_p", 0.5)):   # added since: not in the layout at its default
+        if d["seg"][key] == default:
+            del d["seg"][key]
     text = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -155,6 +158,8 @@ def test_moved_evaluation_keys_still_work_and_keep_the_config_hash(overrides):
     new = load_config(EvalConfig, None, [moved.get(o.split("=")[0], o.split("=")[0]) + "=" + o.split("=", 1)[1]
                                          for o in overrides])
     assert old == new and config_hash(new) == _flat_hash(new)
+    # a setting added since (EvalConfig.ADDED) changes the hash once it leaves its default
+    assert config_hash(load_config(EvalConfig, None, [*overrides, "seg.augment=true"])) != config_hash(old)
 
 
 def test_a_moved_key_given_twice_in_one_file_names_the_new_key(tmp_path):

@@ -101,11 +101,10 @@ class SegConfig(Validated):
     # pixels pooled over the split (ours), or the authors' per-image mean with empty-on-empty = 1
     select: Annotated[str, OneOf(SEGMENTATION_METRICS)] = "dice_global"  # the validation Dice that picks the epoch
     balance_negatives: bool = False  # train on as many empty-mask images as non-empty ones (MGCA's SIIM)
-    # train on the cached augmented views too (an image encoder's -ssr variant, `pipe embed --views K`):
-    # each time a batch takes a training image, one of its views with probability augment_p, tokens
-    # and mask moved alike (the authors' ShiftScaleRotate at p 0.5)
-    augment: bool = False
-    augment_p: float = 0.5
+    # The cached views of an image encoder's -ssr variant (`pipe embed --views K`), tokens and mask moved
+    # alike: each time a batch takes a training image, one of its views with probability augment_p.
+    augment: bool = False          # train decoders on the cached views too (the authors' ShiftScaleRotate)
+    augment_p: float = 0.5         # how often a training image is one of its views (the authors': 0.5)
     overlays: int = 6              # test images drawn in overlays.png: the best and the worst by Dice
 
     @staticmethod
