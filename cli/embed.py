@@ -22,7 +22,7 @@ def embed(
     cache: Optional[Path] = CACHE_OPT,
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    views: int = typer.Option(0, "--views", min=0, help="Extra seeded augmented views cached per image."),
+    views: int = typer.Option(0, "--views", min=0, help="Extra seeded augmented views cached per image (with an image encoder's -ssr variant: views a segmentation mask can follow, for seg.augment)."),
     allow_failures: bool = typer.Option(False, "--allow-failures", help="Exit 0 even when some items failed."),
     as_json: bool = JSON_OPT,
     shard_mb: float = typer.Option(64.0, "--shard-mb", min=0.01, help="Target shard size: the unit of work and commit."),
