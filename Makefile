@@ -8,21 +8,22 @@ DEMO_CACHE ?=
 DEMO_OUT ?= $(CURDIR)/demo-out
 export HF_HUB_OFFLINE ?= 1
 export NO_MKDOCS_2_WARNING ?= 1
+## Bytecode is written where a module is first imported, and read from then on: where
+## PYTHONDONTWRITEBYTECODE is set (as on the CI machines), each of the test suite's hundreds of
+## processes would otherwise compile torch and the rest from source again.
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: install browser demo test test-fast docs bench gpu-check clean
 
 ## The environment, made again only when pyproject.toml changes. pip is upgraded only where it is
-## too old for an editable install from pyproject.toml (pip < 21.3). pip byte-compiles what it
-## installs one file at a time, about half the install's CPU time; compileall does the same on
-## every core (and, as pip does, skips the few files some packages ship that are not Python 3).
-## Compiled at install, not at first import: where PYTHONDONTWRITEBYTECODE is set (as on the CI
-## machines), every process would otherwise compile torch and the rest from source again.
+## too old for an editable install from pyproject.toml (pip < 21.3). pip would byte-compile all
+## 22,000 files it installs, one at a time; instead each module is compiled where it is first
+## imported, and its bytecode kept (below), so only what runs is ever compiled.
 $(BIN)/pipe: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -c 'import pip, sys; sys.exit(tuple(map(int, pip.__version__.split(".")[:2])) < (21, 3))' \
 	  || $(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --no-compile -e '.[assets,xrv,openclip,dev,docs,release]'
-	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	@touch $@
 
 install: $(BIN)/pipe
@@ -54,10 +55,10 @@ demo: install
 ## of a module that builds its own module fixture share one process (tests/conftest.py).
 ## TEST_JOBS=0 runs the suite in one process.
 TEST_JOBS ?= 4
-## The project's own modules are byte-compiled first (only what changed; where PYTHONDONTWRITEBYTECODE
-## is set, each of the suite's hundreds of processes would compile them again).
+## The project's own modules are byte-compiled first, and what most tests import is imported once
+## (tests/helpers/warm.py), so that the suite's processes find it compiled.
 PYTEST := $(BIN)/python -m compileall -qq -j 0 core cache pipeline stages cli bench tests \
-	&& $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup --no-loadscope-reorder
+	&& $(BIN)/python -m tests.helpers.warm && $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup --no-loadscope-reorder
 test: install browser
 	$(PYTEST)
 
