@@ -67,6 +67,21 @@ class SerialPool:
         return None
 
 
+# The local cluster's workers, set for trials: a trial is one long task that runs Python between
+# small torch operations, so whatever else a worker's process does takes the GIL from it. Measured
+# on the synthetic 10k sweep (bench/sweep.py): a trial ran 1.25x as long on a worker as alone.
+LOCAL_WORKER_CONFIG = {
+    # Dask's default MALLOC_TRIM_THRESHOLD_=65536 hands freed memory back to the system at once, so
+    # every batch's tensors are mapped and faulted in anew (4x the system time); glibc's own
+    # threshold (it adapts) is what a process that runs trials itself has.
+    "distributed.nanny.pre-spawn-environ": {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1},
+    "distributed.worker.profile.enabled": False,   # the statistical profiler samples the task's stack every 10 ms
+    "distributed.admin.tick.interval": "1s",       # the event loop's blocked-loop check, 50 times a second by default
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
+
 class DaskPool:
     """Trials on a Dask cluster: a local one started here, or one already up (``scheduler``)."""
 
@@ -78,6 +93,7 @@ class DaskPool:
         self.generation = ""
 
     def __enter__(self) -> "DaskPool":
+        import dask  # lazy: with distributed, below
         from distributed import Client, LocalCluster  # lazy: dask's distributed takes a second to import
 
         if self.scheduler:
@@ -92,16 +108,17 @@ class DaskPool:
         n, gpus = local_workers(self.workers)
         per = threads.plan(processes=n)
         self.gpu_per_worker = gpus > 0
-        self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                    silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
+        with dask.config.set(LOCAL_WORKER_CONFIG):
+            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                        silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
         self.client = Client(self.cluster)
         self._preload()
         return self
 
     def _preload(self) -> None:
-        """Every worker imports the trials' code (torch, the stages) now, all at once, before any trial is
-        claimed: a trial's lease and time start when it can run."""
-        self.client.run(importlib.import_module, "stages.sweep.trial")
+        """Every worker imports the trials' code (torch, the stages) and warms up now, all at once, before
+        any trial is claimed: a trial's lease and time start when it can run."""
+        self.client.run(_warm_up)
 
     def __exit__(self, *exc) -> None:
         if self.client is not None:
@@ -167,6 +184,11 @@ class DaskPool:
     def cancel(self, jobs: list[Job]) -> None:
         if jobs and self.client.status == "running":
             self.client.cancel([j.handle for j in jobs], force=True)
+
+
+def _warm_up() -> None:
+    """On a worker: import the trials' code and what their first steps import (:func:`stages.sweep.trial.warm_up`)."""
+    importlib.import_module("stages.sweep.trial").warm_up()
 
 
 def _result(future) -> dict:

@@ -90,6 +90,22 @@ _PREPARED: dict[tuple, object] = {}    # (cache, dataset, image, text, task) -> 
 _DONE = {"trials": 0, "generation": ""}
 
 
+def warm_up() -> None:
+    """Import now what a trial's first steps would (each Dask worker runs this before any trial is
+    claimed, so that a trial's time is its own): torch's optimiser reaches into ``torch._dynamo``
+    (and sympy) at its first step, each epoch's report to the study opens its storage (Optuna's,
+    SQLAlchemy), a run draws its curves with matplotlib. On a worker these took 4-5 s of its first
+    trial; a process that runs trials itself has imported them by the time its first one starts."""
+    import matplotlib.pyplot  # noqa: F401  (lazy, as everywhere: the run's curves)
+    import optuna  # lazy, as everywhere: the study's storage
+    import torch  # lazy, as everywhere: only for the optimiser's first step
+
+    optuna.storages.RDBStorage("sqlite:///:memory:")   # SQLAlchemy and Alembic, as a study's database needs
+    weight = torch.nn.Parameter(torch.zeros(1))
+    weight.grad = torch.zeros(1)
+    torch.optim.AdamW([weight]).step()
+
+
 def begin(generation: str) -> None:
     """A task of sweep run ``generation``: what this process kept for another run (a cache that may
     have changed since) is dropped first."""
