@@ -95,7 +95,7 @@ def warm_up() -> None:
     claimed, so that a trial's time is its own): torch's optimiser reaches into ``torch._dynamo``
     (and sympy) at its first step, each epoch's report to the study opens its storage (Optuna's,
     SQLAlchemy), a run draws its curves with matplotlib. On a worker these took 4-5 s of its first
-    trial; a process that runs trials itself has imported them by the time its first one starts."""
+    trial. A process that runs its trials itself (``--workers 0``) warms up the same way."""
     import matplotlib.pyplot  # noqa: F401  (lazy, as everywhere: the run's curves)
     import optuna  # lazy, as everywhere: the study's storage
     import torch  # lazy, as everywhere: only for the optimiser's first step
