@@ -3,7 +3,7 @@ with the same total threads, on the demo with the real encoders and on a synthet
 
 For each dataset it embeds the table once (not timed), writes a sweep file (a random
 search of ``--trials`` trials over the learning rate, depth and dropout, ``--epochs``
-epochs each, objective ``val_loss``), and runs ``pipe sweep`` twice, each in its own
+epochs each, objective ``val_loss``), and runs ``pipe sweep`` three times, each in its own
 process and its own folder:
 
 - serial: ``--workers 0`` with ``PIPE_THREADS=T`` (one process, T threads);

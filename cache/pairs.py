@@ -116,9 +116,7 @@ def _rows(store: Store, keys: pd.Series, view: int = 0) -> tuple[np.ndarray, int
 
 
 def _image_rows(store: Store, table: pd.DataFrame) -> tuple[np.ndarray, int]:
-    m = store.manifest()
-    views = m.column("view").to_numpy()
-    n_views = int(views.max()) + 1 if len(views) else 1
+    n_views = store.views() + 1
     index = store.row_index()
     rows = np.full((len(table), n_views), -1, dtype=np.int64)
     for i, k in enumerate(table.image_key):

@@ -218,6 +218,11 @@ class Store:
     def manifest(self) -> pa.Table:
         return self.manifest_.table()
 
+    def views(self) -> int:
+        """The augmented views per item it holds: its highest view number (0: the plain views alone)."""
+        views = self.manifest().column("view").to_numpy()
+        return int(views.max()) if len(views) else 0
+
     def committed_units(self) -> set[tuple[str, int]]:
         t = self.manifest()
         return set(zip(t.column("key").to_pylist(), t.column("view").to_pylist()))

@@ -156,7 +156,7 @@ def _embed_step(ctx: Context, key: str, modality: str, encoder: str) -> Step:
     store = _recorded_store(folder, modality, enc.name) if folder else None
     items = _items(folder, key) * (1 + views)
     rate = embed_rate(enc.name, modality)   # a -pad variant carries its base's cost card
-    done = store is not None and (not views or _views_in(store) >= views)
+    done = store is not None and (not views or Store.open(store).views() >= views)
     cfg = embed.EmbedConfig(dataset=spec or "", backbone=b, text_encoder=t, cache=ctx.cache_arg, device=ctx.device,
                             allow_failures=True, views=views)
     status = "done" if done else ("to run" if spec else f"needs --data {key}=FOLDER")
@@ -169,12 +169,6 @@ def _recorded_store(folder: Path, modality: str, encoder: str) -> Path | None:
     entry = read_stores(folder).get(modality, {}).get(encoder) if folder.is_dir() else None
     store = resolve_store(folder, entry["store"]) if entry else None
     return store if store is not None and store.is_dir() else None
-
-
-def _views_in(store: Path) -> int:
-    """The augmented views a store holds (its highest view number)."""
-    views = Store.open(store).manifest().column("view").to_numpy()
-    return int(views.max()) if len(views) else 0
 
 
 def _items(folder: Path | None, key: str) -> int:
