@@ -30,7 +30,7 @@ import pytest
 from cache.objects import ObjectStorage
 from cache.shards import partial_of
 from cache.storage import TEMP_GRACE_S
-from tests.helpers import embed_json, make_table, pipe
+from tests.helpers import embed_json, forked, make_table, pipe
 from tests.helpers.faultproxy import KINDS, QUICK, STALL_S, FaultProxy, compared, mixed, tally
 from tests.helpers.kills import ENV, ROOT, cache_files, embed_args
 from tests.helpers.stores import store_objects
@@ -68,7 +68,7 @@ class Cluster:
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "ab")
-        return subprocess.Popen([sys.executable, "-m", "dask", *args], env=self.env, stdout=log, stderr=log, cwd=ROOT)
+        return forked.popen([sys.executable, "-m", "dask", *args], env=self.env, stdout=log, stderr=log, cwd=ROOT)
 
     def _wait_for(self, info: Path, n: int) -> str:
         from distributed import Client  # lazy: dask's distributed takes a second to import

@@ -1,11 +1,12 @@
-"""`pipe` commands in processes of their own, forked from a parent that has already loaded the
-heavy libraries.
+"""`pipe` commands (and any ``python -m MODULE``) in processes of their own, forked from a parent
+that has already loaded the heavy libraries.
 
 A fresh ``python -m cli`` spends 4-6 CPU seconds importing torch, timm and transformers before
 it does anything, and the tests that kill commands, run two writers or resume a run start
 hundreds of them: on 2 cores that was a third of the suite's time. Here one server process per
 test process (started on first use) imports those libraries once; each command is a fork of it
-that runs ``cli`` exactly as ``python -m cli`` does, with the test's arguments, environment,
+that runs ``cli`` exactly as ``python -m cli`` does (or any module, as ``python [-u] -m MODULE``
+does: a Dask scheduler or worker, torchrun, a test's helper), with the test's arguments, environment,
 working folder and standard streams. The child is a real process: its own pid (what a claim
 records, what a SIGKILL hits), its own exit status, nothing of the project's code loaded before
 it starts (only third-party libraries are preloaded, so every module of the project runs its
@@ -14,7 +15,7 @@ import-time code in the child, as in a fresh interpreter).
 A server serves one set of the settings that libraries read when they are imported (``HF_*``,
 ``TRANSFORMERS_*``, ``TORCH*``, ``OMP_*``, ``PYTHON*``, ``HOME``...): a command with other values
 gets a server of its own (up to two per test process; an idle one makes room), or, when both are
-busy, a plain subprocess. Any command that is not ``python -m cli`` is a plain subprocess.
+busy, a plain subprocess. Any command that is not ``python [-u] -m MODULE`` is a plain subprocess.
 
     popen(cmd, env=..., stdout=..., stderr=..., cwd=...)   # a subprocess.Popen look-alike
     run(cmd, env=..., capture_output=True, text=True)      # a subprocess.run look-alike
@@ -40,16 +41,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "PIL.Image", "torch", "torch.nn.functional", "timm",
-           "transformers", "zarr", "numcodecs", "xxhash", "typer", "rich.console", "yaml", "safetensors.torch")
+           "transformers", "zarr", "numcodecs", "xxhash", "typer", "rich.console", "yaml", "safetensors.torch",
+           # what the tiny test encoders and every training step load on first use: the encoders' model
+           # modules (transformers loads torch._dynamo, torch.distributed.tensor and scipy with them, ~4 s),
+           # torch's optimiser (torch._dynamo), the plots (matplotlib, with the Agg backend the project
+           # selects), Dask's distributed and Optuna (sweeps, --workers)
+           "transformers.models.dinov2.modeling_dinov2", "transformers.models.bert.modeling_bert",
+           "torch._dynamo", "torch.optim", "matplotlib.pyplot", "distributed", "optuna", "pydicom")
 # Settings that libraries read when they are imported (so the server's values hold in its children);
 # the compiler's cache folder is read when a function is compiled, in the child.
-IMPORT_TIME = re.compile(r"^(?!TORCHINDUCTOR_CACHE_DIR$)(HF_|HUGGINGFACE|TRANSFORMERS|TORCH|PYTORCH|OMP_|MKL_|OPENBLAS|CUDA|NVIDIA|PYTHON|TIMM|"
+IMPORT_TIME = re.compile(r"^(?!TORCHINDUCTOR_CACHE_DIR$)(HF_|HUGGINGFACE|TRANSFORMERS|TORCH|PYTORCH|OMP_|MKL_|OPENBLAS|CUDA|NVIDIA|PYTHON|TIMM|DASK_|MPL|OPTUNA|"
                          r"TOKENIZERS|HOME$|XDG_|TMPDIR$|LD_|PATH$)")
 OFF = os.environ.get("PIPE_TEST_NO_FORK") == "1"  # every command a plain subprocess (to compare, or to debug)
 
 
 # ---------------------------------------------------------------------------------- the server
 def _serve(path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # as every plot of the project selects it, before pyplot is imported below
     for name in PRELOAD:
         importlib.import_module(name)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -91,7 +101,7 @@ def _reap(conn: socket.socket, pid: int) -> None:
 
 
 def _child(req: dict, fds: list[int]) -> None:
-    """Become ``python -m cli ARGS``: the streams, folder, environment and argv of the request."""
+    """Become ``python [-u] -m MODULE ARGS``: the streams, folder, environment and argv of the request."""
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -100,7 +110,8 @@ def _child(req: dict, fds: list[int]) -> None:
             os.dup2(fd, target)
             os.close(fd)
         sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=False, line_buffering=False)
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=req["unbuffered"],
+                                      line_buffering=False)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
         os.chdir(req["cwd"])
         os.environ.clear()
@@ -110,7 +121,7 @@ def _child(req: dict, fds: list[int]) -> None:
         import runpy
 
         try:
-            runpy.run_module("cli", run_name="__main__", alter_sys=True)
+            runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as e:
             if e.code is None or isinstance(e.code, int):
@@ -255,8 +266,15 @@ class Forked:
         self.wait()
 
 
-def _is_cli(cmd) -> bool:
-    return isinstance(cmd, (list, tuple)) and len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1:3] == ["-m", "cli"]
+def _module(cmd) -> tuple[str, bool, list[str]] | None:
+    """(module, unbuffered, its arguments) of ``python [-u] -m MODULE ARGS...`` (this interpreter), else None."""
+    if not isinstance(cmd, (list, tuple)) or not cmd or cmd[0] != sys.executable:
+        return None
+    unbuffered = len(cmd) > 1 and cmd[1] == "-u"
+    rest = list(cmd[2 if unbuffered else 1:])
+    if len(rest) < 2 or rest[0] != "-m":
+        return None
+    return rest[1], unbuffered, rest[2:]
 
 
 def _fd(spec, default_devnull: bool, for_read: bool = False):
@@ -275,14 +293,15 @@ def _fd(spec, default_devnull: bool, for_read: bool = False):
 
 def popen(cmd, *, env: dict | None = None, cwd=None, stdin=None, stdout=None, stderr=None, text: bool = False,
           **kw):
-    """``subprocess.Popen(cmd, ...)``, forked from the server when ``cmd`` is ``python -m cli ...``."""
+    """``subprocess.Popen(cmd, ...)``, forked from the server when ``cmd`` is ``python [-u] -m MODULE ...``."""
     env = dict(os.environ if env is None else env)
-    if OFF or kw or stdin not in (None, subprocess.DEVNULL) or not _is_cli(cmd):
+    module = _module(cmd)
+    if OFF or kw or stdin not in (None, subprocess.DEVNULL) or module is None:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text, **kw)
     server = None if env.get("PYTHONPATH") not in (None, "", str(ROOT)) else _server_for(env)
     if os.environ.get("PIPE_TEST_FORK_LOG"):
         with open(os.environ["PIPE_TEST_FORK_LOG"], "a") as f:
-            f.write(json.dumps({"cmd": cmd[3:5], "forked": server is not None, "servers": len(_servers),
+            f.write(json.dumps({"cmd": [module[0], *module[2][:2]], "forked": server is not None, "servers": len(_servers),
                                 "settings": dict(_settings(env))}) + "\n")
     if server is None:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text)
@@ -293,7 +312,7 @@ def popen(cmd, *, env: dict | None = None, cwd=None, stdin=None, stdout=None, st
     ferr = os.dup(fout) if ferr == "stdout" else (os.dup(2) if ferr is None else ferr)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn.connect(server.path)
-    req = {"args": list(cmd[3:]), "env": env, "cwd": str(cwd or os.getcwd())}
+    req = {"module": module[0], "unbuffered": module[1], "args": module[2], "env": env, "cwd": str(cwd or os.getcwd())}
     socket.send_fds(conn, [json.dumps(req).encode()], [fin, fout, ferr])
     for fd in (fin, fout, ferr):
         os.close(fd)
@@ -310,8 +329,8 @@ def popen(cmd, *, env: dict | None = None, cwd=None, stdin=None, stdout=None, st
 
 def run(cmd, *, env: dict | None = None, cwd=None, capture_output: bool = False, text: bool = False,
         timeout: float | None = None, stdout=None, stderr=None, check: bool = False, **kw):
-    """``subprocess.run(cmd, ...)``, forked from the server when ``cmd`` is ``python -m cli ...``."""
-    if kw or OFF or not _is_cli(cmd):
+    """``subprocess.run(cmd, ...)``, forked from the server when ``cmd`` is ``python [-u] -m MODULE ...``."""
+    if kw or OFF or _module(cmd) is None:
         return subprocess.run(cmd, env=env, cwd=cwd, capture_output=capture_output, text=text, timeout=timeout,
                               stdout=stdout, stderr=stderr, check=check, **kw)
     if capture_output:

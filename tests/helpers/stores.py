@@ -17,7 +17,7 @@ from cache.objects import ObjectStorage
 from cache.storage import LOCK
 from cache.store import ShardData, Store, find_stores
 from core.processes import Identity
-from tests.helpers import ROOT, pipe
+from tests.helpers import ROOT, forked, pipe
 
 STORE = "stores/image/fixed-encoder-0123456789abcdef"  # where the fixed table's store lies in its cache
 
@@ -99,8 +99,8 @@ def local_objects(cache: Path) -> dict[str, bytes]:
 
 def run_writer(storage: ObjectStorage, *args: str) -> subprocess.Popen:
     """tests/helpers/object_writer.py in its own process, on ``storage`` (its stdout a pipe)."""
-    return subprocess.Popen([sys.executable, "-m", "tests.helpers.object_writer", storage.url, str(storage.path), *args],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ.copy())
+    return forked.popen([sys.executable, "-m", "tests.helpers.object_writer", storage.url, str(storage.path), *args],
+                        stdout=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ.copy())
 
 
 def whole(bucket: str, tmp_path: Path) -> ObjectStorage:
