@@ -12,7 +12,6 @@ like any other busy one.
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Callable, Iterable
 
@@ -20,6 +19,7 @@ from cache.claims import LeaseKeeper, lease_seconds
 from cache.index import Unit
 from cache.store import Claim, ClaimLost, ClaimState, ShardSink, Store
 from pipeline import threads
+from pipeline.cluster import LocalWorkers
 from core.console import err, progress
 from pipeline.devices import resolve_device
 from core.errors import PipeError
@@ -232,8 +232,7 @@ def _result(fut, claim: Claim) -> dict:
 
 
 def _dask_client(cfg):
-    import dask  # lazy: only a run with --workers or --scheduler uses Dask
-    from distributed import Client, LocalCluster  # lazy: dask's distributed takes a second to import
+    from distributed import Client  # lazy: only a run with --workers or --scheduler uses Dask
 
     if cfg.scheduler:
         try:
@@ -242,26 +241,33 @@ def _dask_client(cfg):
             raise PipeError(f"cannot reach the Dask scheduler at {cfg.scheduler} ({e}). Start one with "
                             "`dask scheduler` and workers with `dask worker <address>`.") from e
     per = threads.plan(processes=cfg.workers)  # the cores split among the workers, not all of them each
-    err.print(f"Dask: {cfg.workers} local workers, {per.line()}")
-    # Workers that are not daemons may start decode processes (a GPU embed spawns them).
-    with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
-    return _ClusterClient(Client(cluster), cluster)
+    # Workers that are not daemons may start decode processes (a GPU embed spawns them); a worker
+    # started in place of one that died is not a daemon either.
+    workers = LocalWorkers(cfg.workers, env={threads.ENV: str(per.threads)},
+                           config={"distributed.worker.daemon": False})
+    err.print(f"Dask: {cfg.workers} local workers ({workers.method}), {per.line()}")
+    cluster = workers.__enter__()
+    try:
+        return _ClusterClient(Client(cluster), workers)
+    except BaseException:
+        workers.__exit__(None, None, None)
+        raise
 
 
 class _ClusterClient:
-    """A client that also closes the LocalCluster it started."""
+    """A client that also closes the local cluster it started."""
 
-    def __init__(self, client, cluster):
-        self.client, self.cluster = client, cluster
+    def __init__(self, client, workers: LocalWorkers):
+        self.client, self.workers = client, workers
 
     def __enter__(self):
         return self.client
 
     def __exit__(self, *exc):
-        self.client.close()
-        self.cluster.close()
+        try:
+            self.client.close()
+        finally:
+            self.workers.__exit__(None, None, None)
         return False
 
 

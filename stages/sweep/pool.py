@@ -10,7 +10,6 @@ time and keeps its loaded data between trials (:mod:`stages.sweep.trial`).
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any, Callable
 from core.console import err
 from core.errors import PipeError
 from pipeline import threads
+from pipeline.cluster import LocalWorkers
 
 SCHEDULER_ENV = "PIPE_DASK_SCHEDULER"
 MAX_LOCAL_WORKERS = 8
@@ -94,8 +94,7 @@ class DaskPool:
         self.generation = ""
 
     def __enter__(self) -> "DaskPool":
-        import dask  # lazy: with distributed, below
-        from distributed import Client, LocalCluster  # lazy: dask's distributed takes a second to import
+        from distributed import Client  # lazy: dask's distributed takes a second to import
 
         if self.scheduler:
             try:
@@ -109,10 +108,15 @@ class DaskPool:
         n, gpus = local_workers(self.workers)
         per = threads.plan(processes=n)
         self.gpu_per_worker = gpus > 0
-        with dask.config.set(LOCAL_WORKER_CONFIG):
-            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                        silence_logs=logging.ERROR, env={threads.ENV: str(per.threads)})
-        self.client = Client(self.cluster)
+        workers = LocalWorkers(n, env={threads.ENV: str(per.threads)}, config=LOCAL_WORKER_CONFIG,
+                               preload=("optuna", "matplotlib"))  # what each trial's study and curves load
+        cluster = workers.__enter__()
+        try:
+            self.client = Client(cluster)
+        except BaseException:
+            workers.__exit__(None, None, None)
+            raise
+        self.cluster = workers
         self._preload()
         return self
 
@@ -125,7 +129,7 @@ class DaskPool:
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
-            self.cluster.close()
+            self.cluster.__exit__(None, None, None)
 
     @property
     def capacity(self) -> int:

@@ -1,0 +1,100 @@
+"""Local Dask clusters (``pipe embed --workers N``, ``pipe sweep --workers N``) whose worker processes
+start in a fraction of a second.
+
+Dask starts each worker as a fresh interpreter (``spawn``), which then imports torch, transformers
+and the rest before its first task: 5-8 CPU seconds per worker, paid again by every worker that
+is started in place of one that died. Here, where the platform has it (Linux, macOS), the workers
+are forked from one server process (multiprocessing's ``forkserver``) that imports those libraries
+once, before any worker starts; the workers share its pages until they write to them. Nothing of
+the project's own code is imported there, so a worker imports it as a fresh process would, and no
+CUDA context exists before a fork (importing torch does not create one).
+
+The Dask settings a cluster is started with hold for as long as it runs, so a worker started in
+place of one that died gets them too (the start method, non-daemonic workers, the worker
+environment).
+
+``PIPE_WORKER_START=spawn`` starts each worker as a fresh interpreter instead (Dask's default).
+A server holds the environment of the moment it started; a later cluster of the same process
+whose environment differs starts its workers with ``spawn``.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+
+from core.errors import InputError
+
+START_ENV = "PIPE_WORKER_START"
+METHODS = ("forkserver", "spawn")
+# What a worker's first task would import: the arrays, the cache's formats, torch (with the part the
+# optimiser and transformers' model modules load on first use) and the encoders' libraries.
+PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "zarr", "numcodecs", "xxhash", "PIL.Image", "torch",
+           "torch.nn.functional", "torch._dynamo", "torch.optim", "transformers", "distributed")
+
+_server_env: dict | None = None  # the environment the forkserver of this process started with
+
+
+class WorkerStartError(InputError):
+    """$PIPE_WORKER_START names no start method this platform has."""
+
+
+def start_method() -> str:
+    """How this process starts Dask workers: ``$PIPE_WORKER_START``, else forkserver where available."""
+    asked = os.environ.get(START_ENV, "").strip().lower()
+    if asked and asked not in METHODS:
+        raise WorkerStartError(f"${START_ENV}={asked!r} is not a worker start method: use one of "
+                               f"{', '.join(METHODS)}, or unset it.")
+    available = multiprocessing.get_all_start_methods()
+    if asked:
+        if asked not in available:
+            raise WorkerStartError(f"${START_ENV}={asked}: this platform starts processes only with "
+                                   f"{', '.join(available)}; unset it.")
+        return asked
+    if "forkserver" not in available:
+        return "spawn"
+    if _server_env is not None and _server_env != dict(os.environ):
+        return "spawn"  # the server holds another environment: a fresh interpreter sees this one
+    return "forkserver"
+
+
+class LocalWorkers:
+    """``with LocalWorkers(n, env=..., config=...) as cluster``: a Dask LocalCluster of ``n`` single-threaded
+    worker processes, its Dask ``config`` held until it closes. ``preload`` adds modules the workers'
+    tasks import to :data:`PRELOAD` (the first cluster of a process sets what its server loads)."""
+
+    def __init__(self, n: int, *, env: dict | None = None, config: dict | None = None, preload: tuple = ()):
+        self.n, self.env, self.config, self.preload = n, dict(env or {}), dict(config or {}), tuple(preload)
+        self.method = start_method()
+        self.cluster = None
+        self._settings = None
+
+    def __enter__(self):
+        global _server_env
+        import dask  # lazy: only a run with --workers uses Dask
+        from distributed import LocalCluster  # lazy: dask's distributed takes a second to import
+
+        self._settings = dask.config.set({**self.config, "distributed.worker.multiprocessing-method": self.method})
+        try:
+            if self.method == "forkserver":
+                from distributed.utils import get_mp_context  # lazy: with distributed
+
+                context = get_mp_context()  # Dask's own preload first (it sets it once), then ours
+                if _server_env is None:
+                    context.set_forkserver_preload([*PRELOAD, *self.preload])
+            self.cluster = LocalCluster(n_workers=self.n, threads_per_worker=1, processes=True,
+                                        dashboard_address=None, silence_logs=logging.ERROR, env=self.env)
+            if self.method == "forkserver" and _server_env is None:
+                _server_env = dict(os.environ)  # as the server started: with the nannies' pre-spawn settings
+        except BaseException:
+            self._settings.__exit__(None, None, None)
+            raise
+        return self.cluster
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            if self.cluster is not None:
+                self.cluster.close()
+        finally:
+            self._settings.__exit__(None, None, None)
+        return False
