@@ -28,7 +28,7 @@ cache files' mapped pages) stays under 2 GB plus the arrays it holds resident (t
 vectors for the pooled Adaptor and the heads, token arrays for tokens mode and
 segmentation).
 
-    python bench/scale.py --n 10000 50000 [--workdir DIR] [--keep] [--threads T] [--out scale.json] [--smoke]
+    python bench/scale.py --n 10000 50000 [--workdir DIR] [--keep] [--threads T] [--out scale.json] [--smoke] [--fork]
 
 The last line of stdout is one JSON object.
 """
@@ -164,14 +164,70 @@ def _anon_kb(pid: int) -> int | None:
     return None
 
 
+# What a `pipe` command imports before its work (--fork loads it once, here, before the first step).
+PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "PIL.Image", "torch", "torch.nn.functional", "torch._dynamo",
+           "torch.optim", "timm", "transformers", "transformers.models.dinov2.modeling_dinov2",
+           "transformers.models.bert.modeling_bert", "zarr", "numcodecs", "xxhash", "typer", "rich.console", "yaml",
+           "safetensors.torch", "matplotlib.pyplot")
+
+
+def preload() -> None:
+    """Import what every command would, in this process, so that a forked step starts with it loaded."""
+    import importlib
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # as every plot of the project selects it
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+
+def _fork_cli(args: list[str], log_fd: int, env: dict) -> int:
+    """The pid of a child forked from this process that runs ``python -m cli ARGS`` with ``env``, its
+    output into ``log_fd``. Nothing of the project is loaded here, so the child imports it afresh."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115  (this process's streams, whatever they were)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        os.environ.clear()
+        os.environ.update(env)
+        sys.path.insert(0, str(ROOT))
+        sys.argv = ["-m", *args]
+        import runpy
+        import traceback
+
+        try:
+            runpy.run_module("cli", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001  (what an interpreter prints for an uncaught exception)
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
 def run_step(args: list[str], log: Path, threads: int | None, env: dict | None = None,
-             cpu: list | None = None, anon: list | None = None) -> tuple[float, float, int]:
+             cpu: list | None = None, anon: list | None = None, fork: bool = False) -> tuple[float, float, int]:
     """(seconds, peak RSS in MB, exit code) of one `pipe` process (``env`` replaces os.environ).
 
     ``cpu``, when given, gets the process's CPU seconds (user + system) appended; ``anon`` its
     peak anonymous memory in MB, sampled every 20 ms: what the process itself holds. Peak RSS
     also counts the pages of cache files the reader maps, which the kernel drops under
-    pressure (a shard read through is file cache, not the step's memory).
+    pressure (a shard read through is file cache, not the step's memory). ``fork``: the process
+    is forked from this one (see ``--fork``) instead of started as a fresh interpreter.
     """
     env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "PIPE_NO_PROGRESS": "1"}
@@ -181,30 +237,34 @@ def run_step(args: list[str], log: Path, threads: int | None, env: dict | None =
         f.write(f"\n$ pipe {' '.join(args)}\n".encode())
         f.flush()
         t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=f, stderr=f, env=env)
+        if fork:
+            pid = _fork_cli(args, f.fileno(), env)
+        else:
+            pid = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=f, stderr=f, env=env).pid
         peak = [0]
         done = threading.Event()
 
         def sample() -> None:
             while not done.is_set():
-                peak[0] = max(peak[0], _anon_kb(p.pid) or 0)
+                peak[0] = max(peak[0], _anon_kb(pid) or 0)
                 done.wait(0.02)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(p.pid, 0)
+        _, status, usage = os.wait4(pid, 0)
         done.set()
         sampler.join()
         seconds = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
+    code = os.waitstatus_to_exitcode(status)
     if cpu is not None:
         cpu.append(usage.ru_utime + usage.ru_stime)
     if anon is not None:
         anon.append(peak[0] / 1024)
-    return seconds, usage.ru_maxrss / 1024, p.returncode
+    return seconds, usage.ru_maxrss / 1024, code
 
 
-def measure(n: int, work: Path, threads: int | None, only: list[str] | None = None, smoke: bool = False) -> dict:
+def measure(n: int, work: Path, threads: int | None, only: list[str] | None = None, smoke: bool = False,
+            fork: bool = False) -> dict:
     t0 = time.perf_counter()
     table = write_table(work / "data", n)
     print(f"n={n:,}: table written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -215,7 +275,7 @@ def measure(n: int, work: Path, threads: int | None, only: list[str] | None = No
             continue
         cpu: list[float] = []
         anon: list[float] = []
-        seconds, rss, code = run_step(args, log, threads, cpu=cpu, anon=anon)
+        seconds, rss, code = run_step(args, log, threads, cpu=cpu, anon=anon, fork=fork)
         rows.append({"step": name, "seconds": round(seconds, 2), "s_per_1k": round(1000 * seconds / n, 3),
                      "cpu_s_per_1k": round(1000 * cpu[0] / n, 3), "peak_rss_mb": round(rss),
                      "peak_anon_mb": round(anon[0]), "resident_mb": round(array_bytes(cache, resident, n) / 2**20, 1),
@@ -274,19 +334,24 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="check that every command runs, not what it costs: segmentation trains a narrow decoder "
                          "for a few steps (the tests run this)")
+    ap.add_argument("--fork", action="store_true",
+                    help="fork each command from this process, which imports the libraries first, instead of "
+                         "starting a fresh interpreter: the figures leave out Python's start-up (the tests run this)")
     a = ap.parse_args()
+    if a.fork:
+        preload()
     base = a.workdir or Path(tempfile.mkdtemp(prefix="pipe-scale-"))
     results = []
     try:
         for n in sorted(a.n):
-            results.append(measure(n, base / f"n{n}", a.threads, a.only, a.smoke))
+            results.append(measure(n, base / f"n{n}", a.threads, a.only, a.smoke, a.fork))
             if not a.keep:
                 shutil.rmtree(base / f"n{n}")
     finally:
         if not a.keep and a.workdir is None:
             shutil.rmtree(base, ignore_errors=True)
     summary = {"bench": "scale", "results": results, "targets": targets(results), "cpus": os.cpu_count(),
-               "smoke": a.smoke}
+               "smoke": a.smoke, "fork": a.fork}
     print(table(results))
     if a.out:
         a.out.write_text(json.dumps(summary, indent=1))

@@ -1,6 +1,7 @@
 """bench/scale.py runs every user-facing command at a small N and reports its figures."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import subprocess
@@ -47,17 +48,34 @@ def test_targets_compare_the_smallest_big_table_with_the_largest():
 
 @pytest.mark.slow
 def test_the_benchmark_runs_every_command_at_a_small_n(tmp_path):
+    """Every step, each forked from the benchmark's process (``--fork``: the libraries are imported
+    once); 80 items is the fewest whose label fractions keep 50 training items."""
     out = tmp_path / "scale.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--n", "150", "--out", str(out),
-                        "--workdir", str(tmp_path / "w"), "--smoke"], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--n", "80", "--out", str(out),
+                        "--workdir", str(tmp_path / "w"), "--smoke", "--fork"], capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary == json.loads(out.read_text()) and summary["smoke"] is True
+    assert summary == json.loads(out.read_text()) and summary["smoke"] is True and summary["fork"] is True
     steps = summary["results"][0]["steps"]
     assert [s["step"] for s in steps][:3] == ["data info", "embed", "embed again (all reused)"]
     assert len(steps) == 11 and all(s["exit"] == 0 for s in steps), steps
     assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 50 for s in steps)
     assert "| `evaluate retrieval` |" in r.stdout
+
+
+@pytest.mark.parametrize("fork", [False, True])
+def test_a_step_is_measured_in_a_fresh_interpreter_or_forked(tmp_path, fork):
+    """run_step's two ways to start a command: its CPU time, peak memory and exit code come from
+    wait4 either way, and its output goes to the log."""
+    log = tmp_path / "log.txt"
+    cpu: list[float] = []
+    seconds, rss, code = _scale().run_step(["--version"], log, None, cpu=cpu, fork=fork)
+    assert code == 0 and seconds > 0 and rss > 10 and cpu[0] > 0
+    assert "$ pipe --version" in log.read_text() and log.read_text().strip().endswith(
+        importlib.metadata.version("freeze-pipe"))
+    seconds, rss, code = _scale().run_step(["no-such-command"], log, None, fork=fork)
+    assert code == 2 and "No such command" in log.read_text()
 
 
 def _bench(name: str):
