@@ -173,9 +173,9 @@ PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "PIL.Image", "torch", "torch.nn
 
 def preload() -> None:
     """Import what every command would, in this process, so that a forked step starts with it loaded."""
-    import importlib
+    import importlib  # lazy: only --fork preloads
 
-    import matplotlib
+    import matplotlib  # lazy: only --fork preloads
 
     matplotlib.use("Agg")  # as every plot of the project selects it
     for name in PRELOAD:
@@ -200,8 +200,8 @@ def _fork_cli(args: list[str], log_fd: int, env: dict) -> int:
         os.environ.update(env)
         sys.path.insert(0, str(ROOT))
         sys.argv = ["-m", *args]
-        import runpy
-        import traceback
+        import runpy  # lazy: in the forked child only
+        import traceback  # lazy: in the forked child only
 
         try:
             runpy.run_module("cli", run_name="__main__", alter_sys=True)

@@ -14,8 +14,9 @@ place of one that died gets them too (the start method, non-daemonic workers, th
 environment).
 
 ``PIPE_WORKER_START=spawn`` starts each worker as a fresh interpreter instead (Dask's default).
-A server holds the environment of the moment it started; a later cluster of the same process
-whose environment differs starts its workers with ``spawn``.
+A server holds the environment of the moment it started, so a cluster forks from it only where
+this module started it, in an environment equal to the present one; otherwise (the environment
+changed since, or other code of the process started the server) its workers are spawned.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ METHODS = ("forkserver", "spawn")
 PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "zarr", "numcodecs", "xxhash", "PIL.Image", "torch",
            "torch.nn.functional", "torch._dynamo", "torch.optim", "transformers", "distributed")
 
-_server_env: dict | None = None  # the environment the forkserver of this process started with
+_started: tuple[int, dict] | None = None  # (pid, environment) of the forkserver this module started
 
 
 class WorkerStartError(InputError):
@@ -53,9 +54,26 @@ def start_method() -> str:
         return asked
     if "forkserver" not in available:
         return "spawn"
-    if _server_env is not None and _server_env != dict(os.environ):
-        return "spawn"  # the server holds another environment: a fresh interpreter sees this one
-    return "forkserver"
+    running = _forkserver_pid()
+    if running is None:
+        return "forkserver"  # started, with this environment, by the next cluster
+    if _started is not None and _started == (running, dict(os.environ)):
+        return "forkserver"
+    return "spawn"  # a server holding another environment, or one that other code started
+
+
+def _forkserver_pid() -> int | None:
+    """The pid of this process's forkserver while it runs, else None."""
+    from multiprocessing import forkserver  # lazy: a submodule multiprocessing loads only where used
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # noqa: SLF001  (no public accessor)
+    if pid is None:
+        return None
+    try:
+        os.kill(pid, 0)  # not waitpid: multiprocessing reaps its own server
+    except OSError:
+        return None
+    return pid
 
 
 class LocalWorkers:
@@ -70,7 +88,7 @@ class LocalWorkers:
         self._settings = None
 
     def __enter__(self):
-        global _server_env
+        global _started
         import dask  # lazy: only a run with --workers uses Dask
         from distributed import LocalCluster  # lazy: dask's distributed takes a second to import
 
@@ -80,12 +98,12 @@ class LocalWorkers:
                 from distributed.utils import get_mp_context  # lazy: with distributed
 
                 context = get_mp_context()  # Dask's own preload first (it sets it once), then ours
-                if _server_env is None:
+                if _forkserver_pid() is None:
                     context.set_forkserver_preload([*PRELOAD, *self.preload])
             self.cluster = LocalCluster(n_workers=self.n, threads_per_worker=1, processes=True,
                                         dashboard_address=None, silence_logs=logging.ERROR, env=self.env)
-            if self.method == "forkserver" and _server_env is None:
-                _server_env = dict(os.environ)  # as the server started: with the nannies' pre-spawn settings
+            if self.method == "forkserver" and (_started is None or _started[0] != _forkserver_pid()):
+                _started = (_forkserver_pid(), dict(os.environ))  # as it started: with the nannies' pre-spawn settings
         except BaseException:
             self._settings.__exit__(None, None, None)
             raise

@@ -2,25 +2,20 @@
 cluster's settings held for a worker started in place of one that died."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
+import sys
 import time
 
 import pytest
 
 from core.errors import PipeError
 from pipeline import cluster
-from tests.helpers import make_table, pipe
+from tests.helpers import ROOT, forked, make_table, pipe
 
-
-def test_the_start_method_is_forkserver_where_the_platform_has_it_unless_asked(monkeypatch):
-    monkeypatch.delenv(cluster.START_ENV, raising=False)
-    monkeypatch.setattr(cluster, "_server_env", None)
-    assert cluster.start_method() == ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
-                                      else "spawn")
-    monkeypatch.setenv(cluster.START_ENV, "Spawn")
-    assert cluster.start_method() == "spawn"
+HAS_FORKSERVER = "forkserver" in multiprocessing.get_all_start_methods()
 
 
 def test_the_server_loads_libraries_only_never_the_projects_code():
@@ -29,13 +24,26 @@ def test_the_server_loads_libraries_only_never_the_projects_code():
     assert {"torch", "distributed", "transformers"} <= set(cluster.PRELOAD)
 
 
-def test_a_process_whose_environment_changed_since_its_server_started_spawns(monkeypatch):
-    """The server holds the environment it started with: workers forked from it would not see a
-    variable set since, so such a cluster starts fresh interpreters."""
+def test_the_start_method_is_forkserver_where_the_platform_has_it_unless_asked(monkeypatch):
     monkeypatch.delenv(cluster.START_ENV, raising=False)
-    monkeypatch.setattr(cluster, "_server_env", dict(os.environ))
+    monkeypatch.setattr(cluster, "_forkserver_pid", lambda: None)  # no server running yet
+    assert cluster.start_method() == ("forkserver" if HAS_FORKSERVER else "spawn")
+    monkeypatch.setenv(cluster.START_ENV, "Spawn")
+    assert cluster.start_method() == "spawn"
+
+
+def test_a_server_is_used_only_as_this_module_started_it_in_this_environment(monkeypatch):
+    """A server holds the environment it started with: workers forked from it would not see a
+    variable set since, so such a cluster, or one beside a server other code started, spawns."""
+    if not HAS_FORKSERVER:
+        pytest.skip("this platform has no forkserver start method")
+    monkeypatch.delenv(cluster.START_ENV, raising=False)
+    monkeypatch.setattr(cluster, "_forkserver_pid", lambda: 4242)
+    monkeypatch.setattr(cluster, "_started", (4242, dict(os.environ)))
     assert cluster.start_method() == "forkserver"
     monkeypatch.setenv("PIPE_SOME_SETTING", "changed")
+    assert cluster.start_method() == "spawn"
+    monkeypatch.setattr(cluster, "_started", (4241, dict(os.environ)))  # a server this module did not start
     assert cluster.start_method() == "spawn"
 
 
@@ -55,26 +63,17 @@ def _worker_facts() -> dict:
     import os as _os
     import sys as _sys
 
-    return {"torch_loaded": "torch._dynamo" in _sys.modules,
-            "daemon": mp.current_process().daemon, "pid": _os.getpid(), "parent": _os.getppid(),
-            "threads": _os.environ.get("PIPE_THREADS")}
+    return {"dynamo_loaded": "torch._dynamo" in _sys.modules, "daemon": mp.current_process().daemon,
+            "pid": _os.getpid(), "parent": _os.getppid(), "threads": _os.environ.get("PIPE_THREADS")}
 
 
-@pytest.mark.slow
-def test_workers_fork_from_a_server_with_torch_loaded_and_a_restarted_worker_keeps_the_settings(monkeypatch):
+def _probe() -> dict:
+    """A one-worker cluster started here; its worker killed; the facts of both workers."""
     from distributed import Client
 
-    monkeypatch.delenv(cluster.START_ENV, raising=False)
-    monkeypatch.setattr(cluster, "_server_env", None)
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        pytest.skip("this platform has no forkserver start method")
     workers = cluster.LocalWorkers(1, env={"PIPE_THREADS": "1"}, config={"distributed.worker.daemon": False})
-    assert workers.method == "forkserver"
     with workers as local, Client(local) as client:
         [first] = client.run(_worker_facts).values()
-        # torch came with the fork: nothing this worker ran imports torch._dynamo
-        assert first["torch_loaded"], first
-        assert first["parent"] != os.getpid() and first["daemon"] is False and first["threads"] == "1"
         os.kill(first["pid"], signal.SIGKILL)
         t0 = time.monotonic()
         while True:
@@ -84,7 +83,29 @@ def test_workers_fork_from_a_server_with_torch_loaded_and_a_restarted_worker_kee
                 facts = []
             if facts and facts[0]["pid"] != first["pid"]:
                 break
-            assert time.monotonic() - t0 < 60, "the killed worker was not started again"
+            if time.monotonic() - t0 > 60:
+                raise SystemExit("the killed worker was not started again")
             time.sleep(0.2)
-        # the replacement: forked from the same server, with the cluster's settings (not a daemon)
-        assert facts[0]["parent"] == first["parent"] and facts[0]["daemon"] is False, facts
+    return {"method": workers.method, "me": os.getpid(), "first": first, "second": facts[0]}
+
+
+@pytest.mark.slow
+def test_workers_fork_from_a_server_with_torch_loaded_and_a_restarted_worker_keeps_the_settings():
+    """In a process of its own (no server started before): the worker comes with torch's compiler
+    modules loaded though nothing it ran imports them, its parent is the server, not the process
+    that owns the cluster; the worker started in place of a killed one too, and it is no daemon."""
+    if not HAS_FORKSERVER:
+        pytest.skip("this platform has no forkserver start method")
+    env = {k: v for k, v in os.environ.items() if k != cluster.START_ENV}
+    done = forked.run([sys.executable, "-m", "tests.test_cluster"], env=env, cwd=ROOT, capture_output=True,
+                      text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    first, second = facts["first"], facts["second"]
+    assert facts["method"] == "forkserver" and first["dynamo_loaded"], facts
+    assert first["parent"] != facts["me"] and first["daemon"] is False and first["threads"] == "1", facts
+    assert second["parent"] == first["parent"] and second["daemon"] is False and second["threads"] == "1", facts
+
+
+if __name__ == "__main__":
+    print(json.dumps(_probe()))
