@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,13 +186,22 @@ def served(site):
         server.server_close()
 
 
-def _open(url: str, settle: float = 2.0) -> tuple[list[str], list[str], int]:
+RESULTS = "document.querySelectorAll('.md-search-result__item').length"
+
+
+def _open(url: str, settle: float = 2.0, wait_for_results: float = 0.0) -> tuple[list[str], list[str], int]:
+    """(errors, requests, search results) of a page, after ``settle`` seconds and, with
+    ``wait_for_results``, until the search shows a result or that many more seconds passed (the
+    search builds its index in a worker: seconds on a loaded machine)."""
     from tests.helpers.browser import _errors
 
     with Chromium() as b:
         b.open(url)
         b.evaluate("new Promise(r => setTimeout(r, %d))" % int(settle * 1000))
-        results = b.evaluate("document.querySelectorAll('.md-search-result__item').length")
+        deadline = time.monotonic() + wait_for_results
+        while not b.evaluate(RESULTS) and time.monotonic() < deadline:
+            b.evaluate("new Promise(r => setTimeout(r, 250))")
+        results = b.evaluate(RESULTS)
         requests = [e["params"]["request"]["url"] for e in b.events if e["method"] == "Network.requestWillBeSent"]
         return _errors(b.events), requests, results
 
@@ -201,7 +211,7 @@ def test_the_home_page_and_the_search_open_in_a_browser_without_an_error(served,
     errors, requests, _ = _open(served + "index.html")
     assert errors == []
     assert requests and all(u.startswith((served, "data:")) for u in requests), requests  # nothing from elsewhere
-    errors, requests, results = _open(served + "index.html?q=adaptor")  # the search, opened with a query
+    errors, requests, results = _open(served + "index.html?q=adaptor", wait_for_results=30)  # a search
     assert errors == []
     assert all(u.startswith((served, "data:")) for u in requests), requests
     assert any("search_index.json" in u for u in requests) and results > 0
