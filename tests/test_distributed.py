@@ -46,16 +46,18 @@ def _free_port() -> int:
 
 
 def train_cli(plain, out: Path, *extra: str, nproc: int | None = None) -> subprocess.CompletedProcess:
-    """The real `train-adaptor` command in a fresh process, under torchrun when nproc is given."""
+    """The real `train-adaptor` command in a process of its own, under torchrun when nproc is given
+    (torchrun and each of its ranks forked from the test's fork server: tests/helpers/forked.py)."""
     table, cache = plain
-    launcher = [sys.executable]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PIPE_NO_PROGRESS": "1", "COLUMNS": "400"}
+    launcher, entry = [sys.executable], ["-m", "cli"]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                      "--master-port", str(_free_port())]
-    cmd = [*launcher, "-m", "cli", "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
+        entry, env = forked.launcher_entry(env)
+    cmd = [*launcher, *entry, "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
            "--cache", str(cache), "--out", str(out), *DDP, *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PIPE_NO_PROGRESS": "1", "COLUMNS": "400"}
     r = forked.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r

@@ -19,6 +19,7 @@ busy, a plain subprocess. Any command that is not ``python [-u] -m MODULE`` is a
 
     popen(cmd, env=..., stdout=..., stderr=..., cwd=...)   # a subprocess.Popen look-alike
     run(cmd, env=..., capture_output=True, text=True)      # a subprocess.run look-alike
+    launcher_entry(env)                                    # torchrun's entry point: its ranks forked too
 """
 from __future__ import annotations
 
@@ -196,6 +197,20 @@ def _server_for(env: dict) -> _Server | None:
             server = _Server(env)
         _servers[key] = server  # the most recently used, last
         return server
+
+
+SHIM = Path(__file__).with_name("forkshim.py")
+
+
+def launcher_entry(env: dict, module: str = "cli") -> tuple[list[str], dict]:
+    """What a launcher that starts its own interpreters (torchrun) runs for ``python -u -m MODULE``, and
+    the environment to give it: each of its children is then a fork of the server that serves ``env``
+    (``torchrun --no-python python forkshim.py -u -m MODULE ...``; see tests/helpers/forkshim.py).
+    Where no server can serve ``env``, torchrun's own ``-m MODULE`` (fresh interpreters)."""
+    server = None if OFF or env.get("PYTHONPATH") not in (None, "", str(ROOT)) else _server_for(env)
+    if server is None:
+        return ["-m", module], env
+    return ["--no-python", sys.executable, str(SHIM), "-u", "-m", module], {**env, "PIPE_TEST_FORK_SERVER": server.path}
 
 
 class Forked:
