@@ -50,6 +50,8 @@ os.environ["COLUMNS"] = "160"
 from tests.helpers import embed_json, make_table  # noqa: E402  (after the environment is set)
 from tests.helpers.s3server import ACCESS, make_bucket, moto_server  # noqa: E402
 
+pytest_plugins = ("tests.helpers.cputime",)  # `--cpu-times`: each test's CPU seconds
+
 
 def pytest_collection_modifyitems(config, items):
     # Modules with slow tests first, each module's tests kept together (a module fixture is built once).
