@@ -50,6 +50,8 @@ import pandas as pd
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from core import forking  # noqa: E402  (the project's root on the path first)
 FINDINGS = {"effusion": ("Small left pleural effusion.", "No pleural effusion."),
             "cardiomegaly": ("The heart is enlarged.", "Heart size is normal.")}
 EXTRA = ["Lungs are otherwise clear.", "No pneumothorax.", "Stable mediastinal contours.", "Degenerative spine.",
@@ -164,59 +166,15 @@ def _anon_kb(pid: int) -> int | None:
     return None
 
 
-# What a `pipe` command imports before its work (--fork loads it once, here, before the first step).
-PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "PIL.Image", "torch", "torch.nn.functional", "torch._dynamo",
-           "torch.optim", "timm", "transformers", "transformers.models.dinov2.modeling_dinov2",
-           "transformers.models.bert.modeling_bert", "zarr", "numcodecs", "xxhash", "typer", "rich.console", "yaml",
-           "safetensors.torch", "matplotlib.pyplot")
-
-
-def preload() -> None:
-    """Import what every command would, in this process, so that a forked step starts with it loaded."""
-    import importlib  # lazy: only --fork preloads
-
-    import matplotlib  # lazy: only --fork preloads
-
-    matplotlib.use("Agg")  # as every plot of the project selects it
-    for name in PRELOAD:
-        importlib.import_module(name)
-
-
 def _fork_cli(args: list[str], log_fd: int, env: dict) -> int:
     """The pid of a child forked from this process that runs ``python -m cli ARGS`` with ``env``, its
     output into ``log_fd``. Nothing of the project is loaded here, so the child imports it afresh."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115  (this process's streams, whatever they were)
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        os.environ.clear()
-        os.environ.update(env)
-        sys.path.insert(0, str(ROOT))
-        sys.argv = ["-m", *args]
-        import runpy  # lazy: in the forked child only
-        import traceback  # lazy: in the forked child only
-
-        try:
-            runpy.run_module("cli", run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:  # noqa: BLE001  (what an interpreter prints for an uncaught exception)
-            traceback.print_exc()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(code)
+    if pid == 0:
+        forking.become_module("cli", args, env, (None, log_fd, log_fd), path=str(ROOT))
+    return pid
 
 
 def run_step(args: list[str], log: Path, threads: int | None, env: dict | None = None,
@@ -339,7 +297,7 @@ def main() -> None:
                          "starting a fresh interpreter: the figures leave out Python's start-up (the tests run this)")
     a = ap.parse_args()
     if a.fork:
-        preload()
+        forking.preload()
     base = a.workdir or Path(tempfile.mkdtemp(prefix="pipe-scale-"))
     results = []
     try:

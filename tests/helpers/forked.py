@@ -24,8 +24,6 @@ busy, a plain subprocess. Any command that is not ``python [-u] -m MODULE`` is a
 from __future__ import annotations
 
 import atexit
-import importlib
-import io
 import json
 import os
 import re
@@ -37,18 +35,14 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
+from core import forking
+
 ROOT = Path(__file__).resolve().parents[2]
-PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "PIL.Image", "torch", "torch.nn.functional", "timm",
-           "transformers", "zarr", "numcodecs", "xxhash", "typer", "rich.console", "yaml", "safetensors.torch",
-           # what the tiny test encoders and every training step load on first use: the encoders' model
-           # modules (transformers loads torch._dynamo, torch.distributed.tensor and scipy with them, ~4 s),
-           # torch's optimiser (torch._dynamo), the plots (matplotlib, with the Agg backend the project
-           # selects), Dask's distributed and Optuna (sweeps, --workers)
-           "transformers.models.dinov2.modeling_dinov2", "transformers.models.bert.modeling_bert",
-           "torch._dynamo", "torch.optim", "matplotlib.pyplot", "distributed", "optuna", "pydicom")
+# What a command imports (core.forking.LIBRARIES), and what sweeps and --workers runs add: Dask's
+# distributed and Optuna; pydicom for DICOM tables.
+PRELOAD = (*forking.LIBRARIES, "distributed", "optuna", "pydicom")
 # Settings that libraries read when they are imported (so the server's values hold in its children);
 # the compiler's cache folder is read when a function is compiled, in the child.
 IMPORT_TIME = re.compile(r"^(?!TORCHINDUCTOR_CACHE_DIR$)(HF_|HUGGINGFACE|TRANSFORMERS|TORCH|PYTORCH|OMP_|MKL_|OPENBLAS|CUDA|NVIDIA|PYTHON|TIMM|DASK_|MPL|OPTUNA|"
@@ -58,11 +52,7 @@ OFF = os.environ.get("PIPE_TEST_NO_FORK") == "1"  # every command a plain subpro
 
 # ---------------------------------------------------------------------------------- the server
 def _serve(path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # as every plot of the project selects it, before pyplot is imported below
-    for name in PRELOAD:
-        importlib.import_module(name)
+    forking.preload(PRELOAD)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     srv.bind(path)
     srv.listen(64)
@@ -103,48 +93,8 @@ def _reap(conn: socket.socket, pid: int) -> None:
 
 def _child(req: dict, fds: list[int]) -> None:
     """Become ``python [-u] -m MODULE ARGS``: the streams, folder, environment and argv of the request."""
-    code = 1
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        for target, fd in zip((0, 1, 2), fds):
-            os.dup2(fd, target)
-            os.close(fd)
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=req["unbuffered"],
-                                      line_buffering=False)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
-        os.chdir(req["cwd"])
-        os.environ.clear()
-        os.environ.update(req["env"])
-        sys.path[0] = req["cwd"]
-        sys.argv = ["-m", *req["args"]]
-        import runpy
-
-        try:
-            runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as e:
-            if e.code is None or isinstance(e.code, int):
-                code = e.code or 0
-            else:
-                print(e.code, file=sys.stderr)
-                code = 1
-        except KeyboardInterrupt:
-            traceback.print_exc()
-            code = 130
-        except BaseException:  # noqa: BLE001  (what an interpreter prints for an uncaught exception)
-            traceback.print_exc()
-            code = 1
-        threading._shutdown()  # non-daemon threads finish, as at an interpreter's exit
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(code)
+    forking.become_module(req["module"], req["args"], req["env"], tuple(fds), cwd=req["cwd"],
+                          unbuffered=req["unbuffered"])
 
 
 # ---------------------------------------------------------------------------------- the client
