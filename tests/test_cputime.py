@@ -36,3 +36,16 @@ def test_the_option_ranks_the_tests_by_cpu_under_xdist_too(tmp_path):
     assert set(rows) == {"test_burns_in_a_child", "test_sleeps"}
     assert rows["test_burns_in_a_child"]["cpu_s"] >= 0.5 and rows["test_sleeps"]["cpu_s"] < 0.3
     assert rows["test_sleeps"]["wall_s"] >= 0.5 and max(r["wall_s"] for r in rows.values()) < time.monotonic() - t0
+    assert {r["worker"] for r in rows.values()} <= {"gw0", "gw1"} and min(r["start_s"] for r in rows.values()) == 0
+    assert all(0 <= r["start_s"] < time.monotonic() - t0 for r in rows.values())
+
+
+def test_a_test_path_taken_as_the_file_is_refused_and_left_as_it_was(tmp_path):
+    module = tmp_path / "test_one.py"
+    module.write_text("def test_one():\n    pass\n")
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    done = forked.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.helpers.cputime",
+                       "--rootdir", str(tmp_path), "--cpu-times", str(module)], env=env, cwd=ROOT,
+                      capture_output=True, text=True, timeout=60)
+    assert done.returncode == 4 and "write --cpu-times=FILE" in done.stderr, done.stdout + done.stderr
+    assert module.read_text() == "def test_one():\n    pass\n"

@@ -6,7 +6,8 @@ its setup, call and teardown, of the CPU time (user + system) of the test's proc
 process below it: those still running (a fork server, a Dask worker) and those that ended and
 were waited for (a ``pipe`` command, a forked child reaped by its server). The ten most costly
 tests and the total are printed at the end of the run; ``FILE`` also gets one JSON line per test
-(``{"test", "cpu_s", "wall_s"}``). Linux only (it reads ``/proc``); elsewhere the option says so.
+(``{"test", "cpu_s", "wall_s", "start_s", "worker"}``: when it started, in seconds from the
+first test's start, and on which xdist worker), from which the run's timeline can be drawn. Linux only (it reads ``/proc``); elsewhere the option says so.
 """
 from __future__ import annotations
 
@@ -52,8 +53,13 @@ def tree_cpu_seconds(root: int | None = None) -> float:
 
 
 def pytest_configure(config) -> None:
-    if config.getoption("--cpu-times") is not None and not Path("/proc/self/stat").exists():
+    target = config.getoption("--cpu-times")
+    if target is not None and not Path("/proc/self/stat").exists():
         raise pytest.UsageError("--cpu-times reads /proc: it works on Linux only")
+    if target and (target.endswith(".py") or "::" in target or Path(target).is_dir()):
+        # `--cpu-times tests/test_x.py` takes the path as its FILE: it would overwrite the test module
+        raise pytest.UsageError(f"--cpu-times took {target!r} as the file to write: write --cpu-times=FILE "
+                                "(or the option alone) before the tests to run")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -61,7 +67,7 @@ def pytest_runtest_protocol(item, nextitem):
     if item.config.getoption("--cpu-times") is None:
         yield
         return
-    cpu, wall = tree_cpu_seconds(), time.monotonic()
+    cpu, wall = tree_cpu_seconds(), time.time()
     item.user_properties.append((KEY, (cpu, wall)))  # replaced by the cost at teardown
     yield
 
@@ -73,12 +79,13 @@ def pytest_runtest_makereport(item, call):
         return
     start = dict(item.user_properties).get(KEY)
     if start is not None:
-        cost = (round(tree_cpu_seconds() - start[0], 2), round(time.monotonic() - start[1], 2))
+        cost = (round(tree_cpu_seconds() - start[0], 2), round(time.time() - start[1], 2), start[1],
+                os.environ.get("PYTEST_XDIST_WORKER", "main"))
         item.user_properties[:] = [(k, v) for k, v in item.user_properties if k != KEY] + [(KEY, cost)]
         outcome.get_result().user_properties = list(item.user_properties)
 
 
-_times: list[tuple[str, float, float]] = []  # (test, CPU s, wall s), where the reports arrive (xdist: the controller)
+_times: list[tuple[str, float, float, float, str]] = []  # (test, CPU s, wall s, start, worker), where the reports arrive (xdist: the controller)
 
 
 def pytest_runtest_logreport(report) -> None:
@@ -95,11 +102,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     ranked = sorted(_times, key=lambda t: -t[1])
     total = sum(t[1] for t in _times)
     terminalreporter.write_sep("=", f"ten most costly tests in CPU seconds (all {len(_times)}: {total:,.0f} s)")
-    for test, cpu, wall in ranked[:10]:
+    for test, cpu, wall, _, _ in ranked[:10]:
         terminalreporter.write_line(f"{cpu:8.1f} s CPU {wall:8.1f} s wall  {test}")
     if target:
+        first = min(t[3] for t in _times)
         with open(target, "w") as f:
-            for test, cpu, wall in ranked:
-                f.write(json.dumps({"test": test, "cpu_s": cpu, "wall_s": wall}) + "\n")
+            for test, cpu, wall, start, worker in ranked:
+                f.write(json.dumps({"test": test, "cpu_s": cpu, "wall_s": wall, "start_s": round(start - first, 2),
+                                    "worker": worker}) + "\n")
         terminalreporter.write_line(f"every test's CPU seconds: {target}")
 
