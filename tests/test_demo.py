@@ -461,7 +461,7 @@ def test_pipe_demo_runs_every_step_and_reports_every_method(tmp_path):
 
     from tests.helpers import pipe
 
-    r = pipe("demo", "--n", "120", "-b", "tiny-vit", "-t", "tiny-bert", "--seeds", "1", "--no-segmentation",
+    r = pipe("demo", "--n", "40", "-b", "tiny-vit", "-t", "tiny-bert", "--seeds", "1", "--no-segmentation",
              "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--json")
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(summary["checkpoints"]) == {"pooled", "tokens"} and summary["timings"]["embed"] >= 0
