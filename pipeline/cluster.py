@@ -15,14 +15,17 @@ environment).
 
 ``PIPE_WORKER_START=spawn`` starts each worker as a fresh interpreter instead (Dask's default).
 A server holds the environment of the moment it started, so a cluster forks from it only where
-this module started it, in an environment equal to the present one; otherwise (the environment
-changed since, or other code of the process started the server) its workers are spawned.
+this module started it, in an environment equal to the present one. Where the environment has
+changed since and no cluster of this module is open, the server is stopped and started again
+with the present environment (one preload, where spawning would pay one per worker); where a
+cluster still uses it, or other code of the process started it, the workers are spawned.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing
 import os
+import threading
 
 from core.errors import InputError
 
@@ -34,6 +37,8 @@ PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "zarr", "numcodecs", "xxhash", 
            "torch.nn.functional", "torch._dynamo", "torch.optim", "transformers", "distributed")
 
 _started: tuple[int, dict] | None = None  # (pid, environment) of the forkserver this module started
+_open = 0  # clusters of this module open on that server
+_lock = threading.Lock()
 
 
 class WorkerStartError(InputError):
@@ -57,9 +62,9 @@ def start_method() -> str:
     running = _forkserver_pid()
     if running is None:
         return "forkserver"  # started, with this environment, by the next cluster
-    if _started is not None and _started == (running, dict(os.environ)):
-        return "forkserver"
-    return "spawn"  # a server holding another environment, or one that other code started
+    if _started is not None and _started[0] == running and (_started[1] == dict(os.environ) or not _open):
+        return "forkserver"  # ours, in this environment or idle (then started again in it)
+    return "spawn"  # a server of ours that open clusters use in another environment, or one other code started
 
 
 def _forkserver_pid() -> int | None:
@@ -92,27 +97,54 @@ class LocalWorkers:
         import dask  # lazy: only a run with --workers uses Dask
         from distributed import LocalCluster  # lazy: dask's distributed takes a second to import
 
-        self._settings = dask.config.set({**self.config, "distributed.worker.multiprocessing-method": self.method})
+        with _lock:  # the method again: a cluster may have opened since this one was made
+            self.method = start_method()
+            self._settings = dask.config.set({**self.config, "distributed.worker.multiprocessing-method": self.method})
+            try:
+                if self.method == "forkserver":
+                    self._server_in_this_environment()
+            except BaseException:
+                self._settings.__exit__(None, None, None)
+                raise
         try:
-            if self.method == "forkserver":
-                from distributed.utils import get_mp_context  # lazy: with distributed
-
-                context = get_mp_context()  # Dask's own preload first (it sets it once), then ours
-                if _forkserver_pid() is None:
-                    context.set_forkserver_preload([*PRELOAD, *self.preload])
             self.cluster = LocalCluster(n_workers=self.n, threads_per_worker=1, processes=True,
                                         dashboard_address=None, silence_logs=logging.ERROR, env=self.env)
             if self.method == "forkserver" and (_started is None or _started[0] != _forkserver_pid()):
                 _started = (_forkserver_pid(), dict(os.environ))  # as it started: with the nannies' pre-spawn settings
         except BaseException:
-            self._settings.__exit__(None, None, None)
+            self._close()
             raise
         return self.cluster
 
-    def __exit__(self, *exc) -> bool:
+    def _server_in_this_environment(self) -> None:
+        """Counts this cluster on the server, which is stopped first where it holds another environment
+        (idle: :func:`start_method` said so), and given the preload where it is not running."""
+        global _open
+        from multiprocessing import forkserver  # lazy: a submodule multiprocessing loads only where used
+
+        from distributed.utils import get_mp_context  # lazy: with distributed
+
+        running = _forkserver_pid()
+        if running is not None and _started is not None and _started[1] != dict(os.environ):
+            forkserver._forkserver._stop()  # noqa: SLF001  (idle, ours: the next worker starts it again)
+            running = None
+        context = get_mp_context()  # Dask's own preload first (it sets it once), then ours
+        if running is None:
+            context.set_forkserver_preload([*PRELOAD, *self.preload])
+        _open += 1
+
+    def _close(self) -> None:
+        global _open
         try:
             if self.cluster is not None:
                 self.cluster.close()
         finally:
-            self._settings.__exit__(None, None, None)
+            if self._settings is not None:
+                self._settings.__exit__(None, None, None)
+            if self.method == "forkserver":
+                with _lock:
+                    _open -= 1
+
+    def __exit__(self, *exc) -> bool:
+        self._close()
         return False

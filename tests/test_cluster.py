@@ -34,15 +34,19 @@ def test_the_start_method_is_forkserver_where_the_platform_has_it_unless_asked(m
 
 def test_a_server_is_used_only_as_this_module_started_it_in_this_environment(monkeypatch):
     """A server holds the environment it started with: workers forked from it would not see a
-    variable set since, so such a cluster, or one beside a server other code started, spawns."""
+    variable set since. Idle, it is started again in the present environment; while a cluster
+    uses it, or beside a server other code started, a cluster spawns."""
     if not HAS_FORKSERVER:
         pytest.skip("this platform has no forkserver start method")
     monkeypatch.delenv(cluster.START_ENV, raising=False)
     monkeypatch.setattr(cluster, "_forkserver_pid", lambda: 4242)
     monkeypatch.setattr(cluster, "_started", (4242, dict(os.environ)))
+    monkeypatch.setattr(cluster, "_open", 1)
     assert cluster.start_method() == "forkserver"
     monkeypatch.setenv("PIPE_SOME_SETTING", "changed")
-    assert cluster.start_method() == "spawn"
+    assert cluster.start_method() == "spawn"  # a cluster still forks from the server of the old environment
+    monkeypatch.setattr(cluster, "_open", 0)
+    assert cluster.start_method() == "forkserver"  # idle: started again, in this environment
     monkeypatch.setattr(cluster, "_started", (4241, dict(os.environ)))  # a server this module did not start
     assert cluster.start_method() == "spawn"
 
@@ -64,7 +68,8 @@ def _worker_facts() -> dict:
     import sys as _sys
 
     return {"dynamo_loaded": "torch._dynamo" in _sys.modules, "daemon": mp.current_process().daemon,
-            "pid": _os.getpid(), "parent": _os.getppid(), "threads": _os.environ.get("PIPE_THREADS")}
+            "pid": _os.getpid(), "parent": _os.getppid(), "threads": _os.environ.get("PIPE_THREADS"),
+            "setting": _os.environ.get("PIPE_PROBE_SETTING")}
 
 
 def _probe() -> dict:
@@ -86,14 +91,20 @@ def _probe() -> dict:
             if time.monotonic() - t0 > 60:
                 raise SystemExit("the killed worker was not started again")
             time.sleep(0.2)
-    return {"method": workers.method, "me": os.getpid(), "first": first, "second": facts[0]}
+    os.environ["PIPE_PROBE_SETTING"] = "set since"  # the server, idle, holds the environment before this
+    again = cluster.LocalWorkers(1)
+    with again as local, Client(local) as client:
+        [third] = client.run(_worker_facts).values()
+    return {"method": workers.method, "me": os.getpid(), "first": first, "second": facts[0],
+            "again": again.method, "third": third}
 
 
 @pytest.mark.slow
 def test_workers_fork_from_a_server_with_torch_loaded_and_a_restarted_worker_keeps_the_settings():
     """In a process of its own (no server started before): the worker comes with torch's compiler
     modules loaded though nothing it ran imports them, its parent is the server, not the process
-    that owns the cluster; the worker started in place of a killed one too, and it is no daemon."""
+    that owns the cluster; the worker started in place of a killed one too, and it is no daemon.
+    A setting changed after the cluster closed reaches the next cluster's worker, from a new server."""
     if not HAS_FORKSERVER:
         pytest.skip("this platform has no forkserver start method")
     env = {k: v for k, v in os.environ.items() if k != cluster.START_ENV}
@@ -105,6 +116,10 @@ def test_workers_fork_from_a_server_with_torch_loaded_and_a_restarted_worker_kee
     assert facts["method"] == "forkserver" and first["dynamo_loaded"], facts
     assert first["parent"] != facts["me"] and first["daemon"] is False and first["threads"] == "1", facts
     assert second["parent"] == first["parent"] and second["daemon"] is False and second["threads"] == "1", facts
+    # the environment changed with no cluster open: a new server, in it, and the worker forked from it
+    third = facts["third"]
+    assert facts["again"] == "forkserver" and third["setting"] == "set since" and third["dynamo_loaded"], facts
+    assert third["parent"] not in (first["parent"], facts["me"]), facts
 
 
 if __name__ == "__main__":
