@@ -1,6 +1,7 @@
 """The Adaptor, its loss and the flaws of the original code that it must not repeat."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -9,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.testing import assert_close
 
@@ -18,6 +18,7 @@ from pipeline.models.adaptor import Adaptor, AdaptorConfig, adaptor_config_from_
 from pipeline.models.loss import (clip_loss, itm_loss, rerank_top_k, retrieval_recall, retrieval_recall_from_sim,
                                   sample_hard_negatives)
 from stages.train.trainer import TrainConfig
+from tests.helpers import ranks
 
 TINY = dict(image_dim=12, text_dim=10, d_model=16, n_heads=4, ffn_dim=24, dropout=0.0)
 
@@ -535,7 +536,7 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
             F.normalize(torch.randn(10, 8, generator=g), dim=-1))
 
 
-def _rank_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> None:
+def _rank_worker(rank: int, world: int, port: int, sizes: list[int], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -545,7 +546,7 @@ def _rank_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> N
         txt = txt[start : start + sizes[rank]].clone().requires_grad_()
         loss = clip_loss(img, txt, 5.0, gather=True)
         loss.backward()
-        queue.put((rank, loss.item(), img.grad.tolist(), txt.grad.tolist()))
+        Path(out, f"{rank}.json").write_text(json.dumps([rank, loss.item(), img.grad.tolist(), txt.grad.tolist()]))
     finally:
         dist.destroy_process_group()
 
@@ -553,11 +554,9 @@ def _rank_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> N
 @pytest.mark.slow  # two gloo processes per case
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sizes", [[5, 5], [6, 4]])
-def test_gathered_loss_matches_the_full_batch(sizes):
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.spawn(_rank_worker, args=(2, _free_port(), sizes, queue), nprocs=2, join=True)
-    results = sorted(queue.get() for _ in range(2))
+def test_gathered_loss_matches_the_full_batch(sizes, tmp_path):
+    ranks.spawn(_rank_worker, 2, 2, _free_port(), sizes, str(tmp_path))
+    results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
 
     img, txt = (t.clone().requires_grad_() for t in _global_batch())
     full = clip_loss(img, txt, 5.0)

@@ -12,14 +12,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.loss import clip_loss
 from stages.train.loader import PairLoader
-from tests.helpers import forked
+from tests.helpers import forked, ranks
 from tests.helpers import SMALL, pipe
 
 pytestmark = pytest.mark.slow  # subprocesses, kills and process groups: minutes, not seconds
@@ -285,7 +284,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.timeout(120)
 def test_ddp_gradients_are_the_global_batch_gradients(tmp_path):
     out = tmp_path / "grads.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    ranks.spawn(_ddp_worker, 2, 2, _free_port(), str(out))
     ddp = torch.load(out)
     torch.manual_seed(0)
     net = Adaptor(CFG)
