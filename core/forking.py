@@ -3,8 +3,10 @@
 A fresh interpreter spends seconds importing torch, transformers and the rest before a `pipe`
 command does anything. A process that runs many commands (the test suite's fork server, the
 scale benchmark's ``--fork``) imports them once (:func:`preload`) and forks a child per command
-that becomes ``python -m MODULE ARGS`` (:func:`become_module`): nothing of the project is imported
-before the fork, so the child runs every module's import-time code as a fresh interpreter would.
+that becomes ``python -m MODULE ARGS`` (:func:`become_module`). A module of the project that the
+parent has not imported runs its import-time code in the child, as in a fresh interpreter; the
+callers import little of it (the scale benchmark only this module; the test suite's server the
+command line's own modules, none of which reads the environment when it is imported).
 """
 from __future__ import annotations
 

@@ -8,11 +8,19 @@
 3. Tests that need a bucket (the ``bucket`` and ``s3_endpoint`` fixtures, ``cache.objects``)
    live in the storage modules, ``test_object_*.py``; the rest of the suite runs each command
    without asking which backend holds the cache.
+4. The fork server (``tests/helpers/forked.py``) has the command line's own modules loaded
+   (those ``tests.helpers`` imports: the app, and what it imports at start), so a forked command
+   runs their import-time code in the server, not in itself. None of them may read the
+   environment at import time (a forked command's settings would be the server's); the one
+   exception sets ``OMP_WAIT_POLICY``, a setting the server serves one value of.
 """
 from __future__ import annotations
 
 import ast
 import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +28,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 HELPERS = {p.stem for p in (TESTS / "helpers").glob("*.py")} - {"__init__"}
 BUCKET_FIXTURES = {"bucket", "s3_endpoint"}
+ROOT = TESTS.parent
+PROJECT = ("core", "cache", "pipeline", "stages", "cli")
+AT_IMPORT_ALLOWED = {("cli/__init__.py", "OMP_WAIT_POLICY")}  # a setting the server serves one value of
 
 
 def _sources() -> dict[str, Path]:
@@ -99,6 +110,46 @@ def _bucket_tests_elsewhere(files: dict[str, Path]) -> list[str]:
             if rel.startswith("test_") and not rel.startswith("test_object_") and _uses_a_bucket(_tree(path))]
 
 
+def _environment_read_at_import(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, the setting's name or '?') of each read of the environment in code a module runs when it
+    is imported: its top level and class bodies, not its functions."""
+    reads, names, todo = set(), {}, list(ast.iter_child_nodes(tree))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+        name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+        if name in ("environ", "getenv", "environb"):
+            reads.add(node.lineno)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            names.setdefault(node.lineno, str(node.args[0].value))  # the setting named on that line
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            names.setdefault(node.lineno, str(node.slice.value))
+    return [(line, names.get(line, "?")) for line in sorted(reads)]
+
+
+def _server_modules() -> dict[str, Path]:
+    """The project's modules the fork server has loaded, by path under the repository."""
+    code = ("import json, sys; import tests.helpers.forked; "
+            f"print(json.dumps([m.__file__ for n, m in list(sys.modules.items()) if n.split('.')[0] in {PROJECT!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return {Path(f).relative_to(ROOT).as_posix(): Path(f) for f in json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def _read_at_import(files: dict[str, Path]) -> list[str]:
+    return [f"{rel}:{line} reads the environment ({name}) when it is imported"
+            for rel, path in sorted(files.items()) for line, name in _environment_read_at_import(_tree(path))
+            if (rel, name) not in AT_IMPORT_ALLOWED]
+
+
+def test_no_module_the_fork_server_loads_reads_the_environment_at_import():
+    files = _server_modules()
+    assert {"cli/__init__.py", "cli/app.py", "core/forking.py"} <= set(files), sorted(files)
+    found = _read_at_import(files)
+    assert not found, "\n".join(found)
+
+
 def test_no_test_module_imports_another_and_helpers_are_imported_one_way():
     problems = _import_problems(_sources())
     assert not problems, "imports that break the suite's rules:\n" + "\n".join(problems)
@@ -130,3 +181,8 @@ def test_the_checks_catch_what_they_forbid(tmp_path):
     assert _bucket_tests_elsewhere(files) == ["tests/test_b.py", "tests/test_d.py"]
     with pytest.raises(AssertionError):
         assert not _import_problems({"test_e.py": tmp_path / "test_a.py"})
+    (tmp_path / "m.py").write_text("import os\nA = os.environ.get('PIPE_A')\nclass C:\n    B = os.getenv('PIPE_B')\n"
+                                   "def f():\n    return os.environ['PIPE_C']\n")
+    assert _read_at_import({"m.py": tmp_path / "m.py"}) == [
+        "m.py:2 reads the environment (PIPE_A) when it is imported",
+        "m.py:4 reads the environment (PIPE_B) when it is imported"]

@@ -8,9 +8,11 @@ test process (started on first use) imports those libraries once; each command i
 that runs ``cli`` exactly as ``python -m cli`` does (or any module, as ``python [-u] -m MODULE``
 does: a Dask scheduler or worker, torchrun, a test's helper), with the test's arguments, environment,
 working folder and standard streams. The child is a real process: its own pid (what a claim
-records, what a SIGKILL hits), its own exit status, nothing of the project's code loaded before
-it starts (only third-party libraries are preloaded, so every module of the project runs its
-import-time code in the child, as in a fresh interpreter).
+records, what a SIGKILL hits), its own exit status. The server has the third-party libraries
+loaded, and of the project only the command line's modules that ``tests.helpers`` imports (the
+app, and what it imports at start); every other module of the project runs its import-time code
+in the child, as in a fresh interpreter. None of the preloaded ones reads the environment when
+it is imported (``tests/test_suite_rules.py`` keeps it so), so a command sees its own settings.
 
 A server serves one set of the settings that libraries read when they are imported (``HF_*``,
 ``TRANSFORMERS_*``, ``TORCH*``, ``OMP_*``, ``PYTHON*``, ``HOME``...): a command with other values
