@@ -62,6 +62,7 @@ def become_module(module: str, args: list[str], env: dict, fds: tuple, *, cwd: s
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
         if cwd is not None:
             os.chdir(cwd)
+        atexit._clear()  # the parent's exit handlers are the parent's: only those the module registers run
         os.environ.clear()
         os.environ.update(env)
         sys.path[0] = path or cwd or os.getcwd()

@@ -110,6 +110,7 @@ class _Server:
         self.folder = tempfile.mkdtemp(prefix="pipe-fork-")
         self.path = os.path.join(self.folder, "s")
         self.settings, self.live = _settings(env), set()  # the pids it forked whose end no client has seen
+        self.owner = os.getpid()  # a forked copy of this process must not stop it (its exit handlers are ours)
         self.proc = subprocess.Popen([sys.executable, "-c", "import sys; from tests.helpers.forked import _serve; "
                                       "_serve(sys.argv[1])", self.path], cwd=ROOT, stdout=subprocess.PIPE,
                                      env={**env, "PYTHONPATH": str(ROOT)})
@@ -119,6 +120,8 @@ class _Server:
         atexit.register(self.stop)
 
     def stop(self) -> None:
+        if os.getpid() != self.owner:
+            return
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
