@@ -16,12 +16,14 @@ Fixtures (ask for them by name; none needs an import):
 Run in parallel (``make test``: ``pytest -n 4 --dist loadgroup``), the tests of a module that
 defines its own module-scoped fixture (an embedded demo, trained Adaptors) run on one worker,
 which builds it once; every other test goes wherever a worker is free. Modules with tests marked
-``slow`` start first, so that the longest tests do not finish last.
+``slow`` start first, then the modules run whole, so that the last tests to finish are small.
+A module's tests stay in their order.
 """
 from __future__ import annotations
 
 import ast
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -54,11 +56,21 @@ pytest_plugins = ("tests.helpers.cputime",)  # `--cpu-times`: each test's CPU se
 
 
 def pytest_collection_modifyitems(config, items):
-    # Modules with slow tests first, each module's tests kept together (a module fixture is built once).
+    """The largest pieces of work first, so that the last to finish are small: the tests marked slow
+    and the modules that hold one (a module that builds its own module fixture runs whole, on one
+    worker), then the other such modules, then the rest, test by test. A module's tests stay
+    together and in order."""
     slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
+
+    def rank(item) -> int:
+        if _defines_a_module_fixture(item.path):
+            return 0 if item.nodeid.split("::")[0] in slow else 1
+        return 0 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
 
 
+@functools.cache
 def _defines_a_module_fixture(path: Path) -> bool:
     """Whether a test module defines a fixture of module or class scope."""
     for node in ast.walk(ast.parse(path.read_text())):
