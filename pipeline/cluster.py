@@ -11,7 +11,11 @@ CUDA context exists before a fork (importing torch does not create one).
 
 The Dask settings a cluster is started with hold for as long as it runs, so a worker started in
 place of one that died gets them too (the start method, non-daemonic workers, the worker
-environment).
+environment). Dask's nannies set their workers' start-up variables (``OMP_NUM_THREADS=1``,
+``PYTHONHASHSEED``, ``MALLOC_TRIM_THRESHOLD_``...) in the environment of the process that owns
+the cluster, before starting each worker; they are given back their earlier values (or removed)
+once the workers have started and when the cluster closes, so that the caller's own environment,
+and its later subprocesses, are as they were.
 
 ``PIPE_WORKER_START=spawn`` starts each worker as a fresh interpreter instead (Dask's default).
 A server holds the environment of the moment it started, so a cluster forks from it only where
@@ -91,6 +95,7 @@ class LocalWorkers:
         self.method = start_method()
         self.cluster = None
         self._settings = None
+        self._before: dict | None = None  # the caller's environment before the nannies set theirs
 
     def __enter__(self):
         global _started
@@ -106,11 +111,13 @@ class LocalWorkers:
             except BaseException:
                 self._settings.__exit__(None, None, None)
                 raise
+        self._before = dict(os.environ)
         try:
             self.cluster = LocalCluster(n_workers=self.n, threads_per_worker=1, processes=True,
                                         dashboard_address=None, silence_logs=logging.ERROR, env=self.env)
             if self.method == "forkserver" and (_started is None or _started[0] != _forkserver_pid()):
-                _started = (_forkserver_pid(), dict(os.environ))  # as it started: with the nannies' pre-spawn settings
+                _started = (_forkserver_pid(), self._before)  # the caller's environment, as it is given back
+            self._give_back_environment()
         except BaseException:
             self._close()
             raise
@@ -133,12 +140,24 @@ class LocalWorkers:
             context.set_forkserver_preload([*PRELOAD, *self.preload])
         _open += 1
 
+    def _give_back_environment(self) -> None:
+        """The variables the nannies set before starting a worker, back to what the caller had."""
+        import dask  # lazy: with the cluster
+
+        for key in {*dask.config.get("distributed.nanny.pre-spawn-environ", {}), "PYTHONHASHSEED"}:
+            if key in self._before:
+                os.environ[key] = self._before[key]
+            else:
+                os.environ.pop(key, None)
+
     def _close(self) -> None:
         global _open
         try:
             if self.cluster is not None:
                 self.cluster.close()
         finally:
+            if self._before is not None:
+                self._give_back_environment()
             if self._settings is not None:
                 self._settings.__exit__(None, None, None)
             if self.method == "forkserver":

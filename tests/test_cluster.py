@@ -69,7 +69,10 @@ def _worker_facts() -> dict:
 
     return {"dynamo_loaded": "torch._dynamo" in _sys.modules, "daemon": mp.current_process().daemon,
             "pid": _os.getpid(), "parent": _os.getppid(), "threads": _os.environ.get("PIPE_THREADS"),
-            "setting": _os.environ.get("PIPE_PROBE_SETTING")}
+            "setting": _os.environ.get("PIPE_PROBE_SETTING"), "hashseed": _os.environ.get("PYTHONHASHSEED")}
+
+
+NANNY_SET = ("PYTHONHASHSEED", "MALLOC_TRIM_THRESHOLD_")  # what Dask's nannies set for their workers
 
 
 def _probe() -> dict:
@@ -79,6 +82,7 @@ def _probe() -> dict:
     workers = cluster.LocalWorkers(1, env={"PIPE_THREADS": "1"}, config={"distributed.worker.daemon": False})
     with workers as local, Client(local) as client:
         [first] = client.run(_worker_facts).values()
+        during = {k: os.environ.get(k) for k in NANNY_SET}  # once the workers have started
         os.kill(first["pid"], signal.SIGKILL)
         t0 = time.monotonic()
         while True:
@@ -91,12 +95,13 @@ def _probe() -> dict:
             if time.monotonic() - t0 > 60:
                 raise SystemExit("the killed worker was not started again")
             time.sleep(0.2)
+    after = {k: os.environ.get(k) for k in NANNY_SET}
     os.environ["PIPE_PROBE_SETTING"] = "set since"  # the server, idle, holds the environment before this
     again = cluster.LocalWorkers(1)
     with again as local, Client(local) as client:
         [third] = client.run(_worker_facts).values()
     return {"method": workers.method, "me": os.getpid(), "first": first, "second": facts[0],
-            "again": again.method, "third": third}
+            "again": again.method, "third": third, "during": during, "after": after}
 
 
 @pytest.mark.slow
@@ -107,7 +112,7 @@ def test_workers_fork_from_a_server_with_torch_loaded_and_a_restarted_worker_kee
     A setting changed after the cluster closed reaches the next cluster's worker, from a new server."""
     if not HAS_FORKSERVER:
         pytest.skip("this platform has no forkserver start method")
-    env = {k: v for k, v in os.environ.items() if k != cluster.START_ENV}
+    env = {k: v for k, v in os.environ.items() if k != cluster.START_ENV and k not in NANNY_SET}
     done = forked.run([sys.executable, "-m", "tests.test_cluster"], env=env, cwd=ROOT, capture_output=True,
                       text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -120,6 +125,9 @@ def test_workers_fork_from_a_server_with_torch_loaded_and_a_restarted_worker_kee
     third = facts["third"]
     assert facts["again"] == "forkserver" and third["setting"] == "set since" and third["dynamo_loaded"], facts
     assert third["parent"] not in (first["parent"], facts["me"]), facts
+    # the nannies' start-up settings reach the workers, and leave the process that owns the cluster as it was
+    assert first["hashseed"] == second["hashseed"] == "6640", facts
+    assert facts["during"] == facts["after"] == {k: None for k in NANNY_SET}, facts
 
 
 if __name__ == "__main__":

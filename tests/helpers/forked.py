@@ -115,6 +115,10 @@ class _Server:
                                       "_serve(sys.argv[1])", self.path], cwd=ROOT, stdout=subprocess.PIPE,
                                      env={**env, "PYTHONPATH": str(ROOT)})
         line = self.proc.stdout.readline()
+        if os.environ.get("PIPE_TEST_FORK_LOG"):
+            with open(os.environ["PIPE_TEST_FORK_LOG"], "a") as f:
+                f.write(json.dumps({"server": self.proc.pid, "by": os.getpid(), "test": os.environ.get(
+                    "PYTEST_CURRENT_TEST", ""), "settings": dict(self.settings)}) + "\n")
         if line.strip() != b"ready":
             raise RuntimeError(f"the fork server did not start (exit {self.proc.wait()})")
         atexit.register(self.stop)
