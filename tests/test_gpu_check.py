@@ -149,7 +149,7 @@ def test_the_embed_benchmark_without_cuda_says_so_in_its_json(tmp_path):
 @pytest.mark.slow
 def test_the_cached_vs_e2e_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "c.json"
-    r = run_hidden("bench/cached_vs_e2e.py", "--items", "12", "--batch", "4", "--epochs", "1", "--e2e-steps", "1",
+    r = run_hidden("bench/cached_vs_e2e.py", "--items", "8", "--batch", "4", "--epochs", "1", "--e2e-steps", "1",
                    "--modes", "pooled", "--workdir", str(tmp_path / "work"), "--out", str(out), timeout=500)
     assert r.returncode == 0, r.stderr[-3000:]
     last = json.loads(r.stdout.strip().splitlines()[-1])
