@@ -115,10 +115,8 @@ class _Server:
                                       "_serve(sys.argv[1])", self.path], cwd=ROOT, stdout=subprocess.PIPE,
                                      env={**env, "PYTHONPATH": str(ROOT)})
         line = self.proc.stdout.readline()
-        if os.environ.get("PIPE_TEST_FORK_LOG"):
-            with open(os.environ["PIPE_TEST_FORK_LOG"], "a") as f:
-                f.write(json.dumps({"server": self.proc.pid, "by": os.getpid(), "test": os.environ.get(
-                    "PYTEST_CURRENT_TEST", ""), "settings": dict(self.settings)}) + "\n")
+        _log({"server": self.proc.pid, "by": os.getpid(), "test": os.environ.get("PYTEST_CURRENT_TEST", ""),
+              "settings": dict(self.settings)})
         if line.strip() != b"ready":
             raise RuntimeError(f"the fork server did not start (exit {self.proc.wait()})")
         atexit.register(self.stop)
@@ -139,6 +137,18 @@ class _Server:
 MAX_SERVERS = 2  # per test process (each holds ~0.6 GB); an idle one makes room for an environment not served
 _servers: dict[tuple, _Server] = {}  # by their settings, least recently used first
 _lock = threading.Lock()
+
+
+def _log(record: dict) -> None:
+    """One JSON line in $PIPE_TEST_FORK_LOG, where it is set: the commands and the server starts of a run."""
+    if os.environ.get("PIPE_TEST_FORK_LOG"):
+        with open(os.environ["PIPE_TEST_FORK_LOG"], "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _serving(env: dict) -> _Server | None:
+    """The server for a command with ``env``; None where forking is off or ``env`` puts another tree on the path."""
+    return None if OFF or env.get("PYTHONPATH") not in (None, "", str(ROOT)) else _server_for(env)
 
 
 def _server_for(env: dict) -> _Server | None:
@@ -166,7 +176,7 @@ def launcher_entry(env: dict, module: str = "cli") -> tuple[list[str], dict]:
     the environment to give it: each of its children is then a fork of the server that serves ``env``
     (``torchrun --no-python python forkshim.py -u -m MODULE ...``; see tests/helpers/forkshim.py).
     Where no server can serve ``env``, torchrun's own ``-m MODULE`` (fresh interpreters)."""
-    server = None if OFF or env.get("PYTHONPATH") not in (None, "", str(ROOT)) else _server_for(env)
+    server = _serving(env)
     if server is None:
         return ["-m", module], env
     return ["--no-python", sys.executable, str(SHIM), "-u", "-m", module], {**env, "PIPE_TEST_FORK_SERVER": server.path}
@@ -272,11 +282,9 @@ def popen(cmd, *, env: dict | None = None, cwd=None, stdin=None, stdout=None, st
     module = _module(cmd)
     if OFF or kw or stdin not in (None, subprocess.DEVNULL) or module is None:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text, **kw)
-    server = None if env.get("PYTHONPATH") not in (None, "", str(ROOT)) else _server_for(env)
-    if os.environ.get("PIPE_TEST_FORK_LOG"):
-        with open(os.environ["PIPE_TEST_FORK_LOG"], "a") as f:
-            f.write(json.dumps({"cmd": [module[0], *module[2][:2]], "forked": server is not None, "servers": len(_servers),
-                                "settings": dict(_settings(env))}) + "\n")
+    server = _serving(env)
+    _log({"cmd": [module[0], *module[2][:2]], "forked": server is not None, "servers": len(_servers),
+          "settings": dict(_settings(env))})
     if server is None:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text)
     fin, _ = _fd(stdin, True, for_read=True)

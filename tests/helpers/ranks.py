@@ -32,13 +32,11 @@ def spawn(function, nprocs: int, *args, timeout: float = 60) -> None:
                            str(rank), json.dumps(args)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) for rank in range(nprocs)]
     deadline = time.monotonic() + timeout
-    outputs = []
     try:
-        for proc in procs:
+        for rank, proc in enumerate(procs):
             out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            outputs.append(out)
             if proc.returncode != 0:
-                raise AssertionError(f"rank {len(outputs) - 1} of {nprocs} ({function.__qualname__}) exited "
+                raise AssertionError(f"rank {rank} of {nprocs} ({function.__qualname__}) exited "
                                      f"{proc.returncode}:\n{out[-3000:]}")
     finally:
         for proc in procs:

@@ -9,11 +9,11 @@ environment: 22 s, where one process took 28). ``python -m tests.helpers.warm``
 """
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 import time
 
+from core import forking
 from tests.helpers.forked import PRELOAD
 
 MORE = ("dask.distributed", "optuna", "matplotlib.pyplot", "moto.server", "cli.app", "stages.sweep.stage",
@@ -22,19 +22,14 @@ TORCH = tuple(n for n in PRELOAD if n.split(".")[0] in ("torch", "transformers",
 BESIDE = tuple(n for n in dict.fromkeys((*PRELOAD, *MORE)) if n not in TORCH)  # the project's modules last
 
 
-def _imports(names: tuple[str, ...]) -> None:
-    for name in names:
-        importlib.import_module(name)
-
-
 def main(argv: list[str]) -> int:
     if argv == ["--beside"]:
-        _imports(BESIDE)
+        forking.preload(BESIDE)
         return 0
     t0 = time.perf_counter()
     beside = subprocess.Popen([sys.executable, "-m", "tests.helpers.warm", "--beside"])
     try:
-        _imports(TORCH)
+        forking.preload(TORCH)
     finally:
         code = beside.wait()
     print(f"warm: {len(TORCH) + len(BESIDE)} packages imported in {time.perf_counter() - t0:.1f} s")
