@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from pipeline.models.loss import (clip_loss, itm_loss, rerank_top_k, retrieval_r
                                   sample_hard_negatives)
 from stages.train.trainer import TrainConfig
 from tests.helpers import ranks
+from tests.helpers.s3server import free_port
 
 TINY = dict(image_dim=12, text_dim=10, d_model=16, n_heads=4, ffn_dim=24, dropout=0.0)
 
@@ -524,12 +524,6 @@ def test_retrieval_recall_on_a_hand_case():
 
 
 # --------------------------------------------------------------------- flaw 4: DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     return (F.normalize(torch.randn(10, 8, generator=g), dim=-1),
@@ -555,7 +549,7 @@ def _rank_worker(rank: int, world: int, port: int, sizes: list[int], out: str) -
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sizes", [[5, 5], [6, 4]])
 def test_gathered_loss_matches_the_full_batch(sizes, tmp_path):
-    ranks.spawn(_rank_worker, 2, 2, _free_port(), sizes, str(tmp_path))
+    ranks.spawn(_rank_worker, 2, 2, free_port(), sizes, str(tmp_path))
     results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
 
     img, txt = (t.clone().requires_grad_() for t in _global_batch())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pipeline.models.adaptor import Adaptor, AdaptorConfig
 from pipeline.models.loss import clip_loss
 from stages.train.loader import PairLoader
 from tests.helpers import forked, ranks
+from tests.helpers.s3server import free_port
 from tests.helpers import SMALL, pipe
 
 pytestmark = pytest.mark.slow  # subprocesses, kills and process groups: minutes, not seconds
@@ -38,12 +38,6 @@ DDP = [*SMALL, "adaptor.mode=tokens", "adaptor.fusion_layers=0", "adaptor.dropou
 COMPARED = ["train_loss", "val_loss", "lr", "logit_scale", "val_i2t_r@1", "val_t2i_r@5"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_cli(plain, out: Path, *extra: str, nproc: int | None = None) -> subprocess.CompletedProcess:
     """The real `train-adaptor` command in a process of its own, under torchrun when nproc is given
     (torchrun and each of its ranks forked from the test's fork server: tests/helpers/forked.py)."""
@@ -53,7 +47,7 @@ def train_cli(plain, out: Path, *extra: str, nproc: int | None = None) -> subpro
     launcher, entry = [sys.executable], ["-m", "cli"]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                     "--master-port", str(_free_port())]
+                     "--master-port", str(free_port())]
         entry, env = forked.launcher_entry(env)
     cmd = [*launcher, *entry, "train-adaptor", "-d", str(table), "-b", "tiny-vit", "-t", "tiny-bert",
            "--cache", str(cache), "--out", str(out), *DDP, *extra]
@@ -284,7 +278,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.timeout(120)
 def test_ddp_gradients_are_the_global_batch_gradients(tmp_path):
     out = tmp_path / "grads.pt"
-    ranks.spawn(_ddp_worker, 2, 2, _free_port(), str(out))
+    ranks.spawn(_ddp_worker, 2, 2, free_port(), str(out))
     ddp = torch.load(out)
     torch.manual_seed(0)
     net = Adaptor(CFG)
@@ -304,7 +298,7 @@ def test_a_one_process_torchrun_launch_joins_the_group(monkeypatch):
     from stages.train.step import StepError, check_step_mode
 
     launch = {"TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
-              "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+              "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     for k, v in launch.items():
         monkeypatch.setenv(k, v)
     with distributed.session("cpu") as ctx:
