@@ -168,7 +168,8 @@ def _anon_kb(pid: int) -> int | None:
 
 def _fork_cli(args: list[str], log_fd: int, env: dict) -> int:
     """The pid of a child forked from this process that runs ``python -m cli ARGS`` with ``env``, its
-    output into ``log_fd``. Nothing of the project is loaded here, so the child imports it afresh."""
+    output into ``log_fd``. Of the project only ``core.forking`` is loaded here, so the child imports the
+    rest afresh."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()

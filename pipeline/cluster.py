@@ -115,8 +115,9 @@ class LocalWorkers:
         try:
             self.cluster = LocalCluster(n_workers=self.n, threads_per_worker=1, processes=True,
                                         dashboard_address=None, silence_logs=logging.ERROR, env=self.env)
-            if self.method == "forkserver" and (_started is None or _started[0] != _forkserver_pid()):
-                _started = (_forkserver_pid(), self._before)  # the caller's environment, as it is given back
+            server = _forkserver_pid() if self.method == "forkserver" else None
+            if server is not None and (_started is None or _started[0] != server):
+                _started = (server, self._before)  # the caller's environment, as it is given back
             self._give_back_environment()
         except BaseException:
             self._close()
